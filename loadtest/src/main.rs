@@ -1,0 +1,3 @@
+//! `shoal-loadtest`: benchmarks for Shoal.
+
+fn main() {}

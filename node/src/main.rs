@@ -1,0 +1,3 @@
+//! `shoal`: the node binary.
+
+fn main() {}
