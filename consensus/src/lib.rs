@@ -3,3 +3,6 @@
 //! Owns the Raft engine wiring (openraft), the RocksDB log store and state machine, the QUIC
 //! transport with mutual TLS, membership and join. It must never depend on libvirt, aya,
 //! io_uring or anything of the node's services: they watch its tables, it knows nothing of them.
+
+pub mod raft_types;
+pub mod wire;
