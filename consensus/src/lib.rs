@@ -5,4 +5,5 @@
 //! io_uring or anything of the node's services: they watch its tables, it knows nothing of them.
 
 pub mod raft_types;
+pub mod store;
 pub mod wire;
