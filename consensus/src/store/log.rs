@@ -86,11 +86,13 @@ impl LogStore {
             .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
         {
             let (k, v) = item?;
-            let entry = decode_entry(&k, &v)?;
-            if end.is_some_and(|end| entry.log_id.index >= end) {
-                break;
+            // Stop on the key, before decoding: an entry outside the range is not read.
+            if let (Some(end), Ok(key)) = (end, <[u8; 8]>::try_from(&k[..])) {
+                if u64::from_be_bytes(key) >= end {
+                    break;
+                }
             }
-            out.push(entry);
+            out.push(decode_entry(&k, &v)?);
         }
         Ok(out)
     }

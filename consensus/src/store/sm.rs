@@ -643,6 +643,25 @@ impl StateMachineStore {
         Ok(StateMachineStore { inner })
     }
 
+    /// Applies entries in order, in one synced write, and returns one response per entry.
+    /// This is what [`RaftStateMachine::apply`] does; it is public for tools and tests that
+    /// drive the state machine without Raft.
+    pub async fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<TxnResponse>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inner = self.inner.clone();
+        let (responses, events) = blocking(move || inner.apply_batch(&entries)).await?;
+        if !events.is_empty() {
+            // No receiver is not an error: nobody is watching.
+            let _ = self.inner.live.send(Live::Events(Arc::new(events)));
+        }
+        Ok(responses)
+    }
+
     /// A read handle on this replica, for the API, the scheduler and the agents.
     pub fn reader(&self) -> StateReader {
         StateReader {
@@ -792,15 +811,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.push(entry);
             responders.push(responder);
         }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let inner = self.inner.clone();
-        let (responses, events) = blocking(move || inner.apply_batch(&batch)).await?;
-        if !events.is_empty() {
-            // No receiver is not an error: nobody is watching.
-            let _ = self.inner.live.send(Live::Events(Arc::new(events)));
-        }
+        let responses = self.apply_entries(batch).await?;
         for (resp, responder) in responses.into_iter().zip(responders) {
             if let Some(r) = responder {
                 r.send(resp);
