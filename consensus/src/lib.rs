@@ -7,4 +7,5 @@
 pub mod join;
 pub mod membership;
 pub mod raft_types;
+pub mod store;
 pub mod wire;
