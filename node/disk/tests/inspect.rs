@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use shoal_disk::qcow2::header::{Extension, Header, EXT_EXTERNAL_DATA_FILE};
 use shoal_disk::qcow2::{
     check_upload, create_overlay, inspect, inspect_with, BackingFormat, DiskFormat, HeaderError,
-    InspectError, InspectPolicy, OverlaySpec,
+    InspectError, InspectPolicy, OverlaySpec, SyncMode,
 };
 
 fn qemu_img_create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
@@ -366,7 +366,7 @@ proptest! {
         let o = dir.path().join("o.qcow2");
         let mut spec = OverlaySpec::new(&base, fmt, size);
         spec.cluster_bits = bits;
-        spec.durable = false;
+        spec.sync = SyncMode::None;
         match create_overlay(&o, &spec) {
             Ok(created) => {
                 let info = inspect_with(&o, &InspectPolicy::overlay()).unwrap();

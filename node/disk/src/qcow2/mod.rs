@@ -11,5 +11,5 @@ pub use inspect::{
 };
 pub use overlay::{
     create_overlay, parse_size, BackingFormat, OverlayError, OverlayInfo, OverlayLayout,
-    OverlaySpec, DEFAULT_CLUSTER_BITS,
+    OverlaySpec, SyncMode, DEFAULT_CLUSTER_BITS,
 };

@@ -71,12 +71,24 @@ pub struct OverlaySpec {
     pub virtual_size: u64,
     /// log2 of the cluster size; [`DEFAULT_CLUSTER_BITS`] unless there is a reason.
     pub cluster_bits: u32,
-    /// fsync the file and its directory before returning (what qemu-img does on close).
-    pub durable: bool,
+    /// What is synced before returning.
+    pub sync: SyncMode,
+}
+
+/// How durable a new overlay is when [`create_overlay`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Nothing synced: for tests and scratch disks.
+    None,
+    /// `fdatasync` of the file, as `qemu-img create` does; the directory entry is left to the
+    /// file system's next journal commit.
+    Data,
+    /// `fdatasync` of the file and `fsync` of its directory: the name survives a crash too.
+    Full,
 }
 
 impl OverlaySpec {
-    /// An overlay with the default cluster size, made durable.
+    /// An overlay with the default cluster size, fully synced.
     pub fn new(
         backing: impl Into<PathBuf>,
         backing_format: BackingFormat,
@@ -87,7 +99,7 @@ impl OverlaySpec {
             backing_format,
             virtual_size,
             cluster_bits: DEFAULT_CLUSTER_BITS,
-            durable: true,
+            sync: SyncMode::Full,
         }
     }
 }
@@ -317,8 +329,8 @@ pub fn create_overlay(out: &Path, spec: &OverlaySpec) -> Result<OverlayInfo, Ove
             path: out.to_owned(),
             source,
         })?;
-    let written = write_layout(&file, &layout, spec.durable).and_then(|()| {
-        if spec.durable {
+    let written = write_layout(&file, &layout, spec.sync).and_then(|()| {
+        if spec.sync == SyncMode::Full {
             sync_parent(out)
         } else {
             Ok(())
@@ -343,13 +355,13 @@ pub fn create_overlay(out: &Path, spec: &OverlaySpec) -> Result<OverlayInfo, Ove
 
 /// Three small writes and a truncate: the rest of every cluster is zero, and a sparse hole reads
 /// as zero.
-fn write_layout(file: &File, layout: &OverlayLayout, durable: bool) -> io::Result<()> {
+fn write_layout(file: &File, layout: &OverlayLayout, sync: SyncMode) -> io::Result<()> {
     let cs = layout.header.cluster_size();
     file.write_all_at(&layout.header_bytes, 0)?;
     file.write_all_at(&layout.refcount_table_bytes(), cs)?;
     file.write_all_at(&layout.refcount_block_bytes(), 2 * cs)?;
     file.set_len(layout.file_size())?;
-    if durable {
+    if sync != SyncMode::None {
         // fdatasync covers the new length (needed to read the data back); the directory is
         // synced separately for the name.
         file.sync_data()?;
