@@ -18,10 +18,11 @@ use std::str::FromStr;
 use thiserror::Error;
 
 use super::header::{
-    Extension, Header, EXT_BACKING_FORMAT, MAGIC, MAX_BACKING_FILE_NAME,
-    V3_HEADER_LEN_WITH_COMPRESSION,
+    Extension, Header, EXT_BACKING_FORMAT, MAX_BACKING_FILE_NAME, V3_HEADER_LEN_WITH_COMPRESSION,
 };
-use super::inspect::{inspect_with, InspectError, InspectPolicy, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE};
+use super::inspect::{
+    detect_format, inspect_with, InspectError, InspectPolicy, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE,
+};
 
 /// The default cluster size, 64 KiB, as qemu's.
 pub const DEFAULT_CLUSTER_BITS: u32 = 16;
@@ -138,8 +139,11 @@ pub enum OverlayError {
     BackingOpen { path: PathBuf, source: io::Error },
     #[error("backing file {0:?} is not a regular file")]
     BackingNotFile(PathBuf),
-    #[error("backing file {path:?} is qcow2 but the backing format given is raw")]
-    BackingIsQcow2 { path: PathBuf },
+    #[error("backing file {path:?} is {detected} but the backing format given is raw")]
+    BackingNotRaw {
+        path: PathBuf,
+        detected: &'static str,
+    },
     #[error("backing file {path:?} is not a usable qcow2 image")]
     BackingInspect { path: PathBuf, source: InspectError },
     #[error("cluster_bits {0} is not supported for overlays (12 to 21)")]
@@ -279,11 +283,18 @@ fn backing_size(spec: &OverlaySpec) -> Result<u64, OverlayError> {
     if !meta.is_file() {
         return Err(OverlayError::BackingNotFile(path.clone()));
     }
-    let mut magic = [0u8; 4];
-    let n = f.read(&mut magic).map_err(open_err)?;
-    let is_qcow2 = n == 4 && u32::from_be_bytes(magic) == MAGIC;
+    let mut first = Vec::with_capacity(512);
+    (&mut f)
+        .take(512)
+        .read_to_end(&mut first)
+        .map_err(open_err)?;
+    let detected = detect_format(&first);
     match spec.backing_format {
-        BackingFormat::Raw if is_qcow2 => Err(OverlayError::BackingIsQcow2 { path: path.clone() }),
+        // A "raw" base that qemu would probe as something else is a mistake at best.
+        BackingFormat::Raw if detected != "raw" => Err(OverlayError::BackingNotRaw {
+            path: path.clone(),
+            detected,
+        }),
         BackingFormat::Raw => Ok(meta.len()),
         BackingFormat::Qcow2 => inspect_with(path, &InspectPolicy::base())
             .map(|info| info.virtual_size)
@@ -464,7 +475,10 @@ mod tests {
         let wrong = OverlaySpec::new(&q, BackingFormat::Raw, 1 << 30);
         assert!(matches!(
             create_overlay(&out, &wrong),
-            Err(OverlayError::BackingIsQcow2 { .. })
+            Err(OverlayError::BackingNotRaw {
+                detected: "qcow2",
+                ..
+            })
         ));
         let wrong = OverlaySpec::new(&base, BackingFormat::Qcow2, 1 << 30);
         assert!(matches!(
