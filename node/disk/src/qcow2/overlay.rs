@@ -334,7 +334,8 @@ pub fn create_overlay(out: &Path, spec: &OverlaySpec) -> Result<OverlayInfo, Ove
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        // Guest data will live here: private to the node (libvirt chowns it for qemu).
+        .mode(0o600)
         .open(out)
         .map_err(|source| OverlayError::Create {
             path: out.to_owned(),
