@@ -168,11 +168,13 @@ enum Command {
     },
 }
 
-/// Test hook: pretend the kernel wrote at most this many bytes per submission, so the short
-/// write path runs (the rest is resubmitted and rewritten, which is idempotent).
+/// Test hooks, applied to completions after the kernel really wrote the bytes, so rewriting them
+/// is idempotent: `short_write` pretends at most that many bytes were written per submission;
+/// `direct_einval` pretends every O_DIRECT write failed with EINVAL.
 #[derive(Debug, Clone, Copy, Default)]
 struct Fault {
     short_write: Option<u32>,
+    direct_einval: bool,
 }
 
 /// The async handle. Cheap to clone; chunks may be written from many tasks at once.
@@ -323,7 +325,8 @@ impl UringWriter {
         })
     }
 
-    /// Whether whole pages go through `O_DIRECT` (false on file systems without it).
+    /// Whether whole pages go through `O_DIRECT` (false on file systems without it). The ring
+    /// thread may still fall back to buffered writes if a direct write fails with EINVAL.
     pub fn is_direct(&self) -> bool {
         self.direct
     }
@@ -669,14 +672,23 @@ impl RingThread {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        for (id, res) in done {
+        for (id, mut res) in done {
             self.inflight -= 1;
             let id = id as usize;
             let seg = self.segs[id].take().expect("completion of a live segment");
             self.free_segs.push(id);
+            if self.fault.direct_einval && seg.fd == Fd::Direct {
+                res = -libc::EINVAL;
+            }
             let job = self.jobs[seg.slot].as_mut().expect("job of a live slot");
             job.outstanding -= 1;
-            if res < 0 {
+            if res == -libc::EINVAL && seg.fd == Fd::Direct {
+                // The file system took O_DIRECT at open but not this write (a logical block
+                // larger than 4096, or a stacked file system): write it buffered, and everything
+                // after it.
+                self.direct = false;
+                self.submit_range(seg.slot, seg.offset, seg.len, false);
+            } else if res < 0 {
                 job.error.get_or_insert(UringError::Write {
                     offset: seg.offset,
                     len: seg.len,

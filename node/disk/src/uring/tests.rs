@@ -128,9 +128,21 @@ async fn short_writes_are_resubmitted() {
     for cap in [1000, 4096, 4096 + 512] {
         let fault = Fault {
             short_write: Some(cap),
+            ..Fault::default()
         };
         round_trip(3 * (32 << 10) + 777, 32 << 10, true, true, fault).await;
     }
+}
+
+/// When O_DIRECT writes fail with EINVAL, the writer falls back to buffered writes for them and
+/// for everything after, and the file is still exact.
+#[tokio::test]
+async fn direct_einval_falls_back_to_buffered() {
+    let fault = Fault {
+        direct_einval: true,
+        ..Fault::default()
+    };
+    round_trip(6 * 8192 + 5, 8192, true, true, fault).await;
 }
 
 /// A reader that returns at most a few bytes per read, to prove chunks are filled across short
