@@ -218,6 +218,15 @@ fn plan(offset: u64, len: u64, direct: bool) -> impl Iterator<Item = (u64, u64, 
     segs.into_iter().filter(|s| s.1 > 0)
 }
 
+/// EPERM (seccomp, `kernel.io_uring_disabled`), EACCES and ENOSYS mean "no io_uring here";
+/// anything else is a real setup failure.
+fn setup_error(e: io::Error) -> UringError {
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::ENOSYS | libc::EACCES) => UringError::Unsupported(e),
+        _ => UringError::Setup(e),
+    }
+}
+
 impl UringWriter {
     /// Creates (or truncates) `path`, sizes it to `total_len` and starts the ring thread.
     pub fn create(
@@ -244,10 +253,7 @@ impl UringWriter {
         }
         // Three segments per chunk at most, plus the fsync.
         let entries = (3 * opts.slots as u32 + 1).next_power_of_two();
-        let ring = IoUring::new(entries).map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM | libc::ENOSYS | libc::EACCES) => UringError::Unsupported(e),
-            _ => UringError::Setup(e),
-        })?;
+        let ring = IoUring::new(entries).map_err(setup_error)?;
         let open_err = |source| UringError::Open {
             path: path.to_owned(),
             source,

@@ -294,3 +294,40 @@ async fn direct_is_used_when_the_file_system_allows() {
     w.write_chunk(0, vec![7u8; 4096]).await.unwrap();
     w.finish().await.unwrap();
 }
+
+#[test]
+fn missing_io_uring_is_its_own_error() {
+    for errno in [libc::EPERM, libc::ENOSYS, libc::EACCES] {
+        let e = setup_error(io::Error::from_raw_os_error(errno));
+        assert!(matches!(e, UringError::Unsupported(_)), "{errno}: {e}");
+    }
+    for errno in [libc::EINVAL, libc::ENOMEM, libc::EMFILE] {
+        let e = setup_error(io::Error::from_raw_os_error(errno));
+        assert!(matches!(e, UringError::Setup(_)), "{errno}: {e}");
+    }
+}
+
+/// Invalid options are refused before any ring or file exists.
+#[test]
+fn options_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    for o in [
+        WriterOptions {
+            slots: 0,
+            ..opts(4096)
+        },
+        WriterOptions {
+            chunk_size: 0,
+            ..opts(4096)
+        },
+        WriterOptions {
+            chunk_size: (1 << 30) + 1,
+            ..opts(4096)
+        },
+    ] {
+        let e = UringWriter::create(&path, 1, &o).unwrap_err();
+        assert!(matches!(e, UringError::Options(_)), "{e}");
+    }
+    assert!(!path.exists());
+}
