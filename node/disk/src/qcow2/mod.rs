@@ -1,0 +1,15 @@
+//! qcow2 v3: the header codec, native overlay creation and the upload inspector.
+
+pub mod header;
+pub mod inspect;
+pub mod overlay;
+
+pub use header::{Header, HeaderError};
+pub use inspect::{
+    check_upload, detect_format, inspect, inspect_with, DiskFormat, ImageInfo, InspectError,
+    InspectPolicy, Qcow2Info, MAX_VIRTUAL_SIZE,
+};
+pub use overlay::{
+    create_overlay, parse_size, BackingFormat, OverlayError, OverlayInfo, OverlayLayout,
+    OverlaySpec, SyncMode, DEFAULT_CLUSTER_BITS,
+};
