@@ -6,4 +6,6 @@
 
 pub mod raft_types;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod wire;
