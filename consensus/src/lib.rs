@@ -8,4 +8,6 @@ pub mod join;
 pub mod membership;
 pub mod raft_types;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod wire;
