@@ -4,5 +4,6 @@
 //! transport with mutual TLS, membership and join. It must never depend on libvirt, aya,
 //! io_uring or anything of the node's services: they watch its tables, it knows nothing of them.
 
+pub mod net;
 pub mod raft_types;
 pub mod wire;
