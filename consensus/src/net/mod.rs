@@ -3,16 +3,23 @@
 //! - [`tls`]: the cluster CA, node certificates and CSRs, rustls configurations, the pinned-CA
 //!   verifier a joiner uses.
 //! - [`frame`]: the request and response messages (rkyv) and their length-prefixed framing.
+//! - [`server`]: [`PeerServer`], which serves every RPC through a [`PeerHandler`].
+//! - [`client`]: [`QuicNetwork`] (openraft's network factory) and [`PeerClient`] for the app
+//!   RPCs and the join.
 //!
 //! One QUIC connection per peer, one bidirectional stream per RPC. See `docs/consensus.md`,
 //! "Transport and TLS".
 
 use std::time::Duration;
 
+pub mod client;
 pub mod frame;
+pub mod server;
 pub mod tls;
 
+pub use client::{PeerClient, QuicNetwork, RpcObserver};
 pub use frame::{JoinRequest, JoinResponse, PeerError, PeerRole, PeerStatus};
+pub use server::{BoxFuture, PeerHandler, PeerServer};
 pub use tls::{ClusterCa, NodeIdentity, NodeKey, TlsError};
 
 use self::frame::FrameError;
