@@ -6,6 +6,7 @@
 
 pub mod join;
 pub mod membership;
+pub mod net;
 pub mod raft_types;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]

@@ -1,0 +1,514 @@
+//! The client side: [`PeerClient`] (cached connections, app RPCs, join) and [`QuicNetwork`],
+//! openraft's network over it.
+//!
+//! One QUIC connection per peer address, opened lazily, shared by every RPC to that peer and
+//! replaced when it closes. Each RPC opens its own bidirectional stream, so a slow snapshot
+//! does not hold up heartbeats.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::SeekFrom;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::errors::{
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use quinn::{Connection, Endpoint};
+use sha2::{Digest, Sha256};
+use shoal_types::{Command, NodeId, NodeInfo, TxnResponse};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::frame::{
+    encode_frame, read_frame, write_frame, JoinRequest, JoinResponse, PeerRequest, PeerResponse,
+    PeerStatus,
+};
+use super::tls::{self, NodeIdentity, SERVER_NAME};
+use super::{NetError, NetOptions};
+use crate::raft_types::{Snapshot, TypeConfig, Vote};
+use crate::wire::{WAppendEntriesRequest, WSnapshotMeta, WVote, WVoteRequest};
+
+/// Receives the latency of every RPC: peer address, RPC name, elapsed time, success. Meant for
+/// a Prometheus histogram; it is called on the RPC's task, so it must be cheap.
+pub type RpcObserver = Arc<dyn Fn(&str, &'static str, Duration, bool) + Send + Sync>;
+
+/// Makes QUIC client endpoints (a joiner has no server yet).
+pub fn client_endpoint(bind: SocketAddr) -> Result<Endpoint, NetError> {
+    Endpoint::client(bind).map_err(NetError::Bind)
+}
+
+fn response_name(resp: &PeerResponse) -> &'static str {
+    match resp {
+        PeerResponse::AppendEntries(_) => "append_entries",
+        PeerResponse::Vote(_) => "vote",
+        PeerResponse::Snapshot(_) => "snapshot",
+        PeerResponse::ClientWrite(_) => "client_write",
+        PeerResponse::ReadIndex(_) => "read_index",
+        PeerResponse::Status(_) => "status",
+        PeerResponse::Join(_) => "join",
+        PeerResponse::Error(_) => "error",
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, NetError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| NetError::Resolve(addr.to_owned()))
+}
+
+async fn connect(
+    endpoint: &Endpoint,
+    config: quinn::ClientConfig,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Connection, NetError> {
+    let sock = resolve(addr).await?;
+    let connecting = endpoint
+        .connect_with(config, sock, SERVER_NAME)
+        .map_err(|e| NetError::Connect(addr.to_owned(), e))?;
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| NetError::ConnectTimeout(addr.to_owned(), timeout))?
+        .map_err(|e| NetError::Connection(addr.to_owned(), e))
+}
+
+/// Sends one request frame on a new stream and reads the response frame.
+async fn call_on(
+    conn: &Connection,
+    addr: &str,
+    req: &PeerRequest,
+    max_frame: u32,
+    timeout: Duration,
+) -> Result<PeerResponse, NetError> {
+    let frame = encode_frame(req, max_frame)?;
+    let rpc = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Connection(addr.to_owned(), e))?;
+        write_frame(&mut send, &frame).await?;
+        // Finishing only fails if the stream was already reset; the read below reports that.
+        let _ = send.finish();
+        Ok::<_, NetError>(read_frame(&mut recv, max_frame, timeout).await?)
+    };
+    tokio::time::timeout(timeout, rpc)
+        .await
+        .map_err(|_| NetError::Timeout(timeout))?
+}
+
+/// Cached peer connections and the app RPCs. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct PeerClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    endpoint: Endpoint,
+    config: quinn::ClientConfig,
+    opts: NetOptions,
+    /// One slot per peer address; the async lock makes concurrent callers share one connect.
+    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    observer: Option<RpcObserver>,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("local_addr", &self.inner.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerClient {
+    /// A member's client: presents `identity`, trusts servers certified by the CA.
+    /// `endpoint` may be the server's ([`super::PeerServer::endpoint`]) or [`client_endpoint`].
+    pub fn new(
+        endpoint: Endpoint,
+        ca_cert_pem: &str,
+        identity: &NodeIdentity,
+        opts: NetOptions,
+        observer: Option<RpcObserver>,
+    ) -> Result<PeerClient, NetError> {
+        let rustls = tls::peer_client_config(ca_cert_pem, identity)?;
+        Self::with_tls(endpoint, rustls, opts, observer)
+    }
+
+    /// A client with an explicit rustls configuration (tests use it to present foreign or no
+    /// certificates).
+    pub fn with_tls(
+        endpoint: Endpoint,
+        rustls: rustls::ClientConfig,
+        opts: NetOptions,
+        observer: Option<RpcObserver>,
+    ) -> Result<PeerClient, NetError> {
+        let quic =
+            quinn::crypto::rustls::QuicClientConfig::try_from(rustls).map_err(NetError::QuicTls)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(opts.transport()));
+        Ok(PeerClient {
+            inner: Arc::new(ClientInner {
+                endpoint,
+                config,
+                opts,
+                conns: Mutex::new(HashMap::new()),
+                observer,
+            }),
+        })
+    }
+
+    /// The cached connection to `addr`, or a new one if there is none or it closed.
+    pub async fn connection(&self, addr: &str) -> Result<Connection, NetError> {
+        let slot = {
+            let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.entry(addr.to_owned()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        *slot = None;
+        let conn = connect(
+            &self.inner.endpoint,
+            self.inner.config.clone(),
+            addr,
+            self.inner.opts.connect_timeout,
+        )
+        .await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {
+        if let Some(observer) = &self.inner.observer {
+            observer(addr, rpc, started.elapsed(), ok);
+        }
+    }
+
+    /// The connection to `addr`, within `timeout` (or the connect timeout if shorter). Failing
+    /// to connect, in time or at all, means the peer is unreachable.
+    async fn connection_within(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<Connection, NetError> {
+        let limit = timeout.min(self.inner.opts.connect_timeout);
+        tokio::time::timeout(limit, self.connection(addr))
+            .await
+            .unwrap_or_else(|_| Err(NetError::ConnectTimeout(addr.to_owned(), limit)))
+    }
+
+    /// One RPC to `addr` within `timeout` (connection included).
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, NetError> {
+        let started = Instant::now();
+        let result = async {
+            let conn = self.connection_within(addr, timeout).await?;
+            let remaining = timeout.saturating_sub(started.elapsed());
+            call_on(&conn, addr, req, self.inner.opts.max_frame, remaining).await
+        }
+        .await;
+        let ok = matches!(&result, Ok(r) if !matches!(r, PeerResponse::Error(_)));
+        self.observe(addr, req.kind(), started, ok);
+        result
+    }
+
+    /// Forwards a write to the leader at `addr`.
+    pub async fn client_write(&self, addr: &str, cmd: Command) -> Result<TxnResponse, NetError> {
+        match self
+            .call(
+                addr,
+                &PeerRequest::ClientWrite(cmd),
+                self.inner.opts.rpc_timeout,
+            )
+            .await?
+        {
+            PeerResponse::ClientWrite(r) => Ok(r),
+            other => Err(unexpected("client_write", other)),
+        }
+    }
+
+    /// Asks the leader at `addr` for a read index.
+    pub async fn linearizable_read(&self, addr: &str) -> Result<u64, NetError> {
+        match self
+            .call(
+                addr,
+                &PeerRequest::LinearizableRead,
+                self.inner.opts.rpc_timeout,
+            )
+            .await?
+        {
+            PeerResponse::ReadIndex(i) => Ok(i),
+            other => Err(unexpected("linearizable_read", other)),
+        }
+    }
+
+    /// A peer's status.
+    pub async fn status(&self, addr: &str) -> Result<PeerStatus, NetError> {
+        match self
+            .call(addr, &PeerRequest::Status, self.inner.opts.rpc_timeout)
+            .await?
+        {
+            PeerResponse::Status(s) => Ok(s),
+            other => Err(unexpected("status", other)),
+        }
+    }
+
+    /// Joins a cluster through the member at `addr`. The joiner has no certificate: it trusts
+    /// the server only if its chain carries the CA with SHA-256 `ca_fingerprint` (from the join
+    /// token); otherwise the handshake fails and nothing is sent.
+    pub async fn join(
+        endpoint: &Endpoint,
+        addr: &str,
+        ca_fingerprint: &str,
+        req: JoinRequest,
+        opts: &NetOptions,
+    ) -> Result<JoinResponse, NetError> {
+        let rustls = tls::join_client_config(ca_fingerprint)?;
+        let quic =
+            quinn::crypto::rustls::QuicClientConfig::try_from(rustls).map_err(NetError::QuicTls)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(opts.transport()));
+        let conn = connect(endpoint, config, addr, opts.connect_timeout).await?;
+        let result = call_on(
+            &conn,
+            addr,
+            &PeerRequest::Join(req),
+            opts.max_frame,
+            opts.rpc_timeout,
+        )
+        .await;
+        conn.close(super::codes::SHUTDOWN, b"joined");
+        match result? {
+            PeerResponse::Join(r) => Ok(r),
+            other => Err(unexpected("join", other)),
+        }
+    }
+}
+
+fn unexpected(rpc: &'static str, resp: PeerResponse) -> NetError {
+    match resp {
+        PeerResponse::Error(e) => NetError::Remote(e),
+        other => NetError::UnexpectedResponse {
+            rpc,
+            got: response_name(&other),
+        },
+    }
+}
+
+/// openraft's network: a [`PeerClient`] per node, one [`QuicPeer`] per replication target.
+#[derive(Clone, Debug)]
+pub struct QuicNetwork {
+    local_id: NodeId,
+    client: PeerClient,
+}
+
+impl QuicNetwork {
+    /// `local_id` is this node's id (openraft's timeout errors name both ends).
+    pub fn new(local_id: NodeId, client: PeerClient) -> QuicNetwork {
+        QuicNetwork { local_id, client }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
+    type Network = QuicPeer;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> QuicPeer {
+        QuicPeer {
+            local_id: self.local_id,
+            target,
+            addr: node.raft_addr.clone(),
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// The client to one replication target.
+#[derive(Clone, Debug)]
+pub struct QuicPeer {
+    local_id: NodeId,
+    target: NodeId,
+    addr: String,
+    client: PeerClient,
+}
+
+impl QuicPeer {
+    fn timeout(&self, action: RPCTypes, timeout: Duration) -> Timeout<TypeConfig> {
+        Timeout {
+            action,
+            id: self.local_id,
+            target: self.target,
+            timeout,
+        }
+    }
+
+    fn rpc_error(&self, e: NetError, action: RPCTypes) -> RPCError<TypeConfig> {
+        match e {
+            NetError::Timeout(d) => RPCError::Timeout(self.timeout(action, d)),
+            e if e.is_unreachable() => RPCError::Unreachable(Unreachable::new(&e)),
+            e => RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+
+    fn streaming_error(&self, e: NetError) -> StreamingError<TypeConfig> {
+        match e {
+            NetError::Timeout(d) => {
+                StreamingError::Timeout(self.timeout(RPCTypes::InstallSnapshot, d))
+            }
+            e if e.is_unreachable() => StreamingError::Unreachable(Unreachable::new(&e)),
+            e => StreamingError::Network(NetworkError::new(&e)),
+        }
+    }
+
+    async fn send_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+        ttl: Duration,
+    ) -> Result<SnapshotResponse<TypeConfig>, NetError> {
+        let opts = &self.client.inner.opts;
+        let conn = self.client.connection_within(&self.addr, ttl).await?;
+        let mut file = tokio::fs::File::from_std(snapshot.snapshot);
+        file.seek(SeekFrom::Start(0))
+            .await
+            .map_err(NetError::SnapshotFile)?;
+        let len = file.metadata().await.map_err(NetError::SnapshotFile)?.len();
+        let begin = encode_frame(
+            &PeerRequest::SnapshotBegin {
+                vote: WVote::from(&vote),
+                meta: WSnapshotMeta::from(&snapshot.meta),
+                len,
+            },
+            opts.max_frame,
+        )?;
+        let with_ttl = |fut| async move {
+            tokio::time::timeout(ttl, fut)
+                .await
+                .map_err(|_| NetError::Timeout(ttl))
+        };
+        let (mut send, mut recv) = with_ttl(conn.open_bi())
+            .await?
+            .map_err(|e| NetError::Connection(self.addr.clone(), e))?;
+        tokio::time::timeout(ttl, write_frame(&mut send, &begin))
+            .await
+            .map_err(|_| NetError::Timeout(ttl))??;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; opts.snapshot_chunk_bytes.max(1)];
+        let mut remaining = len;
+        while remaining > 0 {
+            let want = buf
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            let n = file
+                .read(&mut buf[..want])
+                .await
+                .map_err(NetError::SnapshotFile)?;
+            if n == 0 {
+                return Err(NetError::SnapshotSize);
+            }
+            hasher.update(&buf[..n]);
+            // The hard TTL bounds each chunk, not the whole transfer: a large snapshot may take
+            // longer than one RPC timeout, a stalled one must not.
+            tokio::time::timeout(ttl, send.write_all(&buf[..n]))
+                .await
+                .map_err(|_| NetError::Timeout(ttl))?
+                .map_err(|e| NetError::Frame(super::frame::FrameError::Io(e.into())))?;
+            remaining -= n as u64;
+        }
+        let trailer: [u8; 32] = hasher.finalize().into();
+        tokio::time::timeout(ttl, send.write_all(&trailer))
+            .await
+            .map_err(|_| NetError::Timeout(ttl))?
+            .map_err(|e| NetError::Frame(super::frame::FrameError::Io(e.into())))?;
+        let _ = send.finish();
+        let resp: PeerResponse = read_frame(&mut recv, opts.max_frame, ttl).await?;
+        match resp {
+            PeerResponse::Snapshot(w) => Ok(SnapshotResponse::from(&w)),
+            other => Err(unexpected("install_snapshot", other)),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for QuicPeer {
+    type SnapshotData = std::fs::File;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = PeerRequest::AppendEntries(WAppendEntriesRequest::from(&rpc));
+        match self.client.call(&self.addr, &req, option.hard_ttl()).await {
+            Ok(PeerResponse::AppendEntries(w)) => Ok(AppendEntriesResponse::from(&w)),
+            Ok(other) => {
+                Err(self.rpc_error(unexpected("append_entries", other), RPCTypes::AppendEntries))
+            }
+            Err(e) => Err(self.rpc_error(e, RPCTypes::AppendEntries)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = PeerRequest::Vote(WVoteRequest::from(&rpc));
+        match self.client.call(&self.addr, &req, option.hard_ttl()).await {
+            Ok(PeerResponse::Vote(w)) => Ok(VoteResponse::from(&w)),
+            Ok(other) => Err(self.rpc_error(unexpected("vote", other), RPCTypes::Vote)),
+            Err(e) => Err(self.rpc_error(e, RPCTypes::Vote)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = PeerRequest::PreVote(WVoteRequest::from(&rpc));
+        match self.client.call(&self.addr, &req, option.hard_ttl()).await {
+            Ok(PeerResponse::Vote(w)) => Ok(VoteResponse::from(&w)),
+            Ok(other) => Err(self.rpc_error(unexpected("pre_vote", other), RPCTypes::Vote)),
+            Err(e) => Err(self.rpc_error(e, RPCTypes::Vote)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let started = Instant::now();
+        // Dropping the transfer on cancel drops its stream mid-way: the receiver sees fewer
+        // bytes than announced and discards them.
+        let result = tokio::select! {
+            r = self.send_snapshot(vote, snapshot, option.hard_ttl()) => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        self.client
+            .observe(&self.addr, "install_snapshot", started, result.is_ok());
+        result.map_err(|e| self.streaming_error(e))
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        // After `Unreachable`: 100 ms, doubling up to 5 s, so a dead peer costs little.
+        Some(Backoff::new(std::iter::successors(
+            Some(Duration::from_millis(100)),
+            |d| Some((*d * 2).min(Duration::from_secs(5))),
+        )))
+    }
+}

@@ -1,0 +1,150 @@
+//! The peer transport: QUIC (quinn) with mutual TLS between members.
+//!
+//! - [`tls`]: the cluster CA, node certificates and CSRs, rustls configurations, the pinned-CA
+//!   verifier a joiner uses.
+//! - [`frame`]: the request and response messages (rkyv) and their length-prefixed framing.
+//! - [`server`]: [`PeerServer`], which serves every RPC through a [`PeerHandler`].
+//! - [`client`]: [`QuicNetwork`] (openraft's network factory) and [`PeerClient`] for the app
+//!   RPCs and the join.
+//!
+//! One QUIC connection per peer, one bidirectional stream per RPC. See `docs/consensus.md`,
+//! "Transport and TLS".
+
+use std::time::Duration;
+
+pub mod client;
+pub mod frame;
+pub mod server;
+pub mod tls;
+
+pub use client::{PeerClient, QuicNetwork, RpcObserver};
+pub use frame::{JoinRequest, JoinResponse, PeerError, PeerRole, PeerStatus};
+pub use server::{BoxFuture, PeerHandler, PeerServer};
+pub use tls::{ClusterCa, NodeIdentity, NodeKey, TlsError};
+
+use self::frame::FrameError;
+
+/// Application error codes carried by QUIC CONNECTION_CLOSE and RESET_STREAM/STOP_SENDING.
+pub mod codes {
+    use quinn::VarInt;
+
+    /// Orderly shutdown.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// A `shoal/1` client presented no certificate.
+    pub const UNAUTHENTICATED: VarInt = VarInt::from_u32(1);
+    /// The client negotiated no ALPN we serve.
+    pub const BAD_ALPN: VarInt = VarInt::from_u32(2);
+    /// The request frame was malformed, truncated, too large or too slow.
+    pub const BAD_FRAME: VarInt = VarInt::from_u32(3);
+    /// The snapshot bytes were truncated, too large or failed their hash.
+    pub const BAD_SNAPSHOT: VarInt = VarInt::from_u32(4);
+    /// The server could not process the request (local I/O failure).
+    pub const INTERNAL: VarInt = VarInt::from_u32(5);
+}
+
+/// A transport operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("could not bind the QUIC endpoint")]
+    Bind(#[source] std::io::Error),
+    #[error("the TLS configuration cannot be used for QUIC")]
+    QuicTls(#[source] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("could not build the TLS configuration")]
+    Tls(#[from] TlsError),
+    #[error("could not resolve peer address {0:?}")]
+    Resolve(String),
+    #[error("could not start a connection to {0}")]
+    Connect(String, #[source] quinn::ConnectError),
+    #[error("the connection to {0} failed")]
+    Connection(String, #[source] quinn::ConnectionError),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("could not connect to {0} within {1:?}")]
+    ConnectTimeout(String, Duration),
+    #[error("the request or response could not be framed")]
+    Frame(#[from] FrameError),
+    #[error("the peer refused the request")]
+    Remote(#[source] PeerError),
+    #[error("the peer answered {got} to a {rpc} request")]
+    UnexpectedResponse {
+        rpc: &'static str,
+        got: &'static str,
+    },
+    #[error("could not read the local snapshot file")]
+    SnapshotFile(#[source] std::io::Error),
+    #[error("the snapshot file changed size while it was sent")]
+    SnapshotSize,
+}
+
+impl NetError {
+    /// Whether the peer could not be reached at all (so openraft should back off), as opposed
+    /// to an RPC that failed on a working connection.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            NetError::Resolve(_)
+                | NetError::Connect(..)
+                | NetError::ConnectTimeout(..)
+                | NetError::Connection(..)
+        )
+    }
+}
+
+/// Limits and timeouts of the transport. The defaults suit a LAN cluster.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// Largest request or response frame.
+    pub max_frame: u32,
+    /// How long the server waits for a complete request frame on a new stream.
+    pub request_timeout: Duration,
+    /// How long a snapshot transfer may stall between chunks.
+    pub snapshot_chunk_timeout: Duration,
+    /// Largest snapshot the server accepts.
+    pub max_snapshot_bytes: u64,
+    /// Size of the chunks a snapshot is sent in.
+    pub snapshot_chunk_bytes: usize,
+    /// Concurrent RPC streams a peer may open on one connection.
+    pub max_streams_per_connection: u32,
+    /// A connection with no traffic (keep-alives included) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval; well under `idle_timeout`.
+    pub keep_alive: Duration,
+    /// How long establishing a connection may take.
+    pub connect_timeout: Duration,
+    /// Timeout of an app RPC made through [`PeerClient`].
+    pub rpc_timeout: Duration,
+    /// How long shutdown waits for in-flight RPCs.
+    pub drain_timeout: Duration,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            max_frame: frame::MAX_FRAME,
+            request_timeout: Duration::from_secs(10),
+            snapshot_chunk_timeout: Duration::from_secs(30),
+            max_snapshot_bytes: 64 << 30,
+            snapshot_chunk_bytes: 256 << 10,
+            max_streams_per_connection: 128,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl NetOptions {
+    pub(crate) fn transport(&self) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams_per_connection))
+            .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+            .keep_alive_interval(Some(self.keep_alive));
+        // An idle timeout too large for QUIC's varint keeps quinn's default rather than "never".
+        if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
+            t.max_idle_timeout(Some(idle));
+        }
+        t
+    }
+}

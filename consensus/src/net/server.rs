@@ -1,0 +1,454 @@
+//! The peer server: accepts QUIC connections, serves one RPC per bidirectional stream through
+//! a [`PeerHandler`].
+//!
+//! A bad stream (malformed, oversized, truncated or slow frame, bad snapshot) is logged and
+//! reset with an error code; the connection's other streams and the server carry on. A handler
+//! that panics loses only its own stream.
+
+use std::future::Future;
+use std::io::SeekFrom;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use quinn::{RecvStream, SendStream, VarInt};
+use sha2::{Digest, Sha256};
+use shoal_types::{Command, TxnResponse};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::frame::{
+    encode_frame, read_frame, write_frame, JoinRequest, JoinResponse, PeerError, PeerRequest,
+    PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
+};
+use super::tls::{self, ALPN_JOIN, ALPN_PEER};
+use super::{codes, NetError, NetOptions};
+use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
+use crate::wire::{WAppendEntriesResponse, WSnapshotResponse, WVoteResponse};
+
+/// A boxed, sendable future: what [`PeerHandler`] methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the server does with each RPC. The node implements it on top of openraft
+/// (`Raft::append_entries`, `vote`, `install_full_snapshot`, `client_write`, ...) and its join
+/// logic. Requests arrive already decoded, validated and converted to openraft types.
+pub trait PeerHandler: Send + Sync + 'static {
+    fn append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<AppendEntriesResponse<TypeConfig>, PeerError>>;
+
+    fn vote(
+        &self,
+        req: VoteRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<VoteResponse<TypeConfig>, PeerError>>;
+
+    fn pre_vote(
+        &self,
+        req: VoteRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<VoteResponse<TypeConfig>, PeerError>>;
+
+    /// `file` holds the complete snapshot, length- and hash-checked, positioned at its start.
+    /// It is an unlinked temp file in the server's snapshot directory: dropping it frees it.
+    fn install_snapshot(
+        &self,
+        vote: Vote,
+        meta: SnapshotMeta,
+        file: std::fs::File,
+    ) -> BoxFuture<'_, Result<SnapshotResponse<TypeConfig>, PeerError>>;
+
+    /// A write forwarded by a follower; only the leader accepts it.
+    fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>>;
+
+    /// The read index for a linearizable read (leader only).
+    fn linearizable_read(&self) -> BoxFuture<'_, Result<u64, PeerError>>;
+
+    fn status(&self) -> BoxFuture<'_, PeerStatus>;
+
+    /// Admits a joiner: checks the token, signs its CSR, adds it as a learner.
+    fn join(
+        &self,
+        req: JoinRequest,
+        peer_addr: SocketAddr,
+    ) -> BoxFuture<'_, Result<JoinResponse, PeerError>>;
+}
+
+/// The QUIC server of a node.
+pub struct PeerServer {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PeerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerServer")
+            .field("local_addr", &self.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    handler: Arc<dyn PeerHandler>,
+    snapshot_dir: PathBuf,
+    opts: NetOptions,
+}
+
+/// What a connection may do, fixed at the handshake.
+#[derive(Clone, Debug)]
+struct ConnCtx {
+    peer_addr: SocketAddr,
+    /// CN of the verified client certificate, if one was presented.
+    peer_name: Option<String>,
+    /// `shoal-join/1`: only the join RPC.
+    join_only: bool,
+}
+
+/// Ends a stream early: resets our side and asks the peer to stop sending.
+fn abort_stream(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
+
+impl PeerServer {
+    /// Binds a UDP socket at `addr` and prepares to serve. `tls` comes from
+    /// [`tls::server_config`]. Incoming snapshots are written under `snapshot_dir`.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        handler: Arc<dyn PeerHandler>,
+        snapshot_dir: impl AsRef<Path>,
+    ) -> Result<PeerServer, NetError> {
+        Self::bind_with(addr, tls, handler, snapshot_dir, NetOptions::default())
+    }
+
+    /// [`PeerServer::bind`] with explicit limits and timeouts.
+    pub fn bind_with(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        handler: Arc<dyn PeerHandler>,
+        snapshot_dir: impl AsRef<Path>,
+        opts: NetOptions,
+    ) -> Result<PeerServer, NetError> {
+        let quic =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(NetError::QuicTls)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(opts.transport()));
+        let endpoint = quinn::Endpoint::server(config, addr).map_err(NetError::Bind)?;
+        Ok(PeerServer {
+            endpoint,
+            shared: Arc::new(Shared {
+                handler,
+                snapshot_dir: snapshot_dir.as_ref().to_owned(),
+                opts,
+            }),
+        })
+    }
+
+    /// The bound address (useful when binding port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, NetError> {
+        self.endpoint.local_addr().map_err(NetError::Bind)
+    }
+
+    /// The endpoint, to share its UDP socket with a [`super::PeerClient`].
+    pub fn endpoint(&self) -> quinn::Endpoint {
+        self.endpoint.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight RPCs finish (up
+    /// to the drain timeout) and closes the endpoint.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        conns.spawn(serve_connection(incoming, self.shared.clone(), stop_rx.clone()));
+                    }
+                    None => break,
+                },
+                Some(done) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(e) = done {
+                        warn!(error = %e, "peer connection task failed");
+                    }
+                }
+            }
+        }
+        info!("peer server shutting down");
+        self.endpoint.set_server_config(None);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(self.shared.opts.drain_timeout, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("in-flight peer RPCs did not finish in time; aborting them");
+            conns.abort_all();
+            while conns.join_next().await.is_some() {}
+        }
+        self.endpoint.close(codes::SHUTDOWN, b"shutdown");
+        let _ =
+            tokio::time::timeout(self.shared.opts.drain_timeout, self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer_addr = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            // Includes clients whose certificate failed verification.
+            debug!(%peer_addr, error = %e, "peer handshake failed");
+            return;
+        }
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    let peer_name = tls::peer_node_name(&conn);
+    let join_only = match alpn.as_deref() {
+        Some(ALPN_PEER) if peer_name.is_some() => false,
+        Some(ALPN_PEER) => {
+            warn!(%peer_addr, "refusing shoal/1 connection without a client certificate");
+            conn.close(codes::UNAUTHENTICATED, b"client certificate required");
+            return;
+        }
+        Some(ALPN_JOIN) => true,
+        _ => {
+            warn!(%peer_addr, "refusing connection without a known ALPN");
+            conn.close(codes::BAD_ALPN, b"unknown protocol");
+            return;
+        }
+    };
+    let ctx = Arc::new(ConnCtx {
+        peer_addr,
+        peer_name,
+        join_only,
+    });
+    debug!(%peer_addr, peer = ?ctx.peer_name, join_only, "peer connected");
+
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(shared.clone(), ctx.clone(), send, recv));
+                }
+                Err(e) => {
+                    debug!(%peer_addr, error = %e, "peer connection closed");
+                    break;
+                }
+            },
+            Some(done) = streams.join_next(), if !streams.is_empty() => {
+                if let Err(e) = done {
+                    warn!(%peer_addr, error = %e, "peer RPC task failed");
+                }
+            }
+        }
+    }
+    // In-flight RPCs finish (the server's drain timeout bounds this), then the connection
+    // closes if we are shutting down; otherwise the peer already closed it.
+    while let Some(done) = streams.join_next().await {
+        if let Err(e) = done {
+            warn!(%peer_addr, error = %e, "peer RPC task failed");
+        }
+    }
+    conn.close(codes::SHUTDOWN, b"shutdown");
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let opts = &shared.opts;
+    let req: PeerRequest = match read_frame(&mut recv, opts.max_frame, opts.request_timeout).await {
+        Ok(req) => req,
+        Err(e) => {
+            warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+            abort_stream(&mut send, &mut recv, codes::BAD_FRAME);
+            return;
+        }
+    };
+    let kind = req.kind();
+    let resp = if ctx.join_only && !matches!(req, PeerRequest::Join(_)) {
+        warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing non-join RPC on shoal-join/1");
+        PeerResponse::Error(PeerError::Unauthorized(format!(
+            "{kind} needs a member certificate; only join is served on shoal-join/1"
+        )))
+    } else {
+        match dispatch(&shared, &ctx, req, &mut recv).await {
+            Ok(resp) => resp,
+            Err(code) => {
+                abort_stream(&mut send, &mut recv, code);
+                return;
+            }
+        }
+    };
+    let frame = match encode_frame(&resp, opts.max_frame) {
+        Ok(frame) => frame,
+        Err(e) => {
+            warn!(rpc = kind, error = %e, "response does not fit in a frame");
+            abort_stream(&mut send, &mut recv, codes::INTERNAL);
+            return;
+        }
+    };
+    if let Err(e) = write_frame(&mut send, &frame).await {
+        debug!(peer_addr = %ctx.peer_addr, rpc = kind, error = %e, "could not send response");
+        return;
+    }
+    let _ = send.finish();
+}
+
+fn bad_request(e: impl std::fmt::Display) -> PeerResponse {
+    PeerResponse::Error(PeerError::BadRequest(e.to_string()))
+}
+
+/// Runs one request. `Err(code)` means the stream must be aborted with that code.
+async fn dispatch(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    req: PeerRequest,
+    recv: &mut RecvStream,
+) -> Result<PeerResponse, VarInt> {
+    let h = &shared.handler;
+    let resp = match req {
+        PeerRequest::AppendEntries(w) => match AppendEntriesRequest::try_from(w) {
+            Ok(r) => match h.append_entries(r).await {
+                Ok(resp) => PeerResponse::AppendEntries(WAppendEntriesResponse::from(&resp)),
+                Err(e) => PeerResponse::Error(e),
+            },
+            Err(e) => bad_request(e),
+        },
+        PeerRequest::Vote(w) => match h.vote(VoteRequest::from(&w)).await {
+            Ok(resp) => PeerResponse::Vote(WVoteResponse::from(&resp)),
+            Err(e) => PeerResponse::Error(e),
+        },
+        PeerRequest::PreVote(w) => match h.pre_vote(VoteRequest::from(&w)).await {
+            Ok(resp) => PeerResponse::Vote(WVoteResponse::from(&resp)),
+            Err(e) => PeerResponse::Error(e),
+        },
+        PeerRequest::SnapshotBegin { vote, meta, len } => {
+            let meta = match SnapshotMeta::try_from(&meta) {
+                Ok(meta) => meta,
+                Err(e) => return Ok(bad_request(e)),
+            };
+            if len > shared.opts.max_snapshot_bytes {
+                warn!(peer_addr = %ctx.peer_addr, len, "refusing oversized snapshot");
+                return Err(codes::BAD_SNAPSHOT);
+            }
+            let file = match receive_snapshot(shared, recv, len).await {
+                Ok(file) => file,
+                Err(SnapshotRecvError::Hash) => {
+                    warn!(peer_addr = %ctx.peer_addr, "refusing snapshot whose hash does not match");
+                    return Ok(bad_request(
+                        "snapshot bytes do not match their SHA-256 trailer",
+                    ));
+                }
+                Err(e) => {
+                    warn!(peer_addr = %ctx.peer_addr, error = %e, "snapshot transfer failed");
+                    return Err(match e {
+                        SnapshotRecvError::Io(_) => codes::INTERNAL,
+                        _ => codes::BAD_SNAPSHOT,
+                    });
+                }
+            };
+            match h.install_snapshot(Vote::from(&vote), meta, file).await {
+                Ok(resp) => PeerResponse::Snapshot(WSnapshotResponse::from(&resp)),
+                Err(e) => PeerResponse::Error(e),
+            }
+        }
+        PeerRequest::ClientWrite(cmd) => match h.client_write(cmd).await {
+            Ok(r) => PeerResponse::ClientWrite(r),
+            Err(e) => PeerResponse::Error(e),
+        },
+        PeerRequest::LinearizableRead => match h.linearizable_read().await {
+            Ok(index) => PeerResponse::ReadIndex(index),
+            Err(e) => PeerResponse::Error(e),
+        },
+        PeerRequest::Status => PeerResponse::Status(h.status().await),
+        PeerRequest::Join(req) => {
+            info!(peer_addr = %ctx.peer_addr, name = %req.name, "join request");
+            match h.join(req, ctx.peer_addr).await {
+                Ok(r) => PeerResponse::Join(r),
+                Err(e) => PeerResponse::Error(e),
+            }
+        }
+    };
+    Ok(resp)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SnapshotRecvError {
+    #[error("the snapshot stream ended early")]
+    Truncated,
+    #[error("the snapshot stream stalled")]
+    Stalled,
+    #[error("the snapshot stream failed")]
+    Read(#[source] quinn::ReadError),
+    #[error("the snapshot bytes do not match their hash")]
+    Hash,
+    #[error("could not write the snapshot file")]
+    Io(#[source] std::io::Error),
+}
+
+/// Reads exactly `len` snapshot bytes and the SHA-256 trailer into an unlinked temp file.
+async fn receive_snapshot(
+    shared: &Shared,
+    recv: &mut RecvStream,
+    len: u64,
+) -> Result<std::fs::File, SnapshotRecvError> {
+    let dir = shared.snapshot_dir.clone();
+    let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
+        .await
+        .map_err(|e| SnapshotRecvError::Io(std::io::Error::other(e)))?
+        .map_err(SnapshotRecvError::Io)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let chunk_timeout = shared.opts.snapshot_chunk_timeout;
+    let mut hasher = Sha256::new();
+    let mut remaining = len;
+    while remaining > 0 {
+        let max = usize::try_from(remaining).unwrap_or(usize::MAX);
+        let chunk = tokio::time::timeout(chunk_timeout, recv.read_chunk(max, true))
+            .await
+            .map_err(|_| SnapshotRecvError::Stalled)?
+            .map_err(SnapshotRecvError::Read)?
+            .ok_or(SnapshotRecvError::Truncated)?;
+        hasher.update(&chunk.bytes);
+        file.write_all(&chunk.bytes)
+            .await
+            .map_err(SnapshotRecvError::Io)?;
+        remaining -= chunk.bytes.len() as u64;
+    }
+    let mut trailer = [0u8; SNAPSHOT_TRAILER_LEN];
+    tokio::time::timeout(chunk_timeout, recv.read_exact(&mut trailer))
+        .await
+        .map_err(|_| SnapshotRecvError::Stalled)?
+        .map_err(|e| match e {
+            quinn::ReadExactError::FinishedEarly(_) => SnapshotRecvError::Truncated,
+            quinn::ReadExactError::ReadError(e) => SnapshotRecvError::Read(e),
+        })?;
+    if hasher.finalize().as_slice() != trailer {
+        return Err(SnapshotRecvError::Hash);
+    }
+    file.flush().await.map_err(SnapshotRecvError::Io)?;
+    file.seek(SeekFrom::Start(0))
+        .await
+        .map_err(SnapshotRecvError::Io)?;
+    Ok(file.into_std().await)
+}

@@ -1,0 +1,228 @@
+//! Members with certificates from the same CA exchange Raft and app RPCs over real QUIC.
+
+#[path = "t50_net_fixture/mod.rs"]
+mod fixture;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fixture::{ca, node_info, start_server};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
+use shoal_consensus::net::client::client_endpoint;
+use shoal_consensus::net::tls::peer_node_name;
+use shoal_consensus::net::{NetError, NetOptions, PeerClient, PeerError, PeerRole, QuicNetwork};
+use shoal_consensus::raft_types::{Entry, EntryPayload, LeaderId, LogId, Vote};
+use shoal_types::{Command, Txn};
+
+fn opt() -> RPCOption {
+    RPCOption::new(Duration::from_secs(5))
+}
+
+fn entry(index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new(<LeaderId as openraft::vote::RaftLeaderId>::new(2, 1), index),
+        payload: EntryPayload::Normal(Command::Txn(Txn::new().put("kv", "k", "v"))),
+    }
+}
+
+/// Two members, each serving and each calling the other: Vote and AppendEntries through
+/// openraft's network trait, ClientWrite, Status and a typed ForwardToLeader error through the
+/// app client. Each side sees the other's verified node name.
+#[tokio::test]
+async fn two_members_exchange_rpcs() {
+    let ca = ca();
+    let a = start_server(&ca, "node-a");
+    let b = start_server(&ca, "node-b");
+    let a_id = ca.issue_node_cert("node-a").unwrap();
+    let b_id = ca.issue_node_cert("node-b").unwrap();
+    // Each member's client shares its server's UDP socket, as a node does.
+    let a_client = PeerClient::new(
+        a.endpoint.clone(),
+        ca.cert_pem(),
+        &a_id,
+        NetOptions::default(),
+        None,
+    )
+    .unwrap();
+    let b_client = PeerClient::new(
+        b.endpoint.clone(),
+        ca.cert_pem(),
+        &b_id,
+        NetOptions::default(),
+        None,
+    )
+    .unwrap();
+
+    for (client, target, target_id, from) in
+        [(&a_client, &b, 2u64, 1u64), (&b_client, &a, 1u64, 2u64)]
+    {
+        let mut net = QuicNetwork::new(from, client.clone());
+        let mut peer = net
+            .new_client(target_id, &node_info("x", &target.addr.to_string()))
+            .await;
+        let vote = peer
+            .vote(VoteRequest::new(Vote::new(5, from), None), opt())
+            .await
+            .unwrap();
+        assert!(vote.vote_granted);
+        assert_eq!(vote.vote, Vote::new(5, from));
+        let resp = peer
+            .append_entries(
+                AppendEntriesRequest {
+                    vote: Vote::new_committed(5, from),
+                    prev_log_id: None,
+                    entries: vec![entry(1), entry(2)],
+                    leader_commit: None,
+                },
+                opt(),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(resp, AppendEntriesResponse::Success));
+        let pre = peer
+            .pre_vote(VoteRequest::new(Vote::new(6, from), None), opt())
+            .await
+            .unwrap();
+        assert!(
+            !pre.vote_granted,
+            "pre-vote must reach the handler, not openraft's default"
+        );
+
+        let target_addr = target.addr.to_string();
+        let w = client
+            .client_write(&target_addr, Command::Txn(Txn::new().put("kv", "a", "1")))
+            .await
+            .unwrap();
+        assert_eq!((w.succeeded, w.revision), (true, 42));
+        let status = client.status(&target_addr).await.unwrap();
+        assert_eq!(status.role, PeerRole::Leader);
+        assert_eq!(status.name, target.handler.name);
+        match client.linearizable_read(&target_addr).await {
+            Err(NetError::Remote(PeerError::ForwardToLeader {
+                leader_id,
+                leader_addr,
+            })) => {
+                assert_eq!(leader_id, Some(9));
+                assert_eq!(leader_addr.as_deref(), Some("127.0.0.1:9"));
+            }
+            other => panic!("expected ForwardToLeader, got {other:?}"),
+        }
+        let conn = client.connection(&target_addr).await.unwrap();
+        assert_eq!(
+            peer_node_name(&conn).as_deref(),
+            Some(target.handler.name.as_str())
+        );
+
+        assert_eq!(
+            target.handler.calls(),
+            vec![
+                "vote:5".to_string(),
+                "append_entries:2".into(),
+                "pre_vote".into(),
+                "client_write:txn(0 preconditions, 1 ops)".into(),
+                "status".into(),
+                "linearizable_read".into(),
+            ]
+        );
+    }
+}
+
+/// RPCs to one peer share one cached connection, many can be in flight at once on separate
+/// streams, and the latency hook sees every one of them.
+#[tokio::test]
+async fn concurrent_rpcs_share_one_connection() {
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let hook = seen.clone();
+    let client = PeerClient::new(
+        client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
+        ca.cert_pem(),
+        &ca.issue_node_cert("node-a").unwrap(),
+        NetOptions::default(),
+        Some(Arc::new(
+            move |_peer: &str, rpc: &'static str, _d: Duration, ok: bool| {
+                assert_eq!(rpc, "append_entries");
+                assert!(ok);
+                hook.fetch_add(1, Ordering::SeqCst);
+            },
+        )),
+    )
+    .unwrap();
+    let net = QuicNetwork::new(1, client.clone());
+    let addr = b.addr.to_string();
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let mut net = net.clone();
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut peer = net.new_client(2, &node_info("node-b", &addr)).await;
+            peer.append_entries(
+                AppendEntriesRequest {
+                    vote: Vote::new_committed(5, 1),
+                    prev_log_id: None,
+                    entries: vec![entry(i + 1)],
+                    leader_commit: None,
+                },
+                opt(),
+            )
+            .await
+        }));
+    }
+    let first = client.connection(&addr).await.unwrap().stable_id();
+    for t in tasks {
+        assert!(matches!(
+            t.await.unwrap().unwrap(),
+            AppendEntriesResponse::Success
+        ));
+    }
+    assert_eq!(client.connection(&addr).await.unwrap().stable_id(), first);
+    assert_eq!(seen.load(Ordering::SeqCst), 32);
+    assert_eq!(b.handler.calls().len(), 32);
+}
+
+/// A peer that is down is reported as Unreachable (so openraft backs off), not as a network
+/// error; once it is back, the client reconnects by itself.
+#[tokio::test]
+async fn down_peer_is_unreachable_then_reconnects() {
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let addr = b.addr;
+    let client = fixture::member_client_with(
+        &ca,
+        "node-a",
+        NetOptions {
+            connect_timeout: Duration::from_millis(500),
+            ..NetOptions::default()
+        },
+    );
+    let mut net = QuicNetwork::new(1, client.clone());
+    let mut peer = net
+        .new_client(2, &node_info("node-b", &addr.to_string()))
+        .await;
+    peer.vote(VoteRequest::new(Vote::new(1, 1), None), opt())
+        .await
+        .unwrap();
+    b.shutdown().await;
+
+    let err = peer
+        .vote(VoteRequest::new(Vote::new(2, 1), None), opt())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, openraft::errors::RPCError::Unreachable(_)),
+        "expected Unreachable, got {err:?}"
+    );
+    assert!(RaftNetworkV2::backoff(&peer).is_some());
+
+    // A new server on the same port: the closed connection is replaced.
+    let again = fixture::start_server_at(&ca, "node-b", addr);
+    let vote = peer
+        .vote(VoteRequest::new(Vote::new(3, 1), None), opt())
+        .await
+        .unwrap();
+    assert!(vote.vote_granted);
+    assert_eq!(again.handler.calls(), vec!["vote:3".to_string()]);
+}
