@@ -98,9 +98,17 @@ async fn call_on(
         let _ = send.finish();
         Ok::<_, NetError>(read_frame(&mut recv, max_frame, timeout).await?)
     };
-    tokio::time::timeout(timeout, rpc)
+    let result = tokio::time::timeout(timeout, rpc)
         .await
-        .map_err(|_| NetError::Timeout(timeout))?
+        .map_err(|_| NetError::Timeout(timeout))?;
+    // A stream that failed because the whole connection went away (peer closed it, refused our
+    // certificate, vanished) is a connection failure, not a bad RPC.
+    match (result, conn.close_reason()) {
+        (Err(NetError::Frame(_)), Some(reason)) => {
+            Err(NetError::Connection(addr.to_owned(), reason))
+        }
+        (result, _) => result,
+    }
 }
 
 /// Cached peer connections and the app RPCs. Cheap to clone; clones share connections.

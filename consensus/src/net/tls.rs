@@ -268,9 +268,19 @@ impl NodeKey {
         Ok(NodeKey { key })
     }
 
-    /// A certificate signing request for `node_name`, signed with this key.
+    /// A certificate signing request for `node_name`, signed with this key. It carries only
+    /// the names: the signer decides everything else.
     pub fn csr_pem(&self, node_name: &str) -> Result<String, TlsError> {
-        node_params(node_name)?
+        validate_node_name(node_name)?;
+        let mut params = CertificateParams::new(vec![
+            SERVER_NAME.to_owned(),
+            format!("{node_name}.{SERVER_NAME}"),
+        ])
+        .map_err(TlsError::Generate)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_name);
+        params
             .serialize_request(&self.key)
             .and_then(|csr| csr.pem())
             .map_err(TlsError::Generate)
