@@ -13,7 +13,7 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
 use shoal_consensus::net::client::client_endpoint;
 use shoal_consensus::net::tls::peer_node_name;
 use shoal_consensus::net::{NetError, NetOptions, PeerClient, PeerError, PeerRole, QuicNetwork};
-use shoal_consensus::raft_types::{Entry, EntryPayload, LeaderId, LogId, Vote};
+use shoal_consensus::raft_types::{Entry, EntryPayload, LeaderId, LogId, TypeConfig, Vote};
 use shoal_types::{Command, Txn};
 
 fn opt() -> RPCOption {
@@ -225,4 +225,84 @@ async fn down_peer_is_unreachable_then_reconnects() {
         .unwrap();
     assert!(vote.vote_granted);
     assert_eq!(again.handler.calls(), vec!["vote:3".to_string()]);
+}
+
+fn append(prev: Option<u64>, first: u64, n: u64) -> AppendEntriesRequest<TypeConfig> {
+    AppendEntriesRequest {
+        vote: Vote::new_committed(2, 1),
+        prev_log_id: prev
+            .map(|i| LogId::new(<LeaderId as openraft::vote::RaftLeaderId>::new(2, 1), i)),
+        entries: (first..first + n).map(entry).collect(),
+        leader_commit: None,
+    }
+}
+
+/// openraft's `stream_append` is pipelined on one stream: 20 requests (more than the pipeline
+/// depth) reach the handler in order and their acknowledgements come back in order.
+#[tokio::test]
+async fn stream_append_pipelines_in_order() {
+    use futures::StreamExt;
+
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let mut net = QuicNetwork::new(1, fixture::member_client(&ca, "node-a"));
+    let mut peer = net
+        .new_client(2, &node_info("node-b", &b.addr.to_string()))
+        .await;
+    let mut reqs = Vec::new();
+    let mut next = 1;
+    for n in 1..=20u64 {
+        reqs.push(append(
+            if next == 1 { None } else { Some(next - 1) },
+            next,
+            n,
+        ));
+        next += n;
+    }
+    let lasts: Vec<_> = reqs
+        .iter()
+        .map(|r| r.entries.last().unwrap().log_id)
+        .collect();
+    let results: Vec<_> = peer
+        .stream_append(futures::stream::iter(reqs), opt())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let acked: Vec<_> = results.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    assert_eq!(acked, lasts.into_iter().map(Some).collect::<Vec<_>>());
+    let expected: Vec<String> = (1..=20).map(|n| format!("append_entries:{n}")).collect();
+    assert_eq!(b.handler.calls(), expected);
+}
+
+/// A conflict ends the pipeline: its result is the conflict, and nothing after it is
+/// reported.
+#[tokio::test]
+async fn stream_append_stops_at_conflict() {
+    use futures::StreamExt;
+
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let mut net = QuicNetwork::new(1, fixture::member_client(&ca, "node-a"));
+    let mut peer = net
+        .new_client(2, &node_info("node-b", &b.addr.to_string()))
+        .await;
+    let reqs = vec![
+        append(Some(997), 998, 2),
+        append(Some(999), 1000, 1),
+        append(Some(1000), 1001, 1),
+    ];
+    let results: Vec<_> = peer
+        .stream_append(futures::stream::iter(reqs), opt())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results[0].as_ref().unwrap().is_ok());
+    assert!(
+        matches!(results[1], Ok(Err(openraft::raft::StreamAppendError::Conflict(l))) if l.index == 999),
+        "{:?}",
+        results[1]
+    );
 }

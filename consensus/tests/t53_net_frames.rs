@@ -107,3 +107,80 @@ async fn stalled_frame_times_out_alone() {
     );
     assert_eq!(client.status(&addr).await.unwrap().name, "node-a");
 }
+
+/// Only AppendEntries may follow a request on the same stream (the `stream_append`
+/// pipeline): a Status after an AppendEntries resets the stream and never reaches the handler.
+/// After a Status, the server reads nothing more from that stream.
+#[tokio::test]
+async fn only_append_entries_pipeline_on_one_stream() {
+    use shoal_consensus::net::frame::{encode_frame, read_frame, PeerRequest, PeerResponse};
+    use shoal_consensus::wire::{WAppendEntriesRequest, WVote};
+
+    let ca = ca();
+    let server = start_server(&ca, "node-a");
+    let client = member_client(&ca, "node-b");
+    let conn = client.connection(&server.addr.to_string()).await.unwrap();
+    let append = encode_frame(
+        &PeerRequest::AppendEntries(WAppendEntriesRequest {
+            vote: WVote {
+                term: 1,
+                node_id: 2,
+                committed: true,
+            },
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        }),
+        MAX_FRAME,
+    )
+    .unwrap();
+    let status = encode_frame(&PeerRequest::Status, MAX_FRAME).unwrap();
+
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&append).await.unwrap();
+    send.write_all(&status).await.unwrap();
+    // The reset may overtake the AppendEntries answer (a QUIC reset discards undelivered
+    // data), so only the reset is certain.
+    let read = tokio::time::timeout(Duration::from_secs(3), recv.read_to_end(1 << 20))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == codes::BAD_FRAME),
+        "{read:?}"
+    );
+
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&status).await.unwrap();
+    send.write_all(&status).await.unwrap();
+    send.finish().unwrap();
+    let only: PeerResponse = read_frame(&mut recv, MAX_FRAME, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(matches!(only, PeerResponse::Status(_)), "{only:?}");
+    assert_eq!(
+        server.handler.calls(),
+        vec!["append_entries:0".to_string(), "status".into()]
+    );
+}
+
+/// The server serves at most `max_connections` connections; one more is refused while the
+/// others keep working.
+#[tokio::test]
+async fn connection_limit_refuses_extra_connections() {
+    let ca = ca();
+    let server = start_server_with(
+        &ca,
+        "node-a",
+        NetOptions {
+            max_connections: 1,
+            ..NetOptions::default()
+        },
+    );
+    let addr = server.addr.to_string();
+    let first = member_client(&ca, "node-b");
+    first.status(&addr).await.unwrap();
+    let second = member_client(&ca, "node-c");
+    let err = second.status(&addr).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    first.status(&addr).await.unwrap();
+}

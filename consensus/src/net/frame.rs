@@ -72,22 +72,46 @@ where
     T: rkyv::Archive + for<'a> rkyv::Serialize<Ser<'a>>,
     T::Archived: for<'a> CheckBytes<Val<'a>> + rkyv::Deserialize<T, De>,
 {
-    let bytes = tokio::time::timeout(timeout, read_frame_bytes(recv, max))
+    read_next_frame(recv, max, timeout)
+        .await?
+        .ok_or(FrameError::Truncated)
+}
+
+/// Like [`read_frame`], but a stream that ends cleanly before the next frame gives `None`
+/// (a pipelined stream's normal end).
+pub async fn read_next_frame<T, R>(
+    recv: &mut R,
+    max: u32,
+    timeout: Duration,
+) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: rkyv::Archive + for<'a> rkyv::Serialize<Ser<'a>>,
+    T::Archived: for<'a> CheckBytes<Val<'a>> + rkyv::Deserialize<T, De>,
+{
+    let Some(bytes) = tokio::time::timeout(timeout, read_frame_bytes(recv, max))
         .await
-        .map_err(|_| FrameError::Timeout(timeout))??;
+        .map_err(|_| FrameError::Timeout(timeout))??
+    else {
+        return Ok(None);
+    };
     let value = decode(&bytes).map_err(FrameError::Decode)?;
     if encode(&value) != bytes {
         return Err(FrameError::NonCanonical);
     }
-    Ok(value)
+    Ok(Some(value))
 }
 
 async fn read_frame_bytes<R: AsyncRead + Unpin>(
     recv: &mut R,
     max: u32,
-) -> Result<Vec<u8>, FrameError> {
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.map_err(io_error)?;
+    // End of stream on a frame boundary is not an error; anywhere else it is.
+    if recv.read(&mut len[..1]).await.map_err(io_error)? == 0 {
+        return Ok(None);
+    }
+    recv.read_exact(&mut len[1..]).await.map_err(io_error)?;
     let len = u32::from_be_bytes(len);
     if len > max {
         return Err(FrameError::TooLarge {
@@ -97,7 +121,7 @@ async fn read_frame_bytes<R: AsyncRead + Unpin>(
     }
     let mut buf = vec![0u8; len as usize];
     recv.read_exact(&mut buf).await.map_err(io_error)?;
-    Ok(buf)
+    Ok(Some(buf))
 }
 
 /// Encodes a message into a frame, refusing one over `max`.
@@ -295,6 +319,32 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+    }
+
+    /// A stream that ends on a frame boundary ends a pipeline cleanly; inside a frame it is an
+    /// error.
+    #[tokio::test]
+    async fn clean_end_between_frames() {
+        let mut bytes = frame_of(&PeerRequest::Status);
+        bytes.extend(frame_of(&PeerRequest::LinearizableRead));
+        let mut r = &bytes[..];
+        let t = Duration::from_secs(1);
+        let a: Option<PeerRequest> = read_next_frame(&mut r, MAX_FRAME, t).await.unwrap();
+        let b: Option<PeerRequest> = read_next_frame(&mut r, MAX_FRAME, t).await.unwrap();
+        let c: Option<PeerRequest> = read_next_frame(&mut r, MAX_FRAME, t).await.unwrap();
+        assert_eq!(
+            (a, b, c),
+            (
+                Some(PeerRequest::Status),
+                Some(PeerRequest::LinearizableRead),
+                None
+            )
+        );
+        let empty: &[u8] = &[];
+        assert!(matches!(
+            read_frame::<PeerRequest, _>(&mut &empty[..], MAX_FRAME, t).await,
+            Err(FrameError::Truncated)
+        ));
     }
 
     /// A frame cut short is reported as truncated, not as a decode error or a hang.

@@ -105,6 +105,10 @@ pub struct NetOptions {
     pub snapshot_chunk_bytes: usize,
     /// Concurrent RPC streams a peer may open on one connection.
     pub max_streams_per_connection: u32,
+    /// Connections the server serves at once (members and joiners); more are refused.
+    pub max_connections: usize,
+    /// AppendEntries requests a leader keeps in flight on one pipelined stream.
+    pub append_pipeline_depth: usize,
     /// A connection with no traffic (keep-alives included) for this long is closed.
     pub idle_timeout: Duration,
     /// Keep-alive interval; well under `idle_timeout`.
@@ -126,6 +130,8 @@ impl Default for NetOptions {
             max_snapshot_bytes: 64 << 30,
             snapshot_chunk_bytes: 256 << 10,
             max_streams_per_connection: 128,
+            max_connections: 256,
+            append_pipeline_depth: 8,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),

@@ -24,8 +24,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::frame::{
-    encode_frame, read_frame, write_frame, JoinRequest, JoinResponse, PeerError, PeerRequest,
-    PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
+    encode_frame, read_frame, read_next_frame, write_frame, JoinRequest, JoinResponse, PeerError,
+    PeerRequest, PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
 };
 use super::tls::{self, ALPN_JOIN, ALPN_PEER};
 use super::{codes, NetError, NetOptions};
@@ -170,6 +170,10 @@ impl PeerServer {
             tokio::select! {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) if conns.len() >= self.shared.opts.max_connections => {
+                        warn!(peer_addr = %incoming.remote_address(), "refusing connection: too many connections");
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
                         conns.spawn(serve_connection(incoming, self.shared.clone(), stop_rx.clone()));
                     }
@@ -270,6 +274,8 @@ async fn serve_connection(
     conn.close(codes::SHUTDOWN, b"shutdown");
 }
 
+/// Serves one stream: one request, or a pipeline of AppendEntries requests answered in order
+/// (openraft's `stream_append`), until the client finishes its side.
 async fn serve_stream(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
@@ -277,40 +283,63 @@ async fn serve_stream(
     mut recv: RecvStream,
 ) {
     let opts = &shared.opts;
-    let req: PeerRequest = match read_frame(&mut recv, opts.max_frame, opts.request_timeout).await {
-        Ok(req) => req,
-        Err(e) => {
-            warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+    let mut first = true;
+    loop {
+        // The first frame must come promptly; later frames of a pipeline may wait as long as
+        // the connection may idle.
+        let next = if first {
+            read_frame(&mut recv, opts.max_frame, opts.request_timeout)
+                .await
+                .map(Some)
+        } else {
+            read_next_frame(&mut recv, opts.max_frame, opts.idle_timeout).await
+        };
+        let req: PeerRequest = match next {
+            Ok(Some(req)) => req,
+            Ok(None) => break,
+            Err(e) => {
+                warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+                abort_stream(&mut send, &mut recv, codes::BAD_FRAME);
+                return;
+            }
+        };
+        let kind = req.kind();
+        let pipelined = matches!(req, PeerRequest::AppendEntries(_)) && !ctx.join_only;
+        if !first && !pipelined {
+            warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing a second request on a non-pipelined stream");
             abort_stream(&mut send, &mut recv, codes::BAD_FRAME);
             return;
         }
-    };
-    let kind = req.kind();
-    let resp = if ctx.join_only && !matches!(req, PeerRequest::Join(_)) {
-        warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing non-join RPC on shoal-join/1");
-        PeerResponse::Error(PeerError::Unauthorized(format!(
-            "{kind} needs a member certificate; only join is served on shoal-join/1"
-        )))
-    } else {
-        match dispatch(&shared, &ctx, req, &mut recv).await {
-            Ok(resp) => resp,
-            Err(code) => {
-                abort_stream(&mut send, &mut recv, code);
+        first = false;
+        let resp = if ctx.join_only && !matches!(req, PeerRequest::Join(_)) {
+            warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing non-join RPC on shoal-join/1");
+            PeerResponse::Error(PeerError::Unauthorized(format!(
+                "{kind} needs a member certificate; only join is served on shoal-join/1"
+            )))
+        } else {
+            match dispatch(&shared, &ctx, req, &mut recv).await {
+                Ok(resp) => resp,
+                Err(code) => {
+                    abort_stream(&mut send, &mut recv, code);
+                    return;
+                }
+            }
+        };
+        let frame = match encode_frame(&resp, opts.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                warn!(rpc = kind, error = %e, "response does not fit in a frame");
+                abort_stream(&mut send, &mut recv, codes::INTERNAL);
                 return;
             }
-        }
-    };
-    let frame = match encode_frame(&resp, opts.max_frame) {
-        Ok(frame) => frame,
-        Err(e) => {
-            warn!(rpc = kind, error = %e, "response does not fit in a frame");
-            abort_stream(&mut send, &mut recv, codes::INTERNAL);
+        };
+        if let Err(e) = write_frame(&mut send, &frame).await {
+            debug!(peer_addr = %ctx.peer_addr, rpc = kind, error = %e, "could not send response");
             return;
         }
-    };
-    if let Err(e) = write_frame(&mut send, &frame).await {
-        debug!(peer_addr = %ctx.peer_addr, rpc = kind, error = %e, "could not send response");
-        return;
+        if !pipelined {
+            break;
+        }
     }
     let _ = send.finish();
 }

@@ -48,7 +48,15 @@ impl PeerHandler for Recorder {
         req: AppendEntriesRequest<TypeConfig>,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<TypeConfig>, PeerError>> {
         self.record(format!("append_entries:{}", req.entries.len()));
-        Box::pin(async { Ok(AppendEntriesResponse::Success) })
+        // A request whose prev_log_id is at index 999 is answered as a log conflict.
+        let conflict = req.prev_log_id.is_some_and(|l| l.index == 999);
+        Box::pin(async move {
+            Ok(if conflict {
+                AppendEntriesResponse::Conflict
+            } else {
+                AppendEntriesResponse::Success
+            })
+        })
     }
 
     fn vote(
