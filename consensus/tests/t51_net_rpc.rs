@@ -306,3 +306,110 @@ async fn stream_append_stops_at_conflict() {
         results[1]
     );
 }
+
+/// A UDP relay standing between a client and a server whose backend can be switched: to the
+/// client, the peer's address never changes while the process behind it does.
+struct Relay {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(backend: std::net::SocketAddr) -> Relay {
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let target = Arc::new(std::sync::Mutex::new(backend));
+        let client = Arc::new(std::sync::Mutex::new(None));
+        let (f, b, t, c) = (front.clone(), back.clone(), target.clone(), client.clone());
+        let up = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                *c.lock().unwrap() = Some(from);
+                let to = *t.lock().unwrap();
+                let _ = b.send_to(&buf[..n], to).await;
+            }
+        });
+        let (f, b, t, c) = (front.clone(), back, target.clone(), client);
+        let down = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = b.recv_from(&mut buf).await {
+                // Whatever the old backend still says is lost, as if it had crashed.
+                if from != *t.lock().unwrap() {
+                    continue;
+                }
+                let to = *c.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = f.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Relay {
+            addr: front.local_addr().unwrap(),
+            target,
+            tasks: vec![up, down],
+        }
+    }
+
+    fn switch(&self, backend: std::net::SocketAddr) {
+        *self.target.lock().unwrap() = backend;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// When a peer crashes and comes back as the same node (same identity, same address), its
+/// QUIC stateless reset closes the client's stale connection at once: the next RPC fails as
+/// Unreachable within a second instead of timing out, and the one after reconnects. A different
+/// node at that address (another reset key) cannot do that: the stale connection just times out.
+#[tokio::test]
+async fn restarted_peer_resets_stale_connection() {
+    let ca = ca();
+    let identity = ca.issue_node_cert("node-b").unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let first = fixture::start_server_as(&ca, &identity, "node-b", NetOptions::default(), any);
+    let relay = Relay::start(first.addr).await;
+    let addr = relay.addr.to_string();
+    let client = fixture::member_client(&ca, "node-a");
+    client.status(&addr).await.unwrap();
+
+    // Control: a server with another identity cannot reset the connection.
+    let stranger = start_server(&ca, "node-x");
+    relay.switch(stranger.addr);
+    let err = client
+        .call(
+            &addr,
+            &shoal_consensus::net::frame::PeerRequest::Status,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::Timeout(_)), "{err:?}");
+
+    let restarted = fixture::start_server_as(&ca, &identity, "node-b", NetOptions::default(), any);
+    relay.switch(restarted.addr);
+    let started = std::time::Instant::now();
+    let err = client
+        .call(
+            &addr,
+            &shoal_consensus::net::frame::PeerRequest::Status,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(client.status(&addr).await.unwrap().name, "node-b");
+    assert_eq!(restarted.handler.calls(), vec!["status".to_string()]);
+    assert_eq!(first.handler.calls(), vec!["status".to_string()]);
+}

@@ -110,6 +110,7 @@ async fn call_on(
         (Err(NetError::Frame(_)), Some(reason)) => {
             Err(NetError::Connection(addr.to_owned(), reason))
         }
+        (Err(NetError::Frame(FrameError::Timeout(d))), None) => Err(NetError::Timeout(d)),
         (result, _) => result,
     }
 }

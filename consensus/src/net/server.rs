@@ -27,7 +27,7 @@ use super::frame::{
     encode_frame, read_frame, read_next_frame, write_frame, JoinRequest, JoinResponse, PeerError,
     PeerRequest, PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
 };
-use super::tls::{self, ALPN_JOIN, ALPN_PEER};
+use super::tls::{self, NodeIdentity, ALPN_JOIN, ALPN_PEER};
 use super::{codes, NetError, NetOptions};
 use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use crate::wire::{WAppendEntriesResponse, WSnapshotResponse, WVoteResponse};
@@ -116,30 +116,56 @@ fn abort_stream(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
 }
 
 impl PeerServer {
-    /// Binds a UDP socket at `addr` and prepares to serve. `tls` comes from
-    /// [`tls::server_config`]. Incoming snapshots are written under `snapshot_dir`.
+    /// Binds a UDP socket at `addr` and prepares to serve as the member `identity` (a chain
+    /// from the CA whose certificate is `ca_cert_pem`). Incoming snapshots are written under
+    /// `snapshot_dir`.
     pub fn bind(
         addr: SocketAddr,
-        tls: rustls::ServerConfig,
+        ca_cert_pem: &str,
+        identity: &NodeIdentity,
         handler: Arc<dyn PeerHandler>,
         snapshot_dir: impl AsRef<Path>,
     ) -> Result<PeerServer, NetError> {
-        Self::bind_with(addr, tls, handler, snapshot_dir, NetOptions::default())
+        Self::bind_with(
+            addr,
+            ca_cert_pem,
+            identity,
+            handler,
+            snapshot_dir,
+            NetOptions::default(),
+        )
     }
 
     /// [`PeerServer::bind`] with explicit limits and timeouts.
     pub fn bind_with(
         addr: SocketAddr,
-        tls: rustls::ServerConfig,
+        ca_cert_pem: &str,
+        identity: &NodeIdentity,
         handler: Arc<dyn PeerHandler>,
         snapshot_dir: impl AsRef<Path>,
         opts: NetOptions,
     ) -> Result<PeerServer, NetError> {
+        let tls = tls::server_config(ca_cert_pem, identity)?;
         let quic =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(NetError::QuicTls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(opts.transport()));
-        let endpoint = quinn::Endpoint::server(config, addr).map_err(NetError::Bind)?;
+        // The reset key survives a restart, so the restarted node's stateless resets for its old
+        // connections are accepted by its peers, which reconnect at once instead of timing out.
+        // quinn's default CID generator drops packets whose CID fails a per-process keyed hash
+        // before it would reset them, hence plain random CIDs.
+        let reset_key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.stateless_reset_key());
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(|| Box::new(RandomCids));
+        let socket = std::net::UdpSocket::bind(addr).map_err(NetError::Bind)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(NetError::Bind)?;
         Ok(PeerServer {
             endpoint,
             shared: Arc::new(Shared {
@@ -480,4 +506,21 @@ async fn receive_snapshot(
         .await
         .map_err(SnapshotRecvError::Io)?;
     Ok(file.into_std().await)
+}
+
+/// 8-byte random connection IDs that any restart of this node accepts as possibly its own.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

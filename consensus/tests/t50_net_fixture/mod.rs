@@ -13,8 +13,8 @@ use openraft::raft::{
 use sha2::{Digest, Sha256};
 use shoal_consensus::net::client::client_endpoint;
 use shoal_consensus::net::{
-    BoxFuture, ClusterCa, JoinRequest, JoinResponse, NetOptions, PeerClient, PeerError,
-    PeerHandler, PeerRole, PeerServer, PeerStatus,
+    BoxFuture, ClusterCa, JoinRequest, JoinResponse, NetOptions, NodeIdentity, PeerClient,
+    PeerError, PeerHandler, PeerRole, PeerServer, PeerStatus,
 };
 use shoal_consensus::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use shoal_types::{Command, NodeInfo, TxnResponse};
@@ -206,8 +206,17 @@ pub fn start_server_with(ca: &ClusterCa, name: &str, opts: NetOptions) -> Server
 }
 
 fn start_server_full(ca: &ClusterCa, name: &str, opts: NetOptions, addr: SocketAddr) -> Server {
-    let identity = ca.issue_node_cert(name).unwrap();
-    let tls = shoal_consensus::net::tls::server_config(ca.cert_pem(), &identity).unwrap();
+    start_server_as(ca, &ca.issue_node_cert(name).unwrap(), name, opts, addr)
+}
+
+/// Starts a member with a given identity (to restart "the same" node).
+pub fn start_server_as(
+    ca: &ClusterCa,
+    identity: &NodeIdentity,
+    name: &str,
+    opts: NetOptions,
+    addr: SocketAddr,
+) -> Server {
     let (cert, key) = ca.to_pem();
     let handler = Arc::new(Recorder {
         name: name.into(),
@@ -216,7 +225,15 @@ fn start_server_full(ca: &ClusterCa, name: &str, opts: NetOptions, addr: SocketA
         snapshots: Mutex::new(Vec::new()),
     });
     let dir = tempfile::tempdir().unwrap();
-    let server = PeerServer::bind_with(addr, tls, handler.clone(), dir.path(), opts).unwrap();
+    let server = PeerServer::bind_with(
+        addr,
+        ca.cert_pem(),
+        identity,
+        handler.clone(),
+        dir.path(),
+        opts,
+    )
+    .unwrap();
     let addr = server.local_addr().unwrap();
     let endpoint = server.endpoint();
     let (stop, stopped) = oneshot::channel();
