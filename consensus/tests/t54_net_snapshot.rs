@@ -179,3 +179,34 @@ async fn truncated_snapshot_is_refused() {
     );
     assert!(server.handler.calls().is_empty());
 }
+
+/// openraft's snapshot TTL (200 ms by default) bounds each chunk, not the receiver's install:
+/// an install that takes longer than the TTL still gets its answer through.
+#[tokio::test]
+async fn slow_install_outlasts_the_rpc_ttl() {
+    let ca = ca();
+    let server = start_server(&ca, "node-b");
+    server
+        .handler
+        .install_delay_ms
+        .store(700, std::sync::atomic::Ordering::SeqCst);
+    let mut net = QuicNetwork::new(1, member_client(&ca, "node-a"));
+    let mut peer = net
+        .new_client(2, &node_info("node-b", &server.addr.to_string()))
+        .await;
+    let vote = Vote::new_committed(4, 1);
+    let resp = peer
+        .full_snapshot(
+            vote,
+            Snapshot {
+                meta: meta(),
+                snapshot: snapshot_file(&pseudo_random(1 << 20)),
+            },
+            std::future::pending::<ReplicationClosed>(),
+            RPCOption::new(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.vote, vote);
+    assert_eq!(server.handler.calls(), vec!["install_snapshot".to_string()]);
+}

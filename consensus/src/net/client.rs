@@ -445,7 +445,20 @@ impl QuicPeer {
             .map_err(|_| NetError::Timeout(ttl))?
             .map_err(|e| NetError::Frame(super::frame::FrameError::Io(e.into())))?;
         let _ = send.finish();
-        let resp: PeerResponse = read_frame(&mut recv, opts.max_frame, ttl).await?;
+        // The receiver installs the snapshot before it answers, which takes time in proportion
+        // to its size: openraft's TTL (install_snapshot_timeout, 200 ms by default) is meant for
+        // one segment, not for that.
+        let install = ttl.max(opts.snapshot_install_timeout);
+        let resp: PeerResponse = match read_frame(&mut recv, opts.max_frame, install).await {
+            Ok(resp) => resp,
+            Err(FrameError::Timeout(d)) => return Err(NetError::Timeout(d)),
+            Err(e) => {
+                return Err(match conn.close_reason() {
+                    Some(reason) => NetError::Connection(self.addr.clone(), reason),
+                    None => NetError::Frame(e),
+                })
+            }
+        };
         match resp {
             PeerResponse::Snapshot(w) => Ok(SnapshotResponse::from(&w)),
             other => Err(unexpected("install_snapshot", other)),

@@ -101,6 +101,9 @@ pub struct NetOptions {
     pub snapshot_chunk_timeout: Duration,
     /// Largest snapshot the server accepts.
     pub max_snapshot_bytes: u64,
+    /// How long a sender waits for the receiver to install a snapshot it has fully sent (the
+    /// RPC TTL, if longer, wins).
+    pub snapshot_install_timeout: Duration,
     /// Size of the chunks a snapshot is sent in.
     pub snapshot_chunk_bytes: usize,
     /// Concurrent RPC streams a peer may open on one connection.
@@ -128,6 +131,7 @@ impl Default for NetOptions {
             request_timeout: Duration::from_secs(10),
             snapshot_chunk_timeout: Duration::from_secs(30),
             max_snapshot_bytes: 64 << 30,
+            snapshot_install_timeout: Duration::from_secs(120),
             snapshot_chunk_bytes: 256 << 10,
             max_streams_per_connection: 128,
             max_connections: 256,

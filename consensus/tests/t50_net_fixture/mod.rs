@@ -5,7 +5,9 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
@@ -30,6 +32,8 @@ pub struct Recorder {
     pub calls: Mutex<Vec<String>>,
     /// (length, SHA-256) of every snapshot handed over, read back from the file.
     pub snapshots: Mutex<Vec<(u64, [u8; 32])>>,
+    /// How long installing a snapshot takes, in milliseconds.
+    pub install_delay_ms: AtomicU64,
 }
 
 impl Recorder {
@@ -88,7 +92,11 @@ impl PeerHandler for Recorder {
             .lock()
             .unwrap()
             .push((bytes.len() as u64, Sha256::digest(&bytes).into()));
-        Box::pin(async move { Ok(SnapshotResponse::new(vote)) })
+        let delay = Duration::from_millis(self.install_delay_ms.load(Ordering::SeqCst));
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Ok(SnapshotResponse::new(vote))
+        })
     }
 
     fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>> {
@@ -223,6 +231,7 @@ pub fn start_server_as(
         ca: ClusterCa::from_pem(&cert, &key).unwrap(),
         calls: Mutex::new(Vec::new()),
         snapshots: Mutex::new(Vec::new()),
+        install_delay_ms: AtomicU64::new(0),
     });
     let dir = tempfile::tempdir().unwrap();
     let server = PeerServer::bind_with(
