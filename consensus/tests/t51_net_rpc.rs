@@ -365,8 +365,8 @@ impl Drop for Relay {
 }
 
 /// When a peer crashes and comes back as the same node (same identity, same address), its
-/// QUIC stateless reset closes the client's stale connection at once: the next RPC fails as
-/// Unreachable within a second instead of timing out, and the one after reconnects. A different
+/// QUIC stateless reset closes the client's stale connection: the next RPC fails as
+/// Unreachable instead of timing out, and the one after reconnects. A different
 /// node at that address (another reset key) cannot do that: the stale connection just times out.
 #[tokio::test]
 async fn restarted_peer_resets_stale_connection() {
@@ -399,13 +399,15 @@ async fn restarted_peer_resets_stale_connection() {
         .call(
             &addr,
             &shoal_consensus::net::frame::PeerRequest::Status,
-            Duration::from_secs(5),
+            Duration::from_secs(10),
         )
         .await
         .unwrap_err();
+    // Not a timeout: the reset closed the connection (quickly, though the client's loss
+    // recovery may hold its next packet back for a while after the silent phase above).
     assert!(err.is_unreachable(), "{err:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(5),
         "took {:?}",
         started.elapsed()
     );
