@@ -415,3 +415,33 @@ async fn restarted_peer_resets_stale_connection() {
     assert_eq!(restarted.handler.calls(), vec!["status".to_string()]);
     assert_eq!(first.handler.calls(), vec!["status".to_string()]);
 }
+
+/// A caller whose TTL is shorter than a handshake fails as Unreachable, but the handshake it
+/// started goes on and the next RPC uses its connection: a heartbeat's short TTL cannot keep
+/// a peer from ever connecting.
+#[tokio::test]
+async fn short_ttl_does_not_abort_the_handshake() {
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let addr = b.addr.to_string();
+    let client = fixture::member_client(&ca, "node-a");
+    let err = client
+        .call(
+            &addr,
+            &shoal_consensus::net::frame::PeerRequest::Status,
+            Duration::from_micros(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !client.is_connected(&addr).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handshake was abandoned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(client.status(&addr).await.unwrap().name, "node-b");
+    assert_eq!(b.handler.calls(), vec!["status".to_string()]);
+}

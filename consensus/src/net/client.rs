@@ -175,28 +175,50 @@ impl PeerClient {
         })
     }
 
+    fn slot(&self, addr: &str) -> Arc<tokio::sync::Mutex<Option<Connection>>> {
+        let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.entry(addr.to_owned()).or_default().clone()
+    }
+
+    /// Whether an open connection to `addr` is cached (waits for a handshake in progress).
+    pub async fn is_connected(&self, addr: &str) -> bool {
+        let slot = self.slot(addr);
+        let slot = slot.lock().await;
+        slot.as_ref().is_some_and(|c| c.close_reason().is_none())
+    }
+
     /// The cached connection to `addr`, or a new one if there is none or it closed.
     pub async fn connection(&self, addr: &str) -> Result<Connection, NetError> {
-        let slot = {
-            let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
-            conns.entry(addr.to_owned()).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref() {
+        let slot = self.slot(addr);
+        if let Some(conn) = slot.lock().await.as_ref() {
             if conn.close_reason().is_none() {
                 return Ok(conn.clone());
             }
         }
-        *slot = None;
-        let conn = connect(
-            &self.inner.endpoint,
-            self.inner.config.clone(),
-            addr,
-            self.inner.opts.connect_timeout,
-        )
-        .await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        // The handshake runs in its own task: a caller whose TTL (a heartbeat's can be tens of
+        // milliseconds) runs out must not abort a handshake that the next RPC can use.
+        let inner = self.inner.clone();
+        let target = addr.to_owned();
+        tokio::spawn(async move {
+            let mut slot = slot.lock().await;
+            if let Some(conn) = slot.as_ref() {
+                if conn.close_reason().is_none() {
+                    return Ok(conn.clone());
+                }
+            }
+            *slot = None;
+            let conn = connect(
+                &inner.endpoint,
+                inner.config.clone(),
+                &target,
+                inner.opts.connect_timeout,
+            )
+            .await?;
+            *slot = Some(conn.clone());
+            Ok(conn)
+        })
+        .await
+        .map_err(|_| NetError::ConnectTask(addr.to_owned()))?
     }
 
     fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {

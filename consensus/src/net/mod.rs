@@ -55,6 +55,8 @@ pub enum NetError {
     Resolve(String),
     #[error("could not start a connection to {0}")]
     Connect(String, #[source] quinn::ConnectError),
+    #[error("the task connecting to {0} stopped")]
+    ConnectTask(String),
     #[error("the connection to {0} failed")]
     Connection(String, #[source] quinn::ConnectionError),
     #[error("timed out after {0:?}")]
@@ -85,6 +87,7 @@ impl NetError {
             NetError::Resolve(_)
                 | NetError::Connect(..)
                 | NetError::ConnectTimeout(..)
+                | NetError::ConnectTask(_)
                 | NetError::Connection(..)
         )
     }
