@@ -521,12 +521,16 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
                 .connection_within(&self.addr, ttl)
                 .await
                 .map_err(|e| self.rpc_error(e, RPCTypes::AppendEntries))?;
-            let (send, recv) = conn.open_bi().await.map_err(|e| {
-                self.rpc_error(
-                    NetError::Connection(self.addr.clone(), e),
-                    RPCTypes::AppendEntries,
-                )
-            })?;
+            // Opening waits for stream credit when the peer has all its streams busy.
+            let (send, recv) = tokio::time::timeout(ttl, conn.open_bi())
+                .await
+                .map_err(|_| self.rpc_error(NetError::Timeout(ttl), RPCTypes::AppendEntries))?
+                .map_err(|e| {
+                    self.rpc_error(
+                        NetError::Connection(self.addr.clone(), e),
+                        RPCTypes::AppendEntries,
+                    )
+                })?;
             let opts = &self.client.inner.opts;
             let (tx, rx) = tokio::sync::mpsc::channel(opts.append_pipeline_depth.max(1));
             let writer = tokio::spawn(pipeline_writer(input, send, tx, opts.max_frame, ttl));
