@@ -13,7 +13,7 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
 use shoal_consensus::net::client::client_endpoint;
 use shoal_consensus::net::tls::peer_node_name;
 use shoal_consensus::net::{NetError, NetOptions, PeerClient, PeerError, PeerRole, QuicNetwork};
-use shoal_consensus::raft_types::{Entry, EntryPayload, LeaderId, LogId, Vote};
+use shoal_consensus::raft_types::{Entry, EntryPayload, LeaderId, LogId, TypeConfig, Vote};
 use shoal_types::{Command, Txn};
 
 fn opt() -> RPCOption {
@@ -225,4 +225,223 @@ async fn down_peer_is_unreachable_then_reconnects() {
         .unwrap();
     assert!(vote.vote_granted);
     assert_eq!(again.handler.calls(), vec!["vote:3".to_string()]);
+}
+
+fn append(prev: Option<u64>, first: u64, n: u64) -> AppendEntriesRequest<TypeConfig> {
+    AppendEntriesRequest {
+        vote: Vote::new_committed(2, 1),
+        prev_log_id: prev
+            .map(|i| LogId::new(<LeaderId as openraft::vote::RaftLeaderId>::new(2, 1), i)),
+        entries: (first..first + n).map(entry).collect(),
+        leader_commit: None,
+    }
+}
+
+/// openraft's `stream_append` is pipelined on one stream: 20 requests (more than the pipeline
+/// depth) reach the handler in order and their acknowledgements come back in order.
+#[tokio::test]
+async fn stream_append_pipelines_in_order() {
+    use futures::StreamExt;
+
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let mut net = QuicNetwork::new(1, fixture::member_client(&ca, "node-a"));
+    let mut peer = net
+        .new_client(2, &node_info("node-b", &b.addr.to_string()))
+        .await;
+    let mut reqs = Vec::new();
+    let mut next = 1;
+    for n in 1..=20u64 {
+        reqs.push(append(
+            if next == 1 { None } else { Some(next - 1) },
+            next,
+            n,
+        ));
+        next += n;
+    }
+    let lasts: Vec<_> = reqs
+        .iter()
+        .map(|r| r.entries.last().unwrap().log_id)
+        .collect();
+    let results: Vec<_> = peer
+        .stream_append(futures::stream::iter(reqs), opt())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let acked: Vec<_> = results.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    assert_eq!(acked, lasts.into_iter().map(Some).collect::<Vec<_>>());
+    let expected: Vec<String> = (1..=20).map(|n| format!("append_entries:{n}")).collect();
+    assert_eq!(b.handler.calls(), expected);
+}
+
+/// A conflict ends the pipeline: its result is the conflict, and nothing after it is
+/// reported.
+#[tokio::test]
+async fn stream_append_stops_at_conflict() {
+    use futures::StreamExt;
+
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let mut net = QuicNetwork::new(1, fixture::member_client(&ca, "node-a"));
+    let mut peer = net
+        .new_client(2, &node_info("node-b", &b.addr.to_string()))
+        .await;
+    let reqs = vec![
+        append(Some(997), 998, 2),
+        append(Some(999), 1000, 1),
+        append(Some(1000), 1001, 1),
+    ];
+    let results: Vec<_> = peer
+        .stream_append(futures::stream::iter(reqs), opt())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results[0].as_ref().unwrap().is_ok());
+    assert!(
+        matches!(results[1], Ok(Err(openraft::raft::StreamAppendError::Conflict(l))) if l.index == 999),
+        "{:?}",
+        results[1]
+    );
+}
+
+/// A UDP relay standing between a client and a server whose backend can be switched: to the
+/// client, the peer's address never changes while the process behind it does.
+struct Relay {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(backend: std::net::SocketAddr) -> Relay {
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let target = Arc::new(std::sync::Mutex::new(backend));
+        let client = Arc::new(std::sync::Mutex::new(None));
+        let (f, b, t, c) = (front.clone(), back.clone(), target.clone(), client.clone());
+        let up = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                *c.lock().unwrap() = Some(from);
+                let to = *t.lock().unwrap();
+                let _ = b.send_to(&buf[..n], to).await;
+            }
+        });
+        let (f, b, t, c) = (front.clone(), back, target.clone(), client);
+        let down = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = b.recv_from(&mut buf).await {
+                // Whatever the old backend still says is lost, as if it had crashed.
+                if from != *t.lock().unwrap() {
+                    continue;
+                }
+                let to = *c.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = f.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Relay {
+            addr: front.local_addr().unwrap(),
+            target,
+            tasks: vec![up, down],
+        }
+    }
+
+    fn switch(&self, backend: std::net::SocketAddr) {
+        *self.target.lock().unwrap() = backend;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// When a peer crashes and comes back as the same node (same identity, same address), its
+/// QUIC stateless reset closes the client's stale connection: the next RPC fails as
+/// Unreachable instead of timing out, and the one after reconnects. A different
+/// node at that address (another reset key) cannot do that: the stale connection just times out.
+#[tokio::test]
+async fn restarted_peer_resets_stale_connection() {
+    let ca = ca();
+    let identity = ca.issue_node_cert("node-b").unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let first = fixture::start_server_as(&ca, &identity, "node-b", NetOptions::default(), any);
+    let relay = Relay::start(first.addr).await;
+    let addr = relay.addr.to_string();
+    let client = fixture::member_client(&ca, "node-a");
+    client.status(&addr).await.unwrap();
+
+    // Control: a server with another identity cannot reset the connection.
+    let stranger = start_server(&ca, "node-x");
+    relay.switch(stranger.addr);
+    let err = client
+        .call(
+            &addr,
+            &shoal_consensus::net::frame::PeerRequest::Status,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::Timeout(_)), "{err:?}");
+
+    let restarted = fixture::start_server_as(&ca, &identity, "node-b", NetOptions::default(), any);
+    relay.switch(restarted.addr);
+    let started = std::time::Instant::now();
+    let err = client
+        .call(
+            &addr,
+            &shoal_consensus::net::frame::PeerRequest::Status,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    // Not a timeout: the reset closed the connection (quickly, though the client's loss
+    // recovery may hold its next packet back for a while after the silent phase above).
+    assert!(err.is_unreachable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(client.status(&addr).await.unwrap().name, "node-b");
+    assert_eq!(restarted.handler.calls(), vec!["status".to_string()]);
+    assert_eq!(first.handler.calls(), vec!["status".to_string()]);
+}
+
+/// A caller whose TTL is shorter than a handshake fails as Unreachable, but the handshake it
+/// started goes on and the next RPC uses its connection: a heartbeat's short TTL cannot keep
+/// a peer from ever connecting.
+#[tokio::test]
+async fn short_ttl_does_not_abort_the_handshake() {
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let addr = b.addr.to_string();
+    let client = fixture::member_client(&ca, "node-a");
+    let err = client
+        .call(
+            &addr,
+            &shoal_consensus::net::frame::PeerRequest::Status,
+            Duration::from_micros(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !client.is_connected(&addr).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handshake was abandoned"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(client.status(&addr).await.unwrap().name, "node-b");
+    assert_eq!(b.handler.calls(), vec!["status".to_string()]);
 }

@@ -12,12 +12,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 use quinn::{Connection, Endpoint};
 use sha2::{Digest, Sha256};
@@ -25,12 +28,12 @@ use shoal_types::{Command, NodeId, NodeInfo, TxnResponse};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::frame::{
-    encode_frame, read_frame, write_frame, JoinRequest, JoinResponse, PeerRequest, PeerResponse,
-    PeerStatus,
+    encode_frame, read_frame, write_frame, FrameError, JoinRequest, JoinResponse, PeerRequest,
+    PeerResponse, PeerStatus,
 };
 use super::tls::{self, NodeIdentity, SERVER_NAME};
 use super::{NetError, NetOptions};
-use crate::raft_types::{Snapshot, TypeConfig, Vote};
+use crate::raft_types::{LogId, Snapshot, TypeConfig, Vote};
 use crate::wire::{WAppendEntriesRequest, WSnapshotMeta, WVote, WVoteRequest};
 
 /// Receives the latency of every RPC: peer address, RPC name, elapsed time, success. Meant for
@@ -98,9 +101,18 @@ async fn call_on(
         let _ = send.finish();
         Ok::<_, NetError>(read_frame(&mut recv, max_frame, timeout).await?)
     };
-    tokio::time::timeout(timeout, rpc)
+    let result = tokio::time::timeout(timeout, rpc)
         .await
-        .map_err(|_| NetError::Timeout(timeout))?
+        .map_err(|_| NetError::Timeout(timeout))?;
+    // A stream that failed because the whole connection went away (peer closed it, refused our
+    // certificate, vanished) is a connection failure, not a bad RPC.
+    match (result, conn.close_reason()) {
+        (Err(NetError::Frame(_)), Some(reason)) => {
+            Err(NetError::Connection(addr.to_owned(), reason))
+        }
+        (Err(NetError::Frame(FrameError::Timeout(d))), None) => Err(NetError::Timeout(d)),
+        (result, _) => result,
+    }
 }
 
 /// Cached peer connections and the app RPCs. Cheap to clone; clones share connections.
@@ -163,28 +175,50 @@ impl PeerClient {
         })
     }
 
+    fn slot(&self, addr: &str) -> Arc<tokio::sync::Mutex<Option<Connection>>> {
+        let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.entry(addr.to_owned()).or_default().clone()
+    }
+
+    /// Whether an open connection to `addr` is cached (waits for a handshake in progress).
+    pub async fn is_connected(&self, addr: &str) -> bool {
+        let slot = self.slot(addr);
+        let slot = slot.lock().await;
+        slot.as_ref().is_some_and(|c| c.close_reason().is_none())
+    }
+
     /// The cached connection to `addr`, or a new one if there is none or it closed.
     pub async fn connection(&self, addr: &str) -> Result<Connection, NetError> {
-        let slot = {
-            let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
-            conns.entry(addr.to_owned()).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref() {
+        let slot = self.slot(addr);
+        if let Some(conn) = slot.lock().await.as_ref() {
             if conn.close_reason().is_none() {
                 return Ok(conn.clone());
             }
         }
-        *slot = None;
-        let conn = connect(
-            &self.inner.endpoint,
-            self.inner.config.clone(),
-            addr,
-            self.inner.opts.connect_timeout,
-        )
-        .await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        // The handshake runs in its own task: a caller whose TTL (a heartbeat's can be tens of
+        // milliseconds) runs out must not abort a handshake that the next RPC can use.
+        let inner = self.inner.clone();
+        let target = addr.to_owned();
+        tokio::spawn(async move {
+            let mut slot = slot.lock().await;
+            if let Some(conn) = slot.as_ref() {
+                if conn.close_reason().is_none() {
+                    return Ok(conn.clone());
+                }
+            }
+            *slot = None;
+            let conn = connect(
+                &inner.endpoint,
+                inner.config.clone(),
+                &target,
+                inner.opts.connect_timeout,
+            )
+            .await?;
+            *slot = Some(conn.clone());
+            Ok(conn)
+        })
+        .await
+        .map_err(|_| NetError::ConnectTask(addr.to_owned()))?
     }
 
     fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {
@@ -433,7 +467,20 @@ impl QuicPeer {
             .map_err(|_| NetError::Timeout(ttl))?
             .map_err(|e| NetError::Frame(super::frame::FrameError::Io(e.into())))?;
         let _ = send.finish();
-        let resp: PeerResponse = read_frame(&mut recv, opts.max_frame, ttl).await?;
+        // The receiver installs the snapshot before it answers, which takes time in proportion
+        // to its size: openraft's TTL (install_snapshot_timeout, 200 ms by default) is meant for
+        // one segment, not for that.
+        let install = ttl.max(opts.snapshot_install_timeout);
+        let resp: PeerResponse = match read_frame(&mut recv, opts.max_frame, install).await {
+            Ok(resp) => resp,
+            Err(FrameError::Timeout(d)) => return Err(NetError::Timeout(d)),
+            Err(e) => {
+                return Err(match conn.close_reason() {
+                    Some(reason) => NetError::Connection(self.addr.clone(), reason),
+                    None => NetError::Frame(e),
+                })
+            }
+        };
         match resp {
             PeerResponse::Snapshot(w) => Ok(SnapshotResponse::from(&w)),
             other => Err(unexpected("install_snapshot", other)),
@@ -457,6 +504,56 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
             }
             Err(e) => Err(self.rpc_error(e, RPCTypes::AppendEntries)),
         }
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, AppendItem>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let ttl = option.hard_ttl();
+            let conn = self
+                .client
+                .connection_within(&self.addr, ttl)
+                .await
+                .map_err(|e| self.rpc_error(e, RPCTypes::AppendEntries))?;
+            // Opening waits for stream credit when the peer has all its streams busy.
+            let (send, recv) = tokio::time::timeout(ttl, conn.open_bi())
+                .await
+                .map_err(|_| self.rpc_error(NetError::Timeout(ttl), RPCTypes::AppendEntries))?
+                .map_err(|e| {
+                    self.rpc_error(
+                        NetError::Connection(self.addr.clone(), e),
+                        RPCTypes::AppendEntries,
+                    )
+                })?;
+            let opts = &self.client.inner.opts;
+            let (tx, rx) = tokio::sync::mpsc::channel(opts.append_pipeline_depth.max(1));
+            let writer = tokio::spawn(pipeline_writer(input, send, tx, opts.max_frame, ttl));
+            let state = Pipeline {
+                peer: self.clone(),
+                conn,
+                recv,
+                rx,
+                _writer: AbortOnDrop(writer),
+                ttl,
+                done: false,
+            };
+            let responses = futures::stream::unfold(state, |mut p| async move {
+                if p.done {
+                    return None;
+                }
+                let sent = p.rx.recv().await?;
+                let item = p.next_response(sent).await;
+                p.done = !matches!(item, Ok(Continue::Yes(_)));
+                Some((item.map(Continue::into_result), p))
+            });
+            Ok(Box::pin(responses) as BoxStream<'s, AppendItem>)
+        })
     }
 
     async fn vote(
@@ -511,4 +608,135 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
             |d| Some((*d * 2).min(Duration::from_secs(5))),
         )))
     }
+}
+
+type AppendItem = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
+/// A request the pipeline writer has sent, awaiting its response.
+struct Sent {
+    prev: Option<LogId>,
+    last: Option<LogId>,
+    at: Instant,
+}
+
+/// Aborts the pipeline writer when openraft drops the response stream.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether the pipeline goes on after a response, as openraft's sequential `stream_append`
+/// decides: not after an error, a conflict, a higher vote or a partial success short of the
+/// request's last entry.
+enum Continue {
+    Yes(StreamAppendResult<TypeConfig>),
+    No(StreamAppendResult<TypeConfig>),
+}
+
+impl Continue {
+    fn into_result(self) -> StreamAppendResult<TypeConfig> {
+        match self {
+            Continue::Yes(r) | Continue::No(r) => r,
+        }
+    }
+}
+
+struct Pipeline {
+    peer: QuicPeer,
+    conn: Connection,
+    recv: quinn::RecvStream,
+    rx: tokio::sync::mpsc::Receiver<Result<Sent, NetError>>,
+    _writer: AbortOnDrop,
+    ttl: Duration,
+    done: bool,
+}
+
+impl Pipeline {
+    async fn next_response(
+        &mut self,
+        sent: Result<Sent, NetError>,
+    ) -> Result<Continue, RPCError<TypeConfig>> {
+        let peer = &self.peer;
+        let rpc_error = |e| peer.rpc_error(e, RPCTypes::AppendEntries);
+        let sent = sent.map_err(rpc_error)?;
+        let max_frame = peer.client.inner.opts.max_frame;
+        let read = read_frame::<PeerResponse, _>(&mut self.recv, max_frame, self.ttl).await;
+        let ok = matches!(read, Ok(PeerResponse::AppendEntries(_)));
+        peer.client
+            .observe(&peer.addr, "append_entries", sent.at, ok);
+        let resp = match read {
+            Ok(PeerResponse::AppendEntries(w)) => AppendEntriesResponse::from(&w),
+            Ok(other) => return Err(rpc_error(unexpected("append_entries", other))),
+            Err(FrameError::Timeout(d)) => return Err(rpc_error(NetError::Timeout(d))),
+            Err(e) => {
+                return Err(rpc_error(match self.conn.close_reason() {
+                    Some(reason) => NetError::Connection(peer.addr.clone(), reason),
+                    None => NetError::Frame(e),
+                }))
+            }
+        };
+        if matches!(resp, AppendEntriesResponse::Conflict) && sent.prev.is_none() {
+            // openraft's conversion expects a conflict to name the request's prev_log_id.
+            return Err(rpc_error(NetError::UnexpectedResponse {
+                rpc: "append_entries without prev_log_id",
+                got: "conflict",
+            }));
+        }
+        let go_on = match &resp {
+            AppendEntriesResponse::Success => true,
+            AppendEntriesResponse::PartialSuccess(matched) => *matched == sent.last,
+            AppendEntriesResponse::Conflict | AppendEntriesResponse::HigherVote(_) => false,
+        };
+        let result = resp.into_stream_result(sent.prev, sent.last);
+        Ok(if go_on {
+            Continue::Yes(result)
+        } else {
+            Continue::No(result)
+        })
+    }
+}
+
+/// Writes the leader's AppendEntries requests on one stream, at most the channel's capacity
+/// ahead of the responses read, then finishes the stream when openraft's input ends.
+async fn pipeline_writer<S>(
+    mut input: S,
+    mut send: quinn::SendStream,
+    tx: tokio::sync::mpsc::Sender<Result<Sent, NetError>>,
+    max_frame: u32,
+    ttl: Duration,
+) where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    while let Some(req) = input.next().await {
+        // Take the in-flight slot before writing: this is what bounds the pipeline.
+        let Ok(permit) = tx.reserve().await else {
+            return;
+        };
+        let prev = req.prev_log_id;
+        let last = req.entries.last().map(|e| e.log_id).or(prev);
+        let req = PeerRequest::AppendEntries(WAppendEntriesRequest::from(&req));
+        let frame = match encode_frame(&req, max_frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                permit.send(Err(e.into()));
+                return;
+            }
+        };
+        let at = Instant::now();
+        match tokio::time::timeout(ttl, write_frame(&mut send, &frame)).await {
+            Ok(Ok(())) => permit.send(Ok(Sent { prev, last, at })),
+            Ok(Err(e)) => {
+                permit.send(Err(e.into()));
+                return;
+            }
+            Err(_) => {
+                permit.send(Err(NetError::Timeout(ttl)));
+                return;
+            }
+        }
+    }
+    let _ = send.finish();
 }

@@ -10,6 +10,11 @@
 use std::fmt;
 use std::time::Duration;
 
+use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor;
+use rkyv::ser::allocator::ArenaHandle;
+use rkyv::util::AlignedVec;
 use shoal_types::codec::{decode, encode, DecodeError};
 use shoal_types::{Command, NodeId, NodeInfo, TxnResponse};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,6 +27,10 @@ use crate::wire::{
 /// Largest frame accepted or sent: 16 MiB. AppendEntries batches are bounded well below this by
 /// openraft's `max_payload_entries`; snapshots do not travel in frames.
 pub const MAX_FRAME: u32 = 16 * 1024 * 1024;
+
+type Ser<'a> = HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>;
+type Val<'a> = HighValidator<'a, rancor::Error>;
+type De = HighDeserializer<rancor::Error>;
 
 /// Length of the SHA-256 trailer that follows a snapshot's bytes.
 pub const SNAPSHOT_TRAILER_LEN: usize = 32;
@@ -39,6 +48,8 @@ pub enum FrameError {
     Io(#[source] std::io::Error),
     #[error("the frame is not a valid message")]
     Decode(#[source] DecodeError),
+    #[error("the frame has bytes that are not part of its message")]
+    NonCanonical,
 }
 
 fn io_error(e: std::io::Error) -> FrameError {
@@ -50,25 +61,57 @@ fn io_error(e: std::io::Error) -> FrameError {
 }
 
 /// Reads one frame and decodes it, all within `timeout`.
+///
+/// Besides bytecheck's validation, the payload must be exactly the encoding of the value it
+/// decodes to. bytecheck checks that what the root points at is valid, not that every byte is
+/// used, so random bytes can pass it (a unit variant is one tag byte). Re-encoding costs one
+/// serialisation and turns "valid somewhere inside" into "is this message".
 pub async fn read_frame<T, R>(recv: &mut R, max: u32, timeout: Duration) -> Result<T, FrameError>
 where
     R: AsyncRead + Unpin,
-    T: rkyv::Archive,
-    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
-        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    T: rkyv::Archive + for<'a> rkyv::Serialize<Ser<'a>>,
+    T::Archived: for<'a> CheckBytes<Val<'a>> + rkyv::Deserialize<T, De>,
 {
-    let bytes = tokio::time::timeout(timeout, read_frame_bytes(recv, max))
+    read_next_frame(recv, max, timeout)
+        .await?
+        .ok_or(FrameError::Truncated)
+}
+
+/// Like [`read_frame`], but a stream that ends cleanly before the next frame gives `None`
+/// (a pipelined stream's normal end).
+pub async fn read_next_frame<T, R>(
+    recv: &mut R,
+    max: u32,
+    timeout: Duration,
+) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: rkyv::Archive + for<'a> rkyv::Serialize<Ser<'a>>,
+    T::Archived: for<'a> CheckBytes<Val<'a>> + rkyv::Deserialize<T, De>,
+{
+    let Some(bytes) = tokio::time::timeout(timeout, read_frame_bytes(recv, max))
         .await
-        .map_err(|_| FrameError::Timeout(timeout))??;
-    decode(&bytes).map_err(FrameError::Decode)
+        .map_err(|_| FrameError::Timeout(timeout))??
+    else {
+        return Ok(None);
+    };
+    let value = decode(&bytes).map_err(FrameError::Decode)?;
+    if encode(&value) != bytes {
+        return Err(FrameError::NonCanonical);
+    }
+    Ok(Some(value))
 }
 
 async fn read_frame_bytes<R: AsyncRead + Unpin>(
     recv: &mut R,
     max: u32,
-) -> Result<Vec<u8>, FrameError> {
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.map_err(io_error)?;
+    // End of stream on a frame boundary is not an error; anywhere else it is.
+    if recv.read(&mut len[..1]).await.map_err(io_error)? == 0 {
+        return Ok(None);
+    }
+    recv.read_exact(&mut len[1..]).await.map_err(io_error)?;
     let len = u32::from_be_bytes(len);
     if len > max {
         return Err(FrameError::TooLarge {
@@ -78,19 +121,13 @@ async fn read_frame_bytes<R: AsyncRead + Unpin>(
     }
     let mut buf = vec![0u8; len as usize];
     recv.read_exact(&mut buf).await.map_err(io_error)?;
-    Ok(buf)
+    Ok(Some(buf))
 }
 
 /// Encodes a message into a frame, refusing one over `max`.
 pub fn encode_frame<T>(value: &T, max: u32) -> Result<Vec<u8>, FrameError>
 where
-    T: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<
-            rkyv::util::AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rkyv::rancor::Error,
-        >,
-    >,
+    T: for<'a> rkyv::Serialize<Ser<'a>>,
 {
     let payload = encode(value);
     let len = u32::try_from(payload.len())
@@ -284,6 +321,32 @@ mod tests {
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
     }
 
+    /// A stream that ends on a frame boundary ends a pipeline cleanly; inside a frame it is an
+    /// error.
+    #[tokio::test]
+    async fn clean_end_between_frames() {
+        let mut bytes = frame_of(&PeerRequest::Status);
+        bytes.extend(frame_of(&PeerRequest::LinearizableRead));
+        let mut r = &bytes[..];
+        let t = Duration::from_secs(1);
+        let a: Option<PeerRequest> = read_next_frame(&mut r, MAX_FRAME, t).await.unwrap();
+        let b: Option<PeerRequest> = read_next_frame(&mut r, MAX_FRAME, t).await.unwrap();
+        let c: Option<PeerRequest> = read_next_frame(&mut r, MAX_FRAME, t).await.unwrap();
+        assert_eq!(
+            (a, b, c),
+            (
+                Some(PeerRequest::Status),
+                Some(PeerRequest::LinearizableRead),
+                None
+            )
+        );
+        let empty: &[u8] = &[];
+        assert!(matches!(
+            read_frame::<PeerRequest, _>(&mut &empty[..], MAX_FRAME, t).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+
     /// A frame cut short is reported as truncated, not as a decode error or a hang.
     #[tokio::test]
     async fn truncated_frame_is_refused() {
@@ -303,7 +366,28 @@ mod tests {
         let err = read_frame::<PeerRequest, _>(&mut &bytes[..], MAX_FRAME, Duration::from_secs(1))
             .await
             .unwrap_err();
-        assert!(matches!(err, FrameError::Decode(_)), "{err}");
+        assert!(
+            matches!(err, FrameError::Decode(_) | FrameError::NonCanonical),
+            "{err}"
+        );
+    }
+
+    /// A valid message with extra bytes in front of it, inside the same frame, is refused
+    /// (bytecheck alone accepts it: rkyv's root sits at the end of the buffer).
+    #[tokio::test]
+    async fn padded_message_is_refused() {
+        let mut payload = encode(&PeerRequest::Status);
+        payload.splice(0..0, [0u8; 16]);
+        assert_eq!(
+            decode::<PeerRequest>(&payload).unwrap(),
+            PeerRequest::Status
+        );
+        let mut bytes = (payload.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&payload);
+        let err = read_frame::<PeerRequest, _>(&mut &bytes[..], MAX_FRAME, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::NonCanonical), "{err}");
     }
 
     /// A frame that would be larger than the limit is not sent.

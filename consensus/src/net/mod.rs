@@ -55,6 +55,8 @@ pub enum NetError {
     Resolve(String),
     #[error("could not start a connection to {0}")]
     Connect(String, #[source] quinn::ConnectError),
+    #[error("the task connecting to {0} stopped")]
+    ConnectTask(String),
     #[error("the connection to {0} failed")]
     Connection(String, #[source] quinn::ConnectionError),
     #[error("timed out after {0:?}")]
@@ -85,6 +87,7 @@ impl NetError {
             NetError::Resolve(_)
                 | NetError::Connect(..)
                 | NetError::ConnectTimeout(..)
+                | NetError::ConnectTask(_)
                 | NetError::Connection(..)
         )
     }
@@ -101,10 +104,17 @@ pub struct NetOptions {
     pub snapshot_chunk_timeout: Duration,
     /// Largest snapshot the server accepts.
     pub max_snapshot_bytes: u64,
+    /// How long a sender waits for the receiver to install a snapshot it has fully sent (the
+    /// RPC TTL, if longer, wins).
+    pub snapshot_install_timeout: Duration,
     /// Size of the chunks a snapshot is sent in.
     pub snapshot_chunk_bytes: usize,
     /// Concurrent RPC streams a peer may open on one connection.
     pub max_streams_per_connection: u32,
+    /// Connections the server serves at once (members and joiners); more are refused.
+    pub max_connections: usize,
+    /// AppendEntries requests a leader keeps in flight on one pipelined stream.
+    pub append_pipeline_depth: usize,
     /// A connection with no traffic (keep-alives included) for this long is closed.
     pub idle_timeout: Duration,
     /// Keep-alive interval; well under `idle_timeout`.
@@ -124,8 +134,11 @@ impl Default for NetOptions {
             request_timeout: Duration::from_secs(10),
             snapshot_chunk_timeout: Duration::from_secs(30),
             max_snapshot_bytes: 64 << 30,
+            snapshot_install_timeout: Duration::from_secs(120),
             snapshot_chunk_bytes: 256 << 10,
             max_streams_per_connection: 128,
+            max_connections: 256,
+            append_pipeline_depth: 8,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),

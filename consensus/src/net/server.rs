@@ -24,10 +24,10 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::frame::{
-    encode_frame, read_frame, write_frame, JoinRequest, JoinResponse, PeerError, PeerRequest,
-    PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
+    encode_frame, read_frame, read_next_frame, write_frame, JoinRequest, JoinResponse, PeerError,
+    PeerRequest, PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
 };
-use super::tls::{self, ALPN_JOIN, ALPN_PEER};
+use super::tls::{self, NodeIdentity, ALPN_JOIN, ALPN_PEER};
 use super::{codes, NetError, NetOptions};
 use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use crate::wire::{WAppendEntriesResponse, WSnapshotResponse, WVoteResponse};
@@ -116,30 +116,56 @@ fn abort_stream(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
 }
 
 impl PeerServer {
-    /// Binds a UDP socket at `addr` and prepares to serve. `tls` comes from
-    /// [`tls::server_config`]. Incoming snapshots are written under `snapshot_dir`.
+    /// Binds a UDP socket at `addr` and prepares to serve as the member `identity` (a chain
+    /// from the CA whose certificate is `ca_cert_pem`). Incoming snapshots are written under
+    /// `snapshot_dir`.
     pub fn bind(
         addr: SocketAddr,
-        tls: rustls::ServerConfig,
+        ca_cert_pem: &str,
+        identity: &NodeIdentity,
         handler: Arc<dyn PeerHandler>,
         snapshot_dir: impl AsRef<Path>,
     ) -> Result<PeerServer, NetError> {
-        Self::bind_with(addr, tls, handler, snapshot_dir, NetOptions::default())
+        Self::bind_with(
+            addr,
+            ca_cert_pem,
+            identity,
+            handler,
+            snapshot_dir,
+            NetOptions::default(),
+        )
     }
 
     /// [`PeerServer::bind`] with explicit limits and timeouts.
     pub fn bind_with(
         addr: SocketAddr,
-        tls: rustls::ServerConfig,
+        ca_cert_pem: &str,
+        identity: &NodeIdentity,
         handler: Arc<dyn PeerHandler>,
         snapshot_dir: impl AsRef<Path>,
         opts: NetOptions,
     ) -> Result<PeerServer, NetError> {
+        let tls = tls::server_config(ca_cert_pem, identity)?;
         let quic =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(NetError::QuicTls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(opts.transport()));
-        let endpoint = quinn::Endpoint::server(config, addr).map_err(NetError::Bind)?;
+        // The reset key survives a restart, so the restarted node's stateless resets for its old
+        // connections are accepted by its peers, which reconnect at once instead of timing out.
+        // quinn's default CID generator drops packets whose CID fails a per-process keyed hash
+        // before it would reset them, hence plain random CIDs.
+        let reset_key =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.stateless_reset_key());
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(|| Box::new(RandomCids));
+        let socket = std::net::UdpSocket::bind(addr).map_err(NetError::Bind)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(NetError::Bind)?;
         Ok(PeerServer {
             endpoint,
             shared: Arc::new(Shared {
@@ -170,6 +196,10 @@ impl PeerServer {
             tokio::select! {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) if conns.len() >= self.shared.opts.max_connections => {
+                        warn!(peer_addr = %incoming.remote_address(), "refusing connection: too many connections");
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
                         conns.spawn(serve_connection(incoming, self.shared.clone(), stop_rx.clone()));
                     }
@@ -270,6 +300,8 @@ async fn serve_connection(
     conn.close(codes::SHUTDOWN, b"shutdown");
 }
 
+/// Serves one stream: one request, or a pipeline of AppendEntries requests answered in order
+/// (openraft's `stream_append`), until the client finishes its side.
 async fn serve_stream(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
@@ -277,40 +309,63 @@ async fn serve_stream(
     mut recv: RecvStream,
 ) {
     let opts = &shared.opts;
-    let req: PeerRequest = match read_frame(&mut recv, opts.max_frame, opts.request_timeout).await {
-        Ok(req) => req,
-        Err(e) => {
-            warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+    let mut first = true;
+    loop {
+        // The first frame must come promptly; later frames of a pipeline may wait as long as
+        // the connection may idle.
+        let next = if first {
+            read_frame(&mut recv, opts.max_frame, opts.request_timeout)
+                .await
+                .map(Some)
+        } else {
+            read_next_frame(&mut recv, opts.max_frame, opts.idle_timeout).await
+        };
+        let req: PeerRequest = match next {
+            Ok(Some(req)) => req,
+            Ok(None) => break,
+            Err(e) => {
+                warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+                abort_stream(&mut send, &mut recv, codes::BAD_FRAME);
+                return;
+            }
+        };
+        let kind = req.kind();
+        let pipelined = matches!(req, PeerRequest::AppendEntries(_)) && !ctx.join_only;
+        if !first && !pipelined {
+            warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing a second request on a non-pipelined stream");
             abort_stream(&mut send, &mut recv, codes::BAD_FRAME);
             return;
         }
-    };
-    let kind = req.kind();
-    let resp = if ctx.join_only && !matches!(req, PeerRequest::Join(_)) {
-        warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing non-join RPC on shoal-join/1");
-        PeerResponse::Error(PeerError::Unauthorized(format!(
-            "{kind} needs a member certificate; only join is served on shoal-join/1"
-        )))
-    } else {
-        match dispatch(&shared, &ctx, req, &mut recv).await {
-            Ok(resp) => resp,
-            Err(code) => {
-                abort_stream(&mut send, &mut recv, code);
+        first = false;
+        let resp = if ctx.join_only && !matches!(req, PeerRequest::Join(_)) {
+            warn!(peer_addr = %ctx.peer_addr, rpc = kind, "refusing non-join RPC on shoal-join/1");
+            PeerResponse::Error(PeerError::Unauthorized(format!(
+                "{kind} needs a member certificate; only join is served on shoal-join/1"
+            )))
+        } else {
+            match dispatch(&shared, &ctx, req, &mut recv).await {
+                Ok(resp) => resp,
+                Err(code) => {
+                    abort_stream(&mut send, &mut recv, code);
+                    return;
+                }
+            }
+        };
+        let frame = match encode_frame(&resp, opts.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                warn!(rpc = kind, error = %e, "response does not fit in a frame");
+                abort_stream(&mut send, &mut recv, codes::INTERNAL);
                 return;
             }
-        }
-    };
-    let frame = match encode_frame(&resp, opts.max_frame) {
-        Ok(frame) => frame,
-        Err(e) => {
-            warn!(rpc = kind, error = %e, "response does not fit in a frame");
-            abort_stream(&mut send, &mut recv, codes::INTERNAL);
+        };
+        if let Err(e) = write_frame(&mut send, &frame).await {
+            debug!(peer_addr = %ctx.peer_addr, rpc = kind, error = %e, "could not send response");
             return;
         }
-    };
-    if let Err(e) = write_frame(&mut send, &frame).await {
-        debug!(peer_addr = %ctx.peer_addr, rpc = kind, error = %e, "could not send response");
-        return;
+        if !pipelined {
+            break;
+        }
     }
     let _ = send.finish();
 }
@@ -451,4 +506,21 @@ async fn receive_snapshot(
         .await
         .map_err(SnapshotRecvError::Io)?;
     Ok(file.into_std().await)
+}
+
+/// 8-byte random connection IDs that any restart of this node accepts as possibly its own.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

@@ -5,7 +5,9 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
@@ -13,8 +15,8 @@ use openraft::raft::{
 use sha2::{Digest, Sha256};
 use shoal_consensus::net::client::client_endpoint;
 use shoal_consensus::net::{
-    BoxFuture, ClusterCa, JoinRequest, JoinResponse, NetOptions, PeerClient, PeerError,
-    PeerHandler, PeerRole, PeerServer, PeerStatus,
+    BoxFuture, ClusterCa, JoinRequest, JoinResponse, NetOptions, NodeIdentity, PeerClient,
+    PeerError, PeerHandler, PeerRole, PeerServer, PeerStatus,
 };
 use shoal_consensus::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use shoal_types::{Command, NodeInfo, TxnResponse};
@@ -30,6 +32,8 @@ pub struct Recorder {
     pub calls: Mutex<Vec<String>>,
     /// (length, SHA-256) of every snapshot handed over, read back from the file.
     pub snapshots: Mutex<Vec<(u64, [u8; 32])>>,
+    /// How long installing a snapshot takes, in milliseconds.
+    pub install_delay_ms: AtomicU64,
 }
 
 impl Recorder {
@@ -48,7 +52,15 @@ impl PeerHandler for Recorder {
         req: AppendEntriesRequest<TypeConfig>,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<TypeConfig>, PeerError>> {
         self.record(format!("append_entries:{}", req.entries.len()));
-        Box::pin(async { Ok(AppendEntriesResponse::Success) })
+        // A request whose prev_log_id is at index 999 is answered as a log conflict.
+        let conflict = req.prev_log_id.is_some_and(|l| l.index == 999);
+        Box::pin(async move {
+            Ok(if conflict {
+                AppendEntriesResponse::Conflict
+            } else {
+                AppendEntriesResponse::Success
+            })
+        })
     }
 
     fn vote(
@@ -80,7 +92,11 @@ impl PeerHandler for Recorder {
             .lock()
             .unwrap()
             .push((bytes.len() as u64, Sha256::digest(&bytes).into()));
-        Box::pin(async move { Ok(SnapshotResponse::new(vote)) })
+        let delay = Duration::from_millis(self.install_delay_ms.load(Ordering::SeqCst));
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Ok(SnapshotResponse::new(vote))
+        })
     }
 
     fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>> {
@@ -198,17 +214,35 @@ pub fn start_server_with(ca: &ClusterCa, name: &str, opts: NetOptions) -> Server
 }
 
 fn start_server_full(ca: &ClusterCa, name: &str, opts: NetOptions, addr: SocketAddr) -> Server {
-    let identity = ca.issue_node_cert(name).unwrap();
-    let tls = shoal_consensus::net::tls::server_config(ca.cert_pem(), &identity).unwrap();
+    start_server_as(ca, &ca.issue_node_cert(name).unwrap(), name, opts, addr)
+}
+
+/// Starts a member with a given identity (to restart "the same" node).
+pub fn start_server_as(
+    ca: &ClusterCa,
+    identity: &NodeIdentity,
+    name: &str,
+    opts: NetOptions,
+    addr: SocketAddr,
+) -> Server {
     let (cert, key) = ca.to_pem();
     let handler = Arc::new(Recorder {
         name: name.into(),
         ca: ClusterCa::from_pem(&cert, &key).unwrap(),
         calls: Mutex::new(Vec::new()),
         snapshots: Mutex::new(Vec::new()),
+        install_delay_ms: AtomicU64::new(0),
     });
     let dir = tempfile::tempdir().unwrap();
-    let server = PeerServer::bind_with(addr, tls, handler.clone(), dir.path(), opts).unwrap();
+    let server = PeerServer::bind_with(
+        addr,
+        ca.cert_pem(),
+        identity,
+        handler.clone(),
+        dir.path(),
+        opts,
+    )
+    .unwrap();
     let addr = server.local_addr().unwrap();
     let endpoint = server.endpoint();
     let (stop, stopped) = oneshot::channel();
