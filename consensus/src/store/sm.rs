@@ -842,3 +842,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(cur.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
 }
+
+#[cfg(any(test, feature = "testing"))]
+impl StateReader {
+    /// Leaves the store as a crash in the middle of installing its current snapshot would:
+    /// the install marker set and the rows half replaced (tests of recovery at open).
+    pub fn simulate_interrupted_install_for_test(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let name = inner
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::BadSnapshot("there is no current snapshot".into()))?;
+        let mut b = WriteBatch::default();
+        b.put_cf(inner.db.cf(CF_SM_META), KEY_INSTALLING, name.as_bytes());
+        b.delete_range_cf(inner.db.cf(CF_ROWS), vec![], vec![0xffu8]);
+        b.put_cf(
+            inner.db.cf(CF_ROWS),
+            row_key("t", "half-written"),
+            encode(&Row {
+                value: vec![],
+                create_revision: 1,
+                mod_revision: 1,
+                version: 1,
+            }),
+        );
+        inner.db.write_synced(b)
+    }
+}
