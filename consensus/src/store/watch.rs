@@ -6,7 +6,7 @@
 //! after a batch is durably written, every event is in one or the other.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -75,7 +75,7 @@ pub(crate) fn spawn(
 ) -> WatchStream {
     let (tx, rx) = mpsc::channel(CHANNEL);
     let w = Watcher {
-        db,
+        db: Arc::downgrade(&db),
         table,
         prefix,
         next: (from_revision, 0),
@@ -86,7 +86,9 @@ pub(crate) fn spawn(
 }
 
 struct Watcher {
-    db: Arc<Db>,
+    /// Weak, so that a watch left running does not keep the database open after the node
+    /// shuts down (a restart must be able to reopen it).
+    db: Weak<Db>,
     table: String,
     prefix: String,
     /// Next position that may be delivered.
@@ -121,7 +123,9 @@ impl Watcher {
     /// Delivers history from `next` to its current end.
     async fn replay(&mut self) -> Flow {
         loop {
-            let db = self.db.clone();
+            let Some(db) = self.db.upgrade() else {
+                return self.fail(WatchError::Closed).await;
+            };
             let from = self.next;
             let page = blocking(move || read_history(&db, from, PAGE)).await;
             let (floor, events) = match page {
