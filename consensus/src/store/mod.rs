@@ -67,7 +67,7 @@ pub enum StoreError {
     },
     #[error("stored {what} is invalid: {reason}")]
     Invalid { what: String, reason: String },
-    #[error("snapshot file I/O failed")]
+    #[error("file I/O failed")]
     Io(#[from] io::Error),
     #[error("snapshot is refused: {0}")]
     BadSnapshot(String),

@@ -25,7 +25,7 @@ use crate::wire::{WLogId, WSnapshotMeta, WStoredMembership};
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
-const KEY_HISTORY_FLOOR: &[u8] = b"history_floor";
+pub(crate) const KEY_HISTORY_FLOOR: &[u8] = b"history_floor";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 const KEY_INSTALLING: &[u8] = b"installing";
 
@@ -62,7 +62,7 @@ pub(crate) fn history_key(revision: u64, seq: u32) -> [u8; 12] {
     k
 }
 
-fn parse_history_key(k: &[u8]) -> Result<(u64, u32), StoreError> {
+pub(crate) fn parse_history_key(k: &[u8]) -> Result<(u64, u32), StoreError> {
     let k: [u8; 12] = k.try_into().map_err(|_| StoreError::Invalid {
         what: "history key".into(),
         reason: format!("{} bytes instead of 12", k.len()),
@@ -72,6 +72,14 @@ fn parse_history_key(k: &[u8]) -> Result<(u64, u32), StoreError> {
     let mut seq = [0u8; 4];
     seq.copy_from_slice(&k[8..]);
     Ok((u64::from_be_bytes(rev), u32::from_be_bytes(seq)))
+}
+
+pub(crate) fn parse_floor(v: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = v.try_into().map_err(|_| StoreError::Invalid {
+        what: "history floor".into(),
+        reason: format!("{} bytes instead of 8", v.len()),
+    })?;
+    Ok(u64::from_be_bytes(b))
 }
 
 fn decode_row(what: &[u8], v: &[u8]) -> Result<Row, StoreError> {
@@ -158,13 +166,7 @@ impl Inner {
     pub(crate) fn history_floor(&self) -> Result<u64, StoreError> {
         match self.meta_get(KEY_HISTORY_FLOOR)? {
             None => Ok(0),
-            Some(v) => {
-                let b: [u8; 8] = v.as_slice().try_into().map_err(|_| StoreError::Invalid {
-                    what: "history floor".into(),
-                    reason: format!("{} bytes instead of 8", v.len()),
-                })?;
-                Ok(u64::from_be_bytes(b))
-            }
+            Some(v) => parse_floor(&v),
         }
     }
 
@@ -840,5 +842,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let inner = self.inner.clone();
         let cur = blocking(move || inner.current_snapshot_blocking()).await?;
         Ok(cur.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl StateReader {
+    /// Leaves the store as a crash in the middle of installing its current snapshot would:
+    /// the install marker set and the rows half replaced (tests of recovery at open).
+    pub fn simulate_interrupted_install_for_test(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let name = inner
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::BadSnapshot("there is no current snapshot".into()))?;
+        let mut b = WriteBatch::default();
+        b.put_cf(inner.db.cf(CF_SM_META), KEY_INSTALLING, name.as_bytes());
+        b.delete_range_cf(inner.db.cf(CF_ROWS), vec![], vec![0xffu8]);
+        b.put_cf(
+            inner.db.cf(CF_ROWS),
+            row_key("t", "half-written"),
+            encode(&Row {
+                value: vec![],
+                create_revision: 1,
+                mod_revision: 1,
+                version: 1,
+            }),
+        );
+        inner.db.write_synced(b)
     }
 }

@@ -6,7 +6,7 @@
 //! after a batch is durably written, every event is in one or the other.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -16,7 +16,7 @@ use shoal_types::WatchEvent;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::AbortHandle;
 
-use super::sm::history_key;
+use super::sm::{history_key, parse_floor, parse_history_key, KEY_HISTORY_FLOOR};
 use super::{blocking, corrupt, Db, StoreError, CF_HISTORY, CF_SM_META};
 
 /// An event with its position (revision, seq).
@@ -75,7 +75,7 @@ pub(crate) fn spawn(
 ) -> WatchStream {
     let (tx, rx) = mpsc::channel(CHANNEL);
     let w = Watcher {
-        db,
+        db: Arc::downgrade(&db),
         table,
         prefix,
         next: (from_revision, 0),
@@ -86,7 +86,9 @@ pub(crate) fn spawn(
 }
 
 struct Watcher {
-    db: Arc<Db>,
+    /// Weak, so that a watch left running does not keep the database open after the node
+    /// shuts down (a restart must be able to reopen it).
+    db: Weak<Db>,
     table: String,
     prefix: String,
     /// Next position that may be delivered.
@@ -121,7 +123,9 @@ impl Watcher {
     /// Delivers history from `next` to its current end.
     async fn replay(&mut self) -> Flow {
         loop {
-            let db = self.db.clone();
+            let Some(db) = self.db.upgrade() else {
+                return self.fail(WatchError::Closed).await;
+            };
             let from = self.next;
             let page = blocking(move || read_history(&db, from, PAGE)).await;
             let (floor, events) = match page {
@@ -181,14 +185,9 @@ type Page = (u64, Vec<Positioned>);
 /// same RocksDB snapshot (so a concurrent prune cannot hide a gap).
 fn read_history(db: &Db, from: (u64, u32), limit: usize) -> Result<Page, StoreError> {
     let snap = db.db.snapshot();
-    let floor = match snap.get_cf(db.cf(CF_SM_META), b"history_floor")? {
+    let floor = match snap.get_cf(db.cf(CF_SM_META), KEY_HISTORY_FLOOR)? {
         None => 0,
-        Some(v) => {
-            u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Invalid {
-                what: "history floor".into(),
-                reason: format!("{} bytes instead of 8", v.len()),
-            })?)
-        }
+        Some(v) => parse_floor(&v)?,
     };
     let start = history_key(from.0, from.1);
     let mut out = Vec::new();
@@ -200,15 +199,7 @@ fn read_history(db: &Db, from: (u64, u32), limit: usize) -> Result<Page, StoreEr
             break;
         }
         let (k, v) = item?;
-        let k: [u8; 12] = k.as_ref().try_into().map_err(|_| StoreError::Invalid {
-            what: "history key".into(),
-            reason: format!("{} bytes instead of 12", k.len()),
-        })?;
-        let mut rev = [0u8; 8];
-        rev.copy_from_slice(&k[..8]);
-        let mut seq = [0u8; 4];
-        seq.copy_from_slice(&k[8..]);
-        let pos = (u64::from_be_bytes(rev), u32::from_be_bytes(seq));
+        let pos = parse_history_key(&k)?;
         let ev: WatchEvent = decode(&v).map_err(corrupt(format!("history event {pos:?}")))?;
         out.push((pos, ev));
     }

@@ -10,7 +10,7 @@ use openraft::raft::ClientWriteResponse;
 use openraft::{Config, ServerState};
 use shoal_types::{Command, NodeId, NodeInfo, Txn};
 
-use super::router::{NodeRouter, Router, TestRaft};
+use super::router::{Router, TestRaft};
 use crate::raft_types::{RaftMetrics, TypeConfig};
 use crate::store::{self, StateReader, StoreError, StoreOptions};
 
@@ -150,10 +150,7 @@ impl TestCluster {
             }
         };
         let reader = sm.reader();
-        let network = NodeRouter {
-            router: self.router.clone(),
-            id,
-        };
+        let network = self.router.for_node(id);
         let raft = TestRaft::new(id, self.config.clone(), network, log, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;

@@ -91,6 +91,14 @@ impl Router {
         self.inner.faults.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The network factory node `id` hands to `Raft::new`: its RPCs leave from `id`.
+    pub fn for_node(&self, id: NodeId) -> NodeRouter {
+        NodeRouter {
+            router: self.clone(),
+            id,
+        }
+    }
+
     /// Makes `id` reachable through the router.
     pub fn register(&self, id: NodeId, raft: TestRaft, reader: StateReader) {
         self.lock_nodes().insert(id, (raft, reader));
