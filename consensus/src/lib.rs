@@ -4,8 +4,10 @@
 //! transport with mutual TLS, membership and join. It must never depend on libvirt, aya,
 //! io_uring or anything of the node's services: they watch its tables, it knows nothing of them.
 
+pub mod cluster;
 pub mod join;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod raft_types;
 pub mod store;

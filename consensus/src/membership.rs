@@ -11,8 +11,9 @@
 //! 4. while there are fewer voters than wanted, the best caught-up learner is promoted;
 //! 5. while there are more voters than wanted, the least useful voter is demoted.
 //!
-//! Changes 3-5 alter the quorum; at most one happens per stabilisation period, so a flapping
-//! node does not churn membership. "Best" spreads voters across availability zones first, then
+//! Changes 3 and 5 swap or drop voters; at most one happens per stabilisation period, so a
+//! flapping node does not churn membership. Promotion toward the wanted count (4) is not churn
+//! and happens as soon as a learner has caught up. "Best" spreads voters across availability zones first, then
 //! prefers the most caught-up learner, then the lowest id (deterministic). The leader is never
 //! demoted or replaced by its own decision.
 
@@ -90,10 +91,7 @@ fn best_learner(v: &View<'_>, staying: &BTreeSet<NodeId>) -> Option<NodeId> {
         .copied()
         .filter(|id| v.desired.contains_key(id) && caught_up(v, *id))
         .max_by_key(|id| {
-            let new_zone = v
-                .zones
-                .get(id)
-                .is_some_and(|z| !zones.contains(z.as_str()));
+            let new_zone = v.zones.get(id).is_some_and(|z| !zones.contains(z.as_str()));
             let matched = v.health.get(id).map(|h| h.matched).unwrap_or(0);
             (new_zone, matched, std::cmp::Reverse(*id))
         })
@@ -110,7 +108,8 @@ pub fn plan(v: &View<'_>) -> Option<Change> {
         .min_by_key(|id| *id == v.leader)
     {
         if v.voters.contains(&gone) {
-            let mut rest: BTreeSet<NodeId> = v.voters.iter().copied().filter(|id| *id != gone).collect();
+            let mut rest: BTreeSet<NodeId> =
+                v.voters.iter().copied().filter(|id| *id != gone).collect();
             if rest.is_empty() {
                 return None; // never remove the last voter
             }
@@ -129,6 +128,15 @@ pub fn plan(v: &View<'_>) -> Option<Change> {
     if let Some((id, info)) = v.desired.iter().find(|(id, _)| !members.contains(id)) {
         return Some(Change::AddLearner(*id, info.clone()));
     }
+    // 4. Too few voters: promote. Growing toward the wanted count is not churn, so it does not
+    //    wait for the stabilisation period.
+    if v.voters.len() < v.voters_wanted {
+        if let Some(l) = best_learner(v, v.voters) {
+            let mut next = v.voters.clone();
+            next.insert(l);
+            return Some(Change::SetVoters(next));
+        }
+    }
     if !v.quorum_change_allowed {
         return None;
     }
@@ -144,14 +152,6 @@ pub fn plan(v: &View<'_>) -> Option<Change> {
         if let Some(l) = best_learner(v, &staying) {
             staying.insert(l);
             return Some(Change::SetVoters(staying));
-        }
-    }
-    // 4. Too few voters: promote.
-    if v.voters.len() < v.voters_wanted {
-        if let Some(l) = best_learner(v, v.voters) {
-            let mut next = v.voters.clone();
-            next.insert(l);
-            return Some(Change::SetVoters(next));
         }
     }
     // 5. Too many voters: demote one that is unreachable, else one sharing a zone, never the
@@ -175,7 +175,12 @@ pub fn plan(v: &View<'_>) -> Option<Change> {
                     .unwrap_or(0);
                 (!reachable(v, *id), shared, *id)
             })?;
-        let next = v.voters.iter().copied().filter(|id| *id != victim).collect();
+        let next = v
+            .voters
+            .iter()
+            .copied()
+            .filter(|id| *id != victim)
+            .collect();
         return Some(Change::SetVoters(next));
     }
     None
@@ -240,7 +245,10 @@ mod tests {
     #[test]
     fn new_node_becomes_learner_even_during_stabilisation() {
         let f = fixture(&[1], &[], &[(1, "a"), (2, "a")]);
-        assert!(matches!(plan(&view(&f, false)), Some(Change::AddLearner(2, _))));
+        assert!(matches!(
+            plan(&view(&f, false)),
+            Some(Change::AddLearner(2, _))
+        ));
     }
 
     #[test]
@@ -252,6 +260,16 @@ mod tests {
         );
         let f = fixture(&[1, 2, 3], &[4], &[(1, "a"), (2, "a"), (3, "b"), (4, "a")]);
         assert_eq!(plan(&view(&f, true)), None);
+    }
+
+    /// Growing to the wanted voter count does not wait for the stabilisation period.
+    #[test]
+    fn promotion_ignores_stabilisation() {
+        let f = fixture(&[1, 2], &[3], &[(1, "a"), (2, "a"), (3, "a")]);
+        assert_eq!(
+            plan(&view(&f, false)),
+            Some(Change::SetVoters([1, 2, 3].into()))
+        );
     }
 
     #[test]

@@ -32,3 +32,4 @@ pub type SnapshotMeta = openraft::SnapshotMeta<LeaderId, NodeId, NodeInfo>;
 pub type SnapshotData = std::fs::File;
 pub type Snapshot = openraft::Snapshot<LeaderId, NodeId, NodeInfo, SnapshotData>;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;

@@ -1,0 +1,1171 @@
+//! The cluster: Raft wired to the RocksDB store and the QUIC transport, with the API the rest
+//! of the node uses.
+//!
+//! - [`Cluster::write`] proposes a transaction; on a follower it is forwarded to the leader
+//!   over QUIC, so a client may send writes to any node.
+//! - [`Cluster::read_barrier`] makes the next local read linearizable (the leader's read
+//!   index, then waiting until this replica has applied that far); plain [`Cluster::get`] and
+//!   [`Cluster::list`] read the local replica and its revision.
+//! - [`Cluster::watch`] follows a table prefix from a revision: the replacement for a message
+//!   broker.
+//! - [`Cluster::run`] serves the peer protocol and, on the leader, runs the voter manager.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Instant as _;
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use shoal_types::{Command, Expect, NodeId, NodeInfo, Row, Txn, TxnResponse};
+
+use crate::join::{self, JoinToken, TokenInfo, TokenRecord, T_JOIN_TOKENS, T_NODES};
+use crate::membership::{self, Change, Health};
+use crate::metrics::RpcMetrics;
+use crate::net::client::client_endpoint;
+use crate::net::tls::{self, ClusterCa, NodeIdentity, NodeKey};
+use crate::net::{
+    BoxFuture, JoinRequest, JoinResponse, NetOptions, PeerClient, PeerError, PeerHandler, PeerRole,
+    PeerServer, PeerStatus, QuicNetwork,
+};
+use crate::raft_types::{Raft, SnapshotMeta, TypeConfig, Vote};
+use crate::store::{self, StateReader, StoreOptions, WatchStream};
+
+/// How a node is set up; the node binary fills it from its config file.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub raft_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub zone: String,
+    pub voters: usize,
+    pub replace_after: Duration,
+    pub stabilization: Duration,
+    pub snapshot_every: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+}
+
+/// Failures callers can act on. `Unavailable` means retry (no leader, peer unreachable);
+/// `Fatal` means this node must stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    #[error("cannot set up the node: {0}")]
+    Setup(String),
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+/// A node's record in the `nodes` table: the desired membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub joined_at: u64,
+}
+
+/// One member as `shoal status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub id: NodeId,
+    /// `leader`, `voter` or `learner`.
+    pub role: String,
+    pub api: String,
+    pub raft_addr: String,
+    pub zone: String,
+    pub applied_index: u64,
+    pub healthy: bool,
+}
+
+/// The cluster as one node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<String>,
+    pub term: u64,
+    pub members: Vec<MemberStatus>,
+    /// The node that answered.
+    pub node: String,
+    pub revision: u64,
+}
+
+const TLS_DIR: &str = "tls";
+const DB_DIR: &str = "raft";
+const NODE_ID_FILE: &str = "node_id";
+/// How long a write or read barrier waits for a leader before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("id", &self.inner.id)
+            .field("name", &self.inner.info.name)
+            .finish()
+    }
+}
+
+struct Inner {
+    id: NodeId,
+    info: NodeInfo,
+    opts: ClusterOptions,
+    raft: Raft,
+    sm: StateReader,
+    peers: PeerClient,
+    ca: ClusterCa,
+    rpc_metrics: Arc<RpcMetrics>,
+    /// Stops the peer server; taken by `run` or `shutdown`.
+    server_stop: Mutex<Option<tokio::sync::watch::Sender<bool>>>,
+    server_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ClusterError + '_ {
+    move |e| ClusterError::Setup(format!("{what}: {e}"))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(setup(&format!("cannot write {}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(setup(&format!("cannot write {}", path.display())))
+}
+
+fn read_text(path: &Path) -> Result<String, ClusterError> {
+    std::fs::read_to_string(path).map_err(setup(&format!("cannot read {}", path.display())))
+}
+
+fn random_node_id() -> NodeId {
+    loop {
+        let id: u64 = rand::random();
+        // Leave room below 2^53 so ids survive JSON tools that use doubles.
+        let id = id >> 11;
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+impl ClusterOptions {
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.name.clone(),
+            raft_addr: self.raft_addr.to_string(),
+            api_addr: self.api_addr.to_string(),
+            zone: self.zone.clone(),
+        }
+    }
+
+    fn raft_config(&self) -> Result<Arc<openraft::Config>, ClusterError> {
+        let config = openraft::Config {
+            cluster_name: "shoal".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_ms,
+            election_timeout_max: self.election_timeout_ms * 2,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        };
+        Ok(Arc::new(
+            config
+                .validate()
+                .map_err(setup("invalid Raft configuration"))?,
+        ))
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join(TLS_DIR)
+    }
+}
+
+impl Cluster {
+    /// Creates a new one-node cluster: the CA, this node's certificate, the Raft group.
+    pub async fn init(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
+        std::fs::create_dir_all(opts.tls_dir())
+            .map_err(setup("cannot create the TLS directory"))?;
+        let ca = ClusterCa::generate("shoal").map_err(setup("cannot create the cluster CA"))?;
+        let identity = ca
+            .issue_node_cert(&opts.name)
+            .map_err(setup("cannot issue this node's certificate"))?;
+        let id = random_node_id();
+        save_identity(&opts, id, &ca, &identity)?;
+        let cluster = Self::open(opts.clone(), id, ca, identity).await?;
+        let mut members = BTreeMap::new();
+        members.insert(id, cluster.inner.info.clone());
+        cluster
+            .inner
+            .raft
+            .initialize(members)
+            .await
+            .map_err(setup("cannot initialise Raft"))?;
+        cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        let record = NodeRecord {
+            id,
+            info: cluster.inner.info.clone(),
+            joined_at: join::now_secs(),
+        };
+        cluster
+            .write(Txn::new().when(T_NODES, &opts.name, Expect::Absent).put(
+                T_NODES,
+                &opts.name,
+                json(&record),
+            ))
+            .await?;
+        Ok(cluster)
+    }
+
+    /// Joins an existing cluster through `peer` (its QUIC address) with a join token.
+    pub async fn join(
+        opts: ClusterOptions,
+        peer: &str,
+        token: &str,
+    ) -> Result<Cluster, ClusterError> {
+        let token = JoinToken::parse(token).map_err(|e| ClusterError::BadRequest(e.to_string()))?;
+        resolve(peer)?;
+        std::fs::create_dir_all(opts.tls_dir())
+            .map_err(setup("cannot create the TLS directory"))?;
+        let key = NodeKey::generate().map_err(setup("cannot create this node's key"))?;
+        let csr_pem = key
+            .csr_pem(&opts.name)
+            .map_err(setup("cannot create a certificate request"))?;
+        let request = JoinRequest {
+            token_id: token.id.clone(),
+            secret: token.secret.clone(),
+            name: opts.name.clone(),
+            raft_addr: opts.raft_addr.to_string(),
+            api_addr: opts.api_addr.to_string(),
+            zone: opts.zone.clone(),
+            csr_pem,
+        };
+        let endpoint = client_endpoint(SocketAddr::new(opts.raft_addr.ip(), 0))
+            .map_err(setup("cannot open a QUIC endpoint"))?;
+        let resp: JoinResponse = PeerClient::join(
+            &endpoint,
+            peer,
+            &token.ca_fingerprint,
+            request,
+            &NetOptions::default(),
+        )
+        .await
+        .map_err(|e| ClusterError::JoinRefused(chain(&e)))?;
+        endpoint.close(crate::net::codes::SHUTDOWN, b"joined");
+        let ca = ClusterCa::from_pem(&resp.ca_cert_pem, &resp.ca_key_pem)
+            .map_err(|e| ClusterError::JoinRefused(format!("the cluster sent a bad CA: {e}")))?;
+        if ca.fingerprint() != token.ca_fingerprint {
+            return Err(ClusterError::JoinRefused(
+                "the CA the cluster sent does not match the token's fingerprint".into(),
+            ));
+        }
+        let identity = NodeIdentity {
+            cert_chain_pem: resp.node_cert_chain_pem.clone(),
+            key_pem: key.key_pem(),
+        };
+        save_identity(&opts, resp.node_id, &ca, &identity)?;
+        let cluster = Self::open(opts, resp.node_id, ca, identity).await?;
+        // The leader's voter manager adds us as a learner once it sees our row.
+        cluster.wait_for_membership(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    /// Restarts a node from its data directory.
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
+        let dir = opts.tls_dir();
+        let ca = ClusterCa::from_pem(
+            &read_text(&dir.join("ca.pem"))?,
+            &read_text(&dir.join("ca.key"))?,
+        )
+        .map_err(setup("cannot load the cluster CA"))?;
+        let identity = NodeIdentity {
+            cert_chain_pem: read_text(&dir.join("node.pem"))?,
+            key_pem: read_text(&dir.join("node.key"))?,
+        };
+        let id: NodeId = read_text(&opts.data_dir.join(NODE_ID_FILE))?
+            .trim()
+            .parse()
+            .map_err(setup("the node_id file is not a number"))?;
+        Self::open(opts, id, ca, identity).await
+    }
+
+    async fn open(
+        opts: ClusterOptions,
+        id: NodeId,
+        ca: ClusterCa,
+        identity: NodeIdentity,
+    ) -> Result<Cluster, ClusterError> {
+        let rpc_metrics = Arc::new(RpcMetrics::default());
+        let (log_store, sm) = store::open(&opts.data_dir.join(DB_DIR), StoreOptions::default())
+            .map_err(setup("cannot open the Raft store"))?;
+        let reader = sm.reader();
+        // The peer server starts before Raft: a joining node must answer the leader's first
+        // AppendEntries before `join` returns. Requests that arrive before the cluster is
+        // assembled are refused and retried by the sender.
+        let slot: Arc<OnceLock<Cluster>> = Arc::new(OnceLock::new());
+        let snapshot_dir = opts.data_dir.join("incoming-snapshots");
+        std::fs::create_dir_all(&snapshot_dir)
+            .map_err(setup("cannot create the incoming snapshot directory"))?;
+        let server = PeerServer::bind(
+            opts.raft_addr,
+            ca.cert_pem(),
+            &identity,
+            Arc::new(Handler(slot.clone())),
+            snapshot_dir,
+        )
+        .map_err(|e| {
+            ClusterError::Setup(format!(
+                "cannot listen on the peer address {}: {}",
+                opts.raft_addr,
+                chain(&e)
+            ))
+        })?;
+        let hook = rpc_metrics.clone();
+        let peers = PeerClient::new(
+            server.endpoint(),
+            ca.cert_pem(),
+            &identity,
+            NetOptions::default(),
+            Some(Arc::new(
+                move |_addr: &str, rpc: &'static str, d: Duration, _ok: bool| hook.observe(rpc, d),
+            )),
+        )
+        .map_err(setup("cannot create the peer client"))?;
+        let network = QuicNetwork::new(id, peers.clone());
+        let raft = Raft::new(id, opts.raft_config()?, network, log_store, sm)
+            .await
+            .map_err(setup("cannot start Raft"))?;
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let server_task = tokio::spawn(server.run(async move {
+            let _ = stop_rx.changed().await;
+        }));
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                id,
+                info: opts.node_info(),
+                opts,
+                raft,
+                sm: reader,
+                peers,
+                ca,
+                rpc_metrics,
+                server_stop: Mutex::new(Some(stop_tx)),
+                server_task: Mutex::new(Some(server_task)),
+            }),
+        };
+        let _ = slot.set(cluster.clone());
+        Ok(cluster)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.inner.info
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn metrics(&self) -> crate::raft_types::RaftMetrics {
+        self.inner.raft.metrics().borrow_watched().clone()
+    }
+
+    async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, ClusterError> {
+        let m = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|e| ClusterError::Unavailable(format!("no leader: {e}")))?;
+        Ok(m.current_leader.expect("waited for a leader"))
+    }
+
+    async fn wait_for_membership(&self, timeout: Duration) -> Result<(), ClusterError> {
+        let id = self.inner.id;
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                move |m| {
+                    m.membership_config
+                        .membership()
+                        .nodes()
+                        .any(|(n, _)| *n == id)
+                },
+                "this node in the membership",
+            )
+            .await
+            .map_err(|e| {
+                ClusterError::JoinRefused(format!(
+                    "the cluster accepted the join but did not add this node to Raft: {e}"
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// The leader's id and peer address, if one is known.
+    fn leader(&self) -> Option<(NodeId, Option<NodeInfo>)> {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        let info = m
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.clone());
+        Some((leader, info))
+    }
+
+    /// Proposes a transaction through Raft, forwarding to the leader when this node is not it.
+    pub async fn write(&self, txn: Txn) -> Result<TxnResponse, ClusterError> {
+        txn.validate()
+            .map_err(|e| ClusterError::BadRequest(e.to_string()))?;
+        let cmd = Command::Txn(txn);
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut last_err = String::from("no leader elected");
+        while Instant::now() < deadline {
+            match self.leader() {
+                Some((leader, _)) if leader == self.inner.id => {
+                    match self.inner.raft.client_write(cmd.clone()).await {
+                        Ok(resp) => return Ok(resp.data),
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                            last_err = "leadership moved".into();
+                        }
+                        Err(RaftError::APIError(e)) => {
+                            return Err(ClusterError::Unavailable(e.to_string()))
+                        }
+                        Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                    }
+                }
+                Some((_, Some(info))) => {
+                    match self
+                        .inner
+                        .peers
+                        .client_write(&info.raft_addr, cmd.clone())
+                        .await
+                    {
+                        Ok(resp) => return Ok(resp),
+                        Err(e) => last_err = format!("forwarding to {}: {}", info.name, chain(&e)),
+                    }
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(ClusterError::Unavailable(last_err))
+    }
+
+    /// After this returns, local reads see every write acknowledged before it was called.
+    pub async fn read_barrier(&self) -> Result<u64, ClusterError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut last_err = String::from("no leader elected");
+        while Instant::now() < deadline {
+            let index = match self.leader() {
+                Some((leader, _)) if leader == self.inner.id => {
+                    match self
+                        .inner
+                        .raft
+                        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                        .await
+                    {
+                        Ok(read) => Some(read.index()),
+                        Err(e) => {
+                            last_err = e.to_string();
+                            None
+                        }
+                    }
+                }
+                Some((_, Some(info))) => {
+                    match self.inner.peers.linearizable_read(&info.raft_addr).await {
+                        Ok(index) => Some(index),
+                        Err(e) => {
+                            last_err = format!("read index from {}: {}", info.name, chain(&e));
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if let Some(index) = index {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                self.inner
+                    .raft
+                    .wait(Some(remaining))
+                    .applied_index_at_least(Some(index), "read barrier")
+                    .await
+                    .map_err(|e| ClusterError::Unavailable(format!("catching up: {e}")))?;
+                return Ok(index);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(ClusterError::Unavailable(last_err))
+    }
+
+    pub async fn get(&self, table: &str, key: &str) -> Result<Option<Row>, ClusterError> {
+        self.inner
+            .sm
+            .get(table, key)
+            .await
+            .map_err(|e| ClusterError::Corrupt(e.to_string()))
+    }
+
+    pub async fn list(
+        &self,
+        table: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Row)>, ClusterError> {
+        self.inner
+            .sm
+            .list(table, prefix, limit)
+            .await
+            .map_err(|e| ClusterError::Corrupt(e.to_string()))
+    }
+
+    /// The last revision applied to this replica.
+    pub fn revision(&self) -> u64 {
+        self.inner.sm.revision()
+    }
+
+    pub async fn watch(
+        &self,
+        table: &str,
+        prefix: &str,
+        from_revision: u64,
+    ) -> Result<WatchStream, ClusterError> {
+        self.inner
+            .sm
+            .watch(table, prefix, from_revision)
+            .await
+            .map_err(|e| ClusterError::Conflict(e.to_string()))
+    }
+
+    pub async fn create_join_token(
+        &self,
+        ttl: Duration,
+        description: String,
+        created_by: String,
+    ) -> Result<(TokenInfo, String), ClusterError> {
+        let (token, record) = JoinToken::generate(
+            &self.inner.ca.fingerprint(),
+            join::now_secs(),
+            ttl.as_secs(),
+            description,
+            created_by,
+        );
+        self.write(
+            Txn::new()
+                .when(T_JOIN_TOKENS, &record.id, Expect::Absent)
+                .put(T_JOIN_TOKENS, &record.id, json(&record)),
+        )
+        .await?;
+        Ok((TokenInfo::from(&record), token.to_string()))
+    }
+
+    pub async fn list_join_tokens(&self) -> Result<Vec<TokenInfo>, ClusterError> {
+        let now = join::now_secs();
+        self.list(T_JOIN_TOKENS, "", usize::MAX)
+            .await?
+            .into_iter()
+            .map(|(_, row)| parse::<TokenRecord>(T_JOIN_TOKENS, &row.value))
+            .filter(|r| r.as_ref().map(|r| r.expires_at > now).unwrap_or(true))
+            .map(|r| r.map(|r| TokenInfo::from(&r)))
+            .collect()
+    }
+
+    pub async fn revoke_join_token(&self, id: &str) -> Result<(), ClusterError> {
+        let resp = self
+            .write(
+                Txn::new()
+                    .when(T_JOIN_TOKENS, id, Expect::Present)
+                    .delete(T_JOIN_TOKENS, id),
+            )
+            .await?;
+        if resp.succeeded {
+            Ok(())
+        } else {
+            Err(ClusterError::NotFound(format!("join token {id}")))
+        }
+    }
+
+    /// Removes a node: its row goes, and the voter manager takes it out of Raft.
+    pub async fn remove_node(&self, name: &str) -> Result<(), ClusterError> {
+        let resp = self
+            .write(
+                Txn::new()
+                    .when(T_NODES, name, Expect::Present)
+                    .delete(T_NODES, name),
+            )
+            .await?;
+        if resp.succeeded {
+            Ok(())
+        } else {
+            Err(ClusterError::NotFound(format!("node {name}")))
+        }
+    }
+
+    fn local_status(&self) -> PeerStatus {
+        let m = self.metrics();
+        let role = match m.state {
+            ServerState::Leader => PeerRole::Leader,
+            ServerState::Candidate => PeerRole::Candidate,
+            ServerState::Follower => PeerRole::Follower,
+            ServerState::Learner => PeerRole::Learner,
+            ServerState::Shutdown => PeerRole::Shutdown,
+        };
+        PeerStatus {
+            node_id: self.inner.id,
+            name: self.inner.info.name.clone(),
+            term: m.current_term,
+            role,
+            last_applied: m.last_applied.map(|l| l.index),
+            leader_id: m.current_leader,
+        }
+    }
+
+    /// Every member's role and health, asking each over QUIC (one second each, in parallel).
+    pub async fn cluster_status(&self) -> ClusterStatus {
+        let m = self.metrics();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let leader_name = m.current_leader.and_then(|l| {
+            membership
+                .nodes()
+                .find(|(id, _)| **id == l)
+                .map(|(_, n)| n.name.clone())
+        });
+        let mut queries = Vec::new();
+        for (id, info) in membership.nodes() {
+            let (id, info) = (*id, info.clone());
+            let this = self.clone();
+            queries.push(async move {
+                let status = if id == this.inner.id {
+                    Some(this.local_status())
+                } else {
+                    tokio::time::timeout(
+                        Duration::from_secs(1),
+                        this.inner.peers.status(&info.raft_addr),
+                    )
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                };
+                (id, info, status)
+            });
+        }
+        let results = futures::future::join_all(queries).await;
+        let mut members: Vec<MemberStatus> = results
+            .into_iter()
+            .map(|(id, info, status)| {
+                let role = if Some(id) == m.current_leader {
+                    "leader"
+                } else if voters.contains(&id) {
+                    "voter"
+                } else {
+                    "learner"
+                };
+                MemberStatus {
+                    name: info.name,
+                    id,
+                    role: role.into(),
+                    api: info.api_addr,
+                    raft_addr: info.raft_addr,
+                    zone: info.zone,
+                    applied_index: status.as_ref().and_then(|s| s.last_applied).unwrap_or(0),
+                    healthy: status
+                        .as_ref()
+                        .is_some_and(|s| s.leader_id.is_some() && s.term == m.current_term),
+                }
+            })
+            .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterStatus {
+            leader: leader_name,
+            term: m.current_term,
+            members,
+            node: self.inner.info.name.clone(),
+            revision: self.revision(),
+        }
+    }
+
+    /// Runs the voter manager until `shutdown` resolves, then stops the peer server (which
+    /// has been serving since the node opened) and drains its connections.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ClusterError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let manager = tokio::spawn(self.clone().voter_manager(stop_rx));
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let _ = manager.await;
+        self.stop_server().await;
+        Ok(())
+    }
+
+    async fn stop_server(&self) {
+        if let Some(stop) = self.inner.server_stop.lock().expect("lock").take() {
+            let _ = stop.send(true);
+        }
+        let task = self.inner.server_task.lock().expect("lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Stops Raft and the peer server. Idempotent.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft did not shut down cleanly");
+        }
+        self.stop_server().await;
+    }
+
+    /// On the leader, reconciles Raft membership with the `nodes` table, one change at a time.
+    async fn voter_manager(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut last_quorum_change: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            let m = self.metrics();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            match self.plan_membership(&m, last_quorum_change).await {
+                Ok(Some(change)) => {
+                    let quorum = !matches!(change, Change::AddLearner(..));
+                    tracing::info!(?change, "membership change");
+                    match self.apply_change(change).await {
+                        Ok(()) if quorum => last_quorum_change = Some(Instant::now()),
+                        Ok(()) => {}
+                        Err(e) => tracing::warn!(error = %e, "membership change failed"),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot plan membership"),
+            }
+        }
+    }
+
+    async fn plan_membership(
+        &self,
+        m: &crate::raft_types::RaftMetrics,
+        last_quorum_change: Option<Instant>,
+    ) -> Result<Option<Change>, ClusterError> {
+        let membership = m.membership_config.membership();
+        // Wait for a pending joint configuration to finish.
+        if membership.get_joint_config().len() > 1 {
+            return Ok(None);
+        }
+        let mut desired = BTreeMap::new();
+        for (_, row) in self.list(T_NODES, "", usize::MAX).await? {
+            let rec: NodeRecord = parse(T_NODES, &row.value)?;
+            desired.insert(rec.id, rec.info);
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let zones: BTreeMap<NodeId, String> = membership
+            .nodes()
+            .map(|(id, n)| (*id, n.zone.clone()))
+            .collect();
+        let now = <openraft::TokioInstant as openraft::Instant>::now();
+        let mut health = BTreeMap::new();
+        let heartbeat = m.heartbeat.clone().unwrap_or_default();
+        let replication = m.replication.clone().unwrap_or_default();
+        for id in voters.iter().chain(learners.iter()) {
+            let since_ack = heartbeat
+                .get(id)
+                .and_then(|t| t.as_ref())
+                .map(|t| now.saturating_duration_since(**t));
+            let matched = replication
+                .get(id)
+                .and_then(|l| l.as_ref())
+                .map(|l| l.index)
+                .unwrap_or(0);
+            health.insert(*id, Health { since_ack, matched });
+        }
+        let view = membership::View {
+            leader: self.inner.id,
+            desired: &desired,
+            voters: &voters,
+            learners: &learners,
+            zones: &zones,
+            health: &health,
+            last_index: m.last_log_index.unwrap_or(0),
+            voters_wanted: self.inner.opts.voters,
+            replace_after: self.inner.opts.replace_after,
+            quorum_change_allowed: last_quorum_change
+                .is_none_or(|t| t.elapsed() >= self.inner.opts.stabilization),
+        };
+        Ok(membership::plan(&view))
+    }
+
+    async fn apply_change(&self, change: Change) -> Result<(), ClusterError> {
+        let raft = &self.inner.raft;
+        let result = match change {
+            Change::AddLearner(id, info) => raft.add_learner(id, info, false).await.map(|_| ()),
+            Change::Remove(id) => raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map(|_| ()),
+            Change::SetVoters(voters) => raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await
+                .map(|_| ()),
+        };
+        result.map_err(|e| ClusterError::Unavailable(e.to_string()))
+    }
+
+    /// Prometheus text for the cluster's own metrics.
+    pub fn prometheus_text(&self) -> String {
+        let m = self.metrics();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            ));
+        };
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let committed = m.cluster_committed.map(|l| l.index).unwrap_or(0);
+        gauge("shoal_raft_term", "Current Raft term.", m.current_term);
+        gauge(
+            "shoal_raft_commit_index",
+            "Highest log index known committed.",
+            committed,
+        );
+        gauge(
+            "shoal_raft_applied_index",
+            "Highest log index applied.",
+            applied,
+        );
+        gauge(
+            "shoal_raft_apply_lag",
+            "Committed entries not yet applied.",
+            committed.saturating_sub(applied),
+        );
+        gauge(
+            "shoal_raft_last_log_index",
+            "Last index in the local log.",
+            m.last_log_index.unwrap_or(0),
+        );
+        gauge(
+            "shoal_raft_snapshot_index",
+            "Last log index covered by the current snapshot.",
+            m.snapshot.map(|l| l.index).unwrap_or(0),
+        );
+        gauge(
+            "shoal_raft_snapshot_bytes",
+            "Size of the current snapshot file.",
+            self.inner.sm.snapshot_file_size().unwrap_or(0),
+        );
+        gauge(
+            "shoal_raft_members",
+            "Members of the Raft group (voters and learners).",
+            m.membership_config.membership().nodes().count() as u64,
+        );
+        gauge(
+            "shoal_raft_voters",
+            "Voters of the Raft group.",
+            m.membership_config.membership().voter_ids().count() as u64,
+        );
+        out.push_str("# HELP shoal_raft_role This node's role (1 for the current one).\n# TYPE shoal_raft_role gauge\n");
+        for (role, st) in [
+            ("leader", ServerState::Leader),
+            ("follower", ServerState::Follower),
+            ("candidate", ServerState::Candidate),
+            ("learner", ServerState::Learner),
+        ] {
+            out.push_str(&format!(
+                "shoal_raft_role{{role=\"{role}\"}} {}\n",
+                u8::from(m.state == st)
+            ));
+        }
+        out.push_str(&self.inner.rpc_metrics.prometheus_text());
+        out
+    }
+}
+
+fn save_identity(
+    opts: &ClusterOptions,
+    id: NodeId,
+    ca: &ClusterCa,
+    identity: &NodeIdentity,
+) -> Result<(), ClusterError> {
+    let dir = opts.tls_dir();
+    let (ca_cert, ca_key) = ca.to_pem();
+    write_private(&dir.join("ca.pem"), &ca_cert)?;
+    write_private(&dir.join("ca.key"), &ca_key)?;
+    write_private(&dir.join("node.pem"), &identity.cert_chain_pem)?;
+    write_private(&dir.join("node.key"), &identity.key_pem)?;
+    write_private(&opts.data_dir.join(NODE_ID_FILE), &format!("{id}\n"))
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(table: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ClusterError::Corrupt(format!("a row of table {table} is not valid: {e}")))
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, ClusterError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ClusterError::BadRequest(format!("{addr:?} is not a HOST:PORT address")))
+}
+
+/// The full chain of an error's messages, for errors that cross a process boundary.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The peer protocol's server side, on top of Raft. The slot is filled once the node is
+/// assembled; requests that arrive earlier are refused and retried by the sender.
+struct Handler(Arc<OnceLock<Cluster>>);
+
+fn starting() -> PeerError {
+    PeerError::Fatal("the node is still starting".into())
+}
+
+fn raft_err<E: std::fmt::Display>(e: E) -> PeerError {
+    PeerError::Fatal(e.to_string())
+}
+
+fn forward(c: &Cluster) -> PeerError {
+    match c.leader() {
+        Some((id, info)) => PeerError::ForwardToLeader {
+            leader_id: Some(id),
+            leader_addr: info.map(|i| i.raft_addr),
+        },
+        None => PeerError::ForwardToLeader {
+            leader_id: None,
+            leader_addr: None,
+        },
+    }
+}
+
+impl PeerHandler for Handler {
+    fn append_entries(
+        &self,
+        req: openraft::raft::AppendEntriesRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<openraft::raft::AppendEntriesResponse<TypeConfig>, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            c.inner.raft.append_entries(req).await.map_err(raft_err)
+        })
+    }
+
+    fn vote(
+        &self,
+        req: openraft::raft::VoteRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<openraft::raft::VoteResponse<TypeConfig>, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            c.inner.raft.vote(req).await.map_err(raft_err)
+        })
+    }
+
+    fn pre_vote(
+        &self,
+        req: openraft::raft::VoteRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<openraft::raft::VoteResponse<TypeConfig>, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            c.inner.raft.pre_vote(req).await.map_err(raft_err)
+        })
+    }
+
+    fn install_snapshot(
+        &self,
+        vote: Vote,
+        meta: SnapshotMeta,
+        file: std::fs::File,
+    ) -> BoxFuture<'_, Result<openraft::raft::SnapshotResponse<TypeConfig>, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            let snapshot = crate::raft_types::Snapshot {
+                meta,
+                snapshot: file,
+            };
+            c.inner
+                .raft
+                .install_full_snapshot(vote, snapshot)
+                .await
+                .map_err(raft_err)
+        })
+    }
+
+    fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            match c.inner.raft.client_write(cmd).await {
+                Ok(resp) => Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(forward(c)),
+                Err(e) => Err(raft_err(e)),
+            }
+        })
+    }
+
+    fn linearizable_read(&self) -> BoxFuture<'_, Result<u64, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            match c
+                .inner
+                .raft
+                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                .await
+            {
+                Ok(read) => Ok(read.index()),
+                Err(RaftError::APIError(
+                    openraft::error::LinearizableReadError::ForwardToLeader(_),
+                )) => Err(forward(c)),
+                Err(e) => Err(raft_err(e)),
+            }
+        })
+    }
+
+    fn status(&self) -> BoxFuture<'_, PeerStatus> {
+        Box::pin(async move {
+            match self.0.get() {
+                Some(c) => c.local_status(),
+                None => PeerStatus {
+                    node_id: 0,
+                    name: String::new(),
+                    term: 0,
+                    role: PeerRole::Shutdown,
+                    last_applied: None,
+                    leader_id: None,
+                },
+            }
+        })
+    }
+
+    fn join(
+        &self,
+        req: JoinRequest,
+        peer_addr: SocketAddr,
+    ) -> BoxFuture<'_, Result<JoinResponse, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            tracing::info!(name = %req.name, from = %peer_addr, "join request");
+            do_join(c, req).await
+        })
+    }
+}
+
+async fn do_join(c: &Cluster, req: JoinRequest) -> Result<JoinResponse, PeerError> {
+    // A token created through another node a moment ago must be visible here.
+    c.read_barrier()
+        .await
+        .map_err(|e| PeerError::Fatal(e.to_string()))?;
+    let row = c
+        .get(T_JOIN_TOKENS, &req.token_id)
+        .await
+        .map_err(|e| PeerError::Fatal(e.to_string()))?
+        .ok_or_else(|| PeerError::Unauthorized(join::TokenError::Unknown.to_string()))?;
+    let record: TokenRecord =
+        parse(T_JOIN_TOKENS, &row.value).map_err(|e| PeerError::Fatal(e.to_string()))?;
+    record
+        .check(&req.secret, join::now_secs())
+        .map_err(|e| PeerError::Unauthorized(e.to_string()))?;
+    tls::validate_node_name(&req.name).map_err(|e| PeerError::BadRequest(e.to_string()))?;
+    resolve(&req.raft_addr).map_err(|e| PeerError::BadRequest(e.to_string()))?;
+    if c.get(T_NODES, &req.name)
+        .await
+        .map_err(|e| PeerError::Fatal(e.to_string()))?
+        .is_some()
+    {
+        return Err(PeerError::BadRequest(format!(
+            "a node named {:?} is already in the cluster",
+            req.name
+        )));
+    }
+    let node_cert_chain_pem = c
+        .inner
+        .ca
+        .sign_csr(&req.csr_pem, &req.name)
+        .map_err(|e| PeerError::BadRequest(format!("bad certificate request: {e}")))?;
+    let id = random_node_id();
+    let record = NodeRecord {
+        id,
+        info: NodeInfo {
+            name: req.name.clone(),
+            raft_addr: req.raft_addr.clone(),
+            api_addr: req.api_addr.clone(),
+            zone: req.zone.clone(),
+        },
+        joined_at: join::now_secs(),
+    };
+    let resp = c
+        .write(Txn::new().when(T_NODES, &req.name, Expect::Absent).put(
+            T_NODES,
+            &req.name,
+            json(&record),
+        ))
+        .await
+        .map_err(|e| PeerError::Fatal(e.to_string()))?;
+    if !resp.succeeded {
+        return Err(PeerError::BadRequest(format!(
+            "a node named {:?} joined at the same moment",
+            req.name
+        )));
+    }
+    tracing::info!(name = %req.name, id, "node joined");
+    let (ca_cert_pem, ca_key_pem) = c.inner.ca.to_pem();
+    let members = c
+        .metrics()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, n.clone()))
+        .collect();
+    Ok(JoinResponse {
+        node_id: id,
+        ca_cert_pem,
+        ca_key_pem,
+        node_cert_chain_pem,
+        members,
+    })
+}
