@@ -1,3 +1,260 @@
-//! `shoal`: the node binary.
+//! `shoal`: the one binary every machine of a Shoal cluster runs.
+//!
+//! `init`, `join` and `start` run a node in the foreground; the other commands are clients
+//! that talk to the node `OS_AUTH_URL` points at with the `OS_*` credentials, as the
+//! `openstack` client does. `dev` runs a local cluster of node processes on loopback.
+//!
+//! This crate is the top of the dependency graph: nothing depends on it.
 
-fn main() {}
+mod api;
+mod client;
+mod config;
+mod dev;
+mod identity;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "A masterless private cloud runtime")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "SHOAL_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new one-node cluster (CA, admin credential) and run its first node.
+    Init(NodeArgs),
+    /// Join an existing cluster with a token and run this node.
+    Join {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Join token from `shoal token create` (or printed by `init`).
+        #[arg(long, env = "SHOAL_JOIN_TOKEN")]
+        token: String,
+        /// The `--listen` address of any existing node.
+        peer: String,
+    },
+    /// Restart an existing node from its data directory.
+    Start {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Show the cluster's members, roles, term and health.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Admin access to the raw `kv` table, like etcdctl.
+    #[command(subcommand)]
+    Kv(KvCmd),
+    /// Disk images: qcow2 overlays written natively.
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// Run a local cluster of N node processes on loopback.
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    name: String,
+    /// QUIC peer address (UDP).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// HTTP API address (TCP).
+    #[arg(long)]
+    api: SocketAddr,
+    /// Availability zone of this node.
+    #[arg(long, default_value = "nova")]
+    zone: String,
+    /// Voters the cluster keeps (init only): 1, 3 or 5.
+    #[arg(long)]
+    voters: Option<usize>,
+    /// Seconds a voter may be unreachable before it is replaced.
+    #[arg(long)]
+    replace_after_secs: Option<u64>,
+    /// Minimum seconds between two voter changes.
+    #[arg(long)]
+    stabilization_secs: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a join token; the token is printed alone on the last line.
+    Create {
+        /// Lifetime in seconds (default 24 h).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List join tokens.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a join token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiskCmd {
+    /// Create a qcow2 v3 overlay backed by BASE (no qemu-img needed).
+    Overlay {
+        /// Absolute path of the backing image.
+        #[arg(long)]
+        backing: PathBuf,
+        /// Format of the backing image: raw or qcow2.
+        #[arg(long)]
+        backing_format: String,
+        /// Virtual size: bytes, or with a K/M/G/T suffix (10G); at least the base's size.
+        #[arg(long)]
+        size: String,
+        /// The overlay file to create.
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Remove a node from the cluster.
+    Remove { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum KvCmd {
+    /// Write a value.
+    Put { key: String, value: String },
+    /// Print a value alone (linearizable read).
+    Get {
+        key: String,
+        /// Read the local replica instead of a linearizable read.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Print changes under a prefix as they happen, one JSON object a line.
+    Watch {
+        prefix: String,
+        /// Start from this revision (replays history).
+        #[arg(long)]
+        from_revision: Option<u64>,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,quinn=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+impl NodeArgs {
+    fn into_config(self) -> anyhow::Result<(PathBuf, config::NodeConfig)> {
+        let mut cfg = config::NodeConfig::new(self.name, self.listen, self.api);
+        cfg.zone = self.zone;
+        if let Some(v) = self.voters {
+            cfg.cluster.voters = v;
+        }
+        if let Some(s) = self.replace_after_secs {
+            cfg.cluster.replace_unreachable_voter_after_secs = s;
+        }
+        if let Some(s) = self.stabilization_secs {
+            cfg.cluster.membership_stabilization_secs = s;
+        }
+        cfg.validate()?;
+        Ok((self.data_dir, cfg))
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Init(args) => {
+                let (dir, cfg) = args.into_config()?;
+                server::init(dir, cfg).await
+            }
+            Command::Join { node, token, peer } => {
+                let (dir, cfg) = node.into_config()?;
+                server::join(dir, cfg, &token, &peer).await
+            }
+            Command::Start { data_dir } => server::start(data_dir).await,
+            Command::Status { json } => client::status(json).await,
+            Command::Token(TokenCmd::Create {
+                ttl_secs,
+                description,
+            }) => client::token_create(ttl_secs, description).await,
+            Command::Token(TokenCmd::List { json }) => client::token_list(json).await,
+            Command::Token(TokenCmd::Revoke { id }) => client::token_revoke(&id).await,
+            Command::Node(NodeCmd::Remove { name }) => client::node_remove(&name).await,
+            Command::Kv(KvCmd::Put { key, value }) => client::kv_put(&key, &value).await,
+            Command::Kv(KvCmd::Get { key, local }) => client::kv_get(&key, local).await,
+            Command::Kv(KvCmd::Watch {
+                prefix,
+                from_revision,
+            }) => client::kv_watch(&prefix, from_revision).await,
+            Command::Dev { nodes, dir } => dev::run(nodes, dir).await,
+            Command::Disk(DiskCmd::Overlay {
+                backing,
+                backing_format,
+                size,
+                out,
+            }) => {
+                let info =
+                    shoal_disk::cli::overlay_command(&backing, &backing_format, &size, &out)?;
+                println!(
+                    "{}: qcow2 v3, virtual size {} bytes, backed by {}",
+                    out.display(),
+                    info.virtual_size,
+                    backing.display()
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    // reqwest and quinn both use rustls; pick the ring provider once for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: installs what it needs, then formatting, lints and every test.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash node/scripts/install-deps.sh
+# The target directory lives outside the clone so a kept machine reuses it between runs.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
+export CARGO_TERM_COLOR=never
+start=$(date +%s)
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --all-targets --locked
+echo "build finished after $(( $(date +%s) - start ))s"
+cargo test --workspace --locked
+echo "tests finished after $(( $(date +%s) - start ))s"

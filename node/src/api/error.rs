@@ -1,0 +1,105 @@
+//! API errors in OpenStack's body shapes.
+//!
+//! Keystone and Shoal's own endpoints answer `{"error": {"code", "title", "message"}}`; the
+//! compute, network, image and volume services of later issues use Nova's
+//! `{"badRequest": {"code", "message"}}` shape through [`ApiError::nova`].
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use shoal_consensus::cluster::ClusterError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    nova_style: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            nova_style: false,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+fn title(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("Error")
+}
+
+fn nova_key(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "badRequest",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "itemNotFound",
+        409 => "conflictingRequest",
+        413 => "overLimit",
+        503 => "serviceUnavailable",
+        _ => "computeFault",
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.status.as_u16();
+        let body = if self.nova_style {
+            json!({ nova_key(self.status): { "code": code, "message": self.message } })
+        } else {
+            json!({ "error": { "code": code, "title": title(self.status), "message": self.message } })
+        };
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                "WWW-Authenticate",
+                axum::http::HeaderValue::from_static("Keystone uri=\"/identity\""),
+            );
+        }
+        resp
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match &e {
+            ClusterError::BadRequest(_) => ApiError::bad_request(e.to_string()),
+            ClusterError::NotFound(_) => ApiError::not_found(e.to_string()),
+            ClusterError::Conflict(_) => ApiError::conflict(e.to_string()),
+            ClusterError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            _ => {
+                tracing::error!(error = %e, "cluster error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,333 @@
+//! The CLI's client side: authenticate with the `OS_*` variables, as the `openstack` client
+//! does, and call the node that `OS_AUTH_URL` points at.
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// Credentials from the environment (what `admin-openrc` exports).
+#[derive(Debug, Clone)]
+pub struct OpenRc {
+    pub auth_url: String,
+    pub username: String,
+    pub password: String,
+    pub project_name: String,
+    pub user_domain: String,
+    pub project_domain: String,
+}
+
+impl OpenRc {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let var = |name: &str| {
+            std::env::var(name).with_context(|| {
+                format!("{name} is not set; source the admin-openrc file of a node first")
+            })
+        };
+        Ok(Self {
+            auth_url: var("OS_AUTH_URL")?,
+            username: var("OS_USERNAME")?,
+            password: var("OS_PASSWORD")?,
+            project_name: var("OS_PROJECT_NAME")?,
+            user_domain: std::env::var("OS_USER_DOMAIN_NAME").unwrap_or_else(|_| "Default".into()),
+            project_domain: std::env::var("OS_PROJECT_DOMAIN_NAME")
+                .unwrap_or_else(|_| "Default".into()),
+        })
+    }
+
+    /// The node's API base URL: `OS_AUTH_URL` without its `/identity[/v3]` suffix.
+    pub fn api_base(&self) -> String {
+        let url = self.auth_url.trim_end_matches('/');
+        let url = url.strip_suffix("/v3").unwrap_or(url);
+        url.strip_suffix("/identity").unwrap_or(url).to_owned()
+    }
+
+    /// The identity URL with `/v3`.
+    fn identity_v3(&self) -> String {
+        format!("{}/identity/v3", self.api_base())
+    }
+}
+
+/// An authenticated session with one node.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+impl Session {
+    pub async fn login(rc: &OpenRc) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        let body = json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "name": rc.username, "domain": {"name": rc.user_domain}, "password": rc.password}}},
+            "scope": {"project": {"name": rc.project_name, "domain": {"name": rc.project_domain}}}
+        }});
+        let url = format!("{}/auth/tokens", rc.identity_v3());
+        let resp = http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!(
+                "authentication at {url} failed: {} ({status})",
+                error_message(resp).await
+            );
+        }
+        let token = resp
+            .headers()
+            .get("x-subject-token")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| anyhow!("the identity service returned no X-Subject-Token"))?
+            .to_owned();
+        Ok(Self {
+            http,
+            base: rc.api_base(),
+            token,
+        })
+    }
+
+    pub async fn from_env() -> anyhow::Result<Self> {
+        Self::login(&OpenRc::from_env()?).await
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .header("X-Auth-Token", &self.token)
+    }
+
+    /// Sends and returns the successful response, or the API's error message.
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let resp = req.send().await.context("request failed")?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            let status = resp.status();
+            bail!("{} ({status})", error_message(resp).await)
+        }
+    }
+}
+
+/// The message of an OpenStack error body, or the raw body.
+pub async fn error_message(resp: reqwest::Response) -> String {
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => v
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|inner| inner.get("message"))
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+            .unwrap_or(text),
+        Err(_) => text,
+    }
+}
+
+pub async fn status(as_json: bool) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    let v: Value = s
+        .send(s.request(reqwest::Method::GET, "/shoal/v1/status"))
+        .await?
+        .json()
+        .await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "leader: {}   term: {}",
+        v["leader"].as_str().unwrap_or("(none)"),
+        v["term"]
+    );
+    println!(
+        "{:<16} {:<8} {:<22} {:<22} {:>10} {:<8}",
+        "NAME", "ROLE", "API", "PEER", "APPLIED", "HEALTHY"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<8} {:<22} {:<22} {:>10} {:<8}",
+            m["name"].as_str().unwrap_or(""),
+            m["role"].as_str().unwrap_or(""),
+            m["api"].as_str().unwrap_or(""),
+            m["raft_addr"].as_str().unwrap_or(""),
+            m["applied_index"],
+            m["healthy"]
+        );
+    }
+    Ok(())
+}
+
+pub async fn token_create(
+    ttl_secs: Option<u64>,
+    description: Option<String>,
+) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    let mut body = json!({});
+    if let Some(t) = ttl_secs {
+        body["ttl_secs"] = json!(t);
+    }
+    if let Some(d) = description {
+        body["description"] = json!(d);
+    }
+    let v: Value = s
+        .send(
+            s.request(reqwest::Method::POST, "/shoal/v1/join-tokens")
+                .json(&body),
+        )
+        .await?
+        .json()
+        .await?;
+    println!("id: {}", v["id"].as_str().unwrap_or(""));
+    println!("expires_at: {}", v["expires_at"]);
+    println!("{}", v["token"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+pub async fn token_list(as_json: bool) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    let v: Value = s
+        .send(s.request(reqwest::Method::GET, "/shoal/v1/join-tokens"))
+        .await?
+        .json()
+        .await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v["join_tokens"])?);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<12} {:<24} DESCRIPTION",
+        "ID", "CREATED_BY", "EXPIRES_AT"
+    );
+    for t in v["join_tokens"].as_array().into_iter().flatten() {
+        println!(
+            "{:<18} {:<12} {:<24} {}",
+            t["id"].as_str().unwrap_or(""),
+            t["created_by"].as_str().unwrap_or(""),
+            t["expires_at"],
+            t["description"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+pub async fn token_revoke(id: &str) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    s.send(s.request(
+        reqwest::Method::DELETE,
+        &format!("/shoal/v1/join-tokens/{id}"),
+    ))
+    .await?;
+    println!("revoked {id}");
+    Ok(())
+}
+
+pub async fn node_remove(name: &str) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    s.send(s.request(reqwest::Method::DELETE, &format!("/shoal/v1/nodes/{name}")))
+        .await?;
+    println!("removed {name}");
+    Ok(())
+}
+
+fn kv_path(key: &str) -> String {
+    // Keys may hold '/'; escape everything else that is not URL-safe.
+    let escaped: String = key
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("/shoal/v1/kv/{escaped}")
+}
+
+pub async fn kv_put(key: &str, value: &str) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    let v: Value = s
+        .send(
+            s.request(reqwest::Method::PUT, &kv_path(key))
+                .body(value.to_owned()),
+        )
+        .await?
+        .json()
+        .await?;
+    eprintln!("revision {}", v["revision"]);
+    Ok(())
+}
+
+pub async fn kv_get(key: &str, local: bool) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    let consistency = if local { "local" } else { "linearizable" };
+    let bytes = s
+        .send(
+            s.request(reqwest::Method::GET, &kv_path(key))
+                .query(&[("consistency", consistency)]),
+        )
+        .await?
+        .bytes()
+        .await?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+pub async fn kv_watch(prefix: &str, from_revision: Option<u64>) -> anyhow::Result<()> {
+    let s = Session::from_env().await?;
+    let mut q = vec![("table", "kv".to_owned()), ("prefix", prefix.to_owned())];
+    if let Some(r) = from_revision {
+        q.push(("from_revision", r.to_string()));
+    }
+    let http = reqwest::Client::new();
+    let resp = s
+        .send(
+            http.get(format!("{}/shoal/v1/watch", s.base))
+                .header("X-Auth-Token", &s.token)
+                .query(&q),
+        )
+        .await?;
+    let mut stream = resp.bytes_stream();
+    use std::io::Write;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("watch stream broke")?;
+        let mut out = std::io::stdout().lock();
+        out.write_all(&chunk)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_base_strips_identity_suffixes() {
+        let mut rc = OpenRc {
+            auth_url: "http://127.0.0.1:8774/identity/v3".into(),
+            username: String::new(),
+            password: String::new(),
+            project_name: String::new(),
+            user_domain: String::new(),
+            project_domain: String::new(),
+        };
+        assert_eq!(rc.api_base(), "http://127.0.0.1:8774");
+        rc.auth_url = "http://h:1/identity/".into();
+        assert_eq!(rc.api_base(), "http://h:1");
+    }
+
+    #[test]
+    fn kv_paths_escape_specials() {
+        assert_eq!(kv_path("a/b c"), "/shoal/v1/kv/a/b%20c");
+    }
+}

@@ -1,0 +1,324 @@
+//! Node configuration: flags and environment over a TOML file in the data directory, into one
+//! struct with `deny_unknown_fields` and a `validate()` that says what is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The file `init` and `join` write and `start` reads.
+pub const CONFIG_FILE: &str = "node.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name, unique in the cluster.
+    pub name: String,
+    /// QUIC peer address (UDP).
+    pub listen: SocketAddr,
+    /// HTTP API address (TCP).
+    pub api: SocketAddr,
+    /// Availability zone; voters are spread across zones.
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Region name in the service catalog.
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub identity: IdentitySection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// How many voters the cluster keeps (3 or 5); all other nodes are learners.
+    #[serde(default = "default_voters")]
+    pub voters: usize,
+    /// How long a voter may be unreachable before a learner replaces it, in seconds.
+    #[serde(default = "default_replace_after")]
+    pub replace_unreachable_voter_after_secs: u64,
+    /// Minimum time between two membership changes made by the voter manager, in seconds,
+    /// so that a flapping node does not churn membership.
+    #[serde(default = "default_stabilization")]
+    pub membership_stabilization_secs: u64,
+    /// Take a snapshot (and purge the log before it) every this many applied entries.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every_entries: u64,
+    /// Raft heartbeat interval in milliseconds.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout in milliseconds (the upper is twice it).
+    #[serde(default = "default_election")]
+    pub election_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    /// Token lifetime in seconds.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+}
+
+fn default_zone() -> String {
+    "nova".to_owned()
+}
+fn default_region() -> String {
+    "RegionOne".to_owned()
+}
+fn default_voters() -> usize {
+    3
+}
+fn default_replace_after() -> u64 {
+    30
+}
+fn default_stabilization() -> u64 {
+    10
+}
+fn default_snapshot_every() -> u64 {
+    10_000
+}
+fn default_heartbeat() -> u64 {
+    100
+}
+fn default_election() -> u64 {
+    500
+}
+fn default_token_ttl() -> u64 {
+    24 * 3600
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            voters: default_voters(),
+            replace_unreachable_voter_after_secs: default_replace_after(),
+            membership_stabilization_secs: default_stabilization(),
+            snapshot_every_entries: default_snapshot_every(),
+            heartbeat_ms: default_heartbeat(),
+            election_timeout_ms: default_election(),
+        }
+    }
+}
+
+impl Default for IdentitySection {
+    fn default() -> Self {
+        Self {
+            token_ttl_secs: default_token_ttl(),
+        }
+    }
+}
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("cannot write config file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node name {0:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-' and '_'")]
+    BadName(String),
+    #[error("availability zone {0:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-', '_' and ':' is not allowed")]
+    BadZone(String),
+    #[error("cluster.voters is {0}; it must be 1, 3 or 5")]
+    BadVoters(usize),
+    #[error("{field} must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("cluster.election_timeout_ms ({election}) must be at least three times cluster.heartbeat_ms ({heartbeat})")]
+    ElectionTooShort { election: u64, heartbeat: u64 },
+    #[error("--listen and --api must be different addresses, both are {0}")]
+    SameAddress(SocketAddr),
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl NodeConfig {
+    pub fn new(name: String, listen: SocketAddr, api: SocketAddr) -> Self {
+        Self {
+            name,
+            listen,
+            api,
+            zone: default_zone(),
+            region: default_region(),
+            cluster: ClusterSection::default(),
+            identity: IdentitySection::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_name(&self.name) {
+            return Err(ConfigError::BadName(self.name.clone()));
+        }
+        if !valid_name(&self.zone) {
+            return Err(ConfigError::BadZone(self.zone.clone()));
+        }
+        if ![1, 3, 5].contains(&self.cluster.voters) {
+            return Err(ConfigError::BadVoters(self.cluster.voters));
+        }
+        if self.listen == self.api {
+            return Err(ConfigError::SameAddress(self.listen));
+        }
+        let c = &self.cluster;
+        range("cluster.heartbeat_ms", c.heartbeat_ms, 10, 10_000)?;
+        range(
+            "cluster.election_timeout_ms",
+            c.election_timeout_ms,
+            30,
+            60_000,
+        )?;
+        if c.election_timeout_ms < 3 * c.heartbeat_ms {
+            return Err(ConfigError::ElectionTooShort {
+                election: c.election_timeout_ms,
+                heartbeat: c.heartbeat_ms,
+            });
+        }
+        range(
+            "cluster.replace_unreachable_voter_after_secs",
+            c.replace_unreachable_voter_after_secs,
+            1,
+            86_400,
+        )?;
+        range(
+            "cluster.membership_stabilization_secs",
+            c.membership_stabilization_secs,
+            0,
+            86_400,
+        )?;
+        range(
+            "cluster.snapshot_every_entries",
+            c.snapshot_every_entries,
+            100,
+            100_000_000,
+        )?;
+        range(
+            "identity.token_ttl_secs",
+            self.identity.token_ttl_secs,
+            60,
+            30 * 86_400,
+        )?;
+        Ok(())
+    }
+
+    pub fn replace_after(&self) -> Duration {
+        Duration::from_secs(self.cluster.replace_unreachable_voter_after_secs)
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Self, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<(), ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = toml::to_string_pretty(self).expect("config serialises to TOML");
+        std::fs::write(&path, text).map_err(|source| ConfigError::Write { path, source })
+    }
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        Err(ConfigError::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped template parses and validates, so operators can start from it.
+    #[test]
+    fn shipped_template_is_valid() {
+        let text = include_str!("../../docs/config-template.toml");
+        let cfg = NodeConfig::parse(text, Path::new("docs/config-template.toml")).unwrap();
+        assert_eq!(cfg.cluster.voters, 3);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let text = "name = \"a\"\nlisten = \"127.0.0.1:1\"\napi = \"127.0.0.1:2\"\nvoterz = 3\n";
+        let err = NodeConfig::parse(text, Path::new("x.toml")).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(chain.contains("voterz"), "{chain}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut cfg = NodeConfig::new(
+            "a".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        assert!(cfg.validate().is_ok());
+        cfg.cluster.voters = 4;
+        assert!(matches!(cfg.validate(), Err(ConfigError::BadVoters(4))));
+        cfg.cluster.voters = 3;
+        cfg.name = "bad name".into();
+        assert!(matches!(cfg.validate(), Err(ConfigError::BadName(_))));
+        cfg.name = "a".into();
+        cfg.cluster.election_timeout_ms = 100;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::ElectionTooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = NodeConfig::new(
+            "n1".into(),
+            "127.0.0.1:7000".parse().unwrap(),
+            "127.0.0.1:8000".parse().unwrap(),
+        );
+        cfg.save(dir.path()).unwrap();
+        assert_eq!(NodeConfig::load(dir.path()).unwrap(), cfg);
+    }
+}

@@ -1,0 +1,538 @@
+//! Identity: users, projects, roles and tokens, stored in Raft tables.
+//!
+//! Records are JSON values in tables of the replicated keyspace. Names are unique per domain
+//! through index rows (`user_names`, `project_names`, `role_names`) written in the same
+//! transaction as the record with an `Absent` precondition, so two nodes creating the same
+//! name at once cannot both succeed. Tokens are validated from an in-memory [`KeyRing`] that a
+//! watch on `signing_keys` and `revoked_tokens` keeps current.
+
+pub mod password;
+pub mod token;
+
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use shoal_consensus::cluster::{Cluster, ClusterError};
+use shoal_types::{Expect, Txn};
+use token::{Claims, KeyRing, SigningKey, TokenError};
+
+pub const T_DOMAINS: &str = "domains";
+pub const T_PROJECTS: &str = "projects";
+pub const T_PROJECT_NAMES: &str = "project_names";
+pub const T_USERS: &str = "users";
+pub const T_USER_NAMES: &str = "user_names";
+pub const T_ROLES: &str = "roles";
+pub const T_ROLE_NAMES: &str = "role_names";
+pub const T_ASSIGNMENTS: &str = "role_assignments";
+pub const T_SIGNING_KEYS: &str = "signing_keys";
+pub const T_REVOKED: &str = "revoked_tokens";
+
+pub const DEFAULT_DOMAIN_ID: &str = "default";
+pub const DEFAULT_DOMAIN_NAME: &str = "Default";
+/// Roles created at init; `admin` implies `member` implies `reader`.
+pub const BUILTIN_ROLES: [&str; 3] = ["admin", "member", "reader"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Domain {
+    pub id: String,
+    pub name: String,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    pub domain_id: String,
+    #[serde(default)]
+    pub description: String,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub domain_id: String,
+    pub password_hash: String,
+    pub enabled: bool,
+    #[serde(default)]
+    pub default_project_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedToken {
+    pub jti: String,
+    pub exp: u64,
+}
+
+/// Why authentication failed; the API answers 401 without saying which part was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the request you have made requires authentication")]
+    InvalidCredentials,
+    #[error("user has no role on project {0}")]
+    NoRoleOnProject(String),
+    #[error("could not find project {0}")]
+    ProjectNotFound(String),
+    #[error("no signing key is available yet; retry shortly")]
+    NoSigningKey,
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// How a token request is scoped.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Unscoped,
+    ProjectName { name: String, domain_name: String },
+    ProjectId(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    cluster: Cluster,
+    ring: Arc<RwLock<KeyRing>>,
+    node_name: String,
+    token_ttl: u64,
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("identity records serialise")
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(table: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ClusterError::Corrupt(format!("row of table {table} is not valid: {e}")))
+}
+
+fn name_key(domain_id: &str, name: &str) -> String {
+    format!("{domain_id}/{name}")
+}
+
+impl Identity {
+    pub fn new(cluster: Cluster, node_name: String, token_ttl: u64) -> Self {
+        Self {
+            cluster,
+            ring: Arc::new(RwLock::new(KeyRing::default())),
+            node_name,
+            token_ttl,
+        }
+    }
+
+    /// Creates the default domain, the built-in roles, the admin project and user with its
+    /// admin role, and the first signing key. Run once, by `init`.
+    pub async fn bootstrap(&self, admin_password: &str) -> Result<(), ClusterError> {
+        let mut txn = Txn::new()
+            .when(T_DOMAINS, DEFAULT_DOMAIN_ID, Expect::Absent)
+            .put(
+                T_DOMAINS,
+                DEFAULT_DOMAIN_ID,
+                json(&Domain {
+                    id: DEFAULT_DOMAIN_ID.into(),
+                    name: DEFAULT_DOMAIN_NAME.into(),
+                    enabled: true,
+                }),
+            );
+        let mut admin_role_id = String::new();
+        for name in BUILTIN_ROLES {
+            let id = new_id();
+            if name == "admin" {
+                admin_role_id = id.clone();
+            }
+            txn = txn
+                .put(
+                    T_ROLES,
+                    &id,
+                    json(&Role {
+                        id: id.clone(),
+                        name: name.into(),
+                    }),
+                )
+                .put(T_ROLE_NAMES, name, id.as_bytes().to_vec());
+        }
+        let project = Project {
+            id: new_id(),
+            name: "admin".into(),
+            domain_id: DEFAULT_DOMAIN_ID.into(),
+            description: "Bootstrap project for initializing the cloud.".into(),
+            enabled: true,
+        };
+        let user = User {
+            id: new_id(),
+            name: "admin".into(),
+            domain_id: DEFAULT_DOMAIN_ID.into(),
+            password_hash: password::hash(admin_password),
+            enabled: true,
+            default_project_id: Some(project.id.clone()),
+        };
+        let key = SigningKey::generate(token::now_secs());
+        txn = txn
+            .put(T_PROJECTS, &project.id, json(&project))
+            .put(
+                T_PROJECT_NAMES,
+                &name_key(DEFAULT_DOMAIN_ID, "admin"),
+                project.id.as_bytes().to_vec(),
+            )
+            .put(T_USERS, &user.id, json(&user))
+            .put(
+                T_USER_NAMES,
+                &name_key(DEFAULT_DOMAIN_ID, "admin"),
+                user.id.as_bytes().to_vec(),
+            )
+            .put(
+                T_ASSIGNMENTS,
+                &format!("{}/{}/{}", project.id, user.id, admin_role_id),
+                Vec::new(),
+            )
+            .put(T_SIGNING_KEYS, &key.kid, json(&key));
+        let resp = self.cluster.write(txn).await?;
+        if !resp.succeeded {
+            return Err(ClusterError::Conflict(
+                "identity is already bootstrapped".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads keys and revocations, then follows their tables. Runs until `shutdown`.
+    pub async fn run_keyring_sync(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let result = tokio::select! {
+                _ = &mut shutdown => return,
+                r = self.sync_once() => r,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "token key ring sync restarts");
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn sync_once(&self) -> Result<(), ClusterError> {
+        let rev = self.cluster.revision();
+        let keys = self.cluster.list(T_SIGNING_KEYS, "", usize::MAX).await?;
+        let revoked = self.cluster.list(T_REVOKED, "", usize::MAX).await?;
+        {
+            let mut ring = KeyRing::default();
+            for (_, row) in keys {
+                ring.insert_key(parse(T_SIGNING_KEYS, &row.value)?);
+            }
+            for (jti, _) in revoked {
+                ring.revoke(&jti);
+            }
+            *self.ring.write().expect("key ring lock") = ring;
+        }
+        let mut keys_watch = self.cluster.watch(T_SIGNING_KEYS, "", rev + 1).await?;
+        let mut revoked_watch = self.cluster.watch(T_REVOKED, "", rev + 1).await?;
+        loop {
+            tokio::select! {
+                ev = keys_watch.next() => {
+                    let Some(ev) = ev else { return Ok(()) };
+                    let ev = ev.map_err(|e| ClusterError::Conflict(e.to_string()))?;
+                    let mut ring = self.ring.write().expect("key ring lock");
+                    match ev.kind {
+                        shoal_types::EventKind::Put(row) => ring.insert_key(parse(T_SIGNING_KEYS, &row.value)?),
+                        shoal_types::EventKind::Delete => ring.remove_key(&ev.key),
+                    }
+                }
+                ev = revoked_watch.next() => {
+                    let Some(ev) = ev else { return Ok(()) };
+                    let ev = ev.map_err(|e| ClusterError::Conflict(e.to_string()))?;
+                    let mut ring = self.ring.write().expect("key ring lock");
+                    match ev.kind {
+                        shoal_types::EventKind::Put(_) => ring.revoke(&ev.key),
+                        shoal_types::EventKind::Delete => ring.unrevoke(&ev.key),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Validates a token from memory only.
+    pub fn validate(&self, token: &str) -> Result<Claims, TokenError> {
+        self.ring
+            .read()
+            .expect("key ring lock")
+            .verify(token, token::now_secs())
+    }
+
+    pub async fn revoke(&self, claims: &Claims) -> Result<(), ClusterError> {
+        let rec = RevokedToken {
+            jti: claims.jti.clone(),
+            exp: claims.exp,
+        };
+        self.cluster
+            .write(Txn::new().put(T_REVOKED, &claims.jti, json(&rec)))
+            .await?;
+        // Honour it here at once, without waiting for the watch.
+        self.ring
+            .write()
+            .expect("key ring lock")
+            .revoke(&claims.jti);
+        Ok(())
+    }
+
+    async fn lookup_id(&self, table: &str, key: &str) -> Result<Option<String>, ClusterError> {
+        Ok(self
+            .cluster
+            .get(table, key)
+            .await?
+            .map(|row| String::from_utf8_lossy(&row.value).into_owned()))
+    }
+
+    pub async fn get_user(&self, id: &str) -> Result<Option<User>, ClusterError> {
+        self.cluster
+            .get(T_USERS, id)
+            .await?
+            .map(|r| parse(T_USERS, &r.value))
+            .transpose()
+    }
+
+    pub async fn get_project(&self, id: &str) -> Result<Option<Project>, ClusterError> {
+        self.cluster
+            .get(T_PROJECTS, id)
+            .await?
+            .map(|r| parse(T_PROJECTS, &r.value))
+            .transpose()
+    }
+
+    async fn domain_id_by_name(&self, name: &str) -> Result<Option<String>, ClusterError> {
+        for (_, row) in self.cluster.list(T_DOMAINS, "", usize::MAX).await? {
+            let d: Domain = parse(T_DOMAINS, &row.value)?;
+            if d.name == name || d.id == name {
+                return Ok(Some(d.id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Role names the user holds on the project.
+    pub async fn roles_on_project(
+        &self,
+        user_id: &str,
+        project_id: &str,
+    ) -> Result<Vec<String>, ClusterError> {
+        let mut names = Vec::new();
+        let prefix = format!("{project_id}/{user_id}/");
+        for (key, _) in self
+            .cluster
+            .list(T_ASSIGNMENTS, &prefix, usize::MAX)
+            .await?
+        {
+            let role_id = &key[prefix.len()..];
+            if let Some(row) = self.cluster.get(T_ROLES, role_id).await? {
+                let role: Role = parse(T_ROLES, &row.value)?;
+                names.push(role.name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Password authentication, as `POST /v3/auth/tokens` does it.
+    pub async fn authenticate_password(
+        &self,
+        user_name: &str,
+        user_domain: &str,
+        password_given: &str,
+        scope: &Scope,
+    ) -> Result<(String, Claims), AuthError> {
+        let domain_id = self
+            .domain_id_by_name(user_domain)
+            .await?
+            .ok_or(AuthError::InvalidCredentials)?;
+        let user_id = self
+            .lookup_id(T_USER_NAMES, &name_key(&domain_id, user_name))
+            .await?
+            .ok_or(AuthError::InvalidCredentials)?;
+        let user = self
+            .get_user(&user_id)
+            .await?
+            .ok_or(AuthError::InvalidCredentials)?;
+        if !user.enabled || !password::verify(password_given, &user.password_hash) {
+            return Err(AuthError::InvalidCredentials);
+        }
+        let project = match scope {
+            Scope::Unscoped => None,
+            Scope::ProjectId(id) => Some(
+                self.get_project(id)
+                    .await?
+                    .ok_or_else(|| AuthError::ProjectNotFound(id.clone()))?,
+            ),
+            Scope::ProjectName { name, domain_name } => {
+                let pdomain = self
+                    .domain_id_by_name(domain_name)
+                    .await?
+                    .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?;
+                let id = self
+                    .lookup_id(T_PROJECT_NAMES, &name_key(&pdomain, name))
+                    .await?
+                    .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?;
+                Some(
+                    self.get_project(&id)
+                        .await?
+                        .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?,
+                )
+            }
+        };
+        self.issue(user, project).await
+    }
+}
+
+impl Identity {
+    /// Projects on which the user holds any role.
+    pub async fn projects_of_user(&self, user_id: &str) -> Result<Vec<Project>, ClusterError> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (key, _) in self.cluster.list(T_ASSIGNMENTS, "", usize::MAX).await? {
+            let mut parts = key.splitn(3, '/');
+            let (Some(pid), Some(uid)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if uid == user_id && seen.insert(pid.to_owned()) {
+                if let Some(p) = self.get_project(pid).await? {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Issues a token for the same user with another scope (the `token` auth method).
+    pub async fn rescope(
+        &self,
+        claims: &Claims,
+        scope: &Scope,
+    ) -> Result<(String, Claims), AuthError> {
+        let user = self
+            .get_user(&claims.user_id)
+            .await?
+            .filter(|u| u.enabled)
+            .ok_or(AuthError::InvalidCredentials)?;
+        let project = match scope {
+            Scope::Unscoped => None,
+            Scope::ProjectId(id) => Some(
+                self.get_project(id)
+                    .await?
+                    .ok_or_else(|| AuthError::ProjectNotFound(id.clone()))?,
+            ),
+            Scope::ProjectName { name, domain_name } => {
+                let pdomain = self
+                    .domain_id_by_name(domain_name)
+                    .await?
+                    .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?;
+                let id = self
+                    .lookup_id(T_PROJECT_NAMES, &name_key(&pdomain, name))
+                    .await?
+                    .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?;
+                Some(
+                    self.get_project(&id)
+                        .await?
+                        .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?,
+                )
+            }
+        };
+        self.issue(user, project).await
+    }
+
+    async fn issue(
+        &self,
+        user: User,
+        project: Option<Project>,
+    ) -> Result<(String, Claims), AuthError> {
+        let roles = match &project {
+            Some(p) => {
+                let roles = self.roles_on_project(&user.id, &p.id).await?;
+                if roles.is_empty() {
+                    return Err(AuthError::NoRoleOnProject(p.name.clone()));
+                }
+                roles
+            }
+            None => Vec::new(),
+        };
+        let now = token::now_secs();
+        let claims = Claims {
+            kid: String::new(),
+            jti: new_id(),
+            user_id: user.id,
+            user_name: user.name,
+            domain_id: user.domain_id,
+            project_id: project.as_ref().map(|p| p.id.clone()),
+            project_name: project.map(|p| p.name),
+            roles,
+            iat: now,
+            exp: now + self.token_ttl,
+            issuer: self.node_name.clone(),
+        };
+        let token = self
+            .ring
+            .read()
+            .expect("key ring lock")
+            .sign(claims)
+            .ok_or(AuthError::NoSigningKey)?;
+        let claims = self.validate(&token).map_err(|_| AuthError::NoSigningKey)?;
+        Ok((token, claims))
+    }
+}
+
+/// Whether the token's roles include `role` (admin implies member implies reader).
+pub fn has_role(claims: &Claims, role: &str) -> bool {
+    let rank = |r: &str| match r {
+        "admin" => 3,
+        "member" => 2,
+        "reader" => 1,
+        _ => 0,
+    };
+    let need = rank(role);
+    claims
+        .roles
+        .iter()
+        .any(|r| r == role || (need > 0 && rank(r) >= need))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(roles: &[&str]) -> Claims {
+        Claims {
+            kid: String::new(),
+            jti: "j".into(),
+            user_id: "u".into(),
+            user_name: "n".into(),
+            domain_id: "default".into(),
+            project_id: Some("p".into()),
+            project_name: Some("p".into()),
+            roles: roles.iter().map(|s| s.to_string()).collect(),
+            iat: 0,
+            exp: 1,
+            issuer: "n1".into(),
+        }
+    }
+
+    #[test]
+    fn role_hierarchy() {
+        assert!(has_role(&claims(&["admin"]), "member"));
+        assert!(has_role(&claims(&["admin"]), "reader"));
+        assert!(has_role(&claims(&["member"]), "reader"));
+        assert!(!has_role(&claims(&["member"]), "admin"));
+        assert!(!has_role(&claims(&["reader"]), "member"));
+        assert!(!has_role(&claims(&[]), "reader"));
+    }
+}

@@ -1,0 +1,216 @@
+//! Running a node: `init`, `join` and `start` set up the cluster layer, then serve the API and
+//! the peer protocol in the foreground until Ctrl-C or SIGTERM, and drain cleanly.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use shoal_consensus::cluster::{Cluster, ClusterOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::{NodeConfig, CONFIG_FILE};
+use crate::identity::{password, Identity};
+
+fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
+    ClusterOptions {
+        data_dir: dir.to_owned(),
+        name: cfg.name.clone(),
+        raft_addr: cfg.listen,
+        api_addr: cfg.api,
+        zone: cfg.zone.clone(),
+        voters: cfg.cluster.voters,
+        replace_after: cfg.replace_after(),
+        stabilization: Duration::from_secs(cfg.cluster.membership_stabilization_secs),
+        snapshot_every: cfg.cluster.snapshot_every_entries,
+        heartbeat_ms: cfg.cluster.heartbeat_ms,
+        election_timeout_ms: cfg.cluster.election_timeout_ms,
+    }
+}
+
+fn refuse_existing(dir: &Path) -> anyhow::Result<()> {
+    if dir.join(CONFIG_FILE).exists() {
+        bail!(
+            "{} already holds a node; restart it with `shoal start --data-dir {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        bail!(
+            "{} is not empty but holds no node (an earlier init or join did not finish?); use an empty directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(())
+}
+
+/// The address clients should use: the API address, with an unspecified IP replaced by the
+/// peer address's IP, or loopback.
+fn base_url(cfg: &NodeConfig) -> String {
+    let mut addr = cfg.api;
+    if addr.ip().is_unspecified() {
+        let ip = if cfg.listen.ip().is_unspecified() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            cfg.listen.ip()
+        };
+        addr.set_ip(ip);
+    }
+    format!("http://{addr}")
+}
+
+fn write_openrc(dir: &Path, cfg: &NodeConfig, password: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("admin-openrc");
+    let text = format!(
+        "export OS_AUTH_URL={}/identity/v3\n\
+         export OS_USERNAME=admin\n\
+         export OS_PASSWORD={password}\n\
+         export OS_PROJECT_NAME=admin\n\
+         export OS_USER_DOMAIN_NAME=Default\n\
+         export OS_PROJECT_DOMAIN_NAME=Default\n\
+         export OS_IDENTITY_API_VERSION=3\n\
+         export OS_REGION_NAME={}\n",
+        base_url(cfg),
+        cfg.region
+    );
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(path)
+}
+
+pub async fn init(dir: PathBuf, cfg: NodeConfig) -> anyhow::Result<()> {
+    refuse_existing(&dir)?;
+    let api_listener = bind_api(&cfg).await?;
+    let cluster = Cluster::init(options(&dir, &cfg))
+        .await
+        .context("cannot create the cluster")?;
+    let identity = Identity::new(
+        cluster.clone(),
+        cfg.name.clone(),
+        cfg.identity.token_ttl_secs,
+    );
+    let admin_password = password::generate();
+    identity
+        .bootstrap(&admin_password)
+        .await
+        .context("cannot create the admin credential")?;
+    let openrc = write_openrc(&dir, &cfg, &admin_password)?;
+    let (_, token) = cluster
+        .create_join_token(
+            Duration::from_secs(24 * 3600),
+            "created by init".into(),
+            "admin".into(),
+        )
+        .await
+        .context("cannot create the first join token")?;
+    // The config file is written last: its presence means the node is complete.
+    cfg.save(&dir)?;
+    println!("cluster created; node {} is its first voter", cfg.name);
+    println!("admin credentials: {}", openrc.display());
+    println!(
+        "join another node with: shoal join --token TOKEN {} ...",
+        cfg.listen
+    );
+    println!("{token}");
+    serve(cfg, cluster, identity, api_listener).await
+}
+
+pub async fn join(dir: PathBuf, cfg: NodeConfig, token: &str, peer: &str) -> anyhow::Result<()> {
+    refuse_existing(&dir)?;
+    let api_listener = bind_api(&cfg).await?;
+    let cluster = Cluster::join(options(&dir, &cfg), peer, token)
+        .await
+        .with_context(|| format!("cannot join the cluster through {peer}"))?;
+    cfg.save(&dir)?;
+    println!("node {} joined the cluster as a learner", cfg.name);
+    let identity = Identity::new(
+        cluster.clone(),
+        cfg.name.clone(),
+        cfg.identity.token_ttl_secs,
+    );
+    serve(cfg, cluster, identity, api_listener).await
+}
+
+pub async fn start(dir: PathBuf) -> anyhow::Result<()> {
+    let cfg = NodeConfig::load(&dir)?;
+    let api_listener = bind_api(&cfg).await?;
+    let cluster = Cluster::start(options(&dir, &cfg))
+        .await
+        .context("cannot start the node")?;
+    let identity = Identity::new(
+        cluster.clone(),
+        cfg.name.clone(),
+        cfg.identity.token_ttl_secs,
+    );
+    serve(cfg, cluster, identity, api_listener).await
+}
+
+async fn bind_api(cfg: &NodeConfig) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .with_context(|| format!("cannot listen on the API address {}", cfg.api))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(
+    cfg: NodeConfig,
+    cluster: Cluster,
+    identity: Identity,
+    api_listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let state = AppState {
+        cluster: cluster.clone(),
+        identity: identity.clone(),
+        metrics: Arc::new(api::metrics::Metrics::default()),
+        base_url: base_url(&cfg),
+        region: cfg.region.clone(),
+    };
+    let keyring = tokio::spawn(identity.run_keyring_sync(stop.clone().cancelled_owned()));
+    let api_task = tokio::spawn(api::serve(
+        api_listener,
+        state,
+        stop.clone().cancelled_owned(),
+    ));
+    let cluster_task = tokio::spawn(cluster.clone().run(stop.clone().cancelled_owned()));
+    tracing::info!(name = %cfg.name, api = %cfg.api, peer = %cfg.listen, "node running");
+
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping"),
+        r = &mut Box::pin(async { stop.cancelled().await }) => r,
+    }
+    stop.cancel();
+    let _ = keyring.await;
+    match api_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "API task failed"),
+        Ok(Ok(())) => {}
+    }
+    match cluster_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "cluster stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "cluster task failed"),
+        Ok(Ok(())) => {}
+    }
+    cluster.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Voters and learners: joins beyond the voter count, replacement of a dead voter, removal.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Cluster};
+use serde_json::Value;
+
+fn role_of<'a>(status: &'a Value, name: &str) -> Option<&'a str> {
+    status["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)?["role"]
+        .as_str()
+}
+
+/// A 4th and 5th node join as learners while three voters are kept; a voter killed for longer
+/// than the replacement time is replaced by a learner; `node remove` takes a node out.
+#[test]
+fn learners_join_dead_voter_is_replaced_and_nodes_can_be_removed() {
+    let mut c = Cluster::start(
+        3,
+        &["--replace-after-secs", "3", "--stabilization-secs", "1"],
+    );
+    c.join_new();
+    c.join_new();
+    let status = c.wait_healthy(5);
+    assert_eq!(role_of(&status, "node4"), Some("learner"), "{status}");
+    assert_eq!(role_of(&status, "node5"), Some("learner"), "{status}");
+    let voters = |s: &Value| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "leader" || m["role"] == "voter")
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(voters(&status).len(), 3, "{status}");
+
+    // A learner serves reads and writes too.
+    c.kv_put(4, "from-learner", "yes").unwrap();
+    assert_eq!(
+        c.kv_get(3, "from-learner", "linearizable")
+            .unwrap()
+            .as_deref(),
+        Some("yes")
+    );
+
+    // Kill a voter that is not the leader; a learner takes its place.
+    let leader = c.leader_index();
+    let victim = (0..3).find(|i| *i != leader).unwrap();
+    let victim_name = c.nodes[victim].name.clone();
+    c.nodes[victim].kill9();
+    let status = wait_until(
+        "the dead voter to be replaced",
+        Duration::from_secs(60),
+        || {
+            let s = c.status(leader)?;
+            let v = voters(&s);
+            (v.len() == 3 && !v.contains(&victim_name)).then_some(s)
+        },
+    );
+    assert!(
+        voters(&status).iter().any(|n| n == "node4" || n == "node5"),
+        "a learner was promoted: {status}"
+    );
+    // Writes still work with the new voter set.
+    c.kv_put(leader, "after-replacement", "ok").unwrap();
+
+    // Remove the dead node for good.
+    let (ok, _, err) = c.cli(leader, &["node", "remove", &victim_name]);
+    assert!(ok, "{err}");
+    wait_until("the removed node to leave", Duration::from_secs(30), || {
+        let s = c.status(leader)?;
+        role_of(&s, &victim_name).is_none().then_some(())
+    });
+    let (ok, _, err) = c.cli(leader, &["node", "remove", "no-such-node"]);
+    assert!(!ok);
+    assert!(err.contains("not found"), "{err}");
+}
