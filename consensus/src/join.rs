@@ -119,7 +119,8 @@ impl JoinToken {
         ) else {
             return Err(TokenError::Malformed);
         };
-        let hex_ok = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let hex_ok =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !hex_ok(id, 16) || !hex_ok(secret, 64) || !hex_ok(fp, 64) {
             return Err(TokenError::Malformed);
         }
@@ -133,7 +134,11 @@ impl JoinToken {
 
 impl std::fmt::Display for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{PREFIX}.{}.{}.{}", self.id, self.secret, self.ca_fingerprint)
+        write!(
+            f,
+            "{PREFIX}.{}.{}.{}",
+            self.id, self.secret, self.ca_fingerprint
+        )
     }
 }
 
