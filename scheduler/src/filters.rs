@@ -139,6 +139,9 @@ pub(crate) struct HostCtx<'a> {
     pub host: &'a Host,
     pub ratios: AllocationRatios,
     pub metadata: &'a BTreeMap<String, Vec<String>>,
+    /// The host's architecture and hypervisor type, canonicalised.
+    pub arch: &'a str,
+    pub hv: &'a str,
 }
 
 impl HostCtx<'_> {
@@ -390,7 +393,7 @@ pub(crate) fn passes(
             req <= total && total * ctx.ratios.cpu - f64::from(h.vcpus_used) >= req
         }
         FilterKind::AggregateInstanceExtraSpecs => extra_specs_pass(ctx.metadata, &p.extra_specs),
-        FilterKind::ImageProperties => image_passes(h, p),
+        FilterKind::ImageProperties => image_passes(ctx, p),
         FilterKind::Json => p.query.as_ref().is_none_or(|q| q.host_passes(&ctx.vars())),
         FilterKind::ServerGroupAntiAffinity => match &p.group {
             Some(g) if g.policy == GroupPolicy::AntiAffinity => {
@@ -424,24 +427,19 @@ pub(crate) fn extra_specs_pass(
 /// asks for, and its hypervisor version must satisfy the image's requirement (a host that
 /// reports no version passes that part, as in Nova). As in Nova, an image that names neither
 /// an architecture nor a hypervisor type is supported everywhere, whatever version it asks for.
-fn image_passes(h: &Host, p: &Prepared) -> bool {
+fn image_passes(ctx: &HostCtx<'_>, p: &Prepared) -> bool {
     if p.image_arch.is_none() && p.image_hv.is_none() {
         return true;
     }
-    if let Some(arch) = &p.image_arch {
-        if canonical_arch(&h.architecture) != *arch {
-            return false;
-        }
+    if p.image_arch.as_deref().is_some_and(|a| a != ctx.arch) {
+        return false;
     }
-    if let Some(hv) = &p.image_hv {
-        if canonical_hv(&h.hypervisor_type) != *hv {
-            return false;
-        }
+    if p.image_hv.as_deref().is_some_and(|h| h != ctx.hv) {
+        return false;
     }
+    let version = ctx.host.hypervisor_version;
     match &p.image_version {
-        Some(req) if h.hypervisor_version != 0 => {
-            req.satisfied_by(version_from_int(h.hypervisor_version))
-        }
+        Some(req) if version != 0 => req.satisfied_by(version_from_int(version)),
         _ => true,
     }
 }

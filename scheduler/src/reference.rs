@@ -6,7 +6,10 @@ use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 
-use crate::filters::{self, effective_ratios, merge_metadata, GroupView, HostCtx, RequestError};
+use crate::filters::{
+    self, canonical_arch, canonical_hv, effective_ratios, merge_metadata, GroupView, HostCtx,
+    RequestError,
+};
 use crate::model::{apply_claim, Aggregate, Claim, Host, Request};
 use crate::scheduler::{claim_for, pick_index, FilterCount, NoValidHost, ScheduleError};
 use crate::weighers::{self, Bounds};
@@ -57,10 +60,21 @@ pub(crate) fn reference_select(
             })
             .collect();
         let has_hosts = counts.iter().any(|&c| c > 0);
+        let canon: Vec<(String, String)> = work
+            .iter()
+            .map(|h| {
+                (
+                    canonical_arch(&h.architecture),
+                    canonical_hv(&h.hypervisor_type),
+                )
+            })
+            .collect();
         let ctx = |i: usize| HostCtx {
             host: &work[i],
             ratios: effective_ratios(work[i].allocation_ratios, &metadata[i]),
             metadata: &metadata[i],
+            arch: &canon[i].0,
+            hv: &canon[i].1,
         };
         let mut list: Vec<usize> = match forced {
             Some(f) => vec![f],

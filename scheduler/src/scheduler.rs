@@ -202,6 +202,8 @@ pub struct Scheduler {
     agg_sets: Vec<BTreeMap<String, Vec<String>>>,
     host_set: Vec<u32>,
     ratios: Vec<AllocationRatios>,
+    /// Canonical (architecture, hypervisor type) per host.
+    canon: Vec<(String, String)>,
     by_az: HashMap<String, Vec<u32>>,
     /// Hosts whose aggregates carry a metadata key.
     by_meta_key: HashMap<String, Vec<u32>>,
@@ -229,6 +231,7 @@ impl Scheduler {
         let mut agg_sets = Vec::new();
         let mut host_set = Vec::with_capacity(hosts.len());
         let mut ratios = Vec::with_capacity(hosts.len());
+        let mut canon = Vec::with_capacity(hosts.len());
         let mut by_az: HashMap<String, Vec<u32>> = HashMap::new();
         let mut by_meta_key: HashMap<String, Vec<u32>> = HashMap::new();
         let mut instance_host = HashMap::new();
@@ -262,6 +265,10 @@ impl Scheduler {
             host_set.push(set);
             let meta = &agg_sets[set as usize];
             ratios.push(effective_ratios(h.allocation_ratios, meta));
+            canon.push((
+                filters::canonical_arch(&h.architecture),
+                filters::canonical_hv(&h.hypervisor_type),
+            ));
             by_az
                 .entry(h.availability_zone.clone())
                 .or_default()
@@ -285,6 +292,7 @@ impl Scheduler {
             agg_sets,
             host_set,
             ratios,
+            canon,
             by_az,
             by_meta_key,
             instance_host,
@@ -340,6 +348,8 @@ impl Scheduler {
             host: &self.hosts[i as usize],
             ratios: self.ratios[i as usize],
             metadata: &self.agg_sets[self.host_set[i as usize] as usize],
+            arch: &self.canon[i as usize].0,
+            hv: &self.canon[i as usize].1,
         }
     }
 

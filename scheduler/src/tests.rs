@@ -871,7 +871,11 @@ mod props {
     }
 
     fn arb_hosts() -> impl Strategy<Value = Vec<Host>> {
-        (1usize..12).prop_flat_map(|n| (0..n).map(arb_host).collect::<Vec<_>>())
+        arb_hosts_in(1..12)
+    }
+
+    fn arb_hosts_in(n: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Host>> {
+        n.prop_flat_map(|n| (0..n).map(arb_host).collect::<Vec<_>>())
     }
 
     /// A request template; `ids` and group members are filled in by the test.
@@ -1129,6 +1133,41 @@ mod props {
                 }
                 Err(ScheduleError::NoValidHost(e)) => prop_assert!(e.instance_index < n),
                 Err(e) => prop_assert!(false, "unexpected error {}", e),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// The same equivalence on clusters of hundreds of hosts and longer request streams,
+        /// where the threshold walk sees deep sorted indexes, many ties and filled hosts.
+        #[test]
+        fn indexed_equals_reference_large(
+            config in arb_config(),
+            hosts in arb_hosts_in(100..400),
+            tmpls in proptest::collection::vec(arb_tmpl(), 20..60),
+        ) {
+            let config = SchedulerConfig { scan_limit: config.scan_limit.min(16), ..config };
+            let mut s = Scheduler::new(config.clone(), hosts.clone(), aggregates()).unwrap();
+            let mut ref_hosts = hosts;
+            let mut rng = StdRng::seed_from_u64(config.seed);
+            let mut members = Vec::new();
+            for (k, t) in tmpls.iter().enumerate() {
+                let req = build(t, k, &ref_hosts, &members);
+                let want = reference_select(&ref_hosts, &aggregates(), &config, &mut rng, &req);
+                let got = s.select(&req);
+                prop_assert_eq!(&got, &want, "request {}", k);
+                if let Ok(claims) = got {
+                    for c in &claims {
+                        s.apply_claim(c).unwrap();
+                        let h = ref_hosts.iter_mut().find(|h| h.name == c.host).unwrap();
+                        apply_claim(h, c).unwrap();
+                    }
+                    if t.group.is_some() {
+                        members.extend(req.instance_ids.iter().cloned());
+                    }
+                }
             }
         }
     }
