@@ -175,6 +175,14 @@ struct ReqState {
     counts: HashMap<u32, u32>,
     /// AggregateInstanceExtraSpecsFilter result per aggregate set: 0 unknown, 1 pass, 2 fail.
     specs: Vec<u8>,
+    /// Per host class: whether its hosts can pass the availability-zone and extra-specs
+    /// filters. A class marked false holds only hosts that fail one of them.
+    class_ok: Vec<bool>,
+    /// Hosts in classes marked true.
+    candidates: usize,
+    /// Hosts seen by the current threshold walk: `seen[i] == epoch`.
+    seen: Vec<u32>,
+    epoch: u32,
 }
 
 impl ReqState {
@@ -188,6 +196,14 @@ impl ReqState {
     fn policy(&self) -> Option<GroupPolicy> {
         self.p.group.as_ref().map(|g| g.policy)
     }
+}
+
+/// Hosts sharing an availability zone and a set of aggregates.
+#[derive(Debug)]
+struct Class {
+    az: String,
+    set: u32,
+    hosts: Vec<u32>,
 }
 
 /// The scheduler: an indexed host view, the configuration and the seeded RNG.
@@ -204,9 +220,13 @@ pub struct Scheduler {
     ratios: Vec<AllocationRatios>,
     /// Canonical (architecture, hypervisor type) per host.
     canon: Vec<(String, String)>,
-    by_az: HashMap<String, Vec<u32>>,
-    /// Hosts whose aggregates carry a metadata key.
-    by_meta_key: HashMap<String, Vec<u32>>,
+    /// Hosts grouped by (availability zone, aggregate set): the zone and extra-specs
+    /// filters give the same answer for every host of a class.
+    classes: Vec<Class>,
+    host_class: Vec<u32>,
+    /// Scratch for the threshold walk, lent to each request (host → epoch last seen).
+    seen: Vec<u32>,
+    epoch: u32,
     instance_host: HashMap<String, u32>,
     /// Hosts sorted by the raw value of each indexed weigher.
     sorted: [BTreeSet<(i64, u32)>; INDEXED],
@@ -232,8 +252,9 @@ impl Scheduler {
         let mut host_set = Vec::with_capacity(hosts.len());
         let mut ratios = Vec::with_capacity(hosts.len());
         let mut canon = Vec::with_capacity(hosts.len());
-        let mut by_az: HashMap<String, Vec<u32>> = HashMap::new();
-        let mut by_meta_key: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut class_ids: HashMap<(String, u32), u32> = HashMap::new();
+        let mut classes: Vec<Class> = Vec::new();
+        let mut host_class = Vec::with_capacity(hosts.len());
         let mut instance_host = HashMap::new();
         for (i, h) in hosts.iter().enumerate() {
             let i = i as u32;
@@ -269,13 +290,17 @@ impl Scheduler {
                 filters::canonical_arch(&h.architecture),
                 filters::canonical_hv(&h.hypervisor_type),
             ));
-            by_az
-                .entry(h.availability_zone.clone())
-                .or_default()
-                .push(i);
-            for key in meta.keys() {
-                by_meta_key.entry(key.clone()).or_default().push(i);
-            }
+            let key = (h.availability_zone.clone(), set);
+            let class = *class_ids.entry(key).or_insert_with(|| {
+                classes.push(Class {
+                    az: h.availability_zone.clone(),
+                    set,
+                    hosts: Vec::new(),
+                });
+                (classes.len() - 1) as u32
+            });
+            classes[class as usize].hosts.push(i);
+            host_class.push(class);
             for inst in &h.instances {
                 if instance_host.insert(inst.clone(), i).is_some() {
                     return Err(ViewError::DuplicateInstance(inst.clone()));
@@ -286,6 +311,7 @@ impl Scheduler {
             rng: StdRng::seed_from_u64(config.seed),
             config,
             keys: vec![[0; INDEXED]; hosts.len()],
+            seen: vec![0; hosts.len()],
             hosts,
             aggregates,
             by_name,
@@ -293,8 +319,9 @@ impl Scheduler {
             host_set,
             ratios,
             canon,
-            by_az,
-            by_meta_key,
+            classes,
+            host_class,
+            epoch: 0,
             instance_host,
             sorted: Default::default(),
         };
@@ -375,18 +402,40 @@ impl Scheduler {
         }
     }
 
+    /// The extra-specs verdict for an aggregate set, computed once per request.
+    fn specs_pass(&self, set: usize, st: &mut ReqState) -> bool {
+        if st.specs[set] == 0 {
+            let pass = filters::extra_specs_pass(&self.agg_sets[set], &st.p.extra_specs);
+            st.specs[set] = if pass { 1 } else { 2 };
+        }
+        st.specs[set] == 1
+    }
+
+    /// Marks the host classes whose hosts can pass the zone and extra-specs filters (those
+    /// filters read only the zone and the aggregate set, which a class shares).
+    fn classify(&self, st: &mut ReqState) {
+        let on = |f: FilterKind| self.config.filters.contains(&f) && st.p.forced_host.is_none();
+        let check_az = on(FilterKind::AvailabilityZone);
+        let check_specs = on(FilterKind::AggregateInstanceExtraSpecs);
+        st.class_ok = Vec::with_capacity(self.classes.len());
+        st.candidates = 0;
+        for c in &self.classes {
+            let ok = (!check_az || st.p.az.as_ref().is_none_or(|az| *az == c.az))
+                && (!check_specs || self.specs_pass(c.set as usize, st));
+            if ok {
+                st.candidates += c.hosts.len();
+            }
+            st.class_ok.push(ok);
+        }
+    }
+
     /// Position in `config.filters` of the first filter that rejects host `i`.
     fn first_failing(&self, i: u32, st: &mut ReqState) -> Option<usize> {
         let ctx = self.ctx(i);
         let gv = st.group_view(i);
         for (n, &f) in self.config.filters.iter().enumerate() {
             let ok = if f == FilterKind::AggregateInstanceExtraSpecs && st.p.forced_host.is_none() {
-                let set = self.host_set[i as usize] as usize;
-                if st.specs[set] == 0 {
-                    let pass = filters::extra_specs_pass(ctx.metadata, &st.p.extra_specs);
-                    st.specs[set] = if pass { 1 } else { 2 };
-                }
-                st.specs[set] == 1
+                self.specs_pass(self.host_set[i as usize] as usize, st)
             } else {
                 filters::passes(f, &ctx, &st.p, gv)
             };
@@ -398,7 +447,8 @@ impl Scheduler {
     }
 
     fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
-        self.first_failing(i, st).is_none()
+        // A host of a class ruled out fails the zone or extra-specs filter: skip the rest.
+        st.class_ok[self.host_class[i as usize] as usize] && self.first_failing(i, st).is_none()
     }
 
     /// Places every instance of the request or none. Returns one claim per instance, in the
@@ -433,7 +483,12 @@ impl Scheduler {
             p,
             counts,
             specs: vec![0; self.agg_sets.len()],
+            class_ok: Vec::new(),
+            candidates: 0,
+            seen: std::mem::take(&mut self.seen),
+            epoch: self.epoch,
         };
+        self.classify(&mut st);
         let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
         let mut failure = None;
         for (n, id) in request.instance_ids.iter().enumerate() {
@@ -456,6 +511,8 @@ impl Scheduler {
         for c in claims.iter().rev() {
             self.revert(c);
         }
+        self.seen = st.seen;
+        self.epoch = st.epoch;
         match failure {
             Some(e) => Err(ScheduleError::NoValidHost(e)),
             None => Ok(claims),
@@ -505,50 +562,35 @@ impl Scheduler {
 
     /// The `host_subset_size` best eligible hosts, best first, as (score, host index).
     fn best(&self, st: &mut ReqState) -> Vec<(f64, u32)> {
-        // The smallest index-provided superset of the eligible hosts. An index narrows the
-        // candidates only if the filter it stands for is on.
-        let on = |f: FilterKind| self.config.filters.contains(&f);
-        let empty: &[u32] = &[];
-        let affinity_hosts: Option<Vec<u32>> = match &st.p.group {
-            Some(g)
-                if g.policy == GroupPolicy::Affinity
-                    && !st.counts.is_empty()
-                    && on(FilterKind::ServerGroupAffinity) =>
-            {
-                let mut v: Vec<u32> = st.counts.keys().copied().collect();
-                v.sort_unstable();
-                Some(v)
-            }
-            _ => None,
-        };
-        let mut smallest: Option<&[u32]> = affinity_hosts.as_deref();
-        if let Some(az) =
-            st.p.az
-                .as_ref()
-                .filter(|_| on(FilterKind::AvailabilityZone))
-        {
-            let s = self.by_az.get(az).map_or(empty, Vec::as_slice);
-            if smallest.is_none_or(|m| s.len() < m.len()) {
-                smallest = Some(s);
-            }
-        }
-        if on(FilterKind::AggregateInstanceExtraSpecs) {
-            for (key, _) in &st.p.extra_specs {
-                let s = self.by_meta_key.get(key).map_or(empty, Vec::as_slice);
-                if smallest.is_none_or(|m| s.len() < m.len()) {
-                    smallest = Some(s);
-                }
-            }
-        }
         let limit = self.config.scan_limit;
-        match smallest {
-            Some(s) if s.len() <= limit => {
-                let s = s.to_vec();
-                self.scan(s.into_iter(), st)
+        // The hosts of an affinity group that already has members.
+        if let Some(g) = &st.p.group {
+            if g.policy == GroupPolicy::Affinity
+                && !st.counts.is_empty()
+                && self
+                    .config
+                    .filters
+                    .contains(&FilterKind::ServerGroupAffinity)
+                && st.counts.len() <= limit
+            {
+                let hosts: Vec<u32> = st.counts.keys().copied().collect();
+                return self.scan(hosts.into_iter(), st);
             }
-            _ if self.hosts.len() <= limit => self.scan(0..self.hosts.len() as u32, st),
-            _ => self.threshold_walk(st),
         }
+        // The hosts of the classes that pass the zone and extra-specs filters: scan them if
+        // they are few, or a small part of the cloud (walking sorted indexes of all hosts
+        // would then mostly skip hosts of other classes).
+        if st.candidates <= limit || st.candidates * 4 < self.hosts.len() {
+            let hosts: Vec<u32> = self
+                .classes
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .flat_map(|(c, _)| c.hosts.iter().copied())
+                .collect();
+            return self.scan(hosts.into_iter(), st);
+        }
+        self.threshold_walk(st)
     }
 
     /// Filters and weighs the given hosts (in increasing index order).
@@ -660,9 +702,14 @@ impl Scheduler {
                 top.truncate(k);
             }
         };
-        let mut seen: HashSet<u32> = HashSet::new();
+        st.epoch = st.epoch.wrapping_add(1);
+        if st.epoch == 0 {
+            st.seen.iter_mut().for_each(|x| *x = 0);
+            st.epoch = 1;
+        }
+        let epoch = st.epoch;
         for &i in &members {
-            seen.insert(i);
+            st.seen[i as usize] = epoch;
             if self.eligible(i, st) {
                 push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
             }
@@ -692,7 +739,9 @@ impl Scheduler {
                     None => exhausted = true,
                     Some(&(key, i)) => {
                         bound[*w] = from_key(key);
-                        if seen.insert(i) && self.eligible(i, st) {
+                        let fresh = st.seen[i as usize] != epoch;
+                        st.seen[i as usize] = epoch;
+                        if fresh && self.eligible(i, st) {
                             push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
                         }
                     }
