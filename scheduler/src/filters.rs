@@ -191,7 +191,7 @@ impl VersionReq {
         Some(Self(out))
     }
 
-    fn satisfied_by(&self, v: [u64; 3]) -> bool {
+    pub(crate) fn satisfied_by(&self, v: [u64; 3]) -> bool {
         self.0.iter().all(|(op, want)| match op {
             VersionOp::Lt => v < *want,
             VersionOp::Le => v <= *want,
@@ -221,15 +221,17 @@ fn parse_version(s: &str) -> Option<[u64; 3]> {
 
 /// Nova's `convert_version_to_str`: 6002000 → 6.2.0 (groups of three digits).
 pub(crate) fn version_from_int(mut n: u64) -> [u64; 3] {
-    let mut groups = Vec::new();
+    // Least significant group first; a u64 has at most 7 groups.
+    let mut groups = [0u64; 7];
+    let mut len = 0;
     while n != 0 {
-        groups.push(n % 1000);
+        groups[len] = n % 1000;
         n /= 1000;
+        len += 1;
     }
-    groups.reverse();
     let mut v = [0u64; 3];
-    for (slot, g) in v.iter_mut().zip(groups) {
-        *slot = g;
+    for (j, slot) in v.iter_mut().enumerate().take(len) {
+        *slot = groups[len - 1 - j];
     }
     v
 }

@@ -220,54 +220,58 @@ impl Query {
         }
     }
 
-    fn eval(&self, vars: &HostVars) -> Val<'_> {
+    fn eval<'a>(&'a self, vars: &HostVars) -> Val<'a> {
         let Some(op) = self.op else {
             return Val::Bool(true);
         };
-        let args: Vec<Val<'_>> = self
-            .args
-            .iter()
-            .map(|a| match a {
-                Arg::Query(q) => q.eval(vars),
-                Arg::Var(v) => Val::Num(match v {
-                    Var::FreeRamMb => vars.free_ram_mb,
-                    Var::FreeDiskMb => vars.free_disk_mb,
-                    Var::TotalUsableRamMb => vars.total_usable_ram_mb,
-                    Var::VcpusTotal => vars.vcpus_total,
-                    Var::VcpusUsed => vars.vcpus_used,
-                }),
-                Arg::Num(n) => Val::Num(*n),
-                Arg::Str(s) => Val::Str(s),
-                Arg::Bool(b) => Val::Bool(*b),
-            })
-            .collect();
-        let compare = |pred: fn(Option<Ordering>) -> bool| -> Val<'_> {
+        // Python evaluates every argument first; evaluation has no side effects, so reading
+        // them lazily (and stopping early for `or`/`and`) gives the same result.
+        let arg = |a: &'a Arg| -> Val<'a> { eval_arg(a, vars) };
+        let args = &self.args;
+        let compare = |pred: fn(&Val<'a>, &Val<'a>) -> bool| -> Val<'a> {
             if args.len() < 2 {
                 return Val::Bool(false);
             }
-            Val::Bool(args[1..].iter().all(|b| pred(py_cmp(&args[0], b))))
+            let first = arg(&args[0]);
+            Val::Bool(args[1..].iter().all(|b| pred(&first, &arg(b))))
         };
         match op {
-            Op::Eq => {
-                if args.len() < 2 {
-                    return Val::Bool(false);
-                }
-                Val::Bool(args[1..].iter().all(|b| py_eq(&args[0], b)))
-            }
+            Op::Eq => compare(py_eq),
             Op::In => {
                 if args.len() < 2 {
                     return Val::Bool(false);
                 }
-                Val::Bool(args[1..].iter().any(|b| py_eq(&args[0], b)))
+                let first = arg(&args[0]);
+                Val::Bool(args[1..].iter().any(|b| py_eq(&first, &arg(b))))
             }
-            Op::Lt => compare(|o| o == Some(Ordering::Less)),
-            Op::Gt => compare(|o| o == Some(Ordering::Greater)),
-            Op::Le => compare(|o| matches!(o, Some(Ordering::Less | Ordering::Equal))),
-            Op::Ge => compare(|o| matches!(o, Some(Ordering::Greater | Ordering::Equal))),
-            Op::Not => Val::List(args.iter().map(|a| !a.truthy()).collect()),
-            Op::Or => Val::Bool(args.iter().any(Val::truthy)),
-            Op::And => Val::Bool(args.iter().all(Val::truthy)),
+            Op::Lt => compare(|a, b| py_cmp(a, b) == Some(Ordering::Less)),
+            Op::Gt => compare(|a, b| py_cmp(a, b) == Some(Ordering::Greater)),
+            Op::Le => {
+                compare(|a, b| matches!(py_cmp(a, b), Some(Ordering::Less | Ordering::Equal)))
+            }
+            Op::Ge => {
+                compare(|a, b| matches!(py_cmp(a, b), Some(Ordering::Greater | Ordering::Equal)))
+            }
+            Op::Not => Val::List(args.iter().map(|a| !arg(a).truthy()).collect()),
+            Op::Or => Val::Bool(args.iter().any(|a| arg(a).truthy())),
+            Op::And => Val::Bool(args.iter().all(|a| arg(a).truthy())),
         }
+    }
+}
+
+fn eval_arg<'a>(a: &'a Arg, vars: &HostVars) -> Val<'a> {
+    match a {
+        Arg::Query(q) => q.eval(vars),
+        Arg::Var(v) => Val::Num(match v {
+            Var::FreeRamMb => vars.free_ram_mb,
+            Var::FreeDiskMb => vars.free_disk_mb,
+            Var::TotalUsableRamMb => vars.total_usable_ram_mb,
+            Var::VcpusTotal => vars.vcpus_total,
+            Var::VcpusUsed => vars.vcpus_used,
+        }),
+        Arg::Num(n) => Val::Num(*n),
+        Arg::Str(s) => Val::Str(s),
+        Arg::Bool(b) => Val::Bool(*b),
     }
 }
 

@@ -148,6 +148,19 @@ pub(crate) fn claim_for(host: &Host, p: &Prepared, instance_id: &str) -> Claim {
     }
 }
 
+/// Keeps `top` as the best `k` candidates seen, best first (a total order: score, then index).
+fn push_top(top: &mut Vec<(f64, u32)>, k: usize, cand: (f64, u32)) {
+    if top.len() == k && !weighers::better(cand, top[k - 1]) {
+        return;
+    }
+    let pos = top
+        .iter()
+        .position(|&t| weighers::better(cand, t))
+        .unwrap_or(top.len());
+    top.insert(pos, cand);
+    top.truncate(k);
+}
+
 /// Order-preserving map of an f64 onto an i64 (and back: the map is its own inverse).
 fn key_of(x: f64) -> i64 {
     let b = x.to_bits() as i64;
@@ -183,12 +196,19 @@ struct ReqState {
     /// Hosts seen by the current threshold walk: `seen[i] == epoch`.
     seen: Vec<u32>,
     epoch: u32,
+    /// The image's canonical architecture and hypervisor type as interned ids
+    /// (`u32::MAX`: no host has it).
+    image_ids: (Option<u32>, Option<u32>),
 }
 
 impl ReqState {
     fn group_view(&self, i: u32) -> GroupView {
         GroupView {
-            members_on_host: self.counts.get(&i).copied().unwrap_or(0),
+            members_on_host: if self.counts.is_empty() {
+                0
+            } else {
+                self.counts.get(&i).copied().unwrap_or(0)
+            },
             group_has_hosts: !self.counts.is_empty(),
         }
     }
@@ -218,8 +238,10 @@ pub struct Scheduler {
     agg_sets: Vec<BTreeMap<String, Vec<String>>>,
     host_set: Vec<u32>,
     ratios: Vec<AllocationRatios>,
-    /// Canonical (architecture, hypervisor type) per host.
+    /// Canonical (architecture, hypervisor type) per host, as strings and as interned ids.
     canon: Vec<(String, String)>,
+    canon_ids: Vec<(u32, u32)>,
+    interned: HashMap<String, u32>,
     /// Hosts grouped by (availability zone, aggregate set): the zone and extra-specs
     /// filters give the same answer for every host of a class.
     classes: Vec<Class>,
@@ -252,6 +274,8 @@ impl Scheduler {
         let mut host_set = Vec::with_capacity(hosts.len());
         let mut ratios = Vec::with_capacity(hosts.len());
         let mut canon = Vec::with_capacity(hosts.len());
+        let mut canon_ids = Vec::with_capacity(hosts.len());
+        let mut interned: HashMap<String, u32> = HashMap::new();
         let mut class_ids: HashMap<(String, u32), u32> = HashMap::new();
         let mut classes: Vec<Class> = Vec::new();
         let mut host_class = Vec::with_capacity(hosts.len());
@@ -286,10 +310,14 @@ impl Scheduler {
             host_set.push(set);
             let meta = &agg_sets[set as usize];
             ratios.push(effective_ratios(h.allocation_ratios, meta));
-            canon.push((
-                filters::canonical_arch(&h.architecture),
-                filters::canonical_hv(&h.hypervisor_type),
-            ));
+            let arch = filters::canonical_arch(&h.architecture);
+            let hv = filters::canonical_hv(&h.hypervisor_type);
+            let mut intern = |s: &str| {
+                let next = interned.len() as u32;
+                *interned.entry(s.to_owned()).or_insert(next)
+            };
+            canon_ids.push((intern(&arch), intern(&hv)));
+            canon.push((arch, hv));
             let key = (h.availability_zone.clone(), set);
             let class = *class_ids.entry(key).or_insert_with(|| {
                 classes.push(Class {
@@ -319,6 +347,8 @@ impl Scheduler {
             host_set,
             ratios,
             canon,
+            canon_ids,
+            interned,
             classes,
             host_class,
             epoch: 0,
@@ -446,9 +476,37 @@ impl Scheduler {
         None
     }
 
+    /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
     fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
-        // A host of a class ruled out fails the zone or extra-specs filter: skip the rest.
-        st.class_ok[self.host_class[i as usize] as usize] && self.first_failing(i, st).is_none()
+        // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
+        // a forced host, for which those filters do not run).
+        if !st.class_ok[self.host_class[i as usize] as usize] {
+            return false;
+        }
+        let ctx = self.ctx(i);
+        let gv = st.group_view(i);
+        self.config.filters.iter().all(|&f| match f {
+            FilterKind::AvailabilityZone | FilterKind::AggregateInstanceExtraSpecs => true,
+            FilterKind::ImageProperties => self.image_ok(i, st),
+            _ => filters::passes(f, &ctx, &st.p, gv),
+        })
+    }
+
+    /// ImagePropertiesFilter on interned ids instead of strings.
+    fn image_ok(&self, i: u32, st: &ReqState) -> bool {
+        let (arch, hv) = st.image_ids;
+        if st.p.forced_host.is_some() || (arch.is_none() && hv.is_none()) {
+            return true;
+        }
+        let (host_arch, host_hv) = self.canon_ids[i as usize];
+        if arch.is_some_and(|a| a != host_arch) || hv.is_some_and(|h| h != host_hv) {
+            return false;
+        }
+        let version = self.hosts[i as usize].hypervisor_version;
+        match &st.p.image_version {
+            Some(req) if version != 0 => req.satisfied_by(filters::version_from_int(version)),
+            _ => true,
+        }
     }
 
     /// Places every instance of the request or none. Returns one claim per instance, in the
@@ -487,7 +545,13 @@ impl Scheduler {
             candidates: 0,
             seen: std::mem::take(&mut self.seen),
             epoch: self.epoch,
+            image_ids: (None, None),
         };
+        let id = |s: &String| self.interned.get(s).copied().unwrap_or(u32::MAX);
+        st.image_ids = (
+            st.p.image_arch.as_ref().map(id),
+            st.p.image_hv.as_ref().map(id),
+        );
         self.classify(&mut st);
         let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
         let mut failure = None;
@@ -605,19 +669,12 @@ impl Scheduler {
             }
         }
         let mult = self.config.multipliers.as_array();
-        let mut scored: Vec<(f64, u32)> = cands
-            .iter()
-            .map(|(i, raw)| (weighers::score(raw, &b, &mult), *i))
-            .collect();
-        scored.sort_by(|a, b| {
-            if weighers::better(*a, *b) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
-        scored.truncate(self.config.host_subset_size.max(1));
-        scored
+        let k = self.config.host_subset_size.max(1);
+        let mut top = Vec::with_capacity(k + 1);
+        for (i, raw) in &cands {
+            push_top(&mut top, k, (weighers::score(raw, &b, &mult), *i));
+        }
+        top
     }
 
     /// The threshold walk over the sorted weigher indexes (see the module docs).
@@ -692,16 +749,7 @@ impl Scheduler {
             return self.scan(0..self.hosts.len() as u32, st);
         }
         let mut top: Vec<(f64, u32)> = Vec::with_capacity(k + 1);
-        let push = |top: &mut Vec<(f64, u32)>, cand: (f64, u32)| {
-            let pos = top
-                .iter()
-                .position(|&t| weighers::better(cand, t))
-                .unwrap_or(top.len());
-            if pos < k {
-                top.insert(pos, cand);
-                top.truncate(k);
-            }
-        };
+        let push = |top: &mut Vec<(f64, u32)>, cand: (f64, u32)| push_top(top, k, cand);
         st.epoch = st.epoch.wrapping_add(1);
         if st.epoch == 0 {
             st.seen.iter_mut().for_each(|x| *x = 0);

@@ -1172,3 +1172,15 @@ mod props {
         }
     }
 }
+
+/// Nova's integer hypervisor versions decode in groups of three digits (6002000 is 6.2.0).
+#[test]
+fn hypervisor_version_decoding() {
+    use crate::filters::version_from_int;
+    assert_eq!(version_from_int(6_002_000), [6, 2, 0]);
+    assert_eq!(version_from_int(1_002_003), [1, 2, 3]);
+    assert_eq!(version_from_int(2_011), [2, 11, 0]);
+    assert_eq!(version_from_int(5), [5, 0, 0]);
+    assert_eq!(version_from_int(0), [0, 0, 0]);
+    assert_eq!(version_from_int(12_003_004_005), [12, 3, 4]);
+}
