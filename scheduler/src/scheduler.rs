@@ -13,7 +13,7 @@
 //!   the best score any unseen host could have. Server-group members are scored up front,
 //!   because only they can have a non-zero soft-affinity weight.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
 use rand::rngs::StdRng;
@@ -181,6 +181,53 @@ const INDEXED: usize = 3;
 /// A walk over one sorted weigher index, from its best end.
 type Walk<'a> = Box<dyn Iterator<Item = &'a (i64, u32)> + 'a>;
 
+/// The hosts of several sorted indexes in one order (a k-way merge): descending raw value
+/// if `desc`, ascending otherwise.
+struct Merge<'a> {
+    iters: Vec<Walk<'a>>,
+    heap: BinaryHeap<(i64, u32, usize)>,
+    desc: bool,
+}
+
+impl<'a> Merge<'a> {
+    fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool) -> Self {
+        let mut m = Merge {
+            iters: Vec::with_capacity(lists.len()),
+            heap: BinaryHeap::with_capacity(lists.len()),
+            desc,
+        };
+        for l in lists {
+            let it: Walk<'a> = if desc {
+                Box::new(l.iter().rev())
+            } else {
+                Box::new(l.iter())
+            };
+            m.iters.push(it);
+            let n = m.iters.len() - 1;
+            m.refill(n);
+        }
+        m
+    }
+
+    fn refill(&mut self, n: usize) {
+        if let Some(&(key, host)) = self.iters[n].next() {
+            // `!key` reverses the order without overflow, so the max-heap yields ascending.
+            let order = if self.desc { key } else { !key };
+            self.heap.push((order, host, n));
+        }
+    }
+}
+
+impl Iterator for Merge<'_> {
+    type Item = (i64, u32);
+
+    fn next(&mut self) -> Option<(i64, u32)> {
+        let (order, host, n) = self.heap.pop()?;
+        self.refill(n);
+        Some((if self.desc { order } else { !order }, host))
+    }
+}
+
 /// Per-request state shared by the picks of one request.
 struct ReqState {
     p: Prepared,
@@ -193,6 +240,8 @@ struct ReqState {
     class_ok: Vec<bool>,
     /// Hosts in classes marked true.
     candidates: usize,
+    /// Walk the per-class indexes of the candidate classes instead of the global ones.
+    per_class: bool,
     /// Hosts seen by the current threshold walk: `seen[i] == epoch`.
     seen: Vec<u32>,
     epoch: u32,
@@ -252,6 +301,8 @@ pub struct Scheduler {
     instance_host: HashMap<String, u32>,
     /// Hosts sorted by the raw value of each indexed weigher.
     sorted: [BTreeSet<(i64, u32)>; INDEXED],
+    /// The same, per host class.
+    class_sorted: Vec<[BTreeSet<(i64, u32)>; INDEXED]>,
     keys: Vec<[i64; INDEXED]>,
 }
 
@@ -354,7 +405,9 @@ impl Scheduler {
             epoch: 0,
             instance_host,
             sorted: Default::default(),
+            class_sorted: Vec::new(),
         };
+        s.class_sorted = (0..s.classes.len()).map(|_| Default::default()).collect();
         for i in 0..s.hosts.len() as u32 {
             s.index_insert(i);
         }
@@ -421,6 +474,7 @@ impl Scheduler {
         for w in 0..INDEXED {
             k[w] = key_of(raw[w]);
             self.sorted[w].insert((k[w], i));
+            self.class_sorted[self.host_class[i as usize] as usize][w].insert((k[w], i));
         }
         self.keys[i as usize] = k;
     }
@@ -429,6 +483,7 @@ impl Scheduler {
         let k = self.keys[i as usize];
         for (w, key) in k.iter().enumerate() {
             self.sorted[w].remove(&(*key, i));
+            self.class_sorted[self.host_class[i as usize] as usize][w].remove(&(*key, i));
         }
     }
 
@@ -457,6 +512,9 @@ impl Scheduler {
             }
             st.class_ok.push(ok);
         }
+        // When under half the hosts can pass, walking the candidate classes' own indexes
+        // costs less than skipping the other classes in the global ones.
+        st.per_class = st.candidates * 2 < self.hosts.len();
     }
 
     /// Position in `config.filters` of the first filter that rejects host `i`.
@@ -543,6 +601,7 @@ impl Scheduler {
             specs: vec![0; self.agg_sets.len()],
             class_ok: Vec::new(),
             candidates: 0,
+            per_class: false,
             seen: std::mem::take(&mut self.seen),
             epoch: self.epoch,
             image_ids: (None, None),
@@ -642,9 +701,8 @@ impl Scheduler {
             }
         }
         // The hosts of the classes that pass the zone and extra-specs filters: scan them if
-        // they are few, or a small part of the cloud (walking sorted indexes of all hosts
-        // would then mostly skip hosts of other classes).
-        if st.candidates <= limit || st.candidates * 4 < self.hosts.len() {
+        // they are few.
+        if st.candidates <= limit {
             let hosts: Vec<u32> = self
                 .classes
                 .iter()
@@ -677,6 +735,23 @@ impl Scheduler {
         top
     }
 
+    /// Hosts in the order of weigher `w` (descending if `desc`): all hosts, or only the
+    /// candidate classes' when the request rules most classes out.
+    fn walk<'a>(&'a self, w: usize, desc: bool, st: &ReqState) -> Merge<'a> {
+        if st.per_class {
+            let lists: Vec<&BTreeSet<(i64, u32)>> = self
+                .class_sorted
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .map(|(sets, _)| &sets[w])
+                .collect();
+            Merge::new(&lists, desc)
+        } else {
+            Merge::new(&[&self.sorted[w]], desc)
+        }
+    }
+
     /// The threshold walk over the sorted weigher indexes (see the module docs).
     fn threshold_walk(&self, st: &mut ReqState) -> Vec<(f64, u32)> {
         let k = self.config.host_subset_size.max(1);
@@ -692,12 +767,11 @@ impl Scheduler {
             if m == 0.0 {
                 continue;
             }
-            let Some(&(lo, _)) = self.sorted[w].iter().find(|(_, i)| self.eligible(*i, st)) else {
+            let Some((lo, _)) = self.walk(w, false, st).find(|(_, i)| self.eligible(*i, st)) else {
                 return Vec::new();
             };
-            let &(hi, _) = self.sorted[w]
-                .iter()
-                .rev()
+            let (hi, _) = self
+                .walk(w, true, st)
                 .find(|(_, i)| self.eligible(*i, st))
                 .expect("an eligible host exists");
             b.min[w] = from_key(lo);
@@ -727,9 +801,9 @@ impl Scheduler {
                     hi = hi.max(v);
                 }
             }
-            let non_member = self.sorted[0]
-                .iter()
-                .any(|(_, i)| !st.counts.contains_key(i) && self.eligible(*i, st));
+            let non_member = self
+                .walk(0, true, st)
+                .any(|(_, i)| !st.counts.contains_key(&i) && self.eligible(i, st));
             if non_member {
                 lo = lo.min(0.0);
                 hi = hi.max(0.0);
@@ -745,8 +819,15 @@ impl Scheduler {
             .filter(|&w| mult[w] != 0.0 && b.min[w] != b.max[w])
             .collect();
         if !found_any || walkers.is_empty() {
-            // Every unseen host would tie: fall back to a full pass, which is still exact.
-            return self.scan(0..self.hosts.len() as u32, st);
+            // Every unseen host would tie: fall back to a pass over the candidates.
+            let hosts: Vec<u32> = self
+                .classes
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .flat_map(|(c, _)| c.hosts.iter().copied())
+                .collect();
+            return self.scan(hosts.into_iter(), st);
         }
         let mut top: Vec<(f64, u32)> = Vec::with_capacity(k + 1);
         let push = |top: &mut Vec<(f64, u32)>, cand: (f64, u32)| push_top(top, k, cand);
@@ -762,16 +843,9 @@ impl Scheduler {
                 push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
             }
         }
-        let mut iters: Vec<(usize, Walk<'_>)> = walkers
+        let mut iters: Vec<(usize, Merge<'_>)> = walkers
             .iter()
-            .map(|&w| {
-                let it: Walk<'_> = if mult[w] > 0.0 {
-                    Box::new(self.sorted[w].iter().rev())
-                } else {
-                    Box::new(self.sorted[w].iter())
-                };
-                (w, it)
-            })
+            .map(|&w| (w, self.walk(w, mult[w] > 0.0, st)))
             .collect();
         // Raw values bounding every unseen host: the last value read from each walked index,
         // the lower bound for unwalked weighers (their terms are zero), and 0 for the soft
@@ -785,7 +859,7 @@ impl Scheduler {
             for (w, it) in iters.iter_mut() {
                 match it.next() {
                     None => exhausted = true,
-                    Some(&(key, i)) => {
+                    Some((key, i)) => {
                         bound[*w] = from_key(key);
                         let fresh = st.seen[i as usize] != epoch;
                         st.seen[i as usize] = epoch;
