@@ -185,6 +185,8 @@ pub enum ClaimError {
     WrongHost { claim: String, host: String },
     #[error("host `{0}` is not in the view")]
     UnknownHost(String),
+    #[error("instance `{0}` is already placed on a host")]
+    InstanceAlreadyPlaced(String),
     #[error("host `{host}` is at generation {found}, the claim was made at {expected}")]
     StaleGeneration {
         host: String,

@@ -436,6 +436,12 @@ impl Scheduler {
             .by_name
             .get(&claim.host)
             .ok_or_else(|| ClaimError::UnknownHost(claim.host.clone()))?;
+        let host = &self.hosts[i as usize];
+        if host.generation == claim.generation
+            && self.instance_host.contains_key(&claim.instance_id)
+        {
+            return Err(ClaimError::InstanceAlreadyPlaced(claim.instance_id.clone()));
+        }
         self.index_remove(i);
         let res = apply_claim(&mut self.hosts[i as usize], claim);
         if res.is_ok() {

@@ -719,6 +719,16 @@ fn claims_are_conditioned_on_generation() {
         apply_claim(&mut wrong, &a),
         Err(ClaimError::WrongHost { .. })
     ));
+    // The same instance cannot be placed twice, even with a current generation.
+    let again = Claim {
+        generation: 1,
+        ..a.clone()
+    };
+    assert_eq!(
+        s.apply_claim(&again),
+        Err(ClaimError::InstanceAlreadyPlaced(a.instance_id.clone()))
+    );
+    assert_eq!(s.host("h1").unwrap().generation, 1);
 }
 
 /// With `host_subset_size` > 1 the pick is random among the best hosts only, and the same
