@@ -1,13 +1,18 @@
-//! `shoal-loadtest`: benchmarks for Shoal. Each subcommand prints its figures; the ones kept go
-//! into docs/benchmarks.md with the command that produced them.
+//! `shoal-loadtest`: benchmarks for Shoal. Each scenario is a subcommand in its own module;
+//! results are printed as tables or, with `--json`, one JSON object per line, and the ones kept
+//! go into docs/benchmarks.md with the command that produced them.
+//!
+//! It drives clusters from outside, over their public APIs and processes, and calls libraries
+//! (scheduler, disk) directly: it must never depend on the `shoal` node crate.
+
+mod overlay;
+mod schedule;
+mod uring;
 
 use clap::{Parser, Subcommand};
 
-mod overlay;
-mod uring;
-
 #[derive(Debug, Parser)]
-#[command(name = "shoal-loadtest", about = "Benchmarks for Shoal")]
+#[command(name = "shoal-loadtest", about = "Benchmarks for Shoal", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Scheduling decisions per second of the shoal-scheduler library over synthetic hosts.
+    Schedule(schedule::Args),
     /// qcow2 overlay creation: shoal-disk against `qemu-img create`.
     Overlay(overlay::Args),
     /// Writing an image file through the io_uring writer against `cp`.
@@ -23,6 +30,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        // The scheduler benchmark measures one core: no runtime, no other threads.
+        Command::Schedule(args) => schedule::run(&args),
         Command::Overlay(args) => overlay::run(args),
         Command::Uring(args) => uring::run(args),
     }

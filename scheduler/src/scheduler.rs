@@ -1,0 +1,887 @@
+//! The indexed view of the hosts and the selection algorithm over it.
+//!
+//! Two ways to find the best hosts, both exact (they pick what a full filter-and-weigh pass
+//! over every host would pick):
+//!
+//! * **Scan** when an index narrows the candidates to at most `scan_limit` hosts (a forced
+//!   host, the hosts of an affinity group, an availability zone, the hosts of the aggregates
+//!   that carry a key the flavor's extra specs need): filter and weigh just those.
+//! * **Threshold walk** otherwise. Each resource weigher (free RAM, disk, vCPUs) keeps its
+//!   hosts in a sorted set. The normalisation bounds are the first eligible host from each end
+//!   of each set; then the sets are walked from their best end in lock-step (Fagin's threshold
+//!   algorithm), scoring eligible hosts as they appear, until the k-th best score found beats
+//!   the best score any unseen host could have. Server-group members are scored up front,
+//!   because only they can have a non-zero soft-affinity weight.
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::fmt;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::filters::{
+    self, effective_ratios, merge_metadata, FilterKind, GroupView, HostCtx, Prepared, RequestError,
+};
+use crate::model::{apply_claim, revert_claim, Aggregate, AllocationRatios, Claim, ClaimError};
+use crate::model::{GroupPolicy, Host, Request};
+use crate::weighers::{self, Bounds, Multipliers};
+
+/// Scheduler settings. Filters run in the order listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    pub filters: Vec<FilterKind>,
+    pub multipliers: Multipliers,
+    /// Pick at random among this many best hosts (Nova's `host_subset_size`).
+    pub host_subset_size: usize,
+    /// Seed of the random choice among the best hosts.
+    pub seed: u64,
+    /// Candidate sets at most this large are scanned instead of walked through the sorted
+    /// indexes. It changes speed only, never the answer.
+    pub scan_limit: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            filters: FilterKind::ALL.to_vec(),
+            multipliers: Multipliers::default(),
+            host_subset_size: 1,
+            seed: 0,
+            scan_limit: 256,
+        }
+    }
+}
+
+/// Why a host view could not be indexed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    #[error("host `{0}` appears twice")]
+    DuplicateHost(String),
+    #[error("aggregate `{0}` appears twice")]
+    DuplicateAggregate(String),
+    #[error("host `{host}` is in aggregate `{aggregate}`, which does not exist")]
+    UnknownAggregate { host: String, aggregate: String },
+    #[error("instance `{0}` is on more than one host, or twice on one")]
+    DuplicateInstance(String),
+}
+
+/// How many hosts one filter had to judge and how many it let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterCount {
+    pub filter: FilterKind,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl FilterCount {
+    /// Hosts this filter removed.
+    pub fn removed(&self) -> usize {
+        self.start - self.end
+    }
+}
+
+/// The structured "no valid host" answer: which instance of the request could not be placed,
+/// and how many hosts each filter removed, in order (what Nova logs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoValidHost {
+    /// Zero-based index of the instance that found no host.
+    pub instance_index: usize,
+    pub instances: usize,
+    /// Hosts considered before the first filter (1 for a forced host).
+    pub hosts: usize,
+    pub filters: Vec<FilterCount>,
+}
+
+impl fmt::Display for NoValidHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no valid host was found for instance {} of {}; filter results:",
+            self.instance_index + 1,
+            self.instances
+        )?;
+        for (n, c) in self.filters.iter().enumerate() {
+            let sep = if n == 0 { " " } else { ", " };
+            write!(
+                f,
+                "{sep}{}: (start: {}, end: {})",
+                c.filter.name(),
+                c.start,
+                c.end
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Why `select` placed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("the request is invalid")]
+    Request(#[from] RequestError),
+    #[error("{0}")]
+    NoValidHost(NoValidHost),
+    #[error("instance `{0}` is already placed or listed twice in the request")]
+    DuplicateInstance(String),
+}
+
+/// Picks one of the `n` best hosts. Both selectors call this, so a seed gives the same picks.
+pub(crate) fn pick_index(rng: &mut StdRng, n: usize) -> usize {
+    if n <= 1 {
+        0
+    } else {
+        rng.random_range(0..n)
+    }
+}
+
+/// Builds the claim for placing one instance of `p` on `host`.
+pub(crate) fn claim_for(host: &Host, p: &Prepared, instance_id: &str) -> Claim {
+    Claim {
+        host: host.name.clone(),
+        generation: host.generation,
+        instance_id: instance_id.to_owned(),
+        vcpus: p.vcpus,
+        ram_mb: p.ram_mb,
+        disk_mb: p.disk_mb,
+    }
+}
+
+/// Keeps `top` as the best `k` candidates seen, best first (a total order: score, then index).
+fn push_top(top: &mut Vec<(f64, u32)>, k: usize, cand: (f64, u32)) {
+    if top.len() == k && !weighers::better(cand, top[k - 1]) {
+        return;
+    }
+    let pos = top
+        .iter()
+        .position(|&t| weighers::better(cand, t))
+        .unwrap_or(top.len());
+    top.insert(pos, cand);
+    top.truncate(k);
+}
+
+/// Order-preserving map of an f64 onto an i64 (and back: the map is its own inverse).
+fn key_of(x: f64) -> i64 {
+    let b = x.to_bits() as i64;
+    if b < 0 {
+        b ^ i64::MAX
+    } else {
+        b
+    }
+}
+
+fn from_key(k: i64) -> f64 {
+    f64::from_bits((if k < 0 { k ^ i64::MAX } else { k }) as u64)
+}
+
+/// Number of weighers with a sorted index (free RAM, free disk, free vCPUs).
+const INDEXED: usize = 3;
+
+/// A walk over one sorted weigher index, from its best end.
+type Walk<'a> = Box<dyn Iterator<Item = &'a (i64, u32)> + 'a>;
+
+/// The hosts of several sorted indexes in one order (a k-way merge): descending raw value
+/// if `desc`, ascending otherwise.
+struct Merge<'a> {
+    iters: Vec<Walk<'a>>,
+    heap: BinaryHeap<(i64, u32, usize)>,
+    desc: bool,
+}
+
+impl<'a> Merge<'a> {
+    fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool) -> Self {
+        let mut m = Merge {
+            iters: Vec::with_capacity(lists.len()),
+            heap: BinaryHeap::with_capacity(lists.len()),
+            desc,
+        };
+        for l in lists {
+            let it: Walk<'a> = if desc {
+                Box::new(l.iter().rev())
+            } else {
+                Box::new(l.iter())
+            };
+            m.iters.push(it);
+            let n = m.iters.len() - 1;
+            m.refill(n);
+        }
+        m
+    }
+
+    fn refill(&mut self, n: usize) {
+        if let Some(&(key, host)) = self.iters[n].next() {
+            // `!key` reverses the order without overflow, so the max-heap yields ascending.
+            let order = if self.desc { key } else { !key };
+            self.heap.push((order, host, n));
+        }
+    }
+}
+
+impl Iterator for Merge<'_> {
+    type Item = (i64, u32);
+
+    fn next(&mut self) -> Option<(i64, u32)> {
+        let (order, host, n) = self.heap.pop()?;
+        self.refill(n);
+        Some((if self.desc { order } else { !order }, host))
+    }
+}
+
+/// Per-request state shared by the picks of one request.
+struct ReqState {
+    p: Prepared,
+    /// Group members per host index, counting earlier picks of this request.
+    counts: HashMap<u32, u32>,
+    /// AggregateInstanceExtraSpecsFilter result per aggregate set: 0 unknown, 1 pass, 2 fail.
+    specs: Vec<u8>,
+    /// Per host class: whether its hosts can pass the availability-zone and extra-specs
+    /// filters. A class marked false holds only hosts that fail one of them.
+    class_ok: Vec<bool>,
+    /// Hosts in classes marked true.
+    candidates: usize,
+    /// Walk the per-class indexes of the candidate classes instead of the global ones.
+    per_class: bool,
+    /// Hosts seen by the current threshold walk: `seen[i] == epoch`.
+    seen: Vec<u32>,
+    epoch: u32,
+    /// The image's canonical architecture and hypervisor type as interned ids
+    /// (`u32::MAX`: no host has it).
+    image_ids: (Option<u32>, Option<u32>),
+}
+
+impl ReqState {
+    fn group_view(&self, i: u32) -> GroupView {
+        GroupView {
+            members_on_host: if self.counts.is_empty() {
+                0
+            } else {
+                self.counts.get(&i).copied().unwrap_or(0)
+            },
+            group_has_hosts: !self.counts.is_empty(),
+        }
+    }
+
+    fn policy(&self) -> Option<GroupPolicy> {
+        self.p.group.as_ref().map(|g| g.policy)
+    }
+}
+
+/// Hosts sharing an availability zone and a set of aggregates.
+#[derive(Debug)]
+struct Class {
+    az: String,
+    set: u32,
+    hosts: Vec<u32>,
+}
+
+/// The scheduler: an indexed host view, the configuration and the seeded RNG.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    rng: StdRng,
+    hosts: Vec<Host>,
+    aggregates: Vec<Aggregate>,
+    by_name: HashMap<String, u32>,
+    /// Merged metadata of each distinct set of aggregates a host can be in.
+    agg_sets: Vec<BTreeMap<String, Vec<String>>>,
+    host_set: Vec<u32>,
+    ratios: Vec<AllocationRatios>,
+    /// Canonical (architecture, hypervisor type) per host, as strings and as interned ids.
+    canon: Vec<(String, String)>,
+    canon_ids: Vec<(u32, u32)>,
+    interned: HashMap<String, u32>,
+    /// Hosts grouped by (availability zone, aggregate set): the zone and extra-specs
+    /// filters give the same answer for every host of a class.
+    classes: Vec<Class>,
+    host_class: Vec<u32>,
+    /// Scratch for the threshold walk, lent to each request (host → epoch last seen).
+    seen: Vec<u32>,
+    epoch: u32,
+    instance_host: HashMap<String, u32>,
+    /// Hosts sorted by the raw value of each indexed weigher.
+    sorted: [BTreeSet<(i64, u32)>; INDEXED],
+    /// The same, per host class.
+    class_sorted: Vec<[BTreeSet<(i64, u32)>; INDEXED]>,
+    keys: Vec<[i64; INDEXED]>,
+}
+
+impl Scheduler {
+    /// Indexes a view of the hosts and their aggregates.
+    pub fn new(
+        config: SchedulerConfig,
+        hosts: Vec<Host>,
+        aggregates: Vec<Aggregate>,
+    ) -> Result<Self, ViewError> {
+        let mut agg_by_name: HashMap<&str, &Aggregate> = HashMap::new();
+        for a in &aggregates {
+            if agg_by_name.insert(&a.name, a).is_some() {
+                return Err(ViewError::DuplicateAggregate(a.name.clone()));
+            }
+        }
+        let mut by_name = HashMap::with_capacity(hosts.len());
+        let mut set_ids: HashMap<Vec<String>, u32> = HashMap::new();
+        let mut agg_sets = Vec::new();
+        let mut host_set = Vec::with_capacity(hosts.len());
+        let mut ratios = Vec::with_capacity(hosts.len());
+        let mut canon = Vec::with_capacity(hosts.len());
+        let mut canon_ids = Vec::with_capacity(hosts.len());
+        let mut interned: HashMap<String, u32> = HashMap::new();
+        let mut class_ids: HashMap<(String, u32), u32> = HashMap::new();
+        let mut classes: Vec<Class> = Vec::new();
+        let mut host_class = Vec::with_capacity(hosts.len());
+        let mut instance_host = HashMap::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let i = i as u32;
+            if by_name.insert(h.name.clone(), i).is_some() {
+                return Err(ViewError::DuplicateHost(h.name.clone()));
+            }
+            let mut names = h.aggregates.clone();
+            names.sort();
+            names.dedup();
+            for n in &names {
+                if !agg_by_name.contains_key(n.as_str()) {
+                    return Err(ViewError::UnknownAggregate {
+                        host: h.name.clone(),
+                        aggregate: n.clone(),
+                    });
+                }
+            }
+            let set = match set_ids.get(&names) {
+                Some(&s) => s,
+                None => {
+                    let merged =
+                        merge_metadata(names.iter().map(|n| &agg_by_name[n.as_str()].metadata));
+                    agg_sets.push(merged);
+                    let s = (agg_sets.len() - 1) as u32;
+                    set_ids.insert(names, s);
+                    s
+                }
+            };
+            host_set.push(set);
+            let meta = &agg_sets[set as usize];
+            ratios.push(effective_ratios(h.allocation_ratios, meta));
+            let arch = filters::canonical_arch(&h.architecture);
+            let hv = filters::canonical_hv(&h.hypervisor_type);
+            let mut intern = |s: &str| {
+                let next = interned.len() as u32;
+                *interned.entry(s.to_owned()).or_insert(next)
+            };
+            canon_ids.push((intern(&arch), intern(&hv)));
+            canon.push((arch, hv));
+            let key = (h.availability_zone.clone(), set);
+            let class = *class_ids.entry(key).or_insert_with(|| {
+                classes.push(Class {
+                    az: h.availability_zone.clone(),
+                    set,
+                    hosts: Vec::new(),
+                });
+                (classes.len() - 1) as u32
+            });
+            classes[class as usize].hosts.push(i);
+            host_class.push(class);
+            for inst in &h.instances {
+                if instance_host.insert(inst.clone(), i).is_some() {
+                    return Err(ViewError::DuplicateInstance(inst.clone()));
+                }
+            }
+        }
+        let mut s = Self {
+            rng: StdRng::seed_from_u64(config.seed),
+            config,
+            keys: vec![[0; INDEXED]; hosts.len()],
+            seen: vec![0; hosts.len()],
+            hosts,
+            aggregates,
+            by_name,
+            agg_sets,
+            host_set,
+            ratios,
+            canon,
+            canon_ids,
+            interned,
+            classes,
+            host_class,
+            epoch: 0,
+            instance_host,
+            sorted: Default::default(),
+            class_sorted: Vec::new(),
+        };
+        s.class_sorted = (0..s.classes.len()).map(|_| Default::default()).collect();
+        for i in 0..s.hosts.len() as u32 {
+            s.index_insert(i);
+        }
+        Ok(s)
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    pub fn aggregates(&self) -> &[Aggregate] {
+        &self.aggregates
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.by_name.get(name).map(|&i| &self.hosts[i as usize])
+    }
+
+    /// Applies a committed claim to the view (checking the generation it was made at).
+    pub fn apply_claim(&mut self, claim: &Claim) -> Result<(), ClaimError> {
+        let i = *self
+            .by_name
+            .get(&claim.host)
+            .ok_or_else(|| ClaimError::UnknownHost(claim.host.clone()))?;
+        let host = &self.hosts[i as usize];
+        if host.generation == claim.generation
+            && self.instance_host.contains_key(&claim.instance_id)
+        {
+            return Err(ClaimError::InstanceAlreadyPlaced(claim.instance_id.clone()));
+        }
+        self.index_remove(i);
+        let res = apply_claim(&mut self.hosts[i as usize], claim);
+        if res.is_ok() {
+            self.instance_host.insert(claim.instance_id.clone(), i);
+        }
+        self.index_insert(i);
+        res
+    }
+
+    fn revert(&mut self, claim: &Claim) {
+        let i = self.by_name[&claim.host];
+        self.index_remove(i);
+        revert_claim(&mut self.hosts[i as usize], claim);
+        self.instance_host.remove(&claim.instance_id);
+        self.index_insert(i);
+    }
+
+    fn ctx(&self, i: u32) -> HostCtx<'_> {
+        HostCtx {
+            host: &self.hosts[i as usize],
+            ratios: self.ratios[i as usize],
+            metadata: &self.agg_sets[self.host_set[i as usize] as usize],
+            arch: &self.canon[i as usize].0,
+            hv: &self.canon[i as usize].1,
+        }
+    }
+
+    fn raw(&self, i: u32, st: &ReqState) -> [f64; weighers::N] {
+        let members = st.counts.get(&i).copied().unwrap_or(0);
+        weighers::raw(&self.ctx(i), st.policy(), members)
+    }
+
+    fn index_insert(&mut self, i: u32) {
+        let raw = weighers::raw(&self.ctx(i), None, 0);
+        let mut k = [0; INDEXED];
+        for w in 0..INDEXED {
+            k[w] = key_of(raw[w]);
+            self.sorted[w].insert((k[w], i));
+            self.class_sorted[self.host_class[i as usize] as usize][w].insert((k[w], i));
+        }
+        self.keys[i as usize] = k;
+    }
+
+    fn index_remove(&mut self, i: u32) {
+        let k = self.keys[i as usize];
+        for (w, key) in k.iter().enumerate() {
+            self.sorted[w].remove(&(*key, i));
+            self.class_sorted[self.host_class[i as usize] as usize][w].remove(&(*key, i));
+        }
+    }
+
+    /// The extra-specs verdict for an aggregate set, computed once per request.
+    fn specs_pass(&self, set: usize, st: &mut ReqState) -> bool {
+        if st.specs[set] == 0 {
+            let pass = filters::extra_specs_pass(&self.agg_sets[set], &st.p.extra_specs);
+            st.specs[set] = if pass { 1 } else { 2 };
+        }
+        st.specs[set] == 1
+    }
+
+    /// Marks the host classes whose hosts can pass the zone and extra-specs filters (those
+    /// filters read only the zone and the aggregate set, which a class shares).
+    fn classify(&self, st: &mut ReqState) {
+        let on = |f: FilterKind| self.config.filters.contains(&f) && st.p.forced_host.is_none();
+        let check_az = on(FilterKind::AvailabilityZone);
+        let check_specs = on(FilterKind::AggregateInstanceExtraSpecs);
+        st.class_ok = Vec::with_capacity(self.classes.len());
+        st.candidates = 0;
+        for c in &self.classes {
+            let ok = (!check_az || st.p.az.as_ref().is_none_or(|az| *az == c.az))
+                && (!check_specs || self.specs_pass(c.set as usize, st));
+            if ok {
+                st.candidates += c.hosts.len();
+            }
+            st.class_ok.push(ok);
+        }
+        // When under half the hosts can pass, walking the candidate classes' own indexes
+        // costs less than skipping the other classes in the global ones.
+        st.per_class = st.candidates * 2 < self.hosts.len();
+    }
+
+    /// Position in `config.filters` of the first filter that rejects host `i`.
+    fn first_failing(&self, i: u32, st: &mut ReqState) -> Option<usize> {
+        let ctx = self.ctx(i);
+        let gv = st.group_view(i);
+        for (n, &f) in self.config.filters.iter().enumerate() {
+            let ok = if f == FilterKind::AggregateInstanceExtraSpecs && st.p.forced_host.is_none() {
+                self.specs_pass(self.host_set[i as usize] as usize, st)
+            } else {
+                filters::passes(f, &ctx, &st.p, gv)
+            };
+            if !ok {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
+    fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
+        // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
+        // a forced host, for which those filters do not run).
+        if !st.class_ok[self.host_class[i as usize] as usize] {
+            return false;
+        }
+        let ctx = self.ctx(i);
+        let gv = st.group_view(i);
+        self.config.filters.iter().all(|&f| match f {
+            FilterKind::AvailabilityZone | FilterKind::AggregateInstanceExtraSpecs => true,
+            FilterKind::ImageProperties => self.image_ok(i, st),
+            _ => filters::passes(f, &ctx, &st.p, gv),
+        })
+    }
+
+    /// ImagePropertiesFilter on interned ids instead of strings.
+    fn image_ok(&self, i: u32, st: &ReqState) -> bool {
+        let (arch, hv) = st.image_ids;
+        if st.p.forced_host.is_some() || (arch.is_none() && hv.is_none()) {
+            return true;
+        }
+        let (host_arch, host_hv) = self.canon_ids[i as usize];
+        if arch.is_some_and(|a| a != host_arch) || hv.is_some_and(|h| h != host_hv) {
+            return false;
+        }
+        let version = self.hosts[i as usize].hypervisor_version;
+        match &st.p.image_version {
+            Some(req) if version != 0 => req.satisfied_by(filters::version_from_int(version)),
+            _ => true,
+        }
+    }
+
+    /// Places every instance of the request or none. Returns one claim per instance, in the
+    /// order of `request.instance_ids`. The view is left as it was: apply the claims with
+    /// [`Scheduler::apply_claim`] once they are committed.
+    pub fn select(&mut self, request: &Request) -> Result<Vec<Claim>, ScheduleError> {
+        let p = filters::prepare(request)?;
+        let forced = match &p.forced_host {
+            Some(name) => Some(
+                *self
+                    .by_name
+                    .get(name)
+                    .ok_or_else(|| RequestError::UnknownForcedHost(name.clone()))?,
+            ),
+            None => None,
+        };
+        let mut ids = HashSet::with_capacity(request.instance_ids.len());
+        for id in &request.instance_ids {
+            if !ids.insert(id.as_str()) || self.instance_host.contains_key(id) {
+                return Err(ScheduleError::DuplicateInstance(id.clone()));
+            }
+        }
+        let mut counts = HashMap::new();
+        if let Some(g) = &p.group {
+            for m in &g.members {
+                if let Some(&h) = self.instance_host.get(m) {
+                    *counts.entry(h).or_insert(0) += 1;
+                }
+            }
+        }
+        let mut st = ReqState {
+            p,
+            counts,
+            specs: vec![0; self.agg_sets.len()],
+            class_ok: Vec::new(),
+            candidates: 0,
+            per_class: false,
+            seen: std::mem::take(&mut self.seen),
+            epoch: self.epoch,
+            image_ids: (None, None),
+        };
+        let id = |s: &String| self.interned.get(s).copied().unwrap_or(u32::MAX);
+        st.image_ids = (
+            st.p.image_arch.as_ref().map(id),
+            st.p.image_hv.as_ref().map(id),
+        );
+        self.classify(&mut st);
+        let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
+        let mut failure = None;
+        for (n, id) in request.instance_ids.iter().enumerate() {
+            let top = match forced {
+                Some(f) => self.scan([f].into_iter(), &mut st),
+                None => self.best(&mut st),
+            };
+            if top.is_empty() {
+                failure = Some(self.no_valid_host(n, request.instance_ids.len(), forced, &mut st));
+                break;
+            }
+            let choice = pick_index(&mut self.rng, top.len());
+            let i = top[choice].1;
+            let claim = claim_for(&self.hosts[i as usize], &st.p, id);
+            self.apply_claim(&claim)
+                .expect("a claim made from the view applies to it");
+            *st.counts.entry(i).or_insert(0) += 1;
+            claims.push(claim);
+        }
+        for c in claims.iter().rev() {
+            self.revert(c);
+        }
+        self.seen = st.seen;
+        self.epoch = st.epoch;
+        match failure {
+            Some(e) => Err(ScheduleError::NoValidHost(e)),
+            None => Ok(claims),
+        }
+    }
+
+    fn no_valid_host(
+        &self,
+        n: usize,
+        instances: usize,
+        forced: Option<u32>,
+        st: &mut ReqState,
+    ) -> NoValidHost {
+        let universe: Vec<u32> = match forced {
+            Some(f) => vec![f],
+            None => (0..self.hosts.len() as u32).collect(),
+        };
+        let mut removed = vec![0usize; self.config.filters.len()];
+        for &i in &universe {
+            if let Some(f) = self.first_failing(i, st) {
+                removed[f] += 1;
+            }
+        }
+        let mut start = universe.len();
+        let filters = self
+            .config
+            .filters
+            .iter()
+            .zip(removed)
+            .map(|(&filter, r)| {
+                let c = FilterCount {
+                    filter,
+                    start,
+                    end: start - r,
+                };
+                start -= r;
+                c
+            })
+            .collect();
+        NoValidHost {
+            instance_index: n,
+            instances,
+            hosts: universe.len(),
+            filters,
+        }
+    }
+
+    /// The `host_subset_size` best eligible hosts, best first, as (score, host index).
+    fn best(&self, st: &mut ReqState) -> Vec<(f64, u32)> {
+        let limit = self.config.scan_limit;
+        // The hosts of an affinity group that already has members.
+        if let Some(g) = &st.p.group {
+            if g.policy == GroupPolicy::Affinity
+                && !st.counts.is_empty()
+                && self
+                    .config
+                    .filters
+                    .contains(&FilterKind::ServerGroupAffinity)
+                && st.counts.len() <= limit
+            {
+                let hosts: Vec<u32> = st.counts.keys().copied().collect();
+                return self.scan(hosts.into_iter(), st);
+            }
+        }
+        // The hosts of the classes that pass the zone and extra-specs filters: scan them if
+        // they are few.
+        if st.candidates <= limit {
+            let hosts: Vec<u32> = self
+                .classes
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .flat_map(|(c, _)| c.hosts.iter().copied())
+                .collect();
+            return self.scan(hosts.into_iter(), st);
+        }
+        self.threshold_walk(st)
+    }
+
+    /// Filters and weighs the given hosts (in increasing index order).
+    fn scan(&self, hosts: impl Iterator<Item = u32>, st: &mut ReqState) -> Vec<(f64, u32)> {
+        let mut cands: Vec<(u32, [f64; weighers::N])> = Vec::new();
+        let mut b = Bounds::empty();
+        for i in hosts {
+            if self.eligible(i, st) {
+                let raw = self.raw(i, st);
+                b.add(&raw);
+                cands.push((i, raw));
+            }
+        }
+        let mult = self.config.multipliers.as_array();
+        let k = self.config.host_subset_size.max(1);
+        let mut top = Vec::with_capacity(k + 1);
+        for (i, raw) in &cands {
+            push_top(&mut top, k, (weighers::score(raw, &b, &mult), *i));
+        }
+        top
+    }
+
+    /// Hosts in the order of weigher `w` (descending if `desc`): all hosts, or only the
+    /// candidate classes' when the request rules most classes out.
+    fn walk<'a>(&'a self, w: usize, desc: bool, st: &ReqState) -> Merge<'a> {
+        if st.per_class {
+            let lists: Vec<&BTreeSet<(i64, u32)>> = self
+                .class_sorted
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .map(|(sets, _)| &sets[w])
+                .collect();
+            Merge::new(&lists, desc)
+        } else {
+            Merge::new(&[&self.sorted[w]], desc)
+        }
+    }
+
+    /// The threshold walk over the sorted weigher indexes (see the module docs).
+    fn threshold_walk(&self, st: &mut ReqState) -> Vec<(f64, u32)> {
+        let k = self.config.host_subset_size.max(1);
+        let mult = self.config.multipliers.as_array();
+        let mut b = Bounds {
+            min: [0.0; weighers::N],
+            max: [0.0; weighers::N],
+        };
+        // Normalisation bounds of the resource weighers: the first eligible host from each
+        // end of each sorted index.
+        let mut found_any = false;
+        for (w, &m) in mult.iter().enumerate().take(INDEXED) {
+            if m == 0.0 {
+                continue;
+            }
+            let Some((lo, _)) = self.walk(w, false, st).find(|(_, i)| self.eligible(*i, st)) else {
+                return Vec::new();
+            };
+            let (hi, _) = self
+                .walk(w, true, st)
+                .find(|(_, i)| self.eligible(*i, st))
+                .expect("an eligible host exists");
+            b.min[w] = from_key(lo);
+            b.max[w] = from_key(hi);
+            found_any = true;
+        }
+        // Soft group weigher: only members can have a non-zero raw value.
+        let soft = match st.policy() {
+            Some(GroupPolicy::SoftAffinity) if mult[weighers::SOFT_AFFINITY] != 0.0 => {
+                Some(weighers::SOFT_AFFINITY)
+            }
+            Some(GroupPolicy::SoftAntiAffinity) if mult[weighers::SOFT_ANTI_AFFINITY] != 0.0 => {
+                Some(weighers::SOFT_ANTI_AFFINITY)
+            }
+            _ => None,
+        };
+        let mut members: Vec<u32> = Vec::new();
+        if let Some(w) = soft {
+            members = st.counts.keys().copied().collect();
+            members.sort_unstable();
+            let mut lo = f64::INFINITY;
+            let mut hi = f64::NEG_INFINITY;
+            for &i in &members {
+                if self.eligible(i, st) {
+                    let v = self.raw(i, st)[w];
+                    lo = lo.min(v);
+                    hi = hi.max(v);
+                }
+            }
+            let non_member = self
+                .walk(0, true, st)
+                .any(|(_, i)| !st.counts.contains_key(&i) && self.eligible(i, st));
+            if non_member {
+                lo = lo.min(0.0);
+                hi = hi.max(0.0);
+            }
+            if lo > hi {
+                return Vec::new();
+            }
+            b.min[w] = lo;
+            b.max[w] = hi;
+            found_any = true;
+        }
+        let walkers: Vec<usize> = (0..INDEXED)
+            .filter(|&w| mult[w] != 0.0 && b.min[w] != b.max[w])
+            .collect();
+        if !found_any || walkers.is_empty() {
+            // Every unseen host would tie: fall back to a pass over the candidates.
+            let hosts: Vec<u32> = self
+                .classes
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .flat_map(|(c, _)| c.hosts.iter().copied())
+                .collect();
+            return self.scan(hosts.into_iter(), st);
+        }
+        let mut top: Vec<(f64, u32)> = Vec::with_capacity(k + 1);
+        let push = |top: &mut Vec<(f64, u32)>, cand: (f64, u32)| push_top(top, k, cand);
+        st.epoch = st.epoch.wrapping_add(1);
+        if st.epoch == 0 {
+            st.seen.iter_mut().for_each(|x| *x = 0);
+            st.epoch = 1;
+        }
+        let epoch = st.epoch;
+        for &i in &members {
+            st.seen[i as usize] = epoch;
+            if self.eligible(i, st) {
+                push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
+            }
+        }
+        let mut iters: Vec<(usize, Merge<'_>)> = walkers
+            .iter()
+            .map(|&w| (w, self.walk(w, mult[w] > 0.0, st)))
+            .collect();
+        // Raw values bounding every unseen host: the last value read from each walked index,
+        // the lower bound for unwalked weighers (their terms are zero), and 0 for the soft
+        // weighers (unseen hosts are not members).
+        let mut bound = b.min;
+        if let Some(w) = soft {
+            bound[w] = 0.0;
+        }
+        loop {
+            let mut exhausted = false;
+            for (w, it) in iters.iter_mut() {
+                match it.next() {
+                    None => exhausted = true,
+                    Some((key, i)) => {
+                        bound[*w] = from_key(key);
+                        let fresh = st.seen[i as usize] != epoch;
+                        st.seen[i as usize] = epoch;
+                        if fresh && self.eligible(i, st) {
+                            push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
+                        }
+                    }
+                }
+            }
+            if exhausted {
+                break;
+            }
+            if top.len() == k && top[k - 1].0 > weighers::score(&bound, &b, &mult) {
+                break;
+            }
+        }
+        top
+    }
+}
