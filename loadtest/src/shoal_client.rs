@@ -1,0 +1,479 @@
+//! A Shoal cluster started with `shoal dev`, and the client side of the node's API contract:
+//! Keystone password auth, `PUT/GET /shoal/v1/kv/{key}`, `GET /shoal/v1/status`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::procs::{kill_pid, pid_alive, pid_listening_on, ProcGuard};
+
+/// The credentials `shoal dev` writes to `DIR/node1/admin-openrc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRc {
+    pub auth_url: String,
+    pub username: String,
+    pub password: String,
+    pub project_name: String,
+    pub user_domain_name: String,
+    pub project_domain_name: String,
+}
+
+impl OpenRc {
+    /// Parses the `export OS_X=value` lines of an openrc file. Values may be single- or
+    /// double-quoted; comments and other lines are ignored. The domains default to `Default`
+    /// as in python-openstackclient.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut vars = HashMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            if !key.starts_with("OS_") {
+                continue;
+            }
+            vars.insert(key.trim().to_owned(), unquote(value.trim()));
+        }
+        let mut take = |k: &str| vars.remove(k);
+        let auth_url = take("OS_AUTH_URL").context("openrc has no OS_AUTH_URL")?;
+        let password = take("OS_PASSWORD").context("openrc has no OS_PASSWORD")?;
+        Ok(Self {
+            auth_url: auth_url.trim_end_matches('/').to_owned(),
+            username: take("OS_USERNAME").unwrap_or_else(|| "admin".into()),
+            password,
+            project_name: take("OS_PROJECT_NAME").unwrap_or_else(|| "admin".into()),
+            user_domain_name: take("OS_USER_DOMAIN_NAME").unwrap_or_else(|| "Default".into()),
+            project_domain_name: take("OS_PROJECT_DOMAIN_NAME").unwrap_or_else(|| "Default".into()),
+        })
+    }
+
+    /// `scheme://host:port` of the auth URL: the API base of the node that wrote the file.
+    pub fn api_base(&self) -> Result<String> {
+        let url = reqwest::Url::parse(&self.auth_url)
+            .with_context(|| format!("OS_AUTH_URL {:?} is not a URL", self.auth_url))?;
+        Ok(url.origin().ascii_serialization())
+    }
+
+    /// The Keystone v3 password-auth request body, scoped to the project.
+    pub fn auth_body(&self) -> serde_json::Value {
+        json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "name": self.username,
+                "domain": {"name": self.user_domain_name},
+                "password": self.password,
+            }}},
+            "scope": {"project": {
+                "name": self.project_name,
+                "domain": {"name": self.project_domain_name},
+            }},
+        }})
+    }
+}
+
+fn unquote(v: &str) -> String {
+    for q in ['\'', '"'] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|s| s.strip_suffix(q)) {
+            return inner.to_owned();
+        }
+    }
+    v.to_owned()
+}
+
+/// `GET /shoal/v1/status`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    pub leader: Option<String>,
+    pub term: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub role: String,
+    /// `127.0.0.1:PORT`, the member's API address.
+    pub api: String,
+    pub healthy: bool,
+}
+
+impl Status {
+    /// A leader is known and listed in the role of leader, and `nodes` members are listed,
+    /// all healthy.
+    pub fn settled(&self, nodes: usize) -> bool {
+        let Some(leader) = &self.leader else {
+            return false;
+        };
+        self.member(leader).is_some_and(|m| m.role == "leader")
+            && self.members.len() == nodes
+            && self.members.iter().all(|m| m.healthy)
+    }
+
+    pub fn member(&self, name: &str) -> Option<&MemberStatus> {
+        self.members.iter().find(|m| m.name == name)
+    }
+}
+
+impl MemberStatus {
+    pub fn base(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    pub fn port(&self) -> Result<u16> {
+        self.api
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .with_context(|| format!("member {} has no port in api {:?}", self.name, self.api))
+    }
+}
+
+/// Authenticates against Keystone; returns the `X-Subject-Token`.
+pub async fn issue_token(http: &reqwest::Client, rc: &OpenRc) -> Result<String> {
+    let resp = http
+        .post(format!("{}/auth/tokens", rc.auth_url))
+        .json(&rc.auth_body())
+        .send()
+        .await
+        .context("POST /auth/tokens")?;
+    let status = resp.status();
+    let token = resp
+        .headers()
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        bail!("POST /auth/tokens: {status}: {body}");
+    }
+    token.context("POST /auth/tokens: no X-Subject-Token header in the reply")
+}
+
+/// One client's view of one node: a keep-alive HTTP client, the node's API base and a token.
+#[derive(Debug, Clone)]
+pub struct ShoalWriter {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ShoalWriter {
+    pub fn new(http: reqwest::Client, base: &str, token: &str) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// `PUT /shoal/v1/kv/{key}`; returns the revision of the write.
+    pub async fn put(&self, key: &str, value: &[u8]) -> Result<u64> {
+        let resp = self
+            .http
+            .put(format!("{}/shoal/v1/kv/{key}", self.base))
+            .header("x-auth-token", &self.token)
+            .body(value.to_vec())
+            .send()
+            .await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            bail!("{status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        let reply: PutReply = serde_json::from_slice(&bytes)
+            .with_context(|| format!("put reply: {}", String::from_utf8_lossy(&bytes)))?;
+        Ok(reply.revision)
+    }
+
+    /// `GET /shoal/v1/kv/{key}?consistency=linearizable`; the stored bytes.
+    pub async fn get_linearizable(&self, key: &str) -> Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(format!("{}/shoal/v1/kv/{key}", self.base))
+            .query(&[("consistency", "linearizable")])
+            .header("x-auth-token", &self.token)
+            .send()
+            .await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            bail!("GET {key}: {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let resp = self
+            .http
+            .get(format!("{}/shoal/v1/status", self.base))
+            .header("x-auth-token", &self.token)
+            .send()
+            .await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            bail!(
+                "GET /shoal/v1/status: {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "GET /shoal/v1/status: unexpected reply {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PutReply {
+    revision: u64,
+}
+
+/// `shoal dev --nodes N --dir DIR` in the foreground (it starts the nodes), and the members we
+/// restarted ourselves with `shoal start` after killing them.
+#[derive(Debug)]
+pub struct ShoalCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    logs: PathBuf,
+    nodes: usize,
+    dev_pid: u32,
+    pub token: String,
+    /// The last status seen with all members healthy.
+    pub status: Status,
+    restarts: usize,
+}
+
+impl ShoalCluster {
+    /// Starts `shoal dev` with its data under `dir` (which it creates) and logs in `logs`,
+    /// waits for the admin openrc, authenticates, and waits until the status shows a leader
+    /// and all `nodes` members healthy.
+    pub async fn start(
+        procs: &mut ProcGuard,
+        bin: &Path,
+        dir: &Path,
+        logs: &Path,
+        nodes: usize,
+        http: &reqwest::Client,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["dev", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir);
+        let log = logs.join("shoal-dev.log");
+        let dev_pid = procs.spawn("shoal dev", cmd, &log)?;
+        let with_log = |e: anyhow::Error| e.context(format!("shoal dev log: {}", log.display()));
+
+        let openrc = dir.join("node1").join("admin-openrc");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let rc = loop {
+            procs.check_running().map_err(with_log)?;
+            // The file may be seen half-written: retry until it parses.
+            if let Ok(rc) = std::fs::read_to_string(&openrc)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| OpenRc::parse(&t))
+            {
+                break rc;
+            }
+            if Instant::now() > deadline {
+                return Err(with_log(anyhow!("{} did not appear", openrc.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let base = rc.api_base()?;
+        let token = loop {
+            procs.check_running().map_err(with_log)?;
+            match issue_token(http, &rc).await {
+                Ok(t) => break t,
+                Err(e) if Instant::now() > deadline => return Err(with_log(e)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let mut cluster = Self {
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            logs: logs.to_owned(),
+            nodes,
+            dev_pid,
+            token: token.clone(),
+            status: Status {
+                leader: None,
+                term: 0,
+                members: Vec::new(),
+            },
+            restarts: 0,
+        };
+        let entry = ShoalWriter::new(http.clone(), &base, &token);
+        cluster.status = cluster
+            .wait_settled(procs, &[entry], Duration::from_secs(120))
+            .await
+            .map_err(with_log)?;
+        Ok(cluster)
+    }
+
+    /// Polls the status through `via` (the first that answers) until it is settled.
+    pub async fn wait_settled(
+        &self,
+        procs: &mut ProcGuard,
+        via: &[ShoalWriter],
+        timeout: Duration,
+    ) -> Result<Status> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no status answered");
+        loop {
+            procs.check_running()?;
+            for w in via {
+                match w.status().await {
+                    Ok(st) if st.settled(self.nodes) => return Ok(st),
+                    Ok(st) => last = format!("{st:?}"),
+                    Err(e) => last = format!("{e:#}"),
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("shoal cluster not settled after {timeout:?}; last: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A writer for each member, in status order.
+    pub fn writers(&self, http: &reqwest::Client) -> Vec<ShoalWriter> {
+        self.status
+            .members
+            .iter()
+            .map(|m| ShoalWriter::new(http.clone(), &m.base(), &self.token))
+            .collect()
+    }
+
+    /// SIGKILLs the process serving member `name`'s API. It is found by its listening port
+    /// because `shoal dev` spawned it; a member we restarted earlier is our own child.
+    pub fn kill(&mut self, procs: &mut ProcGuard, name: &str) -> Result<()> {
+        let member = self
+            .status
+            .member(name)
+            .with_context(|| format!("no member {name} in the status"))?;
+        let port = member.port()?;
+        let pid = pid_listening_on(port)?;
+        if pid == self.dev_pid {
+            bail!(
+                "member {name} runs inside the `shoal dev` process (pid {pid}): one member \
+                 cannot be killed alone, so failover cannot be measured with this layout"
+            );
+        }
+        if procs.owns(pid) {
+            return procs.kill(pid);
+        }
+        kill_pid(pid)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid_alive(pid) {
+            if Instant::now() > deadline {
+                bail!("member {name} (pid {pid}) survived SIGKILL for 5s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// `shoal start --data-dir DIR/<name>`: brings a killed member back on its data.
+    pub fn restart(&mut self, procs: &mut ProcGuard, name: &str) -> Result<()> {
+        self.restarts += 1;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("start").arg("--data-dir").arg(self.dir.join(name));
+        let log = self.logs.join(format!("shoal-{name}-restart.log"));
+        procs.spawn(
+            &format!("shoal start {name} (#{})", self.restarts),
+            cmd,
+            &log,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_openrc_shoal_dev_writes() {
+        let text = "\
+# Source this file: . admin-openrc
+export OS_AUTH_URL=http://127.0.0.1:40123/identity/v3
+export OS_USERNAME=admin
+export OS_PASSWORD='s3cr=t'
+export OS_PROJECT_NAME=\"admin\"
+export OS_USER_DOMAIN_NAME=Default
+export OS_PROJECT_DOMAIN_NAME=Default
+export OS_IDENTITY_API_VERSION=3
+";
+        let rc = OpenRc::parse(text).unwrap();
+        assert_eq!(rc.auth_url, "http://127.0.0.1:40123/identity/v3");
+        assert_eq!(rc.password, "s3cr=t");
+        assert_eq!(rc.project_name, "admin");
+        assert_eq!(rc.username, "admin");
+        assert_eq!(rc.api_base().unwrap(), "http://127.0.0.1:40123");
+        let body = rc.auth_body();
+        assert_eq!(
+            body["auth"]["identity"]["password"]["user"]["password"],
+            "s3cr=t"
+        );
+        assert_eq!(
+            body["auth"]["identity"]["password"]["user"]["domain"]["name"],
+            "Default"
+        );
+        assert_eq!(body["auth"]["scope"]["project"]["name"], "admin");
+        assert_eq!(body["auth"]["identity"]["methods"][0], "password");
+    }
+
+    #[test]
+    fn openrc_without_password_or_url_is_rejected() {
+        let no_pw = "export OS_AUTH_URL=http://127.0.0.1:1/identity/v3\n";
+        assert!(OpenRc::parse(no_pw)
+            .unwrap_err()
+            .to_string()
+            .contains("OS_PASSWORD"));
+        let no_url = "export OS_PASSWORD=x\n";
+        assert!(OpenRc::parse(no_url)
+            .unwrap_err()
+            .to_string()
+            .contains("OS_AUTH_URL"));
+        // A half-written file (as seen while `shoal dev` writes it) is not yet complete.
+        assert!(OpenRc::parse("export OS_AUTH_URL=http://127.0.0.1:1/ide").is_err());
+    }
+
+    #[test]
+    fn status_parses_and_settles() {
+        let body = r#"{"leader":"node2","term":3,"members":[
+            {"name":"node1","role":"voter","api":"127.0.0.1:4001","applied_index":10,"healthy":true},
+            {"name":"node2","role":"leader","api":"127.0.0.1:4002","applied_index":10,"healthy":true},
+            {"name":"node3","role":"voter","api":"127.0.0.1:4003","applied_index":9,"healthy":false}
+        ]}"#;
+        let mut st: Status = serde_json::from_str(body).unwrap();
+        assert!(!st.settled(3), "an unhealthy member means not settled");
+        st.members[2].healthy = true;
+        assert!(st.settled(3));
+        assert!(!st.settled(5), "fewer members than asked for");
+        st.members[1].role = "voter".into();
+        assert!(!st.settled(3), "the named leader does not say it leads");
+        st.members[1].role = "leader".into();
+        let leader = st.member("node2").unwrap();
+        assert_eq!(leader.port().unwrap(), 4002);
+        assert_eq!(leader.base(), "http://127.0.0.1:4002");
+        st.leader = None;
+        assert!(!st.settled(3));
+        let no_leader: Status =
+            serde_json::from_str(r#"{"leader":null,"term":1,"members":[]}"#).unwrap();
+        assert!(no_leader.leader.is_none());
+    }
+}
