@@ -268,29 +268,56 @@ impl Drop for TempDir {
     }
 }
 
-/// Retries a write through `via` every few milliseconds until one succeeds; the time since
-/// `since`. Gives up after `limit`.
+/// Starts a write through `via` every [`FAILOVER_ATTEMPT_EVERY`], each with its own key under
+/// `key_prefix`, until one is acknowledged; returns the time from `since` to that
+/// acknowledgement and the key written. Attempts overlap on purpose: a write sent just after
+/// the kill may hang until its timeout (etcd forwards it to the dead leader and waits), and a
+/// strictly sequential retry would measure that timeout instead of the election.
 async fn time_until_write(
     via: &Writer,
-    key: &str,
+    key_prefix: &str,
     value: &[u8],
     since: Instant,
     limit: Duration,
-) -> Result<Duration> {
+) -> Result<(Duration, String)> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(FAILOVER_ATTEMPT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let deadline = tokio::time::sleep_until((since + limit).into());
+    tokio::pin!(deadline);
+    let mut n = 0u64;
     let mut last_err = None;
-    while since.elapsed() < limit {
-        match via.put(key, value).await {
-            Ok(()) => return Ok(since.elapsed()),
-            Err(e) => last_err = Some(e),
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                let e = last_err.map(|e: anyhow::Error| format!("{e:#}")).unwrap_or_default();
+                bail!("no write acknowledged within {limit:?} of killing the leader; last error: {e}");
+            }
+            Some(done) = attempts.join_next() => {
+                let (key, res) = done.context("a failover write attempt panicked")?;
+                match res {
+                    // Dropping the set aborts the attempts still in flight.
+                    Ok(()) => return Ok((since.elapsed(), key)),
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            _ = tick.tick() => {
+                let key = format!("{key_prefix}/{n}");
+                n += 1;
+                let (via, value) = (via.clone(), value.to_vec());
+                attempts.spawn(async move {
+                    let res = via.put(&key, &value).await;
+                    (key, res)
+                });
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let e = last_err.map(|e| format!("{e:#}")).unwrap_or_default();
-    bail!("no write succeeded within {limit:?} of killing the leader; last error: {e}")
 }
 
-/// Per-attempt timeout of the failover writes: longer than an election, short enough that a
-/// write stuck on the dead leader's connection is retried elsewhere soon.
+/// A write attempt is started this often during a failover, which bounds the resolution of
+/// the measured time.
+const FAILOVER_ATTEMPT_EVERY: Duration = Duration::from_millis(5);
+/// Per-attempt timeout of the failover writes: longer than an election.
 const FAILOVER_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const FAILOVER_LIMIT: Duration = Duration::from_secs(60);
 
@@ -312,7 +339,7 @@ pub async fn etcd_failover_trial(
     via.put(&format!("failover/{trial}/before"), b"x").await?;
     let killed = Instant::now();
     cluster.kill(procs, leader)?;
-    let took = time_until_write(
+    let (took, _key) = time_until_write(
         &via,
         &format!("failover/{trial}/after"),
         b"x",
@@ -352,9 +379,9 @@ async fn shoal_failover_trial(
     via.put(&format!("failover/{trial}/before"), b"x").await?;
     let killed = Instant::now();
     cluster.kill(procs, &leader)?;
-    let key = format!("failover/{trial}/after");
     let value = format!("trial {trial}");
-    let took = time_until_write(&via, &key, value.as_bytes(), killed, FAILOVER_LIMIT)
+    let prefix = format!("failover/{trial}/after");
+    let (took, key) = time_until_write(&via, &prefix, value.as_bytes(), killed, FAILOVER_LIMIT)
         .await
         .with_context(|| format!("shoal failover trial {trial} (killed {leader})"))?;
     let read = writer.get_linearizable(&key).await?;
@@ -658,6 +685,92 @@ mod tests {
         drop(TempDir::new(Some(&kept)).unwrap());
         assert!(kept.is_dir());
         std::fs::remove_dir_all(kept).unwrap();
+    }
+
+    /// A fake etcd gateway: the first request hangs (as a write forwarded to a dead leader
+    /// does), later ones fail fast with 503 until `ready_after`, then succeed.
+    async fn flaky_gateway(ready_after: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Instant::now();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request per read is enough for these small bodies on loopback.
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        let nth = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if nth == 0 {
+                            std::future::pending::<()>().await;
+                        }
+                        let (status, body) = if started.elapsed() < ready_after {
+                            ("503 Service Unavailable", r#"{"error":"no leader"}"#)
+                        } else {
+                            ("200 OK", r#"{"header":{"revision":"7"}}"#)
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn failover_time_is_the_election_not_the_attempt_timeout() {
+        install_crypto_provider();
+        let ready_after = Duration::from_millis(300);
+        let endpoint = flaky_gateway(ready_after).await;
+        let via = Writer::Etcd(EtcdWriter::new(
+            http_client(FAILOVER_ATTEMPT_TIMEOUT).unwrap(),
+            &endpoint,
+        ));
+        let since = Instant::now();
+        let (took, key) = time_until_write(&via, "failover/0", b"x", since, FAILOVER_LIMIT)
+            .await
+            .unwrap();
+        assert!(
+            took >= ready_after,
+            "acknowledged before the fake was ready: {took:?}"
+        );
+        assert!(
+            took < FAILOVER_ATTEMPT_TIMEOUT,
+            "measured the hung attempt's timeout, not the recovery: {took:?}"
+        );
+        assert!(
+            key.starts_with("failover/0/") && key != "failover/0/0",
+            "{key}"
+        );
+    }
+
+    #[tokio::test]
+    async fn failover_gives_up_at_the_limit() {
+        install_crypto_provider();
+        let endpoint = flaky_gateway(Duration::from_secs(3600)).await;
+        let via = Writer::Etcd(EtcdWriter::new(
+            http_client(FAILOVER_ATTEMPT_TIMEOUT).unwrap(),
+            &endpoint,
+        ));
+        let limit = Duration::from_millis(200);
+        let err = time_until_write(&via, "k", b"x", Instant::now(), limit)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("503"), "{err:#}");
     }
 
     #[test]
