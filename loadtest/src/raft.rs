@@ -477,9 +477,14 @@ pub async fn run(args: Args) -> Result<()> {
         }
         anyhow::Ok(summaries)
     };
+    // SIGTERM as well as Ctrl-C: the clusters run in their own process groups, so nothing but
+    // the guard's drop would stop them after we are gone.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let summaries = tokio::select! {
         res = work => res?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted; stopping the clusters"),
+        _ = term.recv() => bail!("terminated; stopping the clusters"),
     };
     print_results(&args, &summaries)
 }
