@@ -405,6 +405,185 @@ impl ShoalCluster {
 mod tests {
     use super::*;
 
+    /// An in-process stand-in for a Shoal node that serves the API contract the load tester
+    /// relies on: Keystone password auth, token-checked kv and status.
+    mod fake_node {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+
+        use axum::body::Bytes;
+        use axum::extract::{Path, Query, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::{IntoResponse, Response};
+        use axum::routing::{get, post};
+        use axum::{Json, Router};
+
+        pub const PASSWORD: &str = "fake-pw";
+        pub const TOKEN: &str = "fake-token-1";
+
+        #[derive(Default)]
+        pub struct Store {
+            pub kv: HashMap<String, Vec<u8>>,
+            pub revision: u64,
+        }
+
+        type Shared = Arc<Mutex<Store>>;
+
+        fn authed(h: &HeaderMap) -> bool {
+            h.get("x-auth-token").and_then(|v| v.to_str().ok()) == Some(TOKEN)
+        }
+
+        async fn tokens(Json(body): Json<serde_json::Value>) -> Response {
+            let user = &body["auth"]["identity"]["password"]["user"];
+            let scoped = body["auth"]["scope"]["project"]["name"] == "admin";
+            if user["password"] == PASSWORD && user["name"] == "admin" && scoped {
+                (StatusCode::CREATED, [("x-subject-token", TOKEN)], "{}").into_response()
+            } else {
+                StatusCode::UNAUTHORIZED.into_response()
+            }
+        }
+
+        async fn put(
+            State(st): State<Shared>,
+            Path(key): Path<String>,
+            h: HeaderMap,
+            body: Bytes,
+        ) -> Response {
+            if !authed(&h) {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
+            let mut st = st.lock().unwrap();
+            st.revision += 1;
+            st.kv.insert(key, body.to_vec());
+            Json(serde_json::json!({ "revision": st.revision })).into_response()
+        }
+
+        async fn read(
+            State(st): State<Shared>,
+            Path(key): Path<String>,
+            Query(q): Query<HashMap<String, String>>,
+            h: HeaderMap,
+        ) -> Response {
+            if !authed(&h) {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
+            if q.get("consistency").map(String::as_str) != Some("linearizable") {
+                return StatusCode::BAD_REQUEST.into_response();
+            }
+            match st.lock().unwrap().kv.get(&key) {
+                Some(v) => v.clone().into_response(),
+                None => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+
+        /// Serves on a free loopback port; every member of the status is this same address.
+        pub async fn serve() -> (String, Shared) {
+            let store = Shared::default();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let status = serde_json::json!({"leader": "node1", "term": 2, "members": [
+                {"name": "node1", "role": "leader", "api": addr.to_string(),
+                 "applied_index": 5, "healthy": true},
+                {"name": "node2", "role": "voter", "api": addr.to_string(),
+                 "applied_index": 5, "healthy": true},
+                {"name": "node3", "role": "voter", "api": addr.to_string(),
+                 "applied_index": 5, "healthy": true},
+            ]});
+            let app = Router::new()
+                .route("/identity/v3/auth/tokens", post(tokens))
+                .route("/shoal/v1/kv/{*key}", get(read).put(put))
+                .route(
+                    "/shoal/v1/status",
+                    get(move |h: HeaderMap| async move {
+                        if authed(&h) {
+                            Json(status).into_response()
+                        } else {
+                            StatusCode::UNAUTHORIZED.into_response()
+                        }
+                    }),
+                )
+                .with_state(store.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            (format!("http://{addr}"), store)
+        }
+    }
+
+    /// Against a node serving the contract: `shoal dev` is invoked as documented, the openrc it
+    /// writes is found and used to authenticate, the status is read, and a load writes every
+    /// key (slashes included) with the token, readable back linearizably.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drives_a_node_that_serves_the_contract() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use crate::raft::Writer;
+        use crate::raft::{drive_load, http_client, install_crypto_provider, LoadConfig, TempDir};
+
+        install_crypto_provider();
+        let (base, store) = fake_node::serve().await;
+        let dir = TempDir::new(None).unwrap();
+        // A stand-in `shoal` that checks its arguments, writes the openrc and stays up.
+        let bin = dir.path().join("fake-shoal");
+        let script = format!(
+            "#!/bin/sh\nset -e\n\
+             [ \"$1 $2 $3 $4\" = \"dev --nodes 3 --dir\" ] || {{ echo \"bad args: $*\"; exit 3; }}\n\
+             mkdir -p \"$5/node1\"\n\
+             printf 'export OS_AUTH_URL={}/identity/v3\\nexport OS_USERNAME=admin\\n\
+             export OS_PASSWORD={}\\nexport OS_PROJECT_NAME=admin\\n' > \"$5/node1/admin-openrc\"\n\
+             exec sleep 600\n",
+            base,
+            fake_node::PASSWORD
+        );
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let mut procs = ProcGuard::new();
+        let http = http_client(Duration::from_secs(5)).unwrap();
+        let cluster = ShoalCluster::start(
+            &mut procs,
+            &bin,
+            &dir.path().join("shoal"),
+            dir.path(),
+            3,
+            &http,
+        )
+        .await
+        .unwrap();
+        assert_eq!(cluster.token, fake_node::TOKEN);
+        assert_eq!(cluster.status.leader.as_deref(), Some("node1"));
+        let writers = cluster.writers(&http);
+        assert_eq!(writers.len(), 3);
+
+        let cfg = LoadConfig {
+            clients: 3,
+            value_size: 32,
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(500),
+        };
+        let load = drive_load(&cfg, |i| Ok(Writer::Shoal(writers[i % 3].clone())))
+            .await
+            .unwrap();
+        assert!(!load.hist.is_empty());
+        assert_eq!(load.errors, 0, "{:?}", load.first_error);
+        let stored = store.lock().unwrap().kv.get("bench/2/0").cloned().unwrap();
+        assert_eq!(stored.len(), 32);
+        let read = writers[0].get_linearizable("bench/2/0").await.unwrap();
+        assert_eq!(read, stored);
+
+        let rev = writers[1].put("a/b", b"v").await.unwrap();
+        assert_eq!(rev, store.lock().unwrap().revision);
+        let stranger = ShoalWriter::new(http.clone(), &base, "not-a-token");
+        let err = stranger.put("a/b", b"v").await.unwrap_err();
+        assert!(err.to_string().contains("401"), "{err:#}");
+        let mut wrong = OpenRc::parse(&format!(
+            "export OS_AUTH_URL={base}/identity/v3\nexport OS_PASSWORD=nope\n"
+        ))
+        .unwrap();
+        assert!(issue_token(&http, &wrong).await.is_err());
+        wrong.password = fake_node::PASSWORD.into();
+        assert_eq!(issue_token(&http, &wrong).await.unwrap(), fake_node::TOKEN);
+        drop(procs);
+    }
+
     #[test]
     fn parses_the_openrc_shoal_dev_writes() {
         let text = "\
