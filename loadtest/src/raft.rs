@@ -258,6 +258,11 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Do not remove the directory on drop.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
 }
 
 impl Drop for TempDir {
@@ -438,17 +443,18 @@ pub async fn run(args: Args) -> Result<()> {
     if trials > 0 && args.nodes < 3 {
         bail!("failover trials need at least 3 nodes (a quorum must survive the leader)");
     }
-    let targets: &[TargetArg] = match args.target {
-        TargetArg::Both => &[TargetArg::Etcd, TargetArg::Shoal],
-        TargetArg::Etcd => &[TargetArg::Etcd],
-        TargetArg::Shoal => &[TargetArg::Shoal],
+    let (etcd, shoal) = match args.target {
+        TargetArg::Both => (true, true),
+        TargetArg::Etcd => (true, false),
+        TargetArg::Shoal => (false, true),
     };
-    let shoal_bin = if targets.contains(&TargetArg::Shoal) {
+    // Resolve both binaries before starting anything, so a missing one fails in a second.
+    let shoal_bin = if shoal {
         Some(shoal_bin(args.shoal_bin.as_deref())?)
     } else {
         None
     };
-    if targets.contains(&TargetArg::Etcd) && !args.etcd_bin.is_file() {
+    if etcd && !args.etcd_bin.is_file() {
         bail!(
             "no etcd at {} (apt install etcd-server, or pass --etcd-bin)",
             args.etcd_bin.display()
@@ -460,33 +466,39 @@ pub async fn run(args: Args) -> Result<()> {
     let mut procs = ProcGuard::new();
     note(&format!("data and logs in {}", dir.path().display()));
 
+    let mut summaries = Vec::new();
     let work = async {
-        let mut summaries = Vec::new();
-        for target in targets {
-            let s = match target {
-                TargetArg::Etcd => bench_etcd(&args, &mut procs, dir.path()).await?,
-                TargetArg::Shoal => {
-                    let bin = shoal_bin.as_deref().context("shoal binary not resolved")?;
-                    bench_shoal(&args, &mut procs, bin, dir.path()).await?
-                }
-                TargetArg::Both => unreachable!("expanded above"),
-            };
+        if etcd {
+            summaries.push(bench_etcd(&args, &mut procs, dir.path()).await?);
             // One cluster at a time: the other must not compete for the CPU and the disk.
             procs.shutdown(Duration::from_secs(10));
-            summaries.push(s);
         }
-        anyhow::Ok(summaries)
+        if let Some(bin) = &shoal_bin {
+            summaries.push(bench_shoal(&args, &mut procs, bin, dir.path()).await?);
+            procs.shutdown(Duration::from_secs(10));
+        }
+        anyhow::Ok(())
     };
     // SIGTERM as well as Ctrl-C: the clusters run in their own process groups, so nothing but
     // the guard's drop would stop them after we are gone.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let summaries = tokio::select! {
-        res = work => res?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted; stopping the clusters"),
-        _ = term.recv() => bail!("terminated; stopping the clusters"),
+    let res = tokio::select! {
+        res = work => res,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping the clusters")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated; stopping the clusters")),
     };
-    print_results(&args, &summaries)
+    // A target that finished keeps its figures even if the next one failed.
+    if !summaries.is_empty() {
+        print_results(&args, &summaries)?;
+    }
+    if res.is_err() {
+        // The error names logs in there: stop the processes, but keep their files.
+        drop(procs);
+        note(&format!("kept {} for its logs", dir.path().display()));
+        dir.keep();
+    }
+    res
 }
 
 fn print_results(args: &Args, summaries: &[Summary]) -> Result<()> {
@@ -689,7 +701,13 @@ mod tests {
         let kept = std::env::temp_dir().join(format!("shoal-lt-keep-{}", std::process::id()));
         drop(TempDir::new(Some(&kept)).unwrap());
         assert!(kept.is_dir());
-        std::fs::remove_dir_all(kept).unwrap();
+        std::fs::remove_dir_all(&kept).unwrap();
+
+        let t = TempDir::new(None).unwrap();
+        let p = t.path().to_owned();
+        t.keep();
+        assert!(p.is_dir(), "kept after a failure");
+        std::fs::remove_dir_all(p).unwrap();
     }
 
     /// A fake etcd gateway: the first request hangs (as a write forwarded to a dead leader
