@@ -215,13 +215,15 @@ impl EtcdCluster {
             .with_context(|| format!("leader {leader} is not among the members {ids:?}"))
     }
 
-    /// SIGKILLs member `i`.
-    pub fn kill(&mut self, procs: &mut ProcGuard, i: usize) -> Result<()> {
+    /// SIGKILLs member `i`; returns when the signal was sent.
+    pub fn kill(&mut self, procs: &mut ProcGuard, i: usize) -> Result<Instant> {
         let pid = self.members[i]
             .pid
             .take()
             .with_context(|| format!("{} is not running", self.members[i].name))?;
-        procs.kill(pid)
+        let sent = Instant::now();
+        procs.kill(pid)?;
+        Ok(sent)
     }
 
     /// Starts member `i` again on its data directory, rejoining the existing cluster.

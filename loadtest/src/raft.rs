@@ -342,8 +342,7 @@ pub async fn etcd_failover_trial(
     ));
     // Open the connection to the survivor before the kill, as a client already running would.
     via.put(&format!("failover/{trial}/before"), b"x").await?;
-    let killed = Instant::now();
-    cluster.kill(procs, leader)?;
+    let killed = cluster.kill(procs, leader)?;
     let (took, _key) = time_until_write(
         &via,
         &format!("failover/{trial}/after"),
@@ -382,8 +381,7 @@ async fn shoal_failover_trial(
     );
     let via = Writer::Shoal(writer.clone());
     via.put(&format!("failover/{trial}/before"), b"x").await?;
-    let killed = Instant::now();
-    cluster.kill(procs, &leader)?;
+    let killed = cluster.kill(procs, &leader).await?;
     let value = format!("trial {trial}");
     let prefix = format!("failover/{trial}/after");
     let (took, key) = time_until_write(&via, &prefix, value.as_bytes(), killed, FAILOVER_LIMIT)

@@ -357,9 +357,10 @@ impl ShoalCluster {
             .collect()
     }
 
-    /// SIGKILLs the process serving member `name`'s API. It is found by its listening port
-    /// because `shoal dev` spawned it; a member we restarted earlier is our own child.
-    pub fn kill(&mut self, procs: &mut ProcGuard, name: &str) -> Result<()> {
+    /// SIGKILLs the process serving member `name`'s API and returns when the signal was sent.
+    /// It is found by its listening port because `shoal dev` spawned it (the /proc scan is done
+    /// before the clock starts); a member we restarted earlier is our own child.
+    pub async fn kill(&mut self, procs: &mut ProcGuard, name: &str) -> Result<Instant> {
         let member = self
             .status
             .member(name)
@@ -372,8 +373,10 @@ impl ShoalCluster {
                  cannot be killed alone, so failover cannot be measured with this layout"
             );
         }
+        let sent = Instant::now();
         if procs.owns(pid) {
-            return procs.kill(pid);
+            procs.kill(pid)?;
+            return Ok(sent);
         }
         kill_pid(pid)?;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -381,9 +384,9 @@ impl ShoalCluster {
             if Instant::now() > deadline {
                 bail!("member {name} (pid {pid}) survived SIGKILL for 5s");
             }
-            std::thread::sleep(Duration::from_millis(5));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// `shoal start --data-dir DIR/<name>`: brings a killed member back on its data.
