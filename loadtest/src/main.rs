@@ -5,8 +5,13 @@
 //! It drives clusters from outside, over their public APIs and processes, and calls libraries
 //! (scheduler, disk) directly: it must never depend on the `shoal` node crate.
 
+mod etcd;
 mod overlay;
+mod procs;
+mod raft;
+mod report;
 mod schedule;
+mod shoal_client;
 mod uring;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Raft write throughput, latency and leader failover: Shoal against etcd.
+    Raft(raft::Args),
     /// Scheduling decisions per second of the shoal-scheduler library over synthetic hosts.
     Schedule(schedule::Args),
     /// qcow2 overlay creation: shoal-disk against `qemu-img create`.
@@ -30,6 +37,10 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Raft(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(raft::run(args)),
         // The scheduler benchmark measures one core: no runtime, no other threads.
         Command::Schedule(args) => schedule::run(&args),
         Command::Overlay(args) => overlay::run(args),
