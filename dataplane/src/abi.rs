@@ -1,0 +1,212 @@
+//! `#[repr(C)]` mirrors of `ebpf/include/shoal_abi.h`. The layout test at the bottom
+//! checks sizes and field offsets; change both files together.
+
+use std::net::Ipv4Addr;
+
+/// The compiled datapath object (XDP on the underlay, tc on each port).
+pub static DATAPATH_OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/datapath.o"));
+/// XDP_PASS (veth NAPI enabler) and XDP_DROP (benchmark ceiling) programs.
+pub static AUX_OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/aux.o"));
+
+pub const VXLAN_PORT: u16 = 4789;
+pub const VXLAN_OVERHEAD: usize = 50;
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+pub const SG_FIXED_BITS: u32 = 64;
+pub const SG_PROTO_ANY: u8 = 0;
+pub const SG_PORT_ANY: u16 = 0;
+
+pub const MAP_CONFIG: &str = "shoal_config";
+pub const MAP_PORTS: &str = "shoal_ports";
+pub const MAP_ENDPOINTS: &str = "shoal_endpoints";
+pub const MAP_SG: &str = "shoal_sg";
+pub const MAP_CT: &str = "shoal_ct";
+pub const MAP_COUNTERS: &str = "shoal_counters";
+pub const PROG_UNDERLAY: &str = "shoal_underlay";
+pub const PROG_PORT: &str = "shoal_port";
+pub const PROG_XDP_PASS: &str = "shoal_xdp_pass";
+pub const PROG_XDP_DROP: &str = "shoal_xdp_drop";
+
+/// Network-order IPv4 address as the kernel stores it in a `__u32`.
+pub fn ip_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Network-order port as stored in a `__u16`.
+pub fn port_be(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub local_vtep_be: u32,
+    pub underlay_ifindex: u32,
+    pub underlay_mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortVal {
+    pub port_id: u32,
+    pub vni: u32,
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EpKey {
+    pub vni: u32,
+    pub ip_be: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub mac: [u8; 6],
+    pub vtep_mac: [u8; 6],
+    pub port_id: u32,
+    pub ifindex: u32,
+    pub vtep_be: u32,
+}
+
+/// The data part of the LPM key (aya's `lpm_trie::Key` adds the prefix length).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SgKeyData {
+    pub port_id: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub dport_be: u16,
+    pub remote_be: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub port_id: u32,
+    pub local_be: u32,
+    pub remote_be: u32,
+    pub local_port_be: u16,
+    pub remote_port_be: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtVal {
+    pub created_ns: u64,
+    pub origin: u8,
+    pub pad: [u8; 7],
+}
+
+// SAFETY: all-integer `repr(C)` structs without implicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PortVal {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EpKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Endpoint {}
+// SAFETY: as above (packed, so no padding at all).
+unsafe impl aya::Pod for SgKeyData {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtVal {}
+
+/// Verdict counters, in the order of `enum shoal_counter`.
+pub const COUNTER_NAMES: [&str; 17] = [
+    "xdp_not_ours",
+    "tc_unmanaged",
+    "pass_local",
+    "pass_encap",
+    "pass_decap",
+    "arp_reply",
+    "ct_hit",
+    "drop_malformed",
+    "drop_spoof_mac",
+    "drop_spoof_ip",
+    "drop_sg_egress",
+    "drop_sg_ingress",
+    "drop_no_route",
+    "drop_broadcast",
+    "drop_arp",
+    "drop_unsupported",
+    "drop_error",
+];
+
+/// Outer UDP source port for an inner flow: the same function as `shoal_flow_sport`
+/// in `ebpf/include/vxlan.h` (inputs in network order, as the kernel reads them).
+pub fn flow_sport(saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
+    let mut h = ip_be(saddr)
+        ^ ip_be(daddr)
+        ^ ((u32::from(port_be(sport)) << 16) | u32::from(port_be(dport)))
+        ^ u32::from(proto);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    49152 + (h & 0x3fff) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    /// Sizes and offsets match `shoal_abi.h` (read off the C struct definitions; the
+    /// C side has no implicit padding, so these are the C compiler's offsets too).
+    #[test]
+    fn layouts_match_the_c_header() {
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(offset_of!(Config, underlay_ifindex), 4);
+        assert_eq!(offset_of!(Config, underlay_mac), 8);
+
+        assert_eq!(size_of::<PortVal>(), 16);
+        assert_eq!(offset_of!(PortVal, vni), 4);
+        assert_eq!(offset_of!(PortVal, mac), 8);
+
+        assert_eq!(size_of::<EpKey>(), 8);
+        assert_eq!(size_of::<Endpoint>(), 24);
+        assert_eq!(offset_of!(Endpoint, vtep_mac), 6);
+        assert_eq!(offset_of!(Endpoint, port_id), 12);
+        assert_eq!(offset_of!(Endpoint, ifindex), 16);
+        assert_eq!(offset_of!(Endpoint, vtep_be), 20);
+
+        // struct shoal_sg_key = { __u32 prefixlen; <SgKeyData> }.
+        assert_eq!(size_of::<aya::maps::lpm_trie::Key<SgKeyData>>(), 16);
+        assert_eq!(offset_of!(SgKeyData, direction), 4);
+        assert_eq!(offset_of!(SgKeyData, proto), 5);
+        assert_eq!(offset_of!(SgKeyData, dport_be), 6);
+        assert_eq!(offset_of!(SgKeyData, remote_be), 8);
+
+        assert_eq!(size_of::<CtKey>(), 20);
+        assert_eq!(offset_of!(CtKey, local_be), 4);
+        assert_eq!(offset_of!(CtKey, remote_be), 8);
+        assert_eq!(offset_of!(CtKey, local_port_be), 12);
+        assert_eq!(offset_of!(CtKey, remote_port_be), 14);
+        assert_eq!(offset_of!(CtKey, proto), 16);
+        assert_eq!(size_of::<CtVal>(), 16);
+        assert_eq!(offset_of!(CtVal, origin), 8);
+    }
+
+    /// The counter names cover `SHOAL_CNT_MAX` entries of the C enum.
+    #[test]
+    fn counter_table_matches_enum_size() {
+        let header = include_str!("../../ebpf/include/shoal_abi.h");
+        let start = header.find("enum shoal_counter {").unwrap();
+        let body = &header[start..header[start..].find("};").unwrap() + start];
+        let entries = body
+            .lines()
+            .filter(|l| l.trim_start().starts_with("SHOAL_CNT_"))
+            .count();
+        // Every entry but SHOAL_CNT_MAX has a name.
+        assert_eq!(entries - 1, COUNTER_NAMES.len());
+    }
+}
