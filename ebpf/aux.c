@@ -1,18 +1,10 @@
 // SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
 /*
- * Auxiliary XDP programs with no maps:
- *   shoal_xdp_pass  attached to the VM side of a veth so that the veth runs NAPI and
- *                   accepts XDP_REDIRECTed frames (a veth peer without NAPI drops them);
- *   shoal_xdp_drop  the XDP_DROP ceiling of the pps benchmark.
+ * Auxiliary XDP program with no maps: shoal_xdp_drop, the XDP_DROP ceiling of the
+ * pps benchmark.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-
-SEC("xdp")
-int shoal_xdp_pass(struct xdp_md *ctx)
-{
-	return XDP_PASS;
-}
 
 SEC("xdp")
 int shoal_xdp_drop(struct xdp_md *ctx)

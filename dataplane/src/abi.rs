@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 /// The compiled datapath object (XDP on the underlay, tc on each port).
 pub static DATAPATH_OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/datapath.o"));
-/// XDP_PASS (veth NAPI enabler) and XDP_DROP (benchmark ceiling) programs.
+/// The XDP_DROP program (benchmark ceiling).
 pub static AUX_OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/aux.o"));
 
 pub const VXLAN_PORT: u16 = 4789;
@@ -24,7 +24,6 @@ pub const MAP_CT: &str = "shoal_ct";
 pub const MAP_COUNTERS: &str = "shoal_counters";
 pub const PROG_UNDERLAY: &str = "shoal_underlay";
 pub const PROG_PORT: &str = "shoal_port";
-pub const PROG_XDP_PASS: &str = "shoal_xdp_pass";
 pub const PROG_XDP_DROP: &str = "shoal_xdp_drop";
 
 /// Network-order IPv4 address as the kernel stores it in a `__u32`.
