@@ -10,6 +10,7 @@
 
 pub mod abi;
 pub mod ebpf;
+pub mod kernel;
 pub mod model;
 pub mod netdev;
 pub mod testbed;

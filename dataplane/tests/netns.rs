@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use shoal_dataplane::{
     ebpf::EbpfDataplane,
+    kernel::KernelDataplane,
     testbed::{self, Agent, Banner, Topology},
     Dataplane, Underlay,
 };
@@ -130,4 +131,13 @@ fn ebpf_driver_suite() {
         return;
     }
     suite("ebpf", |u: Underlay| EbpfDataplane::new(&u));
+}
+
+/// The kernel-path driver passes the same suite.
+#[test]
+fn kernel_driver_suite() {
+    if !testbed::privileged_or_skip("kernel_driver_suite") {
+        return;
+    }
+    suite("kernel", |u: Underlay| KernelDataplane::new(&u));
 }
