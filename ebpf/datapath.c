@@ -165,8 +165,18 @@ static __always_inline int shoal_encap(struct __sk_buff *skb, __u32 vni,
 	return bpf_redirect_neigh(underlay, &nh, sizeof(nh), 0);
 }
 
+/* Headers we read: Ethernet + the longest IPv4 header + L4 ports/ICMP echo. */
+#define SHOAL_PULL_LEN (sizeof(struct ethhdr) + 60 + 8)
+
 static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 {
+	__u32 want = skb->len < SHOAL_PULL_LEN ? skb->len : SHOAL_PULL_LEN;
+
+	/* Frames from packet sockets (trafgen's TX ring) or GSO paths may keep their
+	 * headers in page fragments; direct access needs them in the linear part. */
+	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, want);
+
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u32 ifindex = skb->ifindex;

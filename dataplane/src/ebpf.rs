@@ -197,6 +197,31 @@ impl EbpfDataplane {
         run(xdp, abi::PROG_UNDERLAY, packet, None)
     }
 
+    /// Runs the XDP program `repeat` times on `packet` in the kernel and returns the
+    /// mean nanoseconds per run (BPF_PROG_TEST_RUN's own timing).
+    pub fn test_run_underlay_repeat(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<f64, EbpfDriverError> {
+        let xdp: &Xdp = self
+            .bpf
+            .program(abi::PROG_UNDERLAY)
+            .ok_or(EbpfDriverError::MissingProgram(abi::PROG_UNDERLAY))?
+            .try_into()
+            .map_err(prog_err(abi::PROG_UNDERLAY))?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let result = xdp.test_run(opts).map_err(prog_err(abi::PROG_UNDERLAY))?;
+        // The kernel reports the mean duration of one run.
+        Ok(result.duration.as_nanos() as f64)
+    }
+
     /// Sets the outer destination MAC of a remote VTEP so encapsulated packets leave
     /// with `bpf_redirect` instead of a kernel neighbour lookup (used by tests).
     pub fn set_vtep_mac(

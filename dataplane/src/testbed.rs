@@ -376,6 +376,16 @@ impl Topology {
     /// ports, every port in group "web" (TCP 80 and ICMP in, everything out), except
     /// the VMs listed in `removed`.
     pub fn desired(&self, h: usize, removed: &[usize]) -> crate::DesiredState {
+        self.desired_with_rules(h, removed, Vec::new())
+    }
+
+    /// As [`Topology::desired`], with `extra` rules appended to group "web".
+    pub fn desired_with_rules(
+        &self,
+        h: usize,
+        removed: &[usize],
+        extra: Vec<crate::SgRule>,
+    ) -> crate::DesiredState {
         use crate::{Direction, EtherType, Ipv4Cidr, Remote, SecurityGroup, SgRule};
         let rule = |direction, protocol, port_range| SgRule {
             direction,
@@ -391,7 +401,10 @@ impl Topology {
                     rule(Direction::Ingress, Some(6), Some((80, 80))),
                     rule(Direction::Ingress, Some(1), None),
                     rule(Direction::Egress, None, None),
-                ],
+                ]
+                .into_iter()
+                .chain(extra)
+                .collect(),
             }],
             ..Default::default()
         };
