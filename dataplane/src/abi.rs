@@ -159,53 +159,91 @@ mod tests {
 
     use super::*;
 
-    /// Sizes and offsets match `shoal_abi.h` (read off the C struct definitions; the
-    /// C side has no implicit padding, so these are the C compiler's offsets too).
-    #[test]
-    fn layouts_match_the_c_header() {
-        assert_eq!(size_of::<Config>(), 16);
-        assert_eq!(offset_of!(Config, underlay_ifindex), 4);
-        assert_eq!(offset_of!(Config, underlay_mac), 8);
-
-        assert_eq!(size_of::<PortVal>(), 16);
-        assert_eq!(offset_of!(PortVal, vni), 4);
-        assert_eq!(offset_of!(PortVal, mac), 8);
-
-        assert_eq!(size_of::<EpKey>(), 8);
-        assert_eq!(size_of::<Endpoint>(), 24);
-        assert_eq!(offset_of!(Endpoint, vtep_mac), 6);
-        assert_eq!(offset_of!(Endpoint, port_id), 12);
-        assert_eq!(offset_of!(Endpoint, ifindex), 16);
-        assert_eq!(offset_of!(Endpoint, vtep_be), 20);
-
-        // struct shoal_sg_key = { __u32 prefixlen; <SgKeyData> }.
-        assert_eq!(size_of::<aya::maps::lpm_trie::Key<SgKeyData>>(), 16);
-        assert_eq!(offset_of!(SgKeyData, direction), 4);
-        assert_eq!(offset_of!(SgKeyData, proto), 5);
-        assert_eq!(offset_of!(SgKeyData, dport_be), 6);
-        assert_eq!(offset_of!(SgKeyData, remote_be), 8);
-
-        assert_eq!(size_of::<CtKey>(), 20);
-        assert_eq!(offset_of!(CtKey, local_be), 4);
-        assert_eq!(offset_of!(CtKey, remote_be), 8);
-        assert_eq!(offset_of!(CtKey, local_port_be), 12);
-        assert_eq!(offset_of!(CtKey, remote_port_be), 14);
-        assert_eq!(offset_of!(CtKey, proto), 16);
-        assert_eq!(size_of::<CtVal>(), 16);
-        assert_eq!(offset_of!(CtVal, origin), 8);
+    /// The C compiler's sizes and offsets of `shoal_abi.h` (printed by a probe that
+    /// build.rs compiles against the header).
+    mod c {
+        include!(concat!(env!("OUT_DIR"), "/abi_layout.rs"));
     }
 
-    /// The counter names cover `SHOAL_CNT_MAX` entries of the C enum.
+    /// Every mirrored struct has the C compiler's size and field offsets.
+    #[test]
+    fn layouts_match_the_c_header() {
+        assert_eq!(size_of::<Config>(), c::SHOAL_CONFIG_SIZE);
+        assert_eq!(
+            offset_of!(Config, local_vtep_be),
+            c::SHOAL_CONFIG_LOCAL_VTEP_BE
+        );
+        assert_eq!(
+            offset_of!(Config, underlay_ifindex),
+            c::SHOAL_CONFIG_UNDERLAY_IFINDEX
+        );
+        assert_eq!(
+            offset_of!(Config, underlay_mac),
+            c::SHOAL_CONFIG_UNDERLAY_MAC
+        );
+
+        assert_eq!(size_of::<PortVal>(), c::SHOAL_PORT_SIZE);
+        assert_eq!(offset_of!(PortVal, port_id), c::SHOAL_PORT_PORT_ID);
+        assert_eq!(offset_of!(PortVal, vni), c::SHOAL_PORT_VNI);
+        assert_eq!(offset_of!(PortVal, mac), c::SHOAL_PORT_MAC);
+
+        assert_eq!(size_of::<EpKey>(), c::SHOAL_EP_KEY_SIZE);
+        assert_eq!(offset_of!(EpKey, vni), c::SHOAL_EP_KEY_VNI);
+        assert_eq!(offset_of!(EpKey, ip_be), c::SHOAL_EP_KEY_IP_BE);
+
+        assert_eq!(size_of::<Endpoint>(), c::SHOAL_ENDPOINT_SIZE);
+        assert_eq!(offset_of!(Endpoint, mac), c::SHOAL_ENDPOINT_MAC);
+        assert_eq!(offset_of!(Endpoint, vtep_mac), c::SHOAL_ENDPOINT_VTEP_MAC);
+        assert_eq!(offset_of!(Endpoint, port_id), c::SHOAL_ENDPOINT_PORT_ID);
+        assert_eq!(offset_of!(Endpoint, ifindex), c::SHOAL_ENDPOINT_IFINDEX);
+        assert_eq!(offset_of!(Endpoint, vtep_be), c::SHOAL_ENDPOINT_VTEP_BE);
+
+        // struct shoal_sg_key = { __u32 prefixlen; <SgKeyData> }: aya's LPM Key adds
+        // the 4-byte prefix length in front of the data.
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<SgKeyData>>(),
+            c::SHOAL_SG_KEY_SIZE
+        );
+        assert_eq!(c::SHOAL_SG_KEY_PREFIXLEN, 0);
+        let d = c::SHOAL_SG_KEY_PORT_ID;
+        assert_eq!(d, 4);
+        assert_eq!(offset_of!(SgKeyData, port_id) + d, c::SHOAL_SG_KEY_PORT_ID);
+        assert_eq!(
+            offset_of!(SgKeyData, direction) + d,
+            c::SHOAL_SG_KEY_DIRECTION
+        );
+        assert_eq!(offset_of!(SgKeyData, proto) + d, c::SHOAL_SG_KEY_PROTO);
+        assert_eq!(
+            offset_of!(SgKeyData, dport_be) + d,
+            c::SHOAL_SG_KEY_DPORT_BE
+        );
+        assert_eq!(
+            offset_of!(SgKeyData, remote_be) + d,
+            c::SHOAL_SG_KEY_REMOTE_BE
+        );
+
+        assert_eq!(size_of::<CtKey>(), c::SHOAL_CT_KEY_SIZE);
+        assert_eq!(offset_of!(CtKey, port_id), c::SHOAL_CT_KEY_PORT_ID);
+        assert_eq!(offset_of!(CtKey, local_be), c::SHOAL_CT_KEY_LOCAL_BE);
+        assert_eq!(offset_of!(CtKey, remote_be), c::SHOAL_CT_KEY_REMOTE_BE);
+        assert_eq!(
+            offset_of!(CtKey, local_port_be),
+            c::SHOAL_CT_KEY_LOCAL_PORT_BE
+        );
+        assert_eq!(
+            offset_of!(CtKey, remote_port_be),
+            c::SHOAL_CT_KEY_REMOTE_PORT_BE
+        );
+        assert_eq!(offset_of!(CtKey, proto), c::SHOAL_CT_KEY_PROTO);
+
+        assert_eq!(size_of::<CtVal>(), c::SHOAL_CT_VAL_SIZE);
+        assert_eq!(offset_of!(CtVal, created_ns), c::SHOAL_CT_VAL_CREATED_NS);
+        assert_eq!(offset_of!(CtVal, origin), c::SHOAL_CT_VAL_ORIGIN);
+    }
+
+    /// Every counter of the C enum has a name.
     #[test]
     fn counter_table_matches_enum_size() {
-        let header = include_str!("../../ebpf/include/shoal_abi.h");
-        let start = header.find("enum shoal_counter {").unwrap();
-        let body = &header[start..header[start..].find("};").unwrap() + start];
-        let entries = body
-            .lines()
-            .filter(|l| l.trim_start().starts_with("SHOAL_CNT_"))
-            .count();
-        // Every entry but SHOAL_CNT_MAX has a name.
-        assert_eq!(entries - 1, COUNTER_NAMES.len());
+        assert_eq!(COUNTER_NAMES.len(), c::SHOAL_CNT_MAX);
     }
 }
