@@ -5,15 +5,19 @@
 use std::{
     collections::{BTreeSet, HashMap},
     io,
+    path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{lpm_trie::Key as LpmKey, Array, HashMap as BpfHashMap, LpmTrie, MapError, PerCpuArray},
+    pin::PinError,
     programs::{
-        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType,
-        TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
 };
 use tracing::{debug, warn};
 
@@ -51,6 +55,51 @@ pub enum EbpfDriverError {
     },
     #[error("the desired state is invalid")]
     Compile(#[from] CompileError),
+    #[error("pin directory {0} could not be created or cleaned")]
+    PinDir(PathBuf, #[source] io::Error),
+    #[error("link pinned at {0} could not be pinned or reused")]
+    Link(PathBuf, #[source] LinkError),
+    #[error("link could not be pinned at {0}")]
+    PinLink(PathBuf, #[source] PinError),
+}
+
+const MAPS: [&str; 6] = [
+    abi::MAP_CONFIG,
+    abi::MAP_PORTS,
+    abi::MAP_ENDPOINTS,
+    abi::MAP_SG,
+    abi::MAP_CT,
+    abi::MAP_COUNTERS,
+];
+const XDP_LINK_PIN: &str = "link_xdp";
+const TC_LINK_PIN_PREFIX: &str = "link_tc_";
+
+/// Pins `link` at `path` and returns it, still owned by the caller, for `attach_to_link`.
+fn pin_link<L>(link: L, path: &Path) -> Result<L, EbpfDriverError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+    L: TryFrom<FdLink, Error = LinkError>,
+{
+    let fd = FdLink::try_from(link).map_err(|e| EbpfDriverError::Link(path.to_owned(), e))?;
+    let pinned = fd
+        .pin(path)
+        .map_err(|e| EbpfDriverError::PinLink(path.to_owned(), e))?;
+    L::try_from(FdLink::from(pinned)).map_err(|e| EbpfDriverError::Link(path.to_owned(), e))
+}
+
+/// The link pinned at `path`, if any.
+fn pinned_link<L>(path: &Path) -> Result<Option<L>, EbpfDriverError>
+where
+    L: TryFrom<FdLink, Error = LinkError>,
+{
+    if !path.exists() {
+        return Ok(None);
+    }
+    let pinned =
+        PinnedLink::from_pin(path).map_err(|e| EbpfDriverError::Link(path.to_owned(), e))?;
+    L::try_from(FdLink::from(pinned))
+        .map(Some)
+        .map_err(|e| EbpfDriverError::Link(path.to_owned(), e))
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> EbpfDriverError {
@@ -82,6 +131,11 @@ pub struct EbpfDataplane {
     bpf: Ebpf,
     /// `false` for the packet-table harness: programs loaded, nothing attached.
     attach: bool,
+    /// bpffs directory holding pinned maps and links, when the datapath must survive
+    /// a restart of the process.
+    pin_dir: Option<PathBuf>,
+    /// Port ids found in the pinned `shoal_ports` map, by ifindex, until `apply` claims them.
+    recovered_ids: HashMap<u32, u32>,
     xdp_link: Option<XdpLinkId>,
     /// device name -> (ifindex, TCX link).
     tc_links: HashMap<String, (u32, Option<SchedClassifierLinkId>)>,
@@ -96,9 +150,21 @@ impl EbpfDataplane {
     /// Loads the programs, configures the underlay and attaches XDP to it (native mode).
     /// Must run in the node's network namespace.
     pub fn new(underlay: &Underlay) -> Result<Self, EbpfDriverError> {
+        Self::open(underlay, None)
+    }
+
+    /// As [`EbpfDataplane::new`], with maps and links pinned under `pin_dir` (on bpffs):
+    /// forwarding survives the process, and a new process reuses the pinned maps,
+    /// swaps its programs into the pinned links and rebuilds its view from the maps, so
+    /// its first `apply` changes only what differs. [`Dataplane::teardown`] unpins.
+    pub fn new_pinned(underlay: &Underlay, pin_dir: &Path) -> Result<Self, EbpfDriverError> {
+        Self::open(underlay, Some(pin_dir))
+    }
+
+    fn open(underlay: &Underlay, pin_dir: Option<&Path>) -> Result<Self, EbpfDriverError> {
         let ifindex = netdev::ifindex(&underlay.device).map_err(iface_err(&underlay.device))?;
         let mac = netdev::mac(&underlay.device).map_err(iface_err(&underlay.device))?;
-        let mut dp = Self::load(true)?;
+        let mut dp = Self::load(true, pin_dir)?;
         dp.set_config(Config {
             local_vtep_be: abi::ip_be(underlay.vtep),
             underlay_ifindex: ifindex,
@@ -111,23 +177,123 @@ impl EbpfDataplane {
             .ok_or(EbpfDriverError::MissingProgram(abi::PROG_UNDERLAY))?
             .try_into()
             .map_err(prog_err(abi::PROG_UNDERLAY))?;
+        let Some(dir) = pin_dir else {
+            dp.xdp_link = Some(
+                xdp.attach_to_if_index(ifindex, XdpMode::Driver)
+                    .map_err(prog_err(abi::PROG_UNDERLAY))?,
+            );
+            return Ok(dp);
+        };
+        let path = dir.join(XDP_LINK_PIN);
+        let link = match pinned_link(&path)? {
+            Some(link) => link,
+            None => {
+                let id = xdp
+                    .attach_to_if_index(ifindex, XdpMode::Driver)
+                    .map_err(prog_err(abi::PROG_UNDERLAY))?;
+                let link = xdp.take_link(id).map_err(prog_err(abi::PROG_UNDERLAY))?;
+                pin_link(link, &path)?
+            }
+        };
+        // Atomically replaces whatever program the pinned link ran with this one.
         dp.xdp_link = Some(
-            xdp.attach_to_if_index(ifindex, XdpMode::Driver)
+            xdp.attach_to_link(link)
                 .map_err(prog_err(abi::PROG_UNDERLAY))?,
         );
+        dp.recover()?;
         Ok(dp)
+    }
+
+    /// Rebuilds the driver's view from pinned maps and re-adopts pinned tc links.
+    fn recover(&mut self) -> Result<(), EbpfDriverError> {
+        {
+            let map = self
+                .bpf
+                .map(abi::MAP_PORTS)
+                .ok_or(EbpfDriverError::MissingMap(abi::MAP_PORTS))?;
+            let ports: BpfHashMap<_, u32, PortVal> =
+                BpfHashMap::try_from(map).map_err(map_err(abi::MAP_PORTS))?;
+            for (ifindex, port) in ports.iter().filter_map(Result::ok) {
+                self.ports.insert(ifindex, port);
+                self.recovered_ids.insert(ifindex, port.port_id);
+                self.next_port_id = self.next_port_id.max(port.port_id + 1);
+            }
+        }
+        {
+            let map = self
+                .bpf
+                .map(abi::MAP_ENDPOINTS)
+                .ok_or(EbpfDriverError::MissingMap(abi::MAP_ENDPOINTS))?;
+            let eps: BpfHashMap<_, EpKey, Endpoint> =
+                BpfHashMap::try_from(map).map_err(map_err(abi::MAP_ENDPOINTS))?;
+            self.endpoints = eps.iter().filter_map(Result::ok).collect();
+        }
+        {
+            let map = self
+                .bpf
+                .map(abi::MAP_SG)
+                .ok_or(EbpfDriverError::MissingMap(abi::MAP_SG))?;
+            let sg: LpmTrie<_, SgKeyData, u32> =
+                LpmTrie::try_from(map).map_err(map_err(abi::MAP_SG))?;
+            self.sg = sg
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| (k.prefix_len(), k.data()))
+                .collect();
+        }
+        let dir = self
+            .pin_dir
+            .clone()
+            .expect("recover runs with a pin directory");
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| EbpfDriverError::PinDir(dir.clone(), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| EbpfDriverError::PinDir(dir.clone(), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(device) = name.strip_prefix(TC_LINK_PIN_PREFIX) else {
+                continue;
+            };
+            let path = entry.path();
+            let Ok(ifindex) = netdev::ifindex(device) else {
+                // The device went away with its VM: drop the link with the pin.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let Some(link) = pinned_link(&path)? else {
+                continue;
+            };
+            let tc: &mut SchedClassifier = self
+                .bpf
+                .program_mut(abi::PROG_PORT)
+                .ok_or(EbpfDriverError::MissingProgram(abi::PROG_PORT))?
+                .try_into()
+                .map_err(prog_err(abi::PROG_PORT))?;
+            let id = tc.attach_to_link(link).map_err(prog_err(abi::PROG_PORT))?;
+            self.tc_links
+                .insert(device.to_string(), (ifindex, Some(id)));
+        }
+        Ok(())
     }
 
     /// Loads the programs without attaching anything, for BPF_PROG_TEST_RUN.
     pub fn load_detached(config: Config) -> Result<Self, EbpfDriverError> {
-        let mut dp = Self::load(false)?;
+        let mut dp = Self::load(false, None)?;
         dp.set_config(config)?;
         Ok(dp)
     }
 
-    fn load(attach: bool) -> Result<Self, EbpfDriverError> {
-        let mut bpf =
-            Ebpf::load(abi::DATAPATH_OBJ).map_err(|e| EbpfDriverError::Load(Box::new(e)))?;
+    fn load(attach: bool, pin_dir: Option<&Path>) -> Result<Self, EbpfDriverError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir).map_err(|e| EbpfDriverError::PinDir(dir.to_owned(), e))?;
+            for name in MAPS {
+                // Reused when already pinned there, created and pinned otherwise.
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut bpf = loader
+            .load(abi::DATAPATH_OBJ)
+            .map_err(|e| EbpfDriverError::Load(Box::new(e)))?;
         {
             let xdp: &mut Xdp = bpf
                 .program_mut(abi::PROG_UNDERLAY)
@@ -147,6 +313,8 @@ impl EbpfDataplane {
         Ok(EbpfDataplane {
             bpf,
             attach,
+            pin_dir: pin_dir.map(Path::to_owned),
+            recovered_ids: HashMap::new(),
             xdp_link: None,
             tc_links: HashMap::new(),
             port_ids: HashMap::new(),
@@ -266,12 +434,19 @@ impl EbpfDataplane {
         BpfHashMap::try_from(map).map_err(map_err(abi::MAP_ENDPOINTS))
     }
 
-    fn port_id(&mut self, id: &str) -> u32 {
+    fn port_id(&mut self, id: &str, ifindex: u32) -> u32 {
         if let Some(n) = self.port_ids.get(id) {
             return *n;
         }
-        let n = self.next_port_id;
-        self.next_port_id += 1;
+        // After a restart, the pinned port entry of this device still names its id.
+        let n = match self.recovered_ids.remove(&ifindex) {
+            Some(n) => n,
+            None => {
+                let n = self.next_port_id;
+                self.next_port_id += 1;
+                n
+            }
+        };
         self.port_ids.insert(id.to_string(), n);
         n
     }
@@ -289,12 +464,25 @@ impl EbpfDataplane {
             .ok_or(EbpfDriverError::MissingProgram(abi::PROG_PORT))?
             .try_into()
             .map_err(prog_err(abi::PROG_PORT))?;
-        tc.attach(device, TcAttachType::Ingress)
+        let id = tc
+            .attach(device, TcAttachType::Ingress)
+            .map_err(prog_err(abi::PROG_PORT))?;
+        let Some(dir) = &self.pin_dir else {
+            return Ok(Some(id));
+        };
+        let path = dir.join(format!("{TC_LINK_PIN_PREFIX}{device}"));
+        let _ = std::fs::remove_file(&path); // a stale pin of an earlier device of that name
+        let link = tc.take_link(id).map_err(prog_err(abi::PROG_PORT))?;
+        let link = pin_link(link, &path)?;
+        tc.attach_to_link(link)
             .map(Some)
             .map_err(prog_err(abi::PROG_PORT))
     }
 
     fn detach_port(&mut self, device: &str, link: Option<SchedClassifierLinkId>) {
+        if let Some(dir) = &self.pin_dir {
+            let _ = std::fs::remove_file(dir.join(format!("{TC_LINK_PIN_PREFIX}{device}")));
+        }
         let Some(link) = link else { return };
         let result = self
             .bpf
@@ -368,7 +556,7 @@ impl Dataplane for EbpfDataplane {
         let mut ids = Vec::with_capacity(desired.ports.len());
         for p in &desired.ports {
             let ifindex = netdev::ifindex(&p.device).map_err(iface_err(&p.device))?;
-            let port_id = self.port_id(&p.id);
+            let port_id = self.port_id(&p.id, ifindex);
             ids.push(port_id);
             want_devices.insert(p.device.clone(), ifindex);
             want_ports.insert(
@@ -546,6 +734,8 @@ impl Dataplane for EbpfDataplane {
                 changed_ports.insert(n);
             }
         }
+        // Ports found pinned after a restart that the desired state no longer has.
+        changed_ports.extend(self.recovered_ids.drain().map(|(_, n)| n));
         self.flush_conntrack(&changed_ports)?;
 
         debug!(
@@ -593,6 +783,10 @@ impl Dataplane for EbpfDataplane {
             if let Err(e) = xdp.detach(link) {
                 warn!(error = %e, "detaching XDP from the underlay");
             }
+        }
+        if let Some(dir) = &self.pin_dir {
+            // Unpinned maps and links die with this process's descriptors.
+            std::fs::remove_dir_all(dir).map_err(|e| EbpfDriverError::PinDir(dir.clone(), e))?;
         }
         Ok(())
     }
