@@ -299,7 +299,8 @@ impl Host {
 
 /// Two hosts joined by a bridge in a third namespace, two VMs per host:
 /// vm0 (host 0) and vm1 (host 1) in VNI 100 with 10.0.0.1/.2; vm2 (host 0) and vm3
-/// (host 1) in VNI 200 with the same addresses swapped (vm2 = .2, vm3 = .1).
+/// (host 1) in VNI 200 with the same addresses swapped (vm2 = .2, vm3 = .1); vm4
+/// (host 0, VNI 100, 10.0.0.3) is vm0's same-host neighbour.
 /// Dropping it deletes every namespace, and with them every link.
 #[derive(Debug)]
 pub struct Topology {
@@ -327,11 +328,12 @@ impl Topology {
             ns.ip(&["link", "set", "ul0", "up"])?;
             hosts.push(Host { ns, vtep });
         }
-        let plan: [(usize, u32, [u8; 4]); 4] = [
+        let plan: [(usize, u32, [u8; 4]); 5] = [
             (0, 100, [10, 0, 0, 1]),
             (1, 100, [10, 0, 0, 2]),
             (0, 200, [10, 0, 0, 2]),
             (1, 200, [10, 0, 0, 1]),
+            (0, 100, [10, 0, 0, 3]),
         ];
         let mut vms = Vec::new();
         for (k, (host, vni, ip)) in plan.into_iter().enumerate() {

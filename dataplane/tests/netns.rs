@@ -12,6 +12,7 @@ use shoal_dataplane::{
 
 const VM0_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const VM1_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const VM4_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
 
 fn suite<D, F>(driver: &str, make: F)
 where
@@ -43,7 +44,7 @@ where
         .iter()
         .map(|vm| Banner::start(vm, &[80, 22]).unwrap())
         .collect();
-    let [vm0, vm1, vm2, vm3] = &topo.vms[..] else {
+    let [vm0, vm1, vm2, vm3, vm4] = &topo.vms[..] else {
         unreachable!()
     };
 
@@ -71,6 +72,24 @@ where
         None,
         "{driver}: vm1 -> vm0:22 denied"
     );
+
+    // Same host, same network: delivered without encapsulation, same rules.
+    assert_eq!(
+        vm0.tcp_banner(VM4_IP, 80).as_deref(),
+        Some("vm4"),
+        "{driver}: vm0 -> vm4:80 same host"
+    );
+    assert_eq!(
+        vm4.tcp_banner(VM0_IP, 80).as_deref(),
+        Some("vm0"),
+        "{driver}: vm4 -> vm0:80 same host"
+    );
+    assert_eq!(
+        vm0.tcp_banner(VM4_IP, 22),
+        None,
+        "{driver}: vm0 -> vm4:22 denied"
+    );
+    assert!(vm4.ping(VM0_IP), "{driver}: vm4 pings vm0");
 
     // VNI 200 reuses the addresses: each VM reaches its own network's peer only.
     assert_eq!(
