@@ -7,7 +7,9 @@
 //! br_netfilter (nf_conntrack_bridge is not built). br_netfilter shows the bridge, not
 //! the port, as the interface to `inet` rules, so a `bridge` table first marks each
 //! frame with its source port (low 16 bits) and destination port (high 16 bits), and
-//! the `inet` forward chain dispatches on the mark.
+//! the `inet` forward chain dispatches on the mark. Before that, bridge prerouting
+//! carries the VNI in the mark so that an `inet` raw chain can give each network its
+//! own conntrack zone.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -204,10 +206,34 @@ impl KernelDataplane {
         for c in COUNTERS_BRIDGE {
             let _ = writeln!(s, "  counter {c} {{}}");
         }
+        // Conntrack zone per network (networks may reuse addresses): the VNI rides in
+        // the mark from bridge prerouting to the inet raw chain, before conntrack.
+        let mut by_vni: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for p in &state.ports {
+            by_vni
+                .entry(p.vni)
+                .or_default()
+                .push(format!("\"{}\"", p.device));
+        }
+        let _ = writeln!(
+            s,
+            "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;"
+        );
+        for (vni, devices) in &by_vni {
+            let mut devices = devices.clone();
+            devices.push(format!("\"{}\"", vxlan_name(*vni)));
+            let _ = writeln!(
+                s,
+                "    iifname {{ {} }} meta mark set {vni}",
+                devices.join(", ")
+            );
+        }
+        let _ = writeln!(s, "  }}");
         let _ = writeln!(
             s,
             "  chain forward {{\n    type filter hook forward priority -200; policy accept;"
         );
+        let _ = writeln!(s, "    meta mark set 0");
         for (i, p) in state.ports.iter().enumerate() {
             let _ = writeln!(s, "    iifname \"{}\" jump from_{i}", p.device);
         }
@@ -254,6 +280,18 @@ impl KernelDataplane {
         let _ = writeln!(s, "table inet {TABLE_INET} {{");
         for c in COUNTERS_INET {
             let _ = writeln!(s, "  counter {c} {{}}");
+        }
+        if !by_vni.is_empty() {
+            // Zones are 16 bits: VNIs equal modulo 65536 would share one.
+            let zones: Vec<String> = by_vni
+                .keys()
+                .map(|vni| format!("{vni} : {}", vni & 0xffff))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  chain raw {{\n    type filter hook prerouting priority -300; policy accept;\n    ct zone set meta mark map {{ {} }}\n  }}",
+                zones.join(", ")
+            );
         }
         let _ = writeln!(
             s,
