@@ -67,6 +67,15 @@ fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
     Ok(())
 }
 
+/// As [`run`], but an object that already exists counts as success: a driver started
+/// after a restart finds the devices and entries of its predecessor.
+fn run_exists_ok(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+    match run(program, args) {
+        Err(KernelDriverError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
+        other => other,
+    }
+}
+
 fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
     let command = format!("{program} {}", args.join(" "));
     let out = Command::new(program)
@@ -163,8 +172,8 @@ impl KernelDataplane {
         let (br, vx) = (bridge_name(vni), vxlan_name(vni));
         let vtep = self.underlay.vtep.to_string();
         let id = vni.to_string();
-        run("ip", &["link", "add", &br, "type", "bridge"])?;
-        run(
+        run_exists_ok("ip", &["link", "add", &br, "type", "bridge"])?;
+        run_exists_ok(
             "ip",
             &[
                 "link",
@@ -396,7 +405,7 @@ impl Dataplane for KernelDataplane {
             )?;
         }
         for (vni, vtep) in want_flood.difference(&self.flood.clone()) {
-            run(
+            run_exists_ok(
                 "bridge",
                 &[
                     "fdb",

@@ -31,14 +31,29 @@ where
                 .unwrap()
         })
         .collect();
-    let apply = |removed: &'static [usize]| {
+    let apply = |agents: &[Agent<D>], removed: &'static [usize]| {
         for (i, agent) in agents.iter().enumerate() {
             let state = topo.desired(i, removed);
             agent.call(move |d| d.apply(&state)).unwrap();
         }
     };
-    apply(&[]);
-    apply(&[]); // idempotent
+    apply(&agents, &[]);
+    apply(&agents, &[]); // idempotent
+                         // A new driver instance (a restarted node agent) applies over what the previous
+                         // one left behind without failing.
+    let agents: Vec<Agent<D>> = agents
+        .into_iter()
+        .zip(&topo.hosts)
+        .map(|(old, h)| {
+            old.finish(drop);
+            let make = make.clone();
+            let underlay = h.underlay();
+            Agent::start(&h.ns, move || make(underlay))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    apply(&agents, &[]);
     let _banners: Vec<Banner> = topo
         .vms
         .iter()
@@ -117,7 +132,7 @@ where
     );
 
     // Removing vm1's port (on its host, and as a remote port on host 0).
-    apply(&[1]);
+    apply(&agents, &[1]);
     assert_eq!(
         vm0.tcp_banner(VM1_IP, 80),
         None,
@@ -131,7 +146,7 @@ where
         "{driver}: others unaffected"
     );
     // Adding it back restores it.
-    apply(&[]);
+    apply(&agents, &[]);
     assert_eq!(
         vm0.tcp_banner(VM1_IP, 80).as_deref(),
         Some("vm1"),
