@@ -7,6 +7,7 @@
 
 mod etcd;
 mod overlay;
+mod pps;
 mod procs;
 mod raft;
 mod report;
@@ -33,6 +34,8 @@ enum Command {
     Overlay(overlay::Args),
     /// Writing an image file through the io_uring writer against `cp`.
     Uring(uring::Args),
+    /// Packets per second through the datapath drivers in network namespaces (root).
+    Pps(pps::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Schedule(args) => schedule::run(&args),
         Command::Overlay(args) => overlay::run(args),
         Command::Uring(args) => uring::run(args),
+        Command::Pps(args) => pps::run(args),
     }
 }

@@ -12,7 +12,9 @@ PACKAGES=(
   # peers in benchmarks and tests
   etcd-server etcd-client python3-venv
   # process-level tests
-  procps psmisc curl
+  procps psmisc curl iputils-ping
+  # qemu-img and qemu-io judge our qcow2 files (kept if a newer one is installed)
+  qemu-utils
 )
 
 missing=()

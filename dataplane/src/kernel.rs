@@ -1,0 +1,517 @@
+//! The kernel-path driver: a Linux vxlan device and a bridge per network, static FDB
+//! entries for remote ports (plus head-end replication entries so ARP floods to the
+//! network's VTEPs), and nftables with conntrack for security groups. It is the
+//! baseline in benchmarks and the fallback for hosts without XDP.
+//!
+//! Security groups need conntrack of bridged IPv4, which this kernel provides through
+//! br_netfilter (nf_conntrack_bridge is not built). br_netfilter shows the bridge, not
+//! the port, as the interface to `inet` rules, so a `bridge` table first marks each
+//! frame with its source port (low 16 bits) and destination port (high 16 bits), and
+//! the `inet` forward chain dispatches on the mark. Before that, bridge prerouting
+//! carries the VNI in the mark so that an `inet` raw chain can give each network its
+//! own conntrack zone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use tracing::debug;
+
+use crate::{
+    model::{self, CompileError, DesiredState, Direction, Mac, Underlay},
+    Counters, Dataplane,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelDriverError {
+    #[error("command `{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("could not run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not enable bridge netfilter (conntrack for bridged IPv4)")]
+    Sysctl(#[source] std::io::Error),
+    #[error("the desired state is invalid")]
+    Compile(#[from] CompileError),
+    #[error("port {0} is attached to two networks")]
+    PortInTwoNetworks(String),
+}
+
+const TABLE_BRIDGE: &str = "shoal_br";
+const TABLE_INET: &str = "shoal";
+const COUNTERS_BRIDGE: [&str; 3] = ["drop_spoof_mac", "drop_spoof_ip", "drop_unsupported"];
+const COUNTERS_INET: [&str; 2] = ["drop_sg_egress", "drop_sg_ingress"];
+
+fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| KernelDriverError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(KernelDriverError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// As [`run`], but an object that already exists counts as success: a driver started
+/// after a restart finds the devices and entries of its predecessor.
+fn run_exists_ok(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+    match run(program, args) {
+        Err(KernelDriverError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
+        other => other,
+    }
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| KernelDriverError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(KernelDriverError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nft_script(script: &str) -> Result<(), KernelDriverError> {
+    let command = "nft -f -".to_string();
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| KernelDriverError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())
+        .map_err(|source| KernelDriverError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| KernelDriverError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(KernelDriverError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn bridge_name(vni: u32) -> String {
+    format!("sbr{vni}")
+}
+
+fn vxlan_name(vni: u32) -> String {
+    format!("svx{vni}")
+}
+
+/// The kernel-path datapath of one node.
+#[derive(Debug)]
+pub struct KernelDataplane {
+    underlay: Underlay,
+    networks: BTreeSet<u32>,
+    /// device -> VNI of the bridge it is enslaved to.
+    ports: BTreeMap<String, u32>,
+    /// (VNI, MAC, VTEP) unicast entries on the vxlan device.
+    fdb: BTreeSet<(u32, Mac, Ipv4Addr)>,
+    /// (VNI, VTEP) all-zero entries: broadcast and ARP go to every VTEP of the network.
+    flood: BTreeSet<(u32, Ipv4Addr)>,
+    ruleset: String,
+}
+
+impl KernelDataplane {
+    /// Prepares the node: bridged IPv4 goes through conntrack and the inet hooks.
+    /// Must run in the node's network namespace.
+    pub fn new(underlay: &Underlay) -> Result<Self, KernelDriverError> {
+        std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1")
+            .map_err(KernelDriverError::Sysctl)?;
+        Ok(KernelDataplane {
+            underlay: underlay.clone(),
+            networks: BTreeSet::new(),
+            ports: BTreeMap::new(),
+            fdb: BTreeSet::new(),
+            flood: BTreeSet::new(),
+            ruleset: String::new(),
+        })
+    }
+
+    fn add_network(&self, vni: u32) -> Result<(), KernelDriverError> {
+        let (br, vx) = (bridge_name(vni), vxlan_name(vni));
+        let vtep = self.underlay.vtep.to_string();
+        let id = vni.to_string();
+        run_exists_ok("ip", &["link", "add", &br, "type", "bridge"])?;
+        run_exists_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                &vx,
+                "type",
+                "vxlan",
+                "id",
+                &id,
+                "local",
+                &vtep,
+                "dstport",
+                "4789",
+                "dev",
+                &self.underlay.device,
+                "nolearning",
+            ],
+        )?;
+        run("ip", &["link", "set", &vx, "master", &br, "up"])?;
+        run("ip", &["link", "set", &br, "up"])
+    }
+
+    fn del_network(&self, vni: u32) -> Result<(), KernelDriverError> {
+        run("ip", &["link", "del", &vxlan_name(vni)])?;
+        run("ip", &["link", "del", &bridge_name(vni)])
+    }
+
+    fn render(state: &DesiredState) -> Result<String, KernelDriverError> {
+        let entries = model::compile_sg(state)?;
+        let mut s = String::new();
+        // Re-created in one transaction: `add` then `delete` tolerates a missing table.
+        for (family, table) in [("bridge", TABLE_BRIDGE), ("inet", TABLE_INET)] {
+            let _ = writeln!(
+                s,
+                "add table {family} {table}\ndelete table {family} {table}"
+            );
+        }
+        let _ = writeln!(s, "table bridge {TABLE_BRIDGE} {{");
+        for c in COUNTERS_BRIDGE {
+            let _ = writeln!(s, "  counter {c} {{}}");
+        }
+        // Conntrack zone per network (networks may reuse addresses): the VNI rides in
+        // the mark from bridge prerouting to the inet raw chain, before conntrack.
+        let mut by_vni: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for p in &state.ports {
+            by_vni
+                .entry(p.vni)
+                .or_default()
+                .push(format!("\"{}\"", p.device));
+        }
+        let _ = writeln!(
+            s,
+            "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;"
+        );
+        for (vni, devices) in &by_vni {
+            let mut devices = devices.clone();
+            devices.push(format!("\"{}\"", vxlan_name(*vni)));
+            let _ = writeln!(
+                s,
+                "    iifname {{ {} }} meta mark set {vni}",
+                devices.join(", ")
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(
+            s,
+            "  chain forward {{\n    type filter hook forward priority -200; policy accept;"
+        );
+        let _ = writeln!(s, "    meta mark set 0");
+        for (i, p) in state.ports.iter().enumerate() {
+            let _ = writeln!(s, "    iifname \"{}\" jump from_{i}", p.device);
+        }
+        for (i, p) in state.ports.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "    oifname \"{}\" meta mark set meta mark | 0x{:x}",
+                p.device,
+                (i + 1) << 16
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        for (i, p) in state.ports.iter().enumerate() {
+            let ips: Vec<String> = p.ips.iter().map(|ip| ip.to_string()).collect();
+            let ips = ips.join(", ");
+            let _ = writeln!(s, "  chain from_{i} {{");
+            let _ = writeln!(
+                s,
+                "    ether saddr != {} counter name drop_spoof_mac drop",
+                p.mac
+            );
+            let _ = writeln!(
+                s,
+                "    arp saddr ether != {} counter name drop_spoof_mac drop",
+                p.mac
+            );
+            let _ = writeln!(
+                s,
+                "    arp saddr ip != {{ {ips} }} counter name drop_spoof_ip drop"
+            );
+            let _ = writeln!(
+                s,
+                "    ether type ip ip saddr != {{ {ips} }} counter name drop_spoof_ip drop"
+            );
+            let _ = writeln!(
+                s,
+                "    ether type != {{ ip, arp }} counter name drop_unsupported drop"
+            );
+            let _ = writeln!(s, "    meta mark set 0x{:x}", i + 1);
+            let _ = writeln!(s, "  }}");
+        }
+        let _ = writeln!(s, "}}");
+
+        let _ = writeln!(s, "table inet {TABLE_INET} {{");
+        for c in COUNTERS_INET {
+            let _ = writeln!(s, "  counter {c} {{}}");
+        }
+        if !by_vni.is_empty() {
+            // Zones are 16 bits: VNIs equal modulo 65536 would share one.
+            let zones: Vec<String> = by_vni
+                .keys()
+                .map(|vni| format!("{vni} : {}", vni & 0xffff))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  chain raw {{\n    type filter hook prerouting priority -300; policy accept;\n    ct zone set meta mark map {{ {} }}\n  }}",
+                zones.join(", ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  chain forward {{\n    type filter hook forward priority 0; policy accept;"
+        );
+        let _ = writeln!(s, "    meta mark 0 accept");
+        let _ = writeln!(s, "    ct state established,related accept");
+        if !state.ports.is_empty() {
+            let eg: Vec<String> = (0..state.ports.len())
+                .map(|i| format!("0x{:x} : jump egress_{i}", i + 1))
+                .collect();
+            let ing: Vec<String> = (0..state.ports.len())
+                .map(|i| format!("0x{:x} : jump ingress_{i}", (i + 1) << 16))
+                .collect();
+            let _ = writeln!(s, "    meta mark & 0xffff vmap {{ {} }}", eg.join(", "));
+            let _ = writeln!(
+                s,
+                "    meta mark & 0xffff0000 vmap {{ {} }}",
+                ing.join(", ")
+            );
+        }
+        let _ = writeln!(s, "  }}");
+        for (i, _) in state.ports.iter().enumerate() {
+            for (dir, name, addr, counter) in [
+                (Direction::Egress, "egress", "daddr", "drop_sg_egress"),
+                (Direction::Ingress, "ingress", "saddr", "drop_sg_ingress"),
+            ] {
+                let _ = writeln!(s, "  chain {name}_{i} {{");
+                for e in entries.iter().filter(|e| e.port == i && e.direction == dir) {
+                    let mut rule = String::new();
+                    if e.remote.len > 0 {
+                        let _ = write!(rule, "ip {addr} {} ", e.remote);
+                    }
+                    if e.proto != 0 {
+                        let _ = write!(rule, "meta l4proto {} ", e.proto);
+                    }
+                    if e.dport != 0 {
+                        let _ = write!(rule, "th dport {} ", e.dport);
+                    }
+                    let _ = writeln!(s, "    {rule}return");
+                }
+                let _ = writeln!(s, "    counter name {counter} drop\n  }}");
+            }
+        }
+        let _ = writeln!(s, "}}");
+        Ok(s)
+    }
+}
+
+impl Dataplane for KernelDataplane {
+    type Error = KernelDriverError;
+
+    fn apply(&mut self, desired: &DesiredState) -> Result<(), KernelDriverError> {
+        model::check_addresses(desired)?;
+        let ruleset = Self::render(desired)?;
+
+        let mut want_ports: BTreeMap<String, u32> = BTreeMap::new();
+        for p in &desired.ports {
+            if want_ports
+                .insert(p.device.clone(), p.vni)
+                .is_some_and(|v| v != p.vni)
+            {
+                return Err(KernelDriverError::PortInTwoNetworks(p.device.clone()));
+            }
+        }
+        let want_networks: BTreeSet<u32> = want_ports.values().copied().collect();
+        let want_fdb: BTreeSet<(u32, Mac, Ipv4Addr)> = desired
+            .remote_ports
+            .iter()
+            .filter(|r| want_networks.contains(&r.vni))
+            .map(|r| (r.vni, r.mac, r.vtep))
+            .collect();
+        let want_flood: BTreeSet<(u32, Ipv4Addr)> = want_fdb
+            .iter()
+            .map(|(vni, _, vtep)| (*vni, *vtep))
+            .collect();
+
+        // Filters first, so a new port is never bridged unfiltered.
+        if ruleset != self.ruleset {
+            nft_script(&ruleset)?;
+            self.ruleset = ruleset;
+        }
+        for vni in want_networks.difference(&self.networks.clone()) {
+            self.add_network(*vni)?;
+            self.networks.insert(*vni);
+        }
+        for (vni, mac, vtep) in want_fdb.difference(&self.fdb.clone()) {
+            let (mac, vtep) = (mac.to_string(), vtep.to_string());
+            run(
+                "bridge",
+                &[
+                    "fdb",
+                    "replace",
+                    &mac,
+                    "dev",
+                    &vxlan_name(*vni),
+                    "dst",
+                    &vtep,
+                    "self",
+                    "permanent",
+                ],
+            )?;
+        }
+        for (vni, vtep) in want_flood.difference(&self.flood.clone()) {
+            run_exists_ok(
+                "bridge",
+                &[
+                    "fdb",
+                    "append",
+                    "00:00:00:00:00:00",
+                    "dev",
+                    &vxlan_name(*vni),
+                    "dst",
+                    &vtep.to_string(),
+                    "self",
+                    "permanent",
+                ],
+            )?;
+        }
+        for (device, vni) in &want_ports {
+            if self.ports.get(device) != Some(vni) {
+                run(
+                    "ip",
+                    &["link", "set", device, "master", &bridge_name(*vni), "up"],
+                )?;
+            }
+        }
+
+        for device in self.ports.keys().filter(|d| !want_ports.contains_key(*d)) {
+            // The VM's device may be gone already; then it left the bridge with it.
+            if let Err(e) = run("ip", &["link", "set", device, "nomaster"]) {
+                debug!(device, error = %e, "detaching port from bridge");
+            }
+        }
+        for (vni, mac, vtep) in self.fdb.difference(&want_fdb) {
+            if want_networks.contains(vni) {
+                let (mac, vtep) = (mac.to_string(), vtep.to_string());
+                run(
+                    "bridge",
+                    &[
+                        "fdb",
+                        "del",
+                        &mac,
+                        "dev",
+                        &vxlan_name(*vni),
+                        "dst",
+                        &vtep,
+                        "self",
+                    ],
+                )?;
+            }
+        }
+        for (vni, vtep) in self.flood.difference(&want_flood) {
+            if want_networks.contains(vni) {
+                run(
+                    "bridge",
+                    &[
+                        "fdb",
+                        "del",
+                        "00:00:00:00:00:00",
+                        "dev",
+                        &vxlan_name(*vni),
+                        "dst",
+                        &vtep.to_string(),
+                        "self",
+                    ],
+                )?;
+            }
+        }
+        for vni in self.networks.difference(&want_networks) {
+            self.del_network(*vni)?;
+        }
+        self.networks = want_networks;
+        self.ports = want_ports;
+        self.fdb = want_fdb;
+        self.flood = want_flood;
+        Ok(())
+    }
+
+    fn counters(&self) -> Result<Counters, KernelDriverError> {
+        let mut out = Counters::new();
+        for (family, table, names) in [
+            ("bridge", TABLE_BRIDGE, &COUNTERS_BRIDGE[..]),
+            ("inet", TABLE_INET, &COUNTERS_INET[..]),
+        ] {
+            for name in names {
+                let text = output("nft", &["list", "counter", family, table, name])?;
+                let packets = text
+                    .split_whitespace()
+                    .skip_while(|w| *w != "packets")
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                out.insert(name.to_string(), packets);
+            }
+        }
+        Ok(out)
+    }
+
+    fn teardown(self) -> Result<(), KernelDriverError> {
+        for device in self.ports.keys() {
+            let _ = run("ip", &["link", "set", device, "nomaster"]);
+        }
+        for vni in &self.networks {
+            self.del_network(*vni)?;
+        }
+        if !self.ruleset.is_empty() {
+            nft_script(&format!(
+                "delete table bridge {TABLE_BRIDGE}\ndelete table inet {TABLE_INET}\n"
+            ))?;
+        }
+        Ok(())
+    }
+}
