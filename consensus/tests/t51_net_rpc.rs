@@ -317,6 +317,12 @@ struct Relay {
 
 impl Relay {
     async fn start(backend: std::net::SocketAddr) -> Relay {
+        Self::start_delayed(backend, Duration::ZERO).await
+    }
+
+    /// A relay that holds every packet from the server back for `delay`, so a handshake takes
+    /// at least that long whatever the machine's speed.
+    async fn start_delayed(backend: std::net::SocketAddr, delay: Duration) -> Relay {
         let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let target = Arc::new(std::sync::Mutex::new(backend));
@@ -340,6 +346,9 @@ impl Relay {
                 }
                 let to = *c.lock().unwrap();
                 if let Some(to) = to {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     let _ = f.send_to(&buf[..n], to).await;
                 }
             }
@@ -423,13 +432,16 @@ async fn restarted_peer_resets_stale_connection() {
 async fn short_ttl_does_not_abort_the_handshake() {
     let ca = ca();
     let b = start_server(&ca, "node-b");
-    let addr = b.addr.to_string();
+    // Every server packet is held back 20 ms, so no handshake can finish within the 5 ms TTL
+    // (a bare loopback handshake can finish inside tokio's 1 ms timer granularity).
+    let relay = Relay::start_delayed(b.addr, Duration::from_millis(20)).await;
+    let addr = relay.addr.to_string();
     let client = fixture::member_client(&ca, "node-a");
     let err = client
         .call(
             &addr,
             &shoal_consensus::net::frame::PeerRequest::Status,
-            Duration::from_micros(1),
+            Duration::from_millis(5),
         )
         .await
         .unwrap_err();
