@@ -146,18 +146,18 @@ pub async fn status(as_json: bool) -> anyhow::Result<()> {
         v["term"]
     );
     println!(
-        "{:<16} {:<8} {:<22} {:<22} {:>10} {:<8}",
-        "NAME", "ROLE", "API", "PEER", "APPLIED", "HEALTHY"
+        "{:<16} {:<8} {:<22} {:<22} {:>10} HEALTHY",
+        "NAME", "ROLE", "API", "PEER", "APPLIED"
     );
     for m in v["members"].as_array().into_iter().flatten() {
         println!(
-            "{:<16} {:<8} {:<22} {:<22} {:>10} {:<8}",
+            "{:<16} {:<8} {:<22} {:<22} {:>10} {}",
             m["name"].as_str().unwrap_or(""),
             m["role"].as_str().unwrap_or(""),
             m["api"].as_str().unwrap_or(""),
             m["raft_addr"].as_str().unwrap_or(""),
-            m["applied_index"],
-            m["healthy"]
+            m["applied_index"].as_u64().unwrap_or(0),
+            m["healthy"].as_bool().unwrap_or(false)
         );
     }
     Ok(())
