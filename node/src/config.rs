@@ -29,6 +29,27 @@ pub struct NodeConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub identity: IdentitySection,
+    /// Overrides of the capacity this node registers as a compute host; unset fields are
+    /// detected (available parallelism, /proc/meminfo, statvfs of the data directory).
+    #[serde(default, skip_serializing_if = "HostSection::is_empty")]
+    pub host: HostSection,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gb: Option<u64>,
+}
+
+impl HostSection {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +191,7 @@ impl NodeConfig {
             region: default_region(),
             cluster: ClusterSection::default(),
             identity: IdentitySection::default(),
+            host: HostSection::default(),
         }
     }
 
@@ -224,6 +246,15 @@ impl NodeConfig {
             60,
             30 * 86_400,
         )?;
+        if let Some(v) = self.host.vcpus {
+            range("host.vcpus", v.into(), 1, 4096)?;
+        }
+        if let Some(v) = self.host.ram_mb {
+            range("host.ram_mb", v, 1, 1 << 34)?;
+        }
+        if let Some(v) = self.host.disk_gb {
+            range("host.disk_gb", v, 0, 1 << 30)?;
+        }
         Ok(())
     }
 
@@ -279,6 +310,7 @@ mod tests {
         let text = include_str!("../../docs/config-template.toml");
         let cfg = NodeConfig::parse(text, Path::new("docs/config-template.toml")).unwrap();
         assert_eq!(cfg.cluster.voters, 3);
+        assert_eq!(cfg.host.vcpus, Some(8));
     }
 
     #[test]
@@ -303,6 +335,16 @@ mod tests {
         cfg.name = "bad name".into();
         assert!(matches!(cfg.validate(), Err(ConfigError::BadName(_))));
         cfg.name = "a".into();
+        cfg.host.vcpus = Some(0);
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OutOfRange {
+                field: "host.vcpus",
+                ..
+            })
+        ));
+        cfg.host.vcpus = Some(8);
+        assert!(cfg.validate().is_ok());
         cfg.cluster.election_timeout_ms = 100;
         assert!(matches!(
             cfg.validate(),

@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod dev;
 mod identity;
+mod placement;
 mod server;
 
 use std::net::SocketAddr;

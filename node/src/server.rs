@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::config::{NodeConfig, CONFIG_FILE};
 use crate::identity::{password, Identity};
+use crate::placement::{self, HostSpec};
 
 fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
     ClusterOptions {
@@ -123,7 +124,7 @@ pub async fn init(dir: PathBuf, cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.listen
     );
     println!("{token}");
-    serve(cfg, cluster, identity, api_listener).await
+    serve(dir, cfg, cluster, identity, api_listener).await
 }
 
 pub async fn join(dir: PathBuf, cfg: NodeConfig, token: &str, peer: &str) -> anyhow::Result<()> {
@@ -139,7 +140,7 @@ pub async fn join(dir: PathBuf, cfg: NodeConfig, token: &str, peer: &str) -> any
         cfg.name.clone(),
         cfg.identity.token_ttl_secs,
     );
-    serve(cfg, cluster, identity, api_listener).await
+    serve(dir, cfg, cluster, identity, api_listener).await
 }
 
 pub async fn start(dir: PathBuf) -> anyhow::Result<()> {
@@ -153,7 +154,7 @@ pub async fn start(dir: PathBuf) -> anyhow::Result<()> {
         cfg.name.clone(),
         cfg.identity.token_ttl_secs,
     );
-    serve(cfg, cluster, identity, api_listener).await
+    serve(dir, cfg, cluster, identity, api_listener).await
 }
 
 async fn bind_api(cfg: &NodeConfig) -> anyhow::Result<tokio::net::TcpListener> {
@@ -171,7 +172,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// This machine as a compute host: detected capacity, with the `[host]` overrides.
+fn host_spec(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<HostSpec> {
+    let mut cap = placement::detect_capacity(dir).with_context(|| {
+        format!(
+            "cannot detect the capacity of this host ({})",
+            dir.display()
+        )
+    })?;
+    cap.vcpus = cfg.host.vcpus.unwrap_or(cap.vcpus);
+    cap.ram_mb = cfg.host.ram_mb.unwrap_or(cap.ram_mb);
+    cap.disk_gb = cfg.host.disk_gb.unwrap_or(cap.disk_gb);
+    Ok(HostSpec::from_capacity(cap, &cfg.zone))
+}
+
 async fn serve(
+    dir: PathBuf,
     cfg: NodeConfig,
     cluster: Cluster,
     identity: Identity,
@@ -192,6 +208,13 @@ async fn serve(
         stop.clone().cancelled_owned(),
     ));
     let cluster_task = tokio::spawn(cluster.clone().run(stop.clone().cancelled_owned()));
+    let host_spec = host_spec(&dir, &cfg)?;
+    let register = tokio::spawn(placement::register_self(
+        cluster.clone(),
+        cfg.name.clone(),
+        host_spec,
+        stop.clone().cancelled_owned(),
+    ));
     tracing::info!(name = %cfg.name, api = %cfg.api, peer = %cfg.listen, "node running");
 
     tokio::select! {
@@ -200,6 +223,7 @@ async fn serve(
     }
     stop.cancel();
     let _ = keyring.await;
+    let _ = register.await;
     match api_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "API task failed"),

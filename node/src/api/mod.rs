@@ -8,6 +8,7 @@ pub mod admin;
 pub mod error;
 pub mod identity;
 pub mod metrics;
+pub mod placement;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .merge(identity::routes())
         .merge(admin::routes())
         .merge(metrics::routes())
+        .merge(placement::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

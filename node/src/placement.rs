@@ -1,0 +1,577 @@
+//! Compute hosts and placement claims in the replicated state.
+//!
+//! Two tables: `hosts` (host name → JSON [`Host`]) and `instances` (instance id → JSON
+//! [`InstanceRecord`]). A host's *generation* is its row's `mod_revision`: every change to the
+//! row moves it, so a transaction conditioned on `Expect::Revision(generation)` commits only if
+//! nobody changed the host since it was read. The `generation` field stored inside the JSON is
+//! not authoritative and is overwritten with the row's `mod_revision` on every read.
+//!
+//! [`place`] runs the pure scheduler over the local replica and commits every claim of a
+//! request in one Raft transaction; see docs/scheduler.md, "Claims in the cluster".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use shoal_consensus::cluster::{Cluster, ClusterError};
+use shoal_scheduler::{
+    apply_claim, Aggregate, AllocationRatios, Claim, Host, Request, ScheduleError, Scheduler,
+    SchedulerConfig,
+};
+use shoal_types::{Expect, Row, Txn};
+
+pub const HOSTS: &str = "hosts";
+pub const INSTANCES: &str = "instances";
+
+/// How many times a request is scheduled and proposed before a conflict is reported.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// Concurrent schedulers pick at random among this many best hosts, so that they do not all
+/// race for the single best one (Nova's `host_subset_size`).
+pub const HOST_SUBSET_SIZE: usize = 4;
+
+/// A host's resources, as detected or as an operator or test declares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub ram_mb: u64,
+    pub disk_gb: u64,
+}
+
+/// Reads `MemTotal` (in kB) from the text of `/proc/meminfo` and returns it in MB.
+pub fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut parts = line["MemTotal:".len()..].split_whitespace();
+    let kb: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") | None => Some(kb / 1024),
+        Some(_) => None,
+    }
+}
+
+/// The machine's vCPUs, RAM and the size of the file system holding `data_dir`.
+pub fn detect_capacity(data_dir: &Path) -> std::io::Result<Capacity> {
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let ram_mb = parse_meminfo(&meminfo).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "/proc/meminfo has no MemTotal line in kB",
+        )
+    })?;
+    let c_path = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a NUL-terminated string and `st` a valid, writable statvfs.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let disk_gb = (st.f_blocks as u64).saturating_mul(st.f_frsize as u64) >> 30;
+    Ok(Capacity {
+        vcpus,
+        ram_mb,
+        disk_gb,
+    })
+}
+
+/// What a host registration sets; usage is never part of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    pub vcpus: u32,
+    pub ram_mb: u64,
+    pub disk_gb: u64,
+    #[serde(default = "default_zone")]
+    pub availability_zone: String,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub aggregates: Vec<String>,
+    #[serde(default = "default_hv")]
+    pub hypervisor_type: String,
+    #[serde(default = "default_arch")]
+    pub architecture: String,
+    #[serde(default)]
+    pub hypervisor_version: u64,
+    #[serde(default)]
+    pub allocation_ratios: Option<AllocationRatios>,
+}
+
+fn default_zone() -> String {
+    "nova".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_hv() -> String {
+    "QEMU".to_owned()
+}
+fn default_arch() -> String {
+    std::env::consts::ARCH.to_owned()
+}
+
+impl HostSpec {
+    pub fn from_capacity(cap: Capacity, zone: &str) -> Self {
+        Self {
+            vcpus: cap.vcpus,
+            ram_mb: cap.ram_mb,
+            disk_gb: cap.disk_gb,
+            availability_zone: zone.to_owned(),
+            enabled: true,
+            aggregates: Vec::new(),
+            hypervisor_type: default_hv(),
+            architecture: default_arch(),
+            hypervisor_version: 0,
+            allocation_ratios: None,
+        }
+    }
+
+    /// Says what is wrong with a registration, in words an API client can act on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.vcpus == 0 || self.vcpus > 4096 {
+            return Err(format!("vcpus must be 1-4096, got {}", self.vcpus));
+        }
+        if self.ram_mb == 0 || self.ram_mb > 1 << 34 {
+            return Err(format!(
+                "ram_mb must be 1-{}, got {}",
+                1u64 << 34,
+                self.ram_mb
+            ));
+        }
+        if self.disk_gb > 1 << 30 {
+            return Err(format!(
+                "disk_gb must be at most {}, got {}",
+                1u64 << 30,
+                self.disk_gb
+            ));
+        }
+        if !crate::config::valid_name(&self.availability_zone) {
+            return Err(format!(
+                "availability_zone {:?} must be 1-63 characters from a-z, A-Z, 0-9, '-', '_'",
+                self.availability_zone
+            ));
+        }
+        for a in &self.aggregates {
+            if !crate::config::valid_name(a) {
+                return Err(format!(
+                    "aggregate name {a:?} must be 1-63 characters from a-z, A-Z, 0-9, '-', '_'"
+                ));
+            }
+        }
+        if let Some(r) = self.allocation_ratios {
+            for (name, v) in [("cpu", r.cpu), ("ram", r.ram), ("disk", r.disk)] {
+                if !(v.is_finite() && v > 0.0 && v <= 1000.0) {
+                    return Err(format!(
+                        "allocation_ratios.{name} must be a number in (0, 1000], got {v}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One placed instance, written in the same transaction as its host's claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub host: String,
+    pub vcpus: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("host row {0:?} is not valid JSON")]
+    Corrupt(String, #[source] serde_json::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("host {0:?} kept changing while it was being registered")]
+    Contended(String),
+}
+
+/// Decodes a host row; its generation is the row's `mod_revision`.
+pub fn decode_host(key: &str, row: &Row) -> Result<Host, HostError> {
+    let mut h: Host =
+        serde_json::from_slice(&row.value).map_err(|e| HostError::Corrupt(key.to_owned(), e))?;
+    h.name = key.to_owned();
+    h.generation = row.mod_revision;
+    Ok(h)
+}
+
+/// Every host in the local replica.
+pub async fn list_hosts(cluster: &Cluster) -> Result<Vec<Host>, HostError> {
+    let rows = cluster.list(HOSTS, "", usize::MAX).await?;
+    rows.iter().map(|(k, r)| decode_host(k, r)).collect()
+}
+
+/// Creates host `name` or, if it exists, replaces what `spec` sets and keeps its usage and
+/// instances. Conditioned on the row's revision, so a concurrent claim is never lost.
+/// Returns the host as written, with its new generation.
+pub async fn upsert_host(
+    cluster: &Cluster,
+    name: &str,
+    spec: &HostSpec,
+) -> Result<Host, HostError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let existing = cluster.get(HOSTS, name).await?;
+        let (mut host, expect) = match &existing {
+            Some(row) => (decode_host(name, row)?, Expect::Revision(row.mod_revision)),
+            None => (
+                Host {
+                    name: name.to_owned(),
+                    enabled: true,
+                    up: true,
+                    availability_zone: String::new(),
+                    aggregates: Vec::new(),
+                    vcpus_total: 0,
+                    vcpus_used: 0,
+                    ram_mb_total: 0,
+                    ram_mb_used: 0,
+                    disk_gb_total: 0,
+                    disk_mb_used: 0,
+                    allocation_ratios: AllocationRatios::default(),
+                    hypervisor_type: String::new(),
+                    architecture: String::new(),
+                    hypervisor_version: 0,
+                    instances: Vec::new(),
+                    generation: 0,
+                },
+                Expect::Absent,
+            ),
+        };
+        host.enabled = spec.enabled;
+        host.up = true;
+        host.availability_zone = spec.availability_zone.clone();
+        host.aggregates = spec.aggregates.clone();
+        host.vcpus_total = spec.vcpus;
+        host.ram_mb_total = spec.ram_mb;
+        host.disk_gb_total = spec.disk_gb;
+        host.hypervisor_type = spec.hypervisor_type.clone();
+        host.architecture = spec.architecture.clone();
+        host.hypervisor_version = spec.hypervisor_version;
+        if let Some(r) = spec.allocation_ratios {
+            host.allocation_ratios = r;
+        }
+        let value = serde_json::to_vec(&host).expect("a host serialises");
+        let resp = cluster
+            .write(Txn::new().when(HOSTS, name, expect).put(HOSTS, name, value))
+            .await?;
+        if resp.succeeded {
+            host.generation = resp.revision;
+            return Ok(host);
+        }
+        // A claim or another registration got in first: read our own write's successor again.
+        cluster.read_barrier().await?;
+    }
+    Err(HostError::Contended(name.to_owned()))
+}
+
+/// The outcome of a placement: one host per instance, and how many times it was proposed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placed {
+    pub placements: Vec<Placement>,
+    pub attempts: u32,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    pub instance_id: String,
+    pub host: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error(transparent)]
+    Hosts(#[from] HostError),
+    #[error("the host view is inconsistent: {0}")]
+    View(String),
+    #[error("instance {0:?} already exists")]
+    InstanceExists(String),
+    #[error("the claims conflicted with concurrent placements {0} times in a row; try again")]
+    Contended(u32),
+}
+
+impl From<ClusterError> for PlaceError {
+    fn from(e: ClusterError) -> Self {
+        PlaceError::Hosts(HostError::Cluster(e))
+    }
+}
+
+/// Aggregates are named by hosts only until an aggregates table exists: each name a host
+/// lists is an aggregate without metadata.
+fn implied_aggregates(hosts: &[Host]) -> Vec<Aggregate> {
+    let names: BTreeSet<&str> = hosts
+        .iter()
+        .flat_map(|h| h.aggregates.iter().map(String::as_str))
+        .collect();
+    names
+        .into_iter()
+        .map(|n| Aggregate {
+            name: n.to_owned(),
+            metadata: BTreeMap::new(),
+        })
+        .collect()
+}
+
+/// Builds the one transaction that commits every claim of a request: a precondition on each
+/// touched host's generation and on each instance's absence, the updated hosts, and one
+/// `instances` row per claim.
+pub fn claims_txn(hosts: &[Host], claims: &[Claim]) -> Result<Txn, PlaceError> {
+    let mut touched: BTreeMap<&str, Host> = BTreeMap::new();
+    let mut txn = Txn::new();
+    for c in claims {
+        let host = match touched.get_mut(c.host.as_str()) {
+            Some(h) => h,
+            None => {
+                let h = hosts.iter().find(|h| h.name == c.host).ok_or_else(|| {
+                    PlaceError::View(format!("claim names unknown host {:?}", c.host))
+                })?;
+                txn = txn.when(HOSTS, &h.name, Expect::Revision(h.generation));
+                touched.entry(c.host.as_str()).or_insert_with(|| h.clone())
+            }
+        };
+        apply_claim(host, c).map_err(|e| PlaceError::View(e.to_string()))?;
+        txn = txn.when(INSTANCES, &c.instance_id, Expect::Absent);
+        let rec = InstanceRecord {
+            host: c.host.clone(),
+            vcpus: c.vcpus,
+            ram_mb: c.ram_mb,
+            disk_mb: c.disk_mb,
+        };
+        txn = txn.put(
+            INSTANCES,
+            &c.instance_id,
+            serde_json::to_vec(&rec).expect("an instance record serialises"),
+        );
+    }
+    for (name, host) in touched {
+        txn = txn.put(
+            HOSTS,
+            name,
+            serde_json::to_vec(&host).expect("a host serialises"),
+        );
+    }
+    Ok(txn)
+}
+
+/// Schedules `request` over the replica and commits its claims, re-reading and retrying when
+/// a concurrent placement changed a chosen host first.
+pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, PlaceError> {
+    for attempt in 1..=MAX_ATTEMPTS {
+        if attempt > 1 {
+            // Jittered, growing backoff, then a view that includes the winner's commit.
+            let cap = 2u64 << attempt.min(6);
+            let ms = rand::rng().random_range(1..=cap);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            cluster.read_barrier().await?;
+        }
+        let hosts = list_hosts(cluster).await?;
+        let config = SchedulerConfig {
+            host_subset_size: HOST_SUBSET_SIZE,
+            seed: rand::rng().random(),
+            ..SchedulerConfig::default()
+        };
+        let aggregates = implied_aggregates(&hosts);
+        let mut scheduler = Scheduler::new(config, hosts.clone(), aggregates)
+            .map_err(|e| PlaceError::View(e.to_string()))?;
+        let claims = scheduler.select(request)?;
+        let txn = claims_txn(&hosts, &claims)?;
+        let resp = cluster.write(txn.clone()).await?;
+        if resp.succeeded {
+            return Ok(Placed {
+                placements: claims
+                    .into_iter()
+                    .map(|c| Placement {
+                        instance_id: c.instance_id,
+                        host: c.host,
+                    })
+                    .collect(),
+                attempts: attempt,
+                revision: resp.revision,
+            });
+        }
+        if let Some(i) = resp.failed_precondition {
+            if let Some(p) = txn.preconditions.get(i as usize) {
+                if p.table == INSTANCES {
+                    return Err(PlaceError::InstanceExists(p.key.clone()));
+                }
+            }
+        }
+    }
+    Err(PlaceError::Contended(MAX_ATTEMPTS))
+}
+
+/// Registers this machine as a compute host once the cluster can take writes, retrying until
+/// it succeeds or `stop` fires. An existing row keeps its usage; its totals are updated.
+pub async fn register_self(
+    cluster: Cluster,
+    name: String,
+    spec: HostSpec,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let work = async {
+        loop {
+            match upsert_host(&cluster, &name, &spec).await {
+                Ok(h) => {
+                    tracing::info!(
+                        host = %name,
+                        vcpus = h.vcpus_total,
+                        ram_mb = h.ram_mb_total,
+                        disk_gb = h.disk_gb_total,
+                        "registered as a compute host"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register as a compute host yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = stop => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_total_is_read_in_mb() {
+        let text = "MemTotal:       16316412 kB\nMemFree:         1234 kB\n";
+        assert_eq!(parse_meminfo(text), Some(16316412 / 1024));
+        assert_eq!(parse_meminfo("MemFree: 12 kB\n"), None);
+        assert_eq!(parse_meminfo("MemTotal: many kB\n"), None);
+        assert_eq!(parse_meminfo("MemTotal: 12 MB\n"), None);
+    }
+
+    #[test]
+    fn detected_capacity_is_plausible() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = detect_capacity(dir.path()).unwrap();
+        assert!(c.vcpus >= 1);
+        assert!(c.ram_mb >= 64, "{c:?}");
+    }
+
+    #[test]
+    fn host_spec_validation_names_the_field() {
+        let ok = HostSpec::from_capacity(
+            Capacity {
+                vcpus: 4,
+                ram_mb: 4096,
+                disk_gb: 10,
+            },
+            "nova",
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        let mut bad = ok.clone();
+        bad.vcpus = 0;
+        assert!(bad.validate().unwrap_err().contains("vcpus"));
+        let mut bad = ok.clone();
+        bad.availability_zone = "a:b".into();
+        assert!(bad.validate().unwrap_err().contains("availability_zone"));
+        let mut bad = ok;
+        bad.allocation_ratios = Some(AllocationRatios {
+            cpu: 1.0,
+            ram: f64::NAN,
+            disk: 1.0,
+        });
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .contains("allocation_ratios.ram"));
+    }
+
+    fn host(name: &str, generation: u64) -> Host {
+        let mut h: Host = serde_json::from_value(serde_json::json!({
+            "name": name, "enabled": true, "up": true, "availability_zone": "nova",
+            "vcpus_total": 4, "vcpus_used": 0, "ram_mb_total": 4096, "ram_mb_used": 0,
+            "disk_gb_total": 10, "disk_mb_used": 0, "hypervisor_type": "QEMU",
+            "architecture": "x86_64"
+        }))
+        .unwrap();
+        h.generation = generation;
+        h
+    }
+
+    fn claim(host: &str, generation: u64, id: &str) -> Claim {
+        Claim {
+            host: host.into(),
+            generation,
+            instance_id: id.into(),
+            vcpus: 1,
+            ram_mb: 512,
+            disk_mb: 1024,
+        }
+    }
+
+    /// Two claims on one host give one precondition on the generation read, and the host row
+    /// written carries both claims.
+    #[test]
+    fn claims_txn_conditions_each_host_once_on_the_generation_read() {
+        let hosts = vec![host("a", 7), host("b", 9)];
+        let claims = vec![
+            claim("a", 7, "i1"),
+            claim("a", 8, "i2"),
+            claim("b", 9, "i3"),
+        ];
+        let txn = claims_txn(&hosts, &claims).unwrap();
+        let host_pre: Vec<_> = txn
+            .preconditions
+            .iter()
+            .filter(|p| p.table == HOSTS)
+            .map(|p| (p.key.as_str(), p.expect))
+            .collect();
+        assert_eq!(
+            host_pre,
+            vec![("a", Expect::Revision(7)), ("b", Expect::Revision(9))]
+        );
+        assert_eq!(
+            txn.preconditions
+                .iter()
+                .filter(|p| p.table == INSTANCES && p.expect == Expect::Absent)
+                .count(),
+            3
+        );
+        let a = txn
+            .ops
+            .iter()
+            .find_map(|op| match op {
+                shoal_types::Op::Put { table, key, value } if table == HOSTS && key == "a" => {
+                    Some(serde_json::from_slice::<Host>(value).unwrap())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (a.vcpus_used, a.ram_mb_used, a.disk_mb_used),
+            (2, 1024, 2048)
+        );
+        assert_eq!(a.instances, vec!["i1", "i2"]);
+    }
+
+    #[test]
+    fn claims_txn_refuses_a_claim_made_at_another_generation() {
+        let hosts = vec![host("a", 7)];
+        assert!(matches!(
+            claims_txn(&hosts, &[claim("a", 6, "i1")]),
+            Err(PlaceError::View(_))
+        ));
+        assert!(matches!(
+            claims_txn(&hosts, &[claim("z", 1, "i1")]),
+            Err(PlaceError::View(_))
+        ));
+    }
+}
