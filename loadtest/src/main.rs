@@ -7,6 +7,7 @@
 
 mod etcd;
 mod overlay;
+mod placement;
 mod pps;
 mod procs;
 mod raft;
@@ -30,6 +31,8 @@ enum Command {
     Raft(raft::Args),
     /// Scheduling decisions per second of the shoal-scheduler library over synthetic hosts.
     Schedule(schedule::Args),
+    /// Placement claims per second through Raft on a `shoal dev` cluster, with conflict retries.
+    Placement(placement::Args),
     /// qcow2 overlay creation: shoal-disk against `qemu-img create`.
     Overlay(overlay::Args),
     /// Writing an image file through the io_uring writer against `cp`.
@@ -46,6 +49,10 @@ fn main() -> anyhow::Result<()> {
             .block_on(raft::run(args)),
         // The scheduler benchmark measures one core: no runtime, no other threads.
         Command::Schedule(args) => schedule::run(&args),
+        Command::Placement(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(placement::run(args)),
         Command::Overlay(args) => overlay::run(args),
         Command::Uring(args) => uring::run(args),
         Command::Pps(args) => pps::run(args),

@@ -412,7 +412,7 @@ async fn shoal_failover_trial(
 }
 
 /// The shoal binary: `--shoal-bin`, else next to this executable, else `shoal` on PATH.
-fn shoal_bin(arg: Option<&Path>) -> Result<PathBuf> {
+pub fn shoal_bin(arg: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = arg {
         return Ok(p.to_owned());
     }
