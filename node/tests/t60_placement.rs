@@ -205,6 +205,35 @@ fn concurrent_placements_through_every_node_never_overcommit() {
     }
     assert_eq!(checked, HOSTS);
 
+    // Registering a host again changes its totals and keeps its usage and instances.
+    let before = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "t60-host0")
+        .unwrap()
+        .clone();
+    let (st, after) = request(
+        http,
+        reqwest::Method::PUT,
+        &format!("{}/shoal/v1/hosts/t60-host0", c.nodes[2].base()),
+        &token,
+        Some(&json!({"vcpus": 8, "ram_mb": 2 * RAM_MB, "disk_gb": 100, "availability_zone": ZONE})),
+    );
+    assert_eq!(st, 200, "{after}");
+    let after = &after["host"];
+    assert_eq!(after["ram_mb_total"], 2 * RAM_MB);
+    for f in [
+        "vcpus_used",
+        "ram_mb_used",
+        "disk_mb_used",
+        "instances",
+        "allocation_ratios",
+    ] {
+        assert_eq!(after[f], before[f], "{f}");
+    }
+    assert!(after["generation"].as_u64() > before["generation"].as_u64());
+
     // Every node registered itself as a host with the capacity it detected.
     let names = wait_until("the nodes' own hosts", Duration::from_secs(30), || {
         let (_, hosts) = request(
