@@ -17,8 +17,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, ClusterError};
 use shoal_scheduler::{
-    apply_claim, Aggregate, AllocationRatios, Claim, Host, Request, ScheduleError, Scheduler,
-    SchedulerConfig,
+    apply_claim, Aggregate, AllocationRatios, Claim, Host, Request, RequestError, ScheduleError,
+    Scheduler, SchedulerConfig,
 };
 use shoal_types::{Expect, Row, Txn};
 
@@ -366,13 +366,18 @@ pub fn claims_txn(hosts: &[Host], claims: &[Claim]) -> Result<Txn, PlaceError> {
 /// Schedules `request` over the replica and commits its claims, re-reading and retrying when
 /// a concurrent placement changed a chosen host first.
 pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, PlaceError> {
+    // Whether the view read includes every write acknowledged before this call.
+    let mut fresh = false;
+    // The previous attempt already read a fresh view and proposed nothing.
+    let mut refreshed = false;
     for attempt in 1..=MAX_ATTEMPTS {
-        if attempt > 1 {
+        if attempt > 1 && !std::mem::take(&mut refreshed) {
             // Jittered, growing backoff, then a view that includes the winner's commit.
             let cap = 2u64 << attempt.min(6);
             let ms = rand::rng().random_range(1..=cap);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             cluster.read_barrier().await?;
+            fresh = true;
         }
         let hosts = list_hosts(cluster).await?;
         let config = SchedulerConfig {
@@ -383,7 +388,21 @@ pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, Place
         let aggregates = implied_aggregates(&hosts);
         let mut scheduler = Scheduler::new(config, hosts.clone(), aggregates)
             .map_err(|e| PlaceError::View(e.to_string()))?;
-        let claims = scheduler.select(request)?;
+        let claims = match scheduler.select(request) {
+            Ok(claims) => claims,
+            // A lagging replica may not have a host registered or freed through another node
+            // yet: refuse only what a linearizable view refuses.
+            Err(
+                ScheduleError::NoValidHost(_)
+                | ScheduleError::Request(RequestError::UnknownForcedHost(_)),
+            ) if !fresh => {
+                cluster.read_barrier().await?;
+                fresh = true;
+                refreshed = true;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let txn = claims_txn(&hosts, &claims)?;
         let resp = cluster.write(txn.clone()).await?;
         if resp.succeeded {
