@@ -266,7 +266,7 @@ pub async fn upsert_host(
             host.generation = resp.revision;
             return Ok(host);
         }
-        // A claim or another registration got in first: read our own write's successor again.
+        // A claim or another registration got in first: re-read through a barrier and retry.
         cluster.read_barrier().await?;
     }
     Err(HostError::Contended(name.to_owned()))
