@@ -7,7 +7,9 @@
 pub mod admin;
 pub mod error;
 pub mod identity;
+pub mod identity_admin;
 pub mod metrics;
+pub mod policy;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +40,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(identity::routes())
+        .merge(identity_admin::routes())
         .merge(admin::routes())
         .merge(metrics::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
