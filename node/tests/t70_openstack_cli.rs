@@ -284,3 +284,319 @@ fn refusals_through_the_client() {
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("not valid"), "{msg}");
 }
+
+/// Flavors through the compute API: an admin creates one with properties on one node, every
+/// node lists and shows it with its extra specs, a member may read but not create flavors, and
+/// a deleted flavor is gone everywhere.
+#[test]
+fn flavor_commands_work_against_every_node() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+
+    let catalog = osc.json(0, &["catalog", "list"]);
+    assert!(
+        catalog
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["Type"] == "compute" && s["Name"] == "nova"),
+        "{catalog}"
+    );
+
+    let f = osc.json(
+        0,
+        &[
+            "flavor",
+            "create",
+            "--ram",
+            "1024",
+            "--vcpus",
+            "2",
+            "--disk",
+            "10",
+            "--property",
+            "hw:cpu_policy=dedicated",
+            "m1.small",
+        ],
+    );
+    assert_eq!(f["name"], "m1.small");
+    assert_eq!(f["ram"], 1024);
+    assert_eq!(f["vcpus"], 2);
+    assert_eq!(f["properties"]["hw:cpu_policy"], "dedicated", "{f}");
+    osc.run(
+        1,
+        &["flavor", "create", "--ram", "1", "--vcpus", "1", "m1.small"],
+    )
+    .failed_with(409);
+
+    let list = osc.json(2, &["flavor", "list"]);
+    assert_eq!(names(&list, "Name"), ["m1.small"]);
+    assert_eq!(list[0]["RAM"], 1024);
+    let shown = osc.json(1, &["flavor", "show", "m1.small"]);
+    assert_eq!(shown["id"], f["id"]);
+    assert_eq!(shown["properties"]["hw:cpu_policy"], "dedicated", "{shown}");
+
+    let set = osc.run(
+        2,
+        &[
+            "flavor",
+            "set",
+            "--property",
+            "hw:mem_page_size=large",
+            "m1.small",
+        ],
+    );
+    assert!(set.ok, "{}", set.stderr);
+    let shown = osc.json(0, &["flavor", "show", "m1.small"]);
+    assert_eq!(shown["properties"]["hw:mem_page_size"], "large", "{shown}");
+
+    // A member reads flavors but may not create them.
+    osc.json(0, &["project", "create", "demo"]);
+    osc.json(0, &["user", "create", "--password", "pw-bob-1", "bob"]);
+    assert!(
+        osc.run(
+            0,
+            &[
+                "role",
+                "add",
+                "--project",
+                "demo",
+                "--user",
+                "bob",
+                "member"
+            ]
+        )
+        .ok
+    );
+    let bob = [
+        ("OS_USERNAME", "bob"),
+        ("OS_PASSWORD", "pw-bob-1"),
+        ("OS_PROJECT_NAME", "demo"),
+    ];
+    let seen = osc
+        .run_as(1, &bob, &["flavor", "list", "-f", "json"])
+        .json();
+    assert_eq!(names(&seen, "Name"), ["m1.small"]);
+    osc.run_as(
+        2,
+        &bob,
+        &["flavor", "create", "--ram", "64", "--vcpus", "1", "tiny"],
+    )
+    .failed_with(403);
+
+    let del = osc.run(1, &["flavor", "delete", "m1.small"]);
+    assert!(del.ok, "{}", del.stderr);
+    assert_eq!(osc.json(2, &["flavor", "list"]), Value::Array(vec![]));
+    assert!(!osc.run(0, &["flavor", "show", "m1.small"]).ok);
+}
+
+fn limit_of(quotas: &Value, resource: &str) -> i64 {
+    quotas
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Resource"] == resource)
+        .unwrap_or_else(|| panic!("no {resource} in {quotas}"))["Limit"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Compute administration: quotas start at Nova's defaults and a change made on one node is
+/// read on another; every node is listed as a hypervisor and a compute service, and a service
+/// disabled through one node shows as disabled from every node.
+#[test]
+fn compute_admin_commands_work_against_every_node() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+
+    osc.json(0, &["project", "create", "demo"]);
+    // `--compute`: without it the client also asks for block-storage quotas, which Shoal's
+    // catalog does not list yet.
+    let q = osc.json(1, &["quota", "show", "--compute", "demo"]);
+    for (resource, limit) in [
+        ("instances", 10),
+        ("cores", 20),
+        ("ram", 51200),
+        ("key-pairs", 100),
+        ("properties", 128),
+        ("server-groups", 10),
+        ("server-group-members", 10),
+        ("injected-files", 5),
+    ] {
+        assert_eq!(limit_of(&q, resource), limit, "{resource}: {q}");
+    }
+    let set = osc.run(
+        2,
+        &["quota", "set", "--cores", "40", "--instances", "15", "demo"],
+    );
+    assert!(set.ok, "{}", set.stderr);
+    let q = osc.json(0, &["quota", "show", "--compute", "demo"]);
+    assert_eq!(limit_of(&q, "cores"), 40);
+    assert_eq!(limit_of(&q, "instances"), 15);
+    assert_eq!(limit_of(&q, "ram"), 51200);
+
+    let limits = osc.json(1, &["limits", "show", "--absolute"]);
+    let max_cores = limits
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Name"] == "max_total_cores")
+        .unwrap_or_else(|| panic!("{limits}"));
+    assert_eq!(
+        max_cores["Value"], 20,
+        "the admin project keeps the default"
+    );
+
+    let hv = osc.json(2, &["hypervisor", "list"]);
+    assert_eq!(
+        names(&hv, "Hypervisor Hostname"),
+        ["node1", "node2", "node3"]
+    );
+    let svcs = osc.json(0, &["compute", "service", "list"]);
+    assert_eq!(names(&svcs, "Host"), ["node1", "node2", "node3"]);
+    assert!(svcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["Binary"] == "nova-compute" && s["Status"] == "enabled"));
+
+    let dis = osc.run(
+        1,
+        &[
+            "compute",
+            "service",
+            "set",
+            "--disable",
+            "node2",
+            "nova-compute",
+        ],
+    );
+    assert!(dis.ok, "{}", dis.stderr);
+    let svcs = osc.json(2, &["compute", "service", "list"]);
+    for s in svcs.as_array().unwrap() {
+        let want = if s["Host"] == "node2" {
+            "disabled"
+        } else {
+            "enabled"
+        };
+        assert_eq!(s["Status"], want, "{s}");
+    }
+    let agg = osc.json(0, &["aggregate", "create", "--zone", "az1", "agg1"]);
+    assert_eq!(agg["availability_zone"], "az1", "{agg}");
+    assert!(
+        osc.run(1, &["aggregate", "add", "host", "agg1", "node2"])
+            .ok
+    );
+    let set = osc.run(2, &["aggregate", "set", "--property", "ssd=true", "agg1"]);
+    assert!(set.ok, "{}", set.stderr);
+    let shown = osc.json(0, &["aggregate", "show", "agg1"]);
+    assert_eq!(shown["hosts"], serde_json::json!(["node2"]), "{shown}");
+    assert!(shown.to_string().contains("ssd"), "{shown}");
+    osc.run(1, &["aggregate", "add", "host", "agg1", "node9"])
+        .failed_with(404);
+    let zones = osc.json(1, &["availability", "zone", "list", "--compute"]);
+    assert_eq!(names(&zones, "Zone Name"), ["az1", "nova"]);
+    let long = osc.json(2, &["availability", "zone", "list", "--compute", "--long"]);
+    let node2 = long
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Host Name"] == "node2")
+        .unwrap_or_else(|| panic!("{long}"));
+    assert_eq!(node2["Zone Name"], "az1");
+    assert_eq!(node2["Service Name"], "nova-compute");
+
+    let sg = osc.json(
+        0,
+        &[
+            "server",
+            "group",
+            "create",
+            "--policy",
+            "anti-affinity",
+            "sg1",
+        ],
+    );
+    assert_eq!(sg["name"], "sg1");
+    assert!(sg.to_string().contains("anti-affinity"), "{sg}");
+    assert_eq!(
+        names(&osc.json(2, &["server", "group", "list"]), "Name"),
+        ["sg1"]
+    );
+
+    let pubkey = c.tmp.path().join("k1.pub");
+    std::fs::write(
+        &pubkey,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f t@h\n",
+    )
+    .unwrap();
+    let k1 = osc.json(
+        0,
+        &[
+            "keypair",
+            "create",
+            "--public-key",
+            pubkey.to_str().unwrap(),
+            "k1",
+        ],
+    );
+    assert_eq!(k1["name"], "k1");
+    assert!(
+        k1["fingerprint"].as_str().unwrap().starts_with("SHA256:"),
+        "{k1}"
+    );
+    // Without --public-key the client generates the pair and uploads the public half.
+    let private = c.tmp.path().join("k2.pem");
+    let k2 = osc.json(
+        1,
+        &[
+            "keypair",
+            "create",
+            "--private-key",
+            private.to_str().unwrap(),
+            "k2",
+        ],
+    );
+    assert_eq!(k2["name"], "k2");
+    assert!(std::fs::read_to_string(&private)
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    assert_eq!(
+        names(&osc.json(2, &["keypair", "list"]), "Name"),
+        ["k1", "k2"]
+    );
+    let shown = osc.json(2, &["keypair", "show", "k1"]);
+    assert_eq!(shown["fingerprint"], k1["fingerprint"]);
+    osc.run(
+        1,
+        &[
+            "keypair",
+            "create",
+            "--public-key",
+            pubkey.to_str().unwrap(),
+            "k1",
+        ],
+    )
+    .failed_with(409);
+    assert!(osc.run(1, &["keypair", "delete", "k1"]).ok);
+    assert_eq!(names(&osc.json(0, &["keypair", "list"]), "Name"), ["k2"]);
+
+    let missing = osc.run(
+        0,
+        &[
+            "compute",
+            "service",
+            "set",
+            "--disable",
+            "node9",
+            "nova-compute",
+        ],
+    );
+    assert!(
+        !missing.ok && missing.stderr.contains("failed to set"),
+        "{}",
+        missing.stderr
+    );
+}

@@ -5,6 +5,10 @@
 //! Any node answers any request; nothing here depends on which node leads Raft.
 
 pub mod admin;
+pub mod compute;
+pub mod compute_admin;
+pub mod compute_aggregates;
+pub mod compute_keypairs;
 pub mod error;
 pub mod identity;
 pub mod identity_admin;
@@ -41,6 +45,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(identity::routes())
         .merge(identity_admin::routes())
+        .merge(compute::routes())
+        .merge(compute_admin::routes())
+        .merge(compute_aggregates::routes())
+        .merge(compute_keypairs::routes())
         .merge(admin::routes())
         .merge(metrics::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
