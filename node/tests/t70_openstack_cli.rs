@@ -600,3 +600,41 @@ fn compute_admin_commands_work_against_every_node() {
         missing.stderr
     );
 }
+
+/// A token past its expiry is refused by the node that issued it, through the client. The
+/// node runs with the shortest lifetime the configuration allows (60 s), so this test waits.
+#[test]
+fn an_expired_token_is_refused() {
+    let Some(bin) = openstack_bin() else { return };
+    let mut c = Cluster::init(&[]);
+    c.nodes[0].kill9();
+    let cfg_path = c.nodes[0].dir.join("node.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let line = cfg
+        .lines()
+        .find(|l| l.trim_start().starts_with("token_ttl_secs"))
+        .unwrap_or_else(|| panic!("no token_ttl_secs in {cfg}"));
+    std::fs::write(&cfg_path, cfg.replace(line, "token_ttl_secs = 60")).unwrap();
+    c.restart(0);
+    c.token(0);
+    let osc = Osc { bin, cluster: &c };
+
+    let tok = osc.json(0, &["token", "issue"]);
+    let id = tok["id"].as_str().unwrap().to_owned();
+    let token_env = [
+        ("OS_AUTH_TYPE", "token"),
+        ("OS_TOKEN", id.as_str()),
+        ("OS_USERNAME", ""),
+        ("OS_PASSWORD", ""),
+        ("OS_USER_DOMAIN_NAME", ""),
+    ];
+    let fresh = osc.run_as(0, &token_env, &["project", "list", "-f", "json"]);
+    assert!(
+        fresh.ok,
+        "the token works before it expires: {}",
+        fresh.stderr
+    );
+    std::thread::sleep(Duration::from_secs(62));
+    osc.run_as(0, &token_env, &["project", "list"])
+        .failed_with(401);
+}
