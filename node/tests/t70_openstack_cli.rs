@@ -221,6 +221,49 @@ fn identity_commands_work_against_every_node() {
     as_alice(1, &["project", "create", "mine"]).failed_with(403);
     as_alice(2, &["user", "create", "--password", "x", "bob"]).failed_with(403);
 
+    // A reader may read but not write.
+    osc.json(0, &["user", "create", "--password", "carol-pw-1", "carol"]);
+    assert!(
+        osc.run(
+            1,
+            &[
+                "role",
+                "add",
+                "--project",
+                "demo",
+                "--user",
+                "carol",
+                "reader"
+            ]
+        )
+        .ok
+    );
+    let carol = [
+        ("OS_USERNAME", "carol"),
+        ("OS_PASSWORD", "carol-pw-1"),
+        ("OS_PROJECT_NAME", "demo"),
+    ];
+    let seen = osc
+        .run_as(2, &carol, &["project", "list", "-f", "json"])
+        .json();
+    assert_eq!(names(&seen, "Name"), ["demo"]);
+    osc.run_as(0, &carol, &["project", "create", "theirs"])
+        .failed_with(403);
+    osc.run_as(
+        1,
+        &carol,
+        &[
+            "role",
+            "add",
+            "--project",
+            "demo",
+            "--user",
+            "carol",
+            "admin",
+        ],
+    )
+    .failed_with(403);
+
     let del = osc.run(1, &["project", "delete", "demo"]);
     assert!(del.ok, "{}", del.stderr);
     assert!(!osc.run(2, &["project", "show", "demo"]).ok);
@@ -283,6 +326,38 @@ fn refusals_through_the_client() {
     let body: Value = resp.json().unwrap();
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("not valid"), "{msg}");
+
+    // Compute answers in Nova's shape: a malformed body, a field Nova 2.1 does not accept, and
+    // a microversion Shoal does not serve.
+    let flavors = format!("{}/compute/v2.1/flavors", c.nodes[2].base());
+    let post = |body: &str, version: &str| {
+        c.http
+            .post(&flavors)
+            .header("X-Auth-Token", &token)
+            .header("Content-Type", "application/json")
+            .header("OpenStack-API-Version", format!("compute {version}"))
+            .body(body.to_owned())
+            .send()
+            .unwrap()
+    };
+    let resp = post("{\"flavor\": [", "2.1");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().unwrap();
+    assert_eq!(body["badRequest"]["code"], 400, "{body}");
+    let resp = post(
+        r#"{"flavor": {"name": "x", "ram": 64, "vcpus": 1, "disk": 0, "gpus": 1}}"#,
+        "2.1",
+    );
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().unwrap();
+    let msg = body["badRequest"]["message"].as_str().unwrap();
+    assert!(msg.contains("unknown field `gpus`"), "{msg}");
+    let resp = post(
+        r#"{"flavor": {"name": "x", "ram": 64, "vcpus": 1, "disk": 0}}"#,
+        "2.60",
+    );
+    assert_eq!(resp.status().as_u16(), 406);
+    assert_eq!(resp.headers()["openstack-api-version"], "compute 2.1");
 }
 
 /// Flavors through the compute API: an admin creates one with properties on one node, every
