@@ -460,6 +460,17 @@ fn flavor_commands_work_against_every_node() {
     )
     .failed_with(403);
 
+    let unset = osc.run(
+        0,
+        &["flavor", "unset", "--property", "hw:cpu_policy", "m1.small"],
+    );
+    assert!(unset.ok, "{}", unset.stderr);
+    let shown = osc.json(2, &["flavor", "show", "m1.small"]);
+    assert_eq!(
+        shown["properties"],
+        serde_json::json!({"hw:mem_page_size": "large"})
+    );
+
     let del = osc.run(1, &["flavor", "delete", "m1.small"]);
     assert!(del.ok, "{}", del.stderr);
     assert_eq!(osc.json(2, &["flavor", "list"]), Value::Array(vec![]));
@@ -558,6 +569,26 @@ fn compute_admin_commands_work_against_every_node() {
         };
         assert_eq!(s["Status"], want, "{s}");
     }
+    let en = osc.run(
+        0,
+        &[
+            "compute",
+            "service",
+            "set",
+            "--enable",
+            "node2",
+            "nova-compute",
+        ],
+    );
+    assert!(en.ok, "{}", en.stderr);
+    let svcs = osc.json(1, &["compute", "service", "list"]);
+    assert!(
+        svcs.as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["Status"] == "enabled"),
+        "{svcs}"
+    );
     let agg = osc.json(0, &["aggregate", "create", "--zone", "az1", "agg1"]);
     assert_eq!(agg["availability_zone"], "az1", "{agg}");
     assert!(
@@ -582,6 +613,15 @@ fn compute_admin_commands_work_against_every_node() {
         .unwrap_or_else(|| panic!("{long}"));
     assert_eq!(node2["Zone Name"], "az1");
     assert_eq!(node2["Service Name"], "nova-compute");
+    // A host leaves its zone with its aggregate; an emptied aggregate can be deleted.
+    assert!(
+        osc.run(0, &["aggregate", "remove", "host", "agg1", "node2"])
+            .ok
+    );
+    let zones = osc.json(2, &["availability", "zone", "list", "--compute"]);
+    assert_eq!(names(&zones, "Zone Name"), ["nova"]);
+    assert!(osc.run(1, &["aggregate", "delete", "agg1"]).ok);
+    assert_eq!(osc.json(0, &["aggregate", "list"]), Value::Array(vec![]));
 
     let sg = osc.json(
         0,
@@ -599,6 +639,11 @@ fn compute_admin_commands_work_against_every_node() {
     assert_eq!(
         names(&osc.json(2, &["server", "group", "list"]), "Name"),
         ["sg1"]
+    );
+    assert!(osc.run(1, &["server", "group", "delete", "sg1"]).ok);
+    assert_eq!(
+        osc.json(0, &["server", "group", "list"]),
+        Value::Array(vec![])
     );
 
     let pubkey = c.tmp.path().join("k1.pub");
