@@ -264,6 +264,31 @@ fn identity_commands_work_against_every_node() {
     )
     .failed_with(403);
 
+    // Revoking carol's role and deleting her takes her out of every listing.
+    let rm = osc.run(
+        2,
+        &[
+            "role",
+            "remove",
+            "--project",
+            "demo",
+            "--user",
+            "carol",
+            "reader",
+        ],
+    );
+    assert!(rm.ok, "{}", rm.stderr);
+    let left = osc.json(
+        0,
+        &["role", "assignment", "list", "--project", "demo", "--names"],
+    );
+    assert_eq!(names(&left, "User"), ["alice@Default"]);
+    assert!(osc.run(1, &["user", "delete", "carol"]).ok);
+    assert_eq!(
+        names(&osc.json(2, &["user", "list"]), "Name"),
+        ["admin", "alice"]
+    );
+
     let del = osc.run(1, &["project", "delete", "demo"]);
     assert!(del.ok, "{}", del.stderr);
     assert!(!osc.run(2, &["project", "show", "demo"]).ok);
@@ -522,6 +547,8 @@ fn compute_admin_commands_work_against_every_node() {
     assert_eq!(limit_of(&q, "cores"), 40);
     assert_eq!(limit_of(&q, "instances"), 15);
     assert_eq!(limit_of(&q, "ram"), 51200);
+    let d = osc.json(2, &["quota", "show", "--compute", "--default", "demo"]);
+    assert_eq!(limit_of(&d, "cores"), 20, "the defaults stay Nova's");
 
     let limits = osc.json(1, &["limits", "show", "--absolute"]);
     let max_cores = limits
