@@ -33,3 +33,16 @@ if ! command -v cargo >/dev/null; then
   echo "cargo is not installed: install Rust 1.95 with rustup first" >&2
   exit 1
 fi
+
+# The real `openstack` client for the end-to-end API tests (node/tests/t70_openstack_cli.rs),
+# in a venv outside the clone. 7.2.1 is the newest release that installs on Python 3.11 here.
+OSC_VERSION=7.2.1
+install_openstack_client() {
+  local venv="${SHOAL_OSC_VENV:-$HOME/.cache/shoal/osc-venv}"
+  if [[ -x "$venv/bin/openstack" ]] && "$venv/bin/openstack" --version 2>&1 | grep -qx "openstack $OSC_VERSION"; then
+    return
+  fi
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "python-openstackclient==$OSC_VERSION"
+}
+install_openstack_client

@@ -26,6 +26,12 @@ impl ApiError {
         }
     }
 
+    /// Renders this error in Nova's shape (`{"badRequest": {"code", "message"}}`).
+    pub fn nova(mut self) -> Self {
+        self.nova_style = true;
+        self
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }

@@ -245,20 +245,26 @@ pub fn iso8601(secs: u64) -> String {
 }
 
 pub fn catalog(state: &AppState) -> Value {
-    let url = format!("{}/identity", state.base_url);
-    let endpoints: Vec<Value> = ["public", "internal", "admin"]
-        .iter()
-        .map(|iface| {
-            json!({
-                "id": format!("identity-{iface}"),
-                "interface": iface,
-                "region_id": state.region,
-                "region": state.region,
-                "url": url,
+    let service = |kind: &str, name: &str, path: &str| {
+        let url = format!("{}{path}", state.base_url);
+        let endpoints: Vec<Value> = ["public", "internal", "admin"]
+            .iter()
+            .map(|iface| {
+                json!({
+                    "id": format!("{kind}-{iface}"),
+                    "interface": iface,
+                    "region_id": state.region,
+                    "region": state.region,
+                    "url": url,
+                })
             })
-        })
-        .collect();
-    json!([{ "id": "identity", "type": "identity", "name": "keystone", "endpoints": endpoints }])
+            .collect();
+        json!({ "id": kind, "type": kind, "name": name, "endpoints": endpoints })
+    };
+    json!([
+        service("identity", "keystone", "/identity"),
+        service("compute", "nova", "/compute/v2.1"),
+    ])
 }
 
 async fn token_body(

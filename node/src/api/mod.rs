@@ -5,10 +5,16 @@
 //! Any node answers any request; nothing here depends on which node leads Raft.
 
 pub mod admin;
+pub mod compute;
+pub mod compute_admin;
+pub mod compute_aggregates;
+pub mod compute_keypairs;
 pub mod error;
 pub mod identity;
+pub mod identity_admin;
 pub mod metrics;
 pub mod placement;
+pub mod policy;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,6 +45,11 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(identity::routes())
+        .merge(identity_admin::routes())
+        .merge(compute::routes())
+        .merge(compute_admin::routes())
+        .merge(compute_aggregates::routes())
+        .merge(compute_keypairs::routes())
         .merge(admin::routes())
         .merge(metrics::routes())
         .merge(placement::routes())

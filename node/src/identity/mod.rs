@@ -7,6 +7,7 @@
 //! watch on `signing_keys` and `revoked_tokens` keeps current.
 
 pub mod password;
+pub mod resources;
 pub mod token;
 
 use std::sync::{Arc, RwLock};

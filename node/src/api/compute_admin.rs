@@ -1,0 +1,478 @@
+//! Compute v2.1 administration: quotas and limits, hypervisors and compute services.
+//!
+//! Every Shoal node is a hypervisor and runs the compute service, so both lists come from the
+//! cluster's membership. A disabled service is a row in `compute_services`; quotas a project
+//! overrides are a row in `quotas`, everything else takes Nova's defaults.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use axum::{middleware, Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use shoal_types::Txn;
+
+use super::compute::microversion;
+use super::error::{ApiError, ApiResult};
+use super::{AppState, Auth};
+use crate::identity::has_role;
+
+pub const T_QUOTAS: &str = "quotas";
+pub const T_COMPUTE_SERVICES: &str = "compute_services";
+
+/// Nova's default quotas, in the order `quota show` prints them.
+pub const DEFAULT_QUOTAS: [(&str, i64); 15] = [
+    ("cores", 20),
+    ("fixed_ips", -1),
+    ("floating_ips", 10),
+    ("injected_file_content_bytes", 10240),
+    ("injected_file_path_bytes", 255),
+    ("injected_files", 5),
+    ("instances", 10),
+    ("key_pairs", 100),
+    ("metadata_items", 128),
+    ("networks", -1),
+    ("ram", 51200),
+    ("security_group_rules", 20),
+    ("security_groups", 10),
+    ("server_group_members", 10),
+    ("server_groups", 10),
+];
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/compute/v2.1/os-quota-sets/{project}",
+            get(show_quotas).put(update_quotas).delete(revert_quotas),
+        )
+        .route(
+            "/compute/v2.1/os-quota-sets/{project}/defaults",
+            get(default_quotas),
+        )
+        .route(
+            "/compute/v2.1/os-quota-sets/{project}/detail",
+            get(detail_quotas),
+        )
+        .route("/compute/v2.1/limits", get(limits))
+        .route("/compute/v2.1/os-hypervisors", get(list_hypervisors))
+        .route(
+            "/compute/v2.1/os-hypervisors/detail",
+            get(list_hypervisors_detail),
+        )
+        .route("/compute/v2.1/os-services", get(list_services))
+        .route("/compute/v2.1/os-services/{action}", put(set_service))
+        .layer(middleware::from_fn(microversion))
+}
+
+fn nova_err(e: impl Into<ApiError>) -> ApiError {
+    e.into().nova()
+}
+
+/// Whether the caller may read project `project`'s quotas: admins any, others their own.
+fn can_read_quotas(auth: &Auth, project: &str) -> bool {
+    has_role(&auth.0, "admin")
+        || (has_role(&auth.0, "reader") && auth.0.project_id.as_deref() == Some(project))
+}
+
+/// The project's quotas: Nova's defaults with the project's overrides applied.
+async fn quotas_of(state: &AppState, project: &str) -> ApiResult<BTreeMap<String, i64>> {
+    state.cluster.read_barrier().await.map_err(nova_err)?;
+    let mut q: BTreeMap<String, i64> = DEFAULT_QUOTAS
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
+    if let Some(row) = state
+        .cluster
+        .get(T_QUOTAS, project)
+        .await
+        .map_err(nova_err)?
+    {
+        let overrides: BTreeMap<String, i64> = serde_json::from_slice(&row.value).map_err(|e| {
+            nova_err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("quotas of {project} are stored corrupt: {e}"),
+            ))
+        })?;
+        q.extend(overrides);
+    }
+    Ok(q)
+}
+
+/// One quota of the project, `-1` meaning unlimited.
+pub async fn quota(state: &AppState, project: &str, name: &str) -> ApiResult<i64> {
+    Ok(quotas_of(state, project)
+        .await?
+        .get(name)
+        .copied()
+        .unwrap_or(-1))
+}
+
+fn flag(q: &HashMap<String, String>, key: &str) -> bool {
+    q.get(key)
+        .is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "false" | "0" | "no"))
+}
+
+fn detail(q: &BTreeMap<String, i64>) -> serde_json::Map<String, Value> {
+    q.iter()
+        .map(|(k, v)| (k.clone(), json!({"limit": v, "in_use": 0, "reserved": 0})))
+        .collect()
+}
+
+async fn show_quotas(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    if !can_read_quotas(&auth, &project) {
+        return Err(
+            ApiError::forbidden("reading another project's quotas needs the admin role").nova(),
+        );
+    }
+    let q = quotas_of(&state, &project).await?;
+    let mut body = if flag(&params, "usage") {
+        detail(&q)
+    } else {
+        q.into_iter().map(|(k, v)| (k, json!(v))).collect()
+    };
+    body.insert("id".into(), json!(project));
+    Ok(Json(json!({ "quota_set": body })))
+}
+
+async fn detail_quotas(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if !can_read_quotas(&auth, &project) {
+        return Err(
+            ApiError::forbidden("reading another project's quotas needs the admin role").nova(),
+        );
+    }
+    let mut body = detail(&quotas_of(&state, &project).await?);
+    body.insert("id".into(), json!(project));
+    Ok(Json(json!({ "quota_set": body })))
+}
+
+async fn default_quotas(auth: Auth, Path(project): Path<String>) -> ApiResult<Json<Value>> {
+    auth.require("reader").map_err(ApiError::nova)?;
+    let mut body: serde_json::Map<String, Value> = DEFAULT_QUOTAS
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    body.insert("id".into(), json!(project));
+    Ok(Json(json!({ "quota_set": body })))
+}
+
+/// Checks a `quota_set` update: known keys only, integers of -1 (unlimited) or more.
+fn parse_quota_update(body: &Bytes) -> Result<BTreeMap<String, i64>, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        quota_set: serde_json::Map<String, Value>,
+    }
+    let b: Body = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for (k, v) in b.quota_set {
+        if k == "force" {
+            if !v.is_boolean() {
+                return Err("force must be a boolean".into());
+            }
+            continue;
+        }
+        if !DEFAULT_QUOTAS.iter().any(|(name, _)| *name == k) {
+            let known: Vec<&str> = DEFAULT_QUOTAS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "additional properties are not allowed ({k} was unexpected); quotas are: {}",
+                known.join(", ")
+            ));
+        }
+        let n = match &v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+        .filter(|n| *n >= -1)
+        .ok_or_else(|| format!("{k} must be an integer of -1 (unlimited) or more, not {v}"))?;
+        out.insert(k, n);
+    }
+    Ok(out)
+}
+
+async fn update_quotas(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    auth.require_admin().map_err(ApiError::nova)?;
+    let update = parse_quota_update(&body).map_err(|m| {
+        ApiError::bad_request(format!("invalid input for the request body: {m}")).nova()
+    })?;
+    if state
+        .identity
+        .get_project(&project)
+        .await
+        .map_err(nova_err)?
+        .is_none()
+    {
+        return Err(ApiError::bad_request(format!("project {project} does not exist")).nova());
+    }
+    // Merge into the stored overrides with a compare-and-set, so concurrent updates of
+    // different quotas both take effect.
+    for _ in 0..5 {
+        let row = state
+            .cluster
+            .get(T_QUOTAS, &project)
+            .await
+            .map_err(nova_err)?;
+        let (mut overrides, expect): (BTreeMap<String, i64>, _) = match &row {
+            Some(r) => (
+                serde_json::from_slice(&r.value).unwrap_or_default(),
+                shoal_types::Expect::Revision(r.mod_revision),
+            ),
+            None => (BTreeMap::new(), shoal_types::Expect::Absent),
+        };
+        overrides.extend(update.clone());
+        let txn = Txn::new().when(T_QUOTAS, &project, expect).put(
+            T_QUOTAS,
+            &project,
+            serde_json::to_vec(&overrides).expect("quotas serialise"),
+        );
+        if state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
+            let q = quotas_of(&state, &project).await?;
+            return Ok(Json(json!({ "quota_set": q })));
+        }
+    }
+    Err(ApiError::conflict("the quotas keep changing; retry").nova())
+}
+
+async fn revert_quotas(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project): Path<String>,
+) -> ApiResult<StatusCode> {
+    auth.require_admin().map_err(ApiError::nova)?;
+    state
+        .cluster
+        .write(Txn::new().delete(T_QUOTAS, &project))
+        .await
+        .map_err(nova_err)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn limits(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+    let project = auth
+        .0
+        .project_id
+        .clone()
+        .ok_or_else(|| ApiError::forbidden("limits need a project-scoped token").nova())?;
+    let q = quotas_of(&state, &project).await?;
+    let get = |k: &str| q.get(k).copied().unwrap_or(0);
+    Ok(Json(json!({"limits": {"rate": [], "absolute": {
+        "maxTotalInstances": get("instances"), "maxTotalCores": get("cores"),
+        "maxTotalRAMSize": get("ram"), "maxTotalKeypairs": get("key_pairs"),
+        "maxServerMeta": get("metadata_items"), "maxImageMeta": get("metadata_items"),
+        "maxPersonality": get("injected_files"),
+        "maxPersonalitySize": get("injected_file_content_bytes"),
+        "maxServerGroups": get("server_groups"),
+        "maxServerGroupMembers": get("server_group_members"),
+        "maxTotalFloatingIps": get("floating_ips"),
+        "maxSecurityGroups": get("security_groups"),
+        "maxSecurityGroupRules": get("security_group_rules"),
+        "totalInstancesUsed": 0, "totalCoresUsed": 0, "totalRAMUsed": 0,
+        "totalServerGroupsUsed": 0, "totalFloatingIpsUsed": 0, "totalSecurityGroupsUsed": 0,
+    }}})))
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ServiceState {
+    disabled: bool,
+    #[serde(default)]
+    disabled_reason: Option<String>,
+}
+
+/// The members and their service rows, with Nova's integer ids (the Raft node id).
+async fn members(
+    state: &AppState,
+) -> ApiResult<Vec<(shoal_consensus::cluster::MemberStatus, ServiceState)>> {
+    state.cluster.read_barrier().await.map_err(nova_err)?;
+    let mut out = Vec::new();
+    let mut status = state.cluster.cluster_status().await.members;
+    status.sort_by_key(|m| m.id);
+    for m in status {
+        let svc = match state
+            .cluster
+            .get(T_COMPUTE_SERVICES, &m.name)
+            .await
+            .map_err(nova_err)?
+        {
+            Some(row) => serde_json::from_slice(&row.value).unwrap_or_default(),
+            None => ServiceState::default(),
+        };
+        out.push((m, svc));
+    }
+    Ok(out)
+}
+
+fn host_ip(api: &str) -> String {
+    api.rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+        .unwrap_or_else(|| api.to_owned())
+}
+
+async fn list_hypervisors(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+    auth.require_admin().map_err(ApiError::nova)?;
+    let items: Vec<Value> = members(&state)
+        .await?
+        .into_iter()
+        .map(|(m, svc)| {
+            json!({
+                "id": m.id, "hypervisor_hostname": m.name,
+                "state": if m.healthy { "up" } else { "down" },
+                "status": if svc.disabled { "disabled" } else { "enabled" },
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "hypervisors": items })))
+}
+
+async fn list_hypervisors_detail(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> ApiResult<Json<Value>> {
+    auth.require_admin().map_err(ApiError::nova)?;
+    let items: Vec<Value> = members(&state)
+        .await?
+        .into_iter()
+        .map(|(m, svc)| {
+            json!({
+                "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": "QEMU",
+                "hypervisor_version": 0, "host_ip": host_ip(&m.api),
+                "state": if m.healthy { "up" } else { "down" },
+                "status": if svc.disabled { "disabled" } else { "enabled" },
+                "service": {"id": m.id, "host": m.name, "disabled_reason": svc.disabled_reason},
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "hypervisors": items })))
+}
+
+async fn list_services(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    auth.require_admin().map_err(ApiError::nova)?;
+    let items: Vec<Value> = members(&state)
+        .await?
+        .into_iter()
+        .filter(|(m, _)| q.get("host").is_none_or(|h| *h == m.name))
+        .filter(|_| q.get("binary").is_none_or(|b| b == "nova-compute"))
+        .map(|(m, svc)| {
+            json!({
+                "id": m.id, "binary": "nova-compute", "host": m.name, "zone": m.zone,
+                "status": if svc.disabled { "disabled" } else { "enabled" },
+                "state": if m.healthy { "up" } else { "down" },
+                "updated_at": null, "disabled_reason": svc.disabled_reason,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "services": items })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceAction {
+    host: String,
+    binary: String,
+    #[serde(default)]
+    disabled_reason: Option<String>,
+}
+
+/// `PUT /os-services/{enable|disable|disable-log-reason}`, the 2.1 form.
+async fn set_service(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(action): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    auth.require_admin().map_err(ApiError::nova)?;
+    let b: ServiceAction = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("invalid input for the request body: {e}")).nova()
+    })?;
+    let disabled = match action.as_str() {
+        "enable" => false,
+        "disable" | "disable-log-reason" => true,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "unknown service action {other}; use enable, disable or disable-log-reason"
+            ))
+            .nova())
+        }
+    };
+    if b.binary != "nova-compute" {
+        return Err(
+            ApiError::not_found(format!("no {} service on host {}", b.binary, b.host)).nova(),
+        );
+    }
+    let known = members(&state).await?.iter().any(|(m, _)| m.name == b.host);
+    if !known {
+        return Err(
+            ApiError::not_found(format!("compute host {} could not be found", b.host)).nova(),
+        );
+    }
+    let svc = ServiceState {
+        disabled,
+        disabled_reason: if disabled {
+            b.disabled_reason.clone()
+        } else {
+            None
+        },
+    };
+    state
+        .cluster
+        .write(Txn::new().put(
+            T_COMPUTE_SERVICES,
+            &b.host,
+            serde_json::to_vec(&svc).expect("service state serialises"),
+        ))
+        .await
+        .map_err(nova_err)?;
+    let mut service = json!({"host": b.host, "binary": b.binary,
+        "status": if disabled { "disabled" } else { "enabled" }});
+    if let Some(r) = svc.disabled_reason {
+        service["disabled_reason"] = json!(r);
+    }
+    Ok(Json(json!({ "service": service })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_updates_are_checked() {
+        let ok = parse_quota_update(&Bytes::from_static(
+            br#"{"quota_set":{"cores":30,"instances":-1,"force":true}}"#,
+        ))
+        .unwrap();
+        assert_eq!(ok.get("cores"), Some(&30));
+        assert_eq!(ok.get("instances"), Some(&-1));
+        assert!(!ok.contains_key("force"));
+        let err =
+            parse_quota_update(&Bytes::from_static(br#"{"quota_set":{"gpus":1}}"#)).unwrap_err();
+        assert!(err.contains("gpus was unexpected"), "{err}");
+        assert!(parse_quota_update(&Bytes::from_static(br#"{"quota_set":{"cores":-2}}"#)).is_err());
+        assert!(parse_quota_update(&Bytes::from_static(br#"{"quota_set":{},"x":1}"#)).is_err());
+    }
+
+    #[test]
+    fn host_ip_strips_the_port() {
+        assert_eq!(host_ip("127.0.0.1:8774"), "127.0.0.1");
+        assert_eq!(host_ip("[::1]:80"), "::1");
+    }
+}
