@@ -53,7 +53,9 @@ struct ReadParams {
     consistency: Option<String>,
 }
 
-async fn barrier(state: &AppState, consistency: Option<&str>) -> ApiResult<()> {
+/// Makes the reads that follow linearizable (the default) or leaves them local; anything else
+/// is a 400.
+pub(crate) async fn barrier(state: &AppState, consistency: Option<&str>) -> ApiResult<()> {
     match consistency.unwrap_or("linearizable") {
         "linearizable" => {
             state.cluster.read_barrier().await?;

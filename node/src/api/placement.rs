@@ -39,16 +39,7 @@ struct ReadParams {
 }
 
 async fn barrier(state: &AppState, p: &ReadParams) -> ApiResult<()> {
-    match p.consistency.as_deref().unwrap_or("linearizable") {
-        "linearizable" => {
-            state.cluster.read_barrier().await?;
-            Ok(())
-        }
-        "local" => Ok(()),
-        other => Err(ApiError::bad_request(format!(
-            "consistency {other:?} is not known: use linearizable or local"
-        ))),
-    }
+    super::admin::barrier(state, p.consistency.as_deref()).await
 }
 
 fn host_error(e: HostError) -> ApiError {

@@ -369,29 +369,7 @@ impl Identity {
         if !user.enabled || !password::verify(password_given, &user.password_hash) {
             return Err(AuthError::InvalidCredentials);
         }
-        let project = match scope {
-            Scope::Unscoped => None,
-            Scope::ProjectId(id) => Some(
-                self.get_project(id)
-                    .await?
-                    .ok_or_else(|| AuthError::ProjectNotFound(id.clone()))?,
-            ),
-            Scope::ProjectName { name, domain_name } => {
-                let pdomain = self
-                    .domain_id_by_name(domain_name)
-                    .await?
-                    .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?;
-                let id = self
-                    .lookup_id(T_PROJECT_NAMES, &name_key(&pdomain, name))
-                    .await?
-                    .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?;
-                Some(
-                    self.get_project(&id)
-                        .await?
-                        .ok_or_else(|| AuthError::ProjectNotFound(name.clone()))?,
-                )
-            }
-        };
+        let project = self.resolve_scope(scope).await?;
         self.issue(user, project).await
     }
 }
@@ -426,6 +404,12 @@ impl Identity {
             .await?
             .filter(|u| u.enabled)
             .ok_or(AuthError::InvalidCredentials)?;
+        let project = self.resolve_scope(scope).await?;
+        self.issue(user, project).await
+    }
+
+    /// The project a token request is scoped to, if any.
+    async fn resolve_scope(&self, scope: &Scope) -> Result<Option<Project>, AuthError> {
         let project = match scope {
             Scope::Unscoped => None,
             Scope::ProjectId(id) => Some(
@@ -449,7 +433,7 @@ impl Identity {
                 )
             }
         };
-        self.issue(user, project).await
+        Ok(project)
     }
 
     async fn issue(
