@@ -434,8 +434,11 @@ impl Cluster {
     }
 
     /// The leader's id and peer address, if one is known.
+    /// Called on every write and read barrier: reads the watched metrics in place instead of
+    /// cloning them.
     fn leader(&self) -> Option<(NodeId, Option<NodeInfo>)> {
-        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow_watched();
         let leader = m.current_leader?;
         let info = m
             .membership_config

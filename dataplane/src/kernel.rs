@@ -50,21 +50,7 @@ const COUNTERS_BRIDGE: [&str; 3] = ["drop_spoof_mac", "drop_spoof_ip", "drop_uns
 const COUNTERS_INET: [&str; 2] = ["drop_sg_egress", "drop_sg_ingress"];
 
 fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
-    let command = format!("{program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| KernelDriverError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(KernelDriverError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    output(program, args).map(drop)
 }
 
 /// As [`run`], but an object that already exists counts as success: a driver started

@@ -154,9 +154,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("node name {0:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-' and '_'")]
-    BadName(String),
-    #[error("availability zone {0:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-', '_' and ':' is not allowed")]
+    /// The node name goes into the node's certificate, so the TLS layer's rule is the rule.
+    #[error("node name is invalid")]
+    BadName(#[source] shoal_consensus::net::TlsError),
+    #[error(
+        "availability zone {0:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-' and '_'"
+    )]
     BadZone(String),
     #[error("cluster.voters is {0}; it must be 1, 3 or 5")]
     BadVoters(usize),
@@ -173,6 +176,8 @@ pub enum ConfigError {
     SameAddress(SocketAddr),
 }
 
+/// Zone and aggregate names: 1-63 characters from a-z, A-Z, 0-9, '-' and '_'. Node names follow
+/// the stricter certificate rule of `tls::validate_node_name`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -196,9 +201,7 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !valid_name(&self.name) {
-            return Err(ConfigError::BadName(self.name.clone()));
-        }
+        shoal_consensus::net::tls::validate_node_name(&self.name).map_err(ConfigError::BadName)?;
         if !valid_name(&self.zone) {
             return Err(ConfigError::BadZone(self.zone.clone()));
         }
@@ -333,6 +336,9 @@ mod tests {
         assert!(matches!(cfg.validate(), Err(ConfigError::BadVoters(4))));
         cfg.cluster.voters = 3;
         cfg.name = "bad name".into();
+        assert!(matches!(cfg.validate(), Err(ConfigError::BadName(_))));
+        // A name the certificate layer would refuse is refused here, before anything is set up.
+        cfg.name = "Node_1".into();
         assert!(matches!(cfg.validate(), Err(ConfigError::BadName(_))));
         cfg.name = "a".into();
         cfg.host.vcpus = Some(0);

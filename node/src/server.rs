@@ -217,10 +217,8 @@ async fn serve(
     ));
     tracing::info!(name = %cfg.name, api = %cfg.api, peer = %cfg.listen, "node running");
 
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping"),
-        r = &mut Box::pin(async { stop.cancelled().await }) => r,
-    }
+    shutdown_signal().await;
+    tracing::info!("stopping");
     stop.cancel();
     let _ = keyring.await;
     let _ = register.await;

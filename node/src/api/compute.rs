@@ -125,7 +125,7 @@ async fn version(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// Parses a body in Nova's error shape; serde's message names the unknown or missing field.
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!("invalid input for the request body: {e}")).nova()
     })
@@ -135,7 +135,8 @@ fn need(auth: &Auth, role: &str) -> ApiResult<()> {
     auth.require(role).map_err(ApiError::nova)
 }
 
-fn nova_err(e: impl Into<ApiError>) -> ApiError {
+/// Any API error, in Nova's body shape.
+pub(crate) fn nova_err(e: impl Into<ApiError>) -> ApiError {
     e.into().nova()
 }
 

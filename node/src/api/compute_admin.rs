@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use shoal_types::Txn;
 
 use super::compute::microversion;
+use super::compute::nova_err;
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Auth};
 use crate::identity::has_role;
@@ -65,10 +66,6 @@ pub fn routes() -> Router<AppState> {
         .route("/compute/v2.1/os-services", get(list_services))
         .route("/compute/v2.1/os-services/{action}", put(set_service))
         .layer(middleware::from_fn(microversion))
-}
-
-fn nova_err(e: impl Into<ApiError>) -> ApiError {
-    e.into().nova()
 }
 
 /// Whether the caller may read project `project`'s quotas: admins any, others their own.

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use shoal_types::{Expect, Txn};
 
 use super::compute::microversion;
+use super::compute::{nova_err, parse};
 use super::error::{ApiError, ApiResult};
 use super::identity::iso8601;
 use super::{AppState, Auth};
@@ -58,17 +59,8 @@ pub fn routes() -> Router<AppState> {
         .layer(middleware::from_fn(microversion))
 }
 
-fn nova_err(e: impl Into<ApiError>) -> ApiError {
-    e.into().nova()
-}
-
 fn bad(m: impl Into<String>) -> ApiError {
     ApiError::bad_request(m).nova()
-}
-
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body)
-        .map_err(|e| bad(format!("invalid input for the request body: {e}")))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use shoal_types::{Expect, Txn};
 
 use super::compute::microversion;
+use super::compute::nova_err;
 use super::error::{ApiError, ApiResult};
 use super::identity::iso8601;
 use super::{AppState, Auth};
@@ -48,10 +49,6 @@ struct Keypair {
     public_key: String,
     fingerprint: String,
     created: u64,
-}
-
-fn nova_err(e: impl Into<ApiError>) -> ApiError {
-    e.into().nova()
 }
 
 const KEY_TYPES: [&str; 5] = [

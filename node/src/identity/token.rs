@@ -147,12 +147,7 @@ impl KeyRing {
     }
 }
 
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use shoal_consensus::join::now_secs;
 
 #[cfg(test)]
 mod tests {
