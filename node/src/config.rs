@@ -33,6 +33,30 @@ pub struct NodeConfig {
     /// detected (available parallelism, /proc/meminfo, statvfs of the data directory).
     #[serde(default, skip_serializing_if = "HostSection::is_empty")]
     pub host: HostSection,
+    #[serde(default)]
+    pub images: ImagesSection,
+}
+
+/// Where image bytes live and how much of them this node keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesSection {
+    /// Copies of every chunk across the cluster (spread over zones where possible).
+    #[serde(default = "default_replication")]
+    pub replication: usize,
+    /// Chunk size in bytes: a multiple of 4096 between 64 KiB and 64 MiB.
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u64,
+    /// Largest image accepted by an upload, in bytes.
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: u64,
+    /// Size budget of the base-image cache, in bytes; least recently used images beyond it are
+    /// evicted.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// An unused cached image younger than this is never evicted, in seconds.
+    #[serde(default = "default_cache_min_age")]
+    pub cache_min_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +135,33 @@ fn default_election() -> u64 {
 fn default_token_ttl() -> u64 {
     24 * 3600
 }
+fn default_replication() -> usize {
+    2
+}
+fn default_chunk_bytes() -> u64 {
+    4 << 20
+}
+fn default_max_image_bytes() -> u64 {
+    1 << 40
+}
+fn default_cache_bytes() -> u64 {
+    50 << 30
+}
+fn default_cache_min_age() -> u64 {
+    3600
+}
+
+impl Default for ImagesSection {
+    fn default() -> Self {
+        Self {
+            replication: default_replication(),
+            chunk_bytes: default_chunk_bytes(),
+            max_image_bytes: default_max_image_bytes(),
+            cache_bytes: default_cache_bytes(),
+            cache_min_age_secs: default_cache_min_age(),
+        }
+    }
+}
 
 impl Default for ClusterSection {
     fn default() -> Self {
@@ -172,6 +223,8 @@ pub enum ConfigError {
     },
     #[error("cluster.election_timeout_ms ({election}) must be at least three times cluster.heartbeat_ms ({heartbeat})")]
     ElectionTooShort { election: u64, heartbeat: u64 },
+    #[error("{field} must be a multiple of 4096, got {value}")]
+    Unaligned { field: &'static str, value: u64 },
     #[error("--listen and --api must be different addresses, both are {0}")]
     SameAddress(SocketAddr),
 }
@@ -197,6 +250,7 @@ impl NodeConfig {
             cluster: ClusterSection::default(),
             identity: IdentitySection::default(),
             host: HostSection::default(),
+            images: ImagesSection::default(),
         }
     }
 
@@ -258,6 +312,22 @@ impl NodeConfig {
         if let Some(v) = self.host.disk_gb {
             range("host.disk_gb", v, 0, 1 << 30)?;
         }
+        let i = &self.images;
+        range("images.replication", i.replication as u64, 1, 16)?;
+        range("images.chunk_bytes", i.chunk_bytes, 64 << 10, 64 << 20)?;
+        if !i.chunk_bytes.is_multiple_of(4096) {
+            return Err(ConfigError::Unaligned {
+                field: "images.chunk_bytes",
+                value: i.chunk_bytes,
+            });
+        }
+        range("images.max_image_bytes", i.max_image_bytes, 1, 1 << 50)?;
+        range(
+            "images.cache_min_age_secs",
+            i.cache_min_age_secs,
+            0,
+            365 * 86_400,
+        )?;
         Ok(())
     }
 
@@ -350,6 +420,25 @@ mod tests {
             })
         ));
         cfg.host.vcpus = Some(8);
+        assert!(cfg.validate().is_ok());
+        cfg.images.chunk_bytes = (4 << 20) + 1;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Unaligned {
+                field: "images.chunk_bytes",
+                ..
+            })
+        ));
+        cfg.images.chunk_bytes = 4 << 20;
+        cfg.images.replication = 0;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OutOfRange {
+                field: "images.replication",
+                ..
+            })
+        ));
+        cfg.images.replication = 2;
         assert!(cfg.validate().is_ok());
         cfg.cluster.election_timeout_ms = 100;
         assert!(matches!(

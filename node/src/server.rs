@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::config::{NodeConfig, CONFIG_FILE};
 use crate::identity::{password, Identity};
+use crate::images::ImageStore;
 use crate::placement::{self, HostSpec};
 
 fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
@@ -200,6 +201,8 @@ async fn serve(
         metrics: Arc::new(api::metrics::Metrics::default()),
         base_url: base_url(&cfg),
         region: cfg.region.clone(),
+        images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone())
+            .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
     };
     let keyring = tokio::spawn(identity.run_keyring_sync(stop.clone().cancelled_owned()));
     let api_task = tokio::spawn(api::serve(

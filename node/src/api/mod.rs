@@ -28,6 +28,7 @@ use shoal_consensus::cluster::Cluster;
 
 use crate::identity::token::Claims;
 use crate::identity::{has_role, Identity};
+use crate::images::ImageStore;
 
 /// Request bodies larger than this are refused before they are read in full.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -40,6 +41,9 @@ pub struct AppState {
     /// Base URL of this node's API, used in the service catalog.
     pub base_url: String,
     pub region: String,
+    /// Image bytes on this node and where the rest of the cluster keeps them.
+    #[allow(dead_code)] // the Image API (next commits) reads it
+    pub images: ImageStore,
 }
 
 pub fn router(state: AppState) -> Router {
