@@ -22,6 +22,8 @@ pub enum ChunkError {
     },
     #[error("the hashing task stopped")]
     Hasher,
+    #[error("no reachable node holds chunk {0}")]
+    Missing(Digest),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ChunkError + '_ {

@@ -14,10 +14,12 @@ pub mod upload;
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use shoal_consensus::cluster::Cluster;
+use shoal_disk::uring::Digest;
 
 use crate::config::ImagesSection;
-use chunks::ChunkStore;
+use chunks::{ChunkError, ChunkStore};
 use upload::{UploadError, Uploader};
 
 /// This node's image storage.
@@ -70,6 +72,12 @@ impl ImageStore {
                 .join(format!("{image_id}.{:016x}", rand::random::<u64>())),
         )
         .await
+    }
+
+    /// The bytes of chunk `d`, checked against its hash. For now only chunks this node holds;
+    /// the streamer extends this to pull from the peers that hold it.
+    pub async fn read_chunk(&self, d: Digest) -> Result<Bytes, ChunkError> {
+        self.chunks.get(d).await?.ok_or(ChunkError::Missing(d))
     }
 
     /// Where the cached whole copy of `image_id` lives on this node (whether or not it exists).
