@@ -65,8 +65,12 @@ pub fn http_client(
     if let Some(path) = cacert {
         let pem = std::fs::read(path)
             .with_context(|| format!("cannot read OS_CACERT {}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("OS_CACERT {} is not a PEM certificate bundle", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+            format!(
+                "OS_CACERT {} is not a PEM certificate bundle",
+                path.display()
+            )
+        })?;
         if certs.is_empty() {
             bail!("OS_CACERT {} holds no certificate", path.display());
         }

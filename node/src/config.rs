@@ -245,7 +245,10 @@ pub enum ConfigError {
     #[error("api_tls.mode = \"file\" needs {0} (--api-cert and --api-key on the command line)")]
     ApiTlsFileMissing(&'static str),
     #[error("{field} is only used with api_tls.mode = \"file\", but api_tls.mode is \"{mode}\"")]
-    ApiTlsFileUnused { field: &'static str, mode: &'static str },
+    ApiTlsFileUnused {
+        field: &'static str,
+        mode: &'static str,
+    },
     #[error("identity.key_rotation_secs ({rotation}) is too short for identity.token_ttl_secs ({ttl}): more than {max} signing keys would be live at once; rotate at least every {min} seconds", max = MAX_LIVE_SIGNING_KEYS)]
     RotationTooFast { rotation: u64, ttl: u64, min: u64 },
     #[error("{field} must be an absolute path, got {path}")]
@@ -322,7 +325,12 @@ impl NodeConfig {
         )?;
         let id = &self.identity;
         // 10 s is short for people but lets tests watch a token expire without a long wait.
-        range("identity.token_ttl_secs", id.token_ttl_secs, 10, 30 * 86_400)?;
+        range(
+            "identity.token_ttl_secs",
+            id.token_ttl_secs,
+            10,
+            30 * 86_400,
+        )?;
         range(
             "identity.key_rotation_secs",
             id.key_rotation_secs,
@@ -482,9 +490,15 @@ mod tests {
         cfg.identity.key_rotation_secs = 60;
         let err = cfg.validate().unwrap_err();
         assert!(matches!(err, ConfigError::RotationTooFast { .. }), "{err}");
-        assert!(err.to_string().contains("at least every 876 seconds"), "{err}");
+        assert!(
+            err.to_string().contains("at least every 876 seconds"),
+            "{err}"
+        );
         cfg.identity.token_ttl_secs = 10;
-        assert!(cfg.validate().is_ok(), "a short lifetime allows fast rotation");
+        assert!(
+            cfg.validate().is_ok(),
+            "a short lifetime allows fast rotation"
+        );
         cfg.identity.token_ttl_secs = 9;
         assert!(matches!(
             cfg.validate(),
@@ -532,7 +546,10 @@ mod tests {
             msg("mode = \"file\"\ncert = \"c.pem\"\nkey = \"/k.pem\""),
             "api_tls.cert must be an absolute path, got c.pem"
         );
-        assert!("https".parse::<ApiTls>().unwrap_err().contains("off, cluster-ca or file"));
+        assert!("https"
+            .parse::<ApiTls>()
+            .unwrap_err()
+            .contains("off, cluster-ca or file"));
     }
 
     #[test]

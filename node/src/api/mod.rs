@@ -76,10 +76,8 @@ pub async fn serve(
         Some(config) => {
             // axum gives `ConnectInfo<SocketAddr>` to a `tap_io` listener whose address is a
             // `SocketAddr`; the tap itself does nothing.
-            let listener = axum::serve::ListenerExt::tap_io(
-                tls::TlsListener::new(listener, config)?,
-                |_| {},
-            );
+            let listener =
+                axum::serve::ListenerExt::tap_io(tls::TlsListener::new(listener, config)?, |_| {});
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await

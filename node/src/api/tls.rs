@@ -126,7 +126,9 @@ fn host_name() -> Option<String> {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -153,7 +155,12 @@ pub fn issue_from_cluster_ca(
     let key_path = tls_dir.join(ISSUED_KEY);
     write_private(&cert_path, &issued.cert_chain_pem)?;
     write_private(&key_path, &issued.key_pem)?;
-    server_config(&issued.cert_chain_pem, &issued.key_pem, &cert_path, &key_path)
+    server_config(
+        &issued.cert_chain_pem,
+        &issued.key_pem,
+        &cert_path,
+        &key_path,
+    )
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), ApiTlsError> {

@@ -15,10 +15,10 @@ pub mod token;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
+pub use rotation::key_lifetime_after_rotation;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, ClusterError};
 use shoal_types::{Expect, Txn};
-pub use rotation::key_lifetime_after_rotation;
 use token::{Claims, KeyRing, SigningKey, TokenError};
 
 pub const T_DOMAINS: &str = "domains";

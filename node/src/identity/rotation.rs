@@ -244,7 +244,10 @@ mod tests {
         apply(&mut keys, &p, last, &mut rev);
 
         let ring = ring_of(&keys);
-        assert_eq!(ring.verify(&old_token, now + 1), Err(TokenError::UnknownKey));
+        assert_eq!(
+            ring.verify(&old_token, now + 1),
+            Err(TokenError::UnknownKey)
+        );
         assert!(ring.verify(&new_token, now + 1).is_ok());
     }
 

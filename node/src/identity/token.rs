@@ -154,7 +154,11 @@ impl KeyRing {
 /// come from different nodes' clocks, so the `superseded` mark decides first), else the newest.
 pub fn current_key<'a>(keys: impl Iterator<Item = &'a SigningKey>) -> Option<&'a SigningKey> {
     keys.max_by(|a, b| {
-        (a.superseded.is_none(), a.created, &a.kid).cmp(&(b.superseded.is_none(), b.created, &b.kid))
+        (a.superseded.is_none(), a.created, &a.kid).cmp(&(
+            b.superseded.is_none(),
+            b.created,
+            &b.kid,
+        ))
     })
 }
 
