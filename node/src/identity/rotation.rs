@@ -261,7 +261,7 @@ mod tests {
         let pre: Vec<_> = txn
             .preconditions
             .iter()
-            .map(|p| (p.key.as_str(), p.expect.clone()))
+            .map(|p| (p.key.as_str(), p.expect))
             .collect();
         assert_eq!(
             pre,
