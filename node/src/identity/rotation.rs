@@ -111,9 +111,12 @@ impl Identity {
         }
     }
 
-    /// One round: reads the keys from the local replica and writes what [`plan`] says. A stale
-    /// replica only makes a precondition fail at the leader; the next round reads again.
+    /// One round: reads the keys after a read barrier and writes what [`plan`] says. The
+    /// barrier matters for a node that has just joined: its replica may not hold the keys yet,
+    /// and an empty table must not make it create a first key. A write that lost to another
+    /// node's only fails its precondition; the next round reads again.
     pub async fn rotate_once(&self, rotation_secs: u64) -> Result<Plan, ClusterError> {
+        self.cluster.read_barrier().await?;
         let mut keys = Vec::new();
         for (_, row) in self.cluster.list(T_SIGNING_KEYS, "", usize::MAX).await? {
             keys.push(StoredKey {
