@@ -1,6 +1,9 @@
 //! The CLI's client side: authenticate with the `OS_*` variables, as the `openstack` client
 //! does, and call the node that `OS_AUTH_URL` points at.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -14,6 +17,8 @@ pub struct OpenRc {
     pub project_name: String,
     pub user_domain: String,
     pub project_domain: String,
+    /// CA bundle to trust for an HTTPS `auth_url` (`OS_CACERT`), besides the public roots.
+    pub cacert: Option<PathBuf>,
 }
 
 impl OpenRc {
@@ -31,6 +36,9 @@ impl OpenRc {
             user_domain: std::env::var("OS_USER_DOMAIN_NAME").unwrap_or_else(|_| "Default".into()),
             project_domain: std::env::var("OS_PROJECT_DOMAIN_NAME")
                 .unwrap_or_else(|_| "Default".into()),
+            cacert: std::env::var_os("OS_CACERT")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         })
     }
 
@@ -47,19 +55,47 @@ impl OpenRc {
     }
 }
 
+/// An HTTP client that also trusts the certificates in `cacert` (PEM), as the `openstack`
+/// client does with `OS_CACERT`. `timeout` bounds whole requests; streams go without.
+pub fn http_client(
+    cacert: Option<&Path>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = cacert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read OS_CACERT {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+            format!(
+                "OS_CACERT {} is not a PEM certificate bundle",
+                path.display()
+            )
+        })?;
+        if certs.is_empty() {
+            bail!("OS_CACERT {} holds no certificate", path.display());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(t) = timeout {
+        builder = builder.timeout(t);
+    }
+    Ok(builder.build()?)
+}
+
 /// An authenticated session with one node.
 #[derive(Debug, Clone)]
 pub struct Session {
     pub http: reqwest::Client,
     pub base: String,
     pub token: String,
+    pub cacert: Option<PathBuf>,
 }
 
 impl Session {
     pub async fn login(rc: &OpenRc) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()?;
+        let http = http_client(rc.cacert.as_deref(), Some(Duration::from_secs(30)))?;
         let body = json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {
                 "name": rc.username, "domain": {"name": rc.user_domain}, "password": rc.password}}},
@@ -89,6 +125,7 @@ impl Session {
             http,
             base: rc.api_base(),
             token,
+            cacert: rc.cacert.clone(),
         })
     }
 
@@ -288,7 +325,7 @@ pub async fn kv_watch(prefix: &str, from_revision: Option<u64>) -> anyhow::Resul
     if let Some(r) = from_revision {
         q.push(("from_revision", r.to_string()));
     }
-    let http = reqwest::Client::new();
+    let http = http_client(s.cacert.as_deref(), None)?;
     let resp = s
         .send(
             http.get(format!("{}/shoal/v1/watch", s.base))
@@ -320,10 +357,24 @@ mod tests {
             project_name: String::new(),
             user_domain: String::new(),
             project_domain: String::new(),
+            cacert: None,
         };
         assert_eq!(rc.api_base(), "http://127.0.0.1:8774");
         rc.auth_url = "http://h:1/identity/".into();
         assert_eq!(rc.api_base(), "http://h:1");
+    }
+
+    /// `OS_CACERT` that cannot be used is named in the error rather than ignored.
+    #[test]
+    fn unusable_cacert_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = format!("{:#}", http_client(Some(&missing), None).unwrap_err());
+        assert!(err.starts_with("cannot read OS_CACERT "), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = format!("{:#}", http_client(Some(&empty), None).unwrap_err());
+        assert!(err.contains("holds no certificate"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub identity: IdentitySection,
+    #[serde(default)]
+    pub api_tls: ApiTlsSection,
     /// Overrides of the capacity this node registers as a compute host; unset fields are
     /// detected (available parallelism, /proc/meminfo, statvfs of the data directory).
     #[serde(default, skip_serializing_if = "HostSection::is_empty")]
@@ -70,6 +72,60 @@ pub struct HostSection {
     pub disk_gb: Option<u64>,
 }
 
+/// How the API listener speaks: plain HTTP (the default, for local development), or HTTPS with a
+/// certificate the node issues itself from the cluster CA, or with an operator's PEM files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiTls {
+    #[default]
+    Off,
+    ClusterCa,
+    File,
+}
+
+impl ApiTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiTls::Off => "off",
+            ApiTls::ClusterCa => "cluster-ca",
+            ApiTls::File => "file",
+        }
+    }
+}
+
+impl std::str::FromStr for ApiTls {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(ApiTls::Off),
+            "cluster-ca" => Ok(ApiTls::ClusterCa),
+            "file" => Ok(ApiTls::File),
+            _ => Err(format!(
+                "{s:?} is not an API TLS mode: use off, cluster-ca or file"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsSection {
+    /// `off`, `cluster-ca` or `file`.
+    #[serde(default)]
+    pub mode: ApiTls,
+    /// With `tls = "file"`: the certificate chain (leaf first), PEM, absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// With `tls = "file"`: the leaf's private key, PEM, absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// With `tls = "file"`, optional: the CA bundle clients need to trust the certificate;
+    /// `admin-openrc` exports it as `OS_CACERT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cacert: Option<PathBuf>,
+}
+
 impl HostSection {
     fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -103,9 +159,13 @@ pub struct ClusterSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySection {
-    /// Token lifetime in seconds.
+    /// Token lifetime in seconds. Every node should use the same value: a node retires a
+    /// signing key once the tokens it could have signed, by its own lifetime, have expired.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
+    /// A new signing key is made when the newest is this old, in seconds.
+    #[serde(default = "default_key_rotation")]
+    pub key_rotation_secs: u64,
 }
 
 fn default_zone() -> String {
@@ -162,6 +222,13 @@ impl Default for ImagesSection {
         }
     }
 }
+fn default_key_rotation() -> u64 {
+    24 * 3600
+}
+
+/// Most signing keys a configuration may keep live at once: tokens are checked against each
+/// key in memory, and every node holds them all.
+pub const MAX_LIVE_SIGNING_KEYS: u64 = 100;
 
 impl Default for ClusterSection {
     fn default() -> Self {
@@ -180,6 +247,7 @@ impl Default for IdentitySection {
     fn default() -> Self {
         Self {
             token_ttl_secs: default_token_ttl(),
+            key_rotation_secs: default_key_rotation(),
         }
     }
 }
@@ -227,6 +295,17 @@ pub enum ConfigError {
     Unaligned { field: &'static str, value: u64 },
     #[error("--listen and --api must be different addresses, both are {0}")]
     SameAddress(SocketAddr),
+    #[error("api_tls.mode = \"file\" needs {0} (--api-cert and --api-key on the command line)")]
+    ApiTlsFileMissing(&'static str),
+    #[error("{field} is only used with api_tls.mode = \"file\", but api_tls.mode is \"{mode}\"")]
+    ApiTlsFileUnused {
+        field: &'static str,
+        mode: &'static str,
+    },
+    #[error("identity.key_rotation_secs ({rotation}) is too short for identity.token_ttl_secs ({ttl}): more than {max} signing keys would be live at once; rotate at least every {min} seconds", max = MAX_LIVE_SIGNING_KEYS)]
+    RotationTooFast { rotation: u64, ttl: u64, min: u64 },
+    #[error("{field} must be an absolute path, got {path}")]
+    RelativePath { field: &'static str, path: PathBuf },
 }
 
 /// Zone and aggregate names: 1-63 characters from a-z, A-Z, 0-9, '-' and '_'. Node names follow
@@ -249,6 +328,7 @@ impl NodeConfig {
             region: default_region(),
             cluster: ClusterSection::default(),
             identity: IdentitySection::default(),
+            api_tls: ApiTlsSection::default(),
             host: HostSection::default(),
             images: ImagesSection::default(),
         }
@@ -297,12 +377,30 @@ impl NodeConfig {
             100,
             100_000_000,
         )?;
+        let id = &self.identity;
+        // 10 s is short for people but lets tests watch a token expire without a long wait.
         range(
             "identity.token_ttl_secs",
-            self.identity.token_ttl_secs,
-            60,
+            id.token_ttl_secs,
+            10,
             30 * 86_400,
         )?;
+        range(
+            "identity.key_rotation_secs",
+            id.key_rotation_secs,
+            10,
+            365 * 86_400,
+        )?;
+        let keep = crate::identity::key_lifetime_after_rotation(id.token_ttl_secs);
+        let min = keep.div_ceil(MAX_LIVE_SIGNING_KEYS - 1);
+        if id.key_rotation_secs < min {
+            return Err(ConfigError::RotationTooFast {
+                rotation: id.key_rotation_secs,
+                ttl: id.token_ttl_secs,
+                min,
+            });
+        }
+        self.api_tls.validate()?;
         if let Some(v) = self.host.vcpus {
             range("host.vcpus", v.into(), 1, 4096)?;
         }
@@ -357,6 +455,44 @@ impl NodeConfig {
         let path = data_dir.join(CONFIG_FILE);
         let text = toml::to_string_pretty(self).expect("config serialises to TOML");
         std::fs::write(&path, text).map_err(|source| ConfigError::Write { path, source })
+    }
+}
+
+impl ApiTlsSection {
+    /// The paths' shape only: whether the files exist and hold a matching pair is checked when
+    /// the node loads them (`api::tls`), so `init` fails before it creates anything.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let files = [
+            ("api_tls.cert", &self.cert),
+            ("api_tls.key", &self.key),
+            ("api_tls.cacert", &self.cacert),
+        ];
+        for (field, path) in files {
+            match path {
+                Some(_) if self.mode != ApiTls::File => {
+                    return Err(ConfigError::ApiTlsFileUnused {
+                        field,
+                        mode: self.mode.as_str(),
+                    })
+                }
+                Some(p) if !p.is_absolute() => {
+                    return Err(ConfigError::RelativePath {
+                        field,
+                        path: p.clone(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        if self.mode == ApiTls::File {
+            if self.cert.is_none() {
+                return Err(ConfigError::ApiTlsFileMissing("api_tls.cert"));
+            }
+            if self.key.is_none() {
+                return Err(ConfigError::ApiTlsFileMissing("api_tls.key"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -440,11 +576,69 @@ mod tests {
         ));
         cfg.images.replication = 2;
         assert!(cfg.validate().is_ok());
+        cfg.identity.key_rotation_secs = 60;
+        let err = cfg.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::RotationTooFast { .. }), "{err}");
+        assert!(
+            err.to_string().contains("at least every 876 seconds"),
+            "{err}"
+        );
+        cfg.identity.token_ttl_secs = 10;
+        assert!(
+            cfg.validate().is_ok(),
+            "a short lifetime allows fast rotation"
+        );
+        cfg.identity.token_ttl_secs = 9;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OutOfRange {
+                field: "identity.token_ttl_secs",
+                ..
+            })
+        ));
+        cfg.identity = IdentitySection::default();
         cfg.cluster.election_timeout_ms = 100;
         assert!(matches!(
             cfg.validate(),
             Err(ConfigError::ElectionTooShort { .. })
         ));
+    }
+
+    /// Each wrong `[api_tls]` combination is refused with the field it is about.
+    #[test]
+    fn api_tls_settings_are_checked() {
+        let parse = |api: &str| {
+            let text = format!(
+                "name = \"a\"\nlisten = \"127.0.0.1:1\"\napi = \"127.0.0.1:2\"\n[api_tls]\n{api}"
+            );
+            NodeConfig::parse(&text, Path::new("x.toml")).map(|c| c.api_tls)
+        };
+        assert_eq!(parse("").unwrap().mode, ApiTls::Off);
+        assert_eq!(
+            parse("mode = \"cluster-ca\"").unwrap().mode,
+            ApiTls::ClusterCa
+        );
+        let file = parse("mode = \"file\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"").unwrap();
+        assert_eq!(file.cert.as_deref(), Some(Path::new("/c.pem")));
+        let msg = |api: &str| format!("{:#}", anyhow::Error::from(parse(api).unwrap_err()));
+        assert!(msg("mode = \"https\"").contains("unknown variant `https`"));
+        assert_eq!(
+            msg("mode = \"file\"\nkey = \"/k.pem\""),
+            "api_tls.mode = \"file\" needs api_tls.cert (--api-cert and --api-key on the command line)"
+        );
+        assert!(msg("mode = \"file\"\ncert = \"/c.pem\"").contains("needs api_tls.key"));
+        assert_eq!(
+            msg("mode = \"cluster-ca\"\ncert = \"/c.pem\""),
+            "api_tls.cert is only used with api_tls.mode = \"file\", but api_tls.mode is \"cluster-ca\""
+        );
+        assert_eq!(
+            msg("mode = \"file\"\ncert = \"c.pem\"\nkey = \"/k.pem\""),
+            "api_tls.cert must be an absolute path, got c.pem"
+        );
+        assert!("https"
+            .parse::<ApiTls>()
+            .unwrap_err()
+            .contains("off, cluster-ca or file"));
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub fn read_openrc(path: &Path) -> anyhow::Result<OpenRc> {
         project_name: get("OS_PROJECT_NAME")?,
         user_domain: get("OS_USER_DOMAIN_NAME")?,
         project_domain: get("OS_PROJECT_DOMAIN_NAME")?,
+        cacert: get("OS_CACERT").ok().map(Into::into),
     })
 }
 

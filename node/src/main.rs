@@ -51,6 +51,9 @@ enum Command {
     Start {
         #[arg(long)]
         data_dir: PathBuf,
+        /// Change how the API serves (saved to the node's config); unchanged if not given.
+        #[command(flatten)]
+        api: ApiTlsArgs,
     },
     /// Show the cluster's members, roles, term and health.
     Status {
@@ -103,6 +106,53 @@ struct NodeArgs {
     /// Minimum seconds between two voter changes.
     #[arg(long)]
     stabilization_secs: Option<u64>,
+    /// Lifetime of the tokens this node issues, in seconds (default 24 h).
+    #[arg(long)]
+    token_ttl_secs: Option<u64>,
+    /// Replace the token signing key when it is this many seconds old (default 24 h).
+    #[arg(long)]
+    key_rotation_secs: Option<u64>,
+    #[command(flatten)]
+    api_tls: ApiTlsArgs,
+}
+
+/// How the API listener speaks (the `[api_tls]` config section).
+#[derive(clap::Args, Debug)]
+struct ApiTlsArgs {
+    /// Serve the API over HTTPS: `cluster-ca` (a certificate issued from the cluster CA),
+    /// `file` (--api-cert and --api-key), or `off` (plain HTTP, the default).
+    #[arg(long, value_name = "MODE")]
+    api_tls: Option<config::ApiTls>,
+    /// PEM certificate chain, leaf first (with --api-tls file).
+    #[arg(long, value_name = "PEM")]
+    api_cert: Option<PathBuf>,
+    /// PEM private key of the certificate (with --api-tls file).
+    #[arg(long, value_name = "PEM")]
+    api_key: Option<PathBuf>,
+    /// CA bundle clients need to trust --api-cert; admin-openrc exports it as OS_CACERT.
+    #[arg(long, value_name = "PEM")]
+    api_cacert: Option<PathBuf>,
+}
+
+impl ApiTlsArgs {
+    /// The `[api_tls]` section these flags describe, or `None` if none was given. Paths are made
+    /// absolute: the config file outlives the directory the command ran in.
+    fn into_section(self) -> anyhow::Result<Option<config::ApiTlsSection>> {
+        let given = self.api_tls.is_some()
+            || self.api_cert.is_some()
+            || self.api_key.is_some()
+            || self.api_cacert.is_some();
+        if !given {
+            return Ok(None);
+        }
+        let abs = |p: Option<PathBuf>| p.map(std::path::absolute).transpose();
+        Ok(Some(config::ApiTlsSection {
+            mode: self.api_tls.unwrap_or(config::ApiTls::File),
+            cert: abs(self.api_cert)?,
+            key: abs(self.api_key)?,
+            cacert: abs(self.api_cacert)?,
+        }))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +244,15 @@ impl NodeArgs {
         if let Some(s) = self.stabilization_secs {
             cfg.cluster.membership_stabilization_secs = s;
         }
+        if let Some(s) = self.token_ttl_secs {
+            cfg.identity.token_ttl_secs = s;
+        }
+        if let Some(s) = self.key_rotation_secs {
+            cfg.identity.key_rotation_secs = s;
+        }
+        if let Some(api_tls) = self.api_tls.into_section()? {
+            cfg.api_tls = api_tls;
+        }
         cfg.validate()?;
         Ok((self.data_dir, cfg))
     }
@@ -213,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (dir, cfg) = node.into_config()?;
                 server::join(dir, cfg, &token, &peer).await
             }
-            Command::Start { data_dir } => server::start(data_dir).await,
+            Command::Start { data_dir, api } => server::start(data_dir, api.into_section()?).await,
             Command::Status { json } => client::status(json).await,
             Command::Token(TokenCmd::Create {
                 ttl_secs,

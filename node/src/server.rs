@@ -11,7 +11,7 @@ use shoal_consensus::cluster::{Cluster, ClusterOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
-use crate::config::{NodeConfig, CONFIG_FILE};
+use crate::config::{ApiTls, NodeConfig, CONFIG_FILE};
 use crate::identity::{password, Identity};
 use crate::images::ImageStore;
 use crate::placement::{self, HostSpec};
@@ -52,7 +52,7 @@ fn refuse_existing(dir: &Path) -> anyhow::Result<()> {
 
 /// The address clients should use: the API address, with an unspecified IP replaced by the
 /// peer address's IP, or loopback.
-fn base_url(cfg: &NodeConfig) -> String {
+fn client_addr(cfg: &NodeConfig) -> std::net::SocketAddr {
     let mut addr = cfg.api;
     if addr.ip().is_unspecified() {
         let ip = if cfg.listen.ip().is_unspecified() {
@@ -62,11 +62,36 @@ fn base_url(cfg: &NodeConfig) -> String {
         };
         addr.set_ip(ip);
     }
-    format!("http://{addr}")
+    addr
+}
+
+/// This node's API URL, as the catalog and `admin-openrc` give it.
+fn base_url(cfg: &NodeConfig) -> String {
+    let scheme = match cfg.api_tls.mode {
+        ApiTls::Off => "http",
+        ApiTls::ClusterCa | ApiTls::File => "https",
+    };
+    format!("{scheme}://{}", client_addr(cfg))
+}
+
+/// The CA file a client needs to trust this node's API certificate, if any.
+fn client_cacert(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<Option<PathBuf>> {
+    Ok(match cfg.api_tls.mode {
+        ApiTls::Off => None,
+        ApiTls::ClusterCa => Some(
+            std::path::absolute(dir.join("tls").join(api::tls::CLUSTER_CA))
+                .context("cannot resolve the data directory's path")?,
+        ),
+        ApiTls::File => cfg.api_tls.cacert.clone(),
+    })
 }
 
 fn write_openrc(dir: &Path, cfg: &NodeConfig, password: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join("admin-openrc");
+    let cacert = match client_cacert(dir, cfg)? {
+        Some(p) => format!("export OS_CACERT={}\n", p.display()),
+        None => String::new(),
+    };
     let text = format!(
         "export OS_AUTH_URL={}/identity/v3\n\
          export OS_USERNAME=admin\n\
@@ -75,7 +100,8 @@ fn write_openrc(dir: &Path, cfg: &NodeConfig, password: &str) -> anyhow::Result<
          export OS_USER_DOMAIN_NAME=Default\n\
          export OS_PROJECT_DOMAIN_NAME=Default\n\
          export OS_IDENTITY_API_VERSION=3\n\
-         export OS_REGION_NAME={}\n",
+         export OS_REGION_NAME={}\n\
+         {cacert}",
         base_url(cfg),
         cfg.region
     );
@@ -93,15 +119,11 @@ fn write_openrc(dir: &Path, cfg: &NodeConfig, password: &str) -> anyhow::Result<
 
 pub async fn init(dir: PathBuf, cfg: NodeConfig) -> anyhow::Result<()> {
     refuse_existing(&dir)?;
-    let api_listener = bind_api(&cfg).await?;
+    let api = bind_api(&cfg).await?;
     let cluster = Cluster::init(options(&dir, &cfg))
         .await
         .context("cannot create the cluster")?;
-    let identity = Identity::new(
-        cluster.clone(),
-        cfg.name.clone(),
-        cfg.identity.token_ttl_secs,
-    );
+    let identity = identity_of(&cluster, &cfg);
     let admin_password = password::generate();
     identity
         .bootstrap(&admin_password)
@@ -125,43 +147,72 @@ pub async fn init(dir: PathBuf, cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.listen
     );
     println!("{token}");
-    serve(dir, cfg, cluster, identity, api_listener).await
+    serve(dir, cfg, cluster, identity, api).await
 }
 
 pub async fn join(dir: PathBuf, cfg: NodeConfig, token: &str, peer: &str) -> anyhow::Result<()> {
     refuse_existing(&dir)?;
-    let api_listener = bind_api(&cfg).await?;
+    let api = bind_api(&cfg).await?;
     let cluster = Cluster::join(options(&dir, &cfg), peer, token)
         .await
         .with_context(|| format!("cannot join the cluster through {peer}"))?;
     cfg.save(&dir)?;
     println!("node {} joined the cluster as a learner", cfg.name);
-    let identity = Identity::new(
-        cluster.clone(),
-        cfg.name.clone(),
-        cfg.identity.token_ttl_secs,
-    );
-    serve(dir, cfg, cluster, identity, api_listener).await
+    let identity = identity_of(&cluster, &cfg);
+    serve(dir, cfg, cluster, identity, api).await
 }
 
-pub async fn start(dir: PathBuf) -> anyhow::Result<()> {
-    let cfg = NodeConfig::load(&dir)?;
-    let api_listener = bind_api(&cfg).await?;
+/// Restarts a node; `api_tls` replaces the `[api_tls]` section of its configuration when given
+/// (and is saved, so later restarts keep it).
+pub async fn start(
+    dir: PathBuf,
+    api_tls: Option<crate::config::ApiTlsSection>,
+) -> anyhow::Result<()> {
+    let mut cfg = NodeConfig::load(&dir)?;
+    let changed = api_tls.is_some();
+    if let Some(api_tls) = api_tls {
+        cfg.api_tls = api_tls;
+        cfg.validate()?;
+    }
+    let api = bind_api(&cfg).await?;
     let cluster = Cluster::start(options(&dir, &cfg))
         .await
         .context("cannot start the node")?;
-    let identity = Identity::new(
+    if changed {
+        cfg.save(&dir)?;
+    }
+    let identity = identity_of(&cluster, &cfg);
+    serve(dir, cfg, cluster, identity, api).await
+}
+
+fn identity_of(cluster: &Cluster, cfg: &NodeConfig) -> Identity {
+    Identity::new(
         cluster.clone(),
         cfg.name.clone(),
         cfg.identity.token_ttl_secs,
-    );
-    serve(dir, cfg, cluster, identity, api_listener).await
+    )
 }
 
-async fn bind_api(cfg: &NodeConfig) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(cfg.api)
+/// The bound API socket, and its TLS configuration when it is known before the cluster is
+/// (an operator's files are checked first, so a bad path fails before anything is created).
+struct ApiBinding {
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+async fn bind_api(cfg: &NodeConfig) -> anyhow::Result<ApiBinding> {
+    let tls = match (&cfg.api_tls.mode, &cfg.api_tls.cert, &cfg.api_tls.key) {
+        (ApiTls::File, Some(cert), Some(key)) => Some(api::tls::load_operator_files(
+            cert,
+            key,
+            cfg.api_tls.cacert.as_deref(),
+        )?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.api)
         .await
-        .with_context(|| format!("cannot listen on the API address {}", cfg.api))
+        .with_context(|| format!("cannot listen on the API address {}", cfg.api))?;
+    Ok(ApiBinding { listener, tls })
 }
 
 async fn shutdown_signal() {
@@ -192,8 +243,16 @@ async fn serve(
     cfg: NodeConfig,
     cluster: Cluster,
     identity: Identity,
-    api_listener: tokio::net::TcpListener,
+    api: ApiBinding,
 ) -> anyhow::Result<()> {
+    let tls = match cfg.api_tls.mode {
+        ApiTls::ClusterCa => Some(api::tls::issue_from_cluster_ca(
+            &dir.join("tls"),
+            &cfg.name,
+            api::tls::certificate_names(client_addr(&cfg).ip(), cfg.api),
+        )?),
+        ApiTls::File | ApiTls::Off => api.tls,
+    };
     let stop = CancellationToken::new();
     let state = AppState {
         cluster: cluster.clone(),
@@ -204,9 +263,18 @@ async fn serve(
         images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone())
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
     };
-    let keyring = tokio::spawn(identity.run_keyring_sync(stop.clone().cancelled_owned()));
+    let keyring = tokio::spawn(
+        identity
+            .clone()
+            .run_keyring_sync(stop.clone().cancelled_owned()),
+    );
+    let rotation = tokio::spawn(identity.run_key_rotation(
+        cfg.identity.key_rotation_secs,
+        stop.clone().cancelled_owned(),
+    ));
     let api_task = tokio::spawn(api::serve(
-        api_listener,
+        api.listener,
+        tls,
         state,
         stop.clone().cancelled_owned(),
     ));
@@ -218,12 +286,13 @@ async fn serve(
         host_spec,
         stop.clone().cancelled_owned(),
     ));
-    tracing::info!(name = %cfg.name, api = %cfg.api, peer = %cfg.listen, "node running");
+    tracing::info!(name = %cfg.name, api = %base_url(&cfg), peer = %cfg.listen, "node running");
 
     shutdown_signal().await;
     tracing::info!("stopping");
     stop.cancel();
     let _ = keyring.await;
+    let _ = rotation.await;
     let _ = register.await;
     match api_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),

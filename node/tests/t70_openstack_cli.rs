@@ -7,99 +7,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use common::osc::{openstack_bin, Osc};
 use common::{wait_until, Cluster};
 use serde_json::Value;
-
-fn openstack_bin() -> Option<PathBuf> {
-    let path = match std::env::var_os("SHOAL_OPENSTACK_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            PathBuf::from(std::env::var_os("HOME")?).join(".cache/shoal/osc-venv/bin/openstack")
-        }
-    };
-    if path.is_file() {
-        return Some(path);
-    }
-    let msg = format!(
-        "the openstack client is not at {}: run node/scripts/install-deps.sh or set SHOAL_OPENSTACK_BIN",
-        path.display()
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}");
-    }
-    eprintln!("skipping: {msg}");
-    None
-}
-
-struct Osc<'a> {
-    bin: PathBuf,
-    cluster: &'a Cluster,
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        assert!(self.ok, "command failed: {}", self.stderr);
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
-    }
-
-    fn failed_with(&self, status: u16) {
-        assert!(!self.ok, "command succeeded: {}", self.stdout);
-        // keystoneclient prints "(HTTP 403)", openstacksdk "ForbiddenException: 403: ...".
-        assert!(
-            self.stderr.contains(&format!("HTTP {status}"))
-                || self.stderr.contains(&format!("Exception: {status}:")),
-            "expected HTTP {status}: {}",
-            self.stderr
-        );
-    }
-}
-
-impl Osc<'_> {
-    /// Runs `openstack` against node `node` with `env` overriding the admin credentials.
-    fn run_as(&self, node: usize, env: &[(&str, &str)], args: &[&str]) -> Out {
-        let mut cmd = Command::new(&self.bin);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("OS_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(self.cluster.openrc_env(node));
-        for (k, v) in env {
-            if v.is_empty() {
-                cmd.env_remove(k);
-            } else {
-                cmd.env(k, v);
-            }
-        }
-        let out = cmd.args(args).output().expect("run openstack");
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    fn run(&self, node: usize, args: &[&str]) -> Out {
-        self.run_as(node, &[], args)
-    }
-
-    fn json(&self, node: usize, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-f", "json"]);
-        self.run(node, &a).json()
-    }
-}
 
 fn names(list: &Value, key: &str) -> Vec<String> {
     let mut v: Vec<String> = list
@@ -523,8 +435,15 @@ fn compute_admin_commands_work_against_every_node() {
     let osc = Osc { bin, cluster: &c };
 
     osc.json(0, &["project", "create", "demo"]);
-    // `--compute`: without it the client also asks for block-storage quotas, which Shoal's
-    // catalog does not list yet.
+    // `--compute`: plain `quota show` also asks for block-storage quotas, and with no such
+    // service in the catalog openstacksdk 4.22 raises an error the client does not catch
+    // (docs/api-coverage.md). This asserts that reason, so a change in it is noticed.
+    let plain = osc.run(1, &["quota", "show", "demo"]);
+    assert!(
+        !plain.ok && plain.stderr.contains("Service 'block-storage' is disabled"),
+        "{}",
+        plain.stderr
+    );
     let q = osc.json(1, &["quota", "show", "--compute", "demo"]);
     for (resource, limit) in [
         ("instances", 10),
@@ -749,21 +668,11 @@ fn compute_admin_commands_work_against_every_node() {
 }
 
 /// A token past its expiry is refused by the node that issued it, through the client. The
-/// node runs with the shortest lifetime the configuration allows (60 s), so this test waits.
+/// node runs with the shortest lifetime the configuration allows (10 s).
 #[test]
 fn an_expired_token_is_refused() {
     let Some(bin) = openstack_bin() else { return };
-    let mut c = Cluster::init(&[]);
-    c.nodes[0].kill9();
-    let cfg_path = c.nodes[0].dir.join("node.toml");
-    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    let line = cfg
-        .lines()
-        .find(|l| l.trim_start().starts_with("token_ttl_secs"))
-        .unwrap_or_else(|| panic!("no token_ttl_secs in {cfg}"));
-    std::fs::write(&cfg_path, cfg.replace(line, "token_ttl_secs = 60")).unwrap();
-    c.restart(0);
-    c.token(0);
+    let c = Cluster::init(&["--token-ttl-secs", "10"]);
     let osc = Osc { bin, cluster: &c };
 
     let tok = osc.json(0, &["token", "issue"]);
@@ -781,7 +690,7 @@ fn an_expired_token_is_refused() {
         "the token works before it expires: {}",
         fresh.stderr
     );
-    std::thread::sleep(Duration::from_secs(62));
+    std::thread::sleep(Duration::from_secs(12));
     osc.run_as(0, &token_env, &["project", "list"])
         .failed_with(401);
 }

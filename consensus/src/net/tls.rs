@@ -233,6 +233,34 @@ impl ClusterCa {
             .map_err(TlsError::Generate)?;
         Ok(format!("{}{}", cert.pem(), self.cert_pem))
     }
+    /// Issues an HTTPS server certificate and a fresh key for a node's API, valid for `names`
+    /// (DNS names or IP addresses, as clients will type them into `OS_AUTH_URL`).
+    ///
+    /// Unlike a member certificate it is for server authentication only: it cannot be used to
+    /// join the peer transport as a client.
+    pub fn issue_https_cert(
+        &self,
+        node_name: &str,
+        names: Vec<String>,
+    ) -> Result<NodeIdentity, TlsError> {
+        validate_node_name(node_name)?;
+        let key = NodeKey::generate()?;
+        let mut params = CertificateParams::new(names).map_err(TlsError::Generate)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{node_name} API"));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key.key, &self.issuer()?)
+            .map_err(TlsError::Generate)?;
+        Ok(NodeIdentity {
+            cert_chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: key.key_pem(),
+        })
+    }
 }
 
 /// A member's certificate chain (leaf then CA) and private key, PEM.
@@ -364,6 +392,25 @@ pub fn server_config(
         )
         .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_JOIN.to_vec()];
+    Ok(config)
+}
+
+/// Server configuration of the HTTPS API: presents `cert_chain_pem` (leaf first), asks for no
+/// client certificate, speaks HTTP/1.1 over TLS 1.2 or 1.3 with the ring provider.
+///
+/// A key that does not belong to the leaf is refused here (`rustls::Error::InconsistentKeys`),
+/// so a mismatched pair fails at start rather than at the first handshake.
+pub fn https_server_config(
+    cert_chain_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(certs_from_pem(cert_chain_pem)?, key_from_pem(key_pem)?)
+        .map_err(TlsError::Rustls)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
@@ -525,6 +572,42 @@ mod tests {
         assert_eq!(common_name(&leaf).as_deref(), Some("node-1"));
         let other = ClusterCa::generate("d").unwrap();
         assert!(verify_node_cert(other.cert_pem(), &id.cert_chain_pem).is_err());
+    }
+
+    /// An API certificate verifies for the names it was issued for and no other (in particular
+    /// not for the member name `shoal`), and a key from another pair is refused at setup.
+    #[test]
+    fn https_cert_covers_its_names_only() {
+        let ca = ClusterCa::generate("c").unwrap();
+        let id = ca
+            .issue_https_cert("node-1", vec!["127.0.0.1".into(), "api.example".into()])
+            .unwrap();
+        let chain = certs_from_pem(&id.cert_chain_pem).unwrap();
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            ca_roots(ca.cert_pem()).unwrap(),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let verify = |name: &str| {
+            verifier.verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+        };
+        verify("127.0.0.1").unwrap();
+        verify("api.example").unwrap();
+        assert!(verify("10.0.0.1").is_err());
+        assert!(verify(SERVER_NAME).is_err());
+        https_server_config(&id.cert_chain_pem, &id.key_pem).unwrap();
+        let other = ca.issue_https_cert("node-2", vec!["a".into()]).unwrap();
+        assert!(matches!(
+            https_server_config(&id.cert_chain_pem, &other.key_pem),
+            Err(TlsError::Rustls(rustls::Error::InconsistentKeys(_)))
+        ));
     }
 
     /// Fingerprints must be 64 hex digits.

@@ -511,13 +511,6 @@ async fn create_server_group(
         }
     };
     let quota = super::compute_admin::quota(&state, &project, "server_groups").await?;
-    let held = server_groups_of(&state, &project).await?.len() as i64;
-    if quota >= 0 && held >= quota {
-        return Err(ApiError::forbidden(format!(
-            "quota exceeded: the project holds {held} of {quota} server groups"
-        ))
-        .nova());
-    }
     let sg = ServerGroup {
         id: uuid::Uuid::new_v4().to_string(),
         name,
@@ -525,15 +518,27 @@ async fn create_server_group(
         project_id: project.clone(),
         user_id: auth.0.user_id.clone(),
     };
-    state
-        .cluster
-        .write(Txn::new().put(
-            T_SERVER_GROUPS,
-            &format!("{project}/{}", sg.id),
-            serde_json::to_vec(&sg).expect("server groups serialise"),
+    let txn = Txn::new().put(
+        T_SERVER_GROUPS,
+        &format!("{project}/{}", sg.id),
+        serde_json::to_vec(&sg).expect("server groups serialise"),
+    );
+    let prefix = format!("{project}/");
+    let count = || async {
+        let held = state
+            .cluster
+            .list(T_SERVER_GROUPS, &prefix, usize::MAX)
+            .await;
+        Ok(held.map_err(nova_err)?.len() as i64)
+    };
+    let over = |held| {
+        ApiError::forbidden(format!(
+            "quota exceeded: the project holds {held} of {quota} server groups"
         ))
-        .await
-        .map_err(nova_err)?;
+        .nova()
+    };
+    let guard = format!("server_groups/{project}");
+    super::compute_admin::commit_within_quota(&state, &guard, quota, count, txn, over).await?;
     Ok(Json(json!({ "server_group": sg.to_json() })))
 }
 

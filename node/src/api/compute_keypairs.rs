@@ -154,18 +154,6 @@ async fn create_keypair(
         None => DEFAULT_KEYPAIR_QUOTA,
     };
     let prefix = format!("{}/", auth.0.user_id);
-    let held = state
-        .cluster
-        .list(T_KEYPAIRS, &prefix, usize::MAX)
-        .await
-        .map_err(nova_err)?
-        .len() as i64;
-    if quota >= 0 && held >= quota {
-        return Err(ApiError::forbidden(format!(
-            "quota exceeded: you hold {held} of {quota} key pairs"
-        ))
-        .nova());
-    }
     let kp = Keypair {
         name: k.name,
         user_id: auth.0.user_id.clone(),
@@ -179,7 +167,20 @@ async fn create_keypair(
         &key,
         serde_json::to_vec(&kp).expect("key pairs serialise"),
     );
-    if !state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
+    let count = || async {
+        let held = state.cluster.list(T_KEYPAIRS, &prefix, usize::MAX).await;
+        Ok(held.map_err(nova_err)?.len() as i64)
+    };
+    let over = |held| {
+        ApiError::forbidden(format!(
+            "quota exceeded: you hold {held} of {quota} key pairs"
+        ))
+        .nova()
+    };
+    let guard = format!("key_pairs/{}", auth.0.user_id);
+    let resp =
+        super::compute_admin::commit_within_quota(&state, &guard, quota, count, txn, over).await?;
+    if !resp.succeeded {
         return Err(ApiError::conflict(format!("key pair {} already exists", kp.name)).nova());
     }
     Ok(Json(json!({ "keypair": key_json(&kp, true) })))

@@ -15,6 +15,7 @@ pub mod identity_admin;
 pub mod metrics;
 pub mod placement;
 pub mod policy;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -61,18 +62,31 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown` resolves, then drains open requests.
+/// Serves the API until `shutdown` resolves, then drains open requests: plain HTTP, or HTTPS
+/// with `tls`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(config) => {
+            // axum gives `ConnectInfo<SocketAddr>` to a `tap_io` listener whose address is a
+            // `SocketAddr`; the tap itself does nothing.
+            let listener =
+                axum::serve::ListenerExt::tap_io(tls::TlsListener::new(listener, config)?, |_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 /// An authenticated caller: the claims of a valid `X-Auth-Token`.

@@ -4,15 +4,18 @@
 //! through index rows (`user_names`, `project_names`, `role_names`) written in the same
 //! transaction as the record with an `Absent` precondition, so two nodes creating the same
 //! name at once cannot both succeed. Tokens are validated from an in-memory [`KeyRing`] that a
-//! watch on `signing_keys` and `revoked_tokens` keeps current.
+//! watch on `signing_keys` and `revoked_tokens` keeps current; [`rotation`] replaces the
+//! signing key periodically.
 
 pub mod password;
 pub mod resources;
+pub mod rotation;
 pub mod token;
 
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
+pub use rotation::key_lifetime_after_rotation;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, ClusterError};
 use shoal_types::{Expect, Txn};

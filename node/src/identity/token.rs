@@ -44,6 +44,10 @@ pub struct SigningKey {
     pub secret: String,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// When a newer key replaced it for signing, seconds since the Unix epoch. A superseded
+    /// key only verifies, until the tokens it signed have expired and it is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded: Option<u64>,
 }
 
 impl SigningKey {
@@ -58,6 +62,7 @@ impl SigningKey {
             kid: hex::encode(kid),
             secret: URL_SAFE_NO_PAD.encode(secret),
             created: now,
+            superseded: None,
         }
     }
 
@@ -106,11 +111,9 @@ impl KeyRing {
         self.revoked.remove(jti);
     }
 
-    /// The key new tokens are signed with: the newest.
+    /// The key new tokens are signed with: see [`current_key`].
     pub fn current(&self) -> Option<&SigningKey> {
-        self.keys
-            .values()
-            .max_by_key(|k| (k.created, k.kid.clone()))
+        current_key(self.keys.values())
     }
 
     pub fn sign(&self, mut claims: Claims) -> Option<String> {
@@ -145,6 +148,18 @@ impl KeyRing {
         }
         Ok(claims)
     }
+}
+
+/// The signing key among `keys`: the newest that no rotation has superseded (creation times
+/// come from different nodes' clocks, so the `superseded` mark decides first), else the newest.
+pub fn current_key<'a>(keys: impl Iterator<Item = &'a SigningKey>) -> Option<&'a SigningKey> {
+    keys.max_by(|a, b| {
+        (a.superseded.is_none(), a.created, &a.kid).cmp(&(
+            b.superseded.is_none(),
+            b.created,
+            &b.kid,
+        ))
+    })
 }
 
 pub use shoal_consensus::join::now_secs;
@@ -219,5 +234,20 @@ mod tests {
         ring.remove_key(&k1.kid);
         assert_eq!(ring.verify(&old, 5), Err(TokenError::UnknownKey));
         assert!(ring.verify(&new, 5).is_ok());
+    }
+
+    /// A key marked superseded stops signing even when another node's clock gave the key that
+    /// replaced it an earlier creation time.
+    #[test]
+    fn superseded_key_stops_signing_whatever_the_clocks_say() {
+        let mut ring = KeyRing::default();
+        let mut old = SigningKey::generate(100);
+        old.superseded = Some(100);
+        let new = SigningKey::generate(90);
+        ring.insert_key(old);
+        ring.insert_key(new.clone());
+        assert_eq!(ring.current().unwrap().kid, new.kid);
+        let t = ring.sign(claims(1000)).unwrap();
+        assert_eq!(ring.verify(&t, 5).unwrap().kid, new.kid);
     }
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod osc;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,12 +47,14 @@ pub struct Node {
     pub dir: PathBuf,
     pub listen: SocketAddr,
     pub api: SocketAddr,
+    /// `http` or `https`, as node1's `admin-openrc` says.
+    pub scheme: &'static str,
     pub child: Option<Child>,
 }
 
 impl Node {
     pub fn base(&self) -> String {
-        format!("http://{}", self.api)
+        format!("{}://{}", self.scheme, self.api)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -78,6 +82,27 @@ pub struct Cluster {
     pub password: String,
     pub http: reqwest::blocking::Client,
     pub extra_args: Vec<String>,
+    /// `OS_CACERT` of node1's `admin-openrc`, for an HTTPS API.
+    pub cacert: Option<PathBuf>,
+}
+
+/// The value of `export NAME=...` in an openrc text.
+pub fn openrc_var(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+        .map(str::to_owned)
+}
+
+/// A blocking client that trusts `cacert` (PEM) besides the public roots.
+pub fn http_client(cacert: Option<&Path>) -> reqwest::blocking::Client {
+    install_crypto();
+    let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(path) = cacert {
+        for cert in reqwest::Certificate::from_pem_bundle(&std::fs::read(path).unwrap()).unwrap() {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().unwrap()
 }
 
 fn spawn(dir: &Path, args: &[String]) -> Child {
@@ -127,14 +152,22 @@ impl Cluster {
         args.extend(extra.iter().cloned());
         let child = spawn(&dir, &args);
         let openrc = dir.join("admin-openrc");
+        // The file is written with one write; wait until it is there in full.
         let text = wait_until("admin-openrc", Duration::from_secs(60), || {
-            std::fs::read_to_string(&openrc).ok()
+            std::fs::read_to_string(&openrc)
+                .ok()
+                .filter(|t| t.contains("OS_REGION_NAME") && t.ends_with('\n'))
         });
-        let password = text
-            .lines()
-            .find_map(|l| l.strip_prefix("export OS_PASSWORD="))
+        let password = openrc_var(&text, "OS_PASSWORD").unwrap();
+        let scheme = if openrc_var(&text, "OS_AUTH_URL")
             .unwrap()
-            .to_owned();
+            .starts_with("https://")
+        {
+            "https"
+        } else {
+            "http"
+        };
+        let cacert = openrc_var(&text, "OS_CACERT").map(PathBuf::from);
         let mut c = Cluster {
             tmp,
             nodes: vec![Node {
@@ -142,14 +175,13 @@ impl Cluster {
                 dir,
                 listen,
                 api,
+                scheme,
                 child: Some(child),
             }],
             password,
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http_client(cacert.as_deref()),
             extra_args: extra,
+            cacert,
         };
         wait_until("node1 to issue tokens", Duration::from_secs(30), || {
             c.try_token(0).ok()
@@ -169,7 +201,7 @@ impl Cluster {
     }
 
     pub fn openrc_env(&self, node: usize) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             (
                 "OS_AUTH_URL".into(),
                 format!("{}/identity/v3", self.nodes[node].base()),
@@ -180,7 +212,11 @@ impl Cluster {
             ("OS_USER_DOMAIN_NAME".into(), "Default".into()),
             ("OS_PROJECT_DOMAIN_NAME".into(), "Default".into()),
             ("OS_IDENTITY_API_VERSION".into(), "3".into()),
-        ]
+        ];
+        if let Some(ca) = &self.cacert {
+            env.push(("OS_CACERT".into(), ca.display().to_string()));
+        }
+        env
     }
 
     /// Runs a `shoal` client command against node `node`; returns (status ok, stdout, stderr).
@@ -261,11 +297,13 @@ impl Cluster {
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(self.nodes[0].listen.to_string());
         let child = spawn(&dir, &args);
+        let scheme = self.nodes[0].scheme;
         self.nodes.push(Node {
             name,
             dir,
             listen,
             api,
+            scheme,
             child: Some(child),
         });
         self.nodes.len() - 1
