@@ -96,6 +96,13 @@ pub fn install_crypto_provider() {
 /// An HTTP/1.1 client. Each load client has its own, so that it holds exactly one keep-alive
 /// connection to the member it was assigned.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+    http_client_builder(timeout)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// The settings of [`http_client`], for a caller that adds to them (a CA to trust).
+pub fn http_client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .http1_only()
         .tcp_nodelay(true)
@@ -103,8 +110,6 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
         .no_proxy()
         .connect_timeout(Duration::from_secs(2))
         .timeout(timeout)
-        .build()
-        .context("building the HTTP client")
 }
 
 /// The write path of one target, through one member.
