@@ -619,7 +619,7 @@ struct Sample {
     nodes: Vec<NodeSample>,
     /// CPU time of this process (the load clients).
     client_cpu: Option<Duration>,
-    machine_busy: Option<(Duration, usize)>,
+    machine: Option<procs::MachineCpu>,
 }
 
 /// Reads `/metrics` of every node first and the /proc counters last when `metrics_first`
@@ -637,7 +637,7 @@ async fn sample(http: &reqwest::Client, target: &Target, metrics_first: bool) ->
     }
     let at = Instant::now();
     let client_cpu = procs::cpu_time(None).ok();
-    let machine_busy = procs::machine_busy().ok();
+    let machine = procs::machine_cpu().ok();
     if !metrics_first {
         metrics = scrape_all(http, target).await;
     }
@@ -648,7 +648,7 @@ async fn sample(http: &reqwest::Client, target: &Target, metrics_first: bool) ->
         at,
         nodes,
         client_cpu,
-        machine_busy,
+        machine,
     }
 }
 
@@ -698,11 +698,17 @@ impl NodeDelta {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuUse {
-    /// Cores, averaged over the window.
+    /// Cores, averaged over the window: the whole machine busy (not idle nor iowait).
+    pub busy: Option<f64>,
     pub nodes: Option<f64>,
     pub loadtest: Option<f64>,
-    /// Everything else on the machine (other builds, the kernel's own work).
-    pub rest: Option<f64>,
+    /// `busy` less the nodes and the load tester: other processes (builds sharing the
+    /// machine), kernel threads, softirqs that interrupted the idle task.
+    pub other: Option<f64>,
+    /// Interrupts and softirqs, machine-wide (loopback TCP is mostly softirq work). With
+    /// tick-based accounting they are also charged to the process they interrupted, so this
+    /// overlaps the figures above rather than adding to them.
+    pub interrupts: Option<f64>,
     pub cores: Option<usize>,
 }
 
@@ -733,19 +739,24 @@ fn deltas(target: &Target, before: &Sample, after: &Sample) -> (Vec<NodeDelta>, 
         .collect();
     let node_cores: Option<f64> = nodes.iter().map(|n| n.cpu_cores).sum();
     let loadtest = cores(after.client_cpu, before.client_cpu);
-    let machine = cores(
-        after.machine_busy.map(|m| m.0),
-        before.machine_busy.map(|m| m.0),
-    );
-    let rest = match (machine, node_cores, loadtest) {
-        (Some(m), Some(n), Some(l)) => Some((m - n - l).max(0.0)),
+    let machine = |f: fn(&procs::MachineCpu) -> Duration| {
+        cores(
+            after.machine.as_ref().map(f),
+            before.machine.as_ref().map(f),
+        )
+    };
+    let (busy, interrupts) = (machine(|m| m.busy), machine(|m| m.interrupts));
+    let other = match (busy, node_cores, loadtest) {
+        (Some(b), Some(n), Some(l)) => Some((b - n - l).max(0.0)),
         _ => None,
     };
     let cpu = CpuUse {
+        busy,
         nodes: node_cores,
         loadtest,
-        rest,
-        cores: after.machine_busy.map(|m| m.1),
+        other,
+        interrupts,
+        cores: after.machine.map(|m| m.cpus),
     };
     (nodes, cpu)
 }
@@ -1038,10 +1049,13 @@ fn table(r: &PhaseReport) -> String {
     let c = &r.cpu;
     let _ = write!(
         out,
-        "cpu (cores): nodes {}, loadtest {}, rest of the machine {}, of {}",
+        "cpu (cores): machine busy {} = nodes {} + loadtest {} + other {}; of it in \
+         irq+softirq {}; cores {}",
+        opt(c.busy.map(|v| format!("{v:.2}"))),
         opt(c.nodes.map(|v| format!("{v:.2}"))),
         opt(c.loadtest.map(|v| format!("{v:.2}"))),
-        opt(c.rest.map(|v| format!("{v:.2}"))),
+        opt(c.other.map(|v| format!("{v:.2}"))),
+        opt(c.interrupts.map(|v| format!("{v:.2}"))),
         opt(c.cores)
     );
     out
@@ -1255,8 +1269,10 @@ mod tests {
             node_side: vec![node],
             cpu: CpuUse {
                 nodes: Some(0.5),
+                busy: Some(0.6),
                 loadtest: Some(0.1),
-                rest: Some(0.0),
+                other: Some(0.0),
+                interrupts: Some(0.2),
                 cores: Some(2),
             },
         }

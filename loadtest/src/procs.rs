@@ -279,12 +279,24 @@ pub fn cpu_time(pid: Option<u32>) -> Result<Duration> {
     Ok(ticks_to_duration(ticks))
 }
 
-/// CPU time the whole machine spent busy (everything but idle and iowait) and its number of
-/// CPUs, from /proc/stat.
-pub fn machine_busy() -> Result<(Duration, usize)> {
+/// The whole machine's CPU time so far, from /proc/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// Everything but idle and iowait.
+    pub busy: Duration,
+    /// The part of `busy` spent in interrupts and softirqs.
+    pub interrupts: Duration,
+    pub cpus: usize,
+}
+
+pub fn machine_cpu() -> Result<MachineCpu> {
     let text = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let (busy, cpus) = machine_busy_ticks(&text).context("parsing /proc/stat")?;
-    Ok((ticks_to_duration(busy), cpus))
+    let (busy, interrupts, cpus) = machine_cpu_ticks(&text).context("parsing /proc/stat")?;
+    Ok(MachineCpu {
+        busy: ticks_to_duration(busy),
+        interrupts: ticks_to_duration(interrupts),
+        cpus,
+    })
 }
 
 fn ticks_to_duration(ticks: u64) -> Duration {
@@ -312,7 +324,8 @@ fn stat_cpu_ticks(stat: &str) -> Result<u64> {
     Ok(get(14)? + get(15)?)
 }
 
-fn machine_busy_ticks(stat: &str) -> Result<(u64, usize)> {
+/// Busy ticks, interrupt and softirq ticks, and the number of CPUs.
+fn machine_cpu_ticks(stat: &str) -> Result<(u64, u64, usize)> {
     let total = stat
         .lines()
         .find_map(|l| l.strip_prefix("cpu "))
@@ -322,8 +335,8 @@ fn machine_busy_ticks(stat: &str) -> Result<(u64, usize)> {
         .map(str::parse::<u64>)
         .collect::<Result<Vec<_>, _>>()
         .context("a cpu field is not a number")?;
-    if v.len() < 5 {
-        bail!("the cpu line has {} fields, expected at least 5", v.len());
+    if v.len() < 7 {
+        bail!("the cpu line has {} fields, expected at least 7", v.len());
     }
     // user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
     let busy = v.iter().take(8).sum::<u64>() - v[3] - v[4];
@@ -331,7 +344,7 @@ fn machine_busy_ticks(stat: &str) -> Result<(u64, usize)> {
         .lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .count();
-    Ok((busy, cpus.max(1)))
+    Ok((busy, v[5] + v[6], cpus.max(1)))
 }
 
 #[cfg(test)]
@@ -370,8 +383,8 @@ mod tests {
     fn machine_busy_leaves_out_idle_and_iowait() {
         let stat = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 50 2 25 500 10 0 1 1 0 0\n\
                     cpu1 50 3 25 500 10 1 1 2 0 0\nintr 1 2 3\n";
-        assert_eq!(machine_busy_ticks(stat).unwrap(), (161, 2));
-        assert!(machine_busy_ticks("intr 1\n").is_err());
+        assert_eq!(machine_cpu_ticks(stat).unwrap(), (161, 3, 2));
+        assert!(machine_cpu_ticks("intr 1\n").is_err());
     }
 
     #[test]
