@@ -594,23 +594,29 @@ struct NodeSample {
 }
 
 /// The gauges and counters of `/metrics` that the report uses.
-const METRICS: [&str; 4] = [
+const METRICS: [&str; 5] = [
     "shoal_raft_last_log_index",
     "shoal_raft_applied_index",
     "shoal_raft_commit_index",
     "shoal_api_token_validations_total",
+    // Outgoing peer RPCs of every kind: Raft heartbeats and appends, read-index requests.
+    "shoal_peer_rpc_duration_seconds_count",
 ];
 
-/// Values of the unlabelled `names` in a Prometheus text exposition.
+/// Values of `names` in a Prometheus text exposition, each summed over its label sets.
 fn prometheus_values(text: &str, names: &[&'static str]) -> BTreeMap<&'static str, u64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            let name = names.iter().find(|n| **n == name)?;
-            Some((*name, value.trim().parse::<f64>().ok()? as u64))
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split_once('{').map_or(series, |(n, _)| n);
+        let (Some(name), Ok(v)) = (names.iter().find(|n| **n == name), value.parse::<f64>()) else {
+            continue;
+        };
+        *out.entry(*name).or_default() += v as u64;
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -675,6 +681,8 @@ pub struct NodeDelta {
     pub applied_index_after: Option<u64>,
     pub commit_index_delta: Option<u64>,
     pub token_validations: Option<u64>,
+    /// Outgoing peer RPCs (Raft heartbeats and appends, read-index requests to the leader).
+    pub peer_rpcs: Option<u64>,
     pub io: Option<ProcIo>,
     /// CPU time over the window, in cores (1.0 = one core busy all along).
     pub cpu_cores: Option<f64>,
@@ -732,6 +740,7 @@ fn deltas(target: &Target, before: &Sample, after: &Sample) -> (Vec<NodeDelta>, 
                 applied_index_after: get(a, METRICS[1]),
                 commit_index_delta: diff(METRICS[2]),
                 token_validations: diff(METRICS[3]),
+                peer_rpcs: diff(METRICS[4]),
                 io: a.io.zip(b.io).map(|(a, b)| a.since(&b)),
                 cpu_cores: cores(a.cpu, b.cpu),
             }
@@ -785,6 +794,8 @@ pub struct PhaseReport {
     pub authenticated_answered: u64,
     /// Node-side deltas over the whole phase, warm-up included.
     pub node_side: Vec<NodeDelta>,
+    /// Length of the window the node-side deltas cover.
+    pub window_s: f64,
     pub cpu: CpuUse,
 }
 
@@ -809,6 +820,7 @@ async fn bench(args: &Args, target: &Target, procs: &mut ProcGuard) -> Result<()
                 ops: Vec::new(),
                 authenticated_answered: 0,
                 node_side,
+                window_s: (after.at - before.at).as_secs_f64(),
                 cpu,
             },
         )?;
@@ -945,6 +957,7 @@ async fn phase(
         ops,
         authenticated_answered,
         node_side,
+        window_s: (after.at - before.at).as_secs_f64(),
         cpu,
     })
 }
@@ -1015,12 +1028,13 @@ fn table(r: &PhaseReport) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<24} {:>7} {:>15} {:>15} {:>11} {:>10} {:>11} {:>8} {:>6}",
+        "{:<24} {:>7} {:>15} {:>15} {:>11} {:>9} {:>10} {:>11} {:>8} {:>6}",
         "node (whole phase)",
         "pid",
         "raft last log",
         "raft applied",
         "validations",
+        "peer rpc/s",
         "read_bytes",
         "write_bytes",
         "syscr",
@@ -1033,12 +1047,13 @@ fn table(r: &PhaseReport) -> String {
     for n in &r.node_side {
         let _ = writeln!(
             out,
-            "{:<24} {:>7} {:>15} {:>15} {:>11} {:>10} {:>11} {:>8} {:>6}",
+            "{:<24} {:>7} {:>15} {:>15} {:>11} {:>9} {:>10} {:>11} {:>8} {:>6}",
             n.node,
             opt(n.pid),
             span(n.last_log_index_before, n.last_log_index_after),
             span(n.applied_index_before, n.applied_index_after),
             opt(n.token_validations.map(|v| format!("+{v}"))),
+            opt(n.peer_rpcs.map(|v| format!("{:.0}", v as f64 / r.window_s))),
             opt(n.io.map(|io| io.read_bytes)),
             opt(n.io.map(|io| io.write_bytes)),
             opt(n.io.map(|io| io.syscr)),
@@ -1072,6 +1087,7 @@ fn verdict(r: &PhaseReport) -> String {
         .and_then(|v| v.into_iter().max());
     let io: Option<Vec<ProcIo>> = r.node_side.iter().map(|n| n.io).collect();
     let validations: Option<u64> = r.node_side.iter().map(|n| n.token_validations).sum();
+    let rpcs: Option<u64> = r.node_side.iter().map(|n| n.peer_rpcs).sum();
     let mut s = match (log, applied) {
         (Some(0), Some(0)) => "raft: no node's log or applied index moved".to_owned(),
         (Some(l), Some(a)) => format!(
@@ -1079,6 +1095,11 @@ fn verdict(r: &PhaseReport) -> String {
         ),
         _ => "raft: n/a (the nodes' /metrics lack the Raft indexes)".to_owned(),
     };
+    let _ = write!(
+        s,
+        ", peer RPCs {}/s",
+        opt(rpcs.map(|v| format!("{:.0}", v as f64 / r.window_s)))
+    );
     match io {
         Some(io) => {
             let rb: u64 = io.iter().map(|i| i.read_bytes).sum();
@@ -1235,6 +1256,11 @@ mod tests {
         assert_eq!(v.get("shoal_raft_applied_index"), Some(&42));
         assert_eq!(v.get("shoal_api_token_validations_total"), Some(&7));
         assert_eq!(v.get("shoal_raft_last_log_index"), None);
+        let rpcs = "shoal_peer_rpc_duration_seconds_bucket{rpc=\"vote\",le=\"0.1\"} 3\n\
+                    shoal_peer_rpc_duration_seconds_count{rpc=\"append_entries\"} 40\n\
+                    shoal_peer_rpc_duration_seconds_count{rpc=\"linearizable_read\"} 2\n";
+        let v = prometheus_values(rpcs, &METRICS);
+        assert_eq!(v.get("shoal_peer_rpc_duration_seconds_count"), Some(&42));
     }
 
     fn phase_with(log: (u64, u64), read_bytes: u64) -> PhaseReport {
@@ -1247,6 +1273,7 @@ mod tests {
             applied_index_after: Some(log.1),
             commit_index_delta: Some(log.1 - log.0),
             token_validations: Some(10),
+            peer_rpcs: Some(30),
             io: Some(ProcIo {
                 read_bytes,
                 ..ProcIo::default()
@@ -1267,6 +1294,7 @@ mod tests {
             }],
             authenticated_answered: 10,
             node_side: vec![node],
+            window_s: 3.0,
             cpu: CpuUse {
                 nodes: Some(0.5),
                 busy: Some(0.6),
@@ -1292,6 +1320,7 @@ mod tests {
         let t = table(&busy);
         assert!(t.contains("errors: HTTP 401: 2"), "{t}");
         assert!(t.contains("5→9"), "{t}");
+        assert!(t.contains(" 10 "), "30 peer RPCs in 3 s: {t}");
         let j = serde_json::to_value(&busy).unwrap();
         assert_eq!(j["ops"][0]["target"], "validate");
         assert_eq!(j["ops"][0]["errors"], 2);
