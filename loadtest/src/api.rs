@@ -23,9 +23,9 @@ use serde_json::json;
 
 use crate::procs::{self, pid_listening_on, ProcGuard, ProcIo};
 use crate::raft::{
-    http_client_builder, install_crypto_provider, parse_duration, shoal_bin, TempDir,
+    http_client_builder, install_crypto_provider, parse_duration, shoal_bin, until_signal, TempDir,
 };
-use crate::report::{self, fmt_us, Summary};
+use crate::report::{self, Summary};
 use crate::shoal_client::{issue_token, OpenRc, ShoalCluster};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -268,13 +268,7 @@ pub async fn run(args: Args) -> Result<()> {
         };
         bench(&args, &target, &mut procs).await
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let res = tokio::select! {
-        res = work => res,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping the cluster")),
-        _ = term.recv() => Err(anyhow::anyhow!("terminated; stopping the cluster")),
-    };
+    let res = until_signal(work).await?;
     procs.shutdown(Duration::from_secs(10));
     if res.is_err() && args.urls.is_empty() {
         note(&format!("kept {} for its logs", dir.path().display()));
@@ -688,20 +682,9 @@ pub struct NodeDelta {
     pub cpu_cores: Option<f64>,
 }
 
-impl NodeDelta {
-    fn log_advance(&self) -> Option<u64> {
-        Some(
-            self.last_log_index_after?
-                .saturating_sub(self.last_log_index_before?),
-        )
-    }
-
-    fn applied_advance(&self) -> Option<u64> {
-        Some(
-            self.applied_index_after?
-                .saturating_sub(self.applied_index_before?),
-        )
-    }
+/// How far an index moved between two samples, when both could be read.
+fn advance(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -997,33 +980,15 @@ fn table(r: &PhaseReport) -> String {
             "mix {}: {} clients over {} nodes, {:.1}s measured after {:.1}s warm-up",
             r.phase, r.clients, r.nodes, r.duration_s, r.warmup_s
         );
-        let _ = writeln!(
-            out,
-            "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-            "op", "requests", "req/s", "p50", "p90", "p99", "max", "errors"
-        );
-        for o in &r.ops {
-            let s = &o.summary;
-            let _ = writeln!(
-                out,
-                "{:<9} {:>9} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
-                s.target,
-                s.ops,
-                s.ops_per_second,
-                fmt_us(s.p50_us),
-                fmt_us(s.p90_us),
-                fmt_us(s.p99_us),
-                fmt_us(s.max_us),
-                s.errors
-            );
-            if !o.errors_by_kind.is_empty() && s.target != "total" {
-                let kinds: Vec<String> = o
-                    .errors_by_kind
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect();
-                let _ = writeln!(out, "          errors: {}", kinds.join(", "));
-            }
+        let summaries: Vec<Summary> = r.ops.iter().map(|o| o.summary.clone()).collect();
+        out.push_str(&report::table(&summaries, None));
+        for o in r.ops.iter().filter(|o| !o.errors_by_kind.is_empty()) {
+            let kinds: Vec<String> = o
+                .errors_by_kind
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(out, "{} errors: {}", o.summary.target, kinds.join(", "));
         }
     }
     let _ = writeln!(
@@ -1078,11 +1043,15 @@ fn table(r: &PhaseReport) -> String {
 
 /// What the node-side deltas say about Raft and the disk, in a sentence.
 fn verdict(r: &PhaseReport) -> String {
-    let log: Option<u64> = r.node_side.iter().map(NodeDelta::log_advance).sum();
+    let log: Option<u64> = r
+        .node_side
+        .iter()
+        .map(|n| advance(n.last_log_index_before, n.last_log_index_after))
+        .sum();
     let applied: Option<u64> = r
         .node_side
         .iter()
-        .map(NodeDelta::applied_advance)
+        .map(|n| advance(n.applied_index_before, n.applied_index_after))
         .collect::<Option<Vec<_>>>()
         .and_then(|v| v.into_iter().max());
     let io: Option<Vec<ProcIo>> = r.node_side.iter().map(|n| n.io).collect();
@@ -1318,7 +1287,7 @@ mod tests {
         assert!(v.contains("MOVED, 4 log entries"), "{v}");
         assert!(v.contains("4096 B read"), "{v}");
         let t = table(&busy);
-        assert!(t.contains("errors: HTTP 401: 2"), "{t}");
+        assert!(t.contains("validate errors: HTTP 401: 2"), "{t}");
         assert!(t.contains("5→9"), "{t}");
         assert!(t.contains(" 10 "), "30 peer RPCs in 3 s: {t}");
         let j = serde_json::to_value(&busy).unwrap();
