@@ -5,6 +5,7 @@
 //! It drives clusters from outside, over their public APIs and processes, and calls libraries
 //! (scheduler, disk) directly: it must never depend on the `shoal` node crate.
 
+mod api;
 mod etcd;
 mod overlay;
 mod placement;
@@ -27,6 +28,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Token validation and flavor listing under concurrent clients, with Raft and disk
+    /// activity of the nodes measured around each phase.
+    Api(api::Args),
     /// Raft write throughput, latency and leader failover: Shoal against etcd.
     Raft(raft::Args),
     /// Scheduling decisions per second of the shoal-scheduler library over synthetic hosts.
@@ -43,6 +47,10 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Api(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(api::run(args)),
         Command::Raft(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -1,5 +1,6 @@
-//! The processes a benchmark starts, the loopback ports it hands them, and finding which process
-//! listens on a port (to kill one node of a cluster that another process started).
+//! The processes a benchmark starts, the loopback ports it hands them, finding which process
+//! listens on a port (to kill one node of a cluster that another process started), and what a
+//! process has consumed: CPU time and I/O from /proc.
 
 use std::fs::{self, File, OpenOptions};
 use std::net::TcpListener;
@@ -214,9 +215,177 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
         .collect()
 }
 
+/// The counters of /proc/PID/io (all threads of the process). `read_bytes` and `write_bytes`
+/// are what reached the storage layer; `syscr`/`rchar` count every read(2)-family call and its
+/// bytes, page-cache hits, pipes and eventfds included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProcIo {
+    pub rchar: u64,
+    pub wchar: u64,
+    pub syscr: u64,
+    pub syscw: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+}
+
+impl ProcIo {
+    pub fn read(pid: u32) -> Result<Self> {
+        let path = format!("/proc/{pid}/io");
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        Self::parse(&text).with_context(|| format!("parsing {path}"))
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let field = |name: &str| -> Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .with_context(|| format!("no {name} line"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{name} is not a number"))
+        };
+        Ok(Self {
+            rchar: field("rchar")?,
+            wchar: field("wchar")?,
+            syscr: field("syscr")?,
+            syscw: field("syscw")?,
+            read_bytes: field("read_bytes")?,
+            write_bytes: field("write_bytes")?,
+        })
+    }
+
+    /// `self - earlier`, field by field (saturating: the counters only grow).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            rchar: self.rchar.saturating_sub(earlier.rchar),
+            wchar: self.wchar.saturating_sub(earlier.wchar),
+            syscr: self.syscr.saturating_sub(earlier.syscr),
+            syscw: self.syscw.saturating_sub(earlier.syscw),
+            read_bytes: self.read_bytes.saturating_sub(earlier.read_bytes),
+            write_bytes: self.write_bytes.saturating_sub(earlier.write_bytes),
+        }
+    }
+}
+
+/// User plus system CPU time used so far by process `pid` (all its threads), or by this
+/// process for `None`.
+pub fn cpu_time(pid: Option<u32>) -> Result<Duration> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let ticks = stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
+    Ok(ticks_to_duration(ticks))
+}
+
+/// The whole machine's CPU time so far, from /proc/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// Everything but idle and iowait.
+    pub busy: Duration,
+    /// The part of `busy` spent in interrupts and softirqs.
+    pub interrupts: Duration,
+    pub cpus: usize,
+}
+
+pub fn machine_cpu() -> Result<MachineCpu> {
+    let text = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let (busy, interrupts, cpus) = machine_cpu_ticks(&text).context("parsing /proc/stat")?;
+    Ok(MachineCpu {
+        busy: ticks_to_duration(busy),
+        interrupts: ticks_to_duration(interrupts),
+        cpus,
+    })
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf(3) reads a constant of the C library and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz)
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line, in clock ticks.
+fn stat_cpu_ticks(stat: &str) -> Result<u64> {
+    // The command name may hold spaces and parentheses: count fields after the last ')'.
+    let (_, rest) = stat
+        .rsplit_once(')')
+        .context("no ')' after the command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state), so field N is at index N - 3.
+    let get = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .with_context(|| format!("no field {n}"))?
+            .parse()
+            .with_context(|| format!("field {n} is not a number"))
+    };
+    Ok(get(14)? + get(15)?)
+}
+
+/// Busy ticks, interrupt and softirq ticks, and the number of CPUs.
+fn machine_cpu_ticks(stat: &str) -> Result<(u64, u64, usize)> {
+    let total = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .context("no aggregate cpu line")?;
+    let v = total
+        .split_whitespace()
+        .map(str::parse::<u64>)
+        .collect::<Result<Vec<_>, _>>()
+        .context("a cpu field is not a number")?;
+    if v.len() < 7 {
+        bail!("the cpu line has {} fields, expected at least 7", v.len());
+    }
+    // user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    let busy = v.iter().take(8).sum::<u64>() - v[3] - v[4];
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    Ok((busy, v[5] + v[6], cpus.max(1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_io_and_subtracts() {
+        let text = "rchar: 1000\nwchar: 200\nsyscr: 10\nsyscw: 4\nread_bytes: 4096\n\
+                    write_bytes: 8192\ncancelled_write_bytes: 0\n";
+        let io = ProcIo::parse(text).unwrap();
+        assert_eq!(
+            (io.rchar, io.syscr, io.read_bytes, io.write_bytes),
+            (1000, 10, 4096, 8192)
+        );
+        let later = ProcIo {
+            read_bytes: 4096,
+            write_bytes: 12288,
+            ..io
+        };
+        assert_eq!(later.since(&io).write_bytes, 4096);
+        assert_eq!(later.since(&io).read_bytes, 0);
+        assert!(ProcIo::parse("rchar: 1\n").is_err());
+        assert!(ProcIo::read(std::process::id()).is_ok());
+    }
+
+    #[test]
+    fn cpu_ticks_from_stat_with_an_awkward_name() {
+        let stat = "42 (a b) c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0";
+        assert_eq!(stat_cpu_ticks(stat).unwrap(), 300);
+        assert!(stat_cpu_ticks("42 (x) S 1").is_err());
+        assert!(cpu_time(None).is_ok());
+    }
+
+    #[test]
+    fn machine_busy_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 50 2 25 500 10 0 1 1 0 0\n\
+                    cpu1 50 3 25 500 10 1 1 2 0 0\nintr 1 2 3\n";
+        assert_eq!(machine_cpu_ticks(stat).unwrap(), (161, 3, 2));
+        assert!(machine_cpu_ticks("intr 1\n").is_err());
+    }
 
     #[test]
     fn finds_listening_inode_for_port() {

@@ -96,6 +96,13 @@ pub fn install_crypto_provider() {
 /// An HTTP/1.1 client. Each load client has its own, so that it holds exactly one keep-alive
 /// connection to the member it was assigned.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+    http_client_builder(timeout)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// The settings of [`http_client`], for a caller that adds to them (a CA to trust).
+pub fn http_client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .http1_only()
         .tcp_nodelay(true)
@@ -103,8 +110,6 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client> {
         .no_proxy()
         .connect_timeout(Duration::from_secs(2))
         .timeout(timeout)
-        .build()
-        .context("building the HTTP client")
 }
 
 /// The write path of one target, through one member.
@@ -430,6 +435,22 @@ pub fn shoal_bin(arg: Option<&Path>) -> Result<PathBuf> {
         .context("no shoal binary: not next to shoal-loadtest nor on PATH; pass --shoal-bin")
 }
 
+/// Runs `work` until it ends or a Ctrl-C or SIGTERM arrives, which is turned into an error
+/// (the outer `Result` fails only if the handler cannot be installed). SIGTERM as well as
+/// Ctrl-C: the clusters run in their own process groups, so nothing but the process guard's
+/// drop would stop them after we are gone.
+pub async fn until_signal<T>(
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<Result<T>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(tokio::select! {
+        res = work => res,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping the clusters")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated; stopping the clusters")),
+    })
+}
+
 /// Progress goes to stderr so that stdout holds only the results.
 fn note(msg: &str) {
     eprintln!("[raft] {msg}");
@@ -477,15 +498,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
         anyhow::Ok(())
     };
-    // SIGTERM as well as Ctrl-C: the clusters run in their own process groups, so nothing but
-    // the guard's drop would stop them after we are gone.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let res = tokio::select! {
-        res = work => res,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping the clusters")),
-        _ = term.recv() => Err(anyhow::anyhow!("terminated; stopping the clusters")),
-    };
+    let res = until_signal(work).await?;
     // A target that finished keeps its figures even if the next one failed.
     if !summaries.is_empty() {
         print_results(&args, &summaries)?;

@@ -122,13 +122,13 @@ pub fn table(summaries: &[Summary], ratio: Option<&Ratio>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<7} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "target", "ops", "ops/s", "p50", "p90", "p99", "p99.9", "max", "errors"
     );
     for s in summaries {
         let _ = writeln!(
             out,
-            "{:<7} {:>9} {:>10.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "{:<8} {:>9} {:>10.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
             s.target,
             s.ops,
             s.ops_per_second,

@@ -21,6 +21,8 @@ pub struct OpenRc {
     pub project_name: String,
     pub user_domain_name: String,
     pub project_domain_name: String,
+    /// `OS_CACERT`: the PEM file of the CA that signed the API's certificate, for https URLs.
+    pub cacert: Option<String>,
 }
 
 impl OpenRc {
@@ -43,6 +45,21 @@ impl OpenRc {
             }
             vars.insert(key.trim().to_owned(), unquote(value.trim()));
         }
+        Self::from_vars(vars)
+    }
+
+    /// The credentials in this process's `OS_*` environment variables, as the openstack CLI
+    /// reads them after `source admin-openrc`.
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(
+            std::env::vars()
+                .filter(|(k, _)| k.starts_with("OS_"))
+                .collect(),
+        )
+        .context("no credentials in the environment (source an openrc, or pass --openrc)")
+    }
+
+    fn from_vars(mut vars: HashMap<String, String>) -> Result<Self> {
         let mut take = |k: &str| vars.remove(k);
         let auth_url = take("OS_AUTH_URL").context("openrc has no OS_AUTH_URL")?;
         let password = take("OS_PASSWORD").context("openrc has no OS_PASSWORD")?;
@@ -53,6 +70,7 @@ impl OpenRc {
             project_name: take("OS_PROJECT_NAME").unwrap_or_else(|| "admin".into()),
             user_domain_name: take("OS_USER_DOMAIN_NAME").unwrap_or_else(|| "Default".into()),
             project_domain_name: take("OS_PROJECT_DOMAIN_NAME").unwrap_or_else(|| "Default".into()),
+            cacert: take("OS_CACERT"),
         })
     }
 
@@ -600,6 +618,9 @@ export OS_PROJECT_DOMAIN_NAME=Default
 export OS_IDENTITY_API_VERSION=3
 ";
         let rc = OpenRc::parse(text).unwrap();
+        assert_eq!(rc.cacert, None);
+        let tls = OpenRc::parse(&format!("{text}export OS_CACERT=/etc/shoal/ca.pem\n")).unwrap();
+        assert_eq!(tls.cacert.as_deref(), Some("/etc/shoal/ca.pem"));
         assert_eq!(rc.auth_url, "http://127.0.0.1:40123/identity/v3");
         assert_eq!(rc.password, "s3cr=t");
         assert_eq!(rc.project_name, "admin");
