@@ -282,22 +282,37 @@ async fn token_body(
         "issued_at": iso8601(claims.iat),
     });
     if let (Some(pid), Some(pname)) = (&claims.project_id, &claims.project_name) {
-        let mut roles = Vec::new();
-        for name in &claims.roles {
-            let id = state
-                .cluster
-                .get(T_ROLE_NAMES, name)
+        // Tokens carry role ids and the project's domain, so validating one reads nothing from
+        // the store; tokens issued before they did are answered with a lookup.
+        let roles: Vec<Value> = if claims.role_ids.len() == claims.roles.len() {
+            claims
+                .roles
+                .iter()
+                .zip(&claims.role_ids)
+                .map(|(name, id)| json!({"id": id, "name": name}))
+                .collect()
+        } else {
+            let mut roles = Vec::new();
+            for name in &claims.roles {
+                let id = state
+                    .cluster
+                    .get(T_ROLE_NAMES, name)
+                    .await?
+                    .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+                    .unwrap_or_default();
+                roles.push(json!({"id": id, "name": name}));
+            }
+            roles
+        };
+        let project_domain = match &claims.project_domain_id {
+            Some(d) => d.clone(),
+            None => state
+                .identity
+                .get_project(pid)
                 .await?
-                .map(|r| String::from_utf8_lossy(&r.value).into_owned())
-                .unwrap_or_default();
-            roles.push(json!({"id": id, "name": name}));
-        }
-        let project_domain = state
-            .identity
-            .get_project(pid)
-            .await?
-            .map(|p| p.domain_id)
-            .unwrap_or_else(|| DEFAULT_DOMAIN_ID.to_owned());
+                .map(|p| p.domain_id)
+                .unwrap_or_else(|| DEFAULT_DOMAIN_ID.to_owned()),
+        };
         token["project"] = json!({"id": pid, "name": pname, "domain": {"id": project_domain, "name": if project_domain == DEFAULT_DOMAIN_ID { DEFAULT_DOMAIN_NAME } else { project_domain.as_str() }}});
         token["is_domain"] = json!(false);
         token["roles"] = json!(roles);

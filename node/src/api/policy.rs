@@ -46,6 +46,8 @@ mod tests {
             project_id: Some("p".into()),
             project_name: Some("p".into()),
             roles: roles.iter().map(|s| s.to_string()).collect(),
+            role_ids: Vec::new(),
+            project_domain_id: None,
             iat: 0,
             exp: 1,
             issuer: "n1".into(),

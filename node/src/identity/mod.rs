@@ -332,7 +332,17 @@ impl Identity {
         user_id: &str,
         project_id: &str,
     ) -> Result<Vec<String>, ClusterError> {
-        let mut names = Vec::new();
+        let roles = self.role_ids_on_project(user_id, project_id).await?;
+        Ok(roles.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// `(name, id)` of each role the user holds on the project, by name.
+    pub async fn role_ids_on_project(
+        &self,
+        user_id: &str,
+        project_id: &str,
+    ) -> Result<Vec<(String, String)>, ClusterError> {
+        let mut roles = Vec::new();
         let prefix = format!("{project_id}/{user_id}/");
         for (key, _) in self
             .cluster
@@ -342,11 +352,11 @@ impl Identity {
             let role_id = &key[prefix.len()..];
             if let Some(row) = self.cluster.get(T_ROLES, role_id).await? {
                 let role: Role = parse(T_ROLES, &row.value)?;
-                names.push(role.name);
+                roles.push((role.name, role_id.to_owned()));
             }
         }
-        names.sort();
-        Ok(names)
+        roles.sort();
+        Ok(roles)
     }
 
     /// Password authentication, as `POST /v3/auth/tokens` does it.
@@ -446,7 +456,7 @@ impl Identity {
     ) -> Result<(String, Claims), AuthError> {
         let roles = match &project {
             Some(p) => {
-                let roles = self.roles_on_project(&user.id, &p.id).await?;
+                let roles = self.role_ids_on_project(&user.id, &p.id).await?;
                 if roles.is_empty() {
                     return Err(AuthError::NoRoleOnProject(p.name.clone()));
                 }
@@ -462,8 +472,10 @@ impl Identity {
             user_name: user.name,
             domain_id: user.domain_id,
             project_id: project.as_ref().map(|p| p.id.clone()),
+            project_domain_id: project.as_ref().map(|p| p.domain_id.clone()),
             project_name: project.map(|p| p.name),
-            roles,
+            role_ids: roles.iter().map(|(_, id)| id.clone()).collect(),
+            roles: roles.into_iter().map(|(name, _)| name).collect(),
             iat: now,
             exp: now + self.token_ttl,
             issuer: self.node_name.clone(),
@@ -508,6 +520,8 @@ mod tests {
             project_id: Some("p".into()),
             project_name: Some("p".into()),
             roles: roles.iter().map(|s| s.to_string()).collect(),
+            role_ids: Vec::new(),
+            project_domain_id: None,
             iat: 0,
             exp: 1,
             issuer: "n1".into(),

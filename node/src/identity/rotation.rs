@@ -183,6 +183,8 @@ mod tests {
             project_id: None,
             project_name: None,
             roles: vec![],
+            role_ids: Vec::new(),
+            project_domain_id: None,
             iat,
             exp: iat + ttl,
             issuer: "n1".into(),

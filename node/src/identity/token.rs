@@ -29,6 +29,12 @@ pub struct Claims {
     pub project_name: Option<String>,
     /// Role names in the scoped project.
     pub roles: Vec<String>,
+    /// The ids of `roles`, in the same order, so a validation answers without a lookup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub role_ids: Vec<String>,
+    /// Domain of the scoped project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_domain_id: Option<String>,
     /// Issue and expiry times, seconds since the Unix epoch.
     pub iat: u64,
     pub exp: u64,
@@ -178,6 +184,8 @@ mod tests {
             project_id: Some("p1".into()),
             project_name: Some("admin".into()),
             roles: vec!["admin".into()],
+            role_ids: Vec::new(),
+            project_domain_id: None,
             iat: 100,
             exp,
             issuer: "node1".into(),
@@ -192,6 +200,18 @@ mod tests {
         let c = ring.verify(&t, 500).unwrap();
         assert_eq!(c.user_name, "admin");
         assert_eq!(c.roles, vec!["admin"]);
+    }
+
+    #[test]
+    fn role_ids_and_project_domain_travel_in_the_token() {
+        let mut ring = KeyRing::default();
+        ring.insert_key(SigningKey::generate(1));
+        let mut c = claims(1000);
+        c.role_ids = vec!["r-admin".into()];
+        c.project_domain_id = Some("default".into());
+        let back = ring.verify(&ring.sign(c).unwrap(), 500).unwrap();
+        assert_eq!(back.role_ids, vec!["r-admin"]);
+        assert_eq!(back.project_domain_id.as_deref(), Some("default"));
     }
 
     #[test]
