@@ -7,110 +7,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use common::osc::{names, openstack_bin, Osc};
 use common::{wait_until, Cluster};
 use serde_json::Value;
-
-fn openstack_bin() -> Option<PathBuf> {
-    let path = match std::env::var_os("SHOAL_OPENSTACK_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            PathBuf::from(std::env::var_os("HOME")?).join(".cache/shoal/osc-venv/bin/openstack")
-        }
-    };
-    if path.is_file() {
-        return Some(path);
-    }
-    let msg = format!(
-        "the openstack client is not at {}: run node/scripts/install-deps.sh or set SHOAL_OPENSTACK_BIN",
-        path.display()
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}");
-    }
-    eprintln!("skipping: {msg}");
-    None
-}
-
-struct Osc<'a> {
-    bin: PathBuf,
-    cluster: &'a Cluster,
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        assert!(self.ok, "command failed: {}", self.stderr);
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
-    }
-
-    fn failed_with(&self, status: u16) {
-        assert!(!self.ok, "command succeeded: {}", self.stdout);
-        // keystoneclient prints "(HTTP 403)", openstacksdk "ForbiddenException: 403: ...".
-        assert!(
-            self.stderr.contains(&format!("HTTP {status}"))
-                || self.stderr.contains(&format!("Exception: {status}:")),
-            "expected HTTP {status}: {}",
-            self.stderr
-        );
-    }
-}
-
-impl Osc<'_> {
-    /// Runs `openstack` against node `node` with `env` overriding the admin credentials.
-    fn run_as(&self, node: usize, env: &[(&str, &str)], args: &[&str]) -> Out {
-        let mut cmd = Command::new(&self.bin);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("OS_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(self.cluster.openrc_env(node));
-        for (k, v) in env {
-            if v.is_empty() {
-                cmd.env_remove(k);
-            } else {
-                cmd.env(k, v);
-            }
-        }
-        let out = cmd.args(args).output().expect("run openstack");
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    fn run(&self, node: usize, args: &[&str]) -> Out {
-        self.run_as(node, &[], args)
-    }
-
-    fn json(&self, node: usize, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-f", "json"]);
-        self.run(node, &a).json()
-    }
-}
-
-fn names(list: &Value, key: &str) -> Vec<String> {
-    let mut v: Vec<String> = list
-        .as_array()
-        .unwrap_or_else(|| panic!("not a list: {list}"))
-        .iter()
-        .map(|i| i[key].as_str().unwrap().to_owned())
-        .collect();
-    v.sort();
-    v
-}
 
 /// An administrator creates a project and a user, grants a role and reads it all back, each
 /// step through another node; the member then sees only their own project and user, may not

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod osc;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
