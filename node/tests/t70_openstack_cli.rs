@@ -295,15 +295,7 @@ fn flavor_commands_work_against_every_node() {
     let c = Cluster::start(3, &[]);
     let osc = Osc { bin, cluster: &c };
 
-    let catalog = osc.json(0, &["catalog", "list"]);
-    assert!(
-        catalog
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["Type"] == "compute" && s["Name"] == "nova"),
-        "{catalog}"
-    );
+    assert!(osc.catalog_has(0, "compute", "nova"));
 
     let f = osc.json(
         0,

@@ -67,6 +67,39 @@ fn sha512_hex(data: &[u8]) -> String {
     hex::encode(Sha512::digest(data))
 }
 
+/// The client, if it and qemu-img are both installed.
+fn client_and_qemu() -> Option<PathBuf> {
+    let bin = openstack_bin()?;
+    have_qemu_img().then_some(bin)
+}
+
+/// `openstack image create --file FILE --disk-format qcow2 [EXTRA] NAME` through `node`.
+fn create_from_file(osc: &Osc<'_>, node: usize, file: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "image",
+        "create",
+        "--file",
+        file.to_str().unwrap(),
+        "--disk-format",
+        "qcow2",
+    ];
+    args.extend(extra);
+    args.push(name);
+    let created = osc.json(node, &args);
+    assert_eq!(created["name"], name);
+    created["id"].as_str().unwrap().to_owned()
+}
+
+/// `openstack image save` through `node`; the bytes saved.
+fn save(osc: &Osc<'_>, node: usize, image: &str, out: &Path) -> Vec<u8> {
+    let saved = osc.run(
+        node,
+        &["image", "save", "--file", out.to_str().unwrap(), image],
+    );
+    assert!(saved.ok, "save through node {node}: {}", saved.stderr);
+    std::fs::read(out).unwrap_or_default()
+}
+
 fn show(osc: &Osc<'_>, node: usize, image: &str) -> Value {
     osc.json(node, &["image", "show", image])
 }
@@ -77,44 +110,27 @@ fn show(osc: &Osc<'_>, node: usize, image: &str) -> Value {
 /// everywhere.
 #[test]
 fn image_commands_work_against_every_node() {
-    let Some(bin) = openstack_bin() else { return };
-    if !have_qemu_img() {
-        return;
-    }
+    let Some(bin) = client_and_qemu() else { return };
     let c = Cluster::start(3, &[]);
     let osc = Osc { bin, cluster: &c };
     let dir = c.tmp.path();
     let file = make_qcow2(dir, "cirros.qcow2");
     let bytes = std::fs::read(&file).unwrap();
 
-    let catalog = osc.json(1, &["catalog", "list"]);
-    assert!(
-        catalog
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["Type"] == "image" && s["Name"] == "glance"),
-        "no image service in the catalog: {catalog}"
-    );
+    assert!(osc.catalog_has(1, "image", "glance"));
 
-    let created = osc.json(
+    let id = create_from_file(
+        &osc,
         0,
+        &file,
+        "cirros",
         &[
-            "image",
-            "create",
-            "--file",
-            file.to_str().unwrap(),
-            "--disk-format",
-            "qcow2",
             "--container-format",
             "bare",
             "--property",
             "os_distro=cirros",
-            "cirros",
         ],
     );
-    let id = created["id"].as_str().unwrap().to_owned();
-    assert_eq!(created["name"], "cirros");
 
     let list = osc.json(1, &["image", "list"]);
     assert_eq!(names(&list, "Name"), ["cirros"]);
@@ -160,9 +176,7 @@ fn image_commands_work_against_every_node() {
 
     // The uploading node has the bytes (its cache and the chunks).
     let out = dir.join("saved-on-node1.qcow2");
-    let saved = osc.run(0, &["image", "save", "--file", out.to_str().unwrap(), &id]);
-    assert!(saved.ok, "{}", saved.stderr);
-    assert!(std::fs::read(&out).unwrap() == bytes, "saved bytes differ");
+    assert!(save(&osc, 0, &id, &out) == bytes, "saved bytes differ");
 
     // Images created without --file: the client sends its stdin (empty here) as the data, as
     // it would to Glance, so they become active with 0 bytes.
@@ -222,38 +236,8 @@ fn projects_see_only_what_visibility_allows() {
     let c = Cluster::start(3, &[]);
     let osc = Osc { bin, cluster: &c };
     osc.json(0, &["project", "create", "demo"]);
-    osc.json(1, &["user", "create", "--password", "alice-pw-1", "alice"]);
-    assert!(
-        osc.run(
-            2,
-            &[
-                "role",
-                "add",
-                "--project",
-                "demo",
-                "--user",
-                "alice",
-                "member"
-            ]
-        )
-        .ok
-    );
-    osc.json(0, &["user", "create", "--password", "carol-pw-1", "carol"]);
-    assert!(
-        osc.run(
-            1,
-            &[
-                "role",
-                "add",
-                "--project",
-                "demo",
-                "--user",
-                "carol",
-                "reader"
-            ]
-        )
-        .ok
-    );
+    osc.user_with_role(1, "alice", "alice-pw-1", "demo", "member");
+    osc.user_with_role(2, "carol", "carol-pw-1", "demo", "reader");
     let alice = [
         ("OS_USERNAME", "alice"),
         ("OS_PASSWORD", "alice-pw-1"),
@@ -563,37 +547,17 @@ fn bad_uploads_are_refused_and_serve_nothing() {
 #[test]
 #[ignore = "needs the peer chunk transport (images-store)"]
 fn image_save_on_another_node_streams_from_peers() {
-    let Some(bin) = openstack_bin() else { return };
-    if !have_qemu_img() {
-        return;
-    }
+    let Some(bin) = client_and_qemu() else { return };
     let c = Cluster::start(3, &[]);
     let osc = Osc { bin, cluster: &c };
     let dir = c.tmp.path();
     let file = make_qcow2(dir, "cirros.qcow2");
     let bytes = std::fs::read(&file).unwrap();
-    let created = osc.json(
-        0,
-        &[
-            "image",
-            "create",
-            "--file",
-            file.to_str().unwrap(),
-            "--disk-format",
-            "qcow2",
-            "cirros",
-        ],
-    );
-    let id = created["id"].as_str().unwrap();
+    let id = create_from_file(&osc, 0, &file, "cirros", &[]);
     for node in [1, 2] {
         let out = dir.join(format!("saved-on-node{}.qcow2", node + 1));
-        let saved = osc.run(
-            node,
-            &["image", "save", "--file", out.to_str().unwrap(), id],
-        );
-        assert!(saved.ok, "node {node}: {}", saved.stderr);
         assert!(
-            std::fs::read(&out).unwrap() == bytes,
+            save(&osc, node, &id, &out) == bytes,
             "node {node}: bytes differ"
         );
     }

@@ -101,6 +101,11 @@ impl From<RecordError> for ApiError {
     }
 }
 
+fn json_body(body: &Bytes) -> ApiResult<Value> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not JSON: {e}")).glance())
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no image found with ID {id}")).glance()
 }
@@ -224,9 +229,7 @@ async fn create_image(
             ApiError::forbidden("creating an image needs the member role in a project").glance(),
         );
     }
-    let body: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("the request body is not JSON: {e}")).glance()
-    })?;
+    let body = json_body(&body)?;
     let caller = image_caller(&auth.0);
     let img = ImageRecord::create(&body, &caller, now_secs(), || {
         uuid::Uuid::new_v4().to_string()
@@ -326,8 +329,7 @@ async fn update_image(
         )
         .glance());
     }
-    let patch: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the JSON patch is not JSON: {e}")).glance())?;
+    let patch = json_body(&body)?;
     let now = now_secs();
     let img = modify(&state, &auth, &id, |img, caller| {
         img.apply_patch(&patch, caller, now)
@@ -454,9 +456,7 @@ async fn add_member(
 ) -> ApiResult<Json<Value>> {
     let (img, rev) = load_writable(&state, &auth, &id).await?;
     shared_only(&img)?;
-    let body: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("the request body is not JSON: {e}")).glance()
-    })?;
+    let body = json_body(&body)?;
     let project = body
         .get("member")
         .and_then(Value::as_str)
@@ -537,9 +537,7 @@ async fn update_member(
         )
         .glance());
     }
-    let body: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("the request body is not JSON: {e}")).glance()
-    })?;
+    let body = json_body(&body)?;
     let status = body
         .get("status")
         .and_then(Value::as_str)

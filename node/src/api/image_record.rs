@@ -137,36 +137,6 @@ pub struct ImageRecord {
     pub failure: Option<String>,
 }
 
-/// Fields of Glance's image schema. None of them can be an additional property.
-const CORE: [&str; 26] = [
-    "id",
-    "name",
-    "status",
-    "visibility",
-    "owner",
-    "protected",
-    "os_hidden",
-    "disk_format",
-    "container_format",
-    "min_ram",
-    "min_disk",
-    "size",
-    "virtual_size",
-    "checksum",
-    "os_hash_algo",
-    "os_hash_value",
-    "tags",
-    "created_at",
-    "updated_at",
-    "self",
-    "file",
-    "schema",
-    "locations",
-    "direct_url",
-    "stores",
-    FAILURE_KEY,
-];
-
 /// What only the server writes. `id` may be chosen at creation, never changed.
 const READ_ONLY: [&str; 16] = [
     "status",
@@ -186,6 +156,25 @@ const READ_ONLY: [&str; 16] = [
     FAILURE_KEY,
     "id",
 ];
+
+/// The schema's fields a caller may set. These and the read-only ones are Glance's core
+/// attributes: none of them can be an additional property, nor be removed.
+const WRITABLE_CORE: [&str; 10] = [
+    "name",
+    "visibility",
+    "owner",
+    "protected",
+    "os_hidden",
+    "disk_format",
+    "container_format",
+    "min_ram",
+    "min_disk",
+    "tags",
+];
+
+fn is_core(key: &str) -> bool {
+    WRITABLE_CORE.contains(&key) || READ_ONLY.contains(&key)
+}
 
 /// Why a create body or a patch was refused; each maps to the status Glance answers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -389,17 +378,14 @@ impl ImageRecord {
                     let value = obj.get("value").ok_or_else(|| {
                         BadRequest(format!("patch operation {i} ({kind} {path}) has no value"))
                     })?;
-                    if kind == "replace"
-                        && !CORE.contains(&key.as_str())
-                        && !next.properties.contains_key(&key)
-                    {
+                    if kind == "replace" && !is_core(&key) && !next.properties.contains_key(&key) {
                         return Err(Conflict(format!("property {key} does not exist")));
                     }
                     next.set(&key, value, caller)?;
                 }
                 "remove" => {
                     check_writable(&key)?;
-                    if CORE.contains(&key.as_str()) {
+                    if is_core(&key) {
                         return Err(Forbidden(format!("property {key} may not be removed")));
                     }
                     if next.properties.remove(&key).is_none() {
