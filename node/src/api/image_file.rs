@@ -25,7 +25,7 @@ use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use futures::{stream, StreamExt};
 use shoal_disk::qcow2::{check_upload, DiskFormat, InspectError};
-use shoal_types::{Expect, Op, Txn, MAX_TXN_ITEMS};
+use shoal_types::{Expect, Op, Txn, MAX_TXN_ITEMS, MAX_VALUE_BYTES};
 use tokio::io::AsyncReadExt;
 
 use super::error::{ApiError, ApiResult};
@@ -340,6 +340,19 @@ pub async fn upload(
     if let Some(msg) = declared_mismatch(&claim.img, &up, declared, md5_header) {
         return Err(claim.refuse(StatusCode::BAD_REQUEST, msg).await);
     }
+    let ops = manifest::record_ops(&id, &up.manifest, &up.copies);
+    if ops
+        .iter()
+        .any(|op| matches!(op, Op::Put { value, .. } if value.len() > MAX_VALUE_BYTES))
+    {
+        let msg = format!(
+            "the image's {} chunks do not fit in one manifest row; images of more than about {} bytes need a larger [images] chunk_bytes",
+            up.manifest.chunks.len(),
+            // A chunk takes 67 bytes of the manifest's JSON: 64 hex digits, quotes, a comma.
+            (MAX_VALUE_BYTES as u64 / 67) * up.manifest.chunk_size
+        );
+        return Err(claim.refuse(StatusCode::PAYLOAD_TOO_LARGE, msg).await);
+    }
     let path = up.staging.clone();
     let info = match tokio::task::spawn_blocking(move || check_upload(&path, format)).await {
         Ok(Ok(info)) => info,
@@ -376,7 +389,7 @@ pub async fn upload(
     active.os_hash_algo = Some(HASH_ALGO.into());
     active.os_hash_value = Some(up.sha512.clone());
     active.updated_at = now_secs();
-    let (early, ops) = split_ops(manifest::record_ops(&id, &up.manifest, &up.copies));
+    let (early, ops) = split_ops(ops);
     for batch in early {
         let txn = Txn {
             preconditions: Vec::new(),
@@ -493,6 +506,8 @@ async fn from_chunks(state: &AppState, id: &str) -> ApiResult<Body> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn holder(i: usize) -> Op {
@@ -541,6 +556,41 @@ mod tests {
         assert!(declared_size(&h).is_err());
         h.insert("x-openstack-image-size", HeaderValue::from_static("ten"));
         assert!(declared_size(&h).is_err());
+    }
+
+    #[test]
+    fn what_the_client_declared_must_match_the_data() {
+        let body = json!({"name": "x", MD5_KEY: "", SHA256_KEY: ""});
+        let caller = super::super::image_record::Caller {
+            admin: false,
+            project: Some("p".into()),
+        };
+        let mut img = ImageRecord::create(&body, &caller, 0, || "i".into()).unwrap();
+        let up = Uploaded {
+            manifest: manifest::Manifest {
+                size: 3,
+                chunk_size: 4,
+                chunks: vec!["c".into()],
+                sha256: "5h4".into(),
+            },
+            md5: "abc".into(),
+            sha512: "5h5".into(),
+            staging: PathBuf::new(),
+            copies: Vec::new(),
+        };
+        // Empty declarations (what openstacksdk sends by default) are no declaration.
+        assert_eq!(declared_mismatch(&img, &up, Some(3), None), None);
+        assert!(declared_mismatch(&img, &up, Some(4), None)
+            .unwrap()
+            .contains("declared 4 bytes but 3 arrived"));
+        assert!(declared_mismatch(&img, &up, None, Some("abd".into()))
+            .unwrap()
+            .contains("Content-MD5"));
+        assert_eq!(declared_mismatch(&img, &up, None, Some("ABC".into())), None);
+        img.properties.insert(SHA256_KEY.into(), "other".into());
+        assert!(declared_mismatch(&img, &up, None, None)
+            .unwrap()
+            .contains("SHA-256"));
     }
 
     #[test]
