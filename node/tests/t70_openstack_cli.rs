@@ -9,20 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::osc::{openstack_bin, Osc};
+use common::osc::{names, openstack_bin, Osc};
 use common::{wait_until, Cluster};
 use serde_json::Value;
-
-fn names(list: &Value, key: &str) -> Vec<String> {
-    let mut v: Vec<String> = list
-        .as_array()
-        .unwrap_or_else(|| panic!("not a list: {list}"))
-        .iter()
-        .map(|i| i[key].as_str().unwrap().to_owned())
-        .collect();
-    v.sort();
-    v
-}
 
 /// An administrator creates a project and a user, grants a role and reads it all back, each
 /// step through another node; the member then sees only their own project and user, may not
@@ -306,15 +295,7 @@ fn flavor_commands_work_against_every_node() {
     let c = Cluster::start(3, &[]);
     let osc = Osc { bin, cluster: &c };
 
-    let catalog = osc.json(0, &["catalog", "list"]);
-    assert!(
-        catalog
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["Type"] == "compute" && s["Name"] == "nova"),
-        "{catalog}"
-    );
+    assert!(osc.catalog_has(0, "compute", "nova"));
 
     let f = osc.json(
         0,

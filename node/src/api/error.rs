@@ -1,8 +1,9 @@
 //! API errors in OpenStack's body shapes.
 //!
 //! Keystone and Shoal's own endpoints answer `{"error": {"code", "title", "message"}}`; the
-//! compute, network, image and volume services of later issues use Nova's
-//! `{"badRequest": {"code", "message"}}` shape through [`ApiError::nova`].
+//! compute, network and volume services use Nova's `{"badRequest": {"code", "message"}}`
+//! shape through [`ApiError::nova`]; the image service answers as Glance's webob does,
+//! `{"code", "title", "message"}` at top level, through [`ApiError::glance`].
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +15,14 @@ use shoal_consensus::cluster::ClusterError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    nova_style: bool,
+    shape: Shape,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Keystone,
+    Nova,
+    Glance,
 }
 
 impl ApiError {
@@ -22,14 +30,24 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
-            nova_style: false,
+            shape: Shape::Keystone,
         }
     }
 
     /// Renders this error in Nova's shape (`{"badRequest": {"code", "message"}}`).
     pub fn nova(mut self) -> Self {
-        self.nova_style = true;
+        self.shape = Shape::Nova;
         self
+    }
+
+    /// Renders this error as Glance does (`{"code", "title", "message"}`).
+    pub fn glance(mut self) -> Self {
+        self.shape = Shape::Glance;
+        self
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -77,10 +95,16 @@ fn nova_key(status: StatusCode) -> &'static str {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = self.status.as_u16();
-        let body = if self.nova_style {
-            json!({ nova_key(self.status): { "code": code, "message": self.message } })
-        } else {
-            json!({ "error": { "code": code, "title": title(self.status), "message": self.message } })
+        let body = match self.shape {
+            Shape::Nova => {
+                json!({ nova_key(self.status): { "code": code, "message": self.message } })
+            }
+            Shape::Glance => {
+                json!({ "code": code, "title": title(self.status), "message": self.message })
+            }
+            Shape::Keystone => {
+                json!({ "error": { "code": code, "title": title(self.status), "message": self.message } })
+            }
         };
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {

@@ -264,6 +264,7 @@ pub fn catalog(state: &AppState) -> Value {
     json!([
         service("identity", "keystone", "/identity"),
         service("compute", "nova", "/compute/v2.1"),
+        service("image", "glance", "/image"),
     ])
 }
 

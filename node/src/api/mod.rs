@@ -1,5 +1,5 @@
 //! The node's HTTP API: every service under a path prefix on the `--api` address, as devstack
-//! lays them out (`/identity/v3`, later `/compute/v2.1`, `/network`, `/image`, `/volume/v3`),
+//! lays them out (`/identity/v3`, `/compute/v2.1`, `/image`; later `/network`, `/volume/v3`),
 //! plus Shoal's own admin surface under `/shoal/v1` and Prometheus metrics at `/metrics`.
 //!
 //! Any node answers any request; nothing here depends on which node leads Raft.
@@ -12,6 +12,9 @@ pub mod compute_keypairs;
 pub mod error;
 pub mod identity;
 pub mod identity_admin;
+pub mod image;
+pub mod image_file;
+pub mod image_record;
 pub mod metrics;
 pub mod placement;
 pub mod policy;
@@ -43,7 +46,6 @@ pub struct AppState {
     pub base_url: String,
     pub region: String,
     /// Image bytes on this node and where the rest of the cluster keeps them.
-    #[allow(dead_code)] // the Image API (next commits) reads it
     pub images: ImageStore,
 }
 
@@ -55,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .merge(compute_admin::routes())
         .merge(compute_aggregates::routes())
         .merge(compute_keypairs::routes())
+        .merge(image::routes())
         .merge(admin::routes())
         .merge(metrics::routes())
         .merge(placement::routes())

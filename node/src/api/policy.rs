@@ -3,7 +3,11 @@
 //! The rules follow Keystone's defaults with Shoal's three roles: identity writes need
 //! `admin`; anyone holding a role may read the role list; a non-admin sees only the projects
 //! they hold a role on, only their own user, and only their own role assignments.
+//!
+//! Images follow Glance's defaults: readers read, members of the owning project write, only
+//! admins publish; who sees which image is `image_record::{visible, listed}`.
 
+use super::image_record::Caller;
 use crate::identity::has_role;
 use crate::identity::token::Claims;
 
@@ -30,6 +34,26 @@ pub fn can_read_assignment(c: &Claims, assignment_user_id: &str) -> bool {
 /// Listing roles needs any role at all (an unscoped token carries none).
 pub fn can_list_roles(c: &Claims) -> bool {
     has_role(c, "reader")
+}
+
+/// The caller as image visibility rules see it.
+pub fn image_caller(c: &Claims) -> Caller {
+    Caller {
+        admin: has_role(c, "admin"),
+        project: c.project_id.clone(),
+    }
+}
+
+/// Changing, uploading to or deleting an image (and managing its members): an admin, or a
+/// member (not a reader) of the owning project.
+pub fn can_modify_image(c: &Claims, owner: Option<&str>) -> bool {
+    has_role(c, "admin")
+        || (has_role(c, "member") && owner.is_some() && c.project_id.as_deref() == owner)
+}
+
+/// Creating an image needs the member role in the token's project.
+pub fn can_create_image(c: &Claims) -> bool {
+    has_role(c, "member") && c.project_id.is_some()
 }
 
 #[cfg(test)]
@@ -78,6 +102,19 @@ mod tests {
         assert!(can_read_assignment(&token("a", &["admin"]), "other"));
         assert!(can_read_assignment(&token("r", &["reader"]), "r"));
         assert!(!can_read_assignment(&token("r", &["reader"]), "other"));
+    }
+
+    #[test]
+    fn only_owners_and_admins_change_images() {
+        assert!(can_modify_image(&token("a", &["admin"]), Some("other")));
+        assert!(can_modify_image(&token("m", &["member"]), Some("p")));
+        assert!(!can_modify_image(&token("m", &["member"]), Some("other")));
+        assert!(!can_modify_image(&token("m", &["member"]), None));
+        assert!(!can_modify_image(&token("r", &["reader"]), Some("p")));
+        assert!(can_create_image(&token("m", &["member"])));
+        assert!(!can_create_image(&token("r", &["reader"])));
+        let c = image_caller(&token("r", &["reader"]));
+        assert_eq!((c.admin, c.project.as_deref()), (false, Some("p")));
     }
 
     #[test]

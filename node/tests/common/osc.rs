@@ -92,9 +92,47 @@ impl Osc<'_> {
         self.run_as(node, &[], args)
     }
 
+    /// Creates user `name` and gives them `role` on `project`, through `node`.
+    pub fn user_with_role(
+        &self,
+        node: usize,
+        name: &str,
+        password: &str,
+        project: &str,
+        role: &str,
+    ) {
+        self.json(node, &["user", "create", "--password", password, name]);
+        let added = self.run(
+            node,
+            &["role", "add", "--project", project, "--user", name, role],
+        );
+        assert!(added.ok, "role add: {}", added.stderr);
+    }
+
+    /// Whether `catalog list` through `node` names a service of `kind` called `name`.
+    pub fn catalog_has(&self, node: usize, kind: &str, name: &str) -> bool {
+        let catalog = self.json(node, &["catalog", "list"]);
+        catalog
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {catalog}"))
+            .iter()
+            .any(|s| s["Type"] == kind && s["Name"] == name)
+    }
+
     pub fn json(&self, node: usize, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.extend(["-f", "json"]);
         self.run(node, &a).json()
     }
+}
+
+pub fn names(list: &Value, key: &str) -> Vec<String> {
+    let mut v: Vec<String> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|i| i[key].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
 }

@@ -1,0 +1,582 @@
+//! Image v2 (Glance) under `/image`: version discovery, image records (create, list, show,
+//! JSON-patch update, delete), tags and members, as `openstack image ...` uses them. The
+//! image data calls (`PUT`/`GET /v2/images/{id}/file`) are in `image_file.rs`; the record and
+//! the rules about it in `image_record.rs`.
+//!
+//! Every write is a Raft transaction conditioned on the revision the handler read, so
+//! concurrent changes to one image cannot overwrite each other: the loser retries on the new
+//! record or is told of the conflict.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use shoal_types::{Expect, Txn};
+
+use super::error::{ApiError, ApiResult};
+use super::image_file;
+use super::image_record::{
+    listed, next_link, page, visible, Caller, ImageRecord, ListQuery, Member, MemberStatus,
+    RecordError, Visibility, T_IMAGES, T_MEMBERS,
+};
+use super::policy::{can_create_image, can_modify_image, image_caller};
+use super::{AppState, Auth};
+use crate::identity::token::now_secs;
+use crate::images::manifest;
+
+/// The newest Image API minor version whose calls Shoal serves (community visibility is 2.5;
+/// import, 2.6, is not offered).
+const CURRENT: &str = "v2.5";
+const SUPPORTED: [&str; 5] = ["v2.4", "v2.3", "v2.2", "v2.1", "v2.0"];
+const PATCH_TYPES: [&str; 2] = [
+    "application/openstack-images-v2.1-json-patch",
+    "application/openstack-images-v2.0-json-patch",
+];
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/image", get(versions))
+        .route("/image/", get(versions))
+        .route("/image/versions", get(versions))
+        .route("/image/v2", get(versions))
+        .route("/image/v2/", get(versions))
+        .route("/image/v2/images", get(list_images).post(create_image))
+        .route(
+            "/image/v2/images/{id}",
+            get(show_image).patch(update_image).delete(delete_image),
+        )
+        .route(
+            "/image/v2/images/{id}/file",
+            put(image_file::upload)
+                .get(image_file::download)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/image/v2/images/{id}/tags/{tag}",
+            put(add_tag).delete(delete_tag),
+        )
+        .route(
+            "/image/v2/images/{id}/members",
+            get(list_members).post(add_member),
+        )
+        .route(
+            "/image/v2/images/{id}/members/{member}",
+            get(show_member).put(update_member).delete(delete_member),
+        )
+}
+
+async fn versions(State(state): State<AppState>) -> Response {
+    let entry = |id: &str, status: &str| {
+        json!({
+            "id": id,
+            "status": status,
+            "links": [{"rel": "self", "href": format!("{}/image/v2/", state.base_url)}],
+        })
+    };
+    let mut list = vec![entry(CURRENT, "CURRENT")];
+    list.extend(SUPPORTED.iter().map(|v| entry(v, "SUPPORTED")));
+    (
+        StatusCode::MULTIPLE_CHOICES,
+        Json(json!({ "versions": list })),
+    )
+        .into_response()
+}
+
+/// Any error, in Glance's body shape.
+pub(super) fn gerr(e: impl Into<ApiError>) -> ApiError {
+    e.into().glance()
+}
+
+impl From<RecordError> for ApiError {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::BadRequest(m) => ApiError::bad_request(m),
+            RecordError::Forbidden(m) => ApiError::forbidden(m),
+            RecordError::Conflict(m) => ApiError::conflict(m),
+        }
+        .glance()
+    }
+}
+
+fn json_body(body: &Bytes) -> ApiResult<Value> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not JSON: {e}")).glance())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no image found with ID {id}")).glance()
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(what: &str, key: &str, v: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(v)
+        .map_err(|e| ApiError::internal(format!("{what} {key} is stored corrupt: {e}")).glance())
+}
+
+/// The image and the revision it was read at, after a read barrier (linearizable).
+pub(super) async fn load(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
+    state.cluster.read_barrier().await.map_err(gerr)?;
+    load_local(state, id).await
+}
+
+/// [`load`] from this node's replica, without a barrier.
+async fn load_local(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
+    let row = state
+        .cluster
+        .get(T_IMAGES, id)
+        .await
+        .map_err(gerr)?
+        .ok_or_else(|| not_found(id))?;
+    Ok((decode("image", id, &row.value)?, row.mod_revision))
+}
+
+async fn membership(
+    state: &AppState,
+    image_id: &str,
+    project: Option<&str>,
+) -> ApiResult<Option<(Member, u64)>> {
+    let Some(project) = project else {
+        return Ok(None);
+    };
+    let key = Member::key(image_id, project);
+    match state.cluster.get(T_MEMBERS, &key).await.map_err(gerr)? {
+        Some(row) => Ok(Some((
+            decode("member", &key, &row.value)?,
+            row.mod_revision,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// The image if the caller may see it; 404 otherwise, so that hidden images do not leak.
+pub(super) async fn load_visible(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+) -> ApiResult<(ImageRecord, u64)> {
+    auth.require("reader").map_err(ApiError::glance)?;
+    let (img, rev) = load(state, id).await?;
+    let caller = image_caller(&auth.0);
+    let m = membership(state, id, caller.project.as_deref()).await?;
+    if !visible(&caller, &img, m.map(|(m, _)| m.status)) {
+        return Err(not_found(id));
+    }
+    Ok((img, rev))
+}
+
+/// The image if the caller may change it: 404 if they cannot see it, 403 if they can but do
+/// not own it.
+pub(super) async fn load_writable(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+) -> ApiResult<(ImageRecord, u64)> {
+    let (img, rev) = load_visible(state, auth, id).await?;
+    if !can_modify_image(&auth.0, img.owner.as_deref()) {
+        return Err(ApiError::forbidden(format!(
+            "you are not permitted to modify image {id}: it belongs to another project or your role is reader"
+        ))
+        .glance());
+    }
+    Ok((img, rev))
+}
+
+pub(super) fn image_value(img: &ImageRecord) -> Vec<u8> {
+    serde_json::to_vec(img).expect("image records serialise")
+}
+
+/// Writes `img` if its row is still at `rev`; returns the new revision, or `None` if it moved.
+pub(super) async fn put_if(
+    state: &AppState,
+    img: &ImageRecord,
+    rev: u64,
+) -> ApiResult<Option<u64>> {
+    let txn = Txn::new()
+        .when(T_IMAGES, &img.id, Expect::Revision(rev))
+        .put(T_IMAGES, &img.id, image_value(img));
+    let resp = state.cluster.write(txn).await.map_err(gerr)?;
+    Ok(resp.succeeded.then_some(resp.revision))
+}
+
+/// Applies `change` to a writable image with a compare-and-set, re-reading on a conflict.
+async fn modify(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    change: impl Fn(&mut ImageRecord, &Caller) -> Result<(), RecordError>,
+) -> ApiResult<ImageRecord> {
+    let caller = image_caller(&auth.0);
+    for _ in 0..5 {
+        let (mut img, rev) = load_writable(state, auth, id).await?;
+        change(&mut img, &caller)?;
+        img.updated_at = now_secs();
+        if put_if(state, &img, rev).await?.is_some() {
+            return Ok(img);
+        }
+    }
+    Err(ApiError::conflict(format!("image {id} keeps changing; retry")).glance())
+}
+
+async fn create_image(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: Bytes,
+) -> ApiResult<Response> {
+    if !can_create_image(&auth.0) {
+        return Err(
+            ApiError::forbidden("creating an image needs the member role in a project").glance(),
+        );
+    }
+    let body = json_body(&body)?;
+    let caller = image_caller(&auth.0);
+    let img = ImageRecord::create(&body, &caller, now_secs(), || {
+        uuid::Uuid::new_v4().to_string()
+    })?;
+    let txn = Txn::new().when(T_IMAGES, &img.id, Expect::Absent).put(
+        T_IMAGES,
+        &img.id,
+        image_value(&img),
+    );
+    if !state.cluster.write(txn).await.map_err(gerr)?.succeeded {
+        return Err(
+            ApiError::conflict(format!("an image with ID {} already exists", img.id)).glance(),
+        );
+    }
+    let mut resp = (StatusCode::CREATED, Json(img.to_json())).into_response();
+    if let Ok(v) = format!("{}/image/v2/images/{}", state.base_url, img.id).parse() {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+async fn list_images(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> ApiResult<Json<Value>> {
+    auth.require("reader").map_err(ApiError::glance)?;
+    let q = ListQuery::parse(&pairs)?;
+    let caller = image_caller(&auth.0);
+    state.cluster.read_barrier().await.map_err(gerr)?;
+    let mine: Vec<(String, MemberStatus)> = match &caller.project {
+        Some(p) => state
+            .cluster
+            .list(T_MEMBERS, "", usize::MAX)
+            .await
+            .map_err(gerr)?
+            .into_iter()
+            .filter_map(|(_, row)| serde_json::from_slice::<Member>(&row.value).ok())
+            .filter(|m| m.member_id == *p)
+            .map(|m| (m.image_id, m.status))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut images = Vec::new();
+    for (key, row) in state
+        .cluster
+        .list(T_IMAGES, "", usize::MAX)
+        .await
+        .map_err(gerr)?
+    {
+        let img: ImageRecord = decode("image", &key, &row.value)?;
+        let m = mine.iter().find(|(i, _)| *i == img.id).map(|(_, s)| *s);
+        if listed(&caller, &img, m, &q) && q.matches(&img) {
+            images.push(img);
+        }
+    }
+    let (items, more) = page(images, &q)?;
+    let mut body = json!({
+        "images": items.iter().map(ImageRecord::to_json).collect::<Vec<_>>(),
+        "first": "/v2/images",
+        "schema": "/v2/schemas/images",
+    });
+    if let (true, Some(last)) = (more, items.last()) {
+        body["next"] = json!(next_link(&pairs, &last.id));
+    }
+    Ok(Json(body))
+}
+
+async fn show_image(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (img, _) = load_visible(&state, &auth, &id).await?;
+    Ok(Json(img.to_json()))
+}
+
+async fn update_image(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = ctype.split(';').next().unwrap_or("").trim();
+    if !PATCH_TYPES.contains(&media) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "image updates are JSON patches with Content-Type {}, not '{ctype}'",
+                PATCH_TYPES[0]
+            ),
+        )
+        .glance());
+    }
+    let patch = json_body(&body)?;
+    let now = now_secs();
+    let img = modify(&state, &auth, &id, |img, caller| {
+        img.apply_patch(&patch, caller, now)
+    })
+    .await?;
+    Ok(Json(img.to_json()))
+}
+
+async fn delete_image(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    for _ in 0..5 {
+        let (img, rev) = load_writable(&state, &auth, &id).await?;
+        if img.protected {
+            return Err(ApiError::forbidden(format!(
+                "image {id} is protected and cannot be deleted; unset protected first"
+            ))
+            .glance());
+        }
+        let members = state
+            .cluster
+            .list(T_MEMBERS, &format!("{id}/"), usize::MAX)
+            .await
+            .map_err(gerr)?;
+        // The manifest goes with the image; its chunks are garbage-collected once no manifest
+        // names them.
+        let mut txn = Txn::new()
+            .when(T_IMAGES, &id, Expect::Revision(rev))
+            .delete(T_IMAGES, &id)
+            .delete(manifest::MANIFESTS, &id);
+        for (key, _) in members {
+            txn = txn.delete(T_MEMBERS, &key);
+        }
+        if state.cluster.write(txn).await.map_err(gerr)?.succeeded {
+            let cached = state.images.cache_path(&id);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(cached)).await;
+            return Ok(StatusCode::NO_CONTENT);
+        }
+    }
+    Err(ApiError::conflict(format!("image {id} keeps changing; retry")).glance())
+}
+
+async fn add_tag(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    modify(&state, &auth, &id, |img, caller| {
+        let mut tags = img.tags.clone();
+        tags.push(tag.clone());
+        img.apply_patch(
+            &json!([{"op": "replace", "path": "/tags", "value": tags}]),
+            caller,
+            now_secs(),
+        )
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_tag(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    modify(&state, &auth, &id, |img, _| {
+        let before = img.tags.len();
+        img.tags.retain(|t| *t != tag);
+        if img.tags.len() == before {
+            return Err(RecordError::Conflict(format!("image has no tag {tag}")));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn shared_only(img: &ImageRecord) -> ApiResult<()> {
+    if img.visibility == Visibility::Shared {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "only shared images have members; image {} is {}",
+            img.id,
+            img.visibility.as_str()
+        ))
+        .glance())
+    }
+}
+
+async fn list_members(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (img, _) = load_visible(&state, &auth, &id).await?;
+    shared_only(&img)?;
+    let owner_view = can_modify_image(&auth.0, img.owner.as_deref());
+    let mut out = Vec::new();
+    for (key, row) in state
+        .cluster
+        .list(T_MEMBERS, &format!("{id}/"), usize::MAX)
+        .await
+        .map_err(gerr)?
+    {
+        let m: Member = decode("member", &key, &row.value)?;
+        // A member project sees only its own membership.
+        if owner_view || auth.0.project_id.as_deref() == Some(m.member_id.as_str()) {
+            out.push(m.to_json());
+        }
+    }
+    Ok(Json(
+        json!({ "members": out, "schema": "/v2/schemas/members" }),
+    ))
+}
+
+async fn add_member(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let (img, rev) = load_writable(&state, &auth, &id).await?;
+    shared_only(&img)?;
+    let body = json_body(&body)?;
+    let project = body
+        .get("member")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty() && p.len() <= 255 && !p.contains('/'))
+        .ok_or_else(|| {
+            ApiError::bad_request("the body must be {\"member\": \"<project id>\"}").glance()
+        })?;
+    if state
+        .identity
+        .get_project(project)
+        .await
+        .map_err(gerr)?
+        .is_none()
+    {
+        return Err(ApiError::bad_request(format!("project {project} does not exist")).glance());
+    }
+    let now = now_secs();
+    let m = Member {
+        image_id: id.clone(),
+        member_id: project.to_owned(),
+        status: MemberStatus::Pending,
+        created_at: now,
+        updated_at: now,
+    };
+    let key = Member::key(&id, project);
+    // Conditioned on the image too, so a member is never added to an image being deleted.
+    let txn = Txn::new()
+        .when(T_IMAGES, &id, Expect::Revision(rev))
+        .when(T_MEMBERS, &key, Expect::Absent)
+        .put(
+            T_MEMBERS,
+            &key,
+            serde_json::to_vec(&m).expect("members serialise"),
+        );
+    let resp = state.cluster.write(txn).await.map_err(gerr)?;
+    if !resp.succeeded {
+        let msg = if resp.failed_precondition == Some(1) {
+            format!("project {project} is already a member of image {id}")
+        } else {
+            format!("image {id} changed while adding a member; retry")
+        };
+        return Err(ApiError::conflict(msg).glance());
+    }
+    Ok(Json(m.to_json()))
+}
+
+async fn show_member(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, member)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (img, _) = load_visible(&state, &auth, &id).await?;
+    let owner_view = can_modify_image(&auth.0, img.owner.as_deref());
+    if !owner_view && auth.0.project_id.as_deref() != Some(member.as_str()) {
+        return Err(member_not_found(&id, &member));
+    }
+    let (m, _) = membership(&state, &id, Some(&member))
+        .await?
+        .ok_or_else(|| member_not_found(&id, &member))?;
+    Ok(Json(m.to_json()))
+}
+
+fn member_not_found(id: &str, member: &str) -> ApiError {
+    ApiError::not_found(format!("project {member} is not a member of image {id}")).glance()
+}
+
+/// A member project accepts or rejects a shared image; the owner cannot do it for them.
+async fn update_member(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, member)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    load_visible(&state, &auth, &id).await?;
+    if auth.0.project_id.as_deref() != Some(member.as_str()) || auth.require("member").is_err() {
+        return Err(ApiError::forbidden(
+            "only a member of the member project may change its membership status",
+        )
+        .glance());
+    }
+    let body = json_body(&body)?;
+    let status = body
+        .get("status")
+        .and_then(Value::as_str)
+        .and_then(MemberStatus::parse)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "the body must be {\"status\": \"accepted\" | \"rejected\" | \"pending\"}",
+            )
+            .glance()
+        })?;
+    let (mut m, rev) = membership(&state, &id, Some(&member))
+        .await?
+        .ok_or_else(|| member_not_found(&id, &member))?;
+    m.status = status;
+    m.updated_at = now_secs();
+    let key = Member::key(&id, &member);
+    let txn = Txn::new().when(T_MEMBERS, &key, Expect::Revision(rev)).put(
+        T_MEMBERS,
+        &key,
+        serde_json::to_vec(&m).expect("members serialise"),
+    );
+    if !state.cluster.write(txn).await.map_err(gerr)?.succeeded {
+        return Err(ApiError::conflict(format!("membership of {member} changed; retry")).glance());
+    }
+    Ok(Json(m.to_json()))
+}
+
+async fn delete_member(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, member)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    load_writable(&state, &auth, &id).await?;
+    let key = Member::key(&id, &member);
+    let txn = Txn::new()
+        .when(T_MEMBERS, &key, Expect::Present)
+        .delete(T_MEMBERS, &key);
+    if !state.cluster.write(txn).await.map_err(gerr)?.succeeded {
+        return Err(member_not_found(&id, &member));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
