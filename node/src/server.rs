@@ -205,6 +205,12 @@ async fn serve(
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
     };
     let keyring = tokio::spawn(identity.run_keyring_sync(stop.clone().cancelled_owned()));
+    let images = tokio::spawn(
+        state
+            .images
+            .clone()
+            .run_maintenance(stop.clone().cancelled_owned()),
+    );
     let api_task = tokio::spawn(api::serve(
         api_listener,
         state,
@@ -224,6 +230,7 @@ async fn serve(
     tracing::info!("stopping");
     stop.cancel();
     let _ = keyring.await;
+    let _ = images.await;
     let _ = register.await;
     match api_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),

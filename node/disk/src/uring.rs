@@ -37,7 +37,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 pub const ALIGN: u64 = 4096;
 
 /// A SHA-256 digest.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {
