@@ -308,3 +308,120 @@ async fn t85_gc_frees_unreferenced_chunks() {
         m.kill().await;
     }
 }
+
+/// A measurement, not a test: pull throughput of an image from two holders into the cache,
+/// beside `cp` of the same file on the same disk. Run in release with
+/// `SHOAL_PULL_MIB=1024 cargo test --release -p shoal --bin shoal measure_pull -- --ignored
+/// --nocapture`; figures go to docs/benchmarks.md. Stands in for `shoal-loadtest image` until
+/// uploads can go through the Image API from outside the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand in release"]
+async fn measure_pull_from_two_holders_against_cp() {
+    let mib: usize = std::env::var("SHOAL_PULL_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let mut nodes = Vec::new();
+    {
+        // 4 MiB chunks, the default.
+        let dir = tempfile::tempdir().unwrap();
+        let first = Cluster::init(options(dir.path(), "n1", "az1"))
+            .await
+            .unwrap();
+        let peer = first.node().raft_addr.clone();
+        let s = ImagesSection {
+            replication: 2,
+            ..ImagesSection::default()
+        };
+        let mk = |c: Cluster, d: tempfile::TempDir, s: ImagesSection| {
+            let stop = CancellationToken::new();
+            tokio::spawn(c.clone().run(stop.clone().cancelled_owned()));
+            let store = ImageStore::open(c.clone(), d.path(), s).unwrap();
+            Member {
+                cluster: c,
+                store,
+                stop,
+                _dir: d,
+            }
+        };
+        nodes.push(mk(first, dir, s.clone()));
+        for (name, zone) in [("n2", "az2"), ("n3", "az2")] {
+            let (_, token) = nodes[0]
+                .cluster
+                .create_join_token(Duration::from_secs(600), "m".into(), "m".into())
+                .await
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let c = Cluster::join(options(dir.path(), name, zone), &peer, &token)
+                .await
+                .unwrap();
+            nodes.push(mk(c, dir, s.clone()));
+        }
+    }
+    let mut up = nodes[0].store.uploader("big").await.unwrap();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for _ in 0..mib {
+        let piece: Vec<u8> = (0..(1 << 17))
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        up.push(Bytes::from(piece)).await.unwrap();
+    }
+    let done = up.finish().await.unwrap();
+    let src = done.staging.clone();
+    let txn = Txn {
+        preconditions: Vec::new(),
+        ops: manifest::record_ops("big", &done.manifest, &done.copies),
+    };
+    nodes[0].cluster.write(txn).await.unwrap();
+    let replica = done
+        .copies
+        .iter()
+        .find(|(_, n)| n != "n1")
+        .unwrap()
+        .1
+        .clone();
+    let puller = &nodes[if replica == "n2" { 2 } else { 1 }];
+    puller.cluster.read_barrier().await.unwrap();
+    let (mut pulls, mut cps) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let path = puller.store.pull("big").await.unwrap();
+        pulls.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&path).unwrap();
+        let dst = path.with_file_name("cp-copy");
+        let t = std::time::Instant::now();
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cp {} {} && sync {}",
+                src.display(),
+                dst.display(),
+                dst.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        cps.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&dst).unwrap();
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (p, c) = (med(&mut pulls), med(&mut cps));
+    println!(
+        "image {mib} MiB: pull from 2 holders median {p:.2} s ({:.0} MiB/s), cp+sync median {c:.2} s ({:.0} MiB/s), ratio pull/cp throughput {:.2}; runs pull {pulls:?} cp {cps:?}",
+        mib as f64 / p,
+        mib as f64 / c,
+        c / p
+    );
+    let _ = std::fs::remove_file(&src);
+    for m in &nodes {
+        m.kill().await;
+    }
+}
