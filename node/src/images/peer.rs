@@ -331,6 +331,51 @@ async fn read_status(
     })
 }
 
+/// Opens a request stream to `node` and sends `head` (and `body`, if any), then finishes our
+/// side. Returns the connection and the stream to read the answer from.
+async fn send_request(
+    cluster: &Cluster,
+    node: &str,
+    head: &[u8],
+    body: Option<Bytes>,
+) -> Result<(Connection, RecvStream), TransferError> {
+    let conn = connect(cluster, node).await?;
+    let (mut send, recv) =
+        conn.open_bi()
+            .await
+            .map_err(|source| TransferError::ConnectionLost {
+                node: node.to_owned(),
+                source,
+            })?;
+    send.write_all(head)
+        .await
+        .map_err(|e| lost(node, &conn, e))?;
+    if let Some(body) = body {
+        send.write_chunk(body)
+            .await
+            .map_err(|e| lost(node, &conn, e))?;
+    }
+    let _ = send.finish();
+    Ok((conn, recv))
+}
+
+/// Runs one transfer of chunk `d` with `node` within [`CHUNK_TIMEOUT`].
+async fn timed<T>(
+    node: &str,
+    d: Digest,
+    transfer: impl std::future::Future<Output = Result<T, TransferError>>,
+) -> Result<T, TransferError> {
+    tokio::time::timeout(CHUNK_TIMEOUT, transfer)
+        .await
+        .unwrap_or_else(|_| {
+            Err(TransferError::Timeout {
+                node: node.to_owned(),
+                digest: d,
+                limit: CHUNK_TIMEOUT,
+            })
+        })
+}
+
 /// The bytes node `node` holds as chunk `d`: exactly `expected_len` bytes if given, at most
 /// [`MAX_CHUNK`] otherwise. **Not hashed**: the caller checks them against `d` (the streamer does
 /// so as it writes them).
@@ -340,22 +385,11 @@ pub async fn fetch(
     d: Digest,
     expected_len: Option<u64>,
 ) -> Result<Bytes, TransferError> {
-    let conn = connect(cluster, node).await?;
-    let transfer = async {
-        let (mut send, mut recv) =
-            conn.open_bi()
-                .await
-                .map_err(|source| TransferError::ConnectionLost {
-                    node: node.to_owned(),
-                    source,
-                })?;
+    timed(node, d, async {
         let mut req = [0u8; 33];
         req[0] = OP_GET;
         req[1..].copy_from_slice(&d.0);
-        send.write_all(&req)
-            .await
-            .map_err(|e| lost(node, &conn, e))?;
-        let _ = send.finish();
+        let (conn, mut recv) = send_request(cluster, node, &req, None).await?;
         let len = read_status(node, d, &conn, &mut recv).await?;
         let expected = expected_len.unwrap_or(u64::from(len).min(MAX_CHUNK as u64));
         if u64::from(len) != expected {
@@ -372,16 +406,8 @@ pub async fn fetch(
             .await
             .map_err(|e| lost(node, &conn, e))?;
         Ok(data.freeze())
-    };
-    tokio::time::timeout(CHUNK_TIMEOUT, transfer)
-        .await
-        .unwrap_or_else(|_| {
-            Err(TransferError::Timeout {
-                node: node.to_owned(),
-                digest: d,
-                limit: CHUNK_TIMEOUT,
-            })
-        })
+    })
+    .await
 }
 
 /// Pushes chunk `d` to node `node`; returns once that node has it durably.
@@ -391,35 +417,13 @@ pub async fn push(
     d: Digest,
     data: Bytes,
 ) -> Result<(), TransferError> {
-    let conn = connect(cluster, node).await?;
-    let transfer = async {
-        let (mut send, mut recv) =
-            conn.open_bi()
-                .await
-                .map_err(|source| TransferError::ConnectionLost {
-                    node: node.to_owned(),
-                    source,
-                })?;
+    timed(node, d, async {
         let mut head = [0u8; 37];
         head[0] = OP_PUT;
         head[1..33].copy_from_slice(&d.0);
         head[33..].copy_from_slice(&(data.len() as u32).to_be_bytes());
-        send.write_all(&head)
-            .await
-            .map_err(|e| lost(node, &conn, e))?;
-        send.write_chunk(data)
-            .await
-            .map_err(|e| lost(node, &conn, e))?;
-        let _ = send.finish();
+        let (conn, mut recv) = send_request(cluster, node, &head, Some(data)).await?;
         read_status(node, d, &conn, &mut recv).await.map(drop)
-    };
-    tokio::time::timeout(CHUNK_TIMEOUT, transfer)
-        .await
-        .unwrap_or_else(|_| {
-            Err(TransferError::Timeout {
-                node: node.to_owned(),
-                digest: d,
-                limit: CHUNK_TIMEOUT,
-            })
-        })
+    })
+    .await
 }

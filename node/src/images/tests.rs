@@ -52,10 +52,10 @@ fn settings(replication: usize) -> ImagesSection {
     }
 }
 
-fn member(cluster: Cluster, dir: tempfile::TempDir, replication: usize) -> Member {
+fn member(cluster: Cluster, dir: tempfile::TempDir, settings: ImagesSection) -> Member {
     let stop = CancellationToken::new();
     tokio::spawn(cluster.clone().run(stop.clone().cancelled_owned()));
-    let store = ImageStore::open(cluster.clone(), dir.path(), settings(replication)).unwrap();
+    let store = ImageStore::open(cluster.clone(), dir.path(), settings).unwrap();
     Member {
         cluster,
         store,
@@ -64,14 +64,18 @@ fn member(cluster: Cluster, dir: tempfile::TempDir, replication: usize) -> Membe
     }
 }
 
-/// Three members in zones az1, az2, az2.
+/// Three members in zones az1, az2, az2, with 64 KiB chunks.
 async fn three(replication: usize) -> Vec<Member> {
+    three_with(settings(replication)).await
+}
+
+async fn three_with(settings: ImagesSection) -> Vec<Member> {
     let dir = tempfile::tempdir().unwrap();
     let first = Cluster::init(options(dir.path(), "n1", "az1"))
         .await
         .unwrap();
     let peer = first.node().raft_addr.clone();
-    let mut out = vec![member(first, dir, replication)];
+    let mut out = vec![member(first, dir, settings.clone())];
     for (name, zone) in [("n2", "az2"), ("n3", "az2")] {
         let (_, token) = out[0]
             .cluster
@@ -82,7 +86,7 @@ async fn three(replication: usize) -> Vec<Member> {
         let c = Cluster::join(options(dir.path(), name, zone), &peer, &token)
             .await
             .unwrap();
-        out.push(member(c, dir, replication));
+        out.push(member(c, dir, settings.clone()));
     }
     for m in &out {
         m.cluster.read_barrier().await.unwrap();
@@ -321,43 +325,12 @@ async fn measure_pull_from_two_holders_against_cp() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let mut nodes = Vec::new();
-    {
-        // 4 MiB chunks, the default.
-        let dir = tempfile::tempdir().unwrap();
-        let first = Cluster::init(options(dir.path(), "n1", "az1"))
-            .await
-            .unwrap();
-        let peer = first.node().raft_addr.clone();
-        let s = ImagesSection {
-            replication: 2,
-            ..ImagesSection::default()
-        };
-        let mk = |c: Cluster, d: tempfile::TempDir, s: ImagesSection| {
-            let stop = CancellationToken::new();
-            tokio::spawn(c.clone().run(stop.clone().cancelled_owned()));
-            let store = ImageStore::open(c.clone(), d.path(), s).unwrap();
-            Member {
-                cluster: c,
-                store,
-                stop,
-                _dir: d,
-            }
-        };
-        nodes.push(mk(first, dir, s.clone()));
-        for (name, zone) in [("n2", "az2"), ("n3", "az2")] {
-            let (_, token) = nodes[0]
-                .cluster
-                .create_join_token(Duration::from_secs(600), "m".into(), "m".into())
-                .await
-                .unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let c = Cluster::join(options(dir.path(), name, zone), &peer, &token)
-                .await
-                .unwrap();
-            nodes.push(mk(c, dir, s.clone()));
-        }
-    }
+    // 4 MiB chunks, the default.
+    let nodes = three_with(ImagesSection {
+        replication: 2,
+        ..ImagesSection::default()
+    })
+    .await;
     let mut up = nodes[0].store.uploader("big").await.unwrap();
     let mut x = 0x9e3779b97f4a7c15u64;
     for _ in 0..mib {
