@@ -29,8 +29,8 @@ use crate::metrics::RpcMetrics;
 use crate::net::client::client_endpoint;
 use crate::net::tls::{self, ClusterCa, NodeIdentity, NodeKey};
 use crate::net::{
-    BoxFuture, JoinRequest, JoinResponse, NetOptions, PeerClient, PeerError, PeerHandler, PeerRole,
-    PeerServer, PeerStatus, QuicNetwork,
+    BoxFuture, DataHandler, DataSlot, JoinRequest, JoinResponse, NetOptions, PeerClient, PeerError,
+    PeerHandler, PeerRole, PeerServer, PeerStatus, QuicNetwork,
 };
 use crate::raft_types::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::store::{self, StateReader, StoreOptions, WatchStream};
@@ -133,6 +133,9 @@ struct Inner {
     raft: Raft,
     sm: StateReader,
     peers: PeerClient,
+    /// Connections on `shoal-data/1`, apart from the Raft ones.
+    data_peers: PeerClient,
+    data_slot: DataSlot,
     ca: ClusterCa,
     rpc_metrics: Arc<RpcMetrics>,
     /// Stops the peer server; taken by `run` or `shutdown`.
@@ -357,6 +360,15 @@ impl Cluster {
             )),
         )
         .map_err(setup("cannot create the peer client"))?;
+        let data_peers = PeerClient::with_tls(
+            server.endpoint(),
+            tls::data_client_config(ca.cert_pem(), &identity)
+                .map_err(setup("cannot build the data TLS configuration"))?,
+            NetOptions::default(),
+            None,
+        )
+        .map_err(setup("cannot create the data client"))?;
+        let data_slot = server.data_slot();
         let network = QuicNetwork::new(id, peers.clone());
         let raft = Raft::new(id, opts.raft_config()?, network, log_store, sm)
             .await
@@ -373,6 +385,8 @@ impl Cluster {
                 raft,
                 sm: reader,
                 peers,
+                data_peers,
+                data_slot,
                 ca,
                 rpc_metrics,
                 server_stop: Mutex::new(Some(stop_tx)),
@@ -393,6 +407,45 @@ impl Cluster {
 
     pub fn raft(&self) -> &Raft {
         &self.inner.raft
+    }
+
+    /// Installs the handler of incoming `shoal-data/1` connections (the node's chunk service).
+    /// Until then such connections are closed with `codes::NO_DATA_HANDLER`.
+    pub fn serve_data(&self, handler: Arc<dyn DataHandler>) {
+        self.inner.data_slot.set(handler);
+    }
+
+    /// A `shoal-data/1` connection to member `node` (by name, resolved through the `nodes`
+    /// table), cached and shared by every caller until it closes. The server must present
+    /// `node`'s own certificate.
+    pub async fn data_connection(&self, node: &str) -> Result<quinn::Connection, ClusterError> {
+        let row = self
+            .get(T_NODES, node)
+            .await?
+            .ok_or_else(|| ClusterError::NotFound(format!("node {node}")))?;
+        let rec: NodeRecord = parse(T_NODES, &row.value)?;
+        let addr = &rec.info.raft_addr;
+        let conn = self.inner.data_peers.connection(addr).await.map_err(|e| {
+            ClusterError::Unavailable(format!("cannot reach node {node} at {addr}: {}", chain(&e)))
+        })?;
+        match tls::peer_node_name(&conn) {
+            Some(name) if name == node => Ok(conn),
+            other => {
+                conn.close(crate::net::codes::SHUTDOWN, b"unexpected node");
+                Err(ClusterError::Unavailable(format!(
+                    "{addr} answered as {other:?}, not as node {node}"
+                )))
+            }
+        }
+    }
+
+    /// Every node in the `nodes` table (this replica's view).
+    pub async fn node_records(&self) -> Result<Vec<NodeRecord>, ClusterError> {
+        self.list(T_NODES, "", usize::MAX)
+            .await?
+            .into_iter()
+            .map(|(_, row)| parse(T_NODES, &row.value))
+            .collect()
     }
 
     pub fn metrics(&self) -> crate::raft_types::RaftMetrics {

@@ -68,6 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         chunk_size: chunk,
         slots: args.slots,
         direct: true,
+        ..WriterOptions::default()
     };
     let (mut ours, mut cp) = (Vec::new(), Vec::new());
     let mut direct = false;

@@ -272,6 +272,19 @@ pub async fn node_remove(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `s` as one URL path segment: everything but unreserved characters percent-escaped.
+fn escape_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn kv_path(key: &str) -> String {
     // Keys may hold '/'; escape everything else that is not URL-safe.
     let escaped: String = key
@@ -344,9 +357,117 @@ pub async fn kv_watch(prefix: &str, from_revision: Option<u64>) -> anyhow::Resul
     Ok(())
 }
 
+/// `shoal image pull ID`: asks the node to pull the image into its cache and follows the
+/// progress lines it streams.
+pub async fn image_pull(id: &str, quiet: bool) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let s = Session::from_env().await?;
+    let path = format!("/shoal/v1/images/{}/pull", escape_segment(id));
+    let resp = s.send(s.request(reqwest::Method::POST, &path)).await?;
+    let bar = !quiet && std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut last: Option<Value> = None;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.context("the pull's progress stream broke")?);
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let v: Value = serde_json::from_slice(&line).context("bad progress line")?;
+            if bar {
+                let mut err = std::io::stderr().lock();
+                let _ = write!(err, "\r{}", progress_line(&v, started.elapsed()));
+                let _ = err.flush();
+            }
+            last = Some(v);
+        }
+    }
+    if bar {
+        eprintln!();
+    }
+    let last = last.context("the node sent no progress")?;
+    match last["status"].as_str() {
+        Some("done") => {
+            let secs = started.elapsed().as_secs_f64();
+            let total = last["total_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "{id}: {} in {secs:.1} s ({}/s, {} from peers, {} retried chunks) at {}",
+                human_bytes(total),
+                human_bytes((total as f64 / secs.max(1e-3)) as u64),
+                human_bytes(last["fetched_bytes"].as_u64().unwrap_or(0)),
+                last["retried_chunks"].as_u64().unwrap_or(0),
+                last["path"].as_str().unwrap_or("?"),
+            );
+            Ok(())
+        }
+        Some("error") => bail!(
+            "pulling {id} failed: {}",
+            last["message"].as_str().unwrap_or("unknown error")
+        ),
+        _ => bail!("the node stopped reporting before the pull of {id} ended"),
+    }
+}
+
+/// Bytes in binary units, as `1.5 GiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// One progress bar line: bar, percentage, bytes, rate and ETA.
+fn progress_line(v: &Value, elapsed: std::time::Duration) -> String {
+    let done = v["done_bytes"].as_u64().unwrap_or(0);
+    let total = v["total_bytes"].as_u64().unwrap_or(0);
+    let frac = if total == 0 {
+        0.0
+    } else {
+        done as f64 / total as f64
+    };
+    const WIDTH: usize = 30;
+    let filled = ((frac * WIDTH as f64) as usize).min(WIDTH);
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let rate = done as f64 / secs;
+    let eta = if rate > 0.0 && total >= done {
+        let left = ((total - done) as f64 / rate) as u64;
+        format!("{}:{:02}", left / 60, left % 60)
+    } else {
+        "--:--".into()
+    };
+    format!(
+        "[{}{}] {:>3.0}% {} / {}  {}/s  ETA {eta}   ",
+        "#".repeat(filled),
+        " ".repeat(WIDTH - filled),
+        frac * 100.0,
+        human_bytes(done),
+        human_bytes(total),
+        human_bytes(rate as u64),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_line_shows_rate_and_eta() {
+        let v = serde_json::json!({"done_bytes": 512u64 << 20, "total_bytes": 1u64 << 30});
+        let line = progress_line(&v, std::time::Duration::from_secs(2));
+        assert!(line.contains(" 50%"), "{line}");
+        assert!(line.contains("512.0 MiB / 1.0 GiB"), "{line}");
+        assert!(line.contains("256.0 MiB/s"), "{line}");
+        assert!(line.contains("ETA 0:02"), "{line}");
+        assert_eq!(human_bytes(1023), "1023 B");
+    }
 
     #[test]
     fn api_base_strips_identity_suffixes() {

@@ -73,6 +73,9 @@ enum Command {
     /// Disk images: qcow2 overlays written natively.
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Images in the cluster's image store.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Run a local cluster of N node processes on loopback.
     Dev {
         #[arg(long, default_value_t = 3)]
@@ -193,6 +196,17 @@ enum DiskCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Prefetch an image into the base-image cache of the node OS_AUTH_URL points at. Shows a
+    /// progress bar on a terminal; prints one final line otherwise or with --quiet.
+    Pull {
+        id: String,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// Remove a node from the cluster.
     Remove { name: String },
@@ -287,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 prefix,
                 from_revision,
             }) => client::kv_watch(&prefix, from_revision).await,
+            Command::Image(ImageCmd::Pull { id, quiet }) => client::image_pull(&id, quiet).await,
             Command::Dev { nodes, dir } => dev::run(nodes, dir).await,
             Command::Disk(DiskCmd::Overlay {
                 backing,

@@ -272,6 +272,12 @@ async fn serve(
         cfg.identity.key_rotation_secs,
         stop.clone().cancelled_owned(),
     ));
+    let images = tokio::spawn(
+        state
+            .images
+            .clone()
+            .run_maintenance(stop.clone().cancelled_owned()),
+    );
     let api_task = tokio::spawn(api::serve(
         api.listener,
         tls,
@@ -293,6 +299,7 @@ async fn serve(
     stop.cancel();
     let _ = keyring.await;
     let _ = rotation.await;
+    let _ = images.await;
     let _ = register.await;
     match api_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),

@@ -3,7 +3,8 @@
 //! - [`tls`]: the cluster CA, node certificates and CSRs, rustls configurations, the pinned-CA
 //!   verifier a joiner uses.
 //! - [`frame`]: the request and response messages (rkyv) and their length-prefixed framing.
-//! - [`server`]: [`PeerServer`], which serves every RPC through a [`PeerHandler`].
+//! - [`server`]: [`PeerServer`], which serves every RPC through a [`PeerHandler`] and hands
+//!   `shoal-data/1` connections to the node's [`DataHandler`].
 //! - [`client`]: [`QuicNetwork`] (openraft's network factory) and [`PeerClient`] for the app
 //!   RPCs and the join.
 //!
@@ -19,7 +20,7 @@ pub mod tls;
 
 pub use client::{PeerClient, QuicNetwork, RpcObserver};
 pub use frame::{JoinRequest, JoinResponse, PeerError, PeerRole, PeerStatus};
-pub use server::{BoxFuture, PeerHandler, PeerServer};
+pub use server::{BoxFuture, DataHandler, DataSlot, PeerHandler, PeerServer};
 pub use tls::{ClusterCa, NodeIdentity, NodeKey, TlsError};
 
 use self::frame::FrameError;
@@ -40,6 +41,8 @@ pub mod codes {
     pub const BAD_SNAPSHOT: VarInt = VarInt::from_u32(4);
     /// The server could not process the request (local I/O failure).
     pub const INTERNAL: VarInt = VarInt::from_u32(5);
+    /// A `shoal-data/1` connection arrived before the node installed its data handler.
+    pub const NO_DATA_HANDLER: VarInt = VarInt::from_u32(6);
 }
 
 /// A transport operation failed.
@@ -125,6 +128,11 @@ pub struct NetOptions {
     pub rpc_timeout: Duration,
     /// How long shutdown waits for in-flight RPCs.
     pub drain_timeout: Duration,
+    /// Bytes a peer may send on one stream ahead of our reads. Above a 4 MiB image chunk, so a
+    /// chunk never waits for a window update on a LAN.
+    pub stream_receive_window: u32,
+    /// Bytes we keep unacknowledged across all streams of a connection.
+    pub send_window: u64,
 }
 
 impl Default for NetOptions {
@@ -144,6 +152,8 @@ impl Default for NetOptions {
             connect_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            stream_receive_window: 8 << 20,
+            send_window: 64 << 20,
         }
     }
 }
@@ -153,7 +163,9 @@ impl NetOptions {
         let mut t = quinn::TransportConfig::default();
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams_per_connection))
             .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
-            .keep_alive_interval(Some(self.keep_alive));
+            .keep_alive_interval(Some(self.keep_alive))
+            .stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window))
+            .send_window(self.send_window);
         // An idle timeout too large for QUIC's varint keeps quinn's default rather than "never".
         if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
             t.max_idle_timeout(Some(idle));

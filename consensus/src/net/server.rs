@@ -1,5 +1,5 @@
 //! The peer server: accepts QUIC connections, serves one RPC per bidirectional stream through
-//! a [`PeerHandler`].
+//! a [`PeerHandler`], and hands `shoal-data/1` connections whole to a [`DataHandler`].
 //!
 //! A bad stream (malformed, oversized, truncated or slow frame, bad snapshot) is logged and
 //! reset with an error code; the connection's other streams and the server carry on. A handler
@@ -10,7 +10,7 @@ use std::io::SeekFrom;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
@@ -27,7 +27,7 @@ use super::frame::{
     encode_frame, read_frame, read_next_frame, write_frame, JoinRequest, JoinResponse, PeerError,
     PeerRequest, PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
 };
-use super::tls::{self, NodeIdentity, ALPN_JOIN, ALPN_PEER};
+use super::tls::{self, NodeIdentity, ALPN_DATA, ALPN_JOIN, ALPN_PEER};
 use super::{codes, NetError, NetOptions};
 use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use crate::wire::{WAppendEntriesResponse, WSnapshotResponse, WVoteResponse};
@@ -79,6 +79,39 @@ pub trait PeerHandler: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<JoinResponse, PeerError>>;
 }
 
+/// What the server does with a `shoal-data/1` connection: the node's bulk-data protocol
+/// (image chunks), which consensus knows nothing about. `serve` owns the connection until it
+/// returns; `peer_name` is the CN of the client's verified member certificate. When the server
+/// shuts down, the future is dropped and the connection closed.
+pub trait DataHandler: Send + Sync + 'static {
+    fn serve(&self, peer_name: String, conn: quinn::Connection) -> BoxFuture<'static, ()>;
+}
+
+/// Where the node installs its [`DataHandler`], possibly after the server started: the server is
+/// bound before the node's services exist. Data connections arriving while it is empty are
+/// closed with [`codes::NO_DATA_HANDLER`]. Cheap to clone; clones share the slot.
+#[derive(Clone, Default)]
+pub struct DataSlot(Arc<RwLock<Option<Arc<dyn DataHandler>>>>);
+
+impl std::fmt::Debug for DataSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataSlot")
+            .field("set", &self.get().is_some())
+            .finish()
+    }
+}
+
+impl DataSlot {
+    /// Installs (or replaces) the handler for connections accepted from now on.
+    pub fn set(&self, handler: Arc<dyn DataHandler>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(handler);
+    }
+
+    fn get(&self) -> Option<Arc<dyn DataHandler>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// The QUIC server of a node.
 pub struct PeerServer {
     endpoint: quinn::Endpoint,
@@ -95,6 +128,7 @@ impl std::fmt::Debug for PeerServer {
 
 struct Shared {
     handler: Arc<dyn PeerHandler>,
+    data: DataSlot,
     snapshot_dir: PathBuf,
     opts: NetOptions,
 }
@@ -170,6 +204,7 @@ impl PeerServer {
             endpoint,
             shared: Arc::new(Shared {
                 handler,
+                data: DataSlot::default(),
                 snapshot_dir: snapshot_dir.as_ref().to_owned(),
                 opts,
             }),
@@ -179,6 +214,11 @@ impl PeerServer {
     /// The bound address (useful when binding port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, NetError> {
         self.endpoint.local_addr().map_err(NetError::Bind)
+    }
+
+    /// The slot for the handler of `shoal-data/1` connections.
+    pub fn data_slot(&self) -> DataSlot {
+        self.shared.data.clone()
     }
 
     /// The endpoint, to share its UDP socket with a [`super::PeerClient`].
@@ -256,6 +296,10 @@ async fn serve_connection(
             conn.close(codes::UNAUTHENTICATED, b"client certificate required");
             return;
         }
+        Some(ALPN_DATA) => {
+            serve_data(conn, peer_addr, peer_name, &shared, stop).await;
+            return;
+        }
         Some(ALPN_JOIN) => true,
         _ => {
             warn!(%peer_addr, "refusing connection without a known ALPN");
@@ -296,6 +340,33 @@ async fn serve_connection(
         if let Err(e) = done {
             warn!(%peer_addr, error = %e, "peer RPC task failed");
         }
+    }
+    conn.close(codes::SHUTDOWN, b"shutdown");
+}
+
+/// Hands a `shoal-data/1` connection to the node's data handler, if the client is a member and
+/// a handler is installed; closes it when the server stops.
+async fn serve_data(
+    conn: quinn::Connection,
+    peer_addr: SocketAddr,
+    peer_name: Option<String>,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(peer_name) = peer_name else {
+        warn!(%peer_addr, "refusing shoal-data/1 connection without a client certificate");
+        conn.close(codes::UNAUTHENTICATED, b"client certificate required");
+        return;
+    };
+    let Some(handler) = shared.data.get() else {
+        debug!(%peer_addr, peer = %peer_name, "refusing data connection: no data handler yet");
+        conn.close(codes::NO_DATA_HANDLER, b"data service not ready");
+        return;
+    };
+    debug!(%peer_addr, peer = %peer_name, "data connection");
+    tokio::select! {
+        _ = stop.changed() => {}
+        _ = handler.serve(peer_name, conn.clone()) => {}
     }
     conn.close(codes::SHUTDOWN, b"shutdown");
 }

@@ -4,9 +4,11 @@
 //! can admit a joiner (there is no master). A member's certificate is a leaf for both server and
 //! client authentication with the DNS names `shoal` and `<name>.shoal` and the node name as CN.
 //!
-//! Two ALPNs share one UDP port:
+//! Three ALPNs share one UDP port:
 //! - [`ALPN_PEER`] (`shoal/1`): mutual TLS; the server refuses the connection if the client
 //!   presented no certificate (the handshake itself accepts that, for the join ALPN's sake).
+//! - [`ALPN_DATA`] (`shoal-data/1`): mutual TLS like `shoal/1`, for bulk data (image chunks) on
+//!   connections of their own, served by the node's data handler.
 //! - [`ALPN_JOIN`] (`shoal-join/1`): a joiner without a certificate yet. It pins the CA by the
 //!   fingerprint in its join token and may only send the join RPC.
 //!
@@ -31,6 +33,9 @@ use sha2::{Digest, Sha256};
 
 /// ALPN of member-to-member traffic (Raft and app RPCs); requires a client certificate.
 pub const ALPN_PEER: &[u8] = b"shoal/1";
+/// ALPN of bulk data between members (image chunks); requires a client certificate. Its own
+/// connections, so a chunk transfer never queues behind or ahead of Raft traffic.
+pub const ALPN_DATA: &[u8] = b"shoal-data/1";
 /// ALPN of a joiner that has no certificate yet; only the join RPC is served.
 pub const ALPN_JOIN: &[u8] = b"shoal-join/1";
 /// The server name every member's certificate carries and every client verifies.
@@ -368,10 +373,12 @@ pub fn verify_node_cert(ca_cert_pem: &str, cert_chain_pem: &str) -> Result<(), T
 }
 
 /// Server configuration: presents the member's chain, verifies client certificates against the
-/// CA, accepts clients without one (the join ALPN), speaks `shoal/1` and `shoal-join/1`.
+/// CA, accepts clients without one (the join ALPN), speaks `shoal/1`, `shoal-data/1` and
+/// `shoal-join/1`.
 ///
 /// Accepting an unauthenticated client here is only half the policy: the server closes any
-/// `shoal/1` connection whose client presented no certificate (see `server.rs`).
+/// `shoal/1` or `shoal-data/1` connection whose client presented no certificate (see
+/// `server.rs`).
 pub fn server_config(
     ca_cert_pem: &str,
     identity: &NodeIdentity,
@@ -391,7 +398,7 @@ pub fn server_config(
             key_from_pem(&identity.key_pem)?,
         )
         .map_err(TlsError::Rustls)?;
-    config.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_JOIN.to_vec()];
+    config.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_DATA.to_vec(), ALPN_JOIN.to_vec()];
     Ok(config)
 }
 
@@ -430,6 +437,16 @@ pub fn peer_client_config(
         )
         .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![ALPN_PEER.to_vec()];
+    Ok(config)
+}
+
+/// [`peer_client_config`] for the data ALPN (`shoal-data/1`).
+pub fn data_client_config(
+    ca_cert_pem: &str,
+    identity: &NodeIdentity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = peer_client_config(ca_cert_pem, identity)?;
+    config.alpn_protocols = vec![ALPN_DATA.to_vec()];
     Ok(config)
 }
 

@@ -15,8 +15,8 @@ use openraft::raft::{
 use sha2::{Digest, Sha256};
 use shoal_consensus::net::client::client_endpoint;
 use shoal_consensus::net::{
-    BoxFuture, ClusterCa, JoinRequest, JoinResponse, NetOptions, NodeIdentity, PeerClient,
-    PeerError, PeerHandler, PeerRole, PeerServer, PeerStatus,
+    BoxFuture, ClusterCa, DataSlot, JoinRequest, JoinResponse, NetOptions, NodeIdentity,
+    PeerClient, PeerError, PeerHandler, PeerRole, PeerServer, PeerStatus,
 };
 use shoal_consensus::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use shoal_types::{Command, NodeInfo, TxnResponse};
@@ -174,6 +174,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub handler: Arc<Recorder>,
     pub endpoint: quinn::Endpoint,
+    /// Where a test installs a handler for `shoal-data/1` connections.
+    pub data: DataSlot,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -245,6 +247,7 @@ pub fn start_server_as(
     .unwrap();
     let addr = server.local_addr().unwrap();
     let endpoint = server.endpoint();
+    let data = server.data_slot();
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(server.run(async {
         let _ = stopped.await;
@@ -253,6 +256,7 @@ pub fn start_server_as(
         addr,
         handler,
         endpoint,
+        data,
         stop: Some(stop),
         task: Some(task),
         _dir: dir,

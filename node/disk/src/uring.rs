@@ -37,7 +37,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 pub const ALIGN: u64 = 4096;
 
 /// A SHA-256 digest.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {
@@ -68,6 +68,10 @@ pub struct WriterOptions {
     pub slots: usize,
     /// Use `O_DIRECT` for aligned pages when the file system allows it.
     pub direct: bool,
+    /// Bytes of chunks that arrived ahead of the in-order prefix that the writer keeps (by
+    /// reference: the caller's `Bytes`) to hash once the prefix reaches them. Chunks past this
+    /// budget are read back from the file at `finish` instead.
+    pub hash_window: usize,
 }
 
 impl Default for WriterOptions {
@@ -76,6 +80,7 @@ impl Default for WriterOptions {
             chunk_size: 4 << 20,
             slots: 8,
             direct: true,
+            hash_window: 256 << 20,
         }
     }
 }
@@ -175,6 +180,8 @@ enum Command {
 struct Fault {
     short_write: Option<u32>,
     direct_einval: bool,
+    /// Make any read-back at `finish` fail, to prove a digest came from the bytes as they went by.
+    no_read_back: bool,
 }
 
 /// The async handle. Cheap to clone; chunks may be written from many tasks at once.
@@ -311,6 +318,9 @@ impl UringWriter {
             covered: BTreeMap::new(),
             hasher: Sha256::new(),
             hashed_to: 0,
+            ahead: BTreeMap::new(),
+            ahead_bytes: 0,
+            hash_window: opts.hash_window,
             fault,
             buffered,
             _direct: direct,
@@ -498,9 +508,14 @@ struct RingThread {
     inflight: usize,
     /// Written ranges, start -> end, disjoint and merged.
     covered: BTreeMap<u64, u64>,
-    /// The whole-file hash, fed while chunks arrive in order; the rest is read back at the end.
+    /// The whole-file hash, fed in file order: a chunk at `hashed_to` is hashed as it arrives,
+    /// with the chunks kept in `ahead` that it makes contiguous. What the window could not keep is
+    /// read back at the end.
     hasher: Sha256,
     hashed_to: u64,
+    ahead: BTreeMap<u64, Bytes>,
+    ahead_bytes: usize,
+    hash_window: usize,
     fault: Fault,
     // The files stay open as long as the ring that refers to them by registered index.
     buffered: File,
@@ -567,10 +582,8 @@ impl RingThread {
                 let slot = self.free.pop().expect("a permit guarantees a free slot");
                 let pad = (offset % ALIGN) as usize;
                 self.bufs[slot].as_mut_slice()[pad..pad + data.len()].copy_from_slice(&data);
-                if offset == self.hashed_to {
-                    self.hasher.update(&data);
-                    self.hashed_to += data.len() as u64;
-                }
+                let len = data.len() as u64;
+                self.hash_in_order(offset, data);
                 self.jobs[slot] = Some(Job {
                     offset,
                     pad,
@@ -579,8 +592,27 @@ impl RingThread {
                     reply,
                     _permit: permit,
                 });
-                self.submit_range(slot, offset, data.len() as u64, self.direct);
+                self.submit_range(slot, offset, len, self.direct);
             }
+        }
+    }
+
+    /// Feeds the whole-file hash with `data` (at `offset`) if it continues the hashed prefix,
+    /// then with the kept chunks that follow; otherwise keeps it if the window has room.
+    fn hash_in_order(&mut self, offset: u64, data: Bytes) {
+        if offset != self.hashed_to {
+            if self.ahead_bytes + data.len() <= self.hash_window {
+                self.ahead_bytes += data.len();
+                self.ahead.insert(offset, data);
+            }
+            return;
+        }
+        self.hasher.update(&data);
+        self.hashed_to += data.len() as u64;
+        while let Some(next) = self.ahead.remove(&self.hashed_to) {
+            self.ahead_bytes -= next.len();
+            self.hasher.update(&next);
+            self.hashed_to += next.len() as u64;
         }
     }
 
@@ -774,10 +806,26 @@ impl RingThread {
         if res < 0 {
             return Err(UringError::Fsync(io::Error::from_raw_os_error(-res)));
         }
-        // Bytes that arrived out of order were not hashed on the way: read them back.
+        // Bytes the window could not keep were not hashed on the way: read them back, up to the
+        // next kept chunk.
         let mut buf = vec![0u8; 1 << 20];
         while self.hashed_to < self.total_len {
-            let n = (self.total_len - self.hashed_to).min(buf.len() as u64) as usize;
+            if let Some(next) = self.ahead.remove(&self.hashed_to) {
+                self.hasher.update(&next);
+                self.hashed_to += next.len() as u64;
+                continue;
+            }
+            let until = self
+                .ahead
+                .range(self.hashed_to..)
+                .next()
+                .map_or(self.total_len, |(&at, _)| at);
+            let n = (until - self.hashed_to).min(buf.len() as u64) as usize;
+            if self.fault.no_read_back {
+                return Err(UringError::ReadBack(io::Error::other(
+                    "read-back forbidden",
+                )));
+            }
             self.buffered
                 .read_exact_at(&mut buf[..n], self.hashed_to)
                 .map_err(UringError::ReadBack)?;

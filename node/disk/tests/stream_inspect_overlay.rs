@@ -33,6 +33,7 @@ async fn streamed_base_inspected_then_overlaid() {
         chunk_size: chunk,
         slots: 4,
         direct: true,
+        ..WriterOptions::default()
     };
     let w = match UringWriter::create(&base, bytes.len() as u64, &opts) {
         Ok(w) => w,

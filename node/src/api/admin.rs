@@ -1,12 +1,13 @@
 //! Shoal's own admin surface under `/shoal/v1`: cluster status, the raw `kv` table (as
-//! etcdctl reaches etcd), watch streams, join tokens and node removal. Every route needs a
+//! etcdctl reaches etcd), watch streams, join tokens, node removal and image prefetch (`shoal
+//! image pull`). Every route needs a
 //! token with the admin role: the admin surface is never reachable without a credential.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -35,6 +36,68 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/shoal/v1/join-tokens/{id}", delete(tokens_revoke))
         .route("/shoal/v1/nodes/{name}", delete(node_remove))
+        .route("/shoal/v1/images/{id}/pull", post(image_pull))
+}
+
+/// Pulls an image into this node's base-image cache (or joins the pull already running) and
+/// streams its progress as newline-delimited JSON, at most four lines a second; the last line has
+/// `"status": "done"` and the cached path, or `"status": "error"` and a message.
+async fn image_pull(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    auth.require_admin()?;
+    // The id names a file in the cache directory.
+    if id.is_empty()
+        || id.len() > 128
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(ApiError::bad_request(
+            "an image id is 1 to 128 letters, digits, '-', '_' or '.', not starting with '.'",
+        ));
+    }
+    let rx = state.images.start_pull(&id);
+    let lines = futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(250),
+            rx.wait_for(|s| s.result.is_some()),
+        )
+        .await;
+        let s = rx.borrow_and_update().clone();
+        let mut line = json!({
+            "done_bytes": s.done_bytes,
+            "total_bytes": s.total_bytes,
+            "fetched_bytes": s.fetched_bytes,
+            "retried_chunks": s.retried_chunks,
+        });
+        let next = match &s.result {
+            None => {
+                line["status"] = json!("pulling");
+                Some(rx)
+            }
+            Some(Ok(path)) => {
+                line["status"] = json!("done");
+                line["path"] = json!(path.display().to_string());
+                None
+            }
+            Some(Err(e)) => {
+                line["status"] = json!("error");
+                line["message"] = json!(crate::images::chain(e.as_ref()));
+                None
+            }
+        };
+        Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), next))
+    });
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 async fn status(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {

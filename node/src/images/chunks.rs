@@ -24,6 +24,8 @@ pub enum ChunkError {
     Hasher,
     #[error("no reachable node holds chunk {0}")]
     Missing(Digest),
+    #[error("cannot read the chunk holders: {0}")]
+    Cluster(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ChunkError + '_ {
@@ -94,6 +96,10 @@ impl ChunkStore {
     pub async fn put_verified(&self, d: Digest, data: Bytes) -> Result<(), ChunkError> {
         let dest = self.path(&d);
         if dest.exists() {
+            // Stored again: it is fresh for garbage collection's grace period.
+            if let Ok(f) = std::fs::File::options().write(true).open(&dest) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
             return Ok(());
         }
         let tmp = self

@@ -1,6 +1,7 @@
 //! Taking an image's bytes in: cut into chunks as they stream in, hash them (per chunk and for
-//! the whole image), store the chunks, and keep a staging copy of the whole file for the upload
-//! inspector and this node's base-image cache. Memory use is one chunk, whatever the image size.
+//! the whole image), store the chunks, push them to their replicas (see [`super::replicate`]),
+//! and keep a staging copy of the whole file for the upload inspector and this node's base-image
+//! cache. Memory use is bounded by the replication queue, whatever the image size.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::chunks::{ChunkError, ChunkStore};
 use super::manifest::Manifest;
+use super::replicate::Replicator;
 
 /// Why an upload stopped.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum UploadError {
     },
     #[error("the hashing task stopped")]
     Hasher,
+    #[error("cannot choose the image's replicas")]
+    Cluster(#[source] shoal_consensus::cluster::ClusterError),
 }
 
 #[derive(Clone)]
@@ -48,7 +52,9 @@ pub struct Uploaded {
     /// The whole image as one file, for the inspector and the local base-image cache. The
     /// caller moves or deletes it.
     pub staging: PathBuf,
-    /// `(chunk, node)` copies made durable during the upload, for the manifest transaction.
+    /// `(chunk, node)` copies made durable during the upload, this node's and the replicas',
+    /// for the manifest transaction. A chunk with fewer than `replication` entries here has
+    /// fewer copies (a small cluster, or replicas that failed); a warning was logged.
     pub copies: Vec<(Digest, String)>,
 }
 
@@ -66,6 +72,7 @@ pub struct Uploader {
     chunks: Vec<Digest>,
     staging_path: PathBuf,
     staging: Option<tokio::fs::File>,
+    replicator: Option<Replicator>,
 }
 
 impl Drop for Uploader {
@@ -109,7 +116,14 @@ impl Uploader {
             chunks: Vec::new(),
             staging_path: staging,
             staging: Some(file),
+            replicator: None,
         })
+    }
+
+    /// Pushes every chunk to replicas as it is sealed; `finish` waits for them.
+    pub fn with_replicator(mut self, replicator: Replicator) -> Uploader {
+        self.replicator = Some(replicator);
+        self
     }
 
     /// Bytes received so far.
@@ -157,6 +171,9 @@ impl Uploader {
             path: self.staging_path.clone(),
             source,
         })?;
+        if let Some(replicator) = &self.replicator {
+            replicator.send(d, chunk).await;
+        }
         self.chunks.push(d);
         Ok(())
     }
@@ -181,6 +198,10 @@ impl Uploader {
                 source,
             });
         }
+        let replicas = match self.replicator.take() {
+            Some(r) => r.finish().await,
+            None => Vec::new(),
+        };
         let h = self.hashers.take().ok_or(UploadError::Hasher)?;
         let manifest = Manifest {
             size: self.size,
@@ -193,11 +214,17 @@ impl Uploader {
             md5: hex::encode(h.md5.finalize()),
             sha512: hex::encode(h.sha512.finalize()),
             staging: self.staging_path.clone(),
-            copies: self
-                .chunks
-                .iter()
-                .map(|d| (*d, self.node.clone()))
-                .collect(),
+            copies: {
+                let mut copies: Vec<(Digest, String)> = self
+                    .chunks
+                    .iter()
+                    .map(|d| (*d, self.node.clone()))
+                    .chain(replicas)
+                    .collect();
+                copies.sort();
+                copies.dedup();
+                copies
+            },
         })
     }
 }
@@ -233,7 +260,10 @@ mod tests {
         assert_eq!(whole.sha512, hex::encode(Sha512::digest(&data)));
         assert_eq!(whole.md5, hex::encode(Md5::digest(&data)));
         assert_eq!(std::fs::read(&whole.staging).unwrap(), data);
-        assert_eq!(whole.copies.len(), 3);
+        // The pattern repeats every 256 bytes, so the first two chunks are the same bytes: one
+        // copy of each distinct chunk.
+        assert_eq!(digests[0], digests[1]);
+        assert_eq!(whole.copies.len(), 2);
     }
 
     #[tokio::test]

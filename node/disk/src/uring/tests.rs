@@ -37,6 +37,7 @@ fn opts(chunk_size: usize) -> WriterOptions {
         chunk_size,
         slots: 4,
         direct: true,
+        ..WriterOptions::default()
     }
 }
 
@@ -100,11 +101,44 @@ async fn edge_sizes_are_byte_exact() {
     }
 }
 
-/// Chunks written out of order and concurrently still make the exact file; the digest covers
-/// the parts that had to be read back.
+/// Chunks written out of order and concurrently still make the exact file, and the digest
+/// comes from the chunks as they went by: reading the file back is forbidden here.
 #[tokio::test]
 async fn chunks_out_of_order() {
-    round_trip(9 * (64 << 10) + 123, 64 << 10, true, true, Fault::default()).await;
+    let no_read_back = Fault {
+        no_read_back: true,
+        ..Fault::default()
+    };
+    round_trip(9 * (64 << 10) + 123, 64 << 10, true, true, no_read_back).await;
+}
+
+/// With a window too small for the chunks that arrive early, the digest is still exact: what
+/// the window could not keep is read back, between the chunks it did keep.
+#[tokio::test]
+async fn chunks_beyond_the_hash_window_are_read_back() {
+    let chunk = 64 << 10;
+    let len = 9 * chunk + 123;
+    for window in [0, chunk, 3 * chunk] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let src = data(len, window as u64);
+        let o = WriterOptions {
+            hash_window: window,
+            ..opts(chunk)
+        };
+        let Some(w) = writer(&path, len as u64, &o, Fault::default()) else {
+            return;
+        };
+        // Last to first, one at a time: every chunk but the last written arrives early.
+        for i in (0..len.div_ceil(chunk)).rev() {
+            let start = i * chunk;
+            let bytes = src[start..(start + chunk).min(len)].to_vec();
+            w.write_chunk(start as u64, bytes).await.unwrap();
+        }
+        let digest = w.finish().await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), src);
+        assert_eq!(digest.0, <[u8; 32]>::from(sha2::Sha256::digest(&src)));
+    }
 }
 
 /// Chunk sizes that are not page multiples: every chunk has a buffered head and tail around an
