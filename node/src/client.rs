@@ -139,6 +139,18 @@ impl Session {
             .header("X-Auth-Token", &self.token)
     }
 
+    /// A request whose response is a long-lived stream (watch events, pull progress): sent
+    /// through a client without the whole-request timeout.
+    pub fn stream_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        Ok(http_client(self.cacert.as_deref(), None)?
+            .request(method, format!("{}{}", self.base, path))
+            .header("X-Auth-Token", &self.token))
+    }
+
     /// Sends and returns the successful response, or the API's error message.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = req.send().await.context("request failed")?;
@@ -338,11 +350,9 @@ pub async fn kv_watch(prefix: &str, from_revision: Option<u64>) -> anyhow::Resul
     if let Some(r) = from_revision {
         q.push(("from_revision", r.to_string()));
     }
-    let http = http_client(s.cacert.as_deref(), None)?;
     let resp = s
         .send(
-            http.get(format!("{}/shoal/v1/watch", s.base))
-                .header("X-Auth-Token", &s.token)
+            s.stream_request(reqwest::Method::GET, "/shoal/v1/watch")?
                 .query(&q),
         )
         .await?;
@@ -363,7 +373,9 @@ pub async fn image_pull(id: &str, quiet: bool) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     let s = Session::from_env().await?;
     let path = format!("/shoal/v1/images/{}/pull", escape_segment(id));
-    let resp = s.send(s.request(reqwest::Method::POST, &path)).await?;
+    let resp = s
+        .send(s.stream_request(reqwest::Method::POST, &path)?)
+        .await?;
     let bar = !quiet && std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
     let mut stream = resp.bytes_stream();

@@ -545,7 +545,6 @@ fn bad_uploads_are_refused_and_serve_nothing() {
 /// `image save` through a node that holds neither the cache nor the chunks: the bytes come
 /// from the uploading node.
 #[test]
-#[ignore = "needs the peer chunk transport (images-store)"]
 fn image_save_on_another_node_streams_from_peers() {
     let Some(bin) = client_and_qemu() else { return };
     let c = Cluster::start(3, &[]);

@@ -81,7 +81,6 @@ fn chunk_service_and_pull_cli_on_a_real_node() {
 /// API to node1, `shoal image pull` on the other two, kill node1, pull again from a fresh cache
 /// on the survivor that was not the replica, and check the bytes and `qemu-img check`.
 #[test]
-#[ignore = "needs the Image API (images-api branch)"]
 fn upload_replicate_kill_and_pull_through_the_api() {
     let mut c = Cluster::start(3, &[]);
     let work = tempfile::tempdir().unwrap();

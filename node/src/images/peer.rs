@@ -38,6 +38,13 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one chunk may take to cross, either way. A peer that stalls longer is given up on
 /// and the chunk is asked of another.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a holder has to start answering a GET. A chunk file is opened and its length sent
+/// before any byte of it, so a live peer answers in milliseconds; one that does not is most
+/// likely dead with its connection not yet timed out (QUIC notices only after the idle
+/// timeout), and waiting [`CHUNK_TIMEOUT`] for it would stall the pull.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connection close code for a peer given up on because it did not answer.
+const NO_ANSWER_CODE: VarInt = VarInt::from_u32(0x11);
 /// Stream reset code for a request the server refuses to parse.
 pub const BAD_REQUEST_CODE: VarInt = VarInt::from_u32(0x10);
 /// Piece size in which a chunk file is read and handed to QUIC.
@@ -390,7 +397,21 @@ pub async fn fetch(
         req[0] = OP_GET;
         req[1..].copy_from_slice(&d.0);
         let (conn, mut recv) = send_request(cluster, node, &req, None).await?;
-        let len = read_status(node, d, &conn, &mut recv).await?;
+        let len = match tokio::time::timeout(ANSWER_TIMEOUT, read_status(node, d, &conn, &mut recv))
+            .await
+        {
+            Ok(status) => status?,
+            Err(_) => {
+                // Drop the cached connection: the next request reconnects, and fails fast if
+                // the peer is gone.
+                conn.close(NO_ANSWER_CODE, b"no answer");
+                return Err(TransferError::Timeout {
+                    node: node.to_owned(),
+                    digest: d,
+                    limit: ANSWER_TIMEOUT,
+                });
+            }
+        };
         let expected = expected_len.unwrap_or(u64::from(len).min(MAX_CHUNK as u64));
         if u64::from(len) != expected {
             let _ = recv.stop(BAD_REQUEST_CODE);
