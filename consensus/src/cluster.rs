@@ -33,6 +33,7 @@ use crate::net::{
     PeerHandler, PeerRole, PeerServer, PeerStatus, QuicNetwork,
 };
 use crate::raft_types::{Raft, SnapshotMeta, TypeConfig, Vote};
+use crate::read_index::{ReadBatcher, Round};
 use crate::store::{self, StateReader, StoreOptions, WatchStream};
 
 /// How a node is set up; the node binary fills it from its config file.
@@ -112,6 +113,9 @@ const NODE_ID_FILE: &str = "node_id";
 /// How long a write or read barrier waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 
+/// What [`ReadBatcher`] calls for a round; holds the cluster weakly, so no cycle keeps it alive.
+type RoundFn = Box<dyn Fn() -> Round + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
@@ -138,6 +142,8 @@ struct Inner {
     data_slot: DataSlot,
     ca: ClusterCa,
     rpc_metrics: Arc<RpcMetrics>,
+    /// Shares read-index rounds among concurrent read barriers.
+    reads: Arc<ReadBatcher<RoundFn>>,
     /// Stops the peer server; taken by `run` or `shutdown`.
     server_stop: Mutex<Option<tokio::sync::watch::Sender<bool>>>,
     server_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -378,19 +384,32 @@ impl Cluster {
             let _ = stop_rx.changed().await;
         }));
         let cluster = Cluster {
-            inner: Arc::new(Inner {
-                id,
-                info: opts.node_info(),
-                opts,
-                raft,
-                sm: reader,
-                peers,
-                data_peers,
-                data_slot,
-                ca,
-                rpc_metrics,
-                server_stop: Mutex::new(Some(stop_tx)),
-                server_task: Mutex::new(Some(server_task)),
+            inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+                let weak = weak.clone();
+                let round: RoundFn = Box::new(move || {
+                    let inner = weak.upgrade();
+                    Box::pin(async move {
+                        match inner {
+                            Some(inner) => Cluster { inner }.read_index_round().await,
+                            None => Err("the node is shutting down".to_owned()),
+                        }
+                    })
+                });
+                Inner {
+                    id,
+                    info: opts.node_info(),
+                    opts,
+                    raft,
+                    sm: reader,
+                    peers,
+                    data_peers,
+                    data_slot,
+                    ca,
+                    rpc_metrics,
+                    reads: ReadBatcher::new(round),
+                    server_stop: Mutex::new(Some(stop_tx)),
+                    server_task: Mutex::new(Some(server_task)),
+                }
             }),
         };
         let _ = slot.set(cluster.clone());
@@ -542,49 +561,47 @@ impl Cluster {
     }
 
     /// After this returns, local reads see every write acknowledged before it was called.
+    /// Concurrent callers share read-index rounds (`read_index.rs`).
     pub async fn read_barrier(&self) -> Result<u64, ClusterError> {
         let deadline = Instant::now() + LEADER_WAIT;
         let mut last_err = String::from("no leader elected");
         while Instant::now() < deadline {
-            let index = match self.leader() {
-                Some((leader, _)) if leader == self.inner.id => {
-                    match self
-                        .inner
+            match self.inner.reads.read_index().await {
+                Ok(index) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    self.inner
                         .raft
-                        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                        .wait(Some(remaining))
+                        .applied_index_at_least(Some(index), "read barrier")
                         .await
-                    {
-                        Ok(read) => Some(read.index()),
-                        Err(e) => {
-                            last_err = e.to_string();
-                            None
-                        }
-                    }
+                        .map_err(|e| ClusterError::Unavailable(format!("catching up: {e}")))?;
+                    return Ok(index);
                 }
-                Some((_, Some(info))) => {
-                    match self.inner.peers.linearizable_read(&info.raft_addr).await {
-                        Ok(index) => Some(index),
-                        Err(e) => {
-                            last_err = format!("read index from {}: {}", info.name, chain(&e));
-                            None
-                        }
-                    }
-                }
-                _ => None,
-            };
-            if let Some(index) = index {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                self.inner
-                    .raft
-                    .wait(Some(remaining))
-                    .applied_index_at_least(Some(index), "read barrier")
-                    .await
-                    .map_err(|e| ClusterError::Unavailable(format!("catching up: {e}")))?;
-                return Ok(index);
+                Err(e) => last_err = e,
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(ClusterError::Unavailable(last_err))
+    }
+
+    /// One read-index round: from Raft if this node leads, else from the leader.
+    async fn read_index_round(&self) -> Result<u64, String> {
+        match self.leader() {
+            Some((leader, _)) if leader == self.inner.id => self
+                .inner
+                .raft
+                .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                .await
+                .map(|read| read.index())
+                .map_err(|e| e.to_string()),
+            Some((_, Some(info))) => self
+                .inner
+                .peers
+                .linearizable_read(&info.raft_addr)
+                .await
+                .map_err(|e| format!("read index from {}: {}", info.name, chain(&e))),
+            _ => Err("no leader elected".to_owned()),
+        }
     }
 
     pub async fn get(&self, table: &str, key: &str) -> Result<Option<Row>, ClusterError> {

@@ -10,6 +10,7 @@ pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod raft_types;
+mod read_index;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
