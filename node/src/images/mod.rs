@@ -180,6 +180,7 @@ impl ImageStore {
         let mut rerep = rereplicate::Rereplicator::new(grace);
         let mut rerep_tick = tokio::time::interval(rereplicate::every(grace));
         rerep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut removals = rereplicate::Removals::watch(&self.cluster).await;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -203,6 +204,7 @@ impl ImageStore {
                         tracing::warn!(error = %chain(&e), "chunk garbage collection failed");
                     }
                 }
+                _ = removals.next() => rerep_tick.reset_immediately(),
                 _ = rerep_tick.tick() => {
                     // A pass can take a while (pushes); shutdown does not wait for it. A push
                     // cut short leaves at most an unrecorded copy, which is harmless.

@@ -15,16 +15,19 @@
 //! chunks and its rows: the chunk then has one copy more than asked for, which is harmless
 //! (garbage collection only drops chunks no manifest names).
 //!
-//! Work is bounded: a pass starts at most [`PER_PASS`] copies, [`CONCURRENCY`] at a time; a pass
-//! that left work undone is followed by the next one a second later.
+//! Passes run every [`every`]`(grace)`, and at once when a node row is deleted. Work is bounded: a
+//! pass starts at most [`PER_PASS`] copies, [`CONCURRENCY`] at a time; a pass that left work undone
+//! is followed by the next one a second later.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use shoal_consensus::cluster::{Cluster, ClusterError};
 use shoal_consensus::join::T_NODES;
+use shoal_consensus::store::WatchStream;
 use shoal_disk::uring::Digest;
-use shoal_types::{Expect, Txn};
+use shoal_types::{EventKind, Expect, Txn};
 use tokio::task::JoinSet;
 
 use super::chunks::{parse_digest, ChunkError};
@@ -172,6 +175,38 @@ pub fn plan(view: &View<'_>, chunks: &[ChunkRows]) -> Plan {
         });
     }
     out
+}
+
+/// Watches the `nodes` table so that a removal starts a pass at once rather than at the next tick.
+pub struct Removals(Option<WatchStream>);
+
+impl Removals {
+    /// A watch from now on; without one (it could not be set up) removals wait for the next tick.
+    pub async fn watch(cluster: &Cluster) -> Removals {
+        match cluster.watch(T_NODES, "", cluster.revision() + 1).await {
+            Ok(w) => Removals(Some(w)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch node removals");
+                Removals(None)
+            }
+        }
+    }
+
+    /// Resolves when a node row is deleted; never, once the watch has ended or failed.
+    pub async fn next(&mut self) {
+        while let Some(w) = &mut self.0 {
+            match w.next().await {
+                Some(Ok(ev)) if matches!(ev.kind, EventKind::Delete) => return,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "node removal watch failed");
+                    self.0 = None;
+                }
+                None => self.0 = None,
+            }
+        }
+        std::future::pending().await
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
