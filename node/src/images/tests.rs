@@ -368,15 +368,16 @@ async fn from_local_chunks(m: &Member, manifest: &Manifest) -> Vec<u8> {
     out
 }
 
-/// A holder silent for longer than `rereplicate_after_secs` no longer counts: the other holder
-/// copies every chunk to the third node and records it, while the silent node's rows stay (it may
-/// come back). Then the second original holder dies too, and the third node alone has the whole
-/// image. (With two of three nodes dead Raft has no quorum, so the image is read from the third
-/// node's chunk store rather than pulled.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t85_a_silent_holder_is_replaced_after_the_grace_period() {
+/// Three voters running maintenance with replication 2 and `grace` seconds before a silent
+/// holder is lost, and `data` uploaded on n1. Returns the members, the manifest, the replica's
+/// name, and the indices of the replica and of the node that holds nothing.
+async fn held_by_n1_and_one(
+    grace: u64,
+    image_id: &str,
+    data: &[u8],
+) -> (Vec<Member>, Manifest, String, usize, usize) {
     let nodes = three_with(ImagesSection {
-        rereplicate_after_secs: 2,
+        rereplicate_after_secs: grace,
         ..settings(2)
     })
     .await;
@@ -384,10 +385,21 @@ async fn t85_a_silent_holder_is_replaced_after_the_grace_period() {
     for m in &nodes {
         maintain(m);
     }
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
-    let (manifest, copies) = upload(&nodes[0], "img-r", &data).await;
+    let (manifest, copies) = upload(&nodes[0], image_id, data).await;
     let replica = copies.iter().find(|(_, n)| n != "n1").unwrap().1.clone();
     let (keeper, third) = if replica == "n2" { (1, 2) } else { (2, 1) };
+    (nodes, manifest, replica, keeper, third)
+}
+
+/// A holder silent for longer than `rereplicate_after_secs` no longer counts: the other holder
+/// copies every chunk to the third node and records it, while the silent node's rows stay (it may
+/// come back). Then the second original holder dies too, and the third node alone has the whole
+/// image. (With two of three nodes dead Raft has no quorum, so the image is read from the third
+/// node's chunk store rather than pulled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t85_a_silent_holder_is_replaced_after_the_grace_period() {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+    let (nodes, manifest, replica, keeper, third) = held_by_n1_and_one(2, "img-r", &data).await;
     let third_name = nodes[third].cluster.node().name.clone();
 
     nodes[0].kill().await;
@@ -412,19 +424,8 @@ async fn t85_a_silent_holder_is_replaced_after_the_grace_period() {
 /// that held nothing before reads the image whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t85_a_removed_holder_is_replaced_and_its_rows_dropped() {
-    let nodes = three_with(ImagesSection {
-        rereplicate_after_secs: 3600,
-        ..settings(2)
-    })
-    .await;
-    all_voters(&nodes).await;
-    for m in &nodes {
-        maintain(m);
-    }
     let data = vec![0x42u8; 200_000];
-    let (manifest, copies) = upload(&nodes[0], "img-s", &data).await;
-    let replica = copies.iter().find(|(_, n)| n != "n1").unwrap().1.clone();
-    let (keeper, third) = if replica == "n2" { (1, 2) } else { (2, 1) };
+    let (nodes, manifest, replica, keeper, third) = held_by_n1_and_one(3600, "img-s", &data).await;
     nodes[0].kill().await;
     nodes[keeper].cluster.remove_node("n1").await.unwrap();
     let mut want = [replica.clone(), nodes[third].cluster.node().name.clone()];
