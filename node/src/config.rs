@@ -59,6 +59,10 @@ pub struct ImagesSection {
     /// An unused cached image younger than this is never evicted, in seconds.
     #[serde(default = "default_cache_min_age")]
     pub cache_min_age_secs: u64,
+    /// A chunk holder that has been unreachable this long, in seconds, no longer counts as a
+    /// copy: its chunks are copied to other nodes (a removed node counts as lost at once).
+    #[serde(default = "default_rereplicate_after")]
+    pub rereplicate_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +214,9 @@ fn default_cache_bytes() -> u64 {
 fn default_cache_min_age() -> u64 {
     3600
 }
+fn default_rereplicate_after() -> u64 {
+    300
+}
 
 impl Default for ImagesSection {
     fn default() -> Self {
@@ -219,6 +226,7 @@ impl Default for ImagesSection {
             max_image_bytes: default_max_image_bytes(),
             cache_bytes: default_cache_bytes(),
             cache_min_age_secs: default_cache_min_age(),
+            rereplicate_after_secs: default_rereplicate_after(),
         }
     }
 }
@@ -426,6 +434,12 @@ impl NodeConfig {
             0,
             365 * 86_400,
         )?;
+        range(
+            "images.rereplicate_after_secs",
+            i.rereplicate_after_secs,
+            1,
+            30 * 86_400,
+        )?;
         Ok(())
     }
 
@@ -575,6 +589,16 @@ mod tests {
             })
         ));
         cfg.images.replication = 2;
+        assert!(cfg.validate().is_ok());
+        cfg.images.rereplicate_after_secs = 0;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OutOfRange {
+                field: "images.rereplicate_after_secs",
+                ..
+            })
+        ));
+        cfg.images.rereplicate_after_secs = 300;
         assert!(cfg.validate().is_ok());
         cfg.identity.key_rotation_secs = 60;
         let err = cfg.validate().unwrap_err();

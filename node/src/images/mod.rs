@@ -9,6 +9,7 @@
 //! - [`pull`]: the streamer, which assembles a verified image in the base-image cache.
 //! - [`cache`]: the base-image cache, its leases and its eviction policy.
 //! - [`gc`]: removing chunks no image refers to any more.
+//! - [`rereplicate`]: copying chunks again when a holder is lost.
 //!
 //! [`ImageStore`] is what the Image API and the compute side use: it knows this node's
 //! directories and the `[images]` settings.
@@ -20,6 +21,7 @@ pub mod manifest;
 pub mod peer;
 pub mod pull;
 pub mod replicate;
+pub mod rereplicate;
 pub mod upload;
 
 #[cfg(test)]
@@ -169,10 +171,16 @@ impl ImageStore {
         self.cache.path(image_id)
     }
 
-    /// Keeps the cache under its budget and collects unreferenced chunks, until `shutdown`.
+    /// Keeps the cache under its budget, collects unreferenced chunks and copies chunks whose
+    /// holders were lost, until `shutdown`.
     pub async fn run_maintenance(self, shutdown: impl std::future::Future<Output = ()>) {
         let mut cache_tick = tokio::time::interval(CACHE_EVERY);
         let mut gc_tick = tokio::time::interval(gc::EVERY);
+        let grace = std::time::Duration::from_secs(self.settings.rereplicate_after_secs);
+        let mut rerep = rereplicate::Rereplicator::new(grace);
+        let mut rerep_tick = tokio::time::interval(rereplicate::every(grace));
+        rerep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut removals = rereplicate::Removals::watch(&self.cluster).await;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -194,6 +202,22 @@ impl ImageStore {
                 _ = gc_tick.tick() => {
                     if let Err(e) = gc::collect(&self, gc::GRACE).await {
                         tracing::warn!(error = %chain(&e), "chunk garbage collection failed");
+                    }
+                }
+                _ = removals.next() => rerep_tick.reset_immediately(),
+                _ = rerep_tick.tick() => {
+                    // A pass can take a while (pushes); shutdown does not wait for it. A push
+                    // cut short leaves at most an unrecorded copy, which is harmless.
+                    let pass = tokio::select! {
+                        _ = &mut shutdown => return,
+                        pass = rerep.pass(&self) => pass,
+                    };
+                    match pass {
+                        Ok(p) if p.more => {
+                            rerep_tick.reset_after(std::time::Duration::from_secs(1));
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %chain(&e), "re-replication pass failed"),
                     }
                 }
             }

@@ -313,6 +313,136 @@ async fn t85_gc_frees_unreferenced_chunks() {
     }
 }
 
+/// Runs `m`'s maintenance loop (cache, GC, re-replication) until `m` is killed.
+fn maintain(m: &Member) {
+    tokio::spawn(
+        m.store
+            .clone()
+            .run_maintenance(m.stop.clone().cancelled_owned()),
+    );
+}
+
+/// Waits until every chunk of `manifest` has exactly the holders `want` in `m`'s replica.
+async fn wait_for_holders(m: &Member, manifest: &Manifest, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // Right after a death the survivors may still be electing a leader.
+        let _ = m.cluster.read_barrier().await;
+        let now = holders_in_raft(m, manifest).await;
+        if now.iter().all(|h| *h == want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holders {now:?}, waiting for {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until all three members are voters, so that Raft survives one death.
+async fn all_voters(nodes: &[Member]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while nodes[0]
+        .cluster
+        .metrics()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .count()
+        < nodes.len()
+    {
+        assert!(std::time::Instant::now() < deadline, "members not promoted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The image as `m`'s own chunk store has it, every chunk checked against its hash.
+async fn from_local_chunks(m: &Member, manifest: &Manifest) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in manifest.digests().unwrap() {
+        let chunk = m.store.chunks.get(d).await.unwrap().expect("chunk held");
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+/// Three voters running maintenance with replication 2 and `grace` seconds before a silent
+/// holder is lost, and `data` uploaded on n1. Returns the members, the manifest, the replica's
+/// name, and the indices of the replica and of the node that holds nothing.
+async fn held_by_n1_and_one(
+    grace: u64,
+    image_id: &str,
+    data: &[u8],
+) -> (Vec<Member>, Manifest, String, usize, usize) {
+    let nodes = three_with(ImagesSection {
+        rereplicate_after_secs: grace,
+        ..settings(2)
+    })
+    .await;
+    all_voters(&nodes).await;
+    for m in &nodes {
+        maintain(m);
+    }
+    let (manifest, copies) = upload(&nodes[0], image_id, data).await;
+    let replica = copies.iter().find(|(_, n)| n != "n1").unwrap().1.clone();
+    let (keeper, third) = if replica == "n2" { (1, 2) } else { (2, 1) };
+    (nodes, manifest, replica, keeper, third)
+}
+
+/// A holder silent for longer than `rereplicate_after_secs` no longer counts: the other holder
+/// copies every chunk to the third node and records it, while the silent node's rows stay (it may
+/// come back). Then the second original holder dies too, and the third node alone has the whole
+/// image. (With two of three nodes dead Raft has no quorum, so the image is read from the third
+/// node's chunk store rather than pulled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t85_a_silent_holder_is_replaced_after_the_grace_period() {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+    let (nodes, manifest, replica, keeper, third) = held_by_n1_and_one(2, "img-r", &data).await;
+    let third_name = nodes[third].cluster.node().name.clone();
+
+    nodes[0].kill().await;
+    let mut want = vec!["n1", replica.as_str(), third_name.as_str()];
+    want.sort();
+    wait_for_holders(&nodes[keeper], &manifest, &want).await;
+    assert_eq!(
+        sha(&from_local_chunks(&nodes[third], &manifest).await),
+        sha(&data)
+    );
+
+    nodes[keeper].kill().await;
+    assert_eq!(
+        sha(&from_local_chunks(&nodes[third], &manifest).await),
+        sha(&data)
+    );
+    nodes[third].kill().await;
+}
+
+/// A node removed from the `nodes` table is lost at once, long before the grace period: its
+/// holder rows are deleted and its chunks copied to the remaining node, and a pull on a node
+/// that held nothing before reads the image whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t85_a_removed_holder_is_replaced_and_its_rows_dropped() {
+    let data = vec![0x42u8; 200_000];
+    let (nodes, manifest, replica, keeper, third) = held_by_n1_and_one(3600, "img-s", &data).await;
+    nodes[0].kill().await;
+    nodes[keeper].cluster.remove_node("n1").await.unwrap();
+    let mut want = [replica.clone(), nodes[third].cluster.node().name.clone()];
+    want.sort();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    wait_for_holders(&nodes[keeper], &manifest, &want).await;
+    assert_eq!(
+        sha(&from_local_chunks(&nodes[third], &manifest).await),
+        sha(&data)
+    );
+    let path = nodes[third].store.pull("img-s").await.unwrap();
+    assert_eq!(sha(&std::fs::read(&path).unwrap()), sha(&data));
+    for m in &nodes[1..] {
+        m.kill().await;
+    }
+}
+
 /// A measurement, not a test: pull throughput of an image from two holders into the cache,
 /// beside `cp` of the same file on the same disk. Run in release with
 /// `SHOAL_PULL_MIB=1024 cargo test --release -p shoal --bin shoal measure_pull -- --ignored
