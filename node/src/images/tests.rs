@@ -91,6 +91,8 @@ async fn three_with(settings: ImagesSection) -> Vec<Member> {
     for m in &out {
         m.cluster.read_barrier().await.unwrap();
     }
+    // Tests kill members: Raft must survive one death.
+    all_voters(&out).await;
     out
 }
 
