@@ -360,15 +360,17 @@ struct PullResult {
     cp_median_mib_s: f64,
     /// pull throughput / cp throughput (medians).
     ratio: f64,
-    /// Node CPU and machine CPU over the median pull run.
+    /// Node CPU and machine CPU over each pull run.
     pull_cpu: Vec<CpuUse>,
+    /// One more pull with one holder frozen (SIGSTOP) throughout: what a dead holder costs.
+    frozen_holder_pull_s: f64,
     node_names: Vec<String>,
 }
 
 async fn pull_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<PullResult> {
     let size = shoal_disk::qcow2::parse_size(&args.size)?;
     let bench = Bench::start(procs, args, dir, 3).await?;
-    let (id, src, _holders, others) = bench.prepare(dir, size).await?;
+    let (id, src, holders, others) = bench.prepare(dir, size).await?;
     let puller = &others[0];
     let (mut pull_s, mut cp_s, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
@@ -394,6 +396,26 @@ async fn pull_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<Pu
         cp_s.push(c);
     }
     std::fs::remove_file(&src)?;
+
+    // A holder that is alive to the kernel but never answers, as a hung or partitioned node
+    // looks: the pull must get every chunk from the other holder.
+    let frozen = &holders[1];
+    note(&format!(
+        "freezing {} (SIGSTOP) for one more pull",
+        frozen.name
+    ));
+    procs::signal(frozen.pid, libc::SIGSTOP)?;
+    let t = Instant::now();
+    let r = bench.pull(puller, &id).await;
+    let frozen_s = t.elapsed().as_secs_f64();
+    procs::signal(frozen.pid, libc::SIGCONT)?;
+    r?;
+    bench.evict(puller, &id)?;
+    note(&format!(
+        "pull with {} frozen: {frozen_s:.2} s ({:.0} MiB/s)",
+        frozen.name,
+        size as f64 / MIB / frozen_s
+    ));
     let (pm, cm) = (median(pull_s.clone()), median(cp_s.clone()));
     Ok(PullResult {
         phase: "pull",
@@ -405,6 +427,7 @@ async fn pull_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<Pu
         cp_median_mib_s: size as f64 / MIB / cm,
         ratio: cm / pm,
         pull_cpu: cpu,
+        frozen_holder_pull_s: frozen_s,
         node_names: bench.nodes.iter().map(|n| n.name.clone()).collect(),
     })
 }
@@ -525,6 +548,11 @@ fn print_pull(r: &PullResult) {
         r.cp_median_mib_s
     );
     println!("pull throughput / cp throughput: {:.2}x", r.ratio);
+    println!(
+        "pull with one holder frozen (SIGSTOP): {:.2} s ({:.0} MiB/s)",
+        r.frozen_holder_pull_s,
+        mib / r.frozen_holder_pull_s
+    );
     for (c, wall) in r.pull_cpu.iter().zip(&r.pull_s) {
         println!("  pull {wall:.2} s, {}", cpu_line(c, &r.node_names, *wall));
     }
