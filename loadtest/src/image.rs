@@ -89,10 +89,7 @@ impl Node {
 
     /// Whether this node stores any chunk (the uploader and its replica do).
     fn holds_chunks(&self) -> bool {
-        std::fs::read_dir(self.data.join("images").join("chunks"))
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false)
-            && dir_bytes(&self.data.join("images").join("chunks")) > 0
+        dir_bytes(&self.data.join("images").join("chunks")) > 0
     }
 }
 
@@ -119,12 +116,7 @@ fn generate(path: &Path, size: u64) -> Result<()> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ size;
     let mut left = size;
     while left > 0 {
-        for w in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-        }
+        crate::uring::pseudo_random(&mut block, &mut x);
         let n = left.min(block.len() as u64) as usize;
         f.write_all(&block[..n])?;
         left -= n as u64;
