@@ -169,6 +169,22 @@ impl CpuMark {
     }
 }
 
+/// Chunks of a pull that were asked of a second holder.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Redone {
+    /// After a failure (or a timeout) of the first.
+    retried: u64,
+    /// Because the first had not started answering within the hedging delay.
+    hedged: u64,
+}
+
+impl std::ops::AddAssign for Redone {
+    fn add_assign(&mut self, o: Redone) {
+        self.retried += o.retried;
+        self.hedged += o.hedged;
+    }
+}
+
 #[derive(Clone)]
 struct Client {
     http: reqwest::Client,
@@ -176,8 +192,9 @@ struct Client {
 }
 
 impl Client {
-    /// Pulls `id` into `node`'s cache through the admin API; returns when it is there.
-    async fn pull(&self, node: &Node, id: &str) -> Result<()> {
+    /// Pulls `id` into `node`'s cache through the admin API; returns when it is there, with the
+    /// chunks that were retried or served by a hedged request.
+    async fn pull(&self, node: &Node, id: &str) -> Result<Redone> {
         let text = self
             .http
             .post(format!("{}/shoal/v1/images/{id}/pull", node.base))
@@ -193,7 +210,11 @@ impl Client {
         if last["status"] != "done" {
             bail!("pull on {} did not finish: {last}", node.name);
         }
-        Ok(())
+        let count = |k: &str| last[k].as_u64().unwrap_or(0);
+        Ok(Redone {
+            retried: count("retried_chunks"),
+            hedged: count("hedged_chunks"),
+        })
     }
 }
 
@@ -276,7 +297,7 @@ impl Bench {
         }
     }
 
-    async fn pull(&self, node: &Node, id: &str) -> Result<()> {
+    async fn pull(&self, node: &Node, id: &str) -> Result<Redone> {
         self.client().pull(node, id).await
     }
 
@@ -354,8 +375,11 @@ struct PullResult {
     ratio: f64,
     /// Node CPU and machine CPU over each pull run.
     pull_cpu: Vec<CpuUse>,
+    /// Chunks asked of a second holder, each run.
+    redone: Vec<Redone>,
     /// One more pull with one holder frozen (SIGSTOP) throughout: what a dead holder costs.
     frozen_holder_pull_s: f64,
+    frozen_redone: Redone,
     node_names: Vec<String>,
 }
 
@@ -364,11 +388,12 @@ async fn pull_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<Pu
     let bench = Bench::start(procs, args, dir, 3).await?;
     let (id, src, holders, others) = bench.prepare(dir, size).await?;
     let puller = &others[0];
-    let (mut pull_s, mut cp_s, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pull_s, mut cp_s, mut cpu, mut redone) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         let mark = cpu_mark(&bench.nodes)?;
         let t = Instant::now();
-        bench.pull(puller, &id).await?;
+        redone.push(bench.pull(puller, &id).await?);
         let p = t.elapsed().as_secs_f64();
         cpu.push(mark.since(&bench.nodes)?);
         bench.evict(puller, &id)?;
@@ -401,10 +426,10 @@ async fn pull_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<Pu
     let r = bench.pull(puller, &id).await;
     let frozen_s = t.elapsed().as_secs_f64();
     procs::signal(frozen.pid, libc::SIGCONT)?;
-    r?;
+    let frozen_redone = r?;
     bench.evict(puller, &id)?;
     note(&format!(
-        "pull with {} frozen: {frozen_s:.2} s ({:.0} MiB/s)",
+        "pull with {} frozen: {frozen_s:.2} s ({:.0} MiB/s), {frozen_redone:?}",
         frozen.name,
         size as f64 / MIB / frozen_s
     ));
@@ -419,7 +444,9 @@ async fn pull_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<Pu
         cp_median_mib_s: size as f64 / MIB / cm,
         ratio: cm / pm,
         pull_cpu: cpu,
+        redone,
         frozen_holder_pull_s: frozen_s,
+        frozen_redone,
         node_names: bench.nodes.iter().map(|n| n.name.clone()).collect(),
     })
 }
@@ -441,6 +468,9 @@ struct StormResult {
     storm_aggregate_mib_s: f64,
     alone_cpu: Vec<CpuUse>,
     storm_cpu: Vec<CpuUse>,
+    /// Chunks asked of a second holder, each run, all pullers together.
+    alone_redone: Vec<Redone>,
+    storm_redone: Vec<Redone>,
     node_names: Vec<String>,
 }
 
@@ -452,11 +482,12 @@ async fn storm_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<S
     std::fs::remove_file(&src)?;
     let (mut alone, mut storm) = (Vec::new(), Vec::new());
     let (mut alone_cpu, mut storm_cpu) = (Vec::new(), Vec::new());
+    let (mut alone_redone, mut storm_redone) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         let lone = &others[run as usize % others.len()];
         let mark = cpu_mark(&bench.nodes)?;
         let t = Instant::now();
-        bench.pull(lone, &id).await?;
+        alone_redone.push(bench.pull(lone, &id).await?);
         let a = t.elapsed().as_secs_f64();
         alone_cpu.push(mark.since(&bench.nodes)?);
         bench.evict(lone, &id)?;
@@ -474,9 +505,11 @@ async fn storm_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<S
         }
         let s = t.elapsed().as_secs_f64();
         storm_cpu.push(mark.since(&bench.nodes)?);
+        let mut redone = Redone::default();
         for r in results {
-            r?;
+            redone += r?;
         }
+        storm_redone.push(redone);
         for p in &others {
             bench.evict(p, &id)?;
         }
@@ -505,6 +538,8 @@ async fn storm_phase(procs: &mut ProcGuard, args: &Args, dir: &Path) -> Result<S
         storm_aggregate_mib_s: size as f64 / MIB * others.len() as f64 / sm,
         alone_cpu,
         storm_cpu,
+        alone_redone,
+        storm_redone,
         node_names: bench.nodes.iter().map(|n| n.name.clone()).collect(),
     })
 }
@@ -541,12 +576,16 @@ fn print_pull(r: &PullResult) {
     );
     println!("pull throughput / cp throughput: {:.2}x", r.ratio);
     println!(
-        "pull with one holder frozen (SIGSTOP): {:.2} s ({:.0} MiB/s)",
+        "pull with one holder frozen (SIGSTOP): {:.2} s ({:.0} MiB/s); {:?}",
         r.frozen_holder_pull_s,
-        mib / r.frozen_holder_pull_s
+        mib / r.frozen_holder_pull_s,
+        r.frozen_redone
     );
-    for (c, wall) in r.pull_cpu.iter().zip(&r.pull_s) {
-        println!("  pull {wall:.2} s, {}", cpu_line(c, &r.node_names, *wall));
+    for ((c, wall), x) in r.pull_cpu.iter().zip(&r.pull_s).zip(&r.redone) {
+        println!(
+            "  pull {wall:.2} s, {}; {x:?}",
+            cpu_line(c, &r.node_names, *wall)
+        );
     }
 }
 
@@ -564,11 +603,17 @@ fn print_storm(r: &StormResult) {
         r.pullers, r.storm_median_s, r.storm_aggregate_mib_s
     );
     println!("storm / alone: {:.2}x", r.ratio);
-    for (c, wall) in r.alone_cpu.iter().zip(&r.alone_s) {
-        println!("  alone {wall:.2} s, {}", cpu_line(c, &r.node_names, *wall));
+    for ((c, wall), x) in r.alone_cpu.iter().zip(&r.alone_s).zip(&r.alone_redone) {
+        println!(
+            "  alone {wall:.2} s, {}; {x:?}",
+            cpu_line(c, &r.node_names, *wall)
+        );
     }
-    for (c, wall) in r.storm_cpu.iter().zip(&r.storm_s) {
-        println!("  storm {wall:.2} s, {}", cpu_line(c, &r.node_names, *wall));
+    for ((c, wall), x) in r.storm_cpu.iter().zip(&r.storm_s).zip(&r.storm_redone) {
+        println!(
+            "  storm {wall:.2} s, {}; {x:?}",
+            cpu_line(c, &r.node_names, *wall)
+        );
     }
 }
 

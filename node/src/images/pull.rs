@@ -69,6 +69,8 @@ pub struct PullStatus {
     pub fetched_bytes: u64,
     /// Chunk transfers that failed and were asked of another holder.
     pub retried_chunks: u64,
+    /// Chunks a second holder served because the first had not started answering in time.
+    pub hedged_chunks: u64,
     pub result: Option<Result<PathBuf, Arc<PullError>>>,
 }
 
@@ -318,6 +320,7 @@ impl ImageStore {
                     if hedged {
                         tracing::info!(chunk = i, source = %src, "holder slow to answer; another holder served the chunk");
                         silent.insert(src);
+                        progress.send_modify(|s| s.hedged_chunks += 1);
                     } else {
                         silent.remove(&src);
                     }
