@@ -7,6 +7,7 @@
 
 mod api;
 mod etcd;
+mod image;
 mod overlay;
 mod placement;
 mod pps;
@@ -39,6 +40,9 @@ enum Command {
     Placement(placement::Args),
     /// qcow2 overlay creation: shoal-disk against `qemu-img create`.
     Overlay(overlay::Args),
+    /// Image pull from two holders against `cp`, and a boot storm of every node pulling at once,
+    /// on a local cluster of `shoal` processes.
+    Image(image::Args),
     /// Writing an image file through the io_uring writer against `cp`.
     Uring(uring::Args),
     /// Packets per second through the datapath drivers in network namespaces (root).
@@ -61,6 +65,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(placement::run(args)),
+        Command::Image(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(image::run(args)),
         Command::Overlay(args) => overlay::run(args),
         Command::Uring(args) => uring::run(args),
         Command::Pps(args) => pps::run(args),

@@ -130,11 +130,16 @@ fn signal_group(pgid: u32, sig: libc::c_int) {
 
 /// SIGKILLs one process that we did not start ourselves (a node that `shoal dev` spawned).
 pub fn kill_pid(pid: u32) -> Result<()> {
+    signal(pid, libc::SIGKILL)
+}
+
+/// Sends `sig` to one process (as SIGSTOP and SIGCONT to freeze a node and thaw it).
+pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     let raw = libc::pid_t::try_from(pid).context("pid out of range")?;
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::kill(raw, libc::SIGKILL) };
+    let rc = unsafe { libc::kill(raw, sig) };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("kill -9 {pid}"));
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("kill -{sig} {pid}"));
     }
     Ok(())
 }

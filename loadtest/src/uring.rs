@@ -27,6 +27,18 @@ pub struct Args {
     pub dir: Option<PathBuf>,
 }
 
+/// Fills `block` with xorshift64 output from `state`: incompressible, cheap, reproducible.
+pub fn pseudo_random(block: &mut [u8], state: &mut u64) {
+    let mut x = *state;
+    for w in block.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+    *state = x;
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -49,12 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut left = size;
         while left > 0 {
-            for w in block.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-            }
+            pseudo_random(&mut block, &mut x);
             let n = left.min(block.len() as u64) as usize;
             f.write_all(&block[..n])?;
             hasher.update(&block[..n]);

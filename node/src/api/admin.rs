@@ -74,6 +74,7 @@ async fn image_pull(
             "total_bytes": s.total_bytes,
             "fetched_bytes": s.fetched_bytes,
             "retried_chunks": s.retried_chunks,
+            "hedged_chunks": s.hedged_chunks,
         });
         let next = match &s.result {
             None => {

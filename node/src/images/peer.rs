@@ -367,7 +367,7 @@ async fn send_request(
 }
 
 /// Runs one transfer of chunk `d` with `node` within [`CHUNK_TIMEOUT`].
-async fn timed<T>(
+pub async fn timed<T>(
     node: &str,
     d: Digest,
     transfer: impl std::future::Future<Output = Result<T, TransferError>>,
@@ -393,13 +393,34 @@ pub async fn fetch(
     expected_len: Option<u64>,
 ) -> Result<Bytes, TransferError> {
     timed(node, d, async {
-        let mut req = [0u8; 33];
-        req[0] = OP_GET;
-        req[1..].copy_from_slice(&d.0);
-        let (conn, mut recv) = send_request(cluster, node, &req, None).await?;
-        let len = match tokio::time::timeout(ANSWER_TIMEOUT, read_status(node, d, &conn, &mut recv))
-            .await
-        {
+        request(cluster, node, d, expected_len).await?.body().await
+    })
+    .await
+}
+
+/// A GET that its holder has started answering: the chunk's length is known and its bytes
+/// follow on the stream.
+pub struct Answer {
+    node: String,
+    conn: Connection,
+    recv: RecvStream,
+    len: u32,
+}
+
+/// Asks node `node` for chunk `d` and waits (at most [`ANSWER_TIMEOUT`] after the request is
+/// sent) until it starts answering. Not limited by [`CHUNK_TIMEOUT`]: wrap it with the body.
+pub async fn request(
+    cluster: &Cluster,
+    node: &str,
+    d: Digest,
+    expected_len: Option<u64>,
+) -> Result<Answer, TransferError> {
+    let mut req = [0u8; 33];
+    req[0] = OP_GET;
+    req[1..].copy_from_slice(&d.0);
+    let (conn, mut recv) = send_request(cluster, node, &req, None).await?;
+    let len =
+        match tokio::time::timeout(ANSWER_TIMEOUT, read_status(node, d, &conn, &mut recv)).await {
             Ok(status) => status?,
             Err(_) => {
                 // Drop the cached connection: the next request reconnects, and fails fast if
@@ -412,23 +433,39 @@ pub async fn fetch(
                 });
             }
         };
-        let expected = expected_len.unwrap_or(u64::from(len).min(MAX_CHUNK as u64));
-        if u64::from(len) != expected {
-            let _ = recv.stop(BAD_REQUEST_CODE);
-            return Err(TransferError::BadLength {
-                node: node.to_owned(),
-                digest: d,
-                len: len.into(),
-                expected,
-            });
-        }
-        let mut data = BytesMut::zeroed(len as usize);
-        recv.read_exact(&mut data)
-            .await
-            .map_err(|e| lost(node, &conn, e))?;
-        Ok(data.freeze())
+    let expected = expected_len.unwrap_or(u64::from(len).min(MAX_CHUNK as u64));
+    if u64::from(len) != expected {
+        let _ = recv.stop(BAD_REQUEST_CODE);
+        return Err(TransferError::BadLength {
+            node: node.to_owned(),
+            digest: d,
+            len: len.into(),
+            expected,
+        });
+    }
+    Ok(Answer {
+        node: node.to_owned(),
+        conn,
+        recv,
+        len,
     })
-    .await
+}
+
+impl Answer {
+    /// The node answering.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Reads the chunk's bytes.
+    pub async fn body(mut self) -> Result<Bytes, TransferError> {
+        let mut data = BytesMut::zeroed(self.len as usize);
+        self.recv
+            .read_exact(&mut data)
+            .await
+            .map_err(|e| lost(&self.node, &self.conn, e))?;
+        Ok(data.freeze())
+    }
 }
 
 /// Pushes chunk `d` to node `node`; returns once that node has it durably.

@@ -11,6 +11,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_consensus::cluster::ClusterError;
@@ -29,6 +30,10 @@ const LOCAL: usize = 2;
 /// How far past the first unfinished chunk the streamer may run ahead; bounds the chunks the
 /// writer keeps for its in-order hash.
 const WINDOW: usize = 32;
+/// How long a holder has to start answering a GET before the chunk is asked of another holder as
+/// well (the first answer is taken). A live holder answers in milliseconds; a dead one would
+/// otherwise cost a connect or answer timeout of seconds.
+const HEDGE_AFTER: Duration = Duration::from_millis(300);
 
 /// Why a pull failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,8 @@ pub struct PullStatus {
     pub fetched_bytes: u64,
     /// Chunk transfers that failed and were asked of another holder.
     pub retried_chunks: u64,
+    /// Chunks a second holder served because the first had not started answering in time.
+    pub hedged_chunks: u64,
     pub result: Option<Result<PathBuf, Arc<PullError>>>,
 }
 
@@ -237,14 +244,17 @@ impl ImageStore {
         let mut tried: Vec<Vec<String>> = vec![Vec::new(); digests.len()];
         let mut down: HashSet<Source> = HashSet::new();
         let mut busy: HashMap<Source, usize> = HashMap::new();
+        // Holders that let a hedged request win: asked only while no other holder is usable,
+        // until they deliver a chunk again.
+        let mut silent: HashSet<Source> = HashSet::new();
         let mut unfinished: BTreeSet<usize> = pending.clone();
-        let mut tasks: JoinSet<(usize, Source, Result<u64, ChunkFailure>)> = JoinSet::new();
+        let mut tasks: JoinSet<(usize, Source, Result<Fetched, ChunkFailure>)> = JoinSet::new();
         loop {
             // Hand out chunks, in order, within the window past the first unfinished one.
             let horizon = unfinished.first().map_or(usize::MAX, |f| f + WINDOW);
             let mut started = Vec::new();
             for &i in pending.iter().take_while(|&&i| i < horizon) {
-                let usable: Vec<&Source> = sources[i]
+                let mut usable: Vec<&Source> = sources[i]
                     .iter()
                     .filter(|s| !excluded[i].contains(*s) && !down.contains(*s))
                     .collect();
@@ -259,21 +269,35 @@ impl ImageStore {
                         },
                     });
                 }
+                if usable.iter().any(|s| !silent.contains(*s)) {
+                    usable.retain(|s| !silent.contains(*s));
+                }
                 let load = |s: &Source| busy.get(s).copied().unwrap_or(0);
                 let limit = |s: &Source| if *s == Source::Local { LOCAL } else { PER_PEER };
                 let Some(src) = usable
-                    .into_iter()
+                    .iter()
                     .filter(|s| load(s) < limit(s))
                     .min_by_key(|s| load(s))
-                    .cloned()
+                    .map(|s| (*s).clone())
                 else {
                     continue;
                 };
+                // The holder asked as well if `src` is slow to answer.
+                let hedge = usable
+                    .iter()
+                    .filter(|s| **s != &src)
+                    .min_by_key(|s| load(s))
+                    .and_then(|s| match s {
+                        Source::Peer(p) => Some(p.clone()),
+                        Source::Local => None,
+                    });
                 *busy.entry(src.clone()).or_default() += 1;
                 let (offset, len) = m.extent(i);
                 let (store, writer, d) = (self.clone(), writer.clone(), digests[i]);
                 tasks.spawn(async move {
-                    let r = store.copy_chunk(&writer, &src, d, offset, len).await;
+                    let r = store
+                        .copy_chunk(&writer, &src, hedge.as_deref(), d, offset, len)
+                        .await;
                     (i, src, r)
                 });
                 started.push(i);
@@ -289,7 +313,17 @@ impl ImageStore {
                 *n -= 1;
             }
             match result {
-                Ok(fetched) => {
+                Ok(Fetched {
+                    bytes: fetched,
+                    hedged,
+                }) => {
+                    if hedged {
+                        tracing::info!(chunk = i, source = %src, "holder slow to answer; another holder served the chunk");
+                        silent.insert(src);
+                        progress.send_modify(|s| s.hedged_chunks += 1);
+                    } else {
+                        silent.remove(&src);
+                    }
                     unfinished.remove(&i);
                     let len = m.extent(i).1;
                     progress.send_modify(|s| {
@@ -313,16 +347,19 @@ impl ImageStore {
         Ok(writer.finish().await?)
     }
 
-    /// Reads chunk `d` from `from` and writes it at `offset`, checked against `d`. Returns the
-    /// bytes that crossed the network.
+    /// Reads chunk `d` from `from` and writes it at `offset`, checked against `d`. If `from` is a
+    /// peer that has not started answering after [`HEDGE_AFTER`], the chunk is asked of `hedge`
+    /// as well and the first answer is taken.
     async fn copy_chunk(
         &self,
         writer: &UringWriter,
         from: &Source,
+        hedge: Option<&str>,
         d: Digest,
         offset: u64,
         len: u64,
-    ) -> Result<u64, ChunkFailure> {
+    ) -> Result<Fetched, ChunkFailure> {
+        let mut hedged = false;
         let (data, fetched): (Bytes, u64) = match from {
             Source::Local => match tokio::fs::read(self.chunks.path(&d)).await {
                 Ok(v) => (v.into(), 0),
@@ -333,8 +370,11 @@ impl ImageStore {
                     })
                 }
             },
-            Source::Peer(node) => match peer::fetch(&self.cluster, node, d, Some(len)).await {
-                Ok(b) => (b, len),
+            Source::Peer(node) => match self.fetch_hedged(node, hedge, d, len).await {
+                Ok((b, h)) => {
+                    hedged = h;
+                    (b, len)
+                }
                 Err(e) => {
                     return Err(ChunkFailure::Source {
                         down: e.peer_down(),
@@ -350,7 +390,10 @@ impl ImageStore {
             });
         }
         match writer.write_chunk_verified(offset, data, d).await {
-            Ok(()) => Ok(fetched),
+            Ok(()) => Ok(Fetched {
+                bytes: fetched,
+                hedged,
+            }),
             Err(e @ UringError::ChecksumMismatch { .. }) => Err(ChunkFailure::Source {
                 error: e.to_string(),
                 down: false,
@@ -358,6 +401,56 @@ impl ImageStore {
             Err(e) => Err(ChunkFailure::Fatal(e)),
         }
     }
+}
+
+impl ImageStore {
+    /// Fetches chunk `d` from `node`, or from `hedge` if `node` has not started answering within
+    /// [`HEDGE_AFTER`] and `hedge` answers first. Returns the bytes and whether `hedge` served
+    /// them. If the first to answer fails, the other's answer is awaited; the error reported is
+    /// `node`'s.
+    async fn fetch_hedged(
+        &self,
+        node: &str,
+        hedge: Option<&str>,
+        d: Digest,
+        len: u64,
+    ) -> Result<(Bytes, bool), peer::TransferError> {
+        let cluster = &self.cluster;
+        peer::timed(node, d, async {
+            let first = peer::request(cluster, node, d, Some(len));
+            tokio::pin!(first);
+            let answer = match hedge {
+                None => first.await?,
+                Some(other) => tokio::select! {
+                    r = &mut first => r?,
+                    () = tokio::time::sleep(HEDGE_AFTER) => {
+                        let second = peer::request(cluster, other, d, Some(len));
+                        tokio::pin!(second);
+                        tokio::select! {
+                            r = &mut first => match r {
+                                Ok(a) => a,
+                                Err(e) => second.await.map_err(|_| e)?,
+                            },
+                            r = &mut second => match r {
+                                Ok(a) => a,
+                                Err(_) => first.await?,
+                            },
+                        }
+                    }
+                },
+            };
+            let hedged = answer.node() != node;
+            Ok((answer.body().await?, hedged))
+        })
+        .await
+    }
+}
+
+/// A chunk in place: the bytes that crossed the network, and whether a hedged request to a
+/// second holder served it.
+struct Fetched {
+    bytes: u64,
+    hedged: bool,
 }
 
 fn peer_rank(d: &Digest, node: &str) -> [u8; 32] {
