@@ -23,7 +23,9 @@ use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use shoal_types::{Command, Expect, NodeId, NodeInfo, Row, Txn, TxnResponse};
 
-use crate::join::{self, JoinToken, TokenInfo, TokenRecord, T_JOIN_TOKENS, T_NODES};
+use crate::join::{
+    self, JoinToken, TokenInfo, TokenRecord, T_JOIN_TOKENS, T_NODES, T_REVOKED_CERTS,
+};
 use crate::membership::{self, Change, Health};
 use crate::metrics::RpcMetrics;
 use crate::net::client::client_endpoint;
@@ -80,6 +82,9 @@ pub struct NodeRecord {
     pub id: NodeId,
     pub info: NodeInfo,
     pub joined_at: u64,
+    /// Hex SHA-256 of the node's certificate, revoked when the node is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
 }
 
 /// One member as `shoal status` shows it.
@@ -227,6 +232,8 @@ impl Cluster {
             .map_err(setup("cannot issue this node's certificate"))?;
         let id = random_node_id();
         save_identity(&opts, id, &ca, &identity)?;
+        let cert_sha256 = tls::leaf_fingerprint(&identity.cert_chain_pem)
+            .map_err(setup("cannot read this node's certificate"))?;
         let cluster = Self::open(opts.clone(), id, ca, identity).await?;
         let mut members = BTreeMap::new();
         members.insert(id, cluster.inner.info.clone());
@@ -241,6 +248,7 @@ impl Cluster {
             id,
             info: cluster.inner.info.clone(),
             joined_at: join::now_secs(),
+            cert_sha256: Some(cert_sha256),
         };
         cluster
             .write(Txn::new().when(T_NODES, &opts.name, Expect::Absent).put(
@@ -693,18 +701,34 @@ impl Cluster {
 
     /// Removes a node: its row goes, and the voter manager takes it out of Raft.
     pub async fn remove_node(&self, name: &str) -> Result<(), ClusterError> {
-        let resp = self
-            .write(
-                Txn::new()
-                    .when(T_NODES, name, Expect::Present)
-                    .delete(T_NODES, name),
-            )
-            .await?;
-        if resp.succeeded {
-            Ok(())
-        } else {
-            Err(ClusterError::NotFound(format!("node {name}")))
+        // Deleting the row and revoking the node's certificate is one transaction, conditioned
+        // on the row read here.
+        for _ in 0..5 {
+            self.read_barrier().await?;
+            let row = self
+                .get(T_NODES, name)
+                .await?
+                .ok_or_else(|| ClusterError::NotFound(format!("node {name}")))?;
+            let rec: NodeRecord = parse(T_NODES, &row.value)?;
+            let mut txn = Txn::new()
+                .when(T_NODES, name, Expect::Revision(row.mod_revision))
+                .delete(T_NODES, name);
+            if let Some(fp) = &rec.cert_sha256 {
+                txn = txn.put(T_REVOKED_CERTS, fp, name.as_bytes().to_vec());
+            }
+            if self.write(txn).await?.succeeded {
+                return Ok(());
+            }
         }
+        Err(ClusterError::Conflict(format!(
+            "node {name} kept changing while it was being removed"
+        )))
+    }
+
+    /// Whether the certificate with this fingerprint belonged to a removed node (this replica's
+    /// view).
+    pub async fn is_cert_revoked(&self, cert_sha256: &str) -> Result<bool, ClusterError> {
+        Ok(self.get(T_REVOKED_CERTS, cert_sha256).await?.is_some())
     }
 
     fn local_status(&self) -> PeerStatus {
@@ -1139,6 +1163,20 @@ impl PeerHandler for Handler {
         })
     }
 
+    fn is_revoked<'a>(&'a self, cert_sha256: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let Some(c) = self.0.get() else {
+                // Still starting: the state that could say so is not open yet.
+                return false;
+            };
+            c.is_cert_revoked(cert_sha256).await.unwrap_or_else(|e| {
+                // Fail closed: a replica that cannot read its state admits nobody new.
+                tracing::warn!(error = %e, "cannot check certificate revocation; refusing");
+                true
+            })
+        })
+    }
+
     fn status(&self) -> BoxFuture<'_, PeerStatus> {
         Box::pin(async move {
             match self.0.get() {
@@ -1210,6 +1248,10 @@ async fn do_join(c: &Cluster, req: JoinRequest) -> Result<JoinResponse, PeerErro
             zone: req.zone.clone(),
         },
         joined_at: join::now_secs(),
+        cert_sha256: Some(
+            tls::leaf_fingerprint(&node_cert_chain_pem)
+                .map_err(|e| PeerError::Fatal(e.to_string()))?,
+        ),
     };
     let resp = c
         .write(Txn::new().when(T_NODES, &req.name, Expect::Absent).put(

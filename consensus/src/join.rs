@@ -13,6 +13,9 @@ use sha2::{Digest, Sha256};
 pub const T_JOIN_TOKENS: &str = "join_tokens";
 /// Table of cluster nodes, keyed by node name; the desired membership.
 pub const T_NODES: &str = "nodes";
+/// Certificates of removed nodes, keyed by the hex SHA-256 of the leaf certificate; the value is
+/// the node's name. Peer and data connections presenting one are closed.
+pub const T_REVOKED_CERTS: &str = "revoked_certs";
 
 const PREFIX: &str = "shoal1";
 

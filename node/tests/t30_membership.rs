@@ -6,6 +6,30 @@ use std::time::Duration;
 
 use common::{wait_until, Cluster};
 use serde_json::Value;
+use shoal_consensus::net::client::client_endpoint;
+use shoal_consensus::net::{codes, NetError, NetOptions, NodeIdentity, PeerClient};
+
+/// A `status` RPC to `addr` presenting the certificate and key in `dir`'s `tls/` (a node's own
+/// files, as a removed machine still has them).
+fn status_with_cert_of(dir: &std::path::Path, addr: &str) -> Result<String, NetError> {
+    let read = |f: &str| std::fs::read_to_string(dir.join("tls").join(f)).unwrap();
+    let identity = NodeIdentity {
+        cert_chain_pem: read("node.pem"),
+        key_pem: read("node.key"),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = PeerClient::new(
+            client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap(),
+            &read("ca.pem"),
+            &identity,
+            NetOptions::default(),
+            None,
+        )
+        .unwrap();
+        client.status(addr).await.map(|s| s.name)
+    })
+}
 
 fn role_of<'a>(status: &'a Value, name: &str) -> Option<&'a str> {
     status["members"]
@@ -69,13 +93,36 @@ fn learners_join_dead_voter_is_replaced_and_nodes_can_be_removed() {
     // Writes still work with the new voter set.
     c.kv_put(leader, "after-replacement", "ok").unwrap();
 
-    // Remove the dead node for good.
+    // The dead node's certificate still opens a peer connection...
+    common::install_crypto();
+    let leader_addr = c.nodes[leader].listen.to_string();
+    let victim_dir = c.nodes[victim].dir.clone();
+    status_with_cert_of(&victim_dir, &leader_addr).expect("a member's certificate is accepted");
+    // ...until the node is removed for good: then its certificate is revoked everywhere.
     let (ok, _, err) = c.cli(leader, &["node", "remove", &victim_name]);
     assert!(ok, "{err}");
     wait_until("the removed node to leave", Duration::from_secs(30), || {
         let s = c.status(leader)?;
         role_of(&s, &victim_name).is_none().then_some(())
     });
+    for (i, node) in c.nodes.iter().enumerate() {
+        if i == victim {
+            continue;
+        }
+        let addr = node.listen.to_string();
+        wait_until(
+            "the removed node's certificate to be refused",
+            Duration::from_secs(10),
+            || match status_with_cert_of(&victim_dir, &addr) {
+                Err(NetError::Connection(_, quinn::ConnectionError::ApplicationClosed(close)))
+                    if close.error_code == codes::REVOKED =>
+                {
+                    Some(())
+                }
+                _ => None,
+            },
+        );
+    }
     let (ok, _, err) = c.cli(leader, &["node", "remove", "no-such-node"]);
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");

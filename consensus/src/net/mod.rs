@@ -43,6 +43,8 @@ pub mod codes {
     pub const INTERNAL: VarInt = VarInt::from_u32(5);
     /// A `shoal-data/1` connection arrived before the node installed its data handler.
     pub const NO_DATA_HANDLER: VarInt = VarInt::from_u32(6);
+    /// The client's certificate belonged to a node that was removed from the cluster.
+    pub const REVOKED: VarInt = VarInt::from_u32(7);
 }
 
 /// A transport operation failed.

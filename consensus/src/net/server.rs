@@ -71,6 +71,12 @@ pub trait PeerHandler: Send + Sync + 'static {
 
     fn status(&self) -> BoxFuture<'_, PeerStatus>;
 
+    /// Whether a client certificate, by the hex SHA-256 of its leaf, belongs to a removed node:
+    /// its `shoal/1` and `shoal-data/1` connections are closed. The default revokes nothing.
+    fn is_revoked<'a>(&'a self, _cert_sha256: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
+    }
+
     /// Admits a joiner: checks the token, signs its CSR, adds it as a learner.
     fn join(
         &self,
@@ -289,6 +295,15 @@ async fn serve_connection(
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
     let peer_name = tls::peer_node_name(&conn);
+    if matches!(alpn.as_deref(), Some(ALPN_PEER | ALPN_DATA)) {
+        if let Some(fp) = tls::peer_fingerprint(&conn) {
+            if shared.handler.is_revoked(&fp).await {
+                warn!(%peer_addr, peer = ?peer_name, "refusing the certificate of a removed node");
+                conn.close(codes::REVOKED, b"certificate revoked");
+                return;
+            }
+        }
+    }
     let join_only = match alpn.as_deref() {
         Some(ALPN_PEER) if peer_name.is_some() => false,
         Some(ALPN_PEER) => {

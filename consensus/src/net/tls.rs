@@ -546,6 +546,20 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 
 /// The node name of the verified client (or server) at the other end of a QUIC connection, if
 /// it presented a certificate. rustls has already verified the chain against the CA.
+/// Hex SHA-256 of the leaf certificate of a PEM chain (what the `nodes` table records and
+/// `revoked_certs` is keyed by).
+pub fn leaf_fingerprint(cert_chain_pem: &str) -> Result<String, TlsError> {
+    let chain = certs_from_pem(cert_chain_pem)?;
+    Ok(fingerprint_of(&chain[0]))
+}
+
+/// Hex SHA-256 of the certificate the peer of `conn` presented, if any.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
+    Some(fingerprint_of(certs.first()?))
+}
+
 pub fn peer_node_name(conn: &quinn::Connection) -> Option<String> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
