@@ -61,21 +61,7 @@ mod tests {
     use super::*;
 
     fn token(user: &str, roles: &[&str]) -> Claims {
-        Claims {
-            kid: String::new(),
-            jti: "j".into(),
-            user_id: user.into(),
-            user_name: user.into(),
-            domain_id: "default".into(),
-            project_id: Some("p".into()),
-            project_name: Some("p".into()),
-            roles: roles.iter().map(|s| s.to_string()).collect(),
-            role_ids: Vec::new(),
-            project_domain_id: None,
-            iat: 0,
-            exp: 1,
-            issuer: "n1".into(),
-        }
+        Claims::for_test(user, roles)
     }
 
     #[test]

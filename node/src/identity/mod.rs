@@ -511,21 +511,7 @@ mod tests {
     use super::*;
 
     fn claims(roles: &[&str]) -> Claims {
-        Claims {
-            kid: String::new(),
-            jti: "j".into(),
-            user_id: "u".into(),
-            user_name: "n".into(),
-            domain_id: "default".into(),
-            project_id: Some("p".into()),
-            project_name: Some("p".into()),
-            roles: roles.iter().map(|s| s.to_string()).collect(),
-            role_ids: Vec::new(),
-            project_domain_id: None,
-            iat: 0,
-            exp: 1,
-            issuer: "n1".into(),
-        }
+        Claims::for_test("u", roles)
     }
 
     #[test]

@@ -175,19 +175,12 @@ mod tests {
 
     fn claims(iat: u64, ttl: u64) -> Claims {
         Claims {
-            kid: String::new(),
             jti: format!("t{iat}"),
-            user_id: "u".into(),
-            user_name: "admin".into(),
-            domain_id: "default".into(),
             project_id: None,
             project_name: None,
-            roles: vec![],
-            role_ids: Vec::new(),
-            project_domain_id: None,
             iat,
             exp: iat + ttl,
-            issuer: "n1".into(),
+            ..Claims::for_test("admin", &[])
         }
     }
 

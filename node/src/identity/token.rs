@@ -171,24 +171,38 @@ pub fn current_key<'a>(keys: impl Iterator<Item = &'a SigningKey>) -> Option<&'a
 pub use shoal_consensus::join::now_secs;
 
 #[cfg(test)]
+impl Claims {
+    /// Claims of `user` scoped to project `p` with `roles`, valid from 0 to 1; tests change
+    /// what they need with struct update syntax.
+    pub fn for_test(user: &str, roles: &[&str]) -> Claims {
+        Claims {
+            kid: String::new(),
+            jti: "j".into(),
+            user_id: user.into(),
+            user_name: user.into(),
+            domain_id: "default".into(),
+            project_id: Some("p".into()),
+            project_name: Some("p".into()),
+            roles: roles.iter().map(|s| s.to_string()).collect(),
+            role_ids: Vec::new(),
+            project_domain_id: None,
+            iat: 0,
+            exp: 1,
+            issuer: "n1".into(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     fn claims(exp: u64) -> Claims {
         Claims {
-            kid: String::new(),
             jti: "t1".into(),
-            user_id: "u1".into(),
-            user_name: "admin".into(),
-            domain_id: "default".into(),
-            project_id: Some("p1".into()),
-            project_name: Some("admin".into()),
-            roles: vec!["admin".into()],
-            role_ids: Vec::new(),
-            project_domain_id: None,
             iat: 100,
             exp,
-            issuer: "node1".into(),
+            ..Claims::for_test("admin", &["admin"])
         }
     }
 
