@@ -15,7 +15,7 @@ use shoal_disk::uring::Digest;
 use shoal_types::Txn;
 
 use super::chunks::ChunkError;
-use super::manifest::{self, BadManifest, Manifest};
+use super::manifest::{self, BadManifest};
 use super::ImageStore;
 
 /// How often a node looks for unreferenced chunks.
@@ -58,18 +58,8 @@ pub async fn collect(store: &ImageStore, grace: Duration) -> Result<Vec<Digest>,
     }
     store.cluster.read_barrier().await?;
     let mut referenced = HashSet::new();
-    for (image, row) in store
-        .cluster
-        .list(manifest::MANIFESTS, "", usize::MAX)
-        .await?
-    {
-        let m: Manifest = serde_json::from_slice(&row.value).map_err(|e| GcError::Manifest {
-            image: image.clone(),
-            source: BadManifest(e.to_string()),
-        })?;
-        let digests = m
-            .digests()
-            .map_err(|source| GcError::Manifest { image, source })?;
+    for (image, digests) in manifest::all_digests(&store.cluster).await? {
+        let digests = digests.map_err(|source| GcError::Manifest { image, source })?;
         referenced.extend(digests);
     }
     let cutoff = SystemTime::now() - grace;

@@ -97,6 +97,24 @@ pub async fn load(cluster: &Cluster, image_id: &str) -> Result<Option<Manifest>,
         .map_err(|e| ClusterError::Corrupt(format!("manifest of image {image_id}: {e}")))
 }
 
+/// Every manifest in this node's replica: the image id and its chunk digests, or why they
+/// cannot be read (callers decide whether a bad manifest stops them).
+pub async fn all_digests(
+    cluster: &Cluster,
+) -> Result<Vec<(String, Result<Vec<Digest>, BadManifest>)>, ClusterError> {
+    Ok(cluster
+        .list(MANIFESTS, "", usize::MAX)
+        .await?
+        .into_iter()
+        .map(|(image, row)| {
+            let digests = serde_json::from_slice::<Manifest>(&row.value)
+                .map_err(|e| BadManifest(e.to_string()))
+                .and_then(|m| m.digests());
+            (image, digests)
+        })
+        .collect())
+}
+
 /// The nodes holding chunk `d`, by name.
 pub async fn holders(cluster: &Cluster, d: &Digest) -> Result<Vec<String>, ClusterError> {
     let prefix = format!("{d}/");

@@ -31,7 +31,7 @@ use shoal_types::{EventKind, Expect, Txn};
 use tokio::task::JoinSet;
 
 use super::chunks::{parse_digest, ChunkError};
-use super::manifest::{self, Manifest};
+use super::manifest;
 use super::peer::{self, TransferError};
 use super::replicate::replica_order;
 use super::{chain, ImageStore};
@@ -360,10 +360,7 @@ impl Rereplicator {
 /// parse is skipped (copying less is safe; garbage collection is the one that must stop).
 async fn referenced_chunks(cluster: &Cluster) -> Result<Vec<ChunkRows>, ClusterError> {
     let mut chunks: BTreeMap<Digest, ChunkRows> = BTreeMap::new();
-    for (image, row) in cluster.list(manifest::MANIFESTS, "", usize::MAX).await? {
-        let digests = serde_json::from_slice::<Manifest>(&row.value)
-            .map_err(|e| e.to_string())
-            .and_then(|m| m.digests().map_err(|e| e.to_string()));
+    for (image, digests) in manifest::all_digests(cluster).await? {
         let digests = match digests {
             Ok(d) => d,
             Err(error) => {
