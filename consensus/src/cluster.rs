@@ -750,6 +750,57 @@ impl Cluster {
         }
     }
 
+    /// Waits until every member of the membership has applied `revision`, asking each over
+    /// QUIC, for at most `deadline`. Returns the names of the members that had not (down,
+    /// cut off or slow) when the deadline passed. Used where a change must be in force on
+    /// every node before the caller is told it is done, such as a token revocation.
+    pub async fn wait_applied_everywhere(
+        &self,
+        revision: u64,
+        deadline: Duration,
+    ) -> Result<(), Vec<String>> {
+        let until = tokio::time::Instant::now() + deadline;
+        let membership = self.metrics().membership_config.membership().clone();
+        let mut waits = Vec::new();
+        for (id, info) in membership.nodes() {
+            let (id, info) = (*id, info.clone());
+            let this = self.clone();
+            waits.push(async move {
+                let mut pause = Duration::from_millis(2);
+                loop {
+                    let applied = if id == this.inner.id {
+                        Some(this.revision())
+                    } else {
+                        let left = until.saturating_duration_since(tokio::time::Instant::now());
+                        tokio::time::timeout(left, this.inner.peers.status(&info.raft_addr))
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .and_then(|s| s.last_applied)
+                    };
+                    if applied.is_some_and(|a| a >= revision) {
+                        return None;
+                    }
+                    if tokio::time::Instant::now() + pause >= until {
+                        return Some(info.name.clone());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+            });
+        }
+        let lagging: Vec<String> = futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if lagging.is_empty() {
+            Ok(())
+        } else {
+            Err(lagging)
+        }
+    }
+
     /// Every member's role and health, asking each over QUIC (one second each, in parallel).
     pub async fn cluster_status(&self) -> ClusterStatus {
         let m = self.metrics();

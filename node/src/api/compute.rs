@@ -336,8 +336,19 @@ async fn show_flavor(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     need(&auth, "reader")?;
-    let (f, _) = get_flavor(&state, &id).await?;
+    let f = visible_flavor(&state, &auth, &id).await?;
     Ok(Json(json!({"flavor": flavor_json(&state, &f)})))
+}
+
+/// A flavor the caller may see: a non-public flavor is an admin's only (there are no
+/// per-project access lists yet), and to anyone else it does not exist, as Nova answers.
+async fn visible_flavor(state: &AppState, auth: &Auth, id: &str) -> ApiResult<Flavor> {
+    let (f, _) = get_flavor(state, id).await?;
+    if f.is_public || has_role(&auth.0, "admin") {
+        Ok(f)
+    } else {
+        Err(ApiError::not_found(format!("flavor {id} could not be found")).nova())
+    }
 }
 
 async fn delete_flavor(
@@ -413,7 +424,7 @@ async fn list_extra_specs(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     need(&auth, "reader")?;
-    let (f, _) = get_flavor(&state, &id).await?;
+    let f = visible_flavor(&state, &auth, &id).await?;
     Ok(Json(json!({ "extra_specs": f.extra_specs })))
 }
 
@@ -442,7 +453,7 @@ async fn show_extra_spec(
     Path((id, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     need(&auth, "reader")?;
-    let (f, _) = get_flavor(&state, &id).await?;
+    let f = visible_flavor(&state, &auth, &id).await?;
     let v = f.extra_specs.get(&key).ok_or_else(|| {
         ApiError::not_found(format!("flavor {id} has no extra spec {key}")).nova()
     })?;

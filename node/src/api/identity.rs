@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Auth};
 use crate::identity::token::Claims;
-use crate::identity::{AuthError, Scope, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, T_ROLE_NAMES};
+use crate::identity::{
+    has_role, AuthError, Scope, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, T_ROLE_NAMES,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -335,12 +337,28 @@ fn subject_claims(state: &AppState, headers: &HeaderMap) -> ApiResult<Claims> {
         .map_err(|e| ApiError::not_found(format!("could not find token: {e}")))
 }
 
+/// Keystone's `identity:validate_token` and `identity:check_token`: the token's own subject,
+/// an admin, or a service may look at a token; anyone else gets 403, before the subject token
+/// is even looked at, so a member cannot probe other users' tokens.
+fn may_inspect(auth: &Auth, headers: &HeaderMap, state: &AppState) -> ApiResult<Claims> {
+    let claims = subject_claims(state, headers);
+    if has_role(&auth.0, "admin") || has_role(&auth.0, "service") {
+        return claims;
+    }
+    match claims {
+        Ok(c) if c.user_id == auth.0.user_id => Ok(c),
+        _ => Err(ApiError::forbidden(
+            "only the token's own user, an admin or a service may validate a token",
+        )),
+    }
+}
+
 async fn validate_token(
     State(state): State<AppState>,
-    _auth: Auth,
+    auth: Auth,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let claims = subject_claims(&state, &headers)?;
+    let claims = may_inspect(&auth, &headers, &state)?;
     let nocatalog = false;
     let body = token_body(&state, &claims, vec!["password".into()], !nocatalog).await?;
     let mut resp = Json(body).into_response();
@@ -352,10 +370,10 @@ async fn validate_token(
 
 async fn check_token(
     State(state): State<AppState>,
-    _auth: Auth,
+    auth: Auth,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
-    subject_claims(&state, &headers)?;
+    may_inspect(&auth, &headers, &state)?;
     Ok(StatusCode::OK)
 }
 

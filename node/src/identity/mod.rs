@@ -9,6 +9,7 @@
 
 pub mod password;
 pub mod resources;
+pub mod revoke;
 pub mod rotation;
 pub mod token;
 
@@ -31,6 +32,9 @@ pub const T_ROLE_NAMES: &str = "role_names";
 pub const T_ASSIGNMENTS: &str = "role_assignments";
 pub const T_SIGNING_KEYS: &str = "signing_keys";
 pub const T_REVOKED: &str = "revoked_tokens";
+
+/// How long a revocation waits for every reachable member to apply it before answering.
+pub const PROPAGATION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub const DEFAULT_DOMAIN_ID: &str = "default";
 pub const DEFAULT_DOMAIN_NAME: &str = "Default";
@@ -232,6 +236,10 @@ impl Identity {
         let rev = self.cluster.revision();
         let keys = self.cluster.list(T_SIGNING_KEYS, "", usize::MAX).await?;
         let revoked = self.cluster.list(T_REVOKED, "", usize::MAX).await?;
+        let events = self
+            .cluster
+            .list(revoke::T_REVOCATION_EVENTS, "", usize::MAX)
+            .await?;
         {
             let mut ring = KeyRing::default();
             for (_, row) in keys {
@@ -240,10 +248,17 @@ impl Identity {
             for (jti, _) in revoked {
                 ring.revoke(&jti);
             }
+            for (key, row) in events {
+                ring.insert_event(&key, &parse(revoke::T_REVOCATION_EVENTS, &row.value)?);
+            }
             *self.ring.write().expect("key ring lock") = ring;
         }
         let mut keys_watch = self.cluster.watch(T_SIGNING_KEYS, "", rev + 1).await?;
         let mut revoked_watch = self.cluster.watch(T_REVOKED, "", rev + 1).await?;
+        let mut events_watch = self
+            .cluster
+            .watch(revoke::T_REVOCATION_EVENTS, "", rev + 1)
+            .await?;
         loop {
             tokio::select! {
                 ev = keys_watch.next() => {
@@ -264,6 +279,18 @@ impl Identity {
                         shoal_types::EventKind::Delete => ring.unrevoke(&ev.key),
                     }
                 }
+                ev = events_watch.next() => {
+                    let Some(ev) = ev else { return Ok(()) };
+                    let ev = ev.map_err(|e| ClusterError::Conflict(e.to_string()))?;
+                    let mut ring = self.ring.write().expect("key ring lock");
+                    match ev.kind {
+                        shoal_types::EventKind::Put(row) => ring.insert_event(
+                            &ev.key,
+                            &parse(revoke::T_REVOCATION_EVENTS, &row.value)?,
+                        ),
+                        shoal_types::EventKind::Delete => ring.remove_event(&ev.key),
+                    }
+                }
             }
         }
     }
@@ -281,7 +308,8 @@ impl Identity {
             jti: claims.jti.clone(),
             exp: claims.exp,
         };
-        self.cluster
+        let resp = self
+            .cluster
             .write(Txn::new().put(T_REVOKED, &claims.jti, json(&rec)))
             .await?;
         // Honour it here at once, without waiting for the watch.
@@ -289,7 +317,93 @@ impl Identity {
             .write()
             .expect("key ring lock")
             .revoke(&claims.jti);
+        self.await_everywhere(resp.revision).await;
         Ok(())
+    }
+
+    /// Writes a change together with the revocation events it causes, and returns once every
+    /// reachable member has applied it, so that no node accepts a revoked token after the
+    /// caller was told the change is done. Returns whether the transaction's preconditions
+    /// held.
+    pub async fn write_revoking(
+        &self,
+        mut txn: Txn,
+        revoked: &[revoke::Revoked],
+    ) -> Result<bool, ClusterError> {
+        let now = revoke::now_ms();
+        for what in revoked {
+            let ev = revoke::RevocationEvent::new(what.clone(), now, self.token_ttl);
+            txn = txn.put(revoke::T_REVOCATION_EVENTS, &what.key(), json(&ev));
+        }
+        let resp = self.cluster.write(txn).await?;
+        if resp.succeeded {
+            {
+                let mut ring = self.ring.write().expect("key ring lock");
+                for what in revoked {
+                    let ev = revoke::RevocationEvent::new(what.clone(), now, self.token_ttl);
+                    ring.insert_event(&what.key(), &ev);
+                }
+            }
+            self.await_everywhere(resp.revision).await;
+        }
+        Ok(resp.succeeded)
+    }
+
+    /// Waits, up to [`PROPAGATION_WAIT`], until every reachable member has applied
+    /// `revision`. A member that does not answer in time (down or cut off) is not waited for:
+    /// it applies the revocation before it serves again after it catches up.
+    async fn await_everywhere(&self, revision: u64) {
+        if let Err(lagging) = self
+            .cluster
+            .wait_applied_everywhere(revision, PROPAGATION_WAIT)
+            .await
+        {
+            tracing::warn!(
+                revision,
+                members = ?lagging,
+                "a revocation was not applied by every member in time"
+            );
+        }
+    }
+
+    /// Deletes revocation events and revoked tokens that no valid token can match any more.
+    /// Every node runs it in the maintenance loop; deletes are conditioned on the row's
+    /// revision, so concurrent purges and a concurrent newer event do not conflict.
+    pub async fn purge_revocations(&self) -> Result<usize, ClusterError> {
+        let now = token::now_secs();
+        let mut txn = Txn::new();
+        let mut n = 0;
+        for (key, row) in self
+            .cluster
+            .list(revoke::T_REVOCATION_EVENTS, "", usize::MAX)
+            .await?
+        {
+            let ev: revoke::RevocationEvent = parse(revoke::T_REVOCATION_EVENTS, &row.value)?;
+            if now >= ev.purge_after {
+                txn = txn
+                    .when(
+                        revoke::T_REVOCATION_EVENTS,
+                        &key,
+                        Expect::Revision(row.mod_revision),
+                    )
+                    .delete(revoke::T_REVOCATION_EVENTS, &key);
+                n += 1;
+            }
+        }
+        for (key, row) in self.cluster.list(T_REVOKED, "", usize::MAX).await? {
+            let rec: RevokedToken = parse(T_REVOKED, &row.value)?;
+            if now >= rec.exp.saturating_add(revoke::CLOCK_MARGIN_SECS) {
+                txn = txn
+                    .when(T_REVOKED, &key, Expect::Revision(row.mod_revision))
+                    .delete(T_REVOKED, &key);
+                n += 1;
+            }
+        }
+        if n > 0 && self.cluster.write(txn).await?.succeeded {
+            tracing::info!(rows = n, "purged expired revocations");
+            return Ok(n);
+        }
+        Ok(0)
     }
 
     async fn lookup_id(&self, table: &str, key: &str) -> Result<Option<String>, ClusterError> {
@@ -407,6 +521,8 @@ impl Identity {
     }
 
     /// Issues a token for the same user with another scope (the `token` auth method).
+    /// The new token expires when the one it came from does, as Keystone's do: a token can
+    /// never be stretched by exchanging it.
     pub async fn rescope(
         &self,
         claims: &Claims,
@@ -418,7 +534,7 @@ impl Identity {
             .filter(|u| u.enabled)
             .ok_or(AuthError::InvalidCredentials)?;
         let project = self.resolve_scope(scope).await?;
-        self.issue(user, project).await
+        self.issue_until(user, project, Some(claims.exp)).await
     }
 
     /// The project a token request is scoped to, if any.
@@ -454,6 +570,17 @@ impl Identity {
         user: User,
         project: Option<Project>,
     ) -> Result<(String, Claims), AuthError> {
+        self.issue_until(user, project, None).await
+    }
+
+    /// Issues a token that expires after the configured lifetime, or at `not_after` if that
+    /// comes first.
+    async fn issue_until(
+        &self,
+        user: User,
+        project: Option<Project>,
+        not_after: Option<u64>,
+    ) -> Result<(String, Claims), AuthError> {
         let roles = match &project {
             Some(p) => {
                 let roles = self.role_ids_on_project(&user.id, &p.id).await?;
@@ -464,7 +591,9 @@ impl Identity {
             }
             None => Vec::new(),
         };
-        let now = token::now_secs();
+        let now_ms = revoke::now_ms();
+        let now = now_ms / 1000;
+        let exp = (now + self.token_ttl).min(not_after.unwrap_or(u64::MAX));
         let claims = Claims {
             kid: String::new(),
             jti: new_id(),
@@ -477,7 +606,8 @@ impl Identity {
             role_ids: roles.iter().map(|(_, id)| id.clone()).collect(),
             roles: roles.into_iter().map(|(name, _)| name).collect(),
             iat: now,
-            exp: now + self.token_ttl,
+            exp,
+            iat_ms: now_ms,
             issuer: self.node_name.clone(),
         };
         let token = self

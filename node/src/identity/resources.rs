@@ -6,6 +6,7 @@
 use shoal_consensus::cluster::ClusterError;
 use shoal_types::{Expect, Txn};
 
+use super::revoke::Revoked;
 use super::{
     json, name_key, new_id, parse, password, Identity, Project, Role, User, T_ASSIGNMENTS,
     T_PROJECTS, T_PROJECT_NAMES, T_ROLES, T_USERS, T_USER_NAMES,
@@ -115,7 +116,10 @@ impl Identity {
         {
             txn = txn.delete(T_ASSIGNMENTS, &key);
         }
-        if !self.cluster.write(txn).await?.succeeded {
+        let revoked = [Revoked::Project {
+            project_id: id.to_owned(),
+        }];
+        if !self.write_revoking(txn, &revoked).await? {
             return Err(ResourceError::Raced);
         }
         Ok(())
@@ -183,7 +187,10 @@ impl Identity {
                 txn = txn.delete(T_ASSIGNMENTS, &a.key());
             }
         }
-        if !self.cluster.write(txn).await?.succeeded {
+        let revoked = [Revoked::User {
+            user_id: id.to_owned(),
+        }];
+        if !self.write_revoking(txn, &revoked).await? {
             return Err(ResourceError::Raced);
         }
         Ok(())
@@ -233,7 +240,11 @@ impl Identity {
         let txn = Txn::new()
             .when(T_ASSIGNMENTS, &key, Expect::Present)
             .delete(T_ASSIGNMENTS, &key);
-        if !self.cluster.write(txn).await?.succeeded {
+        let revoked = [Revoked::Grant {
+            user_id: a.user_id.clone(),
+            project_id: a.project_id.clone(),
+        }];
+        if !self.write_revoking(txn, &revoked).await? {
             return Err(ResourceError::NotFound {
                 kind: "role assignment",
                 id: key,

@@ -1,6 +1,6 @@
 //! Signing-key rotation without a coordinator.
 //!
-//! Every node runs [`Identity::run_key_rotation`]. When the signing key is older than
+//! Every node runs [`Identity::run_key_rotation`], which also purges expired revocations. When the signing key is older than
 //! `identity.key_rotation_secs`, a node writes a new key and, in the same transaction, marks
 //! the old one superseded, on the condition that the old key's row is still at the revision
 //! it read. Two nodes that decide at once both propose; the first to commit changes that row,
@@ -107,6 +107,9 @@ impl Identity {
             }
             if let Err(e) = self.rotate_once(rotation_secs).await {
                 tracing::debug!(error = %e, "signing-key rotation round failed; retrying later");
+            }
+            if let Err(e) = self.purge_revocations().await {
+                tracing::debug!(error = %e, "revocation purge failed; retrying later");
             }
         }
     }

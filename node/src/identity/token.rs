@@ -14,6 +14,8 @@ use base64::Engine;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 
+use super::revoke::{RevocationEvent, Revocations};
+
 /// What a token asserts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -38,8 +40,28 @@ pub struct Claims {
     /// Issue and expiry times, seconds since the Unix epoch.
     pub iat: u64,
     pub exp: u64,
+    /// Issue time in milliseconds, for revocation events (a role removed and granted again
+    /// within one second must not revoke the token issued after the grant). Absent in tokens
+    /// issued before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub iat_ms: u64,
     /// Name of the node that issued the token (its catalog points there).
     pub issuer: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Claims {
+    /// When the token was issued, in milliseconds since the epoch.
+    pub fn issued_at_ms(&self) -> u64 {
+        if self.iat_ms > 0 {
+            self.iat_ms
+        } else {
+            self.iat.saturating_mul(1000)
+        }
+    }
 }
 
 /// A signing key: an id and 32 random bytes.
@@ -98,6 +120,7 @@ pub enum TokenError {
 pub struct KeyRing {
     keys: BTreeMap<String, SigningKey>,
     revoked: HashSet<String>,
+    events: Revocations,
 }
 
 impl KeyRing {
@@ -115,6 +138,15 @@ impl KeyRing {
 
     pub fn unrevoke(&mut self, jti: &str) {
         self.revoked.remove(jti);
+    }
+
+    /// Honours a revocation event (see [`super::revoke`]) stored under `key`.
+    pub fn insert_event(&mut self, key: &str, ev: &RevocationEvent) {
+        self.events.insert(key, ev);
+    }
+
+    pub fn remove_event(&mut self, key: &str) {
+        self.events.remove(key);
     }
 
     /// The key new tokens are signed with: see [`current_key`].
@@ -149,7 +181,7 @@ impl KeyRing {
         if now >= claims.exp {
             return Err(TokenError::Expired);
         }
-        if self.revoked.contains(&claims.jti) {
+        if self.revoked.contains(&claims.jti) || self.events.revokes(&claims) {
             return Err(TokenError::Revoked);
         }
         Ok(claims)
@@ -188,6 +220,7 @@ impl Claims {
             project_domain_id: None,
             iat: 0,
             exp: 1,
+            iat_ms: 0,
             issuer: "n1".into(),
         }
     }
