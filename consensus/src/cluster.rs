@@ -654,6 +654,7 @@ impl Cluster {
     pub async fn create_join_token(
         &self,
         ttl: Duration,
+        uses: u32,
         description: String,
         created_by: String,
     ) -> Result<(TokenInfo, String), ClusterError> {
@@ -661,6 +662,7 @@ impl Cluster {
             &self.inner.ca.fingerprint(),
             join::now_secs(),
             ttl.as_secs(),
+            uses,
             description,
             created_by,
         );
@@ -1258,66 +1260,91 @@ impl PeerHandler for Handler {
 }
 
 async fn do_join(c: &Cluster, req: JoinRequest) -> Result<JoinResponse, PeerError> {
-    // A token created through another node a moment ago must be visible here.
-    c.read_barrier()
-        .await
-        .map_err(|e| PeerError::Fatal(e.to_string()))?;
-    let row = c
-        .get(T_JOIN_TOKENS, &req.token_id)
-        .await
-        .map_err(|e| PeerError::Fatal(e.to_string()))?
-        .ok_or_else(|| PeerError::Unauthorized(join::TokenError::Unknown.to_string()))?;
-    let record: TokenRecord =
-        parse(T_JOIN_TOKENS, &row.value).map_err(|e| PeerError::Fatal(e.to_string()))?;
-    record
-        .check(&req.secret, join::now_secs())
-        .map_err(|e| PeerError::Unauthorized(e.to_string()))?;
     tls::validate_node_name(&req.name).map_err(|e| PeerError::BadRequest(e.to_string()))?;
     resolve(&req.raft_addr).map_err(|e| PeerError::BadRequest(e.to_string()))?;
-    if c.get(T_NODES, &req.name)
-        .await
-        .map_err(|e| PeerError::Fatal(e.to_string()))?
-        .is_some()
-    {
-        return Err(PeerError::BadRequest(format!(
-            "a node named {:?} is already in the cluster",
-            req.name
-        )));
+    let fatal = |e: ClusterError| PeerError::Fatal(e.to_string());
+    // A token created (or used) through another node a moment ago must be visible here.
+    c.read_barrier().await.map_err(fatal)?;
+    let mut signed: Option<(String, NodeRecord)> = None;
+    let mut joined = false;
+    for _ in 0..5 {
+        let row = c
+            .get(T_JOIN_TOKENS, &req.token_id)
+            .await
+            .map_err(fatal)?
+            .ok_or_else(|| PeerError::Unauthorized(join::TokenError::Unknown.to_string()))?;
+        let token: TokenRecord = parse(T_JOIN_TOKENS, &row.value).map_err(fatal)?;
+        let now = join::now_secs();
+        token
+            .check(&req.secret, now)
+            .map_err(|e| PeerError::Unauthorized(e.to_string()))?;
+        if c.get(T_NODES, &req.name).await.map_err(fatal)?.is_some() {
+            return Err(PeerError::BadRequest(format!(
+                "a node named {:?} is already in the cluster",
+                req.name
+            )));
+        }
+        // Signed once the token checked out, so a refused joiner gets nothing from the CA.
+        if signed.is_none() {
+            let chain = c
+                .inner
+                .ca
+                .sign_csr(&req.csr_pem, &req.name)
+                .map_err(|e| PeerError::BadRequest(format!("bad certificate request: {e}")))?;
+            let record = NodeRecord {
+                id: random_node_id(),
+                info: NodeInfo {
+                    name: req.name.clone(),
+                    raft_addr: req.raft_addr.clone(),
+                    api_addr: req.api_addr.clone(),
+                    zone: req.zone.clone(),
+                },
+                joined_at: now,
+                cert_sha256: Some(
+                    tls::leaf_fingerprint(&chain).map_err(|e| PeerError::Fatal(e.to_string()))?,
+                ),
+            };
+            signed = Some((chain, record));
+        }
+        let (_, record) = signed.as_ref().expect("signed above");
+        // The node's row and the token's use commit together, conditioned on the token as
+        // read: a concurrent join that used the token first makes this one re-check it.
+        let txn = Txn::new()
+            .when(
+                T_JOIN_TOKENS,
+                &req.token_id,
+                Expect::Revision(row.mod_revision),
+            )
+            .when(T_NODES, &req.name, Expect::Absent)
+            .put(
+                T_JOIN_TOKENS,
+                &req.token_id,
+                json(&token.used(&req.name, now)),
+            )
+            .put(T_NODES, &req.name, json(record));
+        let resp = c.write(txn).await.map_err(fatal)?;
+        if resp.succeeded {
+            joined = true;
+            break;
+        }
+        if resp.failed_precondition == Some(1) {
+            return Err(PeerError::BadRequest(format!(
+                "a node named {:?} joined at the same moment",
+                req.name
+            )));
+        }
+        // The token changed under us (another join used it): re-read it and check again.
+        c.read_barrier().await.map_err(fatal)?;
     }
-    let node_cert_chain_pem = c
-        .inner
-        .ca
-        .sign_csr(&req.csr_pem, &req.name)
-        .map_err(|e| PeerError::BadRequest(format!("bad certificate request: {e}")))?;
-    let id = random_node_id();
-    let record = NodeRecord {
-        id,
-        info: NodeInfo {
-            name: req.name.clone(),
-            raft_addr: req.raft_addr.clone(),
-            api_addr: req.api_addr.clone(),
-            zone: req.zone.clone(),
-        },
-        joined_at: join::now_secs(),
-        cert_sha256: Some(
-            tls::leaf_fingerprint(&node_cert_chain_pem)
-                .map_err(|e| PeerError::Fatal(e.to_string()))?,
-        ),
+    let (node_cert_chain_pem, record) = match signed {
+        Some(s) if joined => s,
+        _ => {
+            return Err(PeerError::BadRequest(
+                "the join token kept changing under concurrent joins; retry".into(),
+            ))
+        }
     };
-    let resp = c
-        .write(Txn::new().when(T_NODES, &req.name, Expect::Absent).put(
-            T_NODES,
-            &req.name,
-            json(&record),
-        ))
-        .await
-        .map_err(|e| PeerError::Fatal(e.to_string()))?;
-    if !resp.succeeded {
-        return Err(PeerError::BadRequest(format!(
-            "a node named {:?} joined at the same moment",
-            req.name
-        )));
-    }
+    let id = record.id;
     tracing::info!(name = %req.name, id, "node joined");
     let (ca_cert_pem, ca_key_pem) = c.inner.ca.to_pem();
     let members = c

@@ -5,6 +5,10 @@
 //! impostor), then sends the id and secret over that TLS channel. The cluster stores only the
 //! SHA-256 of the secret, in the `join_tokens` table, with an expiry; revoking deletes the
 //! row. Secrets are 256 random bits, so a plain hash is enough (no password stretching).
+//!
+//! A token admits `uses` nodes (one by default) and records each node it admitted. The join
+//! that uses it writes the node's row and the token's new use in one transaction conditioned
+//! on the token row's revision, so two joins racing on the last use cannot both succeed.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -39,6 +43,27 @@ pub struct TokenRecord {
     pub description: String,
     #[serde(default)]
     pub created_by: String,
+    /// How many nodes may join with it. Records made before uses existed count as single-use.
+    #[serde(default = "one_use")]
+    pub uses: u32,
+    /// The nodes that joined with it, in order.
+    #[serde(default)]
+    pub used_by: Vec<TokenUse>,
+}
+
+fn one_use() -> u32 {
+    1
+}
+
+/// The most nodes one token may admit.
+pub const MAX_USES: u32 = 1000;
+
+/// One node admitted by a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUse {
+    pub node: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// What `token list` shows: everything but the secret's hash.
@@ -49,6 +74,8 @@ pub struct TokenInfo {
     pub expires_at: u64,
     pub description: String,
     pub created_by: String,
+    pub uses: u32,
+    pub used_by: Vec<TokenUse>,
 }
 
 impl From<&TokenRecord> for TokenInfo {
@@ -59,6 +86,8 @@ impl From<&TokenRecord> for TokenInfo {
             expires_at: r.expires_at,
             description: r.description.clone(),
             created_by: r.created_by.clone(),
+            uses: r.uses,
+            used_by: r.used_by.clone(),
         }
     }
 }
@@ -73,6 +102,8 @@ pub enum TokenError {
     Expired,
     #[error("the join token secret does not match")]
     BadSecret,
+    #[error("the join token was already used by {0}; create another with `shoal token create` (`--uses N` admits N nodes)")]
+    UsedUp(String),
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -92,6 +123,7 @@ impl JoinToken {
         ca_fingerprint: &str,
         now: u64,
         ttl_secs: u64,
+        uses: u32,
         description: String,
         created_by: String,
     ) -> (JoinToken, TokenRecord) {
@@ -107,6 +139,8 @@ impl JoinToken {
             expires_at: now + ttl_secs,
             description,
             created_by,
+            uses,
+            used_by: Vec::new(),
         };
         (token, record)
     }
@@ -158,7 +192,21 @@ impl TokenRecord {
         if a.len() != b.len() || diff != 0 {
             return Err(TokenError::BadSecret);
         }
+        if self.used_by.len() >= self.uses as usize {
+            let names: Vec<&str> = self.used_by.iter().map(|u| u.node.as_str()).collect();
+            return Err(TokenError::UsedUp(names.join(", ")));
+        }
         Ok(())
+    }
+
+    /// The record after `node` joined with it at `now`.
+    pub fn used(&self, node: &str, now: u64) -> TokenRecord {
+        let mut r = self.clone();
+        r.used_by.push(TokenUse {
+            node: node.to_owned(),
+            at: now,
+        });
+        r
     }
 }
 
@@ -177,7 +225,7 @@ mod tests {
 
     #[test]
     fn token_round_trips_and_checks() {
-        let (tok, rec) = JoinToken::generate(FP, 100, 60, "d".into(), "admin".into());
+        let (tok, rec) = JoinToken::generate(FP, 100, 60, 1, "d".into(), "admin".into());
         let parsed = JoinToken::parse(&tok.to_string()).unwrap();
         assert_eq!(parsed, tok);
         assert_eq!(rec.check(&parsed.secret, 120), Ok(()));
@@ -186,6 +234,25 @@ mod tests {
         forged.replace_range(0..1, if forged.starts_with('0') { "1" } else { "0" });
         assert_eq!(rec.check(&forged, 120), Err(TokenError::BadSecret));
         assert!(!serde_json::to_string(&rec).unwrap().contains(&tok.secret));
+    }
+
+    /// A token admits as many nodes as its uses, then refuses every further join and names
+    /// the nodes that used it; a record stored before uses existed is single-use.
+    #[test]
+    fn a_token_admits_its_uses_and_no_more() {
+        let (tok, rec) = JoinToken::generate(FP, 100, 60, 2, "d".into(), "admin".into());
+        let rec = rec.used("n2", 101);
+        assert_eq!(rec.check(&tok.secret, 102), Ok(()));
+        let rec = rec.used("n3", 102);
+        assert_eq!(
+            rec.check(&tok.secret, 103),
+            Err(TokenError::UsedUp("n2, n3".into()))
+        );
+        let mut old = serde_json::to_value(&rec).unwrap();
+        old.as_object_mut().unwrap().remove("uses");
+        old["used_by"] = serde_json::json!([]);
+        let old: TokenRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old.uses, 1);
     }
 
     #[test]

@@ -215,9 +215,13 @@ pub async fn status(as_json: bool) -> anyhow::Result<()> {
 pub async fn token_create(
     ttl_secs: Option<u64>,
     description: Option<String>,
+    uses: Option<u32>,
 ) -> anyhow::Result<()> {
     let s = Session::from_env().await?;
     let mut body = json!({});
+    if let Some(u) = uses {
+        body["uses"] = json!(u);
+    }
     if let Some(t) = ttl_secs {
         body["ttl_secs"] = json!(t);
     }
@@ -234,6 +238,7 @@ pub async fn token_create(
         .await?;
     println!("id: {}", v["id"].as_str().unwrap_or(""));
     println!("expires_at: {}", v["expires_at"]);
+    println!("uses: {}", v["uses"]);
     println!("{}", v["token"].as_str().unwrap_or(""));
     Ok(())
 }
@@ -250,15 +255,27 @@ pub async fn token_list(as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<12} {:<24} DESCRIPTION",
-        "ID", "CREATED_BY", "EXPIRES_AT"
+        "{:<18} {:<12} {:<24} {:<6} {:<24} DESCRIPTION",
+        "ID", "CREATED_BY", "EXPIRES_AT", "USES", "USED_BY"
     );
     for t in v["join_tokens"].as_array().into_iter().flatten() {
+        let used_by: Vec<&str> = t["used_by"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u["node"].as_str())
+            .collect();
         println!(
-            "{:<18} {:<12} {:<24} {}",
+            "{:<18} {:<12} {:<24} {:<6} {:<24} {}",
             t["id"].as_str().unwrap_or(""),
             t["created_by"].as_str().unwrap_or(""),
             t["expires_at"],
+            format!("{}/{}", used_by.len(), t["uses"]),
+            if used_by.is_empty() {
+                "-".to_owned()
+            } else {
+                used_by.join(",")
+            },
             t["description"].as_str().unwrap_or("")
         );
     }

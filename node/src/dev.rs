@@ -71,6 +71,20 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Proc> {
     })
 }
 
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
 async fn wait_for<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
@@ -135,10 +149,10 @@ pub async fn run(nodes: usize, dir: PathBuf) -> anyhow::Result<()> {
             .await?
             .json()
             .await?;
-        let token = v["token"]
-            .as_str()
-            .context("no token in answer")?
-            .to_owned();
+        let token = v["token"].as_str().context("no token in answer")?;
+        // A file only its owner reads, not the command line every local user sees.
+        let token_file = dir.join(format!("{name}.join-token"));
+        write_private(&token_file, token)?;
         procs.push(spawn(
             &dir,
             &name,
@@ -152,8 +166,8 @@ pub async fn run(nodes: usize, dir: PathBuf) -> anyhow::Result<()> {
                 free_udp()?.to_string(),
                 "--api".into(),
                 free_tcp()?.to_string(),
-                "--token".into(),
-                token,
+                "--token-file".into(),
+                token_file.display().to_string(),
                 first_listen.to_string(),
             ],
         )?);

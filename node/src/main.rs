@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -41,9 +42,14 @@ enum Command {
     Join {
         #[command(flatten)]
         node: NodeArgs,
-        /// Join token from `shoal token create` (or printed by `init`).
-        #[arg(long, env = "SHOAL_JOIN_TOKEN")]
-        token: String,
+        /// A file holding the join token (from `shoal token create`, or printed by `init`).
+        /// The token may also come from the environment variable SHOAL_JOIN_TOKEN.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// The join token itself. Any local user can read it in /proc/PID/cmdline while the
+        /// node runs: prefer --token-file or SHOAL_JOIN_TOKEN.
+        #[arg(long)]
+        token: Option<String>,
         /// The `--listen` address of any existing node.
         peer: String,
     },
@@ -167,6 +173,9 @@ enum TokenCmd {
         ttl_secs: Option<u64>,
         #[arg(long)]
         description: Option<String>,
+        /// How many nodes may join with it (default 1: the token is spent by its first join).
+        #[arg(long)]
+        uses: Option<u32>,
     },
     /// List join tokens.
     List {
@@ -272,6 +281,30 @@ impl NodeArgs {
     }
 }
 
+/// The join token from `--token-file`, else SHOAL_JOIN_TOKEN, else `--token` (with a warning:
+/// a command line is readable by every local user).
+fn join_token(file: Option<PathBuf>, flag: Option<String>) -> anyhow::Result<String> {
+    let env = std::env::var("SHOAL_JOIN_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let token = match (file, env, flag) {
+        (Some(path), _, _) => std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the join token from {}", path.display()))?,
+        (None, Some(t), _) => t,
+        (None, None, Some(t)) => {
+            eprintln!(
+                "warning: --token puts the join token on the command line, where every local \
+                 user can read it; use --token-file or SHOAL_JOIN_TOKEN"
+            );
+            t
+        }
+        (None, None, None) => {
+            anyhow::bail!("a join token is needed: --token-file PATH, SHOAL_JOIN_TOKEN, or --token")
+        }
+    };
+    Ok(token.trim().to_owned())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -282,7 +315,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (dir, cfg) = args.into_config()?;
                 server::init(dir, cfg).await
             }
-            Command::Join { node, token, peer } => {
+            Command::Join {
+                node,
+                token_file,
+                token,
+                peer,
+            } => {
+                let token = join_token(token_file, token)?;
                 let (dir, cfg) = node.into_config()?;
                 server::join(dir, cfg, &token, &peer).await
             }
@@ -291,7 +330,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Token(TokenCmd::Create {
                 ttl_secs,
                 description,
-            }) => client::token_create(ttl_secs, description).await,
+                uses,
+            }) => client::token_create(ttl_secs, description, uses).await,
             Command::Token(TokenCmd::List { json }) => client::token_list(json).await,
             Command::Token(TokenCmd::Revoke { id }) => client::token_revoke(&id).await,
             Command::Node(NodeCmd::Remove { name }) => client::node_remove(&name).await,

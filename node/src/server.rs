@@ -133,6 +133,7 @@ pub async fn init(dir: PathBuf, cfg: NodeConfig) -> anyhow::Result<()> {
     let (_, token) = cluster
         .create_join_token(
             Duration::from_secs(24 * 3600),
+            1,
             "created by init".into(),
             "admin".into(),
         )
@@ -143,7 +144,8 @@ pub async fn init(dir: PathBuf, cfg: NodeConfig) -> anyhow::Result<()> {
     println!("cluster created; node {} is its first voter", cfg.name);
     println!("admin credentials: {}", openrc.display());
     println!(
-        "join another node with: shoal join --token TOKEN {} ...",
+        "join one more node with: SHOAL_JOIN_TOKEN=TOKEN shoal join {} ... \
+         (single-use; `shoal token create --uses N` admits N nodes)",
         cfg.listen
     );
     println!("{token}");

@@ -1,4 +1,4 @@
-//! Joins that must be refused: forged, expired, revoked and foreign tokens.
+//! Joins that must be refused: forged, expired, revoked, foreign and spent tokens.
 
 mod common;
 
@@ -86,4 +86,48 @@ fn bad_tokens_are_refused() {
     );
 
     assert_eq!(member_count(&c), 1);
+}
+
+/// A token is spent by its first join: a second node presenting it is refused and told which
+/// node used it, and `token list` records that node. A token made with `--uses 2` admits two
+/// nodes and then no more. A token given with `--token` works but warns that it is visible.
+#[test]
+fn a_token_admits_as_many_nodes_as_its_uses() {
+    let mut c = Cluster::init(&[]);
+    let once = c.create_join_token(0, 3600);
+    let first = c.spawn_join(&once, &[]);
+    common::wait_until("node2 to serve", Duration::from_secs(60), || {
+        c.try_token(first).ok()
+    });
+    let (ok, err) = try_join(&c, "rogue", &once);
+    assert!(!ok, "a spent token admitted a second node");
+    assert!(err.contains("already used by node2"), "{err}");
+    assert!(err.contains("warning: --token"), "{err}");
+
+    let (ok, out, err) = c.cli(0, &["token", "list", "--json"]);
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = once.split('.').nth(1).unwrap();
+    let rec = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(rec["uses"], 1);
+    assert_eq!(rec["used_by"][0]["node"], "node2", "{rec}");
+
+    let (ok, out, err) = c.cli(0, &["token", "create", "--uses", "2"]);
+    assert!(ok, "{err}");
+    let twice = out.lines().last().unwrap().trim().to_owned();
+    for _ in 0..2 {
+        let i = c.spawn_join(&twice, &[]);
+        common::wait_until("a node to serve", Duration::from_secs(60), || {
+            c.try_token(i).ok()
+        });
+    }
+    let (ok, err) = try_join(&c, "fourth", &twice);
+    assert!(!ok);
+    assert!(err.contains("already used by node3, node4"), "{err}");
+    assert_eq!(member_count(&c), 4);
 }

@@ -282,6 +282,9 @@ struct CreateToken {
     ttl_secs: Option<u64>,
     #[serde(default)]
     description: Option<String>,
+    /// How many nodes may join with it; default 1.
+    #[serde(default)]
+    uses: Option<u32>,
 }
 
 async fn tokens_create(
@@ -294,6 +297,7 @@ async fn tokens_create(
         CreateToken {
             ttl_secs: None,
             description: None,
+            uses: None,
         }
     } else {
         parse_body(&body)?
@@ -304,10 +308,18 @@ async fn tokens_create(
             "ttl_secs is {ttl}; it must be between 1 and 31536000"
         )));
     }
+    let uses = req.uses.unwrap_or(1);
+    if !(1..=shoal_consensus::join::MAX_USES).contains(&uses) {
+        return Err(ApiError::bad_request(format!(
+            "uses is {uses}; it must be between 1 and {}",
+            shoal_consensus::join::MAX_USES
+        )));
+    }
     let (info, token) = state
         .cluster
         .create_join_token(
             std::time::Duration::from_secs(ttl),
+            uses,
             req.description.unwrap_or_default(),
             auth.0.user_name.clone(),
         )

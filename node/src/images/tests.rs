@@ -79,7 +79,7 @@ async fn three_with(settings: ImagesSection) -> Vec<Member> {
     for (name, zone) in [("n2", "az2"), ("n3", "az2")] {
         let (_, token) = out[0]
             .cluster
-            .create_join_token(Duration::from_secs(600), "test".into(), "test".into())
+            .create_join_token(Duration::from_secs(600), 1, "test".into(), "test".into())
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();

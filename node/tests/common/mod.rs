@@ -281,6 +281,8 @@ impl Cluster {
         let dir = self.tmp.path().join(&name);
         let listen = free_udp();
         let api = free_tcp();
+        let token_file = self.tmp.path().join(format!("{name}.join-token"));
+        std::fs::write(&token_file, token).unwrap();
         let mut args: Vec<String> = vec![
             "join".into(),
             "--data-dir".into(),
@@ -291,8 +293,8 @@ impl Cluster {
             listen.to_string(),
             "--api".into(),
             api.to_string(),
-            "--token".into(),
-            token.to_owned(),
+            "--token-file".into(),
+            token_file.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(self.nodes[0].listen.to_string());
