@@ -37,6 +37,50 @@ pub struct NodeConfig {
     pub host: HostSection,
     #[serde(default)]
     pub images: ImagesSection,
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// Limits of the API's HTTP server (see `api/http_server.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Connections served at once; more are closed on arrival.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A request's headers must arrive within this many seconds; idle connections close then.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// A body that sends nothing for this many seconds is cut off.
+    #[serde(default = "default_body_idle")]
+    pub body_idle_timeout_secs: u64,
+    /// The body of an ordinary call (not an image upload) must arrive within this many seconds.
+    #[serde(default = "default_body_total")]
+    pub body_timeout_secs: u64,
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_body_idle() -> u64 {
+    30
+}
+fn default_body_total() -> u64 {
+    60
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            header_read_timeout_secs: default_header_timeout(),
+            body_idle_timeout_secs: default_body_idle(),
+            body_timeout_secs: default_body_total(),
+        }
+    }
 }
 
 /// Where image bytes live and how much of them this node keeps.
@@ -339,6 +383,7 @@ impl NodeConfig {
             api_tls: ApiTlsSection::default(),
             host: HostSection::default(),
             images: ImagesSection::default(),
+            http: HttpSection::default(),
         }
     }
 
@@ -409,6 +454,26 @@ impl NodeConfig {
             });
         }
         self.api_tls.validate()?;
+        let h = &self.http;
+        range(
+            "http.max_connections",
+            h.max_connections as u64,
+            16,
+            1_000_000,
+        )?;
+        range(
+            "http.header_read_timeout_secs",
+            h.header_read_timeout_secs,
+            1,
+            3600,
+        )?;
+        range(
+            "http.body_idle_timeout_secs",
+            h.body_idle_timeout_secs,
+            1,
+            3600,
+        )?;
+        range("http.body_timeout_secs", h.body_timeout_secs, 1, 3600)?;
         if let Some(v) = self.host.vcpus {
             range("host.vcpus", v.into(), 1, 4096)?;
         }

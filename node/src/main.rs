@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod dev;
 mod identity;
+mod logging;
 // The Image API and the streamer (next commits) are its users.
 #[allow(dead_code)]
 mod images;
@@ -121,6 +122,13 @@ struct NodeArgs {
     /// Replace the token signing key when it is this many seconds old (default 24 h).
     #[arg(long)]
     key_rotation_secs: Option<u64>,
+    /// Seconds a client has to send a request's headers (default 10).
+    #[arg(long)]
+    http_header_timeout_secs: Option<u64>,
+    /// Seconds a client has to send the body of an ordinary call, and the longest pause
+    /// within any body (defaults 60 and 30).
+    #[arg(long)]
+    http_body_timeout_secs: Option<u64>,
     #[command(flatten)]
     api_tls: ApiTlsArgs,
 }
@@ -246,7 +254,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,quinn=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(logging::SafeStderr);
     if json {
         builder.json().init();
     } else {
@@ -272,6 +280,13 @@ impl NodeArgs {
         }
         if let Some(s) = self.key_rotation_secs {
             cfg.identity.key_rotation_secs = s;
+        }
+        if let Some(s) = self.http_header_timeout_secs {
+            cfg.http.header_read_timeout_secs = s;
+        }
+        if let Some(s) = self.http_body_timeout_secs {
+            cfg.http.body_timeout_secs = s;
+            cfg.http.body_idle_timeout_secs = s;
         }
         if let Some(api_tls) = self.api_tls.into_section()? {
             cfg.api_tls = api_tls;

@@ -284,6 +284,7 @@ async fn serve(
         api.listener,
         tls,
         state,
+        (&cfg.http).into(),
         stop.clone().cancelled_owned(),
     ));
     let cluster_task = tokio::spawn(cluster.clone().run(stop.clone().cancelled_owned()));

@@ -119,8 +119,19 @@ async fn read_frame_bytes<R: AsyncRead + Unpin>(
             max,
         });
     }
-    let mut buf = vec![0u8; len as usize];
-    recv.read_exact(&mut buf).await.map_err(io_error)?;
+    // Memory grows with the bytes that actually arrive, not with the length a peer announces:
+    // a peer that declares 16 MiB and sends nothing costs nothing.
+    let mut buf = Vec::with_capacity((len as usize).min(64 << 10));
+    (&mut *recv)
+        .take(len.into())
+        .read_to_end(&mut buf)
+        .await
+        .map_err(io_error)?;
+    if buf.len() != len as usize {
+        return Err(io_error(std::io::Error::from(
+            std::io::ErrorKind::UnexpectedEof,
+        )));
+    }
     Ok(Some(buf))
 }
 

@@ -45,6 +45,10 @@ pub mod codes {
     pub const NO_DATA_HANDLER: VarInt = VarInt::from_u32(6);
     /// The client's certificate belonged to a node that was removed from the cluster.
     pub const REVOKED: VarInt = VarInt::from_u32(7);
+    /// Every slot for unauthenticated (join) connections is taken; try again later.
+    pub const BUSY: VarInt = VarInt::from_u32(8);
+    /// An unauthenticated (join) connection outlived its time.
+    pub const TOO_SLOW: VarInt = VarInt::from_u32(9);
 }
 
 /// A transport operation failed.
@@ -135,6 +139,22 @@ pub struct NetOptions {
     pub stream_receive_window: u32,
     /// Bytes we keep unacknowledged across all streams of a connection.
     pub send_window: u64,
+    /// How long a QUIC handshake may take before the attempt is dropped.
+    pub handshake_timeout: Duration,
+    /// Largest request frame on `shoal-join/1`, checked before the frame is read: a join
+    /// request is a token and a CSR, a few KiB.
+    pub max_join_frame: u32,
+    /// Unauthenticated `shoal-join/1` connections served at once, from everyone together; more
+    /// are closed at once. They come out of their own budget, so strangers holding every join
+    /// slot leave member connections (`shoal/1`, `shoal-data/1`) untouched.
+    pub max_join_connections: usize,
+    /// `shoal-join/1` connections one source address may hold at once, so one stranger cannot
+    /// take every join slot from a real joiner elsewhere.
+    pub max_join_connections_per_source: usize,
+    /// A `shoal-join/1` connection is closed this long after it was accepted.
+    pub join_connection_timeout: Duration,
+    /// Bytes a `shoal-join/1` peer may have in flight on its whole connection.
+    pub join_receive_window: u32,
 }
 
 impl Default for NetOptions {
@@ -156,6 +176,12 @@ impl Default for NetOptions {
             drain_timeout: Duration::from_secs(10),
             stream_receive_window: 8 << 20,
             send_window: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            max_join_frame: 64 << 10,
+            max_join_connections: 64,
+            max_join_connections_per_source: 8,
+            join_connection_timeout: Duration::from_secs(30),
+            join_receive_window: 256 << 10,
         }
     }
 }
@@ -173,5 +199,25 @@ impl NetOptions {
             t.max_idle_timeout(Some(idle));
         }
         t
+    }
+
+    /// The server's transport: what a client gets before anyone knows who it is. The handshake
+    /// grants its flow-control credit before the ALPN and the certificate are checked, so it is
+    /// a stranger's: a few streams and a small connection window. A member's connection is
+    /// raised to the full budget as soon as its certificate checked out
+    /// ([`NetOptions::raise_for_member`]); a join connection keeps the stranger's.
+    pub(crate) fn server_transport(&self) -> quinn::TransportConfig {
+        let mut t = self.transport();
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(2))
+            .receive_window(quinn::VarInt::from_u32(self.join_receive_window));
+        t
+    }
+
+    /// Gives an authenticated member's connection the full stream and window budget.
+    pub(crate) fn raise_for_member(&self, conn: &quinn::Connection) {
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(
+            self.max_streams_per_connection,
+        ));
+        conn.set_receive_window(quinn::VarInt::MAX);
     }
 }

@@ -137,6 +137,43 @@ struct Shared {
     data: DataSlot,
     snapshot_dir: PathBuf,
     opts: NetOptions,
+    /// Slots for unauthenticated join connections (`NetOptions::max_join_connections`).
+    join_slots: Arc<tokio::sync::Semaphore>,
+    /// Join connections held per source address.
+    join_sources: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// A join connection's hold on its source address's count; released on drop.
+struct SourceHold {
+    sources: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceHold {
+    fn take(shared: &Shared, ip: std::net::IpAddr) -> Option<SourceHold> {
+        let mut map = shared.join_sources.lock().expect("join sources lock");
+        let n = map.entry(ip).or_insert(0);
+        if *n >= shared.opts.max_join_connections_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(SourceHold {
+            sources: shared.join_sources.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceHold {
+    fn drop(&mut self) {
+        let mut map = self.sources.lock().expect("join sources lock");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// What a connection may do, fixed at the handshake.
@@ -189,7 +226,7 @@ impl PeerServer {
         let quic =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(NetError::QuicTls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(opts.transport()));
+        config.transport_config(Arc::new(opts.server_transport()));
         // The reset key survives a restart, so the restarted node's stateless resets for its old
         // connections are accepted by its peers, which reconnect at once instead of timing out.
         // quinn's default CID generator drops packets whose CID fails a per-process keyed hash
@@ -212,6 +249,8 @@ impl PeerServer {
                 handler,
                 data: DataSlot::default(),
                 snapshot_dir: snapshot_dir.as_ref().to_owned(),
+                join_slots: Arc::new(tokio::sync::Semaphore::new(opts.max_join_connections)),
+                join_sources: Arc::default(),
                 opts,
             }),
         })
@@ -282,11 +321,15 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let peer_addr = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => {
+    let conn = match tokio::time::timeout(shared.opts.handshake_timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             // Includes clients whose certificate failed verification.
             debug!(%peer_addr, error = %e, "peer handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer_addr, "peer handshake timed out");
             return;
         }
     };
@@ -305,7 +348,10 @@ async fn serve_connection(
         }
     }
     let join_only = match alpn.as_deref() {
-        Some(ALPN_PEER) if peer_name.is_some() => false,
+        Some(ALPN_PEER) if peer_name.is_some() => {
+            shared.opts.raise_for_member(&conn);
+            false
+        }
         Some(ALPN_PEER) => {
             warn!(%peer_addr, "refusing shoal/1 connection without a client certificate");
             conn.close(codes::UNAUTHENTICATED, b"client certificate required");
@@ -322,17 +368,49 @@ async fn serve_connection(
             return;
         }
     };
+    // A join connection is a stranger's until its join succeeds: it takes a slot from its own
+    // budget, gets a small receive window and few streams, and a deadline.
+    let _join_slot = if join_only {
+        let Some(hold) = SourceHold::take(&shared, peer_addr.ip()) else {
+            debug!(%peer_addr, "refusing join connection: this address holds its share");
+            conn.close(codes::BUSY, b"too many join connections from this address");
+            return;
+        };
+        let Ok(slot) = shared.join_slots.clone().try_acquire_owned() else {
+            debug!(%peer_addr, "refusing join connection: every join slot is taken");
+            conn.close(codes::BUSY, b"too many join connections; retry later");
+            return;
+        };
+        Some((slot, hold))
+    } else {
+        None
+    };
+    let deadline =
+        join_only.then(|| tokio::time::Instant::now() + shared.opts.join_connection_timeout);
     let ctx = Arc::new(ConnCtx {
         peer_addr,
         peer_name,
         join_only,
     });
     debug!(%peer_addr, peer = ?ctx.peer_name, join_only, "peer connected");
+    let expired = async move {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
 
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            _ = &mut expired => {
+                debug!(%peer_addr, "closing a join connection past its time");
+                streams.abort_all();
+                conn.close(codes::TOO_SLOW, b"join connection timed out");
+                return;
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(serve_stream(shared.clone(), ctx.clone(), send, recv));
@@ -378,6 +456,7 @@ async fn serve_data(
         conn.close(codes::NO_DATA_HANDLER, b"data service not ready");
         return;
     };
+    shared.opts.raise_for_member(&conn);
     debug!(%peer_addr, peer = %peer_name, "data connection");
     tokio::select! {
         _ = stop.changed() => {}
@@ -399,18 +478,29 @@ async fn serve_stream(
     loop {
         // The first frame must come promptly; later frames of a pipeline may wait as long as
         // the connection may idle.
+        // Before authentication only a join request is possible, and it is small.
+        let max_frame = if ctx.join_only {
+            opts.max_join_frame
+        } else {
+            opts.max_frame
+        };
         let next = if first {
-            read_frame(&mut recv, opts.max_frame, opts.request_timeout)
+            read_frame(&mut recv, max_frame, opts.request_timeout)
                 .await
                 .map(Some)
         } else {
-            read_next_frame(&mut recv, opts.max_frame, opts.idle_timeout).await
+            read_next_frame(&mut recv, max_frame, opts.idle_timeout).await
         };
         let req: PeerRequest = match next {
             Ok(Some(req)) => req,
             Ok(None) => break,
             Err(e) => {
-                warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+                // Strangers can send bad frames at will: their refusals are not worth a warning.
+                if ctx.join_only {
+                    debug!(peer_addr = %ctx.peer_addr, error = %e, "refusing bad join frame");
+                } else {
+                    warn!(peer_addr = %ctx.peer_addr, peer = ?ctx.peer_name, error = %e, "refusing bad request frame");
+                }
                 abort_stream(&mut send, &mut recv, codes::BAD_FRAME);
                 return;
             }

@@ -184,15 +184,24 @@ struct FlavorCreate {
 
 impl FlavorCreate {
     fn validate(self) -> Result<Flavor, String> {
-        let name = self.name.trim().to_owned();
-        if name.is_empty() || name.len() > 255 || name.contains('/') {
-            return Err("flavor name must be 1 to 255 characters and may not contain '/'".into());
+        use super::validate::{int, text, MAX_INT};
+        let name = self.name;
+        text("name", &name, 255, false)?;
+        if name.contains('/') {
+            return Err("flavor name may not contain '/'".into());
         }
-        if self.vcpus == 0 {
-            return Err("vcpus must be at least 1".into());
-        }
-        if self.ram == 0 {
-            return Err("ram must be at least 1 MiB".into());
+        int("vcpus", self.vcpus.into(), 1, MAX_INT)?;
+        int("ram", self.ram, 1, MAX_INT)?;
+        int("disk", self.disk, 0, MAX_INT)?;
+        int(
+            "OS-FLV-EXT-DATA:ephemeral",
+            self.ephemeral.unwrap_or(0),
+            0,
+            MAX_INT,
+        )?;
+        int("swap", self.swap.unwrap_or(0), 0, MAX_INT)?;
+        if let Some(id) = &self.id {
+            text("id", id, 255, false)?;
         }
         let id = match self.id.as_deref() {
             None | Some("auto") => uuid::Uuid::new_v4().to_string(),
@@ -202,8 +211,11 @@ impl FlavorCreate {
             }
         };
         let rxtx_factor = self.rxtx_factor.unwrap_or(1.0);
-        if !(rxtx_factor > 0.0 && rxtx_factor.is_finite()) {
-            return Err("rxtx_factor must be a positive number".into());
+        if !(rxtx_factor > 0.0 && rxtx_factor <= f64::from(f32::MAX)) {
+            return Err(format!(
+                "rxtx_factor must be a number above 0 and at most {}",
+                f32::MAX
+            ));
         }
         Ok(Flavor {
             id,
@@ -403,12 +415,8 @@ fn check_spec(key: &str, value: &str) -> ApiResult<()> {
         ))
         .nova());
     }
-    if value.len() > 255 {
-        return Err(ApiError::bad_request(format!(
-            "extra spec {key} is longer than 255 characters"
-        ))
-        .nova());
-    }
+    super::validate::text(&format!("extra spec {key}"), value, 255, true)
+        .map_err(|m| ApiError::bad_request(m).nova())?;
     Ok(())
 }
 

@@ -186,6 +186,31 @@ fn detail(q: &BTreeMap<String, i64>) -> serde_json::Map<String, Value> {
         .collect()
 }
 
+/// Refuses a project id that names no project, as Nova does with its Keystone check.
+async fn known_project(state: &AppState, project: &str) -> ApiResult<()> {
+    let exists = !project.is_empty()
+        && project.len() <= 64
+        && project
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && state
+            .identity
+            .get_project(project)
+            .await
+            .map_err(nova_err)?
+            .is_some();
+    if exists {
+        Ok(())
+    } else {
+        let shown: String = project
+            .chars()
+            .take(64)
+            .flat_map(char::escape_default)
+            .collect();
+        Err(ApiError::bad_request(format!("project id {shown} is not a valid project")).nova())
+    }
+}
+
 async fn show_quotas(
     State(state): State<AppState>,
     auth: Auth,
@@ -197,6 +222,7 @@ async fn show_quotas(
             ApiError::forbidden("reading another project's quotas needs the admin role").nova(),
         );
     }
+    known_project(&state, &project).await?;
     let q = quotas_of(&state, &project).await?;
     let mut body = if flag(&params, "usage") {
         detail(&q)
@@ -217,6 +243,7 @@ async fn detail_quotas(
             ApiError::forbidden("reading another project's quotas needs the admin role").nova(),
         );
     }
+    known_project(&state, &project).await?;
     let mut body = detail(&quotas_of(&state, &project).await?);
     body.insert("id".into(), json!(project));
     Ok(Json(json!({ "quota_set": body })))
@@ -260,8 +287,13 @@ fn parse_quota_update(body: &Bytes) -> Result<BTreeMap<String, i64>, String> {
             Value::String(s) => s.parse().ok(),
             _ => None,
         }
-        .filter(|n| *n >= -1)
-        .ok_or_else(|| format!("{k} must be an integer of -1 (unlimited) or more, not {v}"))?;
+        .filter(|n| (-1..=super::validate::MAX_INT as i64).contains(n))
+        .ok_or_else(|| {
+            format!(
+                "{k} must be an integer from -1 (unlimited) to {}, not {v}",
+                super::validate::MAX_INT
+            )
+        })?;
         out.insert(k, n);
     }
     Ok(out)
@@ -277,15 +309,7 @@ async fn update_quotas(
     let update = parse_quota_update(&body).map_err(|m| {
         ApiError::bad_request(format!("invalid input for the request body: {m}")).nova()
     })?;
-    if state
-        .identity
-        .get_project(&project)
-        .await
-        .map_err(nova_err)?
-        .is_none()
-    {
-        return Err(ApiError::bad_request(format!("project {project} does not exist")).nova());
-    }
+    known_project(&state, &project).await?;
     // Merge into the stored overrides with a compare-and-set, so concurrent updates of
     // different quotas both take effect.
     for _ in 0..5 {
@@ -321,6 +345,7 @@ async fn revert_quotas(
     Path(project): Path<String>,
 ) -> ApiResult<StatusCode> {
     auth.require_admin().map_err(ApiError::nova)?;
+    known_project(&state, &project).await?;
     state
         .cluster
         .write(Txn::new().delete(T_QUOTAS, &project))

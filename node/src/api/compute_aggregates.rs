@@ -122,7 +122,8 @@ async fn find_aggregate(state: &AppState, id: &str) -> ApiResult<(Aggregate, u64
 }
 
 fn check_zone(zone: &str) -> ApiResult<()> {
-    if zone.is_empty() || zone.len() > 255 || zone.contains(':') {
+    super::validate::text("availability_zone", zone, 255, false).map_err(bad)?;
+    if zone.contains(':') {
         return Err(bad(
             "availability_zone must be 1 to 255 characters and may not contain ':'",
         ));
@@ -151,10 +152,8 @@ async fn create_aggregate(
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
     let b: CreateAggBody = parse(&body)?;
-    let name = b.aggregate.name.trim().to_owned();
-    if name.is_empty() || name.len() > 255 {
-        return Err(bad("aggregate name must be 1 to 255 characters"));
-    }
+    let name = b.aggregate.name;
+    super::validate::text("aggregate name", &name, 255, false).map_err(bad)?;
     let mut metadata = BTreeMap::new();
     if let Some(z) = b.aggregate.availability_zone {
         check_zone(&z)?;
@@ -335,6 +334,17 @@ async fn aggregate_action(
         if let Some(Some(z)) = m.metadata.get("availability_zone") {
             check_zone(z)?;
         }
+        // Nova's aggregate metadata schema: keys and values of 1-255 (values 0-255)
+        // printable characters, at most 128 items per call.
+        if m.metadata.len() > 128 {
+            return Err(bad("at most 128 metadata items may be set at once"));
+        }
+        for (k, v) in &m.metadata {
+            super::validate::text("metadata key", k, 255, false).map_err(bad)?;
+            if let Some(v) = v {
+                super::validate::text(&format!("metadata {k}"), v, 255, true).map_err(bad)?;
+            }
+        }
     }
     let known: BTreeSet<String> = state
         .cluster
@@ -497,10 +507,8 @@ async fn create_server_group(
     let project = project_of(&auth)?;
     let b: CreateGroupBody = parse(&body)?;
     let g = b.server_group;
-    let name = g.name.trim().to_owned();
-    if name.is_empty() || name.len() > 255 {
-        return Err(bad("server group name must be 1 to 255 characters"));
-    }
+    let name = g.name;
+    super::validate::text("server group name", &name, 255, false).map_err(bad)?;
     let policy = match g.policies.as_slice() {
         [p] if POLICIES.contains(&p.as_str()) => p.clone(),
         _ => {

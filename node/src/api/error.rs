@@ -40,6 +40,17 @@ impl ApiError {
         self
     }
 
+    /// Renders this error in the shape of the API that serves `path`.
+    pub fn for_path(self, path: &str) -> Self {
+        if path.starts_with("/compute") {
+            self.nova()
+        } else if path.starts_with("/image") {
+            self.glance()
+        } else {
+            self
+        }
+    }
+
     /// Renders this error as Glance does (`{"code", "title", "message"}`).
     pub fn glance(mut self) -> Self {
         self.shape = Shape::Glance;
@@ -93,8 +104,19 @@ fn nova_key(status: StatusCode) -> &'static str {
 }
 
 impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    fn into_response(mut self) -> Response {
         let code = self.status.as_u16();
+        let mut request_id = None;
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            // What went wrong inside stays in the log, under an id the client can quote.
+            let id = format!("req-{}", uuid::Uuid::new_v4());
+            tracing::error!(request_id = %id, error = %self.message, "internal error");
+            self.message = format!(
+                "the server could not complete the request; the operator can find it in the \
+                 logs under {id}"
+            );
+            request_id = Some(id);
+        }
         let body = match self.shape {
             Shape::Nova => {
                 json!({ nova_key(self.status): { "code": code, "message": self.message } })
@@ -107,6 +129,11 @@ impl IntoResponse for ApiError {
             }
         };
         let mut resp = (self.status, Json(body)).into_response();
+        if let Some(id) = request_id {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+                resp.headers_mut().insert("x-openstack-request-id", v);
+            }
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 "WWW-Authenticate",
@@ -124,10 +151,7 @@ impl From<ClusterError> for ApiError {
             ClusterError::NotFound(_) => ApiError::not_found(e.to_string()),
             ClusterError::Conflict(_) => ApiError::conflict(e.to_string()),
             ClusterError::Unavailable(_) => ApiError::unavailable(e.to_string()),
-            _ => {
-                tracing::error!(error = %e, "cluster error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-            }
+            _ => ApiError::internal(e.to_string()),
         }
     }
 }

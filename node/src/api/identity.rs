@@ -136,7 +136,14 @@ fn domain_name(d: &Option<DomainRef>) -> String {
     }
 }
 
-async fn issue_token(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
+async fn issue_token(
+    State(state): State<AppState>,
+    extensions: axum::http::Extensions,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let source = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let body: AuthBody = parse_body(&body)?;
     let scope = match body.auth.scope.and_then(|s| s.project) {
         None => Scope::Unscoped,
@@ -183,7 +190,7 @@ async fn issue_token(State(state): State<AppState>, body: Bytes) -> ApiResult<Re
         };
         state
             .identity
-            .authenticate_password(&user_name, &domain, &pw.user.password, &scope)
+            .authenticate_password(&user_name, &domain, &pw.user.password, &scope, source)
             .await
     } else if methods.iter().any(|m| m == "token") {
         // Re-scoping: exchange a valid token for another scope of the same user.
@@ -203,12 +210,15 @@ async fn issue_token(State(state): State<AppState>, body: Bytes) -> ApiResult<Re
     let (token, claims) = match result {
         Ok(v) => v,
         Err(AuthError::Cluster(e)) => return Err(e.into()),
-        Err(AuthError::NoSigningKey) => {
-            return Err(ApiError::unavailable(AuthError::NoSigningKey.to_string()))
+        Err(e @ (AuthError::NoSigningKey | AuthError::Busy(_))) => {
+            return Err(ApiError::unavailable(e.to_string()))
         }
         Err(e) => {
             state.metrics.auth_failures.inc();
-            tracing::info!(reason = %e, "authentication refused");
+            static REFUSALS: crate::logging::Throttle = crate::logging::Throttle::new(5);
+            if let Some(held_back) = REFUSALS.admit() {
+                tracing::info!(reason = %e, ?source, held_back, "authentication refused");
+            }
             return Err(ApiError::unauthorized(
                 "the request you have made requires authentication",
             ));

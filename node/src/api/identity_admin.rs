@@ -52,6 +52,7 @@ impl From<ResourceError> for ApiError {
                 ApiError::conflict(e.to_string())
             }
             ResourceError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            ResourceError::Busy(_) => ApiError::unavailable(e.to_string()),
             ResourceError::Cluster(e) => e.into(),
         }
     }

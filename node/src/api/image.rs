@@ -96,6 +96,9 @@ impl From<RecordError> for ApiError {
             RecordError::BadRequest(m) => ApiError::bad_request(m),
             RecordError::Forbidden(m) => ApiError::forbidden(m),
             RecordError::Conflict(m) => ApiError::conflict(m),
+            RecordError::OverLimit(m) => {
+                ApiError::new(axum::http::StatusCode::PAYLOAD_TOO_LARGE, m)
+            }
         }
         .glance()
     }

@@ -185,9 +185,14 @@ pub enum RecordError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    OverLimit(String),
 }
 
 use RecordError::{BadRequest, Conflict, Forbidden};
+
+/// Additional properties one image may carry: Glance's `image_property_quota` default.
+pub const MAX_PROPERTIES: usize = 128;
 
 /// Who is asking, as far as images care.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,10 +330,11 @@ impl ImageRecord {
             }
             "tags" => self.tags = tags(value)?,
             _ => {
-                if key.is_empty() || key.len() > 255 {
-                    return Err(BadRequest(
-                        "property names are 1 to 255 characters long".into(),
-                    ));
+                crate::api::validate::text("property name", key, 255, false).map_err(BadRequest)?;
+                if !self.properties.contains_key(key) && self.properties.len() >= MAX_PROPERTIES {
+                    return Err(RecordError::OverLimit(format!(
+                        "an image may carry at most {MAX_PROPERTIES} additional properties"
+                    )));
                 }
                 let v = value.as_str().ok_or_else(|| {
                     BadRequest(format!(

@@ -10,6 +10,7 @@ pub mod compute_admin;
 pub mod compute_aggregates;
 pub mod compute_keypairs;
 pub mod error;
+pub mod http_server;
 pub mod identity;
 pub mod identity_admin;
 pub mod image;
@@ -19,9 +20,9 @@ pub mod metrics;
 pub mod placement;
 pub mod policy;
 pub mod tls;
+pub mod validate;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
@@ -62,32 +63,86 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::routes())
         .merge(placement::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(edge))
         .with_state(state)
 }
 
+/// What every request goes through first and every answer last:
+/// - a `Content-Length` over the cap of an ordinary call is refused with 413 before the body
+///   is read (image uploads have their own cap in the image service);
+/// - answers that axum makes itself (an unknown path, a method not allowed, a body that is not
+///   valid JSON or that was cut off) are put in the API's own error shape, so clients always
+///   get the body their API defines.
+async fn edge(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = req.uri().path().to_owned();
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared {
+        if len > MAX_BODY_BYTES as u64 && !http_server::is_bulk_upload(req.method(), &path) {
+            return ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is {len} bytes; at most {MAX_BODY_BYTES} are accepted"),
+            )
+            .for_path(&path)
+            .into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // axum's own rejection texts are short and say what was wrong; keep a bounded prefix.
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).into_owned(),
+        _ => parts
+            .status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_owned(),
+    };
+    let mut shaped = ApiError::new(parts.status, text)
+        .for_path(&path)
+        .into_response();
+    for name in [
+        axum::http::header::ALLOW,
+        axum::http::header::WWW_AUTHENTICATE,
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            shaped.headers_mut().insert(name, v.clone());
+        }
+    }
+    shaped
+}
+
 /// Serves the API until `shutdown` resolves, then drains open requests: plain HTTP, or HTTPS
-/// with `tls`.
+/// with `tls`, with the connection, header and body limits of [`http_server`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     state: AppState,
+    limits: http_server::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state);
     match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
+        None => http_server::serve(listener, app, limits, shutdown).await,
         Some(config) => {
-            // axum gives `ConnectInfo<SocketAddr>` to a `tap_io` listener whose address is a
-            // `SocketAddr`; the tap itself does nothing.
-            let listener =
-                axum::serve::ListenerExt::tap_io(tls::TlsListener::new(listener, config)?, |_| {});
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            let listener = tls::TlsListener::new(listener, config)?;
+            http_server::serve(listener, app, limits, shutdown).await
         }
     }
 }

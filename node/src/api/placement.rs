@@ -207,6 +207,16 @@ impl PlacementBody {
                 f.swap_mb
             ));
         }
+        // Bounded before anything is allocated for it: a count is untrusted input.
+        let count = self
+            .instance_ids
+            .as_ref()
+            .map_or(self.num_instances.unwrap_or(1), Vec::len);
+        if count == 0 || count > MAX_INSTANCES {
+            return Err(format!(
+                "a request places 1-{MAX_INSTANCES} instances, got {count}"
+            ));
+        }
         let ids = match (self.instance_ids, self.num_instances) {
             (Some(ids), n) => {
                 if n.is_some_and(|n| n != ids.len()) {
@@ -327,6 +337,11 @@ mod tests {
         assert!(e.contains("1-100"), "{e}");
         let e = body(json!({"flavor": f, "num_instances": 101})).unwrap_err();
         assert!(e.contains("1-100"), "{e}");
+        // Huge counts are refused before anything is allocated for them.
+        for n in [2_000_000_000u64, 1 << 63, u64::MAX] {
+            let e = body(json!({"flavor": f, "num_instances": n})).unwrap_err();
+            assert!(e.contains("1-100"), "{n}: {e}");
+        }
         let e = body(json!({"flavor": f, "instance_ids": ["a/b"]})).unwrap_err();
         assert!(e.contains("instance id"), "{e}");
     }

@@ -7,6 +7,7 @@
 //! watch on `signing_keys` and `revoked_tokens` keeps current; [`rotation`] replaces the
 //! signing key periodically.
 
+pub mod lockout;
 pub mod password;
 pub mod resources;
 pub mod revoke;
@@ -32,6 +33,11 @@ pub const T_ROLE_NAMES: &str = "role_names";
 pub const T_ASSIGNMENTS: &str = "role_assignments";
 pub const T_SIGNING_KEYS: &str = "signing_keys";
 pub const T_REVOKED: &str = "revoked_tokens";
+
+/// A hash of a random password, checked against when the user does not exist, so that
+/// unknown names cost as much time as wrong passwords.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| password::hash(&password::generate()));
 
 /// How long a revocation waits for every reachable member to apply it before answering.
 pub const PROPAGATION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -93,6 +99,10 @@ pub enum AuthError {
     #[error("no signing key is available yet; retry shortly")]
     NoSigningKey,
     #[error(transparent)]
+    Busy(#[from] password::Busy),
+    #[error("too many failed attempts for this user from this address; wait a minute")]
+    LockedOut,
+    #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
 
@@ -108,6 +118,7 @@ pub enum Scope {
 pub struct Identity {
     cluster: Cluster,
     ring: Arc<RwLock<KeyRing>>,
+    lockout: Arc<lockout::Lockout>,
     node_name: String,
     token_ttl: u64,
 }
@@ -134,6 +145,7 @@ impl Identity {
         Self {
             cluster,
             ring: Arc::new(RwLock::new(KeyRing::default())),
+            lockout: Arc::new(lockout::Lockout::default()),
             node_name,
             token_ttl,
         }
@@ -480,24 +492,55 @@ impl Identity {
         user_domain: &str,
         password_given: &str,
         scope: &Scope,
+        source: Option<std::net::IpAddr>,
     ) -> Result<(String, Claims), AuthError> {
+        let who = format!("{user_domain}/{user_name}");
+        let now = std::time::Instant::now();
+        if !self.lockout.allows(&who, source, now) {
+            return Err(AuthError::LockedOut);
+        }
+        let result = self
+            .check_password(user_name, user_domain, password_given)
+            .await;
+        match &result {
+            Ok(_) => self.lockout.succeeded(&who, source),
+            Err(AuthError::InvalidCredentials) => self.lockout.failed(&who, source, now),
+            Err(_) => {}
+        }
+        let project = self.resolve_scope(scope).await?;
+        self.issue(result?, project).await
+    }
+
+    /// The enabled user with this name and password. A missing user costs a hash too, so the
+    /// answer's timing does not tell which names exist.
+    async fn check_password(
+        &self,
+        user_name: &str,
+        user_domain: &str,
+        password_given: &str,
+    ) -> Result<User, AuthError> {
         let domain_id = self
             .domain_id_by_name(user_domain)
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
         let user_id = self
             .lookup_id(T_USER_NAMES, &name_key(&domain_id, user_name))
-            .await?
-            .ok_or(AuthError::InvalidCredentials)?;
-        let user = self
-            .get_user(&user_id)
-            .await?
-            .ok_or(AuthError::InvalidCredentials)?;
-        if !user.enabled || !password::verify(password_given, &user.password_hash) {
-            return Err(AuthError::InvalidCredentials);
+            .await?;
+        let user = match user_id {
+            Some(id) => self.get_user(&id).await?,
+            None => None,
+        };
+        let stored = match &user {
+            Some(u) => u.password_hash.clone(),
+            None => tokio::task::spawn_blocking(|| DUMMY_HASH.clone())
+                .await
+                .map_err(|_| password::Busy)?,
+        };
+        let matches = password::verify_async(password_given, &stored).await?;
+        match user {
+            Some(u) if u.enabled && matches => Ok(u),
+            _ => Err(AuthError::InvalidCredentials),
         }
-        let project = self.resolve_scope(scope).await?;
-        self.issue(user, project).await
     }
 }
 

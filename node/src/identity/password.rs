@@ -1,4 +1,8 @@
 //! Password hashing with argon2id (PHC string format, salt included).
+//!
+//! argon2 takes tens of milliseconds of CPU by design. Run on the async runtime it stalls every
+//! other request and Raft heartbeat of the node, so the API hashes through [`verify_async`] and
+//! [`hash_async`]: on the blocking pool, at most [`HASHERS`] at once, with a bounded wait.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -22,6 +26,38 @@ pub fn verify(password: &str, stored: &str) -> bool {
             .is_ok(),
         Err(_) => false,
     }
+}
+
+/// How many passwords are hashed at once; the rest wait their turn (at most [`HASH_WAIT`]).
+pub const HASHERS: usize = 2;
+/// How long a request waits for a hashing slot before it is answered "busy".
+pub const HASH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HASHERS);
+
+/// Every hashing slot was taken for [`HASH_WAIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("too many password checks are in progress; retry shortly")]
+pub struct Busy;
+
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Busy> {
+    let _slot = tokio::time::timeout(HASH_WAIT, SLOTS.acquire())
+        .await
+        .map_err(|_| Busy)?
+        .expect("the hashing semaphore is never closed");
+    tokio::task::spawn_blocking(f).await.map_err(|_| Busy)
+}
+
+/// [`verify`] on the blocking pool.
+pub async fn verify_async(password: &str, stored: &str) -> Result<bool, Busy> {
+    let (p, h) = (password.to_owned(), stored.to_owned());
+    off_runtime(move || verify(&p, &h)).await
+}
+
+/// [`hash`] on the blocking pool.
+pub async fn hash_async(password: &str) -> Result<String, Busy> {
+    let p = password.to_owned();
+    off_runtime(move || hash(&p)).await
 }
 
 /// A random password for generated credentials: 24 characters from an unambiguous alphabet.

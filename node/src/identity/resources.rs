@@ -26,6 +26,8 @@ pub enum ResourceError {
     #[error("the request changed concurrently with another; retry it")]
     Raced,
     #[error(transparent)]
+    Busy(#[from] password::Busy),
+    #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
 
@@ -133,13 +135,17 @@ impl Identity {
         default_project_id: Option<String>,
         enabled: bool,
     ) -> Result<User, ResourceError> {
+        let password_hash = match password_given {
+            Some(p) => password::hash_async(p).await?,
+            // A user created without a password cannot authenticate with one: the empty hash
+            // never verifies.
+            None => String::new(),
+        };
         let user = User {
             id: new_id(),
             name: name.to_owned(),
             domain_id: domain_id.to_owned(),
-            // A user created without a password cannot authenticate with one: the empty hash
-            // never verifies.
-            password_hash: password_given.map(password::hash).unwrap_or_default(),
+            password_hash,
             enabled,
             default_project_id,
         };
