@@ -174,6 +174,19 @@ fn out_of_range_and_control_character_inputs_are_refused() {
     let (s, b) = send(&c, &t, "POST", "/image/v2/images", image(128));
     assert_eq!(s, 201, "{b}");
 
+    // Identity names: control characters are refused in Keystone's error shape.
+    for (path, body) in [
+        ("/identity/v3/projects", json!({"project": {"name": "p\u{0}x"}})),
+        ("/identity/v3/users", json!({"user": {"name": "u\nx", "password": "pw-secret-1"}})),
+    ] {
+        let (s, b) = send(&c, &t, "POST", path, body);
+        assert_eq!(s, 400, "{path}: {b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("control"),
+            "{b}"
+        );
+    }
+
     // Unknown paths and bodies that are not JSON answer in the API's shape too.
     let (s, b) = send(&c, &t, "GET", "/compute/v2.1/no-such-thing", Value::Null);
     assert_eq!(s, 404);

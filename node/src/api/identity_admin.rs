@@ -137,7 +137,9 @@ async fn check_domain(state: &AppState, domain_id: &str) -> ApiResult<()> {
 }
 
 fn check_name(kind: &str, name: &str) -> ApiResult<()> {
-    if name.is_empty() || name.len() > 64 || name.contains('/') {
+    super::validate::text(&format!("the {kind} name"), name, 64, false)
+        .map_err(ApiError::bad_request)?;
+    if name.contains('/') {
         return Err(ApiError::bad_request(format!(
             "the {kind} name must be 1 to 64 characters and may not contain '/'"
         )));
