@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use shoal_consensus::cluster::ClusterError;
+use shoal_state::StateError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -48,6 +49,14 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// A 500 that carries only a request id; the error itself is logged under that id, so
+    /// internal text never reaches the client.
+    pub fn internal_logged(error: &dyn std::error::Error) -> Self {
+        let request_id = format!("req-{}", uuid::Uuid::new_v4());
+        tracing::error!(%request_id, error = %error, "internal error answering a request");
+        Self::internal(format!("internal error; request id {request_id}"))
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -124,10 +133,21 @@ impl From<ClusterError> for ApiError {
             ClusterError::NotFound(_) => ApiError::not_found(e.to_string()),
             ClusterError::Conflict(_) => ApiError::conflict(e.to_string()),
             ClusterError::Unavailable(_) => ApiError::unavailable(e.to_string()),
-            _ => {
-                tracing::error!(error = %e, "cluster error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            _ => ApiError::internal_logged(&e),
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        match &e {
+            StateError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            StateError::AlreadyExists { .. } | StateError::Contended { .. } => {
+                ApiError::conflict(e.to_string())
             }
+            StateError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            StateError::Rejected(_) => ApiError::bad_request(e.to_string()),
+            StateError::Corrupt { .. } => ApiError::internal_logged(&e),
         }
     }
 }

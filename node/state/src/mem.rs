@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use shoal_consensus::cluster::ClusterError;
 use shoal_types::{Expect, Op, Row, Txn, TxnResponse};
 
+use crate::store::Rows;
 use crate::Store;
 
 #[derive(Debug, Default)]
@@ -52,7 +53,7 @@ impl Store for MemStore {
         table: &'a str,
         prefix: &'a str,
         limit: usize,
-    ) -> BoxFuture<'a, Result<(Vec<(String, Row)>, u64), ClusterError>> {
+    ) -> BoxFuture<'a, Result<Rows, ClusterError>> {
         let inner = self.lock();
         let rows = inner
             .rows

@@ -8,6 +8,9 @@ use shoal_types::{Row, Txn, TxnResponse};
 
 use crate::{StateError, Table};
 
+/// Rows of a listing with their keys, and the revision the listing reflects at least.
+pub type Rows = (Vec<(String, Row)>, u64);
+
 /// Raw access to the replicated keyspace. Errors are the consensus layer's; `Table` types them.
 pub trait Store: Send + Sync + 'static {
     fn get<'a>(
@@ -22,7 +25,7 @@ pub trait Store: Send + Sync + 'static {
         table: &'a str,
         prefix: &'a str,
         limit: usize,
-    ) -> BoxFuture<'a, Result<(Vec<(String, Row)>, u64), ClusterError>>;
+    ) -> BoxFuture<'a, Result<Rows, ClusterError>>;
     fn write(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResponse, ClusterError>>;
 }
 
@@ -40,7 +43,7 @@ impl Store for Cluster {
         table: &'a str,
         prefix: &'a str,
         limit: usize,
-    ) -> BoxFuture<'a, Result<(Vec<(String, Row)>, u64), ClusterError>> {
+    ) -> BoxFuture<'a, Result<Rows, ClusterError>> {
         Box::pin(async move {
             // Read before listing: the listing reflects at least this revision.
             let revision = self.revision();

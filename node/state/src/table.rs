@@ -197,6 +197,37 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         Err(self.contended(key).into())
     }
 
+    /// Like `update`, but a missing row starts as `new()` and is created (`Absent` precondition).
+    pub async fn upsert<E>(
+        &self,
+        key: &str,
+        new: impl Fn() -> T,
+        mut change: impl FnMut(&mut T) -> Result<(), E>,
+    ) -> Result<Versioned<T>, E>
+    where
+        E: From<StateError>,
+    {
+        for _ in 0..self.attempts {
+            let (mut value, expect) = match self.get(key).await? {
+                Some(v) => (v.value, Expect::Revision(v.revision)),
+                None => (new(), Expect::Absent),
+            };
+            change(&mut value)?;
+            let txn =
+                Txn::new()
+                    .when(self.name, key, expect)
+                    .put(self.name, key, self.encode(&value));
+            let resp = self.store.write(txn).await.map_err(self.err(key))?;
+            if resp.succeeded {
+                return Ok(Versioned {
+                    value,
+                    revision: resp.revision,
+                });
+            }
+        }
+        Err(self.contended(key).into())
+    }
+
     fn contended(&self, key: &str) -> StateError {
         StateError::Contended {
             table: self.name,
@@ -294,6 +325,24 @@ mod tests {
             t.update::<StateError>("a", |_| Ok(())).await,
             Err(StateError::NotFound { table: "recs", .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn upsert_creates_then_changes() {
+        let state = State::in_memory();
+        let t: Table<Rec> = state.table("recs");
+        let bump = |r: &mut Rec| -> Result<(), StateError> {
+            r.n += 1;
+            Ok(())
+        };
+        assert_eq!(
+            t.upsert("a", || Rec { n: 0 }, bump).await.unwrap().value.n,
+            1
+        );
+        assert_eq!(
+            t.upsert("a", || Rec { n: 0 }, bump).await.unwrap().value.n,
+            2
+        );
     }
 
     #[tokio::test]
