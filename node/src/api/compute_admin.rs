@@ -392,13 +392,28 @@ async fn list_hypervisors_detail(
     auth: Auth,
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
-    let items: Vec<Value> = members(&state)
-        .await?
+    let members = members(&state).await?;
+    // What each host registered in `hosts` (its libvirt driver and version); a member that
+    // has not registered yet shows Nova's defaults.
+    let hosts: HashMap<String, shoal_scheduler::Host> =
+        crate::placement::list_hosts(&state.cluster)
+            .await
+            .map_err(|e| ApiError::internal_logged(&e).nova())?
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+    let items: Vec<Value> = members
         .into_iter()
         .map(|(m, svc)| {
+            let (hv_type, hv_version) = hosts
+                .get(&m.name)
+                .filter(|h| !h.hypervisor_type.is_empty())
+                .map_or(("QEMU", 0), |h| {
+                    (h.hypervisor_type.as_str(), h.hypervisor_version)
+                });
             json!({
-                "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": "QEMU",
-                "hypervisor_version": 0, "host_ip": host_ip(&m.api),
+                "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": hv_type,
+                "hypervisor_version": hv_version, "host_ip": host_ip(&m.api),
                 "state": if m.healthy { "up" } else { "down" },
                 "status": if svc.disabled { "disabled" } else { "enabled" },
                 "service": {"id": m.id, "host": m.name, "disabled_reason": svc.disabled_reason},
