@@ -36,6 +36,7 @@ use crate::net::{
 };
 use crate::raft_types::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::read_index::{ReadBatcher, Round};
+pub use crate::store::WatchError;
 use crate::store::{self, StateReader, StoreOptions, WatchStream};
 
 /// How a node is set up; the node binary fills it from its config file.
@@ -638,17 +639,16 @@ impl Cluster {
         self.inner.sm.revision()
     }
 
+    /// Changes of `table` under `prefix` from `from_revision` on. The error stays typed: a
+    /// caller resuming from a compacted revision gets `WatchError::Compacted { oldest }` and
+    /// must list again, then watch from the listing's revision.
     pub async fn watch(
         &self,
         table: &str,
         prefix: &str,
         from_revision: u64,
-    ) -> Result<WatchStream, ClusterError> {
-        self.inner
-            .sm
-            .watch(table, prefix, from_revision)
-            .await
-            .map_err(|e| ClusterError::Conflict(e.to_string()))
+    ) -> Result<WatchStream, WatchError> {
+        self.inner.sm.watch(table, prefix, from_revision).await
     }
 
     pub async fn create_join_token(

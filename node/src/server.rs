@@ -258,6 +258,7 @@ async fn serve(
     let stop = CancellationToken::new();
     let state = AppState {
         cluster: cluster.clone(),
+        state: shoal_state::State::new(Arc::new(cluster.clone())),
         identity: identity.clone(),
         metrics: Arc::new(api::metrics::Metrics::default()),
         base_url: base_url(&cfg),

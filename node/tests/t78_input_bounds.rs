@@ -176,8 +176,14 @@ fn out_of_range_and_control_character_inputs_are_refused() {
 
     // Identity names: control characters are refused in Keystone's error shape.
     for (path, body) in [
-        ("/identity/v3/projects", json!({"project": {"name": "p\u{0}x"}})),
-        ("/identity/v3/users", json!({"user": {"name": "u\nx", "password": "pw-secret-1"}})),
+        (
+            "/identity/v3/projects",
+            json!({"project": {"name": "p\u{0}x"}}),
+        ),
+        (
+            "/identity/v3/users",
+            json!({"user": {"name": "u\nx", "password": "pw-secret-1"}}),
+        ),
     ] {
         let (s, b) = send(&c, &t, "POST", path, body);
         assert_eq!(s, 400, "{path}: {b}");

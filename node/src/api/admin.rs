@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use shoal_consensus::cluster::WatchError;
 use shoal_types::{EventKind, Txn};
 
 use super::error::{ApiError, ApiResult};
@@ -253,7 +254,12 @@ async fn watch(
     let stream = state
         .cluster
         .watch(&params.table, &params.prefix, from)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            WatchError::Compacted { .. } => ApiError::conflict(e.to_string()),
+            WatchError::Closed => ApiError::unavailable(e.to_string()),
+            WatchError::Store(_) => ApiError::internal_logged(&e),
+        })?;
     let body = stream.map(|ev| {
         let line = match ev {
             Ok(ev) => {

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shoal_types::{Expect, Txn};
 
+use shoal_state::{retry, DEFAULT_ATTEMPTS};
+
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Auth};
 use crate::identity::has_role;
@@ -388,19 +390,15 @@ async fn update_specs(
     id: &str,
     change: impl Fn(&mut BTreeMap<String, String>) -> ApiResult<()>,
 ) -> ApiResult<BTreeMap<String, String>> {
-    for _ in 0..5 {
+    let flavors = state.state.table::<Flavor>(T_FLAVORS);
+    retry(T_FLAVORS, id, DEFAULT_ATTEMPTS, || async {
         let (mut f, rev) = get_flavor(state, id).await?;
         change(&mut f.extra_specs)?;
-        let txn = Txn::new().when(T_FLAVORS, id, Expect::Revision(rev)).put(
-            T_FLAVORS,
-            id,
-            serde_json::to_vec(&f).expect("flavors serialise"),
-        );
-        if state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
-            return Ok(f.extra_specs);
-        }
-    }
-    Err(ApiError::conflict(format!("flavor {id} keeps changing; retry")).nova())
+        let written = flavors.put_at(id, &f, rev).await.map_err(nova_err)?;
+        Ok(written.map(|_| f.extra_specs))
+    })
+    .await
+    .map_err(ApiError::nova)
 }
 
 fn check_spec(key: &str, value: &str) -> ApiResult<()> {

@@ -89,18 +89,14 @@ async fn quotas_of(state: &AppState, project: &str) -> ApiResult<BTreeMap<String
         .iter()
         .map(|(k, v)| ((*k).to_owned(), *v))
         .collect();
-    if let Some(row) = state
-        .cluster
-        .get(T_QUOTAS, project)
+    if let Some(overrides) = state
+        .state
+        .table::<BTreeMap<String, i64>>(T_QUOTAS)
+        .get(project)
         .await
         .map_err(nova_err)?
     {
-        let overrides: BTreeMap<String, i64> = serde_json::from_slice(&row.value).map_err(|e| {
-            nova_err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("quotas of {project} are stored corrupt: {e}"),
-            ))
-        })?;
+        let overrides = overrides.value;
         q.extend(overrides);
     }
     Ok(q)
@@ -312,31 +308,17 @@ async fn update_quotas(
     known_project(&state, &project).await?;
     // Merge into the stored overrides with a compare-and-set, so concurrent updates of
     // different quotas both take effect.
-    for _ in 0..5 {
-        let row = state
-            .cluster
-            .get(T_QUOTAS, &project)
-            .await
-            .map_err(nova_err)?;
-        let (mut overrides, expect): (BTreeMap<String, i64>, _) = match &row {
-            Some(r) => (
-                serde_json::from_slice(&r.value).unwrap_or_default(),
-                shoal_types::Expect::Revision(r.mod_revision),
-            ),
-            None => (BTreeMap::new(), shoal_types::Expect::Absent),
-        };
-        overrides.extend(update.clone());
-        let txn = Txn::new().when(T_QUOTAS, &project, expect).put(
-            T_QUOTAS,
-            &project,
-            serde_json::to_vec(&overrides).expect("quotas serialise"),
-        );
-        if state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
-            let q = quotas_of(&state, &project).await?;
-            return Ok(Json(json!({ "quota_set": q })));
-        }
-    }
-    Err(ApiError::conflict("the quotas keep changing; retry").nova())
+    state
+        .state
+        .table::<BTreeMap<String, i64>>(T_QUOTAS)
+        .upsert(&project, BTreeMap::new, |overrides| {
+            overrides.extend(update.clone());
+            Ok::<_, ApiError>(())
+        })
+        .await
+        .map_err(ApiError::nova)?;
+    let q = quotas_of(&state, &project).await?;
+    Ok(Json(json!({ "quota_set": q })))
 }
 
 async fn revert_quotas(
@@ -435,13 +417,28 @@ async fn list_hypervisors_detail(
     auth: Auth,
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
-    let items: Vec<Value> = members(&state)
-        .await?
+    let members = members(&state).await?;
+    // What each host registered in `hosts` (its libvirt driver and version); a member that
+    // has not registered yet shows Nova's defaults.
+    let hosts: HashMap<String, shoal_scheduler::Host> =
+        crate::placement::list_hosts(&state.cluster)
+            .await
+            .map_err(|e| ApiError::internal_logged(&e).nova())?
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+    let items: Vec<Value> = members
         .into_iter()
         .map(|(m, svc)| {
+            let (hv_type, hv_version) = hosts
+                .get(&m.name)
+                .filter(|h| !h.hypervisor_type.is_empty())
+                .map_or(("QEMU", 0), |h| {
+                    (h.hypervisor_type.as_str(), h.hypervisor_version)
+                });
             json!({
-                "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": "QEMU",
-                "hypervisor_version": 0, "host_ip": host_ip(&m.api),
+                "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": hv_type,
+                "hypervisor_version": hv_version, "host_ip": host_ip(&m.api),
                 "state": if m.healthy { "up" } else { "down" },
                 "status": if svc.disabled { "disabled" } else { "enabled" },
                 "service": {"id": m.id, "host": m.name, "disabled_reason": svc.disabled_reason},

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use shoal_state::{retry, Table, DEFAULT_ATTEMPTS};
 use shoal_types::{Expect, Txn};
 
 use super::compute::microversion;
@@ -95,19 +96,16 @@ fn agg_key(id: u64) -> String {
 
 async fn aggregates(state: &AppState) -> ApiResult<Vec<(Aggregate, u64)>> {
     state.cluster.read_barrier().await.map_err(nova_err)?;
-    let rows = state
-        .cluster
-        .list(T_AGGREGATES, "", usize::MAX)
-        .await
-        .map_err(nova_err)?;
-    Ok(rows
+    let listing = aggregate_table(state).list("").await.map_err(nova_err)?;
+    Ok(listing
+        .rows
         .into_iter()
-        .filter_map(|(_, r)| {
-            serde_json::from_slice(&r.value)
-                .ok()
-                .map(|a| (a, r.mod_revision))
-        })
+        .map(|(_, v)| (v.value, v.revision))
         .collect())
+}
+
+fn aggregate_table(state: &AppState) -> Table<Aggregate> {
+    state.state.table(T_AGGREGATES)
 }
 
 async fn find_aggregate(state: &AppState, id: &str) -> ApiResult<(Aggregate, u64)> {
@@ -159,7 +157,7 @@ async fn create_aggregate(
         check_zone(&z)?;
         metadata.insert("availability_zone".to_owned(), z);
     }
-    for _ in 0..5 {
+    retry(T_AGGREGATES, &name, DEFAULT_ATTEMPTS, || async {
         let next = aggregates(&state)
             .await?
             .iter()
@@ -179,21 +177,19 @@ async fn create_aggregate(
         let txn = Txn::new()
             .when(T_AGGREGATE_NAMES, &name, Expect::Absent)
             .when(T_AGGREGATES, &key, Expect::Absent)
-            .put(
-                T_AGGREGATES,
-                &key,
-                serde_json::to_vec(&agg).expect("aggregates serialise"),
-            )
+            .put(T_AGGREGATES, &key, aggregate_table(&state).encode(&agg))
             .put(T_AGGREGATE_NAMES, &name, key.as_bytes().to_vec());
         let resp = state.cluster.write(txn).await.map_err(nova_err)?;
         if resp.succeeded {
-            return Ok(Json(json!({ "aggregate": agg.to_json() })));
+            return Ok(Some(Json(json!({ "aggregate": agg.to_json() }))));
         }
         if resp.failed_precondition == Some(0) {
             return Err(ApiError::conflict(format!("aggregate {name} already exists")).nova());
         }
-    }
-    Err(ApiError::conflict("aggregate ids keep being taken; retry").nova())
+        Ok(None)
+    })
+    .await
+    .map_err(ApiError::nova)
 }
 
 async fn list_aggregates(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
@@ -354,7 +350,8 @@ async fn aggregate_action(
         .into_iter()
         .map(|m| m.name)
         .collect();
-    for _ in 0..5 {
+    let table = aggregate_table(&state);
+    retry(T_AGGREGATES, &id, DEFAULT_ATTEMPTS, || async {
         let all = aggregates(&state).await?;
         let (mut agg, rev) = find_aggregate(&state, &id).await?;
         let others: Vec<Aggregate> = all
@@ -363,19 +360,14 @@ async fn aggregate_action(
             .filter(|a| a.id != agg.id)
             .collect();
         apply(&mut agg, &action, &others, &known).map_err(|(s, m)| ApiError::new(s, m).nova())?;
-        let key = agg_key(agg.id);
-        let txn = Txn::new()
-            .when(T_AGGREGATES, &key, Expect::Revision(rev))
-            .put(
-                T_AGGREGATES,
-                &key,
-                serde_json::to_vec(&agg).expect("aggregates serialise"),
-            );
-        if state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
-            return Ok(Json(json!({ "aggregate": agg.to_json() })));
-        }
-    }
-    Err(ApiError::conflict(format!("aggregate {id} keeps changing; retry")).nova())
+        let written = table
+            .put_at(&agg_key(agg.id), &agg, rev)
+            .await
+            .map_err(nova_err)?;
+        Ok(written.map(|_| Json(json!({ "aggregate": agg.to_json() }))))
+    })
+    .await
+    .map_err(ApiError::nova)
 }
 
 /// Zone name to its hosts: aggregate zones first, every other member in `nova`.

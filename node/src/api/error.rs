@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use shoal_consensus::cluster::ClusterError;
+use shoal_state::StateError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -59,6 +60,12 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// A 500 for `error`. Like every 500 it reaches the client with only a request id; the
+    /// error is logged under that id when the response is made (see `IntoResponse`).
+    pub fn internal_logged(error: &dyn std::error::Error) -> Self {
+        Self::internal(error.to_string())
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -151,7 +158,21 @@ impl From<ClusterError> for ApiError {
             ClusterError::NotFound(_) => ApiError::not_found(e.to_string()),
             ClusterError::Conflict(_) => ApiError::conflict(e.to_string()),
             ClusterError::Unavailable(_) => ApiError::unavailable(e.to_string()),
-            _ => ApiError::internal(e.to_string()),
+            _ => ApiError::internal_logged(&e),
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        match &e {
+            StateError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            StateError::AlreadyExists { .. } | StateError::Contended { .. } => {
+                ApiError::conflict(e.to_string())
+            }
+            StateError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            StateError::Rejected(_) => ApiError::bad_request(e.to_string()),
+            StateError::Corrupt { .. } => ApiError::internal_logged(&e),
         }
     }
 }

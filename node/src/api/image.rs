@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use shoal_state::{retry, Table, DEFAULT_ATTEMPTS};
 use shoal_types::{Expect, Txn};
 
 use super::error::{ApiError, ApiResult};
@@ -113,9 +114,12 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no image found with ID {id}")).glance()
 }
 
-fn decode<T: for<'de> serde::Deserialize<'de>>(what: &str, key: &str, v: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(v)
-        .map_err(|e| ApiError::internal(format!("{what} {key} is stored corrupt: {e}")).glance())
+fn images(state: &AppState) -> Table<ImageRecord> {
+    state.state.table(T_IMAGES)
+}
+
+fn members(state: &AppState) -> Table<Member> {
+    state.state.table(T_MEMBERS)
 }
 
 /// The image and the revision it was read at, after a read barrier (linearizable).
@@ -126,13 +130,12 @@ pub(super) async fn load(state: &AppState, id: &str) -> ApiResult<(ImageRecord, 
 
 /// [`load`] from this node's replica, without a barrier.
 async fn load_local(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
-    let row = state
-        .cluster
-        .get(T_IMAGES, id)
+    let v = images(state)
+        .get(id)
         .await
         .map_err(gerr)?
         .ok_or_else(|| not_found(id))?;
-    Ok((decode("image", id, &row.value)?, row.mod_revision))
+    Ok((v.value, v.revision))
 }
 
 async fn membership(
@@ -144,11 +147,8 @@ async fn membership(
         return Ok(None);
     };
     let key = Member::key(image_id, project);
-    match state.cluster.get(T_MEMBERS, &key).await.map_err(gerr)? {
-        Some(row) => Ok(Some((
-            decode("member", &key, &row.value)?,
-            row.mod_revision,
-        ))),
+    match members(state).get(&key).await.map_err(gerr)? {
+        Some(v) => Ok(Some((v.value, v.revision))),
         None => Ok(None),
     }
 }
@@ -196,11 +196,7 @@ pub(super) async fn put_if(
     img: &ImageRecord,
     rev: u64,
 ) -> ApiResult<Option<u64>> {
-    let txn = Txn::new()
-        .when(T_IMAGES, &img.id, Expect::Revision(rev))
-        .put(T_IMAGES, &img.id, image_value(img));
-    let resp = state.cluster.write(txn).await.map_err(gerr)?;
-    Ok(resp.succeeded.then_some(resp.revision))
+    images(state).put_at(&img.id, img, rev).await.map_err(gerr)
 }
 
 /// Applies `change` to a writable image with a compare-and-set, re-reading on a conflict.
@@ -211,15 +207,14 @@ async fn modify(
     change: impl Fn(&mut ImageRecord, &Caller) -> Result<(), RecordError>,
 ) -> ApiResult<ImageRecord> {
     let caller = image_caller(&auth.0);
-    for _ in 0..5 {
+    retry(T_IMAGES, id, DEFAULT_ATTEMPTS, || async {
         let (mut img, rev) = load_writable(state, auth, id).await?;
         change(&mut img, &caller)?;
         img.updated_at = now_secs();
-        if put_if(state, &img, rev).await?.is_some() {
-            return Ok(img);
-        }
-    }
-    Err(ApiError::conflict(format!("image {id} keeps changing; retry")).glance())
+        Ok(put_if(state, &img, rev).await?.map(|_| img))
+    })
+    .await
+    .map_err(ApiError::glance)
 }
 
 async fn create_image(
@@ -276,20 +271,14 @@ async fn list_images(
             .collect(),
         None => Vec::new(),
     };
-    let mut images = Vec::new();
-    for (key, row) in state
-        .cluster
-        .list(T_IMAGES, "", usize::MAX)
-        .await
-        .map_err(gerr)?
-    {
-        let img: ImageRecord = decode("image", &key, &row.value)?;
+    let mut found = Vec::new();
+    for img in images(&state).list("").await.map_err(gerr)?.into_values() {
         let m = mine.iter().find(|(i, _)| *i == img.id).map(|(_, s)| *s);
         if listed(&caller, &img, m, &q) && q.matches(&img) {
-            images.push(img);
+            found.push(img);
         }
     }
-    let (items, more) = page(images, &q)?;
+    let (items, more) = page(found, &q)?;
     let mut body = json!({
         "images": items.iter().map(ImageRecord::to_json).collect::<Vec<_>>(),
         "first": "/v2/images",
@@ -346,7 +335,7 @@ async fn delete_image(
     auth: Auth,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    for _ in 0..5 {
+    retry(T_IMAGES, &id, DEFAULT_ATTEMPTS, || async {
         let (img, rev) = load_writable(&state, &auth, &id).await?;
         if img.protected {
             return Err(ApiError::forbidden(format!(
@@ -371,10 +360,12 @@ async fn delete_image(
         if state.cluster.write(txn).await.map_err(gerr)?.succeeded {
             let cached = state.images.cache_path(&id);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(cached)).await;
-            return Ok(StatusCode::NO_CONTENT);
+            return Ok(Some(StatusCode::NO_CONTENT));
         }
-    }
-    Err(ApiError::conflict(format!("image {id} keeps changing; retry")).glance())
+        Ok(None)
+    })
+    .await
+    .map_err(ApiError::glance)
 }
 
 async fn add_tag(
@@ -434,13 +425,12 @@ async fn list_members(
     shared_only(&img)?;
     let owner_view = can_modify_image(&auth.0, img.owner.as_deref());
     let mut out = Vec::new();
-    for (key, row) in state
-        .cluster
-        .list(T_MEMBERS, &format!("{id}/"), usize::MAX)
+    for m in members(&state)
+        .list(&format!("{id}/"))
         .await
         .map_err(gerr)?
+        .into_values()
     {
-        let m: Member = decode("member", &key, &row.value)?;
         // A member project sees only its own membership.
         if owner_view || auth.0.project_id.as_deref() == Some(m.member_id.as_str()) {
             out.push(m.to_json());

@@ -307,7 +307,7 @@ pub async fn upload(
 
     let mut uploader = match state.images.uploader(&id).await {
         Ok(u) => u,
-        Err(e) => return Err(claim.abandon(ApiError::internal(e.to_string())).await),
+        Err(e) => return Err(claim.abandon(ApiError::internal_logged(&e)).await),
     };
     let mut data = body.into_data_stream();
     let mut beat = tokio::time::interval(Duration::from_secs(CLAIM_HEARTBEAT_SECS));
@@ -322,7 +322,7 @@ pub async fn upload(
                         let msg = format!("the image is larger than this cloud's {limit}-byte limit");
                         return Err(claim.refuse(StatusCode::PAYLOAD_TOO_LARGE, msg).await);
                     }
-                    Err(e) => return Err(claim.abandon(ApiError::internal(e.to_string())).await),
+                    Err(e) => return Err(claim.abandon(ApiError::internal_logged(&e)).await),
                 },
                 Some(Err(e)) => {
                     let err = ApiError::bad_request(format!("the upload was interrupted: {e}"));
@@ -334,7 +334,7 @@ pub async fn upload(
     }
     let up = match uploader.finish().await {
         Ok(up) => up,
-        Err(e) => return Err(claim.abandon(ApiError::internal(e.to_string())).await),
+        Err(e) => return Err(claim.abandon(ApiError::internal_logged(&e)).await),
     };
     let mut staged = Staged(Some(up.staging.clone()));
     if let Some(msg) = declared_mismatch(&claim.img, &up, declared, md5_header) {
@@ -481,7 +481,7 @@ async fn from_chunks(state: &AppState, id: &str) -> ApiResult<Body> {
         })?;
     let digests = m
         .digests()
-        .map_err(|e| ApiError::internal(e.to_string()).glance())?;
+        .map_err(|e| ApiError::internal_logged(&e).glance())?;
     let Some(first) = digests.first().copied() else {
         return Ok(Body::empty());
     };

@@ -41,6 +41,8 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub cluster: Cluster,
+    /// The same keyspace through typed tables (`shoal-state`).
+    pub state: shoal_state::State,
     pub identity: Identity,
     pub metrics: Arc<metrics::Metrics>,
     /// Base URL of this node's API, used in the service catalog.

@@ -265,17 +265,29 @@ impl Identity {
             }
             *self.ring.write().expect("key ring lock") = ring;
         }
-        let mut keys_watch = self.cluster.watch(T_SIGNING_KEYS, "", rev + 1).await?;
-        let mut revoked_watch = self.cluster.watch(T_REVOKED, "", rev + 1).await?;
+        // A watch that cannot start (compacted, store closed) ends this round; the caller
+        // lists again, which is what a compacted watch asks for.
+        let lost = |e: shoal_consensus::cluster::WatchError| ClusterError::Conflict(e.to_string());
+        let mut keys_watch = self
+            .cluster
+            .watch(T_SIGNING_KEYS, "", rev + 1)
+            .await
+            .map_err(lost)?;
+        let mut revoked_watch = self
+            .cluster
+            .watch(T_REVOKED, "", rev + 1)
+            .await
+            .map_err(lost)?;
         let mut events_watch = self
             .cluster
             .watch(revoke::T_REVOCATION_EVENTS, "", rev + 1)
-            .await?;
+            .await
+            .map_err(lost)?;
         loop {
             tokio::select! {
                 ev = keys_watch.next() => {
                     let Some(ev) = ev else { return Ok(()) };
-                    let ev = ev.map_err(|e| ClusterError::Conflict(e.to_string()))?;
+                    let ev = ev.map_err(lost)?;
                     let mut ring = self.ring.write().expect("key ring lock");
                     match ev.kind {
                         shoal_types::EventKind::Put(row) => ring.insert_key(parse(T_SIGNING_KEYS, &row.value)?),
@@ -284,7 +296,7 @@ impl Identity {
                 }
                 ev = revoked_watch.next() => {
                     let Some(ev) = ev else { return Ok(()) };
-                    let ev = ev.map_err(|e| ClusterError::Conflict(e.to_string()))?;
+                    let ev = ev.map_err(lost)?;
                     let mut ring = self.ring.write().expect("key ring lock");
                     match ev.kind {
                         shoal_types::EventKind::Put(_) => ring.revoke(&ev.key),
