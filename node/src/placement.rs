@@ -306,20 +306,75 @@ impl From<ClusterError> for PlaceError {
     }
 }
 
-/// Aggregates are named by hosts only until an aggregates table exists: each name a host
-/// lists is an aggregate without metadata.
-fn implied_aggregates(hosts: &[Host]) -> Vec<Aggregate> {
-    let names: BTreeSet<&str> = hosts
-        .iter()
-        .flat_map(|h| h.aggregates.iter().map(String::as_str))
-        .collect();
-    names
-        .into_iter()
-        .map(|n| Aggregate {
-            name: n.to_owned(),
-            metadata: BTreeMap::new(),
-        })
-        .collect()
+/// The tables the Compute API writes that decide where instances may go.
+const AGGREGATES: &str = "aggregates";
+const COMPUTE_SERVICES: &str = "compute_services";
+
+/// What placement reads of an `aggregates` row (the Compute API owns the full record).
+#[derive(Debug, Deserialize)]
+struct AggregateRow {
+    name: String,
+    #[serde(default)]
+    hosts: BTreeSet<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+/// What placement reads of a `compute_services` row.
+#[derive(Debug, Deserialize)]
+struct ServiceRow {
+    disabled: bool,
+}
+
+/// The scheduler's view: the hosts as registered, with what the Compute API set on them
+/// applied. A host whose `nova-compute` service an admin disabled is not enabled; a host in an
+/// aggregate carries that aggregate's name, and the aggregate's `availability_zone` metadata
+/// is its zone, as in Nova. Aggregate names a host's own registration lists (the `[host]`
+/// config) are aggregates without metadata. The view is never written back: claims are applied
+/// to the stored rows (`stored`), so nothing derived here ends up in a `hosts` row.
+pub async fn host_view(
+    cluster: &Cluster,
+    stored: &[Host],
+) -> Result<(Vec<Host>, Vec<Aggregate>), HostError> {
+    let mut hosts = stored.to_vec();
+    let mut aggregates: BTreeMap<String, Aggregate> = BTreeMap::new();
+    for (key, row) in cluster.list(AGGREGATES, "", usize::MAX).await? {
+        let a: AggregateRow = serde_json::from_slice(&row.value)
+            .map_err(|e| HostError::Corrupt(format!("aggregates/{key}"), e))?;
+        for h in hosts.iter_mut().filter(|h| a.hosts.contains(&h.name)) {
+            if !h.aggregates.contains(&a.name) {
+                h.aggregates.push(a.name.clone());
+            }
+            if let Some(zone) = a.metadata.get("availability_zone") {
+                h.availability_zone = zone.clone();
+            }
+        }
+        aggregates.insert(
+            a.name.clone(),
+            Aggregate {
+                name: a.name,
+                metadata: a.metadata,
+            },
+        );
+    }
+    for h in &hosts {
+        for name in &h.aggregates {
+            aggregates.entry(name.clone()).or_insert_with(|| Aggregate {
+                name: name.clone(),
+                metadata: BTreeMap::new(),
+            });
+        }
+    }
+    for (key, row) in cluster.list(COMPUTE_SERVICES, "", usize::MAX).await? {
+        let svc: ServiceRow = serde_json::from_slice(&row.value)
+            .map_err(|e| HostError::Corrupt(format!("compute_services/{key}"), e))?;
+        if svc.disabled {
+            if let Some(h) = hosts.iter_mut().find(|h| h.name == key) {
+                h.enabled = false;
+            }
+        }
+    }
+    Ok((hosts, aggregates.into_values().collect()))
 }
 
 /// Builds the one transaction that commits every claim of a request: a precondition on each
@@ -380,13 +435,13 @@ pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, Place
             fresh = true;
         }
         let hosts = list_hosts(cluster).await?;
+        let (view, aggregates) = host_view(cluster, &hosts).await?;
         let config = SchedulerConfig {
             host_subset_size: HOST_SUBSET_SIZE,
             seed: rand::rng().random(),
             ..SchedulerConfig::default()
         };
-        let aggregates = implied_aggregates(&hosts);
-        let mut scheduler = Scheduler::new(config, hosts.clone(), aggregates)
+        let mut scheduler = Scheduler::new(config, view, aggregates)
             .map_err(|e| PlaceError::View(e.to_string()))?;
         let claims = match scheduler.select(request) {
             Ok(claims) => claims,

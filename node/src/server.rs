@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use shoal_consensus::cluster::{Cluster, ClusterOptions};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
@@ -266,30 +267,61 @@ async fn serve(
         images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone())
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
     };
-    let keyring = tokio::spawn(
-        identity
-            .clone()
-            .run_keyring_sync(stop.clone().cancelled_owned()),
-    );
-    let rotation = tokio::spawn(identity.run_key_rotation(
-        cfg.identity.key_rotation_secs,
-        stop.clone().cancelled_owned(),
-    ));
-    let images = tokio::spawn(
-        state
-            .images
-            .clone()
-            .run_maintenance(stop.clone().cancelled_owned()),
-    );
-    let api_task = tokio::spawn(api::serve(
-        api.listener,
-        tls,
-        state,
-        (&cfg.http).into(),
-        stop.clone().cancelled_owned(),
-    ));
-    let cluster_task = tokio::spawn(cluster.clone().run(stop.clone().cancelled_owned()));
+    // The node's long-running tasks, in one set: each runs until `stop`, so one that ends
+    // earlier (an error, a panic) is a failure that stops the whole node with a non-zero exit
+    // instead of leaving it half alive.
+    let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    {
+        let (identity, stop) = (identity.clone(), stop.clone());
+        tasks.spawn(async move {
+            identity.run_keyring_sync(stop.cancelled_owned()).await;
+            ("token key ring sync", Ok(()))
+        });
+    }
+    {
+        let (identity, stop) = (identity.clone(), stop.clone());
+        let every = cfg.identity.key_rotation_secs;
+        tasks.spawn(async move {
+            identity
+                .run_key_rotation(every, stop.cancelled_owned())
+                .await;
+            ("signing key rotation", Ok(()))
+        });
+    }
+    {
+        let (images, stop) = (state.images.clone(), stop.clone());
+        tasks.spawn(async move {
+            images.run_maintenance(stop.cancelled_owned()).await;
+            ("image maintenance", Ok(()))
+        });
+    }
+    {
+        let (http, stop) = (cfg.http, stop.clone());
+        tasks.spawn(async move {
+            let r = api::serve(
+                api.listener,
+                tls,
+                state,
+                (&http).into(),
+                stop.cancelled_owned(),
+            )
+            .await
+            .map_err(|e| e.to_string());
+            ("API server", r)
+        });
+    }
+    {
+        let (cluster, stop) = (cluster.clone(), stop.clone());
+        tasks.spawn(async move {
+            let r = cluster
+                .run(stop.cancelled_owned())
+                .await
+                .map_err(|e| e.to_string());
+            ("cluster", r)
+        });
+    }
     let host_spec = host_spec(&dir, &cfg)?;
+    // Registration ends by itself once it succeeded; it is not one of the node's lifelong tasks.
     let register = tokio::spawn(placement::register_self(
         cluster.clone(),
         cfg.name.clone(),
@@ -298,24 +330,34 @@ async fn serve(
     ));
     tracing::info!(name = %cfg.name, api = %base_url(&cfg), peer = %cfg.listen, "node running");
 
-    shutdown_signal().await;
-    tracing::info!("stopping");
-    stop.cancel();
-    let _ = keyring.await;
-    let _ = rotation.await;
-    let _ = images.await;
-    let _ = register.await;
-    match api_task.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "API server stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "API task failed"),
-        Ok(Ok(())) => {}
+    let failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        Some(done) = tasks.join_next() => Some(match done {
+            Ok((name, Ok(()))) => format!("the {name} task ended on its own"),
+            Ok((name, Err(e))) => format!("the {name} task failed: {e}"),
+            Err(e) if e.is_panic() => format!("a task panicked: {e}"),
+            Err(e) => format!("a task was cancelled: {e}"),
+        }),
+    };
+    match &failure {
+        None => tracing::info!("stopping"),
+        Some(why) => tracing::error!(reason = %why, "stopping the node"),
     }
-    match cluster_task.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "cluster stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "cluster task failed"),
-        Ok(Ok(())) => {}
+    stop.cancel();
+    let _ = register.await;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(e))) => {
+                tracing::warn!(task = name, error = %e, "task stopped with an error")
+            }
+            Err(e) => tracing::warn!(error = %e, "task failed while stopping"),
+        }
     }
     cluster.shutdown().await;
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(why) => bail!("the node stopped because {why}"),
+    }
 }
