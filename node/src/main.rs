@@ -11,10 +11,8 @@ mod client;
 mod config;
 mod dev;
 mod identity;
-mod logging;
-// The Image API and the streamer (next commits) are its users.
-#[allow(dead_code)]
 mod images;
+mod logging;
 mod placement;
 mod server;
 

@@ -60,6 +60,7 @@ pub struct Cache {
 
 /// Keeps a cached image from eviction while held.
 #[derive(Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub struct CacheLease {
     id: String,
     leases: Arc<Mutex<HashMap<String, usize>>>,
@@ -100,6 +101,7 @@ impl Cache {
     }
 
     /// Takes a lease on image `id` (whether or not it is cached yet).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn lease(&self, id: &str) -> CacheLease {
         *self
             .leases

@@ -96,12 +96,6 @@ pub enum TransferError {
         len: u64,
         expected: u64,
     },
-    #[error("node {node} sent chunk {digest} with SHA-256 {actual}")]
-    Corrupt {
-        node: String,
-        digest: Digest,
-        actual: Digest,
-    },
 }
 
 impl TransferError {

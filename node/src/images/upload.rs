@@ -126,11 +126,6 @@ impl Uploader {
         self
     }
 
-    /// Bytes received so far.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Takes the next piece of the image, of any length.
     pub async fn push(&mut self, mut data: Bytes) -> Result<(), UploadError> {
         self.size += data.len() as u64;
