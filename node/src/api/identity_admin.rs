@@ -19,7 +19,9 @@ use super::error::{ApiError, ApiResult};
 use super::identity::parse_body;
 use super::{policy, AppState, Auth};
 use crate::identity::resources::{Assignment, ResourceError};
-use crate::identity::{Project, Role, User, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, T_DOMAINS};
+use crate::identity::{
+    Domain, Project, Role, User, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, T_DOMAINS,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -43,6 +45,14 @@ pub fn routes() -> Router<AppState> {
             put(grant).head(check_grant).delete(revoke_grant),
         )
         .route("/identity/v3/role_assignments", get(list_assignments))
+        .route(
+            "/identity/v3/domains",
+            get(list_domains).post(create_domain),
+        )
+        .route(
+            "/identity/v3/domains/{id}",
+            get(show_domain).patch(update_domain).delete(delete_domain),
+        )
 }
 
 impl From<ResourceError> for ApiError {
@@ -53,6 +63,8 @@ impl From<ResourceError> for ApiError {
             }
             ResourceError::NotFound { .. } => ApiError::not_found(e.to_string()),
             ResourceError::Busy(_) => ApiError::unavailable(e.to_string()),
+            ResourceError::Refused(_) => ApiError::forbidden(e.to_string()),
+            ResourceError::InUse(_) => ApiError::conflict(e.to_string()),
             ResourceError::Cluster(e) => e.into(),
         }
     }
@@ -130,7 +142,7 @@ async fn holds_role_on(state: &AppState, user_id: &str, project_id: &str) -> Api
 async fn check_domain(state: &AppState, domain_id: &str) -> ApiResult<()> {
     if state.cluster.get(T_DOMAINS, domain_id).await?.is_none() {
         return Err(ApiError::bad_request(format!(
-            "domain {domain_id} does not exist; the domains are: {DEFAULT_DOMAIN_ID}"
+            "domain {domain_id} does not exist; `openstack domain list` shows the domains"
         )));
     }
     Ok(())
@@ -530,4 +542,153 @@ mod tests {
         assert!(!flag(&q, "x"));
         assert!(!flag(&q, "missing"));
     }
+}
+
+fn domain_json(state: &AppState, d: &Domain) -> Value {
+    json!({
+        "id": d.id, "name": d.name, "description": d.description, "enabled": d.enabled,
+        "tags": [], "options": {},
+        "links": {"self": format!("{}/identity/v3/domains/{}", state.base_url, d.id)},
+    })
+}
+
+/// Keystone lets admins list every domain; anyone else sees the domain of their own token.
+async fn list_domains(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Params,
+) -> ApiResult<Json<Value>> {
+    state.cluster.read_barrier().await?;
+    let admin = policy::can_write_identity(&auth.0);
+    let items = state
+        .identity
+        .list_domains()
+        .await?
+        .iter()
+        .filter(|d| admin || d.id == auth.0.domain_id)
+        .filter(|d| matches(&q, &d.name, &d.id, d.enabled))
+        .map(|d| domain_json(&state, d))
+        .collect();
+    Ok(list_json(&state, "domains", items))
+}
+
+async fn show_domain(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    state.cluster.read_barrier().await?;
+    if !policy::can_write_identity(&auth.0) && auth.0.domain_id != id {
+        return Err(ApiError::forbidden(format!("you may not read domain {id}")));
+    }
+    let (d, _) = state
+        .identity
+        .get_domain(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("could not find domain {id}")))?;
+    Ok(Json(json!({"domain": domain_json(&state, &d)})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainBody {
+    domain: DomainFields,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainFields {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    options: Option<Value>,
+}
+
+fn check_domain_fields(f: &DomainFields) -> ApiResult<()> {
+    if let Some(n) = &f.name {
+        super::validate::text("the domain name", n, 64, false).map_err(ApiError::bad_request)?;
+    }
+    if let Some(d) = &f.description {
+        super::validate::text("the domain description", d, 255, true)
+            .map_err(ApiError::bad_request)?;
+    }
+    let options_set = f
+        .options
+        .as_ref()
+        .is_some_and(|o| o.as_object().is_none_or(|m| !m.is_empty()));
+    if f.tags.as_ref().is_some_and(|t| !t.is_empty()) || options_set {
+        return Err(ApiError::bad_request(
+            "domain tags and options are not supported",
+        ));
+    }
+    Ok(())
+}
+
+async fn create_domain(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: Bytes,
+) -> ApiResult<Response> {
+    require_identity_admin(&auth)?;
+    let body: DomainBody = parse_body(&body)?;
+    let f = body.domain;
+    check_domain_fields(&f)?;
+    let name = f
+        .name
+        .as_deref()
+        .ok_or_else(|| ApiError::bad_request("domain.name is required"))?;
+    let d = state
+        .identity
+        .create_domain(
+            name,
+            f.description.as_deref().unwrap_or(""),
+            f.enabled.unwrap_or(true),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"domain": domain_json(&state, &d)})),
+    )
+        .into_response())
+}
+
+async fn update_domain(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    require_identity_admin(&auth)?;
+    let body: DomainBody = parse_body(&body)?;
+    let f = body.domain;
+    check_domain_fields(&f)?;
+    if id == DEFAULT_DOMAIN_ID && f.enabled == Some(false) {
+        return Err(ApiError::forbidden(
+            "the default domain may not be disabled",
+        ));
+    }
+    let d = state
+        .identity
+        .update_domain(&id, f.name.as_deref(), f.description.as_deref(), f.enabled)
+        .await?;
+    Ok(Json(json!({"domain": domain_json(&state, &d)})))
+}
+
+async fn delete_domain(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    require_identity_admin(&auth)?;
+    if id == DEFAULT_DOMAIN_ID {
+        return Err(ApiError::forbidden("the default domain may not be deleted"));
+    }
+    state.identity.delete_domain(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

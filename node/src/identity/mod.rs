@@ -24,6 +24,9 @@ use shoal_types::{Expect, Txn};
 use token::{Claims, KeyRing, SigningKey, TokenError};
 
 pub const T_DOMAINS: &str = "domains";
+/// Domain name → id, so two nodes cannot create one name at once. The default domain, made
+/// before the index existed, is found by a scan as well.
+pub const T_DOMAIN_NAMES: &str = "domain_names";
 pub const T_PROJECTS: &str = "projects";
 pub const T_PROJECT_NAMES: &str = "project_names";
 pub const T_USERS: &str = "users";
@@ -52,6 +55,8 @@ pub struct Domain {
     pub id: String,
     pub name: String,
     pub enabled: bool,
+    #[serde(default)]
+    pub description: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +168,7 @@ impl Identity {
                     id: DEFAULT_DOMAIN_ID.into(),
                     name: DEFAULT_DOMAIN_NAME.into(),
                     enabled: true,
+                    description: "The default domain".into(),
                 }),
             );
         let mut admin_role_id = String::new();

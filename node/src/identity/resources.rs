@@ -8,8 +8,8 @@ use shoal_types::{Expect, Txn};
 
 use super::revoke::Revoked;
 use super::{
-    json, name_key, new_id, parse, password, Identity, Project, Role, User, T_ASSIGNMENTS,
-    T_PROJECTS, T_PROJECT_NAMES, T_ROLES, T_USERS, T_USER_NAMES,
+    json, name_key, new_id, parse, password, Domain, Identity, Project, Role, User, T_ASSIGNMENTS,
+    T_DOMAINS, T_DOMAIN_NAMES, T_PROJECTS, T_PROJECT_NAMES, T_ROLES, T_USERS, T_USER_NAMES,
 };
 
 /// Why an identity write was refused.
@@ -27,6 +27,10 @@ pub enum ResourceError {
     Raced,
     #[error(transparent)]
     Busy(#[from] password::Busy),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    InUse(String),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
@@ -55,6 +59,152 @@ impl Assignment {
 }
 
 impl Identity {
+    pub async fn list_domains(&self) -> Result<Vec<Domain>, ClusterError> {
+        self.cluster
+            .list(T_DOMAINS, "", usize::MAX)
+            .await?
+            .into_iter()
+            .map(|(_, row)| parse(T_DOMAINS, &row.value))
+            .collect()
+    }
+
+    pub async fn get_domain(&self, id: &str) -> Result<Option<(Domain, u64)>, ClusterError> {
+        self.cluster
+            .get(T_DOMAINS, id)
+            .await?
+            .map(|r| Ok((parse(T_DOMAINS, &r.value)?, r.mod_revision)))
+            .transpose()
+    }
+
+    pub async fn create_domain(
+        &self,
+        name: &str,
+        description: &str,
+        enabled: bool,
+    ) -> Result<Domain, ResourceError> {
+        let taken = || ResourceError::NameTaken {
+            kind: "domain",
+            name: name.to_owned(),
+            domain_id: "(all)".to_owned(),
+        };
+        if self.list_domains().await?.iter().any(|d| d.name == name) {
+            return Err(taken());
+        }
+        let domain = Domain {
+            id: new_id(),
+            name: name.to_owned(),
+            enabled,
+            description: description.to_owned(),
+        };
+        let txn = Txn::new()
+            .when(T_DOMAIN_NAMES, name, Expect::Absent)
+            .put(T_DOMAINS, &domain.id, json(&domain))
+            .put(T_DOMAIN_NAMES, name, domain.id.as_bytes().to_vec());
+        if !self.cluster.write(txn).await?.succeeded {
+            return Err(taken());
+        }
+        Ok(domain)
+    }
+
+    /// Changes a domain's name, description or enabled flag. Disabling it ends every token of
+    /// its users and projects, as Keystone does.
+    pub async fn update_domain(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        description: Option<&str>,
+        enabled: Option<bool>,
+    ) -> Result<Domain, ResourceError> {
+        let (old, rev) = self
+            .get_domain(id)
+            .await?
+            .ok_or_else(|| ResourceError::NotFound {
+                kind: "domain",
+                id: id.to_owned(),
+            })?;
+        let mut new = old.clone();
+        if let Some(n) = name {
+            new.name = n.to_owned();
+        }
+        if let Some(d) = description {
+            new.description = d.to_owned();
+        }
+        if let Some(e) = enabled {
+            new.enabled = e;
+        }
+        let mut txn =
+            Txn::new()
+                .when(T_DOMAINS, id, Expect::Revision(rev))
+                .put(T_DOMAINS, id, json(&new));
+        if new.name != old.name {
+            if self
+                .list_domains()
+                .await?
+                .iter()
+                .any(|d| d.name == new.name)
+            {
+                return Err(ResourceError::NameTaken {
+                    kind: "domain",
+                    name: new.name,
+                    domain_id: "(all)".to_owned(),
+                });
+            }
+            txn = txn
+                .when(T_DOMAIN_NAMES, &new.name, Expect::Absent)
+                .delete(T_DOMAIN_NAMES, &old.name)
+                .put(T_DOMAIN_NAMES, &new.name, id.as_bytes().to_vec());
+        }
+        let revoked: &[Revoked] = if old.enabled && !new.enabled {
+            &[Revoked::Domain {
+                domain_id: id.to_owned(),
+            }]
+        } else {
+            &[]
+        };
+        if !self.write_revoking(txn, revoked).await? {
+            return Err(ResourceError::Raced);
+        }
+        Ok(new)
+    }
+
+    /// Deletes a disabled domain that holds no projects and no users.
+    pub async fn delete_domain(&self, id: &str) -> Result<(), ResourceError> {
+        let (d, rev) = self
+            .get_domain(id)
+            .await?
+            .ok_or_else(|| ResourceError::NotFound {
+                kind: "domain",
+                id: id.to_owned(),
+            })?;
+        if d.enabled {
+            return Err(ResourceError::Refused(format!(
+                "domain {id} is enabled; disable it before deleting it"
+            )));
+        }
+        let in_use = self
+            .list_projects()
+            .await?
+            .iter()
+            .any(|p| p.domain_id == id)
+            || self.list_users().await?.iter().any(|u| u.domain_id == id);
+        if in_use {
+            return Err(ResourceError::InUse(format!(
+                "domain {id} still holds projects or users; delete them first"
+            )));
+        }
+        let txn = Txn::new()
+            .when(T_DOMAINS, id, Expect::Revision(rev))
+            .delete(T_DOMAINS, id)
+            .delete(T_DOMAIN_NAMES, &d.name);
+        let revoked = [Revoked::Domain {
+            domain_id: id.to_owned(),
+        }];
+        if !self.write_revoking(txn, &revoked).await? {
+            return Err(ResourceError::Raced);
+        }
+        Ok(())
+    }
+
     pub async fn create_project(
         &self,
         name: &str,
