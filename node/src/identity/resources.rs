@@ -59,13 +59,21 @@ impl Assignment {
 }
 
 impl Identity {
-    pub async fn list_domains(&self) -> Result<Vec<Domain>, ClusterError> {
+    /// Every record of an identity table, from the local replica.
+    async fn list_all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &str,
+    ) -> Result<Vec<T>, ClusterError> {
         self.cluster
-            .list(T_DOMAINS, "", usize::MAX)
+            .list(table, "", usize::MAX)
             .await?
             .into_iter()
-            .map(|(_, row)| parse(T_DOMAINS, &row.value))
+            .map(|(_, row)| parse(table, &row.value))
             .collect()
+    }
+
+    pub async fn list_domains(&self) -> Result<Vec<Domain>, ClusterError> {
+        self.list_all(T_DOMAINS).await
     }
 
     pub async fn get_domain(&self, id: &str) -> Result<Option<(Domain, u64)>, ClusterError> {
@@ -235,12 +243,7 @@ impl Identity {
     }
 
     pub async fn list_projects(&self) -> Result<Vec<Project>, ClusterError> {
-        self.cluster
-            .list(T_PROJECTS, "", usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(_, row)| parse(T_PROJECTS, &row.value))
-            .collect()
+        self.list_all(T_PROJECTS).await
     }
 
     /// Deletes the project, its name and every role assignment on it.
@@ -315,12 +318,7 @@ impl Identity {
     }
 
     pub async fn list_users(&self) -> Result<Vec<User>, ClusterError> {
-        self.cluster
-            .list(T_USERS, "", usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(_, row)| parse(T_USERS, &row.value))
-            .collect()
+        self.list_all(T_USERS).await
     }
 
     /// Deletes the user, its name and every role assignment it holds.
@@ -353,12 +351,7 @@ impl Identity {
     }
 
     pub async fn list_roles(&self) -> Result<Vec<Role>, ClusterError> {
-        self.cluster
-            .list(T_ROLES, "", usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(_, row)| parse(T_ROLES, &row.value))
-            .collect()
+        self.list_all(T_ROLES).await
     }
 
     pub async fn get_role(&self, id: &str) -> Result<Option<Role>, ClusterError> {
