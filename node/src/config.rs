@@ -362,13 +362,7 @@ pub enum ConfigError {
 
 /// Zone and aggregate names: 1-63 characters from a-z, A-Z, 0-9, '-' and '_'. Node names follow
 /// the stricter certificate rule of `tls::validate_node_name`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+pub use shoal_compute::placement::valid_name;
 
 impl NodeConfig {
     pub fn new(name: String, listen: SocketAddr, api: SocketAddr) -> Self {

@@ -13,7 +13,6 @@ mod dev;
 mod identity;
 mod images;
 mod logging;
-mod placement;
 mod server;
 
 use std::net::SocketAddr;

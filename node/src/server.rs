@@ -15,7 +15,7 @@ use crate::api::{self, AppState};
 use crate::config::{ApiTls, NodeConfig, CONFIG_FILE};
 use crate::identity::{password, Identity};
 use crate::images::ImageStore;
-use crate::placement::{self, HostSpec};
+use shoal_compute::placement::{self, HostSpec};
 
 fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
     ClusterOptions {

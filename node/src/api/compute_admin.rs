@@ -421,7 +421,7 @@ async fn list_hypervisors_detail(
     // What each host registered in `hosts` (its libvirt driver and version); a member that
     // has not registered yet shows Nova's defaults.
     let hosts: HashMap<String, shoal_scheduler::Host> =
-        crate::placement::list_hosts(&state.cluster)
+        shoal_compute::placement::list_hosts(&state.cluster)
             .await
             .map_err(|e| ApiError::internal_logged(&e).nova())?
             .into_iter()

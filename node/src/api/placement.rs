@@ -17,7 +17,7 @@ use shoal_scheduler::{
 use super::error::{ApiError, ApiResult};
 use super::identity::parse_body;
 use super::{AppState, Auth};
-use crate::placement::{self, HostError, HostSpec, InstanceRecord, PlaceError};
+use shoal_compute::placement::{self, HostError, HostSpec, InstanceRecord, PlaceError};
 
 /// Most instances one placement request may ask for (each costs two transaction items).
 pub const MAX_INSTANCES: usize = 100;

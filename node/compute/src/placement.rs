@@ -31,6 +31,16 @@ pub const MAX_ATTEMPTS: u32 = 10;
 /// race for the single best one (Nova's `host_subset_size`).
 pub const HOST_SUBSET_SIZE: usize = 4;
 
+/// Whether `name` is usable as a host, zone or aggregate name in a registration: 1-63 ASCII
+/// letters, digits, `-` or `_`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A host's resources, as detected or as an operator or test declares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
@@ -150,14 +160,14 @@ impl HostSpec {
                 self.disk_gb
             ));
         }
-        if !crate::config::valid_name(&self.availability_zone) {
+        if !valid_name(&self.availability_zone) {
             return Err(format!(
                 "availability_zone {:?} must be 1-63 characters from a-z, A-Z, 0-9, '-', '_'",
                 self.availability_zone
             ));
         }
         for a in &self.aggregates {
-            if !crate::config::valid_name(a) {
+            if !valid_name(a) {
                 return Err(format!(
                     "aggregate name {a:?} must be 1-63 characters from a-z, A-Z, 0-9, '-', '_'"
                 ));

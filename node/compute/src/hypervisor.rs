@@ -1,0 +1,321 @@
+//! The libvirt driver. Every libvirt call blocks, so each runs on tokio's blocking pool over
+//! one connection the driver keeps for the node's lifetime (`test:///default` keeps its
+//! domains per connection: a new connection would see none of them).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+
+/// A domain's state as the agent acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    Paused,
+    Shutoff,
+    Crashed,
+    /// Being shut down, blocked, or a state libvirt added later.
+    Other,
+}
+
+impl DomainState {
+    /// Nova's power state integer for this domain state.
+    pub fn power_state(self) -> u8 {
+        use crate::server::power;
+        match self {
+            DomainState::Running => power::RUNNING,
+            DomainState::Paused => power::PAUSED,
+            DomainState::Shutoff => power::SHUTDOWN,
+            DomainState::Crashed => power::CRASHED,
+            DomainState::Other => power::NOSTATE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot connect to libvirt at {uri}: {message}")]
+    Connect { uri: String, message: String },
+    #[error("libvirt {op} failed: {message}")]
+    Call { op: &'static str, message: String },
+    #[error("the libvirt call was cancelled")]
+    Cancelled,
+}
+
+/// Owns the connection and closes it when the driver goes away.
+struct Conn(Connect);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.close() {
+            tracing::debug!(error = %e, "closing the libvirt connection");
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Libvirt {
+    uri: Arc<str>,
+    conn: Arc<Mutex<Conn>>,
+}
+
+impl std::fmt::Debug for Libvirt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+    }
+}
+
+fn call_err(op: &'static str) -> impl FnOnce(virt::error::Error) -> HypervisorError {
+    move |e| HypervisorError::Call {
+        op,
+        message: e.message().to_owned(),
+    }
+}
+
+impl Libvirt {
+    /// Opens `uri` (for example `qemu:///system` or `test:///default`).
+    pub async fn connect(uri: &str) -> Result<Libvirt, HypervisorError> {
+        let uri_owned = uri.to_owned();
+        let conn = tokio::task::spawn_blocking(move || {
+            // libvirt prints every error to stderr by default; the agent logs them itself.
+            virt::error::clear_error_callback();
+            Connect::open(Some(&uri_owned)).map_err(|e| HypervisorError::Connect {
+                uri: uri_owned.clone(),
+                message: e.message().to_owned(),
+            })
+        })
+        .await
+        .map_err(|_| HypervisorError::Cancelled)??;
+        Ok(Libvirt {
+            uri: uri.into(),
+            conn: Arc::new(Mutex::new(Conn(conn))),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, HypervisorError> + Send + 'static,
+    ) -> Result<T, HypervisorError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&guard.0)
+        })
+        .await
+        .map_err(|_| HypervisorError::Cancelled)?
+    }
+
+    /// The hypervisor's type (`QEMU`, `TEST`) and version as libvirt encodes it
+    /// (major * 1,000,000 + minor * 1,000 + release), for the hosts row.
+    pub async fn hypervisor(&self) -> Result<(String, u64), HypervisorError> {
+        self.with(|c| {
+            let t = c.get_type().map_err(call_err("get_type"))?;
+            let v = c.get_hyp_version().map_err(call_err("get_hyp_version"))?;
+            Ok((t, u64::from(v)))
+        })
+        .await
+    }
+
+    /// Defines the domain (replacing an earlier definition of the same uuid), validating the
+    /// XML against libvirt's schema, and starts it unless it already runs.
+    pub async fn define_and_start(&self, xml: String) -> Result<(), HypervisorError> {
+        self.with(move |c| {
+            let dom = Domain::define_xml_flags(c, &xml, virt::sys::VIR_DOMAIN_DEFINE_VALIDATE)
+                .map_err(call_err("define"))?;
+            if !dom.is_active().map_err(call_err("is_active"))? {
+                dom.create().map_err(call_err("start"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The domain with `uuid`, if libvirt knows it.
+    pub async fn state(&self, uuid: &str) -> Result<Option<DomainState>, HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| match lookup(c, &uuid)? {
+            Some(dom) => Ok(Some(domain_state(&dom)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    /// Starts a defined domain that is not running.
+    pub async fn start(&self, uuid: &str) -> Result<(), HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| {
+            let dom = lookup(c, &uuid)?.ok_or_else(|| HypervisorError::Call {
+                op: "start",
+                message: format!("no domain with uuid {uuid}"),
+            })?;
+            if !dom.is_active().map_err(call_err("is_active"))? {
+                dom.create().map_err(call_err("start"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Asks the guest to shut down (ACPI) and waits up to `grace` for it; then powers it off.
+    /// A guest without ACPI handling (a busybox init) is powered off after the grace period,
+    /// as Nova's clean shutdown falls back to destroy.
+    pub async fn stop(&self, uuid: &str, grace: Duration) -> Result<(), HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| {
+            let Some(dom) = lookup(c, &uuid)? else {
+                return Ok(());
+            };
+            if !dom.is_active().map_err(call_err("is_active"))? {
+                return Ok(());
+            }
+            if !grace.is_zero() && dom.shutdown().is_ok() {
+                let deadline = Instant::now() + grace;
+                while Instant::now() < deadline {
+                    if !dom.is_active().map_err(call_err("is_active"))? {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            match dom.destroy() {
+                Ok(()) => Ok(()),
+                // It stopped between the check and the call.
+                Err(_) if !dom.is_active().map_err(call_err("is_active"))? => Ok(()),
+                Err(e) => Err(call_err("destroy")(e)),
+            }
+        })
+        .await
+    }
+
+    /// Powers the domain off (if it runs) and removes its definition. Absent is done.
+    pub async fn destroy(&self, uuid: &str) -> Result<(), HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| {
+            let Some(dom) = lookup(c, &uuid)? else {
+                return Ok(());
+            };
+            if dom.is_active().map_err(call_err("is_active"))? {
+                if let Err(e) = dom.destroy() {
+                    if dom.is_active().map_err(call_err("is_active"))? {
+                        return Err(call_err("destroy")(e));
+                    }
+                }
+            }
+            // A transient domain is gone once destroyed.
+            match dom.undefine() {
+                Ok(()) => Ok(()),
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        ErrorNumber::NoDomain | ErrorNumber::OperationInvalid
+                    ) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(call_err("undefine")(e)),
+            }
+        })
+        .await
+    }
+
+    /// Every domain libvirt knows on this connection.
+    pub async fn list(&self) -> Result<Vec<DomainInfo>, HypervisorError> {
+        self.with(|c| {
+            let doms = c.list_all_domains(0).map_err(call_err("list"))?;
+            doms.iter()
+                .map(|d| {
+                    Ok(DomainInfo {
+                        name: d.get_name().map_err(call_err("get_name"))?,
+                        uuid: d.get_uuid_string().map_err(call_err("get_uuid"))?,
+                        state: domain_state(d)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+fn lookup(c: &Connect, uuid: &str) -> Result<Option<Domain>, HypervisorError> {
+    match Domain::lookup_by_uuid_string(c, uuid) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
+        Err(e) => Err(call_err("lookup")(e)),
+    }
+}
+
+fn domain_state(d: &Domain) -> Result<DomainState, HypervisorError> {
+    let (state, _reason) = d.get_state().map_err(call_err("get_state"))?;
+    Ok(match state {
+        virt::sys::VIR_DOMAIN_RUNNING => DomainState::Running,
+        virt::sys::VIR_DOMAIN_PAUSED => DomainState::Paused,
+        virt::sys::VIR_DOMAIN_SHUTOFF => DomainState::Shutoff,
+        virt::sys::VIR_DOMAIN_CRASHED => DomainState::Crashed,
+        _ => DomainState::Other,
+    })
+}
+
+/// `kvm` when /dev/kvm can be opened for reading and writing, else `qemu` (TCG).
+pub fn detect_virt_type() -> &'static str {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => "kvm",
+        Err(_) => "qemu",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tests::spec;
+
+    /// libvirt's test driver is real libvirt with an in-memory hypervisor: the calls, the XML
+    /// validation and the state machine are libvirt's own.
+    #[tokio::test]
+    async fn a_domain_lives_and_dies_through_the_test_driver() {
+        let lv = Libvirt::connect("test:///default").await.unwrap();
+        let mut s = spec();
+        s.virt_type = "kvm".into();
+        lv.define_and_start(s.to_xml()).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Running));
+        assert!(lv.list().await.unwrap().iter().any(|d| d.name == s.name));
+        lv.stop(&s.uuid, Duration::ZERO).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Shutoff));
+        lv.start(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Running));
+        lv.destroy(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), None);
+        // Destroying what is gone is done, not an error.
+        lv.destroy(&s.uuid).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_xml_is_refused_with_libvirts_reason() {
+        let lv = Libvirt::connect("test:///default").await.unwrap();
+        let err = lv
+            .define_and_start("<domain type='kvm'><name>x</name><bogus/></domain>".into())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, HypervisorError::Call { op: "define", .. }),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! The server record (Nova's instance) and its states.
+//!
+//! One row per server in the `servers` table, keyed by the server's uuid. The API writes what
+//! a user asks for by setting a `task_state` (as Nova's API does before it casts to the compute
+//! service); the compute agent of the server's host sees the row change on its watch, does the
+//! work, and writes the outcome with the task cleared. The row is the only message: there is no
+//! queue, and a node that restarts finds every pending task in the rows themselves.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Nova's `vm_state`: what the server is, as far as the cloud knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Building,
+    Active,
+    Stopped,
+    Error,
+    Deleted,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Building => "building",
+            VmState::Active => "active",
+            VmState::Stopped => "stopped",
+            VmState::Error => "error",
+            VmState::Deleted => "deleted",
+        }
+    }
+}
+
+/// Nova's `task_state`: the change in progress, if any. The agent clears it when done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskState {
+    Scheduling,
+    Spawning,
+    PoweringOff,
+    PoweringOn,
+    Rebooting,
+    RebootingHard,
+    Deleting,
+}
+
+impl TaskState {
+    /// The spelling Nova's API shows in `OS-EXT-STS:task_state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Scheduling => "scheduling",
+            TaskState::Spawning => "spawning",
+            TaskState::PoweringOff => "powering-off",
+            TaskState::PoweringOn => "powering-on",
+            TaskState::Rebooting => "rebooting",
+            TaskState::RebootingHard => "rebooting_hard",
+            TaskState::Deleting => "deleting",
+        }
+    }
+}
+
+/// Nova's power states, with its integer values.
+pub mod power {
+    pub const NOSTATE: u8 = 0;
+    pub const RUNNING: u8 = 1;
+    pub const PAUSED: u8 = 3;
+    pub const SHUTDOWN: u8 = 4;
+    pub const CRASHED: u8 = 6;
+    pub const SUSPENDED: u8 = 7;
+}
+
+/// What the server was created with, copied from the flavor so that a later flavor change or
+/// delete does not change a running server (Nova embeds the flavor in the instance too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlavorSnapshot {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub ram_mb: u64,
+    pub disk_gb: u64,
+    #[serde(default)]
+    pub ephemeral_gb: u64,
+    #[serde(default)]
+    pub swap_mb: u64,
+    #[serde(default)]
+    pub extra_specs: BTreeMap<String, String>,
+}
+
+/// What the agent needs of the image, copied at create time: the agent reads the bytes from
+/// the node's image cache and never the image record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSnapshot {
+    pub id: String,
+    /// `raw` or `qcow2` for a disk image the overlay sits on; `aki`/`ari`/`ami` otherwise.
+    pub disk_format: String,
+    /// Direct kernel boot: Glance AMI-style `kernel_id` and `ramdisk_id` properties.
+    #[serde(default)]
+    pub kernel_id: Option<String>,
+    #[serde(default)]
+    pub ramdisk_id: Option<String>,
+    /// The kernel command line (`os_command_line` property), when the image gives one.
+    #[serde(default)]
+    pub kernel_cmdline: Option<String>,
+}
+
+/// Why a server is in ERROR, shown as Nova's `fault`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub code: u16,
+    pub message: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub id: String,
+    pub name: String,
+    pub project_id: String,
+    pub user_id: String,
+    pub flavor: FlavorSnapshot,
+    pub image: ImageSnapshot,
+    #[serde(default)]
+    pub key_name: Option<String>,
+    /// The public key, copied from the keypair for the metadata service.
+    #[serde(default)]
+    pub key_data: Option<String>,
+    /// Base64 as the API received it (at most 64 KiB decoded).
+    #[serde(default)]
+    pub user_data: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    pub availability_zone: String,
+    /// The compute host the server is placed on; `None` until placed (or when no host fit).
+    #[serde(default)]
+    pub host: Option<String>,
+    pub vm_state: VmState,
+    #[serde(default)]
+    pub task_state: Option<TaskState>,
+    pub power_state: u8,
+    #[serde(default)]
+    pub fault: Option<Fault>,
+    /// Index within a multi-create (`min_count`/`max_count`) request, and its reservation id.
+    #[serde(default)]
+    pub launch_index: u32,
+    #[serde(default)]
+    pub reservation_id: String,
+    /// Libvirt's domain name, `instance-%08x` of a number unique in the cluster (the create
+    /// revision of the row, known once the row is written; Nova uses the database id).
+    #[serde(default)]
+    pub instance_name: Option<String>,
+    pub created: String,
+    pub updated: String,
+    #[serde(default)]
+    pub launched_at: Option<String>,
+}
+
+impl ServerRecord {
+    /// Nova's `status`, derived from `vm_state` and `task_state` as Nova's API derives it.
+    pub fn status(&self) -> &'static str {
+        match self.vm_state {
+            VmState::Building => "BUILD",
+            VmState::Error => "ERROR",
+            VmState::Deleted => "DELETED",
+            VmState::Stopped => "SHUTOFF",
+            VmState::Active => match self.task_state {
+                Some(TaskState::Rebooting) => "REBOOT",
+                Some(TaskState::RebootingHard) => "HARD_REBOOT",
+                _ => "ACTIVE",
+            },
+        }
+    }
+
+    /// The domain name libvirt knows the server by.
+    pub fn domain_name(&self) -> String {
+        self.instance_name
+            .clone()
+            .unwrap_or_else(|| format!("instance-{}", &self.id[..8.min(self.id.len())]))
+    }
+}
+
+/// `instance-%08x`, Nova's default `instance_name_template`.
+pub fn instance_name(number: u64) -> String {
+    format!("instance-{number:08x}")
+}
+
+/// What a user may ask of a server through `POST /servers/{id}/action`, and the task each one
+/// starts. `None` means the state forbids it (Nova answers 409).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Stop,
+    Start,
+    Reboot { hard: bool },
+    Delete,
+}
+
+/// Why an action is refused in the server's current state, in Nova's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Cannot '{action}' instance {id} while it is in {what} {state}")]
+pub struct Conflict {
+    pub action: &'static str,
+    pub id: String,
+    /// `vm_state` or `task_state`.
+    pub what: &'static str,
+    pub state: &'static str,
+}
+
+impl ServerRecord {
+    /// Applies `action` to the record (as the API does before the agent sees it), or says why
+    /// the state forbids it. Delete is always allowed, as in Nova, and wins over any task.
+    pub fn request(&mut self, action: Action) -> Result<(), Conflict> {
+        let name = match action {
+            Action::Stop => "stop",
+            Action::Start => "start",
+            Action::Reboot { .. } => "reboot",
+            Action::Delete => "delete",
+        };
+        if action == Action::Delete {
+            self.task_state = Some(TaskState::Deleting);
+            return Ok(());
+        }
+        if let Some(task) = self.task_state {
+            return Err(Conflict {
+                action: name,
+                id: self.id.clone(),
+                what: "task_state",
+                state: task.as_str(),
+            });
+        }
+        let allowed = match action {
+            Action::Stop => matches!(self.vm_state, VmState::Active | VmState::Error),
+            Action::Start => self.vm_state == VmState::Stopped,
+            Action::Reboot { .. } => matches!(self.vm_state, VmState::Active | VmState::Stopped),
+            Action::Delete => true,
+        };
+        if !allowed {
+            return Err(Conflict {
+                action: name,
+                id: self.id.clone(),
+                what: "vm_state",
+                state: self.vm_state.as_str(),
+            });
+        }
+        self.task_state = Some(match action {
+            Action::Stop => TaskState::PoweringOff,
+            Action::Start => TaskState::PoweringOn,
+            Action::Reboot { hard: false } => TaskState::Rebooting,
+            Action::Reboot { hard: true } => TaskState::RebootingHard,
+            Action::Delete => TaskState::Deleting,
+        });
+        Ok(())
+    }
+}
+
+/// The time now as RFC 3339 in UTC with seconds, as Nova's API prints it (`2026-12-05T11:00:00Z`).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record() -> ServerRecord {
+        ServerRecord {
+            id: "6f1c2d7e-0000-4000-8000-000000000001".into(),
+            name: "vm".into(),
+            project_id: "p".into(),
+            user_id: "u".into(),
+            flavor: FlavorSnapshot {
+                id: "1".into(),
+                name: "m1.tiny".into(),
+                vcpus: 1,
+                ram_mb: 512,
+                disk_gb: 1,
+                ephemeral_gb: 0,
+                swap_mb: 0,
+                extra_specs: BTreeMap::new(),
+            },
+            image: ImageSnapshot {
+                id: "img".into(),
+                disk_format: "raw".into(),
+                kernel_id: None,
+                ramdisk_id: None,
+                kernel_cmdline: None,
+            },
+            key_name: None,
+            key_data: None,
+            user_data: None,
+            metadata: BTreeMap::new(),
+            security_groups: vec!["default".into()],
+            availability_zone: "nova".into(),
+            host: Some("n1".into()),
+            vm_state: VmState::Active,
+            task_state: None,
+            power_state: power::RUNNING,
+            fault: None,
+            launch_index: 0,
+            reservation_id: "r-1".into(),
+            instance_name: Some(instance_name(42)),
+            created: now_rfc3339(),
+            updated: now_rfc3339(),
+            launched_at: None,
+        }
+    }
+
+    #[test]
+    fn status_follows_nova() {
+        let mut r = record();
+        assert_eq!(r.status(), "ACTIVE");
+        r.request(Action::Reboot { hard: true }).unwrap();
+        assert_eq!(r.status(), "HARD_REBOOT");
+        r.task_state = None;
+        r.vm_state = VmState::Stopped;
+        assert_eq!(r.status(), "SHUTOFF");
+        r.vm_state = VmState::Building;
+        assert_eq!(r.status(), "BUILD");
+    }
+
+    #[test]
+    fn actions_the_state_forbids_are_conflicts() {
+        let mut r = record();
+        let e = r.request(Action::Start).unwrap_err();
+        assert_eq!(e.state, "active");
+        r.request(Action::Stop).unwrap();
+        assert_eq!(r.task_state, Some(TaskState::PoweringOff));
+        // A task in progress refuses another action but never a delete.
+        assert_eq!(r.request(Action::Stop).unwrap_err().what, "task_state");
+        r.request(Action::Delete).unwrap();
+        assert_eq!(r.task_state, Some(TaskState::Deleting));
+    }
+
+    #[test]
+    fn names_and_times() {
+        assert_eq!(instance_name(1), "instance-00000001");
+        assert_eq!(instance_name(0x1234abcd), "instance-1234abcd");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_468_400), "2026-12-05T11:00:00Z");
+    }
+}
