@@ -39,6 +39,98 @@ pub struct NodeConfig {
     pub images: ImagesSection,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub compute: ComputeSection,
+}
+
+/// The compute agent (`shoal-compute`'s `agent`): libvirt, where instances live, timings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeSection {
+    /// `qemu:///system` on a host; `test:///default` runs libvirt's in-memory test hypervisor
+    /// (real libvirt, no guests), which `shoal dev --libvirt-uri` passes for fast tests.
+    #[serde(default = "default_libvirt_uri")]
+    pub libvirt_uri: String,
+    /// One directory per instance (overlay disk, console log). Default: `<data-dir>/instances`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances_path: Option<PathBuf>,
+    /// `auto` (kvm where /dev/kvm opens, else qemu), `kvm` or `qemu`.
+    #[serde(default = "default_virt_type")]
+    pub virt_type: String,
+    /// How long a stop or soft reboot waits for the guest to power off before forcing it.
+    #[serde(default = "default_stop_grace")]
+    pub shutdown_timeout_secs: u64,
+    /// How often the agent checks every instance against libvirt (power-state sync).
+    #[serde(default = "default_sync_interval")]
+    pub sync_power_state_interval_secs: u64,
+    /// How long a domain no server row claims is kept before it is destroyed.
+    #[serde(default = "default_orphan_grace")]
+    pub orphan_grace_secs: u64,
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".to_owned()
+}
+fn default_virt_type() -> String {
+    "auto".to_owned()
+}
+fn default_stop_grace() -> u64 {
+    10
+}
+fn default_sync_interval() -> u64 {
+    10
+}
+fn default_orphan_grace() -> u64 {
+    600
+}
+
+impl Default for ComputeSection {
+    fn default() -> Self {
+        Self {
+            libvirt_uri: default_libvirt_uri(),
+            instances_path: None,
+            virt_type: default_virt_type(),
+            shutdown_timeout_secs: default_stop_grace(),
+            sync_power_state_interval_secs: default_sync_interval(),
+            orphan_grace_secs: default_orphan_grace(),
+        }
+    }
+}
+
+impl ComputeSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !["auto", "kvm", "qemu"].contains(&self.virt_type.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "compute.virt_type must be auto, kvm or qemu, not {:?}",
+                self.virt_type
+            )));
+        }
+        if self.libvirt_uri.is_empty() || !self.libvirt_uri.contains(":/") {
+            return Err(ConfigError::Invalid(format!(
+                "compute.libvirt_uri {:?} is not a libvirt URI such as qemu:///system",
+                self.libvirt_uri
+            )));
+        }
+        range(
+            "compute.shutdown_timeout_secs",
+            self.shutdown_timeout_secs,
+            0,
+            3600,
+        )?;
+        range(
+            "compute.sync_power_state_interval_secs",
+            self.sync_power_state_interval_secs,
+            1,
+            86_400,
+        )?;
+        range(
+            "compute.orphan_grace_secs",
+            self.orphan_grace_secs,
+            0,
+            30 * 86_400,
+        )?;
+        Ok(())
+    }
 }
 
 /// Limits of the API's HTTP server (see `api/http_server.rs`).
@@ -332,6 +424,8 @@ pub enum ConfigError {
         "availability zone {0:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-' and '_'"
     )]
     BadZone(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("cluster.voters is {0}; it must be 1, 3 or 5")]
     BadVoters(usize),
     #[error("{field} must be between {min} and {max}, got {value}")]
@@ -378,6 +472,7 @@ impl NodeConfig {
             host: HostSection::default(),
             images: ImagesSection::default(),
             http: HttpSection::default(),
+            compute: ComputeSection::default(),
         }
     }
 
@@ -468,6 +563,7 @@ impl NodeConfig {
             3600,
         )?;
         range("http.body_timeout_secs", h.body_timeout_secs, 1, 3600)?;
+        self.compute.validate()?;
         if let Some(v) = self.host.vcpus {
             range("host.vcpus", v.into(), 1, 4096)?;
         }

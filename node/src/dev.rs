@@ -102,7 +102,7 @@ where
     }
 }
 
-pub async fn run(nodes: usize, dir: PathBuf) -> anyhow::Result<()> {
+pub async fn run(nodes: usize, dir: PathBuf, libvirt_uri: Option<String>) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 32 {
         bail!("--nodes is {nodes}; it must be between 1 and 32");
     }
@@ -115,6 +115,11 @@ pub async fn run(nodes: usize, dir: PathBuf) -> anyhow::Result<()> {
         );
     }
     let mut procs = Vec::new();
+    // Every node drives the same kind of libvirt.
+    let libvirt: Vec<String> = match &libvirt_uri {
+        Some(uri) => vec!["--libvirt-uri".into(), uri.clone()],
+        None => Vec::new(),
+    };
     let first_listen = free_udp()?;
     let first_api = free_tcp()?;
     procs.push(spawn(
@@ -130,7 +135,10 @@ pub async fn run(nodes: usize, dir: PathBuf) -> anyhow::Result<()> {
             first_listen.to_string(),
             "--api".into(),
             first_api.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(libvirt.iter().cloned())
+        .collect::<Vec<_>>(),
     )?);
     let openrc_path = dir.join("node1").join("admin-openrc");
     let session = wait_for("node1 to initialise", Duration::from_secs(60), || async {
@@ -168,8 +176,11 @@ pub async fn run(nodes: usize, dir: PathBuf) -> anyhow::Result<()> {
                 free_tcp()?.to_string(),
                 "--token-file".into(),
                 token_file.display().to_string(),
-                first_listen.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(libvirt.iter().cloned())
+            .chain([first_listen.to_string()])
+            .collect::<Vec<_>>(),
         )?);
     }
     wait_for(

@@ -86,6 +86,10 @@ enum Command {
         nodes: usize,
         #[arg(long)]
         dir: PathBuf,
+        /// The libvirt every node's compute agent drives, for example `test:///default` for
+        /// libvirt's test hypervisor (default: qemu:///system).
+        #[arg(long)]
+        libvirt_uri: Option<String>,
     },
 }
 
@@ -126,6 +130,10 @@ struct NodeArgs {
     /// within any body (defaults 60 and 30).
     #[arg(long)]
     http_body_timeout_secs: Option<u64>,
+    /// The libvirt the compute agent drives (default qemu:///system; `test:///default` is
+    /// libvirt's in-memory test hypervisor).
+    #[arg(long, env = "SHOAL_LIBVIRT_URI")]
+    libvirt_uri: Option<String>,
     #[command(flatten)]
     api_tls: ApiTlsArgs,
 }
@@ -285,6 +293,9 @@ impl NodeArgs {
             cfg.http.body_timeout_secs = s;
             cfg.http.body_idle_timeout_secs = s;
         }
+        if let Some(uri) = self.libvirt_uri {
+            cfg.compute.libvirt_uri = uri;
+        }
         if let Some(api_tls) = self.api_tls.into_section()? {
             cfg.api_tls = api_tls;
         }
@@ -354,7 +365,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 from_revision,
             }) => client::kv_watch(&prefix, from_revision).await,
             Command::Image(ImageCmd::Pull { id, quiet }) => client::image_pull(&id, quiet).await,
-            Command::Dev { nodes, dir } => dev::run(nodes, dir).await,
+            Command::Dev {
+                nodes,
+                dir,
+                libvirt_uri,
+            } => dev::run(nodes, dir, libvirt_uri).await,
             Command::Disk(DiskCmd::Overlay {
                 backing,
                 backing_format,

@@ -15,6 +15,8 @@ use crate::api::{self, AppState};
 use crate::config::{ApiTls, NodeConfig, CONFIG_FILE};
 use crate::identity::{password, Identity};
 use crate::images::ImageStore;
+use shoal_compute::agent::{Agent, AgentConfig};
+use shoal_compute::hypervisor::Libvirt;
 use shoal_compute::placement::{self, HostSpec};
 
 fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
@@ -241,6 +243,49 @@ fn host_spec(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<HostSpec> {
     Ok(HostSpec::from_capacity(cap, &cfg.zone))
 }
 
+/// Connects to libvirt and builds the compute agent; records the hypervisor's type and version
+/// in this host's registration.
+async fn compute_agent(
+    cfg: &NodeConfig,
+    cluster: &Cluster,
+    state: &AppState,
+    instances_path: &Path,
+    spec: &mut HostSpec,
+) -> anyhow::Result<Agent> {
+    let c = &cfg.compute;
+    let hv = Libvirt::connect(&c.libvirt_uri).await.with_context(|| {
+        format!(
+            "the compute agent needs libvirt at {} (start libvirtd, see docs/compute.md, or set \
+             [compute] libvirt_uri)",
+            c.libvirt_uri
+        )
+    })?;
+    let (hv_type, hv_version) = hv.hypervisor().await?;
+    spec.hypervisor_type = hv_type;
+    spec.hypervisor_version = hv_version;
+    let virt_type = match c.virt_type.as_str() {
+        "auto" => shoal_compute::hypervisor::detect_virt_type().to_owned(),
+        other => other.to_owned(),
+    };
+    tracing::info!(libvirt = %c.libvirt_uri, %virt_type, "compute agent connected to libvirt");
+    let agent = Agent::new(
+        cluster.clone(),
+        state.state.table(shoal_state::tables::SERVERS),
+        hv,
+        Arc::new(state.images.clone()),
+        AgentConfig {
+            host: cfg.name.clone(),
+            instances_path: instances_path.to_owned(),
+            virt_type,
+            stop_grace: Duration::from_secs(c.shutdown_timeout_secs),
+            sync_interval: Duration::from_secs(c.sync_power_state_interval_secs),
+            orphan_grace: Duration::from_secs(c.orphan_grace_secs),
+        },
+    )
+    .with_context(|| format!("cannot create {}", instances_path.display()))?;
+    Ok(agent)
+}
+
 async fn serve(
     dir: PathBuf,
     cfg: NodeConfig,
@@ -257,6 +302,11 @@ async fn serve(
         ApiTls::File | ApiTls::Off => api.tls,
     };
     let stop = CancellationToken::new();
+    let instances_path = cfg
+        .compute
+        .instances_path
+        .clone()
+        .unwrap_or_else(|| dir.join("instances"));
     let state = AppState {
         cluster: cluster.clone(),
         state: shoal_state::State::new(Arc::new(cluster.clone())),
@@ -264,9 +314,12 @@ async fn serve(
         metrics: Arc::new(api::metrics::Metrics::default()),
         base_url: base_url(&cfg),
         region: cfg.region.clone(),
-        images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone())
+        images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone(), &instances_path)
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
+        instances_path: instances_path.clone(),
     };
+    let mut host_spec = host_spec(&dir, &cfg)?;
+    let agent = compute_agent(&cfg, &cluster, &state, &instances_path, &mut host_spec).await?;
     // The node's long-running tasks, in one set: each runs until `stop`, so one that ends
     // earlier (an error, a panic) is a failure that stops the whole node with a non-zero exit
     // instead of leaving it half alive.
@@ -296,6 +349,16 @@ async fn serve(
         });
     }
     {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let r = agent
+                .run(stop.cancelled_owned())
+                .await
+                .map_err(|e| e.to_string());
+            ("compute agent", r)
+        });
+    }
+    {
         let (http, stop) = (cfg.http, stop.clone());
         tasks.spawn(async move {
             let r = api::serve(
@@ -320,7 +383,6 @@ async fn serve(
             ("cluster", r)
         });
     }
-    let host_spec = host_spec(&dir, &cfg)?;
     // Registration ends by itself once it succeeded; it is not one of the node's lifelong tasks.
     let register = tokio::spawn(placement::register_self(
         cluster.clone(),

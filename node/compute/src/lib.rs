@@ -13,6 +13,7 @@
 //! bytes reach the agent through the `ImageSource` the binary hands it, and ports through the
 //! replicated `ports` table.
 
+pub mod agent;
 pub mod domain;
 pub mod hypervisor;
 pub mod placement;

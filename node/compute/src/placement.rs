@@ -308,6 +308,9 @@ pub enum PlaceError {
     InstanceExists(String),
     #[error("the claims conflicted with concurrent placements {0} times in a row; try again")]
     Contended(u32),
+    /// A precondition the caller added (`place_with`) no longer holds.
+    #[error("row {key:?} of table {table} changed while the placement was made")]
+    ExtraPrecondition { table: String, key: String },
 }
 
 impl From<ClusterError> for PlaceError {
@@ -431,6 +434,17 @@ pub fn claims_txn(hosts: &[Host], claims: &[Claim]) -> Result<Txn, PlaceError> {
 /// Schedules `request` over the replica and commits its claims, re-reading and retrying when
 /// a concurrent placement changed a chosen host first.
 pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, PlaceError> {
+    place_with(cluster, request, |txn, _| txn).await
+}
+
+/// Like [`place`], with `extra` adding the caller's own preconditions and writes (the server
+/// rows) to each attempt's claim transaction, so that the claims and what they are for commit
+/// together. A failed precondition of `extra` ends the placement with `ExtraPrecondition`.
+pub async fn place_with(
+    cluster: &Cluster,
+    request: &Request,
+    extra: impl Fn(Txn, &[Claim]) -> Txn,
+) -> Result<Placed, PlaceError> {
     // Whether the view read includes every write acknowledged before this call.
     let mut fresh = false;
     // The previous attempt already read a fresh view and proposed nothing.
@@ -468,7 +482,9 @@ pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, Place
             }
             Err(e) => return Err(e.into()),
         };
-        let txn = claims_txn(&hosts, &claims)?;
+        let own = claims_txn(&hosts, &claims)?;
+        let own_preconditions = own.preconditions.len();
+        let txn = extra(own, &claims);
         let resp = cluster.write(txn.clone()).await?;
         if resp.succeeded {
             return Ok(Placed {
@@ -488,10 +504,68 @@ pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, Place
                 if p.table == INSTANCES {
                     return Err(PlaceError::InstanceExists(p.key.clone()));
                 }
+                if i as usize >= own_preconditions {
+                    return Err(PlaceError::ExtraPrecondition {
+                        table: p.table.clone(),
+                        key: p.key.clone(),
+                    });
+                }
             }
         }
     }
     Err(PlaceError::Contended(MAX_ATTEMPTS))
+}
+
+/// Gives back the resources instance `instance_id` holds on its host and deletes its claim,
+/// in one transaction with whatever `extra` adds (the server row's delete). An instance with
+/// no claim (never placed, or already released) commits `extra` alone.
+pub async fn release(
+    cluster: &Cluster,
+    instance_id: &str,
+    extra: impl Fn(Txn) -> Txn,
+) -> Result<(), PlaceError> {
+    for attempt in 0..MAX_ATTEMPTS * 3 {
+        if attempt > 0 {
+            let ms = rand::rng().random_range(1..=(4u64 << attempt.min(5)));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            cluster.read_barrier().await?;
+        }
+        let Some(claim_row) = cluster.get(INSTANCES, instance_id).await? else {
+            let resp = cluster.write(extra(Txn::new())).await?;
+            if resp.succeeded {
+                return Ok(());
+            }
+            continue;
+        };
+        let claim: InstanceRecord = serde_json::from_slice(&claim_row.value)
+            .map_err(|e| HostError::Corrupt(format!("instances/{instance_id}"), e))?;
+        let mut txn = Txn::new().when(
+            INSTANCES,
+            instance_id,
+            Expect::Revision(claim_row.mod_revision),
+        );
+        if let Some(row) = cluster.get(HOSTS, &claim.host).await? {
+            let mut host = decode_host(&claim.host, &row)?;
+            host.vcpus_used = host.vcpus_used.saturating_sub(claim.vcpus);
+            host.ram_mb_used = host.ram_mb_used.saturating_sub(claim.ram_mb);
+            host.disk_mb_used = host.disk_mb_used.saturating_sub(claim.disk_mb);
+            host.instances.retain(|i| i != instance_id);
+            txn = txn
+                .when(HOSTS, &claim.host, Expect::Revision(row.mod_revision))
+                .put(
+                    HOSTS,
+                    &claim.host,
+                    serde_json::to_vec(&host).expect("a host serialises"),
+                );
+        }
+        let resp = cluster
+            .write(extra(txn.delete(INSTANCES, instance_id)))
+            .await?;
+        if resp.succeeded {
+            return Ok(());
+        }
+    }
+    Err(PlaceError::Contended(MAX_ATTEMPTS * 3))
 }
 
 /// Registers this machine as a compute host once the cluster can take writes, retrying until

@@ -442,11 +442,15 @@ struct ServerGroup {
     policy: String,
     project_id: String,
     user_id: String,
+    /// Servers created into the group; written by the servers API in the placement's
+    /// transaction (see `api/nova/servers.rs`).
+    #[serde(default)]
+    members: Vec<String>,
 }
 
 impl ServerGroup {
     fn to_json(&self) -> Value {
-        json!({"id": self.id, "name": self.name, "policies": [self.policy], "members": [],
+        json!({"id": self.id, "name": self.name, "policies": [self.policy], "members": self.members,
             "metadata": {}, "project_id": self.project_id, "user_id": self.user_id})
     }
 }
@@ -517,6 +521,7 @@ async fn create_server_group(
         policy,
         project_id: project.clone(),
         user_id: auth.0.user_id.clone(),
+        members: Vec::new(),
     };
     let txn = Txn::new().put(
         T_SERVER_GROUPS,

@@ -186,6 +186,17 @@ async fn create_keypair(
     Ok(Json(json!({ "keypair": key_json(&kp, true) })))
 }
 
+/// The public key of `user_id`'s key pair `name`, if it exists (for a server's `key_name`).
+pub async fn public_key(state: &AppState, user_id: &str, name: &str) -> ApiResult<Option<String>> {
+    Ok(state
+        .state
+        .table::<Keypair>(T_KEYPAIRS)
+        .get(&format!("{user_id}/{name}"))
+        .await
+        .map_err(nova_err)?
+        .map(|v| v.value.public_key))
+}
+
 /// The user whose key pairs a request addresses: `?user_id=` is for admins only.
 fn owner(auth: &Auth, q: &HashMap<String, String>) -> ApiResult<String> {
     match q.get("user_id") {

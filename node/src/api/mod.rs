@@ -17,6 +17,7 @@ pub mod image;
 pub mod image_file;
 pub mod image_record;
 pub mod metrics;
+pub mod nova;
 pub mod placement;
 pub mod policy;
 pub mod tls;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub region: String,
     /// Image bytes on this node and where the rest of the cluster keeps them.
     pub images: ImageStore,
+    /// Where this node's compute agent keeps instance directories (console logs).
+    pub instances_path: std::path::PathBuf,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -60,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .merge(compute_admin::routes())
         .merge(compute_aggregates::routes())
         .merge(compute_keypairs::routes())
+        .merge(nova::servers::routes())
         .merge(image::routes())
         .merge(admin::routes())
         .merge(metrics::routes())

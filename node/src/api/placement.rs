@@ -281,7 +281,9 @@ fn place_error(e: PlaceError) -> ApiError {
         }
         PlaceError::Schedule(ScheduleError::DuplicateInstance(_))
         | PlaceError::InstanceExists(_) => ApiError::conflict(e.to_string()),
-        PlaceError::Contended(_) => ApiError::conflict(e.to_string()),
+        PlaceError::Contended(_) | PlaceError::ExtraPrecondition { .. } => {
+            ApiError::conflict(e.to_string())
+        }
         PlaceError::Hosts(h) => host_error(h),
         PlaceError::View(_) => {
             tracing::error!(error = %e, "inconsistent host view");

@@ -78,6 +78,7 @@ impl ImageStore {
         cluster: Cluster,
         data_dir: &Path,
         settings: ImagesSection,
+        instances: &Path,
     ) -> std::io::Result<ImageStore> {
         let dir = data_dir.join("images");
         let chunks = ChunkStore::open(&dir.join("chunks"))?;
@@ -89,7 +90,7 @@ impl ImageStore {
         let cache = Cache::new(dir.join("cache"));
         std::fs::create_dir_all(cache.dir())?;
         cache.clear_parts()?;
-        cluster.serve_data(peer::ChunkService::new(chunks.clone()));
+        cluster.serve_data(peer::ChunkService::new(chunks.clone(), instances));
         Ok(ImageStore {
             cluster,
             chunks,
@@ -162,8 +163,7 @@ impl ImageStore {
     }
 
     /// Keeps cached image `image_id` from eviction while the lease is held. The compute agent
-    /// holds one per base image its instances use (issue 12); `Cache::lease` is tested.
-    #[allow(dead_code)]
+    /// holds one per base image its instances use, for as long as their rows exist.
     pub fn lease(&self, image_id: &str) -> CacheLease {
         self.cache.lease(image_id)
     }
@@ -224,5 +224,24 @@ impl ImageStore {
                 }
             }
         }
+    }
+}
+
+/// The compute agent's base images come from this node's store: pulled from peers into the
+/// cache, and leased while an instance of this node uses them.
+impl shoal_compute::agent::ImageSource for ImageStore {
+    fn fetch<'a>(
+        &'a self,
+        image_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<PathBuf, String>> {
+        Box::pin(async move {
+            self.pull(image_id)
+                .await
+                .map_err(|e| chain(e.as_ref()).to_string())
+        })
+    }
+
+    fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync> {
+        Box::new(ImageStore::lease(self, image_id))
     }
 }

@@ -52,6 +52,12 @@ const SEND_PIECE: usize = 1 << 20;
 
 const OP_GET: u8 = 1;
 const OP_PUT: u8 = 2;
+/// The tail of a server's serial console log on the node it runs on: the 32 bytes after the
+/// op are the server's uuid (16 bytes) and 16 zero bytes. It rides on this transport because it
+/// is the members' authenticated byte channel; `os-getConsoleOutput` on any node uses it.
+const OP_CONSOLE: u8 = 3;
+/// The most of a console log a peer sends (its tail).
+pub const MAX_CONSOLE: u64 = 1 << 20;
 
 const OK: u8 = 0;
 const NOT_FOUND: u8 = 1;
@@ -111,24 +117,36 @@ impl TransferError {
 /// Serves GET and PUT on the data connections of other members.
 pub struct ChunkService {
     store: ChunkStore,
+    /// Where the compute agent keeps instance directories (their `console.log`).
+    instances: Arc<std::path::Path>,
 }
 
 impl ChunkService {
-    pub fn new(store: ChunkStore) -> Arc<ChunkService> {
-        Arc::new(ChunkService { store })
+    pub fn new(store: ChunkStore, instances: &std::path::Path) -> Arc<ChunkService> {
+        Arc::new(ChunkService {
+            store,
+            instances: instances.into(),
+        })
     }
 }
 
 impl DataHandler for ChunkService {
     fn serve(&self, peer: String, conn: Connection) -> BoxFuture<'static, ()> {
         let store = self.store.clone();
+        let instances = self.instances.clone();
         Box::pin(async move {
             let mut streams = JoinSet::new();
             loop {
                 tokio::select! {
                     accepted = conn.accept_bi() => match accepted {
                         Ok((send, recv)) => {
-                            streams.spawn(serve_stream(store.clone(), peer.clone(), send, recv));
+                            streams.spawn(serve_stream(
+                                store.clone(),
+                                instances.clone(),
+                                peer.clone(),
+                                send,
+                                recv,
+                            ));
                         }
                         Err(e) => {
                             tracing::debug!(%peer, error = %e, "data connection closed");
@@ -156,7 +174,13 @@ async fn answer(send: &mut SendStream, status: u8, message: &str) {
     let _ = send.finish();
 }
 
-async fn serve_stream(store: ChunkStore, peer: String, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(
+    store: ChunkStore,
+    instances: Arc<std::path::Path>,
+    peer: String,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let mut head = [0u8; 33];
     match tokio::time::timeout(HEADER_TIMEOUT, recv.read_exact(&mut head)).await {
         Ok(Ok(())) => {}
@@ -177,6 +201,26 @@ async fn serve_stream(store: ChunkStore, peer: String, mut send: SendStream, mut
     match head[0] {
         OP_GET => serve_get(&store, &peer, d, &mut send).await,
         OP_PUT => serve_put(&store, &peer, d, &mut send, &mut recv).await,
+        OP_CONSOLE => {
+            let mut uuid = [0u8; 16];
+            uuid.copy_from_slice(&head[1..17]);
+            let id = uuid::Uuid::from_bytes(uuid).to_string();
+            match read_console(&instances, &id).await {
+                Ok(Some(bytes)) => {
+                    let mut out = Vec::with_capacity(5 + bytes.len());
+                    out.push(OK);
+                    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&bytes);
+                    let _ = tokio::time::timeout(CHUNK_TIMEOUT, send.write_all(&out)).await;
+                    let _ = send.finish();
+                }
+                Ok(None) => answer(&mut send, NOT_FOUND, "no console log on this node").await,
+                Err(e) => {
+                    tracing::warn!(%peer, server = %id, error = %e, "cannot read a console log");
+                    answer(&mut send, INTERNAL, "cannot read the console log").await
+                }
+            }
+        }
         op => {
             tracing::warn!(%peer, op, "unknown chunk request");
             refuse(&mut send, &mut recv);
@@ -289,6 +333,60 @@ fn lost(node: &str, conn: &Connection, reason: impl std::fmt::Display) -> Transf
         },
         None => stream_err(node, reason),
     }
+}
+
+/// The last [`MAX_CONSOLE`] bytes of server `id`'s console log under `instances`, or `None`
+/// if this node has none.
+pub async fn read_console(
+    instances: &std::path::Path,
+    id: &str,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncSeekExt;
+    let path = instances.join(id).join("console.log");
+    let mut f = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata().await?.len();
+    f.seek(std::io::SeekFrom::Start(len.saturating_sub(MAX_CONSOLE)))
+        .await?;
+    let mut out = Vec::with_capacity(len.min(MAX_CONSOLE) as usize);
+    f.take(MAX_CONSOLE).read_to_end(&mut out).await?;
+    Ok(Some(out))
+}
+
+/// The tail of server `server_id`'s console log from `node`, where it runs.
+pub async fn console_log(
+    cluster: &Cluster,
+    node: &str,
+    server_id: &uuid::Uuid,
+) -> Result<Bytes, TransferError> {
+    let none = Digest([0u8; 32]);
+    let mut req = [0u8; 33];
+    req[0] = OP_CONSOLE;
+    req[1..17].copy_from_slice(server_id.as_bytes());
+    timed(node, none, async {
+        let (conn, mut recv) = send_request(cluster, node, &req, None).await?;
+        let len = read_status(node, none, &conn, &mut recv).await?;
+        if u64::from(len) > MAX_CONSOLE {
+            return Err(TransferError::BadLength {
+                node: node.to_owned(),
+                digest: none,
+                len: len.into(),
+                expected: MAX_CONSOLE,
+            });
+        }
+        Answer {
+            node: node.to_owned(),
+            conn,
+            recv,
+            len,
+        }
+        .body()
+        .await
+    })
+    .await
 }
 
 async fn connect(cluster: &Cluster, node: &str) -> Result<Connection, TransferError> {

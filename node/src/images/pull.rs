@@ -124,8 +124,7 @@ impl ImageStore {
     }
 
     /// Pulls `image_id` into the cache (or finds it there) and returns the cached file's path.
-    /// The compute agent's way to ensure a base image (issue 12); tests use it today.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The compute agent's way to ensure a base image.
     pub async fn pull(&self, image_id: &str) -> Result<PathBuf, Arc<PullError>> {
         let mut rx = self.start_pull(image_id);
         let result = match rx.wait_for(|s| s.result.is_some()).await {

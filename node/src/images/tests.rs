@@ -55,7 +55,13 @@ fn settings(replication: usize) -> ImagesSection {
 fn member(cluster: Cluster, dir: tempfile::TempDir, settings: ImagesSection) -> Member {
     let stop = CancellationToken::new();
     tokio::spawn(cluster.clone().run(stop.clone().cancelled_owned()));
-    let store = ImageStore::open(cluster.clone(), dir.path(), settings).unwrap();
+    let store = ImageStore::open(
+        cluster.clone(),
+        dir.path(),
+        settings,
+        &dir.path().join("instances"),
+    )
+    .unwrap();
     Member {
         cluster,
         store,

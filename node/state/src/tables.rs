@@ -36,6 +36,10 @@ pub const IMAGES: &str = "images";
 /// Key: `{image_id}/{member}`.
 pub const IMAGE_MEMBERS: &str = "image_members";
 
+// servers
+/// Key: server uuid; value: the compute service's `ServerRecord`.
+pub const SERVERS: &str = "servers";
+
 // placement
 /// Key: host name.
 pub const HOSTS: &str = "hosts";

@@ -1,0 +1,626 @@
+//! The compute agent: every node runs one. It watches the `servers` table and drives each
+//! server placed on its own node to the state its row asks for, through libvirt.
+//!
+//! - **No polling of the cluster, no lost event.** At start (and whenever the watch reports
+//!   its history compacted) the agent lists every row and reconciles each of its own; then it
+//!   follows the watch from the listing's revision. After a crash the rows themselves say
+//!   what is pending, so a restart loses nothing.
+//! - **One worker per server.** Changes of one server are handled in order by its worker;
+//!   different servers progress independently. A worker always acts on the newest row.
+//! - **Every outcome through Raft, conditioned on the row.** A result is written only if the
+//!   row is still the one acted on; if the user asked for something else meanwhile, the
+//!   worker sees the new row next and acts on that.
+//! - **Power-state sync.** Every `sync_interval` each server is reconciled again against
+//!   libvirt, so a domain that died or was stopped outside Shoal shows up in its row.
+//! - **Orphans.** A domain named `instance-*` that no row of this node claims is reported and,
+//!   after `orphan_grace`, destroyed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use shoal_consensus::cluster::Cluster;
+use shoal_disk::qcow2::{create_overlay, BackingFormat, OverlaySpec};
+use shoal_state::{tables, StateError, Table, Versioned};
+use shoal_types::EventKind;
+use tokio::sync::watch;
+
+use crate::domain::DomainSpec;
+use crate::hypervisor::{DomainState, HypervisorError, Libvirt};
+use crate::placement;
+use crate::server::{now_rfc3339, power, Fault, ServerRecord, TaskState, VmState};
+
+/// Where the agent gets base images: the binary hands it the node's image store.
+pub trait ImageSource: Send + Sync + 'static {
+    /// Ensures `image_id` is in this node's cache (pulling it from peers) and returns its path.
+    fn fetch<'a>(&'a self, image_id: &'a str) -> BoxFuture<'a, Result<PathBuf, String>>;
+    /// Keeps `image_id` from eviction while the returned value lives.
+    fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync>;
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's host name, as in the `hosts` table.
+    pub host: String,
+    /// One directory per server under it: the overlay `disk` and `console.log`.
+    pub instances_path: PathBuf,
+    /// `kvm` or `qemu`.
+    pub virt_type: String,
+    /// How long a stop or a soft reboot waits for the guest to power off before forcing it.
+    pub stop_grace: Duration,
+    /// How often every server is checked against libvirt.
+    pub sync_interval: Duration,
+    /// How long a domain no row claims is kept before it is destroyed.
+    pub orphan_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("watching the servers table failed: {0}")]
+    Watch(String),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+}
+
+/// The agent's handle; cheap to clone (every worker holds one).
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: Cluster,
+    servers: Table<ServerRecord>,
+    hv: Libvirt,
+    images: Arc<dyn ImageSource>,
+    cfg: AgentConfig,
+    disk_cache: &'static str,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("host", &self.inner.cfg.host)
+            .field("libvirt", &self.inner.hv)
+            .finish()
+    }
+}
+
+type Slot = watch::Sender<Option<Versioned<ServerRecord>>>;
+
+impl Agent {
+    pub fn new(
+        cluster: Cluster,
+        servers: Table<ServerRecord>,
+        hv: Libvirt,
+        images: Arc<dyn ImageSource>,
+        cfg: AgentConfig,
+    ) -> std::io::Result<Agent> {
+        std::fs::create_dir_all(&cfg.instances_path)?;
+        let disk_cache = if supports_direct_io(&cfg.instances_path) {
+            "none"
+        } else {
+            "writethrough"
+        };
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                cluster,
+                servers,
+                hv,
+                images,
+                cfg,
+                disk_cache,
+            }),
+        })
+    }
+
+    /// Runs until `shutdown` resolves. Returns an error only when the cluster's watch fails
+    /// in a way a re-list cannot mend.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut workers: HashMap<String, Slot> = HashMap::new();
+        let mut orphans: HashMap<String, Instant> = HashMap::new();
+        loop {
+            let listing = loop {
+                match self.inner.servers.list("").await {
+                    Ok(l) => break l,
+                    Err(StateError::Unavailable(e)) => {
+                        tracing::debug!(error = %e, "servers not listable yet");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                            _ = &mut shutdown => return Ok(()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let mut seen = HashSet::new();
+            for (id, row) in listing.rows {
+                if row.value.host.as_deref() == Some(self.inner.cfg.host.as_str()) {
+                    seen.insert(id.clone());
+                    self.dispatch(&mut workers, id, Some(row));
+                }
+            }
+            // Rows that went while the watch was down: their workers stop.
+            let gone: Vec<String> = workers
+                .keys()
+                .filter(|k| !seen.contains(*k))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.dispatch(&mut workers, id, None);
+            }
+            self.sweep_orphans(&workers, &mut orphans).await;
+            let mut stream = match self
+                .inner
+                .cluster
+                .watch(tables::SERVERS, "", listing.revision + 1)
+                .await
+            {
+                Ok(s) => s,
+                Err(shoal_consensus::cluster::WatchError::Compacted { .. }) => continue,
+                Err(e) => return Err(AgentError::Watch(e.to_string())),
+            };
+            let mut tick = tokio::time::interval(self.inner.cfg.sync_interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    ev = stream.next() => match ev {
+                        Some(Ok(ev)) => match ev.kind {
+                            EventKind::Put(row) => {
+                                match self.inner.servers.decode(&ev.key, &row) {
+                                    Ok(v) if v.value.host.as_deref() == Some(self.inner.cfg.host.as_str()) => {
+                                        self.dispatch(&mut workers, ev.key, Some(v));
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => tracing::error!(error = %e, "skipping a server row"),
+                                }
+                            }
+                            EventKind::Delete => {
+                                if workers.contains_key(&ev.key) {
+                                    self.dispatch(&mut workers, ev.key, None);
+                                }
+                            }
+                        },
+                        Some(Err(shoal_consensus::cluster::WatchError::Compacted { oldest })) => {
+                            tracing::info!(oldest, "server watch compacted; listing again");
+                            break;
+                        }
+                        Some(Err(e)) => return Err(AgentError::Watch(e.to_string())),
+                        None => return Err(AgentError::Watch("the watch stream ended".into())),
+                    },
+                    _ = tick.tick() => {
+                        for slot in workers.values() {
+                            slot.send_modify(|_| {});
+                        }
+                        self.sweep_orphans(&workers, &mut orphans).await;
+                    }
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Hands the newest row (or its deletion) to the server's worker, starting one if needed.
+    fn dispatch(
+        &self,
+        workers: &mut HashMap<String, Slot>,
+        id: String,
+        row: Option<Versioned<ServerRecord>>,
+    ) {
+        if let Some(slot) = workers.get(&id) {
+            if slot.send(row.clone()).is_ok() {
+                if row.is_none() {
+                    workers.remove(&id);
+                }
+                return;
+            }
+            workers.remove(&id);
+        }
+        let Some(row) = row else { return };
+        let (tx, rx) = watch::channel(Some(row));
+        workers.insert(id, tx);
+        tokio::spawn(self.clone().worker(rx));
+    }
+
+    async fn worker(self, mut rx: watch::Receiver<Option<Versioned<ServerRecord>>>) {
+        let mut leases: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        loop {
+            let current = rx.borrow_and_update().clone();
+            let Some(row) = current else { return };
+            if leases.is_empty() && row.value.task_state != Some(TaskState::Deleting) {
+                leases = self
+                    .image_ids(&row.value)
+                    .iter()
+                    .map(|i| self.inner.images.lease(i))
+                    .collect();
+            }
+            let id = row.value.id.clone();
+            if let Err(e) = self.reconcile(row).await {
+                tracing::warn!(server = %id, error = %e, "reconcile failed; retried on the next change or sync");
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn image_ids(&self, s: &ServerRecord) -> Vec<String> {
+        let mut ids = vec![s.image.id.clone()];
+        ids.extend(s.image.kernel_id.clone());
+        ids.extend(s.image.ramdisk_id.clone());
+        ids
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.inner.cfg.instances_path.join(id)
+    }
+
+    /// One step towards what the row asks for, then the outcome written to the row.
+    async fn reconcile(&self, row: Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let s = &row.value;
+        match (s.vm_state, s.task_state) {
+            (_, Some(TaskState::Deleting)) => self.delete(&row).await,
+            (VmState::Building, _) | (_, Some(TaskState::Spawning)) => {
+                let outcome = self.spawn(s, row.revision).await;
+                self.finish(&row, |r| match &outcome {
+                    Ok(name) => {
+                        r.vm_state = VmState::Active;
+                        r.power_state = power::RUNNING;
+                        r.instance_name = Some(name.clone());
+                        r.launched_at = Some(now_rfc3339());
+                        r.fault = None;
+                    }
+                    Err(e) => fail(r, e),
+                })
+                .await
+            }
+            (_, Some(TaskState::PoweringOff)) => {
+                let outcome = self.inner.hv.stop(&s.id, self.inner.cfg.stop_grace).await;
+                self.finish(&row, |r| match &outcome {
+                    Ok(()) => {
+                        r.vm_state = VmState::Stopped;
+                        r.power_state = power::SHUTDOWN;
+                    }
+                    Err(e) => fail(r, &e.to_string()),
+                })
+                .await
+            }
+            (_, Some(TaskState::PoweringOn)) => {
+                let outcome = self.power_on(s, row.revision).await;
+                self.finish(&row, |r| match &outcome {
+                    Ok(()) => {
+                        r.vm_state = VmState::Active;
+                        r.power_state = power::RUNNING;
+                    }
+                    Err(e) => fail(r, e),
+                })
+                .await
+            }
+            (_, Some(task @ (TaskState::Rebooting | TaskState::RebootingHard))) => {
+                let grace = if task == TaskState::Rebooting {
+                    self.inner.cfg.stop_grace
+                } else {
+                    Duration::ZERO
+                };
+                let outcome = match self.inner.hv.stop(&s.id, grace).await {
+                    Ok(()) => self.power_on(s, row.revision).await,
+                    Err(e) => Err(e.to_string()),
+                };
+                self.finish(&row, |r| match &outcome {
+                    Ok(()) => {
+                        r.vm_state = VmState::Active;
+                        r.power_state = power::RUNNING;
+                    }
+                    Err(e) => fail(r, e),
+                })
+                .await
+            }
+            (_, Some(TaskState::Scheduling)) | (VmState::Error | VmState::Deleted, None) => Ok(()),
+            (VmState::Active, None) => self.sync_active(&row).await,
+            (VmState::Stopped, None) => match self.inner.hv.state(&s.id).await? {
+                // Shoal says stopped: a domain someone started outside is stopped again, as
+                // Nova's power-state sync does.
+                Some(DomainState::Running) => {
+                    tracing::info!(server = %s.id, "stopping a domain its row says is stopped");
+                    self.inner.hv.stop(&s.id, Duration::ZERO).await?;
+                    Ok(())
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// An ACTIVE server: a domain that is gone is rebuilt from its disk (or the server goes to
+    /// ERROR saying why); one that stopped outside Shoal makes the row SHUTOFF.
+    async fn sync_active(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let s = &row.value;
+        match self.inner.hv.state(&s.id).await? {
+            Some(DomainState::Running) => {
+                if s.power_state != power::RUNNING {
+                    self.finish(row, |r| r.power_state = power::RUNNING).await?;
+                }
+                Ok(())
+            }
+            Some(state @ (DomainState::Shutoff | DomainState::Crashed)) => {
+                tracing::info!(server = %s.id, ?state, "domain stopped outside Shoal");
+                self.finish(row, |r| {
+                    r.vm_state = VmState::Stopped;
+                    r.power_state = state.power_state();
+                })
+                .await
+            }
+            Some(other) => {
+                if s.power_state != other.power_state() {
+                    self.finish(row, |r| r.power_state = other.power_state())
+                        .await?;
+                }
+                Ok(())
+            }
+            None => {
+                tracing::warn!(server = %s.id, "ACTIVE server has no domain on this host; rebuilding it");
+                let outcome = self.spawn(s, row.revision).await;
+                self.finish(row, |r| match &outcome {
+                    Ok(name) => {
+                        r.instance_name = Some(name.clone());
+                        r.power_state = power::RUNNING;
+                    }
+                    Err(e) => fail(
+                        r,
+                        &format!("the domain was lost and could not be rebuilt: {e}"),
+                    ),
+                })
+                .await
+            }
+        }
+    }
+
+    /// Starts the domain, defining it again first if libvirt lost it (test driver, or a host
+    /// whose libvirt state was wiped).
+    async fn power_on(&self, s: &ServerRecord, revision: u64) -> Result<(), String> {
+        match self
+            .inner
+            .hv
+            .state(&s.id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(_) => self.inner.hv.start(&s.id).await.map_err(|e| e.to_string()),
+            None => self.spawn(s, revision).await.map(|_| ()),
+        }
+    }
+
+    /// Writes the outcome of a step: `change` applied to the row, task cleared, if the row is
+    /// still the one the step acted on. A row that moved meanwhile is left to the next round.
+    async fn finish(
+        &self,
+        row: &Versioned<ServerRecord>,
+        change: impl FnOnce(&mut ServerRecord),
+    ) -> Result<(), AgentError> {
+        let mut r = row.value.clone();
+        change(&mut r);
+        r.task_state = None;
+        r.updated = now_rfc3339();
+        if r == row.value {
+            return Ok(());
+        }
+        if self
+            .inner
+            .servers
+            .put_at(&r.id, &r, row.revision)
+            .await?
+            .is_none()
+        {
+            tracing::debug!(server = %r.id, "row changed while acting on it; the newer row wins");
+        }
+        Ok(())
+    }
+
+    /// Ensures the images, writes the overlay, renders and starts the domain. Returns the
+    /// domain's name.
+    async fn spawn(&self, s: &ServerRecord, revision: u64) -> Result<String, String> {
+        let images = &self.inner.images;
+        let base = images
+            .fetch(&s.image.id)
+            .await
+            .map_err(|e| format!("image {} is not available on this host: {e}", s.image.id))?;
+        let kernel = match &s.image.kernel_id {
+            Some(k) => Some(
+                images
+                    .fetch(k)
+                    .await
+                    .map_err(|e| format!("kernel image {k}: {e}"))?,
+            ),
+            None => None,
+        };
+        let initrd = match &s.image.ramdisk_id {
+            Some(r) => Some(
+                images
+                    .fetch(r)
+                    .await
+                    .map_err(|e| format!("ramdisk image {r}: {e}"))?,
+            ),
+            None => None,
+        };
+        let dir = self.dir(&s.id);
+        let disk = dir.join("disk");
+        let console_log = dir.join("console.log");
+        let format = match s.image.disk_format.as_str() {
+            "qcow2" => BackingFormat::Qcow2,
+            _ => BackingFormat::Raw,
+        };
+        let flavor_bytes = s.flavor.disk_gb << 30;
+        {
+            let (dir, disk, base) = (dir.clone(), disk.clone(), base.clone());
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                if disk.exists() {
+                    // A rebuild keeps what the guest wrote.
+                    return Ok(());
+                }
+                let size = flavor_bytes.max(
+                    backing_size(&base, format)
+                        .map_err(|e| format!("reading the base image: {e}"))?,
+                );
+                create_overlay(&disk, &OverlaySpec::new(&base, format, size))
+                    .map(|_| ())
+                    .map_err(|e| format!("writing the overlay: {e}"))
+            })
+            .await
+            .map_err(|_| "the overlay task was cancelled".to_owned())??;
+        }
+        // The name libvirt already knows the domain by wins; else the row's; else a new one
+        // from the row's revision (unique in the cluster).
+        let existing = self
+            .inner
+            .hv
+            .list()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|d| d.uuid == s.id)
+            .map(|d| d.name);
+        let name = existing
+            .or_else(|| s.instance_name.clone())
+            .unwrap_or_else(|| crate::server::instance_name(revision));
+        let spec = DomainSpec {
+            name: name.clone(),
+            uuid: s.id.clone(),
+            virt_type: self.inner.cfg.virt_type.clone(),
+            memory_mb: s.flavor.ram_mb,
+            vcpus: s.flavor.vcpus,
+            display_name: s.name.clone(),
+            flavor_name: s.flavor.name.clone(),
+            project_id: s.project_id.clone(),
+            user_id: s.user_id.clone(),
+            image_id: s.image.id.clone(),
+            disk,
+            disk_cache: self.inner.disk_cache,
+            extra_disks: Vec::new(),
+            kernel,
+            initrd,
+            cmdline: s.image.kernel_cmdline.clone(),
+            interfaces: Vec::new(),
+            console_log,
+        };
+        self.inner
+            .hv
+            .define_and_start(spec.to_xml())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(name)
+    }
+
+    /// Destroys the domain, removes the instance directory, then releases the claim and
+    /// deletes the row in one transaction.
+    async fn delete(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let s = &row.value;
+        self.inner.hv.destroy(&s.id).await?;
+        let dir = self.dir(&s.id);
+        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(server = %s.id, error = %e, "could not remove the instance directory");
+        }
+        // Unconditional: a delete, once asked for, is not undone by a later write of the row.
+        placement::release(&self.inner.cluster, &s.id, |txn| {
+            txn.delete(tables::SERVERS, &s.id)
+        })
+        .await
+        .map_err(|e| AgentError::State(StateError::Unavailable(e.to_string())))?;
+        tracing::info!(server = %s.id, "deleted");
+        Ok(())
+    }
+
+    /// Reports domains that no row of this node claims and destroys them after the grace.
+    async fn sweep_orphans(
+        &self,
+        workers: &HashMap<String, Slot>,
+        first_seen: &mut HashMap<String, Instant>,
+    ) {
+        let domains = match self.inner.hv.list().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list domains");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut still = HashMap::new();
+        for d in domains {
+            if !d.name.starts_with("instance-") || workers.contains_key(&d.uuid) {
+                continue;
+            }
+            let since = *first_seen.get(&d.uuid).unwrap_or(&now);
+            if since == now {
+                tracing::warn!(domain = %d.name, uuid = %d.uuid, grace = ?self.inner.cfg.orphan_grace,
+                    "a domain no server row claims; it is destroyed after the grace period");
+            }
+            if now.duration_since(since) >= self.inner.cfg.orphan_grace {
+                match self.inner.hv.destroy(&d.uuid).await {
+                    Ok(()) => tracing::warn!(domain = %d.name, "destroyed an orphaned domain"),
+                    Err(e) => {
+                        tracing::warn!(domain = %d.name, error = %e, "cannot destroy an orphaned domain")
+                    }
+                }
+                continue;
+            }
+            still.insert(d.uuid, since);
+        }
+        *first_seen = still;
+    }
+}
+
+/// Puts the server in ERROR with Nova's fault.
+fn fail(r: &mut ServerRecord, message: &str) {
+    r.vm_state = VmState::Error;
+    r.power_state = power::NOSTATE;
+    r.fault = Some(Fault {
+        code: 500,
+        message: message.to_owned(),
+        created: now_rfc3339(),
+    });
+}
+
+/// The virtual size of a base image: a raw file's length, a qcow2's header size field.
+fn backing_size(path: &Path, format: BackingFormat) -> std::io::Result<u64> {
+    match format {
+        BackingFormat::Raw => Ok(std::fs::metadata(path)?.len()),
+        BackingFormat::Qcow2 => {
+            use std::io::Read;
+            let mut header = [0u8; 32];
+            std::fs::File::open(path)?.read_exact(&mut header)?;
+            Ok(u64::from_be_bytes(
+                header[24..32].try_into().expect("8 bytes"),
+            ))
+        }
+    }
+}
+
+/// Whether files under `dir` can be opened with O_DIRECT (tmpfs cannot), which decides the
+/// disk cache mode as Nova's driver decides it.
+fn supports_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join(".direct-io-probe");
+    let ok = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}

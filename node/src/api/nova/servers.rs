@@ -1,0 +1,1176 @@
+//! `/compute/v2.1/servers`: Nova's servers API over the compute service.
+//!
+//! A create is Nova's flow without a broker: the quota is checked and the server rows are
+//! written (BUILD, `scheduling`) under the project's quota guard, then this node schedules
+//! over its replica and commits the claims together with the rows (`spawning`, host set), and
+//! answers 202. The compute agent of the chosen host sees the rows on its watch and builds the
+//! servers. When no host fits, the rows go to ERROR with Nova's NoValidHost fault; nothing is
+//! left in BUILD. Actions set a `task_state` on the row, which the host's agent carries out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shoal_compute::placement::{self, PlaceError};
+use shoal_compute::server::{
+    now_rfc3339, power, Action, FlavorSnapshot, ImageSnapshot, ServerRecord, TaskState, VmState,
+};
+use shoal_scheduler::{GroupPolicy, Request, ScheduleError, SchedulerHints, ServerGroup};
+use shoal_state::{tables, Expect, Table, Txn, Versioned};
+
+use crate::api::compute::{microversion, nova_err, parse, Flavor};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::{AppState, Auth};
+
+/// Decoded `user_data` may be at most this long (Nova's limit).
+const MAX_USER_DATA: usize = 65_535;
+/// Servers one request may create.
+const MAX_COUNT: u32 = 100;
+/// Rounds of (re-read the guard and group, place) before a create reports contention.
+const CREATE_ATTEMPTS: u32 = 30;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/compute/v2.1/servers", get(list).post(create))
+        .route("/compute/v2.1/servers/detail", get(list_detail))
+        .route(
+            "/compute/v2.1/servers/{id}",
+            get(show).put(update).delete(delete),
+        )
+        .route("/compute/v2.1/servers/{id}/action", post(action))
+        .layer(middleware::from_fn(microversion))
+}
+
+fn servers(state: &AppState) -> Table<ServerRecord> {
+    state.state.table(tables::SERVERS)
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request(msg).nova()
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("Instance {id} could not be found.")).nova()
+}
+
+fn need(auth: &Auth, role: &str) -> ApiResult<()> {
+    auth.require(role).map_err(ApiError::nova)
+}
+
+fn project_of(auth: &Auth) -> ApiResult<String> {
+    auth.0
+        .project_id
+        .clone()
+        .ok_or_else(|| ApiError::forbidden("servers need a project-scoped token").nova())
+}
+
+fn is_admin(auth: &Auth) -> bool {
+    auth.require_admin().is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// create
+
+#[derive(Deserialize)]
+struct CreateBody {
+    server: CreateServer,
+    #[serde(default, rename = "os:scheduler_hints")]
+    hints: Option<HintsBody>,
+    #[serde(default, rename = "OS-SCH-HNT:scheduler_hints")]
+    hints_old: Option<HintsBody>,
+}
+
+#[derive(Deserialize)]
+struct CreateServer {
+    name: String,
+    #[serde(rename = "flavorRef")]
+    flavor_ref: String,
+    #[serde(default, rename = "imageRef")]
+    image_ref: Option<String>,
+    #[serde(default)]
+    networks: Option<Value>,
+    #[serde(default)]
+    key_name: Option<String>,
+    #[serde(default)]
+    user_data: Option<String>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    security_groups: Option<Vec<NameRef>>,
+    #[serde(default)]
+    availability_zone: Option<String>,
+    #[serde(default)]
+    min_count: Option<Value>,
+    #[serde(default)]
+    max_count: Option<Value>,
+    #[serde(default, rename = "adminPass")]
+    admin_pass: Option<String>,
+    #[serde(default)]
+    config_drive: Option<Value>,
+    #[serde(default, rename = "OS-DCF:diskConfig")]
+    _disk_config: Option<String>,
+    #[serde(default)]
+    block_device_mapping_v2: Option<Value>,
+    #[serde(default)]
+    return_reservation_id: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct NameRef {
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+struct HintsBody {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    query: Option<Value>,
+    #[serde(default)]
+    same_host: Option<Value>,
+    #[serde(default)]
+    different_host: Option<Value>,
+}
+
+/// A count field: Nova takes an integer or a string of one.
+fn count(v: &Option<Value>, field: &str) -> ApiResult<Option<u32>> {
+    let n = match v {
+        None => return Ok(None),
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if (1..=u64::from(MAX_COUNT)).contains(&n) => Ok(Some(n as u32)),
+        _ => Err(bad(format!(
+            "Invalid input for field/attribute {field}. Value must be an integer from 1 to {MAX_COUNT}"
+        ))),
+    }
+}
+
+fn ids_of(v: &Option<Value>, field: &str) -> ApiResult<Vec<String>> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad(format!("{field} must be a server id or a list of them")))
+            })
+            .collect(),
+        _ => Err(bad(format!(
+            "{field} must be a server id or a list of them"
+        ))),
+    }
+}
+
+/// The server group row as placement needs it; the Compute API's server groups own the rest.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct GroupRow {
+    pub id: String,
+    pub name: String,
+    pub policy: String,
+    pub project_id: String,
+    pub user_id: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+    #[serde(flatten)]
+    pub rest: BTreeMap<String, Value>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    need(&auth, "member")?;
+    let project = project_of(&auth)?;
+    let body: CreateBody = parse(&body)?;
+    let s = body.server;
+    let hints = body.hints.or(body.hints_old).unwrap_or_default();
+
+    let name = s.name.trim().to_owned();
+    if name.is_empty() || s.name.chars().count() > 255 {
+        return Err(bad(
+            "Invalid input for field/attribute name. Value must be 1 to 255 characters",
+        ));
+    }
+    if s.block_device_mapping_v2.is_some() {
+        return Err(bad(
+            "Booting from volume is not supported: Shoal has no volume service yet",
+        ));
+    }
+    if s.config_drive
+        .as_ref()
+        .is_some_and(|v| v.as_bool() == Some(true))
+    {
+        return Err(bad(
+            "config_drive is not supported yet; the metadata service will serve instances",
+        ));
+    }
+    let min = count(&s.min_count, "min_count")?.unwrap_or(1);
+    let max = count(&s.max_count, "max_count")?.unwrap_or(min);
+    if max < min {
+        return Err(bad("min_count must be <= max_count"));
+    }
+    if let Some(ud) = &s.user_data {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(ud.as_bytes())
+            .map_err(|_| bad("User data needs to be valid base 64."))?;
+        if decoded.len() > MAX_USER_DATA {
+            return Err(bad(format!(
+                "user_data is {} bytes decoded; at most {MAX_USER_DATA} are allowed",
+                decoded.len()
+            )));
+        }
+    }
+    let metadata = s.metadata.clone().unwrap_or_default();
+    for (k, v) in &metadata {
+        if k.is_empty() || k.len() > 255 || v.len() > 255 {
+            return Err(bad(
+                "Invalid input for field/attribute metadata: keys must be 1-255 and values 0-255 characters",
+            ));
+        }
+    }
+    let meta_quota = crate::api::compute_admin::quota(&state, &project, "metadata_items").await?;
+    if meta_quota >= 0 && metadata.len() as i64 > meta_quota {
+        return Err(ApiError::forbidden(format!(
+            "Quota exceeded for metadata_items: at most {meta_quota} metadata items"
+        ))
+        .nova());
+    }
+    match &s.networks {
+        None => {}
+        Some(Value::String(v)) if v == "none" || v == "auto" => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(Value::Array(a)) => {
+            let what = a
+                .first()
+                .and_then(|n| n.get("uuid").or(n.get("port")))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            return Err(bad(format!(
+                "Network {what} could not be found: this cloud has no Network API yet, so servers boot without NICs (give networks none, or leave it out)"
+            )));
+        }
+        Some(_) => return Err(bad("networks must be a list, \"auto\" or \"none\"")),
+    }
+    if let Some(p) = &s.admin_pass {
+        if p.len() > 255 {
+            return Err(bad("adminPass is too long"));
+        }
+    }
+    let _ = &s.return_reservation_id;
+
+    // The flavor and image as this project may see them.
+    state.cluster.read_barrier().await.map_err(nova_err)?;
+    let flavor: Flavor = state
+        .state
+        .table::<Flavor>(tables::FLAVORS)
+        .get(&s.flavor_ref)
+        .await
+        .map_err(nova_err)?
+        .map(|v| v.value)
+        .filter(|f| f.is_public || is_admin(&auth))
+        .ok_or_else(|| bad(format!("Flavor {} could not be found.", s.flavor_ref)))?;
+    let image_id = s
+        .image_ref
+        .clone()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| bad("imageRef is required: Shoal boots servers from images"))?;
+    let image = snapshot_image(&state, &auth, &image_id, &flavor).await?;
+
+    let (key_name, key_data) = match &s.key_name {
+        None => (None, None),
+        Some(k) => {
+            let data = crate::api::compute_keypairs::public_key(&state, &auth.0.user_id, k)
+                .await?
+                .ok_or_else(|| bad(format!("Invalid key_name provided.: {k}")))?;
+            (Some(k.clone()), Some(data))
+        }
+    };
+    let security_groups: Vec<String> = match &s.security_groups {
+        Some(g) if !g.is_empty() => g.iter().map(|n| n.name.clone()).collect(),
+        _ => vec!["default".to_owned()],
+    };
+    if security_groups.iter().any(|g| g != "default") {
+        return Err(bad(format!(
+            "Security group {} not found: only the default group exists until the Network API lands",
+            security_groups.iter().find(|g| *g != "default").expect("checked")
+        )));
+    }
+
+    // Availability zone: `zone`, or `zone:host` (admins).
+    let zone = s.availability_zone.clone().filter(|z| !z.is_empty());
+    if let Some(z) = &zone {
+        if z.contains(':') && !is_admin(&auth) {
+            return Err(ApiError::forbidden(
+                "Policy doesn't allow os_compute_api:servers:create:forced_host to be performed.",
+            )
+            .nova());
+        }
+    }
+
+    // Hints.
+    let query = match &hints.query {
+        None => None,
+        Some(Value::String(q)) => Some(q.clone()),
+        Some(v) => Some(v.to_string()),
+    };
+    for (field, v) in [
+        ("same_host", &hints.same_host),
+        ("different_host", &hints.different_host),
+    ] {
+        if !ids_of(v, field)?.is_empty() {
+            return Err(bad(format!(
+                "The {field} scheduler hint is not supported yet; use a server group (affinity or anti-affinity) instead"
+            )));
+        }
+    }
+    let group_id = hints.group.clone();
+    if let Some(g) = &group_id {
+        load_group(&state, g, &project).await?;
+    }
+
+    let now = now_rfc3339();
+    let reservation_id = format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let n = max;
+    let records: Vec<ServerRecord> = (0..n)
+        .map(|i| ServerRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: if n > 1 {
+                format!("{name}-{}", i + 1)
+            } else {
+                name.clone()
+            },
+            project_id: project.clone(),
+            user_id: auth.0.user_id.clone(),
+            flavor: FlavorSnapshot {
+                id: flavor.id.clone(),
+                name: flavor.name.clone(),
+                vcpus: flavor.vcpus,
+                ram_mb: flavor.ram,
+                disk_gb: flavor.disk,
+                ephemeral_gb: flavor.ephemeral,
+                swap_mb: flavor.swap,
+                extra_specs: flavor.extra_specs.clone(),
+            },
+            image: image.clone(),
+            key_name: key_name.clone(),
+            key_data: key_data.clone(),
+            user_data: s.user_data.clone(),
+            metadata: metadata.clone(),
+            security_groups: security_groups.clone(),
+            availability_zone: zone
+                .as_deref()
+                .map(|z| z.split(':').next().unwrap_or(z).to_owned())
+                .filter(|z| !z.is_empty())
+                .unwrap_or_else(|| "nova".to_owned()),
+            host: None,
+            vm_state: VmState::Building,
+            task_state: Some(TaskState::Scheduling),
+            power_state: power::NOSTATE,
+            fault: None,
+            launch_index: i,
+            reservation_id: reservation_id.clone(),
+            instance_name: None,
+            created: now.clone(),
+            updated: now.clone(),
+            launched_at: None,
+        })
+        .collect();
+
+    // 1. The rows, under the project's quota (instances, cores, RAM), race-free.
+    let revisions = write_within_quota(&state, &project, &records, min).await?;
+
+    // 2. Placement, committed with the rows.
+    let request = |members: Vec<String>, policy: Option<GroupPolicy>| Request {
+        instance_ids: records.iter().map(|r| r.id.clone()).collect(),
+        flavor: shoal_scheduler::Flavor {
+            name: flavor.name.clone(),
+            vcpus: flavor.vcpus,
+            ram_mb: flavor.ram,
+            root_gb: flavor.disk,
+            ephemeral_gb: flavor.ephemeral,
+            swap_mb: flavor.swap,
+            extra_specs: flavor.extra_specs.clone(),
+        },
+        image: Default::default(),
+        availability_zone: zone.clone(),
+        is_admin: is_admin(&auth),
+        hints: SchedulerHints {
+            query: query.clone(),
+            group: policy.map(|policy| ServerGroup {
+                policy,
+                members,
+                max_server_per_host: None,
+            }),
+        },
+    };
+    let outcome = place_servers(
+        &state,
+        &records,
+        &revisions,
+        group_id.as_deref(),
+        &project,
+        request,
+    )
+    .await;
+    if let Err(fault) = outcome {
+        // No host fit (or placement failed): the servers go to ERROR with the reason, as
+        // Nova's conductor does, and the create itself still answers 202.
+        for (r, rev) in records.iter().zip(&revisions) {
+            let mut r = r.clone();
+            r.vm_state = VmState::Error;
+            r.task_state = None;
+            r.fault = Some(shoal_compute::server::Fault {
+                code: fault.0,
+                message: fault.1.clone(),
+                created: now_rfc3339(),
+            });
+            r.updated = now_rfc3339();
+            servers(&state)
+                .put_at(&r.id, &r, *rev)
+                .await
+                .map_err(nova_err)?;
+        }
+    }
+
+    let first = &records[0];
+    let admin_pass = s
+        .admin_pass
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+    let mut server = json!({
+        "id": first.id,
+        "links": links(&state, &first.id),
+        "OS-DCF:diskConfig": "MANUAL",
+        "security_groups": first.security_groups.iter().map(|g| json!({"name": g})).collect::<Vec<_>>(),
+        "adminPass": admin_pass,
+    });
+    if n > 1 {
+        server["reservation_id"] = json!(reservation_id);
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))))
+}
+
+/// The image fields the agent needs, after checking the caller may use it and the flavor
+/// fits it.
+async fn snapshot_image(
+    state: &AppState,
+    auth: &Auth,
+    image_id: &str,
+    flavor: &Flavor,
+) -> ApiResult<ImageSnapshot> {
+    let img = crate::api::image::load_visible(state, auth, image_id)
+        .await
+        .map_err(|_| bad(format!("Image {image_id} could not be found.")))?
+        .0;
+    if img.status.as_str() != "active" {
+        return Err(bad(format!(
+            "Image {image_id} is not active (it is {}).",
+            img.status.as_str()
+        )));
+    }
+    if flavor.ram < img.min_ram {
+        return Err(bad(format!(
+            "Flavor's memory is too small for requested image: {} MB < min_ram {} MB",
+            flavor.ram, img.min_ram
+        )));
+    }
+    let size = img.virtual_size.or(img.size).unwrap_or(0);
+    if flavor.disk > 0 && (flavor.disk < img.min_disk || flavor.disk << 30 < size) {
+        return Err(bad(format!(
+            "Flavor's disk is too small for requested image: {} GB; the image needs {} GB",
+            flavor.disk,
+            img.min_disk.max(size.div_ceil(1 << 30))
+        )));
+    }
+    let disk_format = img.disk_format.clone().unwrap_or_else(|| "raw".to_owned());
+    if matches!(disk_format.as_str(), "aki" | "ari") {
+        return Err(bad(format!(
+            "Image {image_id} is a kernel or ramdisk ({disk_format}); boot the machine image that names it in kernel_id/ramdisk_id"
+        )));
+    }
+    let part = |key: &str| img.properties.get(key).filter(|v| !v.is_empty()).cloned();
+    let kernel_id = part("kernel_id");
+    let ramdisk_id = part("ramdisk_id");
+    for id in kernel_id.iter().chain(ramdisk_id.iter()) {
+        let k = crate::api::image::load_visible(state, auth, id)
+            .await
+            .map_err(|_| {
+                bad(format!(
+                    "Image {id} named by image {image_id} could not be found."
+                ))
+            })?
+            .0;
+        if k.status.as_str() != "active" {
+            return Err(bad(format!(
+                "Image {id} named by image {image_id} is not active."
+            )));
+        }
+    }
+    Ok(ImageSnapshot {
+        id: image_id.to_owned(),
+        disk_format,
+        kernel_id,
+        ramdisk_id,
+        kernel_cmdline: part("os_command_line"),
+    })
+}
+
+/// Servers of `project` and what they hold: (instances, vCPUs, RAM MB).
+pub async fn usage(state: &AppState, project: &str) -> ApiResult<(i64, i64, i64)> {
+    let mut u = (0i64, 0i64, 0i64);
+    for r in servers(state)
+        .list("")
+        .await
+        .map_err(nova_err)?
+        .into_values()
+    {
+        if r.project_id == project {
+            u.0 += 1;
+            u.1 += i64::from(r.flavor.vcpus);
+            u.2 += r.flavor.ram_mb as i64;
+        }
+    }
+    Ok(u)
+}
+
+/// Writes the server rows if the project's quotas allow them; returns their revisions.
+///
+/// Race-free as the key pairs' quota is: the guard row `servers/<project>` is read before the
+/// count, and the write is conditioned on it and moves it, so two creates at the limit cannot
+/// both commit. When fewer than `records` but at least `min` fit, Nova creates as many as fit;
+/// Shoal, simpler, refuses unless all fit.
+async fn write_within_quota(
+    state: &AppState,
+    project: &str,
+    records: &[ServerRecord],
+    min: u32,
+) -> ApiResult<Vec<u64>> {
+    let guard = format!("servers/{project}");
+    let limit = |name| crate::api::compute_admin::quota(state, project, name);
+    let (q_inst, q_cores, q_ram) = (
+        limit("instances").await?,
+        limit("cores").await?,
+        limit("ram").await?,
+    );
+    let _ = min;
+    let want = (
+        records.len() as i64,
+        records
+            .iter()
+            .map(|r| i64::from(r.flavor.vcpus))
+            .sum::<i64>(),
+        records.iter().map(|r| r.flavor.ram_mb as i64).sum::<i64>(),
+    );
+    for attempt in 0..CREATE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(rand::random_range(
+                0..=attempt.min(20) as u64,
+            )))
+            .await;
+            state.cluster.read_barrier().await.map_err(nova_err)?;
+        }
+        let expect = match state
+            .cluster
+            .get(tables::QUOTA_GUARDS, &guard)
+            .await
+            .map_err(nova_err)?
+        {
+            Some(row) => Expect::Revision(row.mod_revision),
+            None => Expect::Absent,
+        };
+        let used = usage(state, project).await?;
+        for (name, limit, used, want) in [
+            ("instances", q_inst, used.0, want.0),
+            ("cores", q_cores, used.1, want.1),
+            ("ram", q_ram, used.2, want.2),
+        ] {
+            if limit >= 0 && used + want > limit {
+                return Err(ApiError::forbidden(format!(
+                    "Quota exceeded for {name}: Requested {want}, but already used {used} of {limit} {name}"
+                ))
+                .nova());
+            }
+        }
+        let mut txn = Txn::new().when(tables::QUOTA_GUARDS, &guard, expect);
+        for r in records {
+            txn = txn.when(tables::SERVERS, &r.id, Expect::Absent).put(
+                tables::SERVERS,
+                &r.id,
+                serde_json::to_vec(r).expect("server records serialise"),
+            );
+        }
+        txn = txn.put(tables::QUOTA_GUARDS, &guard, (used.0 + want.0).to_string());
+        let resp = state.cluster.write(txn).await.map_err(nova_err)?;
+        if resp.succeeded {
+            return Ok(vec![resp.revision; records.len()]);
+        }
+    }
+    Err(ApiError::conflict("the project's quota kept changing; try again").nova())
+}
+
+/// Server groups are keyed `{project}/{id}`.
+fn group_key(project: &str, id: &str) -> String {
+    format!("{project}/{id}")
+}
+
+async fn load_group(
+    state: &AppState,
+    id: &str,
+    project: &str,
+) -> ApiResult<(Versioned<GroupRow>, GroupPolicy)> {
+    let g = state
+        .state
+        .table::<GroupRow>(tables::SERVER_GROUPS)
+        .get(&group_key(project, id))
+        .await
+        .map_err(nova_err)?
+        .filter(|g| g.value.project_id == project)
+        .ok_or_else(|| bad(format!("Invalid server group {id}: it does not exist")))?;
+    let policy = match g.value.policy.as_str() {
+        "affinity" => GroupPolicy::Affinity,
+        "anti-affinity" => GroupPolicy::AntiAffinity,
+        "soft-affinity" => GroupPolicy::SoftAffinity,
+        "soft-anti-affinity" => GroupPolicy::SoftAntiAffinity,
+        other => return Err(bad(format!("server group {id} has unknown policy {other}"))),
+    };
+    Ok((g, policy))
+}
+
+/// Schedules and commits the claims with the rows (host set, `spawning`), and the group's new
+/// members; re-reads the group when a concurrent create changed it. `Err((code, message))` is
+/// the fault the servers get.
+async fn place_servers(
+    state: &AppState,
+    records: &[ServerRecord],
+    revisions: &[u64],
+    group_id: Option<&str>,
+    project: &str,
+    request: impl Fn(Vec<String>, Option<GroupPolicy>) -> Request,
+) -> Result<(), (u16, String)> {
+    let internal = |e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "placement failed");
+        (
+            500u16,
+            "Failed to schedule the instance: the cluster could not commit the placement"
+                .to_owned(),
+        )
+    };
+    for attempt in 0..CREATE_ATTEMPTS {
+        if attempt > 0 {
+            let _ = state.cluster.read_barrier().await;
+        }
+        let group = match group_id {
+            Some(g) => Some(
+                load_group(state, g, project)
+                    .await
+                    .map_err(|e| (400, e.message))?,
+            ),
+            None => None,
+        };
+        let req = request(
+            group
+                .as_ref()
+                .map(|(g, _)| g.value.members.clone())
+                .unwrap_or_default(),
+            group.as_ref().map(|(_, p)| *p),
+        );
+        let result = placement::place_with(&state.cluster, &req, |mut txn, claims| {
+            if let Some((g, _)) = &group {
+                let mut row = g.value.clone();
+                row.members.extend(records.iter().map(|r| r.id.clone()));
+                let key = group_key(project, &row.id);
+                txn = txn
+                    .when(tables::SERVER_GROUPS, &key, Expect::Revision(g.revision))
+                    .put(
+                        tables::SERVER_GROUPS,
+                        &key,
+                        serde_json::to_vec(&row).expect("groups serialise"),
+                    );
+            }
+            for ((r, rev), c) in records.iter().zip(revisions).zip(claims) {
+                let mut r = r.clone();
+                r.host = Some(c.host.clone());
+                r.task_state = Some(TaskState::Spawning);
+                r.updated = now_rfc3339();
+                txn = txn
+                    .when(tables::SERVERS, &r.id, Expect::Revision(*rev))
+                    .put(
+                        tables::SERVERS,
+                        &r.id,
+                        serde_json::to_vec(&r).expect("server records serialise"),
+                    );
+            }
+            txn
+        })
+        .await;
+        match result {
+            Ok(_) => return Ok(()),
+            Err(PlaceError::ExtraPrecondition { table, .. }) if table == tables::SERVER_GROUPS => {
+                continue
+            }
+            Err(PlaceError::ExtraPrecondition { .. }) => {
+                // The rows changed: a delete came first. Nothing to place.
+                return Ok(());
+            }
+            Err(PlaceError::Schedule(ScheduleError::NoValidHost(nvh))) => {
+                return Err((500, format!("No valid host was found. {nvh}")));
+            }
+            Err(PlaceError::Schedule(e)) => return Err((400, e.to_string())),
+            Err(PlaceError::Contended(n)) => {
+                tracing::warn!(
+                    attempts = n,
+                    "placement kept losing to concurrent placements; retrying"
+                );
+                continue;
+            }
+            Err(e) => return Err(internal(&e)),
+        }
+    }
+    Err((
+        500,
+        "No valid host was found: placement kept conflicting with concurrent creates".into(),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// read
+
+fn links(state: &AppState, id: &str) -> Value {
+    json!([
+        {"rel": "self", "href": format!("{}/compute/v2.1/servers/{id}", state.base_url)},
+        {"rel": "bookmark", "href": format!("{}/compute/servers/{id}", state.base_url)},
+    ])
+}
+
+fn host_id(project: &str, host: Option<&str>) -> String {
+    use sha2::Digest;
+    match host {
+        None => String::new(),
+        Some(h) => hex::encode(sha2::Sha224::digest(format!("{project}{h}").as_bytes())),
+    }
+}
+
+/// A server as Nova 2.1 shows it; the `OS-EXT-SRV-ATTR` fields only to admins.
+fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
+    let mut v = json!({
+        "id": r.id,
+        "name": r.name,
+        "status": r.status(),
+        "tenant_id": r.project_id,
+        "user_id": r.user_id,
+        "metadata": r.metadata,
+        "hostId": host_id(&r.project_id, r.host.as_deref()),
+        "image": {"id": r.image.id, "links": [{"rel": "bookmark",
+            "href": format!("{}/compute/images/{}", state.base_url, r.image.id)}]},
+        "flavor": {"id": r.flavor.id, "links": [{"rel": "bookmark",
+            "href": format!("{}/compute/flavors/{}", state.base_url, r.flavor.id)}]},
+        "created": r.created,
+        "updated": r.updated,
+        "addresses": {},
+        "accessIPv4": "",
+        "accessIPv6": "",
+        "links": links(state, &r.id),
+        "OS-DCF:diskConfig": "MANUAL",
+        "progress": 0,
+        "OS-EXT-AZ:availability_zone": r.availability_zone,
+        "config_drive": "",
+        "key_name": r.key_name,
+        "OS-SRV-USG:launched_at": r.launched_at.as_deref().map(|t| t.trim_end_matches('Z').to_owned() + ".000000"),
+        "OS-SRV-USG:terminated_at": null,
+        "OS-EXT-STS:task_state": r.task_state.map(|t| t.as_str()),
+        "OS-EXT-STS:vm_state": r.vm_state.as_str(),
+        "OS-EXT-STS:power_state": r.power_state,
+        "os-extended-volumes:volumes_attached": [],
+        "security_groups": r.security_groups.iter().map(|g| json!({"name": g})).collect::<Vec<_>>(),
+    });
+    if admin {
+        v["OS-EXT-SRV-ATTR:host"] = json!(r.host);
+        v["OS-EXT-SRV-ATTR:hypervisor_hostname"] = json!(r.host);
+        v["OS-EXT-SRV-ATTR:instance_name"] = json!(r.instance_name.clone().unwrap_or_default());
+    }
+    if let Some(f) = &r.fault {
+        v["fault"] = json!({"code": f.code, "message": f.message, "created": f.created});
+    }
+    v
+}
+
+/// The server if the caller may see it (its project's, or any for an admin); 404 otherwise.
+async fn load(state: &AppState, auth: &Auth, id: &str) -> ApiResult<Versioned<ServerRecord>> {
+    need(auth, "reader")?;
+    let v = servers(state)
+        .get(id)
+        .await
+        .map_err(nova_err)?
+        .ok_or_else(|| not_found(id))?;
+    if !is_admin(auth) && auth.0.project_id.as_deref() != Some(v.value.project_id.as_str()) {
+        return Err(not_found(id));
+    }
+    Ok(v)
+}
+
+async fn show(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let v = load(&state, &auth, &id).await?;
+    Ok(Json(
+        json!({ "server": server_json(&state, &v.value, is_admin(&auth)) }),
+    ))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let (rows, next) = filtered(&state, &auth, &q).await?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|r| json!({"id": r.id, "name": r.name, "links": links(&state, &r.id)}))
+        .collect();
+    Ok(Json(with_next(
+        json!({ "servers": items }),
+        &state,
+        next,
+        &q,
+        false,
+    )))
+}
+
+async fn list_detail(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let admin = is_admin(&auth);
+    let (rows, next) = filtered(&state, &auth, &q).await?;
+    let items: Vec<Value> = rows.iter().map(|r| server_json(&state, r, admin)).collect();
+    Ok(Json(with_next(
+        json!({ "servers": items }),
+        &state,
+        next,
+        &q,
+        true,
+    )))
+}
+
+fn with_next(
+    mut body: Value,
+    state: &AppState,
+    next: Option<String>,
+    q: &HashMap<String, String>,
+    detail: bool,
+) -> Value {
+    if let Some(marker) = next {
+        let limit = q.get("limit").cloned().unwrap_or_default();
+        let path = if detail { "servers/detail" } else { "servers" };
+        body["servers_links"] = json!([{ "rel": "next",
+            "href": format!("{}/compute/v2.1/{path}?limit={limit}&marker={marker}", state.base_url) }]);
+    }
+    body
+}
+
+/// The servers a list shows, newest first as Nova sorts them, after its filters and paging;
+/// and the marker of the next page when one was cut.
+async fn filtered(
+    state: &AppState,
+    auth: &Auth,
+    q: &HashMap<String, String>,
+) -> ApiResult<(Vec<ServerRecord>, Option<String>)> {
+    need(auth, "reader")?;
+    let admin = is_admin(auth);
+    let all_tenants = q
+        .get("all_tenants")
+        .is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "0" | "false" | "off"));
+    if all_tenants && !admin {
+        return Err(ApiError::forbidden(
+            "Policy doesn't allow os_compute_api:servers:index:get_all_tenants to be performed.",
+        )
+        .nova());
+    }
+    if q.contains_key("host") && !admin {
+        return Err(bad("the host filter is for admins only"));
+    }
+    let name_re = match q.get("name") {
+        Some(n) => {
+            Some(regex::Regex::new(n).map_err(|e| bad(format!("Invalid name filter {n:?}: {e}")))?)
+        }
+        None => None,
+    };
+    let limit = match q.get("limit") {
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| bad("limit must be a non-negative integer"))?,
+        ),
+        None => None,
+    };
+    let project = q
+        .get("project_id")
+        .or(q.get("tenant_id"))
+        .filter(|_| admin)
+        .cloned()
+        .or_else(|| auth.0.project_id.clone());
+    let mut rows: Vec<ServerRecord> = servers(state)
+        .list("")
+        .await
+        .map_err(nova_err)?
+        .into_values()
+        .filter(|r| {
+            all_tenants && !q.contains_key("project_id") || Some(&r.project_id) == project.as_ref()
+        })
+        .filter(|r| name_re.as_ref().is_none_or(|re| re.is_match(&r.name)))
+        .filter(|r| {
+            q.get("status")
+                .is_none_or(|s| s.eq_ignore_ascii_case(r.status()))
+        })
+        .filter(|r| q.get("image").is_none_or(|i| *i == r.image.id))
+        .filter(|r| q.get("flavor").is_none_or(|f| *f == r.flavor.id))
+        .filter(|r| {
+            q.get("host")
+                .is_none_or(|h| r.host.as_deref() == Some(h.as_str()))
+        })
+        .filter(|r| {
+            q.get("reservation_id")
+                .is_none_or(|v| *v == r.reservation_id)
+        })
+        .filter(|r| {
+            q.get("changes-since")
+                .is_none_or(|t| r.updated.as_str() >= t.as_str())
+        })
+        .collect();
+    rows.sort_by(|a, b| (&b.created, &b.id).cmp(&(&a.created, &a.id)));
+    if let Some(marker) = q.get("marker") {
+        let at = rows
+            .iter()
+            .position(|r| &r.id == marker)
+            .ok_or_else(|| bad(format!("marker [{marker}] not found")))?;
+        rows.drain(..=at);
+    }
+    let mut next = None;
+    if let Some(l) = limit {
+        if rows.len() > l {
+            rows.truncate(l);
+            next = rows.last().map(|r| r.id.clone());
+        }
+    }
+    Ok((rows, next))
+}
+
+// ---------------------------------------------------------------------------------------------
+// change
+
+#[derive(Deserialize)]
+struct UpdateBody {
+    server: UpdateServer,
+}
+
+#[derive(Deserialize)]
+struct UpdateServer {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, rename = "accessIPv4")]
+    _access_v4: Option<String>,
+    #[serde(default, rename = "accessIPv6")]
+    _access_v6: Option<String>,
+    #[serde(default, rename = "OS-DCF:diskConfig")]
+    _disk_config: Option<String>,
+}
+
+async fn update(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    need(&auth, "member")?;
+    let body: UpdateBody = parse(&body)?;
+    let v = load(&state, &auth, &id).await?;
+    let mut r = v.value;
+    if let Some(name) = body.server.name {
+        if name.trim().is_empty() || name.chars().count() > 255 {
+            return Err(bad(
+                "Invalid input for field/attribute name. Value must be 1 to 255 characters",
+            ));
+        }
+        r.name = name;
+    }
+    r.updated = now_rfc3339();
+    let new = change(&state, &id, v.revision, &r).await?;
+    Ok(Json(
+        json!({ "server": server_json(&state, &new, is_admin(&auth)) }),
+    ))
+}
+
+/// Writes `r` if the row is still at `revision`; a concurrent change is a 409 to retry.
+async fn change(
+    state: &AppState,
+    id: &str,
+    revision: u64,
+    r: &ServerRecord,
+) -> ApiResult<ServerRecord> {
+    match servers(state)
+        .put_at(id, r, revision)
+        .await
+        .map_err(nova_err)?
+    {
+        Some(_) => Ok(r.clone()),
+        None => Err(ApiError::conflict(format!(
+            "Instance {id} changed while the request was handled; retry"
+        ))
+        .nova()),
+    }
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    need(&auth, "member")?;
+    for _ in 0..5 {
+        let v = load(&state, &auth, &id).await?;
+        let mut r = v.value;
+        if r.host.is_none() {
+            // Never placed (NoValidHost): nothing runs anywhere; the row goes now.
+            servers(&state)
+                .delete_at(&id, v.revision)
+                .await
+                .map_err(nova_err)?;
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        if r.task_state == Some(TaskState::Deleting) {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        r.request(Action::Delete).expect("delete is always allowed");
+        r.updated = now_rfc3339();
+        if servers(&state)
+            .put_at(&id, &r, v.revision)
+            .await
+            .map_err(nova_err)?
+            .is_some()
+        {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        state.cluster.read_barrier().await.map_err(nova_err)?;
+    }
+    Err(ApiError::conflict(format!("Instance {id} kept changing; retry the delete")).nova())
+}
+
+async fn action(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    need(&auth, "member")?;
+    let body: serde_json::Map<String, Value> = parse(&body)?;
+    if body.len() != 1 {
+        return Err(bad("an action body has exactly one action"));
+    }
+    let (name, arg) = body.into_iter().next().expect("one entry");
+    let act = match name.as_str() {
+        "os-stop" => Action::Stop,
+        "os-start" => Action::Start,
+        "reboot" => {
+            let kind = arg
+                .get("type")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("reboot needs a type, SOFT or HARD"))?;
+            match kind.to_ascii_uppercase().as_str() {
+                "SOFT" => Action::Reboot { hard: false },
+                "HARD" => Action::Reboot { hard: true },
+                _ => return Err(bad(format!("Invalid input for field/attribute type. Value: {kind}. '{kind}' is not one of ['HARD', 'Hard', 'SOFT', 'Soft']"))),
+            }
+        }
+        "os-getConsoleOutput" => {
+            let length = match arg.get("length") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => n.as_i64(),
+                Some(Value::String(s)) => s.parse::<i64>().ok(),
+                _ => return Err(bad("length must be an integer")),
+            };
+            let v = load(&state, &auth, &id).await?;
+            let output = console_output(&state, &v.value, length).await?;
+            return Ok(Json(json!({ "output": output })).into_response());
+        }
+        other => return Err(bad(format!("There is no such action: {other}"))),
+    };
+    for _ in 0..5 {
+        let v = load(&state, &auth, &id).await?;
+        let mut r = v.value;
+        if r.host.is_none() {
+            return Err(ApiError::conflict(format!(
+                "Cannot '{name}' instance {id} while it is in vm_state {}",
+                r.vm_state.as_str()
+            ))
+            .nova());
+        }
+        r.request(act)
+            .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
+        r.updated = now_rfc3339();
+        if servers(&state)
+            .put_at(&id, &r, v.revision)
+            .await
+            .map_err(nova_err)?
+            .is_some()
+        {
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        state.cluster.read_barrier().await.map_err(nova_err)?;
+    }
+    Err(ApiError::conflict(format!("Instance {id} kept changing; retry")).nova())
+}
+
+/// The serial console's log, from the node the server runs on (fetched from its peer API
+/// when that is another node), cut to the last `length` lines.
+async fn console_output(
+    state: &AppState,
+    r: &ServerRecord,
+    length: Option<i64>,
+) -> ApiResult<String> {
+    let Some(host) = r.host.as_deref() else {
+        return Err(
+            ApiError::conflict(format!("Instance {} is not placed on a host yet", r.id)).nova(),
+        );
+    };
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError::conflict(format!("The console log of {} is not available: {e}", r.id)).nova()
+    };
+    let bytes = if host == state.images.node_name() {
+        crate::images::peer::read_console(&state.instances_path, &r.id)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .unwrap_or_default()
+    } else {
+        let uuid = uuid::Uuid::parse_str(&r.id).map_err(|e| unavailable(&e))?;
+        match crate::images::peer::console_log(&state.cluster, host, &uuid).await {
+            Ok(b) => b.to_vec(),
+            Err(crate::images::peer::TransferError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(unavailable(&e)),
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Ok(match length {
+        Some(n) if n >= 0 => {
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(n as usize);
+            lines[from..].join("\n")
+        }
+        _ => text,
+    })
+}
