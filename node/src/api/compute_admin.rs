@@ -176,10 +176,27 @@ fn flag(q: &HashMap<String, String>, key: &str) -> bool {
         .is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "false" | "0" | "no"))
 }
 
-fn detail(q: &BTreeMap<String, i64>) -> serde_json::Map<String, Value> {
-    q.iter()
-        .map(|(k, v)| (k.clone(), json!({"limit": v, "in_use": 0, "reserved": 0})))
-        .collect()
+/// Quotas with what the project's servers hold (`instances`, `cores`, `ram`).
+async fn detail(
+    state: &AppState,
+    project: &str,
+    q: &BTreeMap<String, i64>,
+) -> ApiResult<serde_json::Map<String, Value>> {
+    let (instances, cores, ram) = super::nova::servers::usage(state, project).await?;
+    Ok(q.iter()
+        .map(|(k, v)| {
+            let in_use = match k.as_str() {
+                "instances" => instances,
+                "cores" => cores,
+                "ram" => ram,
+                _ => 0,
+            };
+            (
+                k.clone(),
+                json!({"limit": v, "in_use": in_use, "reserved": 0}),
+            )
+        })
+        .collect())
 }
 
 /// Refuses a project id that names no project, as Nova does with its Keystone check.
@@ -221,7 +238,7 @@ async fn show_quotas(
     known_project(&state, &project).await?;
     let q = quotas_of(&state, &project).await?;
     let mut body = if flag(&params, "usage") {
-        detail(&q)
+        detail(&state, &project, &q).await?
     } else {
         q.into_iter().map(|(k, v)| (k, json!(v))).collect()
     };
@@ -240,7 +257,8 @@ async fn detail_quotas(
         );
     }
     known_project(&state, &project).await?;
-    let mut body = detail(&quotas_of(&state, &project).await?);
+    let q = quotas_of(&state, &project).await?;
+    let mut body = detail(&state, &project, &q).await?;
     body.insert("id".into(), json!(project));
     Ok(Json(json!({ "quota_set": body })))
 }
@@ -344,6 +362,7 @@ async fn limits(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Val
         .ok_or_else(|| ApiError::forbidden("limits need a project-scoped token").nova())?;
     let q = quotas_of(&state, &project).await?;
     let get = |k: &str| q.get(k).copied().unwrap_or(0);
+    let (instances, cores, ram) = super::nova::servers::usage(&state, &project).await?;
     Ok(Json(json!({"limits": {"rate": [], "absolute": {
         "maxTotalInstances": get("instances"), "maxTotalCores": get("cores"),
         "maxTotalRAMSize": get("ram"), "maxTotalKeypairs": get("key_pairs"),
@@ -355,7 +374,7 @@ async fn limits(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Val
         "maxTotalFloatingIps": get("floating_ips"),
         "maxSecurityGroups": get("security_groups"),
         "maxSecurityGroupRules": get("security_group_rules"),
-        "totalInstancesUsed": 0, "totalCoresUsed": 0, "totalRAMUsed": 0,
+        "totalInstancesUsed": instances, "totalCoresUsed": cores, "totalRAMUsed": ram,
         "totalServerGroupsUsed": 0, "totalFloatingIpsUsed": 0, "totalSecurityGroupsUsed": 0,
     }}})))
 }
@@ -436,13 +455,31 @@ async fn list_hypervisors_detail(
                 .map_or(("QEMU", 0), |h| {
                     (h.hypervisor_type.as_str(), h.hypervisor_version)
                 });
-            json!({
+            let mut v = json!({
                 "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": hv_type,
                 "hypervisor_version": hv_version, "host_ip": host_ip(&m.api),
                 "state": if m.healthy { "up" } else { "down" },
                 "status": if svc.disabled { "disabled" } else { "enabled" },
                 "service": {"id": m.id, "host": m.name, "disabled_reason": svc.disabled_reason},
-            })
+            });
+            // Nova 2.1's resource view, from the host's registration and its claims.
+            if let Some(h) = hosts.get(&m.name) {
+                let disk_used_gb = h.disk_mb_used.div_ceil(1024);
+                let extra = json!({
+                    "vcpus": h.vcpus_total, "vcpus_used": h.vcpus_used,
+                    "memory_mb": h.ram_mb_total, "memory_mb_used": h.ram_mb_used,
+                    "free_ram_mb": h.ram_mb_total as i64 - h.ram_mb_used as i64,
+                    "local_gb": h.disk_gb_total, "local_gb_used": disk_used_gb,
+                    "free_disk_gb": h.disk_gb_total as i64 - disk_used_gb as i64,
+                    "disk_available_least": h.disk_gb_total as i64 - disk_used_gb as i64,
+                    "running_vms": h.instances.len(), "current_workload": 0,
+                    "cpu_info": json!({"arch": h.architecture}).to_string(),
+                });
+                if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+                    v.extend(extra.clone());
+                }
+            }
+            v
         })
         .collect();
     Ok(Json(json!({ "hypervisors": items })))

@@ -111,9 +111,14 @@ fn spawn(dir: &Path, args: &[String]) -> Child {
         .append(true)
         .open(dir.with_extension("log"))
         .unwrap();
+    // Nodes drive libvirt's in-memory test hypervisor unless a test names another libvirt
+    // with --libvirt-uri (real TCG guests need qemu:///system and a running libvirtd).
+    let libvirt =
+        std::env::var("SHOAL_LIBVIRT_URI").unwrap_or_else(|_| "test:///default".to_owned());
     Command::new(SHOAL)
         .args(args)
         .env("RUST_LOG", "info,openraft=warn")
+        .env("SHOAL_LIBVIRT_URI", libvirt)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

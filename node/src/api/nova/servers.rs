@@ -204,10 +204,23 @@ async fn create(
             "Invalid input for field/attribute name. Value must be 1 to 255 characters",
         ));
     }
-    if s.block_device_mapping_v2.is_some() {
-        return Err(bad(
-            "Booting from volume is not supported: Shoal has no volume service yet",
-        ));
+    // The client sends the image as a local block device too; only volumes are refused.
+    let mut bdm_image = None;
+    if let Some(Value::Array(bdms)) = &s.block_device_mapping_v2 {
+        for b in bdms {
+            let field = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or("");
+            match (field("source_type"), field("destination_type")) {
+                ("image", "local" | "") => bdm_image = Some(field("uuid").to_owned()),
+                ("blank", "local") => {}
+                _ => {
+                    return Err(bad(
+                        "Booting from volume is not supported: Shoal has no volume service yet",
+                    ))
+                }
+            }
+        }
+    } else if s.block_device_mapping_v2.is_some() {
+        return Err(bad("block_device_mapping_v2 must be a list"));
     }
     if s.config_drive
         .as_ref()
@@ -286,6 +299,7 @@ async fn create(
         .image_ref
         .clone()
         .filter(|i| !i.is_empty())
+        .or(bdm_image.filter(|i| !i.is_empty()))
         .ok_or_else(|| bad("imageRef is required: Shoal boots servers from images"))?;
     let image = snapshot_image(&state, &auth, &image_id, &flavor).await?;
 

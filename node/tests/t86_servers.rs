@@ -1,0 +1,448 @@
+//! Servers through the real `openstack` client on three nodes whose compute agents drive
+//! libvirt's test hypervisor (`test:///default`: real libvirt, domains that run nothing):
+//! the lifecycle, quotas, NoValidHost, bad input, anti-affinity, a disabled host, and many
+//! concurrent creates through every node.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::osc::{openstack_bin, Osc};
+use common::{wait_until, Cluster};
+use serde_json::{json, Value};
+
+/// Waits until server `id` has `status`; returns its `server show` JSON.
+fn wait_status(osc: &Osc<'_>, node: usize, id: &str, status: &str) -> Value {
+    wait_until(
+        &format!("server {id} to be {status}"),
+        Duration::from_secs(60),
+        || {
+            let v = osc.json(node, &["server", "show", id]);
+            (v["status"] == status).then_some(v)
+        },
+    )
+}
+
+fn setup(osc: &Osc<'_>, dir: &std::path::Path) -> (String, String) {
+    let flavor = osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", "256", "--disk", "1", "m1.tiny",
+        ],
+    );
+    let disk = dir.join("tiny.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let image = osc.json(
+        1,
+        &[
+            "image",
+            "create",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--file",
+            disk.to_str().unwrap(),
+            "tiny",
+        ],
+    );
+    (
+        flavor["id"].as_str().unwrap().to_owned(),
+        image["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn a_server_lives_its_life_through_any_node() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let (_, image) = setup(&osc, c.tmp.path());
+
+    // Created through node1 with --wait: ACTIVE on some host, with Nova's fields.
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "vm1",
+        ],
+    );
+    assert_eq!(vm["status"], "ACTIVE", "{vm}");
+    assert_eq!(vm["OS-EXT-STS:vm_state"], "active");
+    assert_eq!(vm["OS-EXT-STS:power_state"], 1);
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
+    assert!(["node1", "node2", "node3"].contains(&host.as_str()), "{vm}");
+    let name = vm["OS-EXT-SRV-ATTR:instance_name"].as_str().unwrap();
+    assert!(
+        name.starts_with("instance-") && name.len() == "instance-".len() + 8,
+        "{name}"
+    );
+    assert!(vm["image"].to_string().contains(&image), "{vm}");
+
+    // Listed through node3, shown through node2.
+    let list = osc.json(2, &["server", "list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["ID"] == id.as_str()),
+        "{list}"
+    );
+    let shown = osc.json(1, &["server", "show", &id]);
+    assert_eq!(shown["OS-EXT-SRV-ATTR:host"], host.as_str());
+
+    // Rename, stop, start, hard and soft reboot, each through another node.
+    let out = osc.run(1, &["server", "set", "--name", "vm1-renamed", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(osc.json(2, &["server", "show", &id])["name"], "vm1-renamed");
+    let out = osc.run(2, &["server", "stop", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    let v = wait_status(&osc, 0, &id, "SHUTOFF");
+    assert_eq!(v["OS-EXT-STS:power_state"], 4);
+    // Stopping a stopped server is Nova's 409.
+    osc.run(0, &["server", "stop", &id]).failed_with(409);
+    let out = osc.run(0, &["server", "start", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    wait_status(&osc, 1, &id, "ACTIVE");
+    for kind in ["--hard", "--soft"] {
+        let out = osc.run(1, &["server", "reboot", kind, "--wait", &id]);
+        assert!(out.ok, "reboot {kind}: {}", out.stderr);
+        wait_status(&osc, 2, &id, "ACTIVE");
+    }
+    // The test hypervisor writes no console; the call itself works from any node.
+    let out = osc.run(2, &["console", "log", "show", &id]);
+    assert!(out.ok, "{}", out.stderr);
+
+    // Usage counts the server, in quota and limits.
+    let limits = osc.json(0, &["limits", "show", "--absolute"]);
+    let used = limits
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["Name"] == "instances_used")
+        .unwrap()["Value"]
+        .clone();
+    assert_eq!(used, 1, "{limits}");
+
+    // Delete --wait through node2: gone from every node, usage back to zero.
+    let out = osc.run(1, &["server", "delete", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    let out = osc.run(0, &["server", "show", &id]);
+    assert!(
+        !out.ok && out.stderr.contains("No Server found"),
+        "{}",
+        out.stderr
+    );
+    let list = osc.json(2, &["server", "list"]);
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+    let limits = osc.json(0, &["limits", "show", "--absolute"]);
+    assert!(
+        limits
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["Name"] == "instances_used" && l["Value"] == 0),
+        "{limits}"
+    );
+}
+
+#[test]
+fn quotas_no_valid_host_bad_input_and_groups() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    let create = |node: usize, extra: &[&str], name: &str| {
+        let mut args = vec!["server", "create", "--flavor", "m1.tiny", "--image", "tiny"];
+        args.extend_from_slice(extra);
+        args.push(name);
+        osc.run(node, &args)
+    };
+
+    // Bad input: Nova's 400 naming what is wrong, and nothing created.
+    for (args, what) in [
+        (
+            vec![
+                "server", "create", "--flavor", "nope", "--image", "tiny", "x",
+            ],
+            "flavor",
+        ),
+        (
+            vec![
+                "server", "create", "--flavor", "m1.tiny", "--image", "nope", "x",
+            ],
+            "image",
+        ),
+    ] {
+        let out = osc.run(0, &args);
+        assert!(!out.ok, "{what}: {}", out.stdout);
+    }
+    let long = "n".repeat(256);
+    create(1, &[], &long).failed_with(400);
+    let out = create(2, &["--key-name", "no-such-key"], "x");
+    out.failed_with(400);
+    assert!(out.stderr.contains("key_name"), "{}", out.stderr);
+    let token = c.token(0);
+    let flavor_id = osc.json(0, &["flavor", "show", "m1.tiny"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let image_id = osc.json(0, &["image", "show", "tiny"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let post = |body: Value| {
+        c.http
+            .post(format!("{}/compute/v2.1/servers", c.nodes[0].base()))
+            .header("X-Auth-Token", &token)
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let resp = post(json!({"server": {"name": "x", "flavorRef": flavor_id,
+        "imageRef": image_id, "user_data": "not base64!!"}}));
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().unwrap();
+    assert!(
+        body["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("base 64"),
+        "{body}"
+    );
+    assert!(osc
+        .json(0, &["server", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // NoValidHost: a flavor no host can hold gives ERROR with Nova's fault, not a hang.
+    osc.json(
+        0,
+        &[
+            "flavor",
+            "create",
+            "--vcpus",
+            "1",
+            "--ram",
+            "256",
+            "--disk",
+            "100000000",
+            "huge",
+        ],
+    );
+    let out = osc.run(
+        1,
+        &[
+            "server", "create", "--flavor", "huge", "--image", "tiny", "-f", "json", "big",
+        ],
+    );
+    let id = out.json()["id"].as_str().unwrap().to_owned();
+    let v = wait_status(&osc, 2, &id, "ERROR");
+    let fault = v["fault"].to_string();
+    assert!(fault.contains("No valid host"), "{v}");
+    let out = osc.run(0, &["server", "delete", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+
+    // Anti-affinity across three nodes: three servers on three hosts, the fourth refused.
+    let group = osc.json(
+        0,
+        &[
+            "server",
+            "group",
+            "create",
+            "--policy",
+            "anti-affinity",
+            "spread",
+        ],
+    );
+    let gid = group["id"].as_str().unwrap().to_owned();
+    let hint = format!("group={gid}");
+    let mut hosts = Vec::new();
+    let mut placed = Vec::new();
+    for i in 0..3 {
+        let out = create(
+            i,
+            &["--hint", &hint, "--wait", "-f", "json"],
+            &format!("aa{i}"),
+        );
+        let v = out.json();
+        assert_eq!(v["status"], "ACTIVE", "{v}");
+        hosts.push(v["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned());
+        placed.push(v["id"].as_str().unwrap().to_owned());
+    }
+    hosts.sort();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 3, "anti-affinity broken: {hosts:?}");
+    let out = create(1, &["--hint", &hint, "-f", "json"], "aa3");
+    let id = out.json()["id"].as_str().unwrap().to_owned();
+    let v = wait_status(&osc, 0, &id, "ERROR");
+    assert!(v["fault"].to_string().contains("No valid host"), "{v}");
+    let members = osc.json(2, &["server", "group", "show", &gid])["members"].to_string();
+    assert!(placed.iter().all(|p| members.contains(p)), "{members}");
+
+    // Quota: with 5 instances in the project and a limit of 5, the next create is 403.
+    let project = osc.json(0, &["project", "show", "admin"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = osc.run(0, &["quota", "set", "--instances", "5", &project]);
+    assert!(out.ok, "{}", out.stderr);
+    create(2, &["--wait"], "q4");
+    let out = create(0, &[], "q5");
+    out.failed_with(403);
+    assert!(out.stderr.contains("Quota exceeded"), "{}", out.stderr);
+    let usage = osc.json(1, &["quota", "show", "--compute", "--usage", &project]);
+    assert!(usage.to_string().contains("\"instances\""), "{usage}");
+
+    // A disabled compute service gets no server.
+    for s in osc.json(0, &["server", "list"]).as_array().unwrap() {
+        let out = osc.run(
+            0,
+            &["server", "delete", "--wait", s["ID"].as_str().unwrap()],
+        );
+        assert!(out.ok, "{}", out.stderr);
+    }
+    let out = osc.run(
+        1,
+        &[
+            "compute",
+            "service",
+            "set",
+            "--disable",
+            "node2",
+            "nova-compute",
+        ],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    for i in 0..4 {
+        let v = create(i % 3, &["--wait", "-f", "json"], &format!("d{i}")).json();
+        assert_ne!(
+            v["OS-EXT-SRV-ATTR:host"], "node2",
+            "placed on a disabled host: {v}"
+        );
+    }
+}
+
+#[test]
+fn concurrent_creates_through_every_node_never_overbook_a_host() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    let project = osc.json(0, &["project", "show", "admin"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = osc.run(
+        0,
+        &[
+            "quota",
+            "set",
+            "--instances",
+            "200",
+            "--cores",
+            "2000",
+            "--ram",
+            "100000000",
+            &project,
+        ],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    // Each host registers the machine's RAM; a flavor of a fifth of it lets only a few fit.
+    let hosts = osc.json(0, &["hypervisor", "list", "--long"]);
+    let ram_total: u64 = hosts.as_array().unwrap()[0]["Memory MB"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{hosts}"));
+    let ram = (ram_total / 5).max(64);
+    osc.json(
+        0,
+        &[
+            "flavor",
+            "create",
+            "--vcpus",
+            "1",
+            "--ram",
+            &ram.to_string(),
+            "--disk",
+            "1",
+            "fifth",
+        ],
+    );
+    let flavor = osc.json(0, &["flavor", "show", "fifth"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let image = osc.json(0, &["image", "show", "tiny"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let tokens: Vec<String> = (0..3).map(|i| c.token(i)).collect();
+    let accepted: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..30)
+            .map(|i| {
+                let (c, tokens, flavor, image) = (&c, &tokens, &flavor, &image);
+                s.spawn(move || {
+                    let node = i % 3;
+                    let resp = c
+                        .http
+                        .post(format!("{}/compute/v2.1/servers", c.nodes[node].base()))
+                        .header("X-Auth-Token", &tokens[node])
+                        .json(&json!({"server": {"name": format!("c{i}"),
+                            "flavorRef": flavor, "imageRef": image}}))
+                        .send()
+                        .unwrap();
+                    assert_eq!(resp.status(), 202, "create {i}");
+                    let v: Value = resp.json().unwrap();
+                    v["server"]["id"].as_str().unwrap().to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Every accepted create is listed and ends ACTIVE or ERROR; none stays in BUILD.
+    let servers = wait_until("every server to settle", Duration::from_secs(120), || {
+        let list = osc.json(0, &["server", "list", "--long"]);
+        let list = list.as_array().unwrap().clone();
+        let settled = list
+            .iter()
+            .all(|s| s["Status"] == "ACTIVE" || s["Status"] == "ERROR");
+        (settled && list.len() == accepted.len()).then_some(list)
+    });
+    for id in &accepted {
+        assert!(
+            servers.iter().any(|s| s["ID"] == id.as_str()),
+            "{id} not listed"
+        );
+    }
+    // No host holds more RAM than it has (the RAM filter's default ratio is 1.5).
+    let mut per_host: BTreeMap<String, u64> = BTreeMap::new();
+    let mut active = 0;
+    for s in &servers {
+        if s["Status"] == "ACTIVE" {
+            active += 1;
+            *per_host
+                .entry(s["Host"].as_str().unwrap().to_owned())
+                .or_default() += ram;
+        }
+    }
+    for (host, used) in &per_host {
+        assert!(
+            *used as f64 <= ram_total as f64 * 1.5,
+            "{host} holds {used} MB of {ram_total} MB"
+        );
+    }
+    assert!(active >= 3, "only {active} of 30 servers became ACTIVE");
+    let hyper = osc.json(1, &["hypervisor", "list", "--long"]);
+    for h in hyper.as_array().unwrap() {
+        let name = h["Hypervisor Hostname"].as_str().unwrap();
+        let used = h["Memory MB Used"].as_u64().unwrap();
+        assert_eq!(
+            used,
+            per_host.get(name).copied().unwrap_or(0),
+            "{name}: the claims and the ACTIVE servers disagree"
+        );
+    }
+}
