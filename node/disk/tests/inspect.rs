@@ -190,8 +190,8 @@ fn crafted_headers_are_refused() {
         ),
         "{e}"
     );
-    // Bad magic: qcow2 claimed, something else found.
-    let e = refused("magic.qcow2", 0, b"QFI\0");
+    // Bad magic: qcow2 claimed, something else (QED's `QED\0`) found.
+    let e = refused("magic.qcow2", 0, b"QED\0");
     assert!(
         matches!(
             e,
@@ -279,7 +279,7 @@ fn crafted_headers_are_refused() {
         "{e}"
     );
     assert!(matches!(
-        "vmdk".parse::<DiskFormat>(),
+        "vpc".parse::<DiskFormat>(),
         Err(InspectError::UnsupportedDiskFormat(_))
     ));
 }

@@ -3,12 +3,14 @@
 //! named inside an image, so an image that names one is a way to read a host file into a guest.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use thiserror::Error;
+
+use crate::formats::source::FileSource;
+use crate::formats::{DiskFormat, Source};
 
 use super::header::{
     Header, HeaderError, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_EXTERNAL_DATA_FILE,
@@ -30,34 +32,6 @@ pub const MAX_VERIFY_CLUSTERS: u64 = 1 << 24;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_COMPRESSED: u64 = 1 << 62;
-
-/// What an image claims to be (`disk_format` in the Image API).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl std::fmt::Display for DiskFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        })
-    }
-}
-
-impl FromStr for DiskFormat {
-    type Err = InspectError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "raw" => Ok(DiskFormat::Raw),
-            "qcow2" => Ok(DiskFormat::Qcow2),
-            other => Err(InspectError::UnsupportedDiskFormat(other.to_owned())),
-        }
-    }
-}
 
 /// What the inspector tolerates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,15 +91,6 @@ pub struct Qcow2Info {
     pub verified_clusters: u64,
 }
 
-/// What an upload turned out to be.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    pub format: DiskFormat,
-    pub virtual_size: u64,
-    pub file_size: u64,
-    pub qcow2: Option<Qcow2Info>,
-}
-
 /// Why an image was refused.
 #[derive(Debug, Error)]
 pub enum InspectError {
@@ -133,8 +98,30 @@ pub enum InspectError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Header(#[from] HeaderError),
-    #[error("disk_format {0:?} is not supported: use raw or qcow2")]
+    #[error(
+        "disk_format {0:?} is not supported: use one of ami, ari, aki, vhd, vhdx, vmdk, raw, \
+         qcow2, vdi, iso, ploop"
+    )]
     UnsupportedDiskFormat(String),
+    #[error("the image was declared {claimed} but it does not hold {expected}")]
+    MissingSignature {
+        claimed: DiskFormat,
+        expected: &'static str,
+    },
+    #[error("the {format} image is too short to hold its {what}")]
+    Truncated {
+        format: DiskFormat,
+        what: &'static str,
+    },
+    #[error("the {format} image is malformed: {problem}")]
+    Malformed { format: DiskFormat, problem: String },
+    #[error(
+        "the {format} image is a differencing image ({detail}); uploaded images must be \
+         self-contained"
+    )]
+    ParentImage { format: DiskFormat, detail: String },
+    #[error("the vmdk names another file ({0}); images must hold their own data")]
+    ExternalExtent(String),
     #[error("the image was declared {claimed} but its content is {detected}")]
     FormatMismatch {
         claimed: DiskFormat,
@@ -195,76 +182,16 @@ pub fn inspect(path: &Path) -> Result<Qcow2Info, InspectError> {
     inspect_with(path, &InspectPolicy::upload())
 }
 
-/// Names the format of a file from its first bytes; `raw` when no known magic matches.
-pub fn detect_format(first: &[u8]) -> &'static str {
-    let at = |off: usize, magic: &[u8]| first.get(off..off + magic.len()) == Some(magic);
-    if at(0, &MAGIC.to_be_bytes()) {
-        "qcow2"
-    } else if at(0, b"QFI\0") {
-        "qed"
-    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
-        "vmdk"
-    } else if at(0, b"vhdxfile") {
-        "vhdx"
-    } else if at(0, b"conectix") {
-        "vpc"
-    } else if at(64, &0xbeda_107fu32.to_le_bytes()) {
-        "vdi"
-    } else if at(0, b"LUKS\xba\xbe") {
-        "luks"
-    } else {
-        "raw"
-    }
-}
-
-/// Checks an upload against what it claims to be. A raw image must not look like any format
-/// qemu would probe; a qcow2 image must pass [`inspect`].
-pub fn check_upload(path: &Path, claimed: DiskFormat) -> Result<ImageInfo, InspectError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let file_size = f.metadata().map_err(io_err(path))?.len();
-    let mut first = Vec::with_capacity(512);
-    (&mut f)
-        .take(512)
-        .read_to_end(&mut first)
-        .map_err(io_err(path))?;
-    let detected = detect_format(&first);
-    match claimed {
-        DiskFormat::Raw if detected == "raw" => Ok(ImageInfo {
-            format: claimed,
-            virtual_size: file_size,
-            file_size,
-            qcow2: None,
-        }),
-        DiskFormat::Qcow2 if detected == "qcow2" => {
-            let info = inspect(path)?;
-            Ok(ImageInfo {
-                format: claimed,
-                virtual_size: info.virtual_size,
-                file_size,
-                qcow2: Some(info),
-            })
-        }
-        _ => Err(InspectError::FormatMismatch { claimed, detected }),
-    }
-}
-
 /// Reads the header of the image at `path` and applies `policy`.
 pub fn inspect_with(path: &Path, policy: &InspectPolicy) -> Result<Qcow2Info, InspectError> {
     let f = File::open(path).map_err(io_err(path))?;
     let file_size = f.metadata().map_err(io_err(path))?.len();
-    // The largest cluster is 2 MiB; read what the header says, at most that.
-    let mut first = vec![0u8; 104.min(file_size as usize)];
-    f.read_exact_at(&mut first, 0).map_err(io_err(path))?;
-    if first.len() >= 24 && u32::from_be_bytes(first[0..4].try_into().expect("4")) == MAGIC {
-        let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4"));
-        if (9..=21).contains(&cluster_bits) {
-            let want = (1u64 << cluster_bits).min(file_size) as usize;
-            first = vec![0u8; want];
-            f.read_exact_at(&mut first, 0).map_err(io_err(path))?;
-        }
-    }
-    let h = Header::decode(&first)?;
-    let info = judge(&h, file_size, policy)?;
+    let src = FileSource {
+        file: &f,
+        len: file_size,
+        path,
+    };
+    let (h, info) = read_and_judge(&src, policy)?;
     let verified_clusters = if policy.verify_refcounts {
         verify_refcounts(&f, &h, file_size, path)?
     } else {
@@ -274,6 +201,32 @@ pub fn inspect_with(path: &Path, policy: &InspectPolicy) -> Result<Qcow2Info, In
         verified_clusters,
         ..info
     })
+}
+
+/// Reads a qcow2 header from `src` and applies `policy`, without the refcount walk.
+pub(crate) fn inspect_source(
+    src: &dyn Source,
+    policy: &InspectPolicy,
+) -> Result<Qcow2Info, InspectError> {
+    read_and_judge(src, policy).map(|(_, info)| info)
+}
+
+fn read_and_judge(
+    src: &dyn Source,
+    policy: &InspectPolicy,
+) -> Result<(Header, Qcow2Info), InspectError> {
+    // The header and its extensions fill at most the first cluster (2 MiB at most): read
+    // what the header says, no more.
+    let mut first = src.head(104)?;
+    if first.len() >= 24 && u32::from_be_bytes(first[0..4].try_into().expect("4")) == MAGIC {
+        let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4"));
+        if (9..=21).contains(&cluster_bits) {
+            first = src.head(1usize << cluster_bits)?;
+        }
+    }
+    let h = Header::decode(&first)?;
+    let info = judge(&h, src.len(), policy)?;
+    Ok((h, info))
 }
 
 fn judge(h: &Header, file_size: u64, policy: &InspectPolicy) -> Result<Qcow2Info, InspectError> {

@@ -6,9 +6,11 @@ pub mod overlay;
 
 pub use header::{Header, HeaderError};
 pub use inspect::{
-    check_upload, detect_format, inspect, inspect_with, DiskFormat, ImageInfo, InspectError,
-    InspectPolicy, Qcow2Info, MAX_VIRTUAL_SIZE,
+    inspect, inspect_with, InspectError, InspectPolicy, Qcow2Info, MAX_VIRTUAL_SIZE,
 };
+
+// The upload check covers every format now; callers still find it here.
+pub use crate::formats::{check_upload, detect_format, DiskFormat, ImageInfo};
 pub use overlay::{
     create_overlay, parse_size, BackingFormat, OverlayError, OverlayInfo, OverlayLayout,
     OverlaySpec, SyncMode, DEFAULT_CLUSTER_BITS,

@@ -20,9 +20,8 @@ use thiserror::Error;
 use super::header::{
     Extension, Header, EXT_BACKING_FORMAT, MAX_BACKING_FILE_NAME, V3_HEADER_LEN_WITH_COMPRESSION,
 };
-use super::inspect::{
-    detect_format, inspect_with, InspectError, InspectPolicy, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE,
-};
+use super::inspect::{inspect_with, InspectError, InspectPolicy, MAX_L1_ENTRIES, MAX_VIRTUAL_SIZE};
+use crate::formats::detect_format;
 
 /// The default cluster size, 64 KiB, as qemu's.
 pub const DEFAULT_CLUSTER_BITS: u32 = 16;
