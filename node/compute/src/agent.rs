@@ -12,8 +12,9 @@
 //!   worker sees the new row next and acts on that.
 //! - **Power-state sync.** Every `sync_interval` each server is reconciled again against
 //!   libvirt, so a domain that died or was stopped outside Shoal shows up in its row.
-//! - **Orphans.** A domain named `instance-*` that no row of this node claims is reported and,
-//!   after `orphan_grace`, destroyed.
+//! - **Orphans.** A domain named `instance-*` whose uuid no server row names is reported and,
+//!   after `orphan_grace`, destroyed. Domains of other nodes' servers are left alone, so nodes
+//!   may share one libvirtd.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -562,6 +563,16 @@ impl Agent {
         for d in domains {
             if !d.name.starts_with("instance-") || workers.contains_key(&d.uuid) {
                 continue;
+            }
+            // A row for it anywhere means it is not an orphan: several nodes may share one
+            // libvirtd (a dev cluster on one machine), and each leaves the others' domains be.
+            match self.inner.servers.get(&d.uuid).await {
+                Ok(None) => {}
+                Ok(Some(_)) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot check a domain against the rows");
+                    continue;
+                }
             }
             let since = *first_seen.get(&d.uuid).unwrap_or(&now);
             if since == now {

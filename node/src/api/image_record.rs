@@ -19,10 +19,17 @@ pub const T_MEMBERS: &str = "image_members";
 
 /// The hash Glance reports as `os_hash_algo`.
 pub const HASH_ALGO: &str = "sha512";
-/// The formats an upload can be checked against (`shoal_disk::qcow2::check_upload`).
-pub const DISK_FORMATS: [&str; 2] = ["raw", "qcow2"];
-/// Only bare images: Shoal does not unpack OVF, OVA or docker containers.
-pub const CONTAINER_FORMATS: [&str; 1] = ["bare"];
+/// Glance's default disk formats; every upload is checked against its declared format by
+/// content (`shoal_disk::formats::check_upload`). `aki`/`ari` are the kernels and ramdisks a
+/// machine image names in `kernel_id`/`ramdisk_id`.
+pub const DISK_FORMATS: [&str; 11] = [
+    "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop",
+];
+/// Glance's default container formats. They are labels: like Glance, Shoal stores the bytes
+/// as uploaded and unpacks nothing.
+pub const CONTAINER_FORMATS: [&str; 8] = [
+    "bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed",
+];
 /// Read-only property that says why an upload was refused (set with status `killed`).
 pub const FAILURE_KEY: &str = "shoal_upload_failure";
 
@@ -940,10 +947,10 @@ mod tests {
             matches!(err(create(json!({"os_glance_x": "1"}))), Forbidden(m) if m.contains("reserved"))
         );
         assert!(
-            matches!(err(create(json!({"disk_format": "vmdk"}))), BadRequest(m) if m.contains("raw, qcow2"))
+            matches!(err(create(json!({"disk_format": "vmdk2"}))), BadRequest(m) if m.contains("raw, qcow2"))
         );
         assert!(matches!(
-            err(create(json!({"container_format": "ovf"}))),
+            err(create(json!({"container_format": "zip"}))),
             BadRequest(_)
         ));
         assert!(matches!(
