@@ -15,6 +15,10 @@ PACKAGES=(
   procps psmisc curl iputils-ping
   # qemu-img and qemu-io judge our qcow2 files (kept if a newer one is installed)
   qemu-utils
+  # libvirt and real TCG guest boots (libvirtd.sh starts the daemon without systemd)
+  libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+  # the test guest's initramfs (guest-image.sh): a static busybox, packed with cpio
+  busybox-static cpio
 )
 
 missing=()
