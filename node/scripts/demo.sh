@@ -3,7 +3,11 @@
 # `shoal dev --nodes 3`, shows the cluster status, writes a key through node1 and reads it back
 # linearizably through node3; then, with the real `openstack` client, uploads a qcow2 image
 # through node1, lists it through node2, pulls it into node3's cache from its replicas and
-# downloads it through node3; then stops the cluster.
+# downloads it through node3; then boots a real guest (a Debian cloud kernel and a busybox
+# initramfs, as kernel/ramdisk/machine images) with `openstack server create --wait` through
+# node1, lists it through node2, prints its console marker, stops, starts and deletes it; then
+# stops the cluster. As root the guest runs under QEMU through libvirtd (started here if it is
+# not running); otherwise the nodes drive libvirt's test hypervisor and nothing really boots.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash node/scripts/install-deps.sh
@@ -11,7 +15,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
 cargo build --release --locked -p shoal
 SHOAL="$CARGO_TARGET_DIR/release/shoal"
 DIR="$(mktemp -d /tmp/shoal-demo.XXXXXX)"
-"$SHOAL" dev --nodes 3 --dir "$DIR" &
+if [[ $(id -u) -eq 0 ]]; then
+  bash node/scripts/libvirtd.sh
+  LIBVIRT=(--libvirt-uri qemu:///system --virt-type qemu)
+  REAL_GUEST=1
+else
+  echo "not root: the nodes drive libvirt's test hypervisor; the guest will not really boot" >&2
+  LIBVIRT=(--libvirt-uri test:///default)
+  REAL_GUEST=0
+fi
+"$SHOAL" dev --nodes 3 --dir "$DIR" "${LIBVIRT[@]}" &
 DEV=$!
 trap 'kill -TERM $DEV 2>/dev/null; wait $DEV 2>/dev/null; rm -rf "$DIR"' EXIT
 for _ in $(seq 1 180); do
@@ -51,3 +64,46 @@ OS_AUTH_URL="http://$api3/identity/v3" "$SHOAL" image pull "$id"
 echo "== download through node3, compared with the original"
 OS_AUTH_URL="http://$api3/identity/v3" "$OSC" image save --file "$DIR/back.qcow2" "$id"
 cmp "$DIR/demo.qcow2" "$DIR/back.qcow2" && echo "identical: $(sha256sum <"$DIR/back.qcow2" | cut -c1-16)..."
+
+echo "== a bootable guest: kernel (aki), ramdisk (ari) and machine image (ami) from Debian packages"
+GUEST="$HOME/.cache/shoal/guest"
+bash node/scripts/guest-image.sh "$GUEST" >/dev/null
+kernel=$("$OSC" image create --disk-format aki --container-format aki --file "$GUEST/vmlinuz" \
+  guest-kernel -f value -c id)
+ramdisk=$("$OSC" image create --disk-format ari --container-format ari --file "$GUEST/initrd.img" \
+  guest-ramdisk -f value -c id)
+"$OSC" image create --disk-format ami --container-format ami --file "$GUEST/disk.raw" \
+  --property kernel_id="$kernel" --property ramdisk_id="$ramdisk" guest -f value -c id >/dev/null
+"$OSC" flavor create --vcpus 1 --ram 256 --disk 1 m1.tiny -f value -c id >/dev/null
+echo "== openstack server create --wait through node1"
+start=$(date +%s.%N)
+"$OSC" server create --flavor m1.tiny --image guest --wait demo-vm \
+  -c id -c status -c OS-EXT-SRV-ATTR:host -c OS-EXT-SRV-ATTR:instance_name
+echo "ACTIVE after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
+echo "== server list through node2"
+OS_AUTH_URL="http://$api2/identity/v3" "$OSC" server list
+if [[ $REAL_GUEST == 1 ]]; then
+  echo "== the guest's console, read through node3"
+  for _ in $(seq 1 120); do
+    out=$(OS_AUTH_URL="http://$api3/identity/v3" "$OSC" console log show demo-vm)
+    grep -q SHOAL-GUEST-DONE <<<"$out" && break
+    sleep 1
+  done
+  grep SHOAL-GUEST <<<"$out"
+  grep -q SHOAL-GUEST-UP <<<"$out" || { echo "the guest did not come up" >&2; exit 1; }
+fi
+echo "== stop, start, delete"
+"$OSC" server stop demo-vm
+for _ in $(seq 1 60); do
+  [[ $("$OSC" server show demo-vm -f value -c status) == SHUTOFF ]] && break
+  sleep 1
+done
+"$OSC" server show demo-vm -f value -c status
+"$OSC" server start demo-vm
+for _ in $(seq 1 60); do
+  [[ $("$OSC" server show demo-vm -f value -c status) == ACTIVE ]] && break
+  sleep 1
+done
+"$OSC" server show demo-vm -f value -c status
+"$OSC" server delete --wait demo-vm
+echo "deleted; servers left: $("$OSC" server list -f value | wc -l)"

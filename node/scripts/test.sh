@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash node/scripts/install-deps.sh
+# The real guest boots (node/tests/t87_guest_boot.rs) need libvirtd; there is no systemd.
+if [[ $(id -u) -eq 0 ]]; then
+  bash node/scripts/libvirtd.sh
+fi
 # The target directory lives outside the clone so a kept machine reuses it between runs.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shoal/target}"
 export CARGO_TERM_COLOR=never

@@ -102,7 +102,12 @@ where
     }
 }
 
-pub async fn run(nodes: usize, dir: PathBuf, libvirt_uri: Option<String>) -> anyhow::Result<()> {
+pub async fn run(
+    nodes: usize,
+    dir: PathBuf,
+    libvirt_uri: Option<String>,
+    virt_type: Option<String>,
+) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 32 {
         bail!("--nodes is {nodes}; it must be between 1 and 32");
     }
@@ -116,10 +121,13 @@ pub async fn run(nodes: usize, dir: PathBuf, libvirt_uri: Option<String>) -> any
     }
     let mut procs = Vec::new();
     // Every node drives the same kind of libvirt.
-    let libvirt: Vec<String> = match &libvirt_uri {
-        Some(uri) => vec!["--libvirt-uri".into(), uri.clone()],
-        None => Vec::new(),
-    };
+    let mut libvirt: Vec<String> = Vec::new();
+    if let Some(uri) = &libvirt_uri {
+        libvirt.extend(["--libvirt-uri".into(), uri.clone()]);
+    }
+    if let Some(t) = &virt_type {
+        libvirt.extend(["--virt-type".into(), t.clone()]);
+    }
     let first_listen = free_udp()?;
     let first_api = free_tcp()?;
     procs.push(spawn(

@@ -90,6 +90,9 @@ enum Command {
         /// libvirt's test hypervisor (default: qemu:///system).
         #[arg(long)]
         libvirt_uri: Option<String>,
+        /// The domain type every node uses: auto, kvm or qemu.
+        #[arg(long)]
+        virt_type: Option<String>,
     },
 }
 
@@ -134,6 +137,10 @@ struct NodeArgs {
     /// libvirt's in-memory test hypervisor).
     #[arg(long, env = "SHOAL_LIBVIRT_URI")]
     libvirt_uri: Option<String>,
+    /// The libvirt domain type: `auto` (kvm where /dev/kvm opens, else qemu), `kvm` or `qemu`
+    /// (TCG, for hosts without usable hardware virtualisation).
+    #[arg(long, env = "SHOAL_VIRT_TYPE")]
+    virt_type: Option<String>,
     #[command(flatten)]
     api_tls: ApiTlsArgs,
 }
@@ -296,6 +303,9 @@ impl NodeArgs {
         if let Some(uri) = self.libvirt_uri {
             cfg.compute.libvirt_uri = uri;
         }
+        if let Some(t) = self.virt_type {
+            cfg.compute.virt_type = t;
+        }
         if let Some(api_tls) = self.api_tls.into_section()? {
             cfg.api_tls = api_tls;
         }
@@ -369,7 +379,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 nodes,
                 dir,
                 libvirt_uri,
-            } => dev::run(nodes, dir, libvirt_uri).await,
+                virt_type,
+            } => dev::run(nodes, dir, libvirt_uri, virt_type).await,
             Command::Disk(DiskCmd::Overlay {
                 backing,
                 backing_format,

@@ -192,7 +192,12 @@ impl DomainSpec {
             let _ = writeln!(x, "    </interface>");
         }
         let _ = writeln!(x, "    <serial type=\"file\">");
-        let _ = writeln!(x, "      <source path=\"{}\"/>", path(&self.console_log));
+        // Appended, not truncated, when the domain starts again (stop/start, reboot).
+        let _ = writeln!(
+            x,
+            "      <source path=\"{}\" append=\"on\"/>",
+            path(&self.console_log)
+        );
         let _ = writeln!(x, "      <target port=\"0\"/>");
         let _ = writeln!(x, "    </serial>");
         let _ = writeln!(x, "    <memballoon model=\"virtio\"/>");

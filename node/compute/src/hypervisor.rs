@@ -269,7 +269,9 @@ fn domain_state(d: &Domain) -> Result<DomainState, HypervisorError> {
     })
 }
 
-/// `kvm` when /dev/kvm can be opened for reading and writing, else `qemu` (TCG).
+/// `kvm` when /dev/kvm can be opened for reading and writing, else `qemu` (TCG). Some hosts
+/// expose a /dev/kvm that opens but cannot run a guest (nested without the CPU features);
+/// there the operator sets `[compute] virt_type = "qemu"` (`--virt-type qemu`).
 pub fn detect_virt_type() -> &'static str {
     match std::fs::OpenOptions::new()
         .read(true)

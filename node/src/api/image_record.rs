@@ -28,7 +28,14 @@ pub const DISK_FORMATS: [&str; 11] = [
 /// Glance's default container formats. They are labels: like Glance, Shoal stores the bytes
 /// as uploaded and unpacks nothing.
 pub const CONTAINER_FORMATS: [&str; 8] = [
-    "bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed",
+    "bare",
+    "ovf",
+    "ova",
+    "aki",
+    "ari",
+    "ami",
+    "docker",
+    "compressed",
 ];
 /// Read-only property that says why an upload was refused (set with status `killed`).
 pub const FAILURE_KEY: &str = "shoal_upload_failure";

@@ -1,0 +1,222 @@
+//! Real guests: a Debian cloud kernel and a busybox initramfs (node/scripts/guest-image.sh)
+//! boot under TCG through libvirtd at qemu:///system, created with the real `openstack`
+//! client. The guest's console marker is read through the node that does not run it; the
+//! domain survives `kill -9` of its node, and a server deleted while its node is down is
+//! cleaned up when the node comes back.
+//!
+//! Needs root (libvirtd, qemu). Outside CI it skips with a message; with CI=true it runs.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::osc::{openstack_bin, Osc};
+use common::{wait_until, Cluster};
+
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: real guest boots must run, as root"
+        );
+        eprintln!("skipping: real guest boots need root (libvirtd and qemu)");
+    }
+    root
+}
+
+fn script(name: &str, args: &[&str]) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/");
+    let out = Command::new("bash")
+        .arg(format!("{path}{name}"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// Destroys the test's domains however the test ends.
+struct Domains(Vec<String>);
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        for uuid in &self.0 {
+            let _ = virsh(&["destroy", uuid]);
+            let _ = virsh(&["undefine", uuid]);
+        }
+    }
+}
+
+#[test]
+fn a_real_guest_boots_survives_its_node_and_is_cleaned_up() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some(bin) = openstack_bin() else { return };
+    script("libvirtd.sh", &[]);
+    let guest: PathBuf = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap()
+        .join(".cache/shoal/guest");
+    script("guest-image.sh", &[guest.to_str().unwrap()]);
+
+    // Three nodes: with one down, the other two still make a quorum.
+    let mut c = Cluster::start(
+        3,
+        &["--libvirt-uri", "qemu:///system", "--virt-type", "qemu"],
+    );
+    let mut domains = Domains(Vec::new());
+    // The client borrows the cluster; a fresh one after each kill and restart.
+    macro_rules! osc {
+        () => {
+            Osc {
+                bin: bin.clone(),
+                cluster: &c,
+            }
+        };
+    }
+    let osc = osc!();
+    let upload = |disk: &str, file: &str, name: &str, extra: &[&str]| {
+        let path = guest.join(file);
+        let mut args = vec![
+            "image",
+            "create",
+            "--disk-format",
+            disk,
+            "--container-format",
+            disk,
+            "--file",
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(name);
+        osc.json(0, &args)["id"].as_str().unwrap().to_owned()
+    };
+    let kernel = upload("aki", "vmlinuz", "guest-kernel", &[]);
+    let ramdisk = upload("ari", "initrd.img", "guest-ramdisk", &[]);
+    let (k, r) = (
+        format!("kernel_id={kernel}"),
+        format!("ramdisk_id={ramdisk}"),
+    );
+    upload(
+        "ami",
+        "disk.raw",
+        "guest",
+        &["--property", &k, "--property", &r],
+    );
+    osc.json(
+        1,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", "256", "--disk", "1", "g.tiny",
+        ],
+    );
+
+    // Boot through node1; read the console through the node that does not run it.
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "g.tiny", "--image", "guest", "--wait", "g1",
+        ],
+    );
+    assert_eq!(vm["status"], "ACTIVE", "{vm}");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    domains.0.push(id.clone());
+    let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
+    let h = c.nodes.iter().position(|n| n.name == host).unwrap();
+    let other = (h + 1) % 3;
+    let console = wait_until("the guest's marker", Duration::from_secs(120), || {
+        let out = osc.run(other, &["console", "log", "show", &id]);
+        (out.ok && out.stdout.contains("SHOAL-GUEST-DONE")).then_some(out.stdout)
+    });
+    assert!(console.contains("SHOAL-GUEST-UP"), "{console}");
+    assert!(
+        console.contains("SHOAL-GUEST-DISK vda 1073741824 SHOAL-TEST-DISK v1"),
+        "the guest should see the 1 GiB overlay over the uploaded disk: {console}"
+    );
+    let (_, domid) = virsh(&["domid", &id]);
+
+    // kill -9 of the node: the guest keeps running; after `shoal start` the row stays right.
+    drop(upload);
+    c.nodes[h].kill9();
+    let (ok, state) = virsh(&["domstate", &id]);
+    assert!(ok && state == "running", "{state}");
+    c.restart(h);
+    wait_until("the node to serve again", Duration::from_secs(60), || {
+        c.try_token(h).ok()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let osc = osc!();
+    let v = osc.json(h, &["server", "show", &id]);
+    assert_eq!(v["status"], "ACTIVE", "{v}");
+    assert_eq!(virsh(&["domid", &id]).1, domid, "the domain was restarted");
+
+    // A server deleted while its node is down is cleaned up when the node returns.
+    let force = format!("nova:{host}");
+    let vm2 = osc.json(
+        other,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "g.tiny",
+            "--image",
+            "guest",
+            "--availability-zone",
+            &force,
+            "--wait",
+            "g2",
+        ],
+    );
+    let id2 = vm2["id"].as_str().unwrap().to_owned();
+    domains.0.push(id2.clone());
+    assert_eq!(vm2["OS-EXT-SRV-ATTR:host"], host.as_str());
+    c.nodes[h].kill9();
+    let osc = osc!();
+    let out = osc.run(other, &["server", "delete", &id2]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        virsh(&["domstate", &id2]).0,
+        "nothing should act while the node is down"
+    );
+    c.restart(h);
+    let osc = osc!();
+    wait_until(
+        "the deleted server to be gone",
+        Duration::from_secs(90),
+        || {
+            let gone = !osc.run(other, &["server", "show", &id2]).ok;
+            (gone && !virsh(&["domstate", &id2]).0).then_some(())
+        },
+    );
+    let instance_dir = c.nodes[h].dir.join("instances").join(&id2);
+    assert!(!instance_dir.exists(), "{} is left", instance_dir.display());
+
+    // And the first server deletes cleanly.
+    let out = osc.run(other, &["server", "delete", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        !virsh(&["domstate", &id]).0,
+        "the domain is left after delete"
+    );
+}
