@@ -157,7 +157,6 @@ fn a_real_guest_boots_survives_its_node_and_is_cleaned_up() {
     let (_, domid) = virsh(&["domid", &id]);
 
     // kill -9 of the node: the guest keeps running; after `shoal start` the row stays right.
-    drop(upload);
     c.nodes[h].kill9();
     let (ok, state) = virsh(&["domstate", &id]);
     assert!(ok && state == "running", "{state}");
