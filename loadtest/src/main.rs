@@ -6,6 +6,7 @@
 //! (scheduler, disk) directly: it must never depend on the `shoal` node crate.
 
 mod api;
+mod boot;
 mod etcd;
 mod image;
 mod overlay;
@@ -38,6 +39,9 @@ enum Command {
     Schedule(schedule::Args),
     /// Placement claims per second through Raft on a `shoal dev` cluster, with conflict retries.
     Placement(placement::Args),
+    /// Servers created through the Compute API until ACTIVE, on a `shoal dev` cluster whose
+    /// compute agents drive libvirt's test hypervisor; no double booking checked at the end.
+    Boot(boot::Args),
     /// qcow2 overlay creation: shoal-disk against `qemu-img create`.
     Overlay(overlay::Args),
     /// Image pull from two holders against `cp`, and a boot storm of every node pulling at once,
@@ -69,6 +73,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(image::run(args)),
+        Command::Boot(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(boot::run(args)),
         Command::Overlay(args) => overlay::run(args),
         Command::Uring(args) => uring::run(args),
         Command::Pps(args) => pps::run(args),

@@ -289,7 +289,10 @@ impl ShoalCluster {
     ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["dev", "--nodes", &nodes.to_string(), "--dir"])
-            .arg(dir);
+            .arg(dir)
+            // The benchmarks measure the control plane: compute agents drive libvirt's
+            // in-memory test hypervisor, so no libvirtd is needed and nothing boots.
+            .args(["--libvirt-uri", "test:///default"]);
         let log = logs.join("shoal-dev.log");
         let dev_pid = procs.spawn("shoal dev", cmd, &log)?;
         let with_log = |e: anyhow::Error| e.context(format!("shoal dev log: {}", log.display()));

@@ -715,11 +715,32 @@ impl ListQuery {
         {
             return false;
         }
+        // Glance's `in:` operator: `id=in:a,b` matches any of the values (quoted values may
+        // hold commas). The `openstack` client names servers' images with it.
         self.equal.iter().all(|(k, want)| match field_text(img, k) {
-            Some(have) => have == *want,
+            Some(have) => match want.strip_prefix("in:") {
+                Some(list) => split_in(list).contains(&have),
+                None => have == *want,
+            },
             None => false,
         })
     }
+}
+
+/// The values of an `in:` filter: comma-separated, each optionally in double quotes.
+fn split_in(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in list.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
 }
 
 fn parse_bool(k: &str, v: &str) -> Result<bool, RecordError> {
@@ -921,6 +942,24 @@ mod tests {
 
     fn err(r: Result<impl std::fmt::Debug, RecordError>) -> RecordError {
         r.unwrap_err()
+    }
+
+    #[test]
+    fn in_filters_match_any_value() {
+        assert_eq!(split_in("a,b"), vec!["a", "b"]);
+        assert_eq!(split_in("\"x,y\",z"), vec!["x,y", "z"]);
+        let q = ListQuery::parse(&[("name".into(), "in:one,two".into())]).unwrap();
+        let caller = Caller {
+            project: Some("p".into()),
+            admin: false,
+        };
+        let mut img = ImageRecord::create(&serde_json::json!({"name": "two"}), &caller, 0, || {
+            "i".into()
+        })
+        .unwrap();
+        assert!(q.matches(&img));
+        img.name = Some("three".into());
+        assert!(!q.matches(&img));
     }
 
     #[test]
