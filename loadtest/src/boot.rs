@@ -50,6 +50,12 @@ pub struct Args {
     /// Keep the cluster's data and logs here (default: a temporary directory, removed).
     #[arg(long)]
     pub keep_dir: Option<PathBuf>,
+    /// Boot real guests instead (root): `--real N` times a TCG boot of the busybox guest
+    /// (node/scripts/guest-image.sh) through `server create` to ACTIVE and to its console
+    /// marker, N times one after another, and `virsh create` of the same domain XML to the
+    /// marker (the floor).
+    #[arg(long, value_name = "RUNS")]
+    pub real: Option<u32>,
 }
 
 /// The flavor every server gets: small, so that RAM is not what limits a run.
@@ -110,6 +116,25 @@ pub async fn run(args: Args) -> Result<()> {
     let dir = TempDir::new(args.keep_dir.as_deref())?;
     let mut procs = ProcGuard::new();
     eprintln!("[boot] data and logs in {}", dir.path().display());
+    if let Some(runs) = args.real {
+        let res = real(runs, &args, &mut procs, &bin, dir.path()).await;
+        procs.shutdown(Duration::from_secs(10));
+        return match res {
+            Ok(s) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&s)?);
+                } else {
+                    print_real(&s);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("[boot] kept {} for its logs", dir.path().display());
+                dir.keep();
+                Err(e)
+            }
+        };
+    }
     let res = bench(&args, &mut procs, &bin, dir.path()).await;
     procs.shutdown(Duration::from_secs(10));
     match res {
@@ -442,4 +467,318 @@ fn print_table(s: &BootSummary) {
         "{:.1} s from the first create to the last ACTIVE; claims equal ACTIVE servers on all {} hosts",
         s.elapsed_s, s.hosts_checked
     );
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RealSummary {
+    pub runs: u32,
+    /// `POST /servers` sent → the server first seen ACTIVE (polled every 50 ms).
+    pub to_active_ms: Vec<u64>,
+    /// `POST /servers` sent → `SHOAL-GUEST-UP` in `os-getConsoleOutput` (polled every 100 ms).
+    pub to_marker_ms: Vec<u64>,
+    /// `virsh create` of the same XML → `SHOAL-GUEST-UP` in its log file (polled every 50 ms).
+    pub virsh_to_marker_ms: Vec<u64>,
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn script(name: &str, args: &[&str]) -> Result<String> {
+    let path = format!("{}/../node/scripts/{name}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash")
+        .arg(&path)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn virsh(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn upload(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    meta: Value,
+    file: &std::path::Path,
+) -> Result<String> {
+    use reqwest::Method;
+    let id = api(
+        http,
+        Method::POST,
+        format!("{base}/image/v2/images"),
+        token,
+        Some(meta),
+    )
+    .await?["id"]
+        .as_str()
+        .context("no image id")?
+        .to_owned();
+    let resp = http
+        .put(format!("{base}/image/v2/images/{id}/file"))
+        .header("x-auth-token", token)
+        .header("content-type", "application/octet-stream")
+        .body(std::fs::read(file)?)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("upload {}: {}", file.display(), resp.status());
+    }
+    Ok(id)
+}
+
+async fn real(
+    runs: u32,
+    args: &Args,
+    procs: &mut ProcGuard,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<RealSummary> {
+    use reqwest::Method;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("--real boots guests through libvirtd and needs root");
+    }
+    script("libvirtd.sh", &[])?;
+    let guest = PathBuf::from(std::env::var("HOME")?).join(".cache/shoal/guest");
+    script("guest-image.sh", &[guest.to_str().context("path")?])?;
+    let http = http_client(Duration::from_secs(60))?;
+    let cluster = ShoalCluster::start_with(
+        procs,
+        bin,
+        &dir.join("shoal"),
+        dir,
+        args.nodes.into(),
+        &http,
+        &["--libvirt-uri", "qemu:///system", "--virt-type", "qemu"],
+    )
+    .await?;
+    let base = cluster.status.members[0].base();
+    let token = cluster.token.clone();
+    let kernel = upload(
+        &http,
+        &base,
+        &token,
+        json!({"name": "k", "disk_format": "aki", "container_format": "aki"}),
+        &guest.join("vmlinuz"),
+    )
+    .await?;
+    let ramdisk = upload(
+        &http,
+        &base,
+        &token,
+        json!({"name": "r", "disk_format": "ari", "container_format": "ari"}),
+        &guest.join("initrd.img"),
+    )
+    .await?;
+    let image = upload(
+        &http,
+        &base,
+        &token,
+        json!({"name": "guest", "disk_format": "ami", "container_format": "ami",
+               "kernel_id": kernel, "ramdisk_id": ramdisk}),
+        &guest.join("disk.raw"),
+    )
+    .await?;
+    let flavor = api(
+        &http,
+        Method::POST,
+        format!("{base}/compute/v2.1/flavors"),
+        &token,
+        Some(json!({"flavor": {"name": "g", "vcpus": 1, "ram": 256, "disk": 1}})),
+    )
+    .await?["flavor"]["id"]
+        .as_str()
+        .context("no flavor id")?
+        .to_owned();
+
+    let mut s = RealSummary {
+        runs,
+        to_active_ms: vec![],
+        to_marker_ms: vec![],
+        virsh_to_marker_ms: vec![],
+    };
+    let mut last_xml = None;
+    for i in 0..runs {
+        let t0 = Instant::now();
+        let v = api(&http, Method::POST, format!("{base}/compute/v2.1/servers"), &token,
+            Some(json!({"server": {"name": format!("g{i}"), "flavorRef": flavor, "imageRef": image}})))
+            .await?;
+        let id = v["server"]["id"]
+            .as_str()
+            .context("no server id")?
+            .to_owned();
+        let url = format!("{base}/compute/v2.1/servers/{id}");
+        loop {
+            let v = api(&http, Method::GET, url.clone(), &token, None).await?;
+            match v["server"]["status"].as_str() {
+                Some("ACTIVE") => break,
+                Some("ERROR") => bail!("server {id} went to ERROR: {}", v["server"]["fault"]),
+                _ => {}
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("server {id} not ACTIVE after 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s.to_active_ms.push(t0.elapsed().as_millis() as u64);
+        loop {
+            let v = api(
+                &http,
+                Method::POST,
+                format!("{url}/action"),
+                &token,
+                Some(json!({"os-getConsoleOutput": {"length": null}})),
+            )
+            .await?;
+            if v["output"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("SHOAL-GUEST-UP")
+            {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(180) {
+                bail!("no marker from server {id} after 180 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.to_marker_ms.push(t0.elapsed().as_millis() as u64);
+        last_xml = Some(virsh(&["dumpxml", &id])?);
+        api(&http, Method::DELETE, url.clone(), &token, None).await?;
+        while http
+            .get(&url)
+            .header("x-auth-token", &token)
+            .send()
+            .await?
+            .status()
+            != 404
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The floor: the same XML through virsh, on a fresh overlay of the same base.
+    let xml = last_xml.context("no run")?;
+    let cache = dir.join("shoal/node1/images/cache");
+    let backing = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len() == 1 << 20)
+                .unwrap_or(false)
+        })
+        .or_else(|| {
+            // The server may have run on another node: any node's cached 1 MiB machine image.
+            (1..=args.nodes).find_map(|n| {
+                std::fs::read_dir(dir.join(format!("shoal/node{n}/images/cache")))
+                    .ok()?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .find(|p| {
+                        std::fs::metadata(p)
+                            .map(|m| m.len() == 1 << 20)
+                            .unwrap_or(false)
+                    })
+            })
+        })
+        .context("no cached machine image")?;
+    for i in 0..runs {
+        let overlay = dir.join(format!("floor{i}.qcow2"));
+        let log = dir.join(format!("floor{i}.log"));
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&backing)
+            .arg(&overlay)
+            .arg("1G")
+            .status()?;
+        if !status.success() {
+            bail!("qemu-img create failed");
+        }
+        let name = format!("shoal-floor-{i}");
+        let mut x = String::new();
+        for line in xml.lines() {
+            let t = line.trim_start();
+            if t.starts_with("<uuid>") {
+                continue;
+            } else if t.starts_with("<name>") {
+                x.push_str(&format!("  <name>{name}</name>\n"));
+            } else if t.starts_with("<source file=") {
+                x.push_str(&format!("      <source file='{}'/>\n", overlay.display()));
+            } else if t.starts_with("<source path=") {
+                x.push_str(&format!("      <source path='{}'/>\n", log.display()));
+            } else {
+                x.push_str(line);
+                x.push('\n');
+            }
+        }
+        let xml_path = dir.join(format!("floor{i}.xml"));
+        std::fs::write(&xml_path, &x)?;
+        let t0 = Instant::now();
+        virsh(&["create", xml_path.to_str().context("path")?])?;
+        let found = loop {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("SHOAL-GUEST-UP")
+            {
+                break true;
+            }
+            if t0.elapsed() > Duration::from_secs(180) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let took = t0.elapsed().as_millis() as u64;
+        let _ = virsh(&["destroy", &name]);
+        if !found {
+            bail!("virsh create: no marker after 180 s");
+        }
+        s.virsh_to_marker_ms.push(took);
+    }
+    Ok(s)
+}
+
+fn print_real(s: &RealSummary) {
+    println!(
+        "real TCG boots of the busybox guest, {} runs one after another (medians)",
+        s.runs
+    );
+    println!(
+        "  server create -> ACTIVE:         {:>6} ms  {:?}",
+        median(&s.to_active_ms),
+        s.to_active_ms
+    );
+    println!(
+        "  server create -> console marker: {:>6} ms  {:?}",
+        median(&s.to_marker_ms),
+        s.to_marker_ms
+    );
+    println!(
+        "  virsh create  -> console marker: {:>6} ms  {:?}",
+        median(&s.virsh_to_marker_ms),
+        s.virsh_to_marker_ms
+    );
+    let (a, b) = (median(&s.to_marker_ms), median(&s.virsh_to_marker_ms));
+    if b > 0 {
+        println!(
+            "  Shoal's overhead over the floor: {} ms ({:.2}x)",
+            a as i64 - b as i64,
+            a as f64 / b as f64
+        );
+    }
 }

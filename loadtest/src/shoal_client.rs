@@ -287,12 +287,34 @@ impl ShoalCluster {
         nodes: usize,
         http: &reqwest::Client,
     ) -> Result<Self> {
+        // The benchmarks measure the control plane: compute agents drive libvirt's in-memory
+        // test hypervisor, so no libvirtd is needed and nothing boots.
+        Self::start_with(
+            procs,
+            bin,
+            dir,
+            logs,
+            nodes,
+            http,
+            &["--libvirt-uri", "test:///default"],
+        )
+        .await
+    }
+
+    /// [`start`](Self::start) with `dev_args` added to `shoal dev` (the libvirt to drive).
+    pub async fn start_with(
+        procs: &mut ProcGuard,
+        bin: &Path,
+        dir: &Path,
+        logs: &Path,
+        nodes: usize,
+        http: &reqwest::Client,
+        dev_args: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["dev", "--nodes", &nodes.to_string(), "--dir"])
             .arg(dir)
-            // The benchmarks measure the control plane: compute agents drive libvirt's
-            // in-memory test hypervisor, so no libvirtd is needed and nothing boots.
-            .args(["--libvirt-uri", "test:///default"]);
+            .args(dev_args);
         let log = logs.join("shoal-dev.log");
         let dev_pid = procs.spawn("shoal dev", cmd, &log)?;
         let with_log = |e: anyhow::Error| e.context(format!("shoal dev log: {}", log.display()));

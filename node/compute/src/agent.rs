@@ -34,6 +34,10 @@ use crate::hypervisor::{DomainState, HypervisorError, Libvirt};
 use crate::placement;
 use crate::server::{now_rfc3339, power, Fault, ServerRecord, TaskState, VmState};
 
+/// How long a create may sit in BUILD/scheduling (its rows written, no placement committed)
+/// before it is taken for interrupted. A live create places within seconds.
+pub const SCHEDULING_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Where the agent gets base images: the binary hands it the node's image store.
 pub trait ImageSource: Send + Sync + 'static {
     /// Ensures `image_id` is in this node's cache (pulling it from peers) and returns its path.
@@ -203,6 +207,7 @@ impl Agent {
                             slot.send_modify(|_| {});
                         }
                         self.sweep_orphans(&workers, &mut orphans).await;
+                        self.sweep_interrupted_creates().await;
                     }
                     _ = &mut shutdown => return Ok(()),
                 }
@@ -543,6 +548,38 @@ impl Agent {
         .map_err(|e| AgentError::State(StateError::Unavailable(e.to_string())))?;
         tracing::info!(server = %s.id, "deleted");
         Ok(())
+    }
+
+    /// Rows left in BUILD/scheduling by a create whose node stopped before it committed the
+    /// placement: after [`SCHEDULING_DEADLINE`] any node puts them in ERROR (one wins the
+    /// compare-and-set), so no server stays in BUILD for good.
+    async fn sweep_interrupted_creates(&self) {
+        let Ok(listing) = self.inner.servers.list("").await else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let cutoff = crate::server::rfc3339(now.saturating_sub(SCHEDULING_DEADLINE.as_secs()));
+        for (id, row) in listing.rows {
+            let s = &row.value;
+            if s.host.is_none()
+                && s.task_state == Some(TaskState::Scheduling)
+                && s.updated.as_str() < cutoff.as_str()
+            {
+                let mut r = s.clone();
+                fail(
+                    &mut r,
+                    "scheduling was interrupted: the node handling the create stopped before it placed the server",
+                );
+                r.task_state = None;
+                r.updated = now_rfc3339();
+                if let Ok(Some(_)) = self.inner.servers.put_at(&id, &r, row.revision).await {
+                    tracing::warn!(server = %id, "an interrupted create was put in ERROR");
+                }
+            }
+        }
     }
 
     /// Reports domains that no row of this node claims and destroys them after the grace.
