@@ -712,8 +712,23 @@ async fn real(
         }
         let name = format!("shoal-floor-{i}");
         let mut x = String::new();
+        // libvirt's live XML describes the backing chain too; the new overlay names its own.
+        let mut depth = 0u32;
         for line in xml.lines() {
             let t = line.trim_start();
+            if t.starts_with("<backingStore") {
+                if !t.ends_with("/>") {
+                    depth += 1;
+                }
+                continue;
+            }
+            if t.starts_with("</backingStore>") {
+                depth = depth.saturating_sub(1);
+                continue;
+            }
+            if depth > 0 {
+                continue;
+            }
             if t.starts_with("<uuid>") {
                 continue;
             } else if t.starts_with("<name>") {
