@@ -39,6 +39,10 @@ pub struct NodeConfig {
     pub images: ImagesSection,
     #[serde(default)]
     pub http: HttpSection,
+    /// Tenant networks: the VNI range, the underlay MTU, the flat physical networks
+    /// (docs/network.md).
+    #[serde(default)]
+    pub network: shoal_network::NetworkConfig,
 }
 
 /// Limits of the API's HTTP server (see `api/http_server.rs`).
@@ -358,6 +362,8 @@ pub enum ConfigError {
     RotationTooFast { rotation: u64, ttl: u64, min: u64 },
     #[error("{field} must be an absolute path, got {path}")]
     RelativePath { field: &'static str, path: PathBuf },
+    #[error("the [network] section is invalid")]
+    Network(#[source] shoal_network::NetworkConfigError),
 }
 
 /// Zone and aggregate names: 1-63 characters from a-z, A-Z, 0-9, '-' and '_'. Node names follow
@@ -384,6 +390,7 @@ impl NodeConfig {
             host: HostSection::default(),
             images: ImagesSection::default(),
             http: HttpSection::default(),
+            network: shoal_network::NetworkConfig::default(),
         }
     }
 
@@ -505,6 +512,7 @@ impl NodeConfig {
             1,
             30 * 86_400,
         )?;
+        self.network.validate().map_err(ConfigError::Network)?;
         Ok(())
     }
 

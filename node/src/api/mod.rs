@@ -1,5 +1,5 @@
 //! The node's HTTP API: every service under a path prefix on the `--api` address, as devstack
-//! lays them out (`/identity/v3`, `/compute/v2.1`, `/image`; later `/network`, `/volume/v3`),
+//! lays them out (`/identity/v3`, `/compute/v2.1`, `/image`, `/network`; later `/volume/v3`),
 //! plus Shoal's own admin surface under `/shoal/v1` and Prometheus metrics at `/metrics`.
 //!
 //! Any node answers any request; nothing here depends on which node leads Raft.
@@ -17,6 +17,7 @@ pub mod image;
 pub mod image_file;
 pub mod image_record;
 pub mod metrics;
+pub mod neutron;
 pub mod placement;
 pub mod policy;
 pub mod tls;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub region: String,
     /// Image bytes on this node and where the rest of the cluster keeps them.
     pub images: ImageStore,
+    /// Neutron's resources (`shoal-network`), behind `/network`.
+    pub network: shoal_network::NetworkService,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -64,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(metrics::routes())
         .merge(placement::routes())
+        .merge(neutron::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(edge))
         .with_state(state)
