@@ -24,6 +24,8 @@ pub const KEYPAIRS: &str = "keypairs";
 pub const QUOTAS: &str = "quotas";
 /// Key: host name.
 pub const COMPUTE_SERVICES: &str = "compute_services";
+/// Key: a counted scope (`key_pairs/<user>`, `network/port/<project>`); every create in the
+/// scope rewrites it, which is what makes two concurrent quota checks collide (`quota`).
 pub const QUOTA_GUARDS: &str = "quota_guards";
 /// Key: zero-padded aggregate id.
 pub const AGGREGATES: &str = "aggregates";
