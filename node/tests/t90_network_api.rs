@@ -37,6 +37,12 @@ fn api(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// The command failed with `status` and said `text`.
+fn refused(out: &common::osc::Out, status: u16, text: &str) {
+    out.failed_with(status);
+    assert!(out.stderr.contains(text), "{}", out.stderr);
+}
+
 fn field(list: &Value, key: &str, name: &str) -> Value {
     list.as_array()
         .unwrap()
@@ -67,6 +73,23 @@ fn network_commands_work_against_every_node() {
     assert_eq!(net["status"], "ACTIVE");
     assert_eq!(names(&osc.json(1, &["network", "list"]), "Name"), ["blue"]);
     assert_eq!(osc.json(2, &["network", "show", "blue"])["id"], net["id"]);
+    // Tags go through their own calls (`PUT .../tags`), and filter listings.
+    let tagged = osc.json(
+        1,
+        &["network", "create", "--tag", "prod", "--tag", "eu", "green"],
+    );
+    assert_eq!(tagged["tags"], json!(["eu", "prod"]));
+    assert!(osc.run(2, &["network", "unset", "--tag", "eu", "green"]).ok);
+    assert_eq!(
+        names(&osc.json(0, &["network", "list", "--tags", "prod"]), "Name"),
+        ["green"]
+    );
+    assert!(osc
+        .json(1, &["network", "list", "--tags", "eu"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(osc.run(2, &["network", "delete", "green"]).ok);
 
     let sub = osc.json(
         1,
@@ -145,12 +168,7 @@ fn network_commands_work_against_every_node() {
             "x",
         ],
     );
-    overlap.failed_with(400);
-    assert!(
-        overlap.stderr.contains("overlaps with another subnet"),
-        "{}",
-        overlap.stderr
-    );
+    refused(&overlap, 400, "overlaps with another subnet");
 
     // Ports, each step through another node.
     let p1 = osc.json(0, &["port", "create", "--network", "blue", "web-1"]);
@@ -189,12 +207,7 @@ fn network_commands_work_against_every_node() {
             "web-3",
         ],
     );
-    taken.failed_with(409);
-    assert!(
-        taken.stderr.contains("already allocated"),
-        "{}",
-        taken.stderr
-    );
+    refused(&taken, 409, "already allocated");
     assert_eq!(
         names(&osc.json(2, &["port", "list"]), "Name"),
         ["web-1", "web-2"]
@@ -241,8 +254,7 @@ fn network_commands_work_against_every_node() {
             "ssh",
         ],
     );
-    dup.failed_with(409);
-    assert!(dup.stderr.contains("already exists"), "{}", dup.stderr);
+    refused(&dup, 409, "already exists");
     let rules = osc.json(2, &["security", "group", "rule", "list", "ssh"]);
     assert_eq!(
         rules.as_array().unwrap().len(),
@@ -480,13 +492,7 @@ fn projects_are_isolated_and_bounded_by_quotas() {
         &bob,
         &["port", "create", "--network", "public-net", "b4"],
     );
-    over.failed_with(409);
-    assert!(
-        over.stderr
-            .contains("Quota exceeded for resources: ['port']"),
-        "{}",
-        over.stderr
-    );
+    refused(&over, 409, "Quota exceeded for resources: ['port']");
     // Bob may not raise it, nor read red's.
     osc.run_as(1, &bob, &["quota", "set", "--ports", "9", "green"])
         .failed_with(403);
