@@ -79,13 +79,22 @@ pub fn default_pools(cidr: &Cidr, gateway: Option<u32>) -> Vec<(u32, u32)> {
     }
 }
 
-/// Checks pools a request names: each inside the subnet's host addresses, start ≤ end, no two
-/// overlapping, the gateway in none. Returns them sorted.
+/// A bound on the pools of one subnet (Neutron sets none; every pool is stored in the row).
+pub const MAX_POOLS: usize = 100;
+
+/// Checks pools a request names: at most [`MAX_POOLS`], each inside the subnet's host
+/// addresses, start ≤ end, no two overlapping, the gateway in none. Returns them sorted.
 pub fn check_pools(
     cidr: &Cidr,
     gateway: Option<u32>,
     pools: &[Pool],
 ) -> Result<Vec<(u32, u32)>, LayoutError> {
+    if pools.len() > MAX_POOLS {
+        return Err(bad(
+            "HTTPBadRequest",
+            format!("A subnet may have at most {MAX_POOLS} allocation pools."),
+        ));
+    }
     let mut ranges = Vec::with_capacity(pools.len());
     for p in pools {
         let start = parse_ip(&p.start).map_err(|m| bad("HTTPBadRequest", m))?;

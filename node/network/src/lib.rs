@@ -257,7 +257,7 @@ impl NetworkService {
         caller: &Caller,
         kind: Tagged,
         id: &str,
-        change: impl Fn(&mut Vec<String>),
+        change: impl FnMut(&mut Vec<String>),
     ) -> NetResult<Vec<String>> {
         // Reading through the resource's own getter applies its visibility (404) first.
         let project = match kind {
@@ -281,7 +281,7 @@ impl NetworkService {
 async fn retag<T: Revisioned>(
     table: Table<T>,
     id: &str,
-    change: impl Fn(&mut Vec<String>),
+    mut change: impl FnMut(&mut Vec<String>),
 ) -> NetResult<Vec<String>> {
     let now = now_secs();
     let v = table

@@ -17,6 +17,8 @@ use crate::{
 
 /// Rounds a create makes when the VNI it picked was taken meanwhile.
 const SEGMENT_ROUNDS: u32 = 20;
+/// A bound on availability zone hints per network.
+const MAX_ZONE_HINTS: usize = 16;
 /// The smallest MTU IPv4 allows.
 const MIN_MTU: u32 = 68;
 
@@ -216,6 +218,11 @@ impl NetworkService {
         let mtu = req.mtu.unwrap_or(max_mtu);
         check_mtu(mtu, max_mtu)?;
         let zones = req.availability_zone_hints.unwrap_or_default();
+        if zones.len() > MAX_ZONE_HINTS {
+            return Err(NetworkError::bad(format!(
+                "Too many availability_zone_hints: at most {MAX_ZONE_HINTS}"
+            )));
+        }
         for z in &zones {
             check_text("availability_zone_hints", z)?;
         }

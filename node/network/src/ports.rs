@@ -27,6 +27,8 @@ const PICK_ROUNDS: u32 = 30;
 /// Neutron's `max_allowed_address_pair` and a bound on addresses per port.
 const MAX_ADDRESS_PAIRS: usize = 10;
 const MAX_FIXED_IPS: usize = 16;
+/// A bound on security groups per port (each is two preconditions of the port's transaction).
+const MAX_GROUPS: usize = 64;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -569,6 +571,11 @@ impl NetworkService {
         project: &str,
         ids: &[String],
     ) -> NetResult<Vec<String>> {
+        if ids.len() > MAX_GROUPS {
+            return Err(NetworkError::bad(format!(
+                "A port may have at most {MAX_GROUPS} security groups."
+            )));
+        }
         let mut out: Vec<String> = Vec::with_capacity(ids.len());
         for id in ids {
             match self.groups().get(id).await? {
