@@ -41,6 +41,10 @@ pub struct NodeConfig {
     pub http: HttpSection,
     #[serde(default)]
     pub compute: ComputeSection,
+    /// Tenant networks: the VNI range, the underlay MTU, the flat physical networks
+    /// (docs/network.md).
+    #[serde(default)]
+    pub network: shoal_network::NetworkConfig,
 }
 
 /// The compute agent (`shoal-compute`'s `agent`): libvirt, where instances live, timings.
@@ -452,6 +456,8 @@ pub enum ConfigError {
     RotationTooFast { rotation: u64, ttl: u64, min: u64 },
     #[error("{field} must be an absolute path, got {path}")]
     RelativePath { field: &'static str, path: PathBuf },
+    #[error("the [network] section is invalid")]
+    Network(#[source] shoal_network::NetworkConfigError),
 }
 
 /// Zone and aggregate names: 1-63 characters from a-z, A-Z, 0-9, '-' and '_'. Node names follow
@@ -473,6 +479,7 @@ impl NodeConfig {
             images: ImagesSection::default(),
             http: HttpSection::default(),
             compute: ComputeSection::default(),
+            network: shoal_network::NetworkConfig::default(),
         }
     }
 
@@ -595,6 +602,7 @@ impl NodeConfig {
             1,
             30 * 86_400,
         )?;
+        self.network.validate().map_err(ConfigError::Network)?;
         Ok(())
     }
 

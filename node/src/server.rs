@@ -310,6 +310,10 @@ async fn serve(
     let state = AppState {
         cluster: cluster.clone(),
         state: shoal_state::State::new(Arc::new(cluster.clone())),
+        network: shoal_network::NetworkService::new(
+            shoal_state::State::new(Arc::new(cluster.clone())),
+            cfg.network.clone(),
+        ),
         identity: identity.clone(),
         metrics: Arc::new(api::metrics::Metrics::default()),
         base_url: base_url(&cfg),

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -15,7 +14,8 @@ use axum::routing::{get, put};
 use axum::{middleware, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use shoal_types::{Expect, Txn, TxnResponse};
+use shoal_state::quota::{commit_within_quota as commit_within, QuotaOutcome};
+use shoal_types::{Txn, TxnResponse};
 
 use super::compute::microversion;
 use super::compute::nova_err;
@@ -25,12 +25,6 @@ use crate::identity::has_role;
 
 pub const T_QUOTAS: &str = "quotas";
 pub const T_COMPUTE_SERVICES: &str = "compute_services";
-/// One row per counted scope (`key_pairs/<user>`, `server_groups/<project>`); every create in
-/// the scope rewrites it, which is what makes two concurrent quota checks collide.
-pub const T_QUOTA_GUARDS: &str = "quota_guards";
-
-/// Rounds a quota-checked create may lose to concurrent creates before it gives up.
-const QUOTA_ATTEMPTS: u32 = 50;
 
 /// Nova's default quotas, in the order `quota show` prints them.
 pub const DEFAULT_QUOTAS: [(&str, i64); 15] = [
@@ -112,14 +106,8 @@ pub async fn quota(state: &AppState, project: &str, name: &str) -> ApiResult<i64
 }
 
 /// Commits `txn` only if what the scope `guard` covers, as `count` reads it from the local
-/// replica, stays below `limit` (negative: unlimited); otherwise answers `over(held)`.
-///
-/// Race-free without locks: the guard row is read before counting, and the write carries the
-/// precondition that the guard is still at that revision and rewrites it. Every create in the
-/// scope goes through here, so a create that committed after the guard was read has moved it
-/// and this write fails; it is then re-read through a read barrier and counted again. Two
-/// creates at the limit therefore cannot both pass. Deletes need not touch the guard: one
-/// missed only makes the count high for a round.
+/// replica, stays below `limit` (negative: unlimited); otherwise answers `over(held)`. The
+/// guard-row protocol that makes this race-free is `shoal_state::quota::commit_within_quota`.
 ///
 /// Returns the write's response when the write succeeded or failed on one of `txn`'s own
 /// preconditions (for example a name that exists), for the caller to interpret.
@@ -127,7 +115,7 @@ pub async fn commit_within_quota<C, F>(
     state: &AppState,
     guard: &str,
     limit: i64,
-    mut count: C,
+    count: C,
     txn: Txn,
     over: impl Fn(i64) -> ApiError,
 ) -> ApiResult<TxnResponse>
@@ -135,40 +123,11 @@ where
     C: FnMut() -> F,
     F: Future<Output = ApiResult<i64>>,
 {
-    let guard_index = txn.preconditions.len() as u32;
-    for attempt in 0..QUOTA_ATTEMPTS {
-        if attempt > 0 {
-            let backoff = rand::random_range(0..=u64::from(attempt).min(20));
-            tokio::time::sleep(Duration::from_millis(backoff)).await;
-            state.cluster.read_barrier().await.map_err(nova_err)?;
-        }
-        let expect = match state
-            .cluster
-            .get(T_QUOTA_GUARDS, guard)
-            .await
-            .map_err(nova_err)?
-        {
-            Some(row) => Expect::Revision(row.mod_revision),
-            None => Expect::Absent,
-        };
-        let held = count().await?;
-        if limit >= 0 && held >= limit {
-            return Err(over(held));
-        }
-        let attempt_txn = txn.clone().when(T_QUOTA_GUARDS, guard, expect).put(
-            T_QUOTA_GUARDS,
-            guard,
-            (held + 1).to_string(),
-        );
-        let resp = state.cluster.write(attempt_txn).await.map_err(nova_err)?;
-        if resp.succeeded || resp.failed_precondition != Some(guard_index) {
-            return Ok(resp);
-        }
+    match commit_within(&state.state, guard, limit, count, txn).await {
+        Ok(QuotaOutcome::Written(resp)) => Ok(resp),
+        Ok(QuotaOutcome::Over { held }) => Err(over(held)),
+        Err(e) => Err(ApiError::nova(e)),
     }
-    Err(ApiError::conflict(format!(
-        "{QUOTA_ATTEMPTS} concurrent creates in {guard} got in first; retry"
-    ))
-    .nova())
 }
 
 fn flag(q: &HashMap<String, String>, key: &str) -> bool {

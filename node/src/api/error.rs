@@ -3,7 +3,9 @@
 //! Keystone and Shoal's own endpoints answer `{"error": {"code", "title", "message"}}`; the
 //! compute, network and volume services use Nova's `{"badRequest": {"code", "message"}}`
 //! shape through [`ApiError::nova`]; the image service answers as Glance's webob does,
-//! `{"code", "title", "message"}` at top level, through [`ApiError::glance`].
+//! `{"code", "title", "message"}` at top level, through [`ApiError::glance`]; the network
+//! service answers as Neutron does, `{"NeutronError": {"type", "message", "detail"}}`, through
+//! [`ApiError::neutron`].
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,11 +21,29 @@ pub struct ApiError {
     shape: Shape,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Neutron's error `type` for an answer that names none (axum's own rejections, 500s).
+fn neutron_default_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "HTTPBadRequest",
+        401 => "HTTPUnauthorized",
+        403 => "HTTPForbidden",
+        404 => "HTTPNotFound",
+        405 => "HTTPMethodNotAllowed",
+        409 => "HTTPConflict",
+        413 => "HTTPRequestEntityTooLarge",
+        415 => "HTTPUnsupportedMediaType",
+        503 => "HTTPServiceUnavailable",
+        _ => "HTTPInternalServerError",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Shape {
     Keystone,
     Nova,
     Glance,
+    /// Neutron's body, with the error's `type` (`NetworkNotFound`).
+    Neutron(String),
 }
 
 impl ApiError {
@@ -45,6 +65,9 @@ impl ApiError {
     pub fn for_path(self, path: &str) -> Self {
         if path.starts_with("/compute") {
             self.nova()
+        } else if path.starts_with("/network") {
+            let kind = neutron_default_type(self.status);
+            self.neutron(kind)
         } else if path.starts_with("/image") {
             self.glance()
         } else {
@@ -55,6 +78,12 @@ impl ApiError {
     /// Renders this error as Glance does (`{"code", "title", "message"}`).
     pub fn glance(mut self) -> Self {
         self.shape = Shape::Glance;
+        self
+    }
+
+    /// Renders this error as Neutron does, with `kind` as its `type`.
+    pub fn neutron(mut self, kind: impl Into<String>) -> Self {
+        self.shape = Shape::Neutron(kind.into());
         self
     }
 
@@ -124,7 +153,14 @@ impl IntoResponse for ApiError {
             );
             request_id = Some(id);
         }
-        let body = match self.shape {
+        let body = match &self.shape {
+            // A 500's type would say what failed inside: it is scrubbed with the message.
+            Shape::Neutron(_) if request_id.is_some() => {
+                json!({ "NeutronError": { "type": neutron_default_type(self.status), "message": self.message, "detail": "" } })
+            }
+            Shape::Neutron(kind) => {
+                json!({ "NeutronError": { "type": kind, "message": self.message, "detail": "" } })
+            }
             Shape::Nova => {
                 json!({ nova_key(self.status): { "code": code, "message": self.message } })
             }

@@ -277,6 +277,7 @@ pub fn catalog(state: &AppState) -> Value {
         service("identity", "keystone", "/identity"),
         service("compute", "nova", "/compute/v2.1"),
         service("image", "glance", "/image"),
+        service("network", "neutron", "/network"),
     ])
 }
 

@@ -1,5 +1,5 @@
 //! The node's HTTP API: every service under a path prefix on the `--api` address, as devstack
-//! lays them out (`/identity/v3`, `/compute/v2.1`, `/image`; later `/network`, `/volume/v3`),
+//! lays them out (`/identity/v3`, `/compute/v2.1`, `/image`, `/network`; later `/volume/v3`),
 //! plus Shoal's own admin surface under `/shoal/v1` and Prometheus metrics at `/metrics`.
 //!
 //! Any node answers any request; nothing here depends on which node leads Raft.
@@ -18,6 +18,7 @@ pub mod image_file;
 pub mod image_record;
 pub mod metrics;
 pub mod nova;
+pub mod neutron;
 pub mod placement;
 pub mod policy;
 pub mod tls;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub images: ImageStore,
     /// Where this node's compute agent keeps instance directories (console logs).
     pub instances_path: std::path::PathBuf,
+    /// Neutron's resources (`shoal-network`), behind `/network`.
+    pub network: shoal_network::NetworkService,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -68,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(metrics::routes())
         .merge(placement::routes())
+        .merge(neutron::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(edge))
         .with_state(state)

@@ -2,13 +2,17 @@
 //! its key format and its record type, and one way to read and change a row (`Table<T>`).
 //!
 //! Owns: table names (`tables`), row encoding (JSON), compare-and-set with a bounded retry,
-//! and the typed errors a read or a write can end in. The services (`identity`, `images`,
-//! `compute`) go through it instead of writing their own read/CAS/retry loops.
+//! the typed errors a read or a write can end in, and the records several services share
+//! (`records`: a port, which the network service owns and the compute agent binds). The
+//! services (`identity`, `images`, `compute`, `network`) go through it instead of writing their
+//! own read/CAS/retry loops.
 //!
 //! Must never depend on a service crate, on the HTTP layer (axum) or on the node's config: it
 //! sits directly on `shoal-consensus`, and under it an in-memory `MemStore` serves unit tests.
 
 mod mem;
+pub mod quota;
+pub mod records;
 mod store;
 mod table;
 pub mod tables;

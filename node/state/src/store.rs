@@ -27,6 +27,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Rows, ClusterError>>;
     fn write(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResponse, ClusterError>>;
+    /// Waits until this replica has applied every write the cluster had committed when the
+    /// call began, so the reads that follow are linearizable; returns that revision.
+    fn read_barrier(&self) -> BoxFuture<'_, Result<u64, ClusterError>>;
 }
 
 impl Store for Cluster {
@@ -54,6 +57,10 @@ impl Store for Cluster {
 
     fn write(&self, txn: Txn) -> BoxFuture<'_, Result<TxnResponse, ClusterError>> {
         Box::pin(Cluster::write(self, txn))
+    }
+
+    fn read_barrier(&self) -> BoxFuture<'_, Result<u64, ClusterError>> {
+        Box::pin(Cluster::read_barrier(self))
     }
 }
 
@@ -92,6 +99,14 @@ impl State {
             .write(txn)
             .await
             .map_err(|e| StateError::from_cluster(what, "", e))
+    }
+
+    /// Makes the reads that follow linearizable (see [`Store::read_barrier`]).
+    pub async fn read_barrier(&self) -> Result<u64, StateError> {
+        self.store
+            .read_barrier()
+            .await
+            .map_err(|e| StateError::from_cluster("read_barrier", "", e))
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

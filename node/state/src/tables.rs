@@ -24,6 +24,8 @@ pub const KEYPAIRS: &str = "keypairs";
 pub const QUOTAS: &str = "quotas";
 /// Key: host name.
 pub const COMPUTE_SERVICES: &str = "compute_services";
+/// Key: a counted scope (`key_pairs/<user>`, `network/port/<project>`); every create in the
+/// scope rewrites it, which is what makes two concurrent quota checks collide (`quota`).
 pub const QUOTA_GUARDS: &str = "quota_guards";
 /// Key: zero-padded aggregate id.
 pub const AGGREGATES: &str = "aggregates";
@@ -49,3 +51,32 @@ pub const INSTANCES: &str = "instances";
 // image replication
 pub const IMAGE_MANIFESTS: &str = "image_manifests";
 pub const CHUNK_HOLDERS: &str = "chunk_holders";
+
+// network
+/// Key: network id. Record: `shoal_network::NetworkRecord`.
+pub const NETWORKS: &str = "networks";
+/// Key: subnet id. Record: `shoal_network::SubnetRecord`.
+pub const SUBNETS: &str = "subnets";
+/// Key: port id. Record: [`crate::records::PortRecord`] (shared with the compute agent).
+pub const PORTS: &str = "ports";
+/// Key: security group id.
+pub const SECURITY_GROUPS: &str = "security_groups";
+/// Key: security group rule id.
+pub const SECURITY_GROUP_RULES: &str = "security_group_rules";
+/// Key: `{security_group_id}/{rule fingerprint}`; value: rule id. One row per distinct rule, so
+/// two identical rules cannot both be created.
+pub const SECURITY_GROUP_RULE_KEYS: &str = "security_group_rule_keys";
+/// Key: project id; value: the id of the project's `default` security group.
+pub const DEFAULT_SECURITY_GROUPS: &str = "default_security_groups";
+/// Key: `{subnet_id}/{ipv4 address}`; value: the port id holding the address.
+pub const IP_ALLOCATIONS: &str = "ip_allocations";
+/// Key: MAC address (`fa:16:3e:..`); value: the port id holding it.
+pub const PORT_MACS: &str = "port_macs";
+/// Key: `vxlan/{vni, 8 digits}` or `flat/{physical network}`; value: the network id.
+pub const NETWORK_SEGMENTS: &str = "network_segments";
+/// Key: `{project}/{resource}/{id}`: what each project holds, counted against its quotas.
+pub const NETWORK_USAGE: &str = "network_usage";
+/// Key: project id; value: the project's Neutron quota overrides.
+pub const NETWORK_QUOTAS: &str = "network_quotas";
+/// Key: `{resource}/{id}`: a delete in progress; creates that would use the resource fail.
+pub const NETWORK_DELETING: &str = "network_deleting";

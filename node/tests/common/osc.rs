@@ -53,10 +53,12 @@ impl Out {
 
     pub fn failed_with(&self, status: u16) {
         assert!(!self.ok, "command succeeded: {}", self.stdout);
-        // keystoneclient prints "(HTTP 403)", openstacksdk "ForbiddenException: 403: ...".
+        // keystoneclient prints "(HTTP 403)", openstacksdk "ForbiddenException: 403: ..." or,
+        // when the body carries a message, "ForbiddenException: 403, ...".
         assert!(
             self.stderr.contains(&format!("HTTP {status}"))
-                || self.stderr.contains(&format!("Exception: {status}:")),
+                || self.stderr.contains(&format!("Exception: {status}:"))
+                || self.stderr.contains(&format!("Exception: {status},")),
             "expected HTTP {status}: {}",
             self.stderr
         );

@@ -274,7 +274,7 @@ async fn create(
                 .and_then(Value::as_str)
                 .unwrap_or("");
             return Err(bad(format!(
-                "Network {what} could not be found: this cloud has no Network API yet, so servers boot without NICs (give networks none, or leave it out)"
+                "Cannot attach network {what}: servers do not get ports yet (the compute agent does not bind them), so they boot without NICs; give networks none, or leave it out"
             )));
         }
         Some(_) => return Err(bad("networks must be a list, \"auto\" or \"none\"")),

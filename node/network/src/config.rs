@@ -1,0 +1,113 @@
+//! The `[network]` section of the node's configuration.
+
+use serde::{Deserialize, Serialize};
+
+/// The largest VXLAN network identifier (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// What VXLAN over IPv4 adds to every frame: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner
+/// Ethernet (14) headers.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// First VXLAN network identifier tenant networks are given (inclusive). Every node must
+    /// be configured with the same range; uniqueness holds cluster-wide either way.
+    pub vni_first: u32,
+    /// Last VXLAN network identifier tenant networks are given (inclusive).
+    pub vni_last: u32,
+    /// MTU of the underlay network between nodes; VXLAN networks get this minus 50.
+    pub underlay_mtu: u32,
+    /// Physical networks an administrator may put a `flat` network on; `*` allows any name.
+    pub flat_networks: Vec<String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            vni_first: 1,
+            vni_last: 65_535,
+            underlay_mtu: 1500,
+            flat_networks: vec!["*".into()],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetworkConfigError {
+    #[error("network.vni_first..vni_last ({first}..{last}) must lie within 1..{MAX_VNI} with first <= last")]
+    VniRange { first: u32, last: u32 },
+    #[error("network.underlay_mtu {0} must be 1280 to 9216: VXLAN networks get 50 bytes less")]
+    Mtu(u32),
+    #[error("network.flat_networks entry {0:?} must be 1 to 64 letters, digits, '-', '_' or '*'")]
+    FlatNetwork(String),
+}
+
+impl NetworkConfig {
+    pub fn validate(&self) -> Result<(), NetworkConfigError> {
+        if self.vni_first == 0 || self.vni_first > self.vni_last || self.vni_last > MAX_VNI {
+            return Err(NetworkConfigError::VniRange {
+                first: self.vni_first,
+                last: self.vni_last,
+            });
+        }
+        if !(1280..=9216).contains(&self.underlay_mtu) {
+            return Err(NetworkConfigError::Mtu(self.underlay_mtu));
+        }
+        for name in &self.flat_networks {
+            let ok = (1..=64).contains(&name.len())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_*".contains(c));
+            if !ok {
+                return Err(NetworkConfigError::FlatNetwork(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The MTU of a network of `network_type` on this underlay.
+    pub fn max_mtu(&self, network_type: &str) -> u32 {
+        if network_type == "vxlan" {
+            self.underlay_mtu - VXLAN_OVERHEAD
+        } else {
+            self.underlay_mtu
+        }
+    }
+
+    pub fn allows_flat(&self, physical_network: &str) -> bool {
+        self.flat_networks
+            .iter()
+            .any(|n| n == "*" || n == physical_network)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_do_not() {
+        let c = NetworkConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.max_mtu("vxlan"), 1450);
+        assert_eq!(c.max_mtu("flat"), 1500);
+        let bad = NetworkConfig {
+            vni_last: MAX_VNI + 1,
+            ..c.clone()
+        };
+        assert!(bad.validate().is_err());
+        assert!(NetworkConfig {
+            underlay_mtu: 100,
+            ..c.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(NetworkConfig {
+            flat_networks: vec!["a b".into()],
+            ..c
+        }
+        .validate()
+        .is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! The rows this service owns (the port's record is shared and lives in
+//! `shoal_state::records`). Field names are stored in every row: new fields come with
+//! `#[serde(default)]`, existing ones keep their names.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ipam::Pool;
+
+/// A network, keyed by id in table `networks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub description: String,
+    pub admin_state_up: bool,
+    pub shared: bool,
+    /// Neutron's `router:external`.
+    pub external: bool,
+    pub port_security_enabled: bool,
+    pub mtu: u32,
+    /// `vxlan` or `flat`.
+    pub network_type: String,
+    /// Set for `flat` networks.
+    pub physical_network: Option<String>,
+    /// The VNI of a `vxlan` network.
+    pub segmentation_id: Option<u32>,
+    /// Subnet ids, in creation order. Creating or deleting a subnet rewrites this row, which
+    /// serialises the overlap check of the network's subnets.
+    pub subnets: Vec<String>,
+    pub availability_zone_hints: Vec<String>,
+    pub tags: Vec<String>,
+    pub status: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRoute {
+    pub destination: String,
+    pub nexthop: String,
+}
+
+/// An IPv4 subnet, keyed by id in table `subnets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetRecord {
+    pub id: String,
+    pub project_id: String,
+    pub network_id: String,
+    pub name: String,
+    pub description: String,
+    pub cidr: String,
+    pub gateway_ip: Option<String>,
+    pub allocation_pools: Vec<Pool>,
+    pub dns_nameservers: Vec<String>,
+    pub host_routes: Vec<HostRoute>,
+    pub enable_dhcp: bool,
+    pub tags: Vec<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
+}
+
+/// A security group, keyed by id in table `security_groups`. Its rules are rows of their own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroupRecord {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
+}
+
+/// A security group rule, keyed by id in table `security_group_rules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    pub id: String,
+    pub project_id: String,
+    pub security_group_id: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// `IPv4` or `IPv6`.
+    pub ethertype: String,
+    /// As the request gave it (a name or a number); `None` for any protocol.
+    pub protocol: Option<String>,
+    pub port_range_min: Option<u32>,
+    pub port_range_max: Option<u32>,
+    pub remote_ip_prefix: Option<String>,
+    pub remote_group_id: Option<String>,
+    pub description: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
+}

@@ -1,0 +1,621 @@
+//! Network v2.0 (Neutron), the L2 part, under `/network` as devstack lays it out: networks,
+//! subnets, ports, security groups and rules, quotas, tags, the versions document and the
+//! extension list. Each handler translates the request into a `shoal_network` call and the
+//! answer (or the `NetworkError`) into Neutron's body; the rules live in the service crate.
+
+mod networks;
+mod ports;
+mod quotas;
+mod security_groups;
+mod subnets;
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+use shoal_network::{Caller, ErrorClass, NetworkError, Tagged};
+
+use super::error::{ApiError, ApiResult};
+use super::{AppState, Auth};
+use crate::identity::has_role;
+
+pub const PREFIX: &str = "/network/v2.0";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/network", get(versions))
+        .route("/network/", get(versions))
+        .route(PREFIX, get(resources))
+        .route(&format!("{PREFIX}/"), get(resources))
+        .route(&format!("{PREFIX}/extensions"), get(extensions))
+        .route(&format!("{PREFIX}/extensions/{{alias}}"), get(extension))
+        .merge(networks::routes())
+        .merge(subnets::routes())
+        .merge(ports::routes())
+        .merge(security_groups::routes())
+        .merge(quotas::routes())
+        .route(
+            &format!("{PREFIX}/networks/{{id}}/tags"),
+            tags(Tagged::Network),
+        )
+        .route(
+            &format!("{PREFIX}/subnets/{{id}}/tags"),
+            tags(Tagged::Subnet),
+        )
+        .route(&format!("{PREFIX}/ports/{{id}}/tags"), tags(Tagged::Port))
+        .route(
+            &format!("{PREFIX}/security-groups/{{id}}/tags"),
+            tags(Tagged::SecurityGroup),
+        )
+        .route(
+            &format!("{PREFIX}/networks/{{id}}/tags/{{tag}}"),
+            tag(Tagged::Network),
+        )
+        .route(
+            &format!("{PREFIX}/subnets/{{id}}/tags/{{tag}}"),
+            tag(Tagged::Subnet),
+        )
+        .route(
+            &format!("{PREFIX}/ports/{{id}}/tags/{{tag}}"),
+            tag(Tagged::Port),
+        )
+        .route(
+            &format!("{PREFIX}/security-groups/{{id}}/tags/{{tag}}"),
+            tag(Tagged::SecurityGroup),
+        )
+}
+
+/// The caller as the network service's policy sees it.
+pub(super) fn caller(auth: &Auth) -> Caller {
+    Caller {
+        project_id: auth.0.project_id.clone(),
+        admin: has_role(&auth.0, "admin"),
+        member: has_role(&auth.0, "member"),
+    }
+}
+
+/// A service error in Neutron's body with its status; a 500 keeps its text in the log only.
+pub(super) fn net_err(e: NetworkError) -> ApiError {
+    let status = match e.class() {
+        ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorClass::Forbidden => StatusCode::FORBIDDEN,
+        ErrorClass::NotFound => StatusCode::NOT_FOUND,
+        ErrorClass::Conflict => StatusCode::CONFLICT,
+        ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string()).neutron(e.neutron_type())
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(message).neutron("HTTPBadRequest")
+}
+
+/// The object under `key` of a request body, decoded as `T`. Unknown attributes are refused as
+/// Neutron refuses them.
+pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, key: &str) -> ApiResult<T> {
+    let mut v: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("Malformed request body: {e}")))?;
+    let plural = format!("{key}s");
+    if v.get(&plural).is_some() && v.get(key).is_none() {
+        return Err(bad(format!(
+            "Bulk creation of {plural} is not supported: send one {key} per request"
+        )));
+    }
+    let inner = v
+        .get_mut(key)
+        .filter(|i| i.is_object())
+        .map(Value::take)
+        .ok_or_else(|| bad(format!("Unable to find '{key}' in request body")))?;
+    serde_json::from_value(inner).map_err(|e| {
+        let text = e.to_string();
+        match text.strip_prefix("unknown field `") {
+            Some(rest) => bad(format!(
+                "Unrecognized attribute(s) '{}'",
+                rest.split('`').next().unwrap_or_default()
+            )),
+            None => bad(format!("Invalid input for the request body: {text}")),
+        }
+    })
+}
+
+/// `{"key": value}` with 200.
+pub(super) fn one(key: &str, value: Value) -> Response {
+    Json(json!({ key: value })).into_response()
+}
+
+/// `{"key": value}` with 201.
+pub(super) fn created(key: &str, value: Value) -> Response {
+    (StatusCode::CREATED, Json(json!({ key: value }))).into_response()
+}
+
+pub(super) fn timestamp(secs: u64) -> String {
+    // Neutron prints whole seconds.
+    let full = super::identity::iso8601(secs);
+    format!("{}Z", full.split('.').next().unwrap_or(&full))
+}
+
+/// The query string as Neutron reads it: a key may repeat (its values are alternatives).
+pub(super) type Params = Query<Vec<(String, String)>>;
+
+/// Keys that shape a listing rather than filter it.
+const CONTROL: [&str; 6] = [
+    "fields",
+    "limit",
+    "marker",
+    "sort_key",
+    "sort_dir",
+    "page_reverse",
+];
+
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
+/// Whether `item`'s `attr` matches one of `wanted`, with Neutron's conversions: booleans
+/// as `true`/`True`/`1`, lists matching when they hold the value, `null` as empty.
+fn matches(item: &Value, attr: &str, wanted: &[&str]) -> bool {
+    let Some(v) = item.get(attr) else {
+        // Neutron without filter validation ignores filters on attributes it does not have.
+        return true;
+    };
+    let norm = |s: &str| match s {
+        "True" | "1" => "true".to_owned(),
+        "False" | "0" => "false".to_owned(),
+        "None" => String::new(),
+        other => other.to_owned(),
+    };
+    match v {
+        Value::Array(items) => wanted
+            .iter()
+            .any(|w| items.iter().any(|i| text_of(i).as_deref() == Some(*w))),
+        Value::Bool(_) => wanted.iter().any(|w| text_of(v) == Some(norm(w))),
+        _ => wanted.iter().any(|w| {
+            let t = text_of(v);
+            t.as_deref() == Some(*w) || (v.is_null() && norm(w).is_empty())
+        }),
+    }
+}
+
+/// Ports' `fixed_ips=ip_address=...`, `fixed_ips=subnet_id=...` and
+/// `fixed_ips=ip_address_substr=...`: a port matches when one of its addresses meets every
+/// kind given.
+fn matches_fixed_ips(item: &Value, conditions: &[&str]) -> ApiResult<bool> {
+    let mut by_kind: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for c in conditions {
+        let (k, v) = c.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "Invalid fixed_ips filter {c:?}: use ip_address=, subnet_id= or ip_address_substr="
+            ))
+        })?;
+        if !["ip_address", "subnet_id", "ip_address_substr"].contains(&k) {
+            return Err(bad(format!("Invalid fixed_ips filter key {k:?}: use ip_address, subnet_id or ip_address_substr")));
+        }
+        by_kind.entry(k).or_default().push(v);
+    }
+    let Some(ips) = item.get("fixed_ips").and_then(Value::as_array) else {
+        return Ok(false);
+    };
+    Ok(ips.iter().any(|ip| {
+        by_kind.iter().all(|(k, vals)| {
+            let field = if *k == "ip_address_substr" {
+                "ip_address"
+            } else {
+                k
+            };
+            let have = ip[field].as_str().unwrap_or_default();
+            vals.iter().any(|v| {
+                if *k == "ip_address_substr" {
+                    have.contains(v)
+                } else {
+                    have == *v
+                }
+            })
+        })
+    }))
+}
+
+fn matches_tags(item: &Value, key: &str, values: &[&str]) -> bool {
+    let have: Vec<&str> = item["tags"]
+        .as_array()
+        .map(|t| t.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let wanted: Vec<&str> = values.iter().flat_map(|v| v.split(',')).collect();
+    let all = wanted.iter().all(|w| have.contains(w));
+    let any = wanted.iter().any(|w| have.contains(w));
+    match key {
+        "tags" => all,
+        "tags-any" => any,
+        "not-tags" => !all,
+        _ => !any,
+    }
+}
+
+/// Applies a listing's filters, sorting, paging and `fields` to `items` and wraps them as
+/// `{collection: [...]}` (with `{collection}_links` when a page was cut).
+pub(super) fn listing(
+    collection: &str,
+    mut items: Vec<Value>,
+    params: &[(String, String)],
+    base: &str,
+) -> ApiResult<Response> {
+    let mut filters: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (k, v) in params {
+        filters.entry(k.as_str()).or_default().push(v.as_str());
+    }
+    let mut kept = Vec::with_capacity(items.len());
+    for item in items.drain(..) {
+        let mut ok = true;
+        for (k, vals) in &filters {
+            ok = match *k {
+                k if CONTROL.contains(&k) => true,
+                "fixed_ips" => matches_fixed_ips(&item, vals)?,
+                "tags" | "tags-any" | "not-tags" | "not-tags-any" => matches_tags(&item, k, vals),
+                "tenant_id" | "project_id" => matches(&item, "project_id", vals),
+                _ => matches(&item, k, vals),
+            };
+            if !ok {
+                break;
+            }
+        }
+        if ok {
+            kept.push(item);
+        }
+    }
+    let mut items = kept;
+    if let Some(keys) = filters.get("sort_key") {
+        let dirs = filters.get("sort_dir").cloned().unwrap_or_default();
+        let keys: Vec<(&str, bool)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (*k, dirs.get(i).is_some_and(|d| *d == "desc")))
+            .collect();
+        items.sort_by(|a, b| {
+            for (k, desc) in &keys {
+                let o = text_of(&a[*k]).cmp(&text_of(&b[*k]));
+                let o = if *desc { o.reverse() } else { o };
+                if o.is_ne() {
+                    return o;
+                }
+            }
+            std::cmp::Ordering::Equal
+        });
+    }
+    if let Some(marker) = filters.get("marker").and_then(|m| m.first()) {
+        if let Some(pos) = items.iter().position(|i| i["id"] == *marker) {
+            items.drain(..=pos);
+        }
+    }
+    let mut links = Vec::new();
+    if let Some(limit) = filters.get("limit").and_then(|l| l.first()) {
+        let limit: usize = limit.parse().map_err(|_| {
+            bad(format!(
+                "Invalid limit {limit:?}: a whole number is expected"
+            ))
+        })?;
+        if limit > 0 && items.len() > limit {
+            items.truncate(limit);
+            let last = items.last().map(|i| i["id"].clone()).unwrap_or_default();
+            let last = last.as_str().unwrap_or_default();
+            links.push(json!({
+                "rel": "next",
+                "href": format!("{base}{PREFIX}/{collection}?limit={limit}&marker={last}"),
+            }));
+        }
+    }
+    if let Some(fields) = filters.get("fields") {
+        let fields: Vec<&str> = fields.iter().flat_map(|f| f.split(',')).collect();
+        for item in &mut items {
+            if let Value::Object(map) = item {
+                map.retain(|k, _| fields.contains(&k.as_str()));
+            }
+        }
+    }
+    let mut out = Map::new();
+    out.insert(collection.to_owned(), Value::Array(items));
+    if !links.is_empty() {
+        out.insert(format!("{collection}_links"), Value::Array(links));
+    }
+    Ok(Json(Value::Object(out)).into_response())
+}
+
+/// `fields=` on a single resource.
+pub(super) fn pick_fields(mut item: Value, params: &[(String, String)]) -> Value {
+    let fields: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "fields")
+        .flat_map(|(_, v)| v.split(','))
+        .collect();
+    if !fields.is_empty() {
+        if let Value::Object(map) = &mut item {
+            map.retain(|k, _| fields.contains(&k.as_str()));
+        }
+    }
+    item
+}
+
+async fn versions(State(state): State<AppState>) -> Response {
+    Json(json!({"versions": [{
+        "id": "v2.0",
+        "status": "CURRENT",
+        "links": [{"rel": "self", "href": format!("{}{PREFIX}/", state.base_url)}],
+    }]}))
+    .into_response()
+}
+
+async fn resources(State(state): State<AppState>) -> Response {
+    let list: Vec<Value> = [
+        ("network", "networks"),
+        ("subnet", "subnets"),
+        ("port", "ports"),
+        ("security_group", "security-groups"),
+        ("security_group_rule", "security-group-rules"),
+        ("quota", "quotas"),
+    ]
+    .iter()
+    .map(|(name, collection)| {
+        json!({
+            "name": name,
+            "collection": collection,
+            "links": [{"rel": "self", "href": format!("{}{PREFIX}/{collection}", state.base_url)}],
+        })
+    })
+    .collect();
+    Json(json!({ "resources": list })).into_response()
+}
+
+/// The extensions that really work here; the client checks some before it calls.
+const EXTENSIONS: [(&str, &str, &str); 20] = [
+    ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
+    ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
+    ("external-net", "Neutron external network", "Adds external network attribute to network resource."),
+    ("ip-substring-filtering", "IP address substring filtering", "Provides IP address substring filtering when listing ports"),
+    ("net-mtu", "Network MTU", "Provides MTU attribute for a network resource."),
+    ("network_availability_zone", "Network Availability Zone", "Availability zone support for network."),
+    ("pagination", "Pagination support", "Extension that indicates that pagination is enabled."),
+    ("port-security", "Port Security", "Provides port security"),
+    ("port-security-groups-filtering", "Port filtering on security groups", "Provides security groups filtering when listing ports"),
+    ("project-id", "project_id field enabled", "Extension that indicates that project_id field is enabled."),
+    ("provider", "Provider Network", "Expose mapping of virtual networks to physical networks"),
+    ("quota_details", "Quota details management support", "Expose functions for quotas usage statistics per project"),
+    ("quotas", "Quota management support", "Expose functions for quotas management per project"),
+    ("security-group", "security-group", "The security groups extension."),
+    ("sorting", "Sorting support", "Extension that indicates that sorting is enabled."),
+    ("standard-attr-description", "standard-attr-description", "Extension to add descriptions to standard attributes"),
+    ("standard-attr-revisions", "Resource revision numbers", "This extension will display the revision number of neutron resources."),
+    ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, security_group", "Enables to set tag on resources with standard attribute."),
+    ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes."),
+    ("stateful-security-group", "Stateful security group", "Indicates if the security group is stateful or not"),
+];
+
+fn extension_json((alias, name, description): (&str, &str, &str)) -> Value {
+    json!({
+        "alias": alias,
+        "name": name,
+        "description": description,
+        "updated": "2013-01-01T00:00:00-00:00",
+        "links": [],
+    })
+}
+
+async fn extensions(_auth: Auth) -> Response {
+    let list: Vec<Value> = EXTENSIONS.iter().copied().map(extension_json).collect();
+    Json(json!({ "extensions": list })).into_response()
+}
+
+async fn extension(_auth: Auth, Path(alias): Path<String>) -> ApiResult<Response> {
+    EXTENSIONS
+        .iter()
+        .copied()
+        .find(|(a, _, _)| *a == alias)
+        .map(|e| one("extension", extension_json(e)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "Extension with alias {} does not exist",
+                shoal_network::ipv4::shown(&alias)
+            ))
+            .neutron("ExtensionNotFound")
+        })
+}
+
+/// `/{collection}/{id}/tags`: list, replace all, remove all.
+fn tags(kind: Tagged) -> MethodRouter<AppState> {
+    get(move |State(s): State<AppState>, auth: Auth, Path(id): Path<String>| async move {
+        let c = caller(&auth);
+        let tags = s.network.set_tags(&c, kind, &id, |_| {}).await.map_err(net_err)?;
+        Ok::<_, ApiError>(Json(json!({ "tags": tags })).into_response())
+    })
+    .put(move |State(s): State<AppState>, auth: Auth, Path(id): Path<String>, bytes: Bytes| async move {
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("Malformed request body: {e}")))?;
+        let new: Vec<String> = serde_json::from_value(v["tags"].clone())
+            .map_err(|_| bad("the body must be {\"tags\": [\"...\"]}"))?;
+        let c = caller(&auth);
+        let tags = s
+            .network
+            .set_tags(&c, kind, &id, |t| *t = new.clone())
+            .await
+            .map_err(net_err)?;
+        Ok::<_, ApiError>(Json(json!({ "tags": tags })).into_response())
+    })
+    .delete(move |State(s): State<AppState>, auth: Auth, Path(id): Path<String>| async move {
+        let c = caller(&auth);
+        s.network.set_tags(&c, kind, &id, Vec::clear).await.map_err(net_err)?;
+        Ok::<_, ApiError>(StatusCode::NO_CONTENT.into_response())
+    })
+}
+
+/// `/{collection}/{id}/tags/{tag}`: check, add, remove one tag.
+fn tag(kind: Tagged) -> MethodRouter<AppState> {
+    get(move |State(s): State<AppState>, auth: Auth, Path((id, tag)): Path<(String, String)>| async move {
+        let c = caller(&auth);
+        let tags = s.network.set_tags(&c, kind, &id, |_| {}).await.map_err(net_err)?;
+        if tags.contains(&tag) {
+            Ok(StatusCode::NO_CONTENT.into_response())
+        } else {
+            Err(ApiError::not_found(format!("Tag {} could not be found.", shoal_network::ipv4::shown(&tag))).neutron("TagNotFound"))
+        }
+    })
+    .put(move |State(s): State<AppState>, auth: Auth, Path((id, tag)): Path<(String, String)>| async move {
+        let c = caller(&auth);
+        s.network
+            .set_tags(&c, kind, &id, |t| t.push(tag.clone()))
+            .await
+            .map_err(net_err)?;
+        Ok::<_, ApiError>(StatusCode::CREATED.into_response())
+    })
+    .delete(move |State(s): State<AppState>, auth: Auth, Path((id, tag)): Path<(String, String)>| async move {
+        let c = caller(&auth);
+        let mut found = false;
+        s.network
+            .set_tags(&c, kind, &id, |t| {
+                let before = t.len();
+                t.retain(|x| *x != tag);
+                found = found || t.len() != before;
+            })
+            .await
+            .map_err(net_err)?;
+        if found {
+            Ok(StatusCode::NO_CONTENT.into_response())
+        } else {
+            Err(ApiError::not_found(format!("Tag {} could not be found.", shoal_network::ipv4::shown(&tag))).neutron("TagNotFound"))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(ip: &str, subnet: &str, tags: &[&str]) -> Value {
+        json!({"id": ip, "name": "p", "admin_state_up": true, "tags": tags,
+               "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}], "security_groups": ["sg1"]})
+    }
+
+    fn ids(resp: Response) -> Vec<String> {
+        let body =
+            futures::executor::block_on(axum::body::to_bytes(resp.into_body(), 1 << 20)).unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn filters_work_as_the_client_sends_them() {
+        let items = vec![
+            port("10.0.0.5", "s1", &["a", "b"]),
+            port("10.0.0.6", "s2", &["b"]),
+        ];
+        let run =
+            |p: &[(&str, &str)]| ids(listing("ports", items.clone(), &q(p), "http://x").unwrap());
+        assert_eq!(run(&[("fixed_ips", "ip_address=10.0.0.5")]), ["10.0.0.5"]);
+        assert_eq!(run(&[("fixed_ips", "subnet_id=s2")]), ["10.0.0.6"]);
+        assert_eq!(
+            run(&[
+                ("fixed_ips", "subnet_id=s2"),
+                ("fixed_ips", "ip_address=10.0.0.5")
+            ]),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            run(&[("fixed_ips", "ip_address_substr=0.0.6")]),
+            ["10.0.0.6"]
+        );
+        assert_eq!(run(&[("admin_state_up", "True")]).len(), 2);
+        assert_eq!(run(&[("admin_state_up", "false")]).len(), 0);
+        assert_eq!(run(&[("security_groups", "sg1")]).len(), 2);
+        assert_eq!(run(&[("tags", "a,b")]), ["10.0.0.5"]);
+        assert_eq!(run(&[("not-tags-any", "a")]), ["10.0.0.6"]);
+        assert_eq!(run(&[("id", "10.0.0.5"), ("id", "10.0.0.6")]).len(), 2);
+        assert_eq!(run(&[("limit", "1")]), ["10.0.0.5"]);
+        assert_eq!(run(&[("marker", "10.0.0.5")]), ["10.0.0.6"]);
+        assert_eq!(
+            run(&[("sort_key", "id"), ("sort_dir", "desc")]),
+            ["10.0.0.6", "10.0.0.5"]
+        );
+        assert!(listing("ports", items.clone(), &q(&[("fixed_ips", "mac=1")]), "").is_err());
+        let only = pick_fields(
+            items[0].clone(),
+            &q(&[("fields", "id"), ("fields", "name")]),
+        );
+        assert_eq!(only, json!({"id": "10.0.0.5", "name": "p"}));
+    }
+
+    #[test]
+    fn bodies_refuse_unknown_attributes_like_neutron() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct N {
+            name: Option<String>,
+        }
+        let e = body::<N>(
+            &Bytes::from_static(br#"{"network": {"colour": "red"}}"#),
+            "network",
+        )
+        .unwrap_err();
+        assert_eq!(e.message, "Unrecognized attribute(s) 'colour'");
+        let e = body::<N>(&Bytes::from_static(br#"{"networks": [{}]}"#), "network").unwrap_err();
+        assert!(e.message.contains("Bulk"), "{}", e.message);
+        assert!(body::<N>(&Bytes::from_static(b"{}"), "network").is_err());
+        assert!(body::<N>(
+            &Bytes::from_static(br#"{"network": {"name": "x"}}"#),
+            "network"
+        )
+        .is_ok());
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn service_errors_keep_their_type_and_status() {
+        let e = net_err(NetworkError::OverQuota { resource: "port" });
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        let body =
+            futures::executor::block_on(axum::body::to_bytes(e.into_response().into_body(), 4096))
+                .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["NeutronError"]["type"], "OverQuota");
+        assert_eq!(
+            v["NeutronError"]["message"],
+            "Quota exceeded for resources: ['port']."
+        );
+        let internal = net_err(NetworkError::State(shoal_state::StateError::Corrupt {
+            table: "ports",
+            key: "secret-key".into(),
+            reason: "bad bytes".into(),
+        }));
+        let body = futures::executor::block_on(axum::body::to_bytes(
+            internal.into_response().into_body(),
+            4096,
+        ))
+        .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("secret-key") && !text.contains("ports"),
+            "{text}"
+        );
+        assert!(text.contains("HTTPInternalServerError"), "{text}");
+    }
+}

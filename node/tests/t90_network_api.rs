@@ -1,0 +1,871 @@
+//! Network v2.0 (Neutron's L2 part) against a three-node cluster: the real `openstack` client
+//! for what users type, raw HTTP for error bodies and for a race through all three nodes.
+//!
+//! The client is found through `SHOAL_OPENSTACK_BIN` or `~/.cache/shoal/osc-venv`. Without it
+//! the client tests print why and pass, unless `CI=true`, where a missing client fails them.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::thread;
+
+use common::osc::{names, openstack_bin, Osc};
+use common::Cluster;
+use serde_json::{json, Value};
+
+/// One HTTP call to node `node`'s API; returns the status and the JSON body (or `null`).
+fn api(
+    c: &Cluster,
+    node: usize,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("{}{path}", c.nodes[node].base());
+    let mut req = c
+        .http
+        .request(method.parse().unwrap(), url)
+        .header("X-Auth-Token", token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The command failed with `status` and said `text`.
+fn refused(out: &common::osc::Out, status: u16, text: &str) {
+    out.failed_with(status);
+    assert!(out.stderr.contains(text), "{}", out.stderr);
+}
+
+fn field(list: &Value, key: &str, name: &str) -> Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["Resource"] == key)
+        .unwrap_or_else(|| panic!("no {key} ({name}) in {list}"))["Limit"]
+        .clone()
+}
+
+/// A user creates a network, a subnet with pools, a gateway and DNS servers, ports and
+/// security groups, each command through another node, and reads them back everywhere; the
+/// errors a user makes (a bad CIDR, a pool outside it, an overlapping subnet, an address in
+/// use, a duplicate rule, a network still in use) get Neutron's status codes.
+#[test]
+fn network_commands_work_against_every_node() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    assert!(osc.catalog_has(0, "network", "neutron"));
+
+    let net = osc.json(0, &["network", "create", "blue"]);
+    assert_eq!(net["name"], "blue");
+    assert_eq!(net["mtu"], 1450, "VXLAN: the underlay MTU less 50");
+    assert_eq!(net["provider:network_type"], "vxlan");
+    assert!(net["provider:segmentation_id"]
+        .as_u64()
+        .is_some_and(|v| (1..=65535).contains(&v)));
+    assert_eq!(net["status"], "ACTIVE");
+    assert_eq!(names(&osc.json(1, &["network", "list"]), "Name"), ["blue"]);
+    assert_eq!(osc.json(2, &["network", "show", "blue"])["id"], net["id"]);
+    // Tags go through their own calls (`PUT .../tags`), and filter listings.
+    let tagged = osc.json(
+        1,
+        &["network", "create", "--tag", "prod", "--tag", "eu", "green"],
+    );
+    assert_eq!(tagged["tags"], json!(["eu", "prod"]));
+    assert!(osc.run(2, &["network", "unset", "--tag", "eu", "green"]).ok);
+    assert_eq!(
+        names(&osc.json(0, &["network", "list", "--tags", "prod"]), "Name"),
+        ["green"]
+    );
+    assert!(osc
+        .json(1, &["network", "list", "--tags", "eu"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(osc.run(2, &["network", "delete", "green"]).ok);
+
+    let sub = osc.json(
+        1,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "blue",
+            "--subnet-range",
+            "10.20.0.0/24",
+            "--gateway",
+            "10.20.0.254",
+            "--allocation-pool",
+            "start=10.20.0.10,end=10.20.0.19",
+            "--dns-nameserver",
+            "192.0.2.53",
+            "blue-v4",
+        ],
+    );
+    assert_eq!(sub["cidr"], "10.20.0.0/24");
+    assert_eq!(sub["gateway_ip"], "10.20.0.254");
+    assert_eq!(
+        sub["allocation_pools"],
+        json!([{"start": "10.20.0.10", "end": "10.20.0.19"}])
+    );
+    assert_eq!(sub["dns_nameservers"], json!(["192.0.2.53"]));
+    assert_eq!(sub["enable_dhcp"], true);
+    let shown = osc.json(0, &["network", "show", "blue"]);
+    assert_eq!(shown["subnets"], json!([sub["id"]]));
+    assert_eq!(
+        names(
+            &osc.json(2, &["subnet", "list", "--network", "blue"]),
+            "Name"
+        ),
+        ["blue-v4"]
+    );
+
+    // Bad layouts.
+    osc.run(
+        0,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "blue",
+            "--subnet-range",
+            "10.30.0.7/24",
+            "x",
+        ],
+    )
+    .failed_with(400);
+    osc.run(
+        1,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "blue",
+            "--subnet-range",
+            "10.30.0.0/24",
+            "--allocation-pool",
+            "start=10.30.0.10,end=10.31.0.5",
+            "x",
+        ],
+    )
+    .failed_with(400);
+    let overlap = osc.run(
+        2,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "blue",
+            "--subnet-range",
+            "10.20.0.0/16",
+            "x",
+        ],
+    );
+    refused(&overlap, 400, "overlaps with another subnet");
+
+    // Ports, each step through another node.
+    let p1 = osc.json(0, &["port", "create", "--network", "blue", "web-1"]);
+    let ip1 = p1["fixed_ips"][0]["ip_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let last: u8 = ip1.rsplit('.').next().unwrap().parse().unwrap();
+    assert!((10..=19).contains(&last), "{ip1} is outside the pool");
+    assert!(p1["mac_address"].as_str().unwrap().starts_with("fa:16:3e:"));
+    assert_eq!(p1["status"], "DOWN");
+    let default_sg = osc.json(1, &["security", "group", "show", "default"]);
+    assert_eq!(p1["security_group_ids"], json!([default_sg["id"]]));
+    let p2 = osc.json(
+        1,
+        &[
+            "port",
+            "create",
+            "--network",
+            "blue",
+            "--fixed-ip",
+            "subnet=blue-v4,ip-address=10.20.0.15",
+            "web-2",
+        ],
+    );
+    assert_eq!(p2["fixed_ips"][0]["ip_address"], "10.20.0.15");
+    let taken = osc.run(
+        2,
+        &[
+            "port",
+            "create",
+            "--network",
+            "blue",
+            "--fixed-ip",
+            "subnet=blue-v4,ip-address=10.20.0.15",
+            "web-3",
+        ],
+    );
+    refused(&taken, 409, "already allocated");
+    assert_eq!(
+        names(&osc.json(2, &["port", "list"]), "Name"),
+        ["web-1", "web-2"]
+    );
+    let by_ip = osc.json(0, &["port", "list", "--fixed-ip", "ip-address=10.20.0.15"]);
+    assert_eq!(names(&by_ip, "Name"), ["web-2"]);
+    assert_eq!(osc.json(1, &["port", "show", "web-1"])["id"], p1["id"]);
+    let renamed = osc.run(2, &["port", "set", "--name", "web-2b", "web-2"]);
+    assert!(renamed.ok, "{}", renamed.stderr);
+    assert_eq!(
+        osc.json(0, &["port", "show", "web-2b"])["revision_number"],
+        2
+    );
+
+    // Security groups and rules.
+    let sg = osc.json(2, &["security", "group", "create", "ssh"]);
+    let rule = osc.json(
+        0,
+        &[
+            "security",
+            "group",
+            "rule",
+            "create",
+            "--protocol",
+            "tcp",
+            "--dst-port",
+            "22",
+            "ssh",
+        ],
+    );
+    assert_eq!(rule["port_range_min"], 22);
+    assert_eq!(rule["security_group_id"], sg["id"]);
+    let dup = osc.run(
+        1,
+        &[
+            "security",
+            "group",
+            "rule",
+            "create",
+            "--protocol",
+            "tcp",
+            "--dst-port",
+            "22",
+            "ssh",
+        ],
+    );
+    refused(&dup, 409, "already exists");
+    let rules = osc.json(2, &["security", "group", "rule", "list", "ssh"]);
+    assert_eq!(
+        rules.as_array().unwrap().len(),
+        3,
+        "two egress rules and ssh: {rules}"
+    );
+    assert!(
+        osc.run(
+            0,
+            &[
+                "security",
+                "group",
+                "rule",
+                "delete",
+                rule["id"].as_str().unwrap()
+            ]
+        )
+        .ok
+    );
+    assert_eq!(
+        osc.json(1, &["security", "group", "rule", "list", "ssh"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let used = osc.run(2, &["port", "set", "--security-group", "ssh", "web-1"]);
+    assert!(used.ok, "{}", used.stderr);
+    osc.run(0, &["security", "group", "delete", "ssh"])
+        .failed_with(409);
+
+    // A network with ports stays; without them it goes, its subnet with it.
+    osc.run(1, &["network", "delete", "blue"]).failed_with(409);
+    assert!(osc.run(2, &["port", "delete", "web-1", "web-2b"]).ok);
+    assert!(osc
+        .json(0, &["port", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(osc.run(1, &["security", "group", "delete", "ssh"]).ok);
+    assert!(osc.run(1, &["network", "delete", "blue"]).ok);
+    assert!(osc
+        .json(2, &["network", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(osc
+        .json(0, &["subnet", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// Two projects do not see each other's networks, ports or groups; a shared network is seen
+/// by both; provider attributes are an administrator's; a project's port quota holds.
+#[test]
+fn projects_are_isolated_and_bounded_by_quotas() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    osc.json(0, &["project", "create", "red"]);
+    osc.json(0, &["project", "create", "green"]);
+    osc.user_with_role(1, "alice", "alice-pw-1", "red", "member");
+    osc.user_with_role(2, "bob", "bob-pw-12", "green", "member");
+    let alice = [
+        ("OS_USERNAME", "alice"),
+        ("OS_PASSWORD", "alice-pw-1"),
+        ("OS_PROJECT_NAME", "red"),
+    ];
+    let bob = [
+        ("OS_USERNAME", "bob"),
+        ("OS_PASSWORD", "bob-pw-12"),
+        ("OS_PROJECT_NAME", "green"),
+    ];
+    let run = |node, who: &[(&str, &str)], args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["-f", "json"]);
+        osc.run_as(node, who, &a)
+    };
+
+    let net = run(0, &alice, &["network", "create", "alice-net"]).json();
+    assert!(
+        net.get("provider:network_type").is_none_or(Value::is_null),
+        "provider attributes are admin-only: {net}"
+    );
+    assert!(
+        run(
+            1,
+            &alice,
+            &[
+                "subnet",
+                "create",
+                "--network",
+                "alice-net",
+                "--subnet-range",
+                "10.0.0.0/24",
+                "a4"
+            ]
+        )
+        .ok
+    );
+    let port = run(
+        2,
+        &alice,
+        &["port", "create", "--network", "alice-net", "alice-port"],
+    )
+    .json();
+    let sg = run(0, &alice, &["security", "group", "create", "alice-sg"]).json();
+
+    // Bob sees none of it, by name or by id, and cannot use it.
+    assert!(run(1, &bob, &["network", "list"])
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    for (kind, id) in [("network", &net["id"]), ("port", &port["id"])] {
+        let out = run(2, &bob, &[kind, "show", id.as_str().unwrap()]);
+        assert!(
+            !out.ok && out.stderr.contains("No ") && out.stderr.contains("found"),
+            "{kind}: {}",
+            out.stderr
+        );
+    }
+    let out = run(
+        0,
+        &bob,
+        &["security", "group", "show", sg["id"].as_str().unwrap()],
+    );
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(run(1, &bob, &["port", "list"])
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        names(&run(2, &bob, &["security", "group", "list"]).json(), "Name"),
+        ["default"]
+    );
+    run(
+        0,
+        &bob,
+        &["network", "create", "--provider-network-type", "vxlan", "x"],
+    )
+    .failed_with(403);
+    run(1, &bob, &["network", "create", "--share", "x"]).failed_with(403);
+
+    // A shared network is everyone's to see and attach to, its owner's to change.
+    let shared = osc.json(2, &["network", "create", "--share", "public-net"]);
+    assert_eq!(
+        shared["provider:network_type"], "vxlan",
+        "an admin sees provider attributes"
+    );
+    assert!(
+        osc.run(
+            0,
+            &[
+                "subnet",
+                "create",
+                "--network",
+                "public-net",
+                "--subnet-range",
+                "10.0.0.0/24",
+                "p4"
+            ]
+        )
+        .ok,
+        "CIDRs may overlap across networks"
+    );
+    assert_eq!(
+        names(&run(1, &bob, &["network", "list"]).json(), "Name"),
+        ["public-net"]
+    );
+    let bobs = run(
+        2,
+        &bob,
+        &["port", "create", "--network", "public-net", "bob-port"],
+    )
+    .json();
+    assert_eq!(
+        bobs["project_id"],
+        run(0, &bob, &["token", "issue"]).json()["project_id"]
+    );
+    osc.run_as(0, &bob, &["network", "delete", "public-net"])
+        .failed_with(403);
+
+    // Quotas: the defaults, then a port limit that holds.
+    let q = osc.json(1, &["quota", "show", "--network", "green"]);
+    for (resource, limit) in [
+        ("networks", 100),
+        ("subnets", 100),
+        ("ports", 500),
+        ("secgroups", 10),
+        ("secgroup-rules", 100),
+        ("routers", 10),
+        ("floating-ips", 50),
+    ] {
+        assert_eq!(field(&q, resource, "quota show"), limit, "{resource}: {q}");
+    }
+    let set = osc.run(2, &["quota", "set", "--ports", "3", "green"]);
+    assert!(set.ok, "{}", set.stderr);
+    assert_eq!(
+        field(
+            &osc.json(0, &["quota", "show", "--network", "green"]),
+            "ports",
+            "after set"
+        ),
+        3
+    );
+    assert_eq!(
+        field(
+            &run(1, &bob, &["quota", "show", "--network", "green"]).json(),
+            "ports",
+            "own"
+        ),
+        3
+    );
+    assert!(
+        run(
+            1,
+            &bob,
+            &["port", "create", "--network", "public-net", "b2"]
+        )
+        .ok
+    );
+    assert!(
+        run(
+            2,
+            &bob,
+            &["port", "create", "--network", "public-net", "b3"]
+        )
+        .ok
+    );
+    let over = run(
+        0,
+        &bob,
+        &["port", "create", "--network", "public-net", "b4"],
+    );
+    refused(&over, 409, "Quota exceeded for resources: ['port']");
+    // Bob may not raise it, nor read red's.
+    osc.run_as(1, &bob, &["quota", "set", "--ports", "9", "green"])
+        .failed_with(403);
+    assert!(!run(2, &bob, &["quota", "show", "--network", "red"]).ok);
+    // Deleting a port frees a slot.
+    assert!(osc.run_as(0, &bob, &["port", "delete", "b3"]).ok);
+    assert!(
+        run(
+            1,
+            &bob,
+            &["port", "create", "--network", "public-net", "b4"]
+        )
+        .ok
+    );
+}
+
+/// Errors reach raw HTTP clients in Neutron's body (`NeutronError` with `type`, `message`
+/// and `detail`) and status, through any node; the versions document and the extension
+/// list are served as the client expects them.
+#[test]
+fn errors_come_in_neutrons_shape() {
+    let c = Cluster::start(3, &[]);
+    let token = c.token(0);
+    let (s, v) = api(&c, 1, "GET", "/network/", &token, None);
+    assert_eq!(s, 200);
+    assert_eq!(v["versions"][0]["id"], "v2.0");
+    let (_, ext) = api(&c, 2, "GET", "/network/v2.0/extensions", &token, None);
+    let aliases: BTreeSet<&str> = ext["extensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["alias"].as_str().unwrap())
+        .collect();
+    for needed in [
+        "security-group",
+        "quotas",
+        "quota_details",
+        "provider",
+        "external-net",
+        "port-security",
+        "binding",
+        "standard-attr-tag",
+    ] {
+        assert!(aliases.contains(needed), "{needed} missing: {aliases:?}");
+    }
+    assert!(!aliases.contains("router"), "routers do not exist yet");
+
+    let expect = |(status, body): (u16, Value), want: u16, kind: &str| {
+        assert_eq!(status, want, "{body}");
+        let e = &body["NeutronError"];
+        assert_eq!(e["type"], kind, "{body}");
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert!(e.get("detail").is_some(), "{body}");
+    };
+    let missing = "2b5c1a5e-0000-4000-8000-000000000000";
+    expect(
+        api(
+            &c,
+            0,
+            "GET",
+            &format!("/network/v2.0/networks/{missing}"),
+            &token,
+            None,
+        ),
+        404,
+        "NetworkNotFound",
+    );
+    expect(
+        api(
+            &c,
+            1,
+            "POST",
+            "/network/v2.0/ports",
+            &token,
+            Some(json!({"port": {"network_id": missing}})),
+        ),
+        404,
+        "NetworkNotFound",
+    );
+    expect(
+        api(
+            &c,
+            2,
+            "POST",
+            "/network/v2.0/networks",
+            &token,
+            Some(json!({"network": {"colour": "red"}})),
+        ),
+        400,
+        "HTTPBadRequest",
+    );
+    let (s, net) = api(
+        &c,
+        0,
+        "POST",
+        "/network/v2.0/networks",
+        &token,
+        Some(json!({"network": {"name": "n"}})),
+    );
+    assert_eq!(s, 201, "{net}");
+    let net_id = net["network"]["id"].as_str().unwrap();
+    let subnet = |cidr: &str, extra: Value| {
+        let mut b = json!({"network_id": net_id, "ip_version": 4, "cidr": cidr});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({ "subnet": b })
+    };
+    expect(
+        api(
+            &c,
+            1,
+            "POST",
+            "/network/v2.0/subnets",
+            &token,
+            Some(subnet("10.0.0.0/33", json!({}))),
+        ),
+        400,
+        "HTTPBadRequest",
+    );
+    expect(
+        api(
+            &c,
+            2,
+            "POST",
+            "/network/v2.0/subnets",
+            &token,
+            Some(subnet(
+                "10.0.0.0/24",
+                json!({"allocation_pools": [{"start": "10.0.0.5", "end": "10.0.1.5"}]}),
+            )),
+        ),
+        400,
+        "OutOfBoundsAllocationPool",
+    );
+    expect(
+        api(
+            &c,
+            0,
+            "POST",
+            "/network/v2.0/subnets",
+            &token,
+            Some(subnet(
+                "10.0.0.0/24",
+                json!({"gateway_ip": "10.0.0.7", "allocation_pools": [{"start": "10.0.0.5", "end": "10.0.0.9"}]}),
+            )),
+        ),
+        409,
+        "GatewayConflictWithAllocationPools",
+    );
+    let (s, sub) = api(
+        &c,
+        1,
+        "POST",
+        "/network/v2.0/subnets",
+        &token,
+        Some(subnet("10.0.0.0/24", json!({}))),
+    );
+    assert_eq!(s, 201, "{sub}");
+    let sub_id = sub["subnet"]["id"].as_str().unwrap();
+    let at = |ip: &str| json!({"port": {"network_id": net_id, "fixed_ips": [{"subnet_id": sub_id, "ip_address": ip}]}});
+    let (s, _) = api(
+        &c,
+        2,
+        "POST",
+        "/network/v2.0/ports",
+        &token,
+        Some(at("10.0.0.40")),
+    );
+    assert_eq!(s, 201);
+    expect(
+        api(
+            &c,
+            0,
+            "POST",
+            "/network/v2.0/ports",
+            &token,
+            Some(at("10.0.0.40")),
+        ),
+        409,
+        "IpAddressAlreadyAllocated",
+    );
+    expect(
+        api(
+            &c,
+            1,
+            "POST",
+            "/network/v2.0/ports",
+            &token,
+            Some(at("10.9.9.9")),
+        ),
+        400,
+        "InvalidInput",
+    );
+    expect(
+        api(
+            &c,
+            2,
+            "DELETE",
+            &format!("/network/v2.0/networks/{net_id}"),
+            &token,
+            None,
+        ),
+        409,
+        "NetworkInUse",
+    );
+    expect(
+        api(
+            &c,
+            0,
+            "DELETE",
+            &format!("/network/v2.0/subnets/{sub_id}"),
+            &token,
+            None,
+        ),
+        409,
+        "SubnetInUse",
+    );
+    // Neutron's path shapes for things that do not exist here are 404s in the same body.
+    let (s, v) = api(&c, 1, "GET", "/network/v2.0/routers", &token, None);
+    assert_eq!(s, 404, "{v}");
+    assert!(v["NeutronError"].is_object(), "{v}");
+    // The details the client's `quota show --usage` reads.
+    let (s, d) = api(
+        &c,
+        2,
+        "GET",
+        &format!(
+            "/network/v2.0/quotas/{}/details.json",
+            net["network"]["project_id"].as_str().unwrap()
+        ),
+        &token,
+        None,
+    );
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(
+        d["quota"]["port"],
+        json!({"limit": 500, "used": 1, "reserved": 0})
+    );
+    assert_eq!(d["quota"]["network"]["used"], 1);
+    assert_eq!(d["quota"]["subnet"]["used"], 1);
+    // The default group and its four rules.
+    assert_eq!(d["quota"]["security_group"]["used"], 1);
+    assert_eq!(d["quota"]["security_group_rule"]["used"], 4);
+}
+
+/// IPAM never hands one address (or one MAC) to two ports: twelve clients create ports at once
+/// through all three nodes on a subnet whose pool is smaller than the number of creates. Every
+/// create that succeeds holds an address no other port holds, every one that fails says the
+/// pool is exhausted, every node lists the same ports, and deleted ports' addresses come back.
+#[test]
+fn concurrent_port_creates_through_three_nodes_never_share_an_address() {
+    const POOL: usize = 30;
+    const CREATES_PER_CLIENT: usize = 4;
+    const CLIENTS_PER_NODE: usize = 4;
+    let c = Arc::new(Cluster::start(3, &[]));
+    let token = c.token(0);
+    let (_, net) = api(
+        &c,
+        0,
+        "POST",
+        "/network/v2.0/networks",
+        &token,
+        Some(json!({"network": {"name": "race"}})),
+    );
+    let net_id = net["network"]["id"].as_str().unwrap().to_owned();
+    let (s, sub) = api(
+        &c,
+        1,
+        "POST",
+        "/network/v2.0/subnets",
+        &token,
+        Some(
+            json!({"subnet": {"network_id": net_id, "ip_version": 4, "cidr": "10.7.0.0/24",
+            "allocation_pools": [{"start": "10.7.0.100", "end": format!("10.7.0.{}", 100 + POOL - 1)}]}}),
+        ),
+    );
+    assert_eq!(s, 201, "{sub}");
+
+    let mut clients = Vec::new();
+    for node in 0..3 {
+        for _ in 0..CLIENTS_PER_NODE {
+            let (c, token, net_id) = (c.clone(), c.token(node), net_id.clone());
+            clients.push(thread::spawn(move || {
+                (0..CREATES_PER_CLIENT)
+                    .map(|_| {
+                        api(
+                            &c,
+                            node,
+                            "POST",
+                            "/network/v2.0/ports",
+                            &token,
+                            Some(json!({"port": {"network_id": net_id}})),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+    }
+    let (mut ips, mut macs, mut exhausted) = (BTreeSet::new(), BTreeSet::new(), 0);
+    for t in clients {
+        for (status, body) in t.join().unwrap() {
+            match status {
+                201 => {
+                    let p = &body["port"];
+                    let ip = p["fixed_ips"][0]["ip_address"].as_str().unwrap().to_owned();
+                    assert!(ips.insert(ip.clone()), "{ip} handed out twice");
+                    assert!(
+                        macs.insert(p["mac_address"].as_str().unwrap().to_owned()),
+                        "MAC handed out twice: {p}"
+                    );
+                }
+                409 => {
+                    assert_eq!(
+                        body["NeutronError"]["type"], "IpAddressGenerationFailure",
+                        "{body}"
+                    );
+                    exhausted += 1;
+                }
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+    }
+    let total = 3 * CLIENTS_PER_NODE * CREATES_PER_CLIENT;
+    assert_eq!(ips.len(), POOL, "every address of the pool is used once");
+    assert_eq!(exhausted, total - POOL);
+    for node in 0..3 {
+        let (_, list) = api(
+            &c,
+            node,
+            "GET",
+            &format!("/network/v2.0/ports?network_id={net_id}"),
+            &token,
+            None,
+        );
+        let seen: BTreeSet<String> = list["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["fixed_ips"][0]["ip_address"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(seen, ips, "node {node} lists other ports");
+    }
+    // Deleted ports' addresses return to the pool.
+    let (_, list) = api(
+        &c,
+        2,
+        "GET",
+        "/network/v2.0/ports?fixed_ips=ip_address=10.7.0.105",
+        &token,
+        None,
+    );
+    let victim = list["ports"][0]["id"].as_str().unwrap().to_owned();
+    let (s, _) = api(
+        &c,
+        0,
+        "DELETE",
+        &format!("/network/v2.0/ports/{victim}"),
+        &token,
+        None,
+    );
+    assert_eq!(s, 204);
+    let (s, again) = api(
+        &c,
+        1,
+        "POST",
+        "/network/v2.0/ports",
+        &token,
+        Some(json!({"port": {"network_id": net_id}})),
+    );
+    assert_eq!(s, 201, "{again}");
+    assert_eq!(again["port"]["fixed_ips"][0]["ip_address"], "10.7.0.105");
+}
