@@ -446,3 +446,147 @@ fn concurrent_creates_through_every_node_never_overbook_a_host() {
         );
     }
 }
+
+#[test]
+fn servers_get_ports_on_the_projects_networks() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    osc.json(0, &["network", "create", "net1"]);
+    osc.json(
+        1,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "net1",
+            "--subnet-range",
+            "10.9.0.0/24",
+            "sub1",
+        ],
+    );
+
+    // One network visible: a server without --nic gets a port on it.
+    let vm = osc.json(
+        2,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "vmn",
+        ],
+    );
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
+    assert!(vm["addresses"].to_string().contains("10.9.0."), "{vm}");
+    let ports = osc.json(0, &["port", "list", "--server", &id]);
+    let ports = ports.as_array().unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let port_id = ports[0]["ID"].as_str().unwrap().to_owned();
+    let port = osc.json(1, &["port", "show", &port_id]);
+    assert_eq!(port["device_owner"], "compute:nova", "{port}");
+    assert_eq!(port["binding_host_id"], host.as_str(), "{port}");
+    assert!(port["mac_address"]
+        .as_str()
+        .unwrap()
+        .starts_with("fa:16:3e:"));
+
+    // Two networks: the server must say which.
+    osc.json(0, &["network", "create", "net2"]);
+    osc.json(
+        0,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "net2",
+            "--subnet-range",
+            "10.8.0.0/24",
+            "sub2",
+        ],
+    );
+    let out = osc.run(
+        1,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "x",
+        ],
+    );
+    out.failed_with(409);
+    let vm2 = osc.json(
+        1,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--network",
+            "net2",
+            "--wait",
+            "vm2",
+        ],
+    );
+    assert!(vm2["addresses"].to_string().contains("10.8.0."), "{vm2}");
+
+    // A port the user made is used, and only unbound when the server goes.
+    let p1 = osc.json(2, &["port", "create", "--network", "net1", "p1"]);
+    let p1_id = p1["id"].as_str().unwrap().to_owned();
+    let p1_ip = p1["fixed_ips"].to_string();
+    let vm3 = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--port", &p1_id,
+            "--wait", "vm3",
+        ],
+    );
+    let vm3_id = vm3["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        osc.json(1, &["port", "show", &p1_id])["device_id"],
+        vm3_id.as_str()
+    );
+    assert!(
+        vm3["addresses"].to_string().contains("10.9.0."),
+        "{vm3} {p1_ip}"
+    );
+    // A bound port cannot be given to a second server.
+    let out = osc.run(
+        1,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--port", &p1_id, "y",
+        ],
+    );
+    out.failed_with(409);
+
+    // Deletes: the server's own port goes, the user's port stays, unbound.
+    for s in [&id, &vm3_id] {
+        let out = osc.run(2, &["server", "delete", "--wait", s]);
+        assert!(out.ok, "{}", out.stderr);
+    }
+    let out = osc.run(0, &["port", "show", &port_id]);
+    assert!(!out.ok, "the server's port is left: {}", out.stdout);
+    let p1 = osc.json(0, &["port", "show", &p1_id]);
+    assert_eq!(p1["device_id"], "", "{p1}");
+
+    // networks "none" (what --nic none sends at 2.37+): no NIC.
+    let flavor_id = osc.json(0, &["flavor", "show", "m1.tiny"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let image_id = osc.json(0, &["image", "show", "tiny"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let resp = c
+        .http
+        .post(format!("{}/compute/v2.1/servers", c.nodes[0].base()))
+        .header("X-Auth-Token", c.token(0))
+        .json(
+            &json!({"server": {"name": "vm4", "flavorRef": flavor_id, "imageRef": image_id,
+            "networks": "none"}}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let v: Value = resp.json().unwrap();
+    let vm4 = wait_status(&osc, 1, v["server"]["id"].as_str().unwrap(), "ACTIVE");
+    assert!(!vm4["addresses"].to_string().contains("10."), "{vm4}");
+}

@@ -80,6 +80,7 @@ pub struct Agent {
 
 struct Inner {
     cluster: Cluster,
+    store: Arc<dyn shoal_state::Store>,
     servers: Table<ServerRecord>,
     hv: Libvirt,
     images: Arc<dyn ImageSource>,
@@ -114,6 +115,7 @@ impl Agent {
         };
         Ok(Agent {
             inner: Arc::new(Inner {
+                store: Arc::new(cluster.clone()),
                 cluster,
                 servers,
                 hv,
@@ -515,15 +517,52 @@ impl Agent {
             kernel,
             initrd,
             cmdline: s.image.kernel_cmdline.clone(),
-            interfaces: Vec::new(),
+            interfaces: s
+                .ports
+                .iter()
+                .map(|p| crate::domain::Interface {
+                    tap: crate::domain::tap_name(&p.port_id),
+                    mac: p.mac.clone(),
+                    mtu: Some(p.mtu),
+                })
+                .collect(),
             console_log,
         };
+        self.bind_ports(s).await;
         self.inner
             .hv
             .define_and_start(spec.to_xml())
             .await
             .map_err(|e| e.to_string())?;
         Ok(name)
+    }
+
+    /// Records this host as the ports' binding (`binding:host_id`, vif type `tap`): the network
+    /// agent of this node programs the ports bound to it. A port that went meanwhile is left;
+    /// the guest then has a NIC nothing serves, as with Nova and a deleted port.
+    async fn bind_ports(&self, s: &ServerRecord) {
+        let ports: Table<shoal_state::records::PortRecord> =
+            Table::new(self.inner.servers_store(), tables::PORTS);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for p in &s.ports {
+            let host = self.inner.cfg.host.clone();
+            let r = ports
+                .update(&p.port_id, |port| {
+                    if port.binding_host_id != host || port.binding_vif_type != "tap" {
+                        port.binding_host_id = host.clone();
+                        port.binding_vif_type = "tap".into();
+                        port.touch(now);
+                    }
+                    Ok::<_, StateError>(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(server = %s.id, port = %p.port_id, error = %e, "cannot bind the port");
+            }
+        }
     }
 
     /// Destroys the domain, removes the instance directory, then releases the claim and
@@ -628,6 +667,12 @@ impl Agent {
             still.insert(d.uuid, since);
         }
         *first_seen = still;
+    }
+}
+
+impl Inner {
+    fn servers_store(&self) -> Arc<dyn shoal_state::Store> {
+        self.store.clone()
     }
 }
 

@@ -105,6 +105,21 @@ pub struct ImageSnapshot {
     pub kernel_cmdline: Option<String>,
 }
 
+/// A NIC of the server: a port of the Network API (the `ports` table), as the server uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerPort {
+    pub port_id: String,
+    pub network_id: String,
+    pub network_name: String,
+    pub mac: String,
+    pub ips: Vec<String>,
+    pub mtu: u32,
+    /// The servers API created the port for this server (and deletes it with the server);
+    /// otherwise the user passed an existing port, which is only unbound at the end.
+    #[serde(default)]
+    pub created: bool,
+}
+
 /// Why a server is in ERROR, shown as Nova's `fault`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fault {
@@ -134,6 +149,9 @@ pub struct ServerRecord {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub security_groups: Vec<String>,
+    /// The server's NICs, in the order the guest sees them.
+    #[serde(default)]
+    pub ports: Vec<ServerPort>,
     pub availability_zone: String,
     /// The compute host the server is placed on; `None` until placed (or when no host fit).
     #[serde(default)]
@@ -319,6 +337,7 @@ mod tests {
             user_data: None,
             metadata: BTreeMap::new(),
             security_groups: vec!["default".into()],
+            ports: Vec::new(),
             availability_zone: "nova".into(),
             host: Some("n1".into()),
             vm_state: VmState::Active,

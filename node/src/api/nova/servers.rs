@@ -263,22 +263,7 @@ async fn create(
         ))
         .nova());
     }
-    match &s.networks {
-        None => {}
-        Some(Value::String(v)) if v == "none" || v == "auto" => {}
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(Value::Array(a)) => {
-            let what = a
-                .first()
-                .and_then(|n| n.get("uuid").or(n.get("port")))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            return Err(bad(format!(
-                "Cannot attach network {what}: servers do not get ports yet (the compute agent does not bind them), so they boot without NICs; give networks none, or leave it out"
-            )));
-        }
-        Some(_) => return Err(bad("networks must be a list, \"auto\" or \"none\"")),
-    }
+    let nics = requested_nics(&state, &auth, &s.networks, max).await?;
     if let Some(p) = &s.admin_pass {
         if p.len() > 255 {
             return Err(bad("adminPass is too long"));
@@ -386,6 +371,7 @@ async fn create(
             user_data: s.user_data.clone(),
             metadata: metadata.clone(),
             security_groups: security_groups.clone(),
+            ports: Vec::new(),
             availability_zone: zone
                 .as_deref()
                 .map(|z| z.split(':').next().unwrap_or(z).to_owned())
@@ -405,8 +391,22 @@ async fn create(
         })
         .collect();
 
+    // 0. The ports, one per requested NIC of each server, bound to the server by device_id.
+    let mut records = records;
+    let zone_owner = format!("compute:{}", records[0].availability_zone);
+    if let Err(e) = attach_ports(&state, &auth, &nics, &mut records, &zone_owner).await {
+        release_ports(&state, &records).await;
+        return Err(e);
+    }
+
     // 1. The rows, under the project's quota (instances, cores, RAM), race-free.
-    let revisions = write_within_quota(&state, &project, &records, min).await?;
+    let revisions = match write_within_quota(&state, &project, &records, min).await {
+        Ok(r) => r,
+        Err(e) => {
+            release_ports(&state, &records).await;
+            return Err(e);
+        }
+    };
 
     // 2. Placement, committed with the rows.
     let request = |members: Vec<String>, policy: Option<GroupPolicy>| Request {
@@ -778,6 +778,266 @@ async fn place_servers(
     ))
 }
 
+/// A NIC a create asks for.
+#[derive(Debug, Clone)]
+enum Nic {
+    /// A new port on this network, with this address if given.
+    Network {
+        id: String,
+        name: String,
+        mtu: u32,
+        fixed_ip: Option<String>,
+    },
+    /// An existing, unbound port of the project.
+    Port {
+        id: String,
+        network: String,
+        mtu: u32,
+    },
+}
+
+fn network_caller(auth: &Auth) -> shoal_network::Caller {
+    shoal_network::Caller {
+        project_id: auth.0.project_id.clone(),
+        admin: is_admin(auth),
+        member: auth.require("member").is_ok(),
+    }
+}
+
+/// The service itself, for undoing what a request set up and for deletes.
+fn service_caller() -> shoal_network::Caller {
+    shoal_network::Caller {
+        project_id: None,
+        admin: true,
+        member: true,
+    }
+}
+
+/// Resolves `networks` as Nova 2.1 does: absent, `[]` or `auto` takes the project's one visible
+/// network (none: no NIC; several: 409), `none` gives no NIC, a list names networks
+/// (`uuid`, optional `fixed_ip`) or ports (`port`).
+async fn requested_nics(
+    state: &AppState,
+    auth: &Auth,
+    networks: &Option<Value>,
+    count: u32,
+) -> ApiResult<Vec<Nic>> {
+    let caller = network_caller(auth);
+    let net = |id: String, fixed_ip: Option<String>| {
+        let caller = caller.clone();
+        async move {
+            let n = state
+                .network
+                .network(&caller, &id)
+                .await
+                .map_err(|_| bad(format!("Network {id} could not be found.")))?;
+            Ok::<_, ApiError>(Nic::Network {
+                id: n.id,
+                name: n.name,
+                mtu: n.mtu,
+                fixed_ip,
+            })
+        }
+    };
+    match networks {
+        Some(Value::String(v)) if v == "none" => Ok(Vec::new()),
+        // Before 2.37 an empty list is no request at all (the client sends it by default):
+        // Nova then allocates on the one available network.
+        Some(Value::Array(a)) if a.is_empty() => auto_nic(state, &caller).await,
+        None => auto_nic(state, &caller).await,
+        Some(Value::String(v)) if v == "auto" => auto_nic(state, &caller).await,
+        Some(Value::Array(a)) => {
+            let mut out = Vec::with_capacity(a.len());
+            for entry in a {
+                let field = |k: &str| entry.get(k).and_then(Value::as_str).map(str::to_owned);
+                if let Some(port) = field("port") {
+                    if count > 1 {
+                        return Err(bad(
+                            "Unable to launch multiple instances with a single configured port ID.",
+                        ));
+                    }
+                    let p = state
+                        .network
+                        .port(&caller, &port)
+                        .await
+                        .map_err(|_| bad(format!("Port {port} could not be found.")))?;
+                    if p.is_bound() {
+                        return Err(
+                            ApiError::conflict(format!("Port {port} is still in use.")).nova()
+                        );
+                    }
+                    let n = state
+                        .network
+                        .network(&service_caller(), &p.network_id)
+                        .await
+                        .map_err(nova_err_net)?;
+                    out.push(Nic::Port {
+                        id: port,
+                        network: n.name,
+                        mtu: n.mtu,
+                    });
+                } else if let Some(id) = field("uuid") {
+                    let fixed_ip = field("fixed_ip");
+                    if fixed_ip.is_some() && count > 1 {
+                        return Err(bad(
+                            "Unable to launch multiple instances with a single fixed_ip.",
+                        ));
+                    }
+                    out.push(net(id, fixed_ip).await?);
+                } else {
+                    return Err(bad("Invalid input for field/attribute networks: each entry needs a uuid or a port"));
+                }
+            }
+            Ok(out)
+        }
+        Some(_) => Err(bad("networks must be a list, \"auto\" or \"none\"")),
+    }
+}
+
+async fn auto_nic(state: &AppState, caller: &shoal_network::Caller) -> ApiResult<Vec<Nic>> {
+    let visible: Vec<_> = state
+        .network
+        .list_networks(caller)
+        .await
+        .map_err(nova_err_net)?
+        .into_iter()
+        .filter(|n| !n.external && !n.subnets.is_empty())
+        .collect();
+    match visible.as_slice() {
+        [] => Ok(Vec::new()),
+        [n] => Ok(vec![Nic::Network {
+            id: n.id.clone(),
+            name: n.name.clone(),
+            mtu: n.mtu,
+            fixed_ip: None,
+        }]),
+        _ => Err(ApiError::conflict(
+            "Multiple possible networks found, use a Network ID to be more specific.",
+        )
+        .nova()),
+    }
+}
+
+fn nova_err_net(e: shoal_network::NetworkError) -> ApiError {
+    match e.class() {
+        shoal_network::ErrorClass::Internal => ApiError::internal_logged(&e).nova(),
+        shoal_network::ErrorClass::Unavailable => ApiError::unavailable(e.to_string()).nova(),
+        _ => bad(e.to_string()),
+    }
+}
+
+/// Creates (or claims) each server's ports and records them on the rows.
+async fn attach_ports(
+    state: &AppState,
+    auth: &Auth,
+    nics: &[Nic],
+    records: &mut [ServerRecord],
+    owner: &str,
+) -> ApiResult<()> {
+    let caller = network_caller(auth);
+    for r in records.iter_mut() {
+        for nic in nics {
+            let (port, network, mtu, created) = match nic {
+                Nic::Network {
+                    id,
+                    name,
+                    mtu,
+                    fixed_ip,
+                } => {
+                    let req = shoal_network::PortCreate {
+                        network_id: id.clone(),
+                        device_id: Some(r.id.clone()),
+                        device_owner: Some(owner.to_owned()),
+                        fixed_ips: fixed_ip.as_ref().map(|ip| {
+                            vec![shoal_network::FixedIpRequest {
+                                subnet_id: None,
+                                ip_address: Some(ip.clone()),
+                            }]
+                        }),
+                        ..Default::default()
+                    };
+                    let p = state
+                        .network
+                        .create_port(&caller, req)
+                        .await
+                        .map_err(nova_err_net)?;
+                    (p, name.clone(), *mtu, true)
+                }
+                Nic::Port { id, network, mtu } => {
+                    let req = shoal_network::PortUpdate {
+                        device_id: Some(r.id.clone()),
+                        device_owner: Some(owner.to_owned()),
+                        ..Default::default()
+                    };
+                    let p = state
+                        .network
+                        .update_port(&caller, id, req)
+                        .await
+                        .map_err(nova_err_net)?;
+                    (p, network.clone(), *mtu, false)
+                }
+            };
+            r.ports.push(shoal_compute::server::ServerPort {
+                port_id: port.id,
+                network_id: port.network_id,
+                network_name: network,
+                mac: port.mac_address,
+                ips: port.fixed_ips.into_iter().map(|f| f.ip_address).collect(),
+                mtu,
+                created,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the ports the servers API created for these servers and unbinds the ones users
+/// passed in. Best effort: a port already gone is done.
+async fn release_ports(state: &AppState, records: &[ServerRecord]) {
+    let svc = service_caller();
+    for r in records {
+        for p in &r.ports {
+            let res = if p.created {
+                state.network.delete_port(&svc, &p.port_id).await
+            } else {
+                let req = shoal_network::PortUpdate {
+                    device_id: Some(String::new()),
+                    device_owner: Some(String::new()),
+                    binding_host_id: Some(String::new()),
+                    ..Default::default()
+                };
+                state
+                    .network
+                    .update_port(&svc, &p.port_id, req)
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(e) = res {
+                if e.class() != shoal_network::ErrorClass::NotFound {
+                    tracing::warn!(server = %r.id, port = %p.port_id, error = %e, "cannot release a port");
+                }
+            }
+        }
+    }
+}
+
+/// Nova's `addresses`: by network name, each fixed address with its MAC.
+fn addresses(r: &ServerRecord) -> Value {
+    let mut out = serde_json::Map::new();
+    for p in &r.ports {
+        let list = out
+            .entry(p.network_name.clone())
+            .or_insert_with(|| json!([]));
+        if let Some(a) = list.as_array_mut() {
+            for ip in &p.ips {
+                a.push(json!({"version": 4, "addr": ip, "OS-EXT-IPS:type": "fixed",
+                    "OS-EXT-IPS-MAC:mac_addr": p.mac}));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
 // ---------------------------------------------------------------------------------------------
 // read
 
@@ -812,7 +1072,7 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
             "href": format!("{}/compute/flavors/{}", state.base_url, r.flavor.id)}]},
         "created": r.created,
         "updated": r.updated,
-        "addresses": {},
+        "addresses": addresses(r),
         "accessIPv4": "",
         "accessIPv6": "",
         "links": links(state, &r.id),
@@ -1079,6 +1339,7 @@ async fn delete(
         let mut r = v.value;
         if r.host.is_none() {
             // Never placed (NoValidHost): nothing runs anywhere; the row goes now.
+            release_ports(&state, std::slice::from_ref(&r)).await;
             servers(&state)
                 .delete_at(&id, v.revision)
                 .await
@@ -1089,6 +1350,9 @@ async fn delete(
             return Ok(StatusCode::NO_CONTENT);
         }
         r.request(Action::Delete).expect("delete is always allowed");
+        // The ports go now, as Nova deletes the ports it made; the host's agent tears the
+        // domain down when it sees the row.
+        release_ports(&state, std::slice::from_ref(&r)).await;
         r.updated = now_rfc3339();
         if servers(&state)
             .put_at(&id, &r, v.revision)
