@@ -58,3 +58,30 @@ fn rotation_keeps_earlier_tokens_valid_and_signs_with_the_new_key() {
     }
     assert_eq!(projects_status(&c, 0, &after), 200);
 }
+
+/// A node that just restarted answers before its key ring has loaded from its replica; a
+/// valid token sent to it at that moment is checked against the keys the cluster committed
+/// (a read barrier, then the keys), never refused as "signed with an unknown key".
+#[test]
+fn a_restarted_node_never_refuses_a_valid_token() {
+    let mut c = Cluster::start(3, &[]);
+    let token = c.token(0);
+    for round in 0..3 {
+        c.nodes[2].kill9();
+        c.restart(2);
+        // The first answer the restarted node gives to this token must be a success.
+        let status = wait_until("node3 to answer", Duration::from_secs(60), || {
+            c.http
+                .get(format!("{}/identity/v3/projects", c.nodes[2].base()))
+                .header("X-Auth-Token", &token)
+                .send()
+                .ok()
+                .map(|r| r.status().as_u16())
+        });
+        assert_eq!(
+            status, 200,
+            "round {round}: a valid token was refused after a restart"
+        );
+        assert_eq!(projects_status(&c, 2, &token), 200);
+    }
+}

@@ -199,7 +199,8 @@ async fn issue_token(
         })?;
         let claims = state
             .identity
-            .validate(&tok.id)
+            .validate_fresh(&tok.id)
+            .await
             .map_err(|e| ApiError::unauthorized(format!("the token is not valid: {e}")))?;
         state.identity.rescope(&claims, &scope).await
     } else {

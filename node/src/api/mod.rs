@@ -189,7 +189,7 @@ impl FromRequestParts<AppState> for Auth {
                 ApiError::unauthorized("the request you have made requires authentication")
             })?;
         state.metrics.token_validations.inc();
-        match state.identity.validate(token) {
+        match state.identity.validate_fresh(token).await {
             Ok(claims) => Ok(Auth(claims)),
             Err(e) => {
                 tracing::debug!(error = %e, "token refused");

@@ -119,6 +119,10 @@ pub enum Scope {
     ProjectId(String),
 }
 
+/// How long a request waits for this node's replica to catch up before a token signed by an
+/// unknown key is refused.
+pub const KEY_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct Identity {
     cluster: Cluster,
@@ -331,6 +335,33 @@ impl Identity {
             .read()
             .expect("key ring lock")
             .verify(token, token::now_secs())
+    }
+
+    /// Like [`validate`](Self::validate), but a token signed by a key this node's ring does
+    /// not hold yet (a key committed elsewhere that the watch has not delivered, or a node
+    /// that just restarted) is not refused at once: the node catches its replica up with a
+    /// read barrier (at most [`KEY_CATCH_UP`]), loads the signing keys from it, and checks
+    /// again. A key the cluster committed is therefore never the reason for a 401.
+    pub async fn validate_fresh(&self, token: &str) -> Result<Claims, TokenError> {
+        match self.validate(token) {
+            Err(TokenError::UnknownKey) => {}
+            other => return other,
+        }
+        let caught_up = async {
+            self.cluster.read_barrier().await?;
+            let keys = self.cluster.list(T_SIGNING_KEYS, "", usize::MAX).await?;
+            let mut ring = self.ring.write().expect("key ring lock");
+            for (_, row) in keys {
+                ring.insert_key(parse(T_SIGNING_KEYS, &row.value)?);
+            }
+            Ok::<_, ClusterError>(())
+        };
+        match tokio::time::timeout(KEY_CATCH_UP, caught_up).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot catch up the key ring"),
+            Err(_) => tracing::debug!("catching up the key ring timed out"),
+        }
+        self.validate(token)
     }
 
     pub async fn revoke(&self, claims: &Claims) -> Result<(), ClusterError> {
