@@ -192,13 +192,6 @@ impl ServerRecord {
             },
         }
     }
-
-    /// The domain name libvirt knows the server by.
-    pub fn domain_name(&self) -> String {
-        self.instance_name
-            .clone()
-            .unwrap_or_else(|| format!("instance-{}", &self.id[..8.min(self.id.len())]))
-    }
 }
 
 /// `instance-%08x`, Nova's default `instance_name_template`.

@@ -120,8 +120,8 @@ struct CreateServer {
     _disk_config: Option<String>,
     #[serde(default)]
     block_device_mapping_v2: Option<Value>,
-    #[serde(default)]
-    return_reservation_id: Option<Value>,
+    #[serde(default, rename = "return_reservation_id")]
+    _return_reservation_id: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -269,7 +269,6 @@ async fn create(
             return Err(bad("adminPass is too long"));
         }
     }
-    let _ = &s.return_reservation_id;
 
     // The flavor and image as this project may see them.
     state.cluster.read_barrier().await.map_err(nova_err)?;
@@ -400,7 +399,7 @@ async fn create(
     }
 
     // 1. The rows, under the project's quota (instances, cores, RAM), race-free.
-    let revisions = match write_within_quota(&state, &project, &records, min).await {
+    let revisions = match write_within_quota(&state, &project, &records).await {
         Ok(r) => r,
         Err(e) => {
             release_ports(&state, &records).await;
@@ -572,7 +571,6 @@ async fn write_within_quota(
     state: &AppState,
     project: &str,
     records: &[ServerRecord],
-    min: u32,
 ) -> ApiResult<Vec<u64>> {
     let guard = format!("servers/{project}");
     let limit = |name| crate::api::compute_admin::quota(state, project, name);
@@ -581,7 +579,6 @@ async fn write_within_quota(
         limit("cores").await?,
         limit("ram").await?,
     );
-    let _ = min;
     let want = (
         records.len() as i64,
         records
