@@ -46,7 +46,7 @@ fn layout_probe(clang: &str, ebpf: &std::path::Path, out: &std::path::Path) -> R
             "shoal_config",
             &["local_vtep_be", "underlay_ifindex", "underlay_mac"],
         ),
-        ("shoal_port", &["port_id", "vni", "mac"]),
+        ("shoal_port", &["port_id", "vni", "mac", "host_mac"]),
         ("shoal_ep_key", &["vni", "ip_be"]),
         (
             "shoal_endpoint",

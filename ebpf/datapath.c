@@ -85,19 +85,31 @@ static __always_inline int shoal_arp_reply(struct __sk_buff *skb, const struct s
 		return tc_drop(SHOAL_CNT_DROP_SPOOF_IP);
 
 	key.ip_be = arp->tip;
-	struct shoal_endpoint *target = bpf_map_lookup_elem(&shoal_endpoints, &key);
+	const __u8 *target_mac;
 
-	if (!target || target->ifindex == ifindex)
-		return tc_drop(SHOAL_CNT_DROP_ARP);
+	if (arp->tip == bpf_htonl(SHOAL_METADATA_IP)) {
+		/* The node's own services answer on the VM's device itself. */
+		if (shoal_mac_zero(port->host_mac))
+			return tc_drop(SHOAL_CNT_DROP_ARP);
+		target_mac = port->host_mac;
+	} else {
+		struct shoal_endpoint *target = bpf_map_lookup_elem(&shoal_endpoints, &key);
+
+		if (!target || target->ifindex == ifindex)
+			return tc_drop(SHOAL_CNT_DROP_ARP);
+		target_mac = target->mac;
+	}
 
 	__u32 requester_ip = arp->sip;
+	__u8 mac[ETH_ALEN];
 
+	__builtin_memcpy(mac, target_mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, target->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
 	arp->op = ARPOP_REPLY_BE;
 	__builtin_memcpy(arp->tha, arp->sha, ETH_ALEN);
 	arp->tip = requester_ip;
-	__builtin_memcpy(arp->sha, target->mac, ETH_ALEN);
+	__builtin_memcpy(arp->sha, mac, ETH_ALEN);
 	arp->sip = key.ip_be;
 
 	shoal_count(SHOAL_CNT_ARP_REPLY);
@@ -215,6 +227,17 @@ static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 
 	if (!src || src->ifindex != ifindex)
 		return tc_drop(SHOAL_CNT_DROP_SPOOF_IP);
+
+	if (f.daddr_be == bpf_htonl(SHOAL_METADATA_IP)) {
+		/* Up the node's stack on this device, where the metadata service listens
+		 * bound to it: the device, not the packet, tells the service who asks. */
+		if (f.proto == IPPROTO_TCP && f.dport_be == bpf_htons(SHOAL_METADATA_PORT) &&
+		    !shoal_mac_zero(port->host_mac) && shoal_mac_eq(eth->h_dest, port->host_mac)) {
+			shoal_count(SHOAL_CNT_PASS_METADATA);
+			return TC_ACT_OK;
+		}
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	}
 
 	key.ip_be = f.daddr_be;
 	struct shoal_endpoint *dst = bpf_map_lookup_elem(&shoal_endpoints, &key);

@@ -21,7 +21,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::Instant as _;
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
-use shoal_types::{Command, Expect, NodeId, NodeInfo, Row, Txn, TxnResponse};
+use shoal_types::{Command, Expect, KeyedTxn, NodeId, NodeInfo, Row, Txn, TxnResponse};
 
 use crate::join::{
     self, JoinToken, TokenInfo, TokenRecord, T_JOIN_TOKENS, T_NODES, T_REVOKED_CERTS,
@@ -31,8 +31,8 @@ use crate::metrics::RpcMetrics;
 use crate::net::client::client_endpoint;
 use crate::net::tls::{self, ClusterCa, NodeIdentity, NodeKey};
 use crate::net::{
-    BoxFuture, DataHandler, DataSlot, JoinRequest, JoinResponse, NetOptions, PeerClient, PeerError,
-    PeerHandler, PeerRole, PeerServer, PeerStatus, QuicNetwork,
+    BoxFuture, DataHandler, DataSlot, ForwardError, JoinRequest, JoinResponse, NetOptions,
+    PeerClient, PeerError, PeerHandler, PeerRole, PeerServer, PeerStatus, QuicNetwork,
 };
 use crate::raft_types::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::read_index::{ReadBatcher, Round};
@@ -67,6 +67,11 @@ pub enum ClusterError {
     Conflict(String),
     #[error("the cluster is unavailable: {0}")]
     Unavailable(String),
+    /// The write reached a leader that then failed or lost leadership before answering: it may
+    /// have committed or not. Only a write without a request id can end like this (a keyed one
+    /// is re-sent until it has an answer or the deadline passes); read before retrying it.
+    #[error("commit status unknown: {0}")]
+    CommitUnknown(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("join refused: {0}")]
@@ -116,8 +121,24 @@ pub struct ClusterStatus {
 const TLS_DIR: &str = "tls";
 const DB_DIR: &str = "raft";
 const NODE_ID_FILE: &str = "node_id";
-/// How long a write or read barrier waits for a leader before giving up.
+/// How long a write or read barrier may take in all, waiting for a leader included, unless the
+/// caller gives its own deadline.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a write or read waits for news of a leader before it tries the one it knows again.
+const FORWARD_RETRY: Duration = Duration::from_millis(50);
+
+/// Gives an unkeyed command a request id unique to this attempt, so it can be re-sent to a new
+/// leader without being applied twice.
+fn keyed_by_node(cmd: Command) -> Command {
+    match cmd {
+        Command::Txn(txn) => Command::Keyed(Box::new(KeyedTxn {
+            request_id: format!("fwd-{:032x}", rand::random::<u128>()),
+            txn,
+        })),
+        keyed => keyed,
+    }
+}
 
 /// What [`ReadBatcher`] calls for a round; holds the cluster weakly, so no cycle keeps it alive.
 type RoundFn = Box<dyn Fn() -> Round + Send + Sync>;
@@ -189,6 +210,21 @@ fn random_node_id() -> NodeId {
     }
 }
 
+/// openraft's election timeouts for an election timeout of `election_ms`.
+///
+/// A follower of openraft 0.10 stands for election only once the leader's lease has run out
+/// (the lease is `election_timeout_max` after the last heartbeat) and then a randomised
+/// `election_timeout_min..election_timeout_max` has passed: between `min + max` and `2 * max`
+/// after the last heartbeat. Passing `election_ms` and twice it made that 3-4 times
+/// `election_ms` (1.5-2 s for the default 500 ms). These bounds make it `election_ms` to 4/3
+/// of it, which is what the setting promises: how long a silent leader goes unnoticed.
+fn election_timeouts(election_ms: u64, heartbeat_ms: u64) -> (u64, u64) {
+    // openraft wants min above the heartbeat interval and below max.
+    let min = (election_ms / 3).max(heartbeat_ms + 1);
+    let max = (election_ms - election_ms / 3).max(min + 1);
+    (min, max)
+}
+
 impl ClusterOptions {
     fn node_info(&self) -> NodeInfo {
         NodeInfo {
@@ -200,11 +236,13 @@ impl ClusterOptions {
     }
 
     fn raft_config(&self) -> Result<Arc<openraft::Config>, ClusterError> {
+        let (election_timeout_min, election_timeout_max) =
+            election_timeouts(self.election_timeout_ms, self.heartbeat_ms);
         let config = openraft::Config {
             cluster_name: "shoal".into(),
             heartbeat_interval: self.heartbeat_ms,
-            election_timeout_min: self.election_timeout_ms,
-            election_timeout_max: self.election_timeout_ms * 2,
+            election_timeout_min,
+            election_timeout_max,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: 1000,
             install_snapshot_timeout: 10_000,
@@ -531,50 +569,190 @@ impl Cluster {
     }
 
     /// Proposes a transaction through Raft, forwarding to the leader when this node is not it.
+    ///
+    /// A forwarded write follows the leader: when the target turns out dead, not the leader,
+    /// or is replaced while the write waits, it is sent again to the next leader as soon as
+    /// this node learns of one. Forwarded writes carry a request id chosen here, so a re-sent
+    /// write whose first copy did commit is answered with the first result, not applied twice.
+    /// Errors: `Unavailable` when no leader answered within 10 s (nothing was applied, or the
+    /// write carries its id and a retry is safe only with [`Cluster::write_keyed`]);
+    /// `CommitUnknown` when a write this node proposed itself as leader lost leadership
+    /// before it committed.
     pub async fn write(&self, txn: Txn) -> Result<TxnResponse, ClusterError> {
+        self.write_within(txn, None, LEADER_WAIT).await
+    }
+
+    /// Like [`Cluster::write`], with a client request id: within [`shoal_types::REQUEST_WINDOW`]
+    /// revisions the state machine applies one id once, and answers every repeat with the first
+    /// result. A caller that got `Unavailable` or `CommitUnknown` (or no answer at all) may send
+    /// the same id again, through any node, at no risk of applying it twice.
+    pub async fn write_keyed(
+        &self,
+        request_id: &str,
+        txn: Txn,
+    ) -> Result<TxnResponse, ClusterError> {
+        self.write_within(txn, Some(request_id.to_owned()), LEADER_WAIT)
+            .await
+    }
+
+    /// [`Cluster::write`] or [`Cluster::write_keyed`] with the caller's own deadline.
+    pub async fn write_within(
+        &self,
+        txn: Txn,
+        request_id: Option<String>,
+        timeout: Duration,
+    ) -> Result<TxnResponse, ClusterError> {
         txn.validate()
             .map_err(|e| ClusterError::BadRequest(e.to_string()))?;
-        let cmd = Command::Txn(txn);
-        let deadline = Instant::now() + LEADER_WAIT;
+        let mut cmd = match request_id {
+            Some(request_id) => {
+                let keyed = KeyedTxn { request_id, txn };
+                keyed
+                    .validate()
+                    .map_err(|e| ClusterError::BadRequest(e.to_string()))?;
+                Command::Keyed(Box::new(keyed))
+            }
+            None => Command::Txn(txn),
+        };
+        let deadline = Instant::now() + timeout;
         let mut last_err = String::from("no leader elected");
-        while Instant::now() < deadline {
+        // Whether a copy of this command may be in some log with no answer yet.
+        let mut unknown = false;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(if unknown {
+                    ClusterError::CommitUnknown(last_err)
+                } else {
+                    ClusterError::Unavailable(last_err)
+                });
+            }
             match self.leader() {
                 Some((leader, _)) if leader == self.inner.id => {
-                    match self.inner.raft.client_write(cmd.clone()).await {
-                        Ok(resp) => return Ok(resp.data),
-                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    match tokio::time::timeout(remaining, self.inner.raft.client_write(cmd.clone()))
+                        .await
+                    {
+                        Ok(Ok(resp)) => return Ok(resp.data),
+                        // Refused before it was appended: follow the leadership. A new leader
+                        // also refuses writes until a quorum has acknowledged it (its lease),
+                        // so look again soon even if the leadership stays here.
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                             last_err = "leadership moved".into();
+                            self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
+                                .await;
                         }
-                        Err(RaftError::APIError(e)) => {
+                        Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+                            last_err =
+                                "this node lost leadership before the write committed".into();
+                            if cmd.request_id().is_none() {
+                                return Err(ClusterError::CommitUnknown(last_err));
+                            }
+                            unknown = true;
+                            self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
+                                .await;
+                        }
+                        Ok(Err(RaftError::APIError(e))) => {
                             return Err(ClusterError::Unavailable(e.to_string()))
                         }
-                        Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                        Ok(Err(RaftError::Fatal(e))) => {
+                            return Err(ClusterError::Fatal(e.to_string()))
+                        }
+                        Err(_) => {
+                            last_err = format!("not committed within {timeout:?}");
+                            return Err(ClusterError::CommitUnknown(last_err));
+                        }
                     }
                 }
-                Some((_, Some(info))) => {
+                Some((leader, Some(info))) => {
+                    // Re-sending is safe only for a keyed command, so every forwarded command
+                    // carries an id (the leader's own proposals skip the cost).
+                    if cmd.request_id().is_none() {
+                        cmd = keyed_by_node(cmd);
+                    }
+                    let abandon = self.leader_moved_from(leader);
                     match self
                         .inner
                         .peers
-                        .client_write(&info.raft_addr, cmd.clone())
+                        .forward_write(&info.raft_addr, cmd.clone(), remaining, abandon)
                         .await
                     {
                         Ok(resp) => return Ok(resp),
-                        Err(e) => last_err = format!("forwarding to {}: {}", info.name, chain(&e)),
+                        Err(ForwardError::NotLeader(e)) => {
+                            last_err = format!("forwarding to {}: {e}", info.name);
+                            self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
+                                .await;
+                        }
+                        Err(e @ ForwardError::NotSent(_)) => {
+                            last_err = format!("forwarding to {}: {}", info.name, chain(&e));
+                            // A target that cannot be reached is dead or cut off: wait for the
+                            // next leader, but look again soon in case the link recovers.
+                            self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
+                                .await;
+                        }
+                        Err(e @ ForwardError::Unknown(_)) => {
+                            // The command is keyed: sending it again cannot apply it twice.
+                            unknown = true;
+                            last_err = format!("forwarding to {}: {}", info.name, chain(&e));
+                            self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
+                                .await;
+                        }
                     }
                 }
-                _ => {}
+                known => {
+                    if let Some((_, None)) = known {
+                        last_err = "the leader is not in this node's membership yet".into();
+                    }
+                    self.wait_leader_other_than_for(
+                        known.map(|(id, _)| id),
+                        deadline,
+                        FORWARD_RETRY,
+                    )
+                    .await;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(ClusterError::Unavailable(last_err))
+    }
+
+    /// Resolves once this node's view of the leader is something other than `leader` (another
+    /// node, this one, or none because an election started).
+    fn leader_moved_from(&self, leader: NodeId) -> impl std::future::Future<Output = ()> {
+        let raft = self.inner.raft.clone();
+        async move {
+            let _ = raft
+                .wait(None)
+                .metrics(move |m| m.current_leader != Some(leader), "a leader change")
+                .await;
+        }
+    }
+
+    /// Waits until a leader other than `old` is known, for at most `most` and not past
+    /// `deadline`.
+    async fn wait_leader_other_than_for(
+        &self,
+        old: Option<NodeId>,
+        deadline: Instant,
+        most: Duration,
+    ) {
+        let left = deadline.saturating_duration_since(Instant::now()).min(most);
+        let _ = self
+            .inner
+            .raft
+            .wait(Some(left))
+            .metrics(
+                move |m| m.current_leader.is_some() && m.current_leader != old,
+                "a new leader",
+            )
+            .await;
     }
 
     /// After this returns, local reads see every write acknowledged before it was called.
-    /// Concurrent callers share read-index rounds (`read_index.rs`).
+    /// Concurrent callers share read-index rounds (`read_index.rs`). A round whose leader is
+    /// replaced while it waits is given up and asked of the next leader at once.
     pub async fn read_barrier(&self) -> Result<u64, ClusterError> {
         let deadline = Instant::now() + LEADER_WAIT;
         let mut last_err = String::from("no leader elected");
         while Instant::now() < deadline {
+            let leader = self.leader().map(|(id, _)| id);
             match self.inner.reads.read_index().await {
                 Ok(index) => {
                     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -588,7 +766,9 @@ impl Cluster {
                 }
                 Err(e) => last_err = e,
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // A read index is idempotent: ask again as soon as another leader is known.
+            self.wait_leader_other_than_for(leader, deadline, FORWARD_RETRY)
+                .await;
         }
         Err(ClusterError::Unavailable(last_err))
     }
@@ -603,10 +783,10 @@ impl Cluster {
                 .await
                 .map(|read| read.index())
                 .map_err(|e| e.to_string()),
-            Some((_, Some(info))) => self
+            Some((leader, Some(info))) => self
                 .inner
                 .peers
-                .linearizable_read(&info.raft_addr)
+                .linearizable_read_unless(&info.raft_addr, self.leader_moved_from(leader))
                 .await
                 .map_err(|e| format!("read index from {}: {}", info.name, chain(&e))),
             _ => Err("no leader elected".to_owned()),
@@ -1193,6 +1373,9 @@ impl PeerHandler for Handler {
             match c.inner.raft.client_write(cmd).await {
                 Ok(resp) => Ok(resp.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(forward(c)),
+                Err(RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_))) => {
+                    Err(PeerError::CommitUnknown(e.to_string()))
+                }
                 Err(e) => Err(raft_err(e)),
             }
         })
@@ -1361,4 +1544,36 @@ async fn do_join(c: &Cluster, req: JoinRequest) -> Result<JoinResponse, PeerErro
         node_cert_chain_pem,
         members,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A follower stands for election `min + max` to `2 * max` after the last heartbeat (the
+    /// lease, then the random timeout): that must be the configured timeout to 4/3 of it, and
+    /// openraft must accept the bounds down to the smallest setting the node allows (3×).
+    #[test]
+    fn election_window_is_the_configured_timeout_to_four_thirds() {
+        let (min, max) = election_timeouts(500, 100);
+        assert_eq!((min + max, 2 * max), (500, 668));
+        for (election, heartbeat) in [(500, 100), (300, 100), (30, 10), (60_000, 10_000)] {
+            let (min, max) = election_timeouts(election, heartbeat);
+            assert!(
+                heartbeat < min && min < max,
+                "{election}/{heartbeat}: {min}..{max}"
+            );
+            assert!(
+                min + max >= election,
+                "{election}/{heartbeat}: {min}..{max}"
+            );
+            let config = openraft::Config {
+                heartbeat_interval: heartbeat,
+                election_timeout_min: min,
+                election_timeout_max: max,
+                ..Default::default()
+            };
+            assert!(config.validate().is_ok(), "{election}/{heartbeat}");
+        }
+    }
 }

@@ -51,7 +51,7 @@ pub struct PortVal {
     pub port_id: u32,
     pub vni: u32,
     pub mac: [u8; 6],
-    pub pad: [u8; 2],
+    pub host_mac: [u8; 6],
 }
 
 #[repr(C)]
@@ -118,7 +118,7 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtVal {}
 
 /// Verdict counters, in the order of `enum shoal_counter`.
-pub const COUNTER_NAMES: [&str; 17] = [
+pub const COUNTER_NAMES: [&str; 18] = [
     "xdp_not_ours",
     "tc_unmanaged",
     "pass_local",
@@ -136,6 +136,7 @@ pub const COUNTER_NAMES: [&str; 17] = [
     "drop_arp",
     "drop_unsupported",
     "drop_error",
+    "pass_metadata",
 ];
 
 /// Outer UDP source port for an inner flow: the same function as `shoal_flow_sport`
@@ -186,6 +187,7 @@ mod tests {
         assert_eq!(offset_of!(PortVal, port_id), c::SHOAL_PORT_PORT_ID);
         assert_eq!(offset_of!(PortVal, vni), c::SHOAL_PORT_VNI);
         assert_eq!(offset_of!(PortVal, mac), c::SHOAL_PORT_MAC);
+        assert_eq!(offset_of!(PortVal, host_mac), c::SHOAL_PORT_HOST_MAC);
 
         assert_eq!(size_of::<EpKey>(), c::SHOAL_EP_KEY_SIZE);
         assert_eq!(offset_of!(EpKey, vni), c::SHOAL_EP_KEY_VNI);

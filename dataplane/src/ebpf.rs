@@ -87,6 +87,27 @@ where
     L::try_from(FdLink::from(pinned)).map_err(|e| EbpfDriverError::Link(path.to_owned(), e))
 }
 
+/// Attaches the underlay program in driver mode. A device whose previous XDP link is still
+/// being released (its owner just closed it, or its process is exiting) answers EBUSY for a
+/// moment: the attach is retried for up to a second before that is an error.
+fn attach_xdp(xdp: &mut Xdp, ifindex: u32) -> Result<XdpLinkId, EbpfDriverError> {
+    let mut tries = 0;
+    loop {
+        match xdp.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Err(e) if tries < 50 && is_busy(&e) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.map_err(prog_err(abi::PROG_UNDERLAY)),
+        }
+    }
+}
+
+fn is_busy(e: &aya::programs::ProgramError) -> bool {
+    matches!(e, aya::programs::ProgramError::SyscallError(s)
+        if s.io_error.raw_os_error() == Some(libc::EBUSY))
+}
+
 /// The link pinned at `path`, if any.
 fn pinned_link<L>(path: &Path) -> Result<Option<L>, EbpfDriverError>
 where
@@ -178,19 +199,14 @@ impl EbpfDataplane {
             .try_into()
             .map_err(prog_err(abi::PROG_UNDERLAY))?;
         let Some(dir) = pin_dir else {
-            dp.xdp_link = Some(
-                xdp.attach_to_if_index(ifindex, XdpMode::Driver)
-                    .map_err(prog_err(abi::PROG_UNDERLAY))?,
-            );
+            dp.xdp_link = Some(attach_xdp(xdp, ifindex)?);
             return Ok(dp);
         };
         let path = dir.join(XDP_LINK_PIN);
         let link = match pinned_link(&path)? {
             Some(link) => link,
             None => {
-                let id = xdp
-                    .attach_to_if_index(ifindex, XdpMode::Driver)
-                    .map_err(prog_err(abi::PROG_UNDERLAY))?;
+                let id = attach_xdp(xdp, ifindex)?;
                 let link = xdp.take_link(id).map_err(prog_err(abi::PROG_UNDERLAY))?;
                 pin_link(link, &path)?
             }
@@ -565,7 +581,8 @@ impl Dataplane for EbpfDataplane {
                     port_id,
                     vni: p.vni,
                     mac: p.mac.0,
-                    pad: [0; 2],
+                    // The device's own MAC: the VM reaches the node's metadata service there.
+                    host_mac: netdev::mac(&p.device).map_err(iface_err(&p.device))?.0,
                 },
             );
             for ip in &p.ips {

@@ -163,6 +163,7 @@ fn tables() {
     let pa = netdev::ifindex("pa").unwrap();
     let pb = netdev::ifindex("pb").unwrap();
     let ul = netdev::ifindex("ul").unwrap();
+    let pa_mac = netdev::mac("pa").unwrap().0;
 
     let to_r_80 = tcp_frame(MAC_R, MAC_A, "10.0.0.1", "10.0.0.3", 40000, 80);
     let to_r_5555 = tcp_frame(MAC_R, MAC_A, "10.0.0.1", "10.0.0.3", 40001, 5555);
@@ -240,6 +241,46 @@ fn tables() {
             input: arp_req,
             verdict: TC_REDIRECT,
             output: Some(arp_reply),
+        },
+        Case {
+            what: "ARP for the metadata address is answered with the device's own MAC",
+            input: eth(
+                BCAST,
+                MAC_A,
+                ETH_ARP,
+                &arp(1, MAC_A, ip("10.0.0.1"), [0; 6], ip("169.254.169.254")),
+            ),
+            verdict: TC_REDIRECT,
+            output: Some(eth(
+                MAC_A,
+                pa_mac,
+                ETH_ARP,
+                &arp(2, pa_mac, ip("169.254.169.254"), MAC_A, ip("10.0.0.1")),
+            )),
+        },
+        Case {
+            what: "TCP to the metadata service goes up the node's stack on the device",
+            input: tcp_frame(pa_mac, MAC_A, "10.0.0.1", "169.254.169.254", 40010, 80),
+            verdict: TC_OK,
+            output: None,
+        },
+        Case {
+            what: "other ports of the metadata address are dropped",
+            input: tcp_frame(pa_mac, MAC_A, "10.0.0.1", "169.254.169.254", 40011, 22),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "the metadata address with another device's MAC is dropped",
+            input: tcp_frame(MAC_R, MAC_A, "10.0.0.1", "169.254.169.254", 40012, 80),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "a spoofed source cannot reach the metadata service",
+            input: tcp_frame(pa_mac, MAC_A, "10.0.0.9", "169.254.169.254", 40013, 80),
+            verdict: TC_SHOT,
+            output: None,
         },
         Case {
             what: "ARP request for an unknown address is dropped, not flooded",

@@ -39,12 +39,17 @@ struct shoal_config {
 	__u8 pad[2];
 };
 
+/* The node-local services every VM reaches on its own device, never forwarded:
+ * the metadata service (TCP 80) and the DHCP server's identity. */
+#define SHOAL_METADATA_IP 0xa9fea9fe /* 169.254.169.254, host order */
+#define SHOAL_METADATA_PORT 80
+
 /* Hash `shoal_ports`: key = ifindex (__u32) of the VM-facing device. */
 struct shoal_port {
-	__u32 port_id; /* dense id chosen by userspace; keys SG rules and conntrack */
-	__u32 vni;     /* VXLAN network identifier of the port's network */
-	__u8 mac[6];   /* the only source MAC the VM may use */
-	__u8 pad[2];
+	__u32 port_id;    /* dense id chosen by userspace; keys SG rules and conntrack */
+	__u32 vni;        /* VXLAN network identifier of the port's network */
+	__u8 mac[6];      /* the only source MAC the VM may use */
+	__u8 host_mac[6]; /* the device's own MAC: where 169.254.169.254 answers; zero = none */
 };
 
 /* Hash `shoal_endpoints`: (VNI, IPv4) -> where that address lives. Serves as the
@@ -109,6 +114,7 @@ enum shoal_counter {
 	SHOAL_CNT_DROP_ARP,           /* ARP we do not answer */
 	SHOAL_CNT_DROP_UNSUPPORTED,   /* IPv6, other ethertypes, IP fragments */
 	SHOAL_CNT_DROP_ERROR,         /* a helper failed (e.g. no headroom) */
+	SHOAL_CNT_PASS_METADATA,      /* TCP to 169.254.169.254:80, up to the node's stack */
 	SHOAL_CNT_MAX,
 };
 

@@ -6,8 +6,10 @@
 # downloads it through node3; then boots a real guest (a Debian cloud kernel and a busybox
 # initramfs, as kernel/ramdisk/machine images) with `openstack server create --wait` through
 # node1, lists it through node2, prints its console marker, stops, starts and deletes it; then
-# stops the cluster. As root the guest runs under QEMU through libvirtd (started here if it is
-# not running); otherwise the nodes drive libvirt's test hypervisor and nothing really boots.
+# boots a second guest on another node whose user data pings the first over VXLAN; then stops
+# the cluster. As root the guests run under QEMU through libvirtd (started here if it is not
+# running) and each node's datapath gets its own underlay namespace (`shoal dev --netns`);
+# otherwise the nodes drive libvirt's test hypervisor and nothing really boots.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash node/scripts/install-deps.sh
@@ -17,7 +19,7 @@ SHOAL="$CARGO_TARGET_DIR/release/shoal"
 DIR="$(mktemp -d /tmp/shoal-demo.XXXXXX)"
 if [[ $(id -u) -eq 0 ]]; then
   bash node/scripts/libvirtd.sh
-  LIBVIRT=(--libvirt-uri qemu:///system --virt-type qemu)
+  LIBVIRT=(--libvirt-uri qemu:///system --virt-type qemu --netns)
   REAL_GUEST=1
 else
   echo "not root: the nodes drive libvirt's test hypervisor; the guest will not really boot" >&2
@@ -75,9 +77,13 @@ ramdisk=$("$OSC" image create --disk-format ari --container-format ari --file "$
 "$OSC" image create --disk-format ami --container-format ami --file "$GUEST/disk.raw" \
   --property kernel_id="$kernel" --property ramdisk_id="$ramdisk" guest -f value -c id >/dev/null
 "$OSC" flavor create --vcpus 1 --ram 256 --disk 1 m1.tiny -f value -c id >/dev/null
+echo "== a tenant network (VXLAN) and subnet"
+"$OSC" network create demo-net -c id -c provider:segmentation_id -c mtu
+"$OSC" subnet create --network demo-net --subnet-range 10.20.0.0/24 demo-subnet \
+  -c cidr -c gateway_ip -c allocation_pools
 echo "== openstack server create --wait through node1"
 start=$(date +%s.%N)
-"$OSC" server create --flavor m1.tiny --image guest --wait demo-vm \
+"$OSC" server create --flavor m1.tiny --image guest --network demo-net --wait demo-vm \
   -c id -c status -c OS-EXT-SRV-ATTR:host -c OS-EXT-SRV-ATTR:instance_name
 echo "ACTIVE after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
 echo "== server list through node2"
@@ -91,6 +97,28 @@ if [[ $REAL_GUEST == 1 ]]; then
   done
   grep SHOAL-GUEST <<<"$out"
   grep -q SHOAL-GUEST-UP <<<"$out" || { echo "the guest did not come up" >&2; exit 1; }
+
+  echo "== a second guest, on another node, pings the first over VXLAN (its user data)"
+  read -r ip1 host1 < <("$OSC" server show demo-vm -f json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+a = s["addresses"]
+ip = a["demo-net"][0] if isinstance(a, dict) else a.split("=")[1].split(",")[0]
+print(ip, s["OS-EXT-SRV-ATTR:host"])')
+  other=node1; [[ $host1 == node1 ]] && other=node2
+  printf '#!/bin/sh\nif ping -c 3 -W 2 %s; then echo SHOAL-PING-OK; else echo SHOAL-PING-FAILED; fi\n' \
+    "$ip1" >"$DIR/ping.sh"
+  "$OSC" server create --flavor m1.tiny --image guest --network demo-net \
+    --availability-zone "nova:$other" --user-data "$DIR/ping.sh" --wait demo-vm2 \
+    -c id -c status -c OS-EXT-SRV-ATTR:host
+  for _ in $(seq 1 120); do
+    out=$("$OSC" console log show demo-vm2)
+    grep -q SHOAL-GUEST-DONE <<<"$out" && break
+    sleep 1
+  done
+  grep -E 'SHOAL-GUEST-IP|SHOAL-PING|bytes from' <<<"$out"
+  grep -q SHOAL-PING-OK <<<"$out" || { echo "demo-vm2 ($other) could not ping demo-vm ($host1)" >&2; exit 1; }
+  "$OSC" server delete --wait demo-vm2
 fi
 echo "== stop, start, delete"
 "$OSC" server stop demo-vm

@@ -21,6 +21,7 @@
 #   SHOAL-GUEST-DISK <dev> <bytes> <label>      for each virtio disk (label: its first line)
 #   SHOAL-GUEST-IP <address>  or  SHOAL-GUEST-NO-IP    DHCP on eth0, a few seconds at most
 #   SHOAL-GUEST-METADATA <json on one line>  or  SHOAL-GUEST-NO-METADATA
+#   SHOAL-GUEST-USER-DATA-START ... -END   around the output of user data that is a "#!" script
 #   SHOAL-GUEST-DONE
 # An ACPI power button press (`virsh shutdown`) prints SHOAL-GUEST-POWER-OFF and powers the
 # guest off. Otherwise it idles; its kernel answers ping at the address it got.
@@ -243,6 +244,15 @@ if [ -s /run/shoal-ip ]; then
     echo "SHOAL-GUEST-METADATA $meta"
   else
     echo SHOAL-GUEST-NO-METADATA
+  fi
+  # User data that is a script runs once, as cloud-init runs a "#!" part; its output goes
+  # to the console.
+  if timeout 5 wget -q -O /run/user-data http://169.254.169.254/openstack/latest/user_data 2>/dev/null &&
+    [ "$(head -c 2 /run/user-data)" = "#!" ]; then
+    chmod 755 /run/user-data
+    echo SHOAL-GUEST-USER-DATA-START
+    /run/user-data 2>&1
+    echo SHOAL-GUEST-USER-DATA-END
   fi
 else
   echo SHOAL-GUEST-NO-IP

@@ -38,15 +38,23 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# The real `openstack` client for the end-to-end API tests (node/tests/t70_openstack_cli.rs),
-# in a venv outside the clone. 7.2.1 is the newest release that installs on Python 3.11 here.
-OSC_VERSION=7.2.1
-install_openstack_client() {
-  local venv="${SHOAL_OSC_VENV:-$HOME/.cache/shoal/osc-venv}"
-  if [[ -x "$venv/bin/openstack" ]] && "$venv/bin/openstack" --version 2>&1 | grep -qx "openstack $OSC_VERSION"; then
+# Installs python package $2==$3 into the venv $1 (outside the clone) unless `$1/bin/$4 --version`
+# already prints version $3.
+install_pip_tool() {
+  local venv="$1" package="$2" version="$3" bin="$4"
+  if [[ -x "$venv/bin/$bin" ]] && "$venv/bin/$bin" --version 2>&1 | grep -qx "$bin $version"; then
     return
   fi
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "python-openstackclient==$OSC_VERSION"
+  "$venv/bin/pip" install -q "$package==$version"
 }
-install_openstack_client
+
+# The real `openstack` client for the end-to-end API tests (node/tests/t70_openstack_cli.rs).
+# 10.5.0 is the newest release; it installs on Python 3.11.
+OSC_VERSION=10.5.0
+install_pip_tool "${SHOAL_OSC_VENV:-$HOME/.cache/shoal/osc-venv}" python-openstackclient "$OSC_VERSION" openstack
+
+# OpenStack's API tests (Tempest), pinned; node/scripts/tempest/run.sh runs them against a
+# three-node cluster.
+TEMPEST_VERSION=47.0.0
+install_pip_tool "${SHOAL_TEMPEST_VENV:-$HOME/.cache/shoal/tempest-venv}" tempest "$TEMPEST_VERSION" tempest

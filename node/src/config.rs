@@ -36,7 +36,7 @@ pub struct NodeConfig {
     #[serde(default, skip_serializing_if = "HostSection::is_empty")]
     pub host: HostSection,
     #[serde(default)]
-    pub images: ImagesSection,
+    pub images: shoal_images::ImagesSection,
     #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
@@ -70,6 +70,11 @@ pub struct ComputeSection {
     /// How long a domain no server row claims is kept before it is destroyed.
     #[serde(default = "default_orphan_grace")]
     pub orphan_grace_secs: u64,
+    /// How long a spawn waits for the network agent to program the server's ports before the
+    /// server goes to ERROR (Nova's `vif_plugging_timeout`); 0 = do not wait. Only on nodes
+    /// that run a network agent.
+    #[serde(default = "default_vif_plugging_timeout")]
+    pub vif_plugging_timeout_secs: u64,
 }
 
 fn default_libvirt_uri() -> String {
@@ -87,6 +92,9 @@ fn default_sync_interval() -> u64 {
 fn default_orphan_grace() -> u64 {
     600
 }
+fn default_vif_plugging_timeout() -> u64 {
+    300
+}
 
 impl Default for ComputeSection {
     fn default() -> Self {
@@ -97,6 +105,7 @@ impl Default for ComputeSection {
             shutdown_timeout_secs: default_stop_grace(),
             sync_power_state_interval_secs: default_sync_interval(),
             orphan_grace_secs: default_orphan_grace(),
+            vif_plugging_timeout_secs: default_vif_plugging_timeout(),
         }
     }
 }
@@ -132,6 +141,12 @@ impl ComputeSection {
             self.orphan_grace_secs,
             0,
             30 * 86_400,
+        )?;
+        range(
+            "compute.vif_plugging_timeout_secs",
+            self.vif_plugging_timeout_secs,
+            0,
+            3600,
         )?;
         Ok(())
     }
@@ -177,32 +192,6 @@ impl Default for HttpSection {
             body_timeout_secs: default_body_total(),
         }
     }
-}
-
-/// Where image bytes live and how much of them this node keeps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImagesSection {
-    /// Copies of every chunk across the cluster (spread over zones where possible).
-    #[serde(default = "default_replication")]
-    pub replication: usize,
-    /// Chunk size in bytes: a multiple of 4096 between 64 KiB and 64 MiB.
-    #[serde(default = "default_chunk_bytes")]
-    pub chunk_bytes: u64,
-    /// Largest image accepted by an upload, in bytes.
-    #[serde(default = "default_max_image_bytes")]
-    pub max_image_bytes: u64,
-    /// Size budget of the base-image cache, in bytes; least recently used images beyond it are
-    /// evicted.
-    #[serde(default = "default_cache_bytes")]
-    pub cache_bytes: u64,
-    /// An unused cached image younger than this is never evicted, in seconds.
-    #[serde(default = "default_cache_min_age")]
-    pub cache_min_age_secs: u64,
-    /// A chunk holder that has been unreachable this long, in seconds, no longer counts as a
-    /// copy: its chunks are copied to other nodes (a removed node counts as lost at once).
-    #[serde(default = "default_rereplicate_after")]
-    pub rereplicate_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,7 +284,8 @@ pub struct ClusterSection {
     /// Raft heartbeat interval in milliseconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
-    /// Lower bound of the randomised election timeout in milliseconds (the upper is twice it).
+    /// A follower that hears no heartbeat for this long (randomised up to 4/3 of it, in
+    /// milliseconds) campaigns to become the leader.
     #[serde(default = "default_election")]
     pub election_timeout_ms: u64,
 }
@@ -339,37 +329,7 @@ fn default_election() -> u64 {
 fn default_token_ttl() -> u64 {
     24 * 3600
 }
-fn default_replication() -> usize {
-    2
-}
-fn default_chunk_bytes() -> u64 {
-    4 << 20
-}
-fn default_max_image_bytes() -> u64 {
-    1 << 40
-}
-fn default_cache_bytes() -> u64 {
-    50 << 30
-}
-fn default_cache_min_age() -> u64 {
-    3600
-}
-fn default_rereplicate_after() -> u64 {
-    300
-}
 
-impl Default for ImagesSection {
-    fn default() -> Self {
-        Self {
-            replication: default_replication(),
-            chunk_bytes: default_chunk_bytes(),
-            max_image_bytes: default_max_image_bytes(),
-            cache_bytes: default_cache_bytes(),
-            cache_min_age_secs: default_cache_min_age(),
-            rereplicate_after_secs: default_rereplicate_after(),
-        }
-    }
-}
 fn default_key_rotation() -> u64 {
     24 * 3600
 }
@@ -476,7 +436,7 @@ impl NodeConfig {
             identity: IdentitySection::default(),
             api_tls: ApiTlsSection::default(),
             host: HostSection::default(),
-            images: ImagesSection::default(),
+            images: shoal_images::ImagesSection::default(),
             http: HttpSection::default(),
             compute: ComputeSection::default(),
             network: shoal_network::NetworkConfig::default(),
@@ -540,7 +500,7 @@ impl NodeConfig {
             10,
             365 * 86_400,
         )?;
-        let keep = crate::identity::key_lifetime_after_rotation(id.token_ttl_secs);
+        let keep = shoal_identity::key_lifetime_after_rotation(id.token_ttl_secs);
         let min = keep.div_ceil(MAX_LIVE_SIGNING_KEYS - 1);
         if id.key_rotation_secs < min {
             return Err(ConfigError::RotationTooFast {

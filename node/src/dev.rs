@@ -3,6 +3,11 @@
 //! The first node runs `init`, the others `join` with a token it creates; each has its own
 //! data directory `DIR/nodeK` and log file `DIR/nodeK.log`. Ports are picked by the OS.
 //! Ctrl-C stops every node cleanly.
+//!
+//! With `--netns` (root), each node's datapath gets a network namespace of its own with an
+//! underlay veth `ul0` (10.250.0.K/24) into a bridge in a hub namespace, so VXLAN between
+//! the nodes is real on one machine; the namespaces are listed in `DIR/netns` and deleted
+//! when the cluster stops.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -102,11 +107,107 @@ where
     }
 }
 
+/// The namespaces of a `--netns` cluster; deleted on drop (their links go with them).
+struct Underlay {
+    hub: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Underlay {
+    fn create(dir: &Path, nodes: usize) -> anyhow::Result<Underlay> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("--netns creates network namespaces and needs root");
+        }
+        let tag = format!("shoal{}", std::process::id());
+        let u = Underlay {
+            hub: format!("{tag}-ul"),
+            nodes: (1..=nodes).map(|i| format!("{tag}-n{i}")).collect(),
+        };
+        let mut list = u.hub.clone();
+        for n in &u.nodes {
+            list.push('\n');
+            list.push_str(n);
+        }
+        std::fs::write(dir.join("netns"), list + "\n")?;
+        ip(&["netns", "add", &u.hub])?;
+        ip(&["-n", &u.hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &u.hub, "link", "set", "br0", "up"])?;
+        for (i, ns) in u.nodes.iter().enumerate() {
+            let port = format!("n{}", i + 1);
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n", ns, "link", "add", "ul0", "type", "veth", "peer", "name", &port, "netns",
+                &u.hub,
+            ])?;
+            ip(&["-n", &u.hub, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", Self::vtep(i)),
+                "dev",
+                "ul0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "ul0", "up"])?;
+        }
+        Ok(u)
+    }
+
+    fn vtep(i: usize) -> String {
+        format!("10.250.0.{}", i + 1)
+    }
+
+    /// The flags that put node `i` (from 0) on its own underlay.
+    fn node_args(&self, i: usize) -> Vec<String> {
+        vec![
+            "--underlay-device".into(),
+            "ul0".into(),
+            "--vtep".into(),
+            Self::vtep(i),
+            "--netns".into(),
+            self.nodes[i].clone(),
+        ]
+    }
+}
+
+impl Drop for Underlay {
+    fn drop(&mut self) {
+        for ns in &self.nodes {
+            // The datapath pins of the node that lived in it (network agent default).
+            let _ = std::fs::remove_dir_all(shoal_network::agent::default_pin_dir(ns));
+        }
+        for ns in self.nodes.iter().chain([&self.hub]) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+        }
+    }
+}
+
 pub async fn run(
     nodes: usize,
     dir: PathBuf,
     libvirt_uri: Option<String>,
     virt_type: Option<String>,
+    netns: bool,
 ) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 32 {
         bail!("--nodes is {nodes}; it must be between 1 and 32");
@@ -119,6 +220,12 @@ pub async fn run(
             dir.display()
         );
     }
+    let underlay = if netns {
+        Some(Underlay::create(&dir, nodes)?)
+    } else {
+        None
+    };
+    let net_args = |i: usize| underlay.as_ref().map_or(Vec::new(), |u| u.node_args(i));
     let mut procs = Vec::new();
     // Every node drives the same kind of libvirt.
     let mut libvirt: Vec<String> = Vec::new();
@@ -146,6 +253,7 @@ pub async fn run(
         ]
         .into_iter()
         .chain(libvirt.iter().cloned())
+        .chain(net_args(0))
         .collect::<Vec<_>>(),
     )?);
     let openrc_path = dir.join("node1").join("admin-openrc");
@@ -187,6 +295,7 @@ pub async fn run(
             ]
             .into_iter()
             .chain(libvirt.iter().cloned())
+            .chain(net_args(i - 1))
             .chain([first_listen.to_string()])
             .collect::<Vec<_>>(),
         )?);
@@ -249,5 +358,6 @@ pub async fn run(
             let _ = p.child.kill().await;
         }
     }
+    drop(underlay);
     Ok(())
 }

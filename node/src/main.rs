@@ -4,16 +4,7 @@
 //! that talk to the node `OS_AUTH_URL` points at with the `OS_*` credentials, as the
 //! `openstack` client does. `dev` runs a local cluster of node processes on loopback.
 //!
-//! This crate is the top of the dependency graph: nothing depends on it.
-
-mod api;
-mod client;
-mod config;
-mod dev;
-mod identity;
-mod images;
-mod logging;
-mod server;
+//! The node itself is the `shoal` library (`lib.rs`); this file is only its command line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use shoal::{client, config, dev, logging, server};
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about = "A masterless private cloud runtime")]
@@ -93,6 +85,10 @@ enum Command {
         /// The domain type every node uses: auto, kvm or qemu.
         #[arg(long)]
         virt_type: Option<String>,
+        /// Give each node's datapath its own network namespace and underlay (root): VXLAN
+        /// between the nodes is real, and each node runs a network agent.
+        #[arg(long)]
+        netns: bool,
     },
 }
 
@@ -141,6 +137,19 @@ struct NodeArgs {
     /// (TCG, for hosts without usable hardware virtualisation).
     #[arg(long, env = "SHOAL_VIRT_TYPE")]
     virt_type: Option<String>,
+    /// The device VXLAN leaves through; with `--vtep`, this node runs a network agent that
+    /// programs the VMs' datapath (docs/network.md).
+    #[arg(long, requires = "vtep")]
+    underlay_device: Option<String>,
+    /// This node's VXLAN tunnel address on the underlay.
+    #[arg(long, requires = "underlay_device")]
+    vtep: Option<std::net::Ipv4Addr>,
+    /// A named network namespace (`ip netns`) holding the underlay and the VMs' taps.
+    #[arg(long)]
+    netns: Option<String>,
+    /// The datapath driver: auto, ebpf or kernel.
+    #[arg(long, value_parser = ["auto", "ebpf", "kernel"])]
+    network_driver: Option<String>,
     #[command(flatten)]
     api_tls: ApiTlsArgs,
 }
@@ -306,6 +315,20 @@ impl NodeArgs {
         if let Some(t) = self.virt_type {
             cfg.compute.virt_type = t;
         }
+        if self.underlay_device.is_some() {
+            cfg.network.underlay_device = self.underlay_device;
+            cfg.network.vtep = self.vtep;
+        }
+        if self.netns.is_some() {
+            cfg.network.netns = self.netns;
+        }
+        if let Some(d) = self.network_driver {
+            cfg.network.driver = match d.as_str() {
+                "ebpf" => shoal_network::config::Driver::Ebpf,
+                "kernel" => shoal_network::config::Driver::Kernel,
+                _ => shoal_network::config::Driver::Auto,
+            };
+        }
         if let Some(api_tls) = self.api_tls.into_section()? {
             cfg.api_tls = api_tls;
         }
@@ -380,7 +403,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dir,
                 libvirt_uri,
                 virt_type,
-            } => dev::run(nodes, dir, libvirt_uri, virt_type).await,
+                netns,
+            } => dev::run(nodes, dir, libvirt_uri, virt_type, netns).await,
             Command::Disk(DiskCmd::Overlay {
                 backing,
                 backing_format,

@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::{ApiTls, NodeConfig, CONFIG_FILE};
-use crate::identity::{password, Identity};
-use crate::images::ImageStore;
 use shoal_compute::agent::{Agent, AgentConfig};
 use shoal_compute::hypervisor::Libvirt;
 use shoal_compute::placement::{self, HostSpec};
+use shoal_identity::{password, Identity};
+use shoal_images::ImageStore;
 
 fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
     ClusterOptions {
@@ -272,7 +272,7 @@ async fn compute_agent(
         cluster.clone(),
         state.state.table(shoal_state::tables::SERVERS),
         hv,
-        Arc::new(state.images.clone()),
+        Arc::new(AgentImages(state.images.clone())),
         AgentConfig {
             host: cfg.name.clone(),
             instances_path: instances_path.to_owned(),
@@ -280,6 +280,8 @@ async fn compute_agent(
             stop_grace: Duration::from_secs(c.shutdown_timeout_secs),
             sync_interval: Duration::from_secs(c.sync_power_state_interval_secs),
             orphan_grace: Duration::from_secs(c.orphan_grace_secs),
+            vif_plugging_timeout: (cfg.network.agent_enabled() && c.vif_plugging_timeout_secs > 0)
+                .then(|| Duration::from_secs(c.vif_plugging_timeout_secs)),
         },
     )
     .with_context(|| format!("cannot create {}", instances_path.display()))?;
@@ -362,6 +364,36 @@ async fn serve(
             ("compute agent", r)
         });
     }
+    if cfg.network.agent_enabled() {
+        let netns = cfg
+            .network
+            .netns
+            .as_ref()
+            .map(|n| PathBuf::from("/run/netns").join(n));
+        let metadata = crate::metadata::MetadataService::start(state.state.clone(), netns.clone())
+            .await
+            .context("cannot start the metadata service")?;
+        let dhcp = shoal_network::dhcp::DhcpServer::start(netns)
+            .context("cannot start the DHCP server")?;
+        let hooks: Vec<Arc<dyn shoal_network::agent::PortHooks>> =
+            vec![Arc::new(metadata), Arc::new(dhcp)];
+        let agent = shoal_network::agent::NetworkAgent::new(
+            cfg.name.clone(),
+            cfg.network.clone(),
+            cluster.clone(),
+            hooks,
+        );
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let r = agent
+                .run(stop.cancelled_owned())
+                .await
+                .map_err(|e| e.to_string());
+            ("network agent", r)
+        });
+    } else {
+        tracing::info!("no [network] underlay_device and vtep: this node runs no network agent");
+    }
     {
         let (http, stop) = (cfg.http, stop.clone());
         tasks.spawn(async move {
@@ -425,5 +457,28 @@ async fn serve(
     match failure {
         None => Ok(()),
         Some(why) => bail!("the node stopped because {why}"),
+    }
+}
+
+/// The compute agent's base images come from this node's image store: pulled from peers into
+/// the cache, and leased while an instance of this node uses them. (The two services meet only
+/// here, in the binary that wires them.)
+struct AgentImages(ImageStore);
+
+impl shoal_compute::agent::ImageSource for AgentImages {
+    fn fetch<'a>(
+        &'a self,
+        image_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<std::path::PathBuf, String>> {
+        Box::pin(async move {
+            self.0
+                .pull(image_id)
+                .await
+                .map_err(|e| shoal_images::chain(e.as_ref()))
+        })
+    }
+
+    fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync> {
+        Box::new(self.0.lease(image_id))
     }
 }

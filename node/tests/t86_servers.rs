@@ -527,6 +527,102 @@ fn servers_get_ports_on_the_projects_networks() {
     );
     assert!(vm2["addresses"].to_string().contains("10.8.0."), "{vm2}");
 
+    // Security groups: named at create, added and removed later; each reaches the ports.
+    let web = osc.json(0, &["security", "group", "create", "web"]);
+    let web_id = web["id"].as_str().unwrap().to_owned();
+    let default_id = osc.json(0, &["security", "group", "show", "default"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let groups_of_port = |server: &str| -> Vec<String> {
+        let ports = osc.json(1, &["port", "list", "--server", server]);
+        let port = ports[0]["ID"].as_str().unwrap().to_owned();
+        let mut ids: Vec<String> = osc.json(2, &["port", "show", &port])["security_group_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let vm5 = osc.json(
+        2,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--network",
+            "net1",
+            "--security-group",
+            "web",
+            "--wait",
+            "vm5",
+        ],
+    );
+    let vm5_id = vm5["id"].as_str().unwrap().to_owned();
+    assert!(vm5["security_groups"].to_string().contains("web"), "{vm5}");
+    assert_eq!(groups_of_port(&vm5_id), [web_id.as_str()]);
+    let out = osc.run(0, &["server", "add", "security", "group", "vm5", "default"]);
+    assert!(out.ok, "{}", out.stderr);
+    let mut both = vec![web_id.clone(), default_id.clone()];
+    both.sort();
+    assert_eq!(groups_of_port(&vm5_id), both);
+    let shown = osc.json(1, &["server", "show", "vm5"]);
+    let text = shown["security_groups"].to_string();
+    assert!(text.contains("web") && text.contains("default"), "{shown}");
+    // A group already there, or not there for a removal, is Nova's 400 (the client only
+    // counts failures, so these go over HTTP).
+    let act = |body: Value| {
+        c.http
+            .post(format!(
+                "{}/compute/v2.1/servers/{vm5_id}/action",
+                c.nodes[1].base()
+            ))
+            .header("X-Auth-Token", c.token(1))
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let again = act(json!({"addSecurityGroup": {"name": "web"}}));
+    assert_eq!(again.status(), 400);
+    let msg = again.json::<Value>().unwrap()["badRequest"]["message"].to_string();
+    assert!(msg.contains("already associated"), "{msg}");
+    let out = osc.run(2, &["server", "remove", "security", "group", "vm5", "web"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(groups_of_port(&vm5_id), [default_id.as_str()]);
+    assert_eq!(
+        act(json!({"removeSecurityGroup": {"name": "web"}})).status(),
+        400
+    );
+    assert_eq!(
+        act(json!({"addSecurityGroup": {"name": "nope"}})).status(),
+        400
+    );
+    // An unknown group is refused at create (the client looks it up first), and nothing is
+    // left behind.
+    let out = osc.run(
+        0,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--network",
+            "net1",
+            "--security-group",
+            "nope",
+            "vm6",
+        ],
+    );
+    assert!(!out.ok && out.stderr.contains("nope"), "{}", out.stderr);
+    assert!(!osc.run(1, &["server", "show", "vm6"]).ok);
+
     // A port the user made is used, and only unbound when the server goes.
     let p1 = osc.json(2, &["port", "create", "--network", "net1", "p1"]);
     let p1_id = p1["id"].as_str().unwrap().to_owned();

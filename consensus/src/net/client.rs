@@ -28,8 +28,8 @@ use shoal_types::{Command, NodeId, NodeInfo, TxnResponse};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::frame::{
-    encode_frame, read_frame, write_frame, FrameError, JoinRequest, JoinResponse, PeerRequest,
-    PeerResponse, PeerStatus,
+    encode_frame, read_frame, write_frame, FrameError, JoinRequest, JoinResponse, PeerError,
+    PeerRequest, PeerResponse, PeerStatus,
 };
 use super::tls::{self, NodeIdentity, SERVER_NAME};
 use super::{NetError, NetOptions};
@@ -274,6 +274,89 @@ impl PeerClient {
         }
     }
 
+    /// Forwards a write to the leader at `addr`, telling apart a write that cannot have reached
+    /// it from one whose fate is unknown. Gives up when `timeout` passes or `abandon` resolves
+    /// (the caller learnt of another leader), whichever comes first.
+    pub async fn forward_write(
+        &self,
+        addr: &str,
+        cmd: Command,
+        timeout: Duration,
+        abandon: impl Future<Output = ()>,
+    ) -> Result<TxnResponse, ForwardError> {
+        let started = Instant::now();
+        tokio::pin!(abandon);
+        let max_frame = self.inner.opts.max_frame;
+        let frame = encode_frame(&PeerRequest::ClientWrite(cmd), max_frame)
+            .map_err(|e| ForwardError::NotSent(e.into()))?;
+        // Until the whole frame is in the stream's send buffer the leader cannot have a
+        // complete request, so nothing it could append.
+        let send = async {
+            let conn = self.connection_within(addr, timeout).await?;
+            let (mut send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| NetError::Connection(addr.to_owned(), e))?;
+            write_frame(&mut send, &frame).await?;
+            let _ = send.finish();
+            Ok::<_, NetError>((conn, recv))
+        };
+        // Biased: a frame handed over in the same poll as `abandon` fired counts as sent.
+        let (conn, mut recv) = tokio::select! {
+            biased;
+            r = tokio::time::timeout(timeout, send) => match r {
+                Ok(Ok(sent)) => sent,
+                Ok(Err(e)) => return Err(self.forward_failed(addr, started, ForwardError::NotSent(e))),
+                Err(_) => {
+                    let e = NetError::Timeout(timeout);
+                    return Err(self.forward_failed(addr, started, ForwardError::NotSent(e)));
+                }
+            },
+            _ = &mut abandon => {
+                return Err(self.forward_failed(addr, started, ForwardError::NotSent(NetError::Abandoned)));
+            }
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let answer = tokio::select! {
+            biased;
+            r = read_frame::<PeerResponse, _>(&mut recv, max_frame, remaining) => r,
+            _ = &mut abandon => {
+                return Err(self.forward_failed(addr, started, ForwardError::Unknown(NetError::Abandoned)));
+            }
+        };
+        let result = match answer {
+            Ok(PeerResponse::ClientWrite(r)) => Ok(r),
+            Ok(PeerResponse::Error(e @ PeerError::ForwardToLeader { .. })) => {
+                Err(ForwardError::NotLeader(e))
+            }
+            Ok(other) => Err(ForwardError::Unknown(unexpected("client_write", other))),
+            Err(FrameError::Timeout(d)) => Err(ForwardError::Unknown(NetError::Timeout(d))),
+            Err(e) => Err(ForwardError::Unknown(match conn.close_reason() {
+                Some(reason) => NetError::Connection(addr.to_owned(), reason),
+                None => NetError::Frame(e),
+            })),
+        };
+        self.observe(addr, "client_write", started, result.is_ok());
+        result
+    }
+
+    fn forward_failed(&self, addr: &str, started: Instant, e: ForwardError) -> ForwardError {
+        self.observe(addr, "client_write", started, false);
+        e
+    }
+
+    /// Asks the leader at `addr` for a read index, giving up when `abandon` resolves.
+    pub async fn linearizable_read_unless(
+        &self,
+        addr: &str,
+        abandon: impl Future<Output = ()>,
+    ) -> Result<u64, NetError> {
+        tokio::select! {
+            r = self.linearizable_read(addr) => r,
+            _ = abandon => Err(NetError::Abandoned),
+        }
+    }
+
     /// Asks the leader at `addr` for a read index.
     pub async fn linearizable_read(&self, addr: &str) -> Result<u64, NetError> {
         match self
@@ -330,6 +413,20 @@ impl PeerClient {
             other => Err(unexpected("join", other)),
         }
     }
+}
+
+/// Why a forwarded write failed, by what the caller may do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The request cannot have reached the leader's log: retrying is safe.
+    #[error("the write was not delivered")]
+    NotSent(#[source] NetError),
+    /// The target is not the leader and appended nothing: retry at the leader it names.
+    #[error("the target is not the leader")]
+    NotLeader(#[source] PeerError),
+    /// The request was sent and no answer says what became of it: it may commit or not.
+    #[error("the write's fate is unknown")]
+    Unknown(#[source] NetError),
 }
 
 fn unexpected(rpc: &'static str, resp: PeerResponse) -> NetError {

@@ -232,6 +232,10 @@ pub enum PeerError {
     /// The caller is not allowed to make this request (no client certificate, bad join secret).
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// The leader appended the write but lost leadership before it committed: it may still
+    /// commit through the next leader, or not.
+    #[error("commit status unknown: {0}")]
+    CommitUnknown(String),
 }
 
 /// A node's Raft role as `shoal status` shows it.

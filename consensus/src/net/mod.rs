@@ -18,7 +18,7 @@ pub mod frame;
 pub mod server;
 pub mod tls;
 
-pub use client::{PeerClient, QuicNetwork, RpcObserver};
+pub use client::{ForwardError, PeerClient, QuicNetwork, RpcObserver};
 pub use frame::{JoinRequest, JoinResponse, PeerError, PeerRole, PeerStatus};
 pub use server::{BoxFuture, DataHandler, DataSlot, PeerHandler, PeerServer};
 pub use tls::{ClusterCa, NodeIdentity, NodeKey, TlsError};
@@ -85,6 +85,8 @@ pub enum NetError {
     SnapshotFile(#[source] std::io::Error),
     #[error("the snapshot file changed size while it was sent")]
     SnapshotSize,
+    #[error("the caller stopped waiting: another node leads now")]
+    Abandoned,
 }
 
 impl NetError {

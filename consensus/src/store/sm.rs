@@ -12,7 +12,9 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{OptionalSend, RaftSnapshotBuilder};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use shoal_types::codec::{decode, encode};
-use shoal_types::{Command, EventKind, Expect, Op, Row, Txn, TxnResponse, WatchEvent};
+use shoal_types::{
+    Command, EventKind, Expect, KeyedTxn, Op, Row, Txn, TxnResponse, WatchEvent, REQUEST_WINDOW,
+};
 use tokio::sync::broadcast;
 
 use super::snapshot::{self, RowBatch, SnapRow, SnapshotHeader, SnapshotWriter, ROWS_PER_BATCH};
@@ -28,6 +30,16 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 pub(crate) const KEY_HISTORY_FLOOR: &[u8] = b"history_floor";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 const KEY_INSTALLING: &[u8] = b"installing";
+
+/// The store's table of request ids (`Command::Keyed`): key the request id, value the
+/// rkyv-encoded first [`TxnResponse`], `mod_revision` the revision it was applied at. Rows, so
+/// they are in every snapshot and survive restarts like any other state.
+pub const T_REQUESTS: &str = "_requests";
+/// The same ids ordered by revision (`{revision:020}/{id}`, empty value), so the oldest can be
+/// pruned without a scan.
+pub const T_REQUESTS_BY_REVISION: &str = "_requests_by_revision";
+/// Most expired request ids removed per apply batch; the rest go with the next batches.
+const REQUEST_PRUNE_PER_BATCH: usize = 1024;
 
 /// `table \0 key`: table names and keys never contain NUL (checked by `Txn::validate`), so a
 /// table's rows are one contiguous range and a key prefix is a byte prefix.
@@ -236,12 +248,16 @@ impl Inner {
                 EntryPayload::Normal(Command::Txn(txn)) => {
                     self.apply_txn(index, txn, &mut overlay, &mut batch, &mut events)?
                 }
+                EntryPayload::Normal(Command::Keyed(keyed)) => {
+                    self.apply_keyed(index, keyed, &mut overlay, &mut batch, &mut events)?
+                }
             };
             responses.push(resp);
             applied = Some(entry.log_id);
         }
 
         if let Some(a) = &applied {
+            self.prune_request_ids(a.index, &overlay, &mut batch)?;
             batch.put_cf(cf_meta, KEY_APPLIED, encode(&WLogId::from(a)));
             // Keep the last `history_retention` revisions of history.
             let floor = self.history_floor()?;
@@ -293,6 +309,103 @@ impl Inner {
             None => Ok(None),
             Some(v) => Ok(Some(decode_row(k, &v)?)),
         }
+    }
+
+    /// Applies a keyed transaction once per request id: a repeat within [`REQUEST_WINDOW`]
+    /// revisions of the first changes nothing and gets the first one's answer. Whether a
+    /// record counts is decided by its age alone, never by whether pruning (which runs per
+    /// batch, and batches differ between nodes) has removed it yet, so replicas agree.
+    fn apply_keyed(
+        &self,
+        index: u64,
+        keyed: &KeyedTxn,
+        overlay: &mut HashMap<Vec<u8>, Option<Row>>,
+        batch: &mut WriteBatch,
+        events: &mut Vec<Positioned>,
+    ) -> Result<TxnResponse, StoreError> {
+        if keyed.validate().is_err() {
+            return Ok(TxnResponse {
+                succeeded: false,
+                revision: index,
+                failed_precondition: None,
+            });
+        }
+        let rk = row_key(T_REQUESTS, &keyed.request_id);
+        if let Some(first) = self.lookup(overlay, &rk)? {
+            if index.saturating_sub(first.mod_revision) < REQUEST_WINDOW {
+                return decode(&first.value).map_err(corrupt(format!(
+                    "response recorded for request {}",
+                    keyed.request_id
+                )));
+            }
+        }
+        let resp = self.apply_txn(index, &keyed.txn, overlay, batch, events)?;
+        let cf_rows = self.db.cf(CF_ROWS);
+        let record = Row {
+            value: encode(&resp),
+            create_revision: index,
+            mod_revision: index,
+            version: 1,
+        };
+        batch.put_cf(cf_rows, &rk, encode(&record));
+        overlay.insert(rk, Some(record));
+        let by_rev = row_key(
+            T_REQUESTS_BY_REVISION,
+            &format!("{index:020}/{}", keyed.request_id),
+        );
+        let marker = Row {
+            value: Vec::new(),
+            create_revision: index,
+            mod_revision: index,
+            version: 1,
+        };
+        batch.put_cf(cf_rows, &by_rev, encode(&marker));
+        Ok(resp)
+    }
+
+    /// Removes request ids older than the window as of `applied`, a bounded number per batch.
+    fn prune_request_ids(
+        &self,
+        applied: u64,
+        overlay: &HashMap<Vec<u8>, Option<Row>>,
+        batch: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        let Some(expired_below) = applied.checked_sub(REQUEST_WINDOW) else {
+            return Ok(());
+        };
+        let cf_rows = self.db.cf(CF_ROWS);
+        let prefix = row_key(T_REQUESTS_BY_REVISION, "");
+        let iter = self
+            .db
+            .db
+            .iterator_cf(cf_rows, IteratorMode::From(&prefix, Direction::Forward));
+        for item in iter.take(REQUEST_PRUNE_PER_BATCH) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let invalid = |reason: &str| StoreError::Invalid {
+                what: "request id index key".into(),
+                reason: reason.into(),
+            };
+            let rest = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| invalid("not UTF-8"))?;
+            let (rev, id) = rest.split_once('/').ok_or_else(|| invalid("no '/'"))?;
+            let rev: u64 = rev.parse().map_err(|_| invalid("bad revision"))?;
+            if rev > expired_below {
+                break;
+            }
+            batch.delete_cf(cf_rows, &k);
+            // The id may have been used again since (a repeat after the window): then its
+            // record is newer than this index entry and stays.
+            let rk = row_key(T_REQUESTS, id);
+            if self
+                .lookup(overlay, &rk)?
+                .is_some_and(|r| r.mod_revision == rev)
+            {
+                batch.delete_cf(cf_rows, &rk);
+            }
+        }
+        Ok(())
     }
 
     fn apply_txn(

@@ -101,7 +101,12 @@ impl PeerHandler for Recorder {
 
     fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>> {
         self.record(format!("client_write:{cmd}"));
-        Box::pin(async {
+        // A write to table `hang` is never answered: a leader that died holding it.
+        let hang = cmd.txn().ops.iter().any(|op| op.table() == "hang");
+        Box::pin(async move {
+            if hang {
+                futures::future::pending::<()>().await;
+            }
             Ok(TxnResponse {
                 succeeded: true,
                 revision: 42,

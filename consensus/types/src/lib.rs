@@ -191,11 +191,11 @@ impl Txn {
             });
         }
         for p in &self.preconditions {
-            validate_table(&p.table)?;
+            validate_user_table(&p.table)?;
             validate_key(&p.key)?;
         }
         for op in &self.ops {
-            validate_table(op.table())?;
+            validate_user_table(op.table())?;
             validate_key(op.key())?;
             if let Op::Put { value, .. } = op {
                 if value.len() > MAX_VALUE_BYTES {
@@ -224,6 +224,74 @@ impl Txn {
 )]
 pub enum Command {
     Txn(Txn),
+    /// A transaction with a client request id: the state machine applies it once per id
+    /// within [`REQUEST_WINDOW`] revisions and answers a repeat with the first result. Boxed so
+    /// the archived enum keeps the size it had with `Txn` alone, and entries written before
+    /// this variant existed still decode.
+    Keyed(Box<KeyedTxn>),
+}
+
+impl Command {
+    /// The transaction, keyed or not.
+    pub fn txn(&self) -> &Txn {
+        match self {
+            Command::Txn(t) => t,
+            Command::Keyed(k) => &k.txn,
+        }
+    }
+
+    /// The client request id, if the command carries one.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Command::Txn(_) => None,
+            Command::Keyed(k) => Some(&k.request_id),
+        }
+    }
+}
+
+/// A transaction that may be proposed more than once (a client's retry, a forward re-sent to a
+/// new leader) and must be applied at most once.
+#[derive(
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct KeyedTxn {
+    /// Chosen by the client, unique per logical request (a UUID, or `agent/host/seq`).
+    pub request_id: String,
+    pub txn: Txn,
+}
+
+impl KeyedTxn {
+    pub fn validate(&self) -> Result<(), TxnError> {
+        validate_request_id(&self.request_id)?;
+        self.txn.validate()
+    }
+}
+
+/// How many revisions (log entries of the whole cluster) a request id is remembered for after
+/// the write it keyed was applied. A repeat that commits later than this is applied again. It
+/// is part of the replicated state machine's rules, so every node must use the same value.
+pub const REQUEST_WINDOW: u64 = 100_000;
+/// Longest client request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Request ids are 1-128 bytes of printable ASCII.
+pub fn validate_request_id(id: &str) -> Result<(), TxnError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(TxnError::BadRequestId)
+    }
 }
 
 impl fmt::Display for Command {
@@ -234,6 +302,13 @@ impl fmt::Display for Command {
                 "txn({} preconditions, {} ops)",
                 t.preconditions.len(),
                 t.ops.len()
+            ),
+            Command::Keyed(k) => write!(
+                f,
+                "txn({} preconditions, {} ops, request {})",
+                k.txn.preconditions.len(),
+                k.txn.ops.len(),
+                k.request_id
             ),
         }
     }
@@ -341,6 +416,10 @@ pub enum TxnError {
     BadKey,
     #[error("value of {len} bytes is larger than the {max}-byte limit")]
     ValueTooLarge { len: usize, max: usize },
+    #[error("table name {0:?} is reserved: names starting with '_' belong to the store")]
+    ReservedTable(String),
+    #[error("request id is invalid: it must be 1-{MAX_REQUEST_ID_LEN} printable ASCII characters")]
+    BadRequestId,
 }
 
 /// Table names are short lowercase identifiers, so they can be used in RocksDB keys with a
@@ -356,6 +435,16 @@ pub fn validate_table(table: &str) -> Result<(), TxnError> {
     } else {
         Err(TxnError::BadTable(table.to_owned()))
     }
+}
+
+/// A table a transaction may name: tables whose name starts with `_` are the store's own
+/// (the request ids of [`KeyedTxn`]) and are written only by the state machine.
+pub fn validate_user_table(table: &str) -> Result<(), TxnError> {
+    validate_table(table)?;
+    if table.starts_with('_') {
+        return Err(TxnError::ReservedTable(table.to_owned()));
+    }
+    Ok(())
 }
 
 /// Keys are any UTF-8 without NUL (the table/key separator in storage).
@@ -397,8 +486,37 @@ mod tests {
             .is_ok());
     }
 
+    #[test]
+    fn reserved_tables_and_bad_request_ids_are_refused() {
+        assert_eq!(
+            Txn::new().put("_requests", "k", "v").validate(),
+            Err(TxnError::ReservedTable("_requests".into()))
+        );
+        let keyed = |id: &str| KeyedTxn {
+            request_id: id.into(),
+            txn: Txn::new().put("kv", "k", "v"),
+        };
+        assert!(keyed("agent-1/42").validate().is_ok());
+        assert_eq!(keyed("").validate(), Err(TxnError::BadRequestId));
+        assert_eq!(keyed("a b").validate(), Err(TxnError::BadRequestId));
+        assert_eq!(
+            keyed(&"x".repeat(MAX_REQUEST_ID_LEN + 1)).validate(),
+            Err(TxnError::BadRequestId)
+        );
+    }
+
+    /// Adding `Command::Keyed` must not move the archived layout of `Command::Txn`: log
+    /// entries and snapshots written before it existed must still decode.
+    #[test]
+    fn keyed_variant_keeps_the_archived_command_size() {
+        assert_eq!(
+            std::mem::size_of::<rkyv::Archived<Command>>(),
+            4 + std::mem::size_of::<rkyv::Archived<Txn>>()
+        );
+    }
+
     fn arb_txn() -> impl Strategy<Value = Txn> {
-        let name = "[a-z_]{1,8}";
+        let name = "[a-z][a-z_]{0,7}";
         let expect = prop_oneof![
             Just(Expect::Absent),
             Just(Expect::Present),
@@ -428,8 +546,12 @@ mod tests {
     proptest! {
         /// Every command survives encode then validated decode unchanged.
         #[test]
-        fn command_codec_round_trips(txn in arb_txn()) {
-            let cmd = Command::Txn(txn);
+        fn command_codec_round_trips(txn in arb_txn(), id in "[!-~]{1,32}", keyed: bool) {
+            let cmd = if keyed {
+                Command::Keyed(Box::new(KeyedTxn { request_id: id, txn }))
+            } else {
+                Command::Txn(txn)
+            };
             let bytes = codec::encode(&cmd);
             let back: Command = codec::decode(&bytes).unwrap();
             prop_assert_eq!(back, cmd);

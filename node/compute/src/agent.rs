@@ -32,7 +32,9 @@ use tokio::sync::watch;
 use crate::domain::DomainSpec;
 use crate::hypervisor::{DomainState, HypervisorError, Libvirt};
 use crate::placement;
-use crate::server::{now_rfc3339, power, Fault, ServerRecord, TaskState, VmState};
+use shoal_state::time::now_rfc3339;
+
+use crate::server::{power, Fault, ServerRecord, TaskState, VmState};
 
 /// How long a create may sit in BUILD/scheduling (its rows written, no placement committed)
 /// before it is taken for interrupted. A live create places within seconds.
@@ -60,6 +62,9 @@ pub struct AgentConfig {
     pub sync_interval: Duration,
     /// How long a domain no row claims is kept before it is destroyed.
     pub orphan_grace: Duration,
+    /// How long a spawn waits for every port to go ACTIVE (programmed by this node's network
+    /// agent) before the server goes to ERROR; `None` when no network agent runs here.
+    pub vif_plugging_timeout: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +91,10 @@ struct Inner {
     images: Arc<dyn ImageSource>,
     cfg: AgentConfig,
     disk_cache: &'static str,
+    /// Domain names this agent handed out, to the server each went to: two rows written by
+    /// one transaction (a multi-create, a batch of placements) share a revision, and libvirt
+    /// names must differ on a host.
+    names: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -122,6 +131,7 @@ impl Agent {
                 images,
                 cfg,
                 disk_cache,
+                names: Default::default(),
             }),
         })
     }
@@ -487,20 +497,19 @@ impl Agent {
             .map_err(|_| "the overlay task was cancelled".to_owned())??;
         }
         // The name libvirt already knows the domain by wins; else the row's; else a new one
-        // from the row's revision (unique in the cluster).
-        let existing = self
-            .inner
-            .hv
-            .list()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
+        // from the row's revision, or the next number free on this host.
+        let domains = self.inner.hv.list().await.map_err(|e| e.to_string())?;
+        let existing = domains
+            .iter()
             .find(|d| d.uuid == s.id)
-            .map(|d| d.name);
-        let name = existing
-            .or_else(|| s.instance_name.clone())
-            .unwrap_or_else(|| crate::server::instance_name(revision));
-        let spec = DomainSpec {
+            .map(|d| d.name.clone());
+        let chosen = existing.or_else(|| s.instance_name.clone());
+        let fresh = chosen.is_none();
+        let mut name = match chosen {
+            Some(name) => name,
+            None => self.claim_name(revision, &s.id, &domains),
+        };
+        let mut spec = DomainSpec {
             name: name.clone(),
             uuid: s.id.clone(),
             virt_type: self.inner.cfg.virt_type.clone(),
@@ -529,12 +538,84 @@ impl Agent {
             console_log,
         };
         self.bind_ports(s).await;
-        self.inner
-            .hv
-            .define_and_start(spec.to_xml())
-            .await
-            .map_err(|e| e.to_string())?;
+        // A name this agent chose may still meet a domain it does not know of (defined by
+        // hand, or by an earlier process): the next free number then.
+        let mut attempts = 0;
+        loop {
+            match self.inner.hv.define_and_start(spec.to_xml()).await {
+                Ok(()) => break,
+                Err(e) if fresh && attempts < 16 && e.to_string().contains("already exists") => {
+                    attempts += 1;
+                    // Another holder of the name this agent did not know of: keep it away.
+                    self.inner
+                        .names
+                        .lock()
+                        .expect("names lock")
+                        .insert(name.clone(), String::new());
+                    let from = name
+                        .strip_prefix("instance-")
+                        .and_then(|h| u64::from_str_radix(h, 16).ok())
+                        .unwrap_or(revision);
+                    name = self.claim_name(from + 1, &s.id, &[]);
+                    spec.name = name.clone();
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if let Some(timeout) = self.inner.cfg.vif_plugging_timeout {
+            self.wait_for_ports(s, timeout).await?;
+        }
         Ok(name)
+    }
+
+    /// The first `instance-%08x` from `from` on that no other server holds on this host,
+    /// neither among `domains` nor among the names this agent handed out; recorded as
+    /// `uuid`'s.
+    fn claim_name(
+        &self,
+        from: u64,
+        uuid: &str,
+        domains: &[crate::hypervisor::DomainInfo],
+    ) -> String {
+        let mut names = self.inner.names.lock().expect("names lock");
+        let taken = |n: &str| {
+            domains.iter().any(|d| d.name == n && d.uuid != uuid)
+                || names.get(n).is_some_and(|id| id != uuid)
+        };
+        let name = (from..)
+            .map(crate::server::instance_name)
+            .find(|n| !taken(n))
+            .expect("some number is free");
+        names.insert(name.clone(), uuid.to_owned());
+        name
+    }
+
+    /// Waits until the network agent has programmed every port of `s` (status ACTIVE), as
+    /// Nova waits for Neutron's `network-vif-plugged` events. The tap exists only once the
+    /// domain runs, so this comes after the start; a port that never goes ACTIVE fails the
+    /// spawn (Nova's `vif_plugging_is_fatal`).
+    async fn wait_for_ports(&self, s: &ServerRecord, timeout: Duration) -> Result<(), String> {
+        let ports: Table<shoal_state::records::PortRecord> =
+            Table::new(self.inner.servers_store(), tables::PORTS);
+        let deadline = tokio::time::Instant::now() + timeout;
+        for p in &s.ports {
+            loop {
+                match ports.get(&p.port_id).await {
+                    Ok(Some(row)) if row.value.status == "ACTIVE" => break,
+                    Ok(None) => break, // deleted meanwhile: nothing to wait for
+                    Ok(Some(_)) | Err(_) => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "Virtual Interface creation failed: port {} was not plugged within {} s",
+                        p.port_id,
+                        timeout.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Records this host as the ports' binding (`binding:host_id`, vif type `tap`): the network
@@ -600,7 +681,7 @@ impl Agent {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let cutoff = crate::server::rfc3339(now.saturating_sub(SCHEDULING_DEADLINE.as_secs()));
+        let cutoff = shoal_state::time::rfc3339(now.saturating_sub(SCHEDULING_DEADLINE.as_secs()));
         for (id, row) in listing.rows {
             let s = &row.value;
             if s.host.is_none()

@@ -47,7 +47,7 @@ pub struct DomainSpec {
 
 /// `tap` + the port id cut to 14 characters, Nova's tap device name.
 pub fn tap_name(port_id: &str) -> String {
-    format!("tap{}", &port_id[..port_id.len().min(11)])
+    shoal_state::records::tap_device(port_id)
 }
 
 /// The kernel command line when the image does not give one: the root disk and the serial

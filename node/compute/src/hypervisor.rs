@@ -236,15 +236,24 @@ impl Libvirt {
     pub async fn list(&self) -> Result<Vec<DomainInfo>, HypervisorError> {
         self.with(|c| {
             let doms = c.list_all_domains(0).map_err(call_err("list"))?;
-            doms.iter()
-                .map(|d| {
-                    Ok(DomainInfo {
+            let mut out = Vec::with_capacity(doms.len());
+            for d in &doms {
+                // A domain undefined between the listing and these calls (another node's
+                // agent on a shared libvirtd, a delete in flight) is simply no longer there.
+                let info = (|| {
+                    Ok::<_, HypervisorError>(DomainInfo {
                         name: d.get_name().map_err(call_err("get_name"))?,
                         uuid: d.get_uuid_string().map_err(call_err("get_uuid"))?,
                         state: domain_state(d)?,
                     })
-                })
-                .collect()
+                })();
+                match info {
+                    Ok(i) => out.push(i),
+                    Err(e) if e.to_string().contains("Domain not found") => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
         })
         .await
     }

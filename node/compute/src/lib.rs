@@ -1,11 +1,24 @@
 //! The compute service: where servers go and how they come to run.
 //!
-//! Owns the `hosts`, `instances` (placement claims) and `servers` tables' records and rules:
-//! - `placement`: host registration and claims committed in one Raft transaction;
-//! - `server`: the server record (Nova's instance), its states and the transitions the API
-//!   may ask for;
+//! Owns the compute records, their tables and their rules; the HTTP edge (`api/nova` in the
+//! binary) only translates requests into calls here and `ComputeError`s into Nova's bodies:
+//! - `flavor`: flavors, their extra specs and access lists (`flavors`, `flavor_names`);
+//! - `quota`: Nova's quotas, the default class and project overrides (`quotas`,
+//!   `quota_classes`);
+//! - `keypair`: users' SSH public keys, their checks and the quota-bounded create
+//!   (`keypairs`);
+//! - `aggregate`: host aggregates, their ids and names, host membership and the availability
+//!   zones derived from them (`aggregates`, `aggregate_names`);
+//! - `server_group`: server groups, their policy and live members (`server_groups`);
+//! - `service`: the compute service of each host (the cluster's members), enabled or
+//!   disabled, and how hosts and hypervisors are looked up (`compute_services`);
+//! - `placement`: host registration and claims committed in one Raft transaction (`hosts`,
+//!   `instances`);
+//! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
+//!   the API may ask for;
 //! - `domain`: the libvirt domain XML, rendered as Nova's libvirt driver writes it;
 //! - `hypervisor`: the libvirt driver (blocking calls run off the async runtime);
+//! - `metadata`: the documents of the metadata service (Nova's layout), pure;
 //! - `agent`: the compute agent every node runs, which drives the servers placed on its node
 //!   to the state their rows ask for.
 //!
@@ -14,7 +27,15 @@
 //! replicated `ports` table.
 
 pub mod agent;
+pub mod aggregate;
 pub mod domain;
+pub mod error;
+pub mod flavor;
 pub mod hypervisor;
+pub mod keypair;
+pub mod metadata;
 pub mod placement;
+pub mod quota;
 pub mod server;
+pub mod server_group;
+pub mod service;

@@ -175,6 +175,15 @@ pub struct ServerRecord {
     pub updated: String,
     #[serde(default)]
     pub launched_at: Option<String>,
+    /// The addresses a user says the server is reached at (`accessIPv4`/`accessIPv6`):
+    /// informational, as in Nova.
+    #[serde(default)]
+    pub access_ipv4: String,
+    #[serde(default)]
+    pub access_ipv6: String,
+    /// Locked (the `lock` action): only an admin may act on it until `unlock`.
+    #[serde(default)]
+    pub locked: bool,
 }
 
 impl ServerRecord {
@@ -267,39 +276,10 @@ impl ServerRecord {
     }
 }
 
-/// The time now as RFC 3339 in UTC with seconds, as Nova's API prints it (`2026-12-05T11:00:00Z`).
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc3339(secs)
-}
-
-/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use shoal_state::time::now_rfc3339;
+
     use super::*;
 
     pub(crate) fn record() -> ServerRecord {
@@ -343,6 +323,9 @@ mod tests {
             created: now_rfc3339(),
             updated: now_rfc3339(),
             launched_at: None,
+            access_ipv4: String::new(),
+            access_ipv6: String::new(),
+            locked: false,
         }
     }
 
@@ -373,10 +356,8 @@ mod tests {
     }
 
     #[test]
-    fn names_and_times() {
+    fn instance_names() {
         assert_eq!(instance_name(1), "instance-00000001");
         assert_eq!(instance_name(0x1234abcd), "instance-1234abcd");
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_796_468_400), "2026-12-05T11:00:00Z");
     }
 }

@@ -1,5 +1,7 @@
 //! The `[network]` section of the node's configuration.
 
+use std::{net::Ipv4Addr, path::PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 /// The largest VXLAN network identifier (24 bits).
@@ -20,6 +22,28 @@ pub struct NetworkConfig {
     pub underlay_mtu: u32,
     /// Physical networks an administrator may put a `flat` network on; `*` allows any name.
     pub flat_networks: Vec<String>,
+    /// The datapath the network agent drives: `ebpf` (XDP + tc), `kernel` (Linux vxlan,
+    /// bridge and nftables), or `auto` (eBPF, else the kernel path). The agent runs only when
+    /// `underlay_device` and `vtep` are set.
+    pub driver: Driver,
+    /// The device VXLAN leaves through (the node's underlay).
+    pub underlay_device: Option<String>,
+    /// This node's VXLAN tunnel address on the underlay; other nodes send to it.
+    pub vtep: Option<Ipv4Addr>,
+    /// A named network namespace (`ip netns`) holding the underlay and the VMs' taps, when
+    /// they are not in the node's own (several nodes on one machine, `shoal dev --netns`).
+    pub netns: Option<String>,
+    /// bpffs directory for pinned maps and links, so forwarding outlives a restart of the
+    /// node; default `/sys/fs/bpf/shoal/<netns, else node name>`.
+    pub pin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Auto,
+    Ebpf,
+    Kernel,
 }
 
 impl Default for NetworkConfig {
@@ -29,6 +53,11 @@ impl Default for NetworkConfig {
             vni_last: 65_535,
             underlay_mtu: 1500,
             flat_networks: vec!["*".into()],
+            driver: Driver::Auto,
+            underlay_device: None,
+            vtep: None,
+            netns: None,
+            pin_dir: None,
         }
     }
 }
@@ -41,6 +70,10 @@ pub enum NetworkConfigError {
     Mtu(u32),
     #[error("network.flat_networks entry {0:?} must be 1 to 64 letters, digits, '-', '_' or '*'")]
     FlatNetwork(String),
+    #[error("network.underlay_device and network.vtep go together: set both to run the network agent, or neither")]
+    HalfUnderlay,
+    #[error("network.{field} {value:?} is not a valid device or namespace name (1 to 15 letters, digits, '-', '_', '.')")]
+    BadName { field: &'static str, value: String },
 }
 
 impl NetworkConfig {
@@ -63,7 +96,31 @@ impl NetworkConfig {
                 return Err(NetworkConfigError::FlatNetwork(name.clone()));
             }
         }
+        if self.underlay_device.is_some() != self.vtep.is_some() {
+            return Err(NetworkConfigError::HalfUnderlay);
+        }
+        for (field, value) in [
+            ("underlay_device", &self.underlay_device),
+            ("netns", &self.netns),
+        ] {
+            if let Some(v) = value {
+                let ok = (1..=15).contains(&v.len())
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                if !ok {
+                    return Err(NetworkConfigError::BadName {
+                        field,
+                        value: v.clone(),
+                    });
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether this node runs a network agent (it has an underlay).
+    pub fn agent_enabled(&self) -> bool {
+        self.underlay_device.is_some() && self.vtep.is_some()
     }
 
     /// The MTU of a network of `network_type` on this underlay.

@@ -10,6 +10,8 @@ pub enum ErrorClass {
     NotFound,
     Conflict,
     Unavailable,
+    /// The write was sent and its outcome is unknown (the leader was lost before it answered).
+    Unknown,
     Internal,
 }
 
@@ -21,6 +23,8 @@ pub enum Resource {
     Port,
     SecurityGroup,
     SecurityGroupRule,
+    Router,
+    FloatingIp,
 }
 
 impl Resource {
@@ -32,6 +36,8 @@ impl Resource {
             Resource::Port => "Port",
             Resource::SecurityGroup => "SecurityGroup",
             Resource::SecurityGroupRule => "SecurityGroupRule",
+            Resource::Router => "Router",
+            Resource::FloatingIp => "FloatingIP",
         }
     }
 
@@ -42,6 +48,8 @@ impl Resource {
             Resource::Port => "Port",
             Resource::SecurityGroup => "Security group",
             Resource::SecurityGroupRule => "Security group rule",
+            Resource::Router => "Router",
+            Resource::FloatingIp => "Floating IP",
         }
     }
 }
@@ -57,6 +65,10 @@ pub enum NetworkError {
     /// The resource does not exist, or the caller may not see it.
     #[error("{} {id} could not be found.", .resource.words())]
     NotFound { resource: Resource, id: String },
+    /// Something the request names is missing, with Neutron's own error type
+    /// (`RouterInterfaceNotFound`).
+    #[error("{message}")]
+    Missing { kind: &'static str, message: String },
     /// The request conflicts with the state: in use, already allocated, a duplicate.
     #[error("{message}")]
     Conflict { kind: &'static str, message: String },
@@ -114,7 +126,7 @@ impl NetworkError {
         match self {
             NetworkError::BadRequest { .. } => ErrorClass::BadRequest,
             NetworkError::Forbidden(_) => ErrorClass::Forbidden,
-            NetworkError::NotFound { .. } => ErrorClass::NotFound,
+            NetworkError::NotFound { .. } | NetworkError::Missing { .. } => ErrorClass::NotFound,
             NetworkError::Conflict { .. } | NetworkError::OverQuota { .. } => ErrorClass::Conflict,
             NetworkError::NoSegment { .. } => ErrorClass::Unavailable,
             NetworkError::State(e) => match e {
@@ -123,6 +135,7 @@ impl NetworkError {
                     ErrorClass::Conflict
                 }
                 StateError::Unavailable(_) => ErrorClass::Unavailable,
+                StateError::CommitUnknown(_) => ErrorClass::Unknown,
                 StateError::Rejected(_) => ErrorClass::BadRequest,
                 StateError::Corrupt { .. } => ErrorClass::Internal,
             },
@@ -132,9 +145,9 @@ impl NetworkError {
     /// The `type` of Neutron's error body.
     pub fn neutron_type(&self) -> String {
         match self {
-            NetworkError::BadRequest { kind, .. } | NetworkError::Conflict { kind, .. } => {
-                (*kind).to_owned()
-            }
+            NetworkError::BadRequest { kind, .. }
+            | NetworkError::Conflict { kind, .. }
+            | NetworkError::Missing { kind, .. } => (*kind).to_owned(),
             NetworkError::Forbidden(_) => "PolicyNotAuthorized".into(),
             NetworkError::NotFound { resource, .. } => format!("{}NotFound", resource.name()),
             NetworkError::OverQuota { .. } => "OverQuota".into(),

@@ -1,6 +1,7 @@
-//! The network service (Neutron v2.0, the L2 part): networks with their VXLAN or flat
-//! segments, IPv4 subnets, ports with their addresses and MACs, security groups and rules,
-//! and the project quotas that bound them.
+//! The network service (Neutron v2.0): networks with their VXLAN or flat segments, IPv4
+//! subnets, ports with their addresses and MACs, security groups and rules, routers and
+//! floating IPs (the L3 model; the datapath does not route or NAT yet), and the project quotas
+//! that bound them.
 //!
 //! Owns: the rules of each resource (validation, Neutron's default policy, defaults), the
 //! records of networks, subnets, security groups and rules (`records`), the IPAM allocator
@@ -13,14 +14,18 @@
 //! translates to and from this crate), nor on another service's internals: the compute agent
 //! and the network agent meet it only in the `ports` table (`shoal_state::records::PortRecord`).
 
+pub mod agent;
 pub mod config;
+pub mod dhcp;
 mod error;
+mod floating_ips;
 pub mod ipam;
 pub mod ipv4;
 mod networks;
 mod ports;
 mod quotas;
 pub mod records;
+mod routers;
 mod security_groups;
 mod subnets;
 
@@ -28,9 +33,14 @@ use std::sync::Arc;
 
 pub use config::{NetworkConfig, NetworkConfigError};
 pub use error::{ErrorClass, NetResult, NetworkError, Resource};
+pub use floating_ips::{FloatingIpCreate, FloatingIpUpdate};
 pub use networks::{NetworkCreate, NetworkUpdate};
 pub use ports::{AddressPairRequest, FixedIpRequest, PortCreate, PortUpdate};
 pub use quotas::{QuotaUsage, COUNTED, DEFAULT_QUOTAS};
+pub use routers::{
+    GatewayRequest, InterfaceInfo, InterfaceRequest, RouterCreate, RouterUpdate, FLOATING_IP_OWNER,
+    ROUTER_GATEWAY, ROUTER_INTERFACE,
+};
 pub use security_groups::{RuleCreate, SecurityGroupCreate, SecurityGroupUpdate};
 use serde::{Deserialize, Deserializer};
 pub use shoal_state::records::{AddressPair, FixedIp, PortRecord};
@@ -157,6 +167,22 @@ impl NetworkService {
         self.state.read_barrier().await?;
         Ok(())
     }
+
+    /// The network agents (one per node that runs one), as the agents publish themselves in
+    /// `network_agents`. Listing agents is for admins, as in Neutron: anyone else sees none.
+    pub async fn agents(&self, caller: &Caller) -> NetResult<Vec<agent::AgentRecord>> {
+        if !caller.admin {
+            return Ok(Vec::new());
+        }
+        self.barrier().await?;
+        Ok(self
+            .state
+            .table::<agent::AgentRecord>(shoal_state::tables::NETWORK_AGENTS)
+            .list("")
+            .await?
+            .into_values()
+            .collect())
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -220,6 +246,8 @@ pub enum Tagged {
     Subnet,
     Port,
     SecurityGroup,
+    Router,
+    FloatingIp,
 }
 
 /// What every stored resource has: tags, and a revision that moves with each change.
@@ -247,6 +275,8 @@ revisioned!(
     records::NetworkRecord,
     records::SubnetRecord,
     records::SecurityGroupRecord,
+    records::RouterRecord,
+    records::FloatingIpRecord,
     PortRecord
 );
 
@@ -265,6 +295,8 @@ impl NetworkService {
             Tagged::Subnet => self.subnet(caller, id).await?.project_id,
             Tagged::Port => self.port(caller, id).await?.project_id,
             Tagged::SecurityGroup => self.security_group(caller, id).await?.project_id,
+            Tagged::Router => self.router(caller, id).await?.project_id,
+            Tagged::FloatingIp => self.floating_ip(caller, id).await?.project_id,
         };
         if !caller.may_change(&project) {
             return Err(NetworkError::policy("update_tags"));
@@ -274,6 +306,8 @@ impl NetworkService {
             Tagged::Subnet => retag(self.subnets(), id, change).await,
             Tagged::Port => retag(self.ports(), id, change).await,
             Tagged::SecurityGroup => retag(self.groups(), id, change).await,
+            Tagged::Router => retag(self.routers(), id, change).await,
+            Tagged::FloatingIp => retag(self.floating_ips(), id, change).await,
         }
     }
 }

@@ -466,12 +466,21 @@ impl NetworkService {
                 let Some(net) = self.networks().get(id).await? else {
                     return Err(NetworkError::not_found(Resource::Network, id));
                 };
-                let in_use = self
-                    .ports()
-                    .list("")
-                    .await?
-                    .into_values()
-                    .any(|p| p.network_id == id);
+                // Unassociated floating IPs go with their external network, as in Neutron.
+                let mut txn = Txn::new();
+                let mut in_use = false;
+                for (_, p) in self.ports().list("").await?.rows {
+                    if p.value.network_id != id {
+                        continue;
+                    }
+                    match self.releasable_floating_ip(txn.clone(), &p).await? {
+                        Some(t) => txn = t,
+                        None => {
+                            in_use = true;
+                            break;
+                        }
+                    }
+                }
                 if in_use {
                     return Err(NetworkError::conflict(
                         "NetworkInUse",
@@ -482,7 +491,7 @@ impl NetworkService {
                     ));
                 }
                 let n = net.value;
-                let mut txn = Txn::new()
+                let mut txn = txn
                     .when(tables::NETWORKS, id, Expect::Revision(net.revision))
                     .delete(tables::NETWORKS, id)
                     .delete(tables::NETWORK_DELETING, &mark);

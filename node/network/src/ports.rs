@@ -15,7 +15,7 @@ use shoal_state::{tables, Expect, Txn};
 use crate::ipam;
 use crate::ipv4::{family_of, ip_string, parse_ip, shown, Cidr};
 use crate::networks::deleting_key;
-use crate::quotas::{count_in, uncount_in};
+use crate::quotas::{bypass_in, count_in, uncount_in};
 use crate::records::{NetworkRecord, SubnetRecord};
 use crate::{
     check_tags, check_text, new_id, now_secs, nullable, Caller, NetResult, NetworkError,
@@ -221,6 +221,35 @@ impl Guarded {
         self.txn = self.txn.when(table, key, expect);
         self.guards.push(guard);
         self
+    }
+}
+
+/// A port create after its policy checks: the record (addresses, MAC and address pairs still
+/// to choose) and what the request asked of them.
+struct NewPort {
+    rec: PortRecord,
+    fixed_ips: Option<Vec<FixedIpRequest>>,
+    chosen_mac: Option<String>,
+    pairs: Vec<AddressPairRequest>,
+}
+
+/// A port the service makes for one of its own resources.
+pub(crate) struct ServicePort {
+    /// The router's project for an interface; empty for a gateway or a floating IP's port, as
+    /// Neutron leaves them (only admins see them).
+    pub project: String,
+    pub network_id: String,
+    pub fixed_ips: Option<Vec<FixedIpRequest>>,
+    pub device_owner: &'static str,
+    pub device_id: String,
+}
+
+/// Who the service acts as when it makes its own ports: it sees every network.
+fn service_caller() -> Caller {
+    Caller {
+        project_id: None,
+        admin: true,
+        member: true,
     }
 }
 
@@ -627,45 +656,116 @@ impl NetworkService {
             ));
         }
         let tags = check_tags(req.tags.as_deref().unwrap_or_default())?;
-        let router = req
-            .device_owner
-            .as_deref()
-            .is_some_and(|o| o.starts_with("network:router"));
         let now = now_secs();
-        let id = new_id();
+        let rec = PortRecord {
+            id: new_id(),
+            project_id: project.clone(),
+            network_id: net.id.clone(),
+            name,
+            description,
+            mac_address: String::new(),
+            fixed_ips: Vec::new(),
+            device_id: req.device_id.clone().unwrap_or_default(),
+            device_owner: req.device_owner.clone().unwrap_or_default(),
+            binding_host_id: req.binding_host_id.clone().unwrap_or_default(),
+            binding_vif_type: "unbound".into(),
+            binding_vnic_type: "normal".into(),
+            security_groups: groups,
+            port_security_enabled: port_security,
+            allowed_address_pairs: Vec::new(),
+            admin_state_up: req.admin_state_up.unwrap_or(true),
+            status: "DOWN".into(),
+            tags,
+            created_at: now,
+            updated_at: now,
+            revision_number: 1,
+        };
+        let new = NewPort {
+            rec,
+            fixed_ips: req.fixed_ips,
+            chosen_mac,
+            pairs: pairs_req,
+        };
+        let quota = Some((project.as_str(), "port"));
+        self.commit_port(caller, new, quota, &|_, txn| txn)
+            .await?
+            .ok_or_else(|| NetworkError::not_found(Resource::Network, &net.id))
+    }
+
+    /// Makes a port the service needs for itself (a router's interface or gateway, the port
+    /// holding a floating IP's address): no policy, no security groups, counted but not checked
+    /// against the port quota (Neutron checks quotas at its API only). `extra` adds what
+    /// commits with the port; `quota` names the resource checked instead, if any. `None` when
+    /// one of `extra`'s preconditions failed: the caller reads again and retries.
+    pub(crate) async fn create_service_port(
+        &self,
+        spec: ServicePort,
+        quota: Option<(&str, &'static str)>,
+        extra: &(dyn Fn(&PortRecord, Txn) -> Txn + Send + Sync),
+    ) -> NetResult<Option<PortRecord>> {
+        let now = now_secs();
+        let rec = PortRecord {
+            id: new_id(),
+            project_id: spec.project,
+            network_id: spec.network_id,
+            name: String::new(),
+            description: String::new(),
+            mac_address: String::new(),
+            fixed_ips: Vec::new(),
+            device_id: spec.device_id,
+            device_owner: spec.device_owner.to_owned(),
+            binding_host_id: String::new(),
+            binding_vif_type: "unbound".into(),
+            binding_vnic_type: "normal".into(),
+            security_groups: Vec::new(),
+            port_security_enabled: false,
+            allowed_address_pairs: Vec::new(),
+            admin_state_up: true,
+            status: "DOWN".into(),
+            tags: Vec::new(),
+            created_at: now,
+            updated_at: now,
+            revision_number: 1,
+        };
+        let new = NewPort {
+            rec,
+            fixed_ips: spec.fixed_ips,
+            chosen_mac: None,
+            pairs: Vec::new(),
+        };
+        self.commit_port(&service_caller(), new, quota, extra).await
+    }
+
+    /// The create loop every port goes through: choose addresses and a MAC against what is
+    /// held now, commit with `Absent` rows for each, choose again when a concurrent create took
+    /// one first.
+    async fn commit_port(
+        &self,
+        caller: &Caller,
+        new: NewPort,
+        quota: Option<(&str, &'static str)>,
+        extra: &(dyn Fn(&PortRecord, Txn) -> Txn + Send + Sync),
+    ) -> NetResult<Option<PortRecord>> {
+        let id = new.rec.id.clone();
+        let project = new.rec.project_id.clone();
+        let router = new.rec.device_owner.starts_with("network:router");
+        let net_id = new.rec.network_id.clone();
         for round in 0..PICK_ROUNDS {
             if round > 0 {
                 self.barrier().await?;
             }
-            let net = self.visible_network(caller, &net.id).await?;
+            let net = self.visible_network(caller, &net_id).await?;
             let subnets = self.subnets_of(&net).await?;
-            let wants = self.wants(&net, &subnets, &req.fixed_ips)?;
+            let wants = self.wants(&net, &subnets, &new.fixed_ips)?;
             let addresses = self
                 .choose_addresses(&net, &subnets, &wants, router, &BTreeSet::new())
                 .await?;
-            let mac = chosen_mac.clone().unwrap_or_else(generate_mac);
+            let mac = new.chosen_mac.clone().unwrap_or_else(generate_mac);
             let rec = PortRecord {
-                id: id.clone(),
-                project_id: project.clone(),
-                network_id: net.id.clone(),
-                name: name.clone(),
-                description: description.clone(),
                 mac_address: mac.clone(),
                 fixed_ips: addresses.iter().map(|(f, _)| f.clone()).collect(),
-                device_id: req.device_id.clone().unwrap_or_default(),
-                device_owner: req.device_owner.clone().unwrap_or_default(),
-                binding_host_id: req.binding_host_id.clone().unwrap_or_default(),
-                binding_vif_type: "unbound".into(),
-                binding_vnic_type: "normal".into(),
-                security_groups: groups.clone(),
-                port_security_enabled: port_security,
-                allowed_address_pairs: check_pairs(&pairs_req, &mac)?,
-                admin_state_up: req.admin_state_up.unwrap_or(true),
-                status: "DOWN".into(),
-                tags: tags.clone(),
-                created_at: now,
-                updated_at: now,
-                revision_number: 1,
+                allowed_address_pairs: check_pairs(&new.pairs, &mac)?,
+                ..new.rec.clone()
             };
             let mut g = Guarded::new()
                 .when(tables::NETWORKS, &net.id, Expect::Present, Guard::Network)
@@ -682,12 +782,12 @@ impl NetworkService {
                 &mac,
                 Expect::Absent,
                 Guard::Mac {
-                    chosen: chosen_mac.is_none(),
+                    chosen: new.chosen_mac.is_none(),
                 },
             );
-            g = guard_groups(g, &groups);
-            let txn = g
-                .txn
+            g = guard_groups(g, &rec.security_groups);
+            let guarded = g.guards.len();
+            let txn = extra(&rec, g.txn.clone())
                 .put(tables::PORTS, &id, self.ports().encode(&rec))
                 .put(
                     tables::PORT_MACS,
@@ -695,20 +795,34 @@ impl NetworkService {
                     self.index(tables::PORT_MACS).encode(&id),
                 );
             let txn = count_in(txn, &project, "port", &id);
-            let resp = self.create_within_quota(&project, "port", txn).await?;
+            let resp = match quota {
+                Some((p, resource)) => {
+                    let txn = if resource == "port" {
+                        txn
+                    } else {
+                        bypass_in(txn, &project, "port")
+                    };
+                    self.create_within_quota(p, resource, txn).await?
+                }
+                None => {
+                    let txn = bypass_in(txn, &project, "port");
+                    self.state.write(tables::PORTS, txn).await?
+                }
+            };
             if resp.succeeded {
-                return Ok(rec);
+                return Ok(Some(rec));
             }
-            let failed = resp
-                .failed_precondition
-                .and_then(|i| g.guards.get(i as usize).cloned());
-            if self.retry_after(failed, &net.id)? {
+            let failed = resp.failed_precondition.map(|i| i as usize);
+            if failed.is_some_and(|i| i >= guarded) {
+                return Ok(None);
+            }
+            if self.retry_after(failed.and_then(|i| g.guards.get(i).cloned()), &net.id)? {
                 continue;
             }
         }
         Err(shoal_state::StateError::Contended {
             table: tables::IP_ALLOCATIONS,
-            key: net.id.clone(),
+            key: net_id,
             attempts: PICK_ROUNDS,
         }
         .into())
@@ -975,29 +1089,44 @@ impl NetworkService {
         if !may_change_port(caller, &first, net.as_ref()) {
             return Err(NetworkError::policy("delete_port"));
         }
+        if let Some(reason) = self.service_port_owner(&first).await? {
+            return Err(NetworkError::conflict(
+                "ServicePortInUse",
+                format!("Port {id} cannot be deleted directly via the port API: {reason}."),
+            ));
+        }
         shoal_state::retry(tables::PORTS, id, shoal_state::DEFAULT_ATTEMPTS, || async {
             let Some(current) = self.ports().get(id).await? else {
                 return Err(NetworkError::not_found(Resource::Port, id));
             };
-            let p = current.value;
-            let mut txn = Txn::new()
-                .when(tables::PORTS, id, Expect::Revision(current.revision))
-                .delete(tables::PORTS, id)
-                .delete(tables::PORT_MACS, &p.mac_address);
-            for f in &p.fixed_ips {
-                txn = txn.delete(
-                    tables::IP_ALLOCATIONS,
-                    &format!("{}/{}", f.subnet_id, f.ip_address),
-                );
-            }
-            let txn = uncount_in(txn, &p.project_id, "port", id);
+            let txn = Txn::new().when(tables::PORTS, id, Expect::Revision(current.revision));
+            let txn = self.without_port(txn, &current.value);
+            let txn = self.disassociate_in(txn, id).await?;
             let resp = self.state.write(tables::PORTS, txn).await?;
             if !resp.succeeded {
                 self.barrier().await?;
             }
             Ok(resp.succeeded.then_some(()))
         })
-        .await
+        .await?;
+        // A floating IP associated while the delete was under way (its write requires the
+        // port, so only before the delete committed) is released now.
+        self.barrier().await?;
+        self.disassociate_port(id).await
+    }
+
+    /// Adds the removal of port `p` to `txn`: its row, MAC, addresses and usage.
+    pub(crate) fn without_port(&self, mut txn: Txn, p: &PortRecord) -> Txn {
+        txn = txn
+            .delete(tables::PORTS, &p.id)
+            .delete(tables::PORT_MACS, &p.mac_address);
+        for f in &p.fixed_ips {
+            txn = txn.delete(
+                tables::IP_ALLOCATIONS,
+                &format!("{}/{}", f.subnet_id, f.ip_address),
+            );
+        }
+        uncount_in(txn, &p.project_id, "port", &p.id)
     }
 }
 
@@ -1023,12 +1152,17 @@ fn guard_groups(mut g: Guarded, groups: &[String]) -> Guarded {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::{admin, member, service};
     use crate::{NetworkCreate, SubnetCreate};
 
-    async fn net_with_subnet(s: &NetworkService, who: &Caller, cidr: &str) -> (String, String) {
+    /// A network of `who`'s with one subnet of `cidr`: their ids.
+    pub(crate) async fn net_with_subnet(
+        s: &NetworkService,
+        who: &Caller,
+        cidr: &str,
+    ) -> (String, String) {
         let n = s
             .create_network(who, NetworkCreate::default())
             .await

@@ -13,8 +13,8 @@ use shoal_state::{tables, Txn, TxnResponse};
 
 use crate::{check_project_id, Caller, NetResult, NetworkError, NetworkService};
 
-/// Neutron's default quotas. Routers, floating IPs, RBAC policies and subnet pools are
-/// reported (the client shows them) but nothing here creates them yet.
+/// Neutron's default quotas. RBAC policies and subnet pools are reported (the client shows
+/// them) but nothing here creates them.
 pub const DEFAULT_QUOTAS: [(&str, i64); 9] = [
     ("floatingip", 50),
     ("network", 100),
@@ -28,10 +28,12 @@ pub const DEFAULT_QUOTAS: [(&str, i64); 9] = [
 ];
 
 /// The resources this service creates and counts.
-pub const COUNTED: [&str; 5] = [
+pub const COUNTED: [&str; 7] = [
+    "floatingip",
     "network",
     "subnet",
     "port",
+    "router",
     "security_group",
     "security_group_rule",
 ];

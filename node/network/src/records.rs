@@ -96,3 +96,55 @@ pub struct RuleRecord {
     pub updated_at: u64,
     pub revision_number: u64,
 }
+
+/// A router's external gateway: a port of its own on a `router:external` network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterGateway {
+    pub network_id: String,
+    pub enable_snat: bool,
+    /// The gateway port (`network:router_gateway`, `device_id` = the router).
+    pub port_id: String,
+    /// The gateway port's addresses, as Neutron shows them in `external_fixed_ips`.
+    pub external_fixed_ips: Vec<shoal_state::records::FixedIp>,
+}
+
+/// A router, keyed by id in table `routers`. Its interfaces are ports
+/// (`network:router_interface`, `device_id` = the router), not fields of this row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub description: String,
+    pub admin_state_up: bool,
+    pub status: String,
+    pub gateway: Option<RouterGateway>,
+    /// Extra routes; every nexthop lies in a subnet the router is connected to.
+    pub routes: Vec<HostRoute>,
+    pub tags: Vec<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
+}
+
+/// A floating IP, keyed by id in table `floating_ips`. Its address is held by a port of its own
+/// on the external network (`network:floatingip`, `device_id` = the floating IP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FloatingIpRecord {
+    pub id: String,
+    pub project_id: String,
+    pub description: String,
+    pub floating_network_id: String,
+    pub floating_ip_address: String,
+    /// The port holding the address on the external network.
+    pub floating_port_id: String,
+    /// The associated port, its fixed address and the router that reaches it.
+    pub port_id: Option<String>,
+    pub fixed_ip_address: Option<String>,
+    pub router_id: Option<String>,
+    pub status: String,
+    pub tags: Vec<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
+}

@@ -698,7 +698,11 @@ fn check_ports(
             message: "Must also specify protocol if port range is given.".into(),
         }),
         Some(p) if has_ports(p) => {
-            let lo = min.ok_or_else(|| bad("port_range_min is required with port_range_max".into()))?;
+            // Neutron reads a missing minimum as a range that ends before it starts.
+            let lo = min.ok_or_else(|| NetworkError::BadRequest {
+                kind: "SecurityGroupInvalidPortRange",
+                message: "For TCP/UDP protocols, port_range_min must be <= port_range_max (port_range_min is missing)".into(),
+            })?;
             let hi = max.unwrap_or(lo);
             for v in [lo, hi] {
                 if !(1..=65_535).contains(&v) {

@@ -4,25 +4,16 @@
 //!
 //! Any node answers any request; nothing here depends on which node leads Raft.
 
-pub mod admin;
-pub mod compute;
-pub mod compute_admin;
-pub mod compute_aggregates;
-pub mod compute_keypairs;
+pub mod body;
 pub mod error;
+pub mod glance;
 pub mod http_server;
-pub mod identity;
-pub mod identity_admin;
-pub mod image;
-pub mod image_file;
-pub mod image_record;
+pub mod keystone;
 pub mod metrics;
 pub mod neutron;
 pub mod nova;
-pub mod placement;
-pub mod policy;
+pub mod shoal;
 pub mod tls;
-pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,9 +24,56 @@ use axum::Router;
 use error::ApiError;
 use shoal_consensus::cluster::Cluster;
 
-use crate::identity::token::Claims;
-use crate::identity::{has_role, Identity};
-use crate::images::ImageStore;
+use shoal_identity::token::Claims;
+use shoal_identity::{has_role, Identity};
+use shoal_images::ImageStore;
+
+/// An OpenStack API this node serves.
+#[derive(Debug)]
+pub struct Service {
+    /// The catalog `type` (`compute`) and `name` (`nova`).
+    pub kind: &'static str,
+    pub name: &'static str,
+    /// Every path of the API starts with this.
+    pub prefix: &'static str,
+    /// The path the catalog's endpoints name (Nova's carries its version).
+    pub endpoint: &'static str,
+    /// The error body its clients expect.
+    pub errors: error::ErrorApi,
+}
+
+/// Every OpenStack API a node serves: the catalog is built from this list, and the edge picks
+/// an error's shape from it. Paths outside it (`/shoal/v1`, `/metrics`) answer Keystone's.
+pub const SERVICES: [Service; 4] = [
+    Service {
+        kind: "identity",
+        name: "keystone",
+        prefix: "/identity",
+        endpoint: "/identity",
+        errors: error::ErrorApi::Keystone,
+    },
+    Service {
+        kind: "compute",
+        name: "nova",
+        prefix: "/compute",
+        endpoint: "/compute/v2.1",
+        errors: error::ErrorApi::Nova,
+    },
+    Service {
+        kind: "image",
+        name: "glance",
+        prefix: "/image",
+        endpoint: "/image",
+        errors: error::ErrorApi::Glance,
+    },
+    Service {
+        kind: "network",
+        name: "neutron",
+        prefix: "/network",
+        endpoint: "/network",
+        errors: error::ErrorApi::Neutron,
+    },
+];
 
 /// Request bodies larger than this are refused before they are read in full.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -60,18 +98,12 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .merge(identity::routes())
-        .merge(identity_admin::routes())
-        .merge(compute::routes())
-        .merge(compute_admin::routes())
-        .merge(compute_aggregates::routes())
-        .merge(compute_keypairs::routes())
-        .merge(nova::servers::routes())
-        .merge(image::routes())
-        .merge(admin::routes())
-        .merge(metrics::routes())
-        .merge(placement::routes())
+        .merge(keystone::routes())
+        .merge(nova::routes())
+        .merge(glance::routes())
         .merge(neutron::routes())
+        .merge(shoal::routes())
+        .merge(metrics::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(edge))
         .with_state(state)
@@ -80,10 +112,33 @@ pub fn router(state: AppState) -> Router {
 /// What every request goes through first and every answer last:
 /// - a `Content-Length` over the cap of an ordinary call is refused with 413 before the body
 ///   is read (image uploads have their own cap in the image service);
-/// - answers that axum makes itself (an unknown path, a method not allowed, a body that is not
-///   valid JSON or that was cut off) are put in the API's own error shape, so clients always
-///   get the body their API defines.
+/// - every error answer is put in the shape of the API the path belongs to: a handler's
+///   [`ApiError`] (one mapping per API, `error::Shape::for_path`), and the answers axum makes
+///   itself (an unknown path, a method not allowed, a body cut off), so clients always get the
+///   body their API defines;
+/// - every answer carries a request id, `x-openstack-request-id` (and Nova's
+///   `x-compute-request-id` under `/compute`), as every OpenStack service sends; a 500 keeps
+///   the id its log line was written under.
 async fn edge(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let compute = req.uri().path().starts_with("/compute");
+    let mut resp = shape_errors(req, next).await;
+    let h = resp.headers_mut();
+    let id = match h.get("x-openstack-request-id") {
+        Some(id) => id.clone(),
+        None => axum::http::HeaderValue::from_str(&format!("req-{}", uuid::Uuid::new_v4()))
+            .expect("a uuid is a valid header value"),
+    };
+    if compute {
+        h.insert("x-compute-request-id", id.clone());
+    }
+    h.insert("x-openstack-request-id", id);
+    resp
+}
+
+async fn shape_errors(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -104,7 +159,18 @@ async fn edge(
             .into_response();
         }
     }
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    // An error a handler returned: its body in the shape of the API this path belongs to.
+    if let Some(parts) = resp.extensions_mut().remove::<error::ErrorParts>() {
+        let shape = error::Shape::for_path(&path, parts.status, parts.neutron_kind.as_deref());
+        let body = error::render(&shape, parts.status, &parts.message);
+        let (mut head, _) = resp.into_parts();
+        head.headers.remove(axum::http::header::CONTENT_LENGTH);
+        return axum::response::Response::from_parts(
+            head,
+            axum::body::Body::from(body.to_string()),
+        );
+    }
     let status = resp.status();
     let is_json = resp
         .headers()
@@ -198,5 +264,65 @@ impl FromRequestParts<AppState> for Auth {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::routing::get;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn answer(app: Router, path: &str) -> (StatusCode, Value) {
+        let resp = app
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// One handler error, answered in the shape of whichever API the path belongs to.
+    #[tokio::test]
+    async fn errors_take_the_shape_of_the_api_called() {
+        let missing = || async { ApiError::not_found("no such thing") };
+        let typed = || async { ApiError::not_found("no network").neutron("NetworkNotFound") };
+        let broken = || async { ApiError::internal("disk on fire at /var/lib/shoal") };
+        let app = Router::new()
+            .route("/compute/v2.1/x", get(missing))
+            .route("/image/v2/x", get(missing))
+            .route("/identity/v3/x", get(missing))
+            .route("/network/v2.0/x", get(missing))
+            .route("/network/v2.0/y", get(typed))
+            .route("/compute/v2.1/boom", get(broken))
+            .layer(axum::middleware::from_fn(edge));
+        let (status, nova) = answer(app.clone(), "/compute/v2.1/x").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(nova["itemNotFound"]["message"], "no such thing");
+        let (_, glance) = answer(app.clone(), "/image/v2/x").await;
+        assert_eq!(
+            (glance["code"].as_u64(), glance["title"].as_str()),
+            (Some(404), Some("Not Found"))
+        );
+        let (_, keystone) = answer(app.clone(), "/identity/v3/x").await;
+        assert_eq!(keystone["error"]["code"], 404);
+        let (_, neutron) = answer(app.clone(), "/network/v2.0/x").await;
+        assert_eq!(neutron["NeutronError"]["type"], "HTTPNotFound");
+        let (_, neutron) = answer(app.clone(), "/network/v2.0/y").await;
+        assert_eq!(neutron["NeutronError"]["type"], "NetworkNotFound");
+        let (status, boom) = answer(app, "/compute/v2.1/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let text = boom["computeFault"]["message"].as_str().unwrap();
+        assert!(
+            !text.contains("disk on fire") && text.contains("req-"),
+            "{text}"
+        );
     }
 }

@@ -16,6 +16,8 @@ pub mod records;
 mod store;
 mod table;
 pub mod tables;
+pub mod time;
+pub mod validate;
 
 pub use mem::MemStore;
 pub use shoal_types::{Expect, Row, Txn, TxnResponse};
@@ -46,6 +48,11 @@ pub enum StateError {
     /// No leader, peer unreachable, or this replica is stopping: the caller may retry later.
     #[error("the cluster is unavailable: {0}")]
     Unavailable(String),
+    /// The write was sent and its fate is unknown (the leader was lost before it answered):
+    /// it may or may not have been applied. Not retried blindly: read before retrying, or
+    /// resend with the same request id.
+    #[error("the write's outcome is unknown: {0}")]
+    CommitUnknown(String),
     /// The transaction itself was refused before it was proposed (names, sizes).
     #[error("the write was refused: {0}")]
     Rejected(String),
@@ -70,6 +77,7 @@ impl StateError {
                 key: key.to_owned(),
             },
             C::BadRequest(m) => StateError::Rejected(m),
+            C::CommitUnknown(m) => StateError::CommitUnknown(m),
             other => StateError::Unavailable(other.to_string()),
         }
     }

@@ -75,6 +75,12 @@ pub struct PortRecord {
     pub revision_number: u64,
 }
 
+/// The host-side device of a VM's port: `tap` + the port id cut to 14 characters, as Nova and
+/// Neutron name it. The compute agent creates it; the network agent programs it.
+pub fn tap_device(port_id: &str) -> String {
+    format!("tap{}", &port_id[..port_id.len().min(11)])
+}
+
 impl PortRecord {
     /// Marks a change made at `now` (seconds since the epoch).
     pub fn touch(&mut self, now: u64) {

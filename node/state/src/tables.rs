@@ -3,6 +3,9 @@
 
 // identity
 pub const DOMAINS: &str = "domains";
+/// Key: domain name; value: domain id (the default domain, older than the index, is also found
+/// by a scan).
+pub const DOMAIN_NAMES: &str = "domain_names";
 pub const PROJECTS: &str = "projects";
 pub const PROJECT_NAMES: &str = "project_names";
 pub const USERS: &str = "users";
@@ -10,8 +13,12 @@ pub const USER_NAMES: &str = "user_names";
 pub const ROLES: &str = "roles";
 pub const ROLE_NAMES: &str = "role_names";
 pub const ASSIGNMENTS: &str = "role_assignments";
+/// Key: `{user_id}/{role_id}`: a role held on the system (`"system": {"all": true}`).
+pub const SYSTEM_ASSIGNMENTS: &str = "system_role_assignments";
 pub const SIGNING_KEYS: &str = "signing_keys";
 pub const REVOKED: &str = "revoked_tokens";
+/// Keystone revocation events (a user, project or role assignment revoked at a time).
+pub const REVOCATION_EVENTS: &str = "revocation_events";
 
 // compute
 /// Key: flavor id.
@@ -22,6 +29,8 @@ pub const FLAVOR_NAMES: &str = "flavor_names";
 pub const KEYPAIRS: &str = "keypairs";
 /// Key: project id (or the default-quota key).
 pub const QUOTAS: &str = "quotas";
+/// Key: quota class name (`default`); value: the class's quota overrides.
+pub const QUOTA_CLASSES: &str = "quota_classes";
 /// Key: host name.
 pub const COMPUTE_SERVICES: &str = "compute_services";
 /// Key: a counted scope (`key_pairs/<user>`, `network/port/<project>`); every create in the
@@ -59,6 +68,8 @@ pub const NETWORKS: &str = "networks";
 pub const SUBNETS: &str = "subnets";
 /// Key: port id. Record: [`crate::records::PortRecord`] (shared with the compute agent).
 pub const PORTS: &str = "ports";
+/// Key: node name. Record: `shoal_network::agent::AgentRecord` (the node's VTEP).
+pub const NETWORK_AGENTS: &str = "network_agents";
 /// Key: security group id.
 pub const SECURITY_GROUPS: &str = "security_groups";
 /// Key: security group rule id.
@@ -80,3 +91,10 @@ pub const NETWORK_USAGE: &str = "network_usage";
 pub const NETWORK_QUOTAS: &str = "network_quotas";
 /// Key: `{resource}/{id}`: a delete in progress; creates that would use the resource fail.
 pub const NETWORK_DELETING: &str = "network_deleting";
+/// Key: router id. Record: `shoal_network::records::RouterRecord`.
+pub const ROUTERS: &str = "routers";
+/// Key: floating IP id. Record: `shoal_network::records::FloatingIpRecord`.
+pub const FLOATING_IPS: &str = "floating_ips";
+/// Key: `{external network}/{port}/{fixed address}`; value: the floating IP id. One floating IP
+/// per fixed address and external network.
+pub const FLOATING_IP_BINDINGS: &str = "floating_ip_bindings";

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod osc;
+pub mod vmnet;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -203,6 +205,29 @@ impl Cluster {
         }
         c.wait_healthy(n);
         c
+    }
+
+    /// One HTTP call to node `node`'s API; returns the status and the JSON body (or `null`).
+    pub fn api(
+        &self,
+        node: usize,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.nodes[node].base());
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), url)
+            .header("X-Auth-Token", token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     pub fn openrc_env(&self, node: usize) -> Vec<(String, String)> {

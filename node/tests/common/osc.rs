@@ -111,6 +111,13 @@ impl Osc<'_> {
         assert!(added.ok, "role add: {}", added.stderr);
     }
 
+    /// Like `run_as`, asking for JSON.
+    pub fn json_as(&self, node: usize, env: &[(&str, &str)], args: &[&str]) -> Out {
+        let mut a = args.to_vec();
+        a.extend(["-f", "json"]);
+        self.run_as(node, env, &a)
+    }
+
     /// Whether `catalog list` through `node` names a service of `kind` called `name`.
     pub fn catalog_has(&self, node: usize, kind: &str, name: &str) -> bool {
         let catalog = self.json(node, &["catalog", "list"]);
@@ -126,6 +133,19 @@ impl Osc<'_> {
         a.extend(["-f", "json"]);
         self.run(node, &a).json()
     }
+}
+
+/// The environment that logs in as `user` with `password`, scoped to `project`.
+pub fn login<'a>(
+    user: &'a str,
+    password: &'a str,
+    project: &'a str,
+) -> [(&'static str, &'a str); 3] {
+    [
+        ("OS_USERNAME", user),
+        ("OS_PASSWORD", password),
+        ("OS_PROJECT_NAME", project),
+    ]
 }
 
 pub fn names(list: &Value, key: &str) -> Vec<String> {

@@ -1,11 +1,14 @@
-//! Network v2.0 (Neutron), the L2 part, under `/network` as devstack lays it out: networks,
-//! subnets, ports, security groups and rules, quotas, tags, the versions document and the
-//! extension list. Each handler translates the request into a `shoal_network` call and the
+//! Network v2.0 (Neutron) under `/network` as devstack lays it out: networks, subnets, ports,
+//! security groups and rules, routers and floating IPs, quotas, tags, the versions document and
+//! the extension list. Each handler translates the request into a `shoal_network` call and the
 //! answer (or the `NetworkError`) into Neutron's body; the rules live in the service crate.
 
+mod agents;
+mod floating_ips;
 mod networks;
 mod ports;
 mod quotas;
+mod routers;
 mod security_groups;
 mod subnets;
 
@@ -23,7 +26,7 @@ use shoal_network::{Caller, ErrorClass, NetworkError, Tagged};
 
 use super::error::{ApiError, ApiResult};
 use super::{AppState, Auth};
-use crate::identity::has_role;
+use shoal_identity::has_role;
 
 pub const PREFIX: &str = "/network/v2.0";
 
@@ -35,11 +38,14 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{PREFIX}/"), get(resources))
         .route(&format!("{PREFIX}/extensions"), get(extensions))
         .route(&format!("{PREFIX}/extensions/{{alias}}"), get(extension))
+        .merge(agents::routes())
         .merge(networks::routes())
         .merge(subnets::routes())
         .merge(ports::routes())
         .merge(security_groups::routes())
         .merge(quotas::routes())
+        .merge(routers::routes())
+        .merge(floating_ips::routes())
         .route(
             &format!("{PREFIX}/networks/{{id}}/tags"),
             tags(Tagged::Network),
@@ -52,6 +58,22 @@ pub fn routes() -> Router<AppState> {
         .route(
             &format!("{PREFIX}/security-groups/{{id}}/tags"),
             tags(Tagged::SecurityGroup),
+        )
+        .route(
+            &format!("{PREFIX}/routers/{{id}}/tags"),
+            tags(Tagged::Router),
+        )
+        .route(
+            &format!("{PREFIX}/floatingips/{{id}}/tags"),
+            tags(Tagged::FloatingIp),
+        )
+        .route(
+            &format!("{PREFIX}/routers/{{id}}/tags/{{tag}}"),
+            tag(Tagged::Router),
+        )
+        .route(
+            &format!("{PREFIX}/floatingips/{{id}}/tags/{{tag}}"),
+            tag(Tagged::FloatingIp),
         )
         .route(
             &format!("{PREFIX}/networks/{{id}}/tags/{{tag}}"),
@@ -88,6 +110,7 @@ pub(super) fn net_err(e: NetworkError) -> ApiError {
         ErrorClass::NotFound => StatusCode::NOT_FOUND,
         ErrorClass::Conflict => StatusCode::CONFLICT,
         ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorClass::Unknown => StatusCode::GATEWAY_TIMEOUT,
         ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError::new(status, e.to_string()).neutron(e.neutron_type())
@@ -100,19 +123,58 @@ fn bad(message: impl Into<String>) -> ApiError {
 /// The object under `key` of a request body, decoded as `T`. Unknown attributes are refused as
 /// Neutron refuses them.
 pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, key: &str) -> ApiResult<T> {
-    let mut v: Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("Malformed request body: {e}")))?;
-    let plural = format!("{key}s");
-    if v.get(&plural).is_some() && v.get(key).is_none() {
-        return Err(bad(format!(
-            "Bulk creation of {plural} is not supported: send one {key} per request"
-        )));
-    }
+    let mut v: Value = crate::api::body::parse(bytes)?;
     let inner = v
         .get_mut(key)
         .filter(|i| i.is_object())
         .map(Value::take)
         .ok_or_else(|| bad(format!("Unable to find '{key}' in request body")))?;
+    decode(inner)
+}
+
+/// A request body that is the object itself (`add_router_interface`), decoded as `T`.
+pub(super) fn decode_object<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
+    let v: Value = crate::api::body::parse(bytes)?;
+    if !v.is_object() {
+        return Err(bad("the request body must be a JSON object"));
+    }
+    decode(v)
+}
+
+/// The most objects one bulk create may carry.
+pub(super) const MAX_BULK: usize = 1000;
+
+/// A create body: `{key: {...}}`, or Neutron's bulk form `{keys: [{...}, ...]}` (the second
+/// value says which, for the answer's shape).
+pub(super) fn bodies<T: DeserializeOwned>(bytes: &Bytes, key: &str) -> ApiResult<(Vec<T>, bool)> {
+    let mut v: Value = crate::api::body::parse(bytes)?;
+    let plural = format!("{key}s");
+    match v.get_mut(&plural).map(Value::take) {
+        Some(Value::Array(items)) if v.get(key).is_none() => {
+            if items.is_empty() || items.len() > MAX_BULK {
+                return Err(bad(format!(
+                    "a bulk create carries 1 to {MAX_BULK} {plural}, not {}",
+                    items.len()
+                )));
+            }
+            let decoded = items
+                .into_iter()
+                .map(|i| {
+                    if i.is_object() {
+                        decode(i)
+                    } else {
+                        Err(bad(format!("every item of '{plural}' must be an object")))
+                    }
+                })
+                .collect::<ApiResult<Vec<T>>>()?;
+            Ok((decoded, true))
+        }
+        Some(_) if v.get(key).is_none() => Err(bad(format!("'{plural}' must be a list"))),
+        _ => Ok((vec![body(bytes, key)?], false)),
+    }
+}
+
+fn decode<T: DeserializeOwned>(inner: Value) -> ApiResult<T> {
     serde_json::from_value(inner).map_err(|e| {
         let text = e.to_string();
         match text.strip_prefix("unknown field `") {
@@ -122,6 +184,46 @@ pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, key: &str) -> ApiResult<T
             )),
             None => bad(format!("Invalid input for the request body: {text}")),
         }
+    })
+}
+
+/// Creates every request in turn, as Neutron's emulated bulk does: when one fails, the ones
+/// already made are deleted again and the failure is the answer. Answers 201 with `{key: ..}`
+/// for a single create and `{keys: [..]}` for a bulk one.
+pub(super) async fn create_all<R, T, C, D>(
+    key: &str,
+    (reqs, bulk): (Vec<R>, bool),
+    mut create: impl FnMut(R) -> C,
+    mut delete: impl FnMut(T) -> D,
+    view: impl Fn(&T) -> Value,
+) -> ApiResult<Response>
+where
+    C: std::future::Future<Output = ApiResult<T>>,
+    D: std::future::Future<Output = ApiResult<()>>,
+{
+    let mut made = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        match create(req).await {
+            Ok(t) => made.push(t),
+            Err(e) => {
+                for t in made.into_iter().rev() {
+                    if let Err(undo) = delete(t).await {
+                        tracing::warn!(error = %undo.message, "undoing a bulk create");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    let items: Vec<Value> = made.iter().map(view).collect();
+    Ok(if bulk {
+        (
+            StatusCode::CREATED,
+            Json(json!({ format!("{key}s"): items })),
+        )
+            .into_response()
+    } else {
+        created(key, items.into_iter().next().unwrap_or_default())
     })
 }
 
@@ -137,7 +239,7 @@ pub(super) fn created(key: &str, value: Value) -> Response {
 
 pub(super) fn timestamp(secs: u64) -> String {
     // Neutron prints whole seconds.
-    let full = super::identity::iso8601(secs);
+    let full = shoal_state::time::iso8601(secs);
     format!("{}Z", full.split('.').next().unwrap_or(&full))
 }
 
@@ -363,6 +465,8 @@ async fn resources(State(state): State<AppState>) -> Response {
         ("security_group", "security-groups"),
         ("security_group_rule", "security-group-rules"),
         ("quota", "quotas"),
+        ("router", "routers"),
+        ("floatingip", "floatingips"),
     ]
     .iter()
     .map(|(name, collection)| {
@@ -377,10 +481,12 @@ async fn resources(State(state): State<AppState>) -> Response {
 }
 
 /// The extensions that really work here; the client checks some before it calls.
-const EXTENSIONS: [(&str, &str, &str); 20] = [
+const EXTENSIONS: [(&str, &str, &str); 23] = [
     ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
     ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
     ("external-net", "Neutron external network", "Adds external network attribute to network resource."),
+    ("ext-gw-mode", "Neutron L3 Configurable external gateway mode", "Extension of the router abstraction for specifying whether SNAT should occur on the external gateway"),
+    ("extraroute", "Neutron Extra Route", "Extra routes configuration for L3 router"),
     ("ip-substring-filtering", "IP address substring filtering", "Provides IP address substring filtering when listing ports"),
     ("net-mtu", "Network MTU", "Provides MTU attribute for a network resource."),
     ("network_availability_zone", "Network Availability Zone", "Availability zone support for network."),
@@ -391,11 +497,12 @@ const EXTENSIONS: [(&str, &str, &str); 20] = [
     ("provider", "Provider Network", "Expose mapping of virtual networks to physical networks"),
     ("quota_details", "Quota details management support", "Expose functions for quotas usage statistics per project"),
     ("quotas", "Quota management support", "Expose functions for quotas management per project"),
+    ("router", "Neutron L3 Router", "Router abstraction for basic L3 forwarding between L2 Neutron networks and access to external networks via a NAT gateway."),
     ("security-group", "security-group", "The security groups extension."),
     ("sorting", "Sorting support", "Extension that indicates that sorting is enabled."),
     ("standard-attr-description", "standard-attr-description", "Extension to add descriptions to standard attributes"),
     ("standard-attr-revisions", "Resource revision numbers", "This extension will display the revision number of neutron resources."),
-    ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, security_group", "Enables to set tag on resources with standard attribute."),
+    ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, security_group, router, floatingip", "Enables to set tag on resources with standard attribute."),
     ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes."),
     ("stateful-security-group", "Stateful security group", "Indicates if the security group is stateful or not"),
 ];
@@ -438,7 +545,7 @@ fn tags(kind: Tagged) -> MethodRouter<AppState> {
         Ok::<_, ApiError>(Json(json!({ "tags": tags })).into_response())
     })
     .put(move |State(s): State<AppState>, auth: Auth, Path(id): Path<String>, bytes: Bytes| async move {
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("Malformed request body: {e}")))?;
+        let v: Value = crate::api::body::parse(&bytes)?;
         let new: Vec<String> = serde_json::from_value(v["tags"].clone())
             .map_err(|_| bad("the body must be {\"tags\": [\"...\"]}"))?;
         let c = caller(&auth);
@@ -577,8 +684,26 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.message, "Unrecognized attribute(s) 'colour'");
-        let e = body::<N>(&Bytes::from_static(br#"{"networks": [{}]}"#), "network").unwrap_err();
-        assert!(e.message.contains("Bulk"), "{}", e.message);
+        // The bulk form: every item is checked, an empty or non-list one refused.
+        let (items, bulk) = bodies::<N>(
+            &Bytes::from_static(br#"{"networks": [{}, {"name": "b"}]}"#),
+            "network",
+        )
+        .unwrap();
+        assert!(bulk);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].name.as_deref(), Some("b"));
+        for bad in [
+            &br#"{"networks": []}"#[..],
+            br#"{"networks": {}}"#,
+            br#"{"networks": [{"colour": 1}]}"#,
+            br#"{"networks": [1]}"#,
+        ] {
+            assert!(bodies::<N>(&Bytes::from(bad), "network").is_err());
+        }
+        let (one, bulk) =
+            bodies::<N>(&Bytes::from_static(br#"{"network": {}}"#), "network").unwrap();
+        assert!(!bulk && one.len() == 1);
         assert!(body::<N>(&Bytes::from_static(b"{}"), "network").is_err());
         assert!(body::<N>(
             &Bytes::from_static(br#"{"network": {"name": "x"}}"#),

@@ -9,7 +9,9 @@ use axum::Router;
 use serde_json::{json, Value};
 use shoal_network::records::NetworkRecord;
 
-use super::{body, caller, created, listing, net_err, one, pick_fields, timestamp, Params, PREFIX};
+use super::{
+    bodies, body, caller, create_all, listing, net_err, one, pick_fields, timestamp, Params, PREFIX,
+};
 use crate::api::error::ApiResult;
 use crate::api::{AppState, Auth};
 
@@ -75,9 +77,15 @@ async fn show(
 
 async fn create(State(s): State<AppState>, auth: Auth, bytes: Bytes) -> ApiResult<Response> {
     let c = caller(&auth);
-    let req = body(&bytes, "network")?;
-    let n = s.network.create_network(&c, req).await.map_err(net_err)?;
-    Ok(created("network", view(&n, c.admin)))
+    let (s, c) = (&s, &c);
+    create_all(
+        "network",
+        bodies(&bytes, "network")?,
+        |req| async move { s.network.create_network(c, req).await.map_err(net_err) },
+        |n| async move { s.network.delete_network(c, &n.id).await.map_err(net_err) },
+        |n| view(n, c.admin),
+    )
+    .await
 }
 
 async fn update(

@@ -9,7 +9,9 @@ use axum::Router;
 use serde_json::{json, Value};
 use shoal_network::PortRecord;
 
-use super::{body, caller, created, listing, net_err, one, pick_fields, timestamp, Params, PREFIX};
+use super::{
+    bodies, body, caller, create_all, listing, net_err, one, pick_fields, timestamp, Params, PREFIX,
+};
 use crate::api::error::ApiResult;
 use crate::api::{AppState, Auth};
 
@@ -76,9 +78,15 @@ async fn show(
 
 async fn create(State(s): State<AppState>, auth: Auth, bytes: Bytes) -> ApiResult<Response> {
     let c = caller(&auth);
-    let req = body(&bytes, "port")?;
-    let p = s.network.create_port(&c, req).await.map_err(net_err)?;
-    Ok(created("port", view(&p, c.admin)))
+    let (s, c) = (&s, &c);
+    create_all(
+        "port",
+        bodies(&bytes, "port")?,
+        |req| async move { s.network.create_port(c, req).await.map_err(net_err) },
+        |p| async move { s.network.delete_port(c, &p.id).await.map_err(net_err) },
+        |p| view(p, c.admin),
+    )
+    .await
 }
 
 async fn update(

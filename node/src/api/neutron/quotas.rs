@@ -108,8 +108,7 @@ async fn update(
     bytes: Bytes,
 ) -> ApiResult<Response> {
     let project = project_of(&project);
-    let v: Value =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("Malformed request body: {e}")))?;
+    let v: Value = crate::api::body::parse(&bytes)?;
     let Some(Value::Object(mut q)) = v.get("quota").cloned() else {
         return Err(bad("Unable to find 'quota' in request body"));
     };

@@ -9,7 +9,9 @@ use axum::Router;
 use serde_json::{json, Value};
 use shoal_network::records::SubnetRecord;
 
-use super::{body, caller, created, listing, net_err, one, pick_fields, timestamp, Params, PREFIX};
+use super::{
+    bodies, body, caller, create_all, listing, net_err, one, pick_fields, timestamp, Params, PREFIX,
+};
 use crate::api::error::ApiResult;
 use crate::api::{AppState, Auth};
 
@@ -79,13 +81,16 @@ async fn show(
 }
 
 async fn create(State(s): State<AppState>, auth: Auth, bytes: Bytes) -> ApiResult<Response> {
-    let req = body(&bytes, "subnet")?;
-    let sub = s
-        .network
-        .create_subnet(&caller(&auth), req)
-        .await
-        .map_err(net_err)?;
-    Ok(created("subnet", view(&sub)))
+    let c = caller(&auth);
+    let (s, c) = (&s, &c);
+    create_all(
+        "subnet",
+        bodies(&bytes, "subnet")?,
+        |req| async move { s.network.create_subnet(c, req).await.map_err(net_err) },
+        |sub| async move { s.network.delete_subnet(c, &sub.id).await.map_err(net_err) },
+        view,
+    )
+    .await
 }
 
 async fn update(

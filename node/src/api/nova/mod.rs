@@ -1,4 +1,28 @@
-//! The Compute API (Nova v2.1) resources that sit on the `shoal-compute` service crate.
-//! Older Compute API resources still live in `api/compute*.rs` until they move here.
+//! The Compute API (Nova v2.1) under `/compute`: the thin HTTP edge over `shoal-compute`.
+//!
+//! - `flavors.rs`: version discovery, extensions, flavors and their extra specs and access;
+//! - `admin.rs`: quotas and limits, hypervisors, hosts and compute services;
+//! - `aggregates.rs`: host aggregates, availability zones and server groups;
+//! - `keypairs.rs`: key pairs;
+//! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses.
 
+pub mod admin;
+pub mod aggregates;
+pub mod flavors;
+pub mod keypairs;
+pub mod server_meta;
 pub mod servers;
+
+use axum::Router;
+
+use super::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .merge(flavors::routes())
+        .merge(admin::routes())
+        .merge(aggregates::routes())
+        .merge(keypairs::routes())
+        .merge(servers::routes())
+        .merge(server_meta::routes())
+}

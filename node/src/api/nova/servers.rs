@@ -20,14 +20,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shoal_compute::placement::{self, PlaceError};
 use shoal_compute::server::{
-    now_rfc3339, power, Action, FlavorSnapshot, ImageSnapshot, ServerRecord, TaskState, VmState,
+    power, Action, FlavorSnapshot, ImageSnapshot, ServerRecord, TaskState, VmState,
 };
 use shoal_scheduler::{GroupPolicy, Request, ScheduleError, SchedulerHints, ServerGroup};
-use shoal_state::{tables, Expect, Table, Txn, Versioned};
+use shoal_state::time::now_rfc3339;
+use shoal_state::{retry, tables, Expect, Table, Txn, Versioned, DEFAULT_ATTEMPTS};
 
-use crate::api::compute::{microversion, nova_err, parse, Flavor};
+use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
+use crate::api::nova::flavors::{microversion, nova_err};
 use crate::api::{AppState, Auth};
+use shoal_compute::flavor::Flavor;
 
 /// Decoded `user_data` may be at most this long (Nova's limit).
 const MAX_USER_DATA: usize = 65_535;
@@ -50,7 +53,7 @@ pub fn routes() -> Router<AppState> {
         .layer(middleware::from_fn(microversion))
 }
 
-fn servers(state: &AppState) -> Table<ServerRecord> {
+pub(super) fn servers(state: &AppState) -> Table<ServerRecord> {
     state.state.table(tables::SERVERS)
 }
 
@@ -62,7 +65,11 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("Instance {id} could not be found.")).nova()
 }
 
-fn need(auth: &Auth, role: &str) -> ApiResult<()> {
+pub(super) fn locked(id: &str) -> ApiError {
+    ApiError::conflict(format!("Instance {id} is locked")).nova()
+}
+
+pub(super) fn need(auth: &Auth, role: &str) -> ApiResult<()> {
     auth.require(role).map_err(ApiError::nova)
 }
 
@@ -73,7 +80,7 @@ fn project_of(auth: &Auth) -> ApiResult<String> {
         .ok_or_else(|| ApiError::forbidden("servers need a project-scoped token").nova())
 }
 
-fn is_admin(auth: &Auth) -> bool {
+pub(super) fn is_admin(auth: &Auth) -> bool {
     auth.require_admin().is_ok()
 }
 
@@ -121,7 +128,41 @@ struct CreateServer {
     #[serde(default)]
     block_device_mapping_v2: Option<Value>,
     #[serde(default, rename = "return_reservation_id")]
-    _return_reservation_id: Option<Value>,
+    return_reservation_id: Option<Value>,
+    #[serde(default, rename = "accessIPv4")]
+    access_ipv4: Option<String>,
+    #[serde(default, rename = "accessIPv6")]
+    access_ipv6: Option<String>,
+}
+
+/// `accessIPv4`/`accessIPv6`: empty, or an address of that family.
+fn access_ip(v: Option<&str>, v6: bool) -> ApiResult<Option<String>> {
+    let Some(text) = v else { return Ok(None) };
+    // Stored in the canonical form, as Nova's IP address fields keep them.
+    let canonical = if text.is_empty() {
+        Some(String::new())
+    } else if v6 {
+        text.parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|a| a.to_string())
+    } else {
+        text.parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(|a| a.to_string())
+    };
+    let Some(canonical) = canonical else {
+        let field = if v6 { "accessIPv6" } else { "accessIPv4" };
+        let shown: String = text
+            .chars()
+            .take(64)
+            .flat_map(char::escape_default)
+            .collect();
+        return Err(bad(format!(
+            "Invalid input for field/attribute {field}. Value: {shown}. '{shown}' is not a '{}'",
+            if v6 { "ipv6" } else { "ipv4" }
+        )));
+    };
+    Ok(Some(canonical))
 }
 
 #[derive(Deserialize)]
@@ -206,6 +247,12 @@ async fn create(
             "Invalid input for field/attribute name. Value must be 1 to 255 characters",
         ));
     }
+    let access_ipv4 = access_ip(s.access_ipv4.as_deref(), false)?.unwrap_or_default();
+    let access_ipv6 = access_ip(s.access_ipv6.as_deref(), true)?.unwrap_or_default();
+    let return_reservation_id = match &s.return_reservation_id {
+        None | Some(Value::Null) => false,
+        Some(v) => shoal_compute::flavor::boolean("return_reservation_id", v).map_err(bad)?,
+    };
     // The client sends the image as a local block device too; only volumes are refused.
     let mut bdm_image = None;
     if let Some(Value::Array(bdms)) = &s.block_device_mapping_v2 {
@@ -256,7 +303,12 @@ async fn create(
             ));
         }
     }
-    let meta_quota = crate::api::compute_admin::quota(&state, &project, "metadata_items").await?;
+    // The project's quotas, read once for the whole create.
+    let quotas = shoal_compute::quota::Quotas::new(&state.state)
+        .of(&project)
+        .await?;
+    let quota = |name: &str| quotas.get(name).copied().unwrap_or(-1);
+    let meta_quota = quota("metadata_items");
     if meta_quota >= 0 && metadata.len() as i64 > meta_quota {
         return Err(ApiError::forbidden(format!(
             "Quota exceeded for metadata_items: at most {meta_quota} metadata items"
@@ -270,17 +322,18 @@ async fn create(
         }
     }
 
-    // The flavor and image as this project may see them.
-    state.cluster.read_barrier().await.map_err(nova_err)?;
-    let flavor: Flavor = state
-        .state
-        .table::<Flavor>(tables::FLAVORS)
-        .get(&s.flavor_ref)
+    // The flavor and image as this project may see them (the flavor read passes a read
+    // barrier first, which the image read after it relies on too).
+    let flavor: Flavor = match shoal_compute::flavor::Flavors::new(&state.state)
+        .visible(&s.flavor_ref, is_admin(&auth), auth.0.project_id.as_deref())
         .await
-        .map_err(nova_err)?
-        .map(|v| v.value)
-        .filter(|f| f.is_public || is_admin(&auth))
-        .ok_or_else(|| bad(format!("Flavor {} could not be found.", s.flavor_ref)))?;
+    {
+        Ok(f) => f,
+        Err(shoal_compute::error::ComputeError::NotFound(_)) => {
+            return Err(bad(format!("Flavor {} could not be found.", s.flavor_ref)))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let image_id = s
         .image_ref
         .clone()
@@ -292,22 +345,26 @@ async fn create(
     let (key_name, key_data) = match &s.key_name {
         None => (None, None),
         Some(k) => {
-            let data = crate::api::compute_keypairs::public_key(&state, &auth.0.user_id, k)
+            let data = crate::api::nova::keypairs::public_key(&state, &auth.0.user_id, k)
                 .await?
                 .ok_or_else(|| bad(format!("Invalid key_name provided.: {k}")))?;
             (Some(k.clone()), Some(data))
         }
     };
-    let security_groups: Vec<String> = match &s.security_groups {
+    let requested: Vec<String> = match &s.security_groups {
         Some(g) if !g.is_empty() => g.iter().map(|n| n.name.clone()).collect(),
         _ => vec!["default".to_owned()],
     };
-    if security_groups.iter().any(|g| g != "default") {
-        return Err(bad(format!(
-            "Security group {} not found: only the default group exists until the Network API lands",
-            security_groups.iter().find(|g| *g != "default").expect("checked")
-        )));
+    let visible = visible_groups(&state, &auth).await?;
+    let mut groups = Vec::with_capacity(requested.len());
+    for name in &requested {
+        let g = find_group(&visible, &auth, name)?;
+        if !groups.iter().any(|(id, _): &(String, String)| *id == g.0) {
+            groups.push(g);
+        }
     }
+    let security_groups: Vec<String> = groups.iter().map(|(_, n)| n.clone()).collect();
+    let group_ids: Vec<String> = groups.into_iter().map(|(id, _)| id).collect();
 
     // Availability zone: `zone`, or `zone:host` (admins).
     let zone = s.availability_zone.clone().filter(|z| !z.is_empty());
@@ -387,19 +444,24 @@ async fn create(
             created: now.clone(),
             updated: now.clone(),
             launched_at: None,
+            access_ipv4: access_ipv4.clone(),
+            access_ipv6: access_ipv6.clone(),
+            locked: false,
         })
         .collect();
 
     // 0. The ports, one per requested NIC of each server, bound to the server by device_id.
     let mut records = records;
     let zone_owner = format!("compute:{}", records[0].availability_zone);
-    if let Err(e) = attach_ports(&state, &auth, &nics, &mut records, &zone_owner).await {
+    if let Err(e) = attach_ports(&state, &auth, &nics, &mut records, &zone_owner, &group_ids).await
+    {
         release_ports(&state, &records).await;
         return Err(e);
     }
 
     // 1. The rows, under the project's quota (instances, cores, RAM), race-free.
-    let revisions = match write_within_quota(&state, &project, &records).await {
+    let limits = (quota("instances"), quota("cores"), quota("ram"));
+    let revisions = match write_within_quota(&state, &project, &records, limits).await {
         Ok(r) => r,
         Err(e) => {
             release_ports(&state, &records).await;
@@ -465,15 +527,18 @@ async fn create(
         .admin_pass
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
-    let mut server = json!({
+    let server = json!({
         "id": first.id,
         "links": links(&state, &first.id),
         "OS-DCF:diskConfig": "MANUAL",
         "security_groups": first.security_groups.iter().map(|g| json!({"name": g})).collect::<Vec<_>>(),
         "adminPass": admin_pass,
     });
-    if n > 1 {
-        server["reservation_id"] = json!(reservation_id);
+    if return_reservation_id {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "reservation_id": reservation_id })),
+        ));
     }
     Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))))
 }
@@ -486,7 +551,7 @@ async fn snapshot_image(
     image_id: &str,
     flavor: &Flavor,
 ) -> ApiResult<ImageSnapshot> {
-    let img = crate::api::image::load_visible(state, auth, image_id)
+    let img = crate::api::glance::images::load_visible(state, auth, image_id)
         .await
         .map_err(|_| bad(format!("Image {image_id} could not be found.")))?
         .0;
@@ -510,6 +575,12 @@ async fn snapshot_image(
             img.min_disk.max(size.div_ceil(1 << 30))
         )));
     }
+    let container = img.container_format.as_deref().unwrap_or("bare");
+    if !crate::api::glance::file::is_disk_container(container) {
+        return Err(bad(format!(
+            "Image {image_id} is a {container} archive, not a disk; servers boot bare or ami images"
+        )));
+    }
     let disk_format = img.disk_format.clone().unwrap_or_else(|| "raw".to_owned());
     if matches!(disk_format.as_str(), "aki" | "ari") {
         return Err(bad(format!(
@@ -520,7 +591,7 @@ async fn snapshot_image(
     let kernel_id = part("kernel_id");
     let ramdisk_id = part("ramdisk_id");
     for id in kernel_id.iter().chain(ramdisk_id.iter()) {
-        let k = crate::api::image::load_visible(state, auth, id)
+        let k = crate::api::glance::images::load_visible(state, auth, id)
             .await
             .map_err(|_| {
                 bad(format!(
@@ -531,6 +602,19 @@ async fn snapshot_image(
         if k.status.as_str() != "active" {
             return Err(bad(format!(
                 "Image {id} named by image {image_id} is not active."
+            )));
+        }
+        // A kernel must be an aki image and a ramdisk an ari one: anything else named there
+        // would be handed to the hypervisor as a kernel without having been checked as one.
+        let want = if kernel_id.as_deref() == Some(id.as_str()) {
+            "aki"
+        } else {
+            "ari"
+        };
+        if k.disk_format.as_deref() != Some(want) {
+            return Err(bad(format!(
+                "Image {id} named by image {image_id} must have disk_format {want}, not {}.",
+                k.disk_format.as_deref().unwrap_or("none")
             )));
         }
     }
@@ -561,7 +645,8 @@ pub async fn usage(state: &AppState, project: &str) -> ApiResult<(i64, i64, i64)
     Ok(u)
 }
 
-/// Writes the server rows if the project's quotas allow them; returns their revisions.
+/// Writes the server rows if the project's `instances`, `cores` and `ram` quotas (`-1`:
+/// unlimited) allow them; returns their revisions.
 ///
 /// Race-free as the key pairs' quota is: the guard row `servers/<project>` is read before the
 /// count, and the write is conditioned on it and moves it, so two creates at the limit cannot
@@ -571,14 +656,9 @@ async fn write_within_quota(
     state: &AppState,
     project: &str,
     records: &[ServerRecord],
+    (q_inst, q_cores, q_ram): (i64, i64, i64),
 ) -> ApiResult<Vec<u64>> {
     let guard = format!("servers/{project}");
-    let limit = |name| crate::api::compute_admin::quota(state, project, name);
-    let (q_inst, q_cores, q_ram) = (
-        limit("instances").await?,
-        limit("cores").await?,
-        limit("ram").await?,
-    );
     let want = (
         records.len() as i64,
         records
@@ -919,6 +999,7 @@ fn nova_err_net(e: shoal_network::NetworkError) -> ApiError {
     match e.class() {
         shoal_network::ErrorClass::Internal => ApiError::internal_logged(&e).nova(),
         shoal_network::ErrorClass::Unavailable => ApiError::unavailable(e.to_string()).nova(),
+        shoal_network::ErrorClass::Unknown => ApiError::commit_unknown(e.to_string()).nova(),
         _ => bad(e.to_string()),
     }
 }
@@ -930,6 +1011,7 @@ async fn attach_ports(
     nics: &[Nic],
     records: &mut [ServerRecord],
     owner: &str,
+    group_ids: &[String],
 ) -> ApiResult<()> {
     let caller = network_caller(auth);
     for r in records.iter_mut() {
@@ -951,6 +1033,7 @@ async fn attach_ports(
                                 ip_address: Some(ip.clone()),
                             }]
                         }),
+                        security_groups: Some(group_ids.to_vec()),
                         ..Default::default()
                     };
                     let p = state
@@ -1019,7 +1102,14 @@ async fn release_ports(state: &AppState, records: &[ServerRecord]) {
 }
 
 /// Nova's `addresses`: by network name, each fixed address with its MAC.
+/// Addresses by network as `server show` has them, with each address's type and MAC.
 fn addresses(r: &ServerRecord) -> Value {
+    addresses_of(r, true)
+}
+
+/// `{network: [{version, addr, ...}]}`; `extended` adds Nova's `OS-EXT-IPS` type and MAC (the
+/// `ips` API and the update answer have neither).
+fn addresses_of(r: &ServerRecord, extended: bool) -> Value {
     let mut out = serde_json::Map::new();
     for p in &r.ports {
         let list = out
@@ -1027,8 +1117,12 @@ fn addresses(r: &ServerRecord) -> Value {
             .or_insert_with(|| json!([]));
         if let Some(a) = list.as_array_mut() {
             for ip in &p.ips {
-                a.push(json!({"version": 4, "addr": ip, "OS-EXT-IPS:type": "fixed",
-                    "OS-EXT-IPS-MAC:mac_addr": p.mac}));
+                let mut addr = json!({"version": 4, "addr": ip});
+                if extended {
+                    addr["OS-EXT-IPS:type"] = json!("fixed");
+                    addr["OS-EXT-IPS-MAC:mac_addr"] = json!(p.mac);
+                }
+                a.push(addr);
             }
         }
     }
@@ -1070,11 +1164,10 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
         "created": r.created,
         "updated": r.updated,
         "addresses": addresses(r),
-        "accessIPv4": "",
-        "accessIPv6": "",
+        "accessIPv4": r.access_ipv4,
+        "accessIPv6": r.access_ipv6,
         "links": links(state, &r.id),
         "OS-DCF:diskConfig": "MANUAL",
-        "progress": 0,
         "OS-EXT-AZ:availability_zone": r.availability_zone,
         "config_drive": "",
         "key_name": r.key_name,
@@ -1084,12 +1177,23 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
         "OS-EXT-STS:vm_state": r.vm_state.as_str(),
         "OS-EXT-STS:power_state": r.power_state,
         "os-extended-volumes:volumes_attached": [],
-        "security_groups": r.security_groups.iter().map(|g| json!({"name": g})).collect::<Vec<_>>(),
     });
     if admin {
         v["OS-EXT-SRV-ATTR:host"] = json!(r.host);
         v["OS-EXT-SRV-ATTR:hypervisor_hostname"] = json!(r.host);
         v["OS-EXT-SRV-ATTR:instance_name"] = json!(r.instance_name.clone().unwrap_or_default());
+    }
+    // Nova lists the groups of the server's ports, and no key at all when there are none.
+    if !r.security_groups.is_empty() {
+        v["security_groups"] = json!(r
+            .security_groups
+            .iter()
+            .map(|g| json!({"name": g}))
+            .collect::<Vec<_>>());
+    }
+    // Nova shows progress only while a server builds or runs.
+    if matches!(r.vm_state, VmState::Active | VmState::Building) {
+        v["progress"] = json!(0);
     }
     if let Some(f) = &r.fault {
         v["fault"] = json!({"code": f.code, "message": f.message, "created": f.created});
@@ -1097,8 +1201,38 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
     v
 }
 
+/// Nova's update answer: the server without the extension attributes (no zone, task and
+/// power states, usage times, key, groups or volumes) and addresses without type and MAC.
+fn server_json_basic(state: &AppState, r: &ServerRecord) -> Value {
+    let mut v = server_json(state, r, false);
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|k, _| {
+            !k.starts_with("OS-EXT-")
+                && !k.starts_with("OS-SRV-USG:")
+                && !matches!(
+                    k.as_str(),
+                    "config_drive"
+                        | "key_name"
+                        | "os-extended-volumes:volumes_attached"
+                        | "security_groups"
+                )
+        });
+    }
+    v["addresses"] = plain_addresses(r);
+    v
+}
+
+/// Addresses as `{network: [{version, addr}]}` (the `ips` API and the update answer).
+pub(super) fn plain_addresses(r: &ServerRecord) -> Value {
+    addresses_of(r, false)
+}
+
 /// The server if the caller may see it (its project's, or any for an admin); 404 otherwise.
-async fn load(state: &AppState, auth: &Auth, id: &str) -> ApiResult<Versioned<ServerRecord>> {
+pub(super) async fn load(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+) -> ApiResult<Versioned<ServerRecord>> {
     need(auth, "reader")?;
     let v = servers(state)
         .get(id)
@@ -1182,6 +1316,15 @@ async fn filtered(
     q: &HashMap<String, String>,
 ) -> ApiResult<(Vec<ServerRecord>, Option<String>)> {
     need(auth, "reader")?;
+    let since = match q.get("changes-since") {
+        None => None,
+        Some(t) => Some(shoal_state::time::parse_iso8601(t).ok_or_else(|| {
+            let shown: String = t.chars().take(64).flat_map(char::escape_default).collect();
+            bad(format!(
+                "Invalid input for query parameters changes-since. Value: {shown}. '{shown}' is not a 'date-time'"
+            ))
+        })?),
+    };
     let admin = is_admin(auth);
     let all_tenants = q
         .get("all_tenants")
@@ -1238,8 +1381,9 @@ async fn filtered(
                 .is_none_or(|v| *v == r.reservation_id)
         })
         .filter(|r| {
-            q.get("changes-since")
-                .is_none_or(|t| r.updated.as_str() >= t.as_str())
+            since.is_none_or(|t| {
+                shoal_state::time::parse_iso8601(&r.updated).is_some_and(|u| u >= t)
+            })
         })
         .collect();
     rows.sort_by(|a, b| (&b.created, &b.id).cmp(&(&a.created, &a.id)));
@@ -1273,9 +1417,9 @@ struct UpdateServer {
     #[serde(default)]
     name: Option<String>,
     #[serde(default, rename = "accessIPv4")]
-    _access_v4: Option<String>,
+    access_v4: Option<String>,
     #[serde(default, rename = "accessIPv6")]
-    _access_v6: Option<String>,
+    access_v6: Option<String>,
     #[serde(default, rename = "OS-DCF:diskConfig")]
     _disk_config: Option<String>,
 }
@@ -1288,6 +1432,8 @@ async fn update(
 ) -> ApiResult<Json<Value>> {
     need(&auth, "member")?;
     let body: UpdateBody = parse(&body)?;
+    let access_v4 = access_ip(body.server.access_v4.as_deref(), false)?;
+    let access_v6 = access_ip(body.server.access_v6.as_deref(), true)?;
     let v = load(&state, &auth, &id).await?;
     let mut r = v.value;
     if let Some(name) = body.server.name {
@@ -1298,15 +1444,19 @@ async fn update(
         }
         r.name = name;
     }
+    if let Some(a) = access_v4 {
+        r.access_ipv4 = a;
+    }
+    if let Some(a) = access_v6 {
+        r.access_ipv6 = a;
+    }
     r.updated = now_rfc3339();
     let new = change(&state, &id, v.revision, &r).await?;
-    Ok(Json(
-        json!({ "server": server_json(&state, &new, is_admin(&auth)) }),
-    ))
+    Ok(Json(json!({ "server": server_json_basic(&state, &new) })))
 }
 
 /// Writes `r` if the row is still at `revision`; a concurrent change is a 409 to retry.
-async fn change(
+pub(super) async fn change(
     state: &AppState,
     id: &str,
     revision: u64,
@@ -1323,6 +1473,30 @@ async fn change(
         ))
         .nova()),
     }
+}
+
+/// Applies `edit` to the server's row with a compare-and-set, re-reading after a conflict
+/// (`shoal_state::retry`; after its attempts a 409); `edit` refusing is the answer. Stamps
+/// `updated`.
+pub(super) async fn modify(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    edit: impl Fn(&mut ServerRecord) -> ApiResult<()>,
+) -> ApiResult<ServerRecord> {
+    retry(tables::SERVERS, id, DEFAULT_ATTEMPTS, || async {
+        let v = load(state, auth, id).await?;
+        let mut r = v.value;
+        edit(&mut r)?;
+        r.updated = now_rfc3339();
+        let written = servers(state).put_at(id, &r, v.revision).await?;
+        if written.is_none() {
+            // Lost to a concurrent writer: read that write before the next round.
+            state.state.read_barrier().await?;
+        }
+        Ok(written.map(|_| r))
+    })
+    .await
 }
 
 async fn delete(
@@ -1345,6 +1519,9 @@ async fn delete(
         }
         if r.task_state == Some(TaskState::Deleting) {
             return Ok(StatusCode::NO_CONTENT);
+        }
+        if r.locked && !is_admin(&auth) {
+            return Err(locked(&id));
         }
         r.request(Action::Delete).expect("delete is always allowed");
         // The ports go now, as Nova deletes the ports it made; the host's agent tears the
@@ -1402,11 +1579,41 @@ async fn action(
             let output = console_output(&state, &v.value, length).await?;
             return Ok(Json(json!({ "output": output })).into_response());
         }
-        other => return Err(bad(format!("There is no such action: {other}"))),
+        "lock" | "unlock" => {
+            let locked = name == "lock";
+            modify(&state, &auth, &id, |r| {
+                r.locked = locked;
+                Ok(())
+            })
+            .await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        "addSecurityGroup" | "removeSecurityGroup" => {
+            let group = arg
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| bad(format!("{name} needs the name of a security group")))?;
+            let add = name == "addSecurityGroup";
+            server_group_membership(&state, &auth, &id, group, add).await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        "forceDelete" | "restore" => {
+            // Deletes are immediate (no reclaim interval): nothing is ever soft-deleted.
+            load(&state, &auth, &id).await?;
+            return Err(ApiError::conflict(format!(
+                "Cannot '{name}' instance {id}: it is not soft-deleted (Shoal deletes at once)"
+            ))
+            .nova());
+        }
+        other => {
+            // An unknown server is a 404 whatever the action, as in Nova.
+            load(&state, &auth, &id).await?;
+            return Err(bad(format!("There is no such action: {other}")));
+        }
     };
-    for _ in 0..5 {
-        let v = load(&state, &auth, &id).await?;
-        let mut r = v.value;
+    let admin = is_admin(&auth);
+    modify(&state, &auth, &id, |r| {
         if r.host.is_none() {
             return Err(ApiError::conflict(format!(
                 "Cannot '{name}' instance {id} while it is in vm_state {}",
@@ -1414,20 +1621,117 @@ async fn action(
             ))
             .nova());
         }
-        r.request(act)
-            .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
-        r.updated = now_rfc3339();
-        if servers(&state)
-            .put_at(&id, &r, v.revision)
-            .await
-            .map_err(nova_err)?
-            .is_some()
-        {
-            return Ok(StatusCode::ACCEPTED.into_response());
+        if r.locked && !admin {
+            return Err(locked(&id));
         }
-        state.cluster.read_barrier().await.map_err(nova_err)?;
+        r.request(act)
+            .map_err(|c| ApiError::conflict(c.to_string()).nova())
+    })
+    .await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// The security groups the caller sees.
+async fn visible_groups(
+    state: &AppState,
+    auth: &Auth,
+) -> ApiResult<Vec<shoal_network::records::SecurityGroupRecord>> {
+    state
+        .network
+        .list_security_groups(&network_caller(auth))
+        .await
+        .map_err(nova_err_net)
+}
+
+/// The security group a server request names (an id, or a name unique among the groups the
+/// caller sees), as `(id, name)`; Nova's 400 when there is none, 409 when a name is ambiguous.
+fn find_group(
+    groups: &[shoal_network::records::SecurityGroupRecord],
+    auth: &Auth,
+    name: &str,
+) -> ApiResult<(String, String)> {
+    if let Some(g) = groups.iter().find(|g| g.id == name) {
+        return Ok((g.id.clone(), g.name.clone()));
     }
-    Err(ApiError::conflict(format!("Instance {id} kept changing; retry")).nova())
+    // The caller's own groups first: `default` names the project's own default group.
+    let mine: Vec<_> = groups
+        .iter()
+        .filter(|g| g.name == name && auth.0.project_id.as_deref() == Some(g.project_id.as_str()))
+        .collect();
+    let named: Vec<_> = if mine.is_empty() {
+        groups.iter().filter(|g| g.name == name).collect()
+    } else {
+        mine
+    };
+    match named.as_slice() {
+        [g] => Ok((g.id.clone(), g.name.clone())),
+        [] => Err(bad(format!("Security group {name} not found."))),
+        _ => Err(ApiError::conflict(format!(
+            "Multiple security groups found matching '{name}'. Use an ID to be more specific."
+        ))
+        .nova()),
+    }
+}
+
+/// `addSecurityGroup` / `removeSecurityGroup`: the group joins (leaves) every port of the
+/// server, then the server's list. As Nova answers: a group already on the server (or not on
+/// it, for a removal) is a 400; a server with no port takes the group on its record only.
+async fn server_group_membership(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    group: &str,
+    add: bool,
+) -> ApiResult<()> {
+    let v = load(state, auth, id).await?;
+    if v.value.locked && !is_admin(auth) {
+        return Err(locked(id));
+    }
+    let (group_id, group_name) = find_group(&visible_groups(state, auth).await?, auth, group)?;
+    let listed = v.value.security_groups.contains(&group_name);
+    if add && listed {
+        return Err(bad(format!(
+            "Security group {group_name} is already associated with the instance {id}"
+        )));
+    }
+    if !add && !listed {
+        return Err(bad(format!(
+            "Security group {group_name} not associated with the instance {id}"
+        )));
+    }
+    let caller = network_caller(auth);
+    for p in &v.value.ports {
+        let port = state
+            .network
+            .port(&caller, &p.port_id)
+            .await
+            .map_err(nova_err_net)?;
+        let mut ids = port.security_groups.clone();
+        ids.retain(|g| *g != group_id);
+        if add {
+            ids.push(group_id.clone());
+        }
+        if ids != port.security_groups {
+            let req = shoal_network::PortUpdate {
+                security_groups: Some(ids),
+                ..Default::default()
+            };
+            state
+                .network
+                .update_port(&caller, &p.port_id, req)
+                .await
+                .map_err(nova_err_net)?;
+        }
+    }
+    modify(state, auth, id, |r| {
+        r.security_groups.retain(|g| *g != group_name);
+        if add {
+            r.security_groups.push(group_name.clone());
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
 }
 
 /// The serial console's log, from the node the server runs on (fetched from its peer API
@@ -1446,15 +1750,15 @@ async fn console_output(
         ApiError::conflict(format!("The console log of {} is not available: {e}", r.id)).nova()
     };
     let bytes = if host == state.images.node_name() {
-        crate::images::peer::read_console(&state.instances_path, &r.id)
+        shoal_images::peer::read_console(&state.instances_path, &r.id)
             .await
             .map_err(|e| unavailable(&e))?
             .unwrap_or_default()
     } else {
         let uuid = uuid::Uuid::parse_str(&r.id).map_err(|e| unavailable(&e))?;
-        match crate::images::peer::console_log(&state.cluster, host, &uuid).await {
+        match shoal_images::peer::console_log(&state.cluster, host, &uuid).await {
             Ok(b) => b.to_vec(),
-            Err(crate::images::peer::TransferError::NotFound { .. }) => Vec::new(),
+            Err(shoal_images::peer::TransferError::NotFound { .. }) => Vec::new(),
             Err(e) => return Err(unavailable(&e)),
         }
     };

@@ -1,0 +1,1087 @@
+//! The network agent of one node: turns the replicated tables into this node's datapath.
+//!
+//! It follows the `ports`, `networks`, `subnets`, `security_groups`, `security_group_rules`
+//! and `network_agents` tables with watches (any change wakes it; a slow tick catches taps
+//! that appear after their port was bound), rebuilds the node's [`DesiredState`] from the
+//! local replica and hands it to the datapath driver, which runs on its own thread inside the
+//! node's network namespace (drivers are blocking). After each apply it writes the ports it
+//! serves `ACTIVE` and the ports bound here whose device is gone `DOWN`, and tells the
+//! node-local services ([`PortHooks`]: the metadata service, DHCP) which devices to serve.
+//!
+//! Remote ports are found through the `network_agents` table, where every agent publishes
+//! its VTEP address: a port bound on node A is reachable from node B as soon as B's agent
+//! has read A's row and the port's, without flooding (L2 population from Raft).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::{future::BoxFuture, StreamExt};
+use serde::{Deserialize, Serialize};
+use shoal_consensus::cluster::{Cluster, WatchError};
+use shoal_dataplane::{
+    ebpf::EbpfDataplane, kernel::KernelDataplane, model, Dataplane, DesiredState, Direction,
+    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, SecurityGroup, SgRule, Underlay,
+};
+use shoal_state::{
+    records::{tap_device, PortRecord},
+    tables, State, StateError,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::{
+    config::Driver,
+    records::{NetworkRecord, RuleRecord, SecurityGroupRecord, SubnetRecord},
+    NetworkConfig,
+};
+
+/// Key: node name. Every network agent's row: where its VXLAN tunnels end.
+pub const NETWORK_AGENTS: &str = tables::NETWORK_AGENTS;
+
+/// A node's network agent as the cluster sees it (Neutron's `agents` resource).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub host: String,
+    pub vtep: Ipv4Addr,
+    /// `ebpf` or `kernel`: the driver the agent runs.
+    pub driver: String,
+    /// Seconds since the Unix epoch the agent (re)started.
+    pub started_at: u64,
+}
+
+/// A port this node serves, with what its node-local services need (the DHCP lease, the
+/// metadata service's view of who sits behind the device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedPort {
+    pub port_id: String,
+    pub device: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub mtu: u32,
+    /// (destination, prefix length, next hop)
+    pub host_routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
+    pub dhcp: bool,
+}
+
+/// Node-local services that follow the ports the agent serves.
+pub trait PortHooks: Send + Sync + 'static {
+    /// `port` is programmed and its device exists (called again when what it carries changes).
+    fn port_up<'a>(&'a self, port: &'a ServedPort) -> BoxFuture<'a, ()>;
+    /// The device no longer serves a port.
+    fn port_down<'a>(&'a self, device: &'a str) -> BoxFuture<'a, ()>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the network agent needs network.underlay_device and network.vtep")]
+    NotConfigured,
+    #[error("cannot start the {driver} datapath on {device}: {reason}")]
+    Datapath {
+        driver: &'static str,
+        device: String,
+        reason: String,
+    },
+    #[error("watching {table}: {reason}")]
+    Watch { table: &'static str, reason: String },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The tables whose changes change the datapath.
+const FOLLOWED: [&str; 6] = [
+    tables::PORTS,
+    tables::NETWORKS,
+    tables::SUBNETS,
+    tables::SECURITY_GROUPS,
+    tables::SECURITY_GROUP_RULES,
+    tables::NETWORK_AGENTS,
+];
+
+/// How often the agent looks again without a change: taps appear after their port is bound,
+/// and disappear with their VM, without any row changing.
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// The synthetic group of ports with port security off: everything in and out.
+const OPEN_GROUP: &str = "shoal:port-security-off";
+
+pub struct NetworkAgent {
+    host: String,
+    cfg: NetworkConfig,
+    cluster: Cluster,
+    state: State,
+    hooks: Vec<Arc<dyn PortHooks>>,
+}
+
+impl std::fmt::Debug for NetworkAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkAgent")
+            .field("host", &self.host)
+            .field("hooks", &self.hooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetworkAgent {
+    pub fn new(
+        host: String,
+        cfg: NetworkConfig,
+        cluster: Cluster,
+        hooks: Vec<Arc<dyn PortHooks>>,
+    ) -> Self {
+        let state = State::new(Arc::new(cluster.clone()));
+        NetworkAgent {
+            host,
+            cfg,
+            cluster,
+            state,
+            hooks,
+        }
+    }
+
+    /// Runs until `shutdown`: starts the datapath, publishes this node's VTEP, then follows the
+    /// tables. The datapath keeps forwarding after the agent stops (pinned maps, when
+    /// configured); it is not torn down.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let (Some(device), Some(vtep)) = (self.cfg.underlay_device.clone(), self.cfg.vtep) else {
+            return Err(AgentError::NotConfigured);
+        };
+        let underlay = Underlay { device, vtep };
+        let netns = self
+            .cfg
+            .netns
+            .as_ref()
+            .map(|n| PathBuf::from("/run/netns").join(n));
+        let pin_dir =
+            self.cfg.pin_dir.clone().unwrap_or_else(|| {
+                default_pin_dir(self.cfg.netns.as_deref().unwrap_or(&self.host))
+            });
+        let (datapath, driver) =
+            DatapathThread::start(underlay, netns, self.cfg.driver, Some(pin_dir)).await?;
+        tracing::info!(%vtep, driver, "network agent running");
+        let record = AgentRecord {
+            host: self.host.clone(),
+            vtep,
+            driver: driver.to_string(),
+            started_at: now(),
+        };
+        let agents = self.state.table::<AgentRecord>(tables::NETWORK_AGENTS);
+        loop {
+            match agents.put(&self.host, &record).await {
+                Ok(_) => break,
+                Err(StateError::Unavailable(e)) => {
+                    tracing::debug!(error = %e, "cannot publish the VTEP yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        let wake = Arc::new(Notify::new());
+        let (failed_tx, mut failed) = mpsc::channel::<AgentError>(1);
+        let followers: Vec<_> = FOLLOWED
+            .iter()
+            .map(|t| {
+                tokio::spawn(follow(
+                    self.cluster.clone(),
+                    t,
+                    wake.clone(),
+                    failed_tx.clone(),
+                ))
+            })
+            .collect();
+        let mut served: BTreeMap<String, ServedPort> = BTreeMap::new();
+        let mut tick = tokio::time::interval(RESYNC);
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tick.tick() => {}
+                Some(e) = failed.recv() => break Err(e),
+                _ = &mut shutdown => break Ok(()),
+            }
+            // Changes come in bursts (a server create writes several rows): take them at once.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Err(e) = self.converge(&datapath, &mut served).await {
+                tracing::warn!(error = %e, "network agent pass failed; retried on the next change");
+            }
+        };
+        for f in followers {
+            f.abort();
+        }
+        for device in served.keys() {
+            for h in &self.hooks {
+                h.port_down(device).await;
+            }
+        }
+        result
+    }
+
+    /// One pass: read, compute, apply, report.
+    async fn converge(
+        &self,
+        datapath: &DatapathThread,
+        served: &mut BTreeMap<String, ServedPort>,
+    ) -> Result<(), AgentError> {
+        let view = View::read(&self.state).await?;
+        let plan = view.plan(&self.host);
+        if let Some(ns) = &self.cfg.netns {
+            adopt_taps(ns, plan.desired.ports.iter().map(|p| p.device.as_str())).await;
+        }
+        let present = datapath.apply(plan.desired.clone()).await;
+        let present = match present {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "the datapath refused the desired state");
+                return Ok(());
+            }
+        };
+        // Ports the datapath now serves, and bound ports whose device is gone.
+        let ports = self.state.table::<PortRecord>(tables::PORTS);
+        for (id, status) in &plan.bound {
+            let device = tap_device(id);
+            let want = if present.contains(&device) && plan.served.contains_key(&device) {
+                "ACTIVE"
+            } else {
+                "DOWN"
+            };
+            if status != want {
+                let host = self.host.clone();
+                let r = ports
+                    .update(id, |p: &mut PortRecord| {
+                        if p.binding_host_id != host {
+                            return Err(StateError::NotFound {
+                                table: tables::PORTS,
+                                key: p.id.clone(),
+                            });
+                        }
+                        p.status = want.to_string();
+                        p.touch(now());
+                        Ok(())
+                    })
+                    .await;
+                match r {
+                    Ok(_) => tracing::info!(port = %id, status = want, "port status"),
+                    Err(StateError::NotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(port = %id, error = %e, "cannot write the port status")
+                    }
+                }
+            }
+        }
+        let now_served: BTreeMap<String, ServedPort> = plan
+            .served
+            .into_iter()
+            .filter(|(d, _)| present.contains(d))
+            .collect();
+        for device in served.keys() {
+            if !now_served.contains_key(device) {
+                for h in &self.hooks {
+                    h.port_down(device).await;
+                }
+            }
+        }
+        for (device, port) in &now_served {
+            if served.get(device) != Some(port) {
+                for h in &self.hooks {
+                    h.port_up(port).await;
+                }
+            }
+        }
+        *served = now_served;
+        Ok(())
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Where a node pins its datapath when its config names no place: under the host's bpffs,
+/// one directory per node (per namespace when the node has one, so several local nodes of
+/// one name never share pins).
+pub fn default_pin_dir(key: &str) -> PathBuf {
+    PathBuf::from(BPFFS).join("shoal").join(key)
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (systemd does it at boot; a
+/// machine without systemd does not), so pins can outlive the process.
+fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<(), String> {
+    if !pin_dir.starts_with(BPFFS) {
+        return Ok(());
+    }
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = std::ffi::CString::new(BPFFS).expect("no NUL");
+    // SAFETY: `path` is a valid C string and `st` a properly sized out-parameter.
+    let magic = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(path.as_ptr(), &mut st) != 0 {
+            return Err(format!("{BPFFS}: {}", std::io::Error::last_os_error()));
+        }
+        st.f_type as i64
+    };
+    if magic == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let out = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .map_err(|e| format!("mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot mount bpffs on {BPFFS}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    tracing::info!("mounted bpffs on {BPFFS} for the datapath's pins");
+    Ok(())
+}
+
+/// Moves the taps of local ports from the node's own namespace into `netns`, where the
+/// datapath is. libvirt creates a VM's tap where libvirtd runs; with the datapath in a
+/// namespace of its own (several nodes on one machine), the tap must follow it, again after
+/// every restart of the VM, which recreates it. A tap in use keeps working across the move.
+async fn adopt_taps<'a>(netns: &str, devices: impl Iterator<Item = &'a str>) {
+    for device in devices {
+        // Looked up from this (tokio) thread: the node's own namespace, not the datapath's.
+        if shoal_dataplane::netdev::ifindex(device).is_err() {
+            continue;
+        }
+        let moved = tokio::process::Command::new("ip")
+            .args(["link", "set", "dev", device, "netns", netns])
+            .output()
+            .await;
+        let up = tokio::process::Command::new("ip")
+            .args(["-n", netns, "link", "set", "dev", device, "up"])
+            .output()
+            .await;
+        match (moved, up) {
+            (Ok(m), Ok(u)) if m.status.success() && u.status.success() => {
+                tracing::info!(%device, %netns, "moved the tap into the datapath's namespace");
+            }
+            (m, u) => tracing::warn!(
+                %device,
+                %netns,
+                moved = ?m.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()),
+                up = ?u.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()),
+                "cannot move the tap into the datapath's namespace"
+            ),
+        }
+    }
+}
+
+/// Wakes the agent on every change of `table`, from the revision it listed at; lists again
+/// after a compaction.
+async fn follow(
+    cluster: Cluster,
+    table: &'static str,
+    wake: Arc<Notify>,
+    failed: mpsc::Sender<AgentError>,
+) {
+    loop {
+        let from = cluster.revision() + 1;
+        wake.notify_one();
+        let mut stream = match cluster.watch(table, "", from).await {
+            Ok(s) => s,
+            Err(WatchError::Compacted { .. }) => continue,
+            Err(e) => {
+                let _ = failed
+                    .send(AgentError::Watch {
+                        table,
+                        reason: e.to_string(),
+                    })
+                    .await;
+                return;
+            }
+        };
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => wake.notify_one(),
+                Some(Err(WatchError::Compacted { oldest })) => {
+                    tracing::info!(table, oldest, "network watch compacted; reading again");
+                    break;
+                }
+                Some(Err(e)) => {
+                    let _ = failed
+                        .send(AgentError::Watch {
+                            table,
+                            reason: e.to_string(),
+                        })
+                        .await;
+                    return;
+                }
+                None => {
+                    let _ = failed
+                        .send(AgentError::Watch {
+                            table,
+                            reason: "the stream ended".into(),
+                        })
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The rows one pass works from, read from the local replica.
+#[derive(Debug, Default)]
+struct View {
+    ports: Vec<PortRecord>,
+    networks: HashMap<String, NetworkRecord>,
+    subnets: HashMap<String, SubnetRecord>,
+    groups: Vec<SecurityGroupRecord>,
+    rules: Vec<RuleRecord>,
+    agents: HashMap<String, AgentRecord>,
+}
+
+/// What one pass decided.
+#[derive(Debug, Default)]
+struct Plan {
+    desired: DesiredState,
+    /// Ports bound to this node, with their status as read.
+    bound: Vec<(String, String)>,
+    /// The local ports put in `desired`, by device.
+    served: BTreeMap<String, ServedPort>,
+}
+
+impl View {
+    async fn read(state: &State) -> Result<View, StateError> {
+        fn by_id<T>(l: shoal_state::Listing<T>) -> Vec<T> {
+            l.into_values().collect()
+        }
+        Ok(View {
+            ports: by_id(state.table::<PortRecord>(tables::PORTS).list("").await?),
+            networks: by_id(
+                state
+                    .table::<NetworkRecord>(tables::NETWORKS)
+                    .list("")
+                    .await?,
+            )
+            .into_iter()
+            .map(|n: NetworkRecord| (n.id.clone(), n))
+            .collect(),
+            subnets: by_id(
+                state
+                    .table::<SubnetRecord>(tables::SUBNETS)
+                    .list("")
+                    .await?,
+            )
+            .into_iter()
+            .map(|s: SubnetRecord| (s.id.clone(), s))
+            .collect(),
+            groups: by_id(
+                state
+                    .table::<SecurityGroupRecord>(tables::SECURITY_GROUPS)
+                    .list("")
+                    .await?,
+            ),
+            rules: by_id(
+                state
+                    .table::<RuleRecord>(tables::SECURITY_GROUP_RULES)
+                    .list("")
+                    .await?,
+            ),
+            agents: by_id(
+                state
+                    .table::<AgentRecord>(tables::NETWORK_AGENTS)
+                    .list("")
+                    .await?,
+            )
+            .into_iter()
+            .map(|a: AgentRecord| (a.host.clone(), a))
+            .collect(),
+        })
+    }
+
+    /// The VNI of a network the eBPF/VXLAN datapath carries (flat networks are not carried).
+    fn vni(&self, network_id: &str) -> Option<u32> {
+        let n = self.networks.get(network_id)?;
+        (n.network_type == "vxlan" && n.admin_state_up)
+            .then_some(n.segmentation_id)
+            .flatten()
+    }
+
+    fn plan(&self, host: &str) -> Plan {
+        let mut plan = Plan::default();
+        let mut groups_used: BTreeSet<String> = BTreeSet::new();
+        let mut local_networks: BTreeSet<&str> = BTreeSet::new();
+        for p in self.ports.iter().filter(|p| p.binding_host_id == host) {
+            plan.bound.push((p.id.clone(), p.status.clone()));
+            let (Some(vni), true) = (self.vni(&p.network_id), p.admin_state_up) else {
+                continue;
+            };
+            let Ok(mac) = parse_mac(&p.mac_address) else {
+                tracing::warn!(port = %p.id, mac = %p.mac_address, "port MAC unusable");
+                continue;
+            };
+            let ips = ipv4s(p);
+            let Some(&(ip, ref subnet_id)) = ips.first() else {
+                continue;
+            };
+            let device = tap_device(&p.id);
+            let groups = port_groups(p);
+            groups_used.extend(groups.iter().cloned());
+            local_networks.insert(&p.network_id);
+            plan.desired.ports.push(LocalPort {
+                id: p.id.clone(),
+                device: device.clone(),
+                mac,
+                ips: ips.iter().map(|(ip, _)| *ip).collect(),
+                vni,
+                security_groups: groups,
+            });
+            if let Some(s) = self.subnets.get(subnet_id) {
+                plan.served.insert(
+                    device.clone(),
+                    served_port(p, device, ip, s, self.networks.get(&p.network_id)),
+                );
+            }
+        }
+        for p in &self.ports {
+            if p.binding_host_id.is_empty()
+                || p.binding_host_id == host
+                || !local_networks.contains(p.network_id.as_str())
+            {
+                continue;
+            }
+            let (Some(vni), Some(agent), Ok(mac)) = (
+                self.vni(&p.network_id),
+                self.agents.get(&p.binding_host_id),
+                parse_mac(&p.mac_address),
+            ) else {
+                continue;
+            };
+            let ips: Vec<Ipv4Addr> = ipv4s(p).into_iter().map(|(ip, _)| ip).collect();
+            if ips.is_empty() {
+                continue;
+            }
+            plan.desired.remote_ports.push(RemotePort {
+                id: p.id.clone(),
+                mac,
+                ips,
+                vni,
+                vtep: agent.vtep,
+                security_groups: port_groups(p),
+            });
+        }
+        // Groups the local ports name, and the groups their rules name as remotes.
+        let mut wanted = groups_used.clone();
+        for r in &self.rules {
+            if groups_used.contains(&r.security_group_id) {
+                if let Some(g) = &r.remote_group_id {
+                    wanted.insert(g.clone());
+                }
+            }
+        }
+        for g in &self.groups {
+            if wanted.contains(&g.id) {
+                let rules = self
+                    .rules
+                    .iter()
+                    .filter(|r| r.security_group_id == g.id)
+                    .filter_map(sg_rule)
+                    .collect();
+                plan.desired.security_groups.push(SecurityGroup {
+                    id: g.id.clone(),
+                    rules,
+                });
+            }
+        }
+        // A group named but deleted meanwhile allows nothing (never everything).
+        for id in wanted {
+            if !plan.desired.security_groups.iter().any(|g| g.id == id) {
+                let rules = if id == OPEN_GROUP {
+                    [Direction::Ingress, Direction::Egress]
+                        .into_iter()
+                        .map(|direction| SgRule {
+                            direction,
+                            ethertype: EtherType::Ipv4,
+                            protocol: None,
+                            port_range: None,
+                            remote: Remote::Cidr(Ipv4Cidr::ANY),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                plan.desired
+                    .security_groups
+                    .push(SecurityGroup { id, rules });
+            }
+        }
+        plan
+    }
+}
+
+fn port_groups(p: &PortRecord) -> Vec<String> {
+    if p.port_security_enabled {
+        p.security_groups.clone()
+    } else {
+        vec![OPEN_GROUP.to_string()]
+    }
+}
+
+fn ipv4s(p: &PortRecord) -> Vec<(Ipv4Addr, String)> {
+    p.fixed_ips
+        .iter()
+        .filter_map(|f| Some((f.ip_address.parse().ok()?, f.subnet_id.clone())))
+        .collect()
+}
+
+fn parse_mac(s: &str) -> Result<Mac, ()> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| ())?;
+    let bytes: [u8; 6] = parts.try_into().map_err(|_| ())?;
+    Ok(Mac(bytes))
+}
+
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
+    Some((addr.parse().ok()?, len))
+}
+
+fn served_port(
+    p: &PortRecord,
+    device: String,
+    ip: Ipv4Addr,
+    s: &SubnetRecord,
+    network: Option<&NetworkRecord>,
+) -> ServedPort {
+    ServedPort {
+        port_id: p.id.clone(),
+        device,
+        mac: p.mac_address.clone(),
+        ip,
+        prefix_len: parse_cidr(&s.cidr).map_or(32, |(_, l)| l),
+        gateway: s.gateway_ip.as_deref().and_then(|g| g.parse().ok()),
+        dns: s
+            .dns_nameservers
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .collect(),
+        mtu: network.map_or(1450, |n| n.mtu),
+        host_routes: s
+            .host_routes
+            .iter()
+            .filter_map(|r| {
+                let (dst, len) = parse_cidr(&r.destination)?;
+                Some((dst, len, r.nexthop.parse().ok()?))
+            })
+            .collect(),
+        dhcp: s.enable_dhcp,
+    }
+}
+
+/// Neutron's rule in the datapath's terms; `None` for what the IPv4 datapath cannot express
+/// (IPv6 prefixes). ICMP type/code ranges are not matched: such a rule allows all ICMP.
+fn sg_rule(r: &RuleRecord) -> Option<SgRule> {
+    let direction = match r.direction.as_str() {
+        "ingress" => Direction::Ingress,
+        _ => Direction::Egress,
+    };
+    let ethertype = if r.ethertype == "IPv6" {
+        EtherType::Ipv6
+    } else {
+        EtherType::Ipv4
+    };
+    let protocol = match r.protocol.as_deref() {
+        None | Some("any") | Some("") => None,
+        Some("tcp") => Some(6),
+        Some("udp") => Some(17),
+        Some("icmp") => Some(1),
+        Some(other) => Some(other.parse::<u8>().ok()?),
+    };
+    let port_range = match (protocol, r.port_range_min, r.port_range_max) {
+        (Some(6 | 17), Some(min), max) => Some((
+            u16::try_from(min).ok()?,
+            u16::try_from(max.unwrap_or(min)).ok()?,
+        )),
+        _ => None,
+    };
+    let remote = match (&r.remote_group_id, &r.remote_ip_prefix) {
+        (Some(g), _) => Remote::Group(g.clone()),
+        (None, Some(prefix)) if ethertype == EtherType::Ipv4 => {
+            let (addr, len) = parse_cidr(prefix).or_else(|| Some((prefix.parse().ok()?, 32)))?;
+            Remote::Cidr(Ipv4Cidr::new(addr, len))
+        }
+        (None, Some(_)) => return None,
+        (None, None) => Remote::Cidr(Ipv4Cidr::ANY),
+    };
+    Some(SgRule {
+        direction,
+        ethertype,
+        protocol,
+        port_range,
+        remote,
+    })
+}
+
+/// Either driver, behind one type (the trait's `teardown(self)` keeps it from being a trait
+/// object).
+enum AnyDatapath {
+    Ebpf(Box<EbpfDataplane>),
+    Kernel(KernelDataplane),
+}
+
+impl AnyDatapath {
+    fn apply(&mut self, desired: &DesiredState) -> Result<(), String> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.apply(desired).map_err(|e| e.to_string()),
+            AnyDatapath::Kernel(d) => d.apply(desired).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+type Job = (
+    DesiredState,
+    oneshot::Sender<Result<BTreeSet<String>, String>>,
+);
+
+/// The driver on its own thread, inside the node's network namespace.
+struct DatapathThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl DatapathThread {
+    async fn start(
+        underlay: Underlay,
+        netns: Option<PathBuf>,
+        driver: Driver,
+        pin_dir: Option<PathBuf>,
+    ) -> Result<(DatapathThread, &'static str), AgentError> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready) = oneshot::channel();
+        let device = underlay.device.clone();
+        std::thread::Builder::new()
+            .name("shoal-datapath".into())
+            .spawn(move || {
+                let opened = open_datapath(&underlay, netns.as_deref(), driver, pin_dir.as_deref());
+                let mut dp = match opened {
+                    Ok((dp, name)) => {
+                        let _ = ready_tx.send(Ok(name));
+                        dp
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok((desired, reply)) = rx.recv() {
+                    let _ = reply.send(apply_present(&mut dp, desired));
+                }
+            })
+            .map_err(|e| AgentError::Datapath {
+                driver: "any",
+                device: device.clone(),
+                reason: e.to_string(),
+            })?;
+        let name = ready.await.map_err(|_| AgentError::Datapath {
+            driver: "any",
+            device: device.clone(),
+            reason: "the datapath thread died".into(),
+        })??;
+        Ok((DatapathThread { jobs }, name))
+    }
+
+    /// Applies `desired` for the ports whose device exists; returns those devices.
+    async fn apply(&self, desired: DesiredState) -> Result<BTreeSet<String>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send((desired, tx))
+            .map_err(|_| "the datapath thread is gone".to_string())?;
+        rx.await
+            .map_err(|_| "the datapath thread is gone".to_string())?
+    }
+}
+
+fn apply_present(
+    dp: &mut AnyDatapath,
+    mut desired: DesiredState,
+) -> Result<BTreeSet<String>, String> {
+    // A tap appears a moment after its port is bound and goes with its VM: program what exists.
+    desired
+        .ports
+        .retain(|p| shoal_dataplane::netdev::ifindex(&p.device).is_ok());
+    if let Err(e) = model::check_addresses(&desired) {
+        return Err(e.to_string());
+    }
+    dp.apply(&desired)?;
+    Ok(desired.ports.into_iter().map(|p| p.device).collect())
+}
+
+fn open_datapath(
+    underlay: &Underlay,
+    netns: Option<&std::path::Path>,
+    driver: Driver,
+    pin_dir: Option<&std::path::Path>,
+) -> Result<(AnyDatapath, &'static str), AgentError> {
+    if let Some(ns) = netns {
+        enter_netns(ns).map_err(|e| AgentError::Datapath {
+            driver: "any",
+            device: underlay.device.clone(),
+            reason: format!("cannot enter the network namespace {}: {e}", ns.display()),
+        })?;
+    }
+    let ebpf = || -> Result<AnyDatapath, String> {
+        let dp = match pin_dir {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                EbpfDataplane::new_pinned(underlay, dir)
+            }
+            None => EbpfDataplane::new(underlay),
+        };
+        dp.map(|d| AnyDatapath::Ebpf(Box::new(d)))
+            .map_err(|e| e.to_string())
+    };
+    let kernel = || {
+        KernelDataplane::new(underlay)
+            .map(AnyDatapath::Kernel)
+            .map_err(|e| e.to_string())
+    };
+    let fail = |driver, reason| AgentError::Datapath {
+        driver,
+        device: underlay.device.clone(),
+        reason,
+    };
+    match driver {
+        Driver::Ebpf => ebpf().map(|d| (d, "ebpf")).map_err(|e| fail("ebpf", e)),
+        Driver::Kernel => kernel()
+            .map(|d| (d, "kernel"))
+            .map_err(|e| fail("kernel", e)),
+        Driver::Auto => match ebpf() {
+            Ok(d) => Ok((d, "ebpf")),
+            Err(e) => {
+                tracing::warn!(error = %e, "the eBPF datapath cannot start; using the kernel path");
+                kernel()
+                    .map(|d| (d, "kernel"))
+                    .map_err(|e| fail("kernel", e))
+            }
+        },
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub(crate) fn enter_netns(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: `f` is an open namespace file for the whole call; setns only affects this thread.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_state::records::FixedIp;
+
+    fn port(id: &str, host: &str, ip: &str, groups: &[&str]) -> PortRecord {
+        PortRecord {
+            id: id.into(),
+            project_id: "p".into(),
+            network_id: "n1".into(),
+            name: String::new(),
+            description: String::new(),
+            mac_address: format!("fa:16:3e:00:00:{:02x}", id.len()),
+            fixed_ips: vec![FixedIp {
+                subnet_id: "s1".into(),
+                ip_address: ip.into(),
+            }],
+            device_id: "vm".into(),
+            device_owner: "compute:nova".into(),
+            binding_host_id: host.into(),
+            binding_vif_type: "tap".into(),
+            binding_vnic_type: "normal".into(),
+            security_groups: groups.iter().map(|g| g.to_string()).collect(),
+            port_security_enabled: true,
+            allowed_address_pairs: vec![],
+            admin_state_up: true,
+            status: "DOWN".into(),
+            tags: vec![],
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        }
+    }
+
+    fn view() -> View {
+        let network = NetworkRecord {
+            id: "n1".into(),
+            project_id: "p".into(),
+            name: "net".into(),
+            description: String::new(),
+            admin_state_up: true,
+            shared: false,
+            external: false,
+            port_security_enabled: true,
+            mtu: 1450,
+            network_type: "vxlan".into(),
+            physical_network: None,
+            segmentation_id: Some(7),
+            subnets: vec!["s1".into()],
+            availability_zone_hints: vec![],
+            tags: vec![],
+            status: "ACTIVE".into(),
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        };
+        let subnet = SubnetRecord {
+            id: "s1".into(),
+            project_id: "p".into(),
+            network_id: "n1".into(),
+            name: String::new(),
+            description: String::new(),
+            cidr: "10.0.0.0/24".into(),
+            gateway_ip: Some("10.0.0.1".into()),
+            allocation_pools: vec![],
+            dns_nameservers: vec!["10.0.0.53".into()],
+            host_routes: vec![],
+            enable_dhcp: true,
+            tags: vec![],
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        };
+        let rule = |id: &str, dir: &str, remote_group: Option<&str>| RuleRecord {
+            id: id.into(),
+            project_id: "p".into(),
+            security_group_id: "g".into(),
+            direction: dir.into(),
+            ethertype: "IPv4".into(),
+            protocol: None,
+            port_range_min: None,
+            port_range_max: None,
+            remote_ip_prefix: None,
+            remote_group_id: remote_group.map(Into::into),
+            description: String::new(),
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        };
+        View {
+            ports: vec![
+                port("a", "n1", "10.0.0.5", &["g"]),
+                port("bb", "n2", "10.0.0.6", &["g"]),
+                port("ccc", "n3", "10.0.0.7", &["g"]),
+            ],
+            networks: [("n1".to_string(), network)].into(),
+            subnets: [("s1".to_string(), subnet)].into(),
+            groups: vec![SecurityGroupRecord {
+                id: "g".into(),
+                project_id: "p".into(),
+                name: "default".into(),
+                description: String::new(),
+                tags: vec![],
+                created_at: 0,
+                updated_at: 0,
+                revision_number: 1,
+            }],
+            rules: vec![rule("r1", "egress", None), rule("r2", "ingress", Some("g"))],
+            agents: [(
+                "n2".to_string(),
+                AgentRecord {
+                    host: "n2".into(),
+                    vtep: Ipv4Addr::new(192, 0, 2, 2),
+                    driver: "ebpf".into(),
+                    started_at: 0,
+                },
+            )]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn local_ports_remote_ports_with_a_known_vtep_and_their_groups() {
+        let plan = view().plan("n1");
+        assert_eq!(plan.desired.ports.len(), 1);
+        let local = &plan.desired.ports[0];
+        assert_eq!((local.device.as_str(), local.vni), ("tapa", 7));
+        // n3 has published no VTEP yet: its port is not reachable, n2's is.
+        assert_eq!(plan.desired.remote_ports.len(), 1);
+        assert_eq!(
+            plan.desired.remote_ports[0].vtep,
+            Ipv4Addr::new(192, 0, 2, 2)
+        );
+        assert_eq!(plan.desired.security_groups.len(), 1);
+        assert_eq!(plan.desired.security_groups[0].rules.len(), 2);
+        // The compiled rules accept it (the remote group expands over both ports).
+        model::compile_sg(&plan.desired).unwrap();
+        let served = &plan.served["tapa"];
+        assert_eq!(served.prefix_len, 24);
+        assert_eq!(served.gateway, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(served.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
+        assert_eq!(plan.bound, vec![("a".to_string(), "DOWN".to_string())]);
+    }
+
+    #[test]
+    fn a_node_without_ports_on_a_network_programs_none_of_it() {
+        let plan = view().plan("n9");
+        assert!(plan.desired.ports.is_empty());
+        assert!(plan.desired.remote_ports.is_empty());
+        assert!(plan.desired.security_groups.is_empty());
+    }
+
+    #[test]
+    fn port_security_off_opens_the_port_and_deleted_groups_close_it() {
+        let mut v = view();
+        v.ports[0].port_security_enabled = false;
+        let plan = v.plan("n1");
+        assert_eq!(plan.desired.ports[0].security_groups, vec![OPEN_GROUP]);
+        let open = plan
+            .desired
+            .security_groups
+            .iter()
+            .find(|g| g.id == OPEN_GROUP)
+            .unwrap();
+        assert_eq!(open.rules.len(), 2);
+
+        let mut v = view();
+        v.groups.clear();
+        let plan = v.plan("n1");
+        let g = &plan.desired.security_groups[0];
+        assert_eq!((g.id.as_str(), g.rules.len()), ("g", 0));
+    }
+
+    #[test]
+    fn rules_translate_protocols_ranges_and_remotes() {
+        let mut r = view().rules[0].clone();
+        r.protocol = Some("tcp".into());
+        r.port_range_min = Some(22);
+        r.port_range_max = Some(22);
+        r.remote_ip_prefix = Some("192.0.2.0/24".into());
+        let s = sg_rule(&r).unwrap();
+        assert_eq!(s.protocol, Some(6));
+        assert_eq!(s.port_range, Some((22, 22)));
+        assert_eq!(
+            s.remote,
+            Remote::Cidr(Ipv4Cidr::new(Ipv4Addr::new(192, 0, 2, 0), 24))
+        );
+        r.protocol = Some("icmp".into());
+        assert_eq!(sg_rule(&r).unwrap().port_range, None);
+        r.ethertype = "IPv6".into();
+        r.remote_ip_prefix = Some("2001:db8::/32".into());
+        assert!(sg_rule(&r).is_none());
+    }
+}

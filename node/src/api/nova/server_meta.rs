@@ -1,0 +1,271 @@
+//! What hangs off a server besides its actions: its metadata (`/servers/{id}/metadata`), its
+//! addresses by network (`/servers/{id}/ips`) and its password (`os-server-password`), all
+//! read from and written to the server's row.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use shoal_compute::server::ServerRecord;
+
+use super::servers::{is_admin, load, locked, modify, need, plain_addresses};
+use crate::api::body::parse;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::nova::flavors::microversion;
+use crate::api::{AppState, Auth};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/compute/v2.1/servers/{id}/metadata",
+            get(list_metadata)
+                .post(merge_metadata)
+                .put(replace_metadata),
+        )
+        .route(
+            "/compute/v2.1/servers/{id}/metadata/{key}",
+            get(show_item).put(set_item).delete(delete_item),
+        )
+        .route("/compute/v2.1/servers/{id}/ips", get(list_ips))
+        .route("/compute/v2.1/servers/{id}/ips/{network}", get(show_ips))
+        .route(
+            "/compute/v2.1/servers/{id}/os-server-password",
+            get(show_password).delete(clear_password),
+        )
+        .layer(axum::middleware::from_fn(microversion))
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request(msg).nova()
+}
+
+/// Nova's metadata item rules: keys 1 to 255 characters, values at most 255.
+fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
+    for (k, v) in items {
+        let shown: String = k.chars().take(64).flat_map(char::escape_default).collect();
+        if k.is_empty() || k.chars().count() > 255 {
+            return Err(bad(format!(
+                "Invalid input for field/attribute metadata. Key '{shown}' must be 1 to 255 characters"
+            )));
+        }
+        if v.chars().count() > 255 {
+            return Err(bad(format!(
+                "Invalid input for field/attribute metadata. The value of '{shown}' is longer than 255 characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `{"metadata": {key: value, ...}}` with string values.
+fn metadata_body(body: &Bytes) -> ApiResult<BTreeMap<String, String>> {
+    let mut v: serde_json::Map<String, Value> = parse(body)?;
+    let items = match v.remove("metadata") {
+        Some(Value::Object(m)) if v.is_empty() => m,
+        _ => {
+            return Err(bad(
+                "the body must be {\"metadata\": {...}} and nothing else",
+            ))
+        }
+    };
+    let items = items
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k, s)),
+            other => Err(bad(format!(
+                "Invalid input for field/attribute metadata. The value of '{}' must be a string, not {other}",
+                k.chars().take(64).collect::<String>()
+            ))),
+        })
+        .collect::<ApiResult<BTreeMap<_, _>>>()?;
+    check_items(&items)?;
+    Ok(items)
+}
+
+/// Applies `edit` to the server's metadata with a compare-and-set, within the project's
+/// `metadata_items` quota (403 beyond it, as Nova answers).
+async fn edit_metadata(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    edit: impl Fn(&mut BTreeMap<String, String>) -> ApiResult<()>,
+) -> ApiResult<ServerRecord> {
+    need(auth, "member")?;
+    let admin = is_admin(auth);
+    let project = load(state, auth, id).await?.value.project_id;
+    let limit = crate::api::nova::admin::quota(state, &project, "metadata_items").await?;
+    modify(state, auth, id, |r| {
+        if r.locked && !admin {
+            return Err(locked(id));
+        }
+        edit(&mut r.metadata)?;
+        if limit >= 0 && r.metadata.len() as i64 > limit {
+            return Err(ApiError::forbidden(format!(
+                "Quota exceeded for metadata_items: {} items, the limit is {limit}",
+                r.metadata.len()
+            ))
+            .nova());
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn list_metadata(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let v = load(&state, &auth, &id).await?;
+    Ok(Json(json!({ "metadata": v.value.metadata })))
+}
+
+/// `POST .../metadata`: the items are added to (or replace) what is there; answers all.
+async fn merge_metadata(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let items = metadata_body(&body)?;
+    let r = edit_metadata(&state, &auth, &id, |m| {
+        m.extend(items.clone());
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "metadata": r.metadata })))
+}
+
+/// `PUT .../metadata`: the items become the whole metadata.
+async fn replace_metadata(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let items = metadata_body(&body)?;
+    let r = edit_metadata(&state, &auth, &id, |m| {
+        *m = items.clone();
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "metadata": r.metadata })))
+}
+
+fn no_item(id: &str, key: &str) -> ApiError {
+    let shown: String = key
+        .chars()
+        .take(64)
+        .flat_map(char::escape_default)
+        .collect();
+    ApiError::not_found(format!(
+        "Metadata item {shown} was not found on instance {id}"
+    ))
+    .nova()
+}
+
+async fn show_item(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let v = load(&state, &auth, &id).await?;
+    let value = v
+        .value
+        .metadata
+        .get(&key)
+        .ok_or_else(|| no_item(&id, &key))?;
+    Ok(Json(json!({ "meta": { key: value } })))
+}
+
+/// `PUT .../metadata/{key}` with `{"meta": {key: value}}`: exactly that one item.
+async fn set_item(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let mut v: serde_json::Map<String, Value> = parse(&body)?;
+    let meta = match v.remove("meta") {
+        Some(Value::Object(m)) if v.is_empty() => m,
+        _ => return Err(bad("the body must be {\"meta\": {key: value}}")),
+    };
+    let value = match (meta.len(), meta.get(&key)) {
+        (1, Some(Value::String(s))) => s.clone(),
+        (1, Some(other)) => return Err(bad(format!("the value must be a string, not {other}"))),
+        (1, None) => return Err(bad("Request body and URI mismatch")),
+        _ => return Err(bad("Request body contains too many items")),
+    };
+    check_items(&BTreeMap::from([(key.clone(), value.clone())]))?;
+    edit_metadata(&state, &auth, &id, |m| {
+        m.insert(key.clone(), value.clone());
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "meta": { key: value } })))
+}
+
+async fn delete_item(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    edit_metadata(&state, &auth, &id, |m| {
+        m.remove(&key).map(|_| ()).ok_or_else(|| no_item(&id, &key))
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_ips(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let v = load(&state, &auth, &id).await?;
+    Ok(Json(json!({ "addresses": plain_addresses(&v.value) })))
+}
+
+async fn show_ips(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, network)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let v = load(&state, &auth, &id).await?;
+    let all = plain_addresses(&v.value);
+    let ips = all.get(&network).cloned().ok_or_else(|| {
+        let shown: String = network
+            .chars()
+            .take(64)
+            .flat_map(char::escape_default)
+            .collect();
+        ApiError::not_found(format!("Instance {id} has no address on network {shown}")).nova()
+    })?;
+    Ok(Json(json!({ network: ips })))
+}
+
+/// `GET .../os-server-password`: the encrypted password a guest posted to the metadata
+/// service. Shoal's metadata service takes no posts, so it is always empty, as Nova's answer
+/// for a guest that posted none.
+async fn show_password(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    load(&state, &auth, &id).await?;
+    Ok(Json(json!({ "password": "" })))
+}
+
+async fn clear_password(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    need(&auth, "member")?;
+    load(&state, &auth, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,384 @@
+//! The network agent end to end on one node: a real `shoal` process whose `[network]` names an
+//! underlay in its own namespace runs the eBPF datapath there. Servers (libvirt's test
+//! hypervisor) get ports through the API; their guests are namespaces whose `eth0` is the peer
+//! of a veth named as Nova names the tap. The agent must program what the tables say: the
+//! ports go ACTIVE, the guests reach each other only as their security groups allow (and the
+//! rule change takes effect without touching the guests), each gets its own metadata from
+//! 169.254.169.254 through the datapath, and a deleted server's port stops being served.
+//!
+//! Root only: when not root the test prints why and passes, unless `CI=true`.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::vmnet::*;
+use common::{wait_until, Cluster};
+use serde_json::{json, Value};
+
+fn tap(port_id: &str) -> String {
+    format!("tap{}", &port_id[..11])
+}
+
+fn ping(vm: &Netns, ip: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &vm.0, "ping", "-c", "1", "-W", "1", ip])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Pings until it answers (or not) as expected, for up to 10 s: the agent applies changes
+/// within milliseconds, but the test must not depend on how many.
+fn ping_becomes(vm: &Netns, ip: &str, reachable: bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if ping(vm, ip) == reachable {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn port_status(c: &Cluster, token: &str, id: &str) -> String {
+    let (_, v) = api(c, token, "GET", &format!("/network/v2.0/ports/{id}"), None);
+    v["port"]["status"].as_str().unwrap_or("").to_owned()
+}
+
+#[test]
+fn the_agent_programs_bound_ports_for_guests_and_follows_rule_changes() {
+    if !is_root("the network agent test") {
+        return;
+    }
+    let pid = std::process::id();
+    let node = Netns::new(format!("sna-node-{pid}"));
+    let underlay = Netns::new(format!("sna-ul-{pid}"));
+    ip(&[
+        "-n",
+        &node.0,
+        "link",
+        "add",
+        "ul0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ulpeer",
+        "netns",
+        &underlay.0,
+    ]);
+    ip(&["-n", &node.0, "addr", "add", "192.0.2.1/24", "dev", "ul0"]);
+    ip(&["-n", &node.0, "link", "set", "ul0", "up"]);
+    ip(&["-n", &underlay.0, "link", "set", "ulpeer", "up"]);
+
+    let mut c = Cluster::init(&[
+        "--underlay-device",
+        "ul0",
+        "--vtep",
+        "192.0.2.1",
+        "--netns",
+        &node.0,
+        "--network-driver",
+        "ebpf",
+    ]);
+    let token = c.token(0);
+    let ids = setup(&c, &token);
+    let net = created(
+        &c,
+        &token,
+        "/network/v2.0/networks",
+        json!({"network": {"name": "agent-net"}}),
+    )["network"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    created(
+        &c,
+        &token,
+        "/network/v2.0/subnets",
+        json!({"subnet": {"network_id": net, "cidr": "10.9.0.0/24", "ip_version": 4}}),
+    );
+    let p1 = port(&c, &token, &net);
+    let p2 = port(&c, &token, &net);
+    assert_eq!(port_status(&c, &token, &p1.id), "DOWN", "unbound port");
+    // The guests' devices exist before the servers, as a tap exists once its VM runs.
+    let vm1 = guest(
+        format!("sna-vm1-{pid}"),
+        &node,
+        &tap(&p1.id),
+        &p1.mac,
+        &p1.ip,
+    );
+    let vm2 = guest(
+        format!("sna-vm2-{pid}"),
+        &node,
+        &tap(&p2.id),
+        &p2.mac,
+        &p2.ip,
+    );
+    let s1 = server(&c, &token, "agent-a", &p1, &ids);
+    let _s2 = server(&c, &token, "agent-b", &p2, &ids);
+
+    for p in [&p1, &p2] {
+        wait_until(
+            &format!("port {} to go ACTIVE", p.id),
+            Duration::from_secs(20),
+            || (port_status(&c, &token, &p.id) == "ACTIVE").then_some(()),
+        );
+    }
+
+    // The node's agent is listed to admins (`network agent list`), alive, with its VTEP.
+    let (status, agents) = api(&c, &token, "GET", "/network/v2.0/agents", None);
+    assert_eq!(status, 200, "{agents}");
+    let list = agents["agents"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{agents}");
+    assert_eq!(list[0]["alive"], true, "{agents}");
+    assert_eq!(list[0]["configurations"]["vtep"], "192.0.2.1", "{agents}");
+    let agent_id = list[0]["id"].as_str().unwrap();
+    let (status, one) = api(
+        &c,
+        &token,
+        "GET",
+        &format!("/network/v2.0/agents/{agent_id}"),
+        None,
+    );
+    assert_eq!(
+        (status, &one["agent"]["host"]),
+        (200, &list[0]["host"]),
+        "{one}"
+    );
+
+    // The default group: egress anywhere, ingress from the same group.
+    assert!(ping_becomes(&vm1, &p2.ip, true), "vm1 pings vm2");
+    assert!(ping_becomes(&vm2, &p1.ip, true), "vm2 pings vm1");
+
+    // Each guest gets its own instance from 169.254.169.254, through the datapath.
+    let md = wget_json(&vm1, "/openstack/latest/meta_data.json");
+    assert_eq!(md["uuid"], json!(s1), "vm1's metadata names its server");
+    assert_eq!(md["public_keys"]["mdkey"], json!(KEY));
+
+    // A group without ingress rules on vm2's port: vm1's pings stop.
+    let (_, v) = api(
+        &c,
+        &token,
+        "GET",
+        &format!("/network/v2.0/ports/{}", p2.id),
+        None,
+    );
+    let default_groups = v["port"]["security_groups"].clone();
+    let g = created(
+        &c,
+        &token,
+        "/network/v2.0/security-groups",
+        json!({"security_group": {"name": "closed"}}),
+    )["security_group"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/ports/{}", p2.id),
+        Some(json!({"port": {"security_groups": [g]}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(ping_becomes(&vm1, &p2.ip, false), "ingress closed on vm2");
+    let rule: Value = created(
+        &c,
+        &token,
+        "/network/v2.0/security-group-rules",
+        json!({"security_group_rule": {
+            "security_group_id": g, "direction": "ingress", "protocol": "icmp",
+            "ethertype": "IPv4"}}),
+    );
+    assert!(ping_becomes(&vm1, &p2.ip, true), "ICMP rule added");
+    let rule_id = rule["security_group_rule"]["id"].as_str().unwrap();
+    let (status, _) = api(
+        &c,
+        &token,
+        "DELETE",
+        &format!("/network/v2.0/security-group-rules/{rule_id}"),
+        None,
+    );
+    assert_eq!(status, 204);
+    assert!(ping_becomes(&vm1, &p2.ip, false), "ICMP rule removed");
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/ports/{}", p2.id),
+        Some(json!({"port": {"security_groups": default_groups}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        ping_becomes(&vm1, &p2.ip, true),
+        "back in the default group"
+    );
+
+    // kill -9 of the node: the pinned datapath keeps forwarding while it is down; after
+    // `shoal start` the agent takes the pins over and applies changes again.
+    c.nodes[0].kill9();
+    assert!(ping(&vm1, &p2.ip), "forwarding outlives the node process");
+    assert!(ping(&vm2, &p1.ip), "in both directions");
+    c.restart(0);
+    wait_until("the node to serve again", Duration::from_secs(60), || {
+        c.try_token(0).ok()
+    });
+    let token = c.token(0);
+    assert!(ping(&vm1, &p2.ip), "forwarding after the restart");
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/ports/{}", p2.id),
+        Some(json!({"port": {"security_groups": [g]}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        ping_becomes(&vm1, &p2.ip, false),
+        "a change after the restart is applied"
+    );
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/ports/{}", p2.id),
+        Some(json!({"port": {"security_groups": default_groups}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(ping_becomes(&vm1, &p2.ip, true), "and the next one");
+
+    // A spoofed source is dropped by the datapath before anything answers.
+    readdress(&vm1, "10.9.0.250");
+    assert!(!ping(&vm1, &p2.ip) && wget(&vm1, "/openstack/latest/meta_data.json").is_err());
+    readdress(&vm1, &p1.ip);
+    assert!(wget(&vm1, "/openstack/latest/meta_data.json").is_ok());
+
+    // The device gone (the VM stopped): the port goes DOWN; back: ACTIVE again.
+    ip(&["-n", &node.0, "link", "del", &tap(&p1.id)]);
+    wait_until("port 1 to go DOWN", Duration::from_secs(20), || {
+        (port_status(&c, &token, &p1.id) == "DOWN").then_some(())
+    });
+    drop(vm1);
+    let vm1 = guest(
+        format!("sna-vm1-{pid}"),
+        &node,
+        &tap(&p1.id),
+        &p1.mac,
+        &p1.ip,
+    );
+    wait_until("port 1 to be ACTIVE again", Duration::from_secs(20), || {
+        (port_status(&c, &token, &p1.id) == "ACTIVE").then_some(())
+    });
+    assert!(ping_becomes(&vm2, &p1.ip, true), "vm2 reaches vm1 again");
+    drop(vm1);
+    drop(vm2);
+}
+
+/// Two nodes, each with its datapath in its own namespace on a shared underlay bridge (as
+/// `shoal dev --netns` builds them): guests on different nodes reach each other over VXLAN,
+/// with nothing but the Raft tables telling each node where the other's ports are.
+#[test]
+fn guests_on_two_nodes_reach_each_other_over_vxlan() {
+    if !is_root("the two-node network agent test") {
+        return;
+    }
+    let pid = std::process::id();
+    let underlay = Underlay::new("snx", 2);
+    let nodes = &underlay.nodes;
+    let args = |i: usize| underlay.args(i);
+    let a0 = args(0);
+    let mut c = Cluster::init(&a0.iter().map(String::as_str).collect::<Vec<_>>());
+    let join = c.create_join_token(0, 600);
+    let a1 = args(1);
+    let second = c.spawn_join(&join, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_until("node2 to serve", Duration::from_secs(60), || {
+        c.try_token(second).ok()
+    });
+    let token = c.token(0);
+    let ids = setup(&c, &token);
+    let net = created(
+        &c,
+        &token,
+        "/network/v2.0/networks",
+        json!({"network": {"name": "vxlan-net"}}),
+    )["network"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    created(
+        &c,
+        &token,
+        "/network/v2.0/subnets",
+        json!({"subnet": {"network_id": net, "cidr": "10.8.0.0/24", "ip_version": 4}}),
+    );
+    let mut guests = Vec::new();
+    let mut ports = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let p = port(&c, &token, &net);
+        guests.push(guest(
+            format!("snx-vm{i}-{pid}"),
+            node,
+            &tap(&p.id),
+            &p.mac,
+            &p.ip,
+        ));
+        let s = created(
+            &c,
+            &token,
+            "/compute/v2.1/servers",
+            json!({"server": {
+                "name": format!("vx{i}"), "flavorRef": ids.0, "imageRef": ids.1,
+                "networks": [{"port": p.id}],
+                "availability_zone": format!("nova:node{}", i + 1),
+            }}),
+        );
+        let id = s["server"]["id"].as_str().unwrap().to_owned();
+        wait_until(
+            &format!("server vx{i} ACTIVE"),
+            Duration::from_secs(60),
+            || {
+                let (_, v) = api(
+                    &c,
+                    &token,
+                    "GET",
+                    &format!("/compute/v2.1/servers/{id}"),
+                    None,
+                );
+                (v["server"]["status"] == "ACTIVE").then_some(())
+            },
+        );
+        let (_, v) = api(
+            &c,
+            &token,
+            "GET",
+            &format!("/compute/v2.1/servers/{id}"),
+            None,
+        );
+        assert_eq!(
+            v["server"]["OS-EXT-SRV-ATTR:host"],
+            json!(format!("node{}", i + 1)),
+            "placed where asked"
+        );
+        ports.push(p);
+    }
+    for p in &ports {
+        wait_until(
+            &format!("port {} ACTIVE", p.id),
+            Duration::from_secs(20),
+            || (port_status(&c, &token, &p.id) == "ACTIVE").then_some(()),
+        );
+    }
+    assert!(
+        ping_becomes(&guests[0], &ports[1].ip, true),
+        "a guest on node1 pings one on node2 over VXLAN"
+    );
+    assert!(ping_becomes(&guests[1], &ports[0].ip, true), "and back");
+    drop(guests);
+    drop(c);
+}
