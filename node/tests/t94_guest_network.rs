@@ -82,7 +82,16 @@ fn guests_on_two_nodes_get_dhcp_metadata_and_ping_over_vxlan() {
         ];
         args.extend_from_slice(extra);
         args.push(name);
-        let v = osc.json(node, &args);
+        let out = osc.json_as(node, &[], &args);
+        if !out.ok {
+            // `--wait` only says the server went to ERROR: show its fault to say why.
+            let show = osc.json_as(node, &[], &["server", "show", name]);
+            panic!(
+                "{name} did not boot: {}\nserver show: {}",
+                out.stderr, show.stdout
+            );
+        }
+        let v = out.json();
         assert_eq!(v["status"], "ACTIVE", "{v}");
         let id = v["id"].as_str().unwrap().to_owned();
         domains.0.push(id.clone());
