@@ -329,16 +329,36 @@ fn kv_path(key: &str) -> String {
     format!("/shoal/v1/kv/{escaped}")
 }
 
+/// Writes a key. The write carries a fresh `Idempotency-Key`, so when its fate is unknown (no
+/// answer, 503 unavailable, 504 commit status unknown) it is sent again with the same key: the
+/// cluster applies it at most once and answers a repeat with the first revision.
 pub async fn kv_put(key: &str, value: &str) -> anyhow::Result<()> {
+    const ATTEMPTS: u32 = 4;
     let s = Session::from_env().await?;
-    let v: Value = s
-        .send(
-            s.request(reqwest::Method::PUT, &kv_path(key))
-                .body(value.to_owned()),
-        )
-        .await?
-        .json()
-        .await?;
+    let idempotency_key = uuid::Uuid::new_v4().simple().to_string();
+    let mut attempt = 0;
+    let resp = loop {
+        attempt += 1;
+        let sent = s
+            .request(reqwest::Method::PUT, &kv_path(key))
+            .header("Idempotency-Key", &idempotency_key)
+            .body(value.to_owned())
+            .send()
+            .await;
+        let retry = match &sent {
+            Ok(r) => matches!(r.status().as_u16(), 503 | 504),
+            Err(e) => e.is_connect() || e.is_timeout(),
+        };
+        if !retry || attempt == ATTEMPTS {
+            break sent.context("request failed")?;
+        }
+        tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+    };
+    if !resp.status().is_success() {
+        let status = resp.status();
+        bail!("{} ({status})", error_message(resp).await);
+    }
+    let v: Value = resp.json().await?;
     eprintln!("revision {}", v["revision"]);
     Ok(())
 }

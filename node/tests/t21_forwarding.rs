@@ -117,3 +117,74 @@ fn writes_through_followers_follow_a_killed_leader_and_apply_once() {
     c.restart(old);
     c.wait_healthy(3);
 }
+
+/// Sends a `kv` PUT with an `Idempotency-Key`; returns the status and the body.
+fn put_keyed(
+    c: &Cluster,
+    node: usize,
+    token: &str,
+    key: &str,
+    idem: &str,
+    value: &str,
+) -> (u16, String) {
+    let resp = c
+        .http
+        .put(format!("{}/shoal/v1/kv/{key}", c.nodes[node].base()))
+        .header("X-Auth-Token", token)
+        .header("Idempotency-Key", idem)
+        .body(value.to_owned())
+        .send()
+        .unwrap();
+    (resp.status().as_u16(), resp.text().unwrap())
+}
+
+/// A client that sends a write again with the same `Idempotency-Key` (as it must when the first
+/// answer was lost or said "commit status unknown") gets the first answer back, through any
+/// node, and the write is not applied a second time: a later write by someone else survives
+/// the repeat. A new key is a new write; a malformed key is a 400.
+#[test]
+fn a_write_repeated_with_its_idempotency_key_is_applied_once() {
+    let c = Cluster::start(3, &[]);
+    let tokens: Vec<String> = (0..3).map(|i| c.token(i)).collect();
+    let revision = |body: &str| -> u64 {
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["revision"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no revision in {body}"))
+    };
+
+    let (status, first) = put_keyed(&c, 0, &tokens[0], "door", "req-1", "open");
+    assert_eq!(status, 200, "{first}");
+    let first = revision(&first);
+    // Someone else changes the key after the first write committed.
+    let later = put(&c, 1, &tokens[1], "door", "closed").result.unwrap();
+    assert!(later > first);
+
+    // The repeat, through another node (forwarded to the leader), answers the first revision
+    // and leaves the later value alone.
+    for node in [2, 0] {
+        let (status, body) = put_keyed(&c, node, &tokens[node], "door", "req-1", "open");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            revision(&body),
+            first,
+            "a repeat is answered with the first result"
+        );
+    }
+    let (value, mod_revision, version) = row(&c, 2, &tokens[2], "door");
+    assert_eq!(value, "closed", "the repeat must not be applied again");
+    assert_eq!((mod_revision, version), (later, 2));
+
+    // A new key is a new write.
+    let (status, body) = put_keyed(&c, 1, &tokens[1], "door", "req-2", "open");
+    assert_eq!(status, 200, "{body}");
+    assert!(revision(&body) > later);
+    assert_eq!(row(&c, 0, &tokens[0], "door").0, "open");
+
+    // Bad keys are refused before anything is written.
+    for bad in ["", "has space", &"k".repeat(65)] {
+        let (status, body) = put_keyed(&c, 0, &tokens[0], "door", bad, "x");
+        assert_eq!(status, 400, "{bad:?}: {body}");
+        assert!(body.contains("Idempotency-Key"), "{body}");
+    }
+    assert_eq!(row(&c, 0, &tokens[0], "door").0, "open");
+}

@@ -5,7 +5,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -157,17 +157,56 @@ async fn kv_get(
     Ok(resp)
 }
 
+/// The header that makes a `kv` write safe to send again: repeats of one key by one user,
+/// through any node, within the state machine's request window, are applied once and answered
+/// with the first result (the revision it committed at).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Longest idempotency key a client may choose (the cluster's request id adds the user's id).
+const MAX_IDEMPOTENCY_KEY: usize = 64;
+
+/// The cluster request id for a write that carries an `Idempotency-Key`, scoped to the user so
+/// that one user can never be answered with another's result.
+fn request_id(auth: &Auth, headers: &HeaderMap, op: &str) -> ApiResult<Option<String>> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| {
+            !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ))
+        })?;
+    Ok(Some(format!("kv-{op}:{}:{key}", auth.0.user_id)))
+}
+
+async fn write(
+    state: &AppState,
+    request_id: Option<String>,
+    txn: Txn,
+) -> ApiResult<shoal_types::TxnResponse> {
+    Ok(match request_id {
+        Some(id) => state.cluster.write_keyed(&id, txn).await?,
+        None => state.cluster.write(txn).await?,
+    })
+}
+
 async fn kv_put(
     State(state): State<AppState>,
     auth: Auth,
     Path(key): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     auth.require_admin()?;
-    let resp = state
-        .cluster
-        .write(Txn::new().put(KV_TABLE, &key, body.to_vec()))
-        .await?;
+    let id = request_id(&auth, &headers, "put")?;
+    let resp = write(&state, id, Txn::new().put(KV_TABLE, &key, body.to_vec())).await?;
     Ok(Json(json!({ "revision": resp.revision })))
 }
 
@@ -175,17 +214,14 @@ async fn kv_delete(
     State(state): State<AppState>,
     auth: Auth,
     Path(key): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
     auth.require_admin()?;
-    let resp = state
-        .cluster
-        .write(
-            Txn::new()
-                .when(KV_TABLE, &key, shoal_types::Expect::Present)
-                .delete(KV_TABLE, &key),
-        )
-        .await?;
-    if resp.succeeded {
+    let id = request_id(&auth, &headers, "delete")?;
+    let txn = Txn::new()
+        .when(KV_TABLE, &key, shoal_types::Expect::Present)
+        .delete(KV_TABLE, &key);
+    if write(&state, id, txn).await?.succeeded {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("key {key:?} does not exist")))
