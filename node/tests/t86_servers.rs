@@ -439,9 +439,10 @@ fn concurrent_creates_through_every_node_never_overbook_a_host() {
     for h in hyper.as_array().unwrap() {
         let name = h["Hypervisor Hostname"].as_str().unwrap();
         let used = h["Memory MB Used"].as_u64().unwrap();
+        // Nova counts the host's reserved RAM (`reserved_host_memory_mb`, 512) as used.
         assert_eq!(
             used,
-            per_host.get(name).copied().unwrap_or(0),
+            per_host.get(name).copied().unwrap_or(0) + 512,
             "{name}: the claims and the ACTIVE servers disagree"
         );
     }
@@ -685,4 +686,232 @@ fn servers_get_ports_on_the_projects_networks() {
     let v: Value = resp.json().unwrap();
     let vm4 = wait_status(&osc, 1, v["server"]["id"].as_str().unwrap(), "ACTIVE");
     assert!(!vm4["addresses"].to_string().contains("10."), "{vm4}");
+}
+
+/// `qemu-img info --output json` of `path`.
+fn qemu_img_info(path: &std::path::Path) -> Value {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output", "json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img runs (node/scripts/install-deps.sh installs qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img info {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `isoinfo` with `args` on `iso`, its standard output.
+fn isoinfo(iso: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("isoinfo")
+        .args(args)
+        .arg("-i")
+        .arg(iso)
+        .output()
+        .expect("isoinfo runs (node/scripts/install-deps.sh installs genisoimage)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A flavor's ephemeral and swap disks are qcow2 overlays in the instance directory, a config
+/// drive asked for on create is an ISO labelled `config-2` with the server's documents, and
+/// both go with the server; `same_host`/`different_host` hints keep a server to (or away from)
+/// the hosts of the servers they name, an unknown id matching no host, as in Nova.
+#[test]
+fn flavor_disks_config_drive_and_host_hints() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    osc.json(
+        0,
+        &[
+            "flavor",
+            "create",
+            "--vcpus",
+            "1",
+            "--ram",
+            "128",
+            "--disk",
+            "1",
+            "--ephemeral",
+            "1",
+            "--swap",
+            "64",
+            "m1.disks",
+        ],
+    );
+    let user_data = c.tmp.path().join("user-data");
+    std::fs::write(&user_data, "#cloud-config\nhostname: eph\n").unwrap();
+    let vm = osc.json(
+        1,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.disks",
+            "--image",
+            "tiny",
+            "--config-drive",
+            "true",
+            "--user-data",
+            user_data.to_str().unwrap(),
+            "--wait",
+            "eph",
+        ],
+    );
+    assert_eq!(vm["status"], "ACTIVE", "{vm}");
+    assert_eq!(vm["config_drive"], "True", "{vm}");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
+    let node = c.nodes.iter().find(|n| n.name == host).unwrap();
+    let dir = node.dir.join("instances").join(&id);
+
+    // Ephemeral (vdb) and swap (vdc): qcow2 overlays on formatted raw bases, Nova's names.
+    let eph = qemu_img_info(&dir.join("disk.eph0"));
+    assert_eq!(eph["format"], "qcow2", "{eph}");
+    assert_eq!(eph["virtual-size"], 1u64 << 30, "{eph}");
+    assert!(
+        eph["backing-filename"]
+            .as_str()
+            .unwrap()
+            .ends_with("instances/_base/ephemeral_1_vfat"),
+        "{eph}"
+    );
+    assert_eq!(eph["backing-filename-format"], "raw", "{eph}");
+    let swap = qemu_img_info(&dir.join("disk.swap"));
+    assert_eq!(swap["format"], "qcow2", "{swap}");
+    assert_eq!(swap["virtual-size"], 64u64 << 20, "{swap}");
+    assert!(
+        swap["backing-filename"]
+            .as_str()
+            .unwrap()
+            .ends_with("instances/_base/swap_64"),
+        "{swap}"
+    );
+
+    // The config drive: ISO 9660 labelled config-2, the documents of every version.
+    let iso = dir.join("disk.config");
+    let pvd = isoinfo(&iso, &["-d"]);
+    assert!(pvd.contains("Volume id: config-2"), "{pvd}");
+    let listing = isoinfo(&iso, &["-R", "-f"]);
+    for file in [
+        "/openstack/latest/meta_data.json",
+        "/openstack/latest/user_data",
+        "/openstack/latest/network_data.json",
+        "/openstack/2012-08-10/meta_data.json",
+        "/ec2/latest/meta-data.json",
+    ] {
+        assert!(listing.lines().any(|l| l == file), "{file} in {listing}");
+    }
+    let md: Value = serde_json::from_str(&isoinfo(
+        &iso,
+        &["-R", "-x", "/openstack/latest/meta_data.json"],
+    ))
+    .unwrap();
+    assert_eq!(md["uuid"], id.as_str(), "{md}");
+    assert_eq!(
+        isoinfo(&iso, &["-R", "-x", "/openstack/latest/user_data"]),
+        "#cloud-config\nhostname: eph\n"
+    );
+    let ec2: Value =
+        serde_json::from_str(&isoinfo(&iso, &["-R", "-x", "/ec2/latest/meta-data.json"])).unwrap();
+    assert_eq!(
+        ec2["block-device-mapping"]["ephemeral0"], "/dev/vdb",
+        "{ec2}"
+    );
+    assert_eq!(ec2["block-device-mapping"]["swap"], "/dev/vdc", "{ec2}");
+
+    // same_host keeps the next server on that host, different_host keeps it away.
+    let same = osc.json(
+        2,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--hint",
+            &format!("same_host={id}"),
+            "--wait",
+            "near",
+        ],
+    );
+    assert_eq!(same["OS-EXT-SRV-ATTR:host"], host.as_str(), "{same}");
+    // Nova's "" for no config drive; the client shows it as null.
+    assert_ne!(same["config_drive"], "True", "{same}");
+    let near = same["id"].as_str().unwrap().to_owned();
+    for i in 0..2 {
+        let away = osc.json(
+            i,
+            &[
+                "server",
+                "create",
+                "--flavor",
+                "m1.tiny",
+                "--image",
+                "tiny",
+                "--hint",
+                &format!("different_host={id}"),
+                "--hint",
+                &format!("different_host={near}"),
+                "--wait",
+                &format!("far{i}"),
+            ],
+        );
+        assert_ne!(away["OS-EXT-SRV-ATTR:host"], host.as_str(), "{away}");
+    }
+    // An id of no server matches no host: NoValidHost naming the filter. A non-uuid is 400.
+    let out = osc.run(
+        0,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--hint",
+            "same_host=2b5c1a5e-0000-4000-8000-000000000000",
+            "-f",
+            "json",
+            "lost",
+        ],
+    );
+    let lost = out.json()["id"].as_str().unwrap().to_owned();
+    let v = wait_status(&osc, 1, &lost, "ERROR");
+    let fault = v["fault"].to_string();
+    assert!(
+        fault.contains("No valid host") && fault.contains("SameHostFilter"),
+        "{v}"
+    );
+    let out = osc.run(
+        0,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--hint",
+            "different_host=not-a-uuid",
+            "bad",
+        ],
+    );
+    out.failed_with(400);
+    assert!(out.stderr.contains("different_host"), "{}", out.stderr);
+
+    // Deleting the server removes its disks and drive with its directory.
+    let out = osc.run(1, &["server", "delete", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(!dir.exists(), "{} is left", dir.display());
 }
