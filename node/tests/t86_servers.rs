@@ -915,3 +915,97 @@ fn flavor_disks_config_drive_and_host_hints() {
     assert!(out.ok, "{}", out.stderr);
     assert!(!dir.exists(), "{} is left", dir.display());
 }
+
+/// `[compute]` reserved resources and allocation ratios, as an operator sets them in the
+/// node's file, reach the host the node registers: the hypervisor view counts the reserved
+/// RAM and disk as used, and placement keeps a server from the reserved part.
+#[test]
+fn compute_reservations_and_ratios_reach_the_host() {
+    let Some(bin) = openstack_bin() else { return };
+    let mut c = Cluster::start(1, &[]);
+    c.nodes[0].kill9();
+    let file = c.nodes[0].dir.join("node.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    // The saved file spells out the defaults; the ratios are unset.
+    let text = text
+        .replacen(
+            "reserved_host_memory_mb = 512\n",
+            "reserved_host_memory_mb = 1536\n",
+            1,
+        )
+        .replacen(
+            "reserved_host_disk_mb = 0\n",
+            "reserved_host_disk_mb = 3072\n",
+            1,
+        )
+        .replacen("reserved_host_cpus = 0\n", "reserved_host_cpus = 1\n", 1)
+        .replacen(
+            "[compute]\n",
+            "[compute]\ncpu_allocation_ratio = 2.0\nram_allocation_ratio = 1.0\n",
+            1,
+        );
+    for line in [
+        "reserved_host_memory_mb = 1536",
+        "reserved_host_disk_mb = 3072",
+        "reserved_host_cpus = 1",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
+    std::fs::write(&file, text).unwrap();
+    c.restart(0);
+    wait_until("node1 to serve again", Duration::from_secs(60), || {
+        c.try_token(0).ok()
+    });
+    let osc = Osc { bin, cluster: &c };
+    let token = c.token(0);
+    let host = wait_until("the new registration", Duration::from_secs(30), || {
+        let (st, v) = c.api(0, "GET", "/shoal/v1/hosts/node1", &token, None);
+        (st == 200 && v["host"]["ram_mb_reserved"] == 1536).then_some(v["host"].clone())
+    });
+    assert_eq!(host["vcpus_reserved"], 1, "{host}");
+    assert_eq!(host["disk_mb_reserved"], 3072, "{host}");
+    assert_eq!(host["allocation_ratios"]["cpu"], 2.0, "{host}");
+    assert_eq!(host["allocation_ratios"]["ram"], 1.0, "{host}");
+    // Unset: the disk ratio keeps its value.
+    assert_eq!(host["allocation_ratios"]["disk"], 1.0, "{host}");
+
+    let hv = osc.json(0, &["hypervisor", "show", "node1"]);
+    let total = hv["memory_mb"].as_u64().unwrap();
+    assert_eq!(hv["memory_mb_used"], 1536, "{hv}");
+    assert_eq!(hv["free_ram_mb"], total as i64 - 1536, "{hv}");
+    assert_eq!(hv["local_gb_used"], 3, "{hv}");
+
+    // A server needing more than (total - reserved) × 1.0 of RAM finds no host.
+    let disk = c.tmp.path().join("tiny.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    osc.json(
+        0,
+        &[
+            "image",
+            "create",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--file",
+            disk.to_str().unwrap(),
+            "tiny",
+        ],
+    );
+    let too_big = (total - 1536 + 1).to_string();
+    osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", &too_big, "--disk", "1", "m1.big",
+        ],
+    );
+    let out = osc.run(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.big", "--image", "tiny", "-f", "json", "big",
+        ],
+    );
+    let id = out.json()["id"].as_str().unwrap().to_owned();
+    let v = wait_status(&osc, 0, &id, "ERROR");
+    assert!(v["fault"].to_string().contains("AggregateRamFilter"), "{v}");
+}
