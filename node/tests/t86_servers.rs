@@ -918,7 +918,8 @@ fn flavor_disks_config_drive_and_host_hints() {
 
 /// `[compute]` reserved resources and allocation ratios, as an operator sets them in the
 /// node's file, reach the host the node registers: the hypervisor view counts the reserved
-/// RAM and disk as used, and placement keeps a server from the reserved part.
+/// RAM and disk as used, and placement keeps a server from the reserved part. With
+/// `force_config_drive` every server gets a config drive.
 #[test]
 fn compute_reservations_and_ratios_reach_the_host() {
     let Some(bin) = openstack_bin() else { return };
@@ -940,6 +941,11 @@ fn compute_reservations_and_ratios_reach_the_host() {
         )
         .replacen("reserved_host_cpus = 0\n", "reserved_host_cpus = 1\n", 1)
         .replacen(
+            "force_config_drive = false\n",
+            "force_config_drive = true\n",
+            1,
+        )
+        .replacen(
             "[compute]\n",
             "[compute]\ncpu_allocation_ratio = 2.0\nram_allocation_ratio = 1.0\n",
             1,
@@ -948,6 +954,7 @@ fn compute_reservations_and_ratios_reach_the_host() {
         "reserved_host_memory_mb = 1536",
         "reserved_host_disk_mb = 3072",
         "reserved_host_cpus = 1",
+        "force_config_drive = true",
     ] {
         assert!(text.contains(line), "{text}");
     }
@@ -1008,4 +1015,25 @@ fn compute_reservations_and_ratios_reach_the_host() {
     let id = out.json()["id"].as_str().unwrap().to_owned();
     let v = wait_status(&osc, 0, &id, "ERROR");
     assert!(v["fault"].to_string().contains("AggregateRamFilter"), "{v}");
+
+    // force_config_drive: a server that did not ask for one gets a config drive.
+    osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", "64", "--disk", "1", "m1.small",
+        ],
+    );
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.small", "--image", "tiny", "--wait", "forced",
+        ],
+    );
+    assert_eq!(vm["config_drive"], "True", "{vm}");
+    let iso = c.nodes[0]
+        .dir
+        .join("instances")
+        .join(vm["id"].as_str().unwrap())
+        .join("disk.config");
+    assert!(isoinfo(&iso, &["-d"]).contains("Volume id: config-2"));
 }
