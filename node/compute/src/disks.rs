@@ -106,8 +106,9 @@ impl Base {
 }
 
 /// The formatted base of `kind` under `instances_path/_base`, made if missing. Made under a
-/// temporary name and renamed into place, so that concurrent spawns of the same size never
-/// see a half-formatted base (the loser of the rename race just removes its copy).
+/// temporary name and linked into place, so that concurrent spawns of the same size never see
+/// a half-formatted base; the link fails if another spawn got there first, so a base in use
+/// is never replaced (file system ids differ between two formats), and the loser's copy goes.
 fn ensure_base(instances_path: &Path, kind: Base) -> Result<PathBuf, DiskError> {
     let dir = instances_path.join(BASE_DIR);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -126,11 +127,12 @@ fn ensure_base(instances_path: &Path, kind: Base) -> Result<PathBuf, DiskError> 
         f.set_len(kind.bytes()).map_err(io(&tmp))?;
         drop(f);
         kind.format(&tmp)?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        match std::fs::hard_link(&tmp, &path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
     })();
-    if made.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    let _ = std::fs::remove_file(&tmp);
     made.map(|()| path)
 }
 
@@ -242,5 +244,35 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// Spawns of the same size at once share one base, and no temporary file is left.
+    #[test]
+    fn concurrent_spawns_share_one_base() {
+        if !have("mkfs.vfat") || !have("mkswap") {
+            eprintln!("skipping: mkfs.vfat or mkswap is missing");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_owned();
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    let inst = root.join(format!("i{i}"));
+                    std::fs::create_dir_all(&inst).unwrap();
+                    ensure_extra_disks(&root, &inst, 2, 32).unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().len(), 2);
+        }
+        let mut names: Vec<_> = std::fs::read_dir(root.join("_base"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ephemeral_2_vfat", "swap_32"]);
     }
 }
