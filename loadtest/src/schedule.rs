@@ -242,6 +242,7 @@ fn run_scenario(s: Scenario, seed: u64, by_kind: bool) -> anyhow::Result<Report>
             hints: SchedulerHints {
                 query: w.query.clone(),
                 group,
+                ..Default::default()
             },
         };
         let t = thread_cpu_ns();
@@ -392,6 +393,9 @@ pub fn generate(n: usize, decisions: usize, seed: u64) -> Scenario {
                 ram_mb_used: (ram_mb_total as f64 * fill) as u64,
                 disk_gb_total,
                 disk_mb_used: (disk_gb_total as f64 * 1024.0 * fill) as u64,
+                vcpus_reserved: 0,
+                ram_mb_reserved: 0,
+                disk_mb_reserved: 0,
                 allocation_ratios: AllocationRatios::default(),
                 hypervisor_type: if rng.random_bool(0.9) { "kvm" } else { "qemu" }.to_owned(),
                 architecture: if rng.random_bool(0.95) {

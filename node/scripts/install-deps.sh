@@ -17,6 +17,8 @@ PACKAGES=(
   qemu-utils
   # libvirt and real TCG guest boots (libvirtd.sh starts the daemon without systemd)
   libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+  # config drives (genisoimage, isoinfo) and the vfat file system of ephemeral disks
+  genisoimage dosfstools
   # the test guest's initramfs (guest-image.sh): a static busybox, packed with cpio
   busybox-static cpio
 )

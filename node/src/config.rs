@@ -47,8 +47,9 @@ pub struct NodeConfig {
     pub network: shoal_network::NetworkConfig,
 }
 
-/// The compute agent (`shoal-compute`'s `agent`): libvirt, where instances live, timings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The compute agent (`shoal-compute`'s `agent`): libvirt, where instances live, timings, and
+/// what of this host instances may claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComputeSection {
     /// `qemu:///system` on a host; `test:///default` runs libvirt's in-memory test hypervisor
@@ -75,6 +76,28 @@ pub struct ComputeSection {
     /// that run a network agent.
     #[serde(default = "default_vif_plugging_timeout")]
     pub vif_plugging_timeout_secs: u64,
+    /// Every server this node builds gets a config drive, asked for or not (Nova's
+    /// `force_config_drive`).
+    #[serde(default)]
+    pub force_config_drive: bool,
+    /// RAM in MB held back for the host (Nova's `reserved_host_memory_mb`, default 512).
+    #[serde(default = "default_reserved_ram")]
+    pub reserved_host_memory_mb: u64,
+    /// Disk in MB held back for the host (Nova's `reserved_host_disk_mb`).
+    #[serde(default)]
+    pub reserved_host_disk_mb: u64,
+    /// vCPUs held back for the host (Nova's `reserved_host_cpus`).
+    #[serde(default)]
+    pub reserved_host_cpus: u32,
+    /// Overcommit factors (Nova's `*_allocation_ratio`). Unset, as in Nova, keeps the host's
+    /// current ratio: a new host starts at 16.0 / 1.5 / 1.0 (docs/scheduler.md), and the
+    /// placement API (`PUT /shoal/placement/hosts/{name}`) may change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_allocation_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_allocation_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_allocation_ratio: Option<f64>,
 }
 
 fn default_libvirt_uri() -> String {
@@ -95,6 +118,9 @@ fn default_orphan_grace() -> u64 {
 fn default_vif_plugging_timeout() -> u64 {
     300
 }
+fn default_reserved_ram() -> u64 {
+    512
+}
 
 impl Default for ComputeSection {
     fn default() -> Self {
@@ -106,6 +132,13 @@ impl Default for ComputeSection {
             sync_power_state_interval_secs: default_sync_interval(),
             orphan_grace_secs: default_orphan_grace(),
             vif_plugging_timeout_secs: default_vif_plugging_timeout(),
+            force_config_drive: false,
+            reserved_host_memory_mb: default_reserved_ram(),
+            reserved_host_disk_mb: 0,
+            reserved_host_cpus: 0,
+            cpu_allocation_ratio: None,
+            ram_allocation_ratio: None,
+            disk_allocation_ratio: None,
         }
     }
 }
@@ -148,6 +181,37 @@ impl ComputeSection {
             0,
             3600,
         )?;
+        range(
+            "compute.reserved_host_memory_mb",
+            self.reserved_host_memory_mb,
+            0,
+            1 << 34,
+        )?;
+        range(
+            "compute.reserved_host_disk_mb",
+            self.reserved_host_disk_mb,
+            0,
+            1 << 40,
+        )?;
+        range(
+            "compute.reserved_host_cpus",
+            u64::from(self.reserved_host_cpus),
+            0,
+            4096,
+        )?;
+        for (name, ratio) in [
+            ("compute.cpu_allocation_ratio", self.cpu_allocation_ratio),
+            ("compute.ram_allocation_ratio", self.ram_allocation_ratio),
+            ("compute.disk_allocation_ratio", self.disk_allocation_ratio),
+        ] {
+            if let Some(v) = ratio {
+                if !(v.is_finite() && v > 0.0 && v <= 1000.0) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name} must be a number above 0 and at most 1000, not {v}"
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -657,6 +721,41 @@ mod tests {
         let cfg = NodeConfig::parse(text, Path::new("docs/config-template.toml")).unwrap();
         assert_eq!(cfg.cluster.voters, 3);
         assert_eq!(cfg.host.vcpus, Some(8));
+        assert_eq!(cfg.compute.reserved_host_memory_mb, 512);
+        assert_eq!(cfg.compute.cpu_allocation_ratio, None);
+        assert!(!cfg.compute.force_config_drive);
+    }
+
+    /// Reserved resources and allocation ratios take Nova's names; a ratio must be a positive
+    /// number of at most 1000.
+    #[test]
+    fn compute_reservations_and_ratios() {
+        let base = "name = \"a\"\nlisten = \"127.0.0.1:1\"\napi = \"127.0.0.1:2\"\n[compute]\n";
+        let cfg = NodeConfig::parse(
+            &format!("{base}reserved_host_memory_mb = 1024\nreserved_host_cpus = 2\ncpu_allocation_ratio = 4.0\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.compute.reserved_host_memory_mb, 1024);
+        assert_eq!(cfg.compute.reserved_host_cpus, 2);
+        assert_eq!(cfg.compute.cpu_allocation_ratio, Some(4.0));
+        assert_eq!(cfg.compute.ram_allocation_ratio, None);
+        for bad in [
+            "ram_allocation_ratio = 0.0",
+            "disk_allocation_ratio = -1.0",
+            "cpu_allocation_ratio = 1e9",
+        ] {
+            let err =
+                NodeConfig::parse(&format!("{base}{bad}\n"), Path::new("x.toml")).unwrap_err();
+            let chain = format!("{:#}", anyhow::Error::from(err));
+            assert!(chain.contains("allocation_ratio"), "{bad}: {chain}");
+        }
+        let err = NodeConfig::parse(
+            &format!("{base}reserved_host_cpus = 5000\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("reserved_host_cpus"), "{err}");
     }
 
     #[test]

@@ -240,7 +240,17 @@ fn host_spec(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<HostSpec> {
     cap.vcpus = cfg.host.vcpus.unwrap_or(cap.vcpus);
     cap.ram_mb = cfg.host.ram_mb.unwrap_or(cap.ram_mb);
     cap.disk_gb = cfg.host.disk_gb.unwrap_or(cap.disk_gb);
-    Ok(HostSpec::from_capacity(cap, &cfg.zone))
+    let c = &cfg.compute;
+    let mut spec = HostSpec::from_capacity(cap, &cfg.zone);
+    spec.vcpus_reserved = c.reserved_host_cpus;
+    spec.ram_mb_reserved = c.reserved_host_memory_mb;
+    spec.disk_mb_reserved = c.reserved_host_disk_mb;
+    spec.ratio_overrides = [
+        c.cpu_allocation_ratio,
+        c.ram_allocation_ratio,
+        c.disk_allocation_ratio,
+    ];
+    Ok(spec)
 }
 
 /// Connects to libvirt and builds the compute agent; records the hypervisor's type and version
@@ -282,6 +292,7 @@ async fn compute_agent(
             orphan_grace: Duration::from_secs(c.orphan_grace_secs),
             vif_plugging_timeout: (cfg.network.agent_enabled() && c.vif_plugging_timeout_secs > 0)
                 .then(|| Duration::from_secs(c.vif_plugging_timeout_secs)),
+            force_config_drive: c.force_config_drive,
         },
     )
     .with_context(|| format!("cannot create {}", instances_path.display()))?;

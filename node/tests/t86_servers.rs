@@ -439,9 +439,10 @@ fn concurrent_creates_through_every_node_never_overbook_a_host() {
     for h in hyper.as_array().unwrap() {
         let name = h["Hypervisor Hostname"].as_str().unwrap();
         let used = h["Memory MB Used"].as_u64().unwrap();
+        // Nova counts the host's reserved RAM (`reserved_host_memory_mb`, 512) as used.
         assert_eq!(
             used,
-            per_host.get(name).copied().unwrap_or(0),
+            per_host.get(name).copied().unwrap_or(0) + 512,
             "{name}: the claims and the ACTIVE servers disagree"
         );
     }
@@ -685,4 +686,354 @@ fn servers_get_ports_on_the_projects_networks() {
     let v: Value = resp.json().unwrap();
     let vm4 = wait_status(&osc, 1, v["server"]["id"].as_str().unwrap(), "ACTIVE");
     assert!(!vm4["addresses"].to_string().contains("10."), "{vm4}");
+}
+
+/// `qemu-img info --output json` of `path`.
+fn qemu_img_info(path: &std::path::Path) -> Value {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output", "json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img runs (node/scripts/install-deps.sh installs qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img info {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `isoinfo` with `args` on `iso`, its standard output.
+fn isoinfo(iso: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("isoinfo")
+        .args(args)
+        .arg("-i")
+        .arg(iso)
+        .output()
+        .expect("isoinfo runs (node/scripts/install-deps.sh installs genisoimage)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A flavor's ephemeral and swap disks are qcow2 overlays in the instance directory, a config
+/// drive asked for on create is an ISO labelled `config-2` with the server's documents, and
+/// both go with the server; `same_host`/`different_host` hints keep a server to (or away from)
+/// the hosts of the servers they name, an unknown id matching no host, as in Nova.
+#[test]
+fn flavor_disks_config_drive_and_host_hints() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    osc.json(
+        0,
+        &[
+            "flavor",
+            "create",
+            "--vcpus",
+            "1",
+            "--ram",
+            "128",
+            "--disk",
+            "1",
+            "--ephemeral",
+            "1",
+            "--swap",
+            "64",
+            "m1.disks",
+        ],
+    );
+    let user_data = c.tmp.path().join("user-data");
+    std::fs::write(&user_data, "#cloud-config\nhostname: eph\n").unwrap();
+    let vm = osc.json(
+        1,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.disks",
+            "--image",
+            "tiny",
+            "--config-drive",
+            "true",
+            "--user-data",
+            user_data.to_str().unwrap(),
+            "--wait",
+            "eph",
+        ],
+    );
+    assert_eq!(vm["status"], "ACTIVE", "{vm}");
+    assert_eq!(vm["config_drive"], "True", "{vm}");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
+    let node = c.nodes.iter().find(|n| n.name == host).unwrap();
+    let dir = node.dir.join("instances").join(&id);
+
+    // Ephemeral (vdb) and swap (vdc): qcow2 overlays on formatted raw bases, Nova's names.
+    let eph = qemu_img_info(&dir.join("disk.eph0"));
+    assert_eq!(eph["format"], "qcow2", "{eph}");
+    assert_eq!(eph["virtual-size"], 1u64 << 30, "{eph}");
+    assert!(
+        eph["backing-filename"]
+            .as_str()
+            .unwrap()
+            .ends_with("instances/_base/ephemeral_1_vfat"),
+        "{eph}"
+    );
+    assert_eq!(eph["backing-filename-format"], "raw", "{eph}");
+    let swap = qemu_img_info(&dir.join("disk.swap"));
+    assert_eq!(swap["format"], "qcow2", "{swap}");
+    assert_eq!(swap["virtual-size"], 64u64 << 20, "{swap}");
+    assert!(
+        swap["backing-filename"]
+            .as_str()
+            .unwrap()
+            .ends_with("instances/_base/swap_64"),
+        "{swap}"
+    );
+
+    // The config drive: ISO 9660 labelled config-2, the documents of every version.
+    let iso = dir.join("disk.config");
+    let pvd = isoinfo(&iso, &["-d"]);
+    assert!(pvd.contains("Volume id: config-2"), "{pvd}");
+    let listing = isoinfo(&iso, &["-R", "-f"]);
+    for file in [
+        "/openstack/latest/meta_data.json",
+        "/openstack/latest/user_data",
+        "/openstack/latest/network_data.json",
+        "/openstack/2012-08-10/meta_data.json",
+        "/ec2/latest/meta-data.json",
+    ] {
+        assert!(listing.lines().any(|l| l == file), "{file} in {listing}");
+    }
+    let md: Value = serde_json::from_str(&isoinfo(
+        &iso,
+        &["-R", "-x", "/openstack/latest/meta_data.json"],
+    ))
+    .unwrap();
+    assert_eq!(md["uuid"], id.as_str(), "{md}");
+    assert_eq!(
+        isoinfo(&iso, &["-R", "-x", "/openstack/latest/user_data"]),
+        "#cloud-config\nhostname: eph\n"
+    );
+    let ec2: Value =
+        serde_json::from_str(&isoinfo(&iso, &["-R", "-x", "/ec2/latest/meta-data.json"])).unwrap();
+    assert_eq!(
+        ec2["block-device-mapping"]["ephemeral0"], "/dev/vdb",
+        "{ec2}"
+    );
+    assert_eq!(ec2["block-device-mapping"]["swap"], "/dev/vdc", "{ec2}");
+
+    // same_host keeps the next server on that host, different_host keeps it away.
+    let same = osc.json(
+        2,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--hint",
+            &format!("same_host={id}"),
+            "--wait",
+            "near",
+        ],
+    );
+    assert_eq!(same["OS-EXT-SRV-ATTR:host"], host.as_str(), "{same}");
+    // Nova's "" for no config drive; the client shows it as null.
+    assert_ne!(same["config_drive"], "True", "{same}");
+    let near = same["id"].as_str().unwrap().to_owned();
+    for i in 0..2 {
+        let away = osc.json(
+            i,
+            &[
+                "server",
+                "create",
+                "--flavor",
+                "m1.tiny",
+                "--image",
+                "tiny",
+                "--hint",
+                &format!("different_host={id}"),
+                "--hint",
+                &format!("different_host={near}"),
+                "--wait",
+                &format!("far{i}"),
+            ],
+        );
+        assert_ne!(away["OS-EXT-SRV-ATTR:host"], host.as_str(), "{away}");
+    }
+    // An id of no server matches no host: NoValidHost naming the filter. A non-uuid is 400.
+    let out = osc.run(
+        0,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--hint",
+            "same_host=2b5c1a5e-0000-4000-8000-000000000000",
+            "-f",
+            "json",
+            "lost",
+        ],
+    );
+    let lost = out.json()["id"].as_str().unwrap().to_owned();
+    let v = wait_status(&osc, 1, &lost, "ERROR");
+    let fault = v["fault"].to_string();
+    assert!(
+        fault.contains("No valid host") && fault.contains("SameHostFilter"),
+        "{v}"
+    );
+    let out = osc.run(
+        0,
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--hint",
+            "different_host=not-a-uuid",
+            "bad",
+        ],
+    );
+    out.failed_with(400);
+    assert!(out.stderr.contains("different_host"), "{}", out.stderr);
+
+    // Deleting the server removes its disks and drive with its directory.
+    let out = osc.run(1, &["server", "delete", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(!dir.exists(), "{} is left", dir.display());
+}
+
+/// `[compute]` reserved resources and allocation ratios, as an operator sets them in the
+/// node's file, reach the host the node registers: the hypervisor view counts the reserved
+/// RAM and disk as used, and placement keeps a server from the reserved part. With
+/// `force_config_drive` every server gets a config drive.
+#[test]
+fn compute_reservations_and_ratios_reach_the_host() {
+    let Some(bin) = openstack_bin() else { return };
+    let mut c = Cluster::start(1, &[]);
+    c.nodes[0].kill9();
+    let file = c.nodes[0].dir.join("node.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    // The saved file spells out the defaults; the ratios are unset.
+    let text = text
+        .replacen(
+            "reserved_host_memory_mb = 512\n",
+            "reserved_host_memory_mb = 1536\n",
+            1,
+        )
+        .replacen(
+            "reserved_host_disk_mb = 0\n",
+            "reserved_host_disk_mb = 3072\n",
+            1,
+        )
+        .replacen("reserved_host_cpus = 0\n", "reserved_host_cpus = 1\n", 1)
+        .replacen(
+            "force_config_drive = false\n",
+            "force_config_drive = true\n",
+            1,
+        )
+        .replacen(
+            "[compute]\n",
+            "[compute]\ncpu_allocation_ratio = 2.0\nram_allocation_ratio = 1.0\n",
+            1,
+        );
+    for line in [
+        "reserved_host_memory_mb = 1536",
+        "reserved_host_disk_mb = 3072",
+        "reserved_host_cpus = 1",
+        "force_config_drive = true",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
+    std::fs::write(&file, text).unwrap();
+    c.restart(0);
+    wait_until("node1 to serve again", Duration::from_secs(60), || {
+        c.try_token(0).ok()
+    });
+    let osc = Osc { bin, cluster: &c };
+    let token = c.token(0);
+    let host = wait_until("the new registration", Duration::from_secs(30), || {
+        let (st, v) = c.api(0, "GET", "/shoal/v1/hosts/node1", &token, None);
+        (st == 200 && v["host"]["ram_mb_reserved"] == 1536).then_some(v["host"].clone())
+    });
+    assert_eq!(host["vcpus_reserved"], 1, "{host}");
+    assert_eq!(host["disk_mb_reserved"], 3072, "{host}");
+    assert_eq!(host["allocation_ratios"]["cpu"], 2.0, "{host}");
+    assert_eq!(host["allocation_ratios"]["ram"], 1.0, "{host}");
+    // Unset: the disk ratio keeps its value.
+    assert_eq!(host["allocation_ratios"]["disk"], 1.0, "{host}");
+
+    let hv = osc.json(0, &["hypervisor", "show", "node1"]);
+    let total = hv["memory_mb"].as_u64().unwrap();
+    assert_eq!(hv["memory_mb_used"], 1536, "{hv}");
+    assert_eq!(hv["free_ram_mb"], total as i64 - 1536, "{hv}");
+    assert_eq!(hv["local_gb_used"], 3, "{hv}");
+
+    // A server needing more than (total - reserved) × 1.0 of RAM finds no host.
+    let disk = c.tmp.path().join("tiny.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    osc.json(
+        0,
+        &[
+            "image",
+            "create",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--file",
+            disk.to_str().unwrap(),
+            "tiny",
+        ],
+    );
+    let too_big = (total - 1536 + 1).to_string();
+    osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", &too_big, "--disk", "1", "m1.big",
+        ],
+    );
+    let out = osc.run(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.big", "--image", "tiny", "-f", "json", "big",
+        ],
+    );
+    let id = out.json()["id"].as_str().unwrap().to_owned();
+    let v = wait_status(&osc, 0, &id, "ERROR");
+    assert!(v["fault"].to_string().contains("AggregateRamFilter"), "{v}");
+
+    // force_config_drive: a server that did not ask for one gets a config drive.
+    osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", "64", "--disk", "1", "m1.small",
+        ],
+    );
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.small", "--image", "tiny", "--wait", "forced",
+        ],
+    );
+    assert_eq!(vm["config_drive"], "True", "{vm}");
+    let iso = c.nodes[0]
+        .dir
+        .join("instances")
+        .join(vm["id"].as_str().unwrap())
+        .join("disk.config");
+    assert!(isoinfo(&iso, &["-d"]).contains("Volume id: config-2"));
 }

@@ -59,11 +59,40 @@ fn a_real_guest_boots_survives_its_node_and_is_cleaned_up() {
         ],
     );
 
+    // A flavor with an ephemeral disk and swap, and a config drive: the guest must see them.
+    osc.json(
+        1,
+        &[
+            "flavor",
+            "create",
+            "--vcpus",
+            "1",
+            "--ram",
+            "256",
+            "--disk",
+            "1",
+            "--ephemeral",
+            "1",
+            "--swap",
+            "64",
+            "g.disks",
+        ],
+    );
+
     // Boot through node1; read the console through the node that does not run it.
     let vm = osc.json(
         0,
         &[
-            "server", "create", "--flavor", "g.tiny", "--image", "guest", "--wait", "g1",
+            "server",
+            "create",
+            "--flavor",
+            "g.disks",
+            "--image",
+            "guest",
+            "--config-drive",
+            "true",
+            "--wait",
+            "g1",
         ],
     );
     assert_eq!(vm["status"], "ACTIVE", "{vm}");
@@ -80,6 +109,21 @@ fn a_real_guest_boots_survives_its_node_and_is_cleaned_up() {
     assert!(
         console.contains("SHOAL-GUEST-DISK vda 1073741824 SHOAL-TEST-DISK v1"),
         "the guest should see the 1 GiB overlay over the uploaded disk: {console}"
+    );
+    // The ephemeral disk (vdb, 1 GiB) and swap (vdc, 64 MiB) follow the root disk, as in Nova;
+    // QEMU ran with the config drive's CD-ROM attached.
+    assert!(
+        console.contains("SHOAL-GUEST-DISK vdb 1073741824"),
+        "the guest should see the ephemeral disk as vdb: {console}"
+    );
+    assert!(
+        console.contains("SHOAL-GUEST-DISK vdc 67108864"),
+        "the guest should see the swap disk as vdc: {console}"
+    );
+    let (_, xml) = virsh(&["dumpxml", &id]);
+    assert!(
+        xml.contains("disk.config") && xml.contains("device='cdrom'"),
+        "{xml}"
     );
     let (_, domid) = virsh(&["domid", &id]);
 

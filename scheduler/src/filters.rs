@@ -23,11 +23,13 @@ pub enum FilterKind {
     Json,
     ServerGroupAntiAffinity,
     ServerGroupAffinity,
+    SameHost,
+    DifferentHost,
 }
 
 impl FilterKind {
     /// Every filter, in the default order.
-    pub const ALL: [FilterKind; 10] = [
+    pub const ALL: [FilterKind; 12] = [
         FilterKind::Compute,
         FilterKind::AvailabilityZone,
         FilterKind::Ram,
@@ -38,6 +40,8 @@ impl FilterKind {
         FilterKind::Json,
         FilterKind::ServerGroupAntiAffinity,
         FilterKind::ServerGroupAffinity,
+        FilterKind::SameHost,
+        FilterKind::DifferentHost,
     ];
 
     /// Nova's class name, as it appears in its "Filtering removed all hosts" log line.
@@ -53,6 +57,8 @@ impl FilterKind {
             FilterKind::Json => "JsonFilter",
             FilterKind::ServerGroupAntiAffinity => "ServerGroupAntiAffinityFilter",
             FilterKind::ServerGroupAffinity => "ServerGroupAffinityFilter",
+            FilterKind::SameHost => "SameHostFilter",
+            FilterKind::DifferentHost => "DifferentHostFilter",
         }
     }
 
@@ -148,8 +154,9 @@ impl HostCtx<'_> {
     pub fn vars(&self) -> HostVars {
         let h = self.host;
         HostVars {
-            free_ram_mb: h.ram_mb_total as f64 - h.ram_mb_used as f64,
-            free_disk_mb: (h.disk_gb_total * 1024) as f64 - h.disk_mb_used as f64,
+            // Nova counts the reserved amounts as used.
+            free_ram_mb: h.ram_mb_usable() as f64 - h.ram_mb_used as f64,
+            free_disk_mb: h.disk_mb_usable() as f64 - h.disk_mb_used as f64,
             total_usable_ram_mb: h.ram_mb_total as f64,
             vcpus_total: f64::from(h.vcpus_total),
             vcpus_used: f64::from(h.vcpus_used),
@@ -281,6 +288,8 @@ pub(crate) struct Prepared {
     pub image_version: Option<VersionReq>,
     pub query: Option<Query>,
     pub group: Option<PreparedGroup>,
+    pub same_host: HashSet<String>,
+    pub different_host: HashSet<String>,
 }
 
 const EXTRA_SPECS_SCOPE: &str = "aggregate_instance_extra_specs";
@@ -348,6 +357,8 @@ pub(crate) fn prepare(req: &Request) -> Result<Prepared, RequestError> {
         image_version,
         query,
         group,
+        same_host: req.hints.same_host.iter().cloned().collect(),
+        different_host: req.hints.different_host.iter().cloned().collect(),
     })
 }
 
@@ -374,14 +385,15 @@ pub(crate) fn passes(
     match filter {
         FilterKind::Compute => h.enabled && h.up,
         FilterKind::AvailabilityZone => p.az.as_deref().is_none_or(|az| h.availability_zone == az),
+        // Capacity is Placement's `(total - reserved) × ratio`.
         FilterKind::Ram => {
             // Nova: an instance may overcommit against others, never against itself.
-            let total = h.ram_mb_total as f64;
+            let total = h.ram_mb_usable() as f64;
             let req = p.ram_mb as f64;
             total >= req && total * ctx.ratios.ram - h.ram_mb_used as f64 >= req
         }
         FilterKind::Disk => {
-            let total = (h.disk_gb_total * 1024) as f64;
+            let total = h.disk_mb_usable() as f64;
             let req = p.disk_mb as f64;
             total >= req && total * ctx.ratios.disk - h.disk_mb_used as f64 >= req
         }
@@ -390,7 +402,7 @@ pub(crate) fn passes(
             if h.vcpus_total == 0 {
                 return true;
             }
-            let total = f64::from(h.vcpus_total);
+            let total = f64::from(h.vcpus_usable());
             let req = f64::from(p.vcpus);
             req <= total && total * ctx.ratios.cpu - f64::from(h.vcpus_used) >= req
         }
@@ -409,6 +421,14 @@ pub(crate) fn passes(
             }
             _ => true,
         },
+        // Nova's SameHostFilter and DifferentHostFilter: an id no host holds (unknown, or not
+        // placed) matches no host.
+        FilterKind::SameHost => {
+            p.same_host.is_empty() || h.instances.iter().any(|i| p.same_host.contains(i))
+        }
+        FilterKind::DifferentHost => {
+            p.different_host.is_empty() || !h.instances.iter().any(|i| p.different_host.contains(i))
+        }
     }
 }
 

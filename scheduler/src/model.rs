@@ -50,6 +50,15 @@ pub struct Host {
     pub disk_gb_total: u64,
     /// Used disk is kept in MB because swap is sized in MB (Nova's `free_disk_mb`).
     pub disk_mb_used: u64,
+    /// Held back for the host's own use (Nova's `reserved_host_cpus`,
+    /// `reserved_host_memory_mb`, `reserved_host_disk_mb`): what instances may claim is
+    /// `(total - reserved) × allocation ratio`, as Placement computes a resource's capacity.
+    #[serde(default)]
+    pub vcpus_reserved: u32,
+    #[serde(default)]
+    pub ram_mb_reserved: u64,
+    #[serde(default)]
+    pub disk_mb_reserved: u64,
     #[serde(default)]
     pub allocation_ratios: AllocationRatios,
     pub hypervisor_type: String,
@@ -63,6 +72,23 @@ pub struct Host {
     /// Bumped by every claim; a claim names the generation it saw.
     #[serde(default)]
     pub generation: u64,
+}
+
+impl Host {
+    /// vCPUs instances may use before the allocation ratio: the total less the reserved.
+    pub fn vcpus_usable(&self) -> u32 {
+        self.vcpus_total.saturating_sub(self.vcpus_reserved)
+    }
+
+    /// RAM in MB instances may use before the allocation ratio.
+    pub fn ram_mb_usable(&self) -> u64 {
+        self.ram_mb_total.saturating_sub(self.ram_mb_reserved)
+    }
+
+    /// Disk in MB instances may use before the allocation ratio.
+    pub fn disk_mb_usable(&self) -> u64 {
+        (self.disk_gb_total * 1024).saturating_sub(self.disk_mb_reserved)
+    }
 }
 
 /// What a server asks for.
@@ -146,6 +172,12 @@ pub struct SchedulerHints {
     pub query: Option<String>,
     #[serde(default)]
     pub group: Option<ServerGroup>,
+    /// Instance ids: the host must hold at least one of them (Nova's `same_host`).
+    #[serde(default)]
+    pub same_host: Vec<String>,
+    /// Instance ids: the host must hold none of them (Nova's `different_host`).
+    #[serde(default)]
+    pub different_host: Vec<String>,
 }
 
 /// A request to place `instance_ids.len()` instances of one flavor.

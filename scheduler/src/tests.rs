@@ -20,6 +20,9 @@ fn host(name: &str, az: &str) -> Host {
         ram_mb_used: 0,
         disk_gb_total: 1000,
         disk_mb_used: 0,
+        vcpus_reserved: 0,
+        ram_mb_reserved: 0,
+        disk_mb_reserved: 0,
         allocation_ratios: AllocationRatios::default(),
         hypervisor_type: "qemu".to_owned(),
         architecture: "x86_64".to_owned(),
@@ -474,6 +477,111 @@ fn group_request(n: usize, policy: GroupPolicy, members: &[&str], max: Option<u3
     r
 }
 
+/// Reserved host resources come off the total before the allocation ratio, as Placement
+/// computes capacity: `(total - reserved) × ratio - used`.
+#[test]
+fn reserved_resources_come_off_before_the_ratio() {
+    let mut h = host("h", "az1");
+    h.ram_mb_total = 4096;
+    h.ram_mb_reserved = 1024;
+    h.vcpus_total = 4;
+    h.vcpus_reserved = 2;
+    h.disk_gb_total = 10;
+    h.disk_mb_reserved = 2048;
+    h.allocation_ratios = AllocationRatios {
+        cpu: 2.0,
+        ram: 1.5,
+        disk: 1.0,
+    };
+    let ram = |mb| {
+        passes(
+            FilterKind::Ram,
+            h.clone(),
+            vec![],
+            &request(1, flavor(1, mb, 1)),
+        )
+    };
+    // (4096 - 1024) × 1.5 = 4608 may be claimed, but one instance never more than 3072.
+    assert!(ram(3072));
+    assert!(!ram(3073));
+    let mut used = h.clone();
+    used.ram_mb_used = 4608 - 1000;
+    assert!(passes(
+        FilterKind::Ram,
+        used.clone(),
+        vec![],
+        &request(1, flavor(1, 1000, 1))
+    ));
+    assert!(!passes(
+        FilterKind::Ram,
+        used,
+        vec![],
+        &request(1, flavor(1, 1001, 1))
+    ));
+    // (4 - 2) × 2.0 = 4 vCPUs, at most 2 for one instance.
+    let cpu = |n| {
+        passes(
+            FilterKind::Core,
+            h.clone(),
+            vec![],
+            &request(1, flavor(n, 64, 1)),
+        )
+    };
+    assert!(cpu(2));
+    assert!(!cpu(3));
+    // 10 GiB - 2 GiB reserved = 8 GiB of disk.
+    let disk = |gb| {
+        passes(
+            FilterKind::Disk,
+            h.clone(),
+            vec![],
+            &request(1, flavor(1, 64, gb)),
+        )
+    };
+    assert!(disk(8));
+    assert!(!disk(9));
+}
+
+/// SameHostFilter keeps the hosts holding one of the named instances, DifferentHostFilter
+/// those holding none; an id no host holds matches no host, as in Nova.
+#[test]
+fn same_and_different_host_filters() {
+    let mut h1 = host("h1", "az1");
+    h1.instances = vec!["a".to_owned()];
+    let mut h2 = host("h2", "az1");
+    h2.instances = vec!["b".to_owned()];
+    let h3 = host("h3", "az1");
+    let hint = |same: &[&str], different: &[&str]| {
+        let mut r = request(1, flavor(1, 256, 1));
+        r.hints.same_host = same.iter().map(|s| (*s).to_owned()).collect();
+        r.hints.different_host = different.iter().map(|s| (*s).to_owned()).collect();
+        r
+    };
+    let same = FilterKind::SameHost;
+    let diff = FilterKind::DifferentHost;
+    assert!(passes(same, h3.clone(), vec![], &hint(&[], &[])));
+    assert!(passes(same, h1.clone(), vec![], &hint(&["a"], &[])));
+    assert!(passes(same, h2.clone(), vec![], &hint(&["a", "b"], &[])));
+    assert!(!passes(same, h3.clone(), vec![], &hint(&["a"], &[])));
+    assert!(!passes(same, h1.clone(), vec![], &hint(&["unknown"], &[])));
+    assert!(!passes(diff, h1.clone(), vec![], &hint(&[], &["a"])));
+    assert!(passes(diff, h2.clone(), vec![], &hint(&[], &["a"])));
+    assert!(passes(diff, h1.clone(), vec![], &hint(&[], &["unknown"])));
+    let mut s = Scheduler::new(SchedulerConfig::default(), vec![h1, h2, h3], vec![]).unwrap();
+    assert_eq!(picks(&mut s, &hint(&["b"], &[])), vec!["h2"]);
+    let mut away = hint(&[], &["a", "b"]);
+    away.instance_ids = vec!["n1".to_owned(), "n2".to_owned()];
+    assert_eq!(picks(&mut s, &away), vec!["h3", "h3"]);
+    let mut lost = hint(&["unknown"], &[]);
+    lost.instance_ids = vec!["n3".to_owned()];
+    let Err(ScheduleError::NoValidHost(e)) = s.select(&lost) else {
+        panic!("an unknown same_host id matches no host");
+    };
+    assert!(ScheduleError::NoValidHost(e)
+        .to_string()
+        .contains("SameHostFilter"));
+}
+
 /// ServerGroupAntiAffinityFilter rejects hosts holding `max_server_per_host` members
 /// (default 1); ServerGroupAffinityFilter keeps only hosts holding members once any exist.
 #[test]
@@ -679,6 +787,8 @@ fn no_valid_host_report() {
             (FilterKind::Json, 1, 1),
             (FilterKind::ServerGroupAntiAffinity, 1, 0),
             (FilterKind::ServerGroupAffinity, 0, 0),
+            (FilterKind::SameHost, 0, 0),
+            (FilterKind::DifferentHost, 0, 0),
         ]
     );
     let text = ScheduleError::NoValidHost(e).to_string();
@@ -974,6 +1084,7 @@ mod props {
                     members: members.to_vec(),
                     max_server_per_host: max,
                 }),
+                ..Default::default()
             },
         }
     }

@@ -58,9 +58,9 @@ pub(crate) fn raw(
     let h = ctx.host;
     let members = f64::from(members_on_host);
     [
-        h.ram_mb_total as f64 - h.ram_mb_used as f64,
-        (h.disk_gb_total * 1024) as f64 - h.disk_mb_used as f64,
-        f64::from(h.vcpus_total) * ctx.ratios.cpu - f64::from(h.vcpus_used),
+        h.ram_mb_usable() as f64 - h.ram_mb_used as f64,
+        h.disk_mb_usable() as f64 - h.disk_mb_used as f64,
+        f64::from(h.vcpus_usable()) * ctx.ratios.cpu - f64::from(h.vcpus_used),
         if policy == Some(GroupPolicy::SoftAffinity) {
             members
         } else {

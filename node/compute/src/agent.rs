@@ -65,6 +65,8 @@ pub struct AgentConfig {
     /// How long a spawn waits for every port to go ACTIVE (programmed by this node's network
     /// agent) before the server goes to ERROR; `None` when no network agent runs here.
     pub vif_plugging_timeout: Option<Duration>,
+    /// Every server built here gets a config drive (Nova's `force_config_drive`).
+    pub force_config_drive: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,8 +291,11 @@ impl Agent {
             (_, Some(TaskState::Deleting)) => self.delete(&row).await,
             (VmState::Building, _) | (_, Some(TaskState::Spawning)) => {
                 let outcome = self.spawn(s, row.revision).await;
+                let forced = self.inner.cfg.force_config_drive;
                 self.finish(&row, |r| match &outcome {
                     Ok(name) => {
+                        // As Nova's compute manager records a forced config drive.
+                        r.config_drive |= forced;
                         r.vm_state = VmState::Active;
                         r.power_state = power::RUNNING;
                         r.instance_name = Some(name.clone());
@@ -476,26 +481,33 @@ impl Agent {
             _ => BackingFormat::Raw,
         };
         let flavor_bytes = s.flavor.disk_gb << 30;
-        {
+        let (ephemeral_gb, swap_mb) = (s.flavor.ephemeral_gb, s.flavor.swap_mb);
+        let extra_disks = {
             let (dir, disk, base) = (dir.clone(), disk.clone(), base.clone());
-            tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let instances_path = self.inner.cfg.instances_path.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>, String> {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                if disk.exists() {
-                    // A rebuild keeps what the guest wrote.
-                    return Ok(());
+                // A rebuild keeps what the guest wrote.
+                if !disk.exists() {
+                    let size = flavor_bytes.max(
+                        backing_size(&base, format)
+                            .map_err(|e| format!("reading the base image: {e}"))?,
+                    );
+                    create_overlay(&disk, &OverlaySpec::new(&base, format, size))
+                        .map_err(|e| format!("writing the overlay: {e}"))?;
                 }
-                let size = flavor_bytes.max(
-                    backing_size(&base, format)
-                        .map_err(|e| format!("reading the base image: {e}"))?,
-                );
-                create_overlay(&disk, &OverlaySpec::new(&base, format, size))
-                    .map(|_| ())
-                    .map_err(|e| format!("writing the overlay: {e}"))
+                crate::disks::ensure_extra_disks(&instances_path, &dir, ephemeral_gb, swap_mb)
+                    .map_err(|e| format!("creating the ephemeral and swap disks: {}", chain(&e)))
             })
             .await
-            .map_err(|_| "the overlay task was cancelled".to_owned())??;
-        }
+            .map_err(|_| "the overlay task was cancelled".to_owned())??
+        };
+        let config_drive = if s.config_drive || self.inner.cfg.force_config_drive {
+            Some(self.config_drive(s, &dir).await?)
+        } else {
+            None
+        };
         // The name libvirt already knows the domain by wins; else the row's; else a new one
         // from the row's revision, or the next number free on this host.
         let domains = self.inner.hv.list().await.map_err(|e| e.to_string())?;
@@ -522,7 +534,8 @@ impl Agent {
             image_id: s.image.id.clone(),
             disk,
             disk_cache: self.inner.disk_cache,
-            extra_disks: Vec::new(),
+            extra_disks,
+            config_drive,
             kernel,
             initrd,
             cmdline: s.image.kernel_cmdline.clone(),
@@ -566,6 +579,34 @@ impl Agent {
             self.wait_for_ports(s, timeout).await?;
         }
         Ok(name)
+    }
+
+    /// Builds the server's config drive (`disk.config` in its directory) from the documents
+    /// of the metadata service, unless it is there already (a rebuild keeps the one the guest
+    /// saw). Returns its path.
+    async fn config_drive(&self, s: &ServerRecord, dir: &Path) -> Result<PathBuf, String> {
+        let out = dir.join(crate::configdrive::FILE);
+        if out.exists() {
+            return Ok(out);
+        }
+        let nics = crate::configdrive::nics(self.inner.servers_store(), s)
+            .await
+            .map_err(|e| format!("reading the ports for the config drive: {e}"))?;
+        let seed: [u8; 512] = std::array::from_fn(|_| rand::random());
+        let instance = crate::metadata::Instance {
+            server: s,
+            nics: &nics,
+            address: std::net::Ipv4Addr::UNSPECIFIED,
+            random_seed: &seed,
+        };
+        let files = crate::metadata::config_drive_files(&instance)
+            .map_err(|e| format!("building the config drive: {e}"))?;
+        let path = out.clone();
+        tokio::task::spawn_blocking(move || crate::configdrive::build(&path, &files))
+            .await
+            .map_err(|_| "the config drive task was cancelled".to_owned())?
+            .map_err(|e| format!("building the config drive: {}", chain(&e)))?;
+        Ok(out)
     }
 
     /// The first `instance-%08x` from `from` on that no other server holds on this host,
@@ -766,6 +807,18 @@ fn fail(r: &mut ServerRecord, message: &str) {
         message: message.to_owned(),
         created: now_rfc3339(),
     });
+}
+
+/// An error and its sources, one sentence after the other (the fault a user sees).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 /// The virtual size of a base image: a raw file's length, a qcow2's header size field.

@@ -36,6 +36,8 @@ pub struct DomainSpec {
     pub disk_cache: &'static str,
     /// Extra disks after the root disk (ephemeral, swap), vdb onwards.
     pub extra_disks: Vec<PathBuf>,
+    /// The config drive (ISO 9660), attached as Nova attaches it: a CD-ROM on IDE `hdd`.
+    pub config_drive: Option<PathBuf>,
     /// Direct kernel boot, when the image names a kernel (and maybe a ramdisk).
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -180,6 +182,18 @@ impl DomainSpec {
             let _ = writeln!(x, "      <target bus=\"virtio\" dev=\"{dev}\"/>");
             let _ = writeln!(x, "    </disk>");
         }
+        if let Some(iso) = &self.config_drive {
+            let _ = writeln!(x, "    <disk type=\"file\" device=\"cdrom\">");
+            let _ = writeln!(
+                x,
+                "      <driver name=\"qemu\" type=\"raw\" cache=\"{}\"/>",
+                self.disk_cache
+            );
+            let _ = writeln!(x, "      <source file=\"{}\"/>", path(iso));
+            let _ = writeln!(x, "      <target bus=\"ide\" dev=\"hdd\"/>");
+            let _ = writeln!(x, "      <readonly/>");
+            let _ = writeln!(x, "    </disk>");
+        }
         for nic in &self.interfaces {
             let _ = writeln!(x, "    <interface type=\"ethernet\">");
             let _ = writeln!(x, "      <mac address=\"{}\"/>", esc(&nic.mac));
@@ -226,6 +240,7 @@ pub(crate) mod tests {
             disk: "/var/lib/shoal/instances/x/disk".into(),
             disk_cache: "none",
             extra_disks: vec![],
+            config_drive: None,
             kernel: Some("/cache/kernel".into()),
             initrd: Some("/cache/ramdisk".into()),
             cmdline: None,
@@ -254,6 +269,26 @@ pub(crate) mod tests {
         // A user's server name cannot break out of its element.
         assert!(xml.contains("web &lt;1&gt; &amp; &quot;two&quot;"));
         assert!(!xml.contains("<boot dev"));
+    }
+
+    /// Ephemeral and swap come after the root disk on virtio, the config drive is a CD-ROM on
+    /// IDE `hdd`, as in Nova's XML.
+    #[test]
+    fn extra_disks_and_the_config_drive() {
+        let mut s = spec();
+        s.extra_disks = vec!["/i/x/disk.eph0".into(), "/i/x/disk.swap".into()];
+        s.config_drive = Some("/i/x/disk.config".into());
+        let xml = s.to_xml();
+        let at = |needle: &str| {
+            xml.find(needle)
+                .unwrap_or_else(|| panic!("{needle}: {xml}"))
+        };
+        assert!(at("/i/x/disk.eph0") < at("dev=\"vdb\""));
+        assert!(at("/i/x/disk.swap") < at("dev=\"vdc\""));
+        assert!(at("dev=\"vdb\"") < at("/i/x/disk.swap"));
+        assert!(xml.contains("<target bus=\"ide\" dev=\"hdd\"/>"));
+        assert!(at("device=\"cdrom\"") < at("/i/x/disk.config"));
+        assert!(xml.contains("<driver name=\"qemu\" type=\"raw\""));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   `instances`);
 //! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
 //!   the API may ask for;
+//! - `configdrive`: the config drive, an ISO 9660 image of the metadata documents;
+//! - `disks`: a flavor's ephemeral and swap disks (formatted bases and qcow2 overlays);
 //! - `domain`: the libvirt domain XML, rendered as Nova's libvirt driver writes it;
 //! - `hypervisor`: the libvirt driver (blocking calls run off the async runtime);
 //! - `metadata`: the documents of the metadata service (Nova's layout), pure;
@@ -28,6 +30,8 @@
 
 pub mod agent;
 pub mod aggregate;
+pub mod configdrive;
+pub mod disks;
 pub mod domain;
 pub mod error;
 pub mod flavor;

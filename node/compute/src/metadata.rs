@@ -417,10 +417,17 @@ fn ec2_tree(instance: &Instance<'_>, version: &str) -> Ec2 {
         put("instance-type", text(s.flavor.name.clone()));
     }
     if since("2007-12-15") {
-        put(
-            "block-device-mapping",
-            dir([("ami", text("vda")), ("root", text("/dev/vda"))]),
-        );
+        // Nova's `instance_block_mapping`: the root disk, then the flavor's ephemeral disk
+        // and swap with the guest device names the driver gave them.
+        let mut bdm = entries([("ami", text("vda")), ("root", text("/dev/vda"))]);
+        let (eph, swap) = crate::disks::device_names(s.flavor.ephemeral_gb, s.flavor.swap_mb);
+        if let Some(d) = eph {
+            bdm.insert("ephemeral0".into(), text(d));
+        }
+        if let Some(d) = swap {
+            bdm.insert("swap".into(), text(d));
+        }
+        put("block-device-mapping", Ec2::Dir(bdm, None));
         if let Some(k) = &s.image.kernel_id {
             put("kernel-id", text(ec2_id("aki", k)));
         }
@@ -477,6 +484,78 @@ fn ec2(instance: &Instance<'_>, tokens: &[String]) -> Option<Result<Document, Lo
                 .join("\n"),
         ),
     }))
+}
+
+/// The files of a config drive, as Nova's `metadata_for_config_drive` lays them out: for every
+/// EC2 version (and `latest`) `ec2/<version>/meta-data.json` and `user-data`; for every
+/// OpenStack version (and `latest`) `openstack/<version>/meta_data.json`, `user_data`, and
+/// from the versions that have them `vendor_data.json`, `network_data.json`,
+/// `vendor_data2.json`. The same documents the metadata service serves.
+pub fn config_drive_files(instance: &Instance<'_>) -> Result<Vec<(String, Vec<u8>)>, LookupError> {
+    let mut files = Vec::new();
+    let has_user_data = user_data(instance.server)?.is_some();
+    for version in EC2_VERSIONS.iter().copied().chain(["latest"]) {
+        let tree_version = if version == "latest" {
+            EC2_VERSIONS[EC2_VERSIONS.len() - 1]
+        } else {
+            version
+        };
+        let Ec2::Dir(mut top, _) = ec2_tree(instance, tree_version) else {
+            unreachable!("the EC2 tree is a directory")
+        };
+        if let Some(Ec2::Value(bytes)) = top.remove("user-data") {
+            files.push((format!("ec2/{version}/user-data"), bytes));
+        }
+        if let Some(md) = top.remove("meta-data") {
+            let json = serde_json::to_vec(&ec2_json(md)).expect("JSON serialises");
+            files.push((format!("ec2/{version}/meta-data.json"), json));
+        }
+    }
+    for version in OPENSTACK_VERSIONS.iter().copied().chain(["latest"]) {
+        let effective = if version == "latest" {
+            VICTORIA
+        } else {
+            version
+        };
+        let since = |required| at_least(&OPENSTACK_VERSIONS, effective, required);
+        let mut names = vec!["meta_data.json"];
+        if has_user_data {
+            names.push("user_data");
+        }
+        for (required, name) in [
+            (HAVANA, "vendor_data.json"),
+            (LIBERTY, "network_data.json"),
+            (NEWTON_TWO, "vendor_data2.json"),
+        ] {
+            if since(required) {
+                names.push(name);
+            }
+        }
+        for name in names {
+            let path = format!("openstack/{version}/{name}");
+            let bytes = match lookup(instance, &path)? {
+                Document::Json(v) => serde_json::to_vec(&v).expect("JSON serialises"),
+                Document::Text(t) => t.into_bytes(),
+                Document::Bytes(b) => b,
+            };
+            files.push((path, bytes));
+        }
+    }
+    Ok(files)
+}
+
+/// An EC2 subtree as the JSON Nova writes into `meta-data.json` (listings' `_name` dropped).
+fn ec2_json(node: Ec2) -> Value {
+    match node {
+        Ec2::Value(bytes) => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+        Ec2::List(items) => json!(items),
+        Ec2::Dir(children, _) => Value::Object(
+            children
+                .into_iter()
+                .map(|(k, v)| (k, ec2_json(v)))
+                .collect(),
+        ),
+    }
 }
 
 /// The instance's NICs from its ports: a convenience for callers that hold the rows, so that
@@ -550,6 +629,7 @@ mod tests {
             access_ipv4: String::new(),
             access_ipv6: String::new(),
             locked: false,
+            config_drive: false,
         }
     }
 
@@ -794,9 +874,78 @@ mod tests {
             text_at(&s, "/2009-04-04/meta-data/block-device-mapping/root"),
             "/dev/vda"
         );
+        assert_eq!(
+            text_at(&s, "/latest/meta-data/block-device-mapping/"),
+            "ami\nroot"
+        );
+        // A flavor's ephemeral disk and swap come after the root disk, as the driver attaches
+        // them.
+        let mut big = s.clone();
+        big.flavor.ephemeral_gb = 1;
+        big.flavor.swap_mb = 512;
+        assert_eq!(
+            text_at(&big, "/latest/meta-data/block-device-mapping/"),
+            "ami\nephemeral0\nroot\nswap"
+        );
+        assert_eq!(
+            text_at(&big, "/latest/meta-data/block-device-mapping/ephemeral0"),
+            "/dev/vdb"
+        );
+        assert_eq!(
+            text_at(&big, "/latest/meta-data/block-device-mapping/swap"),
+            "/dev/vdc"
+        );
+        big.flavor.ephemeral_gb = 0;
+        assert_eq!(
+            text_at(&big, "/latest/meta-data/block-device-mapping/swap"),
+            "/dev/vdb"
+        );
         // 1.0 predates local-hostname and instance-type.
         assert!(get(&s, &[], "/1.0/meta-data/local-hostname").is_err());
         assert!(get(&s, &[], "/1.0/meta-data/instance-type").is_err());
+    }
+
+    /// The config drive carries every version's documents, as Nova writes them.
+    #[test]
+    fn config_drive_files_follow_nova() {
+        let s = server();
+        let n = nics();
+        let seed = [7u8; 512];
+        let i = Instance {
+            server: &s,
+            nics: &n,
+            address: Ipv4Addr::new(10, 0, 0, 5),
+            random_seed: &seed,
+        };
+        let files: BTreeMap<String, Vec<u8>> =
+            config_drive_files(&i).unwrap().into_iter().collect();
+        let md: Value = serde_json::from_slice(&files["openstack/latest/meta_data.json"]).unwrap();
+        assert_eq!(md["uuid"], s.id.as_str());
+        assert_eq!(files["openstack/latest/user_data"], b"#!/bin/sh\necho hi\n");
+        assert_eq!(files["ec2/latest/user-data"], b"#!/bin/sh\necho hi\n");
+        let nd: Value =
+            serde_json::from_slice(&files["openstack/latest/network_data.json"]).unwrap();
+        assert_eq!(nd["links"][0]["ethernet_mac_address"], "fa:16:3e:00:00:01");
+        // Folsom has neither vendor nor network data; Liberty has network data.
+        assert!(files.contains_key("openstack/2012-08-10/meta_data.json"));
+        assert!(!files.contains_key("openstack/2012-08-10/network_data.json"));
+        assert!(files.contains_key("openstack/2015-10-15/network_data.json"));
+        assert!(files.contains_key("openstack/2016-10-06/vendor_data2.json"));
+        let ec2: Value = serde_json::from_slice(&files["ec2/2009-04-04/meta-data.json"]).unwrap();
+        assert_eq!(ec2["block-device-mapping"]["root"], "/dev/vda");
+        assert_eq!(
+            ec2["public-keys"]["0"]["openssh-key"],
+            "ssh-ed25519 AAAA test@host"
+        );
+        assert_eq!(ec2["security-groups"], json!(["default", "web"]));
+        // Without user data there is no user data file.
+        let mut bare = s.clone();
+        bare.user_data = None;
+        let i = Instance { server: &bare, ..i };
+        let files = config_drive_files(&i).unwrap();
+        assert!(!files
+            .iter()
+            .any(|(p, _)| p.ends_with("user_data") || p.ends_with("user-data")));
     }
 
     /// Unknown versions and paths, and paths below a value, are not found; `..` cannot climb

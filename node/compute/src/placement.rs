@@ -110,6 +110,18 @@ pub struct HostSpec {
     pub hypervisor_version: u64,
     #[serde(default)]
     pub allocation_ratios: Option<AllocationRatios>,
+    /// Held back for the host itself (Nova's `reserved_host_*`); instances may claim
+    /// `(total - reserved) × ratio`.
+    #[serde(default)]
+    pub vcpus_reserved: u32,
+    #[serde(default)]
+    pub ram_mb_reserved: u64,
+    #[serde(default)]
+    pub disk_mb_reserved: u64,
+    /// Single ratios a node's `[compute]` sets (`cpu`, `ram`, `disk`), applied over the host's
+    /// current ones after `allocation_ratios`; an unset one keeps the host's value.
+    #[serde(skip)]
+    pub ratio_overrides: [Option<f64>; 3],
 }
 
 fn default_zone() -> String {
@@ -138,6 +150,10 @@ impl HostSpec {
             architecture: default_arch(),
             hypervisor_version: 0,
             allocation_ratios: None,
+            vcpus_reserved: 0,
+            ram_mb_reserved: 0,
+            disk_mb_reserved: 0,
+            ratio_overrides: [None; 3],
         }
     }
 
@@ -170,6 +186,34 @@ impl HostSpec {
             if !valid_name(a) {
                 return Err(format!(
                     "aggregate name {a:?} must be 1-63 characters from a-z, A-Z, 0-9, '-', '_'"
+                ));
+            }
+        }
+        if self.vcpus_reserved > 4096 {
+            return Err(format!(
+                "vcpus_reserved must be at most 4096, got {}",
+                self.vcpus_reserved
+            ));
+        }
+        if self.ram_mb_reserved > 1 << 34 {
+            return Err(format!(
+                "ram_mb_reserved must be at most {}, got {}",
+                1u64 << 34,
+                self.ram_mb_reserved
+            ));
+        }
+        if self.disk_mb_reserved > 1 << 40 {
+            return Err(format!(
+                "disk_mb_reserved must be at most {}, got {}",
+                1u64 << 40,
+                self.disk_mb_reserved
+            ));
+        }
+        let [cpu, ram, disk] = self.ratio_overrides;
+        for (name, v) in [("cpu", cpu), ("ram", ram), ("disk", disk)] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0 && *v <= 1000.0)) {
+                return Err(format!(
+                    "{name}_allocation_ratio must be a number in (0, 1000], got {v}"
                 ));
             }
         }
@@ -245,6 +289,9 @@ pub async fn upsert_host(
                     ram_mb_used: 0,
                     disk_gb_total: 0,
                     disk_mb_used: 0,
+                    vcpus_reserved: 0,
+                    ram_mb_reserved: 0,
+                    disk_mb_reserved: 0,
                     allocation_ratios: AllocationRatios::default(),
                     hypervisor_type: String::new(),
                     architecture: String::new(),
@@ -265,9 +312,17 @@ pub async fn upsert_host(
         host.hypervisor_type = spec.hypervisor_type.clone();
         host.architecture = spec.architecture.clone();
         host.hypervisor_version = spec.hypervisor_version;
+        host.vcpus_reserved = spec.vcpus_reserved;
+        host.ram_mb_reserved = spec.ram_mb_reserved;
+        host.disk_mb_reserved = spec.disk_mb_reserved;
         if let Some(r) = spec.allocation_ratios {
             host.allocation_ratios = r;
         }
+        let [cpu, ram, disk] = spec.ratio_overrides;
+        let r = &mut host.allocation_ratios;
+        r.cpu = cpu.unwrap_or(r.cpu);
+        r.ram = ram.unwrap_or(r.ram);
+        r.disk = disk.unwrap_or(r.disk);
         let value = serde_json::to_vec(&host).expect("a host serialises");
         let resp = cluster
             .write(Txn::new().when(HOSTS, name, expect).put(HOSTS, name, value))

@@ -184,6 +184,10 @@ pub struct ServerRecord {
     /// Locked (the `lock` action): only an admin may act on it until `unlock`.
     #[serde(default)]
     pub locked: bool,
+    /// Nova's `config_drive`: the guest gets a config drive (asked for on create, or set by
+    /// the agent of a host with `[compute] force_config_drive`).
+    #[serde(default)]
+    pub config_drive: bool,
 }
 
 impl ServerRecord {
@@ -326,6 +330,7 @@ mod tests {
             access_ipv4: String::new(),
             access_ipv6: String::new(),
             locked: false,
+            config_drive: false,
         }
     }
 

@@ -379,9 +379,10 @@ fn hypervisor_detail(hs: &HostService, host: Option<&shoal_scheduler::Host>) -> 
                 h.vcpus_total,
                 h.vcpus_used,
                 h.ram_mb_total,
-                h.ram_mb_used,
+                // Nova counts the host's reserved RAM and disk as used.
+                h.ram_mb_used + h.ram_mb_reserved,
                 h.disk_gb_total,
-                h.disk_mb_used.div_ceil(1024),
+                (h.disk_mb_used + h.disk_mb_reserved).div_ceil(1024),
                 h.instances.len(),
                 h.architecture.as_str(),
             )
@@ -590,8 +591,8 @@ async fn show_host(
     let (cpu_used, ram_used, disk_used) = h.map_or((0, 0, 0), |h| {
         (
             u64::from(h.vcpus_used),
-            h.ram_mb_used,
-            h.disk_mb_used.div_ceil(1024),
+            h.ram_mb_used + h.ram_mb_reserved,
+            (h.disk_mb_used + h.disk_mb_reserved).div_ceil(1024),
         )
     });
     Ok(Json(json!({ "host": [

@@ -216,6 +216,23 @@ fn ids_of(v: &Option<Value>, field: &str) -> ApiResult<Vec<String>> {
     }
 }
 
+/// A `same_host`/`different_host` hint: ids checked as Nova's schema checks them (uuids),
+/// kept in the canonical hyphenated lower-case form the rows are keyed by.
+fn server_ids(v: &Option<Value>, field: &str) -> ApiResult<Vec<String>> {
+    ids_of(v, field)?
+        .into_iter()
+        .map(|id| match uuid::Uuid::parse_str(&id) {
+            Ok(u) => Ok(u.hyphenated().to_string()),
+            Err(_) => {
+                let shown: String = id.chars().take(64).flat_map(char::escape_default).collect();
+                Err(bad(format!(
+                    "Invalid input for field/attribute {field}. Value: {shown}. '{shown}' is not a 'uuid'"
+                )))
+            }
+        })
+        .collect()
+}
+
 /// The server group row as placement needs it; the Compute API's server groups own the rest.
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct GroupRow {
@@ -271,14 +288,14 @@ async fn create(
     } else if s.block_device_mapping_v2.is_some() {
         return Err(bad("block_device_mapping_v2 must be a list"));
     }
-    if s.config_drive
-        .as_ref()
-        .is_some_and(|v| v.as_bool() == Some(true))
-    {
-        return Err(bad(
-            "config_drive is not supported yet; the metadata service will serve instances",
-        ));
-    }
+    let config_drive = match &s.config_drive {
+        None | Some(Value::Null) => false,
+        Some(v) => shoal_compute::flavor::boolean("config_drive", v).map_err(|_| {
+            bad(format!(
+                "Invalid input for field/attribute config_drive. Value: {v}. It is not a boolean"
+            ))
+        })?,
+    };
     let min = count(&s.min_count, "min_count")?.unwrap_or(1);
     let max = count(&s.max_count, "max_count")?.unwrap_or(min);
     if max < min {
@@ -383,16 +400,10 @@ async fn create(
         Some(Value::String(q)) => Some(q.clone()),
         Some(v) => Some(v.to_string()),
     };
-    for (field, v) in [
-        ("same_host", &hints.same_host),
-        ("different_host", &hints.different_host),
-    ] {
-        if !ids_of(v, field)?.is_empty() {
-            return Err(bad(format!(
-                "The {field} scheduler hint is not supported yet; use a server group (affinity or anti-affinity) instead"
-            )));
-        }
-    }
+    // Nova's SameHostFilter/DifferentHostFilter hints: a server id or a list of them, each a
+    // uuid (Nova's schema); an id of no placed server matches no host.
+    let same_host = server_ids(&hints.same_host, "same_host")?;
+    let different_host = server_ids(&hints.different_host, "different_host")?;
     let group_id = hints.group.clone();
     if let Some(g) = &group_id {
         load_group(&state, g, &project).await?;
@@ -447,6 +458,7 @@ async fn create(
             access_ipv4: access_ipv4.clone(),
             access_ipv6: access_ipv6.clone(),
             locked: false,
+            config_drive,
         })
         .collect();
 
@@ -491,6 +503,8 @@ async fn create(
                 members,
                 max_server_per_host: None,
             }),
+            same_host: same_host.clone(),
+            different_host: different_host.clone(),
         },
     };
     let outcome = place_servers(
@@ -1169,7 +1183,8 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
         "links": links(state, &r.id),
         "OS-DCF:diskConfig": "MANUAL",
         "OS-EXT-AZ:availability_zone": r.availability_zone,
-        "config_drive": "",
+        // Nova shows "True" for a server with a config drive, else "".
+        "config_drive": if r.config_drive { "True" } else { "" },
         "key_name": r.key_name,
         "OS-SRV-USG:launched_at": r.launched_at.as_deref().map(|t| t.trim_end_matches('Z').to_owned() + ".000000"),
         "OS-SRV-USG:terminated_at": null,

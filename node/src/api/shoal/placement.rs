@@ -244,6 +244,7 @@ impl PlacementBody {
             .map_or_else(SchedulerHints::default, |h| SchedulerHints {
                 query: h.query,
                 group: h.group,
+                ..Default::default()
             });
         Ok(Request {
             instance_ids: ids,
