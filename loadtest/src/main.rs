@@ -8,6 +8,7 @@
 mod api;
 mod boot;
 mod etcd;
+mod faults;
 mod image;
 mod overlay;
 mod placement;
@@ -35,6 +36,9 @@ enum Command {
     Api(api::Args),
     /// Raft write throughput, latency and leader failover: Shoal against etcd.
     Raft(raft::Args),
+    /// A cluster under a nemesis (kills, pauses, partitions) for a chosen time: how soon
+    /// writes are acknowledged again after each kind of fault.
+    Faults(faults::Args),
     /// Scheduling decisions per second of the shoal-scheduler library over synthetic hosts.
     Schedule(schedule::Args),
     /// Placement claims per second through Raft on a `shoal dev` cluster, with conflict retries.
@@ -63,6 +67,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(raft::run(args)),
+        Command::Faults(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(faults::run(args)),
         // The scheduler benchmark measures one core: no runtime, no other threads.
         Command::Schedule(args) => schedule::run(&args),
         Command::Placement(args) => tokio::runtime::Builder::new_multi_thread()

@@ -82,7 +82,7 @@ impl FailoverSummary {
 
 /// The nearest-rank percentile of a sorted, non-empty slice: the smallest value such that at
 /// least `q` of the values are at or below it.
-fn nearest_rank(sorted: &[Duration], q: f64) -> Duration {
+pub(crate) fn nearest_rank(sorted: &[Duration], q: f64) -> Duration {
     let rank = (q * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }

@@ -369,7 +369,9 @@ impl Identity {
     /// not hold yet (a key committed elsewhere that the watch has not delivered, or a node
     /// that just restarted) is not refused at once: the node catches its replica up with a
     /// read barrier (at most [`KEY_CATCH_UP`]), loads the signing keys from it, and checks
-    /// again. A key the cluster committed is therefore never the reason for a 401.
+    /// again. A key the cluster committed is therefore never the reason for a 401: if the
+    /// node cannot catch up (cut off from a quorum, no leader within the wait), the answer is
+    /// [`TokenError::KeyRingBehind`], for the caller to answer 503, never `UnknownKey`.
     pub async fn validate_fresh(&self, token: &str) -> Result<Claims, TokenError> {
         match self.validate(token) {
             Err(TokenError::UnknownKey) => {}
@@ -387,12 +389,22 @@ impl Identity {
             }
             Ok::<_, ClusterError>(())
         };
-        match tokio::time::timeout(KEY_CATCH_UP, caught_up).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "cannot catch up the key ring"),
-            Err(_) => tracing::debug!("catching up the key ring timed out"),
+        let caught_up = match tokio::time::timeout(KEY_CATCH_UP, caught_up).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot catch up the key ring");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("catching up the key ring timed out");
+                false
+            }
+        };
+        match self.validate(token) {
+            // Only a replica known to be current may say the cluster never committed the key.
+            Err(TokenError::UnknownKey) if !caught_up => Err(TokenError::KeyRingBehind),
+            other => other,
         }
-        self.validate(token)
     }
 
     pub async fn revoke(&self, claims: &Claims) -> Result<(), ClusterError> {

@@ -121,13 +121,22 @@ impl SigningKey {
     }
 }
 
-/// Why a token was refused. Callers answer 401 for all of them; the reason goes to the log.
+/// Why a token was refused. Callers answer 401 for all of them but [`TokenError::KeyRingBehind`],
+/// which is a 503; the reason goes to the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("the token is not in the expected format")]
     Malformed,
     #[error("the token was signed with an unknown key")]
     UnknownKey,
+    /// The key is not in this node's ring and the node could not catch up with the cluster to
+    /// learn whether the cluster committed it (cut off, or no leader): the token may well be
+    /// valid, so this is not a refusal of the token but a node that cannot answer yet.
+    #[error(
+        "this node cannot check the token now: its signing key is not known here yet and the \
+         cluster could not be reached to catch up; retry, or ask another node"
+    )]
+    KeyRingBehind,
     #[error("the token signature does not match")]
     BadSignature,
     #[error("the token expired")]

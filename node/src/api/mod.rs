@@ -257,6 +257,9 @@ impl FromRequestParts<AppState> for Auth {
         state.metrics.token_validations.inc();
         match state.identity.validate_fresh(token).await {
             Ok(claims) => Ok(Auth(claims)),
+            Err(e @ shoal_identity::token::TokenError::KeyRingBehind) => {
+                Err(ApiError::unavailable(e.to_string()))
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "token refused");
                 Err(ApiError::unauthorized(format!(

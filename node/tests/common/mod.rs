@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod nft;
 pub mod osc;
 pub mod vmnet;
 

@@ -230,7 +230,12 @@ async fn issue_token(
             .identity
             .validate_fresh(&tok.id)
             .await
-            .map_err(|e| ApiError::unauthorized(format!("the token is not valid: {e}")))?;
+            .map_err(|e| match e {
+                shoal_identity::token::TokenError::KeyRingBehind => {
+                    ApiError::unavailable(e.to_string())
+                }
+                e => ApiError::unauthorized(format!("the token is not valid: {e}")),
+            })?;
         state.identity.rescope(&claims, &scope).await
     } else {
         return Err(ApiError::bad_request(format!(
