@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use shoal_types::{Command, Expect, KeyedTxn, NodeId, NodeInfo, Row, Txn, TxnResponse};
 
 use crate::join::{
-    self, JoinToken, TokenInfo, TokenRecord, T_JOIN_TOKENS, T_NODES, T_REVOKED_CERTS,
+    self, JoinToken, TokenInfo, TokenRecord, K_VOTERS, T_CLUSTER, T_JOIN_TOKENS, T_NODES,
+    T_REVOKED_CERTS,
 };
 use crate::membership::{self, Change, Health};
 use crate::metrics::RpcMetrics;
@@ -289,12 +290,16 @@ impl Cluster {
             joined_at: join::now_secs(),
             cert_sha256: Some(cert_sha256),
         };
+        // The voter count is the cluster's, not each node's: whichever node leads plans the
+        // membership from this row, so a joined node's own (default) setting never shrinks or
+        // grows the voter set.
         cluster
-            .write(Txn::new().when(T_NODES, &opts.name, Expect::Absent).put(
-                T_NODES,
-                &opts.name,
-                json(&record),
-            ))
+            .write(
+                Txn::new()
+                    .when(T_NODES, &opts.name, Expect::Absent)
+                    .put(T_NODES, &opts.name, json(&record))
+                    .put(T_CLUSTER, K_VOTERS, json(&opts.voters)),
+            )
             .await?;
         Ok(cluster)
     }
@@ -1124,6 +1129,7 @@ impl Cluster {
             let rec: NodeRecord = parse(T_NODES, &row.value)?;
             desired.insert(rec.id, rec.info);
         }
+        let voters_wanted = self.voters_wanted().await?;
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
         let zones: BTreeMap<NodeId, String> = membership
@@ -1154,12 +1160,30 @@ impl Cluster {
             zones: &zones,
             health: &health,
             last_index: m.last_log_index.unwrap_or(0),
-            voters_wanted: self.inner.opts.voters,
+            voters_wanted,
             replace_after: self.inner.opts.replace_after,
             quorum_change_allowed: last_quorum_change
                 .is_none_or(|t| t.elapsed() >= self.inner.opts.stabilization),
         };
         Ok(membership::plan(&view))
+    }
+
+    /// How many voters the cluster keeps: the count `init` committed, or this node's own
+    /// setting in a cluster formed before that row existed.
+    pub async fn voters_wanted(&self) -> Result<usize, ClusterError> {
+        match self.get(T_CLUSTER, K_VOTERS).await? {
+            Some(row) => {
+                let n: usize = parse(T_CLUSTER, &row.value)?;
+                if [1, 3, 5].contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(ClusterError::Corrupt(format!(
+                        "{T_CLUSTER}/{K_VOTERS} is {n}; it must be 1, 3 or 5"
+                    )))
+                }
+            }
+            None => Ok(self.inner.opts.voters),
+        }
     }
 
     async fn apply_change(&self, change: Change) -> Result<(), ClusterError> {

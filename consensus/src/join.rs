@@ -17,6 +17,11 @@ use sha2::{Digest, Sha256};
 pub const T_JOIN_TOKENS: &str = "join_tokens";
 /// Table of cluster nodes, keyed by node name; the desired membership.
 pub const T_NODES: &str = "nodes";
+/// Cluster-wide settings that every node must agree on, decided at `init` (key [`K_VOTERS`]:
+/// how many voters the cluster keeps, as a JSON number).
+pub const T_CLUSTER: &str = "cluster";
+/// The key of the voter count in [`T_CLUSTER`].
+pub const K_VOTERS: &str = "voters";
 /// Certificates of removed nodes, keyed by the hex SHA-256 of the leaf certificate; the value is
 /// the node's name. Peer and data connections presenting one are closed.
 pub const T_REVOKED_CERTS: &str = "revoked_certs";

@@ -332,7 +332,8 @@ impl HostSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
-    /// How many voters the cluster keeps (3 or 5); all other nodes are learners.
+    /// How many voters the cluster keeps (1, 3 or 5); all other nodes are learners. Read at
+    /// `init` only: the count is then the cluster's (replicated), whatever a joining node says.
     #[serde(default = "default_voters")]
     pub voters: usize,
     /// How long a voter may be unreachable before a learner replaces it, in seconds.

@@ -107,7 +107,8 @@ struct NodeArgs {
     /// Availability zone of this node.
     #[arg(long, default_value = "nova")]
     zone: String,
-    /// Voters the cluster keeps (init only): 1, 3 or 5.
+    /// Voters the cluster keeps: 1, 3 or 5. Taken at init and kept by the cluster; a joining
+    /// node's value is not used.
     #[arg(long)]
     voters: Option<usize>,
     /// Seconds a voter may be unreachable before it is replaced.

@@ -127,3 +127,54 @@ fn learners_join_dead_voter_is_replaced_and_nodes_can_be_removed() {
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 }
+
+/// The voter count set at `init` is the cluster's: after the leader from `init` dies, a joined
+/// node that was started without `--voters` (its own default is 3) leads and keeps all five
+/// voters instead of demoting two.
+#[test]
+fn a_joined_leader_keeps_the_voter_count_set_at_init() {
+    let timing = ["--replace-after-secs", "600", "--stabilization-secs", "1"];
+    let mut init_args = vec!["--voters", "5"];
+    init_args.extend(timing);
+    let mut c = Cluster::init(&init_args);
+    // Joiners get the timing flags only.
+    c.extra_args = timing.iter().map(|s| s.to_string()).collect();
+    for _ in 0..4 {
+        c.join_new();
+    }
+    let voters = |s: &Value| -> Vec<String> {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "leader" || m["role"] == "voter")
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    wait_until("five voters", Duration::from_secs(60), || {
+        c.status(0).filter(|s| voters(s).len() == 5)
+    });
+
+    // Make a joiner lead: stop node1 (and whichever node leads, if not node1).
+    let leader = c.leader_index();
+    c.nodes[0].kill9();
+    if leader != 0 {
+        c.nodes[leader].kill9();
+    }
+    let asker = (1..5).find(|i| *i != leader).unwrap();
+    let new_leader = wait_until("a joined node to lead", Duration::from_secs(30), || {
+        let s = c.status(asker)?;
+        let l = s["leader"].as_str()?.to_owned();
+        (l != "node1" && Some(l.as_str()) != Some(c.nodes[leader].name.as_str())).then_some(l)
+    });
+    // Several planning rounds (every 0.5 s, one quorum change per second) with a joined leader.
+    std::thread::sleep(Duration::from_secs(6));
+    let status = c.status(asker).unwrap();
+    assert_eq!(
+        voters(&status).len(),
+        5,
+        "{new_leader} changed the voter set planned at init: {status}"
+    );
+    // And the cluster writes with its two dead voters.
+    c.kv_put(asker, "five-voters", "kept").unwrap();
+}
