@@ -68,6 +68,31 @@ fn domains_are_listed_created_disabled_and_deleted() {
             "project", "create", "--domain", "lab", "-f", "json", "lab-p",
         ],
     );
+    // Projects list by parent: a project's parent is its domain.
+    let lab_id = p["domain_id"].as_str().unwrap().to_owned();
+    let (status, by_parent) = get(
+        &c,
+        &admin,
+        &format!("/identity/v3/projects?parent_id={lab_id}"),
+    );
+    assert_eq!(status, 200, "{by_parent}");
+    let listed: Vec<&str> = by_parent["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["lab-p"], "{by_parent}");
+    let (_, under_default) = get(&c, &admin, "/identity/v3/projects?parent_id=default");
+    let projects = under_default["projects"].as_array().unwrap();
+    assert!(
+        projects.iter().any(|p| p["name"] == "admin"),
+        "{under_default}"
+    );
+    assert!(
+        projects.iter().all(|p| p["parent_id"] == "default"),
+        "{under_default}"
+    );
     let out = osc.run(
         0,
         &[

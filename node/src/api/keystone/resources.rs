@@ -328,7 +328,12 @@ async fn list_projects(
     let projects = state.identity.list_projects().await?;
     let items = projects
         .iter()
+        // A project's parent is its domain (projects do not nest here), as `parent_id` shows.
         .filter(|p| matches(&q, &p.name, &p.domain_id, p.enabled) && tags_match(&q, &p.tags))
+        .filter(|p| {
+            q.get("parent_id")
+                .is_none_or(|parent| *parent == p.domain_id)
+        })
         .map(|p| project_json(&state, p))
         .collect();
     Ok(list_json(&state, "projects", items))
