@@ -1001,6 +1001,17 @@ mod props {
         }
     }
 
+    /// How a test drives the combined index: reference ranges to re-key to before requests
+    /// (none: keep the scheduler's own), and whether to re-key after every walk. Ranges far
+    /// from the requests' make the combined walk's stop rule loose, never wrong.
+    fn arb_combo() -> impl Strategy<Value = (Option<[f64; 3]>, bool)> {
+        let range = prop::sample::select(vec![0.0f64, 1.0, 3.0, 1000.0, 65536.0, 1e7]);
+        (
+            proptest::option::of([range.clone(), range.clone(), range]),
+            any::<bool>(),
+        )
+    }
+
     /// Runs a sequence of requests, committing each success, and returns the final hosts and
     /// every outcome. Members of a request's group are the instances of the earlier requests
     /// with a group hint, so groups grow as they would in a cloud.
@@ -1040,12 +1051,14 @@ mod props {
             config in arb_config(),
             hosts in arb_hosts(),
             tmpls in proptest::collection::vec(arb_tmpl(), 1..6),
+            combo in arb_combo(),
         ) {
             let mut s = Scheduler::new(config.clone(), hosts.clone(), aggregates()).unwrap();
             let mut ref_hosts = hosts;
             let mut rng = StdRng::seed_from_u64(config.seed);
             let mut members = Vec::new();
             for (k, t) in tmpls.iter().enumerate() {
+                s.tune_combo(combo.0, combo.1);
                 let req = build(t, k, &ref_hosts, &members);
                 let want = reference_select(&ref_hosts, &aggregates(), &config, &mut rng, &req);
                 let got = s.select(&req);
@@ -1157,6 +1170,7 @@ mod props {
             config in arb_config(),
             hosts in arb_hosts_in(100..400),
             tmpls in proptest::collection::vec(arb_tmpl(), 20..60),
+            combo in arb_combo(),
         ) {
             let config = SchedulerConfig { scan_limit: config.scan_limit.min(16), ..config };
             let mut s = Scheduler::new(config.clone(), hosts.clone(), aggregates()).unwrap();
@@ -1164,6 +1178,9 @@ mod props {
             let mut rng = StdRng::seed_from_u64(config.seed);
             let mut members = Vec::new();
             for (k, t) in tmpls.iter().enumerate() {
+                if k % 7 == 0 {
+                    s.tune_combo(combo.0, combo.1);
+                }
                 let req = build(t, k, &ref_hosts, &members);
                 let want = reference_select(&ref_hosts, &aggregates(), &config, &mut rng, &req);
                 let got = s.select(&req);
