@@ -144,16 +144,9 @@ pub(crate) struct HostCtx<'a> {
     pub hv: &'a str,
 }
 
-impl HostCtx<'_> {
-    pub fn vars(&self) -> HostVars {
-        let h = self.host;
-        HostVars {
-            free_ram_mb: h.ram_mb_total as f64 - h.ram_mb_used as f64,
-            free_disk_mb: (h.disk_gb_total * 1024) as f64 - h.disk_mb_used as f64,
-            total_usable_ram_mb: h.ram_mb_total as f64,
-            vcpus_total: f64::from(h.vcpus_total),
-            vcpus_used: f64::from(h.vcpus_used),
-        }
+impl<'a> HostCtx<'a> {
+    pub fn vars(&self) -> HostVars<'a> {
+        HostVars { host: self.host }
     }
 }
 

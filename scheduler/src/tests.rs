@@ -912,7 +912,7 @@ mod props {
             image in 0usize..4,
             az in prop::option::weighted(0.3, 0usize..3),
             force in prop::option::weighted(0.05, 0usize..12),
-            query in 0usize..5,
+            query in 0usize..7,
             group in prop::option::weighted(0.4, (0usize..4, prop::option::of(1u32..3))),
         ) -> Tmpl {
             let mut f = flavor(vcpus, ram, root);
@@ -940,6 +940,8 @@ mod props {
                 1 => Some(r#"[">=", "$free_ram_mb", 1024]"#.to_owned()),
                 2 => Some(r#"["and", [">", "$vcpus_total", 4], ["<", "$vcpus_used", 20]]"#.to_owned()),
                 3 => Some(r#"["not", ["=", "$vcpus_used", 0]]"#.to_owned()),
+                4 => Some(r#"["or", ["<", "$num_instances", 2], ["in", "$host", "h1", "h3"]]"#.to_owned()),
+                5 => Some(r#"["and", ["=", "$hypervisor_type", "kvm"], ["<", "$num_io_ops", 8]]"#.to_owned()),
                 _ => None,
             };
             let policies = [GroupPolicy::Affinity, GroupPolicy::AntiAffinity, GroupPolicy::SoftAffinity, GroupPolicy::SoftAntiAffinity];
