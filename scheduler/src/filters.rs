@@ -59,7 +59,7 @@ impl FilterKind {
     /// Filters that still run when an admin forces a host. Nova skips all filters for a
     /// forced host; here the resource filters still run because the claim would exceed the
     /// host's capacity otherwise (Placement refuses such a claim in Nova too).
-    fn runs_on_forced_host(self) -> bool {
+    pub(crate) fn runs_on_forced_host(self) -> bool {
         matches!(self, FilterKind::Ram | FilterKind::Disk | FilterKind::Core)
     }
 }

@@ -413,6 +413,9 @@ struct ReqState {
     /// The image's canonical architecture and hypervisor type as interned ids
     /// (`u32::MAX`: no host has it).
     image_ids: (Option<u32>, Option<u32>),
+    /// The configured filters that can reject a host for this request, in order, without
+    /// the zone and extra-specs filters (the class verdict stands for them).
+    active: Vec<FilterKind>,
     /// Reference ranges the combined index should be re-keyed to, asked for by a walk.
     rekey: Option<[f64; INDEXED]>,
 }
@@ -765,6 +768,32 @@ impl Scheduler {
         None
     }
 
+    /// The filters `eligible` must run for this request: those that cannot reject any host
+    /// (no image requirement, no query, no group of their policy, a forced host) are left out.
+    fn active_filters(&self, p: &filters::Prepared) -> Vec<FilterKind> {
+        let policy = p.group.as_ref().map(|g| g.policy);
+        self.config
+            .filters
+            .iter()
+            .copied()
+            .filter(|&f| {
+                if p.forced_host.is_some() && !f.runs_on_forced_host() {
+                    return false;
+                }
+                match f {
+                    FilterKind::AvailabilityZone | FilterKind::AggregateInstanceExtraSpecs => false,
+                    FilterKind::ImageProperties => p.image_arch.is_some() || p.image_hv.is_some(),
+                    FilterKind::Json => p.query.is_some(),
+                    FilterKind::ServerGroupAntiAffinity => {
+                        policy == Some(GroupPolicy::AntiAffinity)
+                    }
+                    FilterKind::ServerGroupAffinity => policy == Some(GroupPolicy::Affinity),
+                    _ => true,
+                }
+            })
+            .collect()
+    }
+
     /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
     fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
         // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
@@ -774,8 +803,7 @@ impl Scheduler {
         }
         let ctx = self.ctx(i);
         let gv = st.group_view(i);
-        self.config.filters.iter().all(|&f| match f {
-            FilterKind::AvailabilityZone | FilterKind::AggregateInstanceExtraSpecs => true,
+        st.active.iter().all(|&f| match f {
             FilterKind::ImageProperties => self.image_ok(i, st),
             _ => filters::passes(f, &ctx, &st.p, gv),
         })
@@ -837,7 +865,9 @@ impl Scheduler {
             epoch: self.epoch,
             image_ids: (None, None),
             rekey: None,
+            active: Vec::new(),
         };
+        st.active = self.active_filters(&st.p);
         let id = |s: &String| self.interned.get(s).copied().unwrap_or(u32::MAX);
         st.image_ids = (
             st.p.image_arch.as_ref().map(id),
