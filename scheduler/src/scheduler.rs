@@ -195,9 +195,9 @@ const LISTS: usize = INDEXED + 1;
 const REKEY_READ: usize = 64;
 /// ...if the request's normalisation ranges are out of proportion with the coefficients by
 /// more than this factor.
-const REKEY_SPREAD: f64 = 1.002;
+const REKEY_SPREAD: f64 = 1.01;
 /// At most one re-keying per this many `select` calls.
-const REKEY_EVERY: u32 = 16;
+const REKEY_EVERY: u32 = 128;
 
 /// The combined key's coefficients for reference ranges: `multiplier / range`, so a host's
 /// key orders hosts exactly as the score does for a request whose normalisation ranges are
@@ -876,6 +876,7 @@ impl Scheduler {
         self.classify(&mut st);
         let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
         let mut failure = None;
+        let mut applied = 0;
         for (n, id) in request.instance_ids.iter().enumerate() {
             let top = match forced {
                 Some(f) => self.scan([f].into_iter(), &mut st),
@@ -888,12 +889,17 @@ impl Scheduler {
             let choice = pick_index(&mut self.rng, top.len());
             let i = top[choice].1;
             let claim = claim_for(&self.hosts[i as usize], &st.p, id);
-            self.apply_claim(&claim)
-                .expect("a claim made from the view applies to it");
-            *st.counts.entry(i).or_insert(0) += 1;
+            // Later picks see this one; the last pick has no later pick to see it, so it is
+            // not applied (and not reverted): that saves two updates of every index.
+            if n + 1 < request.instance_ids.len() {
+                self.apply_claim(&claim)
+                    .expect("a claim made from the view applies to it");
+                *st.counts.entry(i).or_insert(0) += 1;
+                applied += 1;
+            }
             claims.push(claim);
         }
-        for c in claims.iter().rev() {
+        for c in claims[..applied].iter().rev() {
             self.revert(c);
         }
         self.seen = st.seen;
