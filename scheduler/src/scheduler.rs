@@ -1148,3 +1148,59 @@ impl Scheduler {
         top
     }
 }
+
+#[cfg(test)]
+mod combo_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn point() -> impl Strategy<Value = ([f64; INDEXED], [f64; INDEXED], [f64; INDEXED])> {
+        // (min, range, position in [0, 1]) per indexed weigher.
+        (
+            [-1e6f64..1e6, -1e6f64..1e6, -1e3f64..1e4],
+            [1e-3f64..1e6, 1e-3f64..1e6, 1e-3f64..1e4],
+            [0.0f64..=1.0, 0.0f64..=1.0, 0.0f64..=1.0],
+        )
+    }
+
+    proptest! {
+        /// The stop rule's bound is never below the score of an eligible host (inside the
+        /// normalisation box) whose combined key is at most the key read, whatever the
+        /// reference ranges; and when the reference ranges are the request's it is that
+        /// host's own score (up to the rounding margin).
+        #[test]
+        fn bound_covers_every_host_below_the_key(
+            (min, range, pos) in point(),
+            mult in [-2.0f64..2.0, -2.0f64..2.0, -2.0f64..2.0],
+            zero in 0usize..4,
+            reference in [1e-3f64..1e7, 1e-3f64..1e7, 1e-3f64..1e7],
+            exact in any::<bool>(),
+        ) {
+            let mut m = [0.0; weighers::N];
+            m[..INDEXED].copy_from_slice(&mult);
+            if zero < INDEXED {
+                m[zero] = 0.0;
+            }
+            let mut b = Bounds { min: [0.0; weighers::N], max: [0.0; weighers::N] };
+            let mut raw = [0.0; weighers::N];
+            for w in 0..INDEXED {
+                b.min[w] = min[w];
+                b.max[w] = min[w] + range[w];
+                raw[w] = (min[w] + range[w] * pos[w]).clamp(b.min[w], b.max[w]);
+            }
+            let walkers: Vec<usize> =
+                (0..INDEXED).filter(|&w| m[w] != 0.0 && b.min[w] != b.max[w]).collect();
+            let reference = if exact { range } else { reference };
+            let coef = combo_coef(&m, &reference);
+            let combo = Combo::new(&coef, &b, &m, &walkers);
+            let g = combo_key(&coef, &raw);
+            let score = weighers::score(&raw, &b, &m);
+            let bound = combo.bound(g, None).expect("a host inside the box has this key");
+            prop_assert!(bound >= score, "bound {bound} < score {score}");
+            if exact {
+                prop_assert!(bound - score < 1e-6, "bound {bound} far above score {score}");
+            }
+        }
+    }
+}
