@@ -65,7 +65,7 @@ impl FilterKind {
     /// Filters that still run when an admin forces a host. Nova skips all filters for a
     /// forced host; here the resource filters still run because the claim would exceed the
     /// host's capacity otherwise (Placement refuses such a claim in Nova too).
-    fn runs_on_forced_host(self) -> bool {
+    pub(crate) fn runs_on_forced_host(self) -> bool {
         matches!(self, FilterKind::Ram | FilterKind::Disk | FilterKind::Core)
     }
 }
@@ -150,17 +150,9 @@ pub(crate) struct HostCtx<'a> {
     pub hv: &'a str,
 }
 
-impl HostCtx<'_> {
-    pub fn vars(&self) -> HostVars {
-        let h = self.host;
-        HostVars {
-            // Nova counts the reserved amounts as used.
-            free_ram_mb: h.ram_mb_usable() as f64 - h.ram_mb_used as f64,
-            free_disk_mb: h.disk_mb_usable() as f64 - h.disk_mb_used as f64,
-            total_usable_ram_mb: h.ram_mb_total as f64,
-            vcpus_total: f64::from(h.vcpus_total),
-            vcpus_used: f64::from(h.vcpus_used),
-        }
+impl<'a> HostCtx<'a> {
+    pub fn vars(&self) -> HostVars<'a> {
+        HostVars { host: self.host }
     }
 }
 

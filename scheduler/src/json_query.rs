@@ -5,13 +5,47 @@ use std::cmp::Ordering;
 
 use serde_json::Value as Json;
 
-/// The host variables a query may name.
-pub const VARIABLES: [&str; 5] = [
-    "$free_ram_mb",
-    "$free_disk_mb",
+use crate::model::Host;
+
+/// The host variables a query may name: every attribute of Nova's `HostState`.
+///
+/// These have a value for every host (see `eval_arg` for how each is read from a [`Host`]).
+pub const VARIABLES: [&str; 19] = [
+    "$host",
+    "$nodename",
+    "$hypervisor_hostname",
+    "$hypervisor_type",
+    "$hypervisor_version",
     "$total_usable_ram_mb",
+    "$free_ram_mb",
+    "$total_usable_disk_gb",
+    "$free_disk_mb",
+    "$disk_mb_used",
     "$vcpus_total",
     "$vcpus_used",
+    "$num_instances",
+    "$num_io_ops",
+    "$failed_builds",
+    "$ram_allocation_ratio",
+    "$cpu_allocation_ratio",
+    "$disk_allocation_ratio",
+    "$aggregates",
+];
+
+/// Nova `HostState` attributes Shoal has no value for. Nova drops an argument whose
+/// attribute is `None`; these are dropped the same way (as a `null` would be).
+pub const UNSET_VARIABLES: [&str; 11] = [
+    "$uuid",
+    "$cell_uuid",
+    "$host_ip",
+    "$cpu_info",
+    "$supported_instances",
+    "$pci_stats",
+    "$numa_topology",
+    "$metrics",
+    "$limits",
+    "$instances",
+    "$updated",
 ];
 
 /// The operators a query may use.
@@ -30,10 +64,17 @@ pub enum QueryError {
     #[error("unknown query operator `{0}`; allowed: = < > in <= >= not or and")]
     UnknownOperator(String),
     #[error(
-        "unknown query variable `{0}`; allowed: $free_ram_mb $free_disk_mb \
-         $total_usable_ram_mb $vcpus_total $vcpus_used"
+        "unknown query variable `{0}`; allowed: the attributes of Nova's HostState: $host \
+         $nodename $hypervisor_hostname $hypervisor_type $hypervisor_version \
+         $total_usable_ram_mb $free_ram_mb $total_usable_disk_gb $free_disk_mb $disk_mb_used \
+         $vcpus_total $vcpus_used $num_instances $num_io_ops $failed_builds \
+         $ram_allocation_ratio $cpu_allocation_ratio $disk_allocation_ratio $aggregates \
+         (and, with no value here, $uuid $cell_uuid $host_ip $cpu_info $supported_instances \
+         $pci_stats $numa_topology $metrics $limits $instances $updated)"
     )]
     UnknownVariable(String),
+    #[error("query variable `{0}` is not a dictionary: only $metrics.… and $limits.… take a key")]
+    NotADictionary(String),
     #[error("query arguments must be lists, strings, numbers, booleans or null, not objects")]
     ObjectArgument,
     #[error("the query is nested deeper than {MAX_DEPTH} lists")]
@@ -57,11 +98,27 @@ enum Op {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Var {
-    FreeRamMb,
-    FreeDiskMb,
+    /// `$host`, `$nodename`, `$hypervisor_hostname`: one node per host, named as the host.
+    Name,
+    HypervisorType,
+    HypervisorVersion,
     TotalUsableRamMb,
+    FreeRamMb,
+    TotalUsableDiskGb,
+    FreeDiskMb,
+    DiskMbUsed,
     VcpusTotal,
     VcpusUsed,
+    NumInstances,
+    /// Always 0: Shoal tracks no instance task states (Nova counts builds, resizes,
+    /// snapshots in progress).
+    NumIoOps,
+    /// Always 0: Shoal does not count failed builds per host.
+    FailedBuilds,
+    RamAllocationRatio,
+    CpuAllocationRatio,
+    DiskAllocationRatio,
+    Aggregates,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,14 +137,10 @@ pub struct Query {
     args: Vec<Arg>,
 }
 
-/// The host figures a query can read, as Nova's HostState names them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HostVars {
-    pub free_ram_mb: f64,
-    pub free_disk_mb: f64,
-    pub total_usable_ram_mb: f64,
-    pub vcpus_total: f64,
-    pub vcpus_used: f64,
+/// What a query reads: the host as Nova's HostState would describe it.
+#[derive(Debug, Clone, Copy)]
+pub struct HostVars<'a> {
+    pub host: &'a Host,
 }
 
 /// Parses the `query` hint.
@@ -136,7 +189,12 @@ fn parse_list(items: &[Json], depth: usize) -> Result<Query, QueryError> {
             Json::String(s) if s.is_empty() => {}
             Json::Null => {}
             Json::String(s) => match s.strip_prefix('$') {
-                Some(_) => args.push(Arg::Var(parse_var(s)?)),
+                // A variable Shoal has no value for is dropped, as Nova drops `None`.
+                Some(_) => {
+                    if let Some(v) = parse_var(s)? {
+                        args.push(Arg::Var(v));
+                    }
+                }
                 None => args.push(Arg::Str(s.clone())),
             },
             Json::Number(n) => args.push(Arg::Num(n.as_f64().unwrap_or(f64::NAN))),
@@ -147,15 +205,43 @@ fn parse_list(items: &[Json], depth: usize) -> Result<Query, QueryError> {
     Ok(Query { op: Some(op), args })
 }
 
-fn parse_var(s: &str) -> Result<Var, QueryError> {
-    Ok(match s {
-        "$free_ram_mb" => Var::FreeRamMb,
-        "$free_disk_mb" => Var::FreeDiskMb,
+/// `$attribute` or `$attribute.key…` (Nova's `_parse_string`); `None` for an attribute
+/// without a value here.
+fn parse_var(s: &str) -> Result<Option<Var>, QueryError> {
+    let (name, path) = match s.split_once('.') {
+        Some((name, _)) => (name, true),
+        None => (s, false),
+    };
+    if UNSET_VARIABLES.contains(&name) {
+        // Nova: `None` stays `None` whatever the path; `$limits` and `$metrics` are
+        // dictionaries in Nova, and Shoal sets no key in them.
+        return Ok(None);
+    }
+    let var = match name {
+        "$host" | "$nodename" | "$hypervisor_hostname" => Var::Name,
+        "$hypervisor_type" => Var::HypervisorType,
+        "$hypervisor_version" => Var::HypervisorVersion,
         "$total_usable_ram_mb" => Var::TotalUsableRamMb,
+        "$free_ram_mb" => Var::FreeRamMb,
+        "$total_usable_disk_gb" => Var::TotalUsableDiskGb,
+        "$free_disk_mb" => Var::FreeDiskMb,
+        "$disk_mb_used" => Var::DiskMbUsed,
         "$vcpus_total" => Var::VcpusTotal,
         "$vcpus_used" => Var::VcpusUsed,
-        other => return Err(QueryError::UnknownVariable(other.to_owned())),
-    })
+        "$num_instances" => Var::NumInstances,
+        "$num_io_ops" => Var::NumIoOps,
+        "$failed_builds" => Var::FailedBuilds,
+        "$ram_allocation_ratio" => Var::RamAllocationRatio,
+        "$cpu_allocation_ratio" => Var::CpuAllocationRatio,
+        "$disk_allocation_ratio" => Var::DiskAllocationRatio,
+        "$aggregates" => Var::Aggregates,
+        _ => return Err(QueryError::UnknownVariable(s.to_owned())),
+    };
+    if path {
+        // Nova would call `.get` on a number or string and fail the request.
+        return Err(QueryError::NotADictionary(s.to_owned()));
+    }
+    Ok(Some(var))
 }
 
 /// Python values the evaluation passes around.
@@ -165,6 +251,9 @@ enum Val<'a> {
     Str(&'a str),
     Bool(bool),
     List(Vec<bool>),
+    /// A list of objects (`$aggregates`: Nova's Aggregate objects): equal to nothing a query
+    /// can write, unordered against it, truthy when not empty.
+    Objects(usize),
 }
 
 impl Val<'_> {
@@ -174,6 +263,7 @@ impl Val<'_> {
             Val::Str(s) => !s.is_empty(),
             Val::Bool(b) => *b,
             Val::List(l) => !l.is_empty(),
+            Val::Objects(n) => *n != 0,
         }
     }
 
@@ -213,14 +303,14 @@ fn py_cmp(a: &Val<'_>, b: &Val<'_>) -> Option<Ordering> {
 impl Query {
     /// Whether the host passes: Nova's `host_passes`, where a list result (from `not`) passes
     /// if any element is true.
-    pub fn host_passes(&self, vars: &HostVars) -> bool {
+    pub fn host_passes(&self, vars: &HostVars<'_>) -> bool {
         match self.eval(vars) {
             Val::List(l) => l.into_iter().any(|b| b),
             v => v.truthy(),
         }
     }
 
-    fn eval<'a>(&'a self, vars: &HostVars) -> Val<'a> {
+    fn eval<'a>(&'a self, vars: &HostVars<'a>) -> Val<'a> {
         let Some(op) = self.op else {
             return Val::Bool(true);
         };
@@ -259,15 +349,31 @@ impl Query {
     }
 }
 
-fn eval_arg<'a>(a: &'a Arg, vars: &HostVars) -> Val<'a> {
+fn eval_arg<'a>(a: &'a Arg, vars: &HostVars<'a>) -> Val<'a> {
+    let h = vars.host;
     match a {
         Arg::Query(q) => q.eval(vars),
         Arg::Var(v) => Val::Num(match v {
-            Var::FreeRamMb => vars.free_ram_mb,
-            Var::FreeDiskMb => vars.free_disk_mb,
-            Var::TotalUsableRamMb => vars.total_usable_ram_mb,
-            Var::VcpusTotal => vars.vcpus_total,
-            Var::VcpusUsed => vars.vcpus_used,
+            Var::Name => return Val::Str(&h.name),
+            Var::HypervisorType => return Val::Str(&h.hypervisor_type),
+            Var::Aggregates => return Val::Objects(h.aggregates.len()),
+            Var::HypervisorVersion => h.hypervisor_version as f64,
+            Var::TotalUsableRamMb => h.ram_mb_total as f64,
+            // Nova's free figures ignore allocation ratios, count the host's reserved amounts
+            // as used, and may be negative.
+            Var::FreeRamMb => h.ram_mb_usable() as f64 - h.ram_mb_used as f64,
+            Var::TotalUsableDiskGb => h.disk_gb_total as f64,
+            Var::FreeDiskMb => h.disk_mb_usable() as f64 - h.disk_mb_used as f64,
+            Var::DiskMbUsed => (h.disk_mb_used + h.disk_mb_reserved) as f64,
+            Var::VcpusTotal => f64::from(h.vcpus_total),
+            Var::VcpusUsed => f64::from(h.vcpus_used),
+            Var::NumInstances => h.instances.len() as f64,
+            Var::NumIoOps | Var::FailedBuilds => 0.0,
+            // The compute node's own ratios, as in Nova's HostState (aggregate overrides
+            // apply only in the Aggregate*Filters).
+            Var::RamAllocationRatio => h.allocation_ratios.ram,
+            Var::CpuAllocationRatio => h.allocation_ratios.cpu,
+            Var::DiskAllocationRatio => h.allocation_ratios.disk,
         }),
         Arg::Num(n) => Val::Num(*n),
         Arg::Str(s) => Val::Str(s),
@@ -279,13 +385,28 @@ fn eval_arg<'a>(a: &'a Arg, vars: &HostVars) -> Val<'a> {
 mod tests {
     use super::*;
 
-    fn vars() -> HostVars {
-        HostVars {
-            free_ram_mb: 1024.0,
-            free_disk_mb: 200.0 * 1024.0,
-            total_usable_ram_mb: 4096.0,
-            vcpus_total: 4.0,
-            vcpus_used: 1.0,
+    fn host() -> Host {
+        Host {
+            name: "cmp1".into(),
+            enabled: true,
+            up: true,
+            availability_zone: "az1".into(),
+            aggregates: vec!["ssd".into()],
+            vcpus_total: 4,
+            vcpus_used: 1,
+            ram_mb_total: 4096,
+            ram_mb_used: 3072,
+            disk_gb_total: 200,
+            disk_mb_used: 0,
+            vcpus_reserved: 0,
+            ram_mb_reserved: 0,
+            disk_mb_reserved: 0,
+            allocation_ratios: crate::model::AllocationRatios::default(),
+            hypervisor_type: "QEMU".into(),
+            architecture: "x86_64".into(),
+            hypervisor_version: 6_002_000,
+            instances: vec!["a".into(), "b".into()],
+            generation: 7,
         }
     }
 
@@ -331,10 +452,57 @@ mod tests {
             (r#"["<", "a", "b"]"#, true),
             // Booleans are numbers to Python.
             (r#"["=", true, 1]"#, true),
+            // Every HostState attribute Nova's JsonFilter can read.
+            (r#"["=", "$host", "cmp1"]"#, true),
+            (r#"["=", "$nodename", "cmp1"]"#, true),
+            (r#"["in", "$hypervisor_hostname", "cmp0", "cmp1"]"#, true),
+            (r#"["=", "$hypervisor_type", "QEMU"]"#, true),
+            (r#"["=", "$hypervisor_type", "qemu"]"#, false),
+            (r#"[">=", "$hypervisor_version", 6000000]"#, true),
+            (r#"["=", "$total_usable_disk_gb", 200]"#, true),
+            (r#"["=", "$disk_mb_used", 0]"#, true),
+            (r#"["=", "$num_instances", 2]"#, true),
+            (r#"["<", "$num_instances", 2]"#, false),
+            (r#"["<", "$num_io_ops", 8]"#, true),
+            (r#"["=", "$failed_builds", 0]"#, true),
+            (r#"["=", "$cpu_allocation_ratio", 16]"#, true),
+            (r#"["=", "$ram_allocation_ratio", 1.5]"#, true),
+            (r#"["=", "$disk_allocation_ratio", 1]"#, true),
+            // Aggregate objects: truthy when the host has any, equal to no literal.
+            (r#"["and", "$aggregates"]"#, true),
+            (r#"["=", "$aggregates", "ssd"]"#, false),
+            // Attributes without a value are dropped like nulls: a one-argument comparison.
+            (r#"["=", "$host_ip", "10.0.0.1"]"#, false),
+            (r#"["=", "cmp1", "$uuid", "$host"]"#, true),
+            (r#"[">", "$metrics.cpu.frequency", 1]"#, false),
+            (r#"["<", 1, "$limits.memory_mb", 2]"#, true),
         ];
+        let h = host();
         for (q, want) in cases {
             let query = parse(q).unwrap_or_else(|e| panic!("{q}: {e}"));
-            assert_eq!(query.host_passes(&vars()), *want, "query {q}");
+            assert_eq!(
+                query.host_passes(&HostVars { host: &h }),
+                *want,
+                "query {q}"
+            );
+        }
+    }
+
+    /// The host's reserved amounts count as used in the free figures, as Nova's HostState
+    /// reports them from the compute node.
+    #[test]
+    fn json_filter_counts_reserved_as_used() {
+        let mut h = host();
+        h.ram_mb_reserved = 512;
+        h.disk_mb_reserved = 2048;
+        for (q, want) in [
+            (r#"["=", "$free_ram_mb", 512]"#, true),
+            (r#"["=", "$free_disk_mb", 202752]"#, true),
+            (r#"["=", "$disk_mb_used", 2048]"#, true),
+            (r#"["=", "$total_usable_ram_mb", 4096]"#, true),
+        ] {
+            let query = parse(q).unwrap();
+            assert_eq!(query.host_passes(&HostVars { host: &h }), want, "query {q}");
         }
     }
 
@@ -352,6 +520,15 @@ mod tests {
                 QueryError::UnknownVariable("$free_ram".into()),
             ),
             (r#"[">=", {"a": 1}, 1]"#, QueryError::ObjectArgument),
+            (r#"["=", "$", 1]"#, QueryError::UnknownVariable("$".into())),
+            (
+                r#"["=", "$free_ram_mb.x", 1]"#,
+                QueryError::NotADictionary("$free_ram_mb.x".into()),
+            ),
+            (
+                r#"["=", "$capabilities.x", 1]"#,
+                QueryError::UnknownVariable("$capabilities.x".into()),
+            ),
             (
                 r#"["and", ["xor", 1, 2]]"#,
                 QueryError::UnknownOperator("xor".into()),
@@ -366,5 +543,9 @@ mod tests {
         // The message names what is allowed.
         let msg = parse(r#"["~"]"#).unwrap_err().to_string();
         assert!(msg.contains("allowed"), "{msg}");
+        let msg = parse(r#"["=", "$free_ram", 1]"#).unwrap_err().to_string();
+        for v in VARIABLES.iter().chain(&UNSET_VARIABLES) {
+            assert!(msg.contains(v), "{msg} does not name {v}");
+        }
     }
 }

@@ -7,11 +7,20 @@
 //!   host, the hosts of an affinity group, an availability zone, the hosts of the aggregates
 //!   that carry a key the flavor's extra specs need): filter and weigh just those.
 //! * **Threshold walk** otherwise. Each resource weigher (free RAM, disk, vCPUs) keeps its
-//!   hosts in a sorted set. The normalisation bounds are the first eligible host from each end
-//!   of each set; then the sets are walked from their best end in lock-step (Fagin's threshold
-//!   algorithm), scoring eligible hosts as they appear, until the k-th best score found beats
-//!   the best score any unseen host could have. Server-group members are scored up front,
-//!   because only they can have a non-zero soft-affinity weight.
+//!   hosts in a sorted set, which gives the normalisation bounds: the first eligible host
+//!   from each end of each set. A fourth set orders the hosts by a combined key, a linear
+//!   combination of the three raw weights whose coefficients are `multiplier / range` for
+//!   reference ranges close to those of typical requests. The walk reads that set from its
+//!   best end, scoring eligible hosts as they appear, until the k-th best score found beats
+//!   the best score any unseen eligible host could have given its key and the normalisation
+//!   box ([`Combo`]). Server-group members are scored up front, because only they can have a
+//!   non-zero soft-affinity weight.
+//!
+//! The combined key replaced a walk over the three per-weigher sets in lock-step (Fagin's
+//! threshold algorithm), whose depth grew with the number of placements: spreading levels
+//! the best hosts to nearly the same score while their free RAM, disk and vCPUs still
+//! differ, and the lock-step bound only falls below that level once every set has been read
+//! past the whole plateau.
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::fmt;
@@ -178,6 +187,162 @@ fn from_key(k: i64) -> f64 {
 /// Number of weighers with a sorted index (free RAM, free disk, free vCPUs).
 const INDEXED: usize = 3;
 
+/// Position of the combined index among the sorted indexes.
+const COMBO: usize = INDEXED;
+/// Sorted indexes per host set: one per indexed weigher, and the combined one.
+const LISTS: usize = INDEXED + 1;
+/// A combined walk that reads more hosts than this asks for new coefficients...
+const REKEY_READ: usize = 64;
+/// ...if the request's normalisation ranges are out of proportion with the coefficients by
+/// more than this factor.
+const REKEY_SPREAD: f64 = 1.01;
+/// At most one re-keying per this many `select` calls.
+const REKEY_EVERY: u32 = 128;
+
+/// The combined key's coefficients for reference ranges: `multiplier / range`, so a host's
+/// key orders hosts exactly as the score does for a request whose normalisation ranges are
+/// those ranges. A zero range counts as 1 (any positive value is correct).
+fn combo_coef(mult: &[f64; weighers::N], ranges: &[f64; INDEXED]) -> [f64; INDEXED] {
+    let mut c = [0.0; INDEXED];
+    for w in 0..INDEXED {
+        let r = if ranges[w] > 0.0 && ranges[w].is_finite() {
+            ranges[w]
+        } else {
+            1.0
+        };
+        c[w] = mult[w] / r;
+    }
+    c
+}
+
+/// A host's combined key from its raw weights: `Σ coef_w × raw_w`, summed in weigher order.
+fn combo_key(coef: &[f64; INDEXED], raw: &[f64; weighers::N]) -> f64 {
+    let mut g = 0.0;
+    for w in 0..INDEXED {
+        g += coef[w] * raw[w];
+    }
+    g
+}
+
+/// The stop rule of the combined walk: the best score an eligible host with a combined key
+/// at most `G` can have.
+///
+/// An eligible host's raw weights lie in the normalisation box `[b.min, b.max]`. Writing each
+/// walked weigher's term as `|m_w| × n_w` with `n_w ∈ [0, 1]` (plus a constant −|m_w| for a
+/// negative multiplier), its key is `base + Σ β_w × n_w` with `β_w = |coef_w| × range_w ≥ 0`.
+/// The largest score subject to `Σ β_w × n_w ≤ G − base` is a fractional knapsack: take the
+/// weighers in decreasing `|m_w| / β_w`. When the request's ranges are proportional to the
+/// coefficients' reference ranges the bound is the exact best score of the key; otherwise
+/// it is looser, and the walk reads further (never stops early).
+struct Combo {
+    /// (value |m_w|, weight β_w) of the walked weighers, best ratio first.
+    items: Vec<(f64, f64)>,
+    base: f64,
+    /// Added to the key budget: covers rounding in the keys and in `base`.
+    slack: f64,
+    /// Constant part of every eligible host's score, plus the margin for rounding in scores.
+    offset: f64,
+    /// The request's range per walked weigher and the coefficients' reference ranges.
+    ranges: [f64; INDEXED],
+    reference: [f64; INDEXED],
+    walkers: Vec<usize>,
+}
+
+impl Combo {
+    fn new(
+        coef: &[f64; INDEXED],
+        b: &Bounds,
+        mult: &[f64; weighers::N],
+        walkers: &[usize],
+    ) -> Self {
+        let mut items = Vec::with_capacity(walkers.len());
+        let mut base = 0.0;
+        let mut scale = 1.0;
+        let mut offset = 0.0;
+        let mut ranges = [0.0; INDEXED];
+        let mut reference = [0.0; INDEXED];
+        for w in 0..INDEXED {
+            if mult[w] == 0.0 {
+                continue;
+            }
+            scale += coef[w].abs() * b.min[w].abs().max(b.max[w].abs());
+            reference[w] = mult[w].abs() / coef[w].abs();
+            if walkers.contains(&w) {
+                let range = b.max[w] - b.min[w];
+                ranges[w] = range;
+                items.push((mult[w].abs(), coef[w].abs() * range));
+                if mult[w] > 0.0 {
+                    base += coef[w] * b.min[w];
+                } else {
+                    base += coef[w] * b.max[w];
+                    offset -= mult[w].abs();
+                }
+            } else {
+                base += coef[w] * b.min[w];
+            }
+        }
+        // Highest value per unit of key first; free items (weight 0) before all.
+        items.sort_by(|a, b| (b.0 * a.1).total_cmp(&(a.0 * b.1)));
+        let margin = 1e-9 * (1.0 + mult.iter().map(|m| m.abs()).sum::<f64>());
+        Self {
+            items,
+            base,
+            slack: 1e-9 * scale,
+            offset: offset + margin,
+            ranges,
+            reference,
+            walkers: walkers.to_vec(),
+        }
+    }
+
+    /// The bound for unseen hosts whose key is at most `g`, or `None` if no eligible host
+    /// can have such a key. `soft` is the soft group weigher and its multiplier: unseen hosts
+    /// are not members, so its raw value for them is 0.
+    fn bound(&self, g: f64, soft: Option<(usize, f64, &Bounds)>) -> Option<f64> {
+        let mut budget = g - self.base + self.slack;
+        if budget < 0.0 {
+            return None;
+        }
+        let mut value = self.offset;
+        for &(v, weight) in &self.items {
+            let n = if weight <= budget {
+                1.0
+            } else {
+                budget / weight
+            };
+            value += v * n;
+            budget -= weight * n;
+            if budget <= 0.0 {
+                budget = 0.0;
+            }
+        }
+        if let Some((w, m, b)) = soft {
+            value += m * weighers::normalize(0.0, b.min[w], b.max[w]);
+        }
+        Some(value)
+    }
+
+    /// New reference ranges if the request's ranges are out of proportion with the current
+    /// ones by more than `spread`.
+    fn rekey_ranges(&self, spread: f64) -> Option<[f64; INDEXED]> {
+        let ratios = self
+            .walkers
+            .iter()
+            .map(|&w| self.reference[w] / self.ranges[w]);
+        let lo = ratios.clone().fold(f64::INFINITY, f64::min);
+        let hi = ratios.fold(f64::NEG_INFINITY, f64::max);
+        if hi > lo * spread {
+            let mut r = self.reference;
+            for &w in &self.walkers {
+                r[w] = self.ranges[w];
+            }
+            Some(r)
+        } else {
+            None
+        }
+    }
+}
+
 /// A walk over one sorted weigher index, from its best end.
 type Walk<'a> = Box<dyn Iterator<Item = &'a (i64, u32)> + 'a>;
 
@@ -248,6 +413,11 @@ struct ReqState {
     /// The image's canonical architecture and hypervisor type as interned ids
     /// (`u32::MAX`: no host has it).
     image_ids: (Option<u32>, Option<u32>),
+    /// The configured filters that can reject a host for this request, in order, without
+    /// the zone and extra-specs filters (the class verdict stands for them).
+    active: Vec<FilterKind>,
+    /// Reference ranges the combined index should be re-keyed to, asked for by a walk.
+    rekey: Option<[f64; INDEXED]>,
 }
 
 impl ReqState {
@@ -299,11 +469,18 @@ pub struct Scheduler {
     seen: Vec<u32>,
     epoch: u32,
     instance_host: HashMap<String, u32>,
-    /// Hosts sorted by the raw value of each indexed weigher.
-    sorted: [BTreeSet<(i64, u32)>; INDEXED],
+    /// Hosts sorted by the raw value of each indexed weigher, then by the combined key.
+    sorted: [BTreeSet<(i64, u32)>; LISTS],
     /// The same, per host class.
-    class_sorted: Vec<[BTreeSet<(i64, u32)>; INDEXED]>,
-    keys: Vec<[i64; INDEXED]>,
+    class_sorted: Vec<[BTreeSet<(i64, u32)>; LISTS]>,
+    keys: Vec<[i64; LISTS]>,
+    /// Coefficients of the combined key.
+    coef: [f64; INDEXED],
+    /// `select` calls since the combined index was last re-keyed.
+    since_rekey: u32,
+    /// When a walk asks to re-key: `REKEY_READ`, `REKEY_SPREAD` and `REKEY_EVERY` (tests
+    /// lower them to re-key as often as possible).
+    rekey_rule: (usize, f64, u32),
 }
 
 impl Scheduler {
@@ -389,7 +566,10 @@ impl Scheduler {
         let mut s = Self {
             rng: StdRng::seed_from_u64(config.seed),
             config,
-            keys: vec![[0; INDEXED]; hosts.len()],
+            keys: vec![[0; LISTS]; hosts.len()],
+            coef: [0.0; INDEXED],
+            since_rekey: 0,
+            rekey_rule: (REKEY_READ, REKEY_SPREAD, REKEY_EVERY),
             seen: vec![0; hosts.len()],
             hosts,
             aggregates,
@@ -408,6 +588,16 @@ impl Scheduler {
             class_sorted: Vec::new(),
         };
         s.class_sorted = (0..s.classes.len()).map(|_| Default::default()).collect();
+        // The combined key starts with the ranges over all hosts.
+        let mut all = Bounds::empty();
+        for i in 0..s.hosts.len() as u32 {
+            all.add(&weighers::raw(&s.ctx(i), None, 0));
+        }
+        let mut ranges = [0.0; INDEXED];
+        for (w, r) in ranges.iter_mut().enumerate() {
+            *r = all.max[w] - all.min[w];
+        }
+        s.coef = combo_coef(&s.config.multipliers.as_array(), &ranges);
         for i in 0..s.hosts.len() as u32 {
             s.index_insert(i);
         }
@@ -476,9 +666,13 @@ impl Scheduler {
 
     fn index_insert(&mut self, i: u32) {
         let raw = weighers::raw(&self.ctx(i), None, 0);
-        let mut k = [0; INDEXED];
-        for w in 0..INDEXED {
-            k[w] = key_of(raw[w]);
+        let mut k = [0; LISTS];
+        for w in 0..LISTS {
+            k[w] = key_of(if w == COMBO {
+                combo_key(&self.coef, &raw)
+            } else {
+                raw[w]
+            });
             self.sorted[w].insert((k[w], i));
             self.class_sorted[self.host_class[i as usize] as usize][w].insert((k[w], i));
         }
@@ -491,6 +685,40 @@ impl Scheduler {
             self.sorted[w].remove(&(*key, i));
             self.class_sorted[self.host_class[i as usize] as usize][w].remove(&(*key, i));
         }
+    }
+
+    /// Tests: re-key the combined index to these reference ranges now (any positive ranges
+    /// give the same answers, only the walk's depth changes), and re-key after every walk
+    /// whose ranges differ from the reference if `eager`.
+    #[cfg(test)]
+    pub(crate) fn tune_combo(&mut self, ranges: Option<[f64; INDEXED]>, eager: bool) {
+        if let Some(r) = ranges {
+            self.rekey(&r);
+        }
+        if eager {
+            self.rekey_rule = (0, 1.0, 0);
+        }
+    }
+
+    /// Recomputes the combined key of every host for new reference ranges.
+    fn rekey(&mut self, ranges: &[f64; INDEXED]) {
+        self.coef = combo_coef(&self.config.multipliers.as_array(), ranges);
+        let mut all = Vec::with_capacity(self.hosts.len());
+        let mut per_class: Vec<Vec<(i64, u32)>> = vec![Vec::new(); self.classes.len()];
+        for i in 0..self.hosts.len() as u32 {
+            let raw = weighers::raw(&self.ctx(i), None, 0);
+            let key = key_of(combo_key(&self.coef, &raw));
+            self.keys[i as usize][COMBO] = key;
+            all.push((key, i));
+            per_class[self.host_class[i as usize] as usize].push((key, i));
+        }
+        all.sort_unstable();
+        self.sorted[COMBO] = all.into_iter().collect();
+        for (c, mut list) in per_class.into_iter().enumerate() {
+            list.sort_unstable();
+            self.class_sorted[c][COMBO] = list.into_iter().collect();
+        }
+        self.since_rekey = 0;
     }
 
     /// The extra-specs verdict for an aggregate set, computed once per request.
@@ -540,6 +768,32 @@ impl Scheduler {
         None
     }
 
+    /// The filters `eligible` must run for this request: those that cannot reject any host
+    /// (no image requirement, no query, no group of their policy, a forced host) are left out.
+    fn active_filters(&self, p: &filters::Prepared) -> Vec<FilterKind> {
+        let policy = p.group.as_ref().map(|g| g.policy);
+        self.config
+            .filters
+            .iter()
+            .copied()
+            .filter(|&f| {
+                if p.forced_host.is_some() && !f.runs_on_forced_host() {
+                    return false;
+                }
+                match f {
+                    FilterKind::AvailabilityZone | FilterKind::AggregateInstanceExtraSpecs => false,
+                    FilterKind::ImageProperties => p.image_arch.is_some() || p.image_hv.is_some(),
+                    FilterKind::Json => p.query.is_some(),
+                    FilterKind::ServerGroupAntiAffinity => {
+                        policy == Some(GroupPolicy::AntiAffinity)
+                    }
+                    FilterKind::ServerGroupAffinity => policy == Some(GroupPolicy::Affinity),
+                    _ => true,
+                }
+            })
+            .collect()
+    }
+
     /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
     fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
         // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
@@ -549,8 +803,7 @@ impl Scheduler {
         }
         let ctx = self.ctx(i);
         let gv = st.group_view(i);
-        self.config.filters.iter().all(|&f| match f {
-            FilterKind::AvailabilityZone | FilterKind::AggregateInstanceExtraSpecs => true,
+        st.active.iter().all(|&f| match f {
             FilterKind::ImageProperties => self.image_ok(i, st),
             _ => filters::passes(f, &ctx, &st.p, gv),
         })
@@ -611,7 +864,10 @@ impl Scheduler {
             seen: std::mem::take(&mut self.seen),
             epoch: self.epoch,
             image_ids: (None, None),
+            rekey: None,
+            active: Vec::new(),
         };
+        st.active = self.active_filters(&st.p);
         let id = |s: &String| self.interned.get(s).copied().unwrap_or(u32::MAX);
         st.image_ids = (
             st.p.image_arch.as_ref().map(id),
@@ -620,6 +876,7 @@ impl Scheduler {
         self.classify(&mut st);
         let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
         let mut failure = None;
+        let mut applied = 0;
         for (n, id) in request.instance_ids.iter().enumerate() {
             let top = match forced {
                 Some(f) => self.scan([f].into_iter(), &mut st),
@@ -632,16 +889,27 @@ impl Scheduler {
             let choice = pick_index(&mut self.rng, top.len());
             let i = top[choice].1;
             let claim = claim_for(&self.hosts[i as usize], &st.p, id);
-            self.apply_claim(&claim)
-                .expect("a claim made from the view applies to it");
-            *st.counts.entry(i).or_insert(0) += 1;
+            // Later picks see this one; the last pick has no later pick to see it, so it is
+            // not applied (and not reverted): that saves two updates of every index.
+            if n + 1 < request.instance_ids.len() {
+                self.apply_claim(&claim)
+                    .expect("a claim made from the view applies to it");
+                *st.counts.entry(i).or_insert(0) += 1;
+                applied += 1;
+            }
             claims.push(claim);
         }
-        for c in claims.iter().rev() {
+        for c in claims[..applied].iter().rev() {
             self.revert(c);
         }
         self.seen = st.seen;
         self.epoch = st.epoch;
+        self.since_rekey = self.since_rekey.saturating_add(1);
+        if let Some(ranges) = st.rekey {
+            if self.since_rekey >= self.rekey_rule.2 {
+                self.rekey(&ranges);
+            }
+        }
         match failure {
             Some(e) => Err(ScheduleError::NoValidHost(e)),
             None => Ok(claims),
@@ -849,39 +1117,94 @@ impl Scheduler {
                 push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
             }
         }
-        let mut iters: Vec<(usize, Merge<'_>)> = walkers
-            .iter()
-            .map(|&w| (w, self.walk(w, mult[w] > 0.0, st)))
-            .collect();
-        // Raw values bounding every unseen host: the last value read from each walked index,
-        // the lower bound for unwalked weighers (their terms are zero), and 0 for the soft
-        // weighers (unseen hosts are not members).
-        let mut bound = b.min;
-        if let Some(w) = soft {
-            bound[w] = 0.0;
-        }
-        loop {
-            let mut exhausted = false;
-            for (w, it) in iters.iter_mut() {
-                match it.next() {
-                    None => exhausted = true,
-                    Some((key, i)) => {
-                        bound[*w] = from_key(key);
-                        let fresh = st.seen[i as usize] != epoch;
-                        st.seen[i as usize] = epoch;
-                        if fresh && self.eligible(i, st) {
-                            push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
-                        }
-                    }
+        // Walk the combined index (hosts by g = Σ coef_w × x_w, best first). Every unseen
+        // host has g ≤ the last key read; an eligible one also lies inside the normalisation
+        // box. The best score such a host can have is a fractional knapsack (see `Combo`).
+        let combo = Combo::new(&self.coef, &b, &mult, &walkers);
+        let mut it = self.walk(COMBO, true, st);
+        let mut read = 0usize;
+        for (key, i) in it.by_ref() {
+            read += 1;
+            if st.seen[i as usize] != epoch {
+                st.seen[i as usize] = epoch;
+                if self.eligible(i, st) {
+                    push(&mut top, (weighers::score(&self.raw(i, st), &b, &mult), i));
                 }
             }
-            if exhausted {
-                break;
-            }
-            if top.len() == k && top[k - 1].0 > weighers::score(&bound, &b, &mult) {
-                break;
+            match combo.bound(from_key(key), soft.map(|w| (w, mult[w], &b))) {
+                None => break,
+                Some(bound) if top.len() == k && top[k - 1].0 > bound => break,
+                Some(_) => {}
             }
         }
+        // A walk that read far because the coefficients no longer match the ranges of a
+        // typical request asks for new ones. Requests whose candidates are a few classes or
+        // whose JSON query shapes the ranges are not typical, and would make the index
+        // thrash between two sets of coefficients.
+        let (min_read, spread, _) = self.rekey_rule;
+        if read > min_read && !st.per_class && st.p.query.is_none() {
+            st.rekey = combo.rekey_ranges(spread);
+        }
         top
+    }
+}
+
+#[cfg(test)]
+mod combo_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn point() -> impl Strategy<Value = ([f64; INDEXED], [f64; INDEXED], [f64; INDEXED])> {
+        // (min, range, position in [0, 1]) per indexed weigher.
+        (
+            [-1e6f64..1e6, -1e6f64..1e6, -1e3f64..1e4],
+            [1e-3f64..1e6, 1e-3f64..1e6, 1e-3f64..1e4],
+            [0.0f64..=1.0, 0.0f64..=1.0, 0.0f64..=1.0],
+        )
+    }
+
+    proptest! {
+        /// The stop rule's bound is never below the score of an eligible host (inside the
+        /// normalisation box) whose combined key is at most the key read, whatever the
+        /// reference ranges; and when the reference ranges are the request's it is that
+        /// host's own score (up to the rounding margin).
+        #[test]
+        fn bound_covers_every_host_below_the_key(
+            (min, range, pos) in point(),
+            mult in [-2.0f64..2.0, -2.0f64..2.0, -2.0f64..2.0],
+            zero in 0usize..4,
+            reference in [1e-3f64..1e7, 1e-3f64..1e7, 1e-3f64..1e7],
+            exact in any::<bool>(),
+        ) {
+            let mut m = [0.0; weighers::N];
+            m[..INDEXED].copy_from_slice(&mult);
+            if zero < INDEXED {
+                m[zero] = 0.0;
+            }
+            let mut b = Bounds { min: [0.0; weighers::N], max: [0.0; weighers::N] };
+            let mut raw = [0.0; weighers::N];
+            for w in 0..INDEXED {
+                b.min[w] = min[w];
+                b.max[w] = min[w] + range[w];
+                raw[w] = (min[w] + range[w] * pos[w]).clamp(b.min[w], b.max[w]);
+            }
+            let walkers: Vec<usize> =
+                (0..INDEXED).filter(|&w| m[w] != 0.0 && b.min[w] != b.max[w]).collect();
+            let reference = if exact { range } else { reference };
+            let coef = combo_coef(&m, &reference);
+            let combo = Combo::new(&coef, &b, &m, &walkers);
+            let g = combo_key(&coef, &raw);
+            let score = weighers::score(&raw, &b, &m);
+            let bound = combo.bound(g, None).expect("a host inside the box has this key");
+            prop_assert!(bound >= score, "bound {bound} < score {score}");
+            // Tight when the box is not tiny next to its distance from 0: the key's rounding
+            // slack is relative to the values, so it widens the bound by about
+            // 1e-9 × |value| / range per weigher.
+            let conditioned = (0..INDEXED).all(|w| min[w].abs().max((min[w] + range[w]).abs()) <= 1e3 * range[w]);
+            if exact && conditioned {
+                prop_assert!(bound - score < 1e-5, "bound {bound} far above score {score}");
+            }
+        }
     }
 }

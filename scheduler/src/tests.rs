@@ -1022,7 +1022,7 @@ mod props {
             image in 0usize..4,
             az in prop::option::weighted(0.3, 0usize..3),
             force in prop::option::weighted(0.05, 0usize..12),
-            query in 0usize..5,
+            query in 0usize..7,
             group in prop::option::weighted(0.4, (0usize..4, prop::option::of(1u32..3))),
         ) -> Tmpl {
             let mut f = flavor(vcpus, ram, root);
@@ -1050,6 +1050,8 @@ mod props {
                 1 => Some(r#"[">=", "$free_ram_mb", 1024]"#.to_owned()),
                 2 => Some(r#"["and", [">", "$vcpus_total", 4], ["<", "$vcpus_used", 20]]"#.to_owned()),
                 3 => Some(r#"["not", ["=", "$vcpus_used", 0]]"#.to_owned()),
+                4 => Some(r#"["or", ["<", "$num_instances", 2], ["in", "$host", "h1", "h3"]]"#.to_owned()),
+                5 => Some(r#"["and", ["=", "$hypervisor_type", "kvm"], ["<", "$num_io_ops", 8]]"#.to_owned()),
                 _ => None,
             };
             let policies = [GroupPolicy::Affinity, GroupPolicy::AntiAffinity, GroupPolicy::SoftAffinity, GroupPolicy::SoftAntiAffinity];
@@ -1112,6 +1114,17 @@ mod props {
         }
     }
 
+    /// How a test drives the combined index: reference ranges to re-key to before requests
+    /// (none: keep the scheduler's own), and whether to re-key after every walk. Ranges far
+    /// from the requests' make the combined walk's stop rule loose, never wrong.
+    fn arb_combo() -> impl Strategy<Value = (Option<[f64; 3]>, bool)> {
+        let range = prop::sample::select(vec![0.0f64, 1.0, 3.0, 1000.0, 65536.0, 1e7]);
+        (
+            proptest::option::of([range.clone(), range.clone(), range]),
+            any::<bool>(),
+        )
+    }
+
     /// Runs a sequence of requests, committing each success, and returns the final hosts and
     /// every outcome. Members of a request's group are the instances of the earlier requests
     /// with a group hint, so groups grow as they would in a cloud.
@@ -1151,12 +1164,14 @@ mod props {
             config in arb_config(),
             hosts in arb_hosts(),
             tmpls in proptest::collection::vec(arb_tmpl(), 1..6),
+            combo in arb_combo(),
         ) {
             let mut s = Scheduler::new(config.clone(), hosts.clone(), aggregates()).unwrap();
             let mut ref_hosts = hosts;
             let mut rng = StdRng::seed_from_u64(config.seed);
             let mut members = Vec::new();
             for (k, t) in tmpls.iter().enumerate() {
+                s.tune_combo(combo.0, combo.1);
                 let req = build(t, k, &ref_hosts, &members);
                 let want = reference_select(&ref_hosts, &aggregates(), &config, &mut rng, &req);
                 let got = s.select(&req);
@@ -1268,6 +1283,7 @@ mod props {
             config in arb_config(),
             hosts in arb_hosts_in(100..400),
             tmpls in proptest::collection::vec(arb_tmpl(), 20..60),
+            combo in arb_combo(),
         ) {
             let config = SchedulerConfig { scan_limit: config.scan_limit.min(16), ..config };
             let mut s = Scheduler::new(config.clone(), hosts.clone(), aggregates()).unwrap();
@@ -1275,6 +1291,9 @@ mod props {
             let mut rng = StdRng::seed_from_u64(config.seed);
             let mut members = Vec::new();
             for (k, t) in tmpls.iter().enumerate() {
+                if k % 7 == 0 {
+                    s.tune_combo(combo.0, combo.1);
+                }
                 let req = build(t, k, &ref_hosts, &members);
                 let want = reference_select(&ref_hosts, &aggregates(), &config, &mut rng, &req);
                 let got = s.select(&req);
