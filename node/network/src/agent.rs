@@ -11,6 +11,11 @@
 //! Remote ports are found through the `network_agents` table, where every agent publishes
 //! its VTEP address: a port bound on node A is reachable from node B as soon as B's agent
 //! has read A's row and the port's, without flooding (L2 population from Raft).
+//!
+//! Routers are distributed: every node with a port on a network a router has an interface on
+//! programs that router (its interfaces, and the remote ports of all its networks), so a VM's
+//! packets to another subnet of the router are routed on the VM's own node. Router interface
+//! ports go `ACTIVE` once a node has programmed them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -25,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, WatchError};
 use shoal_dataplane::{
     ebpf::EbpfDataplane, kernel::KernelDataplane, model, Dataplane, DesiredState, Direction,
-    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, SecurityGroup, SgRule, Underlay,
+    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router, RouterInterface,
+    SecurityGroup, SgRule, Underlay,
 };
 use shoal_state::{
     records::{tap_device, PortRecord},
@@ -35,7 +41,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
     config::Driver,
-    records::{NetworkRecord, RuleRecord, SecurityGroupRecord, SubnetRecord},
+    records::{NetworkRecord, RouterRecord, RuleRecord, SecurityGroupRecord, SubnetRecord},
+    routers::ROUTER_INTERFACE,
     NetworkConfig,
 };
 
@@ -95,8 +102,9 @@ pub enum AgentError {
 }
 
 /// The tables whose changes change the datapath.
-const FOLLOWED: [&str; 6] = [
+const FOLLOWED: [&str; 7] = [
     tables::PORTS,
+    tables::ROUTERS,
     tables::NETWORKS,
     tables::SUBNETS,
     tables::SECURITY_GROUPS,
@@ -278,6 +286,31 @@ impl NetworkAgent {
                 }
             }
         }
+        // Router interfaces are programmed wherever their router is: the first node that has
+        // done so says ACTIVE (compare-and-set; the others then find it ACTIVE already).
+        for (id, status) in &plan.router_interfaces {
+            if status == "ACTIVE" {
+                continue;
+            }
+            let r = ports
+                .update(id, |p: &mut PortRecord| {
+                    if p.device_owner != ROUTER_INTERFACE {
+                        return Err(StateError::NotFound {
+                            table: tables::PORTS,
+                            key: p.id.clone(),
+                        });
+                    }
+                    p.status = "ACTIVE".to_string();
+                    p.touch(now());
+                    Ok(())
+                })
+                .await;
+            match r {
+                Ok(_) => tracing::info!(port = %id, "router interface ACTIVE"),
+                Err(StateError::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(port = %id, error = %e, "cannot write the port status"),
+            }
+        }
         let now_served: BTreeMap<String, ServedPort> = plan
             .served
             .into_iter()
@@ -446,6 +479,7 @@ struct View {
     groups: Vec<SecurityGroupRecord>,
     rules: Vec<RuleRecord>,
     agents: HashMap<String, AgentRecord>,
+    routers: Vec<RouterRecord>,
 }
 
 /// What one pass decided.
@@ -456,6 +490,8 @@ struct Plan {
     bound: Vec<(String, String)>,
     /// The local ports put in `desired`, by device.
     served: BTreeMap<String, ServedPort>,
+    /// The interface ports of the routers put in `desired`, with their status as read.
+    router_interfaces: Vec<(String, String)>,
 }
 
 impl View {
@@ -504,7 +540,65 @@ impl View {
             .into_iter()
             .map(|a: AgentRecord| (a.host.clone(), a))
             .collect(),
+            routers: by_id(
+                state
+                    .table::<RouterRecord>(tables::ROUTERS)
+                    .list("")
+                    .await?,
+            ),
         })
+    }
+
+    /// A router interface port in the datapath's terms: on a carried network, up, with an
+    /// IPv4 address on a known subnet.
+    fn router_interface(&self, p: &PortRecord) -> Option<RouterInterface> {
+        let vni = self.vni(&p.network_id)?;
+        if !p.admin_state_up {
+            return None;
+        }
+        let mac = parse_mac(&p.mac_address).ok()?;
+        let (ip, subnet_id) = ipv4s(p).into_iter().next()?;
+        let (addr, len) = parse_cidr(&self.subnets.get(&subnet_id)?.cidr)?;
+        Some(RouterInterface {
+            port_id: p.id.clone(),
+            vni,
+            mac,
+            ip,
+            subnet: Ipv4Cidr::new(addr, len),
+        })
+    }
+
+    /// Routers with an interface on one of `local_networks` (each node routes its own VMs'
+    /// packets), with their interfaces; extends `carried` with the networks they join.
+    fn plan_routers<'a>(
+        &'a self,
+        local_networks: &BTreeSet<&str>,
+        carried: &mut BTreeSet<&'a str>,
+        plan: &mut Plan,
+    ) {
+        for r in self.routers.iter().filter(|r| r.admin_state_up) {
+            let interfaces: Vec<(&PortRecord, RouterInterface)> = self
+                .ports
+                .iter()
+                .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
+                .filter_map(|p| Some((p, self.router_interface(p)?)))
+                .collect();
+            if !interfaces
+                .iter()
+                .any(|(p, _)| local_networks.contains(p.network_id.as_str()))
+            {
+                continue;
+            }
+            for (p, _) in &interfaces {
+                carried.insert(p.network_id.as_str());
+                plan.router_interfaces
+                    .push((p.id.clone(), p.status.clone()));
+            }
+            plan.desired.routers.push(Router {
+                id: r.id.clone(),
+                interfaces: interfaces.into_iter().map(|(_, i)| i).collect(),
+            });
+        }
     }
 
     /// The VNI of a network the eBPF/VXLAN datapath carries (flat networks are not carried).
@@ -551,10 +645,12 @@ impl View {
                 );
             }
         }
+        let mut carried = local_networks.clone();
+        self.plan_routers(&local_networks, &mut carried, &mut plan);
         for p in &self.ports {
             if p.binding_host_id.is_empty()
                 || p.binding_host_id == host
-                || !local_networks.contains(p.network_id.as_str())
+                || !carried.contains(p.network_id.as_str())
             {
                 continue;
             }
@@ -738,7 +834,7 @@ fn sg_rule(r: &RuleRecord) -> Option<SgRule> {
 /// object).
 enum AnyDatapath {
     Ebpf(Box<EbpfDataplane>),
-    Kernel(KernelDataplane),
+    Kernel(Box<KernelDataplane>),
 }
 
 impl AnyDatapath {
@@ -854,7 +950,7 @@ fn open_datapath(
     };
     let kernel = || {
         KernelDataplane::new(underlay)
-            .map(AnyDatapath::Kernel)
+            .map(|d| AnyDatapath::Kernel(Box::new(d)))
             .map_err(|e| e.to_string())
     };
     let fail = |driver, reason| AgentError::Datapath {
@@ -1009,7 +1105,125 @@ mod tests {
                 },
             )]
             .into(),
+            routers: vec![],
         }
+    }
+
+    /// `view()` plus network n2 (VNI 8, 10.0.1.0/24) with a port on node n2, and router r
+    /// with interfaces on s1 (10.0.0.1) and s2 (10.0.1.1).
+    fn routed_view() -> View {
+        let mut v = view();
+        let mut n2 = v.networks["n1"].clone();
+        n2.id = "n2".into();
+        n2.segmentation_id = Some(8);
+        n2.subnets = vec!["s2".into()];
+        v.networks.insert("n2".into(), n2);
+        let mut s2 = v.subnets["s1"].clone();
+        s2.id = "s2".into();
+        s2.network_id = "n2".into();
+        s2.cidr = "10.0.1.0/24".into();
+        s2.gateway_ip = Some("10.0.1.1".into());
+        v.subnets.insert("s2".into(), s2);
+        let on_n2 = |mut p: PortRecord| {
+            p.network_id = "n2".into();
+            p.fixed_ips[0].subnet_id = "s2".into();
+            p
+        };
+        v.ports.push(on_n2(port("dddd", "n2", "10.0.1.5", &["g"])));
+        let rif = |p: PortRecord| PortRecord {
+            device_owner: ROUTER_INTERFACE.into(),
+            device_id: "r".into(),
+            binding_host_id: String::new(),
+            security_groups: vec![],
+            ..p
+        };
+        v.ports.push(rif(port("ri1xx", "", "10.0.0.1", &[])));
+        v.ports
+            .push(rif(on_n2(port("ri2xxx", "", "10.0.1.1", &[]))));
+        v.routers.push(RouterRecord {
+            id: "r".into(),
+            project_id: "p".into(),
+            name: "r".into(),
+            description: String::new(),
+            admin_state_up: true,
+            status: "ACTIVE".into(),
+            gateway: None,
+            routes: vec![],
+            tags: vec![],
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        });
+        v
+    }
+
+    /// A node with a port on one of a router's networks programs the router (both
+    /// interfaces) and the remote ports of every network it joins; the remote-group rule of
+    /// the local port then admits the routed network's members.
+    #[test]
+    fn a_router_on_a_local_network_is_programmed_with_its_networks() {
+        let plan = routed_view().plan("n1");
+        assert_eq!(plan.desired.routers.len(), 1);
+        let r = &plan.desired.routers[0];
+        let rifs: Vec<(u32, String, String)> = r
+            .interfaces
+            .iter()
+            .map(|i| (i.vni, i.ip.to_string(), i.subnet.to_string()))
+            .collect();
+        assert_eq!(
+            rifs,
+            vec![
+                (7, "10.0.0.1".into(), "10.0.0.0/24".into()),
+                (8, "10.0.1.1".into(), "10.0.1.0/24".into())
+            ]
+        );
+        assert_eq!(r.interfaces[1].mac, parse_mac("fa:16:3e:00:00:06").unwrap());
+        let remote: Vec<(&str, u32)> = plan
+            .desired
+            .remote_ports
+            .iter()
+            .map(|p| (p.id.as_str(), p.vni))
+            .collect();
+        assert_eq!(remote, vec![("bb", 7), ("dddd", 8)]);
+        let statuses: Vec<&str> = plan
+            .router_interfaces
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(statuses, vec!["ri1xx", "ri2xxx"]);
+        model::check_addresses(&plan.desired).unwrap();
+        let remotes: Vec<String> = model::compile_sg(&plan.desired)
+            .unwrap()
+            .iter()
+            .filter(|e| e.direction == Direction::Ingress)
+            .map(|e| e.remote.to_string())
+            .collect();
+        assert!(remotes.contains(&"10.0.1.5/32".to_string()), "{remotes:?}");
+
+        // The node of the routed network's port programs it too (distributed).
+        let plan = routed_view().plan("n2");
+        assert_eq!(plan.desired.routers.len(), 1);
+        assert_eq!(plan.desired.ports[0].id, "bb");
+    }
+
+    /// No port of this node on the router's networks, the router down, or its interface
+    /// removed: nothing of it is programmed and the other network is not carried.
+    #[test]
+    fn routers_are_programmed_only_where_and_while_they_route() {
+        assert!(routed_view().plan("n9").desired.routers.is_empty());
+
+        let mut v = routed_view();
+        v.routers[0].admin_state_up = false;
+        let plan = v.plan("n1");
+        assert!(plan.desired.routers.is_empty());
+        assert!(plan.router_interfaces.is_empty());
+        assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
+
+        let mut v = routed_view();
+        v.ports.retain(|p| p.id != "ri2xxx");
+        let plan = v.plan("n1");
+        assert_eq!(plan.desired.routers[0].interfaces.len(), 1);
+        assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
     }
 
     #[test]
