@@ -178,6 +178,46 @@ static __always_inline int shoal_encap(struct __sk_buff *skb, __u32 vni,
 	return bpf_redirect_neigh(underlay, &nh, sizeof(nh), 0);
 }
 
+/* An ICMP echo request to one of a router's own addresses is answered in place, as the
+ * router would: type 8 -> 0 (the checksum grows by 0x0800, RFC 1624), addresses and MACs
+ * swapped (neither changes a checksum), back out of the VM's device. The sender's egress
+ * rules decide; the reply needs no ingress rule, as any reply to allowed traffic. Anything
+ * else to those addresses is dropped. */
+static __always_inline int shoal_router_echo(struct __sk_buff *skb, __u32 port_id,
+					     const struct shoal_flow *f, __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+
+	struct shoal_icmp *icmp = (void *)ip + ((__u32)ip->ihl & 0xf) * 4;
+
+	if ((void *)(icmp + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+	if (f->proto != IPPROTO_ICMP || icmp->type != ICMP_ECHO_T || icmp->code != 0)
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, f))
+		return tc_drop(SHOAL_CNT_DROP_SG_EGRESS);
+
+	__u32 sum = (__u32)icmp->csum + bpf_htons(0x0800);
+	__u32 addr = ip->saddr;
+	__u8 mac[ETH_ALEN];
+
+	icmp->csum = (__u16)(sum + (sum >> 16));
+	icmp->type = ICMP_ECHOREPLY_T;
+	ip->saddr = ip->daddr;
+	ip->daddr = addr;
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	shoal_count(SHOAL_CNT_ROUTER_ECHO);
+	return bpf_redirect(ifindex, 0);
+}
+
 /* A frame that matched no port of the sender's network: if it is addressed to a router
  * interface's MAC, route it here, on the sender's node (distributed routing): look the
  * destination up in the router's connected networks, check the sender's egress and (same
@@ -187,7 +227,7 @@ static __always_inline int shoal_encap(struct __sk_buff *skb, __u32 vni,
  * VNI to the node hosting the port, whose XDP program checks ingress as for any frame.
  * A TTL that runs out drops the packet without an ICMP time-exceeded. */
 static __always_inline int shoal_route(struct __sk_buff *skb, __u32 vni, __u32 port_id,
-				       const struct shoal_flow *f)
+				       const struct shoal_flow *f, __u32 ifindex)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -219,9 +259,10 @@ static __always_inline int shoal_route(struct __sk_buff *skb, __u32 vni, __u32 p
 	struct shoal_ep_key key = { .vni = out_vni, .ip_be = f->daddr_be };
 	struct shoal_endpoint *dst = bpf_map_lookup_elem(&shoal_endpoints, &key);
 
-	/* No port there, or a router interface's own address (nothing answers those). */
-	if (!dst || (!dst->ifindex && !dst->vtep_be))
+	if (!dst)
 		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (!dst->ifindex && !dst->vtep_be) /* the router's address on that subnet */
+		return shoal_router_echo(skb, port_id, f, ifindex);
 	if (ip->ttl <= 1)
 		return tc_drop(SHOAL_CNT_DROP_TTL);
 	if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, f))
@@ -312,7 +353,7 @@ static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 	/* The L2 path pays nothing for routing: only a frame that matches no port of its
 	 * network (unknown address, or a MAC that is not the address's) tries the routers. */
 	if (!dst || !shoal_mac_eq(eth->h_dest, dst->mac))
-		return shoal_route(skb, vni, port_id, &f);
+		return shoal_route(skb, vni, port_id, &f, ifindex);
 	if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, &f))
 		return tc_drop(SHOAL_CNT_DROP_SG_EGRESS);
 
@@ -324,8 +365,8 @@ static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 		shoal_count(SHOAL_CNT_PASS_LOCAL);
 		return bpf_redirect(out, 0);
 	}
-	if (!dst->vtep_be) /* a router interface's own address: nothing answers it */
-		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (!dst->vtep_be) /* a router interface's own address */
+		return shoal_router_echo(skb, port_id, &f, ifindex);
 	return shoal_encap(skb, vni, dst, &f);
 }
 

@@ -159,7 +159,7 @@ unsafe impl aya::Pod for RouteKeyData {}
 unsafe impl aya::Pod for RouteVal {}
 
 /// Verdict counters, in the order of `enum shoal_counter`.
-pub const COUNTER_NAMES: [&str; 20] = [
+pub const COUNTER_NAMES: [&str; 21] = [
     "xdp_not_ours",
     "tc_unmanaged",
     "pass_local",
@@ -180,6 +180,7 @@ pub const COUNTER_NAMES: [&str; 20] = [
     "pass_metadata",
     "pass_routed",
     "drop_ttl",
+    "pass_router_echo",
 ];
 
 /// Outer UDP source port for an inner flow: the same function as `shoal_flow_sport`

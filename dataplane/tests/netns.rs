@@ -270,6 +270,11 @@ where
         unreachable!()
     };
 
+    assert!(vm0.ping(A_GW), "{driver}: A pings its gateway");
+    assert!(
+        vm2.ping(A_GW),
+        "{driver}: B pings the router's address on A"
+    );
     assert!(
         vm0.ping(B0_IP),
         "{driver}: A pings B on the same host, routed"

@@ -730,10 +730,42 @@ fn routing_rows() {
             output: None,
         },
         Case {
-            what: "the router's own address is not forwarded anywhere",
+            what: "TCP to the router's own address is dropped",
             input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.0.0.254", 42006, 80),
             verdict: TC_SHOT,
             output: None,
+        },
+        Case {
+            what: "ping to the gateway is answered by the router, in place",
+            input: eth(
+                MAC_GA,
+                MAC_A,
+                ETH_IP,
+                &ipv4(ip("10.0.0.1"), ip("10.0.0.254"), ICMP, &icmp_echo(8, 5, 1)),
+            ),
+            verdict: TC_REDIRECT,
+            output: Some(eth(
+                MAC_A,
+                MAC_GA,
+                ETH_IP,
+                &ipv4(ip("10.0.0.254"), ip("10.0.0.1"), ICMP, &icmp_echo(0, 5, 1)),
+            )),
+        },
+        Case {
+            what: "ping to the router's address on the other subnet is answered too",
+            input: eth(
+                MAC_GA,
+                MAC_A,
+                ETH_IP,
+                &ipv4(ip("10.0.0.1"), ip("10.1.0.1"), ICMP, &icmp_echo(8, 6, 1)),
+            ),
+            verdict: TC_REDIRECT,
+            output: Some(eth(
+                MAC_A,
+                MAC_GA,
+                ETH_IP,
+                &ipv4(ip("10.1.0.1"), ip("10.0.0.1"), ICMP, &icmp_echo(0, 6, 1)),
+            )),
         },
         Case {
             what: "the router's MAC on another network is not a router here",
@@ -753,6 +785,7 @@ fn routing_rows() {
     let c = dp.counters().unwrap();
     assert!(c["pass_routed"] >= 2, "{c:?}");
     assert!(c["drop_ttl"] >= 1, "{c:?}");
+    assert!(c["pass_router_echo"] >= 2, "{c:?}");
 
     // Without the router, the same frame goes nowhere.
     dp.apply(&routed_state(false)).unwrap();

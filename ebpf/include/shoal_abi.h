@@ -150,6 +150,7 @@ enum shoal_counter {
 	SHOAL_CNT_PASS_METADATA,      /* TCP to 169.254.169.254:80, up to the node's stack */
 	SHOAL_CNT_PASS_ROUTED,        /* routed by a router on the sender's node */
 	SHOAL_CNT_DROP_TTL,           /* routed packet whose TTL ran out (no ICMP sent) */
+	SHOAL_CNT_ROUTER_ECHO,        /* ICMP echo to a router's address, answered in place */
 	SHOAL_CNT_MAX,
 };
 
