@@ -386,8 +386,8 @@ fn guests_on_two_nodes_reach_each_other_over_vxlan() {
 /// Two nodes, two networks joined by a router made through the API: guests on subnet A and
 /// subnet B reach each other routed on the sending guest's own node (same node and across
 /// the VXLAN underlay), in the default group (whose "ingress from the same group" spans the
-/// router's networks), the router's interface ports go ACTIVE, and removing the interface
-/// on B stops it.
+/// router's networks), the router's interface ports go ACTIVE (before any guest exists), and
+/// removing the interface on B stops it.
 #[test]
 fn guests_on_two_subnets_reach_each_other_through_a_router() {
     if !is_root("the router network agent test") {
@@ -451,6 +451,14 @@ fn guests_on_two_subnets_reach_each_other_through_a_router() {
         );
         assert_eq!(status, 200, "{v}");
         interfaces.push(v["port_id"].as_str().unwrap().to_owned());
+    }
+    // Distributed: the interfaces are ACTIVE before any VM uses them (Tempest waits for it).
+    for id in &interfaces {
+        wait_until(
+            &format!("interface {id} ACTIVE without guests"),
+            Duration::from_secs(30),
+            || (port_status(&c, &token, id) == "ACTIVE").then_some(()),
+        );
     }
     // (network, node, gateway): a guest on A and one on B on node1, one on B on node2.
     let plan = [(0, 0, "10.7.0.1"), (1, 0, "10.7.1.1"), (1, 1, "10.7.1.1")];

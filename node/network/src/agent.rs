@@ -286,12 +286,15 @@ impl NetworkAgent {
                 }
             }
         }
-        // Router interfaces are programmed wherever their router is: the first node that has
-        // done so says ACTIVE (compare-and-set; the others then find it ACTIVE already).
-        for (id, status) in &plan.router_interfaces {
-            if status == "ACTIVE" {
+        // A distributed router is programmed on demand, by every node that gets a port on one
+        // of its networks: its interfaces are ACTIVE while the router is up and they are
+        // routable, whether or not a VM uses them yet. Every agent computes the same from the
+        // same rows and writes only a difference (compare-and-set), so they converge.
+        for (id, status, want) in &plan.router_interfaces {
+            if status == want {
                 continue;
             }
+            let want = *want;
             let r = ports
                 .update(id, |p: &mut PortRecord| {
                     if p.device_owner != ROUTER_INTERFACE {
@@ -300,13 +303,13 @@ impl NetworkAgent {
                             key: p.id.clone(),
                         });
                     }
-                    p.status = "ACTIVE".to_string();
+                    p.status = want.to_string();
                     p.touch(now());
                     Ok(())
                 })
                 .await;
             match r {
-                Ok(_) => tracing::info!(port = %id, "router interface ACTIVE"),
+                Ok(_) => tracing::info!(port = %id, status = want, "router interface status"),
                 Err(StateError::NotFound { .. }) => {}
                 Err(e) => tracing::warn!(port = %id, error = %e, "cannot write the port status"),
             }
@@ -490,8 +493,9 @@ struct Plan {
     bound: Vec<(String, String)>,
     /// The local ports put in `desired`, by device.
     served: BTreeMap<String, ServedPort>,
-    /// The interface ports of the routers put in `desired`, with their status as read.
-    router_interfaces: Vec<(String, String)>,
+    /// Every router's interface ports: status as read, and the status they should have
+    /// (`ACTIVE` while the router is up and the interface routable, else `DOWN`).
+    router_interfaces: Vec<(String, String, &'static str)>,
 }
 
 impl View {
@@ -576,13 +580,19 @@ impl View {
         carried: &mut BTreeSet<&'a str>,
         plan: &mut Plan,
     ) {
-        for r in self.routers.iter().filter(|r| r.admin_state_up) {
-            let interfaces: Vec<(&PortRecord, RouterInterface)> = self
+        for r in &self.routers {
+            let mut interfaces: Vec<(&PortRecord, RouterInterface)> = Vec::new();
+            for p in self
                 .ports
                 .iter()
                 .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
-                .filter_map(|p| Some((p, self.router_interface(p)?)))
-                .collect();
+            {
+                let routable = self.router_interface(p).filter(|_| r.admin_state_up);
+                let want = if routable.is_some() { "ACTIVE" } else { "DOWN" };
+                plan.router_interfaces
+                    .push((p.id.clone(), p.status.clone(), want));
+                interfaces.extend(routable.map(|i| (p, i)));
+            }
             if !interfaces
                 .iter()
                 .any(|(p, _)| local_networks.contains(p.network_id.as_str()))
@@ -591,8 +601,6 @@ impl View {
             }
             for (p, _) in &interfaces {
                 carried.insert(p.network_id.as_str());
-                plan.router_interfaces
-                    .push((p.id.clone(), p.status.clone()));
             }
             plan.desired.routers.push(Router {
                 id: r.id.clone(),
@@ -1185,12 +1193,12 @@ mod tests {
             .map(|p| (p.id.as_str(), p.vni))
             .collect();
         assert_eq!(remote, vec![("bb", 7), ("dddd", 8)]);
-        let statuses: Vec<&str> = plan
+        let statuses: Vec<(&str, &str)> = plan
             .router_interfaces
             .iter()
-            .map(|(id, _)| id.as_str())
+            .map(|(id, _, want)| (id.as_str(), *want))
             .collect();
-        assert_eq!(statuses, vec!["ri1xx", "ri2xxx"]);
+        assert_eq!(statuses, vec![("ri1xx", "ACTIVE"), ("ri2xxx", "ACTIVE")]);
         model::check_addresses(&plan.desired).unwrap();
         let remotes: Vec<String> = model::compile_sg(&plan.desired)
             .unwrap()
@@ -1210,13 +1218,20 @@ mod tests {
     /// removed: nothing of it is programmed and the other network is not carried.
     #[test]
     fn routers_are_programmed_only_where_and_while_they_route() {
-        assert!(routed_view().plan("n9").desired.routers.is_empty());
+        let plan = routed_view().plan("n9");
+        assert!(plan.desired.routers.is_empty());
+        // Distributed: its interfaces are up even where no VM uses them yet.
+        assert!(plan
+            .router_interfaces
+            .iter()
+            .all(|(_, _, w)| *w == "ACTIVE"));
 
         let mut v = routed_view();
         v.routers[0].admin_state_up = false;
         let plan = v.plan("n1");
         assert!(plan.desired.routers.is_empty());
-        assert!(plan.router_interfaces.is_empty());
+        assert_eq!(plan.router_interfaces.len(), 2);
+        assert!(plan.router_interfaces.iter().all(|(_, _, w)| *w == "DOWN"));
         assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
 
         let mut v = routed_view();
