@@ -78,7 +78,7 @@ fn layout_probe(clang: &str, ebpf: &std::path::Path, out: &std::path::Path) -> R
         ("shoal_rif_key", &["vni", "mac"]),
         ("shoal_rif", &["router_id"]),
         ("shoal_route_key", &["prefixlen", "router_id", "dst_be"]),
-        ("shoal_route", &["vni", "mac"]),
+        ("shoal_route", &["vni", "mac", "nexthop_be"]),
     ];
     let mut c = String::from(
         "#include <stdio.h>\n#include <stddef.h>\n#include \"shoal_abi.h\"\nint main(void) {\n",

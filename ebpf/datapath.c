@@ -256,7 +256,12 @@ static __always_inline int shoal_route(struct __sk_buff *skb, __u32 vni, __u32 p
 		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
 
 	__u32 out_vni = route->vni;
-	struct shoal_ep_key key = { .vni = out_vni, .ip_be = f->daddr_be };
+	/* Connected: the destination itself; extra route: its next hop, which gets the frame
+	 * with the destination address unchanged (a VM acting as a router). */
+	struct shoal_ep_key key = {
+		.vni = out_vni,
+		.ip_be = route->nexthop_be ? route->nexthop_be : f->daddr_be,
+	};
 	struct shoal_endpoint *dst = bpf_map_lookup_elem(&shoal_endpoints, &key);
 
 	if (!dst)

@@ -102,6 +102,7 @@ pub struct RouteVal {
     pub vni: u32,
     pub mac: [u8; 6],
     pub pad: [u8; 2],
+    pub nexthop_be: u32,
 }
 
 /// The data part of the LPM key (aya's `lpm_trie::Key` adds the prefix length).
@@ -304,6 +305,7 @@ mod tests {
         assert_eq!(size_of::<RouteVal>(), c::SHOAL_ROUTE_SIZE);
         assert_eq!(offset_of!(RouteVal, vni), c::SHOAL_ROUTE_VNI);
         assert_eq!(offset_of!(RouteVal, mac), c::SHOAL_ROUTE_MAC);
+        assert_eq!(offset_of!(RouteVal, nexthop_be), c::SHOAL_ROUTE_NEXTHOP_BE);
 
         assert_eq!(size_of::<CtVal>(), c::SHOAL_CT_VAL_SIZE);
         assert_eq!(offset_of!(CtVal, created_ns), c::SHOAL_CT_VAL_CREATED_NS);

@@ -753,6 +753,7 @@ impl Dataplane for EbpfDataplane {
                         vni: i.vni,
                         mac: i.mac.0,
                         pad: [0; 2],
+                        nexthop_be: 0,
                     },
                 );
                 want_eps.insert(
@@ -765,6 +766,27 @@ impl Dataplane for EbpfDataplane {
                         ..Endpoint::default()
                     },
                 );
+            }
+            // Extra routes: through the interface whose subnet holds the next hop (checked
+            // by `check_addresses`); a connected subnet's own entry of the same prefix wins.
+            for route in &r.routes {
+                let Some(i) = r.interface_for(route.nexthop) else {
+                    continue;
+                };
+                want_routes
+                    .entry((
+                        abi::ROUTE_FIXED_BITS + u32::from(route.destination.len),
+                        RouteKeyData {
+                            router_id,
+                            dst_be: abi::ip_be(route.destination.addr),
+                        },
+                    ))
+                    .or_insert(RouteVal {
+                        vni: i.vni,
+                        mac: i.mac.0,
+                        pad: [0; 2],
+                        nexthop_be: abi::ip_be(route.nexthop),
+                    });
             }
         }
         let want_sg: BTreeSet<SgKey> = entries

@@ -205,6 +205,9 @@ struct RifDev {
 /// A permanent neighbour of a router: (namespace, router-end device, address, MAC).
 type Neighbour = (String, String, Ipv4Addr, Mac);
 
+/// An extra route of a router: (namespace, destination, next hop).
+type ExtraRoute = (String, model::Ipv4Cidr, Ipv4Addr);
+
 /// `ip -o link show DEV` -> its MTU.
 fn mtu_of(device: &str) -> Option<u32> {
     let text = output("ip", &["-o", "link", "show", "dev", device]).ok()?;
@@ -232,6 +235,7 @@ pub struct KernelDataplane {
     /// Bridge-end device -> the interface.
     rifs: BTreeMap<String, RifDev>,
     neighbours: BTreeSet<Neighbour>,
+    extra_routes: BTreeSet<ExtraRoute>,
     /// Router-interface devices a previous instance left: removed by the first apply unless
     /// wanted.
     found_rifs: BTreeSet<String>,
@@ -264,6 +268,7 @@ impl KernelDataplane {
             routers,
             rifs: BTreeMap::new(),
             neighbours: BTreeSet::new(),
+            extra_routes: BTreeSet::new(),
             found_rifs,
         })
     }
@@ -280,13 +285,18 @@ impl KernelDataplane {
         BTreeSet<String>,
         BTreeMap<String, RifDev>,
         BTreeSet<Neighbour>,
+        BTreeSet<ExtraRoute>,
     ) {
         let mut routers = BTreeSet::new();
         let mut rifs = BTreeMap::new();
         let mut neighbours = BTreeSet::new();
+        let mut routes = BTreeSet::new();
         for r in &desired.routers {
             let netns = self.router_ns(&r.id);
             routers.insert(netns.clone());
+            for x in &r.routes {
+                routes.insert((netns.clone(), x.destination, x.nexthop));
+            }
             for i in &r.interfaces {
                 let (bridge_end, router_end) = rif_names(&r.id, &i.port_id);
                 let local = desired.ports.iter().map(|p| (p.vni, p.mac, &p.ips));
@@ -312,7 +322,7 @@ impl KernelDataplane {
                 );
             }
         }
-        (routers, rifs, neighbours)
+        (routers, rifs, neighbours, routes)
     }
 
     fn add_router(netns: &str) -> Result<(), KernelDriverError> {
@@ -620,7 +630,7 @@ impl Dataplane for KernelDataplane {
                     .flat_map(|r| r.interfaces.iter().map(|i| i.vni)),
             )
             .collect();
-        let (want_routers, want_rifs, want_neighbours) = self.want_routing(desired);
+        let (want_routers, want_rifs, want_neighbours, want_routes) = self.want_routing(desired);
         let want_fdb: BTreeSet<(u32, Mac, Ipv4Addr)> = desired
             .remote_ports
             .iter()
@@ -714,6 +724,18 @@ impl Dataplane for KernelDataplane {
                 ],
             )?;
         }
+        for (netns, dest, nexthop) in want_routes.difference(&self.extra_routes) {
+            let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
+            run(
+                "ip",
+                &["-n", netns, "route", "replace", &dest, "via", &nexthop],
+            )?;
+        }
+        for (netns, dest, nexthop) in self.extra_routes.difference(&want_routes) {
+            // Gone already when its router or the interface to its next hop went.
+            let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
+            let _ = run("ip", &["-n", netns, "route", "del", &dest, "via", &nexthop]);
+        }
         for (netns, dev, ip, _) in self.neighbours.difference(&want_neighbours) {
             // Gone already when its interface or router went.
             let _ = run(
@@ -788,6 +810,7 @@ impl Dataplane for KernelDataplane {
         self.routers = want_routers;
         self.rifs = want_rifs;
         self.neighbours = want_neighbours;
+        self.extra_routes = want_routes;
         self.networks = want_networks;
         self.ports = want_ports;
         self.fdb = want_fdb;

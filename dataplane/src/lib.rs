@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 pub use model::{
     DesiredState, Direction, EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router,
-    RouterInterface, SecurityGroup, SgRule, Underlay,
+    RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
 };
 
 /// Verdict counters by reason name (e.g. `pass_encap`, `drop_sg_ingress`), summed

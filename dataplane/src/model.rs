@@ -142,6 +142,14 @@ pub struct RouterInterface {
     pub subnet: Ipv4Cidr,
 }
 
+/// An extra route of a router (Neutron's `extraroute`): `destination` through `nexthop`, an
+/// address in one of the router's subnets (usually a VM acting as a router).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterRoute {
+    pub destination: Ipv4Cidr,
+    pub nexthop: Ipv4Addr,
+}
+
 /// A distributed router: every node with a port on one of its networks routes between
 /// its subnets itself, on the sending VM's node (no network node).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +157,14 @@ pub struct Router {
     /// Neutron router id; stable across applies.
     pub id: String,
     pub interfaces: Vec<RouterInterface>,
+    pub routes: Vec<RouterRoute>,
+}
+
+impl Router {
+    /// The interface whose subnet holds `ip`.
+    pub fn interface_for(&self, ip: Ipv4Addr) -> Option<&RouterInterface> {
+        self.interfaces.iter().find(|i| i.subnet.contains(ip))
+    }
 }
 
 /// Everything one node's datapath must do. Applying the same state twice changes nothing.
@@ -196,6 +212,14 @@ pub enum CompileError {
         router: String,
         a: Ipv4Cidr,
         b: Ipv4Cidr,
+    },
+    #[error(
+        "router {router}'s route to {destination} has nexthop {nexthop} on none of its subnets"
+    )]
+    NexthopNotConnected {
+        router: String,
+        destination: Ipv4Cidr,
+        nexthop: Ipv4Addr,
     },
     #[error("router {router}'s interface {port} has address {ip} outside its subnet {subnet}")]
     InterfaceOutsideSubnet {
@@ -350,6 +374,17 @@ pub fn check_addresses(state: &DesiredState) -> Result<(), CompileError> {
         }
     }
     for r in &state.routers {
+        if let Some(route) = r
+            .routes
+            .iter()
+            .find(|x| r.interface_for(x.nexthop).is_none())
+        {
+            return Err(CompileError::NexthopNotConnected {
+                router: r.id.clone(),
+                destination: route.destination,
+                nexthop: route.nexthop,
+            });
+        }
         for (n, a) in r.interfaces.iter().enumerate() {
             if !a.subnet.contains(a.ip) {
                 return Err(CompileError::InterfaceOutsideSubnet {
@@ -519,6 +554,7 @@ mod tests {
             }],
             routers: vec![Router {
                 id: "r".into(),
+                routes: vec![],
                 interfaces: vec![
                     rif("ra", 100, [10, 0, 0, 1], 24),
                     rif("rb", 200, [10, 0, 2, 1], 24),
@@ -548,6 +584,7 @@ mod tests {
             ports: vec![port("a", [10, 0, 0, 5], &[])],
             routers: vec![Router {
                 id: "r".into(),
+                routes: vec![],
                 interfaces,
             }],
             ..Default::default()
@@ -571,6 +608,17 @@ mod tests {
             ])),
             Err(CompileError::OverlappingSubnets { .. })
         ));
+        let mut far = mk(vec![rif("ra", 100, [10, 0, 0, 1], 24)]);
+        far.routers[0].routes.push(RouterRoute {
+            destination: Ipv4Cidr::new([192, 168, 0, 0].into(), 16),
+            nexthop: [10, 5, 0, 1].into(),
+        });
+        assert!(matches!(
+            check_addresses(&far),
+            Err(CompileError::NexthopNotConnected { .. })
+        ));
+        far.routers[0].routes[0].nexthop = [10, 0, 0, 9].into();
+        check_addresses(&far).unwrap();
         let mut outside = rif("ra", 100, [10, 0, 0, 1], 24);
         outside.subnet = Ipv4Cidr::new([10, 9, 0, 0].into(), 16);
         assert!(matches!(

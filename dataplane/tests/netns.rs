@@ -7,7 +7,7 @@ use shoal_dataplane::{
     ebpf::EbpfDataplane,
     kernel::KernelDataplane,
     testbed::{self, Agent, Banner, Topology},
-    Dataplane, Ipv4Cidr, Mac, Router, RouterInterface, Underlay,
+    Dataplane, Ipv4Cidr, Mac, Router, RouterInterface, RouterRoute, Underlay,
 };
 
 const VM0_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -185,6 +185,7 @@ const B0_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 10);
 const B1_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
 const A_GW: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 const B_GW: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+const EXTRA_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 7);
 
 /// The router of the routed suite, with the interfaces on the VNIs in `on`.
 fn router(on: &[u32]) -> Router {
@@ -205,6 +206,7 @@ fn router(on: &[u32]) -> Router {
     Router {
         id: "router-1".into(),
         interfaces,
+        routes: vec![],
     }
 }
 
@@ -323,6 +325,38 @@ where
         assert!(counters["pass_routed"] > 0, "{driver}: {counters:?}");
         assert!(counters["drop_ttl"] > 0, "{driver}: {counters:?}");
     }
+
+    // An extra route: 10.9.0.0/24 lies behind vm1 (a VM acting as a router, which holds
+    // 10.9.0.7 itself; the address is its port's too, as an allowed address pair would be).
+    vm1.ns
+        .ip(&["addr", "add", &format!("{EXTRA_IP}/32"), "dev", "lo"])
+        .unwrap();
+    for (i, agent) in agents.iter().enumerate() {
+        let mut state = topo.desired(i, &[]);
+        for p in state.ports.iter_mut().filter(|p| p.id == "vm1") {
+            p.ips.push(EXTRA_IP);
+        }
+        for p in state.remote_ports.iter_mut().filter(|p| p.id == "vm1") {
+            p.ips.push(EXTRA_IP);
+        }
+        let mut r = router(&[A_VNI, B_VNI]);
+        r.routes.push(RouterRoute {
+            destination: Ipv4Cidr::new(EXTRA_IP, 24),
+            nexthop: B0_IP,
+        });
+        state.routers = vec![r];
+        agent.call(move |d| d.apply(&state)).unwrap();
+    }
+    assert!(
+        vm0.ping(EXTRA_IP),
+        "{driver}: extra route through vm1, same host"
+    );
+    assert!(
+        vm2.ping(EXTRA_IP),
+        "{driver}: extra route through vm1, across hosts"
+    );
+    apply(&agents, &[A_VNI, B_VNI]);
+    assert!(!vm0.ping(EXTRA_IP), "{driver}: extra route removed");
 
     // Removing the router's interface on B stops routing into B (both hosts).
     apply(&agents, &[A_VNI]);

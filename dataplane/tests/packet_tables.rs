@@ -16,7 +16,7 @@ use shoal_dataplane::{
     ebpf::EbpfDataplane,
     model::{
         Direction, EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router,
-        RouterInterface, SecurityGroup, SgRule,
+        RouterInterface, RouterRoute, SecurityGroup, SgRule,
     },
     netdev,
     testbed::{self, NetNs},
@@ -623,6 +623,11 @@ fn routed_state(router: bool) -> DesiredState {
         };
         s.routers.push(Router {
             id: "rt".into(),
+            // A VM acting as a router: 192.168.50.0/24 lies behind port C.
+            routes: vec![RouterRoute {
+                destination: Ipv4Cidr::new(ip("192.168.50.0"), 24),
+                nexthop: ip("10.1.0.5"),
+            }],
             interfaces: vec![
                 rif("ga", VNI, MAC_GA, "10.0.0.254"),
                 rif("gb", VNI_B, MAC_GB, "10.1.0.1"),
@@ -709,6 +714,16 @@ fn routing_rows() {
                 abi::flow_sport(ip("10.0.0.1"), ip("10.1.0.7"), 42001, 80, TCP),
                 VNI_B,
                 &to_r2_routed,
+            )),
+        },
+        Case {
+            what: "an extra route delivers to its next hop's MAC, destination unchanged",
+            input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "192.168.50.9", 42009, 80),
+            verdict: TC_REDIRECT,
+            output: Some(routed(
+                &tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "192.168.50.9", 42009, 80),
+                MAC_C,
+                MAC_GB,
             )),
         },
         Case {

@@ -165,6 +165,7 @@ fn pinned_routes_survive_restart() {
                 let mut state = topo.desired(i, &[]);
                 state.routers = vec![Router {
                     id: "router-1".into(),
+                    routes: vec![],
                     interfaces: gws
                         .iter()
                         .filter(|(vni, _, _)| on.contains(vni))

@@ -99,6 +99,7 @@ struct shoal_route {
 	__u32 vni;
 	__u8 mac[6];
 	__u8 pad[2];
+	__u32 nexthop_be; /* extra route: the next hop's address in `vni`; 0 = connected */
 };
 
 /* LPM trie `shoal_sg`: prefixlen counts bits after the prefixlen field. */

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, WatchError};
 use shoal_dataplane::{
     ebpf::EbpfDataplane, kernel::KernelDataplane, model, Dataplane, DesiredState, Direction,
-    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router, RouterInterface,
+    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router, RouterInterface, RouterRoute,
     SecurityGroup, SgRule, Underlay,
 };
 use shoal_state::{
@@ -602,9 +602,28 @@ impl View {
             for (p, _) in &interfaces {
                 carried.insert(p.network_id.as_str());
             }
+            let interfaces: Vec<RouterInterface> = interfaces.into_iter().map(|(_, i)| i).collect();
+            // Extra routes whose next hop lies on a routed interface (the API keeps them
+            // there; one whose interface is not routable waits for it).
+            let routes = r
+                .routes
+                .iter()
+                .filter_map(|x| {
+                    let (addr, len) = parse_cidr(&x.destination)?;
+                    let nexthop: Ipv4Addr = x.nexthop.parse().ok()?;
+                    interfaces
+                        .iter()
+                        .any(|i| i.subnet.contains(nexthop))
+                        .then(|| RouterRoute {
+                            destination: Ipv4Cidr::new(addr, len),
+                            nexthop,
+                        })
+                })
+                .collect();
             plan.desired.routers.push(Router {
                 id: r.id.clone(),
-                interfaces: interfaces.into_iter().map(|(_, i)| i).collect(),
+                interfaces,
+                routes,
             });
         }
     }
@@ -1156,7 +1175,16 @@ mod tests {
             admin_state_up: true,
             status: "ACTIVE".into(),
             gateway: None,
-            routes: vec![],
+            routes: vec![
+                crate::records::HostRoute {
+                    destination: "192.168.50.0/24".into(),
+                    nexthop: "10.0.1.5".into(),
+                },
+                crate::records::HostRoute {
+                    destination: "172.16.0.0/12".into(),
+                    nexthop: "10.9.9.9".into(),
+                },
+            ],
             tags: vec![],
             created_at: 0,
             updated_at: 0,
@@ -1186,6 +1214,14 @@ mod tests {
             ]
         );
         assert_eq!(r.interfaces[1].mac, parse_mac("fa:16:3e:00:00:06").unwrap());
+        // The extra route through a VM on n2 (an unconnected next hop is left out).
+        assert_eq!(
+            r.routes,
+            vec![RouterRoute {
+                destination: Ipv4Cidr::new(Ipv4Addr::new(192, 168, 50, 0), 24),
+                nexthop: Ipv4Addr::new(10, 0, 1, 5),
+            }]
+        );
         let remote: Vec<(&str, u32)> = plan
             .desired
             .remote_ports
