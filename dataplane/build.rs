@@ -75,6 +75,10 @@ fn layout_probe(clang: &str, ebpf: &std::path::Path, out: &std::path::Path) -> R
             ],
         ),
         ("shoal_ct_val", &["created_ns", "origin"]),
+        ("shoal_rif_key", &["vni", "mac"]),
+        ("shoal_rif", &["router_id"]),
+        ("shoal_route_key", &["prefixlen", "router_id", "dst_be"]),
+        ("shoal_route", &["vni", "mac", "nexthop_be"]),
     ];
     let mut c = String::from(
         "#include <stdio.h>\n#include <stddef.h>\n#include \"shoal_abi.h\"\nint main(void) {\n",

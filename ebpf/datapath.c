@@ -6,7 +6,8 @@
  *                   inbound security groups, redirect to the VM's device.
  *   shoal_port      tc (TCX) ingress on each VM-facing device, i.e. the VM's egress:
  *                   anti-spoofing, ARP responder, outbound security groups, same-host
- *                   delivery or VXLAN encapsulation towards the remote VTEP.
+ *                   delivery or VXLAN encapsulation towards the remote VTEP, and
+ *                   distributed routing between the subnets of a router.
  *
  * Each entry point only delegates to a function returning an action, so every parse
  * failure leaves through one counted exit. See docs/datapath.md.
@@ -177,6 +178,118 @@ static __always_inline int shoal_encap(struct __sk_buff *skb, __u32 vni,
 	return bpf_redirect_neigh(underlay, &nh, sizeof(nh), 0);
 }
 
+/* An ICMP echo request to one of a router's own addresses is answered in place, as the
+ * router would: type 8 -> 0 (the checksum grows by 0x0800, RFC 1624), addresses and MACs
+ * swapped (neither changes a checksum), back out of the VM's device. The sender's egress
+ * rules decide; the reply needs no ingress rule, as any reply to allowed traffic. Anything
+ * else to those addresses is dropped. */
+static __always_inline int shoal_router_echo(struct __sk_buff *skb, __u32 port_id,
+					     const struct shoal_flow *f, __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+
+	struct shoal_icmp *icmp = (void *)ip + ((__u32)ip->ihl & 0xf) * 4;
+
+	if ((void *)(icmp + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+	if (f->proto != IPPROTO_ICMP || icmp->type != ICMP_ECHO_T || icmp->code != 0)
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, f))
+		return tc_drop(SHOAL_CNT_DROP_SG_EGRESS);
+
+	__u32 sum = (__u32)icmp->csum + bpf_htons(0x0800);
+	__u32 addr = ip->saddr;
+	__u8 mac[ETH_ALEN];
+
+	icmp->csum = (__u16)(sum + (sum >> 16));
+	icmp->type = ICMP_ECHOREPLY_T;
+	ip->saddr = ip->daddr;
+	ip->daddr = addr;
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	shoal_count(SHOAL_CNT_ROUTER_ECHO);
+	return bpf_redirect(ifindex, 0);
+}
+
+/* A frame that matched no port of the sender's network: if it is addressed to a router
+ * interface's MAC, route it here, on the sender's node (distributed routing): look the
+ * destination up in the router's connected networks, check the sender's egress and (same
+ * node) the receiver's ingress groups, decrement the TTL, rewrite the MACs (source = the
+ * router's MAC on the destination network, destination = the port's) and deliver the frame
+ * as L2 on the destination network: into the local device, or VXLAN with that network's
+ * VNI to the node hosting the port, whose XDP program checks ingress as for any frame.
+ * A TTL that runs out drops the packet without an ICMP time-exceeded. */
+static __always_inline int shoal_route(struct __sk_buff *skb, __u32 vni, __u32 port_id,
+				       const struct shoal_flow *f, __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+
+	if ((void *)(ip + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+
+	struct shoal_rif_key rk = { .vni = vni };
+
+	__builtin_memcpy(rk.mac, eth->h_dest, ETH_ALEN);
+	struct shoal_rif *rif = bpf_map_lookup_elem(&shoal_rifs, &rk);
+
+	if (!rif)
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+
+	struct shoal_route_key qk = {
+		.prefixlen = SHOAL_ROUTE_FIXED_BITS + 32,
+		.router_id = rif->router_id,
+		.dst_be = f->daddr_be,
+	};
+	struct shoal_route *route = bpf_map_lookup_elem(&shoal_routes, &qk);
+
+	if (!route)
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+
+	__u32 out_vni = route->vni;
+	/* Connected: the destination itself; extra route: its next hop, which gets the frame
+	 * with the destination address unchanged (a VM acting as a router). */
+	struct shoal_ep_key key = {
+		.vni = out_vni,
+		.ip_be = route->nexthop_be ? route->nexthop_be : f->daddr_be,
+	};
+	struct shoal_endpoint *dst = bpf_map_lookup_elem(&shoal_endpoints, &key);
+
+	if (!dst)
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (!dst->ifindex && !dst->vtep_be) /* the router's address on that subnet */
+		return shoal_router_echo(skb, port_id, f, ifindex);
+	if (ip->ttl <= 1)
+		return tc_drop(SHOAL_CNT_DROP_TTL);
+	if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, f))
+		return tc_drop(SHOAL_CNT_DROP_SG_EGRESS);
+	if (dst->ifindex && !shoal_policy(dst->port_id, SHOAL_DIR_INGRESS, f))
+		return tc_drop(SHOAL_CNT_DROP_SG_INGRESS);
+
+	/* TTL - 1 with the header checksum updated incrementally (RFC 1624), as the
+	 * kernel's ip_decrease_ttl does. */
+	__u32 check = ip->check;
+
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	ip->ttl--;
+	__builtin_memcpy(eth->h_source, route->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, dst->mac, ETH_ALEN);
+	shoal_count(SHOAL_CNT_PASS_ROUTED);
+	if (dst->ifindex)
+		return bpf_redirect(dst->ifindex, 0);
+	return shoal_encap(skb, out_vni, dst, f);
+}
+
 /* Headers we read: Ethernet + the longest IPv4 header + L4 ports/ICMP echo. */
 #define SHOAL_PULL_LEN (sizeof(struct ethhdr) + 60 + 8)
 
@@ -242,8 +355,10 @@ static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 	key.ip_be = f.daddr_be;
 	struct shoal_endpoint *dst = bpf_map_lookup_elem(&shoal_endpoints, &key);
 
+	/* The L2 path pays nothing for routing: only a frame that matches no port of its
+	 * network (unknown address, or a MAC that is not the address's) tries the routers. */
 	if (!dst || !shoal_mac_eq(eth->h_dest, dst->mac))
-		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+		return shoal_route(skb, vni, port_id, &f, ifindex);
 	if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, &f))
 		return tc_drop(SHOAL_CNT_DROP_SG_EGRESS);
 
@@ -255,6 +370,8 @@ static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 		shoal_count(SHOAL_CNT_PASS_LOCAL);
 		return bpf_redirect(out, 0);
 	}
+	if (!dst->vtep_be) /* a router interface's own address */
+		return shoal_router_echo(skb, port_id, &f, ifindex);
 	return shoal_encap(skb, vni, dst, &f);
 }
 

@@ -15,12 +15,15 @@ pub const DIR_EGRESS: u8 = 1;
 pub const SG_FIXED_BITS: u32 = 64;
 pub const SG_PROTO_ANY: u8 = 0;
 pub const SG_PORT_ANY: u16 = 0;
+pub const ROUTE_FIXED_BITS: u32 = 32;
 
 pub const MAP_CONFIG: &str = "shoal_config";
 pub const MAP_PORTS: &str = "shoal_ports";
 pub const MAP_ENDPOINTS: &str = "shoal_endpoints";
 pub const MAP_SG: &str = "shoal_sg";
 pub const MAP_CT: &str = "shoal_ct";
+pub const MAP_RIFS: &str = "shoal_rifs";
+pub const MAP_ROUTES: &str = "shoal_routes";
 pub const MAP_COUNTERS: &str = "shoal_counters";
 pub const PROG_UNDERLAY: &str = "shoal_underlay";
 pub const PROG_PORT: &str = "shoal_port";
@@ -71,6 +74,37 @@ pub struct Endpoint {
     pub vtep_be: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RifKey {
+    pub vni: u32,
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rif {
+    pub router_id: u32,
+}
+
+/// The data part of the route LPM key (aya's `lpm_trie::Key` adds the prefix length).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteKeyData {
+    pub router_id: u32,
+    pub dst_be: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteVal {
+    pub vni: u32,
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+    pub nexthop_be: u32,
+}
+
 /// The data part of the LPM key (aya's `lpm_trie::Key` adds the prefix length).
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,9 +150,17 @@ unsafe impl aya::Pod for SgKeyData {}
 unsafe impl aya::Pod for CtKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CtVal {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RifKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Rif {}
+// SAFETY: as above (packed, so no padding at all).
+unsafe impl aya::Pod for RouteKeyData {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RouteVal {}
 
 /// Verdict counters, in the order of `enum shoal_counter`.
-pub const COUNTER_NAMES: [&str; 18] = [
+pub const COUNTER_NAMES: [&str; 21] = [
     "xdp_not_ours",
     "tc_unmanaged",
     "pass_local",
@@ -137,6 +179,9 @@ pub const COUNTER_NAMES: [&str; 18] = [
     "drop_unsupported",
     "drop_error",
     "pass_metadata",
+    "pass_routed",
+    "drop_ttl",
+    "pass_router_echo",
 ];
 
 /// Outer UDP source port for an inner flow: the same function as `shoal_flow_sport`
@@ -237,6 +282,30 @@ mod tests {
             c::SHOAL_CT_KEY_REMOTE_PORT_BE
         );
         assert_eq!(offset_of!(CtKey, proto), c::SHOAL_CT_KEY_PROTO);
+
+        assert_eq!(size_of::<RifKey>(), c::SHOAL_RIF_KEY_SIZE);
+        assert_eq!(offset_of!(RifKey, vni), c::SHOAL_RIF_KEY_VNI);
+        assert_eq!(offset_of!(RifKey, mac), c::SHOAL_RIF_KEY_MAC);
+        assert_eq!(size_of::<Rif>(), c::SHOAL_RIF_SIZE);
+        assert_eq!(offset_of!(Rif, router_id), c::SHOAL_RIF_ROUTER_ID);
+
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<RouteKeyData>>(),
+            c::SHOAL_ROUTE_KEY_SIZE
+        );
+        assert_eq!(c::SHOAL_ROUTE_KEY_PREFIXLEN, 0);
+        assert_eq!(
+            offset_of!(RouteKeyData, router_id) + 4,
+            c::SHOAL_ROUTE_KEY_ROUTER_ID
+        );
+        assert_eq!(
+            offset_of!(RouteKeyData, dst_be) + 4,
+            c::SHOAL_ROUTE_KEY_DST_BE
+        );
+        assert_eq!(size_of::<RouteVal>(), c::SHOAL_ROUTE_SIZE);
+        assert_eq!(offset_of!(RouteVal, vni), c::SHOAL_ROUTE_VNI);
+        assert_eq!(offset_of!(RouteVal, mac), c::SHOAL_ROUTE_MAC);
+        assert_eq!(offset_of!(RouteVal, nexthop_be), c::SHOAL_ROUTE_NEXTHOP_BE);
 
         assert_eq!(size_of::<CtVal>(), c::SHOAL_CT_VAL_SIZE);
         assert_eq!(offset_of!(CtVal, created_ns), c::SHOAL_CT_VAL_CREATED_NS);

@@ -22,7 +22,10 @@ use aya::{
 use tracing::{debug, warn};
 
 use crate::{
-    abi::{self, Config, CtKey, CtVal, Endpoint, EpKey, PortVal, SgKeyData},
+    abi::{
+        self, Config, CtKey, CtVal, Endpoint, EpKey, PortVal, Rif, RifKey, RouteKeyData, RouteVal,
+        SgKeyData,
+    },
     model::{self, CompileError, DesiredState, Direction, Underlay},
     netdev, Counters, Dataplane,
 };
@@ -63,13 +66,15 @@ pub enum EbpfDriverError {
     PinLink(PathBuf, #[source] PinError),
 }
 
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 8] = [
     abi::MAP_CONFIG,
     abi::MAP_PORTS,
     abi::MAP_ENDPOINTS,
     abi::MAP_SG,
     abi::MAP_CT,
     abi::MAP_COUNTERS,
+    abi::MAP_RIFS,
+    abi::MAP_ROUTES,
 ];
 const XDP_LINK_PIN: &str = "link_xdp";
 const TC_LINK_PIN_PREFIX: &str = "link_tc_";
@@ -145,6 +150,7 @@ fn iface_err(device: &str) -> impl FnOnce(io::Error) -> EbpfDriverError + '_ {
 }
 
 type SgKey = (u32, SgKeyData);
+type RouteKey = (u32, RouteKeyData);
 
 /// The eBPF datapath of one node.
 #[derive(Debug)]
@@ -165,6 +171,10 @@ pub struct EbpfDataplane {
     ports: HashMap<u32, PortVal>,
     endpoints: HashMap<EpKey, Endpoint>,
     sg: BTreeSet<SgKey>,
+    router_ids: HashMap<String, u32>,
+    next_router_id: u32,
+    rifs: HashMap<RifKey, Rif>,
+    routes: HashMap<RouteKey, RouteVal>,
 }
 
 impl EbpfDataplane {
@@ -257,6 +267,38 @@ impl EbpfDataplane {
                 .map(|k| (k.prefix_len(), k.data()))
                 .collect();
         }
+        {
+            let map = self
+                .bpf
+                .map(abi::MAP_RIFS)
+                .ok_or(EbpfDriverError::MissingMap(abi::MAP_RIFS))?;
+            let rifs: BpfHashMap<_, RifKey, Rif> =
+                BpfHashMap::try_from(map).map_err(map_err(abi::MAP_RIFS))?;
+            self.rifs = rifs.iter().filter_map(Result::ok).collect();
+            // Router names are not in the maps: the next apply numbers routers afresh,
+            // above every id still in use, and replaces the entries make-before-break.
+            self.next_router_id = self
+                .rifs
+                .values()
+                .map(|r| r.router_id + 1)
+                .max()
+                .unwrap_or(1);
+        }
+        {
+            let map = self
+                .bpf
+                .map(abi::MAP_ROUTES)
+                .ok_or(EbpfDriverError::MissingMap(abi::MAP_ROUTES))?;
+            let routes: LpmTrie<_, RouteKeyData, RouteVal> =
+                LpmTrie::try_from(map).map_err(map_err(abi::MAP_ROUTES))?;
+            let keys: Vec<LpmKey<RouteKeyData>> = routes.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                if let Ok(v) = routes.get(&k, 0) {
+                    self.routes.insert((k.prefix_len(), k.data()), v);
+                }
+                self.next_router_id = self.next_router_id.max(k.data().router_id + 1);
+            }
+        }
         let dir = self
             .pin_dir
             .clone()
@@ -338,6 +380,10 @@ impl EbpfDataplane {
             ports: HashMap::new(),
             endpoints: HashMap::new(),
             sg: BTreeSet::new(),
+            router_ids: HashMap::new(),
+            next_router_id: 1,
+            rifs: HashMap::new(),
+            routes: HashMap::new(),
         })
     }
 
@@ -465,6 +511,57 @@ impl EbpfDataplane {
         };
         self.port_ids.insert(id.to_string(), n);
         n
+    }
+
+    fn router_id(&mut self, id: &str) -> u32 {
+        if let Some(n) = self.router_ids.get(id) {
+            return *n;
+        }
+        let n = self.next_router_id;
+        self.next_router_id += 1;
+        self.router_ids.insert(id.to_string(), n);
+        n
+    }
+
+    /// Writes the entries of `want` that differ from `have` into the hash map `name`.
+    fn put_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod + PartialEq>(
+        bpf: &mut Ebpf,
+        name: &'static str,
+        have: &HashMap<K, V>,
+        want: &HashMap<K, V>,
+    ) -> Result<(), EbpfDriverError> {
+        let map = bpf.map_mut(name).ok_or(EbpfDriverError::MissingMap(name))?;
+        let mut m: BpfHashMap<_, K, V> = BpfHashMap::try_from(map).map_err(map_err(name))?;
+        for (k, v) in want {
+            if have.get(k) != Some(v) {
+                m.insert(k, v, 0).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the keys of `have` that `want` lacks from the hash map `name`.
+    fn prune_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+        bpf: &mut Ebpf,
+        name: &'static str,
+        have: &HashMap<K, V>,
+        want: &HashMap<K, V>,
+    ) -> Result<(), EbpfDriverError> {
+        let map = bpf.map_mut(name).ok_or(EbpfDriverError::MissingMap(name))?;
+        let mut m: BpfHashMap<_, K, V> = BpfHashMap::try_from(map).map_err(map_err(name))?;
+        for k in have.keys().filter(|k| !want.contains_key(*k)) {
+            m.remove(k).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    fn routes_map(
+        bpf: &mut Ebpf,
+    ) -> Result<LpmTrie<&mut aya::maps::MapData, RouteKeyData, RouteVal>, EbpfDriverError> {
+        let map = bpf
+            .map_mut(abi::MAP_ROUTES)
+            .ok_or(EbpfDriverError::MissingMap(abi::MAP_ROUTES))?;
+        LpmTrie::try_from(map).map_err(map_err(abi::MAP_ROUTES))
     }
 
     fn attach_port(
@@ -626,6 +723,72 @@ impl Dataplane for EbpfDataplane {
                 );
             }
         }
+        // Routers: each interface's address answers ARP with its MAC (an endpoint with no
+        // device and no VTEP), its MAC names the router, its subnet is a connected route.
+        let mut want_rifs: HashMap<RifKey, Rif> = HashMap::new();
+        let mut want_routes: HashMap<RouteKey, RouteVal> = HashMap::new();
+        let live_routers: BTreeSet<&str> = desired.routers.iter().map(|r| r.id.as_str()).collect();
+        self.router_ids
+            .retain(|id, _| live_routers.contains(id.as_str()));
+        for r in &desired.routers {
+            let router_id = self.router_id(&r.id);
+            for i in &r.interfaces {
+                want_rifs.insert(
+                    RifKey {
+                        vni: i.vni,
+                        mac: i.mac.0,
+                        pad: [0; 2],
+                    },
+                    Rif { router_id },
+                );
+                want_routes.insert(
+                    (
+                        abi::ROUTE_FIXED_BITS + u32::from(i.subnet.len),
+                        RouteKeyData {
+                            router_id,
+                            dst_be: abi::ip_be(i.subnet.addr),
+                        },
+                    ),
+                    RouteVal {
+                        vni: i.vni,
+                        mac: i.mac.0,
+                        pad: [0; 2],
+                        nexthop_be: 0,
+                    },
+                );
+                want_eps.insert(
+                    EpKey {
+                        vni: i.vni,
+                        ip_be: abi::ip_be(i.ip),
+                    },
+                    Endpoint {
+                        mac: i.mac.0,
+                        ..Endpoint::default()
+                    },
+                );
+            }
+            // Extra routes: through the interface whose subnet holds the next hop (checked
+            // by `check_addresses`); a connected subnet's own entry of the same prefix wins.
+            for route in &r.routes {
+                let Some(i) = r.interface_for(route.nexthop) else {
+                    continue;
+                };
+                want_routes
+                    .entry((
+                        abi::ROUTE_FIXED_BITS + u32::from(route.destination.len),
+                        RouteKeyData {
+                            router_id,
+                            dst_be: abi::ip_be(route.destination.addr),
+                        },
+                    ))
+                    .or_insert(RouteVal {
+                        vni: i.vni,
+                        mac: i.mac.0,
+                        pad: [0; 2],
+                        nexthop_be: abi::ip_be(route.nexthop),
+                    });
+            }
+        }
         let want_sg: BTreeSet<SgKey> = entries
             .iter()
             .map(|e| {
@@ -664,6 +827,17 @@ impl Dataplane for EbpfDataplane {
                     .map_err(map_err(abi::MAP_SG))?;
             }
         }
+        {
+            let mut routes = Self::routes_map(&mut self.bpf)?;
+            for ((len, data), v) in &want_routes {
+                if self.routes.get(&(*len, *data)) != Some(v) {
+                    routes
+                        .insert(&LpmKey::new(*len, *data), v, 0)
+                        .map_err(map_err(abi::MAP_ROUTES))?;
+                }
+            }
+        }
+        Self::put_hash(&mut self.bpf, abi::MAP_RIFS, &self.rifs, &want_rifs)?;
         {
             let map = self
                 .bpf
@@ -725,6 +899,15 @@ impl Dataplane for EbpfDataplane {
                 changed_ports.insert(data.port_id);
             }
         }
+        Self::prune_hash(&mut self.bpf, abi::MAP_RIFS, &self.rifs, &want_rifs)?;
+        {
+            let mut routes = Self::routes_map(&mut self.bpf)?;
+            for (len, data) in self.routes.keys().filter(|k| !want_routes.contains_key(*k)) {
+                routes
+                    .remove(&LpmKey::new(*len, *data))
+                    .map_err(map_err(abi::MAP_ROUTES))?;
+            }
+        }
         {
             let stale: Vec<EpKey> = self
                 .endpoints
@@ -759,8 +942,11 @@ impl Dataplane for EbpfDataplane {
             ports = want_ports.len(),
             endpoints = want_eps.len(),
             sg_entries = want_sg.len(),
+            routes = want_routes.len(),
             "applied desired state"
         );
+        self.rifs = want_rifs;
+        self.routes = want_routes;
         self.ports = want_ports;
         self.endpoints = want_eps;
         self.sg = want_sg;

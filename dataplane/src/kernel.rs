@@ -10,6 +10,16 @@
 //! the `inet` forward chain dispatches on the mark. Before that, bridge prerouting
 //! carries the VNI in the mark so that an `inet` raw chain can give each network its
 //! own conntrack zone.
+//!
+//! Routers: this kernel has no VRF, so each router is a network namespace of its own on every
+//! node that programs it (`shoalr<node netns inode>-<hash>`, as Neutron's `qrouter-`
+//! namespaces), with IPv4 forwarding on. Each interface is a veth: the bridge end `srb<hash>`
+//! is a port of its network's bridge (with a sticky static FDB entry for the interface MAC,
+//! so the same MAC answering on other nodes never moves it), the router end `srt<hash>` carries
+//! the interface's MAC and address in the router's namespace. The router's neighbours are
+//! permanent entries for every known port of the subnet (L2 population, no ARP from the
+//! router), so every node routes its VMs' packets itself and delivers them as L2 on the
+//! destination network. Security groups stay on the bridge hops (in the networks' zones).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -42,6 +52,8 @@ pub enum KernelDriverError {
     Compile(#[from] CompileError),
     #[error("port {0} is attached to two networks")]
     PortInTwoNetworks(String),
+    #[error("cannot read this node's network namespace")]
+    Netns(#[source] std::io::Error),
 }
 
 const TABLE_BRIDGE: &str = "shoal_br";
@@ -124,6 +136,86 @@ fn vxlan_name(vni: u32) -> String {
     format!("svx{vni}")
 }
 
+/// 32-bit FNV-1a: short stable names for kernel objects named after long ids.
+fn fnv(parts: &[&str]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h
+}
+
+/// The bridge end and the router end of a router interface's veth.
+fn rif_names(router: &str, port: &str) -> (String, String) {
+    let h = fnv(&[router, port]);
+    (format!("srb{h:08x}"), format!("srt{h:08x}"))
+}
+
+const ROUTER_NS_PREFIX: &str = "shoalr";
+
+/// The prefix of the router namespaces of the node whose network namespace has inode `ino`
+/// (names under /run/netns are machine-wide; several nodes may share a machine).
+fn router_ns_prefix(ino: u64) -> String {
+    format!("{ROUTER_NS_PREFIX}{ino}-")
+}
+
+/// The inode of the calling thread's network namespace.
+fn netns_inode() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// Deletes the router namespaces the kernel driver made for the node whose network
+/// namespace is at `node_netns` (e.g. `/run/netns/NAME`): for tests and tools that remove
+/// a node without a driver teardown.
+pub fn remove_router_namespaces(node_netns: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = router_ns_prefix(std::fs::metadata(node_netns)?.ino());
+    for name in router_namespaces(&prefix) {
+        let _ = run("ip", &["netns", "del", &name]);
+    }
+    Ok(())
+}
+
+fn router_namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A router interface as this driver builds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RifDev {
+    netns: String,
+    router_end: String,
+    vni: u32,
+    mac: Mac,
+    ip: Ipv4Addr,
+    len: u8,
+}
+
+/// A permanent neighbour of a router: (namespace, router-end device, address, MAC).
+type Neighbour = (String, String, Ipv4Addr, Mac);
+
+/// An extra route of a router: (namespace, destination, next hop).
+type ExtraRoute = (String, model::Ipv4Cidr, Ipv4Addr);
+
+/// `ip -o link show DEV` -> its MTU.
+fn mtu_of(device: &str) -> Option<u32> {
+    let text = output("ip", &["-o", "link", "show", "dev", device]).ok()?;
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
 /// The kernel-path datapath of one node.
 #[derive(Debug)]
 pub struct KernelDataplane {
@@ -136,6 +228,17 @@ pub struct KernelDataplane {
     /// (VNI, VTEP) all-zero entries: broadcast and ARP go to every VTEP of the network.
     flood: BTreeSet<(u32, Ipv4Addr)>,
     ruleset: String,
+    /// Prefix of this node's router namespaces.
+    router_prefix: String,
+    /// Router namespaces.
+    routers: BTreeSet<String>,
+    /// Bridge-end device -> the interface.
+    rifs: BTreeMap<String, RifDev>,
+    neighbours: BTreeSet<Neighbour>,
+    extra_routes: BTreeSet<ExtraRoute>,
+    /// Router-interface devices a previous instance left: removed by the first apply unless
+    /// wanted.
+    found_rifs: BTreeSet<String>,
 }
 
 impl KernelDataplane {
@@ -144,6 +247,16 @@ impl KernelDataplane {
     pub fn new(underlay: &Underlay) -> Result<Self, KernelDriverError> {
         std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1")
             .map_err(KernelDriverError::Sysctl)?;
+        let router_prefix = router_ns_prefix(netns_inode().map_err(KernelDriverError::Netns)?);
+        // What a previous instance left: its router namespaces and interface veths.
+        let routers = router_namespaces(&router_prefix).into_iter().collect();
+        let found_rifs = output("ip", &["-o", "link", "show"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("srb") && n.len() == 11)
+            .collect();
         Ok(KernelDataplane {
             underlay: underlay.clone(),
             networks: BTreeSet::new(),
@@ -151,7 +264,150 @@ impl KernelDataplane {
             fdb: BTreeSet::new(),
             flood: BTreeSet::new(),
             ruleset: String::new(),
+            router_prefix,
+            routers,
+            rifs: BTreeMap::new(),
+            neighbours: BTreeSet::new(),
+            extra_routes: BTreeSet::new(),
+            found_rifs,
         })
+    }
+
+    fn router_ns(&self, router: &str) -> String {
+        format!("{}{:08x}", self.router_prefix, fnv(&[router]))
+    }
+
+    /// The router namespaces, interfaces and neighbours `desired` asks for.
+    fn want_routing(
+        &self,
+        desired: &DesiredState,
+    ) -> (
+        BTreeSet<String>,
+        BTreeMap<String, RifDev>,
+        BTreeSet<Neighbour>,
+        BTreeSet<ExtraRoute>,
+    ) {
+        let mut routers = BTreeSet::new();
+        let mut rifs = BTreeMap::new();
+        let mut neighbours = BTreeSet::new();
+        let mut routes = BTreeSet::new();
+        for r in &desired.routers {
+            let netns = self.router_ns(&r.id);
+            routers.insert(netns.clone());
+            for x in &r.routes {
+                routes.insert((netns.clone(), x.destination, x.nexthop));
+            }
+            for i in &r.interfaces {
+                let (bridge_end, router_end) = rif_names(&r.id, &i.port_id);
+                let local = desired.ports.iter().map(|p| (p.vni, p.mac, &p.ips));
+                let remote = desired.remote_ports.iter().map(|p| (p.vni, p.mac, &p.ips));
+                for (vni, mac, ips) in local.chain(remote) {
+                    for ip in ips
+                        .iter()
+                        .filter(|ip| vni == i.vni && i.subnet.contains(**ip))
+                    {
+                        neighbours.insert((netns.clone(), router_end.clone(), *ip, mac));
+                    }
+                }
+                rifs.insert(
+                    bridge_end,
+                    RifDev {
+                        netns: netns.clone(),
+                        router_end,
+                        vni: i.vni,
+                        mac: i.mac,
+                        ip: i.ip,
+                        len: i.subnet.len,
+                    },
+                );
+            }
+        }
+        (routers, rifs, neighbours, routes)
+    }
+
+    fn add_router(netns: &str) -> Result<(), KernelDriverError> {
+        run_exists_ok("ip", &["netns", "add", netns])?;
+        run("ip", &["-n", netns, "link", "set", "lo", "up"])?;
+        let path = format!("--net=/run/netns/{netns}");
+        run(
+            "nsenter",
+            &[&path, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        // The router is IPv4-only: no router solicitations or MLD reports into the networks
+        // (best effort: a kernel without IPv6 has nothing to turn off).
+        let _ = run(
+            "nsenter",
+            &[
+                &path,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        );
+        Ok(())
+    }
+
+    fn add_rif(bridge_end: &str, rif: &RifDev) -> Result<(), KernelDriverError> {
+        let RifDev {
+            netns,
+            router_end,
+            vni,
+            mac,
+            ip,
+            len,
+        } = rif;
+        run_exists_ok(
+            "ip",
+            &[
+                "link", "add", bridge_end, "type", "veth", "peer", "name", router_end, "netns",
+                netns,
+            ],
+        )?;
+        // The network's MTU (its vxlan device's) on both ends: the router must not send
+        // frames the network cannot carry.
+        let mtu = mtu_of(&vxlan_name(*vni)).unwrap_or(1450).to_string();
+        run("ip", &["link", "set", bridge_end, "mtu", &mtu])?;
+        let _ = run(
+            "sysctl",
+            &["-qw", &format!("net.ipv6.conf.{bridge_end}.disable_ipv6=1")],
+        );
+        run(
+            "ip",
+            &[
+                "link",
+                "set",
+                bridge_end,
+                "master",
+                &bridge_name(*vni),
+                "up",
+            ],
+        )?;
+        let mac = mac.to_string();
+        run(
+            "bridge",
+            &[
+                "fdb", "replace", &mac, "dev", bridge_end, "master", "static", "sticky",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n", netns, "link", "set", router_end, "address", &mac, "mtu", &mtu, "up",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "addr",
+                "replace",
+                &format!("{ip}/{len}"),
+                "dev",
+                router_end,
+            ],
+        )
     }
 
     fn add_network(&self, vni: u32) -> Result<(), KernelDriverError> {
@@ -209,6 +465,16 @@ impl KernelDataplane {
                 .entry(p.vni)
                 .or_default()
                 .push(format!("\"{}\"", p.device));
+        }
+        // Router interfaces' bridge ends belong to their network's zone too (frames the
+        // router sends arrive there with no mark: the veth crossed namespaces).
+        for r in &state.routers {
+            for i in &r.interfaces {
+                by_vni
+                    .entry(i.vni)
+                    .or_default()
+                    .push(format!("\"{}\"", rif_names(&r.id, &i.port_id).0));
+            }
         }
         let _ = writeln!(
             s,
@@ -352,7 +618,19 @@ impl Dataplane for KernelDataplane {
                 return Err(KernelDriverError::PortInTwoNetworks(p.device.clone()));
             }
         }
-        let want_networks: BTreeSet<u32> = want_ports.values().copied().collect();
+        // Networks of local ports, and those routers join them to (routed packets are
+        // delivered as L2 on the destination network, from this node).
+        let want_networks: BTreeSet<u32> = want_ports
+            .values()
+            .copied()
+            .chain(
+                desired
+                    .routers
+                    .iter()
+                    .flat_map(|r| r.interfaces.iter().map(|i| i.vni)),
+            )
+            .collect();
+        let (want_routers, want_rifs, want_neighbours, want_routes) = self.want_routing(desired);
         let want_fdb: BTreeSet<(u32, Mac, Ipv4Addr)> = desired
             .remote_ports
             .iter()
@@ -414,6 +692,76 @@ impl Dataplane for KernelDataplane {
                 )?;
             }
         }
+        for netns in want_routers.difference(&self.routers.clone()) {
+            Self::add_router(netns)?;
+            self.routers.insert(netns.clone());
+        }
+        for (bridge_end, rif) in &want_rifs {
+            match self.rifs.get(bridge_end) {
+                Some(have) if have == rif => continue,
+                Some(_) => run("ip", &["link", "del", bridge_end])?,
+                None => {}
+            }
+            Self::add_rif(bridge_end, rif)?;
+            self.rifs.insert(bridge_end.clone(), rif.clone());
+        }
+        for (netns, dev, ip, mac) in want_neighbours.difference(&self.neighbours) {
+            let (ip, mac) = (ip.to_string(), mac.to_string());
+            run(
+                "ip",
+                &[
+                    "-n",
+                    netns,
+                    "neigh",
+                    "replace",
+                    &ip,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
+        for (netns, dest, nexthop) in want_routes.difference(&self.extra_routes) {
+            let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
+            run(
+                "ip",
+                &["-n", netns, "route", "replace", &dest, "via", &nexthop],
+            )?;
+        }
+        for (netns, dest, nexthop) in self.extra_routes.difference(&want_routes) {
+            // Gone already when its router or the interface to its next hop went.
+            let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
+            let _ = run("ip", &["-n", netns, "route", "del", &dest, "via", &nexthop]);
+        }
+        for (netns, dev, ip, _) in self.neighbours.difference(&want_neighbours) {
+            // Gone already when its interface or router went.
+            let _ = run(
+                "ip",
+                &["-n", netns, "neigh", "del", &ip.to_string(), "dev", dev],
+            );
+        }
+        let stale_rifs: Vec<String> = self
+            .rifs
+            .keys()
+            .chain(self.found_rifs.iter())
+            .filter(|d| !want_rifs.contains_key(*d))
+            .cloned()
+            .collect();
+        for device in stale_rifs {
+            // Deleting one end deletes the pair (gone already if its router went).
+            if let Err(e) = run("ip", &["link", "del", &device]) {
+                debug!(device, error = %e, "removing a router interface");
+            }
+        }
+        self.found_rifs.clear();
+        for netns in self.routers.difference(&want_routers) {
+            if let Err(e) = run("ip", &["netns", "del", netns]) {
+                debug!(netns, error = %e, "removing a router namespace");
+            }
+        }
 
         for device in self.ports.keys().filter(|d| !want_ports.contains_key(*d)) {
             // The VM's device may be gone already; then it left the bridge with it.
@@ -459,6 +807,10 @@ impl Dataplane for KernelDataplane {
         for vni in self.networks.difference(&want_networks) {
             self.del_network(*vni)?;
         }
+        self.routers = want_routers;
+        self.rifs = want_rifs;
+        self.neighbours = want_neighbours;
+        self.extra_routes = want_routes;
         self.networks = want_networks;
         self.ports = want_ports;
         self.fdb = want_fdb;
@@ -487,6 +839,12 @@ impl Dataplane for KernelDataplane {
     }
 
     fn teardown(self) -> Result<(), KernelDriverError> {
+        for device in self.rifs.keys() {
+            let _ = run("ip", &["link", "del", device]);
+        }
+        for netns in &self.routers {
+            let _ = run("ip", &["netns", "del", netns]);
+        }
         for device in self.ports.keys() {
             let _ = run("ip", &["link", "set", device, "nomaster"]);
         }

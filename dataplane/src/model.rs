@@ -126,12 +126,57 @@ pub struct SecurityGroup {
     pub rules: Vec<SgRule>,
 }
 
+/// One interface of a router: the router's address and MAC on a subnet of a network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouterInterface {
+    /// The interface's Neutron port id (`network:router_interface`).
+    pub port_id: String,
+    /// The network the subnet belongs to.
+    pub vni: u32,
+    /// The interface port's MAC: VMs of the subnet send routed frames to it.
+    pub mac: Mac,
+    /// The interface port's address (usually the subnet's gateway): VMs' ARP for it is
+    /// answered with `mac`.
+    pub ip: Ipv4Addr,
+    /// The subnet: the router's connected route into `vni`.
+    pub subnet: Ipv4Cidr,
+}
+
+/// An extra route of a router (Neutron's `extraroute`): `destination` through `nexthop`, an
+/// address in one of the router's subnets (usually a VM acting as a router).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterRoute {
+    pub destination: Ipv4Cidr,
+    pub nexthop: Ipv4Addr,
+}
+
+/// A distributed router: every node with a port on one of its networks routes between
+/// its subnets itself, on the sending VM's node (no network node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Router {
+    /// Neutron router id; stable across applies.
+    pub id: String,
+    pub interfaces: Vec<RouterInterface>,
+    pub routes: Vec<RouterRoute>,
+}
+
+impl Router {
+    /// The interface whose subnet holds `ip`.
+    pub fn interface_for(&self, ip: Ipv4Addr) -> Option<&RouterInterface> {
+        self.interfaces.iter().find(|i| i.subnet.contains(ip))
+    }
+}
+
 /// Everything one node's datapath must do. Applying the same state twice changes nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub ports: Vec<LocalPort>,
+    /// Ports of other nodes, in the networks of local ports and in every network a
+    /// router in `routers` connects them to.
     pub remote_ports: Vec<RemotePort>,
     pub security_groups: Vec<SecurityGroup>,
+    /// Routers with an interface on a network of a local port.
+    pub routers: Vec<Router>,
 }
 
 /// Port ranges wider than this (other than the full range) are refused rather than
@@ -162,6 +207,27 @@ pub enum CompileError {
     NoAddress { port: String },
     #[error("two ports claim address {ip} in VNI {vni}")]
     DuplicateAddress { vni: u32, ip: Ipv4Addr },
+    #[error("router {router} has interfaces on overlapping subnets {a} and {b}")]
+    OverlappingSubnets {
+        router: String,
+        a: Ipv4Cidr,
+        b: Ipv4Cidr,
+    },
+    #[error(
+        "router {router}'s route to {destination} has nexthop {nexthop} on none of its subnets"
+    )]
+    NexthopNotConnected {
+        router: String,
+        destination: Ipv4Cidr,
+        nexthop: Ipv4Addr,
+    },
+    #[error("router {router}'s interface {port} has address {ip} outside its subnet {subnet}")]
+    InterfaceOutsideSubnet {
+        router: String,
+        port: String,
+        ip: Ipv4Addr,
+        subnet: Ipv4Cidr,
+    },
 }
 
 /// Compiles the security groups of every local port (by index in `state.ports`) into
@@ -240,20 +306,23 @@ fn rule_ports(group: &str, rule: &SgRule) -> Result<Vec<u16>, CompileError> {
     Ok((min..=max).collect())
 }
 
-/// Remote-group rules expand to /32s of the group's members in the same network.
+/// Remote-group rules expand to /32s of the group's members in the same network and in
+/// the networks a router connects it to (their addresses reach the port routed; networks
+/// without a router between them may reuse addresses, so theirs are left out).
 fn remotes(state: &DesiredState, vni: u32, remote: &Remote) -> Vec<Ipv4Cidr> {
     match remote {
         Remote::Cidr(c) => vec![Ipv4Cidr::new(c.addr, c.len)],
         Remote::Group(g) => {
+            let reach = routed_vnis(state, vni);
             let local = state
                 .ports
                 .iter()
-                .filter(|p| p.vni == vni && p.security_groups.contains(g))
+                .filter(|p| reach.contains(&p.vni) && p.security_groups.contains(g))
                 .flat_map(|p| p.ips.iter());
             let remote = state
                 .remote_ports
                 .iter()
-                .filter(|p| p.vni == vni && p.security_groups.contains(g))
+                .filter(|p| reach.contains(&p.vni) && p.security_groups.contains(g))
                 .flat_map(|p| p.ips.iter());
             let set: BTreeSet<Ipv4Cidr> =
                 local.chain(remote).map(|ip| Ipv4Cidr::host(*ip)).collect();
@@ -262,15 +331,78 @@ fn remotes(state: &DesiredState, vni: u32, remote: &Remote) -> Vec<Ipv4Cidr> {
     }
 }
 
-/// Checks that no address is claimed twice within a VNI.
+/// `vni` and every VNI a router of the state connects it to.
+pub fn routed_vnis(state: &DesiredState, vni: u32) -> BTreeSet<u32> {
+    let mut out = BTreeSet::from([vni]);
+    for r in &state.routers {
+        if r.interfaces.iter().any(|i| i.vni == vni) {
+            out.extend(r.interfaces.iter().map(|i| i.vni));
+        }
+    }
+    out
+}
+
+impl Ipv4Cidr {
+    /// Whether `ip` lies in this prefix.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        Ipv4Cidr::new(ip, self.len).addr == Ipv4Cidr::new(self.addr, self.len).addr
+    }
+
+    /// Whether the two prefixes share an address.
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        let len = self.len.min(other.len);
+        Ipv4Cidr::new(self.addr, len) == Ipv4Cidr::new(other.addr, len)
+    }
+}
+
+/// Checks that no address is claimed twice within a VNI (router interfaces included) and
+/// that each router's interfaces are on disjoint subnets that hold their addresses.
 pub fn check_addresses(state: &DesiredState) -> Result<(), CompileError> {
     let mut seen = BTreeSet::new();
-    let local = state.ports.iter().map(|p| (p.vni, &p.ips));
-    let remote = state.remote_ports.iter().map(|p| (p.vni, &p.ips));
-    for (vni, ips) in local.chain(remote) {
+    let local = state.ports.iter().map(|p| (p.vni, p.ips.clone()));
+    let remote = state.remote_ports.iter().map(|p| (p.vni, p.ips.clone()));
+    let rifs = state
+        .routers
+        .iter()
+        .flat_map(|r| r.interfaces.iter())
+        .map(|i| (i.vni, vec![i.ip]));
+    for (vni, ips) in local.chain(remote).chain(rifs) {
         for ip in ips {
-            if !seen.insert((vni, *ip)) {
-                return Err(CompileError::DuplicateAddress { vni, ip: *ip });
+            if !seen.insert((vni, ip)) {
+                return Err(CompileError::DuplicateAddress { vni, ip });
+            }
+        }
+    }
+    for r in &state.routers {
+        if let Some(route) = r
+            .routes
+            .iter()
+            .find(|x| r.interface_for(x.nexthop).is_none())
+        {
+            return Err(CompileError::NexthopNotConnected {
+                router: r.id.clone(),
+                destination: route.destination,
+                nexthop: route.nexthop,
+            });
+        }
+        for (n, a) in r.interfaces.iter().enumerate() {
+            if !a.subnet.contains(a.ip) {
+                return Err(CompileError::InterfaceOutsideSubnet {
+                    router: r.id.clone(),
+                    port: a.port_id.clone(),
+                    ip: a.ip,
+                    subnet: a.subnet,
+                });
+            }
+            if let Some(b) = r.interfaces[n + 1..]
+                .iter()
+                .find(|b| a.subnet.overlaps(&b.subnet))
+            {
+                return Err(CompileError::OverlappingSubnets {
+                    router: r.id.clone(),
+                    a: a.subnet,
+                    b: b.subnet,
+                });
             }
         }
     }
@@ -307,6 +439,7 @@ mod tests {
         let state = DesiredState {
             ports: vec![port("a", [10, 0, 0, 1], &["g"])],
             remote_ports: vec![],
+            routers: vec![],
             security_groups: vec![SecurityGroup {
                 id: "g".into(),
                 rules: vec![
@@ -342,6 +475,7 @@ mod tests {
                 vtep: [192, 0, 2, 2].into(),
                 security_groups: vec!["web".into()],
             }],
+            routers: vec![],
             security_groups: vec![
                 SecurityGroup {
                     id: "web".into(),
@@ -372,6 +506,7 @@ mod tests {
         let mk = |r: SgRule| DesiredState {
             ports: vec![port("a", [10, 0, 0, 1], &["g"])],
             remote_ports: vec![],
+            routers: vec![],
             security_groups: vec![SecurityGroup {
                 id: "g".into(),
                 rules: vec![r],
@@ -390,5 +525,115 @@ mod tests {
             compile_sg(&mk(rule(Some(6), Some((9, 2)), any))),
             Err(CompileError::BadRange { .. })
         ));
+    }
+
+    fn rif(port_id: &str, vni: u32, ip: [u8; 4], len: u8) -> RouterInterface {
+        RouterInterface {
+            port_id: port_id.into(),
+            vni,
+            mac: Mac([0xfa, 0x16, 0x3e, 0xff, vni as u8, ip[3]]),
+            ip: Ipv4Addr::from(ip),
+            subnet: Ipv4Cidr::new(Ipv4Addr::from(ip), len),
+        }
+    }
+
+    /// A remote-group rule admits the group's members of networks a router joins to the
+    /// port's, and still not those of an unrouted network (which may reuse addresses).
+    #[test]
+    fn remote_group_spans_networks_joined_by_a_router() {
+        let mut b = port("b", [10, 0, 2, 5], &["g"]);
+        b.vni = 200;
+        let mut c = port("c", [10, 0, 3, 5], &["g"]);
+        c.vni = 300;
+        let mut state = DesiredState {
+            ports: vec![port("a", [10, 0, 0, 5], &["g"]), b, c],
+            remote_ports: vec![],
+            security_groups: vec![SecurityGroup {
+                id: "g".into(),
+                rules: vec![rule(None, None, Remote::Group("g".into()))],
+            }],
+            routers: vec![Router {
+                id: "r".into(),
+                routes: vec![],
+                interfaces: vec![
+                    rif("ra", 100, [10, 0, 0, 1], 24),
+                    rif("rb", 200, [10, 0, 2, 1], 24),
+                ],
+            }],
+        };
+        let of = |state: &DesiredState, port: usize| -> Vec<String> {
+            compile_sg(state)
+                .unwrap()
+                .iter()
+                .filter(|e| e.port == port)
+                .map(|e| e.remote.to_string())
+                .collect()
+        };
+        assert_eq!(of(&state, 0), vec!["10.0.0.5/32", "10.0.2.5/32"]);
+        assert_eq!(of(&state, 1), vec!["10.0.0.5/32", "10.0.2.5/32"]);
+        assert_eq!(of(&state, 2), vec!["10.0.3.5/32"]);
+        state.routers.clear();
+        assert_eq!(of(&state, 0), vec!["10.0.0.5/32"]);
+    }
+
+    /// A router's interfaces take part in the address check and must be on disjoint
+    /// subnets that hold their own addresses.
+    #[test]
+    fn router_interfaces_are_checked() {
+        let mk = |interfaces| DesiredState {
+            ports: vec![port("a", [10, 0, 0, 5], &[])],
+            routers: vec![Router {
+                id: "r".into(),
+                routes: vec![],
+                interfaces,
+            }],
+            ..Default::default()
+        };
+        check_addresses(&mk(vec![
+            rif("ra", 100, [10, 0, 0, 1], 24),
+            rif("rb", 200, [10, 0, 2, 1], 24),
+        ]))
+        .unwrap();
+        assert_eq!(
+            check_addresses(&mk(vec![rif("ra", 100, [10, 0, 0, 5], 24)])),
+            Err(CompileError::DuplicateAddress {
+                vni: 100,
+                ip: [10, 0, 0, 5].into()
+            })
+        );
+        assert!(matches!(
+            check_addresses(&mk(vec![
+                rif("ra", 100, [10, 0, 0, 1], 24),
+                rif("rb", 200, [10, 0, 0, 129], 25)
+            ])),
+            Err(CompileError::OverlappingSubnets { .. })
+        ));
+        let mut far = mk(vec![rif("ra", 100, [10, 0, 0, 1], 24)]);
+        far.routers[0].routes.push(RouterRoute {
+            destination: Ipv4Cidr::new([192, 168, 0, 0].into(), 16),
+            nexthop: [10, 5, 0, 1].into(),
+        });
+        assert!(matches!(
+            check_addresses(&far),
+            Err(CompileError::NexthopNotConnected { .. })
+        ));
+        far.routers[0].routes[0].nexthop = [10, 0, 0, 9].into();
+        check_addresses(&far).unwrap();
+        let mut outside = rif("ra", 100, [10, 0, 0, 1], 24);
+        outside.subnet = Ipv4Cidr::new([10, 9, 0, 0].into(), 16);
+        assert!(matches!(
+            check_addresses(&mk(vec![outside])),
+            Err(CompileError::InterfaceOutsideSubnet { .. })
+        ));
+        assert_eq!(
+            routed_vnis(
+                &mk(vec![
+                    rif("ra", 100, [10, 0, 0, 1], 24),
+                    rif("rb", 200, [10, 0, 2, 1], 24)
+                ]),
+                200
+            ),
+            BTreeSet::from([100, 200])
+        );
     }
 }

@@ -314,6 +314,21 @@ pub const VM_MTU: &str = "1450";
 
 impl Topology {
     pub fn build() -> Result<Self, TestbedError> {
+        Self::build_with(
+            &[
+                (0, 100, [10, 0, 0, 1]),
+                (1, 100, [10, 0, 0, 2]),
+                (0, 200, [10, 0, 0, 2]),
+                (1, 200, [10, 0, 0, 1]),
+                (0, 100, [10, 0, 0, 3]),
+            ],
+            24,
+        )
+    }
+
+    /// Two hosts as in [`Topology::build`], with the VMs of `plan`: VM k is (host, VNI,
+    /// address), its `eth0` has `address/prefix`.
+    pub fn build_with(plan: &[(usize, u32, [u8; 4])], prefix: u8) -> Result<Self, TestbedError> {
         let underlay = NetNs::new("shul")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
@@ -328,15 +343,8 @@ impl Topology {
             ns.ip(&["link", "set", "ul0", "up"])?;
             hosts.push(Host { ns, vtep });
         }
-        let plan: [(usize, u32, [u8; 4]); 5] = [
-            (0, 100, [10, 0, 0, 1]),
-            (1, 100, [10, 0, 0, 2]),
-            (0, 200, [10, 0, 0, 2]),
-            (1, 200, [10, 0, 0, 1]),
-            (0, 100, [10, 0, 0, 3]),
-        ];
         let mut vms = Vec::new();
-        for (k, (host, vni, ip)) in plan.into_iter().enumerate() {
+        for (k, &(host, vni, ip)) in plan.iter().enumerate() {
             let ns = NetNs::new("shv")?;
             let device = format!("tap{k}");
             veth(&hosts[host].ns, &device, &ns, "eth0")?;
@@ -351,7 +359,7 @@ impl Topology {
                 "mtu",
                 VM_MTU,
             ])?;
-            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            ns.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             // Full checksums from the VM: a frame that crosses XDP loses CHECKSUM_PARTIAL.
             // GRO on the VM end makes the veth run NAPI, which XDP_REDIRECT into it needs.

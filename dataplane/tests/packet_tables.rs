@@ -15,7 +15,8 @@ use shoal_dataplane::{
     abi::{self, Config},
     ebpf::EbpfDataplane,
     model::{
-        Direction, EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, SecurityGroup, SgRule,
+        Direction, EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router,
+        RouterInterface, RouterRoute, SecurityGroup, SgRule,
     },
     netdev,
     testbed::{self, NetNs},
@@ -81,6 +82,7 @@ fn state(with_a: bool) -> DesiredState {
             vtep: ip("192.0.2.2"),
             security_groups: vec!["web".into()],
         }],
+        routers: vec![],
         security_groups: vec![SecurityGroup {
             id: "web".into(),
             rules: vec![
@@ -583,4 +585,239 @@ fn packet_tables() {
         ns.ip(&["link", "set", a, "up"]).unwrap();
     }
     ns.run(tables).unwrap();
+}
+
+const MAC_C: [u8; 6] = [0xfa, 0x16, 0x3e, 0, 1, 0x0c];
+const MAC_R2: [u8; 6] = [0xfa, 0x16, 0x3e, 0, 1, 0x0d];
+const MAC_GA: [u8; 6] = [0xfa, 0x16, 0x3e, 0xaa, 0, 1];
+const MAC_GB: [u8; 6] = [0xfa, 0x16, 0x3e, 0xbb, 0, 1];
+const VNI_B: u32 = 101;
+
+/// `state(true)` plus network B (VNI 101, 10.1.0.0/24) with local port C and remote port R2,
+/// and (with `router`) a router joining A's subnet (gateway 10.0.0.254) and B's (10.1.0.1).
+fn routed_state(router: bool) -> DesiredState {
+    let mut s = state(true);
+    s.ports.push(LocalPort {
+        id: "c".into(),
+        device: "pc".into(),
+        mac: Mac(MAC_C),
+        ips: vec![ip("10.1.0.5")],
+        vni: VNI_B,
+        security_groups: vec!["web".into()],
+    });
+    s.remote_ports.push(RemotePort {
+        id: "r2".into(),
+        mac: Mac(MAC_R2),
+        ips: vec![ip("10.1.0.7")],
+        vni: VNI_B,
+        vtep: ip("192.0.2.2"),
+        security_groups: vec!["web".into()],
+    });
+    if router {
+        let rif = |port_id: &str, vni, mac, addr: &str| RouterInterface {
+            port_id: port_id.into(),
+            vni,
+            mac: Mac(mac),
+            ip: ip(addr),
+            subnet: Ipv4Cidr::new(ip(addr), 24),
+        };
+        s.routers.push(Router {
+            id: "rt".into(),
+            // A VM acting as a router: 192.168.50.0/24 lies behind port C.
+            routes: vec![RouterRoute {
+                destination: Ipv4Cidr::new(ip("192.168.50.0"), 24),
+                nexthop: ip("10.1.0.5"),
+            }],
+            interfaces: vec![
+                rif("ga", VNI, MAC_GA, "10.0.0.254"),
+                rif("gb", VNI_B, MAC_GB, "10.1.0.1"),
+            ],
+        });
+    }
+    s
+}
+
+/// `frame` as a router forwards it: new MACs, TTL - 1, header checksum recomputed.
+fn routed(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out[14 + 8] -= 1;
+    out[14 + 10] = 0;
+    out[14 + 11] = 0;
+    let c = csum(&out[14..34]);
+    out[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    out
+}
+
+fn routing_rows() {
+    let dp_cfg = Config {
+        local_vtep_be: abi::ip_be(ip("192.0.2.1")),
+        underlay_ifindex: netdev::ifindex("ul").unwrap(),
+        underlay_mac: MAC_UL,
+        pad: [0; 2],
+    };
+    let mut dp = EbpfDataplane::load_detached(dp_cfg).unwrap();
+    dp.apply(&routed_state(true)).unwrap();
+    dp.set_vtep_mac(ip("192.0.2.2"), Mac(MAC_PEER)).unwrap();
+    dp.apply(&routed_state(true)).unwrap();
+    let pa = netdev::ifindex("pa").unwrap();
+
+    let to_c_80 = tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.1.0.5", 42000, 80);
+    let to_r2_80 = tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.1.0.7", 42001, 80);
+    let to_r2_routed = routed(&to_r2_80, MAC_R2, MAC_GB);
+    let mut ttl1 = tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.1.0.5", 42002, 80);
+    ttl1[14 + 8] = 1;
+    ttl1[14 + 10] = 0;
+    ttl1[14 + 11] = 0;
+    let c = csum(&ttl1[14..34]);
+    ttl1[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+
+    let cases = vec![
+        Case {
+            what: "ARP for the gateway is answered with the router interface's MAC",
+            input: eth(
+                BCAST,
+                MAC_A,
+                ETH_ARP,
+                &arp(1, MAC_A, ip("10.0.0.1"), [0; 6], ip("10.0.0.254")),
+            ),
+            verdict: TC_REDIRECT,
+            output: Some(eth(
+                MAC_A,
+                MAC_GA,
+                ETH_ARP,
+                &arp(2, MAC_GA, ip("10.0.0.254"), MAC_A, ip("10.0.0.1")),
+            )),
+        },
+        Case {
+            what: "to the router, for a local port of the other subnet: routed in place",
+            input: to_c_80.clone(),
+            verdict: TC_REDIRECT,
+            output: Some(routed(&to_c_80, MAC_C, MAC_GB)),
+        },
+        Case {
+            what: "routed traffic meets the destination port's inbound rules (22 denied)",
+            input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.1.0.5", 42003, 22),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "to the router, for a remote port: routed, then VXLAN with B's VNI",
+            input: to_r2_80,
+            verdict: TC_REDIRECT,
+            output: Some(vxlan(
+                MAC_PEER,
+                MAC_UL,
+                ip("192.0.2.1"),
+                ip("192.0.2.2"),
+                abi::flow_sport(ip("10.0.0.1"), ip("10.1.0.7"), 42001, 80, TCP),
+                VNI_B,
+                &to_r2_routed,
+            )),
+        },
+        Case {
+            what: "an extra route delivers to its next hop's MAC, destination unchanged",
+            input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "192.168.50.9", 42009, 80),
+            verdict: TC_REDIRECT,
+            output: Some(routed(
+                &tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "192.168.50.9", 42009, 80),
+                MAC_C,
+                MAC_GB,
+            )),
+        },
+        Case {
+            what: "TTL 1 is not routed",
+            input: ttl1,
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "a destination in no subnet of the router is dropped",
+            input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.9.0.5", 42004, 80),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "an address of the other subnet without a port is dropped",
+            input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.1.0.99", 42005, 80),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "TCP to the router's own address is dropped",
+            input: tcp_frame(MAC_GA, MAC_A, "10.0.0.1", "10.0.0.254", 42006, 80),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "ping to the gateway is answered by the router, in place",
+            input: eth(
+                MAC_GA,
+                MAC_A,
+                ETH_IP,
+                &ipv4(ip("10.0.0.1"), ip("10.0.0.254"), ICMP, &icmp_echo(8, 5, 1)),
+            ),
+            verdict: TC_REDIRECT,
+            output: Some(eth(
+                MAC_A,
+                MAC_GA,
+                ETH_IP,
+                &ipv4(ip("10.0.0.254"), ip("10.0.0.1"), ICMP, &icmp_echo(0, 5, 1)),
+            )),
+        },
+        Case {
+            what: "ping to the router's address on the other subnet is answered too",
+            input: eth(
+                MAC_GA,
+                MAC_A,
+                ETH_IP,
+                &ipv4(ip("10.0.0.1"), ip("10.1.0.1"), ICMP, &icmp_echo(8, 6, 1)),
+            ),
+            verdict: TC_REDIRECT,
+            output: Some(eth(
+                MAC_A,
+                MAC_GA,
+                ETH_IP,
+                &ipv4(ip("10.1.0.1"), ip("10.0.0.1"), ICMP, &icmp_echo(0, 6, 1)),
+            )),
+        },
+        Case {
+            what: "the router's MAC on another network is not a router here",
+            input: tcp_frame(MAC_GB, MAC_A, "10.0.0.1", "10.1.0.5", 42007, 80),
+            verdict: TC_SHOT,
+            output: None,
+        },
+        Case {
+            what: "the L2 path is unchanged next to a router",
+            input: tcp_frame(MAC_B, MAC_A, "10.0.0.1", "10.0.0.2", 42008, 80),
+            verdict: TC_REDIRECT,
+            output: None,
+        },
+    ];
+    check("tc routed", cases, |p| dp.test_run_port(pa, p));
+
+    let c = dp.counters().unwrap();
+    assert!(c["pass_routed"] >= 2, "{c:?}");
+    assert!(c["drop_ttl"] >= 1, "{c:?}");
+    assert!(c["pass_router_echo"] >= 2, "{c:?}");
+
+    // Without the router, the same frame goes nowhere.
+    dp.apply(&routed_state(false)).unwrap();
+    assert_eq!(dp.test_run_port(pa, &to_c_80).unwrap().0, TC_SHOT);
+    dp.teardown().unwrap();
+}
+
+/// Distributed routing in the tc program: verdicts and exact output bytes.
+#[test]
+fn routing_tables() {
+    if !testbed::privileged_or_skip("routing_tables") {
+        return;
+    }
+    let ns = NetNs::new("shrt").unwrap();
+    for (a, b) in [("pa", "pa0"), ("pb", "pb0"), ("pc", "pc0"), ("ul", "ul0")] {
+        testbed::veth(&ns, a, &ns, b).unwrap();
+        ns.ip(&["link", "set", a, "up"]).unwrap();
+    }
+    ns.run(routing_rows).unwrap();
 }

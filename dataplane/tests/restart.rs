@@ -126,3 +126,88 @@ fn pinned_datapath_survives_restart() {
         "nothing forwards after teardown"
     );
 }
+
+/// A router survives the process like everything else, and a restarted driver (which numbers
+/// routers afresh) replaces the pinned router entries: an interface removed while no process
+/// ran is gone after its first apply, and coming back it routes again.
+#[test]
+fn pinned_routes_survive_restart() {
+    use shoal_dataplane::{Ipv4Cidr, Mac, Router, RouterInterface};
+    if !testbed::privileged_or_skip("pinned_routes_survive_restart") {
+        return;
+    }
+    let (a0, b1) = (Ipv4Addr::new(10, 1, 0, 10), Ipv4Addr::new(10, 2, 0, 11));
+    let gws = [
+        (
+            300,
+            Ipv4Addr::new(10, 1, 0, 1),
+            Mac([0xfa, 0x16, 0x3e, 0xaa, 0, 1]),
+        ),
+        (
+            400,
+            Ipv4Addr::new(10, 2, 0, 1),
+            Mac([0xfa, 0x16, 0x3e, 0xbb, 0, 1]),
+        ),
+    ];
+    let topo = Topology::build_with(&[(0, 300, a0.octets()), (1, 400, b1.octets())], 24).unwrap();
+    for (vm, (_, gw, _)) in topo.vms.iter().zip(gws) {
+        vm.ns
+            .ip(&["route", "add", "default", "via", &gw.to_string()])
+            .unwrap();
+    }
+    let dirs = PinDirs::new();
+    let start = |on: &'static [u32]| -> Vec<Agent<EbpfDataplane>> {
+        topo.hosts
+            .iter()
+            .zip(&dirs.dirs)
+            .enumerate()
+            .map(|(i, (h, dir))| {
+                let mut state = topo.desired(i, &[]);
+                state.routers = vec![Router {
+                    id: "router-1".into(),
+                    routes: vec![],
+                    interfaces: gws
+                        .iter()
+                        .filter(|(vni, _, _)| on.contains(vni))
+                        .map(|&(vni, ip, mac)| RouterInterface {
+                            port_id: format!("rif-{vni}"),
+                            vni,
+                            mac,
+                            ip,
+                            subnet: Ipv4Cidr::new(ip, 24),
+                        })
+                        .collect(),
+                }];
+                let (underlay, dir) = (h.underlay(), dir.clone());
+                Agent::start(&h.ns, move || {
+                    let mut d = EbpfDataplane::new_pinned(&underlay, &dir)?;
+                    d.apply(&state)?;
+                    Ok::<_, shoal_dataplane::ebpf::EbpfDriverError>(d)
+                })
+                .unwrap()
+                .unwrap()
+            })
+            .collect()
+    };
+    let (vm0, vm1) = (&topo.vms[0], &topo.vms[1]);
+
+    let agents = start(&[300, 400]);
+    assert!(vm0.ping(b1), "routed before the restart");
+    for a in agents {
+        a.finish(drop);
+    }
+    assert!(vm0.ping(b1), "routed with no process");
+    assert!(vm1.ping(a0), "and back");
+
+    let agents = start(&[300]);
+    assert!(!vm0.ping(b1), "the interface removed meanwhile is gone");
+    for a in agents {
+        a.finish(drop);
+    }
+    let agents = start(&[300, 400]);
+    assert!(vm0.ping(b1), "routed again after another restart");
+    assert!(vm1.ping(a0), "both ways");
+    for a in agents {
+        a.finish(|d| d.teardown()).unwrap();
+    }
+}

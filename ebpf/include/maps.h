@@ -29,6 +29,21 @@ struct {
 } shoal_endpoints SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SHOAL_MAX_RIFS);
+	__type(key, struct shoal_rif_key);
+	__type(value, struct shoal_rif);
+} shoal_rifs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SHOAL_MAX_ROUTES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct shoal_route_key);
+	__type(value, struct shoal_route);
+} shoal_routes SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, SHOAL_MAX_SG_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

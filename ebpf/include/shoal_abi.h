@@ -30,6 +30,8 @@
 #define SHOAL_MAX_ENDPOINTS 65536
 #define SHOAL_MAX_SG_ENTRIES 262144
 #define SHOAL_MAX_CT 262144
+#define SHOAL_MAX_RIFS 4096
+#define SHOAL_MAX_ROUTES 16384
 
 /* Array `shoal_config`, one entry (index 0): this node's underlay. */
 struct shoal_config {
@@ -66,6 +68,38 @@ struct shoal_endpoint {
 	__u32 port_id;     /* local ports only */
 	__u32 ifindex;     /* != 0: local port on this node */
 	__u32 vtep_be;     /* remote ports: the VTEP of their node */
+};
+
+/* Hash `shoal_rifs`: (VNI, MAC) of a router interface -> its router. Looked up only when
+ * a VM's frame matches no port of its network (so the L2 path never pays for it): a frame
+ * to a router interface's MAC is routed. The interface's address is also in
+ * `shoal_endpoints` (MAC, no ifindex, no VTEP), which answers the VMs' ARP for it. */
+struct shoal_rif_key {
+	__u32 vni;
+	__u8 mac[6];
+	__u8 pad[2];
+};
+
+struct shoal_rif {
+	__u32 router_id; /* dense id chosen by userspace; keys `shoal_routes` */
+};
+
+/* LPM trie `shoal_routes`: (router, destination prefix) -> the connected network the
+ * router reaches it on and the router's MAC there (the routed frame's source MAC). The
+ * router id is the fixed part of the key; the destination is the variable prefix. */
+#define SHOAL_ROUTE_FIXED_BITS 32
+
+struct shoal_route_key {
+	__u32 prefixlen;
+	__u32 router_id;
+	__u32 dst_be;
+};
+
+struct shoal_route {
+	__u32 vni;
+	__u8 mac[6];
+	__u8 pad[2];
+	__u32 nexthop_be; /* extra route: the next hop's address in `vni`; 0 = connected */
 };
 
 /* LPM trie `shoal_sg`: prefixlen counts bits after the prefixlen field. */
@@ -115,6 +149,9 @@ enum shoal_counter {
 	SHOAL_CNT_DROP_UNSUPPORTED,   /* IPv6, other ethertypes, IP fragments */
 	SHOAL_CNT_DROP_ERROR,         /* a helper failed (e.g. no headroom) */
 	SHOAL_CNT_PASS_METADATA,      /* TCP to 169.254.169.254:80, up to the node's stack */
+	SHOAL_CNT_PASS_ROUTED,        /* routed by a router on the sender's node */
+	SHOAL_CNT_DROP_TTL,           /* routed packet whose TTL ran out (no ICMP sent) */
+	SHOAL_CNT_ROUTER_ECHO,        /* ICMP echo to a router's address, answered in place */
 	SHOAL_CNT_MAX,
 };
 

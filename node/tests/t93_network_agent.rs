@@ -382,3 +382,148 @@ fn guests_on_two_nodes_reach_each_other_over_vxlan() {
     drop(guests);
     drop(c);
 }
+
+/// Two nodes, two networks joined by a router made through the API: guests on subnet A and
+/// subnet B reach each other routed on the sending guest's own node (same node and across
+/// the VXLAN underlay), in the default group (whose "ingress from the same group" spans the
+/// router's networks), the router's interface ports go ACTIVE (before any guest exists), and
+/// removing the interface on B stops it.
+#[test]
+fn guests_on_two_subnets_reach_each_other_through_a_router() {
+    if !is_root("the router network agent test") {
+        return;
+    }
+    let pid = std::process::id();
+    let underlay = Underlay::new("snr", 2);
+    let nodes = &underlay.nodes;
+    let args = |i: usize| underlay.args(i);
+    let a0 = args(0);
+    let mut c = Cluster::init(&a0.iter().map(String::as_str).collect::<Vec<_>>());
+    let join = c.create_join_token(0, 600);
+    let a1 = args(1);
+    let second = c.spawn_join(&join, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_until("node2 to serve", Duration::from_secs(60), || {
+        c.try_token(second).ok()
+    });
+    let token = c.token(0);
+    let ids = setup(&c, &token);
+    let mut nets = Vec::new();
+    let mut subnets = Vec::new();
+    for (name, cidr) in [("ra", "10.7.0.0/24"), ("rb", "10.7.1.0/24")] {
+        let net = created(
+            &c,
+            &token,
+            "/network/v2.0/networks",
+            json!({"network": {"name": name}}),
+        )["network"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let s = created(
+            &c,
+            &token,
+            "/network/v2.0/subnets",
+            json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}}),
+        )["subnet"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        nets.push(net);
+        subnets.push(s);
+    }
+    let router = created(
+        &c,
+        &token,
+        "/network/v2.0/routers",
+        json!({"router": {"name": "east-west"}}),
+    )["router"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut interfaces = Vec::new();
+    for s in &subnets {
+        let (status, v) = api(
+            &c,
+            &token,
+            "PUT",
+            &format!("/network/v2.0/routers/{router}/add_router_interface"),
+            Some(json!({"subnet_id": s})),
+        );
+        assert_eq!(status, 200, "{v}");
+        interfaces.push(v["port_id"].as_str().unwrap().to_owned());
+    }
+    // Distributed: the interfaces are ACTIVE before any VM uses them (Tempest waits for it).
+    for id in &interfaces {
+        wait_until(
+            &format!("interface {id} ACTIVE without guests"),
+            Duration::from_secs(30),
+            || (port_status(&c, &token, id) == "ACTIVE").then_some(()),
+        );
+    }
+    // (network, node, gateway): a guest on A and one on B on node1, one on B on node2.
+    let plan = [(0, 0, "10.7.0.1"), (1, 0, "10.7.1.1"), (1, 1, "10.7.1.1")];
+    let mut guests = Vec::new();
+    let mut ports = Vec::new();
+    for (i, (net, node, gw)) in plan.into_iter().enumerate() {
+        let p = port(&c, &token, &nets[net]);
+        let vm = guest(
+            format!("snr-vm{i}-{pid}"),
+            &nodes[node],
+            &tap(&p.id),
+            &p.mac,
+            &p.ip,
+        );
+        ip(&["-n", &vm.0, "route", "add", "default", "via", gw]);
+        let s = created(
+            &c,
+            &token,
+            "/compute/v2.1/servers",
+            json!({"server": {
+                "name": format!("rt{i}"), "flavorRef": ids.0, "imageRef": ids.1,
+                "networks": [{"port": p.id}],
+                "availability_zone": format!("nova:node{}", node + 1),
+            }}),
+        );
+        let _ = s["server"]["id"].as_str().unwrap();
+        guests.push(vm);
+        ports.push(p);
+    }
+    for id in ports.iter().map(|p| &p.id).chain(&interfaces) {
+        wait_until(
+            &format!("port {id} ACTIVE"),
+            Duration::from_secs(60),
+            || (port_status(&c, &token, id) == "ACTIVE").then_some(()),
+        );
+    }
+    assert!(
+        ping_becomes(&guests[0], &ports[1].ip, true),
+        "A -> B on the same node, routed"
+    );
+    assert!(
+        ping_becomes(&guests[0], &ports[2].ip, true),
+        "A on node1 -> B on node2, routed on node1"
+    );
+    assert!(
+        ping_becomes(&guests[2], &ports[0].ip, true),
+        "B on node2 -> A on node1, routed on node2"
+    );
+
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/routers/{router}/remove_router_interface"),
+        Some(json!({"subnet_id": subnets[1]})),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        ping_becomes(&guests[0], &ports[2].ip, false),
+        "interface on B removed: no route across nodes"
+    );
+    assert!(
+        ping_becomes(&guests[0], &ports[1].ip, false),
+        "nor on the same node"
+    );
+    drop(guests);
+    drop(c);
+}

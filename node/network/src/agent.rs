@@ -11,6 +11,11 @@
 //! Remote ports are found through the `network_agents` table, where every agent publishes
 //! its VTEP address: a port bound on node A is reachable from node B as soon as B's agent
 //! has read A's row and the port's, without flooding (L2 population from Raft).
+//!
+//! Routers are distributed: every node with a port on a network a router has an interface on
+//! programs that router (its interfaces, and the remote ports of all its networks), so a VM's
+//! packets to another subnet of the router are routed on the VM's own node. Router interface
+//! ports go `ACTIVE` once a node has programmed them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -25,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, WatchError};
 use shoal_dataplane::{
     ebpf::EbpfDataplane, kernel::KernelDataplane, model, Dataplane, DesiredState, Direction,
-    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, SecurityGroup, SgRule, Underlay,
+    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router, RouterInterface, RouterRoute,
+    SecurityGroup, SgRule, Underlay,
 };
 use shoal_state::{
     records::{tap_device, PortRecord},
@@ -35,7 +41,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
     config::Driver,
-    records::{NetworkRecord, RuleRecord, SecurityGroupRecord, SubnetRecord},
+    records::{NetworkRecord, RouterRecord, RuleRecord, SecurityGroupRecord, SubnetRecord},
+    routers::ROUTER_INTERFACE,
     NetworkConfig,
 };
 
@@ -95,8 +102,9 @@ pub enum AgentError {
 }
 
 /// The tables whose changes change the datapath.
-const FOLLOWED: [&str; 6] = [
+const FOLLOWED: [&str; 7] = [
     tables::PORTS,
+    tables::ROUTERS,
     tables::NETWORKS,
     tables::SUBNETS,
     tables::SECURITY_GROUPS,
@@ -278,6 +286,34 @@ impl NetworkAgent {
                 }
             }
         }
+        // A distributed router is programmed on demand, by every node that gets a port on one
+        // of its networks: its interfaces are ACTIVE while the router is up and they are
+        // routable, whether or not a VM uses them yet. Every agent computes the same from the
+        // same rows and writes only a difference (compare-and-set), so they converge.
+        for (id, status, want) in &plan.router_interfaces {
+            if status == want {
+                continue;
+            }
+            let want = *want;
+            let r = ports
+                .update(id, |p: &mut PortRecord| {
+                    if p.device_owner != ROUTER_INTERFACE {
+                        return Err(StateError::NotFound {
+                            table: tables::PORTS,
+                            key: p.id.clone(),
+                        });
+                    }
+                    p.status = want.to_string();
+                    p.touch(now());
+                    Ok(())
+                })
+                .await;
+            match r {
+                Ok(_) => tracing::info!(port = %id, status = want, "router interface status"),
+                Err(StateError::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(port = %id, error = %e, "cannot write the port status"),
+            }
+        }
         let now_served: BTreeMap<String, ServedPort> = plan
             .served
             .into_iter()
@@ -446,6 +482,7 @@ struct View {
     groups: Vec<SecurityGroupRecord>,
     rules: Vec<RuleRecord>,
     agents: HashMap<String, AgentRecord>,
+    routers: Vec<RouterRecord>,
 }
 
 /// What one pass decided.
@@ -456,6 +493,9 @@ struct Plan {
     bound: Vec<(String, String)>,
     /// The local ports put in `desired`, by device.
     served: BTreeMap<String, ServedPort>,
+    /// Every router's interface ports: status as read, and the status they should have
+    /// (`ACTIVE` while the router is up and the interface routable, else `DOWN`).
+    router_interfaces: Vec<(String, String, &'static str)>,
 }
 
 impl View {
@@ -504,7 +544,88 @@ impl View {
             .into_iter()
             .map(|a: AgentRecord| (a.host.clone(), a))
             .collect(),
+            routers: by_id(
+                state
+                    .table::<RouterRecord>(tables::ROUTERS)
+                    .list("")
+                    .await?,
+            ),
         })
+    }
+
+    /// A router interface port in the datapath's terms: on a carried network, up, with an
+    /// IPv4 address on a known subnet.
+    fn router_interface(&self, p: &PortRecord) -> Option<RouterInterface> {
+        let vni = self.vni(&p.network_id)?;
+        if !p.admin_state_up {
+            return None;
+        }
+        let mac = parse_mac(&p.mac_address).ok()?;
+        let (ip, subnet_id) = ipv4s(p).into_iter().next()?;
+        let (addr, len) = parse_cidr(&self.subnets.get(&subnet_id)?.cidr)?;
+        Some(RouterInterface {
+            port_id: p.id.clone(),
+            vni,
+            mac,
+            ip,
+            subnet: Ipv4Cidr::new(addr, len),
+        })
+    }
+
+    /// Routers with an interface on one of `local_networks` (each node routes its own VMs'
+    /// packets), with their interfaces; extends `carried` with the networks they join.
+    fn plan_routers<'a>(
+        &'a self,
+        local_networks: &BTreeSet<&str>,
+        carried: &mut BTreeSet<&'a str>,
+        plan: &mut Plan,
+    ) {
+        for r in &self.routers {
+            let mut interfaces: Vec<(&PortRecord, RouterInterface)> = Vec::new();
+            for p in self
+                .ports
+                .iter()
+                .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
+            {
+                let routable = self.router_interface(p).filter(|_| r.admin_state_up);
+                let want = if routable.is_some() { "ACTIVE" } else { "DOWN" };
+                plan.router_interfaces
+                    .push((p.id.clone(), p.status.clone(), want));
+                interfaces.extend(routable.map(|i| (p, i)));
+            }
+            if !interfaces
+                .iter()
+                .any(|(p, _)| local_networks.contains(p.network_id.as_str()))
+            {
+                continue;
+            }
+            for (p, _) in &interfaces {
+                carried.insert(p.network_id.as_str());
+            }
+            let interfaces: Vec<RouterInterface> = interfaces.into_iter().map(|(_, i)| i).collect();
+            // Extra routes whose next hop lies on a routed interface (the API keeps them
+            // there; one whose interface is not routable waits for it).
+            let routes = r
+                .routes
+                .iter()
+                .filter_map(|x| {
+                    let (addr, len) = parse_cidr(&x.destination)?;
+                    let nexthop: Ipv4Addr = x.nexthop.parse().ok()?;
+                    interfaces
+                        .iter()
+                        .any(|i| i.subnet.contains(nexthop))
+                        .then(|| RouterRoute {
+                            destination: Ipv4Cidr::new(addr, len),
+                            nexthop,
+                        })
+                })
+                .collect();
+            plan.desired.routers.push(Router {
+                id: r.id.clone(),
+                interfaces,
+                routes,
+            });
+        }
     }
 
     /// The VNI of a network the eBPF/VXLAN datapath carries (flat networks are not carried).
@@ -551,10 +672,12 @@ impl View {
                 );
             }
         }
+        let mut carried = local_networks.clone();
+        self.plan_routers(&local_networks, &mut carried, &mut plan);
         for p in &self.ports {
             if p.binding_host_id.is_empty()
                 || p.binding_host_id == host
-                || !local_networks.contains(p.network_id.as_str())
+                || !carried.contains(p.network_id.as_str())
             {
                 continue;
             }
@@ -738,7 +861,7 @@ fn sg_rule(r: &RuleRecord) -> Option<SgRule> {
 /// object).
 enum AnyDatapath {
     Ebpf(Box<EbpfDataplane>),
-    Kernel(KernelDataplane),
+    Kernel(Box<KernelDataplane>),
 }
 
 impl AnyDatapath {
@@ -854,7 +977,7 @@ fn open_datapath(
     };
     let kernel = || {
         KernelDataplane::new(underlay)
-            .map(AnyDatapath::Kernel)
+            .map(|d| AnyDatapath::Kernel(Box::new(d)))
             .map_err(|e| e.to_string())
     };
     let fail = |driver, reason| AgentError::Datapath {
@@ -1009,7 +1132,149 @@ mod tests {
                 },
             )]
             .into(),
+            routers: vec![],
         }
+    }
+
+    /// `view()` plus network n2 (VNI 8, 10.0.1.0/24) with a port on node n2, and router r
+    /// with interfaces on s1 (10.0.0.1) and s2 (10.0.1.1).
+    fn routed_view() -> View {
+        let mut v = view();
+        let mut n2 = v.networks["n1"].clone();
+        n2.id = "n2".into();
+        n2.segmentation_id = Some(8);
+        n2.subnets = vec!["s2".into()];
+        v.networks.insert("n2".into(), n2);
+        let mut s2 = v.subnets["s1"].clone();
+        s2.id = "s2".into();
+        s2.network_id = "n2".into();
+        s2.cidr = "10.0.1.0/24".into();
+        s2.gateway_ip = Some("10.0.1.1".into());
+        v.subnets.insert("s2".into(), s2);
+        let on_n2 = |mut p: PortRecord| {
+            p.network_id = "n2".into();
+            p.fixed_ips[0].subnet_id = "s2".into();
+            p
+        };
+        v.ports.push(on_n2(port("dddd", "n2", "10.0.1.5", &["g"])));
+        let rif = |p: PortRecord| PortRecord {
+            device_owner: ROUTER_INTERFACE.into(),
+            device_id: "r".into(),
+            binding_host_id: String::new(),
+            security_groups: vec![],
+            ..p
+        };
+        v.ports.push(rif(port("ri1xx", "", "10.0.0.1", &[])));
+        v.ports
+            .push(rif(on_n2(port("ri2xxx", "", "10.0.1.1", &[]))));
+        v.routers.push(RouterRecord {
+            id: "r".into(),
+            project_id: "p".into(),
+            name: "r".into(),
+            description: String::new(),
+            admin_state_up: true,
+            status: "ACTIVE".into(),
+            gateway: None,
+            routes: vec![
+                crate::records::HostRoute {
+                    destination: "192.168.50.0/24".into(),
+                    nexthop: "10.0.1.5".into(),
+                },
+                crate::records::HostRoute {
+                    destination: "172.16.0.0/12".into(),
+                    nexthop: "10.9.9.9".into(),
+                },
+            ],
+            tags: vec![],
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        });
+        v
+    }
+
+    /// A node with a port on one of a router's networks programs the router (both
+    /// interfaces) and the remote ports of every network it joins; the remote-group rule of
+    /// the local port then admits the routed network's members.
+    #[test]
+    fn a_router_on_a_local_network_is_programmed_with_its_networks() {
+        let plan = routed_view().plan("n1");
+        assert_eq!(plan.desired.routers.len(), 1);
+        let r = &plan.desired.routers[0];
+        let rifs: Vec<(u32, String, String)> = r
+            .interfaces
+            .iter()
+            .map(|i| (i.vni, i.ip.to_string(), i.subnet.to_string()))
+            .collect();
+        assert_eq!(
+            rifs,
+            vec![
+                (7, "10.0.0.1".into(), "10.0.0.0/24".into()),
+                (8, "10.0.1.1".into(), "10.0.1.0/24".into())
+            ]
+        );
+        assert_eq!(r.interfaces[1].mac, parse_mac("fa:16:3e:00:00:06").unwrap());
+        // The extra route through a VM on n2 (an unconnected next hop is left out).
+        assert_eq!(
+            r.routes,
+            vec![RouterRoute {
+                destination: Ipv4Cidr::new(Ipv4Addr::new(192, 168, 50, 0), 24),
+                nexthop: Ipv4Addr::new(10, 0, 1, 5),
+            }]
+        );
+        let remote: Vec<(&str, u32)> = plan
+            .desired
+            .remote_ports
+            .iter()
+            .map(|p| (p.id.as_str(), p.vni))
+            .collect();
+        assert_eq!(remote, vec![("bb", 7), ("dddd", 8)]);
+        let statuses: Vec<(&str, &str)> = plan
+            .router_interfaces
+            .iter()
+            .map(|(id, _, want)| (id.as_str(), *want))
+            .collect();
+        assert_eq!(statuses, vec![("ri1xx", "ACTIVE"), ("ri2xxx", "ACTIVE")]);
+        model::check_addresses(&plan.desired).unwrap();
+        let remotes: Vec<String> = model::compile_sg(&plan.desired)
+            .unwrap()
+            .iter()
+            .filter(|e| e.direction == Direction::Ingress)
+            .map(|e| e.remote.to_string())
+            .collect();
+        assert!(remotes.contains(&"10.0.1.5/32".to_string()), "{remotes:?}");
+
+        // The node of the routed network's port programs it too (distributed).
+        let plan = routed_view().plan("n2");
+        assert_eq!(plan.desired.routers.len(), 1);
+        assert_eq!(plan.desired.ports[0].id, "bb");
+    }
+
+    /// No port of this node on the router's networks, the router down, or its interface
+    /// removed: nothing of it is programmed and the other network is not carried.
+    #[test]
+    fn routers_are_programmed_only_where_and_while_they_route() {
+        let plan = routed_view().plan("n9");
+        assert!(plan.desired.routers.is_empty());
+        // Distributed: its interfaces are up even where no VM uses them yet.
+        assert!(plan
+            .router_interfaces
+            .iter()
+            .all(|(_, _, w)| *w == "ACTIVE"));
+
+        let mut v = routed_view();
+        v.routers[0].admin_state_up = false;
+        let plan = v.plan("n1");
+        assert!(plan.desired.routers.is_empty());
+        assert_eq!(plan.router_interfaces.len(), 2);
+        assert!(plan.router_interfaces.iter().all(|(_, _, w)| *w == "DOWN"));
+        assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
+
+        let mut v = routed_view();
+        v.ports.retain(|p| p.id != "ri2xxx");
+        let plan = v.plan("n1");
+        assert_eq!(plan.desired.routers[0].interfaces.len(), 1);
+        assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
     }
 
     #[test]
