@@ -166,6 +166,58 @@ async fn ids_expire_after_the_window_whatever_the_batches() {
     assert_eq!(rec.mod_revision, last_in + 1);
 }
 
+/// Expired ids are removed a bounded number per batch, each batch going on where the last
+/// stopped, and a restarted store still removes the rest.
+#[tokio::test]
+async fn expired_ids_are_pruned_in_steps_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = 2500u64;
+    let index_len = |sm: &StateMachineStore| {
+        let r = sm.reader();
+        async move {
+            r.list("_requests_by_revision", "", usize::MAX)
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    {
+        let (_log, mut sm) = open(dir.path()).await;
+        let entries = (1..=ids)
+            .map(|i| keyed(i, &format!("req-{i}"), bump("a")))
+            .collect();
+        apply(&mut sm, entries).await;
+        assert_eq!(index_len(&sm).await, ids as usize);
+        // Every id is now past the window; one batch removes at most 1024 of them.
+        apply(&mut sm, vec![blank(REQUEST_WINDOW + ids)]).await;
+        assert_eq!(index_len(&sm).await, (ids - 1024) as usize);
+        assert!(sm
+            .reader()
+            .get("_requests", "req-1")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(sm
+            .reader()
+            .get("_requests", "req-1025")
+            .await
+            .unwrap()
+            .is_some());
+    }
+    let (_log, mut sm) = open(dir.path()).await;
+    apply(&mut sm, vec![blank(REQUEST_WINDOW + ids + 1)]).await;
+    assert_eq!(index_len(&sm).await, (ids - 2048) as usize);
+    apply(&mut sm, vec![blank(REQUEST_WINDOW + ids + 2)]).await;
+    assert_eq!(index_len(&sm).await, 0);
+    assert!(sm
+        .reader()
+        .get("_requests", &format!("req-{ids}"))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(version(&sm).await, ids);
+}
+
 /// Transactions cannot touch the store's own tables.
 #[tokio::test]
 async fn user_transactions_cannot_write_request_records() {

@@ -382,8 +382,11 @@ fn default_replace_after() -> u64 {
 fn default_stabilization() -> u64 {
     10
 }
+/// etcd's default `--snapshot-count`. Every snapshot reads the whole state machine, so on a
+/// busy cluster a small interval costs a large share of each node's CPU (docs/benchmarks.md,
+/// "Where the write time goes").
 fn default_snapshot_every() -> u64 {
-    10_000
+    100_000
 }
 fn default_heartbeat() -> u64 {
     100

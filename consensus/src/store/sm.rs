@@ -126,6 +126,11 @@ pub(crate) struct Inner {
     /// Serialises snapshot builds and installs: both replace files under `snapshots/`.
     snapshot_lock: Mutex<()>,
     incoming_seq: AtomicU64,
+    /// Revision below which the request-id index holds no entries any more (0 after open).
+    /// Pruning seeks here instead of to the start of the index: the deleted entries before it
+    /// stay as tombstones until a compaction, and stepping over them on every batch made each
+    /// apply slower the longer a node ran.
+    request_prune_from: AtomicU64,
 }
 
 /// The state machine openraft drives. Build it with [`super::open`]; take a [`StateReader`]
@@ -263,7 +268,9 @@ impl Inner {
             let floor = self.history_floor()?;
             let new_floor = (a.index + 1).saturating_sub(self.opts.history_retention);
             if new_floor > floor {
-                batch.delete_range_cf(cf_hist, history_key(0, 0), history_key(new_floor, 0));
+                // From the old floor only: one small range tombstone per batch, not ever
+                // longer overlapping ones from zero.
+                batch.delete_range_cf(cf_hist, history_key(floor, 0), history_key(new_floor, 0));
                 batch.put_cf(cf_meta, KEY_HISTORY_FLOOR, new_floor.to_be_bytes());
             }
         }
@@ -375,11 +382,23 @@ impl Inner {
         };
         let cf_rows = self.db.cf(CF_ROWS);
         let prefix = row_key(T_REQUESTS_BY_REVISION, "");
-        let iter = self
-            .db
-            .db
-            .iterator_cf(cf_rows, IteratorMode::From(&prefix, Direction::Forward));
-        for item in iter.take(REQUEST_PRUNE_PER_BATCH) {
+        let from = self.request_prune_from.load(Ordering::Relaxed);
+        if from > expired_below {
+            return Ok(());
+        }
+        let start = row_key(T_REQUESTS_BY_REVISION, &format!("{from:020}"));
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(row_key(
+            T_REQUESTS_BY_REVISION,
+            &format!("{:020}", expired_below + 1),
+        ));
+        let iter = self.db.db.iterator_cf_opt(
+            cf_rows,
+            opts,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut done_below = expired_below + 1;
+        for (n, item) in iter.enumerate() {
             let (k, _) = item?;
             if !k.starts_with(&prefix) {
                 break;
@@ -394,6 +413,11 @@ impl Inner {
             if rev > expired_below {
                 break;
             }
+            if n == REQUEST_PRUNE_PER_BATCH {
+                // The rest go with the next batches, starting here.
+                done_below = rev;
+                break;
+            }
             batch.delete_cf(cf_rows, &k);
             // The id may have been used again since (a repeat after the window): then its
             // record is newer than this index entry and stays.
@@ -405,6 +429,7 @@ impl Inner {
                 batch.delete_cf(cf_rows, &rk);
             }
         }
+        self.request_prune_from.store(done_below, Ordering::Relaxed);
         Ok(())
     }
 
@@ -664,6 +689,8 @@ impl Inner {
         b.delete_cf(cf_meta, KEY_INSTALLING);
         self.db.write_synced(b)?;
         self.set_applied_cache(meta.last_log_id);
+        // The snapshot's request-id index may start below where this node had pruned to.
+        self.request_prune_from.store(0, Ordering::Relaxed);
         *self
             .current_snapshot
             .lock()
@@ -739,6 +766,7 @@ impl StateMachineStore {
             current_snapshot: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
             incoming_seq: AtomicU64::new(0),
+            request_prune_from: AtomicU64::new(0),
         });
         // Leftovers of a build or receive that a crash interrupted.
         for e in std::fs::read_dir(inner.db.snapshot_dir())? {
