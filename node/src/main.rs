@@ -14,6 +14,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal::{client, config, dev, logging, server};
 
+/// mimalloc instead of glibc's malloc: a profile of a node under write load spent about 16% of
+/// its CPU in malloc/free (consolidating glibc's arenas across the many tokio and blocking
+/// threads); docs/benchmarks.md, "Where the write time goes".
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about = "A masterless private cloud runtime")]
 struct Cli {
