@@ -353,6 +353,10 @@ pub struct ClusterSection {
     /// milliseconds) campaigns to become the leader.
     #[serde(default = "default_election")]
     pub election_timeout_ms: u64,
+    /// Ask the voters whether they would vote before raising the term (Raft's pre-vote), so a
+    /// node back from a partition cannot depose a working leader.
+    #[serde(default = "default_pre_vote")]
+    pub pre_vote: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +395,9 @@ fn default_heartbeat() -> u64 {
 fn default_election() -> u64 {
     500
 }
+fn default_pre_vote() -> bool {
+    true
+}
 fn default_token_ttl() -> u64 {
     24 * 3600
 }
@@ -412,6 +419,7 @@ impl Default for ClusterSection {
             snapshot_every_entries: default_snapshot_every(),
             heartbeat_ms: default_heartbeat(),
             election_timeout_ms: default_election(),
+            pre_vote: default_pre_vote(),
         }
     }
 }

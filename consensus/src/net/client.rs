@@ -19,8 +19,8 @@ use openraft::errors::{
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use quinn::{Connection, Endpoint};
 use sha2::{Digest, Sha256};
@@ -34,7 +34,9 @@ use super::frame::{
 use super::tls::{self, NodeIdentity, SERVER_NAME};
 use super::{NetError, NetOptions};
 use crate::raft_types::{LogId, Snapshot, TypeConfig, Vote};
-use crate::wire::{WAppendEntriesRequest, WSnapshotMeta, WVote, WVoteRequest};
+use crate::wire::{
+    WAppendEntriesRequest, WSnapshotMeta, WTransferLeaderRequest, WVote, WVoteRequest,
+};
 
 /// Receives the latency of every RPC: peer address, RPC name, elapsed time, success. Meant for
 /// a Prometheus histogram; it is called on the RPC's task, so it must be cheap.
@@ -55,6 +57,7 @@ fn response_name(resp: &PeerResponse) -> &'static str {
         PeerResponse::Status(_) => "status",
         PeerResponse::Join(_) => "join",
         PeerResponse::Error(_) => "error",
+        PeerResponse::TransferLeader(_) => "transfer_leader",
     }
 }
 
@@ -676,6 +679,22 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
             Ok(PeerResponse::Vote(w)) => Ok(VoteResponse::from(&w)),
             Ok(other) => Err(self.rpc_error(unexpected("pre_vote", other), RPCTypes::Vote)),
             Err(e) => Err(self.rpc_error(e, RPCTypes::Vote)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = PeerRequest::TransferLeader(WTransferLeaderRequest::from(&rpc));
+        match self.client.call(&self.addr, &req, option.hard_ttl()).await {
+            Ok(PeerResponse::TransferLeader(w)) => Ok(TransferLeaderResponse::from(&w)),
+            Ok(other) => Err(self.rpc_error(
+                unexpected("transfer_leader", other),
+                RPCTypes::TransferLeader,
+            )),
+            Err(e) => Err(self.rpc_error(e, RPCTypes::TransferLeader)),
         }
     }
 
