@@ -741,6 +741,21 @@ impl Cluster {
         }
     }
 
+    /// A voter that campaigns is alive and can reach this node. If this node leads and its
+    /// replication to that voter is backing off after failures (up to a second, see
+    /// `QuicPeer::backoff`), retry it now: a node back from a partition or a restart is
+    /// caught up as soon as it speaks, not when the backoff runs out.
+    async fn heard_from(&self, id: NodeId) {
+        if id == self.inner.id
+            || self.inner.raft.metrics().borrow_watched().state != ServerState::Leader
+        {
+            return;
+        }
+        if let Err(e) = self.inner.raft.trigger().reset_backoff([id]).await {
+            tracing::debug!(error = %e, "cannot reset the replication backoff");
+        }
+    }
+
     /// Proposes `cmd` on this node. A leader fresh from an election refuses writes until a
     /// quorum has acknowledged it (openraft checks its lease); while this node stays leader,
     /// such a refusal is retried as soon as the next acknowledgement arrives rather than after a
@@ -1545,7 +1560,8 @@ impl PeerHandler for Handler {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
             let resp = c.inner.raft.append_entries(req).await.map_err(raft_err)?;
-            if resp.is_success() {
+            // Any answer but a higher vote means this node follows the sender.
+            if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
                 self.1.store(unix_us(), Ordering::Relaxed);
             }
             Ok(resp)
@@ -1579,6 +1595,7 @@ impl PeerHandler for Handler {
     ) -> BoxFuture<'_, Result<openraft::raft::VoteResponse<TypeConfig>, PeerError>> {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
+            c.heard_from(req.vote.leader_id.node_id).await;
             c.inner.raft.vote(req).await.map_err(raft_err)
         })
     }
@@ -1589,6 +1606,7 @@ impl PeerHandler for Handler {
     ) -> BoxFuture<'_, Result<openraft::raft::VoteResponse<TypeConfig>, PeerError>> {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
+            c.heard_from(req.vote.leader_id.node_id).await;
             c.inner.raft.pre_vote(req).await.map_err(raft_err)
         })
     }

@@ -117,11 +117,11 @@ struct NodeArgs {
     /// Minimum seconds between two voter changes.
     #[arg(long)]
     stabilization_secs: Option<u64>,
-    /// Raft heartbeat interval in milliseconds (default 100).
+    /// Raft heartbeat interval in milliseconds (default 50).
     #[arg(long, env = "SHOAL_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
     /// A follower that hears no heartbeat for this long, up to 4/3 of it, campaigns
-    /// (milliseconds, default 500).
+    /// (milliseconds, default 300).
     #[arg(long, env = "SHOAL_ELECTION_TIMEOUT_MS")]
     election_timeout_ms: Option<u64>,
     /// Raft pre-vote: true (default) or false.

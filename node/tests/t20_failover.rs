@@ -73,6 +73,7 @@ fn a_leader_stopped_gracefully_hands_over_leadership() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
+    eprintln!("a write through a survivor was acknowledged {took:?} after SIGTERM of the leader");
     assert!(
         took < Duration::from_millis(1500),
         "the write took {took:?}: leadership was not handed over (an election needs at least 3 s)"

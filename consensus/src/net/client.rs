@@ -632,6 +632,9 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
                     )
                 })?;
             let opts = &self.client.inner.opts;
+            // Connecting and opening keep openraft's TTL (a dead peer is found out fast);
+            // writing and answering get at least the floor (a slow disk is not a dead peer).
+            let ttl = ttl.max(opts.append_response_floor);
             let (tx, rx) = tokio::sync::mpsc::channel(opts.append_pipeline_depth.max(1));
             let writer = tokio::spawn(pipeline_writer(input, send, tx, opts.max_frame, ttl));
             let state = Pipeline {
@@ -718,10 +721,12 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
     }
 
     fn backoff(&self) -> Option<Backoff> {
-        // After `Unreachable`: 100 ms, doubling up to 5 s, so a dead peer costs little.
+        // After `Unreachable`: 100 ms, doubling up to 1 s. A dead peer costs one connection
+        // attempt a second; a peer back from a partition waits at most a second (less if it
+        // campaigns first: the leader then resets the backoff, `Cluster::heard_from`).
         Some(Backoff::new(std::iter::successors(
             Some(Duration::from_millis(100)),
-            |d| Some((*d * 2).min(Duration::from_secs(5))),
+            |d| Some((*d * 2).min(Duration::from_secs(1))),
         )))
     }
 }
