@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,9 @@ pub struct ClusterOptions {
     pub snapshot_every: u64,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    /// Run openraft's pre-vote round before a real election: a node that cannot win (cut off,
+    /// or back from a partition) never raises its term and so never deposes a working leader.
+    pub pre_vote: bool,
 }
 
 /// Failures callers can act on. `Unavailable` means retry (no leader, peer unreachable);
@@ -247,6 +251,7 @@ impl ClusterOptions {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: 1000,
             install_snapshot_timeout: 10_000,
+            enable_pre_vote: Some(self.pre_vote),
             ..Default::default()
         };
         Ok(Arc::new(
@@ -390,6 +395,7 @@ impl Cluster {
         // AppendEntries before `join` returns. Requests that arrive before the cluster is
         // assembled are refused and retried by the sender.
         let slot: Arc<OnceLock<Cluster>> = Arc::new(OnceLock::new());
+        let last_append_us = Arc::new(AtomicU64::new(0));
         let snapshot_dir = opts.data_dir.join("incoming-snapshots");
         std::fs::create_dir_all(&snapshot_dir)
             .map_err(setup("cannot create the incoming snapshot directory"))?;
@@ -397,7 +403,7 @@ impl Cluster {
             opts.raft_addr,
             ca.cert_pem(),
             &identity,
-            Arc::new(Handler(slot.clone())),
+            Arc::new(Handler(slot.clone(), last_append_us.clone())),
             snapshot_dir,
         )
         .map_err(|e| {
@@ -431,6 +437,7 @@ impl Cluster {
         let raft = Raft::new(id, opts.raft_config()?, network, log_store, sm)
             .await
             .map_err(setup("cannot start Raft"))?;
+        tokio::spawn(trace_leadership(raft.server_metrics(), id, last_append_us));
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let server_task = tokio::spawn(server.run(async move {
             let _ = stop_rx.changed().await;
@@ -623,6 +630,8 @@ impl Cluster {
         let mut last_err = String::from("no leader elected");
         // Whether a copy of this command may be in some log with no answer yet.
         let mut unknown = false;
+        // Whether an earlier attempt failed, for the failover trace.
+        let mut retried = false;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -634,7 +643,7 @@ impl Cluster {
             }
             match self.leader() {
                 Some((leader, _)) if leader == self.inner.id => {
-                    match tokio::time::timeout(remaining, self.inner.raft.client_write(cmd.clone()))
+                    match tokio::time::timeout(remaining, self.propose_here(cmd.clone(), deadline))
                         .await
                     {
                         Ok(Ok(resp)) => return Ok(resp.data),
@@ -681,13 +690,26 @@ impl Cluster {
                         .forward_write(&info.raft_addr, cmd.clone(), remaining, abandon)
                         .await
                     {
-                        Ok(resp) => return Ok(resp),
+                        Ok(resp) => {
+                            if retried {
+                                tracing::debug!(
+                                    target: "shoal::failover",
+                                    event = "rerouted_write_acked",
+                                    leader,
+                                    unix_us = unix_us(),
+                                    "a forwarded write that failed before was acknowledged"
+                                );
+                            }
+                            return Ok(resp);
+                        }
                         Err(ForwardError::NotLeader(e)) => {
+                            retried = true;
                             last_err = format!("forwarding to {}: {e}", info.name);
                             self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
                                 .await;
                         }
                         Err(e @ ForwardError::NotSent(_)) => {
+                            retried = true;
                             last_err = format!("forwarding to {}: {}", info.name, chain(&e));
                             // A target that cannot be reached is dead or cut off: wait for the
                             // next leader, but look again soon in case the link recovers.
@@ -697,6 +719,7 @@ impl Cluster {
                         Err(e @ ForwardError::Unknown(_)) => {
                             // The command is keyed: sending it again cannot apply it twice.
                             unknown = true;
+                            retried = true;
                             last_err = format!("forwarding to {}: {}", info.name, chain(&e));
                             self.wait_leader_other_than_for(Some(leader), deadline, FORWARD_RETRY)
                                 .await;
@@ -714,6 +737,63 @@ impl Cluster {
                     )
                     .await;
                 }
+            }
+        }
+    }
+
+    /// A voter that campaigns is alive and can reach this node. If this node leads and its
+    /// replication to that voter is backing off after failures (up to a second, see
+    /// `QuicPeer::backoff`), retry it now: a node back from a partition or a restart is
+    /// caught up as soon as it speaks, not when the backoff runs out.
+    async fn heard_from(&self, id: NodeId) {
+        if id == self.inner.id
+            || self.inner.raft.metrics().borrow_watched().state != ServerState::Leader
+        {
+            return;
+        }
+        if let Err(e) = self.inner.raft.trigger().reset_backoff([id]).await {
+            tracing::debug!(error = %e, "cannot reset the replication backoff");
+        }
+    }
+
+    /// Proposes `cmd` on this node. A leader fresh from an election refuses writes until a
+    /// quorum has acknowledged it (openraft checks its lease); while this node stays leader,
+    /// such a refusal is retried as soon as the next acknowledgement arrives rather than after a
+    /// fixed pause, until `deadline`. Anything else is returned as it is.
+    async fn propose_here(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<
+        openraft::raft::ClientWriteResponse<TypeConfig>,
+        RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+    > {
+        let me = self.inner.id;
+        loop {
+            let acked = self.inner.raft.metrics().borrow_watched().last_quorum_acked;
+            match self.inner.raft.client_write(cmd.clone()).await {
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                    if f.leader_id.is_none_or(|l| l == me) && Instant::now() < deadline =>
+                {
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(FORWARD_RETRY);
+                    let waited = self
+                        .inner
+                        .raft
+                        .wait(Some(left))
+                        .metrics(
+                            move |m| m.current_leader != Some(me) || m.last_quorum_acked != acked,
+                            "a quorum acknowledgement",
+                        )
+                        .await;
+                    if let Ok(m) = waited {
+                        if m.current_leader != Some(me) {
+                            return Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)));
+                        }
+                    }
+                }
+                other => return other,
             }
         }
     }
@@ -1062,6 +1142,9 @@ impl Cluster {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let manager = tokio::spawn(self.clone().voter_manager(stop_rx));
         shutdown.await;
+        // Before the peer server stops: the new leader's vote request and first AppendEntries
+        // reach this node while it waits, which is how it learns the handover is done.
+        self.hand_over_leadership().await;
         let _ = stop_tx.send(true);
         let _ = manager.await;
         self.stop_server().await;
@@ -1084,6 +1167,64 @@ impl Cluster {
             tracing::warn!(error = %e, "Raft did not shut down cleanly");
         }
         self.stop_server().await;
+    }
+
+    /// On the leader, hands leadership to the most caught-up reachable voter and waits until
+    /// another node leads, for at most twice the election timeout; returns the new leader.
+    /// Does nothing on a follower. Called by [`Cluster::run`] when the node is asked to stop,
+    /// so a graceful stop of the leader costs the cluster one election round trip instead of
+    /// a leader lease plus an election timeout.
+    pub async fn hand_over_leadership(&self) -> Option<NodeId> {
+        let m = self.metrics();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let health = health_of(&m, voters.iter());
+        let election = Duration::from_millis(self.inner.opts.election_timeout_ms);
+        let Some(target) = membership::transfer_target(self.inner.id, &voters, &health, election)
+        else {
+            tracing::info!("stopping as leader: no reachable voter to hand leadership to");
+            return None;
+        };
+        let started = Instant::now();
+        tracing::info!(
+            target: "shoal::failover",
+            event = "transfer_started",
+            to = target,
+            unix_us = unix_us(),
+            "stopping as leader: handing leadership over"
+        );
+        if let Err(e) = self.inner.raft.trigger().transfer_leader(target).await {
+            tracing::warn!(error = %e, "cannot hand leadership over");
+            return None;
+        }
+        let me = self.inner.id;
+        let done = self
+            .inner
+            .raft
+            .wait(Some(2 * election))
+            .metrics(
+                move |m| m.current_leader.is_some_and(|l| l != me),
+                "another leader",
+            )
+            .await;
+        match done {
+            Ok(m) => {
+                tracing::info!(
+                    target: "shoal::failover",
+                    event = "transfer_done",
+                    leader = m.current_leader,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "leadership handed over"
+                );
+                m.current_leader
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, to = target, "leadership was not handed over in time");
+                None
+            }
+        }
     }
 
     /// On the leader, reconciles Raft membership with the `nodes` table, one change at a time.
@@ -1136,22 +1277,7 @@ impl Cluster {
             .nodes()
             .map(|(id, n)| (*id, n.zone.clone()))
             .collect();
-        let now = <openraft::TokioInstant as openraft::Instant>::now();
-        let mut health = BTreeMap::new();
-        let heartbeat = m.heartbeat.clone().unwrap_or_default();
-        let replication = m.replication.clone().unwrap_or_default();
-        for id in voters.iter().chain(learners.iter()) {
-            let since_ack = heartbeat
-                .get(id)
-                .and_then(|t| t.as_ref())
-                .map(|t| now.saturating_duration_since(**t));
-            let matched = replication
-                .get(id)
-                .and_then(|l| l.as_ref())
-                .map(|l| l.index)
-                .unwrap_or(0);
-            health.insert(*id, Health { since_ack, matched });
-        }
+        let health = health_of(m, voters.iter().chain(learners.iter()));
         let view = membership::View {
             leader: self.inner.id,
             desired: &desired,
@@ -1317,7 +1443,93 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// The peer protocol's server side, on top of Raft. The slot is filled once the node is
 /// assembled; requests that arrive earlier are refused and retried by the sender.
-struct Handler(Arc<OnceLock<Cluster>>);
+/// What the leader's metrics say of each member in `ids`: time since its last acknowledgement
+/// and how far its log is known to match.
+fn health_of<'a>(
+    m: &crate::raft_types::RaftMetrics,
+    ids: impl Iterator<Item = &'a NodeId>,
+) -> BTreeMap<NodeId, Health> {
+    let now = <openraft::TokioInstant as openraft::Instant>::now();
+    let heartbeat = m.heartbeat.clone().unwrap_or_default();
+    let replication = m.replication.clone().unwrap_or_default();
+    ids.map(|id| {
+        let since_ack = heartbeat
+            .get(id)
+            .and_then(|t| t.as_ref())
+            .map(|t| now.saturating_duration_since(**t));
+        let matched = replication
+            .get(id)
+            .and_then(|l| l.as_ref())
+            .map(|l| l.index)
+            .unwrap_or(0);
+        (*id, Health { since_ack, matched })
+    })
+    .collect()
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Logs this node's view of every leadership change at info level under the target
+/// `shoal::failover`, with Unix timestamps in microseconds, so a failover can be taken apart
+/// from the nodes' logs (docs/benchmarks.md): when this node last accepted an AppendEntries,
+/// when it campaigned or granted its vote (its election timer fired), and when it learned the
+/// new leader. Ends when Raft stops.
+async fn trace_leadership(
+    mut rx: openraft::type_config::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::metrics::RaftServerMetrics<TypeConfig>,
+    >,
+    me: NodeId,
+    last_append_us: Arc<AtomicU64>,
+) {
+    let first = rx.borrow_watched().clone();
+    let (mut leader, mut vote) = (first.current_leader, first.vote);
+    let mut campaigns = 0u32;
+    while rx.changed().await.is_ok() {
+        let m = rx.borrow_watched().clone();
+        if m.vote != vote {
+            if !m.vote.committed {
+                let (term, to) = (m.vote.leader_id.term, m.vote.leader_id.node_id);
+                if to == me {
+                    campaigns += 1;
+                }
+                tracing::info!(
+                    target: "shoal::failover",
+                    event = if to == me { "campaign" } else { "voted" },
+                    term,
+                    candidate = to,
+                    last_append_us = last_append_us.load(Ordering::Relaxed),
+                    unix_us = unix_us(),
+                    "vote changed"
+                );
+            }
+            vote = m.vote;
+        }
+        if m.current_leader != leader {
+            if let Some(new) = m.current_leader {
+                tracing::info!(
+                    target: "shoal::failover",
+                    event = "leader",
+                    term = m.vote.leader_id.term,
+                    leader = new,
+                    is_me = new == me,
+                    campaigns,
+                    last_append_us = last_append_us.load(Ordering::Relaxed),
+                    unix_us = unix_us(),
+                    "leader known"
+                );
+                campaigns = 0;
+            }
+            leader = m.current_leader;
+        }
+    }
+}
+
+struct Handler(Arc<OnceLock<Cluster>>, Arc<AtomicU64>);
 
 fn starting() -> PeerError {
     PeerError::Fatal("the node is still starting".into())
@@ -1347,7 +1559,33 @@ impl PeerHandler for Handler {
     ) -> BoxFuture<'_, Result<openraft::raft::AppendEntriesResponse<TypeConfig>, PeerError>> {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
-            c.inner.raft.append_entries(req).await.map_err(raft_err)
+            let resp = c.inner.raft.append_entries(req).await.map_err(raft_err)?;
+            // Any answer but a higher vote means this node follows the sender.
+            if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+                self.1.store(unix_us(), Ordering::Relaxed);
+            }
+            Ok(resp)
+        })
+    }
+
+    fn transfer_leader(
+        &self,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<openraft::raft::TransferLeaderResponse<TypeConfig>, PeerError>> {
+        Box::pin(async move {
+            let c = self.0.get().ok_or_else(starting)?;
+            tracing::info!(
+                target: "shoal::failover",
+                event = "transfer_received",
+                to = req.to_node_id(),
+                unix_us = unix_us(),
+                "the leader hands leadership over"
+            );
+            c.inner
+                .raft
+                .handle_transfer_leader(req)
+                .await
+                .map_err(raft_err)
         })
     }
 
@@ -1357,6 +1595,7 @@ impl PeerHandler for Handler {
     ) -> BoxFuture<'_, Result<openraft::raft::VoteResponse<TypeConfig>, PeerError>> {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
+            c.heard_from(req.vote.leader_id.node_id).await;
             c.inner.raft.vote(req).await.map_err(raft_err)
         })
     }
@@ -1367,6 +1606,7 @@ impl PeerHandler for Handler {
     ) -> BoxFuture<'_, Result<openraft::raft::VoteResponse<TypeConfig>, PeerError>> {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
+            c.heard_from(req.vote.leader_id.node_id).await;
             c.inner.raft.pre_vote(req).await.map_err(raft_err)
         })
     }
@@ -1394,7 +1634,10 @@ impl PeerHandler for Handler {
     fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>> {
         Box::pin(async move {
             let c = self.0.get().ok_or_else(starting)?;
-            match c.inner.raft.client_write(cmd).await {
+            // A fresh leader refuses writes until a quorum acknowledged it: wait for that here
+            // (bounded) rather than send the follower away to retry after a pause.
+            let deadline = Instant::now() + Duration::from_millis(c.inner.opts.election_timeout_ms);
+            match c.propose_here(cmd, deadline).await {
                 Ok(resp) => Ok(resp.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(forward(c)),
                 Err(RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_))) => {

@@ -186,6 +186,29 @@ pub fn plan(v: &View<'_>) -> Option<Change> {
     None
 }
 
+/// Whom a leader that is stopping hands leadership to: the voter (not the leader itself) that
+/// has the most of the log among those that acknowledged the leader within `fresh`, lowest id
+/// on a tie; `None` if no other voter is reachable. openraft's transfer makes the target wait
+/// until it holds the leader's whole log before it campaigns, so the most caught-up voter is
+/// the one that can start soonest.
+pub fn transfer_target(
+    leader: NodeId,
+    voters: &BTreeSet<NodeId>,
+    health: &BTreeMap<NodeId, Health>,
+    fresh: Duration,
+) -> Option<NodeId> {
+    voters
+        .iter()
+        .filter(|id| **id != leader)
+        .filter_map(|id| {
+            let h = health.get(id)?;
+            h.since_ack.filter(|d| *d <= fresh)?;
+            Some((h.matched, std::cmp::Reverse(*id)))
+        })
+        .max()
+        .map(|(_, std::cmp::Reverse(id))| id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,5 +343,40 @@ mod tests {
         assert_eq!(next.len(), 4);
         assert!(next.contains(&1));
         assert!(next.contains(&5), "the only voter of zone c stays");
+    }
+
+    fn h(ack_ms: Option<u64>, matched: u64) -> Health {
+        Health {
+            since_ack: ack_ms.map(Duration::from_millis),
+            matched,
+        }
+    }
+
+    #[test]
+    fn leadership_goes_to_the_most_caught_up_reachable_voter() {
+        let voters: BTreeSet<NodeId> = [1, 2, 3, 4, 5].into();
+        let fresh = Duration::from_millis(500);
+        let health: BTreeMap<NodeId, Health> = [
+            (1, h(Some(0), 100)),
+            (2, h(Some(50), 90)),
+            // The most caught up, but silent for too long: perhaps dead.
+            (3, h(Some(900), 100)),
+            (4, h(Some(20), 99)),
+            (5, h(None, 0)),
+            // A learner is never a target.
+            (6, h(Some(1), 100)),
+        ]
+        .into();
+        assert_eq!(transfer_target(1, &voters, &health, fresh), Some(4));
+        let tie: BTreeMap<NodeId, Health> = [
+            (2, h(Some(10), 7)),
+            (3, h(Some(10), 7)),
+            (4, h(Some(10), 6)),
+        ]
+        .into();
+        assert_eq!(transfer_target(1, &voters, &tie, fresh), Some(2));
+        let none: BTreeMap<NodeId, Health> = [(3, h(Some(900), 7)), (5, h(None, 0))].into();
+        assert_eq!(transfer_target(1, &voters, &none, fresh), None);
+        assert_eq!(transfer_target(1, &[1].into(), &health, fresh), None);
     }
 }

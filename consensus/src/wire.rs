@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderError,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use shoal_types::{Command, NodeId, NodeInfo};
 
@@ -446,6 +447,89 @@ mod tests {
                 decode::<WVoteRequest>(&bytes[..cut]).is_err(),
                 "cut at {cut}"
             );
+        }
+    }
+}
+
+/// openraft's `TransferLeaderRequest`: the leader that hands over, the node it names, and the
+/// last log id that node must hold before it campaigns.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WTransferLeaderRequest {
+    pub from_leader: WVote,
+    pub to_node_id: NodeId,
+    pub last_log_id: Option<WLogId>,
+}
+
+impl From<&TransferLeaderRequest<TypeConfig>> for WTransferLeaderRequest {
+    fn from(r: &TransferLeaderRequest<TypeConfig>) -> Self {
+        WTransferLeaderRequest {
+            from_leader: r.from_leader().into(),
+            to_node_id: *r.to_node_id(),
+            last_log_id: r.last_log_id().map(WLogId::from),
+        }
+    }
+}
+
+impl From<&WTransferLeaderRequest> for TransferLeaderRequest<TypeConfig> {
+    fn from(w: &WTransferLeaderRequest) -> Self {
+        TransferLeaderRequest::new(
+            (&w.from_leader).into(),
+            w.to_node_id,
+            from_opt_log_id(&w.last_log_id),
+        )
+    }
+}
+
+/// openraft's `TransferLeaderResponse`: accepted, or why the receiver refused it.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WTransferLeaderResponse {
+    Accepted,
+    VoteChanged {
+        expected: WVote,
+        actual: WVote,
+    },
+    LogNotFlushed {
+        expected: Option<WLogId>,
+        actual: Option<WLogId>,
+    },
+}
+
+impl From<&TransferLeaderResponse<TypeConfig>> for WTransferLeaderResponse {
+    fn from(r: &TransferLeaderResponse<TypeConfig>) -> Self {
+        match r {
+            Ok(()) => WTransferLeaderResponse::Accepted,
+            Err(TransferLeaderError::VoteChanged { expected, actual }) => {
+                WTransferLeaderResponse::VoteChanged {
+                    expected: expected.into(),
+                    actual: actual.into(),
+                }
+            }
+            Err(TransferLeaderError::LogNotFlushed { expected, actual }) => {
+                WTransferLeaderResponse::LogNotFlushed {
+                    expected: opt_log_id(expected),
+                    actual: opt_log_id(actual),
+                }
+            }
+        }
+    }
+}
+
+impl From<&WTransferLeaderResponse> for TransferLeaderResponse<TypeConfig> {
+    fn from(w: &WTransferLeaderResponse) -> Self {
+        match w {
+            WTransferLeaderResponse::Accepted => Ok(()),
+            WTransferLeaderResponse::VoteChanged { expected, actual } => {
+                Err(TransferLeaderError::VoteChanged {
+                    expected: expected.into(),
+                    actual: actual.into(),
+                })
+            }
+            WTransferLeaderResponse::LogNotFlushed { expected, actual } => {
+                Err(TransferLeaderError::LogNotFlushed {
+                    expected: from_opt_log_id(expected),
+                    actual: from_opt_log_id(actual),
+                })
+            }
         }
     }
 }

@@ -387,6 +387,16 @@ async fn shoal_failover_trial(
     let via = Writer::Shoal(writer.clone());
     via.put(&format!("failover/{trial}/before"), b"x").await?;
     let killed = cluster.kill(procs, &leader).await?;
+    // The wall clock of the kill, to line the trial up with the nodes' logs.
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(killed.elapsed());
+    note(&format!(
+        "shoal failover {trial}: killed {leader} at {:.6} (unix s), writing through {}",
+        killed_at.as_secs_f64(),
+        survivor.name
+    ));
     let value = format!("trial {trial}");
     let prefix = format!("failover/{trial}/after");
     let (took, key) = time_until_write(&via, &prefix, value.as_bytes(), killed, FAILOVER_LIMIT)

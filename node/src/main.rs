@@ -123,6 +123,16 @@ struct NodeArgs {
     /// Minimum seconds between two voter changes.
     #[arg(long)]
     stabilization_secs: Option<u64>,
+    /// Raft heartbeat interval in milliseconds (default 50).
+    #[arg(long, env = "SHOAL_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+    /// A follower that hears no heartbeat for this long, up to 4/3 of it, campaigns
+    /// (milliseconds, default 300).
+    #[arg(long, env = "SHOAL_ELECTION_TIMEOUT_MS")]
+    election_timeout_ms: Option<u64>,
+    /// Raft pre-vote: true (default) or false.
+    #[arg(long, env = "SHOAL_PRE_VOTE")]
+    pre_vote: Option<bool>,
     /// Lifetime of the tokens this node issues, in seconds (default 24 h).
     #[arg(long)]
     token_ttl_secs: Option<u64>,
@@ -302,6 +312,15 @@ impl NodeArgs {
         }
         if let Some(s) = self.stabilization_secs {
             cfg.cluster.membership_stabilization_secs = s;
+        }
+        if let Some(ms) = self.heartbeat_ms {
+            cfg.cluster.heartbeat_ms = ms;
+        }
+        if let Some(ms) = self.election_timeout_ms {
+            cfg.cluster.election_timeout_ms = ms;
+        }
+        if let Some(p) = self.pre_vote {
+            cfg.cluster.pre_vote = p;
         }
         if let Some(s) = self.token_ttl_secs {
             cfg.identity.token_ttl_secs = s;

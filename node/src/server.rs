@@ -32,6 +32,7 @@ fn options(dir: &Path, cfg: &NodeConfig) -> ClusterOptions {
         snapshot_every: cfg.cluster.snapshot_every_entries,
         heartbeat_ms: cfg.cluster.heartbeat_ms,
         election_timeout_ms: cfg.cluster.election_timeout_ms,
+        pre_vote: cfg.cluster.pre_vote,
     }
 }
 

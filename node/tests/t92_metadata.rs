@@ -39,6 +39,7 @@ async fn learner(c: &Cluster, token: String) -> Replica {
         snapshot_every: 10_000,
         heartbeat_ms: 100,
         election_timeout_ms: 500,
+        pre_vote: true,
     };
     let peer: SocketAddr = c.nodes[0].listen;
     Replica::join(opts, &peer.to_string(), &token)

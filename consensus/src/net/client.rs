@@ -19,8 +19,8 @@ use openraft::errors::{
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use quinn::{Connection, Endpoint};
 use sha2::{Digest, Sha256};
@@ -34,7 +34,9 @@ use super::frame::{
 use super::tls::{self, NodeIdentity, SERVER_NAME};
 use super::{NetError, NetOptions};
 use crate::raft_types::{LogId, Snapshot, TypeConfig, Vote};
-use crate::wire::{WAppendEntriesRequest, WSnapshotMeta, WVote, WVoteRequest};
+use crate::wire::{
+    WAppendEntriesRequest, WSnapshotMeta, WTransferLeaderRequest, WVote, WVoteRequest,
+};
 
 /// Receives the latency of every RPC: peer address, RPC name, elapsed time, success. Meant for
 /// a Prometheus histogram; it is called on the RPC's task, so it must be cheap.
@@ -55,6 +57,7 @@ fn response_name(resp: &PeerResponse) -> &'static str {
         PeerResponse::Status(_) => "status",
         PeerResponse::Join(_) => "join",
         PeerResponse::Error(_) => "error",
+        PeerResponse::TransferLeader(_) => "transfer_leader",
     }
 }
 
@@ -629,6 +632,9 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
                     )
                 })?;
             let opts = &self.client.inner.opts;
+            // Connecting and opening keep openraft's TTL (a dead peer is found out fast);
+            // writing and answering get at least the floor (a slow disk is not a dead peer).
+            let ttl = ttl.max(opts.append_response_floor);
             let (tx, rx) = tokio::sync::mpsc::channel(opts.append_pipeline_depth.max(1));
             let writer = tokio::spawn(pipeline_writer(input, send, tx, opts.max_frame, ttl));
             let state = Pipeline {
@@ -679,6 +685,22 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
         }
     }
 
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = PeerRequest::TransferLeader(WTransferLeaderRequest::from(&rpc));
+        match self.client.call(&self.addr, &req, option.hard_ttl()).await {
+            Ok(PeerResponse::TransferLeader(w)) => Ok(TransferLeaderResponse::from(&w)),
+            Ok(other) => Err(self.rpc_error(
+                unexpected("transfer_leader", other),
+                RPCTypes::TransferLeader,
+            )),
+            Err(e) => Err(self.rpc_error(e, RPCTypes::TransferLeader)),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -699,10 +721,12 @@ impl RaftNetworkV2<TypeConfig> for QuicPeer {
     }
 
     fn backoff(&self) -> Option<Backoff> {
-        // After `Unreachable`: 100 ms, doubling up to 5 s, so a dead peer costs little.
+        // After `Unreachable`: 100 ms, doubling up to 1 s. A dead peer costs one connection
+        // attempt a second; a peer back from a partition waits at most a second (less if it
+        // campaigns first: the leader then resets the backoff, `Cluster::heard_from`).
         Some(Backoff::new(std::iter::successors(
             Some(Duration::from_millis(100)),
-            |d| Some((*d * 2).min(Duration::from_secs(5))),
+            |d| Some((*d * 2).min(Duration::from_secs(1))),
         )))
     }
 }

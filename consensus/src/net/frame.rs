@@ -20,8 +20,8 @@ use shoal_types::{Command, NodeId, NodeInfo, TxnResponse};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::wire::{
-    WAppendEntriesRequest, WAppendEntriesResponse, WSnapshotMeta, WSnapshotResponse, WVote,
-    WVoteRequest, WVoteResponse,
+    WAppendEntriesRequest, WAppendEntriesResponse, WSnapshotMeta, WSnapshotResponse,
+    WTransferLeaderRequest, WTransferLeaderResponse, WVote, WVoteRequest, WVoteResponse,
 };
 
 /// Largest frame accepted or sent: 16 MiB. AppendEntries batches are bounded well below this by
@@ -180,6 +180,9 @@ pub enum PeerRequest {
     LinearizableRead,
     Status,
     Join(JoinRequest),
+    /// The leader hands leadership over (openraft's `TransferLeader`, sent to every voter):
+    /// the receiver drops the old leader's lease, and the named node campaigns at once.
+    TransferLeader(WTransferLeaderRequest),
 }
 
 impl PeerRequest {
@@ -194,6 +197,7 @@ impl PeerRequest {
             PeerRequest::LinearizableRead => "linearizable_read",
             PeerRequest::Status => "status",
             PeerRequest::Join(_) => "join",
+            PeerRequest::TransferLeader(_) => "transfer_leader",
         }
     }
 }
@@ -209,6 +213,7 @@ pub enum PeerResponse {
     Status(PeerStatus),
     Join(JoinResponse),
     Error(PeerError),
+    TransferLeader(WTransferLeaderResponse),
 }
 
 /// Why a peer refused or could not serve a request. The handler returns these; they travel

@@ -126,6 +126,12 @@ pub struct NetOptions {
     pub max_connections: usize,
     /// AppendEntries requests a leader keeps in flight on one pipelined stream.
     pub append_pipeline_depth: usize,
+    /// Least time a follower has to answer a pipelined AppendEntries. openraft asks for the
+    /// heartbeat interval (50 ms by default), but a follower answers only once the entries are
+    /// synced, which on a busy disk takes longer; timing it out restarts the stream and sends
+    /// the same entries again, so a slow but live quorum could never commit (found by
+    /// `shoal-loadtest faults`: 11-13 s without writes, docs/benchmarks.md).
+    pub append_response_floor: Duration,
     /// A connection with no traffic (keep-alives included) for this long is closed.
     pub idle_timeout: Duration,
     /// Keep-alive interval; well under `idle_timeout`.
@@ -171,6 +177,7 @@ impl Default for NetOptions {
             max_streams_per_connection: 128,
             max_connections: 256,
             append_pipeline_depth: 8,
+            append_response_floor: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),

@@ -13,7 +13,8 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use quinn::{RecvStream, SendStream, VarInt};
 use sha2::{Digest, Sha256};
@@ -30,7 +31,9 @@ use super::frame::{
 use super::tls::{self, NodeIdentity, ALPN_DATA, ALPN_JOIN, ALPN_PEER};
 use super::{codes, NetError, NetOptions};
 use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
-use crate::wire::{WAppendEntriesResponse, WSnapshotResponse, WVoteResponse};
+use crate::wire::{
+    WAppendEntriesResponse, WSnapshotResponse, WTransferLeaderResponse, WVoteResponse,
+};
 
 /// A boxed, sendable future: what [`PeerHandler`] methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,6 +65,15 @@ pub trait PeerHandler: Send + Sync + 'static {
         meta: SnapshotMeta,
         file: std::fs::File,
     ) -> BoxFuture<'_, Result<SnapshotResponse<TypeConfig>, PeerError>>;
+
+    /// The leader hands leadership over (openraft's `Raft::handle_transfer_leader`). The
+    /// default refuses: a server that does not take part in Raft has nothing to hand over to.
+    fn transfer_leader(
+        &self,
+        _req: TransferLeaderRequest<TypeConfig>,
+    ) -> BoxFuture<'_, Result<TransferLeaderResponse<TypeConfig>, PeerError>> {
+        Box::pin(async { Err(PeerError::BadRequest("this server runs no Raft".into())) })
+    }
 
     /// A write forwarded by a follower; only the leader accepts it.
     fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>>;
@@ -574,6 +586,12 @@ async fn dispatch(
             Ok(resp) => PeerResponse::Vote(WVoteResponse::from(&resp)),
             Err(e) => PeerResponse::Error(e),
         },
+        PeerRequest::TransferLeader(w) => {
+            match h.transfer_leader(TransferLeaderRequest::from(&w)).await {
+                Ok(resp) => PeerResponse::TransferLeader(WTransferLeaderResponse::from(&resp)),
+                Err(e) => PeerResponse::Error(e),
+            }
+        }
         PeerRequest::SnapshotBegin { vote, meta, len } => {
             let meta = match SnapshotMeta::try_from(&meta) {
                 Ok(meta) => meta,

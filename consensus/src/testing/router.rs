@@ -13,7 +13,8 @@ use std::time::Duration;
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{Raft, RaftNetworkV2};
 use rand::Rng;
@@ -23,8 +24,8 @@ use shoal_types::{NodeId, NodeInfo};
 use crate::raft_types::{Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::store::{StateMachineStore, StateReader};
 use crate::wire::{
-    WAppendEntriesRequest, WAppendEntriesResponse, WSnapshotMeta, WSnapshotResponse, WVote,
-    WVoteRequest, WVoteResponse,
+    WAppendEntriesRequest, WAppendEntriesResponse, WSnapshotMeta, WSnapshotResponse,
+    WTransferLeaderRequest, WTransferLeaderResponse, WVote, WVoteRequest, WVoteResponse,
 };
 
 /// A Raft node as the router sees it.
@@ -275,6 +276,28 @@ impl RaftNetworkV2<TypeConfig> for RouterClient {
         _option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         vote_rpc(self, rpc, true).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let bytes = encode(&WTransferLeaderRequest::from(&rpc));
+        let out = self
+            .router
+            .call(self.from, self.target, bytes, |raft, _, bytes| async move {
+                let w: WTransferLeaderRequest = decode(&bytes).map_err(codec_err)?;
+                let resp = raft
+                    .handle_transfer_leader(TransferLeaderRequest::from(&w))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(encode(&WTransferLeaderResponse::from(&resp)))
+            })
+            .await?;
+        let w: WTransferLeaderResponse =
+            decode(&out).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        Ok((&w).into())
     }
 
     async fn full_snapshot(

@@ -41,6 +41,7 @@ fn options(dir: &Path, name: &str, zone: &str) -> ClusterOptions {
         snapshot_every: 100_000,
         heartbeat_ms: 100,
         election_timeout_ms: 600,
+        pre_vote: true,
     }
 }
 
