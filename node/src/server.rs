@@ -334,6 +334,7 @@ async fn serve(
         images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone(), &instances_path)
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
         instances_path: instances_path.clone(),
+        hosts: shoal_compute::host_view::HostView::new(cluster.clone()),
     };
     let mut host_spec = host_spec(&dir, &cfg)?;
     let agent = compute_agent(&cfg, &cluster, &state, &instances_path, &mut host_spec).await?;
@@ -363,6 +364,13 @@ async fn serve(
         tasks.spawn(async move {
             images.run_maintenance(stop.cancelled_owned()).await;
             ("image maintenance", Ok(()))
+        });
+    }
+    {
+        let (hosts, stop) = (state.hosts.clone(), stop.clone());
+        tasks.spawn(async move {
+            hosts.run(stop.cancelled_owned()).await;
+            ("host view", Ok(()))
         });
     }
     {

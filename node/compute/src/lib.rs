@@ -14,6 +14,7 @@
 //!   disabled, and how hosts and hypervisors are looked up (`compute_services`);
 //! - `placement`: host registration and claims committed in one Raft transaction (`hosts`,
 //!   `instances`);
+//! - `host_view`: the scheduler's view of the hosts, kept current by watches;
 //! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
 //!   the API may ask for;
 //! - `configdrive`: the config drive, an ISO 9660 image of the metadata documents;
@@ -35,6 +36,7 @@ pub mod disks;
 pub mod domain;
 pub mod error;
 pub mod flavor;
+pub mod host_view;
 pub mod hypervisor;
 pub mod keypair;
 pub mod metadata;
