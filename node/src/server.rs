@@ -250,6 +250,10 @@ fn host_spec(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<HostSpec> {
         c.ram_allocation_ratio,
         c.disk_allocation_ratio,
     ];
+    let initial = &mut spec.initial_ratios;
+    initial.cpu = c.initial_cpu_allocation_ratio;
+    initial.ram = c.initial_ram_allocation_ratio;
+    initial.disk = c.initial_disk_allocation_ratio;
     Ok(spec)
 }
 

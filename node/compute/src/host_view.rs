@@ -552,6 +552,57 @@ mod tests {
         c.shutdown().await;
     }
 
+    /// A new host starts at Nova's initial ratios (or the node's `initial_*`), a set ratio
+    /// overrides them, and a host that exists keeps its own ratios when the node's change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_host_takes_the_initial_ratios_an_existing_host_keeps_its_own() {
+        use crate::placement::{nova_initial_ratios, upsert_host, Capacity, HostSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster::init(options(dir.path())).await.unwrap();
+        let stop = tokio_util_stop();
+        tokio::spawn(c.clone().run(stop.1));
+        c.read_barrier().await.unwrap();
+        let cap = Capacity {
+            vcpus: 4,
+            ram_mb: 4096,
+            disk_gb: 10,
+        };
+        let spec = HostSpec::from_capacity(cap, "nova");
+        let h = upsert_host(&c, "a", &spec).await.unwrap();
+        assert_eq!(h.allocation_ratios, nova_initial_ratios());
+        assert_eq!(
+            (
+                h.allocation_ratios.cpu,
+                h.allocation_ratios.ram,
+                h.allocation_ratios.disk
+            ),
+            (4.0, 1.0, 1.0)
+        );
+
+        let mut set = spec.clone();
+        set.ratio_overrides = [None, Some(2.0), None];
+        set.initial_ratios.cpu = 16.0;
+        let b = upsert_host(&c, "b", &set).await.unwrap();
+        assert_eq!(
+            (
+                b.allocation_ratios.cpu,
+                b.allocation_ratios.ram,
+                b.allocation_ratios.disk
+            ),
+            (16.0, 2.0, 1.0)
+        );
+        // Registered again with other initial ratios: "a" keeps what it has.
+        let mut later = spec.clone();
+        later.initial_ratios.cpu = 8.0;
+        let a = upsert_host(&c, "a", &later).await.unwrap();
+        assert_eq!(a.allocation_ratios.cpu, 4.0);
+        let mut bad = spec;
+        bad.initial_ratios.ram = 0.0;
+        assert!(bad.validate().unwrap_err().contains("initial_ram"));
+        let _ = stop.0.send(());
+        c.shutdown().await;
+    }
+
     fn tokio_util_stop() -> (
         tokio::sync::oneshot::Sender<()>,
         impl std::future::Future<Output = ()> + Send + 'static,

@@ -124,6 +124,20 @@ pub struct HostSpec {
     /// current ones after `allocation_ratios`; an unset one keeps the host's value.
     #[serde(skip)]
     pub ratio_overrides: [Option<f64>; 3],
+    /// The ratios a new host starts with (Nova's `initial_*_allocation_ratio`); a host that
+    /// exists keeps its own.
+    #[serde(skip, default = "nova_initial_ratios")]
+    pub initial_ratios: AllocationRatios,
+}
+
+/// Nova's `initial_cpu_allocation_ratio`, `initial_ram_allocation_ratio` and
+/// `initial_disk_allocation_ratio` defaults.
+pub fn nova_initial_ratios() -> AllocationRatios {
+    AllocationRatios {
+        cpu: 4.0,
+        ram: 1.0,
+        disk: 1.0,
+    }
 }
 
 fn default_zone() -> String {
@@ -156,6 +170,7 @@ impl HostSpec {
             ram_mb_reserved: 0,
             disk_mb_reserved: 0,
             ratio_overrides: [None; 3],
+            initial_ratios: nova_initial_ratios(),
         }
     }
 
@@ -212,7 +227,15 @@ impl HostSpec {
             ));
         }
         let [cpu, ram, disk] = self.ratio_overrides;
-        for (name, v) in [("cpu", cpu), ("ram", ram), ("disk", disk)] {
+        let i = self.initial_ratios;
+        for (name, v) in [
+            ("cpu", cpu),
+            ("ram", ram),
+            ("disk", disk),
+            ("initial_cpu", Some(i.cpu)),
+            ("initial_ram", Some(i.ram)),
+            ("initial_disk", Some(i.disk)),
+        ] {
             if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0 && *v <= 1000.0)) {
                 return Err(format!(
                     "{name}_allocation_ratio must be a number in (0, 1000], got {v}"
@@ -294,7 +317,7 @@ pub async fn upsert_host(
                     vcpus_reserved: 0,
                     ram_mb_reserved: 0,
                     disk_mb_reserved: 0,
-                    allocation_ratios: AllocationRatios::default(),
+                    allocation_ratios: spec.initial_ratios,
                     hypervisor_type: String::new(),
                     architecture: String::new(),
                     hypervisor_version: 0,
