@@ -589,7 +589,7 @@ impl Agent {
         if out.exists() {
             return Ok(out);
         }
-        let nics = crate::configdrive::nics(self.inner.servers_store(), s)
+        let nics = crate::nics::nics(self.inner.servers_store(), s, None)
             .await
             .map_err(|e| format!("reading the ports for the config drive: {e}"))?;
         let seed: [u8; 512] = std::array::from_fn(|_| rand::random());

@@ -18,6 +18,8 @@
 //! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
 //!   the API may ask for;
 //! - `configdrive`: the config drive, an ISO 9660 image of the metadata documents;
+//! - `nics`: a server's NICs as its port, network and subnet rows say now, the one lookup
+//!   behind the config drive's and the metadata service's `network_data.json`;
 //! - `disks`: a flavor's ephemeral and swap disks (formatted bases and qcow2 overlays);
 //! - `domain`: the libvirt domain XML, rendered as Nova's libvirt driver writes it;
 //! - `hypervisor`: the libvirt driver (blocking calls run off the async runtime);
@@ -40,6 +42,7 @@ pub mod host_view;
 pub mod hypervisor;
 pub mod keypair;
 pub mod metadata;
+pub mod nics;
 pub mod placement;
 pub mod quota;
 pub mod server;
