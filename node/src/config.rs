@@ -98,6 +98,13 @@ pub struct ComputeSection {
     pub ram_allocation_ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_allocation_ratio: Option<f64>,
+    /// How often unused base files are aged (Nova's `image_cache_manager_interval`).
+    #[serde(default = "default_image_cache_interval")]
+    pub image_cache_manager_interval: u64,
+    /// A base image, ephemeral or swap base no instance on this node has used for this long is
+    /// removed (Nova's `remove_unused_original_minimum_age_seconds`).
+    #[serde(default = "default_remove_unused_age")]
+    pub remove_unused_original_minimum_age_seconds: u64,
     /// The ratios a host starts with when the matching `*_allocation_ratio` is unset (Nova's
     /// `initial_*_allocation_ratio`, defaults 4.0, 1.0 and 1.0); a host that exists keeps its own.
     #[serde(default = "default_initial_cpu_ratio")]
@@ -129,6 +136,12 @@ fn default_vif_plugging_timeout() -> u64 {
 fn default_reserved_ram() -> u64 {
     512
 }
+fn default_image_cache_interval() -> u64 {
+    2400
+}
+fn default_remove_unused_age() -> u64 {
+    86_400
+}
 fn default_initial_cpu_ratio() -> f64 {
     4.0
 }
@@ -153,6 +166,8 @@ impl Default for ComputeSection {
             cpu_allocation_ratio: None,
             ram_allocation_ratio: None,
             disk_allocation_ratio: None,
+            image_cache_manager_interval: default_image_cache_interval(),
+            remove_unused_original_minimum_age_seconds: default_remove_unused_age(),
             initial_cpu_allocation_ratio: default_initial_cpu_ratio(),
             initial_ram_allocation_ratio: default_initial_ratio(),
             initial_disk_allocation_ratio: default_initial_ratio(),
@@ -197,6 +212,18 @@ impl ComputeSection {
             self.vif_plugging_timeout_secs,
             0,
             3600,
+        )?;
+        range(
+            "compute.image_cache_manager_interval",
+            self.image_cache_manager_interval,
+            1,
+            7 * 86_400,
+        )?;
+        range(
+            "compute.remove_unused_original_minimum_age_seconds",
+            self.remove_unused_original_minimum_age_seconds,
+            0,
+            365 * 86_400,
         )?;
         range(
             "compute.reserved_host_memory_mb",

@@ -297,6 +297,10 @@ async fn compute_agent(
             vif_plugging_timeout: (cfg.network.agent_enabled() && c.vif_plugging_timeout_secs > 0)
                 .then(|| Duration::from_secs(c.vif_plugging_timeout_secs)),
             force_config_drive: c.force_config_drive,
+            image_cache_interval: Duration::from_secs(c.image_cache_manager_interval),
+            remove_unused_min_age: Duration::from_secs(
+                c.remove_unused_original_minimum_age_seconds,
+            ),
         },
     )
     .with_context(|| format!("cannot create {}", instances_path.display()))?;
@@ -503,5 +507,18 @@ impl shoal_compute::agent::ImageSource for AgentImages {
 
     fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync> {
         Box::new(self.0.lease(image_id))
+    }
+
+    fn age_unused(
+        &self,
+        keep: std::collections::BTreeSet<String>,
+        min_age: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            self.0
+                .age_unused(keep, min_age)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }

@@ -21,6 +21,7 @@
 //! - `nics`: a server's NICs as its port, network and subnet rows say now, the one lookup
 //!   behind the config drive's and the metadata service's `network_data.json`;
 //! - `disks`: a flavor's ephemeral and swap disks (formatted bases and qcow2 overlays);
+//! - `imagecache`: aging of unused base files, as Nova's image cache manager;
 //! - `domain`: the libvirt domain XML, rendered as Nova's libvirt driver writes it;
 //! - `hypervisor`: the libvirt driver (blocking calls run off the async runtime);
 //! - `metadata`: the documents of the metadata service (Nova's layout), pure;
@@ -40,6 +41,7 @@ pub mod error;
 pub mod flavor;
 pub mod host_view;
 pub mod hypervisor;
+pub mod imagecache;
 pub mod keypair;
 pub mod metadata;
 pub mod nics;
