@@ -899,6 +899,21 @@ impl Cluster {
             .map_err(|e| ClusterError::Corrupt(e.to_string()))
     }
 
+    /// Like [`Cluster::list`], with the revision the rows are exactly as of (read from one
+    /// snapshot): a watch from `revision + 1` then misses nothing and repeats nothing.
+    pub async fn list_with_revision(
+        &self,
+        table: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<(u64, Vec<(String, Row)>), ClusterError> {
+        self.inner
+            .sm
+            .list_with_revision(table, prefix, limit)
+            .await
+            .map_err(|e| ClusterError::Corrupt(e.to_string()))
+    }
+
     /// The last revision applied to this replica.
     pub fn revision(&self) -> u64 {
         self.inner.sm.revision()

@@ -338,6 +338,87 @@ async fn lagging_watcher_rereads_history() {
     assert_eq!(revs, (1..=150).map(|i| i * 2).collect::<Vec<_>>());
 }
 
+/// The progress mark: a watch of a quiet table still moves its mark with every applied entry,
+/// and once the mark reads R, draining the stream yields every matching event up to R (the
+/// mark is raised only after the events are in the stream), also for a watcher that lags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_progress_mark_covers_every_event_up_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        watch_channel_capacity: 2,
+        ..StoreOptions::default()
+    };
+    let (_log, mut sm) = store::open(dir.path(), opts).unwrap();
+    let reader = sm.reader();
+    apply1(&mut sm, 1, Txn::new().put("t", "even0", "x")).await;
+    let mut w = reader.watch("t", "even", 2).await.unwrap();
+    assert_eq!(
+        w.progress().get(),
+        1,
+        "a watch from 2 starts complete through 1"
+    );
+    let mut quiet = reader.watch("other", "", 2).await.unwrap();
+    let mut quiet_mark = quiet.progress();
+    let mut mark = w.progress();
+    let (mut seen, mut expected) = (Vec::new(), Vec::new());
+    let mut index = 1;
+    for i in 0..300u64 {
+        index += 1;
+        if i % 50 == 49 {
+            // A failed transaction makes no event, yet the mark passes it.
+            let failing = Txn::new()
+                .when("t", "nothing", Expect::Present)
+                .put("t", "even-no", "v");
+            assert!(!apply1(&mut sm, index, failing).await.succeeded);
+        } else {
+            let key = if i % 2 == 0 { "even" } else { "odd" };
+            apply1(
+                &mut sm,
+                index,
+                Txn::new().put("t", &format!("{key}{i}"), "v"),
+            )
+            .await;
+            if i % 2 == 0 {
+                expected.push(index);
+            }
+        }
+        // Read the mark, then drain: everything up to the mark must be there.
+        let at = mark.get();
+        while let Some(ev) = w.try_next() {
+            seen.push(ev.unwrap().revision);
+        }
+        let due = expected.iter().filter(|r| **r <= at).count();
+        assert_eq!(seen[..due.min(seen.len())], expected[..due], "mark {at}");
+        assert!(seen.len() >= due, "mark {at}: drained {seen:?}");
+    }
+    let end = tokio::time::timeout(Duration::from_secs(10), mark.wait_for(index)).await;
+    assert!(end.unwrap(), "the mark reaches the last index");
+    while let Some(ev) = w.try_next() {
+        seen.push(ev.unwrap().revision);
+    }
+    assert_eq!(seen, expected);
+    let end = tokio::time::timeout(Duration::from_secs(10), quiet_mark.wait_for(index)).await;
+    assert!(
+        end.unwrap(),
+        "a quiet table's mark follows the applied index"
+    );
+    assert!(quiet.try_next().is_none(), "no event of the quiet table");
+    // A watch that only replays history (nothing is applied after it starts) reaches the
+    // applied index too, once the replay is in the stream.
+    let mut late = reader.watch("t", "even", 2).await.unwrap();
+    let mut late_mark = late.progress();
+    let end = tokio::time::timeout(Duration::from_secs(10), late_mark.wait_for(index)).await;
+    assert!(
+        end.unwrap(),
+        "a replay-only watch reaches the applied index"
+    );
+    let mut replayed = Vec::new();
+    while let Some(ev) = late.try_next() {
+        replayed.push(ev.unwrap().revision);
+    }
+    assert_eq!(replayed, expected);
+}
+
 /// Events carry the row after the change, and deletes are reported.
 #[tokio::test]
 async fn watch_events_carry_rows_and_deletes() {

@@ -90,14 +90,29 @@ pub struct ComputeSection {
     #[serde(default)]
     pub reserved_host_cpus: u32,
     /// Overcommit factors (Nova's `*_allocation_ratio`). Unset, as in Nova, keeps the host's
-    /// current ratio: a new host starts at 16.0 / 1.5 / 1.0 (docs/scheduler.md), and the
-    /// placement API (`PUT /shoal/placement/hosts/{name}`) may change it.
+    /// current ratio: a new host starts at the `initial_*` ratios below, and the placement API
+    /// (`PUT /shoal/v1/hosts/{name}`) may change it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_allocation_ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_allocation_ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_allocation_ratio: Option<f64>,
+    /// How often unused base files are aged (Nova's `image_cache_manager_interval`).
+    #[serde(default = "default_image_cache_interval")]
+    pub image_cache_manager_interval: u64,
+    /// A base image, ephemeral or swap base no instance on this node has used for this long is
+    /// removed (Nova's `remove_unused_original_minimum_age_seconds`).
+    #[serde(default = "default_remove_unused_age")]
+    pub remove_unused_original_minimum_age_seconds: u64,
+    /// The ratios a host starts with when the matching `*_allocation_ratio` is unset (Nova's
+    /// `initial_*_allocation_ratio`, defaults 4.0, 1.0 and 1.0); a host that exists keeps its own.
+    #[serde(default = "default_initial_cpu_ratio")]
+    pub initial_cpu_allocation_ratio: f64,
+    #[serde(default = "default_initial_ratio")]
+    pub initial_ram_allocation_ratio: f64,
+    #[serde(default = "default_initial_ratio")]
+    pub initial_disk_allocation_ratio: f64,
 }
 
 fn default_libvirt_uri() -> String {
@@ -121,6 +136,18 @@ fn default_vif_plugging_timeout() -> u64 {
 fn default_reserved_ram() -> u64 {
     512
 }
+fn default_image_cache_interval() -> u64 {
+    2400
+}
+fn default_remove_unused_age() -> u64 {
+    86_400
+}
+fn default_initial_cpu_ratio() -> f64 {
+    4.0
+}
+fn default_initial_ratio() -> f64 {
+    1.0
+}
 
 impl Default for ComputeSection {
     fn default() -> Self {
@@ -139,6 +166,11 @@ impl Default for ComputeSection {
             cpu_allocation_ratio: None,
             ram_allocation_ratio: None,
             disk_allocation_ratio: None,
+            image_cache_manager_interval: default_image_cache_interval(),
+            remove_unused_original_minimum_age_seconds: default_remove_unused_age(),
+            initial_cpu_allocation_ratio: default_initial_cpu_ratio(),
+            initial_ram_allocation_ratio: default_initial_ratio(),
+            initial_disk_allocation_ratio: default_initial_ratio(),
         }
     }
 }
@@ -182,6 +214,18 @@ impl ComputeSection {
             3600,
         )?;
         range(
+            "compute.image_cache_manager_interval",
+            self.image_cache_manager_interval,
+            1,
+            7 * 86_400,
+        )?;
+        range(
+            "compute.remove_unused_original_minimum_age_seconds",
+            self.remove_unused_original_minimum_age_seconds,
+            0,
+            365 * 86_400,
+        )?;
+        range(
             "compute.reserved_host_memory_mb",
             self.reserved_host_memory_mb,
             0,
@@ -203,6 +247,18 @@ impl ComputeSection {
             ("compute.cpu_allocation_ratio", self.cpu_allocation_ratio),
             ("compute.ram_allocation_ratio", self.ram_allocation_ratio),
             ("compute.disk_allocation_ratio", self.disk_allocation_ratio),
+            (
+                "compute.initial_cpu_allocation_ratio",
+                Some(self.initial_cpu_allocation_ratio),
+            ),
+            (
+                "compute.initial_ram_allocation_ratio",
+                Some(self.initial_ram_allocation_ratio),
+            ),
+            (
+                "compute.initial_disk_allocation_ratio",
+                Some(self.initial_disk_allocation_ratio),
+            ),
         ] {
             if let Some(v) = ratio {
                 if !(v.is_finite() && v > 0.0 && v <= 1000.0) {
@@ -755,10 +811,33 @@ mod tests {
         assert_eq!(cfg.compute.reserved_host_cpus, 2);
         assert_eq!(cfg.compute.cpu_allocation_ratio, Some(4.0));
         assert_eq!(cfg.compute.ram_allocation_ratio, None);
+        // Nova's initial ratios for a new host, settable under the same names.
+        let c = &cfg.compute;
+        assert_eq!(
+            (
+                c.initial_cpu_allocation_ratio,
+                c.initial_ram_allocation_ratio,
+                c.initial_disk_allocation_ratio
+            ),
+            (4.0, 1.0, 1.0)
+        );
+        let cfg = NodeConfig::parse(
+            &format!(
+                "{base}initial_cpu_allocation_ratio = 16.0
+initial_ram_allocation_ratio = 1.5
+"
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.compute.initial_cpu_allocation_ratio, 16.0);
+        assert_eq!(cfg.compute.initial_ram_allocation_ratio, 1.5);
         for bad in [
             "ram_allocation_ratio = 0.0",
             "disk_allocation_ratio = -1.0",
             "cpu_allocation_ratio = 1e9",
+            "initial_cpu_allocation_ratio = 0.0",
+            "initial_disk_allocation_ratio = 1001.0",
         ] {
             let err =
                 NodeConfig::parse(&format!("{base}{bad}\n"), Path::new("x.toml")).unwrap_err();

@@ -34,9 +34,8 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use rand::RngCore as _;
-use shoal_compute::metadata::{self as docs, Document, Instance, LookupError, Nic, SubnetAddress};
+use shoal_compute::metadata::{self as docs, Document, Instance, LookupError};
 use shoal_compute::server::ServerRecord;
-use shoal_network::records::{NetworkRecord, SubnetRecord};
 use shoal_state::records::PortRecord;
 use shoal_state::{tables, State, StateError};
 use tokio::task::JoinHandle;
@@ -548,7 +547,8 @@ async fn answer(ctx: &Listener, peer: IpAddr, path: &str) -> Result<Document, An
         .await?
         .ok_or_else(|| AnswerError::NotFound(format!("no server {}", port.device_id)))?
         .value;
-    let nics = nics_of(&ctx.state, &server, port).await?;
+    // The port the request came through is already read; the rest come from the rows.
+    let nics = shoal_compute::nics::nics(ctx.state.store().clone(), &server, Some(port)).await?;
     let mut seed = [0u8; 512];
     rand::rng().fill_bytes(&mut seed);
     let instance = Instance {
@@ -560,84 +560,6 @@ async fn answer(ctx: &Listener, peer: IpAddr, path: &str) -> Result<Document, An
     docs::lookup(&instance, path).map_err(|e| match e {
         LookupError::NotFound(p) => AnswerError::NotFound(p),
         e => AnswerError::Lookup(e),
-    })
-}
-
-/// The server's NICs as their port, network and subnet rows say now. `asking` is the port the
-/// request came through (already read).
-async fn nics_of(
-    state: &State,
-    server: &ServerRecord,
-    asking: PortRecord,
-) -> Result<Vec<Nic>, StateError> {
-    let ports = state.table::<PortRecord>(tables::PORTS);
-    let networks = state.table::<NetworkRecord>(tables::NETWORKS);
-    let subnets = state.table::<SubnetRecord>(tables::SUBNETS);
-    let mut nics = Vec::with_capacity(server.ports.len());
-    let mut asking = Some(asking);
-    for sp in &server.ports {
-        let port = match asking.take_if(|p| p.id == sp.port_id) {
-            Some(p) => p,
-            None => match ports.get(&sp.port_id).await? {
-                Some(p) => p.value,
-                None => continue,
-            },
-        };
-        let mtu = match networks.get(&port.network_id).await? {
-            Some(n) => n.value.mtu,
-            None => sp.mtu,
-        };
-        let mut addresses = Vec::new();
-        for f in &port.fixed_ips {
-            let (Ok(address), Some(subnet)) = (
-                f.ip_address.parse::<Ipv4Addr>(),
-                subnets.get(&f.subnet_id).await?,
-            ) else {
-                continue;
-            };
-            if let Some(a) = subnet_address(&subnet.value, address) {
-                addresses.push(a);
-            }
-        }
-        nics.push(Nic {
-            device: shoal_compute::domain::tap_name(&port.id),
-            port_id: port.id,
-            mac: port.mac_address,
-            network_id: port.network_id,
-            mtu,
-            vif_type: match port.binding_vif_type.as_str() {
-                "" | "unbound" => "tap".to_owned(),
-                t => t.to_owned(),
-            },
-            addresses,
-        });
-    }
-    Ok(nics)
-}
-
-fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
-    let (net, len) = cidr.split_once('/')?;
-    let len: u8 = len.parse().ok()?;
-    (len <= 32).then_some(())?;
-    Some((net.parse().ok()?, len))
-}
-
-fn subnet_address(s: &SubnetRecord, address: Ipv4Addr) -> Option<SubnetAddress> {
-    let (_, prefix_len) = parse_cidr(&s.cidr)?;
-    Some(SubnetAddress {
-        subnet_id: s.id.clone(),
-        address,
-        prefix_len,
-        gateway: s.gateway_ip.as_deref().and_then(|g| g.parse().ok()),
-        host_routes: s
-            .host_routes
-            .iter()
-            .filter_map(|r| {
-                let (dest, len) = parse_cidr(&r.destination)?;
-                Some((dest, len, r.nexthop.parse().ok()?))
-            })
-            .collect(),
-        dns_nameservers: s.dns_nameservers.clone(),
     })
 }
 
@@ -712,15 +634,5 @@ mod tests {
             body_of(r).await,
             "404 Not Found\n\nThe resource could not be found.\n\n   "
         );
-    }
-
-    #[test]
-    fn cidrs_parse() {
-        assert_eq!(
-            parse_cidr("10.0.0.0/24"),
-            Some((Ipv4Addr::new(10, 0, 0, 0), 24))
-        );
-        assert_eq!(parse_cidr("10.0.0.0/33"), None);
-        assert_eq!(parse_cidr("10.0.0.0"), None);
     }
 }

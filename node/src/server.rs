@@ -251,6 +251,10 @@ fn host_spec(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<HostSpec> {
         c.ram_allocation_ratio,
         c.disk_allocation_ratio,
     ];
+    let initial = &mut spec.initial_ratios;
+    initial.cpu = c.initial_cpu_allocation_ratio;
+    initial.ram = c.initial_ram_allocation_ratio;
+    initial.disk = c.initial_disk_allocation_ratio;
     Ok(spec)
 }
 
@@ -294,6 +298,10 @@ async fn compute_agent(
             vif_plugging_timeout: (cfg.network.agent_enabled() && c.vif_plugging_timeout_secs > 0)
                 .then(|| Duration::from_secs(c.vif_plugging_timeout_secs)),
             force_config_drive: c.force_config_drive,
+            image_cache_interval: Duration::from_secs(c.image_cache_manager_interval),
+            remove_unused_min_age: Duration::from_secs(
+                c.remove_unused_original_minimum_age_seconds,
+            ),
         },
     )
     .with_context(|| format!("cannot create {}", instances_path.display()))?;
@@ -335,6 +343,7 @@ async fn serve(
         images: ImageStore::open(cluster.clone(), &dir, cfg.images.clone(), &instances_path)
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
         instances_path: instances_path.clone(),
+        hosts: shoal_compute::host_view::HostView::new(cluster.clone()),
     };
     let mut host_spec = host_spec(&dir, &cfg)?;
     let agent = compute_agent(&cfg, &cluster, &state, &instances_path, &mut host_spec).await?;
@@ -364,6 +373,13 @@ async fn serve(
         tasks.spawn(async move {
             images.run_maintenance(stop.cancelled_owned()).await;
             ("image maintenance", Ok(()))
+        });
+    }
+    {
+        let (hosts, stop) = (state.hosts.clone(), stop.clone());
+        tasks.spawn(async move {
+            hosts.run(stop.cancelled_owned()).await;
+            ("host view", Ok(()))
         });
     }
     {
@@ -492,5 +508,18 @@ impl shoal_compute::agent::ImageSource for AgentImages {
 
     fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync> {
         Box::new(self.0.lease(image_id))
+    }
+
+    fn age_unused(
+        &self,
+        keep: std::collections::BTreeSet<String>,
+        min_age: Duration,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            self.0
+                .age_unused(keep, min_age)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }

@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::osc::{openstack_bin, Osc};
-use common::Cluster;
+use common::{wait_until, Cluster};
 use serde_json::{json, Value};
 
 /// Places `n` instances of `flavor` through node `node`; returns the hosts used, or the error.
@@ -47,6 +49,21 @@ fn disabled_services_and_aggregate_metadata_reach_the_scheduler() {
     let osc = Osc { bin, cluster: &c };
     let token = c.token(0);
     let small = json!({"vcpus": 1, "ram_mb": 64, "disk_gb": 0});
+    // Room for every instance below whatever the machine's cores: a new host starts at Nova's
+    // initial CPU ratio of 4.0, so a 2-core node holds 8 vCPUs. Each node registered itself at
+    // start (the row exists), so nothing overwrites these totals.
+    for name in ["node1", "node2", "node3"] {
+        let path = format!("/shoal/v1/hosts/{name}");
+        let host = wait_until("the node's registration", Duration::from_secs(30), || {
+            let (st, v) = c.api(0, "GET", &path, &token, None);
+            (st == 200).then(|| v["host"].clone())
+        });
+        let spec = json!({"vcpus": 64, "ram_mb": host["ram_mb_total"],
+                          "disk_gb": host["disk_gb_total"],
+                          "availability_zone": host["availability_zone"]});
+        let (st, v) = c.api(0, "PUT", &path, &token, Some(spec));
+        assert!(st == 200 || st == 201, "{st} {v}");
+    }
 
     // node2's service disabled with the real client: 12 instances avoid it.
     let out = osc.run(

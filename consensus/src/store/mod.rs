@@ -25,7 +25,7 @@ mod watch;
 
 pub use log::LogStore;
 pub use sm::{SnapshotBuilder, StateMachineStore, StateReader};
-pub use watch::{WatchError, WatchStream};
+pub use watch::{WatchError, WatchProgress, WatchStream};
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_RAFT_META: &str = "raft_meta";

@@ -25,7 +25,7 @@ use crate::raft_types::{
 };
 use crate::wire::{WLogId, WSnapshotMeta, WStoredMembership};
 
-const KEY_APPLIED: &[u8] = b"applied";
+pub(crate) const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 pub(crate) const KEY_HISTORY_FLOOR: &[u8] = b"history_floor";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
@@ -804,12 +804,16 @@ impl StateMachineStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        let through = entries.last().map_or(0, |e| e.log_id.index);
         let inner = self.inner.clone();
         let (responses, events) = blocking(move || inner.apply_batch(&entries)).await?;
-        if !events.is_empty() {
-            // No receiver is not an error: nobody is watching.
-            let _ = self.inner.live.send(Live::Events(Arc::new(events)));
-        }
+        // Sent even without events: `through` is the watchers' progress mark, so a watcher of
+        // a quiet table still learns that it has seen everything up to the applied index. No
+        // receiver is not an error: nobody is watching.
+        let _ = self.inner.live.send(Live::Events {
+            events: Arc::new(events),
+            through,
+        });
         Ok(responses)
     }
 

@@ -16,7 +16,7 @@
 //!   after `orphan_grace`, destroyed. Domains of other nodes' servers are left alone, so nodes
 //!   may share one libvirtd.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,13 @@ pub trait ImageSource: Send + Sync + 'static {
     fn fetch<'a>(&'a self, image_id: &'a str) -> BoxFuture<'a, Result<PathBuf, String>>;
     /// Keeps `image_id` from eviction while the returned value lives.
     fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync>;
+    /// Removes cached images unused for `min_age` that are not in `keep` (which this node's
+    /// instances use) and not leased; marks the others used now. Returns the images removed.
+    fn age_unused(
+        &self,
+        keep: BTreeSet<String>,
+        min_age: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, String>>;
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +74,11 @@ pub struct AgentConfig {
     pub vif_plugging_timeout: Option<Duration>,
     /// Every server built here gets a config drive (Nova's `force_config_drive`).
     pub force_config_drive: bool,
+    /// How often unused base files are aged (Nova's `image_cache_manager_interval`).
+    pub image_cache_interval: Duration,
+    /// How long a base file stays unused before it is removed (Nova's
+    /// `remove_unused_original_minimum_age_seconds`).
+    pub remove_unused_min_age: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +202,9 @@ impl Agent {
             };
             let mut tick = tokio::time::interval(self.inner.cfg.sync_interval);
             tick.tick().await;
+            let mut age_tick = tokio::time::interval(self.inner.cfg.image_cache_interval);
+            age_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            age_tick.tick().await;
             loop {
                 tokio::select! {
                     ev = stream.next() => match ev {
@@ -223,6 +238,7 @@ impl Agent {
                         self.sweep_orphans(&workers, &mut orphans).await;
                         self.sweep_interrupted_creates().await;
                     }
+                    _ = age_tick.tick() => self.age_base_files().await,
                     _ = &mut shutdown => return Ok(()),
                 }
             }
@@ -589,7 +605,7 @@ impl Agent {
         if out.exists() {
             return Ok(out);
         }
-        let nics = crate::configdrive::nics(self.inner.servers_store(), s)
+        let nics = crate::nics::nics(self.inner.servers_store(), s, None)
             .await
             .map_err(|e| format!("reading the ports for the config drive: {e}"))?;
         let seed: [u8; 512] = std::array::from_fn(|_| rand::random());
@@ -709,6 +725,65 @@ impl Agent {
         .map_err(|e| AgentError::State(StateError::Unavailable(e.to_string())))?;
         tracing::info!(server = %s.id, "deleted");
         Ok(())
+    }
+
+    /// One pass of the image cache manager (`crate::imagecache`): what this node's server rows
+    /// and the overlays under the instances path use stays; other base files unused for
+    /// `remove_unused_min_age` go, the ephemeral and swap bases here, the base images through
+    /// the image service (which also honours its leases).
+    pub async fn age_base_files(&self) {
+        let Ok(listing) = self.inner.servers.list("").await else {
+            return;
+        };
+        let mut images = BTreeSet::new();
+        let mut flavors = Vec::new();
+        for (_, row) in listing.rows {
+            let s = row.value;
+            if s.host.as_deref() != Some(self.inner.cfg.host.as_str()) {
+                continue;
+            }
+            images.insert(s.image.id.clone());
+            images.extend(s.image.kernel_id.clone());
+            images.extend(s.image.ramdisk_id.clone());
+            flavors.push((s.flavor.ephemeral_gb, s.flavor.swap_mb));
+        }
+        let (path, min_age) = (
+            self.inner.cfg.instances_path.clone(),
+            self.inner.cfg.remove_unused_min_age,
+        );
+        let local = tokio::task::spawn_blocking(move || {
+            let _bases = crate::disks::BASE_LOCK
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let backed = crate::imagecache::overlay_backings(&path)?;
+            let mut in_use = crate::imagecache::extra_disk_bases(&path, flavors.into_iter());
+            in_use.extend(backed.iter().cloned());
+            let base = path.join(crate::disks::BASE_DIR);
+            crate::imagecache::age_dir(&base, &in_use, min_age, std::time::SystemTime::now())?;
+            Ok::<_, std::io::Error>(backed)
+        })
+        .await;
+        let backed = match local {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot age the base files");
+                return;
+            }
+            Err(_) => return,
+        };
+        // A cached image is named by its id: any the overlays back onto stays too.
+        images.extend(
+            backed
+                .iter()
+                .filter_map(|b| Some(b.file_name()?.to_str()?.to_owned())),
+        );
+        match self.inner.images.age_unused(images, min_age).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed base images no instance here used")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot age the base-image cache"),
+        }
     }
 
     /// Rows left in BUILD/scheduling by a create whose node stopped before it committed the

@@ -6,17 +6,8 @@
 //!
 //! Blocking: the caller runs [`build`] off the async runtime.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-
-use serde::{Deserialize, Serialize};
-use shoal_state::records::PortRecord;
-use shoal_state::{tables, StateError, Table};
-
-use crate::metadata::{Nic, SubnetAddress};
-use crate::server::ServerRecord;
 
 /// The file name in the instance directory (Nova's `disk.config`).
 pub const FILE: &str = "disk.config";
@@ -103,103 +94,6 @@ pub fn build(out: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ConfigDriveE
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-/// What the config drive reads of a `networks` row (the network service owns the record).
-#[derive(Debug, Deserialize, Serialize)]
-struct NetworkView {
-    #[serde(default)]
-    mtu: Option<u32>,
-}
-
-/// What the config drive reads of a `subnets` row.
-#[derive(Debug, Deserialize, Serialize)]
-struct SubnetView {
-    cidr: String,
-    #[serde(default)]
-    gateway_ip: Option<String>,
-    #[serde(default)]
-    dns_nameservers: Vec<String>,
-    #[serde(default)]
-    host_routes: Vec<RouteView>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-struct RouteView {
-    destination: String,
-    nexthop: String,
-}
-
-fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
-    let (net, len) = cidr.split_once('/')?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32)?;
-    Some((net.parse().ok()?, len))
-}
-
-/// The server's NICs as its port, network and subnet rows say now, for `network_data.json`
-/// (the metadata service builds the same from the same rows). A port or subnet gone meanwhile
-/// is left out.
-pub async fn nics(
-    store: Arc<dyn shoal_state::Store>,
-    server: &ServerRecord,
-) -> Result<Vec<Nic>, StateError> {
-    let ports: Table<PortRecord> = Table::new(store.clone(), tables::PORTS);
-    let networks: Table<NetworkView> = Table::new(store.clone(), tables::NETWORKS);
-    let subnets: Table<SubnetView> = Table::new(store, tables::SUBNETS);
-    let mut nics = Vec::with_capacity(server.ports.len());
-    for sp in &server.ports {
-        let Some(port) = ports.get(&sp.port_id).await? else {
-            continue;
-        };
-        let port = port.value;
-        let mtu = networks
-            .get(&port.network_id)
-            .await?
-            .and_then(|n| n.value.mtu)
-            .unwrap_or(sp.mtu);
-        let mut addresses = Vec::new();
-        for f in &port.fixed_ips {
-            let (Ok(address), Some(subnet)) = (
-                f.ip_address.parse::<Ipv4Addr>(),
-                subnets.get(&f.subnet_id).await?,
-            ) else {
-                continue;
-            };
-            let s = subnet.value;
-            let Some((_, prefix_len)) = parse_cidr(&s.cidr) else {
-                continue;
-            };
-            addresses.push(SubnetAddress {
-                subnet_id: f.subnet_id.clone(),
-                address,
-                prefix_len,
-                gateway: s.gateway_ip.as_deref().and_then(|g| g.parse().ok()),
-                host_routes: s
-                    .host_routes
-                    .iter()
-                    .filter_map(|r| {
-                        let (dest, len) = parse_cidr(&r.destination)?;
-                        Some((dest, len, r.nexthop.parse().ok()?))
-                    })
-                    .collect(),
-                dns_nameservers: s.dns_nameservers,
-            });
-        }
-        nics.push(Nic {
-            device: crate::domain::tap_name(&port.id),
-            port_id: port.id,
-            mac: port.mac_address,
-            network_id: port.network_id,
-            mtu,
-            // The agent binds the port with vif type `tap` before the guest runs.
-            vif_type: match port.binding_vif_type.as_str() {
-                "" | "unbound" => "tap".to_owned(),
-                t => t.to_owned(),
-            },
-            addresses,
-        });
-    }
-    Ok(nics)
 }
 
 #[cfg(test)]

@@ -145,6 +145,8 @@ pub fn ensure_extra_disks(
     ephemeral_gb: u64,
     swap_mb: u64,
 ) -> Result<Vec<PathBuf>, DiskError> {
+    // A base and the overlay on it appear together for the aging pass.
+    let _bases = BASE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let mut disks = Vec::new();
     for (kind, file) in [
         (Base::Ephemeral { gb: ephemeral_gb }, EPHEMERAL_FILE),
@@ -164,6 +166,23 @@ pub fn ensure_extra_disks(
         disks.push(overlay);
     }
     Ok(disks)
+}
+
+/// Held while a base is ensured and an overlay made on it, and by the aging pass
+/// (`crate::imagecache`) while it reads the overlays and removes bases: a base found unused is
+/// never one an overlay being made is about to back onto.
+pub(crate) static BASE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The names under `_base` of the bases a flavor's ephemeral and swap disks back onto.
+pub fn base_names(ephemeral_gb: u64, swap_mb: u64) -> Vec<String> {
+    [
+        Base::Ephemeral { gb: ephemeral_gb },
+        Base::Swap { mb: swap_mb },
+    ]
+    .into_iter()
+    .filter(|k| k.bytes() > 0)
+    .map(Base::file_name)
+    .collect()
 }
 
 /// The guest's device names of a server's disks, as Nova's block device mapping shows them:

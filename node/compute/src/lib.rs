@@ -14,10 +14,14 @@
 //!   disabled, and how hosts and hypervisors are looked up (`compute_services`);
 //! - `placement`: host registration and claims committed in one Raft transaction (`hosts`,
 //!   `instances`);
+//! - `host_view`: the scheduler's view of the hosts, kept current by watches;
 //! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
 //!   the API may ask for;
 //! - `configdrive`: the config drive, an ISO 9660 image of the metadata documents;
+//! - `nics`: a server's NICs as its port, network and subnet rows say now, the one lookup
+//!   behind the config drive's and the metadata service's `network_data.json`;
 //! - `disks`: a flavor's ephemeral and swap disks (formatted bases and qcow2 overlays);
+//! - `imagecache`: aging of unused base files, as Nova's image cache manager;
 //! - `domain`: the libvirt domain XML, rendered as Nova's libvirt driver writes it;
 //! - `hypervisor`: the libvirt driver (blocking calls run off the async runtime);
 //! - `metadata`: the documents of the metadata service (Nova's layout), pure;
@@ -35,9 +39,12 @@ pub mod disks;
 pub mod domain;
 pub mod error;
 pub mod flavor;
+pub mod host_view;
 pub mod hypervisor;
+pub mod imagecache;
 pub mod keypair;
 pub mod metadata;
+pub mod nics;
 pub mod placement;
 pub mod quota;
 pub mod server;

@@ -571,11 +571,11 @@ pub fn order_nics(server: &ServerRecord, mut nics: Vec<Nic>) -> Vec<Nic> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::server::{FlavorSnapshot, ImageSnapshot, ServerPort, VmState};
 
-    fn server() -> ServerRecord {
+    pub(crate) fn server() -> ServerRecord {
         ServerRecord {
             id: "3f0b8a4c-1111-2222-3333-444455556666".into(),
             name: "Web_01 .Prod".into(),

@@ -22,6 +22,8 @@ use shoal_scheduler::{
 };
 use shoal_types::{Expect, Row, Txn};
 
+use crate::host_view::HostView;
+
 pub const HOSTS: &str = "hosts";
 pub const INSTANCES: &str = "instances";
 
@@ -122,6 +124,20 @@ pub struct HostSpec {
     /// current ones after `allocation_ratios`; an unset one keeps the host's value.
     #[serde(skip)]
     pub ratio_overrides: [Option<f64>; 3],
+    /// The ratios a new host starts with (Nova's `initial_*_allocation_ratio`); a host that
+    /// exists keeps its own.
+    #[serde(skip, default = "nova_initial_ratios")]
+    pub initial_ratios: AllocationRatios,
+}
+
+/// Nova's `initial_cpu_allocation_ratio`, `initial_ram_allocation_ratio` and
+/// `initial_disk_allocation_ratio` defaults.
+pub fn nova_initial_ratios() -> AllocationRatios {
+    AllocationRatios {
+        cpu: 4.0,
+        ram: 1.0,
+        disk: 1.0,
+    }
 }
 
 fn default_zone() -> String {
@@ -154,6 +170,7 @@ impl HostSpec {
             ram_mb_reserved: 0,
             disk_mb_reserved: 0,
             ratio_overrides: [None; 3],
+            initial_ratios: nova_initial_ratios(),
         }
     }
 
@@ -210,7 +227,15 @@ impl HostSpec {
             ));
         }
         let [cpu, ram, disk] = self.ratio_overrides;
-        for (name, v) in [("cpu", cpu), ("ram", ram), ("disk", disk)] {
+        let i = self.initial_ratios;
+        for (name, v) in [
+            ("cpu", cpu),
+            ("ram", ram),
+            ("disk", disk),
+            ("initial_cpu", Some(i.cpu)),
+            ("initial_ram", Some(i.ram)),
+            ("initial_disk", Some(i.disk)),
+        ] {
             if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0 && *v <= 1000.0)) {
                 return Err(format!(
                     "{name}_allocation_ratio must be a number in (0, 1000], got {v}"
@@ -292,7 +317,7 @@ pub async fn upsert_host(
                     vcpus_reserved: 0,
                     ram_mb_reserved: 0,
                     disk_mb_reserved: 0,
-                    allocation_ratios: AllocationRatios::default(),
+                    allocation_ratios: spec.initial_ratios,
                     hypervisor_type: String::new(),
                     architecture: String::new(),
                     hypervisor_version: 0,
@@ -375,23 +400,33 @@ impl From<ClusterError> for PlaceError {
 }
 
 /// The tables the Compute API writes that decide where instances may go.
-const AGGREGATES: &str = "aggregates";
-const COMPUTE_SERVICES: &str = "compute_services";
+pub(crate) const AGGREGATES: &str = "aggregates";
+pub(crate) const COMPUTE_SERVICES: &str = "compute_services";
 
 /// What placement reads of an `aggregates` row (the Compute API owns the full record).
-#[derive(Debug, Deserialize)]
-struct AggregateRow {
-    name: String,
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) struct AggregateRow {
+    pub(crate) name: String,
     #[serde(default)]
-    hosts: BTreeSet<String>,
+    pub(crate) hosts: BTreeSet<String>,
     #[serde(default)]
-    metadata: BTreeMap<String, String>,
+    pub(crate) metadata: BTreeMap<String, String>,
 }
 
 /// What placement reads of a `compute_services` row.
-#[derive(Debug, Deserialize)]
-struct ServiceRow {
-    disabled: bool,
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) struct ServiceRow {
+    pub(crate) disabled: bool,
+}
+
+pub(crate) fn decode_aggregate(key: &str, row: &Row) -> Result<AggregateRow, HostError> {
+    serde_json::from_slice(&row.value)
+        .map_err(|e| HostError::Corrupt(format!("{AGGREGATES}/{key}"), e))
+}
+
+pub(crate) fn decode_service(key: &str, row: &Row) -> Result<ServiceRow, HostError> {
+    serde_json::from_slice(&row.value)
+        .map_err(|e| HostError::Corrupt(format!("{COMPUTE_SERVICES}/{key}"), e))
 }
 
 /// The scheduler's view: the hosts as registered, with what the Compute API set on them
@@ -404,11 +439,31 @@ pub async fn host_view(
     cluster: &Cluster,
     stored: &[Host],
 ) -> Result<(Vec<Host>, Vec<Aggregate>), HostError> {
+    let aggregates = cluster
+        .list(AGGREGATES, "", usize::MAX)
+        .await?
+        .iter()
+        .map(|(k, r)| decode_aggregate(k, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut disabled = BTreeSet::new();
+    for (key, row) in cluster.list(COMPUTE_SERVICES, "", usize::MAX).await? {
+        if decode_service(&key, &row)?.disabled {
+            disabled.insert(key);
+        }
+    }
+    Ok(compose(stored, aggregates.iter(), &disabled))
+}
+
+/// [`host_view`]'s rules over rows already read: the listing's and the watched view's
+/// (`host_view::HostView`) one definition.
+pub(crate) fn compose<'a>(
+    stored: &[Host],
+    aggregate_rows: impl Iterator<Item = &'a AggregateRow>,
+    disabled: &BTreeSet<String>,
+) -> (Vec<Host>, Vec<Aggregate>) {
     let mut hosts = stored.to_vec();
     let mut aggregates: BTreeMap<String, Aggregate> = BTreeMap::new();
-    for (key, row) in cluster.list(AGGREGATES, "", usize::MAX).await? {
-        let a: AggregateRow = serde_json::from_slice(&row.value)
-            .map_err(|e| HostError::Corrupt(format!("aggregates/{key}"), e))?;
+    for a in aggregate_rows {
         for h in hosts.iter_mut().filter(|h| a.hosts.contains(&h.name)) {
             if !h.aggregates.contains(&a.name) {
                 h.aggregates.push(a.name.clone());
@@ -420,8 +475,8 @@ pub async fn host_view(
         aggregates.insert(
             a.name.clone(),
             Aggregate {
-                name: a.name,
-                metadata: a.metadata,
+                name: a.name.clone(),
+                metadata: a.metadata.clone(),
             },
         );
     }
@@ -433,16 +488,10 @@ pub async fn host_view(
             });
         }
     }
-    for (key, row) in cluster.list(COMPUTE_SERVICES, "", usize::MAX).await? {
-        let svc: ServiceRow = serde_json::from_slice(&row.value)
-            .map_err(|e| HostError::Corrupt(format!("compute_services/{key}"), e))?;
-        if svc.disabled {
-            if let Some(h) = hosts.iter_mut().find(|h| h.name == key) {
-                h.enabled = false;
-            }
-        }
+    for h in hosts.iter_mut().filter(|h| disabled.contains(&h.name)) {
+        h.enabled = false;
     }
-    Ok((hosts, aggregates.into_values().collect()))
+    (hosts, aggregates.into_values().collect())
 }
 
 /// Builds the one transaction that commits every claim of a request: a precondition on each
@@ -487,50 +536,102 @@ pub fn claims_txn(hosts: &[Host], claims: &[Claim]) -> Result<Txn, PlaceError> {
 }
 
 /// Schedules `request` over the replica and commits its claims, re-reading and retrying when
-/// a concurrent placement changed a chosen host first.
-pub async fn place(cluster: &Cluster, request: &Request) -> Result<Placed, PlaceError> {
-    place_with(cluster, request, |txn, _| txn).await
+/// a concurrent placement changed a chosen host first. With a [`HostView`], the first attempt
+/// schedules from it instead of reading every row.
+pub async fn place(
+    cluster: &Cluster,
+    view: Option<&HostView>,
+    request: &Request,
+) -> Result<Placed, PlaceError> {
+    place_with(cluster, view, request, |txn, _| txn).await
+}
+
+/// How long a retry waits for the host view to reach its read barrier before it reads the
+/// tables instead (the watches deliver an applied entry within a scheduling round or two).
+const VIEW_CATCH_UP: Duration = Duration::from_millis(20);
+
+/// Where an attempt's hosts came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The watched view, not known to include every acknowledged write.
+    View,
+    /// The watched view, complete through the attempt's read barrier.
+    ExactView,
+    /// The tables, listed.
+    Listing,
 }
 
 /// Like [`place`], with `extra` adding the caller's own preconditions and writes (the server
 /// rows) to each attempt's claim transaction, so that the claims and what they are for commit
 /// together. A failed precondition of `extra` ends the placement with `ExtraPrecondition`.
+///
+/// Correctness never rests on `view`: every claim is conditioned on the generation of the row
+/// it was computed from, a "no valid host" is answered only from a listing read after a read
+/// barrier, and after a conflict on a view that claimed to be exact the next attempt lists.
 pub async fn place_with(
     cluster: &Cluster,
+    view: Option<&HostView>,
     request: &Request,
     extra: impl Fn(Txn, &[Claim]) -> Txn,
 ) -> Result<Placed, PlaceError> {
-    // Whether the view read includes every write acknowledged before this call.
+    // Whether the hosts read include every write acknowledged before this call.
     let mut fresh = false;
     // The previous attempt already read a fresh view and proposed nothing.
     let mut refreshed = false;
+    // The revision of the last read barrier, and where the last attempt's hosts came from.
+    let mut barrier: Option<u64> = None;
+    let mut last: Option<Source> = None;
     for attempt in 1..=MAX_ATTEMPTS {
-        if attempt > 1 && !std::mem::take(&mut refreshed) {
+        let confirm = std::mem::take(&mut refreshed);
+        if attempt > 1 && !confirm {
             // Jittered, growing backoff, then a view that includes the winner's commit.
             let cap = 2u64 << attempt.min(6);
             let ms = rand::rng().random_range(1..=cap);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            cluster.read_barrier().await?;
+            barrier = Some(cluster.read_barrier().await?);
             fresh = true;
         }
-        let hosts = list_hosts(cluster).await?;
-        let (view, aggregates) = host_view(cluster, &hosts).await?;
+        let viewed = match (view, barrier) {
+            (Some(v), None) => v.current().await.map(|s| (s, Source::View)),
+            // A "no valid host" is confirmed from the tables, and a conflict on an exact view
+            // is retried from them once, so a wrong view cannot decide an answer.
+            (Some(_), Some(_)) if confirm || last == Some(Source::ExactView) => None,
+            (Some(v), Some(b)) => v
+                .at_least(b, VIEW_CATCH_UP)
+                .await
+                .map(|s| (s, Source::ExactView)),
+            (None, _) => None,
+        };
+        let (hosts, view_hosts, aggregates, source) = match viewed {
+            Some(((snap, _), source)) => (
+                snap.stored.clone(),
+                snap.hosts.clone(),
+                snap.aggregates.clone(),
+                source,
+            ),
+            None => {
+                let hosts = list_hosts(cluster).await?;
+                let (view_hosts, aggregates) = host_view(cluster, &hosts).await?;
+                (hosts, view_hosts, aggregates, Source::Listing)
+            }
+        };
+        last = Some(source);
         let config = SchedulerConfig {
             host_subset_size: HOST_SUBSET_SIZE,
             seed: rand::rng().random(),
             ..SchedulerConfig::default()
         };
-        let mut scheduler = Scheduler::new(config, view, aggregates)
+        let mut scheduler = Scheduler::new(config, view_hosts, aggregates)
             .map_err(|e| PlaceError::View(e.to_string()))?;
         let claims = match scheduler.select(request) {
             Ok(claims) => claims,
             // A lagging replica may not have a host registered or freed through another node
-            // yet: refuse only what a linearizable view refuses.
+            // yet, nor may the view: refuse only what a listing after a barrier refuses.
             Err(
                 ScheduleError::NoValidHost(_)
                 | ScheduleError::Request(RequestError::UnknownForcedHost(_)),
-            ) if !fresh => {
-                cluster.read_barrier().await?;
+            ) if !fresh || source != Source::Listing => {
+                barrier = Some(cluster.read_barrier().await?);
                 fresh = true;
                 refreshed = true;
                 continue;

@@ -166,6 +166,42 @@ impl Cache {
         Ok(out)
     }
 
+    /// One aging pass, as Nova's image cache manager: an image in `keep` (the compute agent's
+    /// instances use it), leased or being pulled gets `now` as its last use; any other image
+    /// unused for at least `min_age` is removed, whatever the budget. Returns the images removed.
+    pub fn age_unused(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+        min_age: Duration,
+        pulling: &[String],
+        now: SystemTime,
+    ) -> std::io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for e in self.entries(pulling)? {
+            if e.busy || keep.contains(&e.id) {
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(self.path(&e.id))?;
+                f.set_modified(now)?;
+                continue;
+            }
+            if now.duration_since(e.last_used).unwrap_or_default() < min_age {
+                continue;
+            }
+            let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            // A lease taken since `entries` was read wins; holding the lock keeps a new one
+            // from being taken while the file goes.
+            if leases.contains_key(&e.id) {
+                continue;
+            }
+            tracing::info!(image = %e.id, "removing a base image unused for the minimum age");
+            std::fs::remove_file(self.path(&e.id))?;
+            drop(leases);
+            removed.push(e.id);
+        }
+        Ok(removed)
+    }
+
     /// One eviction pass; returns the images removed.
     pub fn evict(
         &self,
@@ -242,6 +278,39 @@ mod tests {
         assert_eq!(plan_eviction(&entries, 0, MIN, at(1000)), ["old"]);
         // A clock that went backwards makes every image young.
         assert!(plan_eviction(&entries, 0, MIN, at(0)).is_empty());
+    }
+
+    #[test]
+    fn unused_images_age_out_and_kept_ones_are_marked_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().to_owned());
+        for id in ["kept", "leased", "pulled", "old", "recent"] {
+            std::fs::write(cache.path(id), b"x").unwrap();
+        }
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        for id in ["kept", "leased", "pulled", "old"] {
+            std::fs::File::options()
+                .write(true)
+                .open(cache.path(id))
+                .unwrap()
+                .set_modified(now - 2 * day)
+                .unwrap();
+        }
+        let _lease = cache.lease("leased");
+        let keep = std::collections::BTreeSet::from(["kept".to_owned()]);
+        let removed = cache
+            .age_unused(&keep, day, &["pulled".to_owned()], now)
+            .unwrap();
+        assert_eq!(removed, vec!["old"]);
+        assert!(!cache.path("old").exists() && cache.path("recent").exists());
+        for id in ["kept", "leased", "pulled"] {
+            let m = std::fs::metadata(cache.path(id))
+                .unwrap()
+                .modified()
+                .unwrap();
+            assert_eq!(m, now, "{id} is marked used now");
+        }
     }
 
     #[test]

@@ -179,6 +179,21 @@ impl ImageStore {
         self.cache.lease(image_id)
     }
 
+    /// Ages the base-image cache (see `Cache::age_unused`): images in `keep` stay and count as
+    /// used now; others unused for `min_age` go. Returns the images removed.
+    pub async fn age_unused(
+        &self,
+        keep: std::collections::BTreeSet<String>,
+        min_age: std::time::Duration,
+    ) -> std::io::Result<Vec<String>> {
+        let (cache, pulling) = (self.cache.clone(), self.pulling());
+        tokio::task::spawn_blocking(move || {
+            cache.age_unused(&keep, min_age, &pulling, std::time::SystemTime::now())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     /// Where the cached whole copy of `image_id` lives on this node (whether or not it exists).
     pub fn cache_path(&self, image_id: &str) -> PathBuf {
         self.cache.path(image_id)

@@ -94,6 +94,8 @@ pub struct AppState {
     pub instances_path: std::path::PathBuf,
     /// Neutron's resources (`shoal-network`), behind `/network`.
     pub network: shoal_network::NetworkService,
+    /// The scheduler's host view, kept current by watches (`shoal_compute::host_view`).
+    pub hosts: shoal_compute::host_view::HostView,
 }
 
 pub fn router(state: AppState) -> Router {

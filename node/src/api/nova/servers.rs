@@ -811,34 +811,39 @@ async fn place_servers(
                 .unwrap_or_default(),
             group.as_ref().map(|(_, p)| *p),
         );
-        let result = placement::place_with(&state.cluster, &req, |mut txn, claims| {
-            if let Some((g, _)) = &group {
-                let mut row = g.value.clone();
-                row.members.extend(records.iter().map(|r| r.id.clone()));
-                let key = group_key(project, &row.id);
-                txn = txn
-                    .when(tables::SERVER_GROUPS, &key, Expect::Revision(g.revision))
-                    .put(
-                        tables::SERVER_GROUPS,
-                        &key,
-                        serde_json::to_vec(&row).expect("groups serialise"),
-                    );
-            }
-            for ((r, rev), c) in records.iter().zip(revisions).zip(claims) {
-                let mut r = r.clone();
-                r.host = Some(c.host.clone());
-                r.task_state = Some(TaskState::Spawning);
-                r.updated = now_rfc3339();
-                txn = txn
-                    .when(tables::SERVERS, &r.id, Expect::Revision(*rev))
-                    .put(
-                        tables::SERVERS,
-                        &r.id,
-                        serde_json::to_vec(&r).expect("server records serialise"),
-                    );
-            }
-            txn
-        })
+        let result = placement::place_with(
+            &state.cluster,
+            Some(&state.hosts),
+            &req,
+            |mut txn, claims| {
+                if let Some((g, _)) = &group {
+                    let mut row = g.value.clone();
+                    row.members.extend(records.iter().map(|r| r.id.clone()));
+                    let key = group_key(project, &row.id);
+                    txn = txn
+                        .when(tables::SERVER_GROUPS, &key, Expect::Revision(g.revision))
+                        .put(
+                            tables::SERVER_GROUPS,
+                            &key,
+                            serde_json::to_vec(&row).expect("groups serialise"),
+                        );
+                }
+                for ((r, rev), c) in records.iter().zip(revisions).zip(claims) {
+                    let mut r = r.clone();
+                    r.host = Some(c.host.clone());
+                    r.task_state = Some(TaskState::Spawning);
+                    r.updated = now_rfc3339();
+                    txn = txn
+                        .when(tables::SERVERS, &r.id, Expect::Revision(*rev))
+                        .put(
+                            tables::SERVERS,
+                            &r.id,
+                            serde_json::to_vec(&r).expect("server records serialise"),
+                        );
+                }
+                txn
+            },
+        )
         .await;
         match result {
             Ok(_) => return Ok(()),

@@ -292,7 +292,7 @@ async fn place(State(state): State<AppState>, auth: Auth, body: Bytes) -> ApiRes
     auth.require_admin()?;
     let body: PlacementBody = parse(&body)?;
     let request = body.into_request().map_err(ApiError::bad_request)?;
-    let placed = placement::place(&state.cluster, &request)
+    let placed = placement::place(&state.cluster, Some(&state.hosts), &request)
         .await
         .map_err(place_error)?;
     Ok(Json(
