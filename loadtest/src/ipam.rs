@@ -63,6 +63,9 @@ pub struct IpamSummary {
     pub accepted: u64,
     /// 409 `IpAddressGenerationFailure`: the pool was full.
     pub pool_full: u64,
+    /// 409 `Conflict`: a row the create must change kept changing (the project's quota guard
+    /// under many concurrent creates); the client may retry. Counted, not a failure.
+    pub contended: u64,
     /// Any other answer (or no answer): always 0, or the run fails.
     pub failed: u64,
     pub accepted_per_second: f64,
@@ -79,6 +82,8 @@ struct Outcomes {
     /// Accepted port id → the address it was answered with.
     accepted: HashMap<String, String>,
     pool_full: u64,
+    contended: u64,
+    first_contended: Option<String>,
     failed: u64,
     first_failure: Option<String>,
 }
@@ -272,6 +277,10 @@ async fn bench(
                         {
                             o.pool_full += 1;
                         }
+                        Ok((409, v)) if v["NeutronError"]["type"] == "Conflict" => {
+                            o.contended += 1;
+                            o.first_contended.get_or_insert(format!("{v}"));
+                        }
                         Ok((status, v)) => {
                             o.failed += 1;
                             o.first_failure.get_or_insert(format!("{status} {v}"));
@@ -355,7 +364,13 @@ async fn bench(
         );
         distinct = by_ip.len();
     }
-    if let Some(free) = args.free {
+    if let Some(c) = &outcomes.first_contended {
+        eprintln!(
+            "[ipam] {} creates refused as contended; the first: {c}",
+            outcomes.contended
+        );
+    }
+    if let (Some(free), 0) = (args.free, outcomes.contended) {
         ensure!(
             outcomes.accepted.len() == free as usize,
             "{} creates accepted onto a pool of {free}",
@@ -377,6 +392,7 @@ async fn bench(
         pool,
         accepted: outcomes.accepted.len() as u64,
         pool_full: outcomes.pool_full,
+        contended: outcomes.contended,
         failed: outcomes.failed,
         accepted_per_second: outcomes.accepted.len() as f64 / elapsed.as_secs_f64(),
         api_p50_us: q(0.5),
@@ -393,8 +409,8 @@ fn print_table(s: &IpamSummary) {
         s.nodes, s.clients, s.pool
     );
     println!(
-        "  accepted {} ({:.1}/s over {:.1} s), pool full {}, failed {}",
-        s.accepted, s.accepted_per_second, s.elapsed_s, s.pool_full, s.failed
+        "  accepted {} ({:.1}/s over {:.1} s), pool full {}, contended (409 Conflict) {}, failed {}",
+        s.accepted, s.accepted_per_second, s.elapsed_s, s.pool_full, s.contended, s.failed
     );
     println!(
         "  create latency p50 {}  p99 {}  max {}",
