@@ -7,9 +7,11 @@
 
 mod api;
 mod boot;
+mod converge;
 mod etcd;
 mod faults;
 mod image;
+mod ipam;
 mod overlay;
 mod placement;
 mod pps;
@@ -55,6 +57,12 @@ enum Command {
     Uring(uring::Args),
     /// Packets per second through the datapath drivers in network namespaces (root).
     Pps(pps::Args),
+    /// Port creates per second through the Network API of every node onto one subnet (or a
+    /// nearly-full one), with no address held twice checked at the end.
+    Ipam(ipam::Args),
+    /// From a port create bound to node A until node B's datapath forwards to it (root:
+    /// `shoal dev --netns`), with the eBPF or the kernel driver.
+    Converge(converge::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,5 +96,13 @@ fn main() -> anyhow::Result<()> {
         Command::Overlay(args) => overlay::run(args),
         Command::Uring(args) => uring::run(args),
         Command::Pps(args) => pps::run(args),
+        Command::Ipam(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(ipam::run(args)),
+        Command::Converge(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(converge::run(args)),
     }
 }

@@ -175,16 +175,20 @@ impl Underlay {
         format!("10.250.0.{}", i + 1)
     }
 
-    /// The flags that put node `i` (from 0) on its own underlay.
-    fn node_args(&self, i: usize) -> Vec<String> {
-        vec![
+    /// The flags that put node `i` (from 0) on its own underlay, with `driver` if one was named.
+    fn node_args(&self, i: usize, driver: Option<&str>) -> Vec<String> {
+        let mut args = vec![
             "--underlay-device".into(),
             "ul0".into(),
             "--vtep".into(),
             Self::vtep(i),
             "--netns".into(),
             self.nodes[i].clone(),
-        ]
+        ];
+        if let Some(d) = driver {
+            args.extend(["--network-driver".into(), d.to_owned()]);
+        }
+        args
     }
 }
 
@@ -208,6 +212,7 @@ pub async fn run(
     libvirt_uri: Option<String>,
     virt_type: Option<String>,
     netns: bool,
+    network_driver: Option<String>,
 ) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 32 {
         bail!("--nodes is {nodes}; it must be between 1 and 32");
@@ -225,7 +230,11 @@ pub async fn run(
     } else {
         None
     };
-    let net_args = |i: usize| underlay.as_ref().map_or(Vec::new(), |u| u.node_args(i));
+    let net_args = |i: usize| {
+        underlay
+            .as_ref()
+            .map_or(Vec::new(), |u| u.node_args(i, network_driver.as_deref()))
+    };
     let mut procs = Vec::new();
     // Every node drives the same kind of libvirt.
     let mut libvirt: Vec<String> = Vec::new();

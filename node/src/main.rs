@@ -95,6 +95,10 @@ enum Command {
         /// between the nodes is real, and each node runs a network agent.
         #[arg(long)]
         netns: bool,
+        /// The datapath driver every node's network agent uses with `--netns`: auto, ebpf or
+        /// kernel (default: each node's own default, auto).
+        #[arg(long, requires = "netns", value_parser = ["auto", "ebpf", "kernel"])]
+        network_driver: Option<String>,
     },
 }
 
@@ -430,7 +434,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 libvirt_uri,
                 virt_type,
                 netns,
-            } => dev::run(nodes, dir, libvirt_uri, virt_type, netns).await,
+                network_driver,
+            } => dev::run(nodes, dir, libvirt_uri, virt_type, netns, network_driver).await,
             Command::Disk(DiskCmd::Overlay {
                 backing,
                 backing_format,

@@ -283,15 +283,28 @@ fn the_agent_programs_bound_ports_for_guests_and_follows_rule_changes() {
 /// Two nodes, each with its datapath in its own namespace on a shared underlay bridge (as
 /// `shoal dev --netns` builds them): guests on different nodes reach each other over VXLAN,
 /// with nothing but the Raft tables telling each node where the other's ports are.
+/// Two nodes on a shared underlay, with the eBPF datapath: guests ping each other over VXLAN;
+/// removing the default group's IPv4 ingress rule stops it and adding it back restores it.
 #[test]
 fn guests_on_two_nodes_reach_each_other_over_vxlan() {
+    two_nodes_over_vxlan("ebpf", "snx");
+}
+
+/// The same with the kernel-path driver (vxlan devices, bridges, nftables).
+#[test]
+fn guests_on_two_nodes_reach_each_other_over_vxlan_kernel_driver() {
+    two_nodes_over_vxlan("kernel", "snk");
+}
+
+/// `prefix` names this run's namespaces, unique per driver so both tests may run at once.
+fn two_nodes_over_vxlan(driver: &str, prefix: &str) {
     if !is_root("the two-node network agent test") {
         return;
     }
     let pid = std::process::id();
-    let underlay = Underlay::new("snx", 2);
+    let underlay = Underlay::new(prefix, 2);
     let nodes = &underlay.nodes;
-    let args = |i: usize| underlay.args(i);
+    let args = |i: usize| underlay.args_with(i, driver);
     let a0 = args(0);
     let mut c = Cluster::init(&a0.iter().map(String::as_str).collect::<Vec<_>>());
     let join = c.create_join_token(0, 600);
@@ -322,7 +335,7 @@ fn guests_on_two_nodes_reach_each_other_over_vxlan() {
     for (i, node) in nodes.iter().enumerate() {
         let p = port(&c, &token, &net);
         guests.push(guest(
-            format!("snx-vm{i}-{pid}"),
+            format!("{prefix}-vm{i}-{pid}"),
             node,
             &tap(&p.id),
             &p.mac,
@@ -379,6 +392,58 @@ fn guests_on_two_nodes_reach_each_other_over_vxlan() {
         "a guest on node1 pings one on node2 over VXLAN"
     );
     assert!(ping_becomes(&guests[1], &ports[0].ip, true), "and back");
+
+    // Both ports are in the project's default group, whose IPv4 ingress rule (from the group
+    // itself) is what lets the pings in: removing it stops them, adding it back restores them.
+    let (_, v) = api(
+        &c,
+        &token,
+        "GET",
+        &format!("/network/v2.0/ports/{}", ports[1].id),
+        None,
+    );
+    let group = v["port"]["security_groups"][0].as_str().unwrap().to_owned();
+    let (_, v) = api(
+        &c,
+        &token,
+        "GET",
+        &format!("/network/v2.0/security-group-rules?security_group_id={group}"),
+        None,
+    );
+    let ingress = v["security_group_rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["direction"] == "ingress" && r["ethertype"] == "IPv4")
+        .unwrap_or_else(|| panic!("no IPv4 ingress rule in the default group: {v}"))
+        .clone();
+    let (status, _) = api(
+        &c,
+        &token,
+        "DELETE",
+        &format!(
+            "/network/v2.0/security-group-rules/{}",
+            ingress["id"].as_str().unwrap()
+        ),
+        None,
+    );
+    assert_eq!(status, 204, "rule delete");
+    assert!(
+        ping_becomes(&guests[0], &ports[1].ip, false),
+        "without the ingress rule node1's guest no longer reaches node2's ({driver})"
+    );
+    created(
+        &c,
+        &token,
+        "/network/v2.0/security-group-rules",
+        json!({"security_group_rule": {
+            "security_group_id": group, "direction": "ingress", "ethertype": "IPv4",
+            "remote_group_id": ingress["remote_group_id"]}}),
+    );
+    assert!(
+        ping_becomes(&guests[0], &ports[1].ip, true),
+        "the rule added back restores it ({driver})"
+    );
     drop(guests);
     drop(c);
 }

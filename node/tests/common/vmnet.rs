@@ -320,6 +320,11 @@ impl Underlay {
 
     /// The flags that put node `i` (from 0) on its own underlay with the eBPF datapath.
     pub fn args(&self, i: usize) -> Vec<String> {
+        self.args_with(i, "ebpf")
+    }
+
+    /// The flags that put node `i` (from 0) on its own underlay with `driver` (ebpf, kernel).
+    pub fn args_with(&self, i: usize, driver: &str) -> Vec<String> {
         vec![
             "--underlay-device".to_string(),
             "ul0".into(),
@@ -328,7 +333,7 @@ impl Underlay {
             "--netns".into(),
             self.nodes[i].0.clone(),
             "--network-driver".into(),
-            "ebpf".into(),
+            driver.into(),
         ]
     }
 }
