@@ -624,6 +624,7 @@ impl View {
                 id: r.id.clone(),
                 interfaces,
                 routes,
+                ..Default::default()
             });
         }
     }
