@@ -681,3 +681,41 @@ fn kernel_driver_nat() {
     }
     nat_suite("kernel", |u: Underlay| KernelDataplane::new(&u));
 }
+
+/// The eBPF driver has no NAT yet: it refuses a router's external side rather than leave a
+/// caller believing it is in place, and keeps its datapath as it was (routing goes on).
+#[test]
+fn ebpf_driver_refuses_nat() {
+    if !testbed::privileged_or_skip("ebpf_driver_refuses_nat") {
+        return;
+    }
+    let topo = Topology::build_with(
+        &[(0, A_VNI, A0_IP.octets()), (0, B_VNI, B0_IP.octets())],
+        24,
+    )
+    .unwrap();
+    for (vm, gw) in topo.vms.iter().zip([A_GW, B_GW]) {
+        vm.ns
+            .ip(&["route", "add", "default", "via", &gw.to_string()])
+            .unwrap();
+    }
+    let underlay = topo.hosts[0].underlay();
+    let agent = Agent::start(&topo.hosts[0].ns, move || EbpfDataplane::new(&underlay))
+        .unwrap()
+        .unwrap();
+    let mut state = topo.desired(0, &[]);
+    state.routers = vec![router(&[A_VNI, B_VNI])];
+    let routed = state.clone();
+    agent.call(move |d| d.apply(&routed)).unwrap();
+    state.routers = vec![nat_router(0, &[(FIP_VM0, "vm0", A0_IP, 0)])];
+    let err = agent.call(move |d| d.apply(&state)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            shoal_dataplane::ebpf::EbpfDriverError::NatUnsupported { ref router } if router == "router-1"
+        ),
+        "{err}"
+    );
+    assert!(topo.vms[0].ping(B0_IP), "routing is untouched");
+    agent.finish(|d| d.teardown()).unwrap();
+}
