@@ -527,3 +527,289 @@ fn guests_on_two_subnets_reach_each_other_through_a_router() {
     drop(guests);
     drop(c);
 }
+
+/// Packets with source `from` that `ns` has received (an nft counter in a table of its own,
+/// in a namespace the test made).
+fn count_from(ns: &Netns, from: &str) -> u64 {
+    let table = "fipcount";
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "add", "table", "ip", table])
+        .output();
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            table,
+            "input",
+            "{ type filter hook input priority 0; }",
+        ])
+        .output();
+    let rule = format!("ip saddr {from} counter");
+    let listed = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.0, "nft", "list", "chain", "ip", table, "input",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    if !text.contains(&format!("ip saddr {from} ")) {
+        let mut args = vec![
+            "netns", "exec", &ns.0, "nft", "add", "rule", "ip", table, "input",
+        ];
+        args.extend(rule.split(' '));
+        let out = Command::new("ip").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return 0;
+    }
+    text.lines()
+        .find(|l| l.contains(&format!("ip saddr {from} ")))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn floating_status(c: &Cluster, token: &str, id: &str) -> String {
+    let (_, v) = api(
+        c,
+        token,
+        "GET",
+        &format!("/network/v2.0/floatingips/{id}"),
+        None,
+    );
+    v["floatingip"]["status"].as_str().unwrap_or("").to_owned()
+}
+
+/// Floating IPs and SNAT through the API, end to end on one node with the kernel driver: an
+/// admin's flat external network on the physical network the node maps to `ext0` (a veth to an
+/// "external host" namespace), a router with its gateway there and an interface on a tenant
+/// subnet, two guests. The floating IP goes ACTIVE once programmed; the external host pings
+/// it and the guest sees the external host's own address; the guest's own pings leave from
+/// the floating address, the other guest's from the router's gateway address (SNAT);
+/// disassociating takes the floating IP DOWN and stops inbound.
+#[test]
+fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
+    if !is_root("the floating IP network agent test") {
+        return;
+    }
+    let pid = std::process::id();
+    let underlay = Underlay::new("fipk", 1);
+    let node = &underlay.nodes[0];
+    // Router namespaces are named after the node's namespace's inode and live under
+    // /run/netns: removed on drop, also when the test fails.
+    struct RouterNamespaces(String);
+    impl Drop for RouterNamespaces {
+        fn drop(&mut self) {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(ino) = std::fs::metadata(&self.0).map(|m| m.ino()) else {
+                return;
+            };
+            let prefix = format!("shoalr{ino}-");
+            for e in std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).output();
+                }
+            }
+        }
+    }
+    let _routers = RouterNamespaces(node.path().display().to_string());
+    let ext = Netns::new(format!("fipk-x-{pid}"));
+    ip(&[
+        "-n", &node.0, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns",
+        &ext.0,
+    ]);
+    ip(&["-n", &node.0, "link", "set", "ext0", "up"]);
+    ip(&[
+        "-n",
+        &ext.0,
+        "addr",
+        "add",
+        "203.0.113.100/24",
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", &ext.0, "link", "set", "eth0", "up"]);
+    let mut args = underlay.args(0);
+    let driver = args.iter().position(|a| a == "--network-driver").unwrap() + 1;
+    args[driver] = "kernel".into();
+    args.extend(["--physical-interface-mapping".into(), "public:ext0".into()]);
+    let c = Cluster::init(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let token = c.token(0);
+    let ids = setup(&c, &token);
+
+    let public = created(
+        &c,
+        &token,
+        "/network/v2.0/networks",
+        json!({"network": {"name": "public", "router:external": true,
+            "provider:network_type": "flat", "provider:physical_network": "public"}}),
+    )["network"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    created(
+        &c,
+        &token,
+        "/network/v2.0/subnets",
+        json!({"subnet": {"network_id": public, "cidr": "203.0.113.0/24", "ip_version": 4,
+            "gateway_ip": "203.0.113.1", "enable_dhcp": false,
+            "allocation_pools": [{"start": "203.0.113.10", "end": "203.0.113.50"}]}}),
+    );
+    let net = created(
+        &c,
+        &token,
+        "/network/v2.0/networks",
+        json!({"network": {"name": "inside"}}),
+    )["network"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let subnet = created(
+        &c,
+        &token,
+        "/network/v2.0/subnets",
+        json!({"subnet": {"network_id": net, "cidr": "10.8.0.0/24", "ip_version": 4}}),
+    )["subnet"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let router = created(
+        &c,
+        &token,
+        "/network/v2.0/routers",
+        json!({"router": {"name": "north-south",
+            "external_gateway_info": {"network_id": public}}}),
+    )["router"]
+        .clone();
+    let gateway = router["external_gateway_info"]["external_fixed_ips"][0]["ip_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let router = router["id"].as_str().unwrap().to_owned();
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/routers/{router}/add_router_interface"),
+        Some(json!({"subnet_id": subnet})),
+    );
+    assert_eq!(status, 200, "{v}");
+    // The default group lets in only its members: open ICMP for the external host.
+    let (_, groups) = api(
+        &c,
+        &token,
+        "GET",
+        "/network/v2.0/security-groups?name=default",
+        None,
+    );
+    let group = groups["security_groups"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    created(
+        &c,
+        &token,
+        "/network/v2.0/security-group-rules",
+        json!({"security_group_rule": {"security_group_id": group, "direction": "ingress",
+            "protocol": "icmp", "remote_ip_prefix": "0.0.0.0/0"}}),
+    );
+    let mut guests = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let p = port(&c, &token, &net);
+        let vm = guest(
+            format!("fipk-vm{i}-{pid}"),
+            node,
+            &tap(&p.id),
+            &p.mac,
+            &p.ip,
+        );
+        ip(&["-n", &vm.0, "route", "add", "default", "via", "10.8.0.1"]);
+        server(&c, &token, &format!("fip{i}"), &p, &ids);
+        guests.push(vm);
+        ports.push(p);
+    }
+    for p in &ports {
+        wait_until(
+            &format!("port {} ACTIVE", p.id),
+            Duration::from_secs(60),
+            || (port_status(&c, &token, &p.id) == "ACTIVE").then_some(()),
+        );
+    }
+    let fip = created(
+        &c,
+        &token,
+        "/network/v2.0/floatingips",
+        json!({"floatingip": {"floating_network_id": public, "port_id": ports[0].id}}),
+    )["floatingip"]
+        .clone();
+    let (fip_id, fip_addr) = (
+        fip["id"].as_str().unwrap().to_owned(),
+        fip["floating_ip_address"].as_str().unwrap().to_owned(),
+    );
+    wait_until("the floating IP ACTIVE", Duration::from_secs(30), || {
+        (floating_status(&c, &token, &fip_id) == "ACTIVE").then_some(())
+    });
+
+    // Inbound: the external host reaches guest 0 by its floating IP; the guest sees the
+    // external host's own address.
+    let before = count_from(&guests[0], "203.0.113.100");
+    assert!(
+        ping_becomes(&ext, &fip_addr, true),
+        "the external host pings the floating IP"
+    );
+    assert!(
+        count_from(&guests[0], "203.0.113.100") > before,
+        "the guest sees the external host's address"
+    );
+    // Outbound: guest 0 leaves from its floating IP, guest 1 (none) from the gateway.
+    let (from_fip, from_gw) = (count_from(&ext, &fip_addr), count_from(&ext, &gateway));
+    assert!(
+        ping_becomes(&guests[0], "203.0.113.100", true),
+        "guest 0 out"
+    );
+    assert!(
+        count_from(&ext, &fip_addr) > from_fip,
+        "from its floating IP"
+    );
+    assert!(
+        ping_becomes(&guests[1], "203.0.113.100", true),
+        "guest 1 out"
+    );
+    assert!(
+        count_from(&ext, &gateway) > from_gw,
+        "through SNAT, from {gateway}"
+    );
+
+    // Disassociated: DOWN, and nothing comes in through it any more.
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/floatingips/{fip_id}"),
+        Some(json!({"floatingip": {"port_id": null}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    wait_until("the floating IP DOWN", Duration::from_secs(30), || {
+        (floating_status(&c, &token, &fip_id) == "DOWN").then_some(())
+    });
+    assert!(
+        ping_becomes(&ext, &fip_addr, false),
+        "a disassociated floating IP lets nothing in"
+    );
+    drop(guests);
+    drop(c);
+}
