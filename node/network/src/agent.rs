@@ -1,8 +1,8 @@
 //! The network agent of one node: turns the replicated tables into this node's datapath.
 //!
 //! It follows the `ports`, `floating_ips`, `networks`, `subnets`, `security_groups`,
-//! `security_group_rules` and `network_agents` tables with watches (any change wakes it; a slow tick catches taps
-//! that appear after their port was bound), rebuilds the node's [`DesiredState`] from the
+//! `security_group_rules` and `network_agents` tables with watches (any change wakes it; a
+//! slow tick catches taps that appear after their port was bound), rebuilds the node's [`DesiredState`] from the
 //! local replica and hands it to the datapath driver, which runs on its own thread inside the
 //! node's network namespace (drivers are blocking). After each apply it writes the ports it
 //! serves `ACTIVE` and the ports bound here whose device is gone `DOWN`, and tells the
@@ -1094,7 +1094,8 @@ impl DatapathThread {
                         return;
                     }
                 };
-                let mut warned = false;
+                // Warnings said once per thread (each pass would repeat them every second).
+                let mut warned = BTreeSet::new();
                 while let Ok((desired, reply)) = rx.recv() {
                     let _ = reply.send(apply_present(&mut dp, desired, &mut warned));
                 }
@@ -1126,7 +1127,7 @@ impl DatapathThread {
 fn apply_present(
     dp: &mut AnyDatapath,
     mut desired: DesiredState,
-    warned: &mut bool,
+    warned: &mut BTreeSet<String>,
 ) -> Result<Applied, String> {
     // A tap appears a moment after its port is bound and goes with its VM: program what exists.
     desired
@@ -1135,17 +1136,28 @@ fn apply_present(
     let ports: BTreeSet<String> = desired.ports.iter().map(|p| p.id.clone()).collect();
     for r in &mut desired.routers {
         r.floating_ips.retain(|f| ports.contains(&f.port_id));
+        // A mapping to an interface this node does not have leaves the router without its
+        // external side (floating IPs DOWN) instead of failing the whole datapath.
+        if let Some(g) = &r.gateway {
+            if shoal_dataplane::netdev::ifindex(&g.device).is_err() {
+                if warned.insert(format!("device {}", g.device)) {
+                    tracing::warn!(router = %r.id, device = %g.device,
+                        "the external network's interface does not exist here");
+                }
+                r.gateway = None;
+                r.floating_ips.clear();
+            }
+        }
     }
     // The eBPF driver has no NAT yet: routers keep routing east-west there, and their external
     // side is left out (floating IPs stay DOWN). `driver = "kernel"` does NAT.
     if matches!(dp, AnyDatapath::Ebpf(_)) {
         let external = desired.routers.iter().any(|r| r.gateway.is_some());
-        if external && !*warned {
+        if external && warned.insert("ebpf nat".into()) {
             tracing::warn!(
                 "routers with an external gateway here: the eBPF driver does no SNAT or \
                  floating IP NAT yet; set [network] driver = \"kernel\" for them"
             );
-            *warned = true;
         }
         for r in &mut desired.routers {
             r.gateway = None;
