@@ -235,9 +235,34 @@ struct ExtDev {
     addrs: BTreeSet<(Ipv4Addr, u8)>,
     subnet: model::Ipv4Cidr,
     upstream: Option<Ipv4Addr>,
+    /// On a node without the gateway address, with SNAT: the gateway node's router address,
+    /// where the router's subnets go (policy routing) to be translated; the router's subnets
+    /// and the fixed addresses with a floating IP here (which leave directly).
+    transit: Option<Transit>,
     /// The router namespace's NAT ruleset.
     nat: String,
 }
+
+/// The SNAT transit of a router on a node without the gateway address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Transit {
+    /// The gateway node's router: its address and MAC on the external link (the node that
+    /// holds the address uses the gateway port's MAC, so it is known without ARP, which this
+    /// router could not send without an address of its own).
+    gateway: Ipv4Addr,
+    mac: Mac,
+    /// The router's subnets: their packets to anywhere else go to the gateway node.
+    subnets: Vec<model::Ipv4Cidr>,
+    /// Fixed addresses with a floating IP here: they leave directly from it.
+    fixed: Vec<Ipv4Addr>,
+}
+
+/// Policy-routing rule priorities of the SNAT transit (the router's namespace is ours).
+const RULE_TO_SUBNETS: u32 = 1000;
+const RULE_FROM_FLOATING: u32 = 1100;
+const RULE_FROM_SUBNETS: u32 = 1200;
+/// The routing table of the SNAT transit: a default route to the gateway node.
+const TRANSIT_TABLE: &str = "200";
 
 const TABLE_NAT: &str = "shoal_nat";
 
@@ -282,6 +307,7 @@ fn want_external(r: &model::Router) -> Option<ExtDev> {
         );
     }
     if g.snat_here() {
+        // Also what other nodes' routers send here (transit), see the forward chain.
         let _ = writeln!(nat, "    oifname \"{name}\" snat to {}", g.ip);
     }
     let _ = writeln!(nat, "  }}");
@@ -291,17 +317,22 @@ fn want_external(r: &model::Router) -> Option<ExtDev> {
         nat,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
     );
+    let subnets: Vec<String> = r.interfaces.iter().map(|i| i.subnet.to_string()).collect();
     if g.enable_snat {
         let _ = writeln!(
             nat,
-            "    iifname \"{name}\" ct state established,related accept\n    iifname \"{name}\" ct status dnat accept\n    iifname \"{name}\" drop"
+            "    iifname \"{name}\" ct state established,related accept\n    iifname \"{name}\" ct status dnat accept"
         );
-        if !g.holds_address {
-            for f in &r.floating_ips {
-                let _ = writeln!(nat, "    oifname \"{name}\" ip saddr {} accept", f.fixed);
-            }
-            let _ = writeln!(nat, "    oifname \"{name}\" drop");
+        // The gateway node translates for the other nodes' routers too: their VMs' packets
+        // arrive on the external link from the router's subnets and leave it again.
+        if g.holds_address && !subnets.is_empty() {
+            let _ = writeln!(
+                nat,
+                "    iifname \"{name}\" oifname \"{name}\" ip saddr {{ {} }} accept",
+                subnets.join(", ")
+            );
         }
+        let _ = writeln!(nat, "    iifname \"{name}\" drop");
     }
     let _ = writeln!(nat, "  }}\n}}");
     Some(ExtDev {
@@ -311,6 +342,12 @@ fn want_external(r: &model::Router) -> Option<ExtDev> {
         addrs,
         subnet: g.subnet,
         upstream: g.upstream.filter(|u| g.subnet.contains(*u)),
+        transit: (g.enable_snat && !g.holds_address).then(|| Transit {
+            gateway: g.ip,
+            mac: g.mac,
+            subnets: r.interfaces.iter().map(|i| i.subnet).collect(),
+            fixed: r.floating_ips.iter().map(|f| f.fixed).collect(),
+        }),
         nat,
     })
 }
@@ -365,6 +402,19 @@ fn apply_external(
                 ],
             )?;
         }
+        // Created in the node's namespace, it took that namespace's defaults: the gateway node
+        // must accept other routers' transit (their sources route back through the router's
+        // interfaces, not this link).
+        run(
+            "nsenter",
+            &[
+                &format!("--net=/run/netns/{netns}"),
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{name}.rp_filter=0"),
+                &format!("net.ipv4.conf.{name}.send_redirects=0"),
+            ],
+        )?;
         run("ip", &["-n", netns, "link", "set", name, "up"])?;
         &empty
     };
@@ -428,8 +478,115 @@ fn apply_external(
             let _ = run("ip", &["-n", netns, "route", "del", "default"]);
         }
     }
+    if !same_link || have.and_then(|h| h.transit.as_ref()) != want.transit.as_ref() {
+        apply_transit(netns, name, want.transit.as_ref())?;
+    }
     if !same_link || have.map(|h| &h.nat) != Some(&want.nat) {
         nft_script_in(Some(netns), &want.nat)?;
+    }
+    Ok(())
+}
+
+/// Policy routing of a router on a node without the gateway address: packets from the
+/// router's subnets to anywhere but those subnets go to the gateway node's router (over the
+/// external link) to be translated there, except those of fixed addresses with a floating IP
+/// here, which leave directly from it. Without `transit`, the rules and table are removed.
+fn apply_transit(
+    netns: &str,
+    device: &str,
+    transit: Option<&Transit>,
+) -> Result<(), KernelDriverError> {
+    for pref in [RULE_TO_SUBNETS, RULE_FROM_FLOATING, RULE_FROM_SUBNETS] {
+        let pref = pref.to_string();
+        // Each router's namespace is ours: every rule at these priorities is one we added.
+        while run("ip", &["-n", netns, "rule", "del", "pref", &pref]).is_ok() {}
+    }
+    let _ = run(
+        "ip",
+        &["-n", netns, "route", "flush", "table", TRANSIT_TABLE],
+    );
+    let _ = run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "neigh",
+            "flush",
+            "dev",
+            device,
+            "nud",
+            "permanent",
+        ],
+    );
+    let Some(Transit {
+        gateway,
+        mac,
+        subnets,
+        fixed,
+    }) = transit
+    else {
+        return Ok(());
+    };
+    run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "neigh",
+            "replace",
+            &gateway.to_string(),
+            "lladdr",
+            &mac.to_string(),
+            "dev",
+            device,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    let rule = |selector: &str, addr: String, pref: u32| {
+        run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "rule",
+                "add",
+                selector,
+                &addr,
+                "lookup",
+                if pref == RULE_FROM_SUBNETS {
+                    TRANSIT_TABLE
+                } else {
+                    "main"
+                },
+                "pref",
+                &pref.to_string(),
+            ],
+        )
+    };
+    run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &gateway.to_string(),
+            "dev",
+            device,
+            "onlink",
+            "table",
+            TRANSIT_TABLE,
+        ],
+    )?;
+    for s in subnets {
+        rule("to", s.to_string(), RULE_TO_SUBNETS)?;
+        rule("from", s.to_string(), RULE_FROM_SUBNETS)?;
+    }
+    for f in fixed {
+        rule("from", f.to_string(), RULE_FROM_FLOATING)?;
     }
     Ok(())
 }
@@ -576,6 +733,20 @@ impl KernelDataplane {
         run(
             "nsenter",
             &[&path, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        // Traffic of other nodes' VMs reaches the gateway node's router on its external link
+        // and leaves there again (SNAT transit): no reverse-path filter, no ICMP redirects.
+        run(
+            "nsenter",
+            &[
+                &path,
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.default.send_redirects=0",
+            ],
         )?;
         // The router is IPv4-only: no router solicitations or MLD reports into the networks
         // (best effort: a kernel without IPv6 has nothing to turn off).

@@ -653,6 +653,40 @@ where
         "{driver}: floating IP re-associated"
     );
 
+    // Without its floating IP, vm2 (on the node without the gateway address) goes out through
+    // the gateway node's SNAT: its router sends it there over the external link.
+    apply(&agents, true, &both[..1]);
+    assert_eq!(
+        vm2.tcp_banner(EXT_HOST, 8080),
+        seen("ext", EXT_GW),
+        "{driver}: vm2 leaves through the gateway node's SNAT"
+    );
+    assert!(
+        vm2.ping(EXT_HOST),
+        "{driver}: vm2 pings outside (SNAT transit)"
+    );
+    assert_eq!(
+        fetch(&ext_host, FIP_VM2, 80),
+        None,
+        "{driver}: vm2's removed floating IP lets nothing in"
+    );
+    assert_eq!(
+        fetch(&ext_host, B1_IP, 80),
+        None,
+        "{driver}: nor does its fixed address, through either node"
+    );
+    assert_eq!(
+        vm0.tcp_banner(B1_IP, 80),
+        seen("vm2", A0_IP),
+        "{driver}: routing between the subnets is unchanged by the transit rules"
+    );
+    apply(&agents, true, &both);
+    assert_eq!(
+        vm2.tcp_banner(EXT_HOST, 8080),
+        seen("ext", FIP_VM2),
+        "{driver}: vm2 leaves from its floating IP again"
+    );
+
     // Without the gateway nothing reaches the outside, and routing goes on.
     apply(&agents, false, &[]);
     assert_eq!(
