@@ -588,50 +588,56 @@ fn floating_status(c: &Cluster, token: &str, id: &str) -> String {
     v["floatingip"]["status"].as_str().unwrap_or("").to_owned()
 }
 
-/// Floating IPs and SNAT through the API, end to end on one node with the kernel driver: an
-/// admin's flat external network on the physical network the node maps to `ext0` (a veth to an
-/// "external host" namespace), a router with its gateway there and an interface on a tenant
-/// subnet, two guests. The floating IP goes ACTIVE once programmed; the external host pings
-/// it and the guest sees the external host's own address; the guest's own pings leave from
-/// the floating address, the other guest's from the router's gateway address (SNAT);
-/// disassociating takes the floating IP DOWN and stops inbound.
+/// Floating IPs and SNAT through the API, end to end on two nodes with the kernel driver: both
+/// map the physical network "public" to `ext0`, a veth into an external namespace whose bridge
+/// holds the external host's address; an admin's flat external network there, a router with
+/// its gateway on it and an interface on a tenant subnet, a guest on each node. node1 is the
+/// gateway node. A floating IP goes ACTIVE once programmed on its port's node; the external
+/// host pings it and the guest sees the external host's own address; a guest with a floating
+/// IP leaves from it, the guest on node2 without one from the router's gateway address (SNAT
+/// through node1); disassociating takes the floating IP DOWN and stops inbound.
 #[test]
 fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
     if !is_root("the floating IP network agent test") {
         return;
     }
     let pid = std::process::id();
-    let underlay = Underlay::new("fipk", 1);
-    let node = &underlay.nodes[0];
+    let underlay = Underlay::new("fipk", 2);
+    let nodes = &underlay.nodes;
     // Router namespaces are named after the node's namespace's inode and live under
     // /run/netns: removed on drop, also when the test fails.
-    struct RouterNamespaces(String);
+    struct RouterNamespaces(Vec<String>);
     impl Drop for RouterNamespaces {
         fn drop(&mut self) {
             use std::os::unix::fs::MetadataExt;
-            let Ok(ino) = std::fs::metadata(&self.0).map(|m| m.ino()) else {
-                return;
-            };
-            let prefix = format!("shoalr{ino}-");
-            for e in std::fs::read_dir("/run/netns")
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&prefix) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            for node in &self.0 {
+                let Ok(ino) = std::fs::metadata(node).map(|m| m.ino()) else {
+                    continue;
+                };
+                let prefix = format!("shoalr{ino}-");
+                for e in std::fs::read_dir("/run/netns")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(&prefix) {
+                        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+                    }
                 }
             }
         }
     }
-    let _routers = RouterNamespaces(node.path().display().to_string());
+    let _routers = RouterNamespaces(
+        nodes
+            .iter()
+            .map(|n| n.path().display().to_string())
+            .collect(),
+    );
+    // The external network: a bridge holding the external host's address, each node's `ext0`
+    // a port of it.
     let ext = Netns::new(format!("fipk-x-{pid}"));
-    ip(&[
-        "-n", &node.0, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns",
-        &ext.0,
-    ]);
-    ip(&["-n", &node.0, "link", "set", "ext0", "up"]);
+    ip(&["-n", &ext.0, "link", "add", "br0", "type", "bridge"]);
     ip(&[
         "-n",
         &ext.0,
@@ -639,14 +645,33 @@ fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
         "add",
         "203.0.113.100/24",
         "dev",
-        "eth0",
+        "br0",
     ]);
-    ip(&["-n", &ext.0, "link", "set", "eth0", "up"]);
-    let mut args = underlay.args(0);
-    let driver = args.iter().position(|a| a == "--network-driver").unwrap() + 1;
-    args[driver] = "kernel".into();
-    args.extend(["--physical-interface-mapping".into(), "public:ext0".into()]);
-    let c = Cluster::init(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    ip(&["-n", &ext.0, "link", "set", "br0", "up"]);
+    for (i, node) in nodes.iter().enumerate() {
+        let port = format!("x{i}");
+        ip(&[
+            "-n", &node.0, "link", "add", "ext0", "type", "veth", "peer", "name", &port, "netns",
+            &ext.0,
+        ]);
+        ip(&["-n", &ext.0, "link", "set", &port, "master", "br0", "up"]);
+        ip(&["-n", &node.0, "link", "set", "ext0", "up"]);
+    }
+    let args = |i: usize| {
+        let mut args = underlay.args(i);
+        let driver = args.iter().position(|a| a == "--network-driver").unwrap() + 1;
+        args[driver] = "kernel".into();
+        args.extend(["--physical-interface-mapping".into(), "public:ext0".into()]);
+        args
+    };
+    let a0 = args(0);
+    let mut c = Cluster::init(&a0.iter().map(String::as_str).collect::<Vec<_>>());
+    let join = c.create_join_token(0, 600);
+    let a1 = args(1);
+    let second = c.spawn_join(&join, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_until("node2 to serve", Duration::from_secs(60), || {
+        c.try_token(second).ok()
+    });
     let token = c.token(0);
     let ids = setup(&c, &token);
 
@@ -728,7 +753,7 @@ fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
     );
     let mut guests = Vec::new();
     let mut ports = Vec::new();
-    for i in 0..2 {
+    for (i, node) in nodes.iter().enumerate() {
         let p = port(&c, &token, &net);
         let vm = guest(
             format!("fipk-vm{i}-{pid}"),
@@ -738,7 +763,16 @@ fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
             &p.ip,
         );
         ip(&["-n", &vm.0, "route", "add", "default", "via", "10.8.0.1"]);
-        server(&c, &token, &format!("fip{i}"), &p, &ids);
+        created(
+            &c,
+            &token,
+            "/compute/v2.1/servers",
+            json!({"server": {
+                "name": format!("fip{i}"), "flavorRef": ids.0, "imageRef": ids.1,
+                "networks": [{"port": p.id}],
+                "availability_zone": format!("nova:node{}", i + 1),
+            }}),
+        );
         guests.push(vm);
         ports.push(p);
     }
@@ -749,20 +783,26 @@ fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
             || (port_status(&c, &token, &p.id) == "ACTIVE").then_some(()),
         );
     }
-    let fip = created(
-        &c,
-        &token,
-        "/network/v2.0/floatingips",
-        json!({"floatingip": {"floating_network_id": public, "port_id": ports[0].id}}),
-    )["floatingip"]
-        .clone();
-    let (fip_id, fip_addr) = (
-        fip["id"].as_str().unwrap().to_owned(),
-        fip["floating_ip_address"].as_str().unwrap().to_owned(),
-    );
-    wait_until("the floating IP ACTIVE", Duration::from_secs(30), || {
-        (floating_status(&c, &token, &fip_id) == "ACTIVE").then_some(())
-    });
+    let associate = |port: &str| {
+        let fip = created(
+            &c,
+            &token,
+            "/network/v2.0/floatingips",
+            json!({"floatingip": {"floating_network_id": public, "port_id": port}}),
+        )["floatingip"]
+            .clone();
+        let (id, addr) = (
+            fip["id"].as_str().unwrap().to_owned(),
+            fip["floating_ip_address"].as_str().unwrap().to_owned(),
+        );
+        wait_until(
+            &format!("floating IP {addr} ACTIVE"),
+            Duration::from_secs(30),
+            || (floating_status(&c, &token, &id) == "ACTIVE").then_some(()),
+        );
+        (id, addr)
+    };
+    let (fip_id, fip_addr) = associate(&ports[0].id);
 
     // Inbound: the external host reaches guest 0 by its floating IP; the guest sees the
     // external host's own address.
@@ -775,7 +815,8 @@ fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
         count_from(&guests[0], "203.0.113.100") > before,
         "the guest sees the external host's address"
     );
-    // Outbound: guest 0 leaves from its floating IP, guest 1 (none) from the gateway.
+    // Outbound: guest 0 leaves from its floating IP; guest 1, on node2 without one, from the
+    // gateway address, translated by node1 (the gateway node).
     let (from_fip, from_gw) = (count_from(&ext, &fip_addr), count_from(&ext, &gateway));
     assert!(
         ping_becomes(&guests[0], "203.0.113.100", true),
@@ -791,8 +832,16 @@ fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
     );
     assert!(
         count_from(&ext, &gateway) > from_gw,
-        "through SNAT, from {gateway}"
+        "guest 1 on node2 through SNAT on node1, from {gateway}"
     );
+    // A floating IP of the guest on node2 is programmed (and reported) by node2.
+    let (_, fip2_addr) = associate(&ports[1].id);
+    let before = count_from(&guests[1], "203.0.113.100");
+    assert!(
+        ping_becomes(&ext, &fip2_addr, true),
+        "the external host pings the floating IP on node2"
+    );
+    assert!(count_from(&guests[1], "203.0.113.100") > before);
 
     // Disassociated: DOWN, and nothing comes in through it any more.
     let (status, v) = api(
