@@ -20,6 +20,13 @@
 //! permanent entries for every known port of the subnet (L2 population, no ARP from the
 //! router), so every node routes its VMs' packets itself and delivers them as L2 on the
 //! destination network. Security groups stay on the bridge hops (in the networks' zones).
+//!
+//! External networks: a router with a gateway gets a macvlan on the host interface its flat
+//! physical network is mapped to, in its namespace, with the gateway address (on the router's
+//! gateway node) and the floating IPs of local ports, and an `ip shoal_nat` table there: DNAT
+//! and SNAT for floating IPs, SNAT to the gateway address for the rest. Routers on other nodes
+//! send their SNAT traffic to the gateway node's router over the external link (policy
+//! routing), so it is translated in one place.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -593,6 +600,7 @@ fn apply_transit(
 
 /// Removes the external side of a router whose namespace stays.
 fn remove_external(netns: &str, have: &ExtDev) {
+    let _ = apply_transit(netns, &have.name, None);
     let _ = run("ip", &["-n", netns, "link", "del", &have.name]);
     let _ = nft_script_in(
         Some(netns),
