@@ -64,6 +64,8 @@ pub enum EbpfDriverError {
     Link(PathBuf, #[source] LinkError),
     #[error("link could not be pinned at {0}")]
     PinLink(PathBuf, #[source] PinError),
+    #[error("router {router} has an external gateway or floating IPs: the eBPF driver does no NAT yet (the kernel driver does)")]
+    NatUnsupported { router: String },
 }
 
 const MAPS: [&str; 8] = [
@@ -660,6 +662,17 @@ impl Dataplane for EbpfDataplane {
 
     fn apply(&mut self, desired: &DesiredState) -> Result<(), EbpfDriverError> {
         model::check_addresses(desired)?;
+        // Refused rather than ignored: a caller must not believe the NAT is in place. The
+        // network agent leaves the external side out for this driver (docs/datapath.md).
+        if let Some(r) = desired
+            .routers
+            .iter()
+            .find(|r| r.gateway.is_some() || !r.floating_ips.is_empty())
+        {
+            return Err(EbpfDriverError::NatUnsupported {
+                router: r.id.clone(),
+            });
+        }
         let entries = model::compile_sg(desired)?;
 
         // 1. What the maps must hold.

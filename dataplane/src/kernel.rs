@@ -20,6 +20,13 @@
 //! permanent entries for every known port of the subnet (L2 population, no ARP from the
 //! router), so every node routes its VMs' packets itself and delivers them as L2 on the
 //! destination network. Security groups stay on the bridge hops (in the networks' zones).
+//!
+//! External networks: a router with a gateway gets a macvlan on the host interface its flat
+//! physical network is mapped to, in its namespace, with the gateway address (on the router's
+//! gateway node) and the floating IPs of local ports, and an `ip shoal_nat` table there: DNAT
+//! and SNAT for floating IPs, SNAT to the gateway address for the rest. Routers on other nodes
+//! send their SNAT traffic to the gateway node's router over the external link (policy
+//! routing), so it is translated in one place.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -93,9 +100,27 @@ fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
 }
 
 fn nft_script(script: &str) -> Result<(), KernelDriverError> {
-    let command = "nft -f -".to_string();
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+    nft_script_in(None, script)
+}
+
+/// Runs an nft script in the named namespace (through nsenter, which, unlike `ip netns exec`,
+/// does not remount /sys), or in the caller's when `netns` is `None`.
+fn nft_script_in(netns: Option<&str>, script: &str) -> Result<(), KernelDriverError> {
+    let (program, args) = match netns {
+        Some(ns) => (
+            "nsenter",
+            vec![
+                format!("--net=/run/netns/{ns}"),
+                "nft".into(),
+                "-f".into(),
+                "-".into(),
+            ],
+        ),
+        None => ("nft", vec!["-f".into(), "-".into()]),
+    };
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -202,6 +227,387 @@ struct RifDev {
     len: u8,
 }
 
+/// A router's external side as this driver builds it in the router's namespace: a macvlan
+/// `sre<hash>` on the host interface the external network is mapped to, holding the gateway
+/// address (on the router's gateway node) and the floating IPs of local ports as /32s, and an
+/// `ip shoal_nat` table doing the NAT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ExtDev {
+    /// The macvlan's name (in the router's namespace).
+    name: String,
+    /// The host interface it sits on.
+    parent: String,
+    /// The gateway port's MAC when this node holds the gateway address, else the kernel's.
+    mac: Option<Mac>,
+    addrs: BTreeSet<(Ipv4Addr, u8)>,
+    subnet: model::Ipv4Cidr,
+    upstream: Option<Ipv4Addr>,
+    /// On a node without the gateway address, with SNAT: the gateway node's router address,
+    /// where the router's subnets go (policy routing) to be translated; the router's subnets
+    /// and the fixed addresses with a floating IP here (which leave directly).
+    transit: Option<Transit>,
+    /// The router namespace's NAT ruleset.
+    nat: String,
+}
+
+/// The SNAT transit of a router on a node without the gateway address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Transit {
+    /// The gateway node's router: its address and MAC on the external link (the node that
+    /// holds the address uses the gateway port's MAC, so it is known without ARP, which this
+    /// router could not send without an address of its own).
+    gateway: Ipv4Addr,
+    mac: Mac,
+    /// The router's subnets: their packets to anywhere else go to the gateway node.
+    subnets: Vec<model::Ipv4Cidr>,
+    /// Fixed addresses with a floating IP here: they leave directly from it.
+    fixed: Vec<Ipv4Addr>,
+}
+
+/// Policy-routing rule priorities of the SNAT transit (the router's namespace is ours).
+const RULE_TO_SUBNETS: u32 = 1000;
+const RULE_FROM_FLOATING: u32 = 1100;
+const RULE_FROM_SUBNETS: u32 = 1200;
+/// The routing table of the SNAT transit: a default route to the gateway node.
+const TRANSIT_TABLE: &str = "200";
+
+const TABLE_NAT: &str = "shoal_nat";
+
+/// The external side of router `r` in namespace `netns`, if it has one.
+fn want_external(r: &model::Router) -> Option<ExtDev> {
+    let g = r.gateway.as_ref()?;
+    let name = format!("sre{:08x}", fnv(&[&r.id]));
+    let mut addrs = BTreeSet::new();
+    if g.holds_address {
+        addrs.insert((g.ip, g.subnet.len));
+    }
+    addrs.extend(r.floating_ips.iter().map(|f| (f.floating, 32)));
+    let mut nat = String::new();
+    let _ = writeln!(
+        nat,
+        "add table ip {TABLE_NAT}\ndelete table ip {TABLE_NAT}\ntable ip {TABLE_NAT} {{"
+    );
+    // Inbound: a floating address becomes its fixed one (only from outside: no hairpin).
+    let _ = writeln!(
+        nat,
+        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;"
+    );
+    for f in &r.floating_ips {
+        let _ = writeln!(
+            nat,
+            "    iifname \"{name}\" ip daddr {} dnat to {}",
+            f.floating, f.fixed
+        );
+    }
+    let _ = writeln!(nat, "  }}");
+    // Outbound: a port with a floating IP leaves from it, every other one from the gateway
+    // address (SNAT), on the node that holds it. Only a connection's first packet gets here.
+    let _ = writeln!(
+        nat,
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;"
+    );
+    for f in &r.floating_ips {
+        let _ = writeln!(
+            nat,
+            "    oifname \"{name}\" ip saddr {} snat to {}",
+            f.fixed, f.floating
+        );
+    }
+    if g.snat_here() {
+        // Also what other nodes' routers send here (transit), see the forward chain.
+        let _ = writeln!(nat, "    oifname \"{name}\" snat to {}", g.ip);
+    }
+    let _ = writeln!(nat, "  }}");
+    // With SNAT on, nothing enters from outside but replies and floating IP traffic, and on a
+    // node without the gateway address nothing leaves untranslated.
+    let _ = writeln!(
+        nat,
+        "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
+    );
+    let subnets: Vec<String> = r.interfaces.iter().map(|i| i.subnet.to_string()).collect();
+    if g.enable_snat {
+        let _ = writeln!(
+            nat,
+            "    iifname \"{name}\" ct state established,related accept\n    iifname \"{name}\" ct status dnat accept"
+        );
+        // The gateway node translates for the other nodes' routers too: their VMs' packets
+        // arrive on the external link from the router's subnets and leave it again.
+        if g.holds_address && !subnets.is_empty() {
+            let _ = writeln!(
+                nat,
+                "    iifname \"{name}\" oifname \"{name}\" ip saddr {{ {} }} accept",
+                subnets.join(", ")
+            );
+        }
+        let _ = writeln!(nat, "    iifname \"{name}\" drop");
+    }
+    let _ = writeln!(nat, "  }}\n}}");
+    Some(ExtDev {
+        name,
+        parent: g.device.clone(),
+        mac: g.holds_address.then_some(g.mac),
+        addrs,
+        subnet: g.subnet,
+        upstream: g.upstream.filter(|u| g.subnet.contains(*u)),
+        transit: (g.enable_snat && !g.holds_address).then(|| Transit {
+            gateway: g.ip,
+            mac: g.mac,
+            subnets: r.interfaces.iter().map(|i| i.subnet).collect(),
+            fixed: r.floating_ips.iter().map(|f| f.fixed).collect(),
+        }),
+        nat,
+    })
+}
+
+/// Makes the external side of the router in `netns` equal `want`, from `have`.
+fn apply_external(
+    netns: &str,
+    have: Option<&ExtDev>,
+    want: &ExtDev,
+) -> Result<(), KernelDriverError> {
+    let name = want.name.as_str();
+    let same_link =
+        have.is_some_and(|h| (&h.name, &h.parent, h.mac) == (&want.name, &want.parent, want.mac));
+    let empty = BTreeSet::new();
+    let have_addrs = if same_link {
+        have.map_or(&empty, |h| &h.addrs)
+    } else {
+        // A previous instance's link, or one on another interface or with another MAC.
+        let _ = run("ip", &["-n", netns, "link", "del", name]);
+        if let Some(h) = have {
+            let _ = run("ip", &["-n", netns, "link", "del", &h.name]);
+        }
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                name,
+                "link",
+                &want.parent,
+                "type",
+                "macvlan",
+                "mode",
+                "bridge",
+            ],
+        )?;
+        if let Err(e) = run("ip", &["link", "set", name, "netns", netns]) {
+            let _ = run("ip", &["link", "del", name]);
+            return Err(e);
+        }
+        if let Some(mac) = want.mac {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    netns,
+                    "link",
+                    "set",
+                    name,
+                    "address",
+                    &mac.to_string(),
+                ],
+            )?;
+        }
+        // Created in the node's namespace, it took that namespace's defaults: the gateway node
+        // must accept other routers' transit (their sources route back through the router's
+        // interfaces, not this link).
+        run(
+            "nsenter",
+            &[
+                &format!("--net=/run/netns/{netns}"),
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{name}.rp_filter=0"),
+                &format!("net.ipv4.conf.{name}.send_redirects=0"),
+            ],
+        )?;
+        run("ip", &["-n", netns, "link", "set", name, "up"])?;
+        &empty
+    };
+    for (ip, len) in want.addrs.difference(have_addrs) {
+        run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "addr",
+                "replace",
+                &format!("{ip}/{len}"),
+                "dev",
+                name,
+            ],
+        )?;
+    }
+    for (ip, len) in have_addrs.difference(&want.addrs) {
+        let _ = run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "addr",
+                "del",
+                &format!("{ip}/{len}"),
+                "dev",
+                name,
+            ],
+        );
+    }
+    // The external subnet is on the link whether or not this node holds an address in it.
+    run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "route",
+            "replace",
+            &want.subnet.to_string(),
+            "dev",
+            name,
+        ],
+    )?;
+    match want.upstream {
+        Some(up) => run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "route",
+                "replace",
+                "default",
+                "via",
+                &up.to_string(),
+                "dev",
+                name,
+            ],
+        )?,
+        None => {
+            let _ = run("ip", &["-n", netns, "route", "del", "default"]);
+        }
+    }
+    if !same_link || have.and_then(|h| h.transit.as_ref()) != want.transit.as_ref() {
+        apply_transit(netns, name, want.transit.as_ref())?;
+    }
+    if !same_link || have.map(|h| &h.nat) != Some(&want.nat) {
+        nft_script_in(Some(netns), &want.nat)?;
+    }
+    Ok(())
+}
+
+/// Policy routing of a router on a node without the gateway address: packets from the
+/// router's subnets to anywhere but those subnets go to the gateway node's router (over the
+/// external link) to be translated there, except those of fixed addresses with a floating IP
+/// here, which leave directly from it. Without `transit`, the rules and table are removed.
+fn apply_transit(
+    netns: &str,
+    device: &str,
+    transit: Option<&Transit>,
+) -> Result<(), KernelDriverError> {
+    for pref in [RULE_TO_SUBNETS, RULE_FROM_FLOATING, RULE_FROM_SUBNETS] {
+        let pref = pref.to_string();
+        // Each router's namespace is ours: every rule at these priorities is one we added.
+        while run("ip", &["-n", netns, "rule", "del", "pref", &pref]).is_ok() {}
+    }
+    let _ = run(
+        "ip",
+        &["-n", netns, "route", "flush", "table", TRANSIT_TABLE],
+    );
+    let _ = run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "neigh",
+            "flush",
+            "dev",
+            device,
+            "nud",
+            "permanent",
+        ],
+    );
+    let Some(Transit {
+        gateway,
+        mac,
+        subnets,
+        fixed,
+    }) = transit
+    else {
+        return Ok(());
+    };
+    run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "neigh",
+            "replace",
+            &gateway.to_string(),
+            "lladdr",
+            &mac.to_string(),
+            "dev",
+            device,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    let rule = |selector: &str, addr: String, pref: u32| {
+        run(
+            "ip",
+            &[
+                "-n",
+                netns,
+                "rule",
+                "add",
+                selector,
+                &addr,
+                "lookup",
+                if pref == RULE_FROM_SUBNETS {
+                    TRANSIT_TABLE
+                } else {
+                    "main"
+                },
+                "pref",
+                &pref.to_string(),
+            ],
+        )
+    };
+    run(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &gateway.to_string(),
+            "dev",
+            device,
+            "onlink",
+            "table",
+            TRANSIT_TABLE,
+        ],
+    )?;
+    for s in subnets {
+        rule("to", s.to_string(), RULE_TO_SUBNETS)?;
+        rule("from", s.to_string(), RULE_FROM_SUBNETS)?;
+    }
+    for f in fixed {
+        rule("from", f.to_string(), RULE_FROM_FLOATING)?;
+    }
+    Ok(())
+}
+
+/// Removes the external side of a router whose namespace stays.
+fn remove_external(netns: &str, have: &ExtDev) {
+    let _ = apply_transit(netns, &have.name, None);
+    let _ = run("ip", &["-n", netns, "link", "del", &have.name]);
+    let _ = nft_script_in(
+        Some(netns),
+        &format!("add table ip {TABLE_NAT}\ndelete table ip {TABLE_NAT}\n"),
+    );
+}
+
 /// A permanent neighbour of a router: (namespace, router-end device, address, MAC).
 type Neighbour = (String, String, Ipv4Addr, Mac);
 
@@ -236,6 +642,8 @@ pub struct KernelDataplane {
     rifs: BTreeMap<String, RifDev>,
     neighbours: BTreeSet<Neighbour>,
     extra_routes: BTreeSet<ExtraRoute>,
+    /// Router namespace -> its external side.
+    externals: BTreeMap<String, ExtDev>,
     /// Router-interface devices a previous instance left: removed by the first apply unless
     /// wanted.
     found_rifs: BTreeSet<String>,
@@ -269,6 +677,7 @@ impl KernelDataplane {
             rifs: BTreeMap::new(),
             neighbours: BTreeSet::new(),
             extra_routes: BTreeSet::new(),
+            externals: BTreeMap::new(),
             found_rifs,
         })
     }
@@ -332,6 +741,20 @@ impl KernelDataplane {
         run(
             "nsenter",
             &[&path, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        // Traffic of other nodes' VMs reaches the gateway node's router on its external link
+        // and leaves there again (SNAT transit): no reverse-path filter, no ICMP redirects.
+        run(
+            "nsenter",
+            &[
+                &path,
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.default.send_redirects=0",
+            ],
         )?;
         // The router is IPv4-only: no router solicitations or MLD reports into the networks
         // (best effort: a kernel without IPv6 has nothing to turn off).
@@ -724,6 +1147,23 @@ impl Dataplane for KernelDataplane {
                 ],
             )?;
         }
+        let want_externals: BTreeMap<String, ExtDev> = desired
+            .routers
+            .iter()
+            .filter_map(|r| Some((self.router_ns(&r.id), want_external(r)?)))
+            .collect();
+        for (netns, ext) in &want_externals {
+            if self.externals.get(netns) != Some(ext) {
+                apply_external(netns, self.externals.get(netns), ext)?;
+                self.externals.insert(netns.clone(), ext.clone());
+            }
+        }
+        for (netns, ext) in &self.externals {
+            if !want_externals.contains_key(netns) && want_routers.contains(netns) {
+                remove_external(netns, ext);
+            }
+        }
+        self.externals = want_externals;
         for (netns, dest, nexthop) in want_routes.difference(&self.extra_routes) {
             let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
             run(

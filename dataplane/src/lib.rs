@@ -18,8 +18,8 @@ pub mod testbed;
 use std::collections::BTreeMap;
 
 pub use model::{
-    DesiredState, Direction, EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router,
-    RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
+    DesiredState, Direction, EtherType, ExternalGateway, FloatingIp, Ipv4Cidr, LocalPort, Mac,
+    Remote, RemotePort, Router, RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
 };
 
 /// Verdict counters by reason name (e.g. `pass_encap`, `drop_sg_ingress`), summed

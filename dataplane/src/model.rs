@@ -150,14 +150,63 @@ pub struct RouterRoute {
     pub nexthop: Ipv4Addr,
 }
 
+/// A router's side on an external network (Neutron's `external_gateway_info`): a flat
+/// network whose physical network this node maps to a host interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalGateway {
+    /// The gateway port's id (`network:router_gateway`).
+    pub port_id: String,
+    /// The host interface the external network's physical network is mapped to
+    /// (`[network] physical_interface_mappings`).
+    pub device: String,
+    /// The external subnet the gateway address is on.
+    pub subnet: Ipv4Cidr,
+    /// The gateway port's address: the source of SNAT.
+    pub ip: Ipv4Addr,
+    /// The gateway port's MAC, used on the external link by the node holding the address.
+    pub mac: Mac,
+    /// The external subnet's own gateway (the upstream router): the router's default route.
+    pub upstream: Option<Ipv4Addr>,
+    /// Neutron's `enable_snat`: the router's subnets reach the outside from the gateway
+    /// address. Without it, the router forwards between them and the outside unchanged.
+    pub enable_snat: bool,
+    /// Whether this node holds the gateway address on the external link (the router's
+    /// gateway node). Exactly one node may hold it; the others only carry floating IPs.
+    pub holds_address: bool,
+}
+
+impl ExternalGateway {
+    /// Whether this node translates the router's subnets to the gateway address.
+    pub fn snat_here(&self) -> bool {
+        self.enable_snat && self.holds_address
+    }
+}
+
+/// A floating IP associated with a port of this node: a 1:1 NAT between `floating` (on the
+/// router's external subnet) and `fixed` (the port's address on one of the router's subnets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FloatingIp {
+    /// Neutron floating IP id.
+    pub id: String,
+    pub floating: Ipv4Addr,
+    pub fixed: Ipv4Addr,
+    /// The local port holding `fixed`.
+    pub port_id: String,
+}
+
 /// A distributed router: every node with a port on one of its networks routes between
 /// its subnets itself, on the sending VM's node (no network node).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Router {
     /// Neutron router id; stable across applies.
     pub id: String,
     pub interfaces: Vec<RouterInterface>,
     pub routes: Vec<RouterRoute>,
+    /// The router's external gateway, when it has one and this node maps its network.
+    pub gateway: Option<ExternalGateway>,
+    /// Floating IPs through this router whose ports are local to this node (NAT happens
+    /// on the node of the associated port). Needs `gateway`.
+    pub floating_ips: Vec<FloatingIp>,
 }
 
 impl Router {
@@ -228,6 +277,40 @@ pub enum CompileError {
         ip: Ipv4Addr,
         subnet: Ipv4Cidr,
     },
+    #[error("router {router}'s gateway address {ip} is outside its external subnet {subnet}")]
+    GatewayOutsideSubnet {
+        router: String,
+        ip: Ipv4Addr,
+        subnet: Ipv4Cidr,
+    },
+    #[error("router {router}'s external subnet {external} overlaps its subnet {internal}")]
+    ExternalOverlapsInternal {
+        router: String,
+        external: Ipv4Cidr,
+        internal: Ipv4Cidr,
+    },
+    #[error("router {router}'s gateway device {device:?} is not a valid interface name (1 to 15 characters, no '/', ':' or space)")]
+    BadGatewayDevice { router: String, device: String },
+    #[error("floating IP {id} of router {router}, which has no external gateway here")]
+    FloatingWithoutGateway { router: String, id: String },
+    #[error("floating IP {id} has address {floating} outside router {router}'s external subnet {subnet}")]
+    FloatingOutsideSubnet {
+        router: String,
+        id: String,
+        floating: Ipv4Addr,
+        subnet: Ipv4Cidr,
+    },
+    #[error("floating IP {id} maps to {fixed}, which is not an address of local port {port} on a subnet of router {router}")]
+    FixedNotLocal {
+        router: String,
+        id: String,
+        port: String,
+        fixed: Ipv4Addr,
+    },
+    #[error("external address {ip} is claimed twice (floating IPs and router gateways)")]
+    DuplicateExternal { ip: Ipv4Addr },
+    #[error("fixed address {fixed} has two floating IPs through router {router}")]
+    DuplicateFixed { router: String, fixed: Ipv4Addr },
 }
 
 /// Compiles the security groups of every local port (by index in `state.ports`) into
@@ -406,6 +489,89 @@ pub fn check_addresses(state: &DesiredState) -> Result<(), CompileError> {
             }
         }
     }
+    check_external(state)
+}
+
+/// Checks the external side of the routers: each gateway is on its external subnet, on a
+/// usable device, apart from the router's own subnets; each floating IP goes through a
+/// router with a gateway, lies on its external subnet and maps to an address of a local
+/// port on one of the router's subnets; no external address is claimed twice.
+pub fn check_external(state: &DesiredState) -> Result<(), CompileError> {
+    let mut external = BTreeSet::new();
+    for r in &state.routers {
+        let Some(g) = &r.gateway else {
+            if let Some(f) = r.floating_ips.first() {
+                return Err(CompileError::FloatingWithoutGateway {
+                    router: r.id.clone(),
+                    id: f.id.clone(),
+                });
+            }
+            continue;
+        };
+        let device_ok = (1..=15).contains(&g.device.len())
+            && !g
+                .device
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace());
+        if !device_ok {
+            return Err(CompileError::BadGatewayDevice {
+                router: r.id.clone(),
+                device: g.device.clone(),
+            });
+        }
+        if !g.subnet.contains(g.ip) {
+            return Err(CompileError::GatewayOutsideSubnet {
+                router: r.id.clone(),
+                ip: g.ip,
+                subnet: g.subnet,
+            });
+        }
+        if let Some(i) = r.interfaces.iter().find(|i| i.subnet.overlaps(&g.subnet)) {
+            return Err(CompileError::ExternalOverlapsInternal {
+                router: r.id.clone(),
+                external: g.subnet,
+                internal: i.subnet,
+            });
+        }
+        if g.holds_address && !external.insert(g.ip) {
+            return Err(CompileError::DuplicateExternal { ip: g.ip });
+        }
+        let mut fixed = BTreeSet::new();
+        for f in &r.floating_ips {
+            if !g.subnet.contains(f.floating) {
+                return Err(CompileError::FloatingOutsideSubnet {
+                    router: r.id.clone(),
+                    id: f.id.clone(),
+                    floating: f.floating,
+                    subnet: g.subnet,
+                });
+            }
+            let local = state.ports.iter().any(|p| {
+                p.id == f.port_id
+                    && p.ips.contains(&f.fixed)
+                    && r.interfaces
+                        .iter()
+                        .any(|i| i.vni == p.vni && i.subnet.contains(f.fixed))
+            });
+            if !local {
+                return Err(CompileError::FixedNotLocal {
+                    router: r.id.clone(),
+                    id: f.id.clone(),
+                    port: f.port_id.clone(),
+                    fixed: f.fixed,
+                });
+            }
+            if f.floating == g.ip || !external.insert(f.floating) {
+                return Err(CompileError::DuplicateExternal { ip: f.floating });
+            }
+            if !fixed.insert(f.fixed) {
+                return Err(CompileError::DuplicateFixed {
+                    router: r.id.clone(),
+                    fixed: f.fixed,
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -554,11 +720,11 @@ mod tests {
             }],
             routers: vec![Router {
                 id: "r".into(),
-                routes: vec![],
                 interfaces: vec![
                     rif("ra", 100, [10, 0, 0, 1], 24),
                     rif("rb", 200, [10, 0, 2, 1], 24),
                 ],
+                ..Default::default()
             }],
         };
         let of = |state: &DesiredState, port: usize| -> Vec<String> {
@@ -584,8 +750,8 @@ mod tests {
             ports: vec![port("a", [10, 0, 0, 5], &[])],
             routers: vec![Router {
                 id: "r".into(),
-                routes: vec![],
                 interfaces,
+                ..Default::default()
             }],
             ..Default::default()
         };
@@ -635,5 +801,130 @@ mod tests {
             ),
             BTreeSet::from([100, 200])
         );
+    }
+    fn gateway(ip: [u8; 4]) -> ExternalGateway {
+        ExternalGateway {
+            port_id: "gw".into(),
+            device: "eth1".into(),
+            subnet: Ipv4Cidr::new([203, 0, 113, 0].into(), 24),
+            ip: ip.into(),
+            mac: Mac([0xfa, 0x16, 0x3e, 0xee, 0, 1]),
+            upstream: Some([203, 0, 113, 1].into()),
+            enable_snat: true,
+            holds_address: true,
+        }
+    }
+
+    fn fip(id: &str, floating: [u8; 4], port: &str, fixed: [u8; 4]) -> FloatingIp {
+        FloatingIp {
+            id: id.into(),
+            floating: floating.into(),
+            fixed: fixed.into(),
+            port_id: port.into(),
+        }
+    }
+
+    /// The external side is refused, with a typed error, wherever it could not be programmed
+    /// unambiguously: a floating IP without a gateway, outside the external subnet, to an
+    /// address no local port of the router's subnets holds, or an external address twice.
+    #[test]
+    fn external_side_is_checked() {
+        let mk = |gw: Option<ExternalGateway>, fips: Vec<FloatingIp>| DesiredState {
+            ports: vec![port("a", [10, 0, 0, 5], &[]), port("b", [10, 0, 0, 6], &[])],
+            routers: vec![Router {
+                id: "r".into(),
+                interfaces: vec![rif("ra", 100, [10, 0, 0, 1], 24)],
+                routes: vec![],
+                gateway: gw,
+                floating_ips: fips,
+            }],
+            ..Default::default()
+        };
+        let ok = mk(
+            Some(gateway([203, 0, 113, 10])),
+            vec![
+                fip("f1", [203, 0, 113, 20], "a", [10, 0, 0, 5]),
+                fip("f2", [203, 0, 113, 21], "b", [10, 0, 0, 6]),
+            ],
+        );
+        check_addresses(&ok).unwrap();
+        assert!(ok.routers[0].gateway.as_ref().unwrap().snat_here());
+        let err = |s: &DesiredState| check_addresses(s).unwrap_err();
+        assert!(matches!(
+            err(&mk(
+                None,
+                vec![fip("f", [203, 0, 113, 20], "a", [10, 0, 0, 5])]
+            )),
+            CompileError::FloatingWithoutGateway { .. }
+        ));
+        assert!(matches!(
+            err(&mk(Some(gateway([198, 51, 100, 10])), vec![])),
+            CompileError::GatewayOutsideSubnet { .. }
+        ));
+        let mut bad_dev = gateway([203, 0, 113, 10]);
+        bad_dev.device = "eth1/../x".into();
+        assert!(matches!(
+            err(&mk(Some(bad_dev), vec![])),
+            CompileError::BadGatewayDevice { .. }
+        ));
+        let mut overlap = gateway([10, 0, 0, 200]);
+        overlap.subnet = Ipv4Cidr::new([10, 0, 0, 0].into(), 16);
+        assert!(matches!(
+            err(&mk(Some(overlap), vec![])),
+            CompileError::ExternalOverlapsInternal { .. }
+        ));
+        assert!(matches!(
+            err(&mk(
+                Some(gateway([203, 0, 113, 10])),
+                vec![fip("f", [198, 51, 100, 20], "a", [10, 0, 0, 5])]
+            )),
+            CompileError::FloatingOutsideSubnet { .. }
+        ));
+        // The port must be local and hold the address, on one of the router's subnets.
+        for (port_id, fixed) in [("z", [10, 0, 0, 5]), ("a", [10, 0, 0, 6])] {
+            assert!(matches!(
+                err(&mk(
+                    Some(gateway([203, 0, 113, 10])),
+                    vec![fip("f", [203, 0, 113, 20], port_id, fixed)]
+                )),
+                CompileError::FixedNotLocal { .. }
+            ));
+        }
+        assert!(matches!(
+            err(&mk(
+                Some(gateway([203, 0, 113, 10])),
+                vec![fip("f", [203, 0, 113, 10], "a", [10, 0, 0, 5])]
+            )),
+            CompileError::DuplicateExternal { .. }
+        ));
+        assert!(matches!(
+            err(&mk(
+                Some(gateway([203, 0, 113, 10])),
+                vec![
+                    fip("f1", [203, 0, 113, 20], "a", [10, 0, 0, 5]),
+                    fip("f2", [203, 0, 113, 20], "b", [10, 0, 0, 6])
+                ]
+            )),
+            CompileError::DuplicateExternal { .. }
+        ));
+        assert!(matches!(
+            err(&mk(
+                Some(gateway([203, 0, 113, 10])),
+                vec![
+                    fip("f1", [203, 0, 113, 20], "a", [10, 0, 0, 5]),
+                    fip("f2", [203, 0, 113, 21], "a", [10, 0, 0, 5])
+                ]
+            )),
+            CompileError::DuplicateFixed { .. }
+        ));
+        // A node that does not hold the gateway address does no SNAT, floating IPs still.
+        let mut carrier = gateway([203, 0, 113, 10]);
+        carrier.holds_address = false;
+        assert!(!carrier.snat_here());
+        check_addresses(&mk(
+            Some(carrier),
+            vec![fip("f1", [203, 0, 113, 20], "a", [10, 0, 0, 5])],
+        ))
+        .unwrap();
     }
 }

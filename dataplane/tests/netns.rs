@@ -7,7 +7,8 @@ use shoal_dataplane::{
     ebpf::EbpfDataplane,
     kernel::KernelDataplane,
     testbed::{self, Agent, Banner, Topology},
-    Dataplane, Ipv4Cidr, Mac, Router, RouterInterface, RouterRoute, Underlay,
+    Dataplane, ExternalGateway, FloatingIp, Ipv4Cidr, Mac, Router, RouterInterface, RouterRoute,
+    Underlay,
 };
 
 const VM0_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -206,7 +207,7 @@ fn router(on: &[u32]) -> Router {
     Router {
         id: "router-1".into(),
         interfaces,
-        routes: vec![],
+        ..Default::default()
     }
 }
 
@@ -392,4 +393,363 @@ fn kernel_driver_routes() {
         return;
     }
     routed_suite("kernel", |u: Underlay| KernelDataplane::new(&u));
+}
+
+/// The external network of the NAT suite: 203.0.113.0/24, its upstream router at .1 (absent),
+/// an external host at .100, the router's gateway address .10, floating IPs .20 and .21.
+const EXT_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+const EXT_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const FIP_VM0: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const FIP_VM2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 21);
+
+/// TCP listeners that answer each connection with "<name> <the peer's address>", so each
+/// side can tell whom it reached and from which address it was seen. Stopped on drop.
+struct PeerEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), testbed::TestbedError>>>,
+}
+
+impl PeerEcho {
+    fn start(ns: &testbed::NetNs, name: &str, port: u16) -> Self {
+        use std::{io::Write, sync::atomic::Ordering};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (flag, name) = (stop.clone(), name.to_string());
+        let thread = ns.spawn(move || {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            let _ = ready_tx.send(());
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = write!(s, "{name} {}", peer.ip());
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(5));
+        PeerEcho {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from `ns` to `ip:port` and returns what the listener wrote (2 s timeout).
+fn fetch(ns: &testbed::NetNs, ip: Ipv4Addr, port: u16) -> Option<String> {
+    use std::io::Read;
+    ns.run(move || {
+        let timeout = std::time::Duration::from_secs(2);
+        let addr = std::net::SocketAddr::from((ip, port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+        s.set_read_timeout(Some(timeout)).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })
+    .ok()
+    .flatten()
+}
+
+/// The router of the routed suite with its gateway on the external network through `ext0`
+/// (host 0 holds the gateway address) and the floating IPs of host `h`'s ports in `fips`.
+fn nat_router(h: usize, fips: &[(Ipv4Addr, &str, Ipv4Addr, usize)]) -> Router {
+    let mut r = router(&[A_VNI, B_VNI]);
+    r.gateway = Some(ExternalGateway {
+        port_id: "gw-1".into(),
+        device: "ext0".into(),
+        subnet: Ipv4Cidr::new(EXT_GW, 24),
+        ip: EXT_GW,
+        mac: Mac([0xfa, 0x16, 0x3e, 0xee, 0, 1]),
+        upstream: Some(Ipv4Addr::new(203, 0, 113, 1)),
+        enable_snat: true,
+        holds_address: h == 0,
+    });
+    r.floating_ips = fips
+        .iter()
+        .filter(|f| f.3 == h)
+        .map(|&(floating, port, fixed, _)| FloatingIp {
+            id: format!("fip-{port}"),
+            floating,
+            fixed,
+            port_id: port.into(),
+        })
+        .collect();
+    r
+}
+
+fn nat_suite<D, F>(driver: &str, make: F)
+where
+    D: Dataplane + 'static,
+    F: Fn(Underlay) -> Result<D, D::Error> + Send + Clone + 'static,
+{
+    let topo = Topology::build_with(
+        &[
+            (0, A_VNI, A0_IP.octets()),
+            (0, B_VNI, B0_IP.octets()),
+            (1, B_VNI, B1_IP.octets()),
+        ],
+        24,
+    )
+    .unwrap();
+    let _routers = RouterNamespaces(topo.hosts.iter().map(|h| h.ns.path()).collect());
+    // The external network: a bridge (its own namespace) joining the external host and
+    // each host's `ext0`, the interface `[network] physical_interface_mappings` names.
+    let ext_bridge = testbed::NetNs::new("fipe").unwrap();
+    ext_bridge
+        .ip(&["link", "add", "br0", "type", "bridge"])
+        .unwrap();
+    ext_bridge.ip(&["link", "set", "br0", "up"]).unwrap();
+    let ext_host = testbed::NetNs::new("fipx").unwrap();
+    testbed::veth(&ext_host, "eth0", &ext_bridge, "x0").unwrap();
+    ext_host
+        .ip(&["addr", "add", &format!("{EXT_HOST}/24"), "dev", "eth0"])
+        .unwrap();
+    ext_host.ip(&["link", "set", "eth0", "up"]).unwrap();
+    for (i, h) in topo.hosts.iter().enumerate() {
+        let port = format!("h{i}");
+        testbed::veth(&h.ns, "ext0", &ext_bridge, &port).unwrap();
+        ext_bridge
+            .ip(&["link", "set", &port, "master", "br0", "up"])
+            .unwrap();
+        h.ns.ip(&["link", "set", "ext0", "up"]).unwrap();
+    }
+    ext_bridge
+        .ip(&["link", "set", "x0", "master", "br0", "up"])
+        .unwrap();
+    for (vm, gw) in topo.vms.iter().zip([A_GW, B_GW, B_GW]) {
+        vm.ns
+            .ip(&["route", "add", "default", "via", &gw.to_string()])
+            .unwrap();
+    }
+    let agents: Vec<Agent<D>> = topo
+        .hosts
+        .iter()
+        .map(|h| {
+            let make = make.clone();
+            let underlay = h.underlay();
+            Agent::start(&h.ns, move || make(underlay))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let apply = |agents: &[Agent<D>], gateway: bool, fips: &[(Ipv4Addr, &str, Ipv4Addr, usize)]| {
+        for (i, agent) in agents.iter().enumerate() {
+            let mut state = topo.desired(i, &[]);
+            let mut r = nat_router(i, fips);
+            if !gateway {
+                r.gateway = None;
+            }
+            state.routers = vec![r];
+            agent.call(move |d| d.apply(&state)).unwrap();
+        }
+    };
+    let both = [(FIP_VM0, "vm0", A0_IP, 0), (FIP_VM2, "vm2", B1_IP, 1)];
+    apply(&agents, true, &both);
+    apply(&agents, true, &both); // idempotent
+    let _echo: Vec<PeerEcho> = topo
+        .vms
+        .iter()
+        .map(|vm| PeerEcho::start(&vm.ns, &vm.name, 80))
+        .chain([PeerEcho::start(&ext_host, "ext", 8080)])
+        .collect();
+    let [vm0, vm1, vm2] = &topo.vms[..] else {
+        unreachable!()
+    };
+    let seen = |who: &str, from: Ipv4Addr| Some(format!("{who} {from}"));
+
+    // Inbound through floating IPs, on the gateway node (vm0) and on another (vm2): each VM
+    // sees the external host's real address, and the handshake's replies pass (stateful).
+    assert_eq!(
+        fetch(&ext_host, FIP_VM0, 80),
+        seen("vm0", EXT_HOST),
+        "{driver}: external host -> floating IP of vm0"
+    );
+    assert_eq!(
+        fetch(&ext_host, FIP_VM2, 80),
+        seen("vm2", EXT_HOST),
+        "{driver}: external host -> floating IP of vm2, on the node without the gateway"
+    );
+    assert!(
+        ext_host
+            .exec(
+                "ping",
+                &["-c", "2", "-i", "0.2", "-W", "1", &FIP_VM0.to_string()]
+            )
+            .is_ok(),
+        "{driver}: the external host pings a floating IP"
+    );
+    // The VMs' groups still apply to what comes in through a floating IP.
+    assert_eq!(
+        fetch(&ext_host, FIP_VM0, 22),
+        None,
+        "{driver}: port 22 of vm0 stays closed by its group"
+    );
+    // Outbound: a VM with a floating IP leaves from it, one without from the gateway address.
+    assert_eq!(
+        vm0.tcp_banner(EXT_HOST, 8080),
+        seen("ext", FIP_VM0),
+        "{driver}: vm0 leaves from its floating IP"
+    );
+    assert_eq!(
+        vm2.tcp_banner(EXT_HOST, 8080),
+        seen("ext", FIP_VM2),
+        "{driver}: vm2 leaves from its floating IP"
+    );
+    assert_eq!(
+        vm1.tcp_banner(EXT_HOST, 8080),
+        seen("ext", EXT_GW),
+        "{driver}: vm1, without floating IP, leaves through SNAT"
+    );
+    assert!(vm1.ping(EXT_HOST), "{driver}: vm1 pings outside (SNAT)");
+    // With SNAT, a fixed address is not reachable from outside even with a route to it.
+    ext_host
+        .ip(&["route", "add", "10.0.0.0/8", "via", &EXT_GW.to_string()])
+        .unwrap();
+    assert_eq!(
+        fetch(&ext_host, B0_IP, 80),
+        None,
+        "{driver}: vm1's fixed address is not reachable from outside"
+    );
+    // East-west routing is unchanged.
+    assert_eq!(
+        vm0.tcp_banner(B1_IP, 80),
+        seen("vm2", A0_IP),
+        "{driver}: routing between the subnets still works"
+    );
+
+    // Disassociating vm0's floating IP stops inbound; vm0 then leaves through SNAT.
+    apply(&agents, true, &both[1..]);
+    assert_eq!(
+        fetch(&ext_host, FIP_VM0, 80),
+        None,
+        "{driver}: a removed floating IP lets nothing in"
+    );
+    assert_eq!(
+        vm0.tcp_banner(EXT_HOST, 8080),
+        seen("ext", EXT_GW),
+        "{driver}: vm0 leaves through SNAT once its floating IP is gone"
+    );
+    assert_eq!(
+        fetch(&ext_host, FIP_VM2, 80),
+        seen("vm2", EXT_HOST),
+        "{driver}: the other floating IP stays"
+    );
+    // Re-associating restores it.
+    apply(&agents, true, &both);
+    assert_eq!(
+        fetch(&ext_host, FIP_VM0, 80),
+        seen("vm0", EXT_HOST),
+        "{driver}: floating IP re-associated"
+    );
+
+    // Without its floating IP, vm2 (on the node without the gateway address) goes out through
+    // the gateway node's SNAT: its router sends it there over the external link.
+    apply(&agents, true, &both[..1]);
+    assert_eq!(
+        vm2.tcp_banner(EXT_HOST, 8080),
+        seen("ext", EXT_GW),
+        "{driver}: vm2 leaves through the gateway node's SNAT"
+    );
+    assert!(
+        vm2.ping(EXT_HOST),
+        "{driver}: vm2 pings outside (SNAT transit)"
+    );
+    assert_eq!(
+        fetch(&ext_host, FIP_VM2, 80),
+        None,
+        "{driver}: vm2's removed floating IP lets nothing in"
+    );
+    assert_eq!(
+        fetch(&ext_host, B1_IP, 80),
+        None,
+        "{driver}: nor does its fixed address, through either node"
+    );
+    assert_eq!(
+        vm0.tcp_banner(B1_IP, 80),
+        seen("vm2", A0_IP),
+        "{driver}: routing between the subnets is unchanged by the transit rules"
+    );
+    apply(&agents, true, &both);
+    assert_eq!(
+        vm2.tcp_banner(EXT_HOST, 8080),
+        seen("ext", FIP_VM2),
+        "{driver}: vm2 leaves from its floating IP again"
+    );
+
+    // Without the gateway nothing reaches the outside, and routing goes on.
+    apply(&agents, false, &[]);
+    assert_eq!(
+        vm1.tcp_banner(EXT_HOST, 8080),
+        None,
+        "{driver}: no gateway, no way out"
+    );
+    assert_eq!(
+        fetch(&ext_host, FIP_VM2, 80),
+        None,
+        "{driver}: no gateway, no floating IP"
+    );
+    assert!(vm0.ping(B1_IP), "{driver}: routing without a gateway");
+
+    for agent in agents {
+        agent.finish(|d| d.teardown()).unwrap();
+    }
+}
+
+/// The kernel-path driver does floating IP NAT on the port's node and SNAT through the
+/// router's gateway, in the router's namespace.
+#[test]
+fn kernel_driver_nat() {
+    if !testbed::privileged_or_skip("kernel_driver_nat") {
+        return;
+    }
+    nat_suite("kernel", |u: Underlay| KernelDataplane::new(&u));
+}
+
+/// The eBPF driver has no NAT yet: it refuses a router's external side rather than leave a
+/// caller believing it is in place, and keeps its datapath as it was (routing goes on).
+#[test]
+fn ebpf_driver_refuses_nat() {
+    if !testbed::privileged_or_skip("ebpf_driver_refuses_nat") {
+        return;
+    }
+    let topo = Topology::build_with(
+        &[(0, A_VNI, A0_IP.octets()), (0, B_VNI, B0_IP.octets())],
+        24,
+    )
+    .unwrap();
+    for (vm, gw) in topo.vms.iter().zip([A_GW, B_GW]) {
+        vm.ns
+            .ip(&["route", "add", "default", "via", &gw.to_string()])
+            .unwrap();
+    }
+    let underlay = topo.hosts[0].underlay();
+    let agent = Agent::start(&topo.hosts[0].ns, move || EbpfDataplane::new(&underlay))
+        .unwrap()
+        .unwrap();
+    let mut state = topo.desired(0, &[]);
+    state.routers = vec![router(&[A_VNI, B_VNI])];
+    let routed = state.clone();
+    agent.call(move |d| d.apply(&routed)).unwrap();
+    state.routers = vec![nat_router(0, &[(FIP_VM0, "vm0", A0_IP, 0)])];
+    let err = agent.call(move |d| d.apply(&state)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            shoal_dataplane::ebpf::EbpfDriverError::NatUnsupported { ref router } if router == "router-1"
+        ),
+        "{err}"
+    );
+    assert!(topo.vms[0].ping(B0_IP), "routing is untouched");
+    agent.finish(|d| d.teardown()).unwrap();
 }

@@ -632,6 +632,7 @@ fn routed_state(router: bool) -> DesiredState {
                 rif("ga", VNI, MAC_GA, "10.0.0.254"),
                 rif("gb", VNI_B, MAC_GB, "10.1.0.1"),
             ],
+            ..Default::default()
         });
     }
     s

@@ -165,7 +165,6 @@ fn pinned_routes_survive_restart() {
                 let mut state = topo.desired(i, &[]);
                 state.routers = vec![Router {
                     id: "router-1".into(),
-                    routes: vec![],
                     interfaces: gws
                         .iter()
                         .filter(|(vni, _, _)| on.contains(vni))
@@ -177,6 +176,7 @@ fn pinned_routes_survive_restart() {
                             subnet: Ipv4Cidr::new(ip, 24),
                         })
                         .collect(),
+                    ..Default::default()
                 }];
                 let (underlay, dir) = (h.underlay(), dir.clone());
                 Agent::start(&h.ns, move || {

@@ -171,6 +171,11 @@ struct NodeArgs {
     /// The datapath driver: auto, ebpf or kernel.
     #[arg(long, value_parser = ["auto", "ebpf", "kernel"])]
     network_driver: Option<String>,
+    /// A physical network this node reaches through a host interface, `PHYSNET:INTERFACE`
+    /// (repeatable; `[network] physical_interface_mappings`): flat external networks on it
+    /// carry routers' gateways and floating IPs.
+    #[arg(long = "physical-interface-mapping")]
+    physical_interface_mappings: Vec<String>,
     #[command(flatten)]
     api_tls: ApiTlsArgs,
 }
@@ -351,6 +356,9 @@ impl NodeArgs {
         }
         if self.netns.is_some() {
             cfg.network.netns = self.netns;
+        }
+        if !self.physical_interface_mappings.is_empty() {
+            cfg.network.physical_interface_mappings = self.physical_interface_mappings;
         }
         if let Some(d) = self.network_driver {
             cfg.network.driver = match d.as_str() {

@@ -592,3 +592,338 @@ fn guests_on_two_subnets_reach_each_other_through_a_router() {
     drop(guests);
     drop(c);
 }
+
+/// Packets with source `from` that `ns` has received (an nft counter in a table of its own,
+/// in a namespace the test made).
+fn count_from(ns: &Netns, from: &str) -> u64 {
+    let table = "fipcount";
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "add", "table", "ip", table])
+        .output();
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            table,
+            "input",
+            "{ type filter hook input priority 0; }",
+        ])
+        .output();
+    let rule = format!("ip saddr {from} counter");
+    let listed = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.0, "nft", "list", "chain", "ip", table, "input",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    if !text.contains(&format!("ip saddr {from} ")) {
+        let mut args = vec![
+            "netns", "exec", &ns.0, "nft", "add", "rule", "ip", table, "input",
+        ];
+        args.extend(rule.split(' '));
+        let out = Command::new("ip").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return 0;
+    }
+    text.lines()
+        .find(|l| l.contains(&format!("ip saddr {from} ")))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn floating_status(c: &Cluster, token: &str, id: &str) -> String {
+    let (_, v) = api(
+        c,
+        token,
+        "GET",
+        &format!("/network/v2.0/floatingips/{id}"),
+        None,
+    );
+    v["floatingip"]["status"].as_str().unwrap_or("").to_owned()
+}
+
+/// Floating IPs and SNAT through the API, end to end on two nodes with the kernel driver: both
+/// map the physical network "public" to `ext0`, a veth into an external namespace whose bridge
+/// holds the external host's address; an admin's flat external network there, a router with
+/// its gateway on it and an interface on a tenant subnet, a guest on each node. node1 is the
+/// gateway node. A floating IP goes ACTIVE once programmed on its port's node; the external
+/// host pings it and the guest sees the external host's own address; a guest with a floating
+/// IP leaves from it, the guest on node2 without one from the router's gateway address (SNAT
+/// through node1); disassociating takes the floating IP DOWN and stops inbound.
+#[test]
+fn floating_ips_and_snat_through_the_api_with_the_kernel_driver() {
+    if !is_root("the floating IP network agent test") {
+        return;
+    }
+    let pid = std::process::id();
+    let underlay = Underlay::new("fipk", 2);
+    let nodes = &underlay.nodes;
+    // Router namespaces are named after the node's namespace's inode and live under
+    // /run/netns: removed on drop, also when the test fails.
+    struct RouterNamespaces(Vec<String>);
+    impl Drop for RouterNamespaces {
+        fn drop(&mut self) {
+            use std::os::unix::fs::MetadataExt;
+            for node in &self.0 {
+                let Ok(ino) = std::fs::metadata(node).map(|m| m.ino()) else {
+                    continue;
+                };
+                let prefix = format!("shoalr{ino}-");
+                for e in std::fs::read_dir("/run/netns")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(&prefix) {
+                        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+                    }
+                }
+            }
+        }
+    }
+    let _routers = RouterNamespaces(
+        nodes
+            .iter()
+            .map(|n| n.path().display().to_string())
+            .collect(),
+    );
+    // The external network: a bridge holding the external host's address, each node's `ext0`
+    // a port of it.
+    let ext = Netns::new(format!("fipk-x-{pid}"));
+    ip(&["-n", &ext.0, "link", "add", "br0", "type", "bridge"]);
+    ip(&[
+        "-n",
+        &ext.0,
+        "addr",
+        "add",
+        "203.0.113.100/24",
+        "dev",
+        "br0",
+    ]);
+    ip(&["-n", &ext.0, "link", "set", "br0", "up"]);
+    for (i, node) in nodes.iter().enumerate() {
+        let port = format!("x{i}");
+        ip(&[
+            "-n", &node.0, "link", "add", "ext0", "type", "veth", "peer", "name", &port, "netns",
+            &ext.0,
+        ]);
+        ip(&["-n", &ext.0, "link", "set", &port, "master", "br0", "up"]);
+        ip(&["-n", &node.0, "link", "set", "ext0", "up"]);
+    }
+    let args = |i: usize| {
+        let mut args = underlay.args(i);
+        let driver = args.iter().position(|a| a == "--network-driver").unwrap() + 1;
+        args[driver] = "kernel".into();
+        args.extend(["--physical-interface-mapping".into(), "public:ext0".into()]);
+        args
+    };
+    let a0 = args(0);
+    let mut c = Cluster::init(&a0.iter().map(String::as_str).collect::<Vec<_>>());
+    let join = c.create_join_token(0, 600);
+    let a1 = args(1);
+    let second = c.spawn_join(&join, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_until("node2 to serve", Duration::from_secs(60), || {
+        c.try_token(second).ok()
+    });
+    let token = c.token(0);
+    let ids = setup(&c, &token);
+
+    let public = created(
+        &c,
+        &token,
+        "/network/v2.0/networks",
+        json!({"network": {"name": "public", "router:external": true,
+            "provider:network_type": "flat", "provider:physical_network": "public"}}),
+    )["network"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    created(
+        &c,
+        &token,
+        "/network/v2.0/subnets",
+        json!({"subnet": {"network_id": public, "cidr": "203.0.113.0/24", "ip_version": 4,
+            "gateway_ip": "203.0.113.1", "enable_dhcp": false,
+            "allocation_pools": [{"start": "203.0.113.10", "end": "203.0.113.50"}]}}),
+    );
+    let net = created(
+        &c,
+        &token,
+        "/network/v2.0/networks",
+        json!({"network": {"name": "inside"}}),
+    )["network"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let subnet = created(
+        &c,
+        &token,
+        "/network/v2.0/subnets",
+        json!({"subnet": {"network_id": net, "cidr": "10.8.0.0/24", "ip_version": 4}}),
+    )["subnet"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let router = created(
+        &c,
+        &token,
+        "/network/v2.0/routers",
+        json!({"router": {"name": "north-south",
+            "external_gateway_info": {"network_id": public}}}),
+    )["router"]
+        .clone();
+    let gateway = router["external_gateway_info"]["external_fixed_ips"][0]["ip_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let router = router["id"].as_str().unwrap().to_owned();
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/routers/{router}/add_router_interface"),
+        Some(json!({"subnet_id": subnet})),
+    );
+    assert_eq!(status, 200, "{v}");
+    // The default group lets in only its members: open ICMP for the external host.
+    let (_, groups) = api(
+        &c,
+        &token,
+        "GET",
+        "/network/v2.0/security-groups?name=default",
+        None,
+    );
+    let group = groups["security_groups"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    created(
+        &c,
+        &token,
+        "/network/v2.0/security-group-rules",
+        json!({"security_group_rule": {"security_group_id": group, "direction": "ingress",
+            "protocol": "icmp", "remote_ip_prefix": "0.0.0.0/0"}}),
+    );
+    let mut guests = Vec::new();
+    let mut ports = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let p = port(&c, &token, &net);
+        let vm = guest(
+            format!("fipk-vm{i}-{pid}"),
+            node,
+            &tap(&p.id),
+            &p.mac,
+            &p.ip,
+        );
+        ip(&["-n", &vm.0, "route", "add", "default", "via", "10.8.0.1"]);
+        created(
+            &c,
+            &token,
+            "/compute/v2.1/servers",
+            json!({"server": {
+                "name": format!("fip{i}"), "flavorRef": ids.0, "imageRef": ids.1,
+                "networks": [{"port": p.id}],
+                "availability_zone": format!("nova:node{}", i + 1),
+            }}),
+        );
+        guests.push(vm);
+        ports.push(p);
+    }
+    for p in &ports {
+        wait_until(
+            &format!("port {} ACTIVE", p.id),
+            Duration::from_secs(60),
+            || (port_status(&c, &token, &p.id) == "ACTIVE").then_some(()),
+        );
+    }
+    let associate = |port: &str| {
+        let fip = created(
+            &c,
+            &token,
+            "/network/v2.0/floatingips",
+            json!({"floatingip": {"floating_network_id": public, "port_id": port}}),
+        )["floatingip"]
+            .clone();
+        let (id, addr) = (
+            fip["id"].as_str().unwrap().to_owned(),
+            fip["floating_ip_address"].as_str().unwrap().to_owned(),
+        );
+        wait_until(
+            &format!("floating IP {addr} ACTIVE"),
+            Duration::from_secs(30),
+            || (floating_status(&c, &token, &id) == "ACTIVE").then_some(()),
+        );
+        (id, addr)
+    };
+    let (fip_id, fip_addr) = associate(&ports[0].id);
+
+    // Inbound: the external host reaches guest 0 by its floating IP; the guest sees the
+    // external host's own address.
+    let before = count_from(&guests[0], "203.0.113.100");
+    assert!(
+        ping_becomes(&ext, &fip_addr, true),
+        "the external host pings the floating IP"
+    );
+    assert!(
+        count_from(&guests[0], "203.0.113.100") > before,
+        "the guest sees the external host's address"
+    );
+    // Outbound: guest 0 leaves from its floating IP; guest 1, on node2 without one, from the
+    // gateway address, translated by node1 (the gateway node).
+    let (from_fip, from_gw) = (count_from(&ext, &fip_addr), count_from(&ext, &gateway));
+    assert!(
+        ping_becomes(&guests[0], "203.0.113.100", true),
+        "guest 0 out"
+    );
+    assert!(
+        count_from(&ext, &fip_addr) > from_fip,
+        "from its floating IP"
+    );
+    assert!(
+        ping_becomes(&guests[1], "203.0.113.100", true),
+        "guest 1 out"
+    );
+    assert!(
+        count_from(&ext, &gateway) > from_gw,
+        "guest 1 on node2 through SNAT on node1, from {gateway}"
+    );
+    // A floating IP of the guest on node2 is programmed (and reported) by node2.
+    let (_, fip2_addr) = associate(&ports[1].id);
+    let before = count_from(&guests[1], "203.0.113.100");
+    assert!(
+        ping_becomes(&ext, &fip2_addr, true),
+        "the external host pings the floating IP on node2"
+    );
+    assert!(count_from(&guests[1], "203.0.113.100") > before);
+
+    // Disassociated: DOWN, and nothing comes in through it any more.
+    let (status, v) = api(
+        &c,
+        &token,
+        "PUT",
+        &format!("/network/v2.0/floatingips/{fip_id}"),
+        Some(json!({"floatingip": {"port_id": null}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    wait_until("the floating IP DOWN", Duration::from_secs(30), || {
+        (floating_status(&c, &token, &fip_id) == "DOWN").then_some(())
+    });
+    assert!(
+        ping_becomes(&ext, &fip_addr, false),
+        "a disassociated floating IP lets nothing in"
+    );
+    drop(guests);
+    drop(c);
+}

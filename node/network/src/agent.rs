@@ -1,8 +1,8 @@
 //! The network agent of one node: turns the replicated tables into this node's datapath.
 //!
-//! It follows the `ports`, `networks`, `subnets`, `security_groups`, `security_group_rules`
-//! and `network_agents` tables with watches (any change wakes it; a slow tick catches taps
-//! that appear after their port was bound), rebuilds the node's [`DesiredState`] from the
+//! It follows the `ports`, `floating_ips`, `networks`, `subnets`, `security_groups`,
+//! `security_group_rules` and `network_agents` tables with watches (any change wakes it; a
+//! slow tick catches taps that appear after their port was bound), rebuilds the node's [`DesiredState`] from the
 //! local replica and hands it to the datapath driver, which runs on its own thread inside the
 //! node's network namespace (drivers are blocking). After each apply it writes the ports it
 //! serves `ACTIVE` and the ports bound here whose device is gone `DOWN`, and tells the
@@ -16,6 +16,14 @@
 //! programs that router (its interfaces, and the remote ports of all its networks), so a VM's
 //! packets to another subnet of the router are routed on the VM's own node. Router interface
 //! ports go `ACTIVE` once a node has programmed them.
+//!
+//! North-south: a router's external gateway reaches the datapath of every node that programs
+//! the router and maps the gateway's flat physical network to a host interface
+//! (`[network] physical_interface_mappings`, published in `network_agents`). One of them, the
+//! first by name, holds the gateway address and does the router's SNAT; floating IPs are NAT on
+//! the node of their port, which writes them `ACTIVE` once programmed (it follows
+//! `floating_ips`). The eBPF driver has no NAT yet: with it the external side is left out and
+//! floating IPs stay `DOWN` (the kernel driver does it).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -30,8 +38,8 @@ use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, WatchError};
 use shoal_dataplane::{
     ebpf::EbpfDataplane, kernel::KernelDataplane, model, Dataplane, DesiredState, Direction,
-    EtherType, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router, RouterInterface, RouterRoute,
-    SecurityGroup, SgRule, Underlay,
+    EtherType, ExternalGateway, FloatingIp, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router,
+    RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
 };
 use shoal_state::{
     records::{tap_device, PortRecord},
@@ -41,7 +49,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
     config::Driver,
-    records::{NetworkRecord, RouterRecord, RuleRecord, SecurityGroupRecord, SubnetRecord},
+    records::{
+        FloatingIpRecord, NetworkRecord, RouterRecord, RuleRecord, SecurityGroupRecord,
+        SubnetRecord,
+    },
     routers::ROUTER_INTERFACE,
     NetworkConfig,
 };
@@ -58,6 +69,10 @@ pub struct AgentRecord {
     pub driver: String,
     /// Seconds since the Unix epoch the agent (re)started.
     pub started_at: u64,
+    /// The physical networks this node maps to a host interface
+    /// (`[network] physical_interface_mappings`): where a router's gateway may live.
+    #[serde(default)]
+    pub physical_networks: Vec<String>,
 }
 
 /// A port this node serves, with what its node-local services need (the DHCP lease, the
@@ -102,8 +117,9 @@ pub enum AgentError {
 }
 
 /// The tables whose changes change the datapath.
-const FOLLOWED: [&str; 7] = [
+const FOLLOWED: [&str; 8] = [
     tables::PORTS,
+    tables::FLOATING_IPS,
     tables::ROUTERS,
     tables::NETWORKS,
     tables::SUBNETS,
@@ -181,6 +197,7 @@ impl NetworkAgent {
             vtep,
             driver: driver.to_string(),
             started_at: now(),
+            physical_networks: mappings(&self.cfg).into_keys().collect(),
         };
         let agents = self.state.table::<AgentRecord>(tables::NETWORK_AGENTS);
         loop {
@@ -240,13 +257,17 @@ impl NetworkAgent {
         datapath: &DatapathThread,
         served: &mut BTreeMap<String, ServedPort>,
     ) -> Result<(), AgentError> {
-        let view = View::read(&self.state).await?;
+        let mut view = View::read(&self.state).await?;
+        view.mappings = mappings(&self.cfg);
         let plan = view.plan(&self.host);
         if let Some(ns) = &self.cfg.netns {
             adopt_taps(ns, plan.desired.ports.iter().map(|p| p.device.as_str())).await;
         }
         let present = datapath.apply(plan.desired.clone()).await;
-        let present = match present {
+        let Applied {
+            devices: present,
+            floating_ips: nat,
+        } = match present {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "the datapath refused the desired state");
@@ -312,6 +333,39 @@ impl NetworkAgent {
                 Ok(_) => tracing::info!(port = %id, status = want, "router interface status"),
                 Err(StateError::NotFound { .. }) => {}
                 Err(e) => tracing::warn!(port = %id, error = %e, "cannot write the port status"),
+            }
+        }
+        // A floating IP is ACTIVE once its NAT is in place on the node of its port (that node
+        // writes it), DOWN while it is unassociated (any node may write that) or while its
+        // port's node cannot program it, as Neutron's L3 agent reports it.
+        let fips = self.state.table::<FloatingIpRecord>(tables::FLOATING_IPS);
+        for (id, status, port) in &plan.floating_ips {
+            let want = if nat.contains(id) { "ACTIVE" } else { "DOWN" };
+            if status == want {
+                continue;
+            }
+            let port = port.clone();
+            let r = fips
+                .update(id, |f: &mut FloatingIpRecord| {
+                    if f.port_id != port {
+                        // Changed meanwhile: the next pass decides.
+                        return Err(StateError::NotFound {
+                            table: tables::FLOATING_IPS,
+                            key: f.id.clone(),
+                        });
+                    }
+                    f.status = want.to_string();
+                    f.revision_number += 1;
+                    f.updated_at = now();
+                    Ok(())
+                })
+                .await;
+            match r {
+                Ok(_) => tracing::info!(floating_ip = %id, status = want, "floating IP status"),
+                Err(StateError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(floating_ip = %id, error = %e, "cannot write the floating IP status")
+                }
             }
         }
         let now_served: BTreeMap<String, ServedPort> = plan
@@ -483,6 +537,18 @@ struct View {
     rules: Vec<RuleRecord>,
     agents: HashMap<String, AgentRecord>,
     routers: Vec<RouterRecord>,
+    floating_ips: Vec<FloatingIpRecord>,
+    /// This node's `physical_interface_mappings`: physical network -> host interface.
+    mappings: BTreeMap<String, String>,
+}
+
+/// The `[network] physical_interface_mappings` of `cfg` (validated at start).
+fn mappings(cfg: &NetworkConfig) -> BTreeMap<String, String> {
+    cfg.physical_interface_mappings
+        .iter()
+        .filter_map(|m| m.split_once(':'))
+        .map(|(p, d)| (p.to_string(), d.to_string()))
+        .collect()
 }
 
 /// What one pass decided.
@@ -496,6 +562,9 @@ struct Plan {
     /// Every router's interface ports: status as read, and the status they should have
     /// (`ACTIVE` while the router is up and the interface routable, else `DOWN`).
     router_interfaces: Vec<(String, String, &'static str)>,
+    /// The floating IPs whose status this node reports: (id, status as read, associated port).
+    /// Those of ports bound here, and the unassociated ones.
+    floating_ips: Vec<(String, String, Option<String>)>,
 }
 
 impl View {
@@ -550,6 +619,13 @@ impl View {
                     .list("")
                     .await?,
             ),
+            floating_ips: by_id(
+                state
+                    .table::<FloatingIpRecord>(tables::FLOATING_IPS)
+                    .list("")
+                    .await?,
+            ),
+            mappings: BTreeMap::new(),
         })
     }
 
@@ -576,6 +652,7 @@ impl View {
     /// packets), with their interfaces; extends `carried` with the networks they join.
     fn plan_routers<'a>(
         &'a self,
+        host: &str,
         local_networks: &BTreeSet<&str>,
         carried: &mut BTreeSet<&'a str>,
         plan: &mut Plan,
@@ -622,10 +699,101 @@ impl View {
                 .collect();
             plan.desired.routers.push(Router {
                 id: r.id.clone(),
+                gateway: self.external_gateway(r, host),
+                floating_ips: Vec::new(),
                 interfaces,
                 routes,
             });
+            let router = plan.desired.routers.last_mut().expect("just pushed");
+            if let Some(g) = &router.gateway {
+                router.floating_ips = self.floating_ips_of(r, g, &plan.desired.ports);
+            }
         }
+    }
+
+    /// Router `r`'s external side on this node: its gateway is on a flat network whose
+    /// physical network this node maps to a host interface, with an IPv4 address.
+    fn external_gateway(&self, r: &RouterRecord, host: &str) -> Option<ExternalGateway> {
+        let g = r.gateway.as_ref()?;
+        let network = self.networks.get(&g.network_id)?;
+        if network.network_type != "flat" || !network.admin_state_up {
+            return None;
+        }
+        let physnet = network.physical_network.as_deref()?;
+        let device = self.mappings.get(physnet)?;
+        let port = self.ports.iter().find(|p| p.id == g.port_id)?;
+        let mac = parse_mac(&port.mac_address).ok()?;
+        let (ip, subnet_id) = ipv4s(port).into_iter().next()?;
+        let subnet = self.subnets.get(&subnet_id)?;
+        let (addr, len) = parse_cidr(&subnet.cidr)?;
+        Some(ExternalGateway {
+            port_id: port.id.clone(),
+            device: device.clone(),
+            subnet: Ipv4Cidr::new(addr, len),
+            ip,
+            mac,
+            upstream: subnet.gateway_ip.as_deref().and_then(|u| u.parse().ok()),
+            enable_snat: g.enable_snat,
+            holds_address: self.gateway_host(r, physnet) == Some(host),
+        })
+    }
+
+    /// The node that holds router `r`'s gateway address (and so does its SNAT): the first by
+    /// name of the nodes whose agent maps `physnet` and that have a VM port on one of the
+    /// router's networks (those program the router). Every agent computes the same from the
+    /// same rows, so exactly one node answers for the address.
+    fn gateway_host(&self, r: &RouterRecord, physnet: &str) -> Option<&str> {
+        let networks: BTreeSet<&str> = self
+            .ports
+            .iter()
+            .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
+            .map(|p| p.network_id.as_str())
+            .collect();
+        self.ports
+            .iter()
+            .filter(|p| {
+                !p.binding_host_id.is_empty()
+                    && p.admin_state_up
+                    && networks.contains(p.network_id.as_str())
+            })
+            .map(|p| p.binding_host_id.as_str())
+            .filter(|h| {
+                self.agents
+                    .get(*h)
+                    .is_some_and(|a| a.physical_networks.iter().any(|n| n == physnet))
+            })
+            .min()
+    }
+
+    /// The floating IPs through router `r` of this node's ports, on the gateway's subnet.
+    fn floating_ips_of(
+        &self,
+        r: &RouterRecord,
+        g: &ExternalGateway,
+        local: &[LocalPort],
+    ) -> Vec<FloatingIp> {
+        self.floating_ips
+            .iter()
+            .filter(|f| f.router_id.as_deref() == Some(r.id.as_str()))
+            .filter_map(|f| {
+                let port_id = f.port_id.as_ref()?;
+                let fixed: Ipv4Addr = f.fixed_ip_address.as_ref()?.parse().ok()?;
+                let floating: Ipv4Addr = f.floating_ip_address.parse().ok()?;
+                if !g.subnet.contains(floating)
+                    || !local
+                        .iter()
+                        .any(|p| &p.id == port_id && p.ips.contains(&fixed))
+                {
+                    return None;
+                }
+                Some(FloatingIp {
+                    id: f.id.clone(),
+                    floating,
+                    fixed,
+                    port_id: port_id.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The VNI of a network the eBPF/VXLAN datapath carries (flat networks are not carried).
@@ -673,7 +841,20 @@ impl View {
             }
         }
         let mut carried = local_networks.clone();
-        self.plan_routers(&local_networks, &mut carried, &mut plan);
+        self.plan_routers(host, &local_networks, &mut carried, &mut plan);
+        for f in &self.floating_ips {
+            let ours = match &f.port_id {
+                None => true,
+                Some(id) => self
+                    .ports
+                    .iter()
+                    .any(|p| &p.id == id && p.binding_host_id == host),
+            };
+            if ours {
+                plan.floating_ips
+                    .push((f.id.clone(), f.status.clone(), f.port_id.clone()));
+            }
+        }
         for p in &self.ports {
             if p.binding_host_id.is_empty()
                 || p.binding_host_id == host
@@ -873,10 +1054,16 @@ impl AnyDatapath {
     }
 }
 
-type Job = (
-    DesiredState,
-    oneshot::Sender<Result<BTreeSet<String>, String>>,
-);
+/// What one apply programmed.
+#[derive(Debug, Default)]
+struct Applied {
+    /// The devices of the local ports (those that exist).
+    devices: BTreeSet<String>,
+    /// The floating IPs whose NAT is in place.
+    floating_ips: BTreeSet<String>,
+}
+
+type Job = (DesiredState, oneshot::Sender<Result<Applied, String>>);
 
 /// The driver on its own thread, inside the node's network namespace.
 struct DatapathThread {
@@ -907,8 +1094,10 @@ impl DatapathThread {
                         return;
                     }
                 };
+                // Warnings said once per thread (each pass would repeat them every second).
+                let mut warned = BTreeSet::new();
                 while let Ok((desired, reply)) = rx.recv() {
-                    let _ = reply.send(apply_present(&mut dp, desired));
+                    let _ = reply.send(apply_present(&mut dp, desired, &mut warned));
                 }
             })
             .map_err(|e| AgentError::Datapath {
@@ -925,7 +1114,7 @@ impl DatapathThread {
     }
 
     /// Applies `desired` for the ports whose device exists; returns those devices.
-    async fn apply(&self, desired: DesiredState) -> Result<BTreeSet<String>, String> {
+    async fn apply(&self, desired: DesiredState) -> Result<Applied, String> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send((desired, tx))
@@ -938,16 +1127,55 @@ impl DatapathThread {
 fn apply_present(
     dp: &mut AnyDatapath,
     mut desired: DesiredState,
-) -> Result<BTreeSet<String>, String> {
+    warned: &mut BTreeSet<String>,
+) -> Result<Applied, String> {
     // A tap appears a moment after its port is bound and goes with its VM: program what exists.
     desired
         .ports
         .retain(|p| shoal_dataplane::netdev::ifindex(&p.device).is_ok());
+    let ports: BTreeSet<String> = desired.ports.iter().map(|p| p.id.clone()).collect();
+    for r in &mut desired.routers {
+        r.floating_ips.retain(|f| ports.contains(&f.port_id));
+        // A mapping to an interface this node does not have leaves the router without its
+        // external side (floating IPs DOWN) instead of failing the whole datapath.
+        if let Some(g) = &r.gateway {
+            if shoal_dataplane::netdev::ifindex(&g.device).is_err() {
+                if warned.insert(format!("device {}", g.device)) {
+                    tracing::warn!(router = %r.id, device = %g.device,
+                        "the external network's interface does not exist here");
+                }
+                r.gateway = None;
+                r.floating_ips.clear();
+            }
+        }
+    }
+    // The eBPF driver has no NAT yet: routers keep routing east-west there, and their external
+    // side is left out (floating IPs stay DOWN). `driver = "kernel"` does NAT.
+    if matches!(dp, AnyDatapath::Ebpf(_)) {
+        let external = desired.routers.iter().any(|r| r.gateway.is_some());
+        if external && warned.insert("ebpf nat".into()) {
+            tracing::warn!(
+                "routers with an external gateway here: the eBPF driver does no SNAT or \
+                 floating IP NAT yet; set [network] driver = \"kernel\" for them"
+            );
+        }
+        for r in &mut desired.routers {
+            r.gateway = None;
+            r.floating_ips.clear();
+        }
+    }
     if let Err(e) = model::check_addresses(&desired) {
         return Err(e.to_string());
     }
     dp.apply(&desired)?;
-    Ok(desired.ports.into_iter().map(|p| p.device).collect())
+    Ok(Applied {
+        floating_ips: desired
+            .routers
+            .iter()
+            .flat_map(|r| r.floating_ips.iter().map(|f| f.id.clone()))
+            .collect(),
+        devices: desired.ports.into_iter().map(|p| p.device).collect(),
+    })
 }
 
 fn open_datapath(
@@ -1129,10 +1357,13 @@ mod tests {
                     vtep: Ipv4Addr::new(192, 0, 2, 2),
                     driver: "ebpf".into(),
                     started_at: 0,
+                    physical_networks: vec![],
                 },
             )]
             .into(),
             routers: vec![],
+            floating_ips: vec![],
+            mappings: BTreeMap::new(),
         }
     }
 
@@ -1191,6 +1422,151 @@ mod tests {
             revision_number: 1,
         });
         v
+    }
+
+    /// `routed_view()` with router r's gateway on flat network "ext" (physical network
+    /// "public", 203.0.113.0/24, gateway port address .10), floating IP f1 (.20) associated
+    /// with port a (10.0.0.5, node n1) and f2 (.21) unassociated and ACTIVE; nodes n1 and n2
+    /// both map "public".
+    fn external_view() -> View {
+        let mut v = routed_view();
+        let mut ext = v.networks["n1"].clone();
+        ext.id = "ext".into();
+        ext.network_type = "flat".into();
+        ext.physical_network = Some("public".into());
+        ext.segmentation_id = None;
+        ext.external = true;
+        ext.subnets = vec!["se".into()];
+        v.networks.insert("ext".into(), ext);
+        let mut se = v.subnets["s1"].clone();
+        se.id = "se".into();
+        se.network_id = "ext".into();
+        se.cidr = "203.0.113.0/24".into();
+        se.gateway_ip = Some("203.0.113.1".into());
+        v.subnets.insert("se".into(), se);
+        let mut gw = port("gwport", "", "203.0.113.10", &[]);
+        gw.network_id = "ext".into();
+        gw.fixed_ips[0].subnet_id = "se".into();
+        gw.device_owner = crate::routers::ROUTER_GATEWAY.into();
+        gw.device_id = "r".into();
+        v.ports.push(gw);
+        v.routers[0].gateway = Some(crate::records::RouterGateway {
+            network_id: "ext".into(),
+            enable_snat: true,
+            port_id: "gwport".into(),
+            external_fixed_ips: vec![],
+        });
+        let fip = |id: &str, addr: &str, port: Option<&str>, status: &str| FloatingIpRecord {
+            id: id.into(),
+            project_id: "p".into(),
+            description: String::new(),
+            floating_network_id: "ext".into(),
+            floating_ip_address: addr.into(),
+            floating_port_id: format!("{id}-port"),
+            port_id: port.map(Into::into),
+            fixed_ip_address: port.map(|_| "10.0.0.5".into()),
+            router_id: port.map(|_| "r".into()),
+            status: status.into(),
+            tags: vec![],
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        };
+        v.floating_ips = vec![
+            fip("f1", "203.0.113.20", Some("a"), "DOWN"),
+            fip("f2", "203.0.113.21", None, "ACTIVE"),
+        ];
+        for (host, vtep) in [("n1", 1), ("n2", 2)] {
+            v.agents.insert(
+                host.into(),
+                AgentRecord {
+                    host: host.into(),
+                    vtep: Ipv4Addr::new(192, 0, 2, vtep),
+                    driver: "kernel".into(),
+                    started_at: 0,
+                    physical_networks: vec!["public".into()],
+                },
+            );
+        }
+        v.mappings = [("public".to_string(), "eth9".to_string())].into();
+        v
+    }
+
+    /// The router's external side reaches the datapath of the nodes that map its physical
+    /// network: one node (the first by name with a VM port on the router's networks) holds
+    /// the gateway address, floating IPs go to the node of their port, and each node reports
+    /// the status of its ports' floating IPs and of the unassociated ones.
+    #[test]
+    fn gateways_and_floating_ips_reach_the_nodes_of_their_ports() {
+        let plan = external_view().plan("n1");
+        let r = &plan.desired.routers[0];
+        let g = r.gateway.as_ref().expect("n1 maps public");
+        assert_eq!(
+            (
+                g.device.as_str(),
+                g.ip.to_string(),
+                g.subnet.to_string(),
+                g.upstream,
+                g.enable_snat,
+                g.holds_address
+            ),
+            (
+                "eth9",
+                "203.0.113.10".into(),
+                "203.0.113.0/24".into(),
+                Some(Ipv4Addr::new(203, 0, 113, 1)),
+                true,
+                true
+            )
+        );
+        assert_eq!(
+            r.floating_ips,
+            vec![FloatingIp {
+                id: "f1".into(),
+                floating: Ipv4Addr::new(203, 0, 113, 20),
+                fixed: Ipv4Addr::new(10, 0, 0, 5),
+                port_id: "a".into(),
+            }]
+        );
+        model::check_addresses(&plan.desired).unwrap();
+        assert_eq!(
+            plan.floating_ips,
+            vec![
+                ("f1".into(), "DOWN".into(), Some("a".into())),
+                ("f2".into(), "ACTIVE".into(), None)
+            ]
+        );
+
+        // n2 programs the router too (port dddd), without the address or f1 (not its port).
+        let plan = external_view().plan("n2");
+        let r = &plan.desired.routers[0];
+        assert!(!r.gateway.as_ref().unwrap().holds_address);
+        assert!(r.floating_ips.is_empty());
+        assert_eq!(
+            plan.floating_ips,
+            vec![("f2".into(), "ACTIVE".into(), None)]
+        );
+
+        // A node that does not map the physical network has no external side.
+        let mut v = external_view();
+        v.mappings.clear();
+        let plan = v.plan("n1");
+        assert!(plan.desired.routers[0].gateway.is_none());
+        assert!(plan.desired.routers[0].floating_ips.is_empty());
+        // Nor does one whose gateway network is not flat.
+        let mut v = external_view();
+        v.networks.get_mut("ext").unwrap().network_type = "vxlan".into();
+        assert!(v.plan("n1").desired.routers[0].gateway.is_none());
+        // Once n1 maps nothing, n2 holds the address.
+        let mut v = external_view();
+        v.agents.get_mut("n1").unwrap().physical_networks.clear();
+        assert!(
+            v.plan("n2").desired.routers[0]
+                .gateway
+                .as_ref()
+                .unwrap()
+                .holds_address
+        );
     }
 
     /// A node with a port on one of a router's networks programs the router (both

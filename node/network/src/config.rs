@@ -36,6 +36,10 @@ pub struct NetworkConfig {
     /// bpffs directory for pinned maps and links, so forwarding outlives a restart of the
     /// node; default `/sys/fs/bpf/shoal/<netns, else node name>`.
     pub pin_dir: Option<PathBuf>,
+    /// The physical networks this node is attached to, each `physnet:interface` (as
+    /// Neutron's `physical_interface_mappings`): a router's gateway and floating IPs on a
+    /// flat network of `physnet` go out through that host interface (in `netns`, if set).
+    pub physical_interface_mappings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +62,7 @@ impl Default for NetworkConfig {
             vtep: None,
             netns: None,
             pin_dir: None,
+            physical_interface_mappings: Vec::new(),
         }
     }
 }
@@ -74,6 +79,16 @@ pub enum NetworkConfigError {
     HalfUnderlay,
     #[error("network.{field} {value:?} is not a valid device or namespace name (1 to 15 letters, digits, '-', '_', '.')")]
     BadName { field: &'static str, value: String },
+    #[error("network.physical_interface_mappings entry {0:?} must be PHYSNET:INTERFACE (a physical network name of 1 to 64 letters, digits, '-' or '_', and an interface name of 1 to 15 letters, digits, '-', '_', '.')")]
+    BadMapping(String),
+    #[error("network.physical_interface_mappings maps physical network {0:?} twice")]
+    DuplicateMapping(String),
+}
+
+fn valid_device(v: &str) -> bool {
+    (1..=15).contains(&v.len())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 impl NetworkConfig {
@@ -104,10 +119,7 @@ impl NetworkConfig {
             ("netns", &self.netns),
         ] {
             if let Some(v) = value {
-                let ok = (1..=15).contains(&v.len())
-                    && v.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-                if !ok {
+                if !valid_device(v) {
                     return Err(NetworkConfigError::BadName {
                         field,
                         value: v.clone(),
@@ -115,7 +127,33 @@ impl NetworkConfig {
                 }
             }
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for entry in &self.physical_interface_mappings {
+            let ok = entry.split_once(':').is_some_and(|(physnet, device)| {
+                (1..=64).contains(&physnet.len())
+                    && physnet
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+                    && valid_device(device)
+            });
+            if !ok {
+                return Err(NetworkConfigError::BadMapping(entry.clone()));
+            }
+            let physnet = entry.split(':').next().unwrap_or_default();
+            if !seen.insert(physnet) {
+                return Err(NetworkConfigError::DuplicateMapping(physnet.to_string()));
+            }
+        }
         Ok(())
+    }
+
+    /// The host interface `physical_network` is mapped to on this node, if any.
+    pub fn interface_for(&self, physical_network: &str) -> Option<&str> {
+        self.physical_interface_mappings
+            .iter()
+            .filter_map(|m| m.split_once(':'))
+            .find(|(p, _)| *p == physical_network)
+            .map(|(_, d)| d)
     }
 
     /// Whether this node runs a network agent (it has an underlay).
@@ -162,9 +200,44 @@ mod tests {
         .is_err());
         assert!(NetworkConfig {
             flat_networks: vec!["a b".into()],
-            ..c
+            ..c.clone()
         }
         .validate()
         .is_err());
+    }
+
+    /// Mappings name a physical network and a host interface, each once.
+    #[test]
+    fn physical_interface_mappings() {
+        let c = NetworkConfig {
+            physical_interface_mappings: vec!["public:eth1".into(), "dmz:bond0.20".into()],
+            ..NetworkConfig::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.interface_for("public"), Some("eth1"));
+        assert_eq!(c.interface_for("dmz"), Some("bond0.20"));
+        assert_eq!(c.interface_for("other"), None);
+        for bad in [
+            "public",
+            "public:",
+            ":eth1",
+            "pub lic:eth1",
+            "public:eth1/x",
+        ] {
+            let e = NetworkConfig {
+                physical_interface_mappings: vec![bad.into()],
+                ..NetworkConfig::default()
+            }
+            .validate();
+            assert_eq!(e, Err(NetworkConfigError::BadMapping(bad.into())), "{bad}");
+        }
+        let twice = NetworkConfig {
+            physical_interface_mappings: vec!["public:eth1".into(), "public:eth2".into()],
+            ..NetworkConfig::default()
+        };
+        assert_eq!(
+            twice.validate(),
+            Err(NetworkConfigError::DuplicateMapping("public".into()))
+        );
     }
 }

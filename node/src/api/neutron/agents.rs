@@ -46,7 +46,8 @@ fn view(a: &AgentRecord, alive: bool) -> Value {
         "created_at": timestamp(a.started_at),
         "started_at": timestamp(a.started_at),
         "heartbeat_timestamp": timestamp(a.started_at),
-        "configurations": {"vtep": a.vtep.to_string(), "driver": a.driver},
+        "configurations": {"vtep": a.vtep.to_string(), "driver": a.driver,
+            "physical_networks": a.physical_networks},
         "resources_synced": null,
     })
 }
