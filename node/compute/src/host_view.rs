@@ -462,6 +462,7 @@ mod tests {
             snapshot_every: 100_000,
             heartbeat_ms: 100,
             election_timeout_ms: 600,
+            pre_vote: true,
         }
     }
 
