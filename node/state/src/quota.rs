@@ -42,6 +42,14 @@ where
     F: Future<Output = Result<i64, E>>,
 {
     let table = tables::QUOTA_GUARDS;
+    if limit < 0 {
+        // Nothing to bound, so no precondition on the guard: creates in one scope would
+        // otherwise all compete for it, and under enough concurrency one could lose every
+        // round and fail on contention alone. The guard still moves, so a checked create
+        // racing with a new limit counts again.
+        let resp = state.write(table, bump_guard(txn, guard)).await?;
+        return Ok(QuotaOutcome::Written(resp));
+    }
     let guard_index = txn.preconditions.len() as u32;
     for attempt in 0..QUOTA_ATTEMPTS {
         if attempt > 0 {
@@ -125,5 +133,52 @@ mod tests {
             }
         }
         assert_eq!(written, 7);
+    }
+
+    /// Without a limit every create is written, however many race, and each moves the guard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn unlimited_creates_never_contend() {
+        let state = State::in_memory();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let state = state.clone();
+            tasks.push(tokio::spawn(async move {
+                let txn = Txn::new().put("items", &format!("held/{i}"), b"x".to_vec());
+                // Counting takes a while, as a listing does, so the creates overlap.
+                let count = || async {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    Ok::<_, StateError>(0)
+                };
+                commit_within_quota::<_, _, StateError>(&state, "items/p", -1, count, txn).await
+            }));
+        }
+        let mut revisions = Vec::new();
+        for t in tasks {
+            match t.await.unwrap().unwrap() {
+                QuotaOutcome::Written(r) => {
+                    assert!(r.succeeded);
+                    revisions.push(r.revision);
+                }
+                QuotaOutcome::Over { .. } => panic!("an unlimited scope refused a create"),
+            }
+        }
+        let (rows, _) = state
+            .store()
+            .list("items", "held/", usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 40);
+        let guard = state
+            .store()
+            .get(tables::QUOTA_GUARDS, "items/p")
+            .await
+            .unwrap()
+            .expect("the guard row");
+        assert_eq!(Some(&guard.mod_revision), revisions.iter().max());
+        // One write per create: no round was lost to a rival and proposed again.
+        revisions.sort();
+        revisions.dedup();
+        assert_eq!(revisions.len(), 40);
+        assert_eq!(revisions[39] - revisions[0], 39, "creates were retried");
     }
 }
