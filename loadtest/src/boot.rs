@@ -119,40 +119,11 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(runs) = args.real {
         let res = real(runs, &args, &mut procs, &bin, dir.path()).await;
         procs.shutdown(Duration::from_secs(10));
-        return match res {
-            Ok(s) => {
-                if args.json {
-                    println!("{}", serde_json::to_string(&s)?);
-                } else {
-                    print_real(&s);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                eprintln!("[boot] kept {} for its logs", dir.path().display());
-                dir.keep();
-                Err(e)
-            }
-        };
+        return report::finish("boot", dir, res, args.json, print_real);
     }
     let res = bench(&args, &mut procs, &bin, dir.path()).await;
     procs.shutdown(Duration::from_secs(10));
-    match res {
-        Ok(s) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                print_table(&s);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            drop(procs);
-            eprintln!("[boot] kept {} for its logs", dir.path().display());
-            dir.keep();
-            Err(e)
-        }
-    }
+    report::finish("boot", dir, res, args.json, print_table)
 }
 
 async fn bench(

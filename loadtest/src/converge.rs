@@ -105,21 +105,7 @@ pub async fn run(args: Args) -> Result<()> {
     let res = bench(&args, &mut procs, &bin, dir.path()).await;
     // SIGTERM lets `shoal dev` delete its namespaces and pins.
     procs.shutdown(Duration::from_secs(15));
-    match res {
-        Ok(s) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                print_table(&s);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            eprintln!("[converge] kept {} for its logs", dir.path().display());
-            dir.keep();
-            Err(e)
-        }
-    }
+    report::finish("converge", dir, res, args.json, print_table)
 }
 
 /// Kills the `bridge monitor` child however the benchmark ends.

@@ -103,21 +103,7 @@ pub async fn run(args: Args) -> Result<()> {
     eprintln!("[ipam] data and logs in {}", dir.path().display());
     let res = bench(&args, &mut procs, &bin, dir.path()).await;
     procs.shutdown(Duration::from_secs(10));
-    match res {
-        Ok(s) => {
-            if args.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                print_table(&s);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            eprintln!("[ipam] kept {} for its logs", dir.path().display());
-            dir.keep();
-            Err(e)
-        }
-    }
+    report::finish("ipam", dir, res, args.json, print_table)
 }
 
 /// One call: the status and the JSON body (`null` when it is not JSON).

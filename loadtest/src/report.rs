@@ -6,6 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::raft::TempDir;
+
 /// Latencies are recorded in microseconds, from 1 µs up to 10 minutes, 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
@@ -161,6 +163,33 @@ pub fn table(summaries: &[Summary], ratio: Option<&Ratio>) -> String {
         );
     }
     out
+}
+
+/// The end of a scenario run in a scratch directory: on success its summary as one JSON line
+/// (`--json`) or as `print` lays it out; on failure the directory is kept for its logs and the
+/// error returned. `tag` names the scenario in the message.
+pub fn finish<S: Serialize>(
+    tag: &str,
+    dir: TempDir,
+    res: anyhow::Result<S>,
+    json: bool,
+    print: impl FnOnce(&S),
+) -> anyhow::Result<()> {
+    match res {
+        Ok(s) => {
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                print(&s);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("[{tag}] kept {} for its logs", dir.path().display());
+            dir.keep();
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
