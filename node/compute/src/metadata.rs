@@ -630,6 +630,7 @@ pub(crate) mod tests {
             access_ipv6: String::new(),
             locked: false,
             config_drive: false,
+            actions: Vec::new(),
         }
     }
 
