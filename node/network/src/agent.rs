@@ -22,8 +22,8 @@
 //! (`[network] physical_interface_mappings`, published in `network_agents`). One of them, the
 //! first by name, holds the gateway address and does the router's SNAT; floating IPs are NAT on
 //! the node of their port, which writes them `ACTIVE` once programmed (it follows
-//! `floating_ips`). The eBPF driver has no NAT yet: with it the external side is left out and
-//! floating IPs stay `DOWN` (the kernel driver does it).
+//! `floating_ips`). Both drivers do the NAT in the kernel driver's router namespace (the eBPF
+//! driver joins it to its datapath through one veth per router, docs/datapath.md).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -1147,21 +1147,6 @@ fn apply_present(
                 r.gateway = None;
                 r.floating_ips.clear();
             }
-        }
-    }
-    // The eBPF driver has no NAT yet: routers keep routing east-west there, and their external
-    // side is left out (floating IPs stay DOWN). `driver = "kernel"` does NAT.
-    if matches!(dp, AnyDatapath::Ebpf(_)) {
-        let external = desired.routers.iter().any(|r| r.gateway.is_some());
-        if external && warned.insert("ebpf nat".into()) {
-            tracing::warn!(
-                "routers with an external gateway here: the eBPF driver does no SNAT or \
-                 floating IP NAT yet; set [network] driver = \"kernel\" for them"
-            );
-        }
-        for r in &mut desired.routers {
-            r.gateway = None;
-            r.floating_ips.clear();
         }
     }
     if let Err(e) = model::check_addresses(&desired) {
