@@ -407,6 +407,13 @@ pub fn default_pin_dir(key: &str) -> PathBuf {
 
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// Deletes the router namespaces (NAT and kernel-path routers, under /run/netns) of the node
+/// whose network namespace is `netns` (a name under /run/netns), for tools that delete a
+/// node's namespace without a driver teardown (`shoal dev --netns`): they would outlive it.
+pub fn remove_router_namespaces(netns: &str) {
+    let _ = shoal_dataplane::kernel::remove_router_namespaces(&format!("/run/netns/{netns}"));
+}
+
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (systemd does it at boot; a
 /// machine without systemd does not), so pins can outlive the process.
 fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<(), String> {
