@@ -68,20 +68,20 @@ const TABLE_INET: &str = "shoal";
 const COUNTERS_BRIDGE: [&str; 3] = ["drop_spoof_mac", "drop_spoof_ip", "drop_unsupported"];
 const COUNTERS_INET: [&str; 2] = ["drop_sg_egress", "drop_sg_ingress"];
 
-fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
     output(program, args).map(drop)
 }
 
 /// As [`run`], but an object that already exists counts as success: a driver started
 /// after a restart finds the devices and entries of its predecessor.
-fn run_exists_ok(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+pub(crate) fn run_exists_ok(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
     match run(program, args) {
         Err(KernelDriverError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
         other => other,
     }
 }
 
-fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
+pub(crate) fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
     let command = format!("{program} {}", args.join(" "));
     let out = Command::new(program)
         .args(args)
@@ -162,7 +162,7 @@ fn vxlan_name(vni: u32) -> String {
 }
 
 /// 32-bit FNV-1a: short stable names for kernel objects named after long ids.
-fn fnv(parts: &[&str]) -> u32 {
+pub(crate) fn fnv(parts: &[&str]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for p in parts {
         for b in p.bytes().chain([0]) {
@@ -183,12 +183,17 @@ const ROUTER_NS_PREFIX: &str = "shoalr";
 
 /// The prefix of the router namespaces of the node whose network namespace has inode `ino`
 /// (names under /run/netns are machine-wide; several nodes may share a machine).
-fn router_ns_prefix(ino: u64) -> String {
+pub(crate) fn router_ns_prefix(ino: u64) -> String {
     format!("{ROUTER_NS_PREFIX}{ino}-")
 }
 
+/// The namespace of router `router` among those with prefix `prefix`.
+pub(crate) fn router_ns_name(prefix: &str, router: &str) -> String {
+    format!("{prefix}{:08x}", fnv(&[router]))
+}
+
 /// The inode of the calling thread's network namespace.
-fn netns_inode() -> std::io::Result<u64> {
+pub(crate) fn netns_inode() -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
 }
@@ -205,7 +210,7 @@ pub fn remove_router_namespaces(node_netns: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn router_namespaces(prefix: &str) -> Vec<String> {
+pub(crate) fn router_namespaces(prefix: &str) -> Vec<String> {
     std::fs::read_dir("/run/netns")
         .map(|d| {
             d.filter_map(Result::ok)
@@ -232,7 +237,7 @@ struct RifDev {
 /// address (on the router's gateway node) and the floating IPs of local ports as /32s, and an
 /// `ip shoal_nat` table doing the NAT.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct ExtDev {
+pub(crate) struct ExtDev {
     /// The macvlan's name (in the router's namespace).
     name: String,
     /// The host interface it sits on.
@@ -252,7 +257,7 @@ struct ExtDev {
 
 /// The SNAT transit of a router on a node without the gateway address.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Transit {
+pub(crate) struct Transit {
     /// The gateway node's router: its address and MAC on the external link (the node that
     /// holds the address uses the gateway port's MAC, so it is known without ARP, which this
     /// router could not send without an address of its own).
@@ -274,7 +279,7 @@ const TRANSIT_TABLE: &str = "200";
 const TABLE_NAT: &str = "shoal_nat";
 
 /// The external side of router `r` in namespace `netns`, if it has one.
-fn want_external(r: &model::Router) -> Option<ExtDev> {
+pub(crate) fn want_external(r: &model::Router) -> Option<ExtDev> {
     let g = r.gateway.as_ref()?;
     let name = format!("sre{:08x}", fnv(&[&r.id]));
     let mut addrs = BTreeSet::new();
@@ -360,7 +365,7 @@ fn want_external(r: &model::Router) -> Option<ExtDev> {
 }
 
 /// Makes the external side of the router in `netns` equal `want`, from `have`.
-fn apply_external(
+pub(crate) fn apply_external(
     netns: &str,
     have: Option<&ExtDev>,
     want: &ExtDev,
@@ -491,7 +496,40 @@ fn apply_external(
     if !same_link || have.map(|h| &h.nat) != Some(&want.nat) {
         nft_script_in(Some(netns), &want.nat)?;
     }
+    // Connections already translated through an address that went (a disassociated
+    // floating IP, a gateway address moved to another node) would go on: conntrack keeps
+    // their translation. They are deleted, as Neutron's L3 agent does.
+    if let Some(h) = have {
+        for (ip, _) in h.addrs.difference(&want.addrs) {
+            flush_conntrack(netns, *ip);
+        }
+    }
     Ok(())
+}
+
+/// Deletes the connections of router namespace `netns` translated to or from `ip`: those
+/// that arrived for it (original destination: a floating IP's inbound) and those that left
+/// from it (reply destination: SNAT). Best effort: `conntrack` (Debian package `conntrack`)
+/// answers 1 when there was nothing to delete.
+pub(crate) fn flush_conntrack(netns: &str, ip: Ipv4Addr) {
+    let path = format!("--net=/run/netns/{netns}");
+    let ip = ip.to_string();
+    for selector in ["--orig-dst", "--reply-dst"] {
+        match Command::new("nsenter")
+            .args([path.as_str(), "conntrack", "-D", selector, &ip])
+            .output()
+        {
+            Ok(out) if !out.status.success() => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                // "0 flow entries have been deleted" is not a failure.
+                if !stderr.contains("0 flow entries") {
+                    tracing::warn!(netns, ip, stderr = %stderr.trim(), "flushing conntrack");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(netns, ip, error = %e, "running conntrack"),
+        }
+    }
 }
 
 /// Policy routing of a router on a node without the gateway address: packets from the
@@ -599,7 +637,7 @@ fn apply_transit(
 }
 
 /// Removes the external side of a router whose namespace stays.
-fn remove_external(netns: &str, have: &ExtDev) {
+pub(crate) fn remove_external(netns: &str, have: &ExtDev) {
     let _ = apply_transit(netns, &have.name, None);
     let _ = run("ip", &["-n", netns, "link", "del", &have.name]);
     let _ = nft_script_in(
@@ -615,7 +653,7 @@ type Neighbour = (String, String, Ipv4Addr, Mac);
 type ExtraRoute = (String, model::Ipv4Cidr, Ipv4Addr);
 
 /// `ip -o link show DEV` -> its MTU.
-fn mtu_of(device: &str) -> Option<u32> {
+pub(crate) fn mtu_of(device: &str) -> Option<u32> {
     let text = output("ip", &["-o", "link", "show", "dev", device]).ok()?;
     let mut words = text.split_whitespace();
     words.find(|w| *w == "mtu")?;
@@ -683,7 +721,7 @@ impl KernelDataplane {
     }
 
     fn router_ns(&self, router: &str) -> String {
-        format!("{}{:08x}", self.router_prefix, fnv(&[router]))
+        router_ns_name(&self.router_prefix, router)
     }
 
     /// The router namespaces, interfaces and neighbours `desired` asks for.
@@ -734,7 +772,7 @@ impl KernelDataplane {
         (routers, rifs, neighbours, routes)
     }
 
-    fn add_router(netns: &str) -> Result<(), KernelDriverError> {
+    pub(crate) fn add_router(netns: &str) -> Result<(), KernelDriverError> {
         run_exists_ok("ip", &["netns", "add", netns])?;
         run("ip", &["-n", netns, "link", "set", "lo", "up"])?;
         let path = format!("--net=/run/netns/{netns}");

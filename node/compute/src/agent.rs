@@ -729,6 +729,8 @@ impl Agent {
             nics: &nics,
             address: std::net::Ipv4Addr::UNSPECIFIED,
             random_seed: &seed,
+            // Written at boot, before any floating IP could be associated with the server.
+            public_ipv4: None,
         };
         let files = crate::metadata::config_drive_files(&instance)
             .map_err(|e| format!("building the config drive: {e}"))?;
