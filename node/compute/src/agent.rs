@@ -268,16 +268,17 @@ impl Agent {
     }
 
     async fn worker(self, mut rx: watch::Receiver<Option<Versioned<ServerRecord>>>) {
-        let mut leases: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        // Held for what they keep alive: dropping a lease lets its image age out.
+        let mut _leases: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        let mut leased: Vec<String> = Vec::new();
         loop {
             let current = rx.borrow_and_update().clone();
             let Some(row) = current else { return };
-            if leases.is_empty() && row.value.task_state != Some(TaskState::Deleting) {
-                leases = self
-                    .image_ids(&row.value)
-                    .iter()
-                    .map(|i| self.inner.images.lease(i))
-                    .collect();
+            // Leases follow the row's images: a rebuild onto another image moves them.
+            let images = self.image_ids(&row.value);
+            if leased != images && row.value.task_state != Some(TaskState::Deleting) {
+                _leases = images.iter().map(|i| self.inner.images.lease(i)).collect();
+                leased = images;
             }
             let id = row.value.id.clone();
             if let Err(e) = self.reconcile(row).await {
