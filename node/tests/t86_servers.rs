@@ -265,9 +265,21 @@ fn pause_suspend_rebuild_and_the_action_log() {
         out.stderr
     );
 
+    // An admin's reset to ERROR, then a rebuild brings the server back, as in Nova.
+    assert!(
+        osc.run(
+            1,
+            &["server", "set", "--state", "error", "--auto-approve", &id]
+        )
+        .ok
+    );
+    let v = wait_status(&osc, 2, &id, "ERROR");
+    assert_eq!(v["OS-EXT-STS:task_state"], Value::Null, "{v}");
+    let out = osc.run(0, &["server", "rebuild", "--image", "tiny", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    wait_status(&osc, 1, &id, "ACTIVE");
+
     // A suspended server deletes like any other.
-    assert!(osc.run(0, &["server", "start", &id]).ok);
-    wait_status(&osc, 0, &id, "ACTIVE");
     assert!(osc.run(0, &["server", "suspend", &id]).ok);
     wait_status(&osc, 1, &id, "SUSPENDED");
     let out = osc.run(2, &["server", "delete", "--wait", &id]);

@@ -1383,19 +1383,25 @@ async fn filtered(
         ),
         None => None,
     };
-    let project = q
-        .get("project_id")
-        .or(q.get("tenant_id"))
-        .filter(|_| admin)
-        .cloned()
-        .or_else(|| auth.0.project_id.clone());
+    // As in Nova, `project_id`/`tenant_id` narrow an `all_tenants` listing and are ignored
+    // without it: a listing is otherwise the caller's own project, admin or not.
+    let project_filter = if all_tenants {
+        q.get("project_id").or(q.get("tenant_id")).cloned()
+    } else {
+        None
+    };
+    let own = auth.0.project_id.clone();
     let mut rows: Vec<ServerRecord> = servers(state)
         .list("")
         .await
         .map_err(nova_err)?
         .into_values()
         .filter(|r| {
-            all_tenants && !q.contains_key("project_id") || Some(&r.project_id) == project.as_ref()
+            if all_tenants {
+                project_filter.as_ref().is_none_or(|p| &r.project_id == p)
+            } else {
+                Some(&r.project_id) == own.as_ref()
+            }
         })
         .filter(|r| name_re.as_ref().is_none_or(|re| re.is_match(&r.name)))
         .filter(|r| {
@@ -1608,6 +1614,36 @@ async fn action(
             }
         }
         "rebuild" => return rebuild(&state, &auth, &rid, &id, &arg).await,
+        "os-resetState" => {
+            // Admin only (Nova's default policy): the state is set, the task dropped, and
+            // nothing is done to the domain.
+            need(&auth, "admin")?;
+            let vm_state = match arg.get("state").and_then(Value::as_str) {
+                Some("active") => VmState::Active,
+                Some("error") => VmState::Error,
+                other => {
+                    return Err(bad(format!(
+                        "Invalid input for field/attribute state. Value: {}. It is not one of ['active', 'error']",
+                        other.unwrap_or("null")
+                    )))
+                }
+            };
+            modify(&state, &auth, &id, |r| {
+                r.vm_state = vm_state;
+                r.task_state = None;
+                Ok(())
+            })
+            .await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        "injectNetworkInfo" => {
+            // Admin only. Nova's libvirt driver has nothing to inject into a running guest
+            // (its network configuration comes from DHCP, the config drive or the metadata
+            // service), and neither has Shoal's: the call is accepted once the server exists.
+            need(&auth, "admin")?;
+            load(&state, &auth, &id).await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
         "os-getConsoleOutput" => {
             let length = match arg.get("length") {
                 None | Some(Value::Null) => None,
