@@ -52,7 +52,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 /// Nova's metadata item rules: keys 1 to 255 characters, values at most 255.
-fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
+pub(super) fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
     for (k, v) in items {
         let shown: String = k.chars().take(64).flat_map(char::escape_default).collect();
         if k.is_empty() || k.chars().count() > 255 {
@@ -70,7 +70,8 @@ fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
 }
 
 /// `{"metadata": {key: value, ...}}` with string values.
-fn metadata_body(body: &Bytes) -> ApiResult<BTreeMap<String, String>> {
+/// `{"metadata": {...}}` with string values within Nova's bounds (also the image proxy's).
+pub(super) fn metadata_body(body: &Bytes) -> ApiResult<BTreeMap<String, String>> {
     let mut v: serde_json::Map<String, Value> = parse(body)?;
     let items = match v.remove("metadata") {
         Some(Value::Object(m)) if v.is_empty() => m,

@@ -314,7 +314,7 @@ async fn create(
         }
     }
     let metadata = s.metadata.clone().unwrap_or_default();
-    check_metadata(&metadata)?;
+    super::server_meta::check_items(&metadata)?;
     // The project's quotas, read once for the whole create.
     let quotas = shoal_compute::quota::Quotas::new(&state.state)
         .of(&project)
@@ -555,18 +555,6 @@ async fn create(
         ));
     }
     Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))))
-}
-
-/// Server metadata as Nova bounds it: keys of 1-255 characters, values of at most 255.
-fn check_metadata(metadata: &BTreeMap<String, String>) -> ApiResult<()> {
-    for (k, v) in metadata {
-        if k.is_empty() || k.len() > 255 || v.len() > 255 {
-            return Err(bad(
-                "Invalid input for field/attribute metadata: keys must be 1-255 and values 0-255 characters",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The image fields the agent needs, after checking the caller may use it and the flavor
@@ -1752,7 +1740,7 @@ async fn rebuild(
         })?),
     };
     if let Some(m) = &metadata {
-        check_metadata(m)?;
+        super::server_meta::check_items(m)?;
     }
     let access_ipv4 = access_ip(text("accessIPv4")?.as_deref(), false)?;
     let access_ipv6 = access_ip(text("accessIPv6")?.as_deref(), true)?;
