@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::SeekFrom;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -41,6 +41,10 @@ use crate::wire::{
 /// Receives the latency of every RPC: peer address, RPC name, elapsed time, success. Meant for
 /// a Prometheus histogram; it is called on the RPC's task, so it must be cheap.
 pub type RpcObserver = Arc<dyn Fn(&str, &'static str, Duration, bool) + Send + Sync>;
+
+/// Told the peer address of every connection a [`PeerClient`] establishes (see
+/// [`PeerClient::on_connect`]).
+pub type ConnectObserver = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Makes QUIC client endpoints (a joiner has no server yet).
 pub fn client_endpoint(bind: SocketAddr) -> Result<Endpoint, NetError> {
@@ -83,6 +87,53 @@ async fn connect(
         .await
         .map_err(|_| NetError::ConnectTimeout(addr.to_owned(), timeout))?
         .map_err(|e| NetError::Connection(addr.to_owned(), e))
+}
+
+/// Frames we sent that the peer must acknowledge (RFC 9000 §13.2.1), as counted by quinn.
+fn ack_eliciting_sent(stats: &quinn::ConnectionStats) -> u64 {
+    let f = &stats.frame_tx;
+    f.stream
+        + f.ping
+        + f.reset_stream
+        + f.stop_sending
+        + f.max_data
+        + f.max_stream_data
+        + f.max_streams_bidi
+}
+
+/// Closes `conn` (code `SILENT`) once we have sent it something that asks for an
+/// acknowledgement and then received nothing at all for `limit`. A blackholed path or a dead or
+/// paused peer leaves QUIC in loss recovery, whose probes back off exponentially, so after the
+/// path comes back the old connection could stay mute for seconds; a fresh handshake needs
+/// one round trip. In-flight RPCs on the closed connection fail as unreachable. Ends when the
+/// connection closes for any reason.
+async fn close_when_silent(conn: Connection, addr: String, limit: Duration) {
+    let tick = (limit / 5).max(Duration::from_millis(10));
+    let stats = conn.stats();
+    let (mut received, mut sent) = (stats.udp_rx.datagrams, ack_eliciting_sent(&stats));
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let stats = conn.stats();
+        let (now_received, now_sent) = (stats.udp_rx.datagrams, ack_eliciting_sent(&stats));
+        if now_received != received {
+            (received, sent, waiting_since) = (now_received, now_sent, None);
+            continue;
+        }
+        if now_sent != sent && waiting_since.is_none() {
+            // Set at the first tick after the send, so never earlier than it.
+            waiting_since = Some(Instant::now());
+        }
+        if waiting_since.is_some_and(|t| t.elapsed() >= limit) {
+            tracing::info!(peer = %addr, silent_ms = limit.as_millis() as u64,
+                "closing a connection whose peer went silent");
+            conn.close(super::codes::SILENT, b"peer silent");
+            return;
+        }
+    }
 }
 
 /// Sends one request frame on a new stream and reads the response frame.
@@ -131,6 +182,7 @@ struct ClientInner {
     /// One slot per peer address; the async lock makes concurrent callers share one connect.
     conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     observer: Option<RpcObserver>,
+    on_connect: OnceLock<ConnectObserver>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -174,8 +226,16 @@ impl PeerClient {
                 opts,
                 conns: Mutex::new(HashMap::new()),
                 observer,
+                on_connect: OnceLock::new(),
             }),
         })
+    }
+
+    /// Calls `f` with the peer address of every connection established from now on (the
+    /// cluster uses it to retry replication to a peer as soon as it can be reached again,
+    /// instead of when openraft's backoff runs out). Only the first call takes effect.
+    pub fn on_connect(&self, f: ConnectObserver) {
+        let _ = self.inner.on_connect.set(f);
     }
 
     fn slot(&self, addr: &str) -> Arc<tokio::sync::Mutex<Option<Connection>>> {
@@ -210,14 +270,23 @@ impl PeerClient {
                 }
             }
             *slot = None;
+            let opts = &inner.opts;
             let conn = connect(
                 &inner.endpoint,
                 inner.config.clone(),
                 &target,
-                inner.opts.connect_timeout,
+                opts.connect_attempt_timeout.min(opts.connect_timeout),
             )
             .await?;
             *slot = Some(conn.clone());
+            tokio::spawn(close_when_silent(
+                conn.clone(),
+                target.clone(),
+                opts.silent_peer,
+            ));
+            if let Some(f) = inner.on_connect.get() {
+                f(&target);
+            }
             Ok(conn)
         })
         .await
@@ -231,16 +300,24 @@ impl PeerClient {
     }
 
     /// The connection to `addr`, within `timeout` (or the connect timeout if shorter). Failing
-    /// to connect, in time or at all, means the peer is unreachable.
+    /// to connect, in time or at all, means the peer is unreachable. A handshake attempt that
+    /// runs out of its own time (`connect_attempt_timeout`) is followed by a fresh one while
+    /// the caller's time lasts.
     async fn connection_within(
         &self,
         addr: &str,
         timeout: Duration,
     ) -> Result<Connection, NetError> {
         let limit = timeout.min(self.inner.opts.connect_timeout);
-        tokio::time::timeout(limit, self.connection(addr))
-            .await
-            .unwrap_or_else(|_| Err(NetError::ConnectTimeout(addr.to_owned(), limit)))
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.connection(addr)).await {
+                Err(_) => return Err(NetError::ConnectTimeout(addr.to_owned(), limit)),
+                Ok(Err(NetError::ConnectTimeout(..))) if tokio::time::Instant::now() < deadline => {
+                }
+                Ok(result) => return result,
+            }
+        }
     }
 
     /// One RPC to `addr` within `timeout` (connection included).
