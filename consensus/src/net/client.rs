@@ -169,6 +169,83 @@ async fn call_on(
     }
 }
 
+/// One peer address: the connection every RPC to it shares, and its handshake attempts.
+struct Slot {
+    /// Replaced when it closes; callers waiting for a connection watch it.
+    conn: tokio::sync::watch::Sender<Option<Connection>>,
+    /// When the latest handshake attempt started, while it may still be running.
+    attempt: Mutex<Option<Instant>>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            conn: tokio::sync::watch::Sender::new(None),
+            attempt: Mutex::new(None),
+        }
+    }
+
+    fn attempt(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.attempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One handshake with `target`, for as long as `connect_timeout`. A connection that comes up
+/// while the slot has none open becomes the slot's (watched for silence, reported to the
+/// `on_connect` hook); one that loses the race to another attempt is closed.
+async fn attempt(
+    inner: Arc<ClientInner>,
+    slot: Arc<Slot>,
+    target: String,
+    started: Instant,
+) -> Result<Connection, NetError> {
+    let opts = &inner.opts;
+    let conn = match connect(
+        &inner.endpoint,
+        inner.config.clone(),
+        &target,
+        opts.connect_timeout,
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(e) => {
+            // The next caller starts over at once (a refused handshake is not retried on a
+            // timer), unless a later attempt is running.
+            let mut attempt = slot.attempt();
+            if *attempt == Some(started) {
+                *attempt = None;
+            }
+            return Err(e);
+        }
+    };
+    let mut winner = None;
+    slot.conn.send_if_modified(|current| match current {
+        Some(open) if open.close_reason().is_none() => {
+            winner = Some(open.clone());
+            false
+        }
+        _ => {
+            *current = Some(conn.clone());
+            true
+        }
+    });
+    if let Some(open) = winner {
+        conn.close(super::codes::SHUTDOWN, b"duplicate");
+        return Ok(open);
+    }
+    *slot.attempt() = None;
+    tokio::spawn(close_when_silent(
+        conn.clone(),
+        target.clone(),
+        opts.silent_peer,
+    ));
+    if let Some(f) = inner.on_connect.get() {
+        f(&target);
+    }
+    Ok(conn)
+}
+
 /// Cached peer connections and the app RPCs. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -180,7 +257,7 @@ struct ClientInner {
     config: quinn::ClientConfig,
     opts: NetOptions,
     /// One slot per peer address; the async lock makes concurrent callers share one connect.
-    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    conns: Mutex<HashMap<String, Arc<Slot>>>,
     observer: Option<RpcObserver>,
     on_connect: OnceLock<ConnectObserver>,
 }
@@ -238,59 +315,77 @@ impl PeerClient {
         let _ = self.inner.on_connect.set(f);
     }
 
-    fn slot(&self, addr: &str) -> Arc<tokio::sync::Mutex<Option<Connection>>> {
+    fn slot(&self, addr: &str) -> Arc<Slot> {
         let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.entry(addr.to_owned()).or_default().clone()
+        conns
+            .entry(addr.to_owned())
+            .or_insert_with(|| Arc::new(Slot::new()))
+            .clone()
     }
 
-    /// Whether an open connection to `addr` is cached (waits for a handshake in progress).
+    /// Whether an open connection to `addr` is cached.
     pub async fn is_connected(&self, addr: &str) -> bool {
-        let slot = self.slot(addr);
-        let slot = slot.lock().await;
-        slot.as_ref().is_some_and(|c| c.close_reason().is_none())
+        self.slot(addr)
+            .conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
     }
 
     /// The cached connection to `addr`, or a new one if there is none or it closed.
+    ///
+    /// Handshakes run in tasks of their own: a caller whose TTL (a heartbeat's is tens of
+    /// milliseconds) runs out must not abort a handshake that the next RPC can use. A handshake
+    /// still running after `connect_retry_after` is joined by a fresh one, and the first to
+    /// complete wins: the earlier one keeps going (on a loaded machine a handshake may be slow,
+    /// not lost), but to an unreachable peer QUIC resends its Initial packet at doubling
+    /// intervals, so a peer that comes back would otherwise wait for the next resend, seconds
+    /// away after a long partition; a fresh attempt sends at once.
     pub async fn connection(&self, addr: &str) -> Result<Connection, NetError> {
         let slot = self.slot(addr);
-        if let Some(conn) = slot.lock().await.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
-        }
-        // The handshake runs in its own task: a caller whose TTL (a heartbeat's can be tens of
-        // milliseconds) runs out must not abort a handshake that the next RPC can use.
-        let inner = self.inner.clone();
-        let target = addr.to_owned();
-        tokio::spawn(async move {
-            let mut slot = slot.lock().await;
-            if let Some(conn) = slot.as_ref() {
+        let mut changed = slot.conn.subscribe();
+        let every = self.inner.opts.connect_retry_after;
+        loop {
+            if let Some(conn) = changed.borrow_and_update().as_ref() {
                 if conn.close_reason().is_none() {
                     return Ok(conn.clone());
                 }
             }
-            *slot = None;
-            let opts = &inner.opts;
-            let conn = connect(
-                &inner.endpoint,
-                inner.config.clone(),
-                &target,
-                opts.connect_attempt_timeout.min(opts.connect_timeout),
-            )
-            .await?;
-            *slot = Some(conn.clone());
-            tokio::spawn(close_when_silent(
-                conn.clone(),
-                target.clone(),
-                opts.silent_peer,
-            ));
-            if let Some(f) = inner.on_connect.get() {
-                f(&target);
+            let (start, wait) = {
+                let mut latest = slot.attempt();
+                match *latest {
+                    Some(t) if t.elapsed() < every => (None, every - t.elapsed()),
+                    _ => {
+                        let now = Instant::now();
+                        *latest = Some(now);
+                        (Some(now), every)
+                    }
+                }
+            };
+            match start {
+                Some(started) => {
+                    let mut task = tokio::spawn(attempt(
+                        self.inner.clone(),
+                        slot.clone(),
+                        addr.to_owned(),
+                        started,
+                    ));
+                    tokio::select! {
+                        r = &mut task => {
+                            return r.map_err(|_| NetError::ConnectTask(addr.to_owned()))?;
+                        }
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
             }
-            Ok(conn)
-        })
-        .await
-        .map_err(|_| NetError::ConnectTask(addr.to_owned()))?
+        }
     }
 
     fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {
@@ -300,24 +395,16 @@ impl PeerClient {
     }
 
     /// The connection to `addr`, within `timeout` (or the connect timeout if shorter). Failing
-    /// to connect, in time or at all, means the peer is unreachable. A handshake attempt that
-    /// runs out of its own time (`connect_attempt_timeout`) is followed by a fresh one while
-    /// the caller's time lasts.
+    /// to connect, in time or at all, means the peer is unreachable.
     async fn connection_within(
         &self,
         addr: &str,
         timeout: Duration,
     ) -> Result<Connection, NetError> {
         let limit = timeout.min(self.inner.opts.connect_timeout);
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.connection(addr)).await {
-                Err(_) => return Err(NetError::ConnectTimeout(addr.to_owned(), limit)),
-                Ok(Err(NetError::ConnectTimeout(..))) if tokio::time::Instant::now() < deadline => {
-                }
-                Ok(result) => return result,
-            }
-        }
+        tokio::time::timeout(limit, self.connection(addr))
+            .await
+            .unwrap_or_else(|_| Err(NetError::ConnectTimeout(addr.to_owned(), limit)))
     }
 
     /// One RPC to `addr` within `timeout` (connection included).

@@ -140,11 +140,12 @@ pub struct NetOptions {
     pub keep_alive: Duration,
     /// How long establishing a connection may take.
     pub connect_timeout: Duration,
-    /// How long one handshake attempt may take before the next caller starts a fresh one. A
-    /// handshake to an unreachable peer backs off (its Initial packet is sent again after
-    /// about 3 × `initial_rtt`, then twice that, ...), so a peer that comes back would be found
-    /// only at the next retransmission; fresh attempts keep that under this bound.
-    pub connect_attempt_timeout: Duration,
+    /// A handshake still running after this long is joined by a fresh attempt (the first to
+    /// complete wins; each may run for `connect_timeout`). A handshake to an unreachable peer
+    /// backs off (its Initial packet is sent again after about 3 × `initial_rtt`, then twice
+    /// that, ...), so a peer that comes back would be found only at the next resend; a fresh
+    /// attempt sends at once.
+    pub connect_retry_after: Duration,
     /// QUIC's RTT estimate before the first sample (RFC 9002 says 333 ms for the Internet). It
     /// sets when a lost handshake packet is sent again.
     pub initial_rtt: Duration,
@@ -199,7 +200,7 @@ impl Default for NetOptions {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
-            connect_attempt_timeout: Duration::from_millis(500),
+            connect_retry_after: Duration::from_millis(500),
             initial_rtt: Duration::from_millis(100),
             silent_peer: Duration::from_millis(500),
             rpc_timeout: Duration::from_secs(10),
