@@ -151,7 +151,10 @@ pub struct NetOptions {
     pub initial_rtt: Duration,
     /// A connection on which we sent something the peer must acknowledge and then heard
     /// nothing at all for this long is closed (code `SILENT`) and the next RPC opens a fresh
-    /// one. A live peer acknowledges within its ack delay (25 ms) plus the RTT. Without this a
+    /// one. A live peer acknowledges within its ack delay (25 ms) plus the RTT, but a process
+    /// starved of CPU can go quiet for longer: at 500 ms, debug builds under a load average of
+    /// 18 closed live connections about once a second and elections churned (docs/benchmarks.md),
+    /// hence 2 s, still well under the seconds QUIC's backed-off probes can take. Without this a
     /// connection through a partition, or to a paused or killed process, stays in QUIC's loss
     /// recovery after the path comes back, and its next probe may be seconds away: the probe
     /// timeout doubles with every unanswered probe (found by `shoal-loadtest faults`: a
@@ -202,7 +205,7 @@ impl Default for NetOptions {
             connect_timeout: Duration::from_secs(5),
             connect_retry_after: Duration::from_millis(500),
             initial_rtt: Duration::from_millis(100),
-            silent_peer: Duration::from_millis(500),
+            silent_peer: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             stream_receive_window: 8 << 20,
