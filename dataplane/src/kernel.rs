@@ -129,19 +129,20 @@ fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<(), KernelDriv
             command: command.clone(),
             source,
         })?;
-    // A program that stops reading early (an `ip -batch` that exits on a failed line) closes
-    // the pipe: its exit status and message say why, not the write's error.
-    let written = child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes());
+    // Written from another thread while this one drains stderr, so a long batch with many
+    // failing lines cannot fill both pipes and block both processes.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child
         .wait_with_output()
         .map_err(|source| KernelDriverError::Spawn {
             command: command.clone(),
             source,
         })?;
+    // A program that stops reading early (an `ip -batch` that exits on a failed line) closes
+    // the pipe: its exit status and message say why, not the write's error.
+    let written = writer.join().expect("stdin writer panicked");
     if !out.status.success() {
         return Err(KernelDriverError::Command {
             command,
