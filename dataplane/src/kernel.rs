@@ -106,21 +106,21 @@ fn nft_script(script: &str) -> Result<(), KernelDriverError> {
 /// Runs an nft script in the named namespace (through nsenter, which, unlike `ip netns exec`,
 /// does not remount /sys), or in the caller's when `netns` is `None`.
 fn nft_script_in(netns: Option<&str>, script: &str) -> Result<(), KernelDriverError> {
-    let (program, args) = match netns {
-        Some(ns) => (
+    match netns {
+        Some(ns) => run_stdin(
             "nsenter",
-            vec![
-                format!("--net=/run/netns/{ns}"),
-                "nft".into(),
-                "-f".into(),
-                "-".into(),
-            ],
+            &[&format!("--net=/run/netns/{ns}"), "nft", "-f", "-"],
+            script,
         ),
-        None => ("nft", vec!["-f".into(), "-".into()]),
-    };
+        None => run_stdin("nft", &["-f", "-"], script),
+    }
+}
+
+/// Runs `program args` with `input` on its standard input.
+fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<(), KernelDriverError> {
     let command = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
-        .args(&args)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -129,28 +129,105 @@ fn nft_script_in(netns: Option<&str>, script: &str) -> Result<(), KernelDriverEr
             command: command.clone(),
             source,
         })?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .map_err(|source| KernelDriverError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    // Written from another thread while this one drains stderr, so a long batch with many
+    // failing lines cannot fill both pipes and block both processes.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child
         .wait_with_output()
         .map_err(|source| KernelDriverError::Spawn {
             command: command.clone(),
             source,
         })?;
+    // A program that stops reading early (an `ip -batch` that exits on a failed line) closes
+    // the pipe: its exit status and message say why, not the write's error.
+    let written = writer.join().expect("stdin writer panicked");
     if !out.status.success() {
         return Err(KernelDriverError::Command {
             command,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    written.map_err(|source| KernelDriverError::Spawn { command, source })
+}
+
+/// What a line of a [`Batch`] that fails means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnError {
+    /// The apply fails.
+    Fail,
+    /// Success if the object exists already (as [`run_exists_ok`]).
+    ExistsOk,
+    /// Success if the object is gone already: a deletion has nothing left to do.
+    MissingOk,
+    /// Best effort: logged and ignored (the object went with its device or namespace).
+    Ignore,
+}
+
+/// `ip` or `bridge` commands of one apply run by one process (`-batch -` on standard input)
+/// instead of one process each: the kernel driver's convergence cost was mostly process starts.
+/// `-force` lets the lines after a failed one run; if any line failed, every line is run again
+/// on its own (lines are idempotent, or deletions whose repeat is `MissingOk`/`Ignore`), so the
+/// outcome and the error, which names the failing command, are those of one process per line.
+#[derive(Debug)]
+struct Batch {
+    program: &'static str,
+    /// `-n NETNS` for `ip`: the namespace the lines act in.
+    netns: Option<String>,
+    lines: Vec<(String, OnError)>,
+}
+
+impl Batch {
+    fn new(program: &'static str, netns: Option<&str>) -> Self {
+        Batch {
+            program,
+            netns: netns.map(str::to_string),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Adds one command (its words as on the command line, after the program name).
+    fn push(&mut self, on_error: OnError, words: &[&str]) {
+        self.lines.push((words.join(" "), on_error));
+    }
+
+    fn run(self) -> Result<(), KernelDriverError> {
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(ns) = &self.netns {
+            args.extend(["-n", ns.as_str()]);
+        }
+        let prefix = args.len();
+        args.extend(["-force", "-batch", "-"]);
+        let mut input = String::new();
+        for (line, _) in &self.lines {
+            input.push_str(line);
+            input.push('\n');
+        }
+        let Err(batch_error) = run_stdin(self.program, &args, &input) else {
+            return Ok(());
+        };
+        debug!(error = %batch_error, lines = self.lines.len(), "batch failed; running its lines one by one");
+        args.truncate(prefix);
+        for (line, on_error) in &self.lines {
+            let mut line_args = args.clone();
+            line_args.extend(line.split_whitespace());
+            let result = run(self.program, &line_args);
+            match (result, on_error) {
+                (Ok(()), _) => {}
+                (Err(KernelDriverError::Command { stderr, .. }), OnError::ExistsOk)
+                    if stderr.contains("File exists") => {}
+                (Err(KernelDriverError::Command { stderr, .. }), OnError::MissingOk)
+                    if stderr.contains("No such file or directory") => {}
+                (Err(e), OnError::Ignore) => debug!(error = %e, "best-effort command failed"),
+                (Err(e), _) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn bridge_name(vni: u32) -> String {
@@ -1112,10 +1189,12 @@ impl Dataplane for KernelDataplane {
             self.add_network(*vni)?;
             self.networks.insert(*vni);
         }
-        for (vni, mac, vtep) in want_fdb.difference(&self.fdb.clone()) {
+        // Remote ports' FDB entries and the networks' flood entries: one process.
+        let mut fdb = Batch::new("bridge", None);
+        for (vni, mac, vtep) in want_fdb.difference(&self.fdb) {
             let (mac, vtep) = (mac.to_string(), vtep.to_string());
-            run(
-                "bridge",
+            fdb.push(
+                OnError::Fail,
                 &[
                     "fdb",
                     "replace",
@@ -1127,11 +1206,11 @@ impl Dataplane for KernelDataplane {
                     "self",
                     "permanent",
                 ],
-            )?;
+            );
         }
-        for (vni, vtep) in want_flood.difference(&self.flood.clone()) {
-            run_exists_ok(
-                "bridge",
+        for (vni, vtep) in want_flood.difference(&self.flood) {
+            fdb.push(
+                OnError::ExistsOk,
                 &[
                     "fdb",
                     "append",
@@ -1143,16 +1222,19 @@ impl Dataplane for KernelDataplane {
                     "self",
                     "permanent",
                 ],
-            )?;
+            );
         }
+        fdb.run()?;
+        let mut attach = Batch::new("ip", None);
         for (device, vni) in &want_ports {
             if self.ports.get(device) != Some(vni) {
-                run(
-                    "ip",
+                attach.push(
+                    OnError::Fail,
                     &["link", "set", device, "master", &bridge_name(*vni), "up"],
-                )?;
+                );
             }
         }
+        attach.run()?;
         for netns in want_routers.difference(&self.routers.clone()) {
             Self::add_router(netns)?;
             self.routers.insert(netns.clone());
@@ -1166,24 +1248,30 @@ impl Dataplane for KernelDataplane {
             Self::add_rif(bridge_end, rif)?;
             self.rifs.insert(bridge_end.clone(), rif.clone());
         }
+        // One process per router namespace.
+        let mut neigh: BTreeMap<&str, Batch> = BTreeMap::new();
         for (netns, dev, ip, mac) in want_neighbours.difference(&self.neighbours) {
             let (ip, mac) = (ip.to_string(), mac.to_string());
-            run(
-                "ip",
-                &[
-                    "-n",
-                    netns,
-                    "neigh",
-                    "replace",
-                    &ip,
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ],
-            )?;
+            neigh
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(
+                    OnError::Fail,
+                    &[
+                        "neigh",
+                        "replace",
+                        &ip,
+                        "lladdr",
+                        &mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    ],
+                );
+        }
+        for batch in neigh.into_values() {
+            batch.run()?;
         }
         let want_externals: BTreeMap<String, ExtDev> = desired
             .routers
@@ -1202,24 +1290,37 @@ impl Dataplane for KernelDataplane {
             }
         }
         self.externals = want_externals;
+        let mut routes: BTreeMap<&str, Batch> = BTreeMap::new();
         for (netns, dest, nexthop) in want_routes.difference(&self.extra_routes) {
             let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
-            run(
-                "ip",
-                &["-n", netns, "route", "replace", &dest, "via", &nexthop],
-            )?;
+            routes
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(OnError::Fail, &["route", "replace", &dest, "via", &nexthop]);
         }
+        for batch in routes.into_values() {
+            batch.run()?;
+        }
+        // Stale routes and neighbours: gone already when their router or interface went.
+        let mut stale: BTreeMap<&str, Batch> = BTreeMap::new();
         for (netns, dest, nexthop) in self.extra_routes.difference(&want_routes) {
-            // Gone already when its router or the interface to its next hop went.
             let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
-            let _ = run("ip", &["-n", netns, "route", "del", &dest, "via", &nexthop]);
+            stale
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(OnError::Ignore, &["route", "del", &dest, "via", &nexthop]);
         }
         for (netns, dev, ip, _) in self.neighbours.difference(&want_neighbours) {
-            // Gone already when its interface or router went.
-            let _ = run(
-                "ip",
-                &["-n", netns, "neigh", "del", &ip.to_string(), "dev", dev],
-            );
+            stale
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(
+                    OnError::Ignore,
+                    &["neigh", "del", &ip.to_string(), "dev", dev],
+                );
+        }
+        for batch in stale.into_values() {
+            batch.run()?;
         }
         let stale_rifs: Vec<String> = self
             .rifs
@@ -1241,17 +1342,19 @@ impl Dataplane for KernelDataplane {
             }
         }
 
+        let mut detach = Batch::new("ip", None);
         for device in self.ports.keys().filter(|d| !want_ports.contains_key(*d)) {
             // The VM's device may be gone already; then it left the bridge with it.
-            if let Err(e) = run("ip", &["link", "set", device, "nomaster"]) {
-                debug!(device, error = %e, "detaching port from bridge");
-            }
+            detach.push(OnError::Ignore, &["link", "set", device, "nomaster"]);
         }
+        detach.run()?;
+        // Stale FDB and flood entries of networks that stay (the others go with their devices).
+        let mut fdb = Batch::new("bridge", None);
         for (vni, mac, vtep) in self.fdb.difference(&want_fdb) {
             if want_networks.contains(vni) {
                 let (mac, vtep) = (mac.to_string(), vtep.to_string());
-                run(
-                    "bridge",
+                fdb.push(
+                    OnError::MissingOk,
                     &[
                         "fdb",
                         "del",
@@ -1262,13 +1365,13 @@ impl Dataplane for KernelDataplane {
                         &vtep,
                         "self",
                     ],
-                )?;
+                );
             }
         }
         for (vni, vtep) in self.flood.difference(&want_flood) {
             if want_networks.contains(vni) {
-                run(
-                    "bridge",
+                fdb.push(
+                    OnError::MissingOk,
                     &[
                         "fdb",
                         "del",
@@ -1279,9 +1382,10 @@ impl Dataplane for KernelDataplane {
                         &vtep.to_string(),
                         "self",
                     ],
-                )?;
+                );
             }
         }
+        fdb.run()?;
         for vni in self.networks.difference(&want_networks) {
             self.del_network(*vni)?;
         }
@@ -1335,5 +1439,52 @@ impl Dataplane for KernelDataplane {
             ))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testbed::{privileged_or_skip, NetNs};
+
+    /// A batch whose lines fail still applies the others, tolerates what its lines allow, and
+    /// fails naming the command that failed.
+    #[test]
+    fn batch_runs_every_line_and_names_the_failing_one() {
+        if !privileged_or_skip("batch_runs_every_line_and_names_the_failing_one") {
+            return;
+        }
+        let ns = NetNs::new("sbat").unwrap();
+        let mut batch = Batch::new("ip", Some(&ns.name));
+        batch.push(
+            OnError::ExistsOk,
+            &["link", "add", "sbatd0", "type", "bridge"],
+        );
+        // Lines run again after a failure: a creation must tolerate its own earlier success.
+        // `ip neigh del` of a missing entry ends an `ip -batch` run (exit 2), even with -force.
+        batch.push(OnError::Ignore, &["neigh", "del", "10.9.0.1", "dev", "lo"]);
+        batch.push(
+            OnError::ExistsOk,
+            &["link", "add", "sbatd1", "type", "bridge"],
+        );
+        batch.run().unwrap();
+        let links = output("ip", &["-n", &ns.name, "-o", "link", "show"]).unwrap();
+        assert!(
+            links.contains("sbatd0") && links.contains("sbatd1"),
+            "{links}"
+        );
+
+        let mut batch = Batch::new("ip", Some(&ns.name));
+        batch.push(
+            OnError::ExistsOk,
+            &["link", "add", "sbatd0", "type", "bridge"],
+        );
+        batch.push(OnError::Fail, &["link", "set", "sbatnone", "up"]);
+        batch.push(OnError::Fail, &["link", "add", "sbatd2", "type", "bridge"]);
+        let err = batch.run().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("ip -n {} link set sbatnone up", ns.name)),
+            "{err}"
+        );
     }
 }
