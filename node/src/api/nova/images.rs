@@ -233,32 +233,24 @@ async fn delete(
 }
 
 /// Changes the image's properties (Nova's metadata) with the Image API's own compare-and-set
-/// and ownership check; returns the image as written.
+/// and ownership check; returns the image as written. A refusal from `change` is answered with
+/// its status and message, in Nova's shape.
 async fn change_metadata(
     state: &AppState,
     auth: &Auth,
     id: &str,
-    change: impl Fn(&mut BTreeMap<String, String>) -> Result<(), ApiError>,
+    change: impl Fn(&mut BTreeMap<String, String>) -> Result<(), RecordError>,
 ) -> ApiResult<ImageRecord> {
     need(auth, "member")?;
     visible(state, auth, id).await?;
-    let failed = std::sync::Mutex::new(None);
     let now = now_secs();
-    let result = modify(state, auth, id, |img, _| {
-        let mut props = img.properties.clone();
-        if let Err(e) = change(&mut props) {
-            *failed.lock().expect("one writer") = Some(e);
-            return Err(RecordError::BadRequest("metadata".into()));
-        }
-        img.properties = props;
+    modify(state, auth, id, |img, _| {
+        change(&mut img.properties)?;
         img.updated_at = now;
         Ok(())
     })
-    .await;
-    if let Some(e) = failed.into_inner().expect("one writer") {
-        return Err(e);
-    }
-    result.map_err(ApiError::nova)
+    .await
+    .map_err(ApiError::nova)
 }
 
 async fn show_metadata(
@@ -300,8 +292,8 @@ async fn replace_metadata(
     Ok(Json(json!({ "metadata": img.properties })))
 }
 
-fn item_missing(id: &str, key: &str) -> ApiError {
-    ApiError::not_found(format!("Image {id} has no metadata item {key}")).nova()
+fn item_missing(id: &str, key: &str) -> String {
+    format!("Image {id} has no metadata item {key}")
 }
 
 async fn show_item(
@@ -313,7 +305,7 @@ async fn show_item(
     let value = img
         .properties
         .get(&key)
-        .ok_or_else(|| item_missing(&id, &key))?;
+        .ok_or_else(|| ApiError::not_found(item_missing(&id, &key)).nova())?;
     Ok(Json(json!({ "meta": { key: value } })))
 }
 
@@ -352,7 +344,7 @@ async fn delete_item(
         props
             .remove(&key)
             .map(|_| ())
-            .ok_or_else(|| item_missing(&id, &key))
+            .ok_or_else(|| RecordError::NotFound(item_missing(&id, &key)))
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
