@@ -295,6 +295,110 @@ fn network_commands_work_against_every_node() {
 
 /// Two projects do not see each other's networks, ports or groups; a shared network is seen
 /// by both; provider attributes are an administrator's; a project's port quota holds.
+/// The modified EUI-64 address of `mac` in the /64 whose first half is `prefix` (RFC 4291),
+/// computed here independently of the service.
+fn eui64(prefix: &str, mac: &str) -> std::net::Ipv6Addr {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|o| u8::from_str_radix(o, 16).unwrap())
+        .collect();
+    let net: std::net::Ipv6Addr = prefix.parse().unwrap();
+    let iid = [b[0] ^ 2, b[1], b[2], 0xff, 0xfe, b[3], b[4], b[5]];
+    let mut octets = net.octets();
+    octets[8..].copy_from_slice(&iid);
+    octets.into()
+}
+
+#[test]
+fn ipv6_subnets_give_ports_their_addresses() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    osc.json(0, &["network", "create", "dual"]);
+    let v6 = |node: usize, range: &str, mode: Option<&str>, name: &str| {
+        let mut args = vec![
+            "subnet",
+            "create",
+            "--network",
+            "dual",
+            "--ip-version",
+            "6",
+            "--subnet-range",
+            range,
+        ];
+        if let Some(m) = mode {
+            args.extend(["--ipv6-ra-mode", m, "--ipv6-address-mode", m]);
+        }
+        args.push(name);
+        osc.run(node, &args)
+    };
+    assert!(v6(0, "2001:db8:7::/64", Some("slaac"), "auto").ok);
+    let auto = osc.json(1, &["subnet", "show", "auto"]);
+    assert_eq!(auto["ip_version"], 6);
+    assert_eq!(auto["gateway_ip"], "2001:db8:7::1");
+    assert_eq!(auto["ipv6_address_mode"], "slaac");
+    assert!(v6(1, "2001:db8:8::/64", None, "stateful").ok);
+    let stateful = osc.json(2, &["subnet", "show", "stateful"]);
+    let v4 = osc.json(
+        2,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "dual",
+            "--subnet-range",
+            "10.70.0.0/24",
+            "four",
+        ],
+    );
+
+    // A port with no fixed_ips: one IPv4, one stateful IPv6 and its SLAAC address.
+    let p = osc.json(1, &["port", "create", "--network", "dual", "p1"]);
+    let mac = p["mac_address"].as_str().unwrap();
+    let on = |port: &Value, subnet: &Value| -> Vec<String> {
+        port["fixed_ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["subnet_id"] == subnet["id"])
+            .map(|f| f["ip_address"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(on(&p, &auto), [eui64("2001:db8:7::", mac).to_string()]);
+    let from_pool: std::net::Ipv6Addr = on(&p, &stateful)[0].parse().unwrap();
+    assert_eq!(from_pool.segments()[..4], [0x2001, 0xdb8, 8, 0]);
+    assert!(on(&p, &v4)[0].starts_with("10.70.0."));
+
+    // Refused as Neutron refuses them.
+    osc.run(
+        0,
+        &[
+            "port",
+            "create",
+            "--network",
+            "dual",
+            "--fixed-ip",
+            "subnet=auto,ip-address=2001:db8:7::99",
+            "p2",
+        ],
+    )
+    .failed_with(400);
+    assert!(!v6(0, "10.71.0.0/24", None, "mixed").ok);
+    assert!(!v6(0, "2001:db8:9::/80", Some("slaac"), "short").ok);
+    assert!(
+        !v6(0, "2001:db8:7:0:1::/80", None, "inside").ok,
+        "overlaps 'auto'"
+    );
+
+    // The SLAAC subnet goes while the port holds its address; the port keeps the others.
+    assert!(osc.run(2, &["subnet", "delete", "auto"]).ok);
+    let after = osc.json(0, &["port", "show", "p1"]);
+    assert_eq!(after["fixed_ips"].as_array().unwrap().len(), 2, "{after}");
+    assert!(on(&after, &auto).is_empty());
+    // A stateful subnet with a port on it stays.
+    assert!(!osc.run(1, &["subnet", "delete", "stateful"]).ok);
+}
+
 #[test]
 fn projects_are_isolated_and_bounded_by_quotas() {
     let Some(bin) = openstack_bin() else { return };

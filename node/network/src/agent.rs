@@ -1306,6 +1306,10 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             revision_number: 1,
+            ip_version: 4,
+            ipv6_ra_mode: None,
+            ipv6_address_mode: None,
+            router_external: false,
         };
         let rule = |id: &str, dir: &str, remote_group: Option<&str>| RuleRecord {
             id: id.into(),

@@ -113,7 +113,7 @@ impl NetworkError {
     pub fn not_found(resource: Resource, id: &str) -> Self {
         NetworkError::NotFound {
             resource,
-            id: crate::ipv4::shown(id),
+            id: crate::ip::shown(id),
         }
     }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use shoal_state::records::PortRecord;
 use shoal_state::{tables, Expect, Table, Txn};
 
-use crate::ipv4::{family_of, parse_ip, shown};
+use crate::ip::{family_of, parse_ip, shown};
 use crate::networks::deleting_key;
 use crate::ports::ServicePort;
 use crate::quotas::{count_in, uncount_in};
@@ -344,11 +344,18 @@ impl NetworkService {
             }
         }
         if let Some(ip) = &req.floating_ip_address {
-            parse_ip(ip).map_err(|m| {
+            let addr = parse_ip(ip).map_err(|m| {
                 NetworkError::bad(format!(
                     "Invalid input for floating_ip_address. Reason: {m}."
                 ))
             })?;
+            if !crate::ip::is_v4(addr) {
+                return Err(NetworkError::bad(format!(
+                    "Invalid input for floating_ip_address. Reason: '{}' is not an IPv4 \
+                     address: floating IPs are IPv4.",
+                    shown(ip)
+                )));
+            }
         }
         if req.fixed_ip_address.is_some() && req.port_id.is_none() {
             return Err(bad_request(

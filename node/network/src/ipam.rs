@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ipv4::{ip_string, parse_ip, shown, Cidr};
+use crate::ip::{ip_string, parse_ip, shown, Addr, Cidr};
 
 /// How many free addresses, from the start of the pools, a pick chooses among.
 pub const PICK_WINDOW: usize = 64;
@@ -41,15 +41,19 @@ fn bad(kind: &'static str, message: String) -> LayoutError {
     }
 }
 
-/// The first host address: Neutron's default gateway, when the subnet has room for one.
-pub fn default_gateway(cidr: &Cidr) -> Option<u32> {
-    (cidr.prefix() <= 30).then(|| cidr.hosts().0)
+/// The first host address: Neutron's default gateway, when the subnet has room for one
+/// (`x.x.x.1` in IPv4, `prefix::1` in IPv6).
+pub fn default_gateway(cidr: &Cidr) -> Option<Addr> {
+    let room = if cidr.is_v4() { 30 } else { 127 };
+    (cidr.prefix() <= room).then(|| cidr.first() + 1)
 }
 
-/// Checks a gateway chosen by the request: a host address of the subnet.
-pub fn check_gateway(cidr: &Cidr, gateway: &str) -> Result<u32, LayoutError> {
+/// Checks a gateway chosen by the request: a host address of the subnet, or for IPv6 a
+/// link-local address (`fe80::/64`), as routers advertise themselves.
+pub fn check_gateway(cidr: &Cidr, gateway: &str) -> Result<Addr, LayoutError> {
     let ip = parse_ip(gateway).map_err(|m| bad("HTTPBadRequest", m))?;
-    if !cidr.is_host(ip) {
+    let link_local = !cidr.is_v4() && ip >> 64 == 0xfe80 << 48;
+    if !cidr.is_host(ip) && !link_local {
         return Err(bad(
             "InvalidInput",
             format!(
@@ -62,7 +66,7 @@ pub fn check_gateway(cidr: &Cidr, gateway: &str) -> Result<u32, LayoutError> {
 }
 
 /// The pools of a subnet that names none: every host address but the gateway.
-pub fn default_pools(cidr: &Cidr, gateway: Option<u32>) -> Vec<(u32, u32)> {
+pub fn default_pools(cidr: &Cidr, gateway: Option<Addr>) -> Vec<(Addr, Addr)> {
     let (lo, hi) = cidr.hosts();
     match gateway {
         Some(g) if (lo..=hi).contains(&g) => {
@@ -86,9 +90,9 @@ pub const MAX_POOLS: usize = 100;
 /// addresses, start ≤ end, no two overlapping, the gateway in none. Returns them sorted.
 pub fn check_pools(
     cidr: &Cidr,
-    gateway: Option<u32>,
+    gateway: Option<Addr>,
     pools: &[Pool],
-) -> Result<Vec<(u32, u32)>, LayoutError> {
+) -> Result<Vec<(Addr, Addr)>, LayoutError> {
     if pools.len() > MAX_POOLS {
         return Err(bad(
             "HTTPBadRequest",
@@ -153,7 +157,7 @@ pub fn check_pools(
     Ok(ranges)
 }
 
-pub fn to_pools(ranges: &[(u32, u32)]) -> Vec<Pool> {
+pub fn to_pools(ranges: &[(Addr, Addr)]) -> Vec<Pool> {
     ranges
         .iter()
         .map(|(s, e)| Pool {
@@ -164,7 +168,7 @@ pub fn to_pools(ranges: &[(u32, u32)]) -> Vec<Pool> {
 }
 
 /// Parses stored pools (already checked when the subnet was written).
-pub fn ranges_of(pools: &[Pool]) -> Vec<(u32, u32)> {
+pub fn ranges_of(pools: &[Pool]) -> Vec<(Addr, Addr)> {
     pools
         .iter()
         .filter_map(|p| Some((parse_ip(&p.start).ok()?, parse_ip(&p.end).ok()?)))
@@ -174,7 +178,7 @@ pub fn ranges_of(pools: &[Pool]) -> Vec<(u32, u32)> {
 /// Picks a free address: one of the first [`PICK_WINDOW`] addresses of `pools` (in order)
 /// that are not in `used`, the `choice`-th modulo how many there are. `None` when every
 /// address of the pools is used.
-pub fn pick(pools: &[(u32, u32)], used: &BTreeSet<u32>, choice: u64) -> Option<u32> {
+pub fn pick(pools: &[(Addr, Addr)], used: &BTreeSet<Addr>, choice: u64) -> Option<Addr> {
     let mut window = Vec::with_capacity(PICK_WINDOW);
     'pools: for &(start, end) in pools {
         let mut ip = start;
@@ -204,7 +208,7 @@ mod tests {
 
     use super::*;
 
-    fn ip(s: &str) -> u32 {
+    fn ip(s: &str) -> Addr {
         parse_ip(s).unwrap()
     }
 
@@ -285,34 +289,39 @@ mod tests {
         }
         assert_eq!(pick(&pools, &used, 7), None);
         // The last address of the address space does not overflow.
-        let top = [(u32::MAX - 1, u32::MAX)];
+        let top = [(u128::MAX - 1, u128::MAX)];
         assert_eq!(
-            pick(&top, &BTreeSet::from([u32::MAX - 1]), 3),
-            Some(u32::MAX)
+            pick(&top, &BTreeSet::from([u128::MAX - 1]), 3),
+            Some(u128::MAX)
         );
+        // An IPv6 pool of 2^64 addresses: the pick looks at the window only.
+        let c = Cidr::parse("2001:db8::/64").unwrap();
+        let pools = default_pools(&c, default_gateway(&c));
+        let got = pick(&pools, &BTreeSet::new(), 5).unwrap();
+        assert!(c.is_host(got) && got != c.first() + 1);
     }
 
-    fn layout() -> impl Strategy<Value = (Cidr, Vec<(u32, u32)>)> {
+    fn layout() -> impl Strategy<Value = (Cidr, Vec<(Addr, Addr)>)> {
         (
             20u8..=29,
             any::<u32>(),
             prop::collection::vec((any::<u16>(), any::<u16>()), 1..4),
         )
             .prop_map(|(prefix, base, raw)| {
-                let cidr =
-                    Cidr::parse_normalized(&format!("{}/{prefix}", ip_string(base))).unwrap();
+                let base = std::net::Ipv4Addr::from(base);
+                let cidr = Cidr::parse_normalized(&format!("{base}/{prefix}")).unwrap();
                 let (lo, hi) = cidr.hosts();
                 let span = hi - lo + 1;
-                let mut ranges: Vec<(u32, u32)> = raw
+                let mut ranges: Vec<(Addr, Addr)> = raw
                     .into_iter()
                     .map(|(a, b)| {
-                        let (a, b) = (lo + u32::from(a) % span, lo + u32::from(b) % span);
+                        let (a, b) = (lo + u128::from(a) % span, lo + u128::from(b) % span);
                         (a.min(b), a.max(b))
                     })
                     .collect();
                 ranges.sort_unstable();
                 // Merge overlaps: valid pools never overlap.
-                let mut merged: Vec<(u32, u32)> = Vec::new();
+                let mut merged: Vec<(Addr, Addr)> = Vec::new();
                 for r in ranges {
                     match merged.last_mut() {
                         Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
@@ -332,9 +341,9 @@ mod tests {
             (cidr, pools) in layout(),
             ops in prop::collection::vec((any::<bool>(), any::<u64>()), 1..300),
         ) {
-            let capacity: u64 = pools.iter().map(|(s, e)| u64::from(e - s) + 1).sum();
-            let mut held: BTreeSet<u32> = BTreeSet::new();
-            let mut order: Vec<u32> = Vec::new();
+            let capacity: u128 = pools.iter().map(|(s, e)| e - s + 1).sum();
+            let mut held: BTreeSet<Addr> = BTreeSet::new();
+            let mut order: Vec<Addr> = Vec::new();
             for (allocate, r) in ops {
                 if allocate || order.is_empty() {
                     match pick(&pools, &held, r) {
@@ -344,7 +353,7 @@ mod tests {
                             prop_assert!(held.insert(ip), "{} handed out twice", ip_string(ip));
                             order.push(ip);
                         }
-                        None => prop_assert_eq!(held.len() as u64, capacity),
+                        None => prop_assert_eq!(held.len() as u128, capacity),
                     }
                 } else {
                     // A deleted port's address goes back to the pool.
@@ -359,7 +368,7 @@ mod tests {
         #[test]
         fn checked_pools_stay_in_bounds((cidr, pools) in layout(), g in any::<u32>()) {
             let (lo, hi) = cidr.hosts();
-            let gateway = lo + g % (hi - lo + 1);
+            let gateway = lo + u128::from(g) % (hi - lo + 1);
             if let Ok(ranges) = check_pools(&cidr, Some(gateway), &to_pools(&pools)) {
                 for (s, e) in ranges {
                     prop_assert!(cidr.is_host(s) && cidr.is_host(e) && s <= e);

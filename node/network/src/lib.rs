@@ -19,8 +19,8 @@ pub mod config;
 pub mod dhcp;
 mod error;
 mod floating_ips;
+pub mod ip;
 pub mod ipam;
-pub mod ipv4;
 mod networks;
 mod ports;
 mod quotas;
@@ -112,7 +112,7 @@ fn check_project_id(p: &str) -> NetResult<()> {
     } else {
         Err(NetworkError::invalid(format!(
             "'{}' is not a valid project id",
-            ipv4::shown(p)
+            ip::shown(p)
         )))
     }
 }
@@ -203,7 +203,7 @@ fn check_text(field: &str, value: &str) -> NetResult<()> {
     if value.chars().count() > MAX_NAME {
         return Err(NetworkError::bad(format!(
             "Invalid input for {field}. Reason: '{}...' exceeds maximum length of {MAX_NAME}.",
-            ipv4::shown(value)
+            ip::shown(value)
         )));
     }
     Ok(())
@@ -220,7 +220,7 @@ pub fn check_tags(tags: &[String]) -> NetResult<Vec<String>> {
         if t.is_empty() || t.chars().count() > 255 || t.contains(',') {
             return Err(NetworkError::bad(format!(
                 "Invalid input for tags. Reason: '{}' is not a valid tag: 1 to 255 characters, no comma.",
-                ipv4::shown(t)
+                ip::shown(t)
             )));
         }
         out.push(t.clone());

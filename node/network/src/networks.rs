@@ -198,7 +198,7 @@ impl NetworkService {
                 if !self.config.allows_flat(p) || p.is_empty() || p.len() > 64 {
                     return Err(NetworkError::invalid(format!(
                         "physical_network '{}' unknown for flat provider network",
-                        crate::ipv4::shown(p)
+                        crate::ip::shown(p)
                     )));
                 }
                 if req.segmentation_id.is_some() {
@@ -210,7 +210,7 @@ impl NetworkService {
             other => {
                 return Err(NetworkError::invalid(format!(
                     "network_type value '{}' not supported: use vxlan or flat",
-                    crate::ipv4::shown(other)
+                    crate::ip::shown(other)
                 )))
             }
         }

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use shoal_state::records::{AddressPair, FixedIp, PortRecord};
 use shoal_state::{tables, Expect, Txn};
 
+use crate::ip::{eui64, family_of, ip_string, parse_ip, shown, Addr, Cidr};
 use crate::ipam;
-use crate::ipv4::{family_of, ip_string, parse_ip, shown, Cidr};
 use crate::networks::deleting_key;
 use crate::quotas::{bypass_in, count_in, uncount_in};
 use crate::records::{NetworkRecord, SubnetRecord};
@@ -256,12 +256,16 @@ fn service_caller() -> Caller {
 /// What a request asks of one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Want {
-    /// Any address from any IPv4 subnet of the network (a port created without fixed_ips).
-    AnySubnet,
+    /// Any address from the network's subnets of this IP version that hand addresses out of
+    /// their pools: a port created without fixed_ips gets one IPv4 and one stateful IPv6
+    /// address, as in Neutron.
+    Any(u8),
     /// An address from this subnet.
     From(String),
     /// This address, on this subnet.
-    Exactly(String, u32),
+    Exactly(String, Addr),
+    /// The port's EUI-64 address on this auto-address (SLAAC, DHCPv6-stateless) subnet.
+    Auto(String),
 }
 
 fn unsupported(value: Option<&serde_json::Value>, attr: &str) -> NetResult<()> {
@@ -335,7 +339,8 @@ fn check_pairs(pairs: &[AddressPairRequest], own_mac: &str) -> NetResult<Vec<Add
             Some(true) => Cidr::parse_normalized(&p.ip_address)
                 .map(|c| if c.prefix() == 32 { ip_string(c.first()) } else { c.to_string() })
                 .map_err(|m| NetworkError::bad(format!("Invalid input for allowed_address_pairs. Reason: {m}.")))?,
-            Some(false) => crate::ipv4::normalize_prefix(&p.ip_address, true)
+            Some(false) => crate::ip::normalize_prefix(&p.ip_address, true)
+                .map(|c| c.strip_suffix("/128").map(str::to_owned).unwrap_or(c))
                 .map_err(|m| NetworkError::bad(format!("Invalid input for allowed_address_pairs. Reason: {m}.")))?,
             None => {
                 return Err(NetworkError::bad(format!(
@@ -406,15 +411,45 @@ impl NetworkService {
             .collect())
     }
 
-    /// Checks requested addresses against the network's subnets and says what to allocate.
+    /// Checks requested addresses against the network's subnets and says what to allocate
+    /// for a port with `device_owner` `owner`. Every port but a router's or a floating IP's
+    /// also gets its address on each auto-address subnet, named or not (Neutron's rule; a
+    /// router takes the gateway address there instead). A floating IP's port takes one IPv4
+    /// address only.
     fn wants(
         &self,
         net: &NetworkRecord,
         subnets: &HashMap<String, SubnetRecord>,
         req: &Option<Vec<FixedIpRequest>>,
+        owner: &str,
     ) -> NetResult<Vec<Want>> {
+        let router = owner.starts_with("network:router");
+        let floating = owner == crate::routers::FLOATING_IP_OWNER;
+        let ordered = || net.subnets.iter().filter_map(|id| subnets.get(id));
+        let auto = |named: &[Want]| -> Vec<Want> {
+            if router || floating {
+                return Vec::new();
+            }
+            ordered()
+                .filter(|s| s.auto_address())
+                .filter(|s| {
+                    !named
+                        .iter()
+                        .any(|w| matches!(w, Want::Auto(x) if *x == s.id))
+                })
+                .map(|s| Want::Auto(s.id.clone()))
+                .collect()
+        };
         let Some(list) = req else {
-            return Ok(vec![Want::AnySubnet]);
+            let versions: &[u8] = if floating { &[4] } else { &[4, 6] };
+            let mut out: Vec<Want> = versions
+                .iter()
+                .copied()
+                .filter(|v| ordered().any(|s| s.ip_version == *v && (router || !s.auto_address())))
+                .map(Want::Any)
+                .collect();
+            out.extend(auto(&out));
+            return Ok(out);
         };
         if list.len() > MAX_FIXED_IPS {
             return Err(NetworkError::bad(format!(
@@ -437,6 +472,7 @@ impl NetworkService {
             };
             let want = match &f.ip_address {
                 None => match subnet {
+                    Some(s) if s.auto_address() && !router => Want::Auto(s.id.clone()),
                     Some(s) => Want::From(s.id.clone()),
                     None => {
                         return Err(NetworkError::invalid(
@@ -468,6 +504,14 @@ impl NetworkService {
                             ip_string(ip)
                         )));
                     }
+                    if s.auto_address() && !router {
+                        return Err(NetworkError::invalid(format!(
+                            "IPv6 address {} cannot be directly assigned to a port on subnet {} \
+                             since the subnet is configured for automatic addresses",
+                            ip_string(ip),
+                            s.id
+                        )));
+                    }
                     if !exact.insert(ip) {
                         return Err(NetworkError::bad(format!(
                             "Invalid input for fixed_ips. Reason: Duplicate IP address '{}'.",
@@ -479,22 +523,25 @@ impl NetworkService {
             };
             out.push(want);
         }
+        let implied = auto(&out);
+        out.extend(implied);
         Ok(out)
     }
 
-    /// Chooses the addresses of `wants` against what is allocated now. An address the request
-    /// names that is held (or is the gateway, unless `router` says a router asks) is a 409.
+    /// Chooses the addresses of `wants` against what is allocated now, for a port with MAC
+    /// `mac`. An address the request names that is held (or is the gateway, unless `router`
+    /// says a router asks) is a 409.
     async fn choose_addresses(
         &self,
         net: &NetworkRecord,
         subnets: &HashMap<String, SubnetRecord>,
         wants: &[Want],
-        router: bool,
+        (router, mac): (bool, &str),
         keep: &BTreeSet<(String, String)>,
     ) -> NetResult<Vec<(FixedIp, bool)>> {
-        let mut used: HashMap<String, BTreeSet<u32>> = HashMap::new();
+        let mut used: HashMap<String, BTreeSet<Addr>> = HashMap::new();
         for s in subnets.values() {
-            let held: BTreeSet<u32> = self
+            let held: BTreeSet<Addr> = self
                 .index(tables::IP_ALLOCATIONS)
                 .list(&format!("{}/", s.id))
                 .await?
@@ -550,10 +597,36 @@ impl NetworkService {
                         true,
                     ));
                 }
-                Want::AnySubnet => {
+                Want::Auto(sid) => {
+                    let s = &subnets[sid];
+                    let cidr = Cidr::parse(&s.cidr).map_err(NetworkError::bad)?;
+                    let ip = eui64(&cidr, mac).ok_or_else(|| {
+                        NetworkError::bad(format!("'{}' is not a valid MAC address", shown(mac)))
+                    })?;
+                    let addr = ip_string(ip);
+                    let held = used.entry(sid.clone()).or_default();
+                    if held.contains(&ip) && !keep.contains(&(sid.clone(), addr.clone())) {
+                        return Err(NetworkError::conflict(
+                            "IpAddressAlreadyAllocated",
+                            format!("IP address {addr} already allocated in subnet {sid}"),
+                        ));
+                    }
+                    held.insert(ip);
+                    out.push((
+                        FixedIp {
+                            subnet_id: sid.clone(),
+                            ip_address: addr,
+                        },
+                        true,
+                    ));
+                }
+                Want::Any(version) => {
                     let mut got = None;
                     for sid in &net.subnets {
                         let Some(s) = subnets.get(sid) else { continue };
+                        if s.ip_version != *version || (s.auto_address() && !router) {
+                            continue;
+                        }
                         let held = used.entry(sid.clone()).or_default();
                         let ranges = ipam::ranges_of(&s.allocation_pools);
                         if let Some(ip) = ipam::pick(&ranges, held, rand::random()) {
@@ -567,7 +640,6 @@ impl NetworkService {
                     }
                     match got {
                         Some(f) => out.push((f, true)),
-                        None if subnets.is_empty() => {}
                         None => {
                             return Err(NetworkError::conflict(
                                 "IpAddressGenerationFailure",
@@ -756,11 +828,11 @@ impl NetworkService {
             }
             let net = self.visible_network(caller, &net_id).await?;
             let subnets = self.subnets_of(&net).await?;
-            let wants = self.wants(&net, &subnets, &new.fixed_ips)?;
-            let addresses = self
-                .choose_addresses(&net, &subnets, &wants, router, &BTreeSet::new())
-                .await?;
+            let wants = self.wants(&net, &subnets, &new.fixed_ips, &new.rec.device_owner)?;
             let mac = new.chosen_mac.clone().unwrap_or_else(generate_mac);
+            let addresses = self
+                .choose_addresses(&net, &subnets, &wants, (router, &mac), &BTreeSet::new())
+                .await?;
             let rec = PortRecord {
                 mac_address: mac.clone(),
                 fixed_ips: addresses.iter().map(|(f, _)| f.clone()).collect(),
@@ -1006,21 +1078,19 @@ impl NetworkService {
                     .iter()
                     .map(|f| (f.subnet_id.clone(), f.ip_address.clone()))
                     .collect();
-                let wants = self.wants(&net, &subnets, &Some(fixed.clone()))?;
                 let router = p.device_owner.starts_with("network:router");
+                let wants = self.wants(&net, &subnets, &Some(fixed.clone()), &p.device_owner)?;
                 let chosen = self
-                    .choose_addresses(&net, &subnets, &wants, router, &keep)
+                    .choose_addresses(&net, &subnets, &wants, (router, &p.mac_address), &keep)
                     .await?;
+                // Kept: the old addresses chosen again (named, or the same EUI-64 address).
+                let wanted: BTreeSet<(String, String)> = chosen
+                    .iter()
+                    .map(|(f, _)| (f.subnet_id.clone(), f.ip_address.clone()))
+                    .collect();
                 let new: Vec<(FixedIp, bool)> = chosen
                     .into_iter()
                     .filter(|(f, _)| !keep.contains(&(f.subnet_id.clone(), f.ip_address.clone())))
-                    .collect();
-                let wanted: BTreeSet<(String, String)> = wants
-                    .iter()
-                    .filter_map(|w| match w {
-                        Want::Exactly(s, ip) => Some((s.clone(), ip_string(*ip))),
-                        _ => None,
-                    })
                     .collect();
                 // Kept: the old addresses the request names again. Released: the rest.
                 let mut fixed_ips: Vec<FixedIp> = old
@@ -1189,6 +1259,132 @@ pub(crate) mod tests {
             network_id: n.into(),
             ..Default::default()
         }
+    }
+
+    /// Adds an IPv6 subnet of `cidr` with both IPv6 modes `mode` (None: no modes) to `n`.
+    async fn v6_subnet(
+        s: &NetworkService,
+        who: &Caller,
+        n: &str,
+        cidr: &str,
+        mode: Option<&str>,
+    ) -> String {
+        let mode = mode.map(|m| serde_json::Value::String(m.into()));
+        s.create_subnet(
+            who,
+            SubnetCreate {
+                network_id: n.into(),
+                cidr: Some(cidr.into()),
+                ip_version: Some(6),
+                ipv6_ra_mode: mode.clone(),
+                ipv6_address_mode: mode,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id
+    }
+
+    #[tokio::test]
+    async fn dual_stack_ports_get_one_address_of_each_kind() {
+        let s = service();
+        let p = member("p");
+        let (n, v4) = net_with_subnet(&s, &p, "10.0.0.0/24").await;
+        let stateful = v6_subnet(&s, &p, &n, "2001:db8:1::/64", Some("dhcpv6-stateful")).await;
+        let slaac = v6_subnet(&s, &p, &n, "2001:db8:2::/64", Some("slaac")).await;
+        let a = s.create_port(&p, port(&n)).await.unwrap();
+        let on = |sub: &str| -> Vec<String> {
+            a.fixed_ips
+                .iter()
+                .filter(|f| f.subnet_id == sub)
+                .map(|f| f.ip_address.clone())
+                .collect()
+        };
+        assert_eq!(a.fixed_ips.len(), 3, "{:?}", a.fixed_ips);
+        assert_eq!(on(&v4).len(), 1);
+        let from_pool = parse_ip(&on(&stateful)[0]).unwrap();
+        assert!(Cidr::parse("2001:db8:1::/64").unwrap().is_host(from_pool));
+        let eui = eui64(&Cidr::parse("2001:db8:2::/64").unwrap(), &a.mac_address).unwrap();
+        assert_eq!(on(&slaac), vec![ip_string(eui)]);
+        // Naming only the IPv4 subnet still gives the SLAAC address, not a stateful one.
+        let b = s
+            .create_port(
+                &p,
+                PortCreate {
+                    fixed_ips: Some(vec![FixedIpRequest {
+                        subnet_id: Some(v4.clone()),
+                        ip_address: None,
+                    }]),
+                    ..port(&n)
+                },
+            )
+            .await
+            .unwrap();
+        let subnets: BTreeSet<&str> = b.fixed_ips.iter().map(|f| f.subnet_id.as_str()).collect();
+        assert_eq!(subnets, BTreeSet::from([v4.as_str(), slaac.as_str()]));
+        // An address of its own on a SLAAC subnet is refused, as in Neutron.
+        let e = s
+            .create_port(
+                &p,
+                PortCreate {
+                    fixed_ips: Some(vec![FixedIpRequest {
+                        subnet_id: Some(slaac.clone()),
+                        ip_address: Some("2001:db8:2::99".into()),
+                    }]),
+                    ..port(&n)
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("automatic addresses"), "{e}");
+        // An update that names other addresses keeps the EUI-64 one.
+        let c = s
+            .update_port(
+                &p,
+                &a.id,
+                PortUpdate {
+                    fixed_ips: Some(vec![FixedIpRequest {
+                        subnet_id: Some(stateful.clone()),
+                        ip_address: Some("2001:db8:1::42".into()),
+                    }]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let kept: BTreeSet<&str> = c.fixed_ips.iter().map(|f| f.ip_address.as_str()).collect();
+        assert_eq!(
+            kept,
+            BTreeSet::from(["2001:db8:1::42", ip_string(eui).as_str()])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slaac_subnet_goes_with_its_ports_addresses() {
+        let s = service();
+        let p = member("p");
+        let n = s
+            .create_network(&p, NetworkCreate::default())
+            .await
+            .unwrap()
+            .id;
+        let slaac = v6_subnet(&s, &p, &n, "2001:db8::/64", Some("slaac")).await;
+        let a = s.create_port(&p, port(&n)).await.unwrap();
+        assert_eq!(a.fixed_ips.len(), 1);
+        s.delete_subnet(&p, &slaac).await.unwrap();
+        assert!(s.port(&p, &a.id).await.unwrap().fixed_ips.is_empty());
+        // A stateful subnet with a port on it stays.
+        let stateful = v6_subnet(&s, &p, &n, "2001:db8:5::/64", None).await;
+        let b = s.create_port(&p, port(&n)).await.unwrap();
+        assert_eq!(b.fixed_ips[0].subnet_id, stateful);
+        assert_eq!(
+            s.delete_subnet(&p, &stateful)
+                .await
+                .unwrap_err()
+                .neutron_type(),
+            "SubnetInUse"
+        );
     }
 
     #[tokio::test]

@@ -155,7 +155,7 @@ impl NetworkService {
             if !DEFAULT_QUOTAS.iter().any(|(k, _)| k == resource) {
                 return Err(NetworkError::bad(format!(
                     "Unrecognized attribute(s) '{}'",
-                    crate::ipv4::shown(resource)
+                    crate::ip::shown(resource)
                 )));
             }
             if *limit < -1 {

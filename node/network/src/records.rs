@@ -42,7 +42,7 @@ pub struct HostRoute {
     pub nexthop: String,
 }
 
-/// An IPv4 subnet, keyed by id in table `subnets`.
+/// An IPv4 or IPv6 subnet, keyed by id in table `subnets`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubnetRecord {
     pub id: String,
@@ -60,6 +60,33 @@ pub struct SubnetRecord {
     pub created_at: u64,
     pub updated_at: u64,
     pub revision_number: u64,
+    /// 4 or 6 (rows written before IPv6 subnets existed have none: 4).
+    #[serde(default = "ipv4")]
+    pub ip_version: u8,
+    /// IPv6 only: `slaac`, `dhcpv6-stateful` or `dhcpv6-stateless`, as Neutron.
+    #[serde(default)]
+    pub ipv6_ra_mode: Option<String>,
+    #[serde(default)]
+    pub ipv6_address_mode: Option<String>,
+    /// Not stored: the network's `router:external`, filled in when a subnet is read through
+    /// the service (Neutron's `subnet-external-network`).
+    #[serde(skip)]
+    pub router_external: bool,
+}
+
+fn ipv4() -> u8 {
+    4
+}
+
+impl SubnetRecord {
+    /// Whether ports get their address here from the prefix and their MAC (SLAAC or
+    /// DHCPv6-stateless), never from the pools: Neutron's "auto-address" subnets.
+    pub fn auto_address(&self) -> bool {
+        matches!(
+            self.ipv6_address_mode.as_deref(),
+            Some("slaac" | "dhcpv6-stateless")
+        )
+    }
 }
 
 /// A security group, keyed by id in table `security_groups`. Its rules are rows of their own.

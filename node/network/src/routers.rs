@@ -19,7 +19,7 @@ use serde::Deserialize;
 use shoal_state::records::{FixedIp, PortRecord};
 use shoal_state::{tables, Expect, Txn};
 
-use crate::ipv4::{family_of, ip_string, parse_ip, shown, Cidr};
+use crate::ip::{family_of, ip_string, parse_ip, shown, Cidr};
 use crate::networks::deleting_key;
 use crate::ports::ServicePort;
 use crate::quotas::{count_in, uncount_in};
@@ -753,7 +753,9 @@ impl NetworkService {
                 .iter()
                 .filter(|f| family_of(&f.ip_address) == Some(true))
                 .collect();
-            let Some(fixed) = v4.first().copied().cloned() else {
+            // The IPv4 address if the port has one (at most one IPv4 subnet), else its first
+            // IPv6 address: Neutron allows several IPv6 subnets on one router port.
+            let Some(fixed) = v4.first().copied().or(p.fixed_ips.first()).cloned() else {
                 return Err(bad_request(
                     "router",
                     "Router port must have at least one fixed IP",
@@ -976,6 +978,11 @@ fn check_routes(router: &str, routes: &[HostRoute]) -> NetResult<Vec<HostRoute>>
         };
         let dest = Cidr::parse(&r.destination).map_err(invalid)?;
         let hop = parse_ip(&r.nexthop).map_err(invalid)?;
+        if dest.is_v4() != crate::ip::is_v4(hop) {
+            return Err(invalid(
+                "the destination and the nexthop are of different IP versions".into(),
+            ));
+        }
         let route = HostRoute {
             destination: dest.to_string(),
             nexthop: ip_string(hop),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use shoal_state::{tables, Expect, Txn};
 
-use crate::ipv4::{family_of, normalize_prefix, shown};
+use crate::ip::{family_of, normalize_prefix, shown};
 use crate::networks::deleting_key;
 use crate::quotas::{bypass_in, count_in, uncount_in};
 use crate::records::{RuleRecord, SecurityGroupRecord};

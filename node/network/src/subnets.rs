@@ -1,13 +1,14 @@
-//! IPv4 subnets: their layout (gateway, allocation pools, DNS servers, host routes) and the
-//! rule that subnets of one network never overlap, while subnets of different networks may.
+//! IPv4 and IPv6 subnets: their layout (gateway, allocation pools, DNS servers, host routes,
+//! IPv6 address modes) and the rule that subnets of one network never overlap, while subnets
+//! of different networks may.
 
 use std::collections::{BTreeSet, HashMap};
 
 use serde::Deserialize;
 use shoal_state::{tables, Expect, Txn};
 
+use crate::ip::{family_of, ip_string, is_v4, parse_ip, shown, Cidr};
 use crate::ipam::{self, LayoutError, Pool};
-use crate::ipv4::{family_of, parse_ip, shown, Cidr};
 use crate::networks::{deleting_key, sees};
 use crate::quotas::{count_in, uncount_in};
 use crate::records::{HostRoute, NetworkRecord, SubnetRecord};
@@ -64,6 +65,65 @@ pub struct SubnetUpdate {
     pub cidr: Option<serde_json::Value>,
     pub network_id: Option<serde_json::Value>,
     pub ip_version: Option<serde_json::Value>,
+    pub ipv6_ra_mode: Option<serde_json::Value>,
+    pub ipv6_address_mode: Option<serde_json::Value>,
+}
+
+/// Neutron's IPv6 modes, for both `ipv6_ra_mode` and `ipv6_address_mode`.
+const IPV6_MODES: [&str; 3] = ["slaac", "dhcpv6-stateful", "dhcpv6-stateless"];
+
+/// One of the IPv6 mode attributes: absent or null, or one of [`IPV6_MODES`].
+fn ipv6_mode(value: Option<&serde_json::Value>, attr: &str) -> NetResult<Option<String>> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(m)) if IPV6_MODES.contains(&m.as_str()) => {
+            Ok(Some(m.clone()))
+        }
+        Some(other) => Err(NetworkError::bad(format!(
+            "Invalid input for {attr}. Reason: '{}' is not in {IPV6_MODES:?}.",
+            shown(&other.to_string())
+        ))),
+    }
+}
+
+/// Checks the IPv6 modes of a subnet of `cidr` as Neutron's `_validate_ipv6_attributes`.
+fn check_ipv6_modes(
+    cidr: &Cidr,
+    enable_dhcp: bool,
+    ra: &Option<String>,
+    address: &Option<String>,
+) -> NetResult<()> {
+    if ra.is_none() && address.is_none() {
+        return Ok(());
+    }
+    if cidr.is_v4() {
+        return Err(NetworkError::bad(
+            "Invalid input for operation: ipv6_ra_mode and ipv6_address_mode are not valid \
+             when ip_version is 4.",
+        ));
+    }
+    if !enable_dhcp {
+        return Err(NetworkError::bad(
+            "Invalid input for operation: ipv6_ra_mode or ipv6_address_mode cannot be set when \
+             enable_dhcp is set to False.",
+        ));
+    }
+    if let (Some(r), Some(a)) = (ra, address) {
+        if r != a {
+            return Err(NetworkError::bad(format!(
+                "Invalid input for operation: ipv6_ra_mode set to '{r}' with ipv6_address_mode \
+                 set to '{a}' is not valid. If both attributes are set, they must be the same \
+                 value."
+            )));
+        }
+    }
+    if matches!(address.as_deref(), Some("slaac" | "dhcpv6-stateless")) && cidr.prefix() != 64 {
+        return Err(NetworkError::bad(format!(
+            "Invalid input for operation: Invalid CIDR {cidr} for IPv6 address mode. OpenStack \
+             uses the EUI-64 address format, which requires the prefix to be /64."
+        )));
+    }
+    Ok(())
 }
 
 impl From<LayoutError> for NetworkError {
@@ -103,7 +163,7 @@ fn check_dns(servers: &[String]) -> NetResult<Vec<String>> {
     Ok(servers.to_vec())
 }
 
-fn check_routes(routes: &[HostRoute]) -> NetResult<Vec<HostRoute>> {
+fn check_routes(routes: &[HostRoute], subnet: &Cidr) -> NetResult<Vec<HostRoute>> {
     if routes.len() > MAX_ROUTES {
         return Err(NetworkError::bad(format!(
             "Number of host routes exceeds the limit {MAX_ROUTES}"
@@ -115,12 +175,20 @@ fn check_routes(routes: &[HostRoute]) -> NetResult<Vec<HostRoute>> {
         let dest = Cidr::parse(&r.destination).map_err(|m| {
             NetworkError::bad(format!("Invalid input for host_routes. Reason: {m}."))
         })?;
-        parse_ip(&r.nexthop).map_err(|m| {
+        let hop = parse_ip(&r.nexthop).map_err(|m| {
             NetworkError::bad(format!("Invalid input for host_routes. Reason: {m}."))
         })?;
+        if dest.is_v4() != subnet.is_v4() || is_v4(hop) != subnet.is_v4() {
+            return Err(NetworkError::bad(format!(
+                "Invalid input for host_routes. Reason: the route {dest} via {} is not of the \
+                 subnet's IP version {}.",
+                ip_string(hop),
+                subnet.version()
+            )));
+        }
         let route = HostRoute {
             destination: dest.to_string(),
-            nexthop: r.nexthop.clone(),
+            nexthop: ip_string(hop),
         };
         if !seen.insert((route.destination.clone(), route.nexthop.clone())) {
             return Err(NetworkError::bad(format!(
@@ -157,7 +225,10 @@ impl NetworkService {
                 .await?
                 .map(|n| n.value);
             if sees_subnet(caller, &s.value, net.as_ref()) {
-                return Ok(s.value);
+                return Ok(SubnetRecord {
+                    router_external: net.is_some_and(|n| n.external),
+                    ..s.value
+                });
             }
         }
         Err(NetworkError::not_found(Resource::Subnet, id))
@@ -194,6 +265,10 @@ impl NetworkService {
             .await?
             .into_values()
             .filter(|s| sees_subnet(caller, s, nets.get(&s.network_id)))
+            .map(|s| SubnetRecord {
+                router_external: nets.get(&s.network_id).is_some_and(|n| n.external),
+                ..s
+            })
             .collect())
     }
 
@@ -211,15 +286,12 @@ impl NetworkService {
         let unsupported = [
             (req.subnetpool_id.as_ref(), "subnetpool_id"),
             (req.prefixlen.as_ref(), "prefixlen"),
-            (req.ipv6_ra_mode.as_ref(), "ipv6_ra_mode"),
-            (req.ipv6_address_mode.as_ref(), "ipv6_address_mode"),
             (req.segment_id.as_ref(), "segment_id"),
         ];
         for (value, attr) in unsupported {
             if value.is_some_and(|v| !v.is_null()) {
                 return Err(NetworkError::bad(format!(
-                    "{attr} is not supported: Shoal has no subnet pools, IPv6 or segments; give \
-                     an IPv4 cidr"
+                    "{attr} is not supported: Shoal has no subnet pools or segments; give a cidr"
                 )));
             }
         }
@@ -229,25 +301,19 @@ impl NetworkService {
             .is_some_and(|v| *v != false)
         {
             return Err(NetworkError::bad(
-                "use_default_subnet_pool is not supported: give an IPv4 cidr",
+                "use_default_subnet_pool is not supported: give a cidr",
             ));
         }
         if req.service_types.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(NetworkError::bad("service_types are not supported"));
         }
-        match req.ip_version.unwrap_or(4) {
-            4 => {}
-            6 => {
-                return Err(NetworkError::bad(
-                    "IPv6 subnets are not supported yet: use ip_version 4",
-                ))
-            }
-            v => {
-                return Err(NetworkError::bad(format!(
-                    "Invalid input for ip_version. Reason: {v} is not in [4, 6]."
-                )))
-            }
+        if let Some(v) = req.ip_version.filter(|v| *v != 4 && *v != 6) {
+            return Err(NetworkError::bad(format!(
+                "Invalid input for ip_version. Reason: {v} is not in [4, 6]."
+            )));
         }
+        let ra_mode = ipv6_mode(req.ipv6_ra_mode.as_ref(), "ipv6_ra_mode")?;
+        let address_mode = ipv6_mode(req.ipv6_address_mode.as_ref(), "ipv6_address_mode")?;
         let name = req.name.unwrap_or_default();
         check_text("name", &name)?;
         let description = req.description.unwrap_or_default();
@@ -258,10 +324,24 @@ impl NetworkService {
         let cidr = Cidr::parse(&text)
             .map_err(|m| NetworkError::bad(format!("Invalid input for cidr. Reason: {m}.")))?;
         if cidr.prefix() == 0 {
-            return Err(NetworkError::bad(
-                "Invalid input for cidr. Reason: 0.0.0.0/0 is not a subnet.",
-            ));
+            return Err(NetworkError::bad(format!(
+                "Invalid input for cidr. Reason: {cidr} is not a subnet."
+            )));
         }
+        let version = req.ip_version.unwrap_or(cidr.version());
+        if version != cidr.version() {
+            return Err(NetworkError::bad(format!(
+                "Invalid input for operation: the cidr {cidr} is not an IPv{version} prefix."
+            )));
+        }
+        if cidr.touches_mapped() {
+            return Err(NetworkError::bad(format!(
+                "Invalid input for cidr. Reason: {cidr} overlaps the IPv4-mapped range \
+                 ::ffff:0:0/96, which is not a subnet."
+            )));
+        }
+        let enable_dhcp = req.enable_dhcp.unwrap_or(true);
+        check_ipv6_modes(&cidr, enable_dhcp, &ra_mode, &address_mode)?;
         let gateway = match &req.gateway_ip {
             None => ipam::default_gateway(&cidr),
             Some(None) => None,
@@ -272,7 +352,7 @@ impl NetworkService {
             None => ipam::default_pools(&cidr, gateway),
         };
         let dns = check_dns(&req.dns_nameservers.unwrap_or_default())?;
-        let routes = check_routes(&req.host_routes.unwrap_or_default())?;
+        let routes = check_routes(&req.host_routes.unwrap_or_default(), &cidr)?;
         let tags = check_tags(&req.tags.unwrap_or_default())?;
         let now = now_secs();
         let rec = SubnetRecord {
@@ -282,15 +362,19 @@ impl NetworkService {
             name,
             description,
             cidr: cidr.to_string(),
-            gateway_ip: gateway.map(crate::ipv4::ip_string),
+            gateway_ip: gateway.map(ip_string),
             allocation_pools: ipam::to_pools(&pools),
             dns_nameservers: dns,
             host_routes: routes,
-            enable_dhcp: req.enable_dhcp.unwrap_or(true),
+            enable_dhcp,
             tags,
             created_at: now,
             updated_at: now,
             revision_number: 1,
+            ip_version: version,
+            ipv6_ra_mode: ra_mode,
+            ipv6_address_mode: address_mode,
+            router_external: net.external,
         };
         let net_id = net.id;
         shoal_state::retry(
@@ -344,6 +428,8 @@ impl NetworkService {
             (req.cidr.is_some(), "cidr"),
             (req.network_id.is_some(), "network_id"),
             (req.ip_version.is_some(), "ip_version"),
+            (req.ipv6_ra_mode.is_some(), "ipv6_ra_mode"),
+            (req.ipv6_address_mode.is_some(), "ipv6_address_mode"),
         ] {
             if given {
                 return Err(NetworkError::bad(format!(
@@ -381,7 +467,19 @@ impl NetworkService {
             }
         }
         let dns = req.dns_nameservers.as_deref().map(check_dns).transpose()?;
-        let routes = req.host_routes.as_deref().map(check_routes).transpose()?;
+        let routes = req
+            .host_routes
+            .as_deref()
+            .map(|r| check_routes(r, &cidr))
+            .transpose()?;
+        if req.enable_dhcp == Some(false) {
+            check_ipv6_modes(
+                &cidr,
+                false,
+                &current.ipv6_ra_mode,
+                &current.ipv6_address_mode,
+            )?;
+        }
         let now = now_secs();
         let v = self
             .subnets()
@@ -392,7 +490,7 @@ impl NetworkService {
                 if let Some(x) = &req.description {
                     s.description = x.clone().unwrap_or_default();
                 }
-                s.gateway_ip = gateway.map(crate::ipv4::ip_string);
+                s.gateway_ip = gateway.map(ip_string);
                 s.allocation_pools = ipam::to_pools(&pools);
                 if let Some(x) = &dns {
                     s.dns_nameservers = x.clone();
@@ -407,7 +505,10 @@ impl NetworkService {
                 Ok::<(), NetworkError>(())
             })
             .await?;
-        Ok(v.value)
+        Ok(SubnetRecord {
+            router_external: current.router_external,
+            ..v.value
+        })
     }
 
     /// Deletes a subnet no port holds an address of (the `network_deleting` mark keeps port
@@ -432,18 +533,40 @@ impl NetworkService {
                     .index(tables::IP_ALLOCATIONS)
                     .list(&format!("{}/", s.id))
                     .await?;
-                if !held.rows.is_empty() {
-                    return Err(NetworkError::conflict(
+                let in_use = || {
+                    NetworkError::conflict(
                         "SubnetInUse",
                         format!(
-                        "Unable to complete operation on subnet {}: One or more ports have an IP \
-                         allocation from this subnet.",
-                        s.id
-                    ),
-                    ));
+                            "Unable to complete operation on subnet {}: One or more ports have \
+                             an IP allocation from this subnet.",
+                            s.id
+                        ),
+                    )
+                };
+                if !held.rows.is_empty() && !s.auto_address() {
+                    return Err(in_use());
                 }
-                let mut txn = Txn::new()
-                    .when(tables::SUBNETS, &s.id, Expect::Present)
+                // The subnet's precondition comes first: a failure of it means "gone".
+                let mut txn = Txn::new().when(tables::SUBNETS, &s.id, Expect::Present);
+                // An auto-address (SLAAC, DHCPv6-stateless) subnet goes even while ports hold
+                // its addresses, as in Neutron: they lose them with it. A router's port keeps
+                // it in use.
+                for (key, holder) in &held.rows {
+                    let Some(port) = self.ports().get(&holder.value).await? else {
+                        continue;
+                    };
+                    if port.value.device_owner.starts_with("network:router") {
+                        return Err(in_use());
+                    }
+                    let mut p = port.value;
+                    p.fixed_ips.retain(|f| f.subnet_id != s.id);
+                    p.bump(now_secs());
+                    txn = txn
+                        .when(tables::PORTS, &p.id, Expect::Revision(port.revision))
+                        .put(tables::PORTS, &p.id, self.ports().encode(&p))
+                        .delete(tables::IP_ALLOCATIONS, key);
+                }
+                let mut txn = txn
                     .delete(tables::SUBNETS, &s.id)
                     .delete(tables::NETWORK_DELETING, &mark);
                 if let Some(net) = self.networks().get(&s.network_id).await? {
@@ -565,6 +688,86 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(missing.neutron_type(), "NetworkNotFound");
+    }
+
+    #[tokio::test]
+    async fn ipv6_subnets_and_their_modes() {
+        let s = service();
+        let p = member("p");
+        let n = net(&s, &p).await;
+        let v6 = |cidr: &str, ra: Option<&str>, addr: Option<&str>| SubnetCreate {
+            ip_version: Some(6),
+            ipv6_ra_mode: ra.map(|m| serde_json::Value::String(m.into())),
+            ipv6_address_mode: addr.map(|m| serde_json::Value::String(m.into())),
+            ..req(&n, cidr)
+        };
+        let sub = s
+            .create_subnet(&p, v6("2001:db8::/64", Some("slaac"), Some("slaac")))
+            .await
+            .unwrap();
+        assert_eq!(sub.gateway_ip.as_deref(), Some("2001:db8::1"));
+        assert_eq!(sub.allocation_pools[0].start, "2001:db8::2");
+        assert_eq!(sub.allocation_pools[0].end, "2001:db8::ffff:ffff:ffff:ffff");
+        assert_eq!(
+            (sub.ip_version, sub.ipv6_address_mode.as_deref()),
+            (6, Some("slaac"))
+        );
+        // Overlaps are per family: an IPv4 subnet beside it is fine, an IPv6 one inside is not.
+        s.create_subnet(&p, req(&n, "10.0.0.0/24")).await.unwrap();
+        let e = s
+            .create_subnet(&p, v6("2001:db8::/80", None, None))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
+        for (bad, says) in [
+            (
+                v6("2001:db9::/64", Some("slaac"), Some("dhcpv6-stateful")),
+                "must be the same",
+            ),
+            (v6("2001:db9::/80", None, Some("slaac")), "prefix to be /64"),
+            (v6("2001:db9::/64", Some("sleepy"), None), "is not in"),
+            (
+                SubnetCreate {
+                    ip_version: Some(4),
+                    ..v6("2001:db9::/64", None, None)
+                },
+                "not an IPv4 prefix",
+            ),
+            (v6("::/64", None, None), "IPv4-mapped"),
+            (
+                SubnetCreate {
+                    enable_dhcp: Some(false),
+                    ..v6("2001:db9::/64", Some("slaac"), None)
+                },
+                "enable_dhcp",
+            ),
+            (
+                SubnetCreate {
+                    host_routes: Some(vec![HostRoute {
+                        destination: "10.9.0.0/16".into(),
+                        nexthop: "2001:db9::5".into(),
+                    }]),
+                    ..v6("2001:db9::/64", None, None)
+                },
+                "IP version",
+            ),
+        ] {
+            let e = s.create_subnet(&p, bad).await.unwrap_err();
+            assert!(matches!(e, NetworkError::BadRequest { .. }), "{e}");
+            assert!(e.to_string().contains(says), "{e} lacks {says}");
+        }
+        let e = s
+            .update_subnet(
+                &p,
+                &sub.id,
+                SubnetUpdate {
+                    ipv6_ra_mode: Some(serde_json::json!("slaac")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("read-only"), "{e}");
     }
 
     #[tokio::test]

@@ -481,7 +481,7 @@ async fn resources(State(state): State<AppState>) -> Response {
 }
 
 /// The extensions that really work here; the client checks some before it calls.
-const EXTENSIONS: [(&str, &str, &str); 23] = [
+const EXTENSIONS: [(&str, &str, &str); 24] = [
     ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
     ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
     ("external-net", "Neutron external network", "Adds external network attribute to network resource."),
@@ -505,6 +505,7 @@ const EXTENSIONS: [(&str, &str, &str); 23] = [
     ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, security_group, router, floatingip", "Enables to set tag on resources with standard attribute."),
     ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes."),
     ("stateful-security-group", "Stateful security group", "Indicates if the security group is stateful or not"),
+    ("subnet-external-network", "Subnet External Network", "Informs if the subnet is associated with a router:external network"),
 ];
 
 fn extension_json((alias, name, description): (&str, &str, &str)) -> Value {
@@ -531,7 +532,7 @@ async fn extension(_auth: Auth, Path(alias): Path<String>) -> ApiResult<Response
         .ok_or_else(|| {
             ApiError::not_found(format!(
                 "Extension with alias {} does not exist",
-                shoal_network::ipv4::shown(&alias)
+                shoal_network::ip::shown(&alias)
             ))
             .neutron("ExtensionNotFound")
         })
@@ -571,7 +572,7 @@ fn tag(kind: Tagged) -> MethodRouter<AppState> {
         if tags.contains(&tag) {
             Ok(StatusCode::NO_CONTENT.into_response())
         } else {
-            Err(ApiError::not_found(format!("Tag {} could not be found.", shoal_network::ipv4::shown(&tag))).neutron("TagNotFound"))
+            Err(ApiError::not_found(format!("Tag {} could not be found.", shoal_network::ip::shown(&tag))).neutron("TagNotFound"))
         }
     })
     .put(move |State(s): State<AppState>, auth: Auth, Path((id, tag)): Path<(String, String)>| async move {
@@ -596,7 +597,7 @@ fn tag(kind: Tagged) -> MethodRouter<AppState> {
         if found {
             Ok(StatusCode::NO_CONTENT.into_response())
         } else {
-            Err(ApiError::not_found(format!("Tag {} could not be found.", shoal_network::ipv4::shown(&tag))).neutron("TagNotFound"))
+            Err(ApiError::not_found(format!("Tag {} could not be found.", shoal_network::ip::shown(&tag))).neutron("TagNotFound"))
         }
     })
 }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Value};
-use shoal_network::ipv4::normalize_prefix;
+use shoal_network::ip::normalize_prefix;
 use shoal_network::records::{RuleRecord, SecurityGroupRecord};
 
 use super::{body, caller, created, listing, net_err, one, pick_fields, timestamp, Params, PREFIX};

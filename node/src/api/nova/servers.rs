@@ -1136,7 +1136,8 @@ fn addresses_of(r: &ServerRecord, extended: bool) -> Value {
             .or_insert_with(|| json!([]));
         if let Some(a) = list.as_array_mut() {
             for ip in &p.ips {
-                let mut addr = json!({"version": 4, "addr": ip});
+                let version = if ip.contains(':') { 6 } else { 4 };
+                let mut addr = json!({"version": version, "addr": ip});
                 if extended {
                     addr["OS-EXT-IPS:type"] = json!("fixed");
                     addr["OS-EXT-IPS-MAC:mac_addr"] = json!(p.mac);
