@@ -397,6 +397,42 @@ fn ipv6_subnets_give_ports_their_addresses() {
     assert!(on(&after, &auto).is_empty());
     // A stateful subnet with a port on it stays.
     assert!(!osc.run(1, &["subnet", "delete", "stateful"]).ok);
+
+    // Nova's deprecated network proxies read the same network (its IPv4 prefix as `cidr`).
+    let token = c.token(0);
+    let (status, body) = c.api(2, "GET", "/compute/v2.1/os-tenant-networks", &token, None);
+    assert_eq!(status, 200, "{body}");
+    let dual = osc.json(0, &["network", "show", "dual"]);
+    let listed: Vec<&Value> = body["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["id"] == dual["id"])
+        .collect();
+    assert_eq!(listed.len(), 1, "{body}");
+    assert_eq!(listed[0]["label"], "dual");
+    assert_eq!(listed[0]["cidr"], "10.70.0.0/24");
+    let path = format!("/compute/v2.1/os-networks/{}", dual["id"].as_str().unwrap());
+    let (status, body) = c.api(1, "GET", &path, &token, None);
+    assert_eq!(
+        (status, &body["network"]["label"]),
+        (200, &json!("dual")),
+        "{body}"
+    );
+    let (status, body) = c.api(1, "GET", "/compute/v2.1/os-networks/nope", &token, None);
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        body["itemNotFound"]["code"], 404,
+        "Nova's error shape: {body}"
+    );
+    let (status, _) = c.api(
+        0,
+        "POST",
+        "/compute/v2.1/os-networks",
+        &token,
+        Some(json!({})),
+    );
+    assert_eq!(status, 410, "nova-network's calls are gone, as in Nova");
 }
 
 #[test]

@@ -31,6 +31,21 @@ COMPUTE_MICROVERSION = "2.1"
 # (name, ram MiB, vcpus, disk GiB): small enough to fit any test host once servers land.
 FLAVORS = [("tempest.small", 128, 1, 1), ("tempest.alt", 192, 1, 1)]
 IMAGE_NAME = "tempest-raw-1m"
+# Nova's names for the filters scheduler/src/filters.rs implements.
+SCHEDULER_FILTERS = [
+    "ComputeFilter",
+    "AvailabilityZoneFilter",
+    "AggregateRamFilter",
+    "AggregateDiskFilter",
+    "AggregateCoreFilter",
+    "AggregateInstanceExtraSpecsFilter",
+    "ImagePropertiesFilter",
+    "JsonFilter",
+    "ServerGroupAntiAffinityFilter",
+    "ServerGroupAffinityFilter",
+    "SameHostFilter",
+    "DifferentHostFilter",
+]
 IMAGE_BYTES = b"\0" * (1 << 20)
 
 
@@ -129,9 +144,9 @@ def ensure_flavors(api):
     return ids
 
 
-def ensure_image(api):
+def ensure_image(api, name=IMAGE_NAME):
     image = api.endpoint("image")
-    _, have = api.call("GET", image + f"/v2/images?name={IMAGE_NAME}")
+    _, have = api.call("GET", image + f"/v2/images?name={name}")
     for img in have["images"]:
         if img["status"] == "active":
             return img["id"]
@@ -139,7 +154,7 @@ def ensure_image(api):
         "POST",
         image + "/v2/images",
         {
-            "name": IMAGE_NAME,
+            "name": name,
             "disk_format": "raw",
             "container_format": "bare",
             "visibility": "public",
@@ -193,7 +208,7 @@ def network_extensions(api):
     return sorted(e["alias"] for e in body["extensions"])
 
 
-def conf_text(rc, flavors, image_id, lock_path, log_file, network_exts, public_net):
+def conf_text(rc, flavors, images, lock_path, log_file, network_exts, public_net):
     region = rc.get("OS_REGION_NAME", "RegionOne")
     b = lambda v: "true" if v else "false"  # noqa: E731
     sections = {
@@ -231,16 +246,22 @@ def conf_text(rc, flavors, image_id, lock_path, log_file, network_exts, public_n
             "region": region,
             "flavor_ref": flavors[0],
             "flavor_ref_alt": flavors[1],
-            "image_ref": image_id,
-            "image_ref_alt": image_id,
+            # Two distinct images, so that the listing filters by image have something to tell
+            # apart.
+            "image_ref": images[0],
+            "image_ref_alt": images[1],
             "min_microversion": COMPUTE_MICROVERSION,
             "max_microversion": COMPUTE_MICROVERSION,
-            "min_compute_nodes": "1",
+            # `shoal dev --nodes 3`: every node is a compute host.
+            "min_compute_nodes": "3",
         },
         # What Shoal's servers do not do yet is off. Server creates answer with an adminPass,
         # as Nova's enable_instance_password default.
         "compute-feature-enabled": {
             "enable_instance_password": b(True),
+            # The filters shoal-scheduler implements (docs/scheduler.md); Tempest skips the
+            # tests of the others.
+            "scheduler_enabled_filters": ",".join(SCHEDULER_FILTERS),
         } | {
             k: b(False)
             for k in (
@@ -314,13 +335,13 @@ def main():
     rc = read_openrc(args.openrc)
     api = Api(rc)
     flavors = ensure_flavors(api)
-    image_id = ensure_image(api)
+    images = [ensure_image(api), ensure_image(api, IMAGE_NAME + "-alt")]
     public_net = ensure_public_network(api)
     ws = os.path.dirname(os.path.dirname(os.path.abspath(args.out)))
     text = conf_text(
         rc,
         flavors,
-        image_id,
+        images,
         lock_path=os.path.join(ws, "lock"),
         log_file=os.path.join(ws, "tempest.log"),
         network_exts=network_extensions(api),
@@ -329,7 +350,7 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)
-    print(f"gen_conf: wrote {args.out} (flavors {flavors[0]}, {flavors[1]}; image {image_id})")
+    print(f"gen_conf: wrote {args.out} (flavors {flavors[0]}, {flavors[1]}; images {images[0]}, {images[1]})")
 
 
 if __name__ == "__main__":

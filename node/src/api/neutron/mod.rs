@@ -94,7 +94,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The caller as the network service's policy sees it.
-pub(super) fn caller(auth: &Auth) -> Caller {
+pub(crate) fn caller(auth: &Auth) -> Caller {
     Caller {
         project_id: auth.0.project_id.clone(),
         admin: has_role(&auth.0, "admin"),
@@ -103,7 +103,7 @@ pub(super) fn caller(auth: &Auth) -> Caller {
 }
 
 /// A service error in Neutron's body with its status; a 500 keeps its text in the log only.
-pub(super) fn net_err(e: NetworkError) -> ApiError {
+pub(crate) fn net_err(e: NetworkError) -> ApiError {
     let status = match e.class() {
         ErrorClass::BadRequest => StatusCode::BAD_REQUEST,
         ErrorClass::Forbidden => StatusCode::FORBIDDEN,

@@ -5,6 +5,8 @@
 //! - `aggregates.rs`: host aggregates, availability zones and server groups;
 //! - `keypairs.rs`: key pairs;
 //! - `images.rs`: the image proxy (`/images`), over the Image API's rows;
+//! - `networks.rs`: the network proxies (`/os-networks`, `/os-tenant-networks`), over the
+//!   Network API;
 //! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses.
 
 pub mod admin;
@@ -12,6 +14,7 @@ pub mod aggregates;
 pub mod flavors;
 pub mod images;
 pub mod keypairs;
+pub mod networks;
 pub mod server_meta;
 pub mod servers;
 
@@ -26,6 +29,7 @@ pub fn routes() -> Router<AppState> {
         .merge(aggregates::routes())
         .merge(keypairs::routes())
         .merge(images::routes())
+        .merge(networks::routes())
         .merge(servers::routes())
         .merge(server_meta::routes())
 }
