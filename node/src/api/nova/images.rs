@@ -114,10 +114,15 @@ async fn visible(state: &AppState, auth: &Auth, id: &str) -> ApiResult<ImageReco
     load_visible(state, auth, id)
         .await
         .map(|(img, _)| img)
-        .map_err(|e| match e.status {
-            StatusCode::NOT_FOUND => image_not_found(id),
-            _ => e.nova(),
-        })
+        .map_err(|e| in_nova_words(e, id))
+}
+
+/// An Image API refusal in Nova's shape, with Nova's wording for a missing image.
+fn in_nova_words(e: ApiError, id: &str) -> ApiError {
+    match e.status {
+        StatusCode::NOT_FOUND => image_not_found(id),
+        _ => e.nova(),
+    }
 }
 
 /// The listing's filters, as Nova's proxy takes them: `name`, `status`, `changes-since`,
@@ -226,10 +231,10 @@ async fn delete(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     need(&auth, "member")?;
-    visible(&state, &auth, &id).await?;
-    delete_image(State(state), auth, Path(id))
+    // The Image API's delete reads the image with its own visibility rules: one read.
+    delete_image(State(state), auth, Path(id.clone()))
         .await
-        .map_err(ApiError::nova)
+        .map_err(|e| in_nova_words(e, &id))
 }
 
 /// Changes the image's properties (Nova's metadata) with the Image API's own compare-and-set
@@ -242,6 +247,8 @@ async fn change_metadata(
     change: impl Fn(&mut BTreeMap<String, String>) -> Result<(), RecordError>,
 ) -> ApiResult<ImageRecord> {
     need(auth, "member")?;
+    // Read first for Nova's "Image not found." wording: a 404 out of `modify` may also be the
+    // closure's own (a missing metadata item), which must keep its message.
     visible(state, auth, id).await?;
     let now = now_secs();
     modify(state, auth, id, |img, _| {
