@@ -127,7 +127,7 @@ fn members(state: &AppState) -> Table<Member> {
 }
 
 /// The image and the revision it was read at, after a read barrier (linearizable).
-pub(super) async fn load(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
+pub(crate) async fn load(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
     state.cluster.read_barrier().await.map_err(gerr)?;
     load_local(state, id).await
 }
@@ -359,26 +359,55 @@ pub(crate) async fn delete_image(
             ))
             .glance());
         }
-        let members = state
-            .cluster
-            .list(tables::IMAGE_MEMBERS, &format!("{id}/"), usize::MAX)
-            .await
-            .map_err(gerr)?;
-        // The manifest goes with the image; its chunks are garbage-collected once no manifest
-        // names them.
-        let mut txn = Txn::new()
-            .when(tables::IMAGES, &id, Expect::Revision(rev))
-            .delete(tables::IMAGES, &id)
-            .delete(manifest::MANIFESTS, &id);
-        for (key, _) in members {
-            txn = txn.delete(tables::IMAGE_MEMBERS, &key);
+        Ok(remove_at(&state, &id, rev)
+            .await?
+            .then_some(StatusCode::NO_CONTENT))
+    })
+    .await
+    .map_err(ApiError::glance)
+}
+
+/// Deletes the image, its manifest and its member rows if the image's row is still at `rev`
+/// (`false` if it moved), and this node's cached copy.
+async fn remove_at(state: &AppState, id: &str, rev: u64) -> ApiResult<bool> {
+    let members = state
+        .cluster
+        .list(tables::IMAGE_MEMBERS, &format!("{id}/"), usize::MAX)
+        .await
+        .map_err(gerr)?;
+    // The manifest goes with the image; its chunks are garbage-collected once no manifest
+    // names them.
+    let mut txn = Txn::new()
+        .when(tables::IMAGES, id, Expect::Revision(rev))
+        .delete(tables::IMAGES, id)
+        .delete(manifest::MANIFESTS, id);
+    for (key, _) in members {
+        txn = txn.delete(tables::IMAGE_MEMBERS, &key);
+    }
+    if state.cluster.write(txn).await.map_err(gerr)?.succeeded {
+        let cached = state.images.cache_path(id);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(cached)).await;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Deletes an image on the cloud's own behalf (the compute service's snapshot that failed, a
+/// shelved server's image once it is unshelved or deleted), as Nova deletes them with its own
+/// credentials. A protected image is kept (Glance would refuse Nova too); a missing one is
+/// already gone.
+pub(crate) async fn delete_for_service(state: &AppState, id: &str) -> ApiResult<()> {
+    retry(tables::IMAGES, id, DEFAULT_ATTEMPTS, || async {
+        let (img, rev) = match load(state, id).await {
+            Ok(found) => found,
+            Err(e) if e.status == StatusCode::NOT_FOUND => return Ok(Some(())),
+            Err(e) => return Err(e),
+        };
+        if img.protected {
+            tracing::info!(image = %id, "the image is protected; the compute service leaves it");
+            return Ok(Some(()));
         }
-        if state.cluster.write(txn).await.map_err(gerr)?.succeeded {
-            let cached = state.images.cache_path(&id);
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(cached)).await;
-            return Ok(Some(StatusCode::NO_CONTENT));
-        }
-        Ok(None)
+        Ok(remove_at(state, id, rev).await?.then_some(()))
     })
     .await
     .map_err(ApiError::glance)
