@@ -241,12 +241,14 @@ def conf_text(rc, flavors, image_id, lock_path, log_file, network_exts, public_n
         # as Nova's enable_instance_password default.
         "compute-feature-enabled": {
             "enable_instance_password": b(True),
+            "snapshot": b(True),
+            "shelve": b(True),
         } | {
             k: b(False)
             for k in (
-                "disk_config change_password console_output resize shelve "
+                "disk_config change_password console_output resize "
                 "cold_migration live_migration metadata_service rescue "
-                "interface_attach snapshot personality "
+                "interface_attach personality "
                 "attach_encrypted_volume config_drive swap_volume volume_multiattach "
                 "ide_bus vnc_console spice_console serial_console unified_limits"
             ).split()

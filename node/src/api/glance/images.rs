@@ -52,6 +52,7 @@ pub fn routes() -> Router<AppState> {
             "/image/v2/images/{id}",
             get(show_image).patch(update_image).delete(delete_image),
         )
+        .route("/image/v2/images/{id}/tasks", get(image_tasks))
         .route(
             "/image/v2/images/{id}/file",
             put(file::upload)
@@ -249,6 +250,18 @@ async fn create_image(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+/// `GET /v2/images/{id}/tasks` (Glance 2.12): the import tasks of an image the caller sees.
+/// Shoal has no tasks (no interoperable import), so the list is always empty; Tempest's
+/// snapshot tests wait on it.
+async fn image_tasks(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    load_visible(&state, &auth, &id).await?;
+    Ok(Json(json!({ "tasks": [] })))
 }
 
 async fn list_images(

@@ -1630,11 +1630,7 @@ async fn action(
         "shelveOffload" => {
             // Admin only, as Nova's default policy.
             need(&auth, "admin")?;
-            if !arg.is_null() {
-                return Err(bad(
-                    "Invalid input for field/attribute shelveOffload. Value: it must be null",
-                ));
-            }
+            no_argument(&name, &arg)?;
             Action::ShelveOffload
         }
         "os-resetState" => {
@@ -1947,6 +1943,18 @@ fn precheck(auth: &Auth, r: &ServerRecord, action: Action) -> ApiResult<()> {
         .map_err(|c| ApiError::conflict(c.to_string()).nova())
 }
 
+/// An action that takes no argument: `null`, or an empty object as Tempest and older clients
+/// send.
+fn no_argument(action: &str, arg: &Value) -> ApiResult<()> {
+    match arg {
+        Value::Null => Ok(()),
+        Value::Object(o) if o.is_empty() => Ok(()),
+        other => Err(bad(format!(
+            "Invalid input for field/attribute {action}. Value: {other}. It takes no argument"
+        ))),
+    }
+}
+
 /// `createImage`: a snapshot of the server's root disk as a new image (Nova's
 /// `_action_create_image`). The image is created `queued` with Nova's snapshot properties and
 /// the server's task set to `image_snapshot`; its host's agent flattens the disk and uploads
@@ -2023,11 +2031,7 @@ async fn shelve(
     arg: &Value,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
-    if !arg.is_null() {
-        return Err(bad(
-            "Invalid input for field/attribute shelve. Value: it must be null",
-        ));
-    }
+    no_argument("shelve", arg)?;
     let v = load(state, auth, id).await?;
     precheck(auth, &v.value, Action::Shelve)?;
     let name = shoal_compute::snapshot::shelved_name(&v.value);
