@@ -1390,6 +1390,20 @@ impl Agent {
         for (id, row) in listing.rows {
             let s = &row.value;
             if s.host.is_none()
+                && s.task_state == Some(TaskState::Unshelving)
+                && s.updated.as_str() < cutoff.as_str()
+            {
+                // An unshelve whose node stopped before it placed the server: it stays
+                // offloaded, to be unshelved again.
+                let mut r = s.clone();
+                r.task_state = None;
+                r.updated = now_rfc3339();
+                if let Ok(Some(_)) = self.inner.servers.put_at(&id, &r, row.revision).await {
+                    tracing::warn!(server = %id, "an interrupted unshelve was abandoned");
+                }
+                continue;
+            }
+            if s.host.is_none()
                 && s.task_state == Some(TaskState::Scheduling)
                 && s.updated.as_str() < cutoff.as_str()
             {
