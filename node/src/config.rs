@@ -113,6 +113,10 @@ pub struct ComputeSection {
     pub initial_ram_allocation_ratio: f64,
     #[serde(default = "default_initial_ratio")]
     pub initial_disk_allocation_ratio: f64,
+    /// Seconds a shelved server keeps its host before it is offloaded (Nova's
+    /// `shelved_offload_time`): 0 (the default) offloads at once, -1 never.
+    #[serde(default)]
+    pub shelved_offload_time: i64,
 }
 
 fn default_libvirt_uri() -> String {
@@ -171,6 +175,7 @@ impl Default for ComputeSection {
             initial_cpu_allocation_ratio: default_initial_cpu_ratio(),
             initial_ram_allocation_ratio: default_initial_ratio(),
             initial_disk_allocation_ratio: default_initial_ratio(),
+            shelved_offload_time: 0,
         }
     }
 }

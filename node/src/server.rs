@@ -287,7 +287,7 @@ async fn compute_agent(
         cluster.clone(),
         state.state.table(shoal_state::tables::SERVERS),
         hv,
-        Arc::new(AgentImages(state.images.clone())),
+        Arc::new(AgentImages(state.clone())),
         AgentConfig {
             host: cfg.name.clone(),
             instances_path: instances_path.to_owned(),
@@ -302,6 +302,9 @@ async fn compute_agent(
             remove_unused_min_age: Duration::from_secs(
                 c.remove_unused_original_minimum_age_seconds,
             ),
+            shelved_offload_time: u64::try_from(c.shelved_offload_time)
+                .ok()
+                .map(Duration::from_secs),
         },
     )
     .with_context(|| format!("cannot create {}", instances_path.display()))?;
@@ -489,9 +492,10 @@ async fn serve(
 }
 
 /// The compute agent's base images come from this node's image store: pulled from peers into
-/// the cache, and leased while an instance of this node uses them. (The two services meet only
-/// here, in the binary that wires them.)
-struct AgentImages(ImageStore);
+/// the cache, and leased while an instance of this node uses them; its snapshots go in through
+/// the Image API's upload path. (The two services meet only here, in the binary that wires
+/// them.)
+struct AgentImages(crate::api::AppState);
 
 impl shoal_compute::agent::ImageSource for AgentImages {
     fn fetch<'a>(
@@ -500,6 +504,7 @@ impl shoal_compute::agent::ImageSource for AgentImages {
     ) -> futures::future::BoxFuture<'a, Result<std::path::PathBuf, String>> {
         Box::pin(async move {
             self.0
+                .images
                 .pull(image_id)
                 .await
                 .map_err(|e| shoal_images::chain(e.as_ref()))
@@ -507,7 +512,31 @@ impl shoal_compute::agent::ImageSource for AgentImages {
     }
 
     fn lease(&self, image_id: &str) -> Box<dyn std::any::Any + Send + Sync> {
-        Box::new(self.0.lease(image_id))
+        Box::new(self.0.images.lease(image_id))
+    }
+
+    fn upload<'a>(
+        &'a self,
+        image_id: &'a str,
+        path: &'a std::path::Path,
+        disk_format: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            crate::api::glance::file::ingest_file(&self.0, image_id, path, disk_format)
+                .await
+                .map_err(|e| e.message)
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        image_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            crate::api::glance::images::delete_for_service(&self.0, image_id)
+                .await
+                .map_err(|e| e.message)
+        })
     }
 
     fn age_unused(
@@ -517,6 +546,7 @@ impl shoal_compute::agent::ImageSource for AgentImages {
     ) -> futures::future::BoxFuture<'_, Result<Vec<String>, String>> {
         Box::pin(async move {
             self.0
+                .images
                 .age_unused(keep, min_age)
                 .await
                 .map_err(|e| e.to_string())

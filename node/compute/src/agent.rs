@@ -34,7 +34,7 @@ use crate::hypervisor::{DomainState, HypervisorError, Libvirt};
 use crate::placement;
 use shoal_state::time::now_rfc3339;
 
-use crate::server::{power, Fault, ServerRecord, TaskState, VmState};
+use crate::server::{power, Fault, ServerRecord, Shelved, TaskState, VmState};
 
 /// How long a create may sit in BUILD/scheduling (its rows written, no placement committed)
 /// before it is taken for interrupted. A live create places within seconds.
@@ -53,6 +53,18 @@ pub trait ImageSource: Send + Sync + 'static {
         keep: BTreeSet<String>,
         min_age: Duration,
     ) -> BoxFuture<'_, Result<Vec<String>, String>>;
+    /// Takes the standalone disk image at `path` into image `image_id` (which the API created
+    /// `queued`) through the Image API's own upload path, as `disk_format`; returns once the
+    /// image is `active` (checksums, replicas and all), or why not.
+    fn upload<'a>(
+        &'a self,
+        image_id: &'a str,
+        path: &'a Path,
+        disk_format: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Deletes image `image_id` on the cloud's behalf: a snapshot that failed, a shelved
+    /// server's image once it is no longer needed. An image already gone is no error.
+    fn delete<'a>(&'a self, image_id: &'a str) -> BoxFuture<'a, Result<(), String>>;
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +91,9 @@ pub struct AgentConfig {
     /// How long a base file stays unused before it is removed (Nova's
     /// `remove_unused_original_minimum_age_seconds`).
     pub remove_unused_min_age: Duration,
+    /// How long a shelved server keeps its host before it is offloaded (Nova's
+    /// `shelved_offload_time`): zero offloads at once, `None` (Nova's -1) never.
+    pub shelved_offload_time: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +228,11 @@ impl Agent {
                                 match self.inner.servers.decode(&ev.key, &row) {
                                     Ok(v) if v.value.host.as_deref() == Some(self.inner.cfg.host.as_str()) => {
                                         self.dispatch(&mut workers, ev.key, Some(v));
+                                    }
+                                    // Placed elsewhere now (offloaded, or unshelved on
+                                    // another host): this node's worker stops.
+                                    Ok(_) if workers.contains_key(&ev.key) => {
+                                        self.dispatch(&mut workers, ev.key, None);
                                     }
                                     Ok(_) => {}
                                     Err(e) => tracing::error!(error = %e, "skipping a server row"),
@@ -375,6 +395,22 @@ impl Agent {
                     .await
             }
             (_, Some(TaskState::Rebuilding)) => self.rebuild(&row, &started).await,
+            (_, Some(TaskState::ImageSnapshot)) => self.snapshot(&row, &started).await,
+            (_, Some(TaskState::Shelving)) => self.shelve(&row, &started).await,
+            (
+                _,
+                Some(
+                    task @ (TaskState::ImagePendingUpload
+                    | TaskState::ImageUploading
+                    | TaskState::ShelvingImagePendingUpload
+                    | TaskState::ShelvingImageUploading),
+                ),
+            ) => self.snapshot_interrupted(&row, task).await,
+            (_, Some(TaskState::ShelvingOffloading)) => self.offload(&row, &started).await,
+            (_, Some(TaskState::Unshelving)) => self.unshelve(&row, &started).await,
+            (VmState::Shelved, None) => self.offload_when_due(&row).await,
+            // Offloaded: no host, so never here unless the row was just unshelved elsewhere.
+            (VmState::ShelvedOffloaded, None) => Ok(()),
             (_, Some(TaskState::Scheduling)) | (VmState::Error | VmState::Deleted, None) => Ok(()),
             (VmState::Active, None) => self.sync_active(&row).await,
             (VmState::Stopped, None) => match hv.state(&s.id).await? {
@@ -474,6 +510,418 @@ impl Agent {
             Err(e) => fail(r, &format!("the rebuild failed: {e}")),
         })
         .await
+    }
+
+    /// Writes `change` to the row (the agent's progress through a snapshot or a shelve, as
+    /// Nova's compute manager saves the task states it passes), if the row is still `row`.
+    /// `None`: the row moved (a delete came), and the caller drops what it was doing.
+    async fn advance(
+        &self,
+        row: &Versioned<ServerRecord>,
+        change: impl FnOnce(&mut ServerRecord),
+    ) -> Result<Option<Versioned<ServerRecord>>, AgentError> {
+        let mut r = row.value.clone();
+        change(&mut r);
+        r.updated = now_rfc3339();
+        Ok(self
+            .inner
+            .servers
+            .put_at(&r.id, &r, row.revision)
+            .await?
+            .map(|revision| Versioned { value: r, revision }))
+    }
+
+    /// Where the snapshot of image `image` is written before it is uploaded.
+    fn snapshot_file(&self, image: &str) -> PathBuf {
+        self.inner
+            .cfg
+            .instances_path
+            .join(SNAPSHOTS_DIR)
+            .join(format!("{image}.qcow2"))
+    }
+
+    /// Flattens the server's root disk into a standalone qcow2 and uploads it as image `image`
+    /// (Nova's libvirt snapshot, the cold way: a running or paused domain is saved to its
+    /// managed-save file while its disk is read, and restored before the upload). The row goes
+    /// to `uploading` between the two; `row` follows the writes. `Ok(false)`: the row moved
+    /// and the snapshot was dropped.
+    async fn capture(
+        &self,
+        row: &mut Versioned<ServerRecord>,
+        uploading: TaskState,
+        image: &str,
+    ) -> Result<bool, CaptureError> {
+        let s = row.value.clone();
+        let hv = &self.inner.hv;
+        let err = |e: &dyn std::fmt::Display| CaptureError::Failed(e.to_string());
+        let before = hv.state(&s.id).await.map_err(|e| err(&e))?;
+        let live = matches!(before, Some(DomainState::Running | DomainState::Paused));
+        if live {
+            hv.suspend(&s.id).await.map_err(|e| err(&e))?;
+        }
+        let out = self.snapshot_file(image);
+        let disk = self.dir(&s.id).join("disk");
+        let flat = {
+            let out = out.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Some(dir) = out.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                }
+                crate::snapshot::flatten(&disk, &out)
+            })
+            .await
+            .unwrap_or_else(|_| Err("the snapshot task was cancelled".into()))
+        };
+        let _remove = RemoveOnDrop(out.clone());
+        if live {
+            let back = async {
+                hv.start(&s.id).await?;
+                if before == Some(DomainState::Paused) {
+                    hv.pause(&s.id).await?;
+                }
+                Ok::<_, HypervisorError>(())
+            }
+            .await;
+            if let Err(e) = back {
+                return Err(CaptureError::DomainLost(format!(
+                    "the domain could not be restored after its disk was read: {e}"
+                )));
+            }
+        }
+        flat.map_err(CaptureError::Failed)?;
+        match self
+            .advance(row, |r| r.task_state = Some(uploading))
+            .await
+            .map_err(|e| err(&e))?
+        {
+            Some(next) => *row = next,
+            None => return Ok(false),
+        }
+        self.inner
+            .images
+            .upload(image, &out, crate::snapshot::DISK_FORMAT)
+            .await
+            .map_err(|e| CaptureError::Failed(format!("the image upload failed: {e}")))?;
+        Ok(true)
+    }
+
+    /// Deletes an image a snapshot or shelve was writing, when it is not to be kept.
+    async fn drop_image(&self, server: &str, image: &str) {
+        if let Err(e) = self.inner.images.delete(image).await {
+            tracing::warn!(server, image, error = %e, "cannot delete the image of a failed snapshot");
+        }
+    }
+
+    /// `createImage` (Nova's `snapshot_instance`): task `image_pending_upload`, the disk
+    /// flattened, `image_uploading`, the upload, then no task; the server stays as it was
+    /// (ACTIVE, SHUTOFF, PAUSED or SUSPENDED). A failure deletes the image and records the
+    /// error in the action's event; a domain that could not be restored puts the server in
+    /// ERROR.
+    async fn snapshot(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let id = row.value.id.clone();
+        let Some(image) = row.value.snapshot_image.clone() else {
+            tracing::warn!(server = %id, "a snapshot task names no image; dropped");
+            return self.finish(row, |_| {}).await;
+        };
+        let Some(mut row) = self
+            .advance(row, |r| r.task_state = Some(TaskState::ImagePendingUpload))
+            .await?
+        else {
+            return Ok(());
+        };
+        let outcome = self
+            .capture(&mut row, TaskState::ImageUploading, &image)
+            .await;
+        match &outcome {
+            Ok(true) => tracing::info!(server = %id, %image, "snapshot uploaded"),
+            Ok(false) => {
+                self.drop_image(&id, &image).await;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(server = %id, %image, error = %e, "snapshot failed");
+                self.drop_image(&id, &image).await;
+            }
+        }
+        self.finish(&row, |r| {
+            r.snapshot_image = None;
+            if let Err(CaptureError::DomainLost(why)) = &outcome {
+                fail(r, why);
+            }
+            r.record_outcome(
+                TaskState::ImageSnapshot,
+                started,
+                &now_rfc3339(),
+                outcome.is_ok(),
+            );
+        })
+        .await
+    }
+
+    /// `shelve` (Nova's `shelve_instance`): a clean power-off (a suspended server's saved
+    /// memory is dropped), the disk saved as the `<name>-shelved` image, vm_state `shelved`;
+    /// with `shelved_offload_time` 0 the offload follows at once. A failed snapshot leaves the
+    /// server stopped, its image deleted and the error in the action's event.
+    async fn shelve(&self, row: &Versioned<ServerRecord>, started: &str) -> Result<(), AgentError> {
+        let s = &row.value;
+        let hv = &self.inner.hv;
+        let Some(image) = s.snapshot_image.clone() else {
+            tracing::warn!(server = %s.id, "a shelve task names no image; dropped");
+            return self.finish(row, |_| {}).await;
+        };
+        let off = async {
+            hv.stop(&s.id, self.inner.cfg.stop_grace).await?;
+            hv.discard_saved(&s.id).await
+        }
+        .await;
+        if let Err(e) = off {
+            tracing::warn!(server = %s.id, error = %e, "cannot power off to shelve");
+            self.drop_image(&s.id, &image).await;
+            return self
+                .finish(row, |r| {
+                    r.snapshot_image = None;
+                    r.record_outcome(TaskState::Shelving, started, &now_rfc3339(), false);
+                })
+                .await;
+        }
+        let Some(mut row) = self
+            .advance(row, |r| {
+                r.task_state = Some(TaskState::ShelvingImagePendingUpload);
+                r.power_state = power::SHUTDOWN;
+            })
+            .await?
+        else {
+            self.drop_image(&s.id, &image).await;
+            return Ok(());
+        };
+        let outcome = self
+            .capture(&mut row, TaskState::ShelvingImageUploading, &image)
+            .await;
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                self.drop_image(&s.id, &image).await;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(server = %s.id, %image, error = %e, "shelve snapshot failed");
+                self.drop_image(&s.id, &image).await;
+                return self
+                    .finish(&row, |r| {
+                        r.snapshot_image = None;
+                        r.vm_state = VmState::Stopped;
+                        r.power_state = power::SHUTDOWN;
+                        r.record_outcome(TaskState::Shelving, started, &now_rfc3339(), false);
+                    })
+                    .await;
+            }
+        }
+        let offload_now = self.inner.cfg.shelved_offload_time == Some(Duration::ZERO);
+        let host = self.inner.cfg.host.clone();
+        let shelved = self
+            .advance(&row, |r| {
+                r.snapshot_image = None;
+                r.vm_state = VmState::Shelved;
+                r.power_state = power::SHUTDOWN;
+                r.shelved = Some(Shelved {
+                    image_id: image.clone(),
+                    at: now_rfc3339(),
+                    host,
+                });
+                r.record_outcome(TaskState::Shelving, started, &now_rfc3339(), true);
+                r.task_state = offload_now.then_some(TaskState::ShelvingOffloading);
+            })
+            .await?;
+        tracing::info!(server = %s.id, %image, "shelved");
+        match shelved {
+            Some(row) if offload_now => self.offload(&row, started).await,
+            Some(_) => Ok(()),
+            None => {
+                // The row moved (a delete): the image goes with the server.
+                self.drop_image(&s.id, &image).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A shelved server whose `shelved_offload_time` has passed is offloaded (Nova's
+    /// `_poll_shelved_instances`).
+    async fn offload_when_due(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let Some(after) = self.inner.cfg.shelved_offload_time else {
+            return Ok(());
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let cutoff = shoal_state::time::rfc3339(now.saturating_sub(after.as_secs()));
+        let due = row
+            .value
+            .shelved
+            .as_ref()
+            .is_none_or(|sh| sh.at.as_str() <= cutoff.as_str());
+        if due {
+            self.advance(row, |r| r.task_state = Some(TaskState::ShelvingOffloading))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `shelveOffload` (Nova's `shelve_offload_instance`): the domain and the instance
+    /// directory go, the ports are unbound, and the claim is released in one transaction with
+    /// the row (no host, `shelved_offloaded`, power state NOSTATE).
+    async fn offload(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        self.inner.hv.destroy(&s.id).await?;
+        self.remove_instance_dir(&s.id).await;
+        self.unbind_ports(s).await;
+        let mut r = s.clone();
+        r.host = None;
+        r.vm_state = VmState::ShelvedOffloaded;
+        r.power_state = power::NOSTATE;
+        r.task_state = None;
+        r.updated = now_rfc3339();
+        r.record_event(TaskState::ShelvingOffloading, started, &now_rfc3339());
+        let value = serde_json::to_vec(&r).expect("server records serialise");
+        let rev = row.revision;
+        let released = placement::release(&self.inner.cluster, &s.id, |txn| {
+            txn.when(tables::SERVERS, &s.id, shoal_types::Expect::Revision(rev))
+                .put(tables::SERVERS, &s.id, value.clone())
+        })
+        .await;
+        match released {
+            Ok(()) => tracing::info!(server = %s.id, "shelved server offloaded"),
+            // The row moved meanwhile (a delete): the newer row is handled next.
+            Err(e) => tracing::info!(server = %s.id, error = %e, "offload not recorded"),
+        }
+        Ok(())
+    }
+
+    /// `unshelve` (Nova's `unshelve_instance`): a server still on its host is started again; an
+    /// offloaded one, placed here by the API as a create is, gets a standalone disk written
+    /// from its shelve image and is spawned. Then the shelve image is deleted and the server
+    /// is ACTIVE.
+    async fn unshelve(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let Some(shelved) = s.shelved.clone() else {
+            return self
+                .finish_task(row, started, |r| {
+                    fail(r, "the unshelve failed: the server has no shelve image")
+                })
+                .await;
+        };
+        let outcome = async {
+            if s.vm_state == VmState::Shelved {
+                self.power_on(s, row.revision).await?;
+                return Ok(s.instance_name.clone());
+            }
+            let src = self
+                .inner
+                .images
+                .fetch(&shelved.image_id)
+                .await
+                .map_err(|e| format!("the shelve image {}: {e}", shelved.image_id))?;
+            let dir = self.dir(&s.id);
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                let part = dir.join("disk.part");
+                std::fs::copy(&src, &part)
+                    .and_then(|_| std::fs::rename(&part, dir.join("disk")))
+                    .map_err(|e| format!("writing the disk from the shelve image: {e}"))
+            })
+            .await
+            .map_err(|_| "the disk task was cancelled".to_owned())??;
+            self.spawn(s, row.revision).await.map(Some)
+        }
+        .await;
+        if outcome.is_ok() {
+            self.drop_image(&s.id, &shelved.image_id).await;
+        }
+        self.finish_task(row, started, |r| match &outcome {
+            Ok(name) => {
+                r.vm_state = VmState::Active;
+                r.power_state = power::RUNNING;
+                r.instance_name = name.clone().or(r.instance_name.take());
+                r.shelved = None;
+                r.launched_at = Some(now_rfc3339());
+                r.fault = None;
+            }
+            Err(e) => fail(r, &format!("the unshelve failed: {e}")),
+        })
+        .await
+    }
+
+    /// A snapshot or shelve whose agent stopped part way (this node restarted): the task is
+    /// cleared with an `Error` event, the image deleted, and a domain the snapshot had saved
+    /// to disk restored. A shelve that got that far leaves the server stopped.
+    async fn snapshot_interrupted(
+        &self,
+        row: &Versioned<ServerRecord>,
+        task: TaskState,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let shelving = matches!(
+            task,
+            TaskState::ShelvingImagePendingUpload | TaskState::ShelvingImageUploading
+        );
+        let now = now_rfc3339();
+        let cleared = self
+            .advance(row, |r| {
+                r.task_state = None;
+                r.snapshot_image = None;
+                if shelving {
+                    r.vm_state = VmState::Stopped;
+                    r.power_state = power::SHUTDOWN;
+                }
+                r.record_outcome(task, &now, &now, false);
+            })
+            .await?;
+        let Some(_) = cleared else { return Ok(()) };
+        tracing::warn!(server = %s.id, task = task.as_str(), "an interrupted snapshot was abandoned");
+        if let Some(image) = &s.snapshot_image {
+            let _ = tokio::fs::remove_file(self.snapshot_file(image)).await;
+            self.drop_image(&s.id, image).await;
+        }
+        if !shelving && matches!(s.vm_state, VmState::Active | VmState::Paused) {
+            let running = matches!(
+                self.inner.hv.state(&s.id).await?,
+                Some(DomainState::Running | DomainState::Paused)
+            );
+            if !running {
+                self.inner.hv.start(&s.id).await?;
+                if s.vm_state == VmState::Paused {
+                    self.inner.hv.pause(&s.id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the server's instance directory (disks, console log); gone already is fine.
+    async fn remove_instance_dir(&self, id: &str) {
+        let dir = self.dir(id);
+        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(server = %id, error = %e, "could not remove the instance directory");
+        }
     }
 
     /// An ACTIVE server: a domain that is gone is rebuilt from its disk (or the server goes to
@@ -583,10 +1031,18 @@ impl Agent {
     /// domain's name.
     async fn spawn(&self, s: &ServerRecord, revision: u64) -> Result<String, String> {
         let images = &self.inner.images;
-        let base = images
-            .fetch(&s.image.id)
-            .await
-            .map_err(|e| format!("image {} is not available on this host: {e}", s.image.id))?;
+        let dir = self.dir(&s.id);
+        let disk = dir.join("disk");
+        // A disk that is there needs no base: a domain rebuilt from its disk keeps what the
+        // guest wrote, and an unshelve wrote a standalone disk from the shelve image.
+        let base =
+            if tokio::fs::try_exists(&disk).await.unwrap_or(false) {
+                None
+            } else {
+                Some(images.fetch(&s.image.id).await.map_err(|e| {
+                    format!("image {} is not available on this host: {e}", s.image.id)
+                })?)
+            };
         let kernel = match &s.image.kernel_id {
             Some(k) => Some(
                 images
@@ -605,8 +1061,6 @@ impl Agent {
             ),
             None => None,
         };
-        let dir = self.dir(&s.id);
-        let disk = dir.join("disk");
         let console_log = dir.join("console.log");
         let format = match s.image.disk_format.as_str() {
             "qcow2" => BackingFormat::Qcow2,
@@ -620,8 +1074,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>, String> {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                // A rebuild keeps what the guest wrote.
-                if !disk.exists() {
+                if let Some(base) = base.filter(|_| !disk.exists()) {
                     let size = flavor_bytes.max(
                         backing_size(&base, format)
                             .map_err(|e| format!("reading the base image: {e}"))?,
@@ -821,20 +1274,38 @@ impl Agent {
         }
     }
 
+    /// Clears this host from the ports' binding (an offloaded server has no host; the host
+    /// that unshelves it binds them again).
+    async fn unbind_ports(&self, s: &ServerRecord) {
+        let ports: Table<shoal_state::records::PortRecord> =
+            Table::new(self.inner.servers_store(), tables::PORTS);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let host = self.inner.cfg.host.clone();
+        for p in &s.ports {
+            let r = ports
+                .update(&p.port_id, |port| {
+                    if port.binding_host_id == host {
+                        port.binding_host_id = String::new();
+                        port.touch(now);
+                    }
+                    Ok::<_, StateError>(())
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(server = %s.id, port = %p.port_id, error = %e, "cannot unbind the port");
+            }
+        }
+    }
+
     /// Destroys the domain, removes the instance directory, then releases the claim and
     /// deletes the row in one transaction.
     async fn delete(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
         let s = &row.value;
         self.inner.hv.destroy(&s.id).await?;
-        let dir = self.dir(&s.id);
-        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        })
-        .await;
-        if let Ok(Err(e)) = removed {
-            tracing::warn!(server = %s.id, error = %e, "could not remove the instance directory");
-        }
+        self.remove_instance_dir(&s.id).await;
         // Unconditional: a delete, once asked for, is not undone by a later write of the row.
         placement::release(&self.inner.cluster, &s.id, |txn| {
             txn.delete(tables::SERVERS, &s.id)
@@ -919,6 +1390,20 @@ impl Agent {
         for (id, row) in listing.rows {
             let s = &row.value;
             if s.host.is_none()
+                && s.task_state == Some(TaskState::Unshelving)
+                && s.updated.as_str() < cutoff.as_str()
+            {
+                // An unshelve whose node stopped before it placed the server: it stays
+                // offloaded, to be unshelved again.
+                let mut r = s.clone();
+                r.task_state = None;
+                r.updated = now_rfc3339();
+                if let Ok(Some(_)) = self.inner.servers.put_at(&id, &r, row.revision).await {
+                    tracing::warn!(server = %id, "an interrupted unshelve was abandoned");
+                }
+                continue;
+            }
+            if s.host.is_none()
                 && s.task_state == Some(TaskState::Scheduling)
                 && s.updated.as_str() < cutoff.as_str()
             {
@@ -988,6 +1473,28 @@ impl Agent {
 impl Inner {
     fn servers_store(&self) -> Arc<dyn shoal_state::Store> {
         self.store.clone()
+    }
+}
+
+/// Where snapshots are written under the instances path before they are uploaded (Nova's
+/// `snapshots_directory`).
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+
+/// Why a snapshot failed: the server stays as it was, or its domain could not be restored.
+#[derive(Debug, thiserror::Error)]
+enum CaptureError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    DomainLost(String),
+}
+
+/// A file removed when this is dropped (a snapshot once uploaded, or abandoned).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

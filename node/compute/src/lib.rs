@@ -17,6 +17,7 @@
 //! - `host_view`: the scheduler's view of the hosts, kept current by watches;
 //! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
 //!   the API may ask for;
+//! - `snapshot`: what a server snapshot's image inherits, and the flattened root disk;
 //! - `configdrive`: the config drive, an ISO 9660 image of the metadata documents;
 //! - `nics`: a server's NICs as its port, network and subnet rows say now, the one lookup
 //!   behind the config drive's and the metadata service's `network_data.json`;
@@ -50,3 +51,4 @@ pub mod quota;
 pub mod server;
 pub mod server_group;
 pub mod service;
+pub mod snapshot;

@@ -641,6 +641,8 @@ pub(crate) mod tests {
             locked: false,
             config_drive: false,
             actions: Vec::new(),
+            snapshot_image: None,
+            shelved: None,
         }
     }
 

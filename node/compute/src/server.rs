@@ -21,6 +21,11 @@ pub enum VmState {
     Suspended,
     Error,
     Deleted,
+    /// Stopped, its root disk saved as an image (`shelve`), still on its host.
+    Shelved,
+    /// Shelved and gone from its host: no domain, no claim, no host (`shelveOffload`).
+    #[serde(rename = "shelved_offloaded")]
+    ShelvedOffloaded,
 }
 
 impl VmState {
@@ -33,6 +38,8 @@ impl VmState {
             VmState::Suspended => "suspended",
             VmState::Error => "error",
             VmState::Deleted => "deleted",
+            VmState::Shelved => "shelved",
+            VmState::ShelvedOffloaded => "shelved_offloaded",
         }
     }
 }
@@ -54,6 +61,20 @@ pub enum TaskState {
     /// The server's disk is rewritten from a (maybe new) image and the domain defined again.
     Rebuilding,
     Deleting,
+    /// `createImage`: the API created the image; the agent has not taken the task up yet.
+    ImageSnapshot,
+    /// The agent is flattening the root disk into a standalone image.
+    ImagePendingUpload,
+    /// The flattened image is going into the Image API's upload path.
+    ImageUploading,
+    /// `shelve`: power off, snapshot, then (with `shelved_offload_time` 0) offload.
+    Shelving,
+    ShelvingImagePendingUpload,
+    ShelvingImageUploading,
+    /// `shelveOffload`: the domain and its disks go, the claim is released.
+    ShelvingOffloading,
+    /// `unshelve`: placed again (or still on its host), spawned from the shelve image.
+    Unshelving,
 }
 
 impl TaskState {
@@ -72,6 +93,14 @@ impl TaskState {
             TaskState::Resuming => "resuming",
             TaskState::Rebuilding => "rebuilding",
             TaskState::Deleting => "deleting",
+            TaskState::ImageSnapshot => "image_snapshot",
+            TaskState::ImagePendingUpload => "image_pending_upload",
+            TaskState::ImageUploading => "image_uploading",
+            TaskState::Shelving => "shelving",
+            TaskState::ShelvingImagePendingUpload => "shelving_image_pending_upload",
+            TaskState::ShelvingImageUploading => "shelving_image_uploading",
+            TaskState::ShelvingOffloading => "shelving_offloading",
+            TaskState::Unshelving => "unshelving",
         }
     }
 }
@@ -206,6 +235,25 @@ pub struct ServerRecord {
     /// The action log (`os-instance-actions`), oldest first; at most [`MAX_ACTIONS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<InstanceAction>,
+    /// The image a `createImage` or `shelve` in progress writes: the API creates it `queued`
+    /// and names it here (Nova hands its id to the compute manager in the cast).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_image: Option<String>,
+    /// What `shelve` left, as Nova's `shelved_image_id`/`shelved_at`/`shelved_host` system
+    /// metadata; gone again once the server is unshelved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shelved: Option<Shelved>,
+}
+
+/// A shelved server's image and when it was shelved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shelved {
+    /// The `<name>-shelved` snapshot its disk was saved to.
+    pub image_id: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// The host it was shelved on.
+    pub host: String,
 }
 
 impl ServerRecord {
@@ -226,6 +274,8 @@ impl ServerRecord {
             VmState::Stopped => "SHUTOFF",
             VmState::Paused => "PAUSED",
             VmState::Suspended => "SUSPENDED",
+            VmState::Shelved => "SHELVED",
+            VmState::ShelvedOffloaded => "SHELVED_OFFLOADED",
             VmState::Active => match self.task_state {
                 Some(TaskState::Rebooting) => "REBOOT",
                 Some(TaskState::RebootingHard) => "HARD_REBOOT",
@@ -256,6 +306,11 @@ pub enum Action {
     /// The disk rewritten from the record's image (the API sets the new image first).
     Rebuild,
     Delete,
+    /// `createImage`: the root disk saved as a new image.
+    CreateImage,
+    Shelve,
+    ShelveOffload,
+    Unshelve,
 }
 
 impl Action {
@@ -271,6 +326,10 @@ impl Action {
             Action::Resume => "resume",
             Action::Rebuild => "rebuild",
             Action::Delete => "delete",
+            Action::CreateImage => "createImage",
+            Action::Shelve => "shelve",
+            Action::ShelveOffload => "shelveOffload",
+            Action::Unshelve => "unshelve",
         }
     }
 
@@ -289,6 +348,12 @@ impl Action {
             Action::Resume => vm == Suspended,
             Action::Rebuild => matches!(vm, Active | Stopped | Error),
             Action::Delete => true,
+            // Nova's `snapshot` and `shelve`: the states whose root disk is on this host.
+            Action::CreateImage | Action::Shelve => {
+                matches!(vm, Active | Stopped | Paused | Suspended)
+            }
+            Action::ShelveOffload => vm == Shelved,
+            Action::Unshelve => matches!(vm, Shelved | ShelvedOffloaded),
         }
     }
 
@@ -304,6 +369,10 @@ impl Action {
             Action::Resume => TaskState::Resuming,
             Action::Rebuild => TaskState::Rebuilding,
             Action::Delete => TaskState::Deleting,
+            Action::CreateImage => TaskState::ImageSnapshot,
+            Action::Shelve => TaskState::Shelving,
+            Action::ShelveOffload => TaskState::ShelvingOffloading,
+            Action::Unshelve => TaskState::Unshelving,
         }
     }
 }
@@ -369,6 +438,13 @@ impl ServerRecord {
     /// the task and has no event yet.
     pub fn record_event(&mut self, task: TaskState, started: &str, finished: &str) {
         let failed = self.vm_state == VmState::Error;
+        self.record_outcome(task, started, finished, !failed);
+    }
+
+    /// [`Self::record_event`] with the result given: a snapshot that failed leaves the server
+    /// as it was, not in ERROR, and its event still says `Error`.
+    pub fn record_outcome(&mut self, task: TaskState, started: &str, finished: &str, ok: bool) {
+        let failed = !ok;
         let Some(action) = self.actions.last_mut() else {
             return;
         };
@@ -398,6 +474,14 @@ impl TaskState {
             TaskState::Resuming => "resume",
             TaskState::Rebuilding => "rebuild",
             TaskState::Deleting => "delete",
+            TaskState::ImageSnapshot
+            | TaskState::ImagePendingUpload
+            | TaskState::ImageUploading => "createImage",
+            TaskState::Shelving
+            | TaskState::ShelvingImagePendingUpload
+            | TaskState::ShelvingImageUploading => "shelve",
+            TaskState::ShelvingOffloading => "shelveOffload",
+            TaskState::Unshelving => "unshelve",
         }
     }
 
@@ -414,6 +498,14 @@ impl TaskState {
             TaskState::Resuming => "compute_resume_instance",
             TaskState::Rebuilding => "compute_rebuild_instance",
             TaskState::Deleting => "compute_terminate_instance",
+            TaskState::ImageSnapshot
+            | TaskState::ImagePendingUpload
+            | TaskState::ImageUploading => "compute_snapshot_instance",
+            TaskState::Shelving
+            | TaskState::ShelvingImagePendingUpload
+            | TaskState::ShelvingImageUploading => "compute_shelve_instance",
+            TaskState::ShelvingOffloading => "compute_shelve_offload_instance",
+            TaskState::Unshelving => "compute_unshelve_instance",
         }
     }
 }
@@ -449,7 +541,7 @@ pub struct ActionEvent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use shoal_state::time::now_rfc3339;
 
     use super::*;
@@ -500,6 +592,8 @@ mod tests {
             locked: false,
             config_drive: false,
             actions: Vec::new(),
+            snapshot_image: None,
+            shelved: None,
         }
     }
 
@@ -584,6 +678,70 @@ mod tests {
         r.record_event(TaskState::RebootingHard, "t9", "t10");
         let reboot = r.actions.last().unwrap();
         assert_eq!(reboot.events[0].result.as_deref(), Some("Error"));
+    }
+
+    #[test]
+    fn snapshot_and_shelve_follow_novas_state_rules() {
+        use VmState::*;
+        for vm in [Active, Stopped, Paused, Suspended] {
+            let mut r = record();
+            r.vm_state = vm;
+            let status = r.status();
+            r.clone().request(Action::Shelve).unwrap();
+            r.request(Action::CreateImage).unwrap();
+            assert_eq!(r.task_state, Some(TaskState::ImageSnapshot));
+            // The status stays what it was while the snapshot runs, as in Nova.
+            assert_eq!(r.status(), status);
+            assert_eq!(r.task_state.unwrap().as_str(), "image_snapshot");
+            // One task at a time: a second snapshot is a 409 on the task state.
+            let e = r.request(Action::CreateImage).unwrap_err();
+            assert_eq!((e.what, e.state), ("task_state", "image_snapshot"));
+        }
+        for vm in [Error, Building, Shelved, ShelvedOffloaded] {
+            let mut r = record();
+            r.vm_state = vm;
+            let e = r.clone().request(Action::CreateImage).unwrap_err();
+            assert_eq!((e.action, e.what), ("createImage", "vm_state"));
+            assert!(r.request(Action::Shelve).is_err());
+        }
+        let mut r = record();
+        r.vm_state = Shelved;
+        assert_eq!(r.status(), "SHELVED");
+        for refused in [Action::Start, Action::Stop, Action::Rebuild, Action::Pause] {
+            assert_eq!(r.clone().request(refused).unwrap_err().state, "shelved");
+        }
+        r.clone().request(Action::ShelveOffload).unwrap();
+        r.request(Action::Unshelve).unwrap();
+        assert_eq!(r.task_state, Some(TaskState::Unshelving));
+        let mut r = record();
+        r.vm_state = ShelvedOffloaded;
+        assert_eq!(r.status(), "SHELVED_OFFLOADED");
+        assert_eq!(r.vm_state.as_str(), "shelved_offloaded");
+        assert!(r.clone().request(Action::ShelveOffload).is_err());
+        r.request(Action::Unshelve).unwrap();
+        // Nova's spellings, in the row and in the API.
+        let json = serde_json::to_string(&ShelvedOffloaded).unwrap();
+        assert_eq!(json, "\"shelved_offloaded\"");
+        assert_eq!(
+            TaskState::ShelvingImagePendingUpload.as_str(),
+            "shelving_image_pending_upload"
+        );
+        assert_eq!(
+            TaskState::ShelvingImageUploading.event_name(),
+            "compute_shelve_instance"
+        );
+        assert_eq!(TaskState::ImageUploading.action_name(), "createImage");
+    }
+
+    #[test]
+    fn a_failed_snapshot_records_an_error_event_without_an_error_state() {
+        let mut r = record();
+        r.record_action("createImage", "req-1", "u", "t0");
+        r.record_outcome(TaskState::ImageSnapshot, "t1", "t2", false);
+        let ev = &r.actions.last().unwrap().events[0];
+        assert_eq!(ev.event, "compute_snapshot_instance");
+        assert_eq!(ev.result.as_deref(), Some("Error"));
+        assert_eq!(r.vm_state, VmState::Active);
     }
 
     #[test]

@@ -262,12 +262,14 @@ def conf_text(rc, flavors, images, lock_path, log_file, network_exts, public_net
             # The filters shoal-scheduler implements (docs/scheduler.md); Tempest skips the
             # tests of the others.
             "scheduler_enabled_filters": ",".join(SCHEDULER_FILTERS),
+            "snapshot": b(True),
+            "shelve": b(True),
         } | {
             k: b(False)
             for k in (
-                "disk_config change_password console_output resize shelve "
+                "disk_config change_password console_output resize "
                 "cold_migration live_migration metadata_service rescue "
-                "interface_attach snapshot personality "
+                "interface_attach personality "
                 "attach_encrypted_volume config_drive swap_volume volume_multiattach "
                 "ide_bus vnc_console spice_console serial_console unified_limits"
             ).split()

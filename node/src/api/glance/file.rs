@@ -251,6 +251,60 @@ pub async fn upload(
     body: Body,
 ) -> ApiResult<StatusCode> {
     let (img, rev) = load_writable(&state, &auth, &id).await?;
+    let declared = declared_size(&headers)?;
+    let md5_header = content_md5(&headers);
+    ingest(
+        &state,
+        img,
+        rev,
+        body.into_data_stream(),
+        declared,
+        md5_header,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes a file of this node into a `queued` image through the same path an upload takes
+/// (claim, chunks, replicas, hashes, the inspector, activation), on the cloud's own behalf:
+/// the compute agent's snapshots. The image gets `disk_format` and the `bare` container as it
+/// is claimed; a refusal leaves it `killed`, an interruption `queued`, as for any upload.
+pub(crate) async fn ingest_file(
+    state: &AppState,
+    id: &str,
+    path: &std::path::Path,
+    disk_format: &str,
+) -> ApiResult<()> {
+    let (mut img, rev) = crate::api::glance::images::load(state, id).await?;
+    if img.status == Status::Queued {
+        img.disk_format = Some(disk_format.to_owned());
+        img.container_format = Some("bare".to_owned());
+    }
+    let file = tokio::fs::File::open(path).await.map_err(|e| {
+        tracing::error!(image = %id, path = %path.display(), error = %e, "cannot open a snapshot");
+        ApiError::internal("this node could not read the image it was to store").glance()
+    })?;
+    let size = file.metadata().await.ok().map(|m| m.len());
+    let data = stream::try_unfold(file, |mut f| async move {
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        let n = f.read_buf(&mut buf).await?;
+        Ok::<_, std::io::Error>((n > 0).then(|| (buf.freeze(), f)))
+    });
+    ingest(state, img, rev, Box::pin(data), size, None).await
+}
+
+/// The upload proper, once the caller may write `img` (read at `rev`): `data` is the image,
+/// `declared` the size and `md5_header` the MD5 the uploader announced.
+async fn ingest<E: std::fmt::Display>(
+    state: &AppState,
+    img: ImageRecord,
+    rev: u64,
+    data: impl futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    declared: Option<u64>,
+    md5_header: Option<String>,
+) -> ApiResult<()> {
+    let state = state.clone();
+    let id = img.id.clone();
     let now = now_secs();
     match (&img.status, &img.upload) {
         (Status::Queued, _) => {}
@@ -284,8 +338,6 @@ pub async fn upload(
     // An ova, ovf, docker or compressed container is an archive, not a disk: its bytes are
     // stored unjudged (as Glance does) and no server boots from it (`nova::servers`).
     let inspect = is_disk_container(container);
-    let declared = declared_size(&headers)?;
-    let md5_header = content_md5(&headers);
     let limit = state.images.settings.max_image_bytes;
 
     let mut saving = img.clone();
@@ -319,7 +371,7 @@ pub async fn upload(
         Ok(u) => u,
         Err(e) => return Err(claim.abandon(ApiError::internal_logged(&e)).await),
     };
-    let mut data = body.into_data_stream();
+    let mut data = data;
     let mut beat = tokio::time::interval(Duration::from_secs(CLAIM_HEARTBEAT_SECS));
     beat.tick().await;
     loop {
@@ -429,7 +481,7 @@ pub async fn upload(
         return Err(lost(&id));
     }
     tracing::info!(image = %id, size = up.manifest.size, chunks = up.manifest.chunks.len(), "image active");
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 pub async fn download(

@@ -52,6 +52,7 @@ pub fn routes() -> Router<AppState> {
             "/image/v2/images/{id}",
             get(show_image).patch(update_image).delete(delete_image),
         )
+        .route("/image/v2/images/{id}/tasks", get(image_tasks))
         .route(
             "/image/v2/images/{id}/file",
             put(file::upload)
@@ -127,7 +128,7 @@ fn members(state: &AppState) -> Table<Member> {
 }
 
 /// The image and the revision it was read at, after a read barrier (linearizable).
-pub(super) async fn load(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
+pub(crate) async fn load(state: &AppState, id: &str) -> ApiResult<(ImageRecord, u64)> {
     state.cluster.read_barrier().await.map_err(gerr)?;
     load_local(state, id).await
 }
@@ -251,6 +252,18 @@ async fn create_image(
     Ok(resp)
 }
 
+/// `GET /v2/images/{id}/tasks` (Glance 2.12): the import tasks of an image the caller sees.
+/// Shoal has no tasks (no interoperable import), so the list is always empty; Tempest's
+/// snapshot tests wait on it.
+async fn image_tasks(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    load_visible(&state, &auth, &id).await?;
+    Ok(Json(json!({ "tasks": [] })))
+}
+
 async fn list_images(
     State(state): State<AppState>,
     auth: Auth,
@@ -359,26 +372,55 @@ pub(crate) async fn delete_image(
             ))
             .glance());
         }
-        let members = state
-            .cluster
-            .list(tables::IMAGE_MEMBERS, &format!("{id}/"), usize::MAX)
-            .await
-            .map_err(gerr)?;
-        // The manifest goes with the image; its chunks are garbage-collected once no manifest
-        // names them.
-        let mut txn = Txn::new()
-            .when(tables::IMAGES, &id, Expect::Revision(rev))
-            .delete(tables::IMAGES, &id)
-            .delete(manifest::MANIFESTS, &id);
-        for (key, _) in members {
-            txn = txn.delete(tables::IMAGE_MEMBERS, &key);
+        Ok(remove_at(&state, &id, rev)
+            .await?
+            .then_some(StatusCode::NO_CONTENT))
+    })
+    .await
+    .map_err(ApiError::glance)
+}
+
+/// Deletes the image, its manifest and its member rows if the image's row is still at `rev`
+/// (`false` if it moved), and this node's cached copy.
+async fn remove_at(state: &AppState, id: &str, rev: u64) -> ApiResult<bool> {
+    let members = state
+        .cluster
+        .list(tables::IMAGE_MEMBERS, &format!("{id}/"), usize::MAX)
+        .await
+        .map_err(gerr)?;
+    // The manifest goes with the image; its chunks are garbage-collected once no manifest
+    // names them.
+    let mut txn = Txn::new()
+        .when(tables::IMAGES, id, Expect::Revision(rev))
+        .delete(tables::IMAGES, id)
+        .delete(manifest::MANIFESTS, id);
+    for (key, _) in members {
+        txn = txn.delete(tables::IMAGE_MEMBERS, &key);
+    }
+    if state.cluster.write(txn).await.map_err(gerr)?.succeeded {
+        let cached = state.images.cache_path(id);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(cached)).await;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Deletes an image on the cloud's own behalf (the compute service's snapshot that failed, a
+/// shelved server's image once it is unshelved or deleted), as Nova deletes them with its own
+/// credentials. A protected image is kept (Glance would refuse Nova too); a missing one is
+/// already gone.
+pub(crate) async fn delete_for_service(state: &AppState, id: &str) -> ApiResult<()> {
+    retry(tables::IMAGES, id, DEFAULT_ATTEMPTS, || async {
+        let (img, rev) = match load(state, id).await {
+            Ok(found) => found,
+            Err(e) if e.status == StatusCode::NOT_FOUND => return Ok(Some(())),
+            Err(e) => return Err(e),
+        };
+        if img.protected {
+            tracing::info!(image = %id, "the image is protected; the compute service leaves it");
+            return Ok(Some(()));
         }
-        if state.cluster.write(txn).await.map_err(gerr)?.succeeded {
-            let cached = state.images.cache_path(&id);
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(cached)).await;
-            return Ok(Some(StatusCode::NO_CONTENT));
-        }
-        Ok(None)
+        Ok(remove_at(state, id, rev).await?.then_some(()))
     })
     .await
     .map_err(ApiError::glance)

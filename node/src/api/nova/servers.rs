@@ -456,6 +456,8 @@ async fn create(
             locked: false,
             config_drive,
             actions: Vec::new(),
+            snapshot_image: None,
+            shelved: None,
         })
         .collect();
 
@@ -513,6 +515,7 @@ async fn create(
         &revisions,
         group_id.as_deref(),
         &project,
+        TaskState::Spawning,
         request,
     )
     .await;
@@ -782,6 +785,7 @@ async fn place_servers(
     revisions: &[u64],
     group_id: Option<&str>,
     project: &str,
+    task: TaskState,
     request: impl Fn(Vec<String>, Option<GroupPolicy>) -> Request,
 ) -> Result<(), (u16, String)> {
     let internal = |e: &dyn std::fmt::Display| {
@@ -831,7 +835,7 @@ async fn place_servers(
                 for ((r, rev), c) in records.iter().zip(revisions).zip(claims) {
                     let mut r = r.clone();
                     r.host = Some(c.host.clone());
-                    r.task_state = Some(TaskState::Spawning);
+                    r.task_state = Some(task);
                     r.updated = now_rfc3339();
                     txn = txn
                         .when(tables::SERVERS, &r.id, Expect::Revision(*rev))
@@ -1537,12 +1541,18 @@ async fn delete(
         let v = load(&state, &auth, &id).await?;
         let mut r = v.value;
         if r.host.is_none() {
-            // Never placed (NoValidHost): nothing runs anywhere; the row goes now.
+            // Never placed (NoValidHost) or shelved and offloaded: nothing runs anywhere; the
+            // row goes now.
             release_ports(&state, std::slice::from_ref(&r)).await;
-            servers(&state)
+            if !servers(&state)
                 .delete_at(&id, v.revision)
                 .await
-                .map_err(nova_err)?;
+                .map_err(nova_err)?
+            {
+                state.cluster.read_barrier().await.map_err(nova_err)?;
+                continue;
+            }
+            drop_images(&state, &r).await;
             return Ok(StatusCode::NO_CONTENT);
         }
         if r.task_state == Some(TaskState::Deleting) {
@@ -1563,11 +1573,23 @@ async fn delete(
             .map_err(nova_err)?
             .is_some()
         {
+            drop_images(&state, &r).await;
             return Ok(StatusCode::NO_CONTENT);
         }
         state.cluster.read_barrier().await.map_err(nova_err)?;
     }
     Err(ApiError::conflict(format!("Instance {id} kept changing; retry the delete")).nova())
+}
+
+/// The images a deleted server leaves behind that go with it, as Nova deletes them: a shelved
+/// server's image, and the image of a snapshot or shelve still in progress.
+async fn drop_images(state: &AppState, r: &ServerRecord) {
+    let shelved = r.shelved.as_ref().map(|s| s.image_id.as_str());
+    for image in shelved.into_iter().chain(r.snapshot_image.as_deref()) {
+        if let Err(e) = crate::api::glance::images::delete_for_service(state, image).await {
+            tracing::warn!(server = %r.id, image, error = %e.message, "cannot delete the server's image");
+        }
+    }
 }
 
 async fn action(
@@ -1603,6 +1625,15 @@ async fn action(
             }
         }
         "rebuild" => return rebuild(&state, &auth, &rid, &id, &arg).await,
+        "createImage" => return create_image(&state, &auth, &rid, &id, &arg).await,
+        "shelve" => return shelve(&state, &auth, &rid, &id, &arg).await,
+        "unshelve" => return unshelve(&state, &auth, &rid, &id, &arg).await,
+        "shelveOffload" => {
+            // Admin only, as Nova's default policy.
+            need(&auth, "admin")?;
+            no_argument(&name, &arg)?;
+            Action::ShelveOffload
+        }
         "os-resetState" => {
             // Admin only (Nova's default policy): the state is set, the task dropped, and
             // nothing is done to the domain.
@@ -1800,6 +1831,301 @@ async fn rebuild(
     let mut server = server_json_basic(state, &r);
     server["adminPass"] = json!(admin_pass);
     Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))).into_response())
+}
+
+/// The image a snapshot of `r` (by `user_id`) is written to: Glance's record, `queued`, owned
+/// by the server's project and private, with the properties Nova gives snapshots
+/// (`shoal_compute::snapshot::snapshot_meta`); written here, its bytes come from the agent.
+async fn snapshot_record(
+    state: &AppState,
+    r: &ServerRecord,
+    user_id: &str,
+    name: &str,
+    metadata: &BTreeMap<String, String>,
+) -> ApiResult<shoal_images::record::ImageRecord> {
+    use shoal_compute::snapshot::{snapshot_meta, SourceImage};
+    use shoal_images::record::{Caller, ImageRecord, Visibility};
+    let source = match crate::api::glance::images::load(state, &r.image.id).await {
+        Ok((img, _)) => Some(SourceImage {
+            min_ram: img.min_ram,
+            min_disk: img.min_disk,
+            disk_format: img.disk_format,
+            properties: img.properties,
+        }),
+        Err(e) if e.status == StatusCode::NOT_FOUND => None,
+        Err(e) => return Err(e.nova()),
+    };
+    let meta = snapshot_meta(r, user_id, source.as_ref(), metadata);
+    let caller = Caller {
+        admin: true,
+        project: Some(r.project_id.clone()),
+    };
+    let mut img = ImageRecord::create(
+        &json!({ "name": name }),
+        &caller,
+        shoal_state::time::now_secs(),
+        || uuid::Uuid::new_v4().to_string(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    img.visibility = Visibility::Private;
+    img.min_ram = meta.min_ram;
+    img.min_disk = meta.min_disk;
+    img.properties = meta.properties;
+    let txn = Txn::new()
+        .when(tables::IMAGES, &img.id, Expect::Absent)
+        .put(
+            tables::IMAGES,
+            &img.id,
+            serde_json::to_vec(&img).expect("image records serialise"),
+        );
+    if !state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
+        return Err(ApiError::conflict("the snapshot's image id was taken; retry").nova());
+    }
+    Ok(img)
+}
+
+/// Sets `action` on the server with `image` as the image it writes, or deletes the image if
+/// the server refuses (its state, its lock, a concurrent change).
+async fn start_snapshot(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    action: Action,
+    image: &str,
+) -> ApiResult<()> {
+    let admin = is_admin(auth);
+    let started = modify(state, auth, id, |r| {
+        if r.host.is_none() {
+            return Err(ApiError::conflict(format!(
+                "Cannot '{}' instance {id} while it is in vm_state {}",
+                action.name(),
+                r.vm_state.as_str()
+            ))
+            .nova());
+        }
+        if action == Action::Shelve && r.locked && !admin {
+            return Err(locked(id));
+        }
+        r.request(action)
+            .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
+        r.snapshot_image = Some(image.to_owned());
+        r.record_action(action.name(), &rid.0, &auth.0.user_id, &now_rfc3339());
+        Ok(())
+    })
+    .await;
+    if let Err(e) = started {
+        if let Err(d) = crate::api::glance::images::delete_for_service(state, image).await {
+            tracing::warn!(image, error = %d.message, "cannot delete an unused snapshot image");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Refuses `action` early when the server's state forbids it (before an image is created for
+/// it); the compare-and-set in [`start_snapshot`] decides for good.
+fn precheck(auth: &Auth, r: &ServerRecord, action: Action) -> ApiResult<()> {
+    if action != Action::CreateImage && r.locked && !is_admin(auth) {
+        return Err(locked(&r.id));
+    }
+    let mut probe = r.clone();
+    if r.host.is_none() && action != Action::Unshelve {
+        return Err(ApiError::conflict(format!(
+            "Cannot '{}' instance {} while it is in vm_state {}",
+            action.name(),
+            r.id,
+            r.vm_state.as_str()
+        ))
+        .nova());
+    }
+    probe
+        .request(action)
+        .map_err(|c| ApiError::conflict(c.to_string()).nova())
+}
+
+/// An action that takes no argument: `null`, or an empty object as Tempest and older clients
+/// send.
+fn no_argument(action: &str, arg: &Value) -> ApiResult<()> {
+    match arg {
+        Value::Null => Ok(()),
+        Value::Object(o) if o.is_empty() => Ok(()),
+        other => Err(bad(format!(
+            "Invalid input for field/attribute {action}. Value: {other}. It takes no argument"
+        ))),
+    }
+}
+
+/// `createImage`: a snapshot of the server's root disk as a new image (Nova's
+/// `_action_create_image`). The image is created `queued` with Nova's snapshot properties and
+/// the server's task set to `image_snapshot`; its host's agent flattens the disk and uploads
+/// it. Answers 202 with the image's URL in `Location` (the body of 2.45 and later is not
+/// served: Shoal serves 2.1).
+async fn create_image(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let Some(arg) = arg.as_object() else {
+        return Err(bad(
+            "Invalid input for field/attribute createImage. Value: it must be an object",
+        ));
+    };
+    if let Some(k) = arg
+        .keys()
+        .find(|k| !matches!(k.as_str(), "name" | "metadata"))
+    {
+        return Err(bad(format!(
+            "Invalid input for field/attribute createImage. Additional properties are not allowed ('{k}' was unexpected)"
+        )));
+    }
+    let name = match arg.get("name") {
+        Some(Value::String(n)) => n.clone(),
+        None => {
+            return Err(bad(
+                "Invalid input for field/attribute createImage. 'name' is a required property",
+            ))
+        }
+        Some(v) => {
+            return Err(bad(format!(
+                "Invalid input for field/attribute name. Value: {v}. It is not a string"
+            )))
+        }
+    };
+    if name.is_empty() || name.chars().count() > 255 || name.trim() != name {
+        return Err(bad(format!(
+            "Invalid input for field/attribute name. Value: {}. It must be 1 to 255 characters with no leading or trailing whitespace",
+            name.chars().take(64).collect::<String>()
+        )));
+    }
+    let metadata: BTreeMap<String, String> = match arg.get("metadata") {
+        None => BTreeMap::new(),
+        Some(m) => serde_json::from_value(m.clone()).map_err(|_| {
+            bad("Invalid input for field/attribute metadata: an object of strings is expected")
+        })?,
+    };
+    super::server_meta::check_items(&metadata)?;
+    if metadata.len() > shoal_images::record::MAX_PROPERTIES {
+        return Err(ApiError::forbidden("Image metadata limit exceeded").nova());
+    }
+    let v = load(state, auth, id).await?;
+    precheck(auth, &v.value, Action::CreateImage)?;
+    let img = snapshot_record(state, &v.value, &auth.0.user_id, &name, &metadata).await?;
+    start_snapshot(state, auth, rid, id, Action::CreateImage, &img.id).await?;
+    let mut resp = StatusCode::ACCEPTED.into_response();
+    if let Ok(loc) = format!("{}/image/v2/images/{}", state.base_url, img.id).parse() {
+        resp.headers_mut().insert(axum::http::header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+/// `shelve`: the server is powered off and its disk saved as the `<name>-shelved` image (then
+/// offloaded, with `shelved_offload_time` 0), by its host's agent.
+async fn shelve(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    no_argument("shelve", arg)?;
+    let v = load(state, auth, id).await?;
+    precheck(auth, &v.value, Action::Shelve)?;
+    let name = shoal_compute::snapshot::shelved_name(&v.value);
+    let img = snapshot_record(state, &v.value, &auth.0.user_id, &name, &BTreeMap::new()).await?;
+    start_snapshot(state, auth, rid, id, Action::Shelve, &img.id).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `unshelve`: a server still on its host is started there; an offloaded one is placed again
+/// as a create is (the claim committed with the row), and the chosen host's agent spawns it
+/// from the shelve image. When no host fits, the server stays shelved-offloaded, as Nova's
+/// conductor leaves it.
+async fn unshelve(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    match arg {
+        Value::Null => {}
+        Value::Object(o) if o.is_empty() => {}
+        _ => {
+            return Err(bad(
+                "Invalid input for field/attribute unshelve. Value: it must be null (an availability_zone needs microversion 2.77, which Shoal does not serve)",
+            ))
+        }
+    }
+    let admin = is_admin(auth);
+    modify(state, auth, id, |r| {
+        if r.locked && !admin {
+            return Err(locked(id));
+        }
+        r.request(Action::Unshelve)
+            .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
+        r.record_action("unshelve", &rid.0, &auth.0.user_id, &now_rfc3339());
+        Ok(())
+    })
+    .await?;
+    let v = load(state, auth, id).await?;
+    let r = v.value;
+    if r.host.is_some() || r.task_state != Some(TaskState::Unshelving) {
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    let f = &r.flavor;
+    let zone = (r.availability_zone != "nova").then(|| r.availability_zone.clone());
+    let request = |_: Vec<String>, _: Option<GroupPolicy>| Request {
+        instance_ids: vec![r.id.clone()],
+        flavor: shoal_scheduler::Flavor {
+            name: f.name.clone(),
+            vcpus: f.vcpus,
+            ram_mb: f.ram_mb,
+            root_gb: f.disk_gb,
+            ephemeral_gb: f.ephemeral_gb,
+            swap_mb: f.swap_mb,
+            extra_specs: f.extra_specs.clone(),
+        },
+        image: Default::default(),
+        availability_zone: zone.clone(),
+        is_admin: admin,
+        hints: SchedulerHints::default(),
+    };
+    let placed = place_servers(
+        state,
+        std::slice::from_ref(&r),
+        &[v.revision],
+        None,
+        &r.project_id,
+        TaskState::Unshelving,
+        request,
+    )
+    .await;
+    if let Err((_, why)) = placed {
+        tracing::info!(server = %id, reason = %why, "no host for the unshelve");
+        let mut back = r.clone();
+        back.task_state = None;
+        back.updated = now_rfc3339();
+        if let Some(last) = back.actions.last_mut() {
+            let now = now_rfc3339();
+            last.events.push(shoal_compute::server::ActionEvent {
+                event: "schedule_instances".into(),
+                start_time: now.clone(),
+                finish_time: Some(now),
+                result: Some("Error".into()),
+            });
+        }
+        servers(state)
+            .put_at(id, &back, v.revision)
+            .await
+            .map_err(nova_err)?;
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// The security groups the caller sees.
