@@ -424,6 +424,30 @@ pub(crate) fn passes(
     }
 }
 
+/// The largest RAM, disk and vCPU request the AggregateRam, AggregateDisk and AggregateCore
+/// filters let through on this host: `passes(Ram)` is `fits[0] >= p.ram_mb as f64`, and so
+/// on. Each is `min(usable, usable × ratio − used)` computed as `passes` computes it (so the
+/// comparison is bit-for-bit the same), +∞ for a host that reports no vCPUs, and NaN (no
+/// request fits) when the capacity is NaN.
+pub(crate) fn fits(ctx: &HostCtx<'_>) -> [f64; 3] {
+    // `passes` checks `usable >= req && head >= req`; with `head` NaN that is false, and
+    // so is `NaN >= req`, which this minimum yields.
+    let fit = |usable: f64, head: f64| if usable <= head { usable } else { head };
+    let h = ctx.host;
+    let ram = h.ram_mb_usable() as f64;
+    let disk = h.disk_mb_usable() as f64;
+    let cpu = f64::from(h.vcpus_usable());
+    [
+        fit(ram, ram * ctx.ratios.ram - h.ram_mb_used as f64),
+        fit(disk, disk * ctx.ratios.disk - h.disk_mb_used as f64),
+        if h.vcpus_total == 0 {
+            f64::INFINITY
+        } else {
+            fit(cpu, cpu * ctx.ratios.cpu - f64::from(h.vcpus_used))
+        },
+    ]
+}
+
 /// AggregateInstanceExtraSpecsFilter over a host's merged aggregate metadata: every spec
 /// needs the key on one of the host's aggregates with a value that matches.
 pub(crate) fn extra_specs_pass(

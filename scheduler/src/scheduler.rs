@@ -216,7 +216,7 @@ fn combo_coef(mult: &[f64; weighers::N], ranges: &[f64; INDEXED]) -> [f64; INDEX
 }
 
 /// A host's combined key from its raw weights: `Σ coef_w × raw_w`, summed in weigher order.
-fn combo_key(coef: &[f64; INDEXED], raw: &[f64; weighers::N]) -> f64 {
+fn combo_key(coef: &[f64; INDEXED], raw: &[f64]) -> f64 {
     let mut g = 0.0;
     for w in 0..INDEXED {
         g += coef[w] * raw[w];
@@ -418,6 +418,10 @@ struct ReqState {
     active: Vec<FilterKind>,
     /// Reference ranges the combined index should be re-keyed to, asked for by a walk.
     rekey: Option<[f64; INDEXED]>,
+    /// The active filters `Hot` decides...
+    fast: Fast,
+    /// ...and those that read the host record, in order.
+    slow: Vec<FilterKind>,
 }
 
 impl ReqState {
@@ -445,6 +449,39 @@ struct Class {
     hosts: Vec<u32>,
 }
 
+/// What a host probe reads, in one cache line: a host's raw resource weights, what its
+/// resource filters let through, its class, its compute state and its canonical
+/// architecture and hypervisor type. Kept in a vector by host number, so the filters and
+/// the score of a host read this instead of the `Host` record (strings, instance list) and
+/// its side tables; the string-based filters (JSON query, groups, same/different host) still
+/// read the record. Rebuilt from the record whenever the host changes, by the same
+/// functions the filters and weighers use (`filters::fits`, `weighers::resources`), so
+/// every check and weight is bit-for-bit the one a full pass computes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Hot {
+    /// Free RAM MB, free disk MB, free vCPUs (`weighers::resources`).
+    raw: [f64; INDEXED],
+    /// The largest RAM, disk and vCPU request the resource filters pass (`filters::fits`).
+    fit: [f64; INDEXED],
+    class: u32,
+    /// Interned canonical architecture and hypervisor type.
+    arch: u32,
+    hv: u32,
+    /// Enabled and up (ComputeFilter).
+    up: bool,
+}
+
+/// Which fast checks a request needs, from its active filters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fast {
+    compute: bool,
+    /// Per resource (RAM, disk, vCPUs): whether its filter runs, and the request's demand.
+    check: [bool; INDEXED],
+    demand: [f64; INDEXED],
+    image: bool,
+}
+
 /// The scheduler: an indexed host view, the configuration and the seeded RNG.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -461,6 +498,8 @@ pub struct Scheduler {
     canon: Vec<(String, String)>,
     canon_ids: Vec<(u32, u32)>,
     interned: HashMap<String, u32>,
+    /// The hot fields of every host, by host number.
+    hot: Vec<Hot>,
     /// Hosts grouped by (availability zone, aggregate set): the zone and extra-specs
     /// filters give the same answer for every host of a class.
     classes: Vec<Class>,
@@ -580,6 +619,7 @@ impl Scheduler {
             canon,
             canon_ids,
             interned,
+            hot: Vec::new(),
             classes,
             host_class,
             epoch: 0,
@@ -588,6 +628,7 @@ impl Scheduler {
             class_sorted: Vec::new(),
         };
         s.class_sorted = (0..s.classes.len()).map(|_| Default::default()).collect();
+        s.hot = (0..s.hosts.len() as u32).map(|i| s.hot_of(i)).collect();
         // The combined key starts with the ranges over all hosts.
         let mut all = Bounds::empty();
         for i in 0..s.hosts.len() as u32 {
@@ -659,13 +700,33 @@ impl Scheduler {
         }
     }
 
-    fn raw(&self, i: u32, st: &ReqState) -> [f64; weighers::N] {
-        let members = st.counts.get(&i).copied().unwrap_or(0);
-        weighers::raw(&self.ctx(i), st.policy(), members)
+    /// Host `i`'s hot fields, from its record.
+    fn hot_of(&self, i: u32) -> Hot {
+        let ctx = self.ctx(i);
+        let (arch, hv) = self.canon_ids[i as usize];
+        Hot {
+            raw: weighers::resources(&ctx),
+            fit: filters::fits(&ctx),
+            class: self.host_class[i as usize],
+            arch,
+            hv,
+            up: ctx.host.enabled && ctx.host.up,
+        }
     }
 
+    fn raw(&self, i: u32, st: &ReqState) -> [f64; weighers::N] {
+        let members = if st.counts.is_empty() {
+            0
+        } else {
+            st.counts.get(&i).copied().unwrap_or(0)
+        };
+        weighers::with_group(self.hot[i as usize].raw, st.policy(), members)
+    }
+
+    /// Refreshes host `i`'s hot fields and puts it into the sorted indexes.
     fn index_insert(&mut self, i: u32) {
-        let raw = weighers::raw(&self.ctx(i), None, 0);
+        self.hot[i as usize] = self.hot_of(i);
+        let raw = self.hot[i as usize].raw;
         let mut k = [0; LISTS];
         for w in 0..LISTS {
             k[w] = key_of(if w == COMBO {
@@ -706,8 +767,7 @@ impl Scheduler {
         let mut all = Vec::with_capacity(self.hosts.len());
         let mut per_class: Vec<Vec<(i64, u32)>> = vec![Vec::new(); self.classes.len()];
         for i in 0..self.hosts.len() as u32 {
-            let raw = weighers::raw(&self.ctx(i), None, 0);
-            let key = key_of(combo_key(&self.coef, &raw));
+            let key = key_of(combo_key(&self.coef, &self.hot[i as usize].raw));
             self.keys[i as usize][COMBO] = key;
             all.push((key, i));
             per_class[self.host_class[i as usize] as usize].push((key, i));
@@ -794,29 +854,66 @@ impl Scheduler {
             .collect()
     }
 
+    /// Splits the request's active filters into the checks `Hot` decides and the rest.
+    fn split_filters(&self, st: &mut ReqState) {
+        let mut fast = Fast {
+            demand: [
+                st.p.ram_mb as f64,
+                st.p.disk_mb as f64,
+                f64::from(st.p.vcpus),
+            ],
+            ..Fast::default()
+        };
+        st.slow = Vec::new();
+        for &f in &st.active {
+            match f {
+                FilterKind::Compute => fast.compute = true,
+                FilterKind::Ram => fast.check[0] = true,
+                FilterKind::Disk => fast.check[1] = true,
+                FilterKind::Core => fast.check[2] = true,
+                FilterKind::ImageProperties => fast.image = true,
+                f => st.slow.push(f),
+            }
+        }
+        st.fast = fast;
+    }
+
     /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
     fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
+        let h = &self.hot[i as usize];
         // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
         // a forced host, for which those filters do not run).
-        if !st.class_ok[self.host_class[i as usize] as usize] {
+        if !st.class_ok[h.class as usize] {
             return false;
+        }
+        let fast = &st.fast;
+        if fast.compute && !h.up {
+            return false;
+        }
+        for r in 0..INDEXED {
+            // A NaN fit fails, as in `filters::passes`.
+            if fast.check[r] && (h.fit[r] < fast.demand[r] || h.fit[r].is_nan()) {
+                return false;
+            }
+        }
+        if fast.image && !self.image_ok(i, h, st) {
+            return false;
+        }
+        if st.slow.is_empty() {
+            return true;
         }
         let ctx = self.ctx(i);
         let gv = st.group_view(i);
-        st.active.iter().all(|&f| match f {
-            FilterKind::ImageProperties => self.image_ok(i, st),
-            _ => filters::passes(f, &ctx, &st.p, gv),
-        })
+        st.slow.iter().all(|&f| filters::passes(f, &ctx, &st.p, gv))
     }
 
     /// ImagePropertiesFilter on interned ids instead of strings.
-    fn image_ok(&self, i: u32, st: &ReqState) -> bool {
+    fn image_ok(&self, i: u32, h: &Hot, st: &ReqState) -> bool {
         let (arch, hv) = st.image_ids;
         if st.p.forced_host.is_some() || (arch.is_none() && hv.is_none()) {
             return true;
         }
-        let (host_arch, host_hv) = self.canon_ids[i as usize];
-        if arch.is_some_and(|a| a != host_arch) || hv.is_some_and(|h| h != host_hv) {
+        if arch.is_some_and(|a| a != h.arch) || hv.is_some_and(|x| x != h.hv) {
             return false;
         }
         let version = self.hosts[i as usize].hypervisor_version;
@@ -866,8 +963,11 @@ impl Scheduler {
             image_ids: (None, None),
             rekey: None,
             active: Vec::new(),
+            fast: Fast::default(),
+            slow: Vec::new(),
         };
         st.active = self.active_filters(&st.p);
+        self.split_filters(&mut st);
         let id = |s: &String| self.interned.get(s).copied().unwrap_or(u32::MAX);
         st.image_ids = (
             st.p.image_arch.as_ref().map(id),
