@@ -355,17 +355,18 @@ struct Merge<'a> {
 }
 
 impl<'a> Merge<'a> {
-    fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool) -> Self {
+    /// `from`: an ascending merge starts at this key (a seek past every smaller key).
+    fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool, from: Option<i64>) -> Self {
         let mut m = Merge {
             iters: Vec::with_capacity(lists.len()),
             heap: BinaryHeap::with_capacity(lists.len()),
             desc,
         };
         for l in lists {
-            let it: Walk<'a> = if desc {
-                Box::new(l.iter().rev())
-            } else {
-                Box::new(l.iter())
+            let it: Walk<'a> = match (desc, from) {
+                (true, _) => Box::new(l.iter().rev()),
+                (false, None) => Box::new(l.iter()),
+                (false, Some(k)) => Box::new(l.range((k, 0)..)),
             };
             m.iters.push(it);
             let n = m.iters.len() - 1;
@@ -422,6 +423,9 @@ struct ReqState {
     fast: Fast,
     /// ...and those that read the host record, in order.
     slow: Vec<FilterKind>,
+    /// Per resource weigher, the key of a value every eligible host's raw weight reaches:
+    /// the walk for the normalisation minimum starts there.
+    floors: [Option<i64>; INDEXED],
 }
 
 impl ReqState {
@@ -500,6 +504,14 @@ pub struct Scheduler {
     interned: HashMap<String, u32>,
     /// The hot fields of every host, by host number.
     hot: Vec<Hot>,
+    /// Per host class and resource, how far a host's raw weight can lie below what its
+    /// resource filter lets through (`Hot::fit`): `max(0, usable × ratio − usable)` for RAM
+    /// and disk, 0 for vCPUs (the weigher is the filter's own headroom), +∞ if a host
+    /// reports no vCPUs (it passes any demand). Fixed, because totals and ratios are.
+    class_gap: Vec<[f64; INDEXED]>,
+    /// Per resource, the largest usable amount or capacity of any host: the scale of the
+    /// rounding margin on a floor.
+    cap_scale: [f64; INDEXED],
     /// Hosts grouped by (availability zone, aggregate set): the zone and extra-specs
     /// filters give the same answer for every host of a class.
     classes: Vec<Class>,
@@ -620,6 +632,8 @@ impl Scheduler {
             canon_ids,
             interned,
             hot: Vec::new(),
+            class_gap: Vec::new(),
+            cap_scale: [0.0; INDEXED],
             classes,
             host_class,
             epoch: 0,
@@ -629,6 +643,38 @@ impl Scheduler {
         };
         s.class_sorted = (0..s.classes.len()).map(|_| Default::default()).collect();
         s.hot = (0..s.hosts.len() as u32).map(|i| s.hot_of(i)).collect();
+        s.class_gap = vec![[0.0; INDEXED]; s.classes.len()];
+        for i in 0..s.hosts.len() {
+            let (h, r) = (&s.hosts[i], s.ratios[i]);
+            let gap = &mut s.class_gap[s.host_class[i] as usize];
+            for (w, (usable, ratio)) in [
+                (h.ram_mb_usable() as f64, r.ram),
+                (h.disk_mb_usable() as f64, r.disk),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let cap = usable * ratio;
+                // A NaN capacity fails every demand, so it widens nothing.
+                if cap > usable {
+                    gap[w] = gap[w].max(cap - usable);
+                }
+                for x in [usable, cap] {
+                    if x.is_finite() {
+                        s.cap_scale[w] = s.cap_scale[w].max(x);
+                    }
+                }
+            }
+            if h.vcpus_total == 0 {
+                gap[2] = f64::INFINITY;
+            }
+            let cpu = f64::from(h.vcpus_usable());
+            for x in [cpu, cpu * r.cpu] {
+                if x.is_finite() {
+                    s.cap_scale[2] = s.cap_scale[2].max(x);
+                }
+            }
+        }
         // The combined key starts with the ranges over all hosts.
         let mut all = Bounds::empty();
         for i in 0..s.hosts.len() as u32 {
@@ -854,6 +900,44 @@ impl Scheduler {
             .collect()
     }
 
+    /// The floors of the normalisation-minimum walks (`ReqState::floors`).
+    ///
+    /// A resource filter passes a host only if `fit ≥ demand`; for vCPUs the raw weight is
+    /// the filter's headroom, so `raw ≥ fit`; for RAM and disk `raw = usable − used` and the
+    /// headroom is `usable × ratio − used`, so `raw ≥ fit − gap` with the class's gap. The
+    /// margin covers rounding (relative 10⁻⁶ of the largest capacity, far above the f64
+    /// error of these integers' differences). A JSON query that requires `$free_ram_mb` or
+    /// `$free_disk_mb ≥ n` bounds the same raw weights exactly (the same expression).
+    fn floors(&self, st: &ReqState) -> [Option<i64>; INDEXED] {
+        let mut floor = [f64::NEG_INFINITY; INDEXED];
+        for (w, f) in floor.iter_mut().enumerate() {
+            if !st.fast.check[w] {
+                continue;
+            }
+            let gap = self
+                .class_gap
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .fold(0.0f64, |g, (c, _)| g.max(c[w]));
+            if gap.is_finite() {
+                let demand = st.fast.demand[w];
+                *f = demand - gap - 1e-6 * (1.0 + demand.abs() + gap + self.cap_scale[w]);
+            }
+        }
+        if st.slow.contains(&FilterKind::Json) {
+            if let Some(q) = &st.p.query {
+                for (f, j) in floor.iter_mut().zip(q.free_floors()) {
+                    *f = f.max(j);
+                }
+            }
+        }
+        floor.map(|f| {
+            // −0.0 sorts before +0.0 by key: seek to the smaller so both are read.
+            (f > f64::NEG_INFINITY).then(|| key_of(if f == 0.0 { -0.0 } else { f }))
+        })
+    }
+
     /// Splits the request's active filters into the checks `Hot` decides and the rest.
     fn split_filters(&self, st: &mut ReqState) {
         let mut fast = Fast {
@@ -965,6 +1049,7 @@ impl Scheduler {
             active: Vec::new(),
             fast: Fast::default(),
             slow: Vec::new(),
+            floors: [None; INDEXED],
         };
         st.active = self.active_filters(&st.p);
         self.split_filters(&mut st);
@@ -974,6 +1059,7 @@ impl Scheduler {
             st.p.image_hv.as_ref().map(id),
         );
         self.classify(&mut st);
+        st.floors = self.floors(&st);
         let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
         let mut failure = None;
         let mut applied = 0;
@@ -1112,6 +1198,17 @@ impl Scheduler {
     /// Hosts in the order of weigher `w` (descending if `desc`): all hosts, or only the
     /// candidate classes' when the request rules most classes out.
     fn walk<'a>(&'a self, w: usize, desc: bool, st: &ReqState) -> Merge<'a> {
+        self.walk_from(w, desc, None, st)
+    }
+
+    /// `walk`, ascending from key `from` if given.
+    fn walk_from<'a>(
+        &'a self,
+        w: usize,
+        desc: bool,
+        from: Option<i64>,
+        st: &ReqState,
+    ) -> Merge<'a> {
         if st.per_class {
             let lists: Vec<&BTreeSet<(i64, u32)>> = self
                 .class_sorted
@@ -1120,9 +1217,9 @@ impl Scheduler {
                 .filter(|(_, ok)| **ok)
                 .map(|(sets, _)| &sets[w])
                 .collect();
-            Merge::new(&lists, desc)
+            Merge::new(&lists, desc, from)
         } else {
-            Merge::new(&[&self.sorted[w]], desc)
+            Merge::new(&[&self.sorted[w]], desc, from)
         }
     }
 
@@ -1141,7 +1238,10 @@ impl Scheduler {
             if m == 0.0 {
                 continue;
             }
-            let Some((lo, _)) = self.walk(w, false, st).find(|(_, i)| self.eligible(*i, st)) else {
+            let Some((lo, _)) = self
+                .walk_from(w, false, st.floors[w], st)
+                .find(|(_, i)| self.eligible(*i, st))
+            else {
                 return Vec::new();
             };
             let (hi, _) = self
