@@ -349,6 +349,8 @@ type Walk<'a> = Box<dyn Iterator<Item = &'a (i64, u32)> + 'a>;
 /// The hosts of several sorted indexes in one order (a k-way merge): descending raw value
 /// if `desc`, ascending otherwise.
 struct Merge<'a> {
+    /// A single list is read directly, without the heap.
+    single: Option<Walk<'a>>,
     iters: Vec<Walk<'a>>,
     heap: BinaryHeap<(i64, u32, usize)>,
     desc: bool,
@@ -358,6 +360,7 @@ impl<'a> Merge<'a> {
     /// `from`: an ascending merge starts at this key (a seek past every smaller key).
     fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool, from: Option<i64>) -> Self {
         let mut m = Merge {
+            single: None,
             iters: Vec::with_capacity(lists.len()),
             heap: BinaryHeap::with_capacity(lists.len()),
             desc,
@@ -368,6 +371,10 @@ impl<'a> Merge<'a> {
                 (false, None) => Box::new(l.iter()),
                 (false, Some(k)) => Box::new(l.range((k, 0)..)),
             };
+            if lists.len() == 1 {
+                m.single = Some(it);
+                break;
+            }
             m.iters.push(it);
             let n = m.iters.len() - 1;
             m.refill(n);
@@ -388,6 +395,9 @@ impl Iterator for Merge<'_> {
     type Item = (i64, u32);
 
     fn next(&mut self) -> Option<(i64, u32)> {
+        if let Some(it) = &mut self.single {
+            return it.next().copied();
+        }
         let (order, host, n) = self.heap.pop()?;
         self.refill(n);
         Some((if self.desc { order } else { !order }, host))
@@ -986,9 +996,13 @@ impl Scheduler {
         if st.slow.is_empty() {
             return true;
         }
-        let ctx = self.ctx(i);
+        // These read the host record only, not the side tables a `HostCtx` gathers.
+        let host = &self.hosts[i as usize];
         let gv = st.group_view(i);
-        st.slow.iter().all(|&f| filters::passes(f, &ctx, &st.p, gv))
+        st.slow.iter().all(|&f| {
+            filters::record_passes(f, host, &st.p, gv)
+                .unwrap_or_else(|| filters::passes(f, &self.ctx(i), &st.p, gv))
+        })
     }
 
     /// ImagePropertiesFilter on interned ids instead of strings.
