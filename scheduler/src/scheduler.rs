@@ -421,6 +421,11 @@ struct ReqState {
     /// Hosts seen by the current threshold walk: `seen[i] == epoch`.
     seen: Vec<u32>,
     epoch: u32,
+    /// The verdict of the record-reading filters (`slow`) per host during the current pick:
+    /// `memo[i] == memo_epoch << 1 | passed`. The walks for the normalisation bounds and the
+    /// combined walk often ask about the same host; a JSON query is evaluated once.
+    memo: Vec<u32>,
+    memo_epoch: u32,
     /// The image's canonical architecture and hypervisor type as interned ids
     /// (`u32::MAX`: no host has it).
     image_ids: (Option<u32>, Option<u32>),
@@ -439,6 +444,15 @@ struct ReqState {
 }
 
 impl ReqState {
+    /// Starts a pick: no memoised verdict of an earlier pick is used.
+    fn next_pick(&mut self) {
+        self.memo_epoch += 1;
+        if self.memo_epoch >= 1 << 31 {
+            self.memo.iter_mut().for_each(|m| *m = 0);
+            self.memo_epoch = 1;
+        }
+    }
+
     fn group_view(&self, i: u32) -> GroupView {
         GroupView {
             members_on_host: if self.counts.is_empty() {
@@ -529,6 +543,9 @@ pub struct Scheduler {
     /// Scratch for the threshold walk, lent to each request (host → epoch last seen).
     seen: Vec<u32>,
     epoch: u32,
+    /// Scratch for `ReqState::memo`, lent the same way.
+    memo: Vec<u32>,
+    memo_epoch: u32,
     instance_host: HashMap<String, u32>,
     /// Hosts sorted by the raw value of each indexed weigher, then by the combined key.
     sorted: [BTreeSet<(i64, u32)>; LISTS],
@@ -632,6 +649,8 @@ impl Scheduler {
             since_rekey: 0,
             rekey_rule: (REKEY_READ, REKEY_SPREAD, REKEY_EVERY),
             seen: vec![0; hosts.len()],
+            memo: vec![0; hosts.len()],
+            memo_epoch: 0,
             hosts,
             aggregates,
             by_name,
@@ -996,13 +1015,19 @@ impl Scheduler {
         if st.slow.is_empty() {
             return true;
         }
+        let memo = st.memo[i as usize];
+        if memo >> 1 == st.memo_epoch {
+            return memo & 1 == 1;
+        }
         // These read the host record only, not the side tables a `HostCtx` gathers.
         let host = &self.hosts[i as usize];
         let gv = st.group_view(i);
-        st.slow.iter().all(|&f| {
+        let ok = st.slow.iter().all(|&f| {
             filters::record_passes(f, host, &st.p, gv)
                 .unwrap_or_else(|| filters::passes(f, &self.ctx(i), &st.p, gv))
-        })
+        });
+        st.memo[i as usize] = st.memo_epoch << 1 | u32::from(ok);
+        ok
     }
 
     /// ImagePropertiesFilter on interned ids instead of strings.
@@ -1057,6 +1082,8 @@ impl Scheduler {
             candidates: 0,
             per_class: false,
             seen: std::mem::take(&mut self.seen),
+            memo: std::mem::take(&mut self.memo),
+            memo_epoch: self.memo_epoch,
             epoch: self.epoch,
             image_ids: (None, None),
             rekey: None,
@@ -1078,6 +1105,8 @@ impl Scheduler {
         let mut failure = None;
         let mut applied = 0;
         for (n, id) in request.instance_ids.iter().enumerate() {
+            // A pick changes the chosen host and the group counts: forget the verdicts.
+            st.next_pick();
             let top = match forced {
                 Some(f) => self.scan([f].into_iter(), &mut st),
                 None => self.best(&mut st),
@@ -1104,6 +1133,8 @@ impl Scheduler {
         }
         self.seen = st.seen;
         self.epoch = st.epoch;
+        self.memo = st.memo;
+        self.memo_epoch = st.memo_epoch;
         self.since_rekey = self.since_rekey.saturating_add(1);
         if let Some(ranges) = st.rekey {
             if self.since_rekey >= self.rekey_rule.2 {
