@@ -150,12 +150,6 @@ pub(crate) struct HostCtx<'a> {
     pub hv: &'a str,
 }
 
-impl<'a> HostCtx<'a> {
-    pub fn vars(&self) -> HostVars<'a> {
-        HostVars { host: self.host }
-    }
-}
-
 /// A hypervisor version requirement (`>=6.0,<7.0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct VersionReq(Vec<(VersionOp, [u64; 3])>);
@@ -400,7 +394,28 @@ pub(crate) fn passes(
         }
         FilterKind::AggregateInstanceExtraSpecs => extra_specs_pass(ctx.metadata, &p.extra_specs),
         FilterKind::ImageProperties => image_passes(ctx, p),
-        FilterKind::Json => p.query.as_ref().is_none_or(|q| q.host_passes(&ctx.vars())),
+        FilterKind::Json
+        | FilterKind::ServerGroupAntiAffinity
+        | FilterKind::ServerGroupAffinity
+        | FilterKind::SameHost
+        | FilterKind::DifferentHost => record_passes(filter, h, p, group).unwrap_or(true),
+    }
+}
+
+/// The filters that read nothing but the host record and the request (JSON query, server
+/// groups, same and different host): whether `filter` lets the host through, or `None` if
+/// `filter` is not one of them. The caller has dealt with a forced host.
+pub(crate) fn record_passes(
+    filter: FilterKind,
+    h: &Host,
+    p: &Prepared,
+    group: GroupView,
+) -> Option<bool> {
+    Some(match filter {
+        FilterKind::Json => p
+            .query
+            .as_ref()
+            .is_none_or(|q| q.host_passes(&HostVars { host: h })),
         FilterKind::ServerGroupAntiAffinity => match &p.group {
             Some(g) if g.policy == GroupPolicy::AntiAffinity => {
                 group.members_on_host < g.max_per_host
@@ -421,7 +436,38 @@ pub(crate) fn passes(
         FilterKind::DifferentHost => {
             p.different_host.is_empty() || !h.instances.iter().any(|i| p.different_host.contains(i))
         }
-    }
+        FilterKind::Compute
+        | FilterKind::AvailabilityZone
+        | FilterKind::Ram
+        | FilterKind::Disk
+        | FilterKind::Core
+        | FilterKind::AggregateInstanceExtraSpecs
+        | FilterKind::ImageProperties => return None,
+    })
+}
+
+/// The largest RAM, disk and vCPU request the AggregateRam, AggregateDisk and AggregateCore
+/// filters let through on this host: `passes(Ram)` is `fits[0] >= p.ram_mb as f64`, and so
+/// on. Each is `min(usable, usable × ratio − used)` computed as `passes` computes it (so the
+/// comparison is bit-for-bit the same), +∞ for a host that reports no vCPUs, and NaN (no
+/// request fits) when the capacity is NaN.
+pub(crate) fn fits(ctx: &HostCtx<'_>) -> [f64; 3] {
+    // `passes` checks `usable >= req && head >= req`; with `head` NaN that is false, and
+    // so is `NaN >= req`, which this minimum yields.
+    let fit = |usable: f64, head: f64| if usable <= head { usable } else { head };
+    let h = ctx.host;
+    let ram = h.ram_mb_usable() as f64;
+    let disk = h.disk_mb_usable() as f64;
+    let cpu = f64::from(h.vcpus_usable());
+    [
+        fit(ram, ram * ctx.ratios.ram - h.ram_mb_used as f64),
+        fit(disk, disk * ctx.ratios.disk - h.disk_mb_used as f64),
+        if h.vcpus_total == 0 {
+            f64::INFINITY
+        } else {
+            fit(cpu, cpu * ctx.ratios.cpu - f64::from(h.vcpus_used))
+        },
+    ]
 }
 
 /// AggregateInstanceExtraSpecsFilter over a host's merged aggregate metadata: every spec

@@ -388,6 +388,57 @@ impl Query {
     }
 }
 
+impl Query {
+    /// Lower bounds the query implies on `$free_ram_mb` and `$free_disk_mb` (−∞ where it
+    /// implies none): every host it passes has at least these values. They are read from
+    /// comparisons `[">=" or ">", "$free_…", n…]` and `["<=" or "<", n, "$free_…"…]` at the top
+    /// level or under `and`, the only places where a comparison's truth is necessary for the
+    /// query's (`or`, `not` and the other operators are not looked into).
+    pub(crate) fn free_floors(&self) -> [f64; 2] {
+        let mut floors = [f64::NEG_INFINITY; 2];
+        self.add_floors(&mut floors);
+        floors
+    }
+
+    fn add_floors(&self, floors: &mut [f64; 2]) {
+        let slot = |a: &Arg| match a {
+            Arg::Var(Var::FreeRamMb) => Some(0),
+            Arg::Var(Var::FreeDiskMb) => Some(1),
+            _ => None,
+        };
+        let args = &self.args;
+        match self.op {
+            // The first argument is compared with each of the others, and all must hold.
+            Some(Op::Ge | Op::Gt) if args.len() >= 2 => {
+                if let Some(s) = slot(&args[0]) {
+                    for a in &args[1..] {
+                        if let Arg::Num(n) = a {
+                            floors[s] = floors[s].max(*n);
+                        }
+                    }
+                }
+            }
+            Some(Op::Le | Op::Lt) if args.len() >= 2 => {
+                if let Arg::Num(n) = args[0] {
+                    for s in args[1..].iter().filter_map(slot) {
+                        floors[s] = floors[s].max(n);
+                    }
+                }
+            }
+            // `and` is true only if every argument is truthy; a nested comparison or `and` is
+            // truthy only if true.
+            Some(Op::And) => {
+                for a in args {
+                    if let Arg::Query(q) = a {
+                        q.add_floors(floors);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn eval_arg<'a>(a: &'a Arg, vars: &HostVars<'a>) -> Val<'a> {
     let h = vars.host;
     match a {
@@ -550,6 +601,36 @@ mod tests {
 
     /// The host's reserved amounts count as used in the free figures, as Nova's HostState
     /// reports them from the compute node.
+    /// The floors a query implies on free RAM and disk come only from comparisons that
+    /// must hold for a host to pass: at the top level or under `and`, never under `or`/`not`.
+    #[test]
+    fn free_floors_table() {
+        let none = f64::NEG_INFINITY;
+        for (q, want) in [
+            (r#"[">=", "$free_ram_mb", 1024]"#, [1024.0, none]),
+            (r#"[">", "$free_disk_mb", 10, 20]"#, [none, 20.0]),
+            (
+                r#"["<=", 512, "$free_ram_mb", "$free_disk_mb"]"#,
+                [512.0, 512.0],
+            ),
+            (r#"["<", 512, "$free_ram_mb"]"#, [512.0, none]),
+            (
+                r#"["and", [">=", "$free_ram_mb", 8192], ["and", [">=", "$free_disk_mb", 1]]]"#,
+                [8192.0, 1.0],
+            ),
+            (
+                r#"["or", [">=", "$free_ram_mb", 8192], ["=", "$vcpus_used", 0]]"#,
+                [none, none],
+            ),
+            (r#"["not", ["<", "$free_ram_mb", 8192]]"#, [none, none]),
+            (r#"["<=", "$free_ram_mb", 8192]"#, [none, none]),
+            (r#"[">=", 8192, "$free_ram_mb"]"#, [none, none]),
+            (r#"[">=", "$free_ram_mb", "$free_disk_mb"]"#, [none, none]),
+        ] {
+            assert_eq!(parse(q).unwrap().free_floors(), want, "{q}");
+        }
+    }
+
     #[test]
     fn json_filter_counts_reserved_as_used() {
         let mut h = host();

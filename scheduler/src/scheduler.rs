@@ -216,7 +216,7 @@ fn combo_coef(mult: &[f64; weighers::N], ranges: &[f64; INDEXED]) -> [f64; INDEX
 }
 
 /// A host's combined key from its raw weights: `Σ coef_w × raw_w`, summed in weigher order.
-fn combo_key(coef: &[f64; INDEXED], raw: &[f64; weighers::N]) -> f64 {
+fn combo_key(coef: &[f64; INDEXED], raw: &[f64]) -> f64 {
     let mut g = 0.0;
     for w in 0..INDEXED {
         g += coef[w] * raw[w];
@@ -349,24 +349,32 @@ type Walk<'a> = Box<dyn Iterator<Item = &'a (i64, u32)> + 'a>;
 /// The hosts of several sorted indexes in one order (a k-way merge): descending raw value
 /// if `desc`, ascending otherwise.
 struct Merge<'a> {
+    /// A single list is read directly, without the heap.
+    single: Option<Walk<'a>>,
     iters: Vec<Walk<'a>>,
     heap: BinaryHeap<(i64, u32, usize)>,
     desc: bool,
 }
 
 impl<'a> Merge<'a> {
-    fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool) -> Self {
+    /// `from`: an ascending merge starts at this key (a seek past every smaller key).
+    fn new(lists: &[&'a BTreeSet<(i64, u32)>], desc: bool, from: Option<i64>) -> Self {
         let mut m = Merge {
+            single: None,
             iters: Vec::with_capacity(lists.len()),
             heap: BinaryHeap::with_capacity(lists.len()),
             desc,
         };
         for l in lists {
-            let it: Walk<'a> = if desc {
-                Box::new(l.iter().rev())
-            } else {
-                Box::new(l.iter())
+            let it: Walk<'a> = match (desc, from) {
+                (true, _) => Box::new(l.iter().rev()),
+                (false, None) => Box::new(l.iter()),
+                (false, Some(k)) => Box::new(l.range((k, 0)..)),
             };
+            if lists.len() == 1 {
+                m.single = Some(it);
+                break;
+            }
             m.iters.push(it);
             let n = m.iters.len() - 1;
             m.refill(n);
@@ -387,6 +395,9 @@ impl Iterator for Merge<'_> {
     type Item = (i64, u32);
 
     fn next(&mut self) -> Option<(i64, u32)> {
+        if let Some(it) = &mut self.single {
+            return it.next().copied();
+        }
         let (order, host, n) = self.heap.pop()?;
         self.refill(n);
         Some((if self.desc { order } else { !order }, host))
@@ -410,6 +421,11 @@ struct ReqState {
     /// Hosts seen by the current threshold walk: `seen[i] == epoch`.
     seen: Vec<u32>,
     epoch: u32,
+    /// The verdict of the record-reading filters (`slow`) per host during the current pick:
+    /// `memo[i] == memo_epoch << 1 | passed`. The walks for the normalisation bounds and the
+    /// combined walk often ask about the same host; a JSON query is evaluated once.
+    memo: Vec<u32>,
+    memo_epoch: u32,
     /// The image's canonical architecture and hypervisor type as interned ids
     /// (`u32::MAX`: no host has it).
     image_ids: (Option<u32>, Option<u32>),
@@ -418,9 +434,25 @@ struct ReqState {
     active: Vec<FilterKind>,
     /// Reference ranges the combined index should be re-keyed to, asked for by a walk.
     rekey: Option<[f64; INDEXED]>,
+    /// The active filters `Hot` decides...
+    fast: Fast,
+    /// ...and those that read the host record, in order.
+    slow: Vec<FilterKind>,
+    /// Per resource weigher, the key of a value every eligible host's raw weight reaches:
+    /// the walk for the normalisation minimum starts there.
+    floors: [Option<i64>; INDEXED],
 }
 
 impl ReqState {
+    /// Starts a pick: no memoised verdict of an earlier pick is used.
+    fn next_pick(&mut self) {
+        self.memo_epoch += 1;
+        if self.memo_epoch >= 1 << 31 {
+            self.memo.iter_mut().for_each(|m| *m = 0);
+            self.memo_epoch = 1;
+        }
+    }
+
     fn group_view(&self, i: u32) -> GroupView {
         GroupView {
             members_on_host: if self.counts.is_empty() {
@@ -445,6 +477,39 @@ struct Class {
     hosts: Vec<u32>,
 }
 
+/// What a host probe reads, in one cache line: a host's raw resource weights, what its
+/// resource filters let through, its class, its compute state and its canonical
+/// architecture and hypervisor type. Kept in a vector by host number, so the filters and
+/// the score of a host read this instead of the `Host` record (strings, instance list) and
+/// its side tables; the string-based filters (JSON query, groups, same/different host) still
+/// read the record. Rebuilt from the record whenever the host changes, by the same
+/// functions the filters and weighers use (`filters::fits`, `weighers::resources`), so
+/// every check and weight is bit-for-bit the one a full pass computes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Hot {
+    /// Free RAM MB, free disk MB, free vCPUs (`weighers::resources`).
+    raw: [f64; INDEXED],
+    /// The largest RAM, disk and vCPU request the resource filters pass (`filters::fits`).
+    fit: [f64; INDEXED],
+    class: u32,
+    /// Interned canonical architecture and hypervisor type.
+    arch: u32,
+    hv: u32,
+    /// Enabled and up (ComputeFilter).
+    up: bool,
+}
+
+/// Which fast checks a request needs, from its active filters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fast {
+    compute: bool,
+    /// Per resource (RAM, disk, vCPUs): whether its filter runs, and the request's demand.
+    check: [bool; INDEXED],
+    demand: [f64; INDEXED],
+    image: bool,
+}
+
 /// The scheduler: an indexed host view, the configuration and the seeded RNG.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -461,6 +526,16 @@ pub struct Scheduler {
     canon: Vec<(String, String)>,
     canon_ids: Vec<(u32, u32)>,
     interned: HashMap<String, u32>,
+    /// The hot fields of every host, by host number.
+    hot: Vec<Hot>,
+    /// Per host class and resource, how far a host's raw weight can lie below what its
+    /// resource filter lets through (`Hot::fit`): `max(0, usable × ratio − usable)` for RAM
+    /// and disk, 0 for vCPUs (the weigher is the filter's own headroom), +∞ if a host
+    /// reports no vCPUs (it passes any demand). Fixed, because totals and ratios are.
+    class_gap: Vec<[f64; INDEXED]>,
+    /// Per resource, the largest usable amount or capacity of any host: the scale of the
+    /// rounding margin on a floor.
+    cap_scale: [f64; INDEXED],
     /// Hosts grouped by (availability zone, aggregate set): the zone and extra-specs
     /// filters give the same answer for every host of a class.
     classes: Vec<Class>,
@@ -468,6 +543,9 @@ pub struct Scheduler {
     /// Scratch for the threshold walk, lent to each request (host → epoch last seen).
     seen: Vec<u32>,
     epoch: u32,
+    /// Scratch for `ReqState::memo`, lent the same way.
+    memo: Vec<u32>,
+    memo_epoch: u32,
     instance_host: HashMap<String, u32>,
     /// Hosts sorted by the raw value of each indexed weigher, then by the combined key.
     sorted: [BTreeSet<(i64, u32)>; LISTS],
@@ -571,6 +649,8 @@ impl Scheduler {
             since_rekey: 0,
             rekey_rule: (REKEY_READ, REKEY_SPREAD, REKEY_EVERY),
             seen: vec![0; hosts.len()],
+            memo: vec![0; hosts.len()],
+            memo_epoch: 0,
             hosts,
             aggregates,
             by_name,
@@ -580,6 +660,9 @@ impl Scheduler {
             canon,
             canon_ids,
             interned,
+            hot: Vec::new(),
+            class_gap: Vec::new(),
+            cap_scale: [0.0; INDEXED],
             classes,
             host_class,
             epoch: 0,
@@ -588,6 +671,39 @@ impl Scheduler {
             class_sorted: Vec::new(),
         };
         s.class_sorted = (0..s.classes.len()).map(|_| Default::default()).collect();
+        s.hot = (0..s.hosts.len() as u32).map(|i| s.hot_of(i)).collect();
+        s.class_gap = vec![[0.0; INDEXED]; s.classes.len()];
+        for i in 0..s.hosts.len() {
+            let (h, r) = (&s.hosts[i], s.ratios[i]);
+            let gap = &mut s.class_gap[s.host_class[i] as usize];
+            for (w, (usable, ratio)) in [
+                (h.ram_mb_usable() as f64, r.ram),
+                (h.disk_mb_usable() as f64, r.disk),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let cap = usable * ratio;
+                // A NaN capacity fails every demand, so it widens nothing.
+                if cap > usable {
+                    gap[w] = gap[w].max(cap - usable);
+                }
+                for x in [usable, cap] {
+                    if x.is_finite() {
+                        s.cap_scale[w] = s.cap_scale[w].max(x);
+                    }
+                }
+            }
+            if h.vcpus_total == 0 {
+                gap[2] = f64::INFINITY;
+            }
+            let cpu = f64::from(h.vcpus_usable());
+            for x in [cpu, cpu * r.cpu] {
+                if x.is_finite() {
+                    s.cap_scale[2] = s.cap_scale[2].max(x);
+                }
+            }
+        }
         // The combined key starts with the ranges over all hosts.
         let mut all = Bounds::empty();
         for i in 0..s.hosts.len() as u32 {
@@ -659,13 +775,33 @@ impl Scheduler {
         }
     }
 
-    fn raw(&self, i: u32, st: &ReqState) -> [f64; weighers::N] {
-        let members = st.counts.get(&i).copied().unwrap_or(0);
-        weighers::raw(&self.ctx(i), st.policy(), members)
+    /// Host `i`'s hot fields, from its record.
+    fn hot_of(&self, i: u32) -> Hot {
+        let ctx = self.ctx(i);
+        let (arch, hv) = self.canon_ids[i as usize];
+        Hot {
+            raw: weighers::resources(&ctx),
+            fit: filters::fits(&ctx),
+            class: self.host_class[i as usize],
+            arch,
+            hv,
+            up: ctx.host.enabled && ctx.host.up,
+        }
     }
 
+    fn raw(&self, i: u32, st: &ReqState) -> [f64; weighers::N] {
+        let members = if st.counts.is_empty() {
+            0
+        } else {
+            st.counts.get(&i).copied().unwrap_or(0)
+        };
+        weighers::with_group(self.hot[i as usize].raw, st.policy(), members)
+    }
+
+    /// Refreshes host `i`'s hot fields and puts it into the sorted indexes.
     fn index_insert(&mut self, i: u32) {
-        let raw = weighers::raw(&self.ctx(i), None, 0);
+        self.hot[i as usize] = self.hot_of(i);
+        let raw = self.hot[i as usize].raw;
         let mut k = [0; LISTS];
         for w in 0..LISTS {
             k[w] = key_of(if w == COMBO {
@@ -706,8 +842,7 @@ impl Scheduler {
         let mut all = Vec::with_capacity(self.hosts.len());
         let mut per_class: Vec<Vec<(i64, u32)>> = vec![Vec::new(); self.classes.len()];
         for i in 0..self.hosts.len() as u32 {
-            let raw = weighers::raw(&self.ctx(i), None, 0);
-            let key = key_of(combo_key(&self.coef, &raw));
+            let key = key_of(combo_key(&self.coef, &self.hot[i as usize].raw));
             self.keys[i as usize][COMBO] = key;
             all.push((key, i));
             per_class[self.host_class[i as usize] as usize].push((key, i));
@@ -794,29 +929,114 @@ impl Scheduler {
             .collect()
     }
 
-    /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
-    fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
-        // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
-        // a forced host, for which those filters do not run).
-        if !st.class_ok[self.host_class[i as usize] as usize] {
-            return false;
+    /// The floors of the normalisation-minimum walks (`ReqState::floors`).
+    ///
+    /// A resource filter passes a host only if `fit ≥ demand`; for vCPUs the raw weight is
+    /// the filter's headroom, so `raw ≥ fit`; for RAM and disk `raw = usable − used` and the
+    /// headroom is `usable × ratio − used`, so `raw ≥ fit − gap` with the class's gap. The
+    /// margin covers rounding (relative 10⁻⁶ of the largest capacity, far above the f64
+    /// error of these integers' differences). A JSON query that requires `$free_ram_mb` or
+    /// `$free_disk_mb ≥ n` bounds the same raw weights exactly (the same expression).
+    fn floors(&self, st: &ReqState) -> [Option<i64>; INDEXED] {
+        let mut floor = [f64::NEG_INFINITY; INDEXED];
+        for (w, f) in floor.iter_mut().enumerate() {
+            if !st.fast.check[w] {
+                continue;
+            }
+            let gap = self
+                .class_gap
+                .iter()
+                .zip(&st.class_ok)
+                .filter(|(_, ok)| **ok)
+                .fold(0.0f64, |g, (c, _)| g.max(c[w]));
+            if gap.is_finite() {
+                let demand = st.fast.demand[w];
+                *f = demand - gap - 1e-6 * (1.0 + demand.abs() + gap + self.cap_scale[w]);
+            }
         }
-        let ctx = self.ctx(i);
-        let gv = st.group_view(i);
-        st.active.iter().all(|&f| match f {
-            FilterKind::ImageProperties => self.image_ok(i, st),
-            _ => filters::passes(f, &ctx, &st.p, gv),
+        if st.slow.contains(&FilterKind::Json) {
+            if let Some(q) = &st.p.query {
+                for (f, j) in floor.iter_mut().zip(q.free_floors()) {
+                    *f = f.max(j);
+                }
+            }
+        }
+        floor.map(|f| {
+            // −0.0 sorts before +0.0 by key: seek to the smaller so both are read.
+            (f > f64::NEG_INFINITY).then(|| key_of(if f == 0.0 { -0.0 } else { f }))
         })
     }
 
+    /// Splits the request's active filters into the checks `Hot` decides and the rest.
+    fn split_filters(&self, st: &mut ReqState) {
+        let mut fast = Fast {
+            demand: [
+                st.p.ram_mb as f64,
+                st.p.disk_mb as f64,
+                f64::from(st.p.vcpus),
+            ],
+            ..Fast::default()
+        };
+        st.slow = Vec::new();
+        for &f in &st.active {
+            match f {
+                FilterKind::Compute => fast.compute = true,
+                FilterKind::Ram => fast.check[0] = true,
+                FilterKind::Disk => fast.check[1] = true,
+                FilterKind::Core => fast.check[2] = true,
+                FilterKind::ImageProperties => fast.image = true,
+                f => st.slow.push(f),
+            }
+        }
+        st.fast = fast;
+    }
+
+    /// Whether host `i` passes every filter: `first_failing(i).is_none()`, computed faster.
+    fn eligible(&self, i: u32, st: &mut ReqState) -> bool {
+        let h = &self.hot[i as usize];
+        // The class verdict is exactly the zone and extra-specs filters' verdict (all true for
+        // a forced host, for which those filters do not run).
+        if !st.class_ok[h.class as usize] {
+            return false;
+        }
+        let fast = &st.fast;
+        if fast.compute && !h.up {
+            return false;
+        }
+        for r in 0..INDEXED {
+            // A NaN fit fails, as in `filters::passes`.
+            if fast.check[r] && (h.fit[r] < fast.demand[r] || h.fit[r].is_nan()) {
+                return false;
+            }
+        }
+        if fast.image && !self.image_ok(i, h, st) {
+            return false;
+        }
+        if st.slow.is_empty() {
+            return true;
+        }
+        let memo = st.memo[i as usize];
+        if memo >> 1 == st.memo_epoch {
+            return memo & 1 == 1;
+        }
+        // These read the host record only, not the side tables a `HostCtx` gathers.
+        let host = &self.hosts[i as usize];
+        let gv = st.group_view(i);
+        let ok = st.slow.iter().all(|&f| {
+            filters::record_passes(f, host, &st.p, gv)
+                .unwrap_or_else(|| filters::passes(f, &self.ctx(i), &st.p, gv))
+        });
+        st.memo[i as usize] = st.memo_epoch << 1 | u32::from(ok);
+        ok
+    }
+
     /// ImagePropertiesFilter on interned ids instead of strings.
-    fn image_ok(&self, i: u32, st: &ReqState) -> bool {
+    fn image_ok(&self, i: u32, h: &Hot, st: &ReqState) -> bool {
         let (arch, hv) = st.image_ids;
         if st.p.forced_host.is_some() || (arch.is_none() && hv.is_none()) {
             return true;
         }
-        let (host_arch, host_hv) = self.canon_ids[i as usize];
-        if arch.is_some_and(|a| a != host_arch) || hv.is_some_and(|h| h != host_hv) {
+        if arch.is_some_and(|a| a != h.arch) || hv.is_some_and(|x| x != h.hv) {
             return false;
         }
         let version = self.hosts[i as usize].hypervisor_version;
@@ -862,22 +1082,31 @@ impl Scheduler {
             candidates: 0,
             per_class: false,
             seen: std::mem::take(&mut self.seen),
+            memo: std::mem::take(&mut self.memo),
+            memo_epoch: self.memo_epoch,
             epoch: self.epoch,
             image_ids: (None, None),
             rekey: None,
             active: Vec::new(),
+            fast: Fast::default(),
+            slow: Vec::new(),
+            floors: [None; INDEXED],
         };
         st.active = self.active_filters(&st.p);
+        self.split_filters(&mut st);
         let id = |s: &String| self.interned.get(s).copied().unwrap_or(u32::MAX);
         st.image_ids = (
             st.p.image_arch.as_ref().map(id),
             st.p.image_hv.as_ref().map(id),
         );
         self.classify(&mut st);
+        st.floors = self.floors(&st);
         let mut claims: Vec<Claim> = Vec::with_capacity(request.instance_ids.len());
         let mut failure = None;
         let mut applied = 0;
         for (n, id) in request.instance_ids.iter().enumerate() {
+            // A pick changes the chosen host and the group counts: forget the verdicts.
+            st.next_pick();
             let top = match forced {
                 Some(f) => self.scan([f].into_iter(), &mut st),
                 None => self.best(&mut st),
@@ -904,6 +1133,8 @@ impl Scheduler {
         }
         self.seen = st.seen;
         self.epoch = st.epoch;
+        self.memo = st.memo;
+        self.memo_epoch = st.memo_epoch;
         self.since_rekey = self.since_rekey.saturating_add(1);
         if let Some(ranges) = st.rekey {
             if self.since_rekey >= self.rekey_rule.2 {
@@ -1012,6 +1243,17 @@ impl Scheduler {
     /// Hosts in the order of weigher `w` (descending if `desc`): all hosts, or only the
     /// candidate classes' when the request rules most classes out.
     fn walk<'a>(&'a self, w: usize, desc: bool, st: &ReqState) -> Merge<'a> {
+        self.walk_from(w, desc, None, st)
+    }
+
+    /// `walk`, ascending from key `from` if given.
+    fn walk_from<'a>(
+        &'a self,
+        w: usize,
+        desc: bool,
+        from: Option<i64>,
+        st: &ReqState,
+    ) -> Merge<'a> {
         if st.per_class {
             let lists: Vec<&BTreeSet<(i64, u32)>> = self
                 .class_sorted
@@ -1020,9 +1262,9 @@ impl Scheduler {
                 .filter(|(_, ok)| **ok)
                 .map(|(sets, _)| &sets[w])
                 .collect();
-            Merge::new(&lists, desc)
+            Merge::new(&lists, desc, from)
         } else {
-            Merge::new(&[&self.sorted[w]], desc)
+            Merge::new(&[&self.sorted[w]], desc, from)
         }
     }
 
@@ -1041,7 +1283,10 @@ impl Scheduler {
             if m == 0.0 {
                 continue;
             }
-            let Some((lo, _)) = self.walk(w, false, st).find(|(_, i)| self.eligible(*i, st)) else {
+            let Some((lo, _)) = self
+                .walk_from(w, false, st.floors[w], st)
+                .find(|(_, i)| self.eligible(*i, st))
+            else {
                 return Vec::new();
             };
             let (hi, _) = self

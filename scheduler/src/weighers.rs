@@ -55,12 +55,31 @@ pub(crate) fn raw(
     policy: Option<GroupPolicy>,
     members_on_host: u32,
 ) -> [f64; N] {
+    with_group(resources(ctx), policy, members_on_host)
+}
+
+/// The raw weights of the resource weighers: free RAM MB, free disk MB, free vCPUs.
+pub(crate) fn resources(ctx: &HostCtx<'_>) -> [f64; 3] {
     let h = ctx.host;
-    let members = f64::from(members_on_host);
     [
         h.ram_mb_usable() as f64 - h.ram_mb_used as f64,
         h.disk_mb_usable() as f64 - h.disk_mb_used as f64,
         f64::from(h.vcpus_usable()) * ctx.ratios.cpu - f64::from(h.vcpus_used),
+    ]
+}
+
+/// All raw weights from the resource weights and the group members on the host.
+#[inline]
+pub(crate) fn with_group(
+    resources: [f64; 3],
+    policy: Option<GroupPolicy>,
+    members_on_host: u32,
+) -> [f64; N] {
+    let members = f64::from(members_on_host);
+    [
+        resources[0],
+        resources[1],
+        resources[2],
         if policy == Some(GroupPolicy::SoftAffinity) {
             members
         } else {
