@@ -748,7 +748,10 @@ pub struct KernelDataplane {
     fdb: BTreeSet<(u32, Mac, Ipv4Addr)>,
     /// (VNI, VTEP) all-zero entries: broadcast and ARP go to every VTEP of the network.
     flood: BTreeSet<(u32, Ipv4Addr)>,
+    /// The nftables tables as last loaded, without the sets' elements.
     ruleset: String,
+    /// The elements of each set `m_<n>` (remote groups' members).
+    members: Vec<BTreeSet<Ipv4Addr>>,
     /// Prefix of this node's router namespaces.
     router_prefix: String,
     /// Router namespaces.
@@ -787,6 +790,7 @@ impl KernelDataplane {
             fdb: BTreeSet::new(),
             flood: BTreeSet::new(),
             ruleset: String::new(),
+            members: Vec::new(),
             router_prefix,
             routers,
             rifs: BTreeMap::new(),
@@ -981,8 +985,10 @@ impl KernelDataplane {
         run("ip", &["link", "del", &bridge_name(vni)])
     }
 
-    fn render(state: &DesiredState) -> Result<String, KernelDriverError> {
-        let entries = model::compile_sg(state)?;
+    /// The ruleset without the remote groups' members (those are elements of its named sets
+    /// `m_<n>`, `n` indexing `sg.sets`), so a port joining or leaving a group is an element
+    /// change, not a new ruleset.
+    fn render(state: &DesiredState, sg: &model::SgSets) -> String {
         let mut s = String::new();
         // Re-created in one transaction: `add` then `delete` tolerates a missing table.
         for (family, table) in [("bridge", TABLE_BRIDGE), ("inet", TABLE_INET)] {
@@ -1080,6 +1086,9 @@ impl KernelDataplane {
         for c in COUNTERS_INET {
             let _ = writeln!(s, "  counter {c} {{}}");
         }
+        for n in 0..sg.sets.len() {
+            let _ = writeln!(s, "  set m_{n} {{ type ipv4_addr; }}");
+        }
         if !by_vni.is_empty() {
             // Zones are 16 bits: VNIs equal modulo 65536 would share one.
             let zones: Vec<String> = by_vni
@@ -1119,10 +1128,20 @@ impl KernelDataplane {
                 (Direction::Ingress, "ingress", "saddr", "drop_sg_ingress"),
             ] {
                 let _ = writeln!(s, "  chain {name}_{i} {{");
-                for e in entries.iter().filter(|e| e.port == i && e.direction == dir) {
+                for e in sg
+                    .entries
+                    .iter()
+                    .filter(|e| e.port == i && e.direction == dir)
+                {
                     let mut rule = String::new();
-                    if e.remote.len > 0 {
-                        let _ = write!(rule, "ip {addr} {} ", e.remote);
+                    match e.remote {
+                        model::SetRemote::Cidr(c) if c.len == 0 => {}
+                        model::SetRemote::Cidr(c) => {
+                            let _ = write!(rule, "ip {addr} {c} ");
+                        }
+                        model::SetRemote::Set(n) => {
+                            let _ = write!(rule, "ip {addr} @m_{n} ");
+                        }
                     }
                     if e.proto != 0 {
                         let _ = write!(rule, "meta l4proto {} ", e.proto);
@@ -1136,7 +1155,66 @@ impl KernelDataplane {
             }
         }
         let _ = writeln!(s, "}}");
-        Ok(s)
+        s
+    }
+
+    /// `nft` lines that add (`add`) or delete (`delete`) `ips` in set `m_<n>`.
+    fn elements(s: &mut String, verb: &str, n: usize, ips: &BTreeSet<Ipv4Addr>) {
+        if ips.is_empty() {
+            return;
+        }
+        let ips: Vec<String> = ips.iter().map(Ipv4Addr::to_string).collect();
+        let _ = writeln!(
+            s,
+            "{verb} element inet {TABLE_INET} m_{n} {{ {} }}",
+            ips.join(", ")
+        );
+    }
+
+    /// Brings the nftables tables to `desired`'s security groups: the whole ruleset when its
+    /// shape changed (ports, groups, rules, routers), else only the members' elements.
+    fn apply_filters(&mut self, desired: &DesiredState) -> Result<(), KernelDriverError> {
+        let sg = model::compile_sg_sets(desired)?;
+        let ruleset = Self::render(desired, &sg);
+        let members: Vec<BTreeSet<Ipv4Addr>> = sg.sets.into_iter().map(|(_, m)| m).collect();
+        if ruleset == self.ruleset {
+            let mut script = String::new();
+            for (n, want) in members.iter().enumerate() {
+                let have = self.members.get(n).cloned().unwrap_or_default();
+                Self::elements(
+                    &mut script,
+                    "add",
+                    n,
+                    &want.difference(&have).copied().collect(),
+                );
+                Self::elements(
+                    &mut script,
+                    "delete",
+                    n,
+                    &have.difference(want).copied().collect(),
+                );
+            }
+            if script.is_empty() {
+                return Ok(());
+            }
+            match nft_script(&script) {
+                Ok(()) => {
+                    self.members = members;
+                    return Ok(());
+                }
+                // The sets are not what this driver thinks (changed behind its back): load
+                // everything again.
+                Err(e) => debug!(error = %e, "updating the security group sets; reloading"),
+            }
+        }
+        let mut script = ruleset.clone();
+        for (n, want) in members.iter().enumerate() {
+            Self::elements(&mut script, "add", n, want);
+        }
+        nft_script(&script)?;
+        self.ruleset = ruleset;
+        self.members = members;
+        Ok(())
     }
 }
 
@@ -1145,7 +1223,6 @@ impl Dataplane for KernelDataplane {
 
     fn apply(&mut self, desired: &DesiredState) -> Result<(), KernelDriverError> {
         model::check_addresses(desired)?;
-        let ruleset = Self::render(desired)?;
 
         let mut want_ports: BTreeMap<String, u32> = BTreeMap::new();
         for p in &desired.ports {
@@ -1181,10 +1258,7 @@ impl Dataplane for KernelDataplane {
             .collect();
 
         // Filters first, so a new port is never bridged unfiltered.
-        if ruleset != self.ruleset {
-            nft_script(&ruleset)?;
-            self.ruleset = ruleset;
-        }
+        self.apply_filters(desired)?;
         for vni in want_networks.difference(&self.networks.clone()) {
             self.add_network(*vni)?;
             self.networks.insert(*vni);

@@ -1,7 +1,11 @@
 //! The desired state a driver applies, and its compilation into flat security-group
 //! entries that both drivers share (remote groups expanded, port ranges checked).
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 /// A MAC address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -355,6 +359,110 @@ pub fn compile_sg(state: &DesiredState) -> Result<BTreeSet<SgEntry>, CompileErro
     Ok(out)
 }
 
+/// The remote of a compiled entry, with a remote group left as a set of member addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetRemote {
+    Cidr(Ipv4Cidr),
+    /// Index into [`SgSets::sets`].
+    Set(usize),
+}
+
+/// One compiled allow entry whose remote may be a set (see [`compile_sg_sets`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SetEntry {
+    pub port: usize,
+    pub direction: Direction,
+    pub proto: u8,
+    pub dport: u16,
+    pub remote: SetRemote,
+}
+
+/// Security groups compiled with each remote group kept as one set of member addresses per
+/// group and the networks it is seen from, for drivers that update such a set in place: a
+/// port joining or leaving a group then changes a set's elements, not the entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SgSets {
+    pub entries: BTreeSet<SetEntry>,
+    /// (group, the networks its members are taken from) and the members' addresses.
+    pub sets: Vec<(GroupReach, BTreeSet<Ipv4Addr>)>,
+}
+
+/// A security group and the networks (VNIs) its members are taken from.
+pub type GroupReach = (String, BTreeSet<u32>);
+
+/// [`compile_sg`] with remote groups as sets: the same entries once each set is expanded into
+/// its members' /32s, and the same errors.
+pub fn compile_sg_sets(state: &DesiredState) -> Result<SgSets, CompileError> {
+    let mut out = SgSets::default();
+    let mut index_of: BTreeMap<GroupReach, usize> = BTreeMap::new();
+    for (index, port) in state.ports.iter().enumerate() {
+        if port.ips.is_empty() {
+            return Err(CompileError::NoAddress {
+                port: port.id.clone(),
+            });
+        }
+        for group_id in &port.security_groups {
+            let group = state
+                .security_groups
+                .iter()
+                .find(|g| &g.id == group_id)
+                .ok_or_else(|| CompileError::UnknownGroup {
+                    port: port.id.clone(),
+                    group: group_id.clone(),
+                })?;
+            for rule in &group.rules {
+                if rule.ethertype != EtherType::Ipv4 {
+                    continue;
+                }
+                let proto = rule.protocol.unwrap_or(0);
+                let ports = rule_ports(&group.id, rule)?;
+                let remote = match &rule.remote {
+                    Remote::Cidr(c) => SetRemote::Cidr(Ipv4Cidr::new(c.addr, c.len)),
+                    Remote::Group(g) => {
+                        let key = (g.clone(), routed_vnis(state, port.vni));
+                        let n = match index_of.get(&key) {
+                            Some(n) => *n,
+                            None => {
+                                let members = group_members(state, &key.1, g);
+                                out.sets.push((key.clone(), members));
+                                index_of.insert(key, out.sets.len() - 1);
+                                out.sets.len() - 1
+                            }
+                        };
+                        SetRemote::Set(n)
+                    }
+                };
+                for &dport in &ports {
+                    out.entries.insert(SetEntry {
+                        port: index,
+                        direction: rule.direction,
+                        proto,
+                        dport,
+                        remote,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The addresses of the ports (local and remote) of group `g` on the networks `reach`.
+fn group_members(state: &DesiredState, reach: &BTreeSet<u32>, g: &str) -> BTreeSet<Ipv4Addr> {
+    let named = |vni: u32, groups: &[String]| reach.contains(&vni) && groups.iter().any(|x| x == g);
+    let local = state
+        .ports
+        .iter()
+        .filter(|p| named(p.vni, &p.security_groups))
+        .flat_map(|p| p.ips.iter());
+    let remote = state
+        .remote_ports
+        .iter()
+        .filter(|p| named(p.vni, &p.security_groups))
+        .flat_map(|p| p.ips.iter());
+    local.chain(remote).copied().collect()
+}
+
 fn rule_ports(group: &str, rule: &SgRule) -> Result<Vec<u16>, CompileError> {
     let Some((min, max)) = rule.port_range else {
         return Ok(vec![0]);
@@ -600,6 +708,28 @@ mod tests {
         }
     }
 
+    /// `compile_sg_sets` with every set replaced by its members' /32s: what `compile_sg` gives.
+    fn expand(state: &DesiredState) -> BTreeSet<SgEntry> {
+        let s = compile_sg_sets(state).unwrap();
+        let mut out = BTreeSet::new();
+        for e in &s.entries {
+            let remotes = match e.remote {
+                SetRemote::Cidr(c) => vec![c],
+                SetRemote::Set(n) => s.sets[n].1.iter().map(|ip| Ipv4Cidr::host(*ip)).collect(),
+            };
+            for remote in remotes {
+                out.insert(SgEntry {
+                    port: e.port,
+                    direction: e.direction,
+                    proto: e.proto,
+                    dport: e.dport,
+                    remote,
+                });
+            }
+        }
+        out
+    }
+
     #[test]
     fn ranges_expand_and_full_range_is_any() {
         let state = DesiredState {
@@ -620,6 +750,7 @@ mod tests {
             }],
         };
         let entries = compile_sg(&state).unwrap();
+        assert_eq!(expand(&state), entries);
         let ports: Vec<(u8, u16)> = entries.iter().map(|e| (e.proto, e.dport)).collect();
         assert_eq!(ports, vec![(1, 0), (6, 80), (6, 81), (6, 82), (17, 0)]);
         let icmp = entries.iter().find(|e| e.proto == 1).unwrap();
@@ -663,8 +794,14 @@ mod tests {
             .map(|e| e.remote.to_string())
             .collect();
         assert_eq!(remotes, vec!["10.0.0.1/32", "10.0.0.3/32"]);
+        assert_eq!(expand(&state), compile_sg(&state).unwrap());
+        // One set (group "web" seen from VNI 100) holds both members.
+        let sets = compile_sg_sets(&state).unwrap();
+        assert_eq!(sets.sets.len(), 1);
+        assert_eq!(sets.entries.len(), 1);
         state.remote_ports[0].vni = 200; // other network: not a member here
         assert_eq!(compile_sg(&state).unwrap().len(), 1);
+        assert_eq!(expand(&state), compile_sg(&state).unwrap());
     }
 
     #[test]
@@ -688,7 +825,11 @@ mod tests {
             Err(CompileError::RangeWithoutProtocol { .. })
         ));
         assert!(matches!(
-            compile_sg(&mk(rule(Some(6), Some((9, 2)), any))),
+            compile_sg(&mk(rule(Some(6), Some((9, 2)), any.clone()))),
+            Err(CompileError::BadRange { .. })
+        ));
+        assert!(matches!(
+            compile_sg_sets(&mk(rule(Some(6), Some((9, 2)), any))),
             Err(CompileError::BadRange { .. })
         ));
     }
@@ -728,6 +869,7 @@ mod tests {
             }],
         };
         let of = |state: &DesiredState, port: usize| -> Vec<String> {
+            assert_eq!(expand(state), compile_sg(state).unwrap());
             compile_sg(state)
                 .unwrap()
                 .iter()

@@ -7,8 +7,8 @@ use shoal_dataplane::{
     ebpf::EbpfDataplane,
     kernel::KernelDataplane,
     testbed::{self, Agent, Banner, Topology},
-    Dataplane, ExternalGateway, FloatingIp, Ipv4Cidr, Mac, Router, RouterInterface, RouterRoute,
-    Underlay,
+    Dataplane, Direction, EtherType, ExternalGateway, FloatingIp, Ipv4Cidr, Mac, Remote, Router,
+    RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
 };
 
 const VM0_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -152,6 +152,66 @@ where
         vm0.tcp_banner(VM1_IP, 80).as_deref(),
         Some("vm1"),
         "{driver}: port re-added"
+    );
+
+    // A remote-group rule follows its group's members: vm0 (host 0) admits SSH from group
+    // "admin"; vm1 (host 1, a remote port for host 0) joins it and leaves it again. On host
+    // 0 only a remote port's groups change (the kernel driver updates a set's elements).
+    let admins = |agents: &[Agent<D>], vm1_admin: bool| {
+        for (i, agent) in agents.iter().enumerate() {
+            let mut state = topo.desired(i, &[]);
+            state.security_groups.push(SecurityGroup {
+                id: "ssh".into(),
+                rules: vec![SgRule {
+                    direction: Direction::Ingress,
+                    ethertype: EtherType::Ipv4,
+                    protocol: Some(6),
+                    port_range: Some((22, 22)),
+                    remote: Remote::Group("admin".into()),
+                }],
+            });
+            state.security_groups.push(SecurityGroup {
+                id: "admin".into(),
+                rules: vec![],
+            });
+            for p in &mut state.ports {
+                if p.ips == [VM0_IP] && p.vni == topo.vms[0].vni {
+                    p.security_groups.push("ssh".into());
+                }
+                if vm1_admin && p.ips == [VM1_IP] && p.vni == topo.vms[1].vni {
+                    p.security_groups.push("admin".into());
+                }
+            }
+            for p in &mut state.remote_ports {
+                if vm1_admin && p.ips == [VM1_IP] && p.vni == topo.vms[1].vni {
+                    p.security_groups.push("admin".into());
+                }
+            }
+            agent.call(move |d| d.apply(&state)).unwrap();
+        }
+    };
+    admins(&agents, false);
+    assert_eq!(
+        vm1.tcp_banner(VM0_IP, 22),
+        None,
+        "{driver}: vm1 -> vm0:22 denied while vm1 is not an admin"
+    );
+    admins(&agents, true);
+    assert_eq!(
+        vm1.tcp_banner(VM0_IP, 22).as_deref(),
+        Some("vm0"),
+        "{driver}: vm1 -> vm0:22 once vm1 joined the admins"
+    );
+    assert_eq!(
+        vm4.tcp_banner(VM0_IP, 22),
+        None,
+        "{driver}: vm4 -> vm0:22 still denied (not an admin)"
+    );
+    admins(&agents, false);
+    assert_eq!(
+        vm1.tcp_banner(VM0_IP, 22),
+        None,
+        "{driver}: vm1 -> vm0:22 denied again once vm1 left the admins"
     );
 
     for agent in agents {

@@ -1,10 +1,13 @@
 //! The network agent of one node: turns the replicated tables into this node's datapath.
 //!
-//! It follows the `ports`, `floating_ips`, `networks`, `subnets`, `security_groups`,
-//! `security_group_rules` and `network_agents` tables with watches (any change wakes it; a
-//! slow tick catches taps that appear after their port was bound), rebuilds the node's [`DesiredState`] from the
-//! local replica and hands it to the datapath driver, which runs on its own thread inside the
-//! node's network namespace (drivers are blocking). After each apply it writes the ports it
+//! It follows the `ports`, `floating_ips`, `routers`, `networks`, `subnets`,
+//! `security_groups`, `security_group_rules` and `network_agents` tables: each is listed once
+//! (again after a watch gap) and then kept up to date in memory from its watch, so a pass reads
+//! nothing. A pass caused only by other nodes' ports (off any router's network) updates just
+//! their remote entries in the last [`DesiredState`]; anything else, a snapshot, or the slow
+//! tick (taps appear after their port was bound) plans the whole state again from the rows. The
+//! state goes to the datapath driver, which runs on its own thread inside the node's network
+//! namespace (drivers are blocking) and changes only what differs. After each apply it writes the ports it
 //! serves `ACTIVE` and the ports bound here whose device is gone `DOWN`, and tells the
 //! node-local services ([`PortHooks`]: the metadata service, DHCP) which devices to serve.
 //!
@@ -45,7 +48,8 @@ use shoal_state::{
     records::{tap_device, PortRecord},
     tables, State, StateError,
 };
-use tokio::sync::{mpsc, oneshot, Notify};
+use shoal_types::{EventKind, Row};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::Driver,
@@ -132,6 +136,10 @@ const FOLLOWED: [&str; 8] = [
 /// and disappear with their VM, without any row changing.
 const RESYNC: Duration = Duration::from_secs(1);
 
+/// How long a pass waits after the first change it sees, to take a burst (a server create
+/// writes several rows) in one pass.
+const COALESCE: Duration = Duration::from_millis(2);
+
 /// The synthetic group of ports with port security off: everything in and out.
 const OPEN_GROUP: &str = "shoal:port-security-off";
 
@@ -211,7 +219,7 @@ impl NetworkAgent {
             }
         }
 
-        let wake = Arc::new(Notify::new());
+        let (feed_tx, mut feed) = mpsc::unbounded_channel::<Feed>();
         let (failed_tx, mut failed) = mpsc::channel::<AgentError>(1);
         let followers: Vec<_> = FOLLOWED
             .iter()
@@ -219,26 +227,53 @@ impl NetworkAgent {
                 tokio::spawn(follow(
                     self.cluster.clone(),
                     t,
-                    wake.clone(),
+                    feed_tx.clone(),
                     failed_tx.clone(),
                 ))
             })
             .collect();
+        let mut view = View {
+            mappings: mappings(&self.cfg),
+            ..View::default()
+        };
+        // Every table's first snapshot comes before the first pass: an agent that programmed
+        // from half its tables would remove what a previous process programmed.
+        let mut snapshots: BTreeSet<&'static str> = BTreeSet::new();
+        let mut dirty = Dirty::Full;
+        let mut plan: Option<Plan> = None;
         let mut served: BTreeMap<String, ServedPort> = BTreeMap::new();
         let mut tick = tokio::time::interval(RESYNC);
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
-                _ = wake.notified() => {}
-                _ = tick.tick() => {}
+                Some(f) = feed.recv() => view.absorb(f, &self.host, &mut dirty, &mut snapshots),
+                _ = tick.tick() => dirty = Dirty::Full,
                 Some(e) = failed.recv() => break Err(e),
                 _ = &mut shutdown => break Ok(()),
             }
             // Changes come in bursts (a server create writes several rows): take them at once.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            if let Err(e) = self.converge(&datapath, &mut served).await {
-                tracing::warn!(error = %e, "network agent pass failed; retried on the next change");
+            tokio::time::sleep(COALESCE).await;
+            while let Ok(f) = feed.try_recv() {
+                view.absorb(f, &self.host, &mut dirty, &mut snapshots);
             }
+            if snapshots.len() < FOLLOWED.len() || dirty.is_clean() {
+                continue;
+            }
+            let pass = std::mem::take(&mut dirty);
+            let started = std::time::Instant::now();
+            let (p, how) = match (plan.take(), pass) {
+                (Some(mut p), Dirty::Ports(ids)) => {
+                    let n = ids.len();
+                    view.update_remote_ports(&self.host, &mut p, &ids);
+                    (p, format!("{n} remote ports"))
+                }
+                _ => (view.plan(&self.host), "full".to_string()),
+            };
+            let planned = started.elapsed();
+            let p = self
+                .converge(&datapath, p, &mut served, &how, planned)
+                .await;
+            plan = Some(p);
         };
         for f in followers {
             f.abort();
@@ -251,19 +286,22 @@ impl NetworkAgent {
         result
     }
 
-    /// One pass: read, compute, apply, report.
+    /// One pass: apply `plan`, report. Returns the plan with the statuses it wrote, for the
+    /// next incremental pass to start from.
     async fn converge(
         &self,
         datapath: &DatapathThread,
+        mut plan: Plan,
         served: &mut BTreeMap<String, ServedPort>,
-    ) -> Result<(), AgentError> {
-        let mut view = View::read(&self.state).await?;
-        view.mappings = mappings(&self.cfg);
-        let plan = view.plan(&self.host);
+        how: &str,
+        planned: Duration,
+    ) -> Plan {
+        let started = std::time::Instant::now();
         if let Some(ns) = &self.cfg.netns {
             adopt_taps(ns, plan.desired.ports.iter().map(|p| p.device.as_str())).await;
         }
         let present = datapath.apply(plan.desired.clone()).await;
+        let applied = started.elapsed();
         let Applied {
             devices: present,
             floating_ips: nat,
@@ -271,12 +309,12 @@ impl NetworkAgent {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "the datapath refused the desired state");
-                return Ok(());
+                return plan;
             }
         };
         // Ports the datapath now serves, and bound ports whose device is gone.
         let ports = self.state.table::<PortRecord>(tables::PORTS);
-        for (id, status) in &plan.bound {
+        for (id, status) in &mut plan.bound {
             let device = tap_device(id);
             let want = if present.contains(&device) && plan.served.contains_key(&device) {
                 "ACTIVE"
@@ -299,7 +337,10 @@ impl NetworkAgent {
                     })
                     .await;
                 match r {
-                    Ok(_) => tracing::info!(port = %id, status = want, "port status"),
+                    Ok(_) => {
+                        tracing::info!(port = %id, status = want, "port status");
+                        *status = want.to_string();
+                    }
                     Err(StateError::NotFound { .. }) => {}
                     Err(e) => {
                         tracing::warn!(port = %id, error = %e, "cannot write the port status")
@@ -311,7 +352,7 @@ impl NetworkAgent {
         // of its networks: its interfaces are ACTIVE while the router is up and they are
         // routable, whether or not a VM uses them yet. Every agent computes the same from the
         // same rows and writes only a difference (compare-and-set), so they converge.
-        for (id, status, want) in &plan.router_interfaces {
+        for (id, status, want) in &mut plan.router_interfaces {
             if status == want {
                 continue;
             }
@@ -330,7 +371,10 @@ impl NetworkAgent {
                 })
                 .await;
             match r {
-                Ok(_) => tracing::info!(port = %id, status = want, "router interface status"),
+                Ok(_) => {
+                    tracing::info!(port = %id, status = want, "router interface status");
+                    *status = want.to_string();
+                }
                 Err(StateError::NotFound { .. }) => {}
                 Err(e) => tracing::warn!(port = %id, error = %e, "cannot write the port status"),
             }
@@ -339,7 +383,7 @@ impl NetworkAgent {
         // writes it), DOWN while it is unassociated (any node may write that) or while its
         // port's node cannot program it, as Neutron's L3 agent reports it.
         let fips = self.state.table::<FloatingIpRecord>(tables::FLOATING_IPS);
-        for (id, status, port) in &plan.floating_ips {
+        for (id, status, port) in &mut plan.floating_ips {
             let want = if nat.contains(id) { "ACTIVE" } else { "DOWN" };
             if status == want {
                 continue;
@@ -361,7 +405,10 @@ impl NetworkAgent {
                 })
                 .await;
             match r {
-                Ok(_) => tracing::info!(floating_ip = %id, status = want, "floating IP status"),
+                Ok(_) => {
+                    tracing::info!(floating_ip = %id, status = want, "floating IP status");
+                    *status = want.to_string();
+                }
                 Err(StateError::NotFound { .. }) => {}
                 Err(e) => {
                     tracing::warn!(floating_ip = %id, error = %e, "cannot write the floating IP status")
@@ -370,8 +417,9 @@ impl NetworkAgent {
         }
         let now_served: BTreeMap<String, ServedPort> = plan
             .served
-            .into_iter()
-            .filter(|(d, _)| present.contains(d))
+            .iter()
+            .filter(|(d, _)| present.contains(*d))
+            .map(|(d, p)| (d.clone(), p.clone()))
             .collect();
         for device in served.keys() {
             if !now_served.contains_key(device) {
@@ -388,7 +436,16 @@ impl NetworkAgent {
             }
         }
         *served = now_served;
-        Ok(())
+        tracing::debug!(
+            pass = how,
+            local = plan.desired.ports.len(),
+            remote = plan.desired.remote_ports.len(),
+            plan_us = planned.as_micros() as u64,
+            apply_us = applied.as_micros() as u64,
+            total_us = (planned + started.elapsed()).as_micros() as u64,
+            "network agent pass"
+        );
+        plan
     }
 }
 
@@ -480,75 +537,6 @@ async fn adopt_taps<'a>(netns: &str, devices: impl Iterator<Item = &'a str>) {
     }
 }
 
-/// Wakes the agent on every change of `table`, from the revision it listed at; lists again
-/// after a compaction.
-async fn follow(
-    cluster: Cluster,
-    table: &'static str,
-    wake: Arc<Notify>,
-    failed: mpsc::Sender<AgentError>,
-) {
-    loop {
-        let from = cluster.revision() + 1;
-        wake.notify_one();
-        let mut stream = match cluster.watch(table, "", from).await {
-            Ok(s) => s,
-            Err(WatchError::Compacted { .. }) => continue,
-            Err(e) => {
-                let _ = failed
-                    .send(AgentError::Watch {
-                        table,
-                        reason: e.to_string(),
-                    })
-                    .await;
-                return;
-            }
-        };
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => wake.notify_one(),
-                Some(Err(WatchError::Compacted { oldest })) => {
-                    tracing::info!(table, oldest, "network watch compacted; reading again");
-                    break;
-                }
-                Some(Err(e)) => {
-                    let _ = failed
-                        .send(AgentError::Watch {
-                            table,
-                            reason: e.to_string(),
-                        })
-                        .await;
-                    return;
-                }
-                None => {
-                    let _ = failed
-                        .send(AgentError::Watch {
-                            table,
-                            reason: "the stream ended".into(),
-                        })
-                        .await;
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// The rows one pass works from, read from the local replica.
-#[derive(Debug, Default)]
-struct View {
-    ports: Vec<PortRecord>,
-    networks: HashMap<String, NetworkRecord>,
-    subnets: HashMap<String, SubnetRecord>,
-    groups: Vec<SecurityGroupRecord>,
-    rules: Vec<RuleRecord>,
-    agents: HashMap<String, AgentRecord>,
-    routers: Vec<RouterRecord>,
-    floating_ips: Vec<FloatingIpRecord>,
-    /// This node's `physical_interface_mappings`: physical network -> host interface.
-    mappings: BTreeMap<String, String>,
-}
-
 /// The `[network] physical_interface_mappings` of `cfg` (validated at start).
 fn mappings(cfg: &NetworkConfig) -> BTreeMap<String, String> {
     cfg.physical_interface_mappings
@@ -572,68 +560,284 @@ struct Plan {
     /// The floating IPs whose status this node reports: (id, status as read, associated port).
     /// Those of ports bound here, and the unassociated ones.
     floating_ips: Vec<(String, String, Option<String>)>,
+    /// The networks whose remote ports this node programs.
+    carried: BTreeSet<String>,
+    /// `desired.remote_ports` by port id.
+    remote: BTreeMap<String, RemotePort>,
+}
+
+/// What a table's follower hands the agent.
+#[derive(Debug)]
+enum Feed {
+    /// Every row of `table` as of one snapshot: at start, and again after a watch gap.
+    Snapshot {
+        table: &'static str,
+        rows: Vec<(String, Row)>,
+    },
+    /// One change after the snapshot, in revision order (`None`: deleted).
+    Change {
+        table: &'static str,
+        key: String,
+        row: Option<Row>,
+    },
+}
+
+/// Lists `table` and hands the rows to the agent, then every change after that listing's
+/// revision; lists again after a compaction (the events in between are lost, the new listing
+/// replaces the table's rows).
+async fn follow(
+    cluster: Cluster,
+    table: &'static str,
+    feed: mpsc::UnboundedSender<Feed>,
+    failed: mpsc::Sender<AgentError>,
+) {
+    let fail = |reason: String| {
+        let failed = failed.clone();
+        async move {
+            let _ = failed.send(AgentError::Watch { table, reason }).await;
+        }
+    };
+    loop {
+        let (revision, rows) = match cluster.list_with_revision(table, "", usize::MAX).await {
+            Ok(l) => l,
+            Err(e) => return fail(e.to_string()).await,
+        };
+        if feed.send(Feed::Snapshot { table, rows }).is_err() {
+            return;
+        }
+        let mut stream = match cluster.watch(table, "", revision + 1).await {
+            Ok(s) => s,
+            Err(WatchError::Compacted { .. }) => continue,
+            Err(e) => return fail(e.to_string()).await,
+        };
+        loop {
+            match stream.next().await {
+                Some(Ok(ev)) => {
+                    let row = match ev.kind {
+                        EventKind::Put(row) => Some(row),
+                        EventKind::Delete => None,
+                    };
+                    if feed
+                        .send(Feed::Change {
+                            table,
+                            key: ev.key,
+                            row,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Err(WatchError::Compacted { oldest })) => {
+                    tracing::info!(table, oldest, "network watch compacted; reading again");
+                    break;
+                }
+                Some(Err(e)) => return fail(e.to_string()).await,
+                None => return fail("the stream ended".into()).await,
+            }
+        }
+    }
+}
+
+/// What the next pass must recompute.
+#[derive(Debug, Default, PartialEq, Eq)]
+enum Dirty {
+    /// Nothing changed.
+    #[default]
+    Clean,
+    /// Only these ports changed, and each of them was and is a remote port of no router's
+    /// network: the last plan stands but for their remote entries.
+    Ports(BTreeSet<String>),
+    /// Anything else: a whole plan from the rows.
+    Full,
+}
+
+impl Dirty {
+    fn is_clean(&self) -> bool {
+        *self == Dirty::Clean
+    }
+
+    fn port(&mut self, id: &str) {
+        match self {
+            Dirty::Clean => *self = Dirty::Ports([id.to_string()].into()),
+            Dirty::Ports(ids) => {
+                ids.insert(id.to_string());
+            }
+            Dirty::Full => {}
+        }
+    }
+}
+
+/// The followed tables, kept up to date from the watches.
+#[derive(Debug, Default)]
+struct View {
+    ports: BTreeMap<String, PortRecord>,
+    networks: HashMap<String, NetworkRecord>,
+    subnets: HashMap<String, SubnetRecord>,
+    groups: BTreeMap<String, SecurityGroupRecord>,
+    rules: BTreeMap<String, RuleRecord>,
+    agents: HashMap<String, AgentRecord>,
+    routers: BTreeMap<String, RouterRecord>,
+    floating_ips: BTreeMap<String, FloatingIpRecord>,
+    /// This node's `physical_interface_mappings`: physical network -> host interface.
+    mappings: BTreeMap<String, String>,
+    /// The networks with a router interface (kept as router interface ports come and go): a
+    /// port on one may change a router's gateway host, so it takes a full plan.
+    routed: BTreeSet<String>,
+}
+
+/// Decodes one row of `table`; a row that does not decode is left out (and said once per
+/// change), as it cannot be programmed.
+fn decode<T: serde::de::DeserializeOwned>(table: &str, key: &str, row: &Row) -> Option<T> {
+    match serde_json::from_slice(&row.value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(table, key, error = %e, "network agent cannot decode a row; left out");
+            None
+        }
+    }
+}
+
+/// Replaces (`Some`) or removes (`None`) `key` in `map`; returns the old value.
+fn put<M, T>(map: &mut M, table: &str, key: String, row: Option<&Row>) -> Option<T>
+where
+    M: RowMap<T>,
+    T: serde::de::DeserializeOwned,
+{
+    match row.and_then(|r| decode::<T>(table, &key, r)) {
+        Some(v) => map.put(key, v),
+        None => map.take(&key),
+    }
+}
+
+/// `BTreeMap` and `HashMap` alike, for [`put`].
+trait RowMap<T> {
+    fn put(&mut self, key: String, v: T) -> Option<T>;
+    fn take(&mut self, key: &str) -> Option<T>;
+    fn wipe(&mut self);
+}
+
+impl<T> RowMap<T> for BTreeMap<String, T> {
+    fn put(&mut self, key: String, v: T) -> Option<T> {
+        self.insert(key, v)
+    }
+    fn take(&mut self, key: &str) -> Option<T> {
+        self.remove(key)
+    }
+    fn wipe(&mut self) {
+        self.clear()
+    }
+}
+
+impl<T> RowMap<T> for HashMap<String, T> {
+    fn put(&mut self, key: String, v: T) -> Option<T> {
+        self.insert(key, v)
+    }
+    fn take(&mut self, key: &str) -> Option<T> {
+        self.remove(key)
+    }
+    fn wipe(&mut self) {
+        self.clear()
+    }
 }
 
 impl View {
-    async fn read(state: &State) -> Result<View, StateError> {
-        fn by_id<T>(l: shoal_state::Listing<T>) -> Vec<T> {
-            l.into_values().collect()
+    /// Takes one follower's message in, and notes what the next pass must recompute.
+    fn absorb(
+        &mut self,
+        feed: Feed,
+        host: &str,
+        dirty: &mut Dirty,
+        snapshots: &mut BTreeSet<&'static str>,
+    ) {
+        match feed {
+            Feed::Snapshot { table, rows } => {
+                snapshots.insert(table);
+                *dirty = Dirty::Full;
+                self.clear(table);
+                for (key, row) in rows {
+                    self.change(table, key, Some(&row));
+                }
+                if table == tables::PORTS {
+                    self.routed = self.routed_networks();
+                }
+            }
+            Feed::Change { table, key, row } => {
+                let id = key.clone();
+                let (old, new) = if table == tables::PORTS {
+                    let old = put(&mut self.ports, table, key, row.as_ref());
+                    (old, self.ports.get(&id))
+                } else {
+                    self.change(table, key, row.as_ref());
+                    *dirty = Dirty::Full;
+                    return;
+                };
+                let only_remote = [old.as_ref(), new].into_iter().flatten().all(|p| {
+                    p.binding_host_id != host
+                        && !p.device_owner.starts_with("network:")
+                        && !self.routed.contains(&p.network_id)
+                });
+                if only_remote {
+                    dirty.port(&id);
+                } else {
+                    *dirty = Dirty::Full;
+                }
+                let rif =
+                    |p: Option<&PortRecord>| p.is_some_and(|p| p.device_owner == ROUTER_INTERFACE);
+                if rif(old.as_ref()) || rif(self.ports.get(&id)) {
+                    self.routed = self.routed_networks();
+                }
+            }
         }
-        Ok(View {
-            ports: by_id(state.table::<PortRecord>(tables::PORTS).list("").await?),
-            networks: by_id(
-                state
-                    .table::<NetworkRecord>(tables::NETWORKS)
-                    .list("")
-                    .await?,
-            )
-            .into_iter()
-            .map(|n: NetworkRecord| (n.id.clone(), n))
-            .collect(),
-            subnets: by_id(
-                state
-                    .table::<SubnetRecord>(tables::SUBNETS)
-                    .list("")
-                    .await?,
-            )
-            .into_iter()
-            .map(|s: SubnetRecord| (s.id.clone(), s))
-            .collect(),
-            groups: by_id(
-                state
-                    .table::<SecurityGroupRecord>(tables::SECURITY_GROUPS)
-                    .list("")
-                    .await?,
-            ),
-            rules: by_id(
-                state
-                    .table::<RuleRecord>(tables::SECURITY_GROUP_RULES)
-                    .list("")
-                    .await?,
-            ),
-            agents: by_id(
-                state
-                    .table::<AgentRecord>(tables::NETWORK_AGENTS)
-                    .list("")
-                    .await?,
-            )
-            .into_iter()
-            .map(|a: AgentRecord| (a.host.clone(), a))
-            .collect(),
-            routers: by_id(
-                state
-                    .table::<RouterRecord>(tables::ROUTERS)
-                    .list("")
-                    .await?,
-            ),
-            floating_ips: by_id(
-                state
-                    .table::<FloatingIpRecord>(tables::FLOATING_IPS)
-                    .list("")
-                    .await?,
-            ),
-            mappings: BTreeMap::new(),
-        })
+    }
+
+    fn clear(&mut self, table: &str) {
+        match table {
+            tables::PORTS => self.ports.wipe(),
+            tables::NETWORKS => self.networks.wipe(),
+            tables::SUBNETS => self.subnets.wipe(),
+            tables::SECURITY_GROUPS => self.groups.wipe(),
+            tables::SECURITY_GROUP_RULES => self.rules.wipe(),
+            tables::NETWORK_AGENTS => self.agents.wipe(),
+            tables::ROUTERS => self.routers.wipe(),
+            tables::FLOATING_IPS => self.floating_ips.wipe(),
+            _ => {}
+        }
+    }
+
+    fn change(&mut self, table: &str, key: String, row: Option<&Row>) {
+        match table {
+            tables::PORTS => drop(put(&mut self.ports, table, key, row)),
+            tables::NETWORKS => drop(put(&mut self.networks, table, key, row)),
+            tables::SUBNETS => drop(put(&mut self.subnets, table, key, row)),
+            tables::SECURITY_GROUPS => drop(put(&mut self.groups, table, key, row)),
+            tables::SECURITY_GROUP_RULES => drop(put(&mut self.rules, table, key, row)),
+            tables::NETWORK_AGENTS => drop(put(&mut self.agents, table, key, row)),
+            tables::ROUTERS => drop(put(&mut self.routers, table, key, row)),
+            tables::FLOATING_IPS => drop(put(&mut self.floating_ips, table, key, row)),
+            _ => {}
+        }
+    }
+
+    /// Brings `plan`'s remote ports up to date for the ports `ids` only (each of them was and
+    /// is a port of another node, on no router's network: see [`View::absorb`]). Nothing else
+    /// in the plan depends on them.
+    fn update_remote_ports(&self, host: &str, plan: &mut Plan, ids: &BTreeSet<String>) {
+        for id in ids {
+            match self
+                .ports
+                .get(id)
+                .and_then(|p| self.remote_port(host, p, &plan.carried))
+            {
+                Some(r) => {
+                    plan.remote.insert(id.clone(), r);
+                }
+                None => {
+                    plan.remote.remove(id);
+                }
+            }
+        }
+        plan.desired.remote_ports = plan.remote.values().cloned().collect();
     }
 
     /// A router interface port in the datapath's terms: on a carried network, up, with an
@@ -664,11 +868,11 @@ impl View {
         carried: &mut BTreeSet<&'a str>,
         plan: &mut Plan,
     ) {
-        for r in &self.routers {
+        for r in self.routers.values() {
             let mut interfaces: Vec<(&PortRecord, RouterInterface)> = Vec::new();
             for p in self
                 .ports
-                .iter()
+                .values()
                 .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
             {
                 let routable = self.router_interface(p).filter(|_| r.admin_state_up);
@@ -728,7 +932,7 @@ impl View {
         }
         let physnet = network.physical_network.as_deref()?;
         let device = self.mappings.get(physnet)?;
-        let port = self.ports.iter().find(|p| p.id == g.port_id)?;
+        let port = self.ports.get(&g.port_id)?;
         let mac = parse_mac(&port.mac_address).ok()?;
         let (ip, subnet_id) = ipv4s(port).into_iter().next()?;
         let subnet = self.subnets.get(&subnet_id)?;
@@ -752,12 +956,12 @@ impl View {
     fn gateway_host(&self, r: &RouterRecord, physnet: &str) -> Option<&str> {
         let networks: BTreeSet<&str> = self
             .ports
-            .iter()
+            .values()
             .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
             .map(|p| p.network_id.as_str())
             .collect();
         self.ports
-            .iter()
+            .values()
             .filter(|p| {
                 !p.binding_host_id.is_empty()
                     && p.admin_state_up
@@ -780,7 +984,7 @@ impl View {
         local: &[LocalPort],
     ) -> Vec<FloatingIp> {
         self.floating_ips
-            .iter()
+            .values()
             .filter(|f| f.router_id.as_deref() == Some(r.id.as_str()))
             .filter_map(|f| {
                 let port_id = f.port_id.as_ref()?;
@@ -811,11 +1015,52 @@ impl View {
             .flatten()
     }
 
+    /// Port `p` as a remote port of this node: bound to another node whose agent published
+    /// its VTEP, on a carried network, with an IPv4 address.
+    fn remote_port(
+        &self,
+        host: &str,
+        p: &PortRecord,
+        carried: &BTreeSet<String>,
+    ) -> Option<RemotePort> {
+        if p.binding_host_id.is_empty()
+            || p.binding_host_id == host
+            || !carried.contains(&p.network_id)
+        {
+            return None;
+        }
+        let vni = self.vni(&p.network_id)?;
+        let agent = self.agents.get(&p.binding_host_id)?;
+        let mac = parse_mac(&p.mac_address).ok()?;
+        let ips: Vec<Ipv4Addr> = ipv4s(p).into_iter().map(|(ip, _)| ip).collect();
+        if ips.is_empty() {
+            return None;
+        }
+        Some(RemotePort {
+            id: p.id.clone(),
+            mac,
+            ips,
+            vni,
+            vtep: agent.vtep,
+            security_groups: port_groups(p),
+        })
+    }
+
+    /// The networks with a router interface.
+    fn routed_networks(&self) -> BTreeSet<String> {
+        self.ports
+            .values()
+            .filter(|p| p.device_owner == ROUTER_INTERFACE)
+            .map(|p| p.network_id.clone())
+            .collect()
+    }
+
+    /// The whole plan from the rows.
     fn plan(&self, host: &str) -> Plan {
         let mut plan = Plan::default();
         let mut groups_used: BTreeSet<String> = BTreeSet::new();
         let mut local_networks: BTreeSet<&str> = BTreeSet::new();
-        for p in self.ports.iter().filter(|p| p.binding_host_id == host) {
+        for p in self.ports.values().filter(|p| p.binding_host_id == host) {
             plan.bound.push((p.id.clone(), p.status.clone()));
             let (Some(vni), true) = (self.vni(&p.network_id), p.admin_state_up) else {
                 continue;
@@ -849,60 +1094,40 @@ impl View {
         }
         let mut carried = local_networks.clone();
         self.plan_routers(host, &local_networks, &mut carried, &mut plan);
-        for f in &self.floating_ips {
+        for f in self.floating_ips.values() {
             let ours = match &f.port_id {
                 None => true,
                 Some(id) => self
                     .ports
-                    .iter()
-                    .any(|p| &p.id == id && p.binding_host_id == host),
+                    .get(id)
+                    .is_some_and(|p| p.binding_host_id == host),
             };
             if ours {
                 plan.floating_ips
                     .push((f.id.clone(), f.status.clone(), f.port_id.clone()));
             }
         }
-        for p in &self.ports {
-            if p.binding_host_id.is_empty()
-                || p.binding_host_id == host
-                || !carried.contains(p.network_id.as_str())
-            {
-                continue;
+        plan.carried = carried.iter().map(|n| n.to_string()).collect();
+        for p in self.ports.values() {
+            if let Some(r) = self.remote_port(host, p, &plan.carried) {
+                plan.remote.insert(p.id.clone(), r);
             }
-            let (Some(vni), Some(agent), Ok(mac)) = (
-                self.vni(&p.network_id),
-                self.agents.get(&p.binding_host_id),
-                parse_mac(&p.mac_address),
-            ) else {
-                continue;
-            };
-            let ips: Vec<Ipv4Addr> = ipv4s(p).into_iter().map(|(ip, _)| ip).collect();
-            if ips.is_empty() {
-                continue;
-            }
-            plan.desired.remote_ports.push(RemotePort {
-                id: p.id.clone(),
-                mac,
-                ips,
-                vni,
-                vtep: agent.vtep,
-                security_groups: port_groups(p),
-            });
         }
+        plan.desired.remote_ports = plan.remote.values().cloned().collect();
         // Groups the local ports name, and the groups their rules name as remotes.
         let mut wanted = groups_used.clone();
-        for r in &self.rules {
+        for r in self.rules.values() {
             if groups_used.contains(&r.security_group_id) {
                 if let Some(g) = &r.remote_group_id {
                     wanted.insert(g.clone());
                 }
             }
         }
-        for g in &self.groups {
+        for g in self.groups.values() {
             if wanted.contains(&g.id) {
                 let rules = self
                     .rules
-                    .iter()
+                    .values()
                     .filter(|r| r.security_group_id == g.id)
                     .filter_map(sg_rule)
                     .collect();
@@ -1239,6 +1464,34 @@ mod tests {
     use super::*;
     use shoal_state::records::FixedIp;
 
+    /// Rows keyed by id, as the agent keeps them.
+    trait Keyed {
+        fn id(&self) -> String;
+    }
+    macro_rules! keyed {
+        ($($t:ty),*) => {$(impl Keyed for $t { fn id(&self) -> String { self.id.clone() } })*};
+    }
+    keyed!(
+        PortRecord,
+        SecurityGroupRecord,
+        RuleRecord,
+        RouterRecord,
+        FloatingIpRecord
+    );
+
+    fn by_id<T: Keyed>(rows: Vec<T>) -> BTreeMap<String, T> {
+        rows.into_iter().map(|r| (r.id(), r)).collect()
+    }
+
+    trait Push<T> {
+        fn push(&mut self, row: T);
+    }
+    impl<T: Keyed> Push<T> for BTreeMap<String, T> {
+        fn push(&mut self, row: T) {
+            self.insert(row.id(), row);
+        }
+    }
+
     fn port(id: &str, host: &str, ip: &str, groups: &[&str]) -> PortRecord {
         PortRecord {
             id: id.into(),
@@ -1328,14 +1581,14 @@ mod tests {
             revision_number: 1,
         };
         View {
-            ports: vec![
+            ports: by_id(vec![
                 port("a", "n1", "10.0.0.5", &["g"]),
                 port("bb", "n2", "10.0.0.6", &["g"]),
                 port("ccc", "n3", "10.0.0.7", &["g"]),
-            ],
+            ]),
             networks: [("n1".to_string(), network)].into(),
             subnets: [("s1".to_string(), subnet)].into(),
-            groups: vec![SecurityGroupRecord {
+            groups: by_id(vec![SecurityGroupRecord {
                 id: "g".into(),
                 project_id: "p".into(),
                 name: "default".into(),
@@ -1344,8 +1597,11 @@ mod tests {
                 created_at: 0,
                 updated_at: 0,
                 revision_number: 1,
-            }],
-            rules: vec![rule("r1", "egress", None), rule("r2", "ingress", Some("g"))],
+            }]),
+            rules: by_id(vec![
+                rule("r1", "egress", None),
+                rule("r2", "ingress", Some("g")),
+            ]),
             agents: [(
                 "n2".to_string(),
                 AgentRecord {
@@ -1357,9 +1613,10 @@ mod tests {
                 },
             )]
             .into(),
-            routers: vec![],
-            floating_ips: vec![],
+            routers: BTreeMap::new(),
+            floating_ips: BTreeMap::new(),
             mappings: BTreeMap::new(),
+            routed: BTreeSet::new(),
         }
     }
 
@@ -1446,7 +1703,7 @@ mod tests {
         gw.device_owner = crate::routers::ROUTER_GATEWAY.into();
         gw.device_id = "r".into();
         v.ports.push(gw);
-        v.routers[0].gateway = Some(crate::records::RouterGateway {
+        v.routers.get_mut("r").unwrap().gateway = Some(crate::records::RouterGateway {
             network_id: "ext".into(),
             enable_snat: true,
             port_id: "gwport".into(),
@@ -1468,10 +1725,10 @@ mod tests {
             updated_at: 0,
             revision_number: 1,
         };
-        v.floating_ips = vec![
+        v.floating_ips = by_id(vec![
             fip("f1", "203.0.113.20", Some("a"), "DOWN"),
             fip("f2", "203.0.113.21", None, "ACTIVE"),
-        ];
+        ]);
         for (host, vtep) in [("n1", 1), ("n2", 2)] {
             v.agents.insert(
                 host.into(),
@@ -1635,7 +1892,7 @@ mod tests {
             .all(|(_, _, w)| *w == "ACTIVE"));
 
         let mut v = routed_view();
-        v.routers[0].admin_state_up = false;
+        v.routers.get_mut("r").unwrap().admin_state_up = false;
         let plan = v.plan("n1");
         assert!(plan.desired.routers.is_empty());
         assert_eq!(plan.router_interfaces.len(), 2);
@@ -1643,7 +1900,7 @@ mod tests {
         assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
 
         let mut v = routed_view();
-        v.ports.retain(|p| p.id != "ri2xxx");
+        v.ports.remove("ri2xxx");
         let plan = v.plan("n1");
         assert_eq!(plan.desired.routers[0].interfaces.len(), 1);
         assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
@@ -1672,6 +1929,165 @@ mod tests {
         assert_eq!(plan.bound, vec![("a".to_string(), "DOWN".to_string())]);
     }
 
+    fn row<T: Serialize>(v: &T) -> Option<Row> {
+        Some(Row {
+            value: serde_json::to_vec(v).unwrap(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+        })
+    }
+
+    fn change(table: &'static str, key: &str, row: Option<Row>) -> Feed {
+        Feed::Change {
+            table,
+            key: key.into(),
+            row,
+        }
+    }
+
+    /// A pass driven by changes of other nodes' ports only updates their remote entries, and
+    /// ends where a whole plan from the same rows ends; anything else takes a whole plan.
+    #[test]
+    fn remote_port_changes_update_the_plan_as_a_whole_plan_would() {
+        let mut v = view();
+        let mut plan = v.plan("n1");
+        let mut snaps = BTreeSet::new();
+        let mut dirty = Dirty::Clean;
+        // A new port on n2, a changed one (new address), one deleted, one unbound.
+        let new = port("eeeee", "n2", "10.0.0.9", &["g"]);
+        v.absorb(
+            change(tables::PORTS, "eeeee", row(&new)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        let mut moved = v.ports["bb"].clone();
+        moved.fixed_ips[0].ip_address = "10.0.0.66".into();
+        v.absorb(
+            change(tables::PORTS, "bb", row(&moved)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        v.absorb(
+            change(tables::PORTS, "ccc", None),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(
+            dirty,
+            Dirty::Ports(["bb", "ccc", "eeeee"].map(String::from).into())
+        );
+        let Dirty::Ports(ids) = std::mem::take(&mut dirty) else {
+            unreachable!()
+        };
+        v.update_remote_ports("n1", &mut plan, &ids);
+        let whole = v.plan("n1");
+        assert_eq!(plan.desired, whole.desired);
+        assert_eq!(plan.desired.remote_ports.len(), 2);
+        let mut unbound = new.clone();
+        unbound.binding_host_id = String::new();
+        v.absorb(
+            change(tables::PORTS, "eeeee", row(&unbound)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        let Dirty::Ports(ids) = std::mem::take(&mut dirty) else {
+            panic!("an unbound port is no one's local port")
+        };
+        v.update_remote_ports("n1", &mut plan, &ids);
+        assert_eq!(plan.desired, v.plan("n1").desired);
+        assert_eq!(plan.desired.remote_ports.len(), 1);
+
+        // This node's own port, and a port that moves here: whole plans.
+        let mut local = v.ports["a"].clone();
+        local.admin_state_up = false;
+        v.absorb(
+            change(tables::PORTS, "a", row(&local)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(dirty, Dirty::Full);
+        let mut dirty = Dirty::Clean;
+        let mut here = v.ports["bb"].clone();
+        here.binding_host_id = "n1".into();
+        v.absorb(
+            change(tables::PORTS, "bb", row(&here)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(dirty, Dirty::Full);
+        // Any other table: a whole plan.
+        let mut dirty = Dirty::Clean;
+        let rule = v.rules["r1"].clone();
+        v.absorb(
+            change(tables::SECURITY_GROUP_RULES, "r1", row(&rule)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(dirty, Dirty::Full);
+    }
+
+    /// A port on a router's network may move the router's gateway host: a whole plan. The
+    /// networks routed are followed as router interfaces come and go.
+    #[test]
+    fn ports_on_routed_networks_take_a_whole_plan() {
+        let mut v = routed_view();
+        let mut snaps = BTreeSet::new();
+        let mut dirty = Dirty::Clean;
+        let ports: Vec<(String, Row)> = v
+            .ports
+            .iter()
+            .map(|(k, p)| (k.clone(), row(p).unwrap()))
+            .collect();
+        v.absorb(
+            Feed::Snapshot {
+                table: tables::PORTS,
+                rows: ports,
+            },
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(v.routed, ["n1", "n2"].map(String::from).into());
+        let mut dirty = Dirty::Clean;
+        let p = port("fffff", "n2", "10.0.0.10", &["g"]);
+        v.absorb(
+            change(tables::PORTS, "fffff", row(&p)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(dirty, Dirty::Full);
+        // Without the interface on n2's network, a port there is only a remote port again.
+        let mut dirty = Dirty::Clean;
+        v.absorb(
+            change(tables::PORTS, "ri2xxx", None),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(dirty, Dirty::Full);
+        assert_eq!(v.routed, ["n1".to_string()].into());
+        let mut dirty = Dirty::Clean;
+        let mut q = port("gggggg", "n2", "10.0.1.9", &["g"]);
+        q.network_id = "n2".into();
+        q.fixed_ips[0].subnet_id = "s2".into();
+        v.absorb(
+            change(tables::PORTS, "gggggg", row(&q)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        assert_eq!(dirty, Dirty::Ports(["gggggg".to_string()].into()));
+    }
+
     #[test]
     fn a_node_without_ports_on_a_network_programs_none_of_it() {
         let plan = view().plan("n9");
@@ -1683,7 +2099,7 @@ mod tests {
     #[test]
     fn port_security_off_opens_the_port_and_deleted_groups_close_it() {
         let mut v = view();
-        v.ports[0].port_security_enabled = false;
+        v.ports.get_mut("a").unwrap().port_security_enabled = false;
         let plan = v.plan("n1");
         assert_eq!(plan.desired.ports[0].security_groups, vec![OPEN_GROUP]);
         let open = plan
@@ -1703,7 +2119,7 @@ mod tests {
 
     #[test]
     fn rules_translate_protocols_ranges_and_remotes() {
-        let mut r = view().rules[0].clone();
+        let mut r = view().rules["r1"].clone();
         r.protocol = Some("tcp".into());
         r.port_range_min = Some(22);
         r.port_range_max = Some(22);
