@@ -460,6 +460,12 @@ fn concurrent_group_creates_through_every_node_keep_the_policy() {
     let c = Cluster::start(3, &[]);
     let osc = Osc { bin, cluster: &c };
     let (flavor, image) = setup(&osc, c.tmp.path());
+    let project = osc.json(0, &["project", "show", "admin"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = osc.run(0, &["quota", "set", "--instances", "100", &project]);
+    assert!(out.ok, "{}", out.stderr);
     let group = |policy: &str, name: &str| {
         osc.json(0, &["server", "group", "create", "--policy", policy, name])["id"]
             .as_str()

@@ -901,7 +901,9 @@ mod tests {
         }
     }
 
-    fn adds(txn: &Txn) -> Vec<(String, Vec<(i64, Option<i64>)>)> {
+    type Adds = Vec<(String, Vec<(i64, Option<i64>)>)>;
+
+    fn adds(txn: &Txn) -> Adds {
         txn.ops
             .iter()
             .filter_map(|op| match op {
