@@ -46,7 +46,10 @@ fn layout_probe(clang: &str, ebpf: &std::path::Path, out: &std::path::Path) -> R
             "shoal_config",
             &["local_vtep_be", "underlay_ifindex", "underlay_mac"],
         ),
-        ("shoal_port", &["port_id", "vni", "mac", "host_mac"]),
+        (
+            "shoal_port",
+            &["port_id", "vni", "mac", "host_mac", "leg_router_id"],
+        ),
         ("shoal_ep_key", &["vni", "ip_be"]),
         (
             "shoal_endpoint",
@@ -78,7 +81,7 @@ fn layout_probe(clang: &str, ebpf: &std::path::Path, out: &std::path::Path) -> R
         ("shoal_rif_key", &["vni", "mac"]),
         ("shoal_rif", &["router_id"]),
         ("shoal_route_key", &["prefixlen", "router_id", "dst_be"]),
-        ("shoal_route", &["vni", "mac", "nexthop_be"]),
+        ("shoal_route", &["vni", "mac", "nexthop_be", "leg_ifindex"]),
     ];
     let mut c = String::from(
         "#include <stdio.h>\n#include <stddef.h>\n#include \"shoal_abi.h\"\nint main(void) {\n",

@@ -254,6 +254,19 @@ static __always_inline int shoal_route(struct __sk_buff *skb, __u32 vni, __u32 p
 
 	if (!route)
 		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (route->leg_ifindex) {
+		/* No connected or extra route: the router's default, towards the external
+		 * network through its NAT namespace, whose kernel routes (TTL included) and
+		 * translates. The sender's egress rules decide and open the connection that
+		 * lets the replies back in. */
+		__u32 leg = route->leg_ifindex;
+
+		if (!shoal_policy(port_id, SHOAL_DIR_EGRESS, f))
+			return tc_drop(SHOAL_CNT_DROP_SG_EGRESS);
+		__builtin_memcpy(eth->h_dest, route->mac, ETH_ALEN);
+		shoal_count(SHOAL_CNT_PASS_TO_NAT);
+		return bpf_redirect(leg, 0);
+	}
 
 	__u32 out_vni = route->vni;
 	/* Connected: the destination itself; extra route: its next hop, which gets the frame
@@ -290,6 +303,72 @@ static __always_inline int shoal_route(struct __sk_buff *skb, __u32 vni, __u32 p
 	return shoal_encap(skb, out_vni, dst, f);
 }
 
+/* A frame from a router's NAT namespace (its leg's end in the node's namespace): what the
+ * namespace's kernel routed to one of the router's subnets, translated (a floating IP's
+ * inbound traffic, replies to SNAT). Only the router's own routes are looked up, so the leg
+ * reaches the networks of its router and nothing else; it has no address of its own to
+ * spoof and no egress rules. The destination port's ingress rules decide here on a local
+ * port, in the XDP program of its node on a remote one; the frame is delivered as a routed
+ * one (source MAC = the router's on that network) without touching the TTL, which the
+ * namespace already decremented. */
+static __always_inline int shoal_from_leg(struct __sk_buff *skb, __u32 router_id)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) /* its neighbours are permanent entries */
+		return tc_drop(SHOAL_CNT_DROP_ARP);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return tc_drop(SHOAL_CNT_DROP_UNSUPPORTED);
+	if (eth->h_dest[0] & 1)
+		return tc_drop(SHOAL_CNT_DROP_BROADCAST);
+
+	struct shoal_flow f;
+	int r = shoal_parse_ipv4((void *)(eth + 1), data_end, &f);
+
+	if (r == -2)
+		return tc_drop(SHOAL_CNT_DROP_UNSUPPORTED);
+	if (r < 0)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+
+	struct shoal_route_key qk = {
+		.prefixlen = SHOAL_ROUTE_FIXED_BITS + 32,
+		.router_id = router_id,
+		.dst_be = f.daddr_be,
+	};
+	struct shoal_route *route = bpf_map_lookup_elem(&shoal_routes, &qk);
+
+	if (!route || route->leg_ifindex) /* nothing goes back into the namespace */
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+
+	__u32 out_vni = route->vni;
+	struct shoal_ep_key key = {
+		.vni = out_vni,
+		.ip_be = route->nexthop_be ? route->nexthop_be : f.daddr_be,
+	};
+	struct shoal_endpoint *dst = bpf_map_lookup_elem(&shoal_endpoints, &key);
+
+	if (!dst || (!dst->ifindex && !dst->vtep_be))
+		return tc_drop(SHOAL_CNT_DROP_NO_ROUTE);
+	if (dst->ifindex && !shoal_policy(dst->port_id, SHOAL_DIR_INGRESS, &f))
+		return tc_drop(SHOAL_CNT_DROP_SG_INGRESS);
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return tc_drop(SHOAL_CNT_DROP_MALFORMED);
+	__builtin_memcpy(eth->h_source, route->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, dst->mac, ETH_ALEN);
+	shoal_count(SHOAL_CNT_PASS_FROM_NAT);
+	if (dst->ifindex)
+		return bpf_redirect(dst->ifindex, 0);
+	return shoal_encap(skb, out_vni, dst, &f);
+}
+
 /* Headers we read: Ethernet + the longest IPv4 header + L4 ports/ICMP echo. */
 #define SHOAL_PULL_LEN (sizeof(struct ethhdr) + 60 + 8)
 
@@ -311,6 +390,9 @@ static __always_inline int shoal_from_vm(struct __sk_buff *skb)
 		shoal_count(SHOAL_CNT_TC_UNMANAGED);
 		return TC_ACT_OK;
 	}
+
+	if (port->leg_router_id)
+		return shoal_from_leg(skb, port->leg_router_id);
 
 	struct ethhdr *eth = data;
 

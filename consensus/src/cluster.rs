@@ -472,7 +472,35 @@ impl Cluster {
             }),
         };
         let _ = slot.set(cluster.clone());
+        let weak = Arc::downgrade(&cluster.inner);
+        cluster.inner.peers.on_connect(Arc::new(move |addr: &str| {
+            if let Some(inner) = weak.upgrade() {
+                let addr = addr.to_owned();
+                tokio::spawn(async move { Cluster { inner }.connected_to(&addr).await });
+            }
+        }));
         Ok(cluster)
+    }
+
+    /// A connection to the member at `addr` was just established: it is reachable again (after
+    /// a partition, a restart, or the first time). As when it campaigns (`heard_from`), a
+    /// leader whose replication to it backs off after failures retries now rather than when
+    /// the backoff runs out (up to a second).
+    async fn connected_to(&self, addr: &str) {
+        let membership = self
+            .inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
+        let id = membership
+            .nodes()
+            .find(|(_, n)| n.raft_addr == addr)
+            .map(|(id, _)| *id);
+        if let Some(id) = id {
+            self.heard_from(id).await;
+        }
     }
 
     pub fn id(&self) -> NodeId {

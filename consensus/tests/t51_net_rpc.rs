@@ -312,6 +312,8 @@ async fn stream_append_stops_at_conflict() {
 struct Relay {
     addr: std::net::SocketAddr,
     target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    /// While set, every packet either way is dropped, as by a network partition.
+    cut: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -327,19 +329,28 @@ impl Relay {
         let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let target = Arc::new(std::sync::Mutex::new(backend));
         let client = Arc::new(std::sync::Mutex::new(None));
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (f, b, t, c) = (front.clone(), back.clone(), target.clone(), client.clone());
+        let x = cut.clone();
         let up = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                if x.load(Ordering::Relaxed) {
+                    continue;
+                }
                 *c.lock().unwrap() = Some(from);
                 let to = *t.lock().unwrap();
                 let _ = b.send_to(&buf[..n], to).await;
             }
         });
         let (f, b, t, c) = (front.clone(), back, target.clone(), client);
+        let x = cut.clone();
         let down = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = b.recv_from(&mut buf).await {
+                if x.load(Ordering::Relaxed) {
+                    continue;
+                }
                 // Whatever the old backend still says is lost, as if it had crashed.
                 if from != *t.lock().unwrap() {
                     continue;
@@ -356,8 +367,13 @@ impl Relay {
         Relay {
             addr: front.local_addr().unwrap(),
             target,
+            cut,
             tasks: vec![up, down],
         }
+    }
+
+    fn cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
     }
 
     fn switch(&self, backend: std::net::SocketAddr) {
@@ -385,7 +401,12 @@ async fn restarted_peer_resets_stale_connection() {
     let first = fixture::start_server_as(&ca, &identity, "node-b", NetOptions::default(), any);
     let relay = Relay::start(first.addr).await;
     let addr = relay.addr.to_string();
-    let client = fixture::member_client(&ca, "node-a");
+    // This test is about the reset alone: the client does not give up on a silent peer.
+    let opts = NetOptions {
+        silent_peer: Duration::from_secs(600),
+        ..NetOptions::default()
+    };
+    let client = fixture::member_client_with(&ca, "node-a", opts);
     client.status(&addr).await.unwrap();
 
     // Control: a server with another identity cannot reset the connection.
@@ -456,4 +477,56 @@ async fn short_ttl_does_not_abort_the_handshake() {
     }
     assert_eq!(client.status(&addr).await.unwrap().name, "node-b");
     assert_eq!(b.handler.calls(), vec!["status".to_string()]);
+}
+
+/// A peer cut off for a few seconds (every packet both ways dropped, as by a partition) is
+/// served again within a second of the path coming back, while the client kept calling it the
+/// whole time. QUIC alone would leave the old connection in loss recovery, whose probe timeout
+/// doubles with every unanswered probe, so its next packet could be seconds away: the client
+/// closes a connection whose peer stays silent and starts fresh handshakes instead.
+#[tokio::test]
+async fn a_peer_back_from_a_partition_is_served_within_a_second() {
+    let ca = ca();
+    let b = start_server(&ca, "node-b");
+    let relay = Relay::start(b.addr).await;
+    let addr = relay.addr.to_string();
+    let client = fixture::member_client(&ca, "node-a");
+    client.status(&addr).await.unwrap();
+    let status = || async {
+        client
+            .call(
+                &addr,
+                &shoal_consensus::net::frame::PeerRequest::Status,
+                Duration::from_millis(50),
+            )
+            .await
+    };
+
+    relay.cut(true);
+    let cut_until = std::time::Instant::now() + Duration::from_secs(4);
+    // A leader's traffic: a heartbeat every 50 ms and entries to replicate, more than the
+    // congestion window holds, so new data waits for the loss recovery's probes.
+    let entries = Command::Txn(Txn::new().put("kv", "k", vec![7u8; 16 << 10]));
+    while std::time::Instant::now() < cut_until {
+        let write = shoal_consensus::net::frame::PeerRequest::ClientWrite(entries.clone());
+        assert!(client
+            .call(&addr, &write, Duration::from_millis(50))
+            .await
+            .is_err());
+        assert!(status().await.is_err());
+    }
+    relay.cut(false);
+    let healed = std::time::Instant::now();
+    while status().await.is_err() {
+        assert!(
+            healed.elapsed() < Duration::from_secs(10),
+            "still unreachable 10 s after the path came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = healed.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "served again {took:?} after healing"
+    );
 }

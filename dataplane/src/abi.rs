@@ -55,6 +55,8 @@ pub struct PortVal {
     pub vni: u32,
     pub mac: [u8; 6],
     pub host_mac: [u8; 6],
+    /// Not 0: the device is this router's leg into its NAT namespace, not a VM's.
+    pub leg_router_id: u32,
 }
 
 #[repr(C)]
@@ -103,6 +105,8 @@ pub struct RouteVal {
     pub mac: [u8; 6],
     pub pad: [u8; 2],
     pub nexthop_be: u32,
+    /// Not 0: the router's leg into its NAT namespace (`mac` = the leg's peer there).
+    pub leg_ifindex: u32,
 }
 
 /// The data part of the LPM key (aya's `lpm_trie::Key` adds the prefix length).
@@ -160,7 +164,7 @@ unsafe impl aya::Pod for RouteKeyData {}
 unsafe impl aya::Pod for RouteVal {}
 
 /// Verdict counters, in the order of `enum shoal_counter`.
-pub const COUNTER_NAMES: [&str; 21] = [
+pub const COUNTER_NAMES: [&str; 23] = [
     "xdp_not_ours",
     "tc_unmanaged",
     "pass_local",
@@ -182,6 +186,8 @@ pub const COUNTER_NAMES: [&str; 21] = [
     "pass_routed",
     "drop_ttl",
     "pass_router_echo",
+    "pass_to_nat",
+    "pass_from_nat",
 ];
 
 /// Outer UDP source port for an inner flow: the same function as `shoal_flow_sport`
@@ -233,6 +239,10 @@ mod tests {
         assert_eq!(offset_of!(PortVal, vni), c::SHOAL_PORT_VNI);
         assert_eq!(offset_of!(PortVal, mac), c::SHOAL_PORT_MAC);
         assert_eq!(offset_of!(PortVal, host_mac), c::SHOAL_PORT_HOST_MAC);
+        assert_eq!(
+            offset_of!(PortVal, leg_router_id),
+            c::SHOAL_PORT_LEG_ROUTER_ID
+        );
 
         assert_eq!(size_of::<EpKey>(), c::SHOAL_EP_KEY_SIZE);
         assert_eq!(offset_of!(EpKey, vni), c::SHOAL_EP_KEY_VNI);
@@ -306,6 +316,10 @@ mod tests {
         assert_eq!(offset_of!(RouteVal, vni), c::SHOAL_ROUTE_VNI);
         assert_eq!(offset_of!(RouteVal, mac), c::SHOAL_ROUTE_MAC);
         assert_eq!(offset_of!(RouteVal, nexthop_be), c::SHOAL_ROUTE_NEXTHOP_BE);
+        assert_eq!(
+            offset_of!(RouteVal, leg_ifindex),
+            c::SHOAL_ROUTE_LEG_IFINDEX
+        );
 
         assert_eq!(size_of::<CtVal>(), c::SHOAL_CT_VAL_SIZE);
         assert_eq!(offset_of!(CtVal, created_ns), c::SHOAL_CT_VAL_CREATED_NS);

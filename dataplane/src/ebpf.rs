@@ -26,7 +26,8 @@ use crate::{
         self, Config, CtKey, CtVal, Endpoint, EpKey, PortVal, Rif, RifKey, RouteKeyData, RouteVal,
         SgKeyData,
     },
-    model::{self, CompileError, DesiredState, Direction, Underlay},
+    kernel,
+    model::{self, CompileError, DesiredState, Direction, Mac, Underlay},
     netdev, Counters, Dataplane,
 };
 
@@ -64,8 +65,16 @@ pub enum EbpfDriverError {
     Link(PathBuf, #[source] LinkError),
     #[error("link could not be pinned at {0}")]
     PinLink(PathBuf, #[source] PinError),
-    #[error("router {router} has an external gateway or floating IPs: the eBPF driver does no NAT yet (the kernel driver does)")]
+    #[error("router {router} has an external gateway or floating IPs: a detached (test-run) datapath has no NAT namespaces")]
     NatUnsupported { router: String },
+    #[error("the calling thread's network namespace could not be read")]
+    Netns(#[source] io::Error),
+    #[error("the NAT namespace of router {router} could not be set up")]
+    Nat {
+        router: String,
+        #[source]
+        source: crate::kernel::KernelDriverError,
+    },
 }
 
 const MAPS: [&str; 8] = [
@@ -154,6 +163,26 @@ fn iface_err(device: &str) -> impl FnOnce(io::Error) -> EbpfDriverError + '_ {
 type SgKey = (u32, SgKeyData);
 type RouteKey = (u32, RouteKeyData);
 
+/// The next hop through which a router's NAT namespace reaches the router's subnets: an
+/// address of no network, whose permanent neighbour entry is the leg's end in the node's
+/// namespace (the namespace never ARPs; the tc program there rewrites both MACs).
+const LEG_NEXTHOP: &str = "169.254.0.1";
+
+/// A router's NAT namespace as this driver plugs it in: the kernel driver's router namespace
+/// with its external side (macvlan, `ip shoal_nat`, SNAT transit), joined to the datapath by
+/// one veth, the leg: `sxb<hash>` in the node's namespace runs the tc program as a "port" of
+/// the router, `sxr<hash>` in the router's namespace is where the router's subnets are routed.
+#[derive(Debug)]
+struct NatRouter {
+    netns: String,
+    /// The leg's end in the node's namespace, and its ifindex.
+    leg: String,
+    ifindex: u32,
+    /// The router's subnets, routed to the leg in the namespace.
+    subnets: BTreeSet<model::Ipv4Cidr>,
+    external: kernel::ExtDev,
+}
+
 /// The eBPF datapath of one node.
 #[derive(Debug)]
 pub struct EbpfDataplane {
@@ -177,6 +206,15 @@ pub struct EbpfDataplane {
     next_router_id: u32,
     rifs: HashMap<RifKey, Rif>,
     routes: HashMap<RouteKey, RouteVal>,
+    /// Prefix of this node's router namespaces (None: detached, no NAT).
+    router_prefix: Option<String>,
+    /// The MTU of the legs into NAT namespaces: the underlay's less VXLAN's 50 bytes.
+    leg_mtu: u32,
+    /// Router id -> its NAT namespace.
+    nat: HashMap<String, NatRouter>,
+    /// Router namespaces found at start (a previous instance's): removed by the first apply
+    /// unless wanted.
+    found_nat: BTreeSet<String>,
 }
 
 impl EbpfDataplane {
@@ -198,6 +236,11 @@ impl EbpfDataplane {
         let ifindex = netdev::ifindex(&underlay.device).map_err(iface_err(&underlay.device))?;
         let mac = netdev::mac(&underlay.device).map_err(iface_err(&underlay.device))?;
         let mut dp = Self::load(true, pin_dir)?;
+        let prefix =
+            kernel::router_ns_prefix(kernel::netns_inode().map_err(EbpfDriverError::Netns)?);
+        dp.found_nat = kernel::router_namespaces(&prefix).into_iter().collect();
+        dp.router_prefix = Some(prefix);
+        dp.leg_mtu = kernel::mtu_of(&underlay.device).unwrap_or(1500) - 50;
         dp.set_config(Config {
             local_vtep_be: abi::ip_be(underlay.vtep),
             underlay_ifindex: ifindex,
@@ -243,6 +286,9 @@ impl EbpfDataplane {
                 BpfHashMap::try_from(map).map_err(map_err(abi::MAP_PORTS))?;
             for (ifindex, port) in ports.iter().filter_map(Result::ok) {
                 self.ports.insert(ifindex, port);
+                if port.leg_router_id != 0 {
+                    continue; // a NAT leg, no port id
+                }
                 self.recovered_ids.insert(ifindex, port.port_id);
                 self.next_port_id = self.next_port_id.max(port.port_id + 1);
             }
@@ -386,7 +432,157 @@ impl EbpfDataplane {
             next_router_id: 1,
             rifs: HashMap::new(),
             routes: HashMap::new(),
+            router_prefix: None,
+            leg_mtu: 1450,
+            nat: HashMap::new(),
+            found_nat: BTreeSet::new(),
         })
+    }
+
+    /// Makes router `r`'s NAT namespace (its external side, and the leg into it) what `r`
+    /// asks for; returns the leg's ifindex and the MAC of its peer in the namespace.
+    fn plug_nat(&mut self, r: &model::Router) -> Result<(u32, Mac), EbpfDriverError> {
+        let nat_err = |source| EbpfDriverError::Nat {
+            router: r.id.clone(),
+            source,
+        };
+        let Some(prefix) = self.router_prefix.clone() else {
+            return Err(EbpfDriverError::NatUnsupported {
+                router: r.id.clone(),
+            });
+        };
+        let Some(external) = kernel::want_external(r) else {
+            return Err(EbpfDriverError::NatUnsupported {
+                router: r.id.clone(),
+            });
+        };
+        let netns = kernel::router_ns_name(&prefix, &r.id);
+        let h = kernel::fnv(&[&r.id]);
+        let (leg, peer) = (format!("sxb{h:08x}"), format!("sxr{h:08x}"));
+        // Locally administered, stable: the same router keeps the same MAC across restarts.
+        let peer_mac = Mac([
+            0x02,
+            0x53,
+            (h >> 24) as u8,
+            (h >> 16) as u8,
+            (h >> 8) as u8,
+            h as u8,
+        ]);
+        let plugged = self
+            .nat
+            .get(&r.id)
+            .is_some_and(|n| netdev::ifindex(&n.leg).ok() == Some(n.ifindex));
+        if !plugged {
+            self.found_nat.remove(&netns);
+            kernel::KernelDataplane::add_router(&netns).map_err(nat_err)?;
+            let mtu = self.leg_mtu.to_string();
+            let mac = peer_mac.to_string();
+            let steps: [&[&str]; 4] = [
+                &["link", "set", &leg, "mtu", &mtu, "up"],
+                &[
+                    "-n", &netns, "link", "set", &peer, "address", &mac, "mtu", &mtu, "up",
+                ],
+                &["-n", &netns, "route", "flush", "dev", &peer],
+                &["-n", &netns, "neigh", "flush", "dev", &peer],
+            ];
+            kernel::run_exists_ok(
+                "ip",
+                &[
+                    "link", "add", &leg, "type", "veth", "peer", "name", &peer, "netns", &netns,
+                ],
+            )
+            .map_err(nat_err)?;
+            let _ = kernel::run(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{leg}.disable_ipv6=1")],
+            );
+            for args in steps {
+                kernel::run("ip", args).map_err(nat_err)?;
+            }
+            let leg_mac = netdev::mac(&leg).map_err(iface_err(&leg))?.to_string();
+            kernel::run(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "neigh",
+                    "replace",
+                    LEG_NEXTHOP,
+                    "lladdr",
+                    &leg_mac,
+                    "dev",
+                    &peer,
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .map_err(nat_err)?;
+            // A leg that went took its routes with it; the external side is rebuilt.
+            self.nat.remove(&r.id);
+        }
+        let ifindex = netdev::ifindex(&leg).map_err(iface_err(&leg))?;
+        let subnets: BTreeSet<model::Ipv4Cidr> = r.interfaces.iter().map(|i| i.subnet).collect();
+        let have = self.nat.get(&r.id);
+        let empty = BTreeSet::new();
+        let have_subnets = have.map_or(&empty, |n| &n.subnets);
+        for s in subnets.difference(have_subnets) {
+            kernel::run(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "route",
+                    "replace",
+                    &s.to_string(),
+                    "via",
+                    LEG_NEXTHOP,
+                    "dev",
+                    &peer,
+                    "onlink",
+                ],
+            )
+            .map_err(nat_err)?;
+        }
+        for s in have_subnets.difference(&subnets) {
+            let _ = kernel::run("ip", &["-n", &netns, "route", "del", &s.to_string()]);
+        }
+        let have_external = have.map(|n| &n.external);
+        if have_external != Some(&external) {
+            kernel::apply_external(&netns, have_external, &external).map_err(nat_err)?;
+        }
+        self.nat.insert(
+            r.id.clone(),
+            NatRouter {
+                netns,
+                leg,
+                ifindex,
+                subnets,
+                external,
+            },
+        );
+        Ok((ifindex, peer_mac))
+    }
+
+    /// Removes the NAT namespaces of routers `keep` does not name (and those a previous
+    /// instance left): the namespace takes its leg, macvlan, rules and connections with it.
+    fn unplug_nat(&mut self, keep: &BTreeSet<&str>) {
+        let gone: Vec<String> = self
+            .nat
+            .keys()
+            .filter(|id| !keep.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let mut namespaces: Vec<String> = std::mem::take(&mut self.found_nat).into_iter().collect();
+        for id in gone {
+            if let Some(n) = self.nat.remove(&id) {
+                namespaces.push(n.netns);
+            }
+        }
+        for netns in namespaces {
+            if let Err(e) = kernel::run("ip", &["netns", "del", &netns]) {
+                debug!(netns, error = %e, "removing a NAT namespace");
+            }
+        }
     }
 
     fn set_config(&mut self, config: Config) -> Result<(), EbpfDriverError> {
@@ -662,17 +858,6 @@ impl Dataplane for EbpfDataplane {
 
     fn apply(&mut self, desired: &DesiredState) -> Result<(), EbpfDriverError> {
         model::check_addresses(desired)?;
-        // Refused rather than ignored: a caller must not believe the NAT is in place. The
-        // network agent leaves the external side out for this driver (docs/datapath.md).
-        if let Some(r) = desired
-            .routers
-            .iter()
-            .find(|r| r.gateway.is_some() || !r.floating_ips.is_empty())
-        {
-            return Err(EbpfDriverError::NatUnsupported {
-                router: r.id.clone(),
-            });
-        }
         let entries = model::compile_sg(desired)?;
 
         // 1. What the maps must hold.
@@ -693,6 +878,7 @@ impl Dataplane for EbpfDataplane {
                     mac: p.mac.0,
                     // The device's own MAC: the VM reaches the node's metadata service there.
                     host_mac: netdev::mac(&p.device).map_err(iface_err(&p.device))?.0,
+                    leg_router_id: 0,
                 },
             );
             for ip in &p.ips {
@@ -745,6 +931,35 @@ impl Dataplane for EbpfDataplane {
             .retain(|id, _| live_routers.contains(id.as_str()));
         for r in &desired.routers {
             let router_id = self.router_id(&r.id);
+            if r.gateway.is_some() {
+                // North-south: the router's default route is its NAT namespace, through the
+                // leg, which is a "port" of the router (docs/datapath.md).
+                let (ifindex, peer_mac) = self.plug_nat(r)?;
+                let leg = self.nat[&r.id].leg.clone();
+                want_devices.insert(leg, ifindex);
+                want_ports.insert(
+                    ifindex,
+                    PortVal {
+                        mac: peer_mac.0,
+                        leg_router_id: router_id,
+                        ..PortVal::default()
+                    },
+                );
+                want_routes.insert(
+                    (
+                        abi::ROUTE_FIXED_BITS,
+                        RouteKeyData {
+                            router_id,
+                            dst_be: 0,
+                        },
+                    ),
+                    RouteVal {
+                        mac: peer_mac.0,
+                        leg_ifindex: ifindex,
+                        ..RouteVal::default()
+                    },
+                );
+            }
             for i in &r.interfaces {
                 want_rifs.insert(
                     RifKey {
@@ -765,8 +980,8 @@ impl Dataplane for EbpfDataplane {
                     RouteVal {
                         vni: i.vni,
                         mac: i.mac.0,
-                        pad: [0; 2],
                         nexthop_be: 0,
+                        ..RouteVal::default()
                     },
                 );
                 want_eps.insert(
@@ -797,8 +1012,8 @@ impl Dataplane for EbpfDataplane {
                     .or_insert(RouteVal {
                         vni: i.vni,
                         mac: i.mac.0,
-                        pad: [0; 2],
                         nexthop_be: abi::ip_be(route.nexthop),
+                        ..RouteVal::default()
                     });
             }
         }
@@ -934,6 +1149,14 @@ impl Dataplane for EbpfDataplane {
             }
         }
 
+        let nat_routers: BTreeSet<&str> = desired
+            .routers
+            .iter()
+            .filter(|r| r.gateway.is_some())
+            .map(|r| r.id.as_str())
+            .collect();
+        self.unplug_nat(&nat_routers);
+
         // 3. Forget ids of removed ports; their connections go with them.
         let live: BTreeSet<&str> = desired.ports.iter().map(|p| p.id.as_str()).collect();
         let gone: Vec<String> = self
@@ -989,6 +1212,7 @@ impl Dataplane for EbpfDataplane {
         for (device, link) in links {
             self.detach_port(&device, link);
         }
+        self.unplug_nat(&BTreeSet::new());
         if let Some(link) = self.xdp_link.take() {
             let xdp: &mut Xdp = self
                 .bpf

@@ -68,20 +68,20 @@ const TABLE_INET: &str = "shoal";
 const COUNTERS_BRIDGE: [&str; 3] = ["drop_spoof_mac", "drop_spoof_ip", "drop_unsupported"];
 const COUNTERS_INET: [&str; 2] = ["drop_sg_egress", "drop_sg_ingress"];
 
-fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
     output(program, args).map(drop)
 }
 
 /// As [`run`], but an object that already exists counts as success: a driver started
 /// after a restart finds the devices and entries of its predecessor.
-fn run_exists_ok(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
+pub(crate) fn run_exists_ok(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
     match run(program, args) {
         Err(KernelDriverError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
         other => other,
     }
 }
 
-fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
+pub(crate) fn output(program: &str, args: &[&str]) -> Result<String, KernelDriverError> {
     let command = format!("{program} {}", args.join(" "));
     let out = Command::new(program)
         .args(args)
@@ -106,21 +106,21 @@ fn nft_script(script: &str) -> Result<(), KernelDriverError> {
 /// Runs an nft script in the named namespace (through nsenter, which, unlike `ip netns exec`,
 /// does not remount /sys), or in the caller's when `netns` is `None`.
 fn nft_script_in(netns: Option<&str>, script: &str) -> Result<(), KernelDriverError> {
-    let (program, args) = match netns {
-        Some(ns) => (
+    match netns {
+        Some(ns) => run_stdin(
             "nsenter",
-            vec![
-                format!("--net=/run/netns/{ns}"),
-                "nft".into(),
-                "-f".into(),
-                "-".into(),
-            ],
+            &[&format!("--net=/run/netns/{ns}"), "nft", "-f", "-"],
+            script,
         ),
-        None => ("nft", vec!["-f".into(), "-".into()]),
-    };
+        None => run_stdin("nft", &["-f", "-"], script),
+    }
+}
+
+/// Runs `program args` with `input` on its standard input.
+fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<(), KernelDriverError> {
     let command = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
-        .args(&args)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -129,28 +129,105 @@ fn nft_script_in(netns: Option<&str>, script: &str) -> Result<(), KernelDriverEr
             command: command.clone(),
             source,
         })?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .map_err(|source| KernelDriverError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    // Written from another thread while this one drains stderr, so a long batch with many
+    // failing lines cannot fill both pipes and block both processes.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child
         .wait_with_output()
         .map_err(|source| KernelDriverError::Spawn {
             command: command.clone(),
             source,
         })?;
+    // A program that stops reading early (an `ip -batch` that exits on a failed line) closes
+    // the pipe: its exit status and message say why, not the write's error.
+    let written = writer.join().expect("stdin writer panicked");
     if !out.status.success() {
         return Err(KernelDriverError::Command {
             command,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    written.map_err(|source| KernelDriverError::Spawn { command, source })
+}
+
+/// What a line of a [`Batch`] that fails means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnError {
+    /// The apply fails.
+    Fail,
+    /// Success if the object exists already (as [`run_exists_ok`]).
+    ExistsOk,
+    /// Success if the object is gone already: a deletion has nothing left to do.
+    MissingOk,
+    /// Best effort: logged and ignored (the object went with its device or namespace).
+    Ignore,
+}
+
+/// `ip` or `bridge` commands of one apply run by one process (`-batch -` on standard input)
+/// instead of one process each: the kernel driver's convergence cost was mostly process starts.
+/// `-force` lets the lines after a failed one run; if any line failed, every line is run again
+/// on its own (lines are idempotent, or deletions whose repeat is `MissingOk`/`Ignore`), so the
+/// outcome and the error, which names the failing command, are those of one process per line.
+#[derive(Debug)]
+struct Batch {
+    program: &'static str,
+    /// `-n NETNS` for `ip`: the namespace the lines act in.
+    netns: Option<String>,
+    lines: Vec<(String, OnError)>,
+}
+
+impl Batch {
+    fn new(program: &'static str, netns: Option<&str>) -> Self {
+        Batch {
+            program,
+            netns: netns.map(str::to_string),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Adds one command (its words as on the command line, after the program name).
+    fn push(&mut self, on_error: OnError, words: &[&str]) {
+        self.lines.push((words.join(" "), on_error));
+    }
+
+    fn run(self) -> Result<(), KernelDriverError> {
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(ns) = &self.netns {
+            args.extend(["-n", ns.as_str()]);
+        }
+        let prefix = args.len();
+        args.extend(["-force", "-batch", "-"]);
+        let mut input = String::new();
+        for (line, _) in &self.lines {
+            input.push_str(line);
+            input.push('\n');
+        }
+        let Err(batch_error) = run_stdin(self.program, &args, &input) else {
+            return Ok(());
+        };
+        debug!(error = %batch_error, lines = self.lines.len(), "batch failed; running its lines one by one");
+        args.truncate(prefix);
+        for (line, on_error) in &self.lines {
+            let mut line_args = args.clone();
+            line_args.extend(line.split_whitespace());
+            let result = run(self.program, &line_args);
+            match (result, on_error) {
+                (Ok(()), _) => {}
+                (Err(KernelDriverError::Command { stderr, .. }), OnError::ExistsOk)
+                    if stderr.contains("File exists") => {}
+                (Err(KernelDriverError::Command { stderr, .. }), OnError::MissingOk)
+                    if stderr.contains("No such file or directory") => {}
+                (Err(e), OnError::Ignore) => debug!(error = %e, "best-effort command failed"),
+                (Err(e), _) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn bridge_name(vni: u32) -> String {
@@ -162,7 +239,7 @@ fn vxlan_name(vni: u32) -> String {
 }
 
 /// 32-bit FNV-1a: short stable names for kernel objects named after long ids.
-fn fnv(parts: &[&str]) -> u32 {
+pub(crate) fn fnv(parts: &[&str]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for p in parts {
         for b in p.bytes().chain([0]) {
@@ -183,12 +260,17 @@ const ROUTER_NS_PREFIX: &str = "shoalr";
 
 /// The prefix of the router namespaces of the node whose network namespace has inode `ino`
 /// (names under /run/netns are machine-wide; several nodes may share a machine).
-fn router_ns_prefix(ino: u64) -> String {
+pub(crate) fn router_ns_prefix(ino: u64) -> String {
     format!("{ROUTER_NS_PREFIX}{ino}-")
 }
 
+/// The namespace of router `router` among those with prefix `prefix`.
+pub(crate) fn router_ns_name(prefix: &str, router: &str) -> String {
+    format!("{prefix}{:08x}", fnv(&[router]))
+}
+
 /// The inode of the calling thread's network namespace.
-fn netns_inode() -> std::io::Result<u64> {
+pub(crate) fn netns_inode() -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
 }
@@ -205,7 +287,7 @@ pub fn remove_router_namespaces(node_netns: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn router_namespaces(prefix: &str) -> Vec<String> {
+pub(crate) fn router_namespaces(prefix: &str) -> Vec<String> {
     std::fs::read_dir("/run/netns")
         .map(|d| {
             d.filter_map(Result::ok)
@@ -232,7 +314,7 @@ struct RifDev {
 /// address (on the router's gateway node) and the floating IPs of local ports as /32s, and an
 /// `ip shoal_nat` table doing the NAT.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct ExtDev {
+pub(crate) struct ExtDev {
     /// The macvlan's name (in the router's namespace).
     name: String,
     /// The host interface it sits on.
@@ -252,7 +334,7 @@ struct ExtDev {
 
 /// The SNAT transit of a router on a node without the gateway address.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Transit {
+pub(crate) struct Transit {
     /// The gateway node's router: its address and MAC on the external link (the node that
     /// holds the address uses the gateway port's MAC, so it is known without ARP, which this
     /// router could not send without an address of its own).
@@ -274,7 +356,7 @@ const TRANSIT_TABLE: &str = "200";
 const TABLE_NAT: &str = "shoal_nat";
 
 /// The external side of router `r` in namespace `netns`, if it has one.
-fn want_external(r: &model::Router) -> Option<ExtDev> {
+pub(crate) fn want_external(r: &model::Router) -> Option<ExtDev> {
     let g = r.gateway.as_ref()?;
     let name = format!("sre{:08x}", fnv(&[&r.id]));
     let mut addrs = BTreeSet::new();
@@ -360,7 +442,7 @@ fn want_external(r: &model::Router) -> Option<ExtDev> {
 }
 
 /// Makes the external side of the router in `netns` equal `want`, from `have`.
-fn apply_external(
+pub(crate) fn apply_external(
     netns: &str,
     have: Option<&ExtDev>,
     want: &ExtDev,
@@ -491,7 +573,40 @@ fn apply_external(
     if !same_link || have.map(|h| &h.nat) != Some(&want.nat) {
         nft_script_in(Some(netns), &want.nat)?;
     }
+    // Connections already translated through an address that went (a disassociated
+    // floating IP, a gateway address moved to another node) would go on: conntrack keeps
+    // their translation. They are deleted, as Neutron's L3 agent does.
+    if let Some(h) = have {
+        for (ip, _) in h.addrs.difference(&want.addrs) {
+            flush_conntrack(netns, *ip);
+        }
+    }
     Ok(())
+}
+
+/// Deletes the connections of router namespace `netns` translated to or from `ip`: those
+/// that arrived for it (original destination: a floating IP's inbound) and those that left
+/// from it (reply destination: SNAT). Best effort: `conntrack` (Debian package `conntrack`)
+/// answers 1 when there was nothing to delete.
+pub(crate) fn flush_conntrack(netns: &str, ip: Ipv4Addr) {
+    let path = format!("--net=/run/netns/{netns}");
+    let ip = ip.to_string();
+    for selector in ["--orig-dst", "--reply-dst"] {
+        match Command::new("nsenter")
+            .args([path.as_str(), "conntrack", "-D", selector, &ip])
+            .output()
+        {
+            Ok(out) if !out.status.success() => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                // "0 flow entries have been deleted" is not a failure.
+                if !stderr.contains("0 flow entries") {
+                    tracing::warn!(netns, ip, stderr = %stderr.trim(), "flushing conntrack");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(netns, ip, error = %e, "running conntrack"),
+        }
+    }
 }
 
 /// Policy routing of a router on a node without the gateway address: packets from the
@@ -599,7 +714,7 @@ fn apply_transit(
 }
 
 /// Removes the external side of a router whose namespace stays.
-fn remove_external(netns: &str, have: &ExtDev) {
+pub(crate) fn remove_external(netns: &str, have: &ExtDev) {
     let _ = apply_transit(netns, &have.name, None);
     let _ = run("ip", &["-n", netns, "link", "del", &have.name]);
     let _ = nft_script_in(
@@ -615,7 +730,7 @@ type Neighbour = (String, String, Ipv4Addr, Mac);
 type ExtraRoute = (String, model::Ipv4Cidr, Ipv4Addr);
 
 /// `ip -o link show DEV` -> its MTU.
-fn mtu_of(device: &str) -> Option<u32> {
+pub(crate) fn mtu_of(device: &str) -> Option<u32> {
     let text = output("ip", &["-o", "link", "show", "dev", device]).ok()?;
     let mut words = text.split_whitespace();
     words.find(|w| *w == "mtu")?;
@@ -683,7 +798,7 @@ impl KernelDataplane {
     }
 
     fn router_ns(&self, router: &str) -> String {
-        format!("{}{:08x}", self.router_prefix, fnv(&[router]))
+        router_ns_name(&self.router_prefix, router)
     }
 
     /// The router namespaces, interfaces and neighbours `desired` asks for.
@@ -734,7 +849,7 @@ impl KernelDataplane {
         (routers, rifs, neighbours, routes)
     }
 
-    fn add_router(netns: &str) -> Result<(), KernelDriverError> {
+    pub(crate) fn add_router(netns: &str) -> Result<(), KernelDriverError> {
         run_exists_ok("ip", &["netns", "add", netns])?;
         run("ip", &["-n", netns, "link", "set", "lo", "up"])?;
         let path = format!("--net=/run/netns/{netns}");
@@ -1074,10 +1189,12 @@ impl Dataplane for KernelDataplane {
             self.add_network(*vni)?;
             self.networks.insert(*vni);
         }
-        for (vni, mac, vtep) in want_fdb.difference(&self.fdb.clone()) {
+        // Remote ports' FDB entries and the networks' flood entries: one process.
+        let mut fdb = Batch::new("bridge", None);
+        for (vni, mac, vtep) in want_fdb.difference(&self.fdb) {
             let (mac, vtep) = (mac.to_string(), vtep.to_string());
-            run(
-                "bridge",
+            fdb.push(
+                OnError::Fail,
                 &[
                     "fdb",
                     "replace",
@@ -1089,11 +1206,11 @@ impl Dataplane for KernelDataplane {
                     "self",
                     "permanent",
                 ],
-            )?;
+            );
         }
-        for (vni, vtep) in want_flood.difference(&self.flood.clone()) {
-            run_exists_ok(
-                "bridge",
+        for (vni, vtep) in want_flood.difference(&self.flood) {
+            fdb.push(
+                OnError::ExistsOk,
                 &[
                     "fdb",
                     "append",
@@ -1105,16 +1222,19 @@ impl Dataplane for KernelDataplane {
                     "self",
                     "permanent",
                 ],
-            )?;
+            );
         }
+        fdb.run()?;
+        let mut attach = Batch::new("ip", None);
         for (device, vni) in &want_ports {
             if self.ports.get(device) != Some(vni) {
-                run(
-                    "ip",
+                attach.push(
+                    OnError::Fail,
                     &["link", "set", device, "master", &bridge_name(*vni), "up"],
-                )?;
+                );
             }
         }
+        attach.run()?;
         for netns in want_routers.difference(&self.routers.clone()) {
             Self::add_router(netns)?;
             self.routers.insert(netns.clone());
@@ -1128,24 +1248,30 @@ impl Dataplane for KernelDataplane {
             Self::add_rif(bridge_end, rif)?;
             self.rifs.insert(bridge_end.clone(), rif.clone());
         }
+        // One process per router namespace.
+        let mut neigh: BTreeMap<&str, Batch> = BTreeMap::new();
         for (netns, dev, ip, mac) in want_neighbours.difference(&self.neighbours) {
             let (ip, mac) = (ip.to_string(), mac.to_string());
-            run(
-                "ip",
-                &[
-                    "-n",
-                    netns,
-                    "neigh",
-                    "replace",
-                    &ip,
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ],
-            )?;
+            neigh
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(
+                    OnError::Fail,
+                    &[
+                        "neigh",
+                        "replace",
+                        &ip,
+                        "lladdr",
+                        &mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    ],
+                );
+        }
+        for batch in neigh.into_values() {
+            batch.run()?;
         }
         let want_externals: BTreeMap<String, ExtDev> = desired
             .routers
@@ -1164,24 +1290,37 @@ impl Dataplane for KernelDataplane {
             }
         }
         self.externals = want_externals;
+        let mut routes: BTreeMap<&str, Batch> = BTreeMap::new();
         for (netns, dest, nexthop) in want_routes.difference(&self.extra_routes) {
             let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
-            run(
-                "ip",
-                &["-n", netns, "route", "replace", &dest, "via", &nexthop],
-            )?;
+            routes
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(OnError::Fail, &["route", "replace", &dest, "via", &nexthop]);
         }
+        for batch in routes.into_values() {
+            batch.run()?;
+        }
+        // Stale routes and neighbours: gone already when their router or interface went.
+        let mut stale: BTreeMap<&str, Batch> = BTreeMap::new();
         for (netns, dest, nexthop) in self.extra_routes.difference(&want_routes) {
-            // Gone already when its router or the interface to its next hop went.
             let (dest, nexthop) = (dest.to_string(), nexthop.to_string());
-            let _ = run("ip", &["-n", netns, "route", "del", &dest, "via", &nexthop]);
+            stale
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(OnError::Ignore, &["route", "del", &dest, "via", &nexthop]);
         }
         for (netns, dev, ip, _) in self.neighbours.difference(&want_neighbours) {
-            // Gone already when its interface or router went.
-            let _ = run(
-                "ip",
-                &["-n", netns, "neigh", "del", &ip.to_string(), "dev", dev],
-            );
+            stale
+                .entry(netns)
+                .or_insert_with(|| Batch::new("ip", Some(netns)))
+                .push(
+                    OnError::Ignore,
+                    &["neigh", "del", &ip.to_string(), "dev", dev],
+                );
+        }
+        for batch in stale.into_values() {
+            batch.run()?;
         }
         let stale_rifs: Vec<String> = self
             .rifs
@@ -1203,17 +1342,19 @@ impl Dataplane for KernelDataplane {
             }
         }
 
+        let mut detach = Batch::new("ip", None);
         for device in self.ports.keys().filter(|d| !want_ports.contains_key(*d)) {
             // The VM's device may be gone already; then it left the bridge with it.
-            if let Err(e) = run("ip", &["link", "set", device, "nomaster"]) {
-                debug!(device, error = %e, "detaching port from bridge");
-            }
+            detach.push(OnError::Ignore, &["link", "set", device, "nomaster"]);
         }
+        detach.run()?;
+        // Stale FDB and flood entries of networks that stay (the others go with their devices).
+        let mut fdb = Batch::new("bridge", None);
         for (vni, mac, vtep) in self.fdb.difference(&want_fdb) {
             if want_networks.contains(vni) {
                 let (mac, vtep) = (mac.to_string(), vtep.to_string());
-                run(
-                    "bridge",
+                fdb.push(
+                    OnError::MissingOk,
                     &[
                         "fdb",
                         "del",
@@ -1224,13 +1365,13 @@ impl Dataplane for KernelDataplane {
                         &vtep,
                         "self",
                     ],
-                )?;
+                );
             }
         }
         for (vni, vtep) in self.flood.difference(&want_flood) {
             if want_networks.contains(vni) {
-                run(
-                    "bridge",
+                fdb.push(
+                    OnError::MissingOk,
                     &[
                         "fdb",
                         "del",
@@ -1241,9 +1382,10 @@ impl Dataplane for KernelDataplane {
                         &vtep.to_string(),
                         "self",
                     ],
-                )?;
+                );
             }
         }
+        fdb.run()?;
         for vni in self.networks.difference(&want_networks) {
             self.del_network(*vni)?;
         }
@@ -1297,5 +1439,52 @@ impl Dataplane for KernelDataplane {
             ))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testbed::{privileged_or_skip, NetNs};
+
+    /// A batch whose lines fail still applies the others, tolerates what its lines allow, and
+    /// fails naming the command that failed.
+    #[test]
+    fn batch_runs_every_line_and_names_the_failing_one() {
+        if !privileged_or_skip("batch_runs_every_line_and_names_the_failing_one") {
+            return;
+        }
+        let ns = NetNs::new("sbat").unwrap();
+        let mut batch = Batch::new("ip", Some(&ns.name));
+        batch.push(
+            OnError::ExistsOk,
+            &["link", "add", "sbatd0", "type", "bridge"],
+        );
+        // Lines run again after a failure: a creation must tolerate its own earlier success.
+        // `ip neigh del` of a missing entry ends an `ip -batch` run (exit 2), even with -force.
+        batch.push(OnError::Ignore, &["neigh", "del", "10.9.0.1", "dev", "lo"]);
+        batch.push(
+            OnError::ExistsOk,
+            &["link", "add", "sbatd1", "type", "bridge"],
+        );
+        batch.run().unwrap();
+        let links = output("ip", &["-n", &ns.name, "-o", "link", "show"]).unwrap();
+        assert!(
+            links.contains("sbatd0") && links.contains("sbatd1"),
+            "{links}"
+        );
+
+        let mut batch = Batch::new("ip", Some(&ns.name));
+        batch.push(
+            OnError::ExistsOk,
+            &["link", "add", "sbatd0", "type", "bridge"],
+        );
+        batch.push(OnError::Fail, &["link", "set", "sbatnone", "up"]);
+        batch.push(OnError::Fail, &["link", "add", "sbatd2", "type", "bridge"]);
+        let err = batch.run().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("ip -n {} link set sbatnone up", ns.name)),
+            "{err}"
+        );
     }
 }

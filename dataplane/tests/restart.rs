@@ -211,3 +211,127 @@ fn pinned_routes_survive_restart() {
         a.finish(|d| d.teardown()).unwrap();
     }
 }
+
+/// NAT outlives the process too: the router's namespace stays in /run/netns and the leg's tc
+/// link is pinned, so a floating IP answers with no process; a restarted driver takes the leg
+/// and the namespace over (one namespace, still answering), and one whose desired state has
+/// no gateway any more removes the namespace.
+#[test]
+fn pinned_nat_survives_restart() {
+    use shoal_dataplane::{ExternalGateway, FloatingIp, Ipv4Cidr, Mac, Router, RouterInterface};
+    if !testbed::privileged_or_skip("pinned_nat_survives_restart") {
+        return;
+    }
+    let (vm_ip, gw) = (Ipv4Addr::new(10, 1, 0, 10), Ipv4Addr::new(10, 1, 0, 1));
+    let (ext_host_ip, ext_gw, fip) = (
+        Ipv4Addr::new(203, 0, 113, 100),
+        Ipv4Addr::new(203, 0, 113, 10),
+        Ipv4Addr::new(203, 0, 113, 20),
+    );
+    let topo = Topology::build_with(&[(0, 300, vm_ip.octets())], 24).unwrap();
+    let host = &topo.hosts[0];
+    // Router namespaces live under /run/netns, outside the host namespace: removed on drop.
+    struct RouterNamespaces(String);
+    impl Drop for RouterNamespaces {
+        fn drop(&mut self) {
+            let _ = shoal_dataplane::kernel::remove_router_namespaces(&self.0);
+        }
+    }
+    let _routers = RouterNamespaces(host.ns.path());
+    let ext_host = testbed::NetNs::new("rsnx").unwrap();
+    testbed::veth(&host.ns, "ext0", &ext_host, "eth0").unwrap();
+    ext_host
+        .ip(&["addr", "add", &format!("{ext_host_ip}/24"), "dev", "eth0"])
+        .unwrap();
+    ext_host.ip(&["link", "set", "eth0", "up"]).unwrap();
+    host.ns.ip(&["link", "set", "ext0", "up"]).unwrap();
+    topo.vms[0]
+        .ns
+        .ip(&["route", "add", "default", "via", &gw.to_string()])
+        .unwrap();
+    let router = |gateway: bool| Router {
+        id: "router-nat".into(),
+        interfaces: vec![RouterInterface {
+            port_id: "rif-300".into(),
+            vni: 300,
+            mac: Mac([0xfa, 0x16, 0x3e, 0xaa, 0, 1]),
+            ip: gw,
+            subnet: Ipv4Cidr::new(gw, 24),
+        }],
+        gateway: gateway.then(|| ExternalGateway {
+            port_id: "gw-nat".into(),
+            device: "ext0".into(),
+            subnet: Ipv4Cidr::new(ext_gw, 24),
+            ip: ext_gw,
+            mac: Mac([0xfa, 0x16, 0x3e, 0xee, 0, 1]),
+            upstream: None,
+            enable_snat: true,
+            holds_address: true,
+        }),
+        floating_ips: if gateway {
+            vec![FloatingIp {
+                id: "fip-vm0".into(),
+                floating: fip,
+                fixed: vm_ip,
+                port_id: topo.vms[0].name.clone(),
+            }]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    let dirs = PinDirs::new();
+    let start = |gateway: bool| {
+        let mut state = topo.desired(0, &[]);
+        state.routers = vec![router(gateway)];
+        let (underlay, dir) = (host.underlay(), dirs.dirs[0].clone());
+        Agent::start(&host.ns, move || {
+            let mut d = EbpfDataplane::new_pinned(&underlay, &dir)?;
+            d.apply(&state)?;
+            Ok::<_, shoal_dataplane::ebpf::EbpfDriverError>(d)
+        })
+        .unwrap()
+        .unwrap()
+    };
+    let namespaces = || {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(host.ns.path()).unwrap().ino();
+        std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("shoalr{ino}-"))
+            })
+            .count()
+    };
+    let pings = |ip: Ipv4Addr| {
+        ext_host
+            .exec(
+                "ping",
+                &["-c", "2", "-i", "0.2", "-W", "1", &ip.to_string()],
+            )
+            .is_ok()
+    };
+
+    start(true).finish(drop);
+    assert!(pings(fip), "the floating IP answers with no process");
+    assert_eq!(namespaces(), 1);
+    start(true).finish(drop);
+    assert!(pings(fip), "a restarted driver took the NAT over");
+    assert!(topo.vms[0].ping(ext_host_ip), "and the VM leaves from it");
+    assert_eq!(
+        namespaces(),
+        1,
+        "the namespace was taken over, not duplicated"
+    );
+    let agent = start(false);
+    assert_eq!(
+        namespaces(),
+        0,
+        "no gateway any more: the namespace is gone"
+    );
+    assert!(!pings(fip), "and the floating IP with it");
+    agent.finish(|d| d.teardown()).unwrap();
+}

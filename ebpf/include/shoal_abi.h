@@ -52,6 +52,7 @@ struct shoal_port {
 	__u32 vni;        /* VXLAN network identifier of the port's network */
 	__u8 mac[6];      /* the only source MAC the VM may use */
 	__u8 host_mac[6]; /* the device's own MAC: where 169.254.169.254 answers; zero = none */
+	__u32 leg_router_id; /* != 0: not a VM but this router's leg into its NAT namespace */
 };
 
 /* Hash `shoal_endpoints`: (VNI, IPv4) -> where that address lives. Serves as the
@@ -100,6 +101,9 @@ struct shoal_route {
 	__u8 mac[6];
 	__u8 pad[2];
 	__u32 nexthop_be; /* extra route: the next hop's address in `vni`; 0 = connected */
+	__u32 leg_ifindex; /* != 0: the router's leg into its NAT namespace (the default route
+			    * of a router with an external gateway); `mac` is then the MAC of
+			    * the leg's end in that namespace, `vni` is 0 */
 };
 
 /* LPM trie `shoal_sg`: prefixlen counts bits after the prefixlen field. */
@@ -152,6 +156,8 @@ enum shoal_counter {
 	SHOAL_CNT_PASS_ROUTED,        /* routed by a router on the sender's node */
 	SHOAL_CNT_DROP_TTL,           /* routed packet whose TTL ran out (no ICMP sent) */
 	SHOAL_CNT_ROUTER_ECHO,        /* ICMP echo to a router's address, answered in place */
+	SHOAL_CNT_PASS_TO_NAT,        /* routed to the router's NAT namespace (external network) */
+	SHOAL_CNT_PASS_FROM_NAT,      /* from the router's NAT namespace to a port of its networks */
 	SHOAL_CNT_MAX,
 };
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
@@ -355,10 +355,28 @@ async fn first_write(via: ShoalWriter, prefix: String, since: Instant) -> Result
     }
 }
 
+/// Seconds since the Unix epoch, as the nodes' logs and their `shoal::failover` trace count
+/// time, so a fault can be lined up with what each node saw
+/// (`loadtest/scripts/faults_breakdown.py`).
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// One fault's measurements.
 #[derive(Debug, Clone)]
 struct Trial {
     fault: Fault,
+    /// The names of the nodes it hit.
+    hit: Vec<String>,
+    /// Wall clock (Unix seconds) of the fault and of its healing (restart, SIGCONT, rules
+    /// flushed).
+    fault_unix: f64,
+    healed_unix: f64,
+    /// Per node, the wall clock of its first acknowledged write after the fault (after the
+    /// healing for a node it hit).
+    served_unix: BTreeMap<String, f64>,
     /// To the first write through any node the fault did not hit, from the fault.
     any: Duration,
     /// To the first write through every node the fault did not hit, from the fault.
@@ -525,6 +543,7 @@ async fn run_nemesis(
         };
         let trial_no = trials.len();
         let fault_at = Instant::now();
+        let fault_unix = unix_now();
         match fault {
             Fault::KillLeader | Fault::KillRandom => procs.kill(cluster.nodes[hit[0]].pid)?,
             Fault::Pause => signal(cluster.nodes[hit[0]].pid, libc::SIGSTOP)?,
@@ -555,6 +574,7 @@ async fn run_nemesis(
             }
         }
         let healed_at = Instant::now();
+        let healed_unix = unix_now();
         for &i in &hit {
             let w = ShoalWriter::new(probe_http.clone(), &cluster.nodes[i].base, &cluster.token);
             let prefix = format!("probe/{trial_no}/{i}");
@@ -563,33 +583,50 @@ async fn run_nemesis(
         let mut any = Duration::MAX;
         let mut every = Duration::ZERO;
         let mut healed: Option<Duration> = None;
+        let mut served_unix = BTreeMap::new();
         while let Some(done) = probes.join_next().await {
             let (i, took) = done?;
             let took = took
                 .with_context(|| format!("after {} ({})", fault.name(), cluster.nodes[i].name))?;
             if hit.contains(&i) {
+                served_unix.insert(
+                    cluster.nodes[i].name.clone(),
+                    healed_unix + took.as_secs_f64(),
+                );
                 healed = Some(healed.unwrap_or_default().max(took));
             } else {
+                served_unix.insert(
+                    cluster.nodes[i].name.clone(),
+                    fault_unix + took.as_secs_f64(),
+                );
                 any = any.min(took);
                 every = every.max(took);
             }
         }
+        let hit: Vec<String> = hit.iter().map(|&i| cluster.nodes[i].name.clone()).collect();
         note(&format!(
             "{:>4} {} ({}), held {:.1} s: first write {:.0} ms, every node {:.0} ms, hit nodes \
-             {:.0} ms after healing",
+             {:.0} ms after healing; fault at {fault_unix:.6}, healed at {healed_unix:.6} \
+             (unix s); served at {}",
             trial_no,
             fault.name(),
-            hit.iter()
-                .map(|&i| cluster.nodes[i].name.as_str())
-                .collect::<Vec<_>>()
-                .join("+"),
+            hit.join("+"),
             hold.as_secs_f64(),
             any.as_secs_f64() * 1e3,
             every.as_secs_f64() * 1e3,
             healed.unwrap_or_default().as_secs_f64() * 1e3,
+            served_unix
+                .iter()
+                .map(|(n, t)| format!("{n}={t:.6}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         ));
         trials.push(Trial {
             fault,
+            hit,
+            fault_unix,
+            healed_unix,
+            served_unix,
             any,
             every,
             healed,
@@ -626,7 +663,19 @@ fn print_table(args: &Args, trials: &[Trial]) -> Result<()> {
         ])
     };
     let mut out = String::new();
-    if !args.json {
+    if args.json {
+        // One object per fault first, on the wall clock, then one per kind.
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        for (i, t) in trials.iter().enumerate() {
+            println!(
+                "{}",
+                json!({"trial": i, "fault": t.fault.name(), "hit": t.hit,
+                       "fault_unix": t.fault_unix, "healed_unix": t.healed_unix,
+                       "served_unix": t.served_unix, "any_ms": ms(t.any),
+                       "every_ms": ms(t.every), "hit_after_heal_ms": t.healed.map(ms)})
+            );
+        }
+    } else {
         writeln!(
             out,
             "{:<22} {:>3}  {:>24}  {:>24}  {:>24}",

@@ -9,6 +9,8 @@ PACKAGES=(
   librocksdb-dev
   # eBPF datapath and its namespace tests
   libbpf-dev bpftool iproute2 nftables tcpdump netsniff-ng ethtool
+  # conntrack: a disassociated floating IP's connections are flushed (dataplane kernel.rs)
+  conntrack
   # peers in benchmarks and tests
   etcd-server etcd-client python3-venv
   # process-level tests

@@ -197,6 +197,8 @@ impl Drop for Underlay {
         for ns in &self.nodes {
             // The datapath pins of the node that lived in it (network agent default).
             let _ = std::fs::remove_dir_all(shoal_network::agent::default_pin_dir(ns));
+            // Its routers' namespaces (floating IPs, SNAT) are not inside it.
+            shoal_network::agent::remove_router_namespaces(ns);
         }
         for ns in self.nodes.iter().chain([&self.hub]) {
             let _ = std::process::Command::new("ip")

@@ -36,6 +36,7 @@ use axum::Router;
 use rand::RngCore as _;
 use shoal_compute::metadata::{self as docs, Document, Instance, LookupError};
 use shoal_compute::server::ServerRecord;
+use shoal_network::records::FloatingIpRecord;
 use shoal_state::records::PortRecord;
 use shoal_state::{tables, State, StateError};
 use tokio::task::JoinHandle;
@@ -547,6 +548,18 @@ async fn answer(ctx: &Listener, peer: IpAddr, path: &str) -> Result<Document, An
         .await?
         .ok_or_else(|| AnswerError::NotFound(format!("no server {}", port.device_id)))?
         .value;
+    // EC2's `public-ipv4`: a floating IP of the asking address, else of the port (Nova takes
+    // the first floating IP of the instance's addresses). A list of the floating IPs, as few
+    // as a cloud has (Neutron's default quota is 50 per project).
+    let floating = ctx
+        .state
+        .table::<FloatingIpRecord>(tables::FLOATING_IPS)
+        .list("")
+        .await?
+        .into_values()
+        .filter(|f| f.port_id.as_deref() == Some(port.id.as_str()))
+        .min_by_key(|f| f.fixed_ip_address.as_deref() != Some(peer.to_string().as_str()))
+        .and_then(|f| f.floating_ip_address.parse().ok());
     // The port the request came through is already read; the rest come from the rows.
     let nics = shoal_compute::nics::nics(ctx.state.store().clone(), &server, Some(port)).await?;
     let mut seed = [0u8; 512];
@@ -556,6 +569,7 @@ async fn answer(ctx: &Listener, peer: IpAddr, path: &str) -> Result<Document, An
         nics: &nics,
         address: peer,
         random_seed: &seed,
+        public_ipv4: floating,
     };
     docs::lookup(&instance, path).map_err(|e| match e {
         LookupError::NotFound(p) => AnswerError::NotFound(p),

@@ -31,10 +31,18 @@ fn setup(osc: &Osc<'_>, dir: &std::path::Path) -> (String, String) {
             "flavor", "create", "--vcpus", "1", "--ram", "256", "--disk", "1", "m1.tiny",
         ],
     );
-    let disk = dir.join("tiny.raw");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    (
+        flavor["id"].as_str().unwrap().to_owned(),
+        upload_raw(osc, 1, dir, "tiny", 0),
+    )
+}
+
+/// Uploads a 1 MiB raw image of `fill` bytes named `name` through node `node`; its id.
+fn upload_raw(osc: &Osc<'_>, node: usize, dir: &std::path::Path, name: &str, fill: u8) -> String {
+    let disk = dir.join(format!("{name}.raw"));
+    std::fs::write(&disk, vec![fill; 1 << 20]).unwrap();
     let image = osc.json(
-        1,
+        node,
         &[
             "image",
             "create",
@@ -44,13 +52,10 @@ fn setup(osc: &Osc<'_>, dir: &std::path::Path) -> (String, String) {
             "bare",
             "--file",
             disk.to_str().unwrap(),
-            "tiny",
+            name,
         ],
     );
-    (
-        flavor["id"].as_str().unwrap().to_owned(),
-        image["id"].as_str().unwrap().to_owned(),
-    )
+    image["id"].as_str().unwrap().to_owned()
 }
 
 #[test]
@@ -145,6 +150,140 @@ fn a_server_lives_its_life_through_any_node() {
             .any(|l| l["Name"] == "instances_used" && l["Value"] == 0),
         "{limits}"
     );
+}
+
+/// Pause, suspend and rebuild, each through another node, and the action log Nova keeps of
+/// them (`server event list`), as a user of the client sees them.
+#[test]
+fn pause_suspend_rebuild_and_the_action_log() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let (_, tiny) = setup(&osc, c.tmp.path());
+    let other = upload_raw(&osc, 2, c.tmp.path(), "other", 1);
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "vm",
+        ],
+    );
+    let id = vm["id"].as_str().unwrap().to_owned();
+
+    // Pause and unpause: PAUSED with Nova's power state 3; pausing twice is a 409.
+    assert!(osc.run(1, &["server", "pause", &id]).ok);
+    let v = wait_status(&osc, 2, &id, "PAUSED");
+    assert_eq!(v["OS-EXT-STS:vm_state"], "paused");
+    assert_eq!(v["OS-EXT-STS:power_state"], 3);
+    osc.run(0, &["server", "pause", &id]).failed_with(409);
+    osc.run(0, &["server", "suspend", &id]).failed_with(409);
+    assert!(osc.run(2, &["server", "unpause", &id]).ok);
+    wait_status(&osc, 0, &id, "ACTIVE");
+
+    // Suspend and resume: SUSPENDED, its memory saved by libvirt and restored.
+    assert!(osc.run(0, &["server", "suspend", &id]).ok);
+    let v = wait_status(&osc, 1, &id, "SUSPENDED");
+    assert_eq!(v["OS-EXT-STS:vm_state"], "suspended");
+    osc.run(2, &["server", "unpause", &id]).failed_with(409);
+    assert!(osc.run(1, &["server", "resume", &id]).ok);
+    let v = wait_status(&osc, 2, &id, "ACTIVE");
+    assert_eq!(v["OS-EXT-STS:power_state"], 1);
+
+    // Rebuild onto another image: ACTIVE again, on the same host, with the new image.
+    let out = osc.run(2, &["server", "rebuild", "--image", "other", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    let v = wait_status(&osc, 0, &id, "ACTIVE");
+    assert!(v["image"].to_string().contains(&other), "{v}");
+    assert_eq!(v["OS-EXT-SRV-ATTR:host"], vm["OS-EXT-SRV-ATTR:host"]);
+    // A stopped server is rebuilt and stays stopped, as in Nova.
+    assert!(osc.run(0, &["server", "stop", &id]).ok);
+    wait_status(&osc, 0, &id, "SHUTOFF");
+    assert!(
+        osc.run(1, &["server", "rebuild", "--image", "tiny", &id])
+            .ok
+    );
+    let v = wait_until(
+        "the rebuild of a stopped server",
+        Duration::from_secs(60),
+        || {
+            let v = osc.json(2, &["server", "show", &id]);
+            (v["status"] == "SHUTOFF" && v["image"].to_string().contains(&tiny)).then_some(v)
+        },
+    );
+    assert_eq!(v["OS-EXT-STS:task_state"], Value::Null, "{v}");
+    // An image that does not exist is Nova's 400 naming it, and the server is untouched.
+    let resp = c
+        .http
+        .post(format!(
+            "{}/compute/v2.1/servers/{id}/action",
+            c.nodes[0].base()
+        ))
+        .header("X-Auth-Token", c.token(0))
+        .json(&json!({"rebuild": {"imageRef": "8a7d0d3e-0000-4000-8000-000000000000"}}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().unwrap();
+    assert!(
+        body["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("8a7d0d3e-0000-4000-8000-000000000000"),
+        "{body}"
+    );
+    assert_eq!(osc.json(1, &["server", "show", &id])["status"], "SHUTOFF");
+
+    // The action log, newest first, from any node: one entry per request.
+    let events = osc.json(1, &["server", "event", "list", &id]);
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["rebuild", "stop", "rebuild", "resume", "suspend", "unpause", "pause", "create"],
+        "{events}"
+    );
+    let first = &events.as_array().unwrap()[7];
+    let request = first["Request ID"].as_str().unwrap();
+    assert!(request.starts_with("req-"), "{first}");
+    // An admin sees what the compute agent did for it.
+    let shown = osc.json(2, &["server", "event", "show", &id, request]);
+    assert_eq!(shown["action"], "create", "{shown}");
+    let agent_events = shown["events"].to_string();
+    assert!(
+        agent_events.contains("compute__do_build_and_run_instance")
+            && agent_events.contains("Success"),
+        "{shown}"
+    );
+    let out = osc.run(0, &["server", "event", "show", &id, "req-nope"]);
+    // The client words the 404 itself ("No ServerAction found"), then quotes Nova's message.
+    assert!(
+        !out.ok && out.stderr.contains("Action req-nope on instance"),
+        "{}",
+        out.stderr
+    );
+
+    // An admin's reset to ERROR, then a rebuild brings the server back, as in Nova.
+    assert!(
+        osc.run(
+            1,
+            &["server", "set", "--state", "error", "--auto-approve", &id]
+        )
+        .ok
+    );
+    let v = wait_status(&osc, 2, &id, "ERROR");
+    assert_eq!(v["OS-EXT-STS:task_state"], Value::Null, "{v}");
+    let out = osc.run(0, &["server", "rebuild", "--image", "tiny", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
+    wait_status(&osc, 1, &id, "ACTIVE");
+
+    // A suspended server deletes like any other.
+    assert!(osc.run(0, &["server", "suspend", &id]).ok);
+    wait_status(&osc, 1, &id, "SUSPENDED");
+    let out = osc.run(2, &["server", "delete", "--wait", &id]);
+    assert!(out.ok, "{}", out.stderr);
 }
 
 #[test]

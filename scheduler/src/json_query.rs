@@ -10,7 +10,7 @@ use crate::model::Host;
 /// The host variables a query may name: every attribute of Nova's `HostState`.
 ///
 /// These have a value for every host (see `eval_arg` for how each is read from a [`Host`]).
-pub const VARIABLES: [&str; 19] = [
+pub const VARIABLES: [&str; 21] = [
     "$host",
     "$nodename",
     "$hypervisor_hostname",
@@ -30,6 +30,8 @@ pub const VARIABLES: [&str; 19] = [
     "$cpu_allocation_ratio",
     "$disk_allocation_ratio",
     "$aggregates",
+    "$service",
+    "$stats",
 ];
 
 /// Nova `HostState` attributes Shoal has no value for. Nova drops an argument whose
@@ -69,11 +71,14 @@ pub enum QueryError {
          $total_usable_ram_mb $free_ram_mb $total_usable_disk_gb $free_disk_mb $disk_mb_used \
          $vcpus_total $vcpus_used $num_instances $num_io_ops $failed_builds \
          $ram_allocation_ratio $cpu_allocation_ratio $disk_allocation_ratio $aggregates \
-         (and, with no value here, $uuid $cell_uuid $host_ip $cpu_info $supported_instances \
+         $service[.host|.binary|.topic|.disabled|.key] $stats[.key] (and, with no value here, $uuid $cell_uuid $host_ip $cpu_info $supported_instances \
          $pci_stats $numa_topology $metrics $limits $instances $updated)"
     )]
     UnknownVariable(String),
-    #[error("query variable `{0}` is not a dictionary: only $metrics.… and $limits.… take a key")]
+    #[error(
+        "query variable `{0}` is not a dictionary: only $service.…, $stats.…, $metrics.… and \
+         $limits.… take a key"
+    )]
     NotADictionary(String),
     #[error("query arguments must be lists, strings, numbers, booleans or null, not objects")]
     ObjectArgument,
@@ -119,6 +124,18 @@ enum Var {
     CpuAllocationRatio,
     DiskAllocationRatio,
     Aggregates,
+    /// `$service`: Nova's service record of the host's `nova-compute`, a dictionary.
+    Service,
+    /// `$service.host`: the host's name.
+    ServiceHost,
+    /// `$service.binary`: `nova-compute`.
+    ServiceBinary,
+    /// `$service.topic`: `compute`.
+    ServiceTopic,
+    /// `$service.disabled`: the host is not enabled.
+    ServiceDisabled,
+    /// `$stats`: the compute node's stats dictionary; Shoal reports none, so it is empty.
+    Stats,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -208,9 +225,9 @@ fn parse_list(items: &[Json], depth: usize) -> Result<Query, QueryError> {
 /// `$attribute` or `$attribute.key…` (Nova's `_parse_string`); `None` for an attribute
 /// without a value here.
 fn parse_var(s: &str) -> Result<Option<Var>, QueryError> {
-    let (name, path) = match s.split_once('.') {
-        Some((name, _)) => (name, true),
-        None => (s, false),
+    let (name, path, rest) = match s.split_once('.') {
+        Some((name, rest)) => (name, true, rest),
+        None => (s, false, ""),
     };
     if UNSET_VARIABLES.contains(&name) {
         // Nova: `None` stays `None` whatever the path; `$limits` and `$metrics` are
@@ -235,6 +252,28 @@ fn parse_var(s: &str) -> Result<Option<Var>, QueryError> {
         "$cpu_allocation_ratio" => Var::CpuAllocationRatio,
         "$disk_allocation_ratio" => Var::DiskAllocationRatio,
         "$aggregates" => Var::Aggregates,
+        // Dictionaries: a key Nova's record has no value for here, or does not have, reads
+        // as `None` (`dict.get`) and is dropped; a key past a string or boolean is an error.
+        "$service" if path => {
+            let (key, deeper) = match rest.split_once('.') {
+                Some((key, _)) => (key, true),
+                None => (rest, false),
+            };
+            let var = match key {
+                "host" => Var::ServiceHost,
+                "binary" => Var::ServiceBinary,
+                "topic" => Var::ServiceTopic,
+                "disabled" => Var::ServiceDisabled,
+                _ => return Ok(None),
+            };
+            if deeper {
+                return Err(QueryError::NotADictionary(s.to_owned()));
+            }
+            return Ok(Some(var));
+        }
+        "$service" => Var::Service,
+        "$stats" if path => return Ok(None),
+        "$stats" => Var::Stats,
         _ => return Err(QueryError::UnknownVariable(s.to_owned())),
     };
     if path {
@@ -357,6 +396,14 @@ fn eval_arg<'a>(a: &'a Arg, vars: &HostVars<'a>) -> Val<'a> {
             Var::Name => return Val::Str(&h.name),
             Var::HypervisorType => return Val::Str(&h.hypervisor_type),
             Var::Aggregates => return Val::Objects(h.aggregates.len()),
+            // A dictionary with keys (truthy), equal to nothing a query can write.
+            Var::Service => return Val::Objects(1),
+            Var::ServiceHost => return Val::Str(&h.name),
+            Var::ServiceBinary => return Val::Str("nova-compute"),
+            Var::ServiceTopic => return Val::Str("compute"),
+            Var::ServiceDisabled => return Val::Bool(!h.enabled),
+            // An empty dictionary: falsy.
+            Var::Stats => return Val::Objects(0),
             Var::HypervisorVersion => h.hypervisor_version as f64,
             Var::TotalUsableRamMb => h.ram_mb_total as f64,
             // Nova's free figures ignore allocation ratios, count the host's reserved amounts
@@ -476,6 +523,19 @@ mod tests {
             (r#"["=", "cmp1", "$uuid", "$host"]"#, true),
             (r#"[">", "$metrics.cpu.frequency", 1]"#, false),
             (r#"["<", 1, "$limits.memory_mb", 2]"#, true),
+            // `$service` is the host's nova-compute service record, `$stats` an empty
+            // dictionary (Shoal reports no compute-node stats).
+            (r#"["=", "$service.host", "cmp1"]"#, true),
+            (r#"["=", "$service.binary", "nova-compute"]"#, true),
+            (r#"["=", "$service.topic", "compute"]"#, true),
+            (r#"["=", "$service.disabled", false]"#, true),
+            (r#"["not", "$service.disabled"]"#, true),
+            (r#"["=", "$service.forced_down", true]"#, false),
+            (r#"["and", "$service"]"#, true),
+            (r#"["=", "$service", "cmp1"]"#, false),
+            (r#"["or", "$stats"]"#, false),
+            (r#"["=", "$stats.num_instances", "2"]"#, false),
+            (r#"["=", "cmp1", "$stats.io_workload", "$host"]"#, true),
         ];
         let h = host();
         for (q, want) in cases {
@@ -524,6 +584,10 @@ mod tests {
             (
                 r#"["=", "$free_ram_mb.x", 1]"#,
                 QueryError::NotADictionary("$free_ram_mb.x".into()),
+            ),
+            (
+                r#"["=", "$service.host.x", 1]"#,
+                QueryError::NotADictionary("$service.host.x".into()),
             ),
             (
                 r#"["=", "$capabilities.x", 1]"#,

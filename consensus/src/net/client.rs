@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::SeekFrom;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -41,6 +41,10 @@ use crate::wire::{
 /// Receives the latency of every RPC: peer address, RPC name, elapsed time, success. Meant for
 /// a Prometheus histogram; it is called on the RPC's task, so it must be cheap.
 pub type RpcObserver = Arc<dyn Fn(&str, &'static str, Duration, bool) + Send + Sync>;
+
+/// Told the peer address of every connection a [`PeerClient`] establishes (see
+/// [`PeerClient::on_connect`]).
+pub type ConnectObserver = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Makes QUIC client endpoints (a joiner has no server yet).
 pub fn client_endpoint(bind: SocketAddr) -> Result<Endpoint, NetError> {
@@ -85,6 +89,53 @@ async fn connect(
         .map_err(|e| NetError::Connection(addr.to_owned(), e))
 }
 
+/// Frames we sent that the peer must acknowledge (RFC 9000 §13.2.1), as counted by quinn.
+fn ack_eliciting_sent(stats: &quinn::ConnectionStats) -> u64 {
+    let f = &stats.frame_tx;
+    f.stream
+        + f.ping
+        + f.reset_stream
+        + f.stop_sending
+        + f.max_data
+        + f.max_stream_data
+        + f.max_streams_bidi
+}
+
+/// Closes `conn` (code `SILENT`) once we have sent it something that asks for an
+/// acknowledgement and then received nothing at all for `limit`. A blackholed path or a dead or
+/// paused peer leaves QUIC in loss recovery, whose probes back off exponentially, so after the
+/// path comes back the old connection could stay mute for seconds; a fresh handshake needs
+/// one round trip. In-flight RPCs on the closed connection fail as unreachable. Ends when the
+/// connection closes for any reason.
+async fn close_when_silent(conn: Connection, addr: String, limit: Duration) {
+    let tick = (limit / 5).max(Duration::from_millis(10));
+    let stats = conn.stats();
+    let (mut received, mut sent) = (stats.udp_rx.datagrams, ack_eliciting_sent(&stats));
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let stats = conn.stats();
+        let (now_received, now_sent) = (stats.udp_rx.datagrams, ack_eliciting_sent(&stats));
+        if now_received != received {
+            (received, sent, waiting_since) = (now_received, now_sent, None);
+            continue;
+        }
+        if now_sent != sent && waiting_since.is_none() {
+            // Set at the first tick after the send, so never earlier than it.
+            waiting_since = Some(Instant::now());
+        }
+        if waiting_since.is_some_and(|t| t.elapsed() >= limit) {
+            tracing::info!(peer = %addr, silent_ms = limit.as_millis() as u64,
+                "closing a connection whose peer went silent");
+            conn.close(super::codes::SILENT, b"peer silent");
+            return;
+        }
+    }
+}
+
 /// Sends one request frame on a new stream and reads the response frame.
 async fn call_on(
     conn: &Connection,
@@ -118,6 +169,83 @@ async fn call_on(
     }
 }
 
+/// One peer address: the connection every RPC to it shares, and its handshake attempts.
+struct Slot {
+    /// Replaced when it closes; callers waiting for a connection watch it.
+    conn: tokio::sync::watch::Sender<Option<Connection>>,
+    /// When the latest handshake attempt started, while it may still be running.
+    attempt: Mutex<Option<Instant>>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            conn: tokio::sync::watch::Sender::new(None),
+            attempt: Mutex::new(None),
+        }
+    }
+
+    fn attempt(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.attempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One handshake with `target`, for as long as `connect_timeout`. A connection that comes up
+/// while the slot has none open becomes the slot's (watched for silence, reported to the
+/// `on_connect` hook); one that loses the race to another attempt is closed.
+async fn attempt(
+    inner: Arc<ClientInner>,
+    slot: Arc<Slot>,
+    target: String,
+    started: Instant,
+) -> Result<Connection, NetError> {
+    let opts = &inner.opts;
+    let conn = match connect(
+        &inner.endpoint,
+        inner.config.clone(),
+        &target,
+        opts.connect_timeout,
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(e) => {
+            // The next caller starts over at once (a refused handshake is not retried on a
+            // timer), unless a later attempt is running.
+            let mut attempt = slot.attempt();
+            if *attempt == Some(started) {
+                *attempt = None;
+            }
+            return Err(e);
+        }
+    };
+    let mut winner = None;
+    slot.conn.send_if_modified(|current| match current {
+        Some(open) if open.close_reason().is_none() => {
+            winner = Some(open.clone());
+            false
+        }
+        _ => {
+            *current = Some(conn.clone());
+            true
+        }
+    });
+    if let Some(open) = winner {
+        conn.close(super::codes::SHUTDOWN, b"duplicate");
+        return Ok(open);
+    }
+    *slot.attempt() = None;
+    tokio::spawn(close_when_silent(
+        conn.clone(),
+        target.clone(),
+        opts.silent_peer,
+    ));
+    if let Some(f) = inner.on_connect.get() {
+        f(&target);
+    }
+    Ok(conn)
+}
+
 /// Cached peer connections and the app RPCs. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -129,8 +257,9 @@ struct ClientInner {
     config: quinn::ClientConfig,
     opts: NetOptions,
     /// One slot per peer address; the async lock makes concurrent callers share one connect.
-    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    conns: Mutex<HashMap<String, Arc<Slot>>>,
     observer: Option<RpcObserver>,
+    on_connect: OnceLock<ConnectObserver>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -174,54 +303,89 @@ impl PeerClient {
                 opts,
                 conns: Mutex::new(HashMap::new()),
                 observer,
+                on_connect: OnceLock::new(),
             }),
         })
     }
 
-    fn slot(&self, addr: &str) -> Arc<tokio::sync::Mutex<Option<Connection>>> {
-        let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.entry(addr.to_owned()).or_default().clone()
+    /// Calls `f` with the peer address of every connection established from now on (the
+    /// cluster uses it to retry replication to a peer as soon as it can be reached again,
+    /// instead of when openraft's backoff runs out). Only the first call takes effect.
+    pub fn on_connect(&self, f: ConnectObserver) {
+        let _ = self.inner.on_connect.set(f);
     }
 
-    /// Whether an open connection to `addr` is cached (waits for a handshake in progress).
+    fn slot(&self, addr: &str) -> Arc<Slot> {
+        let mut conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns
+            .entry(addr.to_owned())
+            .or_insert_with(|| Arc::new(Slot::new()))
+            .clone()
+    }
+
+    /// Whether an open connection to `addr` is cached.
     pub async fn is_connected(&self, addr: &str) -> bool {
-        let slot = self.slot(addr);
-        let slot = slot.lock().await;
-        slot.as_ref().is_some_and(|c| c.close_reason().is_none())
+        self.slot(addr)
+            .conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
     }
 
     /// The cached connection to `addr`, or a new one if there is none or it closed.
+    ///
+    /// Handshakes run in tasks of their own: a caller whose TTL (a heartbeat's is tens of
+    /// milliseconds) runs out must not abort a handshake that the next RPC can use. A handshake
+    /// still running after `connect_retry_after` is joined by a fresh one, and the first to
+    /// complete wins: the earlier one keeps going (on a loaded machine a handshake may be slow,
+    /// not lost), but to an unreachable peer QUIC resends its Initial packet at doubling
+    /// intervals, so a peer that comes back would otherwise wait for the next resend, seconds
+    /// away after a long partition; a fresh attempt sends at once.
     pub async fn connection(&self, addr: &str) -> Result<Connection, NetError> {
         let slot = self.slot(addr);
-        if let Some(conn) = slot.lock().await.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
-        }
-        // The handshake runs in its own task: a caller whose TTL (a heartbeat's can be tens of
-        // milliseconds) runs out must not abort a handshake that the next RPC can use.
-        let inner = self.inner.clone();
-        let target = addr.to_owned();
-        tokio::spawn(async move {
-            let mut slot = slot.lock().await;
-            if let Some(conn) = slot.as_ref() {
+        let mut changed = slot.conn.subscribe();
+        let every = self.inner.opts.connect_retry_after;
+        loop {
+            if let Some(conn) = changed.borrow_and_update().as_ref() {
                 if conn.close_reason().is_none() {
                     return Ok(conn.clone());
                 }
             }
-            *slot = None;
-            let conn = connect(
-                &inner.endpoint,
-                inner.config.clone(),
-                &target,
-                inner.opts.connect_timeout,
-            )
-            .await?;
-            *slot = Some(conn.clone());
-            Ok(conn)
-        })
-        .await
-        .map_err(|_| NetError::ConnectTask(addr.to_owned()))?
+            let (start, wait) = {
+                let mut latest = slot.attempt();
+                match *latest {
+                    Some(t) if t.elapsed() < every => (None, every - t.elapsed()),
+                    _ => {
+                        let now = Instant::now();
+                        *latest = Some(now);
+                        (Some(now), every)
+                    }
+                }
+            };
+            match start {
+                Some(started) => {
+                    let mut task = tokio::spawn(attempt(
+                        self.inner.clone(),
+                        slot.clone(),
+                        addr.to_owned(),
+                        started,
+                    ));
+                    tokio::select! {
+                        r = &mut task => {
+                            return r.map_err(|_| NetError::ConnectTask(addr.to_owned()))?;
+                        }
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
     }
 
     fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {

@@ -49,6 +49,8 @@ pub mod codes {
     pub const BUSY: VarInt = VarInt::from_u32(8);
     /// An unauthenticated (join) connection outlived its time.
     pub const TOO_SLOW: VarInt = VarInt::from_u32(9);
+    /// The client dropped a connection whose peer went silent (`NetOptions::silent_peer`).
+    pub const SILENT: VarInt = VarInt::from_u32(10);
 }
 
 /// A transport operation failed.
@@ -138,6 +140,26 @@ pub struct NetOptions {
     pub keep_alive: Duration,
     /// How long establishing a connection may take.
     pub connect_timeout: Duration,
+    /// A handshake still running after this long is joined by a fresh attempt (the first to
+    /// complete wins; each may run for `connect_timeout`). A handshake to an unreachable peer
+    /// backs off (its Initial packet is sent again after about 3 × `initial_rtt`, then twice
+    /// that, ...), so a peer that comes back would be found only at the next resend; a fresh
+    /// attempt sends at once.
+    pub connect_retry_after: Duration,
+    /// QUIC's RTT estimate before the first sample (RFC 9002 says 333 ms for the Internet). It
+    /// sets when a lost handshake packet is sent again.
+    pub initial_rtt: Duration,
+    /// A connection on which we sent something the peer must acknowledge and then heard
+    /// nothing at all for this long is closed (code `SILENT`) and the next RPC opens a fresh
+    /// one. A live peer acknowledges within its ack delay (25 ms) plus the RTT, but a process
+    /// starved of CPU can go quiet for longer: at 500 ms, debug builds under a load average of
+    /// 18 closed live connections about once a second and elections churned (docs/benchmarks.md),
+    /// hence 2 s, still well under the seconds QUIC's backed-off probes can take. Without this a
+    /// connection through a partition, or to a paused or killed process, stays in QUIC's loss
+    /// recovery after the path comes back, and its next probe may be seconds away: the probe
+    /// timeout doubles with every unanswered probe (found by `shoal-loadtest faults`: a
+    /// minority partition that healed after 4.5 s served again 5.4 s later).
+    pub silent_peer: Duration,
     /// Timeout of an app RPC made through [`PeerClient`].
     pub rpc_timeout: Duration,
     /// How long shutdown waits for in-flight RPCs.
@@ -181,6 +203,9 @@ impl Default for NetOptions {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            connect_retry_after: Duration::from_millis(500),
+            initial_rtt: Duration::from_millis(100),
+            silent_peer: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             stream_receive_window: 8 << 20,
@@ -202,7 +227,8 @@ impl NetOptions {
             .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
             .keep_alive_interval(Some(self.keep_alive))
             .stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window))
-            .send_window(self.send_window);
+            .send_window(self.send_window)
+            .initial_rtt(self.initial_rtt);
         // An idle timeout too large for QUIC's varint keeps quinn's default rather than "never".
         if let Ok(idle) = quinn::IdleTimeout::try_from(self.idle_timeout) {
             t.max_idle_timeout(Some(idle));

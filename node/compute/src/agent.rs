@@ -281,16 +281,17 @@ impl Agent {
     }
 
     async fn worker(self, mut rx: watch::Receiver<Option<Versioned<ServerRecord>>>) {
-        let mut leases: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        // Held for what they keep alive: dropping a lease lets its image age out.
+        let mut _leases: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        let mut leased: Vec<String> = Vec::new();
         loop {
             let current = rx.borrow_and_update().clone();
             let Some(row) = current else { return };
-            if leases.is_empty() && row.value.task_state != Some(TaskState::Deleting) {
-                leases = self
-                    .image_ids(&row.value)
-                    .iter()
-                    .map(|i| self.inner.images.lease(i))
-                    .collect();
+            // Leases follow the row's images: a rebuild onto another image moves them.
+            let images = self.image_ids(&row.value);
+            if leased != images && row.value.task_state != Some(TaskState::Deleting) {
+                _leases = images.iter().map(|i| self.inner.images.lease(i)).collect();
+                leased = images;
             }
             let id = row.value.id.clone();
             if let Err(e) = self.reconcile(row).await {
@@ -316,12 +317,14 @@ impl Agent {
     /// One step towards what the row asks for, then the outcome written to the row.
     async fn reconcile(&self, row: Versioned<ServerRecord>) -> Result<(), AgentError> {
         let s = &row.value;
+        let started = now_rfc3339();
+        let hv = &self.inner.hv;
         match (s.vm_state, s.task_state) {
             (_, Some(TaskState::Deleting)) => self.delete(&row).await,
             (VmState::Building, _) | (_, Some(TaskState::Spawning)) => {
                 let outcome = self.spawn(s, row.revision).await;
                 let forced = self.inner.cfg.force_config_drive;
-                self.finish(&row, |r| match &outcome {
+                self.finish_task(&row, &started, |r| match &outcome {
                     Ok(name) => {
                         // As Nova's compute manager records a forced config drive.
                         r.config_drive |= forced;
@@ -336,26 +339,14 @@ impl Agent {
                 .await
             }
             (_, Some(TaskState::PoweringOff)) => {
-                let outcome = self.inner.hv.stop(&s.id, self.inner.cfg.stop_grace).await;
-                self.finish(&row, |r| match &outcome {
-                    Ok(()) => {
-                        r.vm_state = VmState::Stopped;
-                        r.power_state = power::SHUTDOWN;
-                    }
-                    Err(e) => fail(r, &e.to_string()),
-                })
-                .await
+                let outcome = hv.stop(&s.id, self.inner.cfg.stop_grace).await;
+                self.settle(&row, &started, outcome, VmState::Stopped, power::SHUTDOWN)
+                    .await
             }
             (_, Some(TaskState::PoweringOn)) => {
                 let outcome = self.power_on(s, row.revision).await;
-                self.finish(&row, |r| match &outcome {
-                    Ok(()) => {
-                        r.vm_state = VmState::Active;
-                        r.power_state = power::RUNNING;
-                    }
-                    Err(e) => fail(r, e),
-                })
-                .await
+                self.settle(&row, &started, outcome, VmState::Active, power::RUNNING)
+                    .await
             }
             (_, Some(task @ (TaskState::Rebooting | TaskState::RebootingHard))) => {
                 let grace = if task == TaskState::Rebooting {
@@ -363,32 +354,139 @@ impl Agent {
                 } else {
                     Duration::ZERO
                 };
-                let outcome = match self.inner.hv.stop(&s.id, grace).await {
-                    Ok(()) => self.power_on(s, row.revision).await,
-                    Err(e) => Err(e.to_string()),
-                };
-                self.finish(&row, |r| match &outcome {
-                    Ok(()) => {
-                        r.vm_state = VmState::Active;
-                        r.power_state = power::RUNNING;
-                    }
-                    Err(e) => fail(r, e),
-                })
-                .await
+                let outcome = async {
+                    hv.stop(&s.id, grace).await.map_err(|e| e.to_string())?;
+                    // A hard reboot of a suspended server boots afresh, as Nova's does.
+                    hv.discard_saved(&s.id).await.map_err(|e| e.to_string())?;
+                    self.power_on(s, row.revision).await
+                }
+                .await;
+                self.settle(&row, &started, outcome, VmState::Active, power::RUNNING)
+                    .await
             }
+            (_, Some(TaskState::Pausing)) => {
+                let outcome = hv.pause(&s.id).await;
+                self.settle(&row, &started, outcome, VmState::Paused, power::PAUSED)
+                    .await
+            }
+            (_, Some(TaskState::Unpausing)) => {
+                let outcome = hv.unpause(&s.id).await;
+                self.settle(&row, &started, outcome, VmState::Active, power::RUNNING)
+                    .await
+            }
+            (_, Some(TaskState::Suspending)) => {
+                // Libvirt's managed save leaves the domain shut off, which Nova shows as
+                // power state SHUTDOWN.
+                let outcome = hv.suspend(&s.id).await;
+                self.settle(&row, &started, outcome, VmState::Suspended, power::SHUTDOWN)
+                    .await
+            }
+            (_, Some(TaskState::Resuming)) => {
+                // Starting a domain with a managed-save image restores it.
+                let outcome = self.power_on(s, row.revision).await;
+                self.settle(&row, &started, outcome, VmState::Active, power::RUNNING)
+                    .await
+            }
+            (_, Some(TaskState::Rebuilding)) => self.rebuild(&row, &started).await,
             (_, Some(TaskState::Scheduling)) | (VmState::Error | VmState::Deleted, None) => Ok(()),
             (VmState::Active, None) => self.sync_active(&row).await,
-            (VmState::Stopped, None) => match self.inner.hv.state(&s.id).await? {
+            (VmState::Stopped, None) => match hv.state(&s.id).await? {
                 // Shoal says stopped: a domain someone started outside is stopped again, as
                 // Nova's power-state sync does.
                 Some(DomainState::Running) => {
                     tracing::info!(server = %s.id, "stopping a domain its row says is stopped");
-                    self.inner.hv.stop(&s.id, Duration::ZERO).await?;
+                    hv.stop(&s.id, Duration::ZERO).await?;
                     Ok(())
                 }
                 _ => Ok(()),
             },
+            (VmState::Paused, None) => match hv.state(&s.id).await? {
+                // A paused domain that was stopped outside Shoal: the row follows, as for an
+                // ACTIVE one.
+                Some(state @ (DomainState::Shutoff | DomainState::Crashed)) => {
+                    tracing::info!(server = %s.id, ?state, "paused domain stopped outside Shoal");
+                    self.finish(&row, |r| {
+                        r.vm_state = VmState::Stopped;
+                        r.power_state = state.power_state();
+                    })
+                    .await
+                }
+                _ => Ok(()),
+            },
+            // Its memory is in libvirt's managed-save file; nothing runs to watch.
+            (VmState::Suspended, None) => Ok(()),
         }
+    }
+
+    /// The outcome of a power action: the row goes to `vm`/`power`, or to ERROR with the
+    /// reason.
+    async fn settle<E: std::fmt::Display>(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+        outcome: Result<(), E>,
+        vm: VmState,
+        power: u8,
+    ) -> Result<(), AgentError> {
+        self.finish_task(row, started, |r| match &outcome {
+            Ok(()) => {
+                r.vm_state = vm;
+                r.power_state = power;
+            }
+            Err(e) => fail(r, &e.to_string()),
+        })
+        .await
+    }
+
+    /// A rebuild: the domain and the server's disks go, and the server is spawned again from
+    /// the image its row now names (the API wrote it), keeping its ports, name and uuid. A
+    /// server that was stopped stays stopped, as in Nova.
+    async fn rebuild(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let was_stopped = s.vm_state == VmState::Stopped;
+        let outcome = async {
+            self.inner
+                .hv
+                .destroy(&s.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let dir = self.dir(&s.id);
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing {}: {e}", dir.display())),
+            }
+            let name = self.spawn(s, row.revision).await?;
+            if was_stopped {
+                self.inner
+                    .hv
+                    .stop(&s.id, Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(name)
+        }
+        .await;
+        self.finish_task(row, started, |r| match &outcome {
+            Ok(name) => {
+                r.instance_name = Some(name.clone());
+                r.fault = None;
+                if was_stopped {
+                    r.vm_state = VmState::Stopped;
+                    r.power_state = power::SHUTDOWN;
+                } else {
+                    r.vm_state = VmState::Active;
+                    r.power_state = power::RUNNING;
+                    r.launched_at = Some(now_rfc3339());
+                }
+            }
+            Err(e) => fail(r, &format!("the rebuild failed: {e}")),
+        })
+        .await
     }
 
     /// An ACTIVE server: a domain that is gone is rebuilt from its disk (or the server goes to
@@ -448,6 +546,24 @@ impl Agent {
             Some(_) => self.inner.hv.start(&s.id).await.map_err(|e| e.to_string()),
             None => self.spawn(s, revision).await.map(|_| ()),
         }
+    }
+
+    /// [`Self::finish`] for the end of a task: the action log gets the event Nova's compute
+    /// manager records for it (`started` is when the agent took the task up).
+    async fn finish_task(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+        change: impl FnOnce(&mut ServerRecord),
+    ) -> Result<(), AgentError> {
+        let task = row.value.task_state;
+        self.finish(row, |r| {
+            change(r);
+            if let Some(task) = task {
+                r.record_event(task, started, &now_rfc3339());
+            }
+        })
+        .await
     }
 
     /// Writes the outcome of a step: `change` applied to the row, task cleared, if the row is
@@ -661,6 +777,8 @@ impl Agent {
             nics: &nics,
             address: std::net::Ipv4Addr::UNSPECIFIED,
             random_seed: &seed,
+            // Written at boot, before any floating IP could be associated with the server.
+            public_ipv4: None,
         };
         let files = crate::metadata::config_drive_files(&instance)
             .map_err(|e| format!("building the config drive: {e}"))?;

@@ -170,6 +170,78 @@ impl Libvirt {
         .await
     }
 
+    /// Pauses the running domain's vCPUs (Nova's pause): memory stays in the host's RAM.
+    pub async fn pause(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.on_domain(uuid, "pause", |dom| {
+            if domain_state(dom)? != DomainState::Paused {
+                dom.suspend().map_err(call_err("pause"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Lets a paused domain run again.
+    pub async fn unpause(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.on_domain(uuid, "unpause", |dom| {
+            if domain_state(dom)? == DomainState::Paused {
+                dom.resume().map_err(call_err("unpause"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Saves the domain's memory to libvirt's managed-save file and stops it (Nova's suspend on
+    /// libvirt); [`Self::start`] restores it.
+    pub async fn suspend(&self, uuid: &str) -> Result<(), HypervisorError> {
+        self.on_domain(uuid, "suspend", |dom| {
+            if dom.is_active().map_err(call_err("is_active"))? {
+                dom.managed_save(0).map_err(call_err("suspend"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Drops a managed-save image, so that the next start boots afresh (a hard reboot or a
+    /// rebuild of a suspended server). No image, or no domain, is done.
+    pub async fn discard_saved(&self, uuid: &str) -> Result<(), HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| {
+            let Some(dom) = lookup(c, &uuid)? else {
+                return Ok(());
+            };
+            if dom
+                .has_managed_save(0)
+                .map_err(call_err("has_managed_save"))?
+            {
+                dom.managed_save_remove(0)
+                    .map_err(call_err("managed_save_remove"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `f` on the domain with `uuid`; no such domain is an error of `op`.
+    async fn on_domain(
+        &self,
+        uuid: &str,
+        op: &'static str,
+        f: impl FnOnce(&Domain) -> Result<(), HypervisorError> + Send + 'static,
+    ) -> Result<(), HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| {
+            let dom = lookup(c, &uuid)?.ok_or_else(|| HypervisorError::Call {
+                op,
+                message: format!("no domain with uuid {uuid}"),
+            })?;
+            f(&dom)
+        })
+        .await
+    }
+
     /// Asks the guest to shut down (ACPI) and waits up to `grace` for it; then powers it off.
     /// A guest without ACPI handling (a busybox init) is powered off after the grace period,
     /// as Nova's clean shutdown falls back to destroy.
@@ -215,8 +287,9 @@ impl Libvirt {
                     }
                 }
             }
-            // A transient domain is gone once destroyed.
-            match dom.undefine() {
+            // A transient domain is gone once destroyed. A suspended one's saved memory goes
+            // with its definition.
+            match dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE) {
                 Ok(()) => Ok(()),
                 Err(e)
                     if matches!(
@@ -315,6 +388,35 @@ mod tests {
         assert_eq!(lv.state(&s.uuid).await.unwrap(), None);
         // Destroying what is gone is done, not an error.
         lv.destroy(&s.uuid).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn pause_and_suspend_through_the_test_driver() {
+        let lv = Libvirt::connect("test:///default").await.unwrap();
+        let mut s = spec();
+        s.virt_type = "kvm".into();
+        s.uuid = "3f0c9a52-0000-4000-8000-00000000beef".into();
+        s.name = "instance-0000beef".into();
+        lv.define_and_start(s.to_xml()).await.unwrap();
+        lv.pause(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Paused));
+        lv.unpause(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Running));
+        // Suspend saves the memory and stops the domain; a start restores it.
+        lv.suspend(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Shutoff));
+        lv.start(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), Some(DomainState::Running));
+        // A suspended domain is destroyed with its saved memory.
+        lv.suspend(&s.uuid).await.unwrap();
+        lv.destroy(&s.uuid).await.unwrap();
+        assert_eq!(lv.state(&s.uuid).await.unwrap(), None);
+        // Pausing what is not there says so.
+        let err = lv.pause(&s.uuid).await.unwrap_err();
+        assert!(
+            matches!(err, HypervisorError::Call { op: "pause", .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]

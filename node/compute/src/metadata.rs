@@ -88,6 +88,9 @@ pub struct Instance<'a> {
     pub address: Ipv4Addr,
     /// Bytes for `random_seed` (Nova sends 512 random bytes, base64, on every read).
     pub random_seed: &'a [u8],
+    /// The instance's floating IP (Nova: the first of its addresses' floating IPs), EC2's
+    /// `public-ipv4`.
+    pub public_ipv4: Option<Ipv4Addr>,
 }
 
 /// What a path resolves to, and how it is sent.
@@ -410,8 +413,15 @@ fn ec2_tree(instance: &Instance<'_>, version: &str) -> Ec2 {
     if since("2007-01-19") {
         put("local-hostname", text(host.clone()));
         put("public-hostname", text(host));
-        // No floating IPs yet.
-        put("public-ipv4", text(""));
+        put(
+            "public-ipv4",
+            text(
+                instance
+                    .public_ipv4
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+        );
     }
     if since("2007-08-29") {
         put("instance-type", text(s.flavor.name.clone()));
@@ -630,6 +640,7 @@ pub(crate) mod tests {
             access_ipv6: String::new(),
             locked: false,
             config_drive: false,
+            actions: Vec::new(),
         }
     }
 
@@ -663,6 +674,7 @@ pub(crate) mod tests {
             nics,
             address: Ipv4Addr::new(10, 0, 0, 5),
             random_seed: &seed,
+            public_ipv4: None,
         };
         lookup(&i, path)
     }
@@ -833,6 +845,19 @@ pub(crate) mod tests {
              placement/\npublic-hostname\npublic-ipv4\npublic-keys/\nreservation-id\n\
              security-groups"
         );
+        assert_eq!(text_at(&s, "/latest/meta-data/public-ipv4"), "");
+        let seed = [7u8; 512];
+        let with_fip = Instance {
+            server: &s,
+            nics: &[],
+            address: Ipv4Addr::new(10, 0, 0, 5),
+            random_seed: &seed,
+            public_ipv4: Some(Ipv4Addr::new(203, 0, 113, 20)),
+        };
+        assert_eq!(
+            lookup(&with_fip, "/latest/meta-data/public-ipv4"),
+            Ok(Document::Text("203.0.113.20".into()))
+        );
         assert_eq!(text_at(&s, "/latest/meta-data/instance-id"), "i-0000002a");
         assert_eq!(text_at(&s, "/latest/meta-data/ami-id"), "ami-a1b2c3d4");
         assert_eq!(
@@ -916,6 +941,7 @@ pub(crate) mod tests {
             nics: &n,
             address: Ipv4Addr::new(10, 0, 0, 5),
             random_seed: &seed,
+            public_ipv4: None,
         };
         let files: BTreeMap<String, Vec<u8>> =
             config_drive_files(&i).unwrap().into_iter().collect();

@@ -17,6 +17,8 @@ pub enum VmState {
     Building,
     Active,
     Stopped,
+    Paused,
+    Suspended,
     Error,
     Deleted,
 }
@@ -27,6 +29,8 @@ impl VmState {
             VmState::Building => "building",
             VmState::Active => "active",
             VmState::Stopped => "stopped",
+            VmState::Paused => "paused",
+            VmState::Suspended => "suspended",
             VmState::Error => "error",
             VmState::Deleted => "deleted",
         }
@@ -43,6 +47,12 @@ pub enum TaskState {
     PoweringOn,
     Rebooting,
     RebootingHard,
+    Pausing,
+    Unpausing,
+    Suspending,
+    Resuming,
+    /// The server's disk is rewritten from a (maybe new) image and the domain defined again.
+    Rebuilding,
     Deleting,
 }
 
@@ -56,6 +66,11 @@ impl TaskState {
             TaskState::PoweringOn => "powering-on",
             TaskState::Rebooting => "rebooting",
             TaskState::RebootingHard => "rebooting_hard",
+            TaskState::Pausing => "pausing",
+            TaskState::Unpausing => "unpausing",
+            TaskState::Suspending => "suspending",
+            TaskState::Resuming => "resuming",
+            TaskState::Rebuilding => "rebuilding",
             TaskState::Deleting => "deleting",
         }
     }
@@ -188,16 +203,29 @@ pub struct ServerRecord {
     /// the agent of a host with `[compute] force_config_drive`).
     #[serde(default)]
     pub config_drive: bool,
+    /// The action log (`os-instance-actions`), oldest first; at most [`MAX_ACTIONS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<InstanceAction>,
 }
 
 impl ServerRecord {
     /// Nova's `status`, derived from `vm_state` and `task_state` as Nova's API derives it.
     pub fn status(&self) -> &'static str {
+        if self.task_state == Some(TaskState::Rebuilding)
+            && matches!(
+                self.vm_state,
+                VmState::Active | VmState::Stopped | VmState::Error
+            )
+        {
+            return "REBUILD";
+        }
         match self.vm_state {
             VmState::Building => "BUILD",
             VmState::Error => "ERROR",
             VmState::Deleted => "DELETED",
             VmState::Stopped => "SHUTOFF",
+            VmState::Paused => "PAUSED",
+            VmState::Suspended => "SUSPENDED",
             VmState::Active => match self.task_state {
                 Some(TaskState::Rebooting) => "REBOOT",
                 Some(TaskState::RebootingHard) => "HARD_REBOOT",
@@ -218,8 +246,66 @@ pub fn instance_name(number: u64) -> String {
 pub enum Action {
     Stop,
     Start,
-    Reboot { hard: bool },
+    Reboot {
+        hard: bool,
+    },
+    Pause,
+    Unpause,
+    Suspend,
+    Resume,
+    /// The disk rewritten from the record's image (the API sets the new image first).
+    Rebuild,
     Delete,
+}
+
+impl Action {
+    /// The name Nova's instance-action log and its 409 messages give the action.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Stop => "stop",
+            Action::Start => "start",
+            Action::Reboot { .. } => "reboot",
+            Action::Pause => "pause",
+            Action::Unpause => "unpause",
+            Action::Suspend => "suspend",
+            Action::Resume => "resume",
+            Action::Rebuild => "rebuild",
+            Action::Delete => "delete",
+        }
+    }
+
+    /// Whether the action may start from `vm` (Nova's `check_instance_state` of each call).
+    fn allowed_from(self, vm: VmState) -> bool {
+        use VmState::*;
+        match self {
+            Action::Stop => matches!(vm, Active | Error),
+            Action::Start => vm == Stopped,
+            Action::Reboot { hard: false } => vm == Active,
+            Action::Reboot { hard: true } => {
+                matches!(vm, Active | Stopped | Paused | Suspended | Error)
+            }
+            Action::Pause | Action::Suspend => vm == Active,
+            Action::Unpause => vm == Paused,
+            Action::Resume => vm == Suspended,
+            Action::Rebuild => matches!(vm, Active | Stopped | Error),
+            Action::Delete => true,
+        }
+    }
+
+    fn task(self) -> TaskState {
+        match self {
+            Action::Stop => TaskState::PoweringOff,
+            Action::Start => TaskState::PoweringOn,
+            Action::Reboot { hard: false } => TaskState::Rebooting,
+            Action::Reboot { hard: true } => TaskState::RebootingHard,
+            Action::Pause => TaskState::Pausing,
+            Action::Unpause => TaskState::Unpausing,
+            Action::Suspend => TaskState::Suspending,
+            Action::Resume => TaskState::Resuming,
+            Action::Rebuild => TaskState::Rebuilding,
+            Action::Delete => TaskState::Deleting,
+        }
+    }
 }
 
 /// Why an action is refused in the server's current state, in Nova's words.
@@ -237,47 +323,129 @@ impl ServerRecord {
     /// Applies `action` to the record (as the API does before the agent sees it), or says why
     /// the state forbids it. Delete is always allowed, as in Nova, and wins over any task.
     pub fn request(&mut self, action: Action) -> Result<(), Conflict> {
-        let name = match action {
-            Action::Stop => "stop",
-            Action::Start => "start",
-            Action::Reboot { .. } => "reboot",
-            Action::Delete => "delete",
-        };
         if action == Action::Delete {
             self.task_state = Some(TaskState::Deleting);
             return Ok(());
         }
         if let Some(task) = self.task_state {
             return Err(Conflict {
-                action: name,
+                action: action.name(),
                 id: self.id.clone(),
                 what: "task_state",
                 state: task.as_str(),
             });
         }
-        let allowed = match action {
-            Action::Stop => matches!(self.vm_state, VmState::Active | VmState::Error),
-            Action::Start => self.vm_state == VmState::Stopped,
-            Action::Reboot { .. } => matches!(self.vm_state, VmState::Active | VmState::Stopped),
-            Action::Delete => true,
-        };
-        if !allowed {
+        if !action.allowed_from(self.vm_state) {
             return Err(Conflict {
-                action: name,
+                action: action.name(),
                 id: self.id.clone(),
                 what: "vm_state",
                 state: self.vm_state.as_str(),
             });
         }
-        self.task_state = Some(match action {
-            Action::Stop => TaskState::PoweringOff,
-            Action::Start => TaskState::PoweringOn,
-            Action::Reboot { hard: false } => TaskState::Rebooting,
-            Action::Reboot { hard: true } => TaskState::RebootingHard,
-            Action::Delete => TaskState::Deleting,
-        });
+        self.task_state = Some(action.task());
         Ok(())
     }
+
+    /// Adds a user's request to the server's action log (`os-instance-actions`), dropping the
+    /// oldest entries past [`MAX_ACTIONS`].
+    pub fn record_action(&mut self, action: &str, request_id: &str, user_id: &str, now: &str) {
+        self.actions.push(InstanceAction {
+            action: action.to_owned(),
+            request_id: request_id.to_owned(),
+            user_id: user_id.to_owned(),
+            project_id: self.project_id.clone(),
+            start_time: now.to_owned(),
+            events: Vec::new(),
+        });
+        if self.actions.len() > MAX_ACTIONS {
+            let extra = self.actions.len() - MAX_ACTIONS;
+            self.actions.drain(..extra);
+        }
+    }
+
+    /// Records how the compute agent's part of the latest action went: the event Nova's
+    /// compute manager records for `task`, on the newest action if it is the one that started
+    /// the task and has no event yet.
+    pub fn record_event(&mut self, task: TaskState, started: &str, finished: &str) {
+        let failed = self.vm_state == VmState::Error;
+        let Some(action) = self.actions.last_mut() else {
+            return;
+        };
+        if !action.events.is_empty() || action.action != task.action_name() {
+            return;
+        }
+        action.events.push(ActionEvent {
+            event: task.event_name().to_owned(),
+            start_time: started.to_owned(),
+            finish_time: Some(finished.to_owned()),
+            result: Some(if failed { "Error" } else { "Success" }.to_owned()),
+        });
+    }
+}
+
+impl TaskState {
+    /// The action (as the action log names it) that starts this task.
+    pub fn action_name(self) -> &'static str {
+        match self {
+            TaskState::Scheduling | TaskState::Spawning => "create",
+            TaskState::PoweringOff => "stop",
+            TaskState::PoweringOn => "start",
+            TaskState::Rebooting | TaskState::RebootingHard => "reboot",
+            TaskState::Pausing => "pause",
+            TaskState::Unpausing => "unpause",
+            TaskState::Suspending => "suspend",
+            TaskState::Resuming => "resume",
+            TaskState::Rebuilding => "rebuild",
+            TaskState::Deleting => "delete",
+        }
+    }
+
+    /// The event Nova's compute manager records for the work of this task.
+    pub fn event_name(self) -> &'static str {
+        match self {
+            TaskState::Scheduling | TaskState::Spawning => "compute__do_build_and_run_instance",
+            TaskState::PoweringOff => "compute_stop_instance",
+            TaskState::PoweringOn => "compute_start_instance",
+            TaskState::Rebooting | TaskState::RebootingHard => "compute_reboot_instance",
+            TaskState::Pausing => "compute_pause_instance",
+            TaskState::Unpausing => "compute_unpause_instance",
+            TaskState::Suspending => "compute_suspend_instance",
+            TaskState::Resuming => "compute_resume_instance",
+            TaskState::Rebuilding => "compute_rebuild_instance",
+            TaskState::Deleting => "compute_terminate_instance",
+        }
+    }
+}
+
+/// How many actions a server's log keeps (the newest).
+pub const MAX_ACTIONS: usize = 100;
+
+/// One user request on a server, as Nova's `os-instance-actions` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceAction {
+    /// `create`, `stop`, `start`, `reboot`, `pause`, ... (Nova's `instance_actions` names).
+    pub action: String,
+    /// The `x-openstack-request-id` the API answered the request with.
+    pub request_id: String,
+    pub user_id: String,
+    pub project_id: String,
+    /// RFC 3339, UTC.
+    pub start_time: String,
+    /// What the compute agent did for it.
+    #[serde(default)]
+    pub events: Vec<ActionEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionEvent {
+    pub event: String,
+    pub start_time: String,
+    #[serde(default)]
+    pub finish_time: Option<String>,
+    /// `Success` or `Error`.
+    #[serde(default)]
+    pub result: Option<String>,
 }
 
 #[cfg(test)]
@@ -331,6 +499,7 @@ mod tests {
             access_ipv6: String::new(),
             locked: false,
             config_drive: false,
+            actions: Vec::new(),
         }
     }
 
@@ -358,6 +527,63 @@ mod tests {
         assert_eq!(r.request(Action::Stop).unwrap_err().what, "task_state");
         r.request(Action::Delete).unwrap();
         assert_eq!(r.task_state, Some(TaskState::Deleting));
+    }
+
+    #[test]
+    fn pause_suspend_and_rebuild_follow_novas_state_rules() {
+        let mut r = record();
+        r.request(Action::Pause).unwrap();
+        r.task_state = None;
+        r.vm_state = VmState::Paused;
+        assert_eq!(r.status(), "PAUSED");
+        // Paused: no suspend, no soft reboot, no rebuild; unpause and a hard reboot are fine.
+        for refused in [
+            Action::Suspend,
+            Action::Reboot { hard: false },
+            Action::Rebuild,
+            Action::Stop,
+        ] {
+            assert_eq!(r.clone().request(refused).unwrap_err().state, "paused");
+        }
+        r.clone().request(Action::Reboot { hard: true }).unwrap();
+        r.request(Action::Unpause).unwrap();
+        assert_eq!(r.task_state, Some(TaskState::Unpausing));
+        r.task_state = None;
+        r.vm_state = VmState::Suspended;
+        assert_eq!(r.status(), "SUSPENDED");
+        assert!(r.clone().request(Action::Unpause).is_err());
+        r.request(Action::Resume).unwrap();
+        // A rebuild shows REBUILD from a stopped server too.
+        r.task_state = None;
+        r.vm_state = VmState::Stopped;
+        r.request(Action::Rebuild).unwrap();
+        assert_eq!(r.status(), "REBUILD");
+    }
+
+    #[test]
+    fn the_action_log_keeps_the_newest_and_events_land_on_the_pending_action() {
+        let mut r = record();
+        for i in 0..MAX_ACTIONS + 5 {
+            r.record_action("reboot", &format!("req-{i}"), "u", "t");
+        }
+        assert_eq!(r.actions.len(), MAX_ACTIONS);
+        assert_eq!(r.actions[0].request_id, "req-5");
+        r.record_action("stop", "req-stop", "u", "t0");
+        r.record_event(TaskState::PoweringOff, "t1", "t2");
+        let last = r.actions.last().unwrap();
+        assert_eq!(last.events[0].event, "compute_stop_instance");
+        assert_eq!(last.events[0].result.as_deref(), Some("Success"));
+        // Never twice, and never on an action that did not start the task.
+        r.record_event(TaskState::PoweringOff, "t3", "t4");
+        assert_eq!(r.actions.last().unwrap().events.len(), 1);
+        r.record_action("lock", "req-lock", "u", "t5");
+        r.record_event(TaskState::Rebooting, "t6", "t7");
+        assert!(r.actions.last().unwrap().events.is_empty());
+        r.record_action("reboot", "req-reboot", "u", "t8");
+        r.vm_state = VmState::Error;
+        r.record_event(TaskState::RebootingHard, "t9", "t10");
+        let reboot = r.actions.last().unwrap();
+        assert_eq!(reboot.events[0].result.as_deref(), Some("Error"));
     }
 
     #[test]

@@ -22,8 +22,8 @@
 //! (`[network] physical_interface_mappings`, published in `network_agents`). One of them, the
 //! first by name, holds the gateway address and does the router's SNAT; floating IPs are NAT on
 //! the node of their port, which writes them `ACTIVE` once programmed (it follows
-//! `floating_ips`). The eBPF driver has no NAT yet: with it the external side is left out and
-//! floating IPs stay `DOWN` (the kernel driver does it).
+//! `floating_ips`). Both drivers do the NAT in the kernel driver's router namespace (the eBPF
+//! driver joins it to its datapath through one veth per router, docs/datapath.md).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -406,6 +406,13 @@ pub fn default_pin_dir(key: &str) -> PathBuf {
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
+
+/// Deletes the router namespaces (NAT and kernel-path routers, under /run/netns) of the node
+/// whose network namespace is `netns` (a name under /run/netns), for tools that delete a
+/// node's namespace without a driver teardown (`shoal dev --netns`): they would outlive it.
+pub fn remove_router_namespaces(netns: &str) {
+    let _ = shoal_dataplane::kernel::remove_router_namespaces(&format!("/run/netns/{netns}"));
+}
 
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (systemd does it at boot; a
 /// machine without systemd does not), so pins can outlive the process.
@@ -1147,21 +1154,6 @@ fn apply_present(
                 r.gateway = None;
                 r.floating_ips.clear();
             }
-        }
-    }
-    // The eBPF driver has no NAT yet: routers keep routing east-west there, and their external
-    // side is left out (floating IPs stay DOWN). `driver = "kernel"` does NAT.
-    if matches!(dp, AnyDatapath::Ebpf(_)) {
-        let external = desired.routers.iter().any(|r| r.gateway.is_some());
-        if external && warned.insert("ebpf nat".into()) {
-            tracing::warn!(
-                "routers with an external gateway here: the eBPF driver does no SNAT or \
-                 floating IP NAT yet; set [network] driver = \"kernel\" for them"
-            );
-        }
-        for r in &mut desired.routers {
-            r.gateway = None;
-            r.floating_ips.clear();
         }
     }
     if let Err(e) = model::check_addresses(&desired) {

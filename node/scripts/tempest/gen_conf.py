@@ -244,7 +244,7 @@ def conf_text(rc, flavors, image_id, lock_path, log_file, network_exts, public_n
         } | {
             k: b(False)
             for k in (
-                "disk_config change_password console_output resize pause shelve suspend "
+                "disk_config change_password console_output resize shelve "
                 "cold_migration live_migration metadata_service rescue "
                 "interface_attach snapshot personality "
                 "attach_encrypted_volume config_drive swap_volume volume_multiattach "

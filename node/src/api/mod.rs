@@ -122,22 +122,44 @@ pub fn router(state: AppState) -> Router {
 ///   `x-compute-request-id` under `/compute`), as every OpenStack service sends; a 500 keeps
 ///   the id its log line was written under.
 async fn edge(
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let compute = req.uri().path().starts_with("/compute");
+    let ours = RequestId(format!("req-{}", uuid::Uuid::new_v4()));
+    req.extensions_mut().insert(ours.clone());
     let mut resp = shape_errors(req, next).await;
     let h = resp.headers_mut();
     let id = match h.get("x-openstack-request-id") {
         Some(id) => id.clone(),
-        None => axum::http::HeaderValue::from_str(&format!("req-{}", uuid::Uuid::new_v4()))
-            .expect("a uuid is a valid header value"),
+        None => axum::http::HeaderValue::from_str(&ours.0).expect("a uuid is a valid header value"),
     };
     if compute {
         h.insert("x-compute-request-id", id.clone());
     }
     h.insert("x-openstack-request-id", id);
     resp
+}
+
+/// The id the answer to this request carries in `x-openstack-request-id` (Nova's
+/// `x-compute-request-id`), chosen before the handler runs so that a handler can record it
+/// (the instance-action log names each action by its request id, as Nova does).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(|| RequestId(format!("req-{}", uuid::Uuid::new_v4()))))
+    }
 }
 
 async fn shape_errors(

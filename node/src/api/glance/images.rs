@@ -204,7 +204,7 @@ pub(super) async fn put_if(
 }
 
 /// Applies `change` to a writable image with a compare-and-set, re-reading on a conflict.
-async fn modify(
+pub(crate) async fn modify(
     state: &AppState,
     auth: &Auth,
     id: &str,
@@ -256,8 +256,28 @@ async fn list_images(
     auth: Auth,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
-    auth.require("reader").map_err(ApiError::glance)?;
     let q = ListQuery::parse(&pairs)?;
+    let found = listed_images(&state, &auth, &q).await?;
+    let (items, more) = page(found, &q)?;
+    let mut body = json!({
+        "images": items.iter().map(ImageRecord::to_json).collect::<Vec<_>>(),
+        "first": "/v2/images",
+        "schema": "/v2/schemas/images",
+    });
+    if let (true, Some(last)) = (more, items.last()) {
+        body["next"] = json!(next_link(&pairs, &last.id));
+    }
+    Ok(Json(body))
+}
+
+/// Every image the caller may list that `q` matches, after a read barrier, in key order (the
+/// Compute API's image proxy lists through this too).
+pub(crate) async fn listed_images(
+    state: &AppState,
+    auth: &Auth,
+    q: &ListQuery,
+) -> ApiResult<Vec<ImageRecord>> {
+    auth.require("reader").map_err(ApiError::glance)?;
     let caller = image_caller(&auth.0);
     state.cluster.read_barrier().await.map_err(gerr)?;
     let mine: Vec<(String, MemberStatus)> = match &caller.project {
@@ -274,22 +294,13 @@ async fn list_images(
         None => Vec::new(),
     };
     let mut found = Vec::new();
-    for img in images(&state).list("").await.map_err(gerr)?.into_values() {
+    for img in images(state).list("").await.map_err(gerr)?.into_values() {
         let m = mine.iter().find(|(i, _)| *i == img.id).map(|(_, s)| *s);
-        if listed(&caller, &img, m, &q) && q.matches(&img) {
+        if listed(&caller, &img, m, q) && q.matches(&img) {
             found.push(img);
         }
     }
-    let (items, more) = page(found, &q)?;
-    let mut body = json!({
-        "images": items.iter().map(ImageRecord::to_json).collect::<Vec<_>>(),
-        "first": "/v2/images",
-        "schema": "/v2/schemas/images",
-    });
-    if let (true, Some(last)) = (more, items.last()) {
-        body["next"] = json!(next_link(&pairs, &last.id));
-    }
-    Ok(Json(body))
+    Ok(found)
 }
 
 async fn show_image(
@@ -335,7 +346,7 @@ async fn update_image(
     Ok(Json(img.to_json()))
 }
 
-async fn delete_image(
+pub(crate) async fn delete_image(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,

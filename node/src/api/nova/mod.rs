@@ -4,11 +4,13 @@
 //! - `admin.rs`: quotas and limits, hypervisors, hosts and compute services;
 //! - `aggregates.rs`: host aggregates, availability zones and server groups;
 //! - `keypairs.rs`: key pairs;
+//! - `images.rs`: the image proxy (`/images`), over the Image API's rows;
 //! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses.
 
 pub mod admin;
 pub mod aggregates;
 pub mod flavors;
+pub mod images;
 pub mod keypairs;
 pub mod server_meta;
 pub mod servers;
@@ -23,6 +25,7 @@ pub fn routes() -> Router<AppState> {
         .merge(admin::routes())
         .merge(aggregates::routes())
         .merge(keypairs::routes())
+        .merge(images::routes())
         .merge(servers::routes())
         .merge(server_meta::routes())
 }

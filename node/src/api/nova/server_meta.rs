@@ -1,6 +1,6 @@
 //! What hangs off a server besides its actions: its metadata (`/servers/{id}/metadata`), its
-//! addresses by network (`/servers/{id}/ips`) and its password (`os-server-password`), all
-//! read from and written to the server's row.
+//! addresses by network (`/servers/{id}/ips`), its password (`os-server-password`) and its
+//! action log (`os-instance-actions`), all read from and written to the server's row.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use shoal_compute::server::ServerRecord;
+use shoal_compute::server::{InstanceAction, ServerRecord};
 
 use super::servers::{is_admin, load, locked, modify, need, plain_addresses};
 use crate::api::body::parse;
@@ -36,6 +36,14 @@ pub fn routes() -> Router<AppState> {
             "/compute/v2.1/servers/{id}/os-server-password",
             get(show_password).delete(clear_password),
         )
+        .route(
+            "/compute/v2.1/servers/{id}/os-instance-actions",
+            get(list_actions),
+        )
+        .route(
+            "/compute/v2.1/servers/{id}/os-instance-actions/{request_id}",
+            get(show_action),
+        )
         .layer(axum::middleware::from_fn(microversion))
 }
 
@@ -44,7 +52,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 /// Nova's metadata item rules: keys 1 to 255 characters, values at most 255.
-fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
+pub(super) fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
     for (k, v) in items {
         let shown: String = k.chars().take(64).flat_map(char::escape_default).collect();
         if k.is_empty() || k.chars().count() > 255 {
@@ -62,7 +70,8 @@ fn check_items(items: &BTreeMap<String, String>) -> ApiResult<()> {
 }
 
 /// `{"metadata": {key: value, ...}}` with string values.
-fn metadata_body(body: &Bytes) -> ApiResult<BTreeMap<String, String>> {
+/// `{"metadata": {...}}` with string values within Nova's bounds (also the image proxy's).
+pub(super) fn metadata_body(body: &Bytes) -> ApiResult<BTreeMap<String, String>> {
     let mut v: serde_json::Map<String, Value> = parse(body)?;
     let items = match v.remove("metadata") {
         Some(Value::Object(m)) if v.is_empty() => m,
@@ -268,4 +277,72 @@ async fn clear_password(
     need(&auth, "member")?;
     load(&state, &auth, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// An action as Nova 2.1 shows it: times without an offset, `message` null (Shoal keeps the
+/// reason of a failure in the server's `fault`).
+fn action_json(server: &ServerRecord, a: &InstanceAction) -> Value {
+    json!({
+        "action": a.action,
+        "instance_uuid": server.id,
+        "message": null,
+        "project_id": a.project_id,
+        "request_id": a.request_id,
+        "start_time": nova_time(&a.start_time),
+        "user_id": a.user_id,
+    })
+}
+
+/// `2026-12-06T06:30:00Z` as Nova before 2.58 writes action times: `2026-12-06T06:30:00.000000`.
+fn nova_time(rfc3339: &str) -> String {
+    format!("{}.000000", rfc3339.trim_end_matches('Z'))
+}
+
+/// `GET /servers/{id}/os-instance-actions`: newest first, as Nova lists them.
+async fn list_actions(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let r = load(&state, &auth, &id).await?.value;
+    let actions: Vec<Value> = r.actions.iter().rev().map(|a| action_json(&r, a)).collect();
+    Ok(Json(json!({ "instanceActions": actions })))
+}
+
+/// `GET /servers/{id}/os-instance-actions/{request_id}`: the action, with the compute
+/// agent's events for an admin (Nova's `os-instance-actions:events` policy).
+async fn show_action(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, request_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let r = load(&state, &auth, &id).await?.value;
+    let a = r
+        .actions
+        .iter()
+        .rev()
+        .find(|a| a.request_id == request_id)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "Action {request_id} on instance {id} could not be found."
+            ))
+            .nova()
+        })?;
+    let mut body = action_json(&r, a);
+    if is_admin(&auth) {
+        body["events"] = a
+            .events
+            .iter()
+            .map(|e| {
+                json!({
+                    "event": e.event,
+                    "start_time": nova_time(&e.start_time),
+                    "finish_time": e.finish_time.as_deref().map(nova_time),
+                    "result": e.result,
+                    "traceback": null,
+                })
+            })
+            .collect();
+    }
+    Ok(Json(json!({ "instanceAction": body })))
 }

@@ -29,7 +29,7 @@ use shoal_state::{retry, tables, Expect, Table, Txn, Versioned, DEFAULT_ATTEMPTS
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::nova::flavors::{microversion, nova_err};
-use crate::api::{AppState, Auth};
+use crate::api::{AppState, Auth, RequestId};
 use shoal_compute::flavor::Flavor;
 
 /// Decoded `user_data` may be at most this long (Nova's limit).
@@ -250,6 +250,7 @@ pub struct GroupRow {
 async fn create(
     State(state): State<AppState>,
     auth: Auth,
+    rid: RequestId,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     need(&auth, "member")?;
@@ -313,13 +314,7 @@ async fn create(
         }
     }
     let metadata = s.metadata.clone().unwrap_or_default();
-    for (k, v) in &metadata {
-        if k.is_empty() || k.len() > 255 || v.len() > 255 {
-            return Err(bad(
-                "Invalid input for field/attribute metadata: keys must be 1-255 and values 0-255 characters",
-            ));
-        }
-    }
+    super::server_meta::check_items(&metadata)?;
     // The project's quotas, read once for the whole create.
     let quotas = shoal_compute::quota::Quotas::new(&state.state)
         .of(&project)
@@ -357,7 +352,17 @@ async fn create(
         .filter(|i| !i.is_empty())
         .or(bdm_image.filter(|i| !i.is_empty()))
         .ok_or_else(|| bad("imageRef is required: Shoal boots servers from images"))?;
-    let image = snapshot_image(&state, &auth, &image_id, &flavor).await?;
+    let flavor_snapshot = FlavorSnapshot {
+        id: flavor.id.clone(),
+        name: flavor.name.clone(),
+        vcpus: flavor.vcpus,
+        ram_mb: flavor.ram,
+        disk_gb: flavor.disk,
+        ephemeral_gb: flavor.ephemeral,
+        swap_mb: flavor.swap,
+        extra_specs: flavor.extra_specs.clone(),
+    };
+    let image = snapshot_image(&state, &auth, &image_id, &flavor_snapshot).await?;
 
     let (key_name, key_data) = match &s.key_name {
         None => (None, None),
@@ -422,16 +427,7 @@ async fn create(
             },
             project_id: project.clone(),
             user_id: auth.0.user_id.clone(),
-            flavor: FlavorSnapshot {
-                id: flavor.id.clone(),
-                name: flavor.name.clone(),
-                vcpus: flavor.vcpus,
-                ram_mb: flavor.ram,
-                disk_gb: flavor.disk,
-                ephemeral_gb: flavor.ephemeral,
-                swap_mb: flavor.swap,
-                extra_specs: flavor.extra_specs.clone(),
-            },
+            flavor: flavor_snapshot.clone(),
             image: image.clone(),
             key_name: key_name.clone(),
             key_data: key_data.clone(),
@@ -459,11 +455,15 @@ async fn create(
             access_ipv6: access_ipv6.clone(),
             locked: false,
             config_drive,
+            actions: Vec::new(),
         })
         .collect();
 
     // 0. The ports, one per requested NIC of each server, bound to the server by device_id.
     let mut records = records;
+    for r in &mut records {
+        r.record_action("create", &rid.0, &auth.0.user_id, &now);
+    }
     let zone_owner = format!("compute:{}", records[0].availability_zone);
     if let Err(e) = attach_ports(&state, &auth, &nics, &mut records, &zone_owner, &group_ids).await
     {
@@ -580,12 +580,12 @@ async fn create(
 }
 
 /// The image fields the agent needs, after checking the caller may use it and the flavor
-/// fits it.
+/// (its RAM in MB and root disk in GB) fits it.
 async fn snapshot_image(
     state: &AppState,
     auth: &Auth,
     image_id: &str,
-    flavor: &Flavor,
+    flavor: &FlavorSnapshot,
 ) -> ApiResult<ImageSnapshot> {
     let img = crate::api::glance::images::load_visible(state, auth, image_id)
         .await
@@ -597,17 +597,17 @@ async fn snapshot_image(
             img.status.as_str()
         )));
     }
-    if flavor.ram < img.min_ram {
+    if flavor.ram_mb < img.min_ram {
         return Err(bad(format!(
             "Flavor's memory is too small for requested image: {} MB < min_ram {} MB",
-            flavor.ram, img.min_ram
+            flavor.ram_mb, img.min_ram
         )));
     }
     let size = img.virtual_size.or(img.size).unwrap_or(0);
-    if flavor.disk > 0 && (flavor.disk < img.min_disk || flavor.disk << 30 < size) {
+    if flavor.disk_gb > 0 && (flavor.disk_gb < img.min_disk || flavor.disk_gb << 30 < size) {
         return Err(bad(format!(
             "Flavor's disk is too small for requested image: {} GB; the image needs {} GB",
-            flavor.disk,
+            flavor.disk_gb,
             img.min_disk.max(size.div_ceil(1 << 30))
         )));
     }
@@ -1400,19 +1400,25 @@ async fn filtered(
         ),
         None => None,
     };
-    let project = q
-        .get("project_id")
-        .or(q.get("tenant_id"))
-        .filter(|_| admin)
-        .cloned()
-        .or_else(|| auth.0.project_id.clone());
+    // As in Nova, `project_id`/`tenant_id` narrow an `all_tenants` listing and are ignored
+    // without it: a listing is otherwise the caller's own project, admin or not.
+    let project_filter = if all_tenants {
+        q.get("project_id").or(q.get("tenant_id")).cloned()
+    } else {
+        None
+    };
+    let own = auth.0.project_id.clone();
     let mut rows: Vec<ServerRecord> = servers(state)
         .list("")
         .await
         .map_err(nova_err)?
         .into_values()
         .filter(|r| {
-            all_tenants && !q.contains_key("project_id") || Some(&r.project_id) == project.as_ref()
+            if all_tenants {
+                project_filter.as_ref().is_none_or(|p| &r.project_id == p)
+            } else {
+                Some(&r.project_id) == own.as_ref()
+            }
         })
         .filter(|r| name_re.as_ref().is_none_or(|re| re.is_match(&r.name)))
         .filter(|r| {
@@ -1551,6 +1557,7 @@ pub(super) async fn modify(
 async fn delete(
     State(state): State<AppState>,
     auth: Auth,
+    rid: RequestId,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     need(&auth, "member")?;
@@ -1573,6 +1580,7 @@ async fn delete(
             return Err(locked(&id));
         }
         r.request(Action::Delete).expect("delete is always allowed");
+        r.record_action("delete", &rid.0, &auth.0.user_id, &now_rfc3339());
         // The ports go now, as Nova deletes the ports it made; the host's agent tears the
         // domain down when it sees the row.
         release_ports(&state, std::slice::from_ref(&r)).await;
@@ -1593,6 +1601,7 @@ async fn delete(
 async fn action(
     State(state): State<AppState>,
     auth: Auth,
+    rid: RequestId,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::response::Response> {
@@ -1606,6 +1615,10 @@ async fn action(
     let act = match name.as_str() {
         "os-stop" => Action::Stop,
         "os-start" => Action::Start,
+        "pause" => Action::Pause,
+        "unpause" => Action::Unpause,
+        "suspend" => Action::Suspend,
+        "resume" => Action::Resume,
         "reboot" => {
             let kind = arg
                 .get("type")
@@ -1616,6 +1629,37 @@ async fn action(
                 "HARD" => Action::Reboot { hard: true },
                 _ => return Err(bad(format!("Invalid input for field/attribute type. Value: {kind}. '{kind}' is not one of ['HARD', 'Hard', 'SOFT', 'Soft']"))),
             }
+        }
+        "rebuild" => return rebuild(&state, &auth, &rid, &id, &arg).await,
+        "os-resetState" => {
+            // Admin only (Nova's default policy): the state is set, the task dropped, and
+            // nothing is done to the domain.
+            need(&auth, "admin")?;
+            let vm_state = match arg.get("state").and_then(Value::as_str) {
+                Some("active") => VmState::Active,
+                Some("error") => VmState::Error,
+                other => {
+                    return Err(bad(format!(
+                        "Invalid input for field/attribute state. Value: {}. It is not one of ['active', 'error']",
+                        other.unwrap_or("null")
+                    )))
+                }
+            };
+            modify(&state, &auth, &id, |r| {
+                r.vm_state = vm_state;
+                r.task_state = None;
+                Ok(())
+            })
+            .await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        "injectNetworkInfo" => {
+            // Admin only. Nova's libvirt driver has nothing to inject into a running guest
+            // (its network configuration comes from DHCP, the config drive or the metadata
+            // service), and neither has Shoal's: the call is accepted once the server exists.
+            need(&auth, "admin")?;
+            load(&state, &auth, &id).await?;
+            return Ok(StatusCode::ACCEPTED.into_response());
         }
         "os-getConsoleOutput" => {
             let length = match arg.get("length") {
@@ -1632,6 +1676,7 @@ async fn action(
             let locked = name == "lock";
             modify(&state, &auth, &id, |r| {
                 r.locked = locked;
+                r.record_action(&name, &rid.0, &auth.0.user_id, &now_rfc3339());
                 Ok(())
             })
             .await?;
@@ -1674,10 +1719,115 @@ async fn action(
             return Err(locked(&id));
         }
         r.request(act)
-            .map_err(|c| ApiError::conflict(c.to_string()).nova())
+            .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
+        r.record_action(act.name(), &rid.0, &auth.0.user_id, &now_rfc3339());
+        Ok(())
     })
     .await?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `rebuild`: the server's disks are written again from `imageRef` (the image it has or
+/// another), its name, metadata and access addresses replaced when given; the compute agent of
+/// its host does the rest and leaves it as it found it, running or stopped. Answers 202 with
+/// the server and its new `adminPass`, as Nova does.
+async fn rebuild(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let Some(arg) = arg.as_object() else {
+        return Err(bad("rebuild takes an object"));
+    };
+    let text = |field: &str| -> ApiResult<Option<String>> {
+        match arg.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(t)) => Ok(Some(t.clone())),
+            Some(_) => Err(bad(format!(
+                "Invalid input for field/attribute {field}. It must be a string"
+            ))),
+        }
+    };
+    let image_id = text("imageRef")?
+        .filter(|i| !i.trim().is_empty())
+        .ok_or_else(|| bad("Invalid input for field/attribute imageRef: it is required"))?;
+    let name = text("name")?;
+    if let Some(n) = &name {
+        if n.trim().is_empty() || n.chars().count() > 255 {
+            return Err(bad(
+                "Invalid input for field/attribute name. Value must be 1 to 255 characters",
+            ));
+        }
+    }
+    let metadata: Option<BTreeMap<String, String>> = match arg.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(m) => Some(serde_json::from_value(m.clone()).map_err(|_| {
+            bad("Invalid input for field/attribute metadata: an object of strings is expected")
+        })?),
+    };
+    if let Some(m) = &metadata {
+        super::server_meta::check_items(m)?;
+    }
+    let access_ipv4 = access_ip(text("accessIPv4")?.as_deref(), false)?;
+    let access_ipv6 = access_ip(text("accessIPv6")?.as_deref(), true)?;
+    let admin_pass = match text("adminPass")? {
+        Some(p) if p.len() > 255 => return Err(bad("adminPass is too long")),
+        Some(p) => p,
+        None => uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+    };
+    match arg.get("preserve_ephemeral") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err(bad(
+                "The current driver does not support preserving ephemeral partitions.",
+            ))
+        }
+        Some(v) => {
+            return Err(bad(format!(
+            "Invalid input for field/attribute preserve_ephemeral. Value: {v}. It is not a boolean"
+        )))
+        }
+    }
+    let current = load(state, auth, id).await?.value;
+    let image = snapshot_image(state, auth, &image_id, &current.flavor).await?;
+    let admin = is_admin(auth);
+    let r = modify(state, auth, id, |r| {
+        if r.locked && !admin {
+            return Err(locked(id));
+        }
+        if r.host.is_none() {
+            return Err(ApiError::conflict(format!(
+                "Cannot 'rebuild' instance {id} while it is in vm_state {}",
+                r.vm_state.as_str()
+            ))
+            .nova());
+        }
+        r.request(Action::Rebuild)
+            .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
+        r.image = image.clone();
+        if let Some(n) = &name {
+            r.name = n.trim().to_owned();
+        }
+        if let Some(m) = &metadata {
+            r.metadata = m.clone();
+        }
+        if let Some(ip) = &access_ipv4 {
+            r.access_ipv4 = ip.clone();
+        }
+        if let Some(ip) = &access_ipv6 {
+            r.access_ipv6 = ip.clone();
+        }
+        r.record_action("rebuild", &rid.0, &auth.0.user_id, &now_rfc3339());
+        Ok(())
+    })
+    .await?;
+    // The answer is the server as the update answer shows it (Nova's rebuild view).
+    let mut server = server_json_basic(state, &r);
+    server["adminPass"] = json!(admin_pass);
+    Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))).into_response())
 }
 
 /// The security groups the caller sees.
