@@ -688,17 +688,21 @@ impl Agent {
             None
         };
         // The name libvirt already knows the domain by wins; else the row's; else a new one
-        // from the row's revision, or the next number free on this host.
-        let domains = self.inner.hv.list().await.map_err(|e| e.to_string())?;
-        let existing = domains
-            .iter()
-            .find(|d| d.uuid == s.id)
-            .map(|d| d.name.clone());
+        // from the row's revision, or the next number free among the names this agent handed
+        // out. One lookup by uuid, not a listing of the host's domains (a call per domain, for
+        // every spawn): a name some other domain holds is met by the define below, which then
+        // takes the next number.
+        let existing = self
+            .inner
+            .hv
+            .name_of(&s.id)
+            .await
+            .map_err(|e| e.to_string())?;
         let chosen = existing.or_else(|| s.instance_name.clone());
         let fresh = chosen.is_none();
         let mut name = match chosen {
             Some(name) => name,
-            None => self.claim_name(revision, &s.id, &domains),
+            None => self.claim_name(revision, &s.id),
         };
         let mut spec = DomainSpec {
             name: name.clone(),
@@ -748,7 +752,7 @@ impl Agent {
                         .strip_prefix("instance-")
                         .and_then(|h| u64::from_str_radix(h, 16).ok())
                         .unwrap_or(revision);
-                    name = self.claim_name(from + 1, &s.id, &[]);
+                    name = self.claim_name(from + 1, &s.id);
                     spec.name = name.clone();
                 }
                 Err(e) => return Err(e.to_string()),
@@ -790,20 +794,13 @@ impl Agent {
         Ok(out)
     }
 
-    /// The first `instance-%08x` from `from` on that no other server holds on this host,
-    /// neither among `domains` nor among the names this agent handed out; recorded as
-    /// `uuid`'s.
-    fn claim_name(
-        &self,
-        from: u64,
-        uuid: &str,
-        domains: &[crate::hypervisor::DomainInfo],
-    ) -> String {
+    /// The first `instance-%08x` from `from` on that no other server holds among the names
+    /// this agent handed out; recorded as `uuid`'s. (A domain this agent did not name, defined
+    /// by hand or by an earlier process, is met when the name is defined: the caller then asks
+    /// for the next number.)
+    fn claim_name(&self, from: u64, uuid: &str) -> String {
         let mut names = self.inner.names.lock().expect("names lock");
-        let taken = |n: &str| {
-            domains.iter().any(|d| d.name == n && d.uuid != uuid)
-                || names.get(n).is_some_and(|id| id != uuid)
-        };
+        let taken = |n: &str| names.get(n).is_some_and(|id| id != uuid);
         let name = (from..)
             .map(crate::server::instance_name)
             .find(|n| !taken(n))

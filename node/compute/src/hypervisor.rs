@@ -154,6 +154,17 @@ impl Libvirt {
         .await
     }
 
+    /// The name of the domain with `uuid`, if libvirt knows it: one lookup, where listing
+    /// every domain of the host would cost a call per domain.
+    pub async fn name_of(&self, uuid: &str) -> Result<Option<String>, HypervisorError> {
+        let uuid = uuid.to_owned();
+        self.with(move |c| match lookup(c, &uuid)? {
+            Some(dom) => Ok(Some(dom.get_name().map_err(call_err("get_name"))?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
     /// Starts a defined domain that is not running.
     pub async fn start(&self, uuid: &str) -> Result<(), HypervisorError> {
         let uuid = uuid.to_owned();
