@@ -156,6 +156,61 @@ async fn conflicting_claims_only_first_succeeds() {
     assert_eq!(row.value, b"claimed by a");
 }
 
+/// Bounded adds to one host from claims proposed without knowing of each other, applied in
+/// one batch: every claim that fits commits, in log order, and the one that would pass the
+/// bound fails as a whole (its instance row is not written either) and says which op failed.
+#[tokio::test]
+async fn bounded_adds_commit_until_the_bound_then_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(dir.path());
+    apply1(&mut sm, 1, Txn::new().put("hosts", "h1", r#"{"used":0}"#)).await;
+    let claim = |id: &str| {
+        Txn::new()
+            .when("instances", id, Expect::Absent)
+            .put("instances", id, "h1")
+            .add(
+                "hosts",
+                "h1",
+                vec![shoal_types::AddField {
+                    name: "used".into(),
+                    delta: 2,
+                    max: Some(5),
+                }],
+            )
+    };
+    let rs = sm
+        .apply_entries(vec![
+            txn_entry(2, claim("a")),
+            txn_entry(3, claim("b")),
+            txn_entry(4, claim("c")),
+        ])
+        .await
+        .unwrap();
+    assert!(rs[0].succeeded && rs[1].succeeded, "{rs:?}");
+    assert!(!rs[2].succeeded);
+    // One precondition, then the put (op 0) and the add (op 1): index 1 + 1.
+    assert_eq!(rs[2].failed_precondition, Some(2));
+    let reader = sm.reader();
+    let row = reader.get("hosts", "h1").await.unwrap().unwrap();
+    assert_eq!(row.value, br#"{"used":4}"#);
+    assert_eq!(row.mod_revision, 3);
+    assert_eq!(reader.get("instances", "c").await.unwrap(), None);
+    // Giving back is unbounded and commits whatever the row holds.
+    let release = Txn::new().delete("instances", "a").add(
+        "hosts",
+        "h1",
+        vec![shoal_types::AddField {
+            name: "used".into(),
+            delta: -2,
+            max: None,
+        }],
+    );
+    assert!(apply1(&mut sm, 5, release).await.succeeded);
+    assert!(apply1(&mut sm, 6, claim("c")).await.succeeded);
+    let row = reader.get("hosts", "h1").await.unwrap().unwrap();
+    assert_eq!(row.value, br#"{"used":4}"#);
+}
+
 /// list returns rows of one table with the prefix, in key order, up to the limit.
 #[tokio::test]
 async fn list_is_a_prefix_scan_within_one_table() {

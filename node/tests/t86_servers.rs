@@ -587,6 +587,102 @@ fn concurrent_creates_through_every_node_never_overbook_a_host() {
     }
 }
 
+/// Server-group policies hold under concurrent creates through different nodes: claims are
+/// checked against a host's capacity when they apply, not conditioned on the host row, so
+/// what keeps two members of an anti-affinity group off one host is the group row each
+/// create is conditioned on and the members' hosts read with it. Nine creates into an
+/// anti-affinity group over three hosts: exactly three ACTIVE, on three hosts, the rest
+/// ERROR with NoValidHost; six into an affinity group: all on one host.
+#[test]
+fn concurrent_group_creates_through_every_node_keep_the_policy() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let (flavor, image) = setup(&osc, c.tmp.path());
+    let project = osc.json(0, &["project", "show", "admin"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = osc.run(0, &["quota", "set", "--instances", "100", &project]);
+    assert!(out.ok, "{}", out.stderr);
+    let group = |policy: &str, name: &str| {
+        osc.json(0, &["server", "group", "create", "--policy", policy, name])["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let spread = group("anti-affinity", "spread");
+    let together = group("affinity", "together");
+    let tokens: Vec<String> = (0..3).map(|i| c.token(i)).collect();
+    let create_all = |gid: &str, n: usize| -> Vec<String> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    let (c, tokens, flavor, image) = (&c, &tokens, &flavor, &image);
+                    s.spawn(move || {
+                        let node = i % 3;
+                        let resp = c
+                            .http
+                            .post(format!("{}/compute/v2.1/servers", c.nodes[node].base()))
+                            .header("X-Auth-Token", &tokens[node])
+                            .json(&json!({"server": {"name": format!("g{i}"),
+                                "flavorRef": flavor, "imageRef": image},
+                                "os:scheduler_hints": {"group": gid}}))
+                            .send()
+                            .unwrap();
+                        assert_eq!(resp.status(), 202, "create {i}");
+                        let v: Value = resp.json().unwrap();
+                        v["server"]["id"].as_str().unwrap().to_owned()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let settled = |ids: &[String]| -> Vec<Value> {
+        ids.iter()
+            .map(|id| {
+                wait_until("the server to settle", Duration::from_secs(120), || {
+                    let v = osc.json(0, &["server", "show", id]);
+                    (v["status"] == "ACTIVE" || v["status"] == "ERROR").then_some(v)
+                })
+            })
+            .collect()
+    };
+
+    let spread_ids = create_all(&spread, 9);
+    let servers = settled(&spread_ids);
+    let mut hosts: Vec<String> = servers
+        .iter()
+        .filter(|v| v["status"] == "ACTIVE")
+        .map(|v| v["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned())
+        .collect();
+    hosts.sort();
+    let active = hosts.len();
+    hosts.dedup();
+    assert_eq!(
+        active, 3,
+        "anti-affinity: {active} of 9 ACTIVE on {hosts:?}"
+    );
+    assert_eq!(hosts.len(), 3, "anti-affinity broken: {hosts:?}");
+    for v in servers.iter().filter(|v| v["status"] == "ERROR") {
+        assert!(v["fault"].to_string().contains("No valid host"), "{v}");
+    }
+
+    let together_ids = create_all(&together, 6);
+    let servers = settled(&together_ids);
+    let mut hosts: Vec<String> = servers
+        .iter()
+        .map(|v| {
+            assert_eq!(v["status"], "ACTIVE", "{v}");
+            v["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 1, "affinity broken: {hosts:?}");
+}
+
 #[test]
 fn servers_get_ports_on_the_projects_networks() {
     let Some(bin) = openstack_bin() else { return };

@@ -465,22 +465,62 @@ impl Inner {
                 });
             }
         }
+        // The adds are decided before anything is written: one that cannot apply fails the
+        // whole transaction, as a precondition would (its index follows the preconditions').
+        let mut added: Vec<Option<Vec<u8>>> = vec![None; txn.ops.len()];
+        let has_add = txn.ops.iter().any(|op| matches!(op, Op::Add(_)));
+        let mut scratch: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        for (i, op) in txn.ops.iter().enumerate().filter(|_| has_add) {
+            let k = row_key(op.table(), op.key());
+            match op {
+                Op::Put { value, .. } => {
+                    scratch.insert(k, Some(value.clone()));
+                }
+                Op::Delete { .. } => {
+                    scratch.insert(k, None);
+                }
+                Op::Add(a) => {
+                    let current = match scratch.get(&k) {
+                        Some(v) => v.clone(),
+                        None => self.lookup(overlay, &k)?.map(|r| r.value),
+                    };
+                    match a.apply(current.as_deref()) {
+                        Ok(v) => {
+                            scratch.insert(k, Some(v.clone()));
+                            added[i] = Some(v);
+                        }
+                        Err(_) => {
+                            return Ok(TxnResponse {
+                                succeeded: false,
+                                revision: index,
+                                failed_precondition: Some((txn.preconditions.len() + i) as u32),
+                            })
+                        }
+                    }
+                }
+            }
+        }
         let cf_rows = self.db.cf(CF_ROWS);
         let mut seq = 0u32;
-        for op in &txn.ops {
+        for (op, added) in txn.ops.iter().zip(added) {
             let k = row_key(op.table(), op.key());
             let existing = self.lookup(overlay, &k)?;
             let kind = match op {
-                Op::Put { value, .. } => {
+                Op::Put { .. } | Op::Add(_) => {
+                    let value = match (op, added) {
+                        (Op::Put { value, .. }, _) => value.clone(),
+                        (_, Some(v)) => v,
+                        _ => unreachable!("every add was decided above"),
+                    };
                     let row = match existing {
                         Some(old) => Row {
-                            value: value.clone(),
+                            value,
                             create_revision: old.create_revision,
                             mod_revision: index,
                             version: old.version + 1,
                         },
                         None => Row {
-                            value: value.clone(),
+                            value,
                             create_revision: index,
                             mod_revision: index,
                             version: 1,

@@ -111,19 +111,109 @@ pub enum Op {
         table: String,
         key: String,
     },
+    /// Adds to numeric fields of a JSON object row, each bounded: the transaction fails (and
+    /// nothing of it applies) if a field would pass its bound. Boxed so the archived `Op`
+    /// keeps its size and entries written before this variant existed still decode.
+    Add(Box<AddOp>),
 }
 
 impl Op {
     pub fn table(&self) -> &str {
         match self {
             Op::Put { table, .. } | Op::Delete { table, .. } => table,
+            Op::Add(a) => &a.table,
         }
     }
 
     pub fn key(&self) -> &str {
         match self {
             Op::Put { key, .. } | Op::Delete { key, .. } => key,
+            Op::Add(a) => &a.key,
         }
+    }
+}
+
+/// [`Op::Add`]: integer additions to top-level fields of a row holding a JSON object, checked
+/// by the state machine when it applies the entry. This is how a claim on a shared counter (a
+/// host's used vCPUs) commits without conditioning on the row's revision: concurrent claims
+/// that all fit all commit, in log order, and the one that would overfill is refused.
+#[derive(
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct AddOp {
+    pub table: String,
+    pub key: String,
+    pub fields: Vec<AddField>,
+}
+
+/// One field of an [`AddOp`]: `field += delta`; with `max`, the result must be at most `max`.
+/// A missing field counts as 0, and a result below 0 is stored as 0.
+#[derive(
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct AddField {
+    pub name: String,
+    pub delta: i64,
+    pub max: Option<i64>,
+}
+
+/// Why an [`AddOp`] cannot apply to a row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddError {
+    #[error("the row does not exist")]
+    Absent,
+    #[error("the row is not a JSON object")]
+    NotAnObject,
+    #[error("field {0:?} is not an integer")]
+    NotAnInteger(String),
+    #[error("field {field:?} would be {value}, over its bound {max}")]
+    OverBound { field: String, value: i64, max: i64 },
+}
+
+impl AddOp {
+    /// The row's new value: `value` (a JSON object) with the additions made, or why not. Pure
+    /// and deterministic, so every replica decides the same.
+    pub fn apply(&self, value: Option<&[u8]>) -> Result<Vec<u8>, AddError> {
+        let value = value.ok_or(AddError::Absent)?;
+        let mut obj: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(value).map_err(|_| AddError::NotAnObject)?;
+        for f in &self.fields {
+            let cur = match obj.get(&f.name) {
+                None | Some(serde_json::Value::Null) => 0,
+                Some(v) => v
+                    .as_i64()
+                    .or_else(|| v.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX)))
+                    .ok_or_else(|| AddError::NotAnInteger(f.name.clone()))?,
+            };
+            let new = cur.saturating_add(f.delta).max(0);
+            if let Some(max) = f.max {
+                if f.delta > 0 && new > max {
+                    return Err(AddError::OverBound {
+                        field: f.name.clone(),
+                        value: new,
+                        max,
+                    });
+                }
+            }
+            obj.insert(f.name.clone(), serde_json::Value::from(new));
+        }
+        Ok(serde_json::to_vec(&obj).expect("a JSON map serialises"))
     }
 }
 
@@ -178,6 +268,17 @@ impl Txn {
         self
     }
 
+    /// Adds an [`Op::Add`]. If it cannot apply, the transaction fails with
+    /// `failed_precondition` = `preconditions.len()` + the op's index.
+    pub fn add(mut self, table: &str, key: &str, fields: Vec<AddField>) -> Self {
+        self.ops.push(Op::Add(Box::new(AddOp {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            fields,
+        })));
+        self
+    }
+
     /// Checks names and sizes before the transaction is proposed, so that a bad request is
     /// refused at the edge rather than committed to the log.
     pub fn validate(&self) -> Result<(), TxnError> {
@@ -197,13 +298,23 @@ impl Txn {
         for op in &self.ops {
             validate_user_table(op.table())?;
             validate_key(op.key())?;
-            if let Op::Put { value, .. } = op {
-                if value.len() > MAX_VALUE_BYTES {
+            match op {
+                Op::Put { value, .. } if value.len() > MAX_VALUE_BYTES => {
                     return Err(TxnError::ValueTooLarge {
                         len: value.len(),
                         max: MAX_VALUE_BYTES,
                     });
                 }
+                Op::Add(a)
+                    if a.fields.is_empty()
+                        || a.fields.len() > MAX_ADD_FIELDS
+                        || a.fields
+                            .iter()
+                            .any(|f| f.name.is_empty() || f.name.len() > MAX_TABLE_LEN) =>
+                {
+                    return Err(TxnError::BadAdd);
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -420,7 +531,12 @@ pub enum TxnError {
     ReservedTable(String),
     #[error("request id is invalid: it must be 1-{MAX_REQUEST_ID_LEN} printable ASCII characters")]
     BadRequestId,
+    #[error("an add op needs 1-{MAX_ADD_FIELDS} fields named by 1-{MAX_TABLE_LEN} bytes")]
+    BadAdd,
 }
+
+/// Most fields one [`Op::Add`] may change.
+pub const MAX_ADD_FIELDS: usize = 16;
 
 /// Table names are short lowercase identifiers, so they can be used in RocksDB keys with a
 /// separator and in metrics labels.
@@ -535,12 +651,76 @@ mod tests {
             )
                 .prop_map(|(table, key, value)| Op::Put { table, key, value }),
             (name, ".{1,16}").prop_map(|(table, key)| Op::Delete { table, key }),
+            (
+                name,
+                ".{1,16}",
+                ".{1,8}",
+                any::<i64>(),
+                any::<Option<i64>>()
+            )
+                .prop_map(|(table, key, name, delta, max)| Op::Add(Box::new(AddOp {
+                    table,
+                    key,
+                    fields: vec![AddField { name, delta, max }],
+                }))),
         ];
         (
             proptest::collection::vec(pre, 0..4),
             proptest::collection::vec(op, 0..4),
         )
             .prop_map(|(preconditions, ops)| Txn { preconditions, ops })
+    }
+
+    fn add(fields: &[(&str, i64, Option<i64>)]) -> AddOp {
+        AddOp {
+            table: "hosts".into(),
+            key: "h".into(),
+            fields: fields
+                .iter()
+                .map(|(name, delta, max)| AddField {
+                    name: (*name).to_owned(),
+                    delta: *delta,
+                    max: *max,
+                })
+                .collect(),
+        }
+    }
+
+    /// An add within its bounds changes only the named fields; one past a bound, a missing
+    /// row or a field that is not an integer refuses the whole op; a release saturates at 0.
+    #[test]
+    fn bounded_adds_apply_or_refuse_whole() {
+        let row = br#"{"used":3,"ram":100,"name":"h"}"#;
+        let v: serde_json::Value = serde_json::from_slice(
+            &add(&[("used", 2, Some(5)), ("ram", 50, None)])
+                .apply(Some(row))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v, serde_json::json!({"used": 5, "ram": 150, "name": "h"}));
+        assert_eq!(
+            add(&[("ram", 1, None), ("used", 3, Some(5))]).apply(Some(row)),
+            Err(AddError::OverBound {
+                field: "used".into(),
+                value: 6,
+                max: 5
+            })
+        );
+        assert_eq!(add(&[("used", 1, None)]).apply(None), Err(AddError::Absent));
+        assert_eq!(
+            add(&[("name", 1, None)]).apply(Some(row)),
+            Err(AddError::NotAnInteger("name".into()))
+        );
+        let v: serde_json::Value = serde_json::from_slice(
+            &add(&[("used", -9, Some(0)), ("new", 4, None)])
+                .apply(Some(row))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["used"], 0);
+        assert_eq!(v["new"], 4);
+        let empty = Txn::new().add("hosts", "h", Vec::new());
+        assert_eq!(empty.validate(), Err(TxnError::BadAdd));
     }
 
     proptest! {

@@ -124,6 +124,17 @@ struct Inner {
     /// one transaction (a multi-create, a batch of placements) share a revision, and libvirt
     /// names must differ on a host.
     names: std::sync::Mutex<HashMap<String, String>>,
+    /// Outcomes waiting to be written, and the right to write them: see [`Agent::write_row`].
+    results: std::sync::Mutex<Vec<PendingRow>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+/// A row an agent step wants written if it is still at `revision`, and who waits for it.
+struct PendingRow {
+    key: String,
+    value: Vec<u8>,
+    revision: u64,
+    done: tokio::sync::oneshot::Sender<Result<Option<u64>, StateError>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -161,6 +172,8 @@ impl Agent {
                 cfg,
                 disk_cache,
                 names: Default::default(),
+                results: Default::default(),
+                writer: Default::default(),
             }),
         })
     }
@@ -1015,16 +1028,50 @@ impl Agent {
         if r == row.value {
             return Ok(());
         }
-        if self
-            .inner
-            .servers
-            .put_at(&r.id, &r, row.revision)
-            .await?
-            .is_none()
-        {
+        if self.write_row(&r, row.revision).await?.is_none() {
             tracing::debug!(server = %r.id, "row changed while acting on it; the newer row wins");
         }
         Ok(())
+    }
+
+    /// Writes `r` if its row is still at `revision` (`None` if it moved), in one transaction
+    /// with the outcomes other instances' steps are writing at the same time: while one write
+    /// is in flight the next ones queue, and the first of them to get the writer's turn writes
+    /// them all (group commit). A burst of creates on this host costs a few Raft writes instead
+    /// of one per server.
+    async fn write_row(&self, r: &ServerRecord, revision: u64) -> Result<Option<u64>, StateError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(PendingRow {
+                key: r.id.clone(),
+                value: self.inner.servers.encode(r),
+                revision,
+                done,
+            });
+        {
+            let _turn = self.inner.writer.lock().await;
+            let batch =
+                std::mem::take(&mut *self.inner.results.lock().unwrap_or_else(|e| e.into_inner()));
+            // Empty when an earlier turn took this row with its own.
+            if !batch.is_empty() {
+                let rows: Vec<(String, Vec<u8>, u64)> = batch
+                    .iter()
+                    .map(|p| (p.key.clone(), p.value.clone(), p.revision))
+                    .collect();
+                let answers = self.inner.servers.put_at_many(&rows).await;
+                for (p, a) in batch.into_iter().zip(answers) {
+                    let _ = p.done.send(a);
+                }
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StateError::Unavailable(
+                "the write of this outcome was dropped".into(),
+            ))
+        })
     }
 
     /// Ensures the images, writes the overlay, renders and starts the domain. Returns the
@@ -1094,17 +1141,21 @@ impl Agent {
             None
         };
         // The name libvirt already knows the domain by wins; else the row's; else a new one
-        // from the row's revision, or the next number free on this host.
-        let domains = self.inner.hv.list().await.map_err(|e| e.to_string())?;
-        let existing = domains
-            .iter()
-            .find(|d| d.uuid == s.id)
-            .map(|d| d.name.clone());
+        // from the row's revision, or the next number free among the names this agent handed
+        // out. One lookup by uuid, not a listing of the host's domains (a call per domain, for
+        // every spawn): a name some other domain holds is met by the define below, which then
+        // takes the next number.
+        let existing = self
+            .inner
+            .hv
+            .name_of(&s.id)
+            .await
+            .map_err(|e| e.to_string())?;
         let chosen = existing.or_else(|| s.instance_name.clone());
         let fresh = chosen.is_none();
         let mut name = match chosen {
             Some(name) => name,
-            None => self.claim_name(revision, &s.id, &domains),
+            None => self.claim_name(revision, &s.id),
         };
         let mut spec = DomainSpec {
             name: name.clone(),
@@ -1154,7 +1205,7 @@ impl Agent {
                         .strip_prefix("instance-")
                         .and_then(|h| u64::from_str_radix(h, 16).ok())
                         .unwrap_or(revision);
-                    name = self.claim_name(from + 1, &s.id, &[]);
+                    name = self.claim_name(from + 1, &s.id);
                     spec.name = name.clone();
                 }
                 Err(e) => return Err(e.to_string()),
@@ -1196,20 +1247,13 @@ impl Agent {
         Ok(out)
     }
 
-    /// The first `instance-%08x` from `from` on that no other server holds on this host,
-    /// neither among `domains` nor among the names this agent handed out; recorded as
-    /// `uuid`'s.
-    fn claim_name(
-        &self,
-        from: u64,
-        uuid: &str,
-        domains: &[crate::hypervisor::DomainInfo],
-    ) -> String {
+    /// The first `instance-%08x` from `from` on that no other server holds among the names
+    /// this agent handed out; recorded as `uuid`'s. (A domain this agent did not name, defined
+    /// by hand or by an earlier process, is met when the name is defined: the caller then asks
+    /// for the next number.)
+    fn claim_name(&self, from: u64, uuid: &str) -> String {
         let mut names = self.inner.names.lock().expect("names lock");
-        let taken = |n: &str| {
-            domains.iter().any(|d| d.name == n && d.uuid != uuid)
-                || names.get(n).is_some_and(|id| id != uuid)
-        };
+        let taken = |n: &str| names.get(n).is_some_and(|id| id != uuid);
         let name = (from..)
             .map(crate::server::instance_name)
             .find(|n| !taken(n))

@@ -9,13 +9,14 @@
 //! after that barrier would return.
 //!
 //! Placement ([`crate::placement::place_with`]) schedules its first attempt from the view
-//! without waiting; a claim is conditioned on each host's generation anyway, so a stale view
-//! costs a retry, never a double booking. Correctness never depends on the view: a "no valid
+//! without waiting; the state machine checks each claim against the host's usage when it
+//! applies, so a stale view costs a retry, never a double booking. Correctness never depends on the view: a "no valid
 //! host" is always confirmed from a listing read after a barrier, and a retry uses the view only
 //! when it has caught up with the retry's barrier (and never twice in a row after a conflict).
 //!
-//! The `instances` table is not watched: a host row lists its instance ids, which is all the
-//! scheduler reads of instances (server-group and same/different-host filters).
+//! The `instances` table is not watched: only requests with server-group, same/different-host
+//! or JSON-query hints read which instances a host runs, and they read the table
+//! (`placement::fill_instances`) after the group row they are conditioned on.
 //!
 //! A watch that ends (an error, the store closing) is resumed from the view's revision, keeping
 //! the rows; only a resume older than the retained history (`WatchError::Compacted`) lists the
@@ -177,7 +178,7 @@ impl<T> Rows<T> {
 /// The hosts, aggregates and services as placement composes them.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// The `hosts` rows as stored (generation = row revision): claims are applied to these.
+    /// The `hosts` rows as stored (generation = row revision).
     pub stored: Vec<Host>,
     /// The hosts as the scheduler sees them (services and aggregates applied).
     pub hosts: Vec<Host>,

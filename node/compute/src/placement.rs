@@ -2,9 +2,10 @@
 //!
 //! Two tables: `hosts` (host name → JSON [`Host`]) and `instances` (instance id → JSON
 //! [`InstanceRecord`]). A host's *generation* is its row's `mod_revision`: every change to the
-//! row moves it, so a transaction conditioned on `Expect::Revision(generation)` commits only if
-//! nobody changed the host since it was read. The `generation` field stored inside the JSON is
-//! not authoritative and is overwritten with the row's `mod_revision` on every read.
+//! row moves it (registration is conditioned on it). The `generation` field stored inside the
+//! JSON is not authoritative and is overwritten with the row's `mod_revision` on every read.
+//! Claims are bounded adds to the row's usage that the state machine checks when it applies
+//! them ([`claims_txn`]), so claims on one host do not conflict unless they overfill it.
 //!
 //! [`place`] runs the pure scheduler over the local replica and commits every claim of a
 //! request in one Raft transaction; see docs/scheduler.md, "Claims in the cluster".
@@ -17,10 +18,10 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, ClusterError};
 use shoal_scheduler::{
-    apply_claim, Aggregate, AllocationRatios, Claim, Host, Request, RequestError, ScheduleError,
-    Scheduler, SchedulerConfig,
+    Aggregate, AllocationRatios, Claim, Host, Request, RequestError, ScheduleError, Scheduler,
+    SchedulerConfig,
 };
-use shoal_types::{Expect, Row, Txn};
+use shoal_types::{AddField, Expect, Row, Txn};
 
 use crate::host_view::HostView;
 
@@ -274,12 +275,16 @@ pub enum HostError {
     Contended(String),
 }
 
-/// Decodes a host row; its generation is the row's `mod_revision`.
+/// Decodes a host row; its generation is the row's `mod_revision`. Its `instances` are left
+/// empty: see [`fill_instances`].
 pub fn decode_host(key: &str, row: &Row) -> Result<Host, HostError> {
     let mut h: Host =
         serde_json::from_slice(&row.value).map_err(|e| HostError::Corrupt(key.to_owned(), e))?;
     h.name = key.to_owned();
     h.generation = row.mod_revision;
+    // Rows written before claims stopped listing instances may still carry a list; it is not
+    // kept up to date, so nothing reads it (`fill_instances` reads the `instances` table).
+    h.instances.clear();
     Ok(h)
 }
 
@@ -494,24 +499,48 @@ pub(crate) fn compose<'a>(
     (hosts, aggregates.into_values().collect())
 }
 
+/// What a host may hold of each resource, as the scheduler's filters count it: Placement's
+/// `(total - reserved) × ratio`, with the ratios the host's aggregates set (Nova's
+/// Aggregate{Core,Ram,Disk}Filter). `None`: no bound (a host reporting no vCPUs is not judged
+/// on them, as Nova's CoreFilter does).
+pub fn capacity_limits(host: &Host, aggregates: &[Aggregate]) -> [Option<i64>; 3] {
+    let metadata = shoal_scheduler::filters::merge_metadata(
+        aggregates
+            .iter()
+            .filter(|a| host.aggregates.contains(&a.name))
+            .map(|a| &a.metadata),
+    );
+    let r = shoal_scheduler::filters::effective_ratios(host.allocation_ratios, &metadata);
+    let bound = |usable: f64, ratio: f64| (usable * ratio).floor() as i64;
+    [
+        (host.vcpus_total > 0).then(|| bound(f64::from(host.vcpus_usable()), r.cpu)),
+        Some(bound(host.ram_mb_usable() as f64, r.ram)),
+        Some(bound(host.disk_mb_usable() as f64, r.disk)),
+    ]
+}
+
+/// The fields of a `hosts` row a claim adds to, in the order of [`capacity_limits`].
+const USAGE_FIELDS: [&str; 3] = ["vcpus_used", "ram_mb_used", "disk_mb_used"];
+
 /// Builds the one transaction that commits every claim of a request: a precondition on each
-/// touched host's generation and on each instance's absence, the updated hosts, and one
-/// `instances` row per claim.
-pub fn claims_txn(hosts: &[Host], claims: &[Claim]) -> Result<Txn, PlaceError> {
-    let mut touched: BTreeMap<&str, Host> = BTreeMap::new();
+/// instance's absence, one `instances` row per claim, and for each touched host one bounded
+/// [`Op::Add`](shoal_types::Op::Add) of the request's resources to its usage. The state machine
+/// checks the bound when it applies the entry, so claims on one host through different nodes
+/// do not conflict unless together they would overfill it (then the later one is refused, and
+/// the transaction's `failed_precondition` points past the preconditions, at that add).
+/// `hosts` and `aggregates` are the scheduler's view, for the limits.
+pub fn claims_txn(
+    hosts: &[Host],
+    aggregates: &[Aggregate],
+    claims: &[Claim],
+) -> Result<Txn, PlaceError> {
+    let mut touched: BTreeMap<&str, [i64; 3]> = BTreeMap::new();
     let mut txn = Txn::new();
     for c in claims {
-        let host = match touched.get_mut(c.host.as_str()) {
-            Some(h) => h,
-            None => {
-                let h = hosts.iter().find(|h| h.name == c.host).ok_or_else(|| {
-                    PlaceError::View(format!("claim names unknown host {:?}", c.host))
-                })?;
-                txn = txn.when(HOSTS, &h.name, Expect::Revision(h.generation));
-                touched.entry(c.host.as_str()).or_insert_with(|| h.clone())
-            }
-        };
-        apply_claim(host, c).map_err(|e| PlaceError::View(e.to_string()))?;
+        let sum = touched.entry(c.host.as_str()).or_default();
+        sum[0] += i64::from(c.vcpus);
+        sum[1] += c.ram_mb as i64;
+        sum[2] += c.disk_mb as i64;
         txn = txn.when(INSTANCES, &c.instance_id, Expect::Absent);
         let rec = InstanceRecord {
             host: c.host.clone(),
@@ -525,14 +554,51 @@ pub fn claims_txn(hosts: &[Host], claims: &[Claim]) -> Result<Txn, PlaceError> {
             serde_json::to_vec(&rec).expect("an instance record serialises"),
         );
     }
-    for (name, host) in touched {
-        txn = txn.put(
-            HOSTS,
-            name,
-            serde_json::to_vec(&host).expect("a host serialises"),
-        );
+    for (name, sum) in touched {
+        let h = hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| PlaceError::View(format!("claim names unknown host {name:?}")))?;
+        let limits = capacity_limits(h, aggregates);
+        let fields = USAGE_FIELDS
+            .iter()
+            .zip(sum)
+            .zip(limits)
+            .map(|((field, delta), max)| AddField {
+                name: (*field).to_owned(),
+                delta,
+                max,
+            })
+            .collect();
+        txn = txn.add(HOSTS, name, fields);
     }
     Ok(txn)
+}
+
+/// The hosts' instances, from the `instances` table: host rows do not list them (a list that
+/// grew with every claim would make every claim rewrite it). Only the requests whose filters
+/// look at which instances a host runs (server groups, `same_host`, `different_host`, JSON
+/// queries on `$num_instances`) need them.
+pub async fn fill_instances(cluster: &Cluster, hosts: &mut [Host]) -> Result<(), HostError> {
+    let mut by_host: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (id, row) in cluster.list(INSTANCES, "", usize::MAX).await? {
+        let rec: InstanceRecord = serde_json::from_slice(&row.value)
+            .map_err(|e| HostError::Corrupt(format!("{INSTANCES}/{id}"), e))?;
+        by_host.entry(rec.host).or_default().push(id);
+    }
+    for h in hosts {
+        h.instances = by_host.remove(&h.name).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// Whether the request's filters read the instances each host runs.
+fn needs_instances(request: &Request) -> bool {
+    let h = &request.hints;
+    h.group.is_some()
+        || !h.same_host.is_empty()
+        || !h.different_host.is_empty()
+        || h.query.is_some()
 }
 
 /// Schedules `request` over the replica and commits its claims, re-reading and retrying when
@@ -565,9 +631,9 @@ enum Source {
 /// rows) to each attempt's claim transaction, so that the claims and what they are for commit
 /// together. A failed precondition of `extra` ends the placement with `ExtraPrecondition`.
 ///
-/// Correctness never rests on `view`: every claim is conditioned on the generation of the row
-/// it was computed from, a "no valid host" is answered only from a listing read after a read
-/// barrier, and after a conflict on a view that claimed to be exact the next attempt lists.
+/// Correctness never rests on `view`: the state machine checks every claim against the host's
+/// usage when it applies, a "no valid host" is answered only from a listing read after a read
+/// barrier, and after a refusal on a view that claimed to be exact the next attempt lists.
 pub async fn place_with(
     cluster: &Cluster,
     view: Option<&HostView>,
@@ -602,26 +668,27 @@ pub async fn place_with(
                 .map(|s| (s, Source::ExactView)),
             (None, _) => None,
         };
-        let (hosts, view_hosts, aggregates, source) = match viewed {
-            Some(((snap, _), source)) => (
-                snap.stored.clone(),
-                snap.hosts.clone(),
-                snap.aggregates.clone(),
-                source,
-            ),
+        let (mut view_hosts, aggregates, source) = match viewed {
+            Some(((snap, _), source)) => (snap.hosts.clone(), snap.aggregates.clone(), source),
             None => {
                 let hosts = list_hosts(cluster).await?;
                 let (view_hosts, aggregates) = host_view(cluster, &hosts).await?;
-                (hosts, view_hosts, aggregates, Source::Listing)
+                (view_hosts, aggregates, Source::Listing)
             }
         };
+        if needs_instances(request) {
+            // Read after the caller read the server group (the local replica only moves
+            // forward), so every member the group row names has its `instances` row here: it
+            // was written in the same transaction that made it a member.
+            fill_instances(cluster, &mut view_hosts).await?;
+        }
         last = Some(source);
         let config = SchedulerConfig {
             host_subset_size: HOST_SUBSET_SIZE,
             seed: rand::rng().random(),
             ..SchedulerConfig::default()
         };
-        let mut scheduler = Scheduler::new(config, view_hosts, aggregates)
+        let mut scheduler = Scheduler::new(config, view_hosts.clone(), aggregates.clone())
             .map_err(|e| PlaceError::View(e.to_string()))?;
         let claims = match scheduler.select(request) {
             Ok(claims) => claims,
@@ -638,7 +705,7 @@ pub async fn place_with(
             }
             Err(e) => return Err(e.into()),
         };
-        let own = claims_txn(&hosts, &claims)?;
+        let own = claims_txn(&view_hosts, &aggregates, &claims)?;
         let own_preconditions = own.preconditions.len();
         let txn = extra(own, &claims);
         let resp = cluster.write(txn.clone()).await?;
@@ -700,19 +767,22 @@ pub async fn release(
             instance_id,
             Expect::Revision(claim_row.mod_revision),
         );
-        if let Some(row) = cluster.get(HOSTS, &claim.host).await? {
-            let mut host = decode_host(&claim.host, &row)?;
-            host.vcpus_used = host.vcpus_used.saturating_sub(claim.vcpus);
-            host.ram_mb_used = host.ram_mb_used.saturating_sub(claim.ram_mb);
-            host.disk_mb_used = host.disk_mb_used.saturating_sub(claim.disk_mb);
-            host.instances.retain(|i| i != instance_id);
-            txn = txn
-                .when(HOSTS, &claim.host, Expect::Revision(row.mod_revision))
-                .put(
-                    HOSTS,
-                    &claim.host,
-                    serde_json::to_vec(&host).expect("a host serialises"),
-                );
+        if cluster.get(HOSTS, &claim.host).await?.is_some() {
+            // Unbounded and unconditioned: giving resources back never conflicts with claims.
+            let fields = USAGE_FIELDS
+                .iter()
+                .zip([
+                    i64::from(claim.vcpus),
+                    claim.ram_mb as i64,
+                    claim.disk_mb as i64,
+                ])
+                .map(|(field, used)| AddField {
+                    name: (*field).to_owned(),
+                    delta: -used,
+                    max: None,
+                })
+                .collect();
+            txn = txn.add(HOSTS, &claim.host, fields);
         }
         let resp = cluster
             .write(extra(txn.delete(INSTANCES, instance_id)))
@@ -831,61 +901,76 @@ mod tests {
         }
     }
 
-    /// Two claims on one host give one precondition on the generation read, and the host row
-    /// written carries both claims.
+    type Adds = Vec<(String, Vec<(i64, Option<i64>)>)>;
+
+    fn adds(txn: &Txn) -> Adds {
+        txn.ops
+            .iter()
+            .filter_map(|op| match op {
+                shoal_types::Op::Add(a) if a.table == HOSTS => Some((
+                    a.key.clone(),
+                    a.fields.iter().map(|f| (f.delta, f.max)).collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Two claims on one host give one bounded add of both, with the host's limits; no
+    /// precondition on any host row, one on each instance's absence.
     #[test]
-    fn claims_txn_conditions_each_host_once_on_the_generation_read() {
+    fn claims_txn_adds_each_hosts_claims_once_bounded() {
         let hosts = vec![host("a", 7), host("b", 9)];
         let claims = vec![
             claim("a", 7, "i1"),
             claim("a", 8, "i2"),
             claim("b", 9, "i3"),
         ];
-        let txn = claims_txn(&hosts, &claims).unwrap();
-        let host_pre: Vec<_> = txn
-            .preconditions
-            .iter()
-            .filter(|p| p.table == HOSTS)
-            .map(|p| (p.key.as_str(), p.expect))
-            .collect();
-        assert_eq!(
-            host_pre,
-            vec![("a", Expect::Revision(7)), ("b", Expect::Revision(9))]
-        );
+        let txn = claims_txn(&hosts, &[], &claims).unwrap();
+        assert!(txn.preconditions.iter().all(|p| p.table == INSTANCES));
         assert_eq!(
             txn.preconditions
                 .iter()
-                .filter(|p| p.table == INSTANCES && p.expect == Expect::Absent)
+                .filter(|p| p.expect == Expect::Absent)
                 .count(),
             3
         );
-        let a = txn
-            .ops
-            .iter()
-            .find_map(|op| match op {
-                shoal_types::Op::Put { table, key, value } if table == HOSTS && key == "a" => {
-                    Some(serde_json::from_slice::<Host>(value).unwrap())
-                }
-                _ => None,
-            })
-            .unwrap();
+        let [cpu, ram, disk] = capacity_limits(&hosts[0], &[]);
         assert_eq!(
-            (a.vcpus_used, a.ram_mb_used, a.disk_mb_used),
-            (2, 1024, 2048)
+            adds(&txn),
+            vec![
+                ("a".to_owned(), vec![(2, cpu), (1024, ram), (2048, disk)]),
+                ("b".to_owned(), vec![(1, cpu), (512, ram), (1024, disk)]),
+            ]
         );
-        assert_eq!(a.instances, vec!["i1", "i2"]);
+        assert!(matches!(
+            claims_txn(&hosts, &[], &[claim("z", 1, "i1")]),
+            Err(PlaceError::View(_))
+        ));
     }
 
+    /// The bound is what the filters check: `(total - reserved) × ratio`, with an aggregate's
+    /// ratio over the host's own.
     #[test]
-    fn claims_txn_refuses_a_claim_made_at_another_generation() {
-        let hosts = vec![host("a", 7)];
-        assert!(matches!(
-            claims_txn(&hosts, &[claim("a", 6, "i1")]),
-            Err(PlaceError::View(_))
-        ));
-        assert!(matches!(
-            claims_txn(&hosts, &[claim("z", 1, "i1")]),
-            Err(PlaceError::View(_))
-        ));
+    fn capacity_limits_follow_the_filters() {
+        let mut h = host("a", 1);
+        h.allocation_ratios = AllocationRatios {
+            cpu: 4.0,
+            ram: 1.5,
+            disk: 1.0,
+        };
+        h.ram_mb_reserved = 1024;
+        assert_eq!(
+            capacity_limits(&h, &[]),
+            [Some(16), Some(4608), Some(10240)]
+        );
+        h.aggregates = vec!["slow".into()];
+        let agg = Aggregate {
+            name: "slow".into(),
+            metadata: [("cpu_allocation_ratio".to_owned(), "2.0".to_owned())].into(),
+        };
+        assert_eq!(capacity_limits(&h, &[agg])[0], Some(8));
+        h.vcpus_total = 0;
+        assert_eq!(capacity_limits(&h, &[])[0], None);
     }
 }

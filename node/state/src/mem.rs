@@ -103,7 +103,48 @@ impl MemStore {
                 failed_precondition: Some(i as u32),
             };
         }
-        for op in txn.ops {
+        // The adds are decided first: one that cannot apply fails the transaction.
+        let mut added = Vec::with_capacity(txn.ops.len());
+        let mut scratch: BTreeMap<(String, String), Option<Vec<u8>>> = BTreeMap::new();
+        for (i, op) in txn.ops.iter().enumerate() {
+            let k = (op.table().to_owned(), op.key().to_owned());
+            let current = match scratch.get(&k) {
+                Some(v) => v.clone(),
+                None => inner.rows.get(&k).map(|r| r.value.clone()),
+            };
+            match op {
+                Op::Put { value, .. } => {
+                    scratch.insert(k, Some(value.clone()));
+                    added.push(None);
+                }
+                Op::Delete { .. } => {
+                    scratch.insert(k, None);
+                    added.push(None);
+                }
+                Op::Add(a) => match a.apply(current.as_deref()) {
+                    Ok(v) => {
+                        scratch.insert(k, Some(v.clone()));
+                        added.push(Some(v));
+                    }
+                    Err(_) => {
+                        return TxnResponse {
+                            succeeded: false,
+                            revision,
+                            failed_precondition: Some((txn.preconditions.len() + i) as u32),
+                        }
+                    }
+                },
+            }
+        }
+        for (op, added) in txn.ops.into_iter().zip(added) {
+            let op = match (op, added) {
+                (Op::Add(a), Some(value)) => Op::Put {
+                    table: a.table,
+                    key: a.key,
+                    value,
+                },
+                (op, _) => op,
+            };
             match op {
                 Op::Put { table, key, value } => {
                     let slot = inner.rows.entry((table, key));
@@ -120,6 +161,7 @@ impl MemStore {
                 Op::Delete { table, key } => {
                     inner.rows.remove(&(table, key));
                 }
+                Op::Add(_) => unreachable!("every add was decided above"),
             }
         }
         TxnResponse {

@@ -168,6 +168,70 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         Ok(resp.succeeded.then_some(resp.revision))
     }
 
+    /// Several [`Table::put_at`]s in one transaction: each row replaced if it is still at its
+    /// revision. A row that moved is left out (its answer is `None`) and the rest are written
+    /// again, so one stale row costs the others a round, never their write. Answers are in the
+    /// order of `rows`. On an error, every row not yet written gets it as a `Err` message (the
+    /// error applies to them all).
+    pub async fn put_at_many(
+        &self,
+        rows: &[(String, Vec<u8>, u64)],
+    ) -> Vec<Result<Option<u64>, StateError>> {
+        let mut answers: Vec<Option<Result<Option<u64>, StateError>>> =
+            rows.iter().map(|_| None).collect();
+        let mut left: Vec<usize> = (0..rows.len()).collect();
+        while !left.is_empty() {
+            let mut txn = Txn::new();
+            for &i in &left {
+                let (key, value, revision) = &rows[i];
+                txn = txn.when(self.name, key, Expect::Revision(*revision)).put(
+                    self.name,
+                    key,
+                    value.clone(),
+                );
+            }
+            match self.store.write(txn).await {
+                Ok(resp) if resp.succeeded => {
+                    for &i in &left {
+                        answers[i] = Some(Ok(Some(resp.revision)));
+                    }
+                    left.clear();
+                }
+                Ok(resp) => match resp.failed_precondition.map(|p| p as usize) {
+                    Some(p) if p < left.len() => {
+                        answers[left.remove(p)] = Some(Ok(None));
+                    }
+                    _ => {
+                        for &i in &left {
+                            answers[i] = Some(Ok(None));
+                        }
+                        left.clear();
+                    }
+                },
+                Err(e) => {
+                    use shoal_consensus::cluster::ClusterError as C;
+                    let again = || match &e {
+                        C::CommitUnknown(m) => C::CommitUnknown(m.clone()),
+                        C::BadRequest(m) => C::BadRequest(m.clone()),
+                        other => C::Unavailable(other.to_string()),
+                    };
+                    for &i in &left {
+                        answers[i] = Some(Err(StateError::from_cluster(
+                            self.name,
+                            &rows[i].0,
+                            again(),
+                        )));
+                    }
+                    left.clear();
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every row gets an answer"))
+            .collect()
+    }
+
     /// Writes the row whatever is there.
     pub async fn put(&self, key: &str, value: &T) -> Result<u64, StateError> {
         let txn = Txn::new().put(self.name, key, self.encode(value));

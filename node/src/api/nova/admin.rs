@@ -356,12 +356,13 @@ async fn list_hypervisors(State(state): State<AppState>, auth: Auth) -> ApiResul
 
 /// What each host registered in `hosts` (its libvirt driver, version and capacity), by name.
 async fn host_rows(state: &AppState) -> ApiResult<HashMap<String, shoal_scheduler::Host>> {
-    Ok(shoal_compute::placement::list_hosts(&state.cluster)
+    let mut hosts = shoal_compute::placement::list_hosts(&state.cluster)
         .await
-        .map_err(|e| ApiError::internal_logged(&e).nova())?
-        .into_iter()
-        .map(|h| (h.name.clone(), h))
-        .collect())
+        .map_err(|e| ApiError::internal_logged(&e).nova())?;
+    shoal_compute::placement::fill_instances(&state.cluster, &mut hosts)
+        .await
+        .map_err(|e| ApiError::internal_logged(&e).nova())?;
+    Ok(hosts.into_iter().map(|h| (h.name.clone(), h)).collect())
 }
 
 /// Nova 2.1's detailed hypervisor view of a member; a member that has not registered in

@@ -473,13 +473,20 @@ async fn create(
         return Err(e);
     }
 
-    // 1. The rows, under the project's quota (instances, cores, RAM), race-free.
+    // 1. The rows, under the project's quota (instances, cores, RAM), race-free. A project
+    //    without limits on them has nothing to check: its rows are written with the placement,
+    //    one Raft write instead of two.
     let limits = (quota("instances"), quota("cores"), quota("ram"));
-    let revisions = match write_within_quota(&state, &project, &records, limits).await {
-        Ok(r) => r,
-        Err(e) => {
-            release_ports(&state, &records).await;
-            return Err(e);
+    let unlimited = limits.0 < 0 && limits.1 < 0 && limits.2 < 0;
+    let revisions = if unlimited {
+        None
+    } else {
+        match write_within_quota(&state, &project, &records, limits).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                release_ports(&state, &records).await;
+                return Err(e);
+            }
         }
     };
 
@@ -519,23 +526,38 @@ async fn create(
         request,
     )
     .await;
-    if let Err(fault) = outcome {
-        // No host fit (or placement failed): the servers go to ERROR with the reason, as
-        // Nova's conductor does, and the create itself still answers 202.
-        for (r, rev) in records.iter().zip(&revisions) {
-            let mut r = r.clone();
-            r.vm_state = VmState::Error;
-            r.task_state = None;
-            r.fault = Some(shoal_compute::server::Fault {
-                code: fault.0,
-                message: fault.1.clone(),
-                created: now_rfc3339(),
-            });
-            r.updated = now_rfc3339();
-            servers(&state)
-                .put_at(&r.id, &r, *rev)
-                .await
-                .map_err(nova_err)?;
+    match outcome {
+        Ok(()) => {}
+        Err(PlaceFailure::Exists) => {
+            release_ports(&state, &records).await;
+            return Err(ApiError::conflict("a server with this id exists").nova());
+        }
+        Err(PlaceFailure::Fault(code, message)) => {
+            // No host fit (or placement failed): the servers go to ERROR with the reason, as
+            // Nova's conductor does, and the create itself still answers 202.
+            for (i, r) in records.iter().enumerate() {
+                let mut r = r.clone();
+                r.vm_state = VmState::Error;
+                r.task_state = None;
+                r.fault = Some(shoal_compute::server::Fault {
+                    code,
+                    message: message.clone(),
+                    created: now_rfc3339(),
+                });
+                r.updated = now_rfc3339();
+                match &revisions {
+                    Some(revs) => servers(&state)
+                        .put_at(&r.id, &r, revs[i])
+                        .await
+                        .map(|_| ())
+                        .map_err(nova_err)?,
+                    None => servers(&state)
+                        .put_if_absent(&r.id, &r)
+                        .await
+                        .map(|_| ())
+                        .map_err(nova_err)?,
+                }
+            }
         }
     }
 
@@ -684,24 +706,8 @@ async fn write_within_quota(
             .sum::<i64>(),
         records.iter().map(|r| r.flavor.ram_mb as i64).sum::<i64>(),
     );
-    // Nothing to guard when the project has no limit on any of the three: the rows go in
-    // without touching the guard, so creates of one project do not queue behind each other.
-    let unlimited = q_inst < 0 && q_cores < 0 && q_ram < 0;
-    if unlimited {
-        let mut txn = Txn::new();
-        for r in records {
-            txn = txn.when(tables::SERVERS, &r.id, Expect::Absent).put(
-                tables::SERVERS,
-                &r.id,
-                serde_json::to_vec(r).expect("server records serialise"),
-            );
-        }
-        let resp = state.cluster.write(txn).await.map_err(nova_err)?;
-        if !resp.succeeded {
-            return Err(ApiError::conflict("a server with this id exists").nova());
-        }
-        return Ok(vec![resp.revision; records.len()]);
-    }
+    // (A project with no limit on any of the three does not come here: its rows are written
+    // with the placement, without the guard.)
     for attempt in 0..QUOTA_ATTEMPTS {
         if attempt > 0 {
             // Jittered, growing backoff: creates of one project at once take turns.
@@ -776,21 +782,36 @@ async fn load_group(
     Ok((g, policy))
 }
 
+/// Why [`place_servers`] placed nothing.
+enum PlaceFailure {
+    /// The fault the servers get: `(code, message)`.
+    Fault(u16, String),
+    /// Rows that were to be created exist already.
+    Exists,
+}
+
+impl From<(u16, String)> for PlaceFailure {
+    fn from((code, message): (u16, String)) -> Self {
+        PlaceFailure::Fault(code, message)
+    }
+}
+
 /// Schedules and commits the claims with the rows (host set, `spawning`), and the group's new
-/// members; re-reads the group when a concurrent create changed it. `Err((code, message))` is
-/// the fault the servers get.
+/// members; re-reads the group when a concurrent create changed it. With `revisions`, the rows
+/// were written before (under the quota guard) and each write is conditioned on its revision;
+/// without, the rows are created by the same transaction.
 async fn place_servers(
     state: &AppState,
     records: &[ServerRecord],
-    revisions: &[u64],
+    revisions: &Option<Vec<u64>>,
     group_id: Option<&str>,
     project: &str,
     task: TaskState,
     request: impl Fn(Vec<String>, Option<GroupPolicy>) -> Request,
-) -> Result<(), (u16, String)> {
+) -> Result<(), PlaceFailure> {
     let internal = |e: &dyn std::fmt::Display| {
         tracing::warn!(error = %e, "placement failed");
-        (
+        PlaceFailure::Fault(
             500u16,
             "Failed to schedule the instance: the cluster could not commit the placement"
                 .to_owned(),
@@ -832,18 +853,20 @@ async fn place_servers(
                             serde_json::to_vec(&row).expect("groups serialise"),
                         );
                 }
-                for ((r, rev), c) in records.iter().zip(revisions).zip(claims) {
+                for ((i, r), c) in records.iter().enumerate().zip(claims) {
                     let mut r = r.clone();
                     r.host = Some(c.host.clone());
                     r.task_state = Some(task);
                     r.updated = now_rfc3339();
-                    txn = txn
-                        .when(tables::SERVERS, &r.id, Expect::Revision(*rev))
-                        .put(
-                            tables::SERVERS,
-                            &r.id,
-                            serde_json::to_vec(&r).expect("server records serialise"),
-                        );
+                    let expect = match revisions {
+                        Some(revs) => Expect::Revision(revs[i]),
+                        None => Expect::Absent,
+                    };
+                    txn = txn.when(tables::SERVERS, &r.id, expect).put(
+                        tables::SERVERS,
+                        &r.id,
+                        serde_json::to_vec(&r).expect("server records serialise"),
+                    );
                 }
                 txn
             },
@@ -854,14 +877,20 @@ async fn place_servers(
             Err(PlaceError::ExtraPrecondition { table, .. }) if table == tables::SERVER_GROUPS => {
                 continue
             }
+            Err(PlaceError::ExtraPrecondition { .. }) if revisions.is_none() => {
+                return Err(PlaceFailure::Exists);
+            }
             Err(PlaceError::ExtraPrecondition { .. }) => {
                 // The rows changed: a delete came first. Nothing to place.
                 return Ok(());
             }
             Err(PlaceError::Schedule(ScheduleError::NoValidHost(nvh))) => {
-                return Err((500, format!("No valid host was found. {nvh}")));
+                return Err(PlaceFailure::Fault(
+                    500,
+                    format!("No valid host was found. {nvh}"),
+                ));
             }
-            Err(PlaceError::Schedule(e)) => return Err((400, e.to_string())),
+            Err(PlaceError::Schedule(e)) => return Err(PlaceFailure::Fault(400, e.to_string())),
             Err(PlaceError::Contended(n)) => {
                 tracing::warn!(
                     attempts = n,
@@ -872,7 +901,7 @@ async fn place_servers(
             Err(e) => return Err(internal(&e)),
         }
     }
-    Err((
+    Err(PlaceFailure::Fault(
         500,
         "No valid host was found: placement kept conflicting with concurrent creates".into(),
     ))

@@ -60,7 +60,10 @@ async fn hosts_list(
 ) -> ApiResult<Json<Value>> {
     auth.require_admin()?;
     barrier(&state, &params).await?;
-    let hosts = placement::list_hosts(&state.cluster)
+    let mut hosts = placement::list_hosts(&state.cluster)
+        .await
+        .map_err(host_error)?;
+    placement::fill_instances(&state.cluster, &mut hosts)
         .await
         .map_err(host_error)?;
     Ok(Json(json!({ "hosts": hosts })))
@@ -79,7 +82,11 @@ async fn host_get(
         .get(placement::HOSTS, &name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("host {name:?} does not exist")))?;
-    let host = placement::decode_host(&name, &row).map_err(host_error)?;
+    let mut host = [placement::decode_host(&name, &row).map_err(host_error)?];
+    placement::fill_instances(&state.cluster, &mut host)
+        .await
+        .map_err(host_error)?;
+    let [host] = host;
     Ok(Json(json!({ "host": host })))
 }
 
@@ -97,9 +104,13 @@ async fn host_put(
     }
     let spec: HostSpec = parse(&body)?;
     spec.validate().map_err(ApiError::bad_request)?;
-    let host = placement::upsert_host(&state.cluster, &name, &spec)
+    let mut host = [placement::upsert_host(&state.cluster, &name, &spec)
+        .await
+        .map_err(host_error)?];
+    placement::fill_instances(&state.cluster, &mut host)
         .await
         .map_err(host_error)?;
+    let [host] = host;
     Ok(Json(json!({ "host": host })))
 }
 
