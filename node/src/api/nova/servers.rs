@@ -2128,14 +2128,16 @@ async fn unshelve(
     let placed = place_servers(
         state,
         std::slice::from_ref(&r),
-        &[v.revision],
+        &Some(vec![v.revision]),
         None,
         &r.project_id,
         TaskState::Unshelving,
         request,
     )
     .await;
-    if let Err((_, why)) = placed {
+    // `Exists` cannot come back for rows placed by revision (a changed row is "nothing to
+    // place"); only a fault leaves the server offloaded.
+    if let Err(PlaceFailure::Fault(_, why)) = placed {
         tracing::info!(server = %id, reason = %why, "no host for the unshelve");
         let mut back = r.clone();
         back.task_state = None;
