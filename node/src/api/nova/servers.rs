@@ -2102,11 +2102,32 @@ async fn unshelve(
         Ok(())
     })
     .await?;
-    let v = load(state, auth, id).await?;
-    let r = v.value;
-    if r.host.is_some() || r.task_state != Some(TaskState::Unshelving) {
-        return Ok(StatusCode::ACCEPTED.into_response());
+    // A write that lands between the read and the placement (the offloading agent's last
+    // event, say) moves the row's revision, and the placement then places nothing: read again
+    // and place again, until the row is placed or no longer waits for it.
+    for _ in 0..UNSHELVE_ATTEMPTS {
+        let v = load(state, auth, id).await?;
+        if v.value.host.is_some() || v.value.task_state != Some(TaskState::Unshelving) {
+            return Ok(StatusCode::ACCEPTED.into_response());
+        }
+        place_unshelve(state, id, admin, v).await?;
     }
+    tracing::warn!(server = %id, "the unshelve kept losing to concurrent writes of its row");
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// How many times an unshelve reads its row again after a concurrent write (see `unshelve`).
+const UNSHELVE_ATTEMPTS: usize = 10;
+
+/// Schedules and claims an offloaded server's unshelve, conditioned on row revision
+/// `v.revision`; with no valid host, the server stays offloaded with an `Error` event.
+async fn place_unshelve(
+    state: &AppState,
+    id: &str,
+    admin: bool,
+    v: shoal_state::Versioned<ServerRecord>,
+) -> ApiResult<()> {
+    let r = v.value;
     let f = &r.flavor;
     let zone = (r.availability_zone != "nova").then(|| r.availability_zone.clone());
     let request = |_: Vec<String>, _: Option<GroupPolicy>| Request {
@@ -2156,7 +2177,7 @@ async fn unshelve(
             .await
             .map_err(nova_err)?;
     }
-    Ok(StatusCode::ACCEPTED.into_response())
+    Ok(())
 }
 
 /// The security groups the caller sees.
