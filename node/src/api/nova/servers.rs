@@ -2102,10 +2102,13 @@ async fn unshelve(
         Ok(())
     })
     .await?;
-    // A write that lands between the read and the placement (the offloading agent's last
-    // event, say) moves the row's revision, and the placement then places nothing: read again
-    // and place again, until the row is placed or no longer waits for it.
+    // The row is read after a barrier: `modify`'s write may have been committed through the
+    // leader and not yet applied to this node's replica, and a stale read (no task) would
+    // leave the server unplaced. A write that lands between the read and the placement moves
+    // the row's revision, and the placement then places nothing: read again and place again,
+    // until the row is placed or no longer waits for it.
     for _ in 0..UNSHELVE_ATTEMPTS {
+        state.state.read_barrier().await.map_err(nova_err)?;
         let v = load(state, auth, id).await?;
         if v.value.host.is_some() || v.value.task_state != Some(TaskState::Unshelving) {
             return Ok(StatusCode::ACCEPTED.into_response());
