@@ -158,6 +158,10 @@ struct NodeArgs {
     /// (TCG, for hosts without usable hardware virtualisation).
     #[arg(long, env = "SHOAL_VIRT_TYPE")]
     virt_type: Option<String>,
+    /// Overcommit of this host's vCPUs (`[compute] cpu_allocation_ratio`; unset keeps the
+    /// host's own ratio, which starts at `initial_cpu_allocation_ratio`).
+    #[arg(long, env = "SHOAL_CPU_ALLOCATION_RATIO")]
+    cpu_allocation_ratio: Option<f64>,
     /// The device VXLAN leaves through; with `--vtep`, this node runs a network agent that
     /// programs the VMs' datapath (docs/network.md).
     #[arg(long, requires = "vtep")]
@@ -349,6 +353,9 @@ impl NodeArgs {
         }
         if let Some(t) = self.virt_type {
             cfg.compute.virt_type = t;
+        }
+        if let Some(r) = self.cpu_allocation_ratio {
+            cfg.compute.cpu_allocation_ratio = Some(r);
         }
         if self.underlay_device.is_some() {
             cfg.network.underlay_device = self.underlay_device;
