@@ -419,3 +419,56 @@ fn shelve_offloads_and_unshelve_spawns_from_the_shelve_image() {
     assert!(osc.run(0, &["server", "delete", "--wait", &id]).ok);
     assert!(gone(&shelve_image));
 }
+
+#[test]
+fn unshelve_keeps_the_server_group_policy() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    let group = osc.json(
+        0,
+        &[
+            "server", "group", "create", "--policy", "affinity", "together",
+        ],
+    );
+    let gid = group["id"].as_str().unwrap().to_owned();
+    let boot = |name: &str| {
+        let vm = osc.json(
+            1,
+            &[
+                "server",
+                "create",
+                "--flavor",
+                "m1.tiny",
+                "--image",
+                "tiny",
+                "--hint",
+                &format!("group={gid}"),
+                "--wait",
+                name,
+            ],
+        );
+        (
+            vm["id"].as_str().unwrap().to_owned(),
+            vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (a, host) = boot("g1");
+    let (_, host_b) = boot("g2");
+    assert_eq!(host_b, host);
+
+    // Offloaded, `a` leaves its host; the weighers alone would spread it to an empty one.
+    assert!(osc.run(0, &["server", "shelve", "--wait", &a]).ok);
+    wait_status(&osc, 0, &a, "SHELVED_OFFLOADED");
+    assert!(osc.run(2, &["server", "unshelve", "--wait", &a]).ok);
+    let v = wait_status(&osc, 2, &a, "ACTIVE");
+    assert_eq!(v["OS-EXT-SRV-ATTR:host"], host.as_str(), "{v}");
+    // Still one member each, not a second entry for the unshelved server.
+    let g = osc.json(1, &["server", "group", "show", &gid]);
+    let members = g["members"].as_str().map_or_else(
+        || g["members"].as_array().unwrap().len(),
+        |s| s.split(',').filter(|m| !m.trim().is_empty()).count(),
+    );
+    assert_eq!(members, 2, "{g}");
+}

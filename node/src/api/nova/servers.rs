@@ -782,6 +782,22 @@ async fn load_group(
     Ok((g, policy))
 }
 
+/// The id of the server group `r` is a member of, if any (a server joins at most one, at
+/// create).
+async fn group_of(state: &AppState, r: &ServerRecord) -> ApiResult<Option<String>> {
+    let groups = state
+        .state
+        .table::<GroupRow>(tables::SERVER_GROUPS)
+        .list(&group_key(&r.project_id, ""))
+        .await
+        .map_err(nova_err)?;
+    Ok(groups
+        .rows
+        .into_iter()
+        .find(|(_, g)| g.value.members.contains(&r.id))
+        .map(|(_, g)| g.value.id))
+}
+
 /// Why [`place_servers`] placed nothing.
 enum PlaceFailure {
     /// The fault the servers get: `(code, message)`.
@@ -843,7 +859,12 @@ async fn place_servers(
             |mut txn, claims| {
                 if let Some((g, _)) = &group {
                     let mut row = g.value.clone();
-                    row.members.extend(records.iter().map(|r| r.id.clone()));
+                    // An unshelved server is a member already.
+                    for r in records {
+                        if !row.members.contains(&r.id) {
+                            row.members.push(r.id.clone());
+                        }
+                    }
                     let key = group_key(project, &row.id);
                     txn = txn
                         .when(tables::SERVER_GROUPS, &key, Expect::Revision(g.revision))
@@ -2133,7 +2154,9 @@ async fn place_unshelve(
     let r = v.value;
     let f = &r.flavor;
     let zone = (r.availability_zone != "nova").then(|| r.availability_zone.clone());
-    let request = |_: Vec<String>, _: Option<GroupPolicy>| Request {
+    // The server's group holds again, as Nova's request spec carries it into the unshelve.
+    let group_id = group_of(state, &r).await?;
+    let request = |members: Vec<String>, policy: Option<GroupPolicy>| Request {
         instance_ids: vec![r.id.clone()],
         flavor: shoal_scheduler::Flavor {
             name: f.name.clone(),
@@ -2147,13 +2170,20 @@ async fn place_unshelve(
         image: Default::default(),
         availability_zone: zone.clone(),
         is_admin: admin,
-        hints: SchedulerHints::default(),
+        hints: SchedulerHints {
+            group: policy.map(|policy| ServerGroup {
+                policy,
+                members: members.clone(),
+                max_server_per_host: None,
+            }),
+            ..SchedulerHints::default()
+        },
     };
     let placed = place_servers(
         state,
         std::slice::from_ref(&r),
         &Some(vec![v.revision]),
-        None,
+        group_id.as_deref(),
         &r.project_id,
         TaskState::Unshelving,
         request,
