@@ -985,3 +985,203 @@ fn concurrent_port_creates_through_three_nodes_never_share_an_address() {
     assert_eq!(s, 201, "{again}");
     assert_eq!(again["port"]["fixed_ips"][0]["ip_address"], "10.7.0.105");
 }
+
+/// A user makes a subnet pool and carves subnets from it with the real client, through other
+/// nodes; then twelve creates race through all three nodes for the eight /27s a second pool
+/// holds: each block goes once, the rest are refused, and nothing is lost.
+#[test]
+fn subnet_pools_carve_subnets_through_every_node() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Arc::new(Cluster::start(3, &[]));
+    let osc = Osc { bin, cluster: &c };
+    let pool = osc.json(
+        0,
+        &[
+            "subnet",
+            "pool",
+            "create",
+            "--pool-prefix",
+            "10.50.0.0/24",
+            "--pool-prefix",
+            "10.50.1.0/24",
+            "--default-prefix-length",
+            "26",
+            "--tag",
+            "lab",
+            "pool1",
+        ],
+    );
+    assert_eq!(pool["prefixes"], json!(["10.50.0.0/23"]), "{pool}");
+    assert_eq!(pool["default_prefixlen"], 26, "{pool}");
+    assert_eq!(pool["min_prefixlen"], 8, "{pool}");
+    assert_eq!(pool["max_prefixlen"], 32, "{pool}");
+    assert_eq!(pool["ip_version"], 4, "{pool}");
+    osc.json(1, &["network", "create", "carved"]);
+    let a = osc.json(
+        2,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "carved",
+            "--subnet-pool",
+            "pool1",
+            "a",
+        ],
+    );
+    assert_eq!(a["cidr"], "10.50.0.0/26", "{a}");
+    assert_eq!(a["gateway_ip"], "10.50.0.1", "{a}");
+    assert_eq!(a["subnetpool_id"], pool["id"], "{a}");
+    let b = osc.json(
+        0,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "carved",
+            "--subnet-pool",
+            "pool1",
+            "--prefix-length",
+            "24",
+            "b",
+        ],
+    );
+    assert_eq!(b["cidr"], "10.50.1.0/24", "{b}");
+    refused(
+        &osc.run(
+            1,
+            &[
+                "subnet",
+                "create",
+                "--network",
+                "carved",
+                "--subnet-pool",
+                "pool1",
+                "--prefix-length",
+                "24",
+                "c",
+            ],
+        ),
+        409,
+        "Insufficient prefix space",
+    );
+    refused(
+        &osc.run(
+            1,
+            &[
+                "subnet",
+                "create",
+                "--network",
+                "carved",
+                "--subnet-pool",
+                "pool1",
+                "--prefix-length",
+                "6",
+                "d",
+            ],
+        ),
+        400,
+        "minimum allowed prefix is 8",
+    );
+    // The client's `set --pool-prefix` sends the old prefixes and the new one.
+    assert!(
+        osc.run(
+            2,
+            &[
+                "subnet",
+                "pool",
+                "set",
+                "--pool-prefix",
+                "10.60.0.0/16",
+                "pool1"
+            ]
+        )
+        .ok
+    );
+    let shown = osc.json(0, &["subnet", "pool", "show", "pool1"]);
+    assert_eq!(
+        shown["prefixes"],
+        json!(["10.50.0.0/23", "10.60.0.0/16"]),
+        "{shown}"
+    );
+    assert_eq!(shown["tags"], json!(["lab"]), "{shown}");
+    refused(
+        &osc.run(1, &["subnet", "pool", "delete", "pool1"]),
+        400,
+        "existing allocations",
+    );
+    assert!(osc.run(1, &["subnet", "delete", "a", "b"]).ok);
+    assert!(osc.run(2, &["subnet", "pool", "delete", "pool1"]).ok);
+    assert!(osc
+        .json(0, &["subnet", "pool", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The race: 12 creates, 4 through each node, for eight /27s.
+    let token = c.token(0);
+    let (s, p) = c.api(
+        1,
+        "POST",
+        "/network/v2.0/subnetpools",
+        &token,
+        Some(json!({"subnetpool": {"name": "race", "prefixes": ["10.70.0.0/24"], "default_prefixlen": 27}})),
+    );
+    assert_eq!(s, 201, "{p}");
+    let pool_id = p["subnetpool"]["id"].as_str().unwrap().to_owned();
+    let (_, net) = c.api(
+        2,
+        "POST",
+        "/network/v2.0/networks",
+        &token,
+        Some(json!({"network": {"name": "race"}})),
+    );
+    let net_id = net["network"]["id"].as_str().unwrap().to_owned();
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let (c, token, pool_id, net_id) = (c.clone(), c.token(i % 3), pool_id.clone(), net_id.clone());
+            thread::spawn(move || {
+                c.api(
+                    i % 3,
+                    "POST",
+                    "/network/v2.0/subnets",
+                    &token,
+                    Some(json!({"subnet": {"network_id": net_id, "ip_version": 4, "subnetpool_id": pool_id}})),
+                )
+            })
+        })
+        .collect();
+    let mut cidrs = BTreeSet::new();
+    for t in clients {
+        let (status, body) = t.join().unwrap();
+        match status {
+            201 => assert!(
+                cidrs.insert(body["subnet"]["cidr"].as_str().unwrap().to_owned()),
+                "carved twice: {body}"
+            ),
+            409 => assert_eq!(
+                body["NeutronError"]["type"], "SubnetAllocationError",
+                "{body}"
+            ),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let want: BTreeSet<String> = (0..8).map(|i| format!("10.70.0.{}/27", i * 32)).collect();
+    assert_eq!(cidrs, want);
+    for node in 0..3 {
+        let (_, list) = c.api(
+            node,
+            "GET",
+            &format!("/network/v2.0/subnets?subnetpool_id={pool_id}"),
+            &token,
+            None,
+        );
+        let seen: BTreeSet<String> = list["subnets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["cidr"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(seen, want, "node {node}");
+    }
+}

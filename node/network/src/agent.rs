@@ -1563,6 +1563,7 @@ mod tests {
             ipv6_ra_mode: None,
             ipv6_address_mode: None,
             router_external: false,
+            subnetpool_id: None,
         };
         let rule = |id: &str, dir: &str, remote_group: Option<&str>| RuleRecord {
             id: id.into(),

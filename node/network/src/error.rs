@@ -20,6 +20,7 @@ pub enum ErrorClass {
 pub enum Resource {
     Network,
     Subnet,
+    SubnetPool,
     Port,
     SecurityGroup,
     SecurityGroupRule,
@@ -33,6 +34,7 @@ impl Resource {
         match self {
             Resource::Network => "Network",
             Resource::Subnet => "Subnet",
+            Resource::SubnetPool => "SubnetPool",
             Resource::Port => "Port",
             Resource::SecurityGroup => "SecurityGroup",
             Resource::SecurityGroupRule => "SecurityGroupRule",
@@ -45,6 +47,7 @@ impl Resource {
         match self {
             Resource::Network => "Network",
             Resource::Subnet => "Subnet",
+            Resource::SubnetPool => "Subnet pool",
             Resource::Port => "Port",
             Resource::SecurityGroup => "Security group",
             Resource::SecurityGroupRule => "Security group rule",

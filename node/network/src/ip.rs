@@ -154,6 +154,17 @@ impl Cidr {
         self.network
     }
 
+    /// The aligned block of `2^(128 - bits)` addresses from `first` (`bits` in the 128-bit
+    /// space, at least 96 for IPv4), as prefix sets cut them.
+    pub(crate) fn block(first: Addr, bits: u8, v4: bool) -> Cidr {
+        debug_assert!(first & !mask(bits) == 0 && (!v4 || bits >= 96));
+        Cidr {
+            network: first,
+            bits,
+            v4,
+        }
+    }
+
     pub fn last(&self) -> Addr {
         self.network | !mask(self.bits)
     }

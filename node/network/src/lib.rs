@@ -23,10 +23,12 @@ pub mod ip;
 pub mod ipam;
 mod networks;
 mod ports;
+pub mod prefix_set;
 mod quotas;
 pub mod records;
 mod routers;
 mod security_groups;
+mod subnet_pools;
 mod subnets;
 
 use std::sync::Arc;
@@ -45,6 +47,7 @@ pub use security_groups::{RuleCreate, SecurityGroupCreate, SecurityGroupUpdate};
 use serde::{Deserialize, Deserializer};
 pub use shoal_state::records::{AddressPair, FixedIp, PortRecord};
 use shoal_state::{tables, State, Table};
+pub use subnet_pools::{SubnetPoolCreate, SubnetPoolUpdate};
 pub use subnets::{SubnetCreate, SubnetUpdate};
 
 /// Who is asking, as the token says: the project it is scoped to and its strongest role.
@@ -248,6 +251,7 @@ pub enum Tagged {
     SecurityGroup,
     Router,
     FloatingIp,
+    SubnetPool,
 }
 
 /// What every stored resource has: tags, and a revision that moves with each change.
@@ -274,6 +278,7 @@ macro_rules! revisioned {
 revisioned!(
     records::NetworkRecord,
     records::SubnetRecord,
+    records::SubnetPoolRecord,
     records::SecurityGroupRecord,
     records::RouterRecord,
     records::FloatingIpRecord,
@@ -297,6 +302,7 @@ impl NetworkService {
             Tagged::SecurityGroup => self.security_group(caller, id).await?.project_id,
             Tagged::Router => self.router(caller, id).await?.project_id,
             Tagged::FloatingIp => self.floating_ip(caller, id).await?.project_id,
+            Tagged::SubnetPool => self.subnet_pool(caller, id).await?.project_id,
         };
         if !caller.may_change(&project) {
             return Err(NetworkError::policy("update_tags"));
@@ -308,6 +314,7 @@ impl NetworkService {
             Tagged::SecurityGroup => retag(self.groups(), id, change).await,
             Tagged::Router => retag(self.routers(), id, change).await,
             Tagged::FloatingIp => retag(self.floating_ips(), id, change).await,
+            Tagged::SubnetPool => retag(self.subnet_pools(), id, change).await,
         }
     }
 }

@@ -13,8 +13,8 @@ use shoal_state::{tables, Txn, TxnResponse};
 
 use crate::{check_project_id, Caller, NetResult, NetworkError, NetworkService};
 
-/// Neutron's default quotas. RBAC policies and subnet pools are reported (the client shows
-/// them) but nothing here creates them.
+/// Neutron's default quotas. RBAC policies are reported (the client shows them) but nothing
+/// here creates them.
 pub const DEFAULT_QUOTAS: [(&str, i64); 9] = [
     ("floatingip", 50),
     ("network", 100),
@@ -28,10 +28,11 @@ pub const DEFAULT_QUOTAS: [(&str, i64); 9] = [
 ];
 
 /// The resources this service creates and counts.
-pub const COUNTED: [&str; 7] = [
+pub const COUNTED: [&str; 8] = [
     "floatingip",
     "network",
     "subnet",
+    "subnetpool",
     "port",
     "router",
     "security_group",

@@ -72,6 +72,9 @@ pub struct SubnetRecord {
     /// the service (Neutron's `subnet-external-network`).
     #[serde(skip)]
     pub router_external: bool,
+    /// The subnet pool its cidr was allocated from.
+    #[serde(default)]
+    pub subnetpool_id: Option<String>,
 }
 
 fn ipv4() -> u8 {
@@ -87,6 +90,31 @@ impl SubnetRecord {
             Some("slaac" | "dhcpv6-stateless")
         )
     }
+}
+
+/// A subnet pool, keyed by id in table `subnet_pools`: prefixes subnets are carved from.
+/// Its allocations are the subnets whose `subnetpool_id` names it; every allocation writes
+/// this row too, so its revision serialises them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetPoolRecord {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub description: String,
+    /// Compacted (the fewest prefixes covering the same addresses), as Neutron stores them.
+    pub prefixes: Vec<String>,
+    pub ip_version: u8,
+    pub default_prefixlen: u8,
+    pub min_prefixlen: u8,
+    pub max_prefixlen: u8,
+    pub shared: bool,
+    pub is_default: bool,
+    /// Per project, in units of /32 (IPv4) or /64 (IPv6); `None` is unlimited.
+    pub default_quota: Option<u64>,
+    pub tags: Vec<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub revision_number: u64,
 }
 
 /// A security group, keyed by id in table `security_groups`. Its rules are rows of their own.

@@ -12,6 +12,7 @@ use crate::ipam::{self, LayoutError, Pool};
 use crate::networks::{deleting_key, sees};
 use crate::quotas::{count_in, uncount_in};
 use crate::records::{HostRoute, NetworkRecord, SubnetRecord};
+use crate::subnet_pools::PoolRequest;
 use crate::{
     check_tags, check_text, new_id, now_secs, nullable, Caller, NetResult, NetworkError,
     NetworkService, Resource, Revisioned,
@@ -39,10 +40,13 @@ pub struct SubnetCreate {
     pub tags: Option<Vec<String>>,
     pub project_id: Option<String>,
     pub tenant_id: Option<String>,
+    /// Carve the cidr from this subnet pool (by `prefixlen`, or the given `cidr`).
+    pub subnetpool_id: Option<String>,
+    #[serde(default, deserialize_with = "crate::subnet_pools::prefixlen")]
+    pub prefixlen: Option<u8>,
+    #[serde(alias = "use_default_subnet_pool")]
+    pub use_default_subnetpool: Option<bool>,
     // Accepted so that a request using them gets a clear answer rather than "unrecognized".
-    pub subnetpool_id: Option<serde_json::Value>,
-    pub prefixlen: Option<serde_json::Value>,
-    pub use_default_subnet_pool: Option<serde_json::Value>,
     pub ipv6_ra_mode: Option<serde_json::Value>,
     pub ipv6_address_mode: Option<serde_json::Value>,
     pub segment_id: Option<serde_json::Value>,
@@ -67,6 +71,14 @@ pub struct SubnetUpdate {
     pub ip_version: Option<serde_json::Value>,
     pub ipv6_ra_mode: Option<serde_json::Value>,
     pub ipv6_address_mode: Option<serde_json::Value>,
+}
+
+/// Where a new subnet's cidr comes from.
+enum Alloc {
+    /// The request's own cidr, outside any pool.
+    Fixed(Cidr),
+    /// Carved from subnet pool `.0`.
+    Pool(String, PoolRequest),
 }
 
 /// Neutron's IPv6 modes, for both `ipv6_ra_mode` and `ipv6_address_mode`.
@@ -283,25 +295,9 @@ impl NetworkService {
         }
         let project =
             caller.project_for_create("create_subnet", &req.project_id, &req.tenant_id)?;
-        let unsupported = [
-            (req.subnetpool_id.as_ref(), "subnetpool_id"),
-            (req.prefixlen.as_ref(), "prefixlen"),
-            (req.segment_id.as_ref(), "segment_id"),
-        ];
-        for (value, attr) in unsupported {
-            if value.is_some_and(|v| !v.is_null()) {
-                return Err(NetworkError::bad(format!(
-                    "{attr} is not supported: Shoal has no subnet pools or segments; give a cidr"
-                )));
-            }
-        }
-        if req
-            .use_default_subnet_pool
-            .as_ref()
-            .is_some_and(|v| *v != false)
-        {
+        if req.segment_id.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(NetworkError::bad(
-                "use_default_subnet_pool is not supported: give a cidr",
+                "segment_id is not supported: Shoal has no segments",
             ));
         }
         if req.service_types.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -318,65 +314,113 @@ impl NetworkService {
         check_text("name", &name)?;
         let description = req.description.unwrap_or_default();
         check_text("description", &description)?;
-        let text = req.cidr.ok_or_else(|| {
-            NetworkError::bad("Invalid input for cidr. Reason: a cidr is required.")
-        })?;
-        let cidr = Cidr::parse(&text)
-            .map_err(|m| NetworkError::bad(format!("Invalid input for cidr. Reason: {m}.")))?;
-        if cidr.prefix() == 0 {
-            return Err(NetworkError::bad(format!(
-                "Invalid input for cidr. Reason: {cidr} is not a subnet."
-            )));
+        let given = req
+            .cidr
+            .as_deref()
+            .map(|text| {
+                Cidr::parse(text)
+                    .map_err(|m| NetworkError::bad(format!("Invalid input for cidr. Reason: {m}.")))
+            })
+            .transpose()?;
+        if given.is_some() && req.prefixlen.is_some() {
+            return Err(NetworkError::bad(
+                "cidr and prefixlen must not be supplied together",
+            ));
         }
-        let version = req.ip_version.unwrap_or(cidr.version());
-        if version != cidr.version() {
-            return Err(NetworkError::bad(format!(
-                "Invalid input for operation: the cidr {cidr} is not an IPv{version} prefix."
-            )));
-        }
-        if cidr.touches_mapped() {
-            return Err(NetworkError::bad(format!(
-                "Invalid input for cidr. Reason: {cidr} overlaps the IPv4-mapped range \
-                 ::ffff:0:0/96, which is not a subnet."
-            )));
-        }
-        let enable_dhcp = req.enable_dhcp.unwrap_or(true);
-        check_ipv6_modes(&cidr, enable_dhcp, &ra_mode, &address_mode)?;
-        let gateway = match &req.gateway_ip {
-            None => ipam::default_gateway(&cidr),
-            Some(None) => None,
-            Some(Some(g)) => Some(ipam::check_gateway(&cidr, g)?),
+        let pool = self
+            .pool_for_subnet(
+                caller,
+                req.subnetpool_id.as_deref(),
+                req.use_default_subnetpool.unwrap_or(false),
+                given.map(|c| c.version()).or(req.ip_version),
+            )
+            .await?;
+        let alloc = match (pool, given) {
+            (None, None) => {
+                return Err(NetworkError::bad(
+                    "a subnetpool must be specified in the absence of a cidr",
+                ))
+            }
+            (None, Some(c)) => Alloc::Fixed(c),
+            (Some(p), Some(c)) => Alloc::Pool(p, PoolRequest::Specific(c)),
+            (Some(p), None) => {
+                if req.allocation_pools.is_some() {
+                    return Err(NetworkError::bad(
+                        "allocation_pools allowed only for specific subnet requests.",
+                    ));
+                }
+                Alloc::Pool(
+                    p,
+                    PoolRequest::Any {
+                        prefixlen: req.prefixlen,
+                    },
+                )
+            }
         };
-        let pools = match &req.allocation_pools {
-            Some(p) => ipam::check_pools(&cidr, gateway, p)?,
-            None => ipam::default_pools(&cidr, gateway),
-        };
-        let dns = check_dns(&req.dns_nameservers.unwrap_or_default())?;
-        let routes = check_routes(&req.host_routes.unwrap_or_default(), &cidr)?;
-        let tags = check_tags(&req.tags.unwrap_or_default())?;
+        let dns = check_dns(&req.dns_nameservers.clone().unwrap_or_default())?;
+        let tags = check_tags(&req.tags.clone().unwrap_or_default())?;
+        let id = new_id();
         let now = now_secs();
-        let rec = SubnetRecord {
-            id: new_id(),
-            project_id: project.clone(),
-            network_id: net.id.clone(),
-            name,
-            description,
-            cidr: cidr.to_string(),
-            gateway_ip: gateway.map(ip_string),
-            allocation_pools: ipam::to_pools(&pools),
-            dns_nameservers: dns,
-            host_routes: routes,
-            enable_dhcp,
-            tags,
-            created_at: now,
-            updated_at: now,
-            revision_number: 1,
-            ip_version: version,
-            ipv6_ra_mode: ra_mode,
-            ipv6_address_mode: address_mode,
-            router_external: net.external,
+        // Everything that depends on the cidr, which a pool chooses only when the transaction
+        // is built.
+        let record = |cidr: Cidr, subnetpool_id: Option<String>| -> NetResult<SubnetRecord> {
+            if cidr.prefix() == 0 {
+                return Err(NetworkError::bad(format!(
+                    "Invalid input for cidr. Reason: {cidr} is not a subnet."
+                )));
+            }
+            let version = req.ip_version.unwrap_or(cidr.version());
+            if version != cidr.version() {
+                return Err(NetworkError::bad(format!(
+                    "Invalid input for operation: the cidr {cidr} is not an IPv{version} prefix."
+                )));
+            }
+            if cidr.touches_mapped() {
+                return Err(NetworkError::bad(format!(
+                    "Invalid input for cidr. Reason: {cidr} overlaps the IPv4-mapped range \
+                 ::ffff:0:0/96, which is not a subnet."
+                )));
+            }
+            let enable_dhcp = req.enable_dhcp.unwrap_or(true);
+            check_ipv6_modes(&cidr, enable_dhcp, &ra_mode, &address_mode)?;
+            let gateway = match &req.gateway_ip {
+                None => ipam::default_gateway(&cidr),
+                Some(None) => None,
+                Some(Some(g)) => Some(ipam::check_gateway(&cidr, g)?),
+            };
+            let pools = match &req.allocation_pools {
+                Some(p) => ipam::check_pools(&cidr, gateway, p)?,
+                None => ipam::default_pools(&cidr, gateway),
+            };
+            let routes = check_routes(&req.host_routes.clone().unwrap_or_default(), &cidr)?;
+            Ok(SubnetRecord {
+                id: id.clone(),
+                project_id: project.clone(),
+                network_id: net.id.clone(),
+                name: name.clone(),
+                description: description.clone(),
+                cidr: cidr.to_string(),
+                gateway_ip: gateway.map(ip_string),
+                allocation_pools: ipam::to_pools(&pools),
+                dns_nameservers: dns.clone(),
+                host_routes: routes,
+                enable_dhcp,
+                tags: tags.clone(),
+                created_at: now,
+                updated_at: now,
+                revision_number: 1,
+                ip_version: version,
+                ipv6_ra_mode: ra_mode.clone(),
+                ipv6_address_mode: address_mode.clone(),
+                router_external: net.external,
+                subnetpool_id,
+            })
         };
-        let net_id = net.id;
+        if let Alloc::Fixed(c) = alloc {
+            // A bad layout is refused before anything is read.
+            record(c, None)?;
+        }
+        let net_id = net.id.clone();
         shoal_state::retry(
             tables::NETWORKS,
             &net_id,
@@ -386,6 +430,14 @@ impl NetworkService {
                 let Some(current) = self.networks().get(&net_id).await? else {
                     return Err(NetworkError::not_found(Resource::Network, &net_id));
                 };
+                let (cidr, pool) = match &alloc {
+                    Alloc::Fixed(c) => (*c, None),
+                    Alloc::Pool(id, request) => {
+                        let (c, p) = self.carve(id, &project, req.ip_version, *request).await?;
+                        (c, Some(p))
+                    }
+                };
+                let rec = record(cidr, pool.as_ref().map(|p| p.value.id.clone()))?;
                 for sid in &current.value.subnets {
                     let Some(other) = self.subnets().get(sid).await? else {
                         continue;
@@ -409,9 +461,13 @@ impl NetworkService {
                     .when(tables::SUBNETS, &rec.id, Expect::Absent)
                     .put(tables::NETWORKS, &net_id, self.networks().encode(&n))
                     .put(tables::SUBNETS, &rec.id, self.subnets().encode(&rec));
+                let txn = match &pool {
+                    Some(p) => self.hold_pool(txn, p),
+                    None => txn,
+                };
                 let txn = count_in(txn, &project, "subnet", &rec.id);
                 let resp = self.create_within_quota(&project, "subnet", txn).await?;
-                Ok(resp.succeeded.then(|| rec.clone()))
+                Ok(resp.succeeded.then_some(rec))
             },
         )
         .await

@@ -93,6 +93,10 @@ pub const NETWORK_QUOTAS: &str = "network_quotas";
 pub const NETWORK_DELETING: &str = "network_deleting";
 /// Key: router id. Record: `shoal_network::records::RouterRecord`.
 pub const ROUTERS: &str = "routers";
+/// Key: subnet pool id. Record: `shoal_network::records::SubnetPoolRecord`.
+pub const SUBNET_POOLS: &str = "subnet_pools";
+/// Key: `4` or `6`; value: the id of that family's default subnet pool (at most one each).
+pub const DEFAULT_SUBNET_POOLS: &str = "default_subnet_pools";
 /// Key: floating IP id. Record: `shoal_network::records::FloatingIpRecord`.
 pub const FLOATING_IPS: &str = "floating_ips";
 /// Key: `{external network}/{port}/{fixed address}`; value: the floating IP id. One floating IP

@@ -10,6 +10,7 @@ mod ports;
 mod quotas;
 mod routers;
 mod security_groups;
+mod subnet_pools;
 mod subnets;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,7 @@ pub fn routes() -> Router<AppState> {
         .merge(agents::routes())
         .merge(networks::routes())
         .merge(subnets::routes())
+        .merge(subnet_pools::routes())
         .merge(ports::routes())
         .merge(security_groups::routes())
         .merge(quotas::routes())
@@ -82,6 +84,14 @@ pub fn routes() -> Router<AppState> {
         .route(
             &format!("{PREFIX}/subnets/{{id}}/tags/{{tag}}"),
             tag(Tagged::Subnet),
+        )
+        .route(
+            &format!("{PREFIX}/subnetpools/{{id}}/tags"),
+            tags(Tagged::SubnetPool),
+        )
+        .route(
+            &format!("{PREFIX}/subnetpools/{{id}}/tags/{{tag}}"),
+            tag(Tagged::SubnetPool),
         )
         .route(
             &format!("{PREFIX}/ports/{{id}}/tags/{{tag}}"),
@@ -461,6 +471,7 @@ async fn resources(State(state): State<AppState>) -> Response {
     let list: Vec<Value> = [
         ("network", "networks"),
         ("subnet", "subnets"),
+        ("subnetpool", "subnetpools"),
         ("port", "ports"),
         ("security_group", "security-groups"),
         ("security_group_rule", "security-group-rules"),
@@ -481,8 +492,9 @@ async fn resources(State(state): State<AppState>) -> Response {
 }
 
 /// The extensions that really work here; the client checks some before it calls.
-const EXTENSIONS: [(&str, &str, &str); 24] = [
+const EXTENSIONS: [(&str, &str, &str); 27] = [
     ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
+    ("default-subnetpools", "Default Subnetpools", "Provides ability to mark and use a subnetpool as the default."),
     ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
     ("external-net", "Neutron external network", "Adds external network attribute to network resource."),
     ("ext-gw-mode", "Neutron L3 Configurable external gateway mode", "Extension of the router abstraction for specifying whether SNAT should occur on the external gateway"),
@@ -502,9 +514,11 @@ const EXTENSIONS: [(&str, &str, &str); 24] = [
     ("sorting", "Sorting support", "Extension that indicates that sorting is enabled."),
     ("standard-attr-description", "standard-attr-description", "Extension to add descriptions to standard attributes"),
     ("standard-attr-revisions", "Resource revision numbers", "This extension will display the revision number of neutron resources."),
-    ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, security_group, router, floatingip", "Enables to set tag on resources with standard attribute."),
+    ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, trunk, network_segment_range, router, network, policy, subnetpool, port, security_group, floatingip", "Enables to set tag on resources with standard attribute."),
     ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes."),
     ("stateful-security-group", "Stateful security group", "Indicates if the security group is stateful or not"),
+    ("subnet_allocation", "Subnet Allocation", "Enables allocation of subnets from a subnet pool"),
+    ("subnetpool-prefix-ops", "Subnet Pool Prefix Operations", "Provides support for adjusting the prefix list of subnet pools"),
     ("subnet-external-network", "Subnet External Network", "Informs if the subnet is associated with a router:external network"),
 ];
 

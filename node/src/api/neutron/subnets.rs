@@ -42,7 +42,7 @@ fn view(s: &SubnetRecord) -> Value {
         "router:external": s.router_external,
         "ipv6_ra_mode": s.ipv6_ra_mode,
         "ipv6_address_mode": s.ipv6_address_mode,
-        "subnetpool_id": null,
+        "subnetpool_id": s.subnetpool_id,
         "segment_id": null,
         "service_types": [],
         "dns_publish_fixed_ip": false,
