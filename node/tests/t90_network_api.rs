@@ -1185,3 +1185,110 @@ fn subnet_pools_carve_subnets_through_every_node() {
         assert_eq!(seen, want, "node {node}");
     }
 }
+
+/// PXE-style options on a port with the real client: created, changed, one removed with a
+/// `null` value over raw HTTP; every node shows the same list.
+#[test]
+fn ports_carry_extra_dhcp_options() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    osc.json(0, &["network", "create", "pxe"]);
+    osc.json(
+        1,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "pxe",
+            "--subnet-range",
+            "10.80.0.0/24",
+            "pxe4",
+        ],
+    );
+    let p = osc.json(
+        2,
+        &[
+            "port",
+            "create",
+            "--network",
+            "pxe",
+            "--extra-dhcp-option",
+            "name=tftp-server,value=10.80.0.9",
+            "--extra-dhcp-option",
+            "name=bootfile-name,value=pxelinux.0",
+            "boot",
+        ],
+    );
+    let id = p["id"].as_str().unwrap().to_owned();
+    let opts = |node: usize| -> BTreeSet<(String, String, u64)> {
+        let (_, v) = c.api(
+            node,
+            "GET",
+            &format!("/network/v2.0/ports/{id}"),
+            &c.token(node),
+            None,
+        );
+        v["port"]["extra_dhcp_opts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["opt_name"].as_str().unwrap().to_owned(),
+                    o["opt_value"].as_str().unwrap().to_owned(),
+                    o["ip_version"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let want = |list: &[(&str, &str)]| -> BTreeSet<(String, String, u64)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string(), 4))
+            .collect()
+    };
+    assert_eq!(
+        opts(0),
+        want(&[
+            ("tftp-server", "10.80.0.9"),
+            ("bootfile-name", "pxelinux.0")
+        ])
+    );
+    assert!(
+        osc.run(
+            0,
+            &[
+                "port",
+                "set",
+                "--extra-dhcp-option",
+                "name=bootfile-name,value=ipxe.efi",
+                "boot"
+            ]
+        )
+        .ok
+    );
+    assert_eq!(
+        opts(1),
+        want(&[("tftp-server", "10.80.0.9"), ("bootfile-name", "ipxe.efi")])
+    );
+    let (s, body) = c.api(
+        2,
+        "PUT",
+        &format!("/network/v2.0/ports/{id}"),
+        &c.token(2),
+        Some(
+            json!({"port": {"extra_dhcp_opts": [{"opt_name": "tftp-server", "opt_value": null}]}}),
+        ),
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(opts(2), want(&[("bootfile-name", "ipxe.efi")]));
+    let (s, body) = c.api(
+        0,
+        "PUT",
+        &format!("/network/v2.0/ports/{id}"),
+        &c.token(0),
+        Some(json!({"port": {"extra_dhcp_opts": [{"opt_name": "", "opt_value": "x"}]}})),
+    );
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["NeutronError"]["type"], "HTTPBadRequest", "{body}");
+}

@@ -94,6 +94,8 @@ pub struct ServedPort {
     /// (destination, prefix length, next hop)
     pub host_routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
     pub dhcp: bool,
+    /// The port's own DHCP options (`extra_dhcp_opts`), compiled.
+    pub extra: crate::dhcp::ExtraOptions,
 }
 
 /// Node-local services that follow the ports the agent serves.
@@ -1223,6 +1225,7 @@ fn served_port(
             })
             .collect(),
         dhcp: s.enable_dhcp,
+        extra: crate::dhcp::ExtraOptions::compile(&p.extra_dhcp_opts).0,
     }
 }
 
@@ -1518,6 +1521,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             revision_number: 1,
+            extra_dhcp_opts: vec![],
         }
     }
 

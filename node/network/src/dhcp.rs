@@ -143,8 +143,167 @@ pub fn parse(frame: &[u8]) -> Result<Request, ParseError> {
     Ok(req)
 }
 
+/// How an extra option's text becomes its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ip,
+    Ips,
+    Text,
+    U8,
+    U16,
+    U32,
+    Bool,
+    Domains,
+}
+
+/// The IPv4 options served from a port's `extra_dhcp_opts`: the names (and codes) of
+/// ML2/OVN's `SUPPORTED_DHCP_OPTS_MAPPING`, less the ones this server keeps for itself
+/// (`server-id`) and the OVN-only ones (`bootfile-name-alt`, classless routes as text).
+/// `server-ip-address` (or `255`) is not an option: it sets the reply's `siaddr`.
+const EXTRA: [(&str, u8, Kind); 30] = [
+    ("netmask", 1, Kind::Ip),
+    ("router", 3, Kind::Ips),
+    ("dns-server", 6, Kind::Ips),
+    ("log-server", 7, Kind::Ips),
+    ("lpr-server", 9, Kind::Ips),
+    ("domain-name", 15, Kind::Text),
+    ("swap-server", 16, Kind::Ip),
+    ("ip-forward-enable", 19, Kind::Bool),
+    ("policy-filter", 21, Kind::Ips),
+    ("default-ttl", 23, Kind::U8),
+    ("mtu", 26, Kind::U16),
+    ("router-discovery", 31, Kind::Bool),
+    ("router-solicitation", 32, Kind::Ip),
+    ("arp-timeout", 35, Kind::U32),
+    ("ethernet-encap", 36, Kind::Bool),
+    ("tcp-ttl", 37, Kind::U8),
+    ("tcp-keepalive", 38, Kind::U32),
+    ("nis-server", 41, Kind::Ips),
+    ("ntp-server", 42, Kind::Ips),
+    ("lease-time", 51, Kind::U32),
+    ("T1", 58, Kind::U32),
+    ("T2", 59, Kind::U32),
+    ("tftp-server", 66, Kind::Text),
+    ("bootfile-name", 67, Kind::Text),
+    ("domain-search", 119, Kind::Domains),
+    ("tftp-server-address", 150, Kind::Ips),
+    ("path-prefix", 210, Kind::Text),
+    ("wpad", 252, Kind::Text),
+    ("server-ip-address", 255, Kind::Ip),
+    // Neutron's switch for a port whose VM must get no answer at all.
+    ("dhcp_disabled", 0, Kind::Bool),
+];
+
+/// A port's `extra_dhcp_opts` as this server sends them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraOptions {
+    /// (code, bytes), in the port's order; each replaces the subnet's option of that code.
+    pub options: Vec<(u8, Vec<u8>)>,
+    /// `server-ip-address`: the reply's `siaddr` (the next server, for PXE).
+    pub next_server: Option<Ipv4Addr>,
+    /// `dhcp_disabled=true`: the port gets no answer.
+    pub disabled: bool,
+}
+
+impl ExtraOptions {
+    /// Compiles the IPv4 options of `opts` by name or code. What this server cannot send (an
+    /// unknown name, a value of the wrong shape, an IPv6 option: there is no DHCPv6) is left
+    /// out and said in the second value, as ML2/OVN logs and skips it; the API stores every
+    /// option whatever this server makes of it.
+    pub fn compile(opts: &[shoal_state::records::ExtraDhcpOpt]) -> (ExtraOptions, Vec<String>) {
+        let mut out = ExtraOptions::default();
+        let mut skipped = Vec::new();
+        for o in opts {
+            if o.ip_version != 4 {
+                skipped.push(format!("{} (IPv6: no DHCPv6 here)", o.opt_name));
+                continue;
+            }
+            let Some(&(name, code, kind)) = EXTRA
+                .iter()
+                .find(|(n, c, _)| *n == o.opt_name || (*c != 0 && c.to_string() == o.opt_name))
+            else {
+                skipped.push(format!("{} (not an option this server sends)", o.opt_name));
+                continue;
+            };
+            let Some(bytes) = encode(kind, &o.opt_value) else {
+                skipped.push(format!(
+                    "{} ({:?} is not a valid {kind:?} value)",
+                    o.opt_name, o.opt_value
+                ));
+                continue;
+            };
+            match name {
+                "server-ip-address" => {
+                    out.next_server = <[u8; 4]>::try_from(bytes.as_slice())
+                        .ok()
+                        .map(Ipv4Addr::from)
+                }
+                "dhcp_disabled" => out.disabled = bytes == [1],
+                _ => out.options.push((code, bytes)),
+            }
+        }
+        (out, skipped)
+    }
+}
+
+/// `value` as the bytes of an option of `kind`; `None` if it is not one.
+fn encode(kind: Kind, value: &str) -> Option<Vec<u8>> {
+    let v = value.trim();
+    let ip = |s: &str| {
+        s.trim()
+            .parse::<Ipv4Addr>()
+            .ok()
+            .map(|a| a.octets().to_vec())
+    };
+    let bytes = match kind {
+        Kind::Ip => ip(v)?,
+        Kind::Ips => {
+            // `a,b` or OVN's `{a, b}`.
+            let inner = v
+                .strip_prefix('{')
+                .and_then(|s| s.strip_suffix('}'))
+                .unwrap_or(v);
+            let mut b = Vec::new();
+            for part in inner.split(',') {
+                b.extend(ip(part)?);
+            }
+            b
+        }
+        Kind::Text => v.trim_matches('"').as_bytes().to_vec(),
+        Kind::U8 => vec![v.parse::<u8>().ok()?],
+        Kind::U16 => v.parse::<u16>().ok()?.to_be_bytes().to_vec(),
+        Kind::U32 => v.parse::<u32>().ok()?.to_be_bytes().to_vec(),
+        Kind::Bool => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" => vec![1],
+            "0" | "false" => vec![0],
+            _ => return None,
+        },
+        Kind::Domains => {
+            // RFC 3397: each name in DNS wire form (no compression), `a.com,b.org`.
+            let inner = v.trim_matches('"');
+            let mut b = Vec::new();
+            for name in inner.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                for label in name.trim_end_matches('.').split('.') {
+                    let len = u8::try_from(label.len())
+                        .ok()
+                        .filter(|l| (1..=63).contains(l))?;
+                    b.push(len);
+                    b.extend_from_slice(label.as_bytes());
+                }
+                b.push(0);
+            }
+            b
+        }
+    };
+    // An option's length is one byte.
+    (!bytes.is_empty() && bytes.len() <= 255).then_some(bytes)
+}
+
 /// What the server answers to `req` for `port`, if anything.
 pub fn answer(req: &Request, port: &ServedPort, server_mac: [u8; 6]) -> Option<Vec<u8>> {
+    if port.extra.disabled {
+        return None;
+    }
     let mac = parse_mac(&port.mac)?;
     // A VM asks only for its own port's address, from its own MAC.
     if req.src_mac != mac || req.chaddr != mac {
@@ -240,22 +399,34 @@ fn reply(
     option(&mut b, 53, &[kind]);
     option(&mut b, 54, &SERVER_IP.octets());
     if kind != NAK {
-        option(&mut b, 1, &prefix_mask(port.prefix_len));
+        if let Some(next) = port.extra.next_server {
+            b[20..24].copy_from_slice(&next.octets());
+        }
+        let mut opts: Vec<(u8, Vec<u8>)> = vec![(1, prefix_mask(port.prefix_len).to_vec())];
         if let Some(gw) = port.gateway {
-            option(&mut b, 3, &gw.octets());
+            opts.push((3, gw.octets().to_vec()));
         }
         if !port.dns.is_empty() {
-            let dns: Vec<u8> = port.dns.iter().flat_map(|d| d.octets()).collect();
-            option(&mut b, 6, &dns);
+            opts.push((6, port.dns.iter().flat_map(|d| d.octets()).collect()));
         }
         if let Ok(mtu) = u16::try_from(port.mtu) {
-            option(&mut b, 26, &mtu.to_be_bytes());
+            opts.push((26, mtu.to_be_bytes().to_vec()));
         }
-        option(&mut b, 121, &classless_routes(port));
+        opts.push((121, classless_routes(port)));
         if kind != ACK || !yiaddr.is_unspecified() {
-            option(&mut b, 51, &LEASE_SECS.to_be_bytes());
-            option(&mut b, 58, &(LEASE_SECS / 2).to_be_bytes());
-            option(&mut b, 59, &(LEASE_SECS / 8 * 7).to_be_bytes());
+            opts.push((51, LEASE_SECS.to_be_bytes().to_vec()));
+            opts.push((58, (LEASE_SECS / 2).to_be_bytes().to_vec()));
+            opts.push((59, (LEASE_SECS / 8 * 7).to_be_bytes().to_vec()));
+        }
+        // The port's own options replace the subnet's and come after them.
+        for (code, value) in &port.extra.options {
+            match opts.iter_mut().find(|(c, _)| c == code) {
+                Some(o) => o.1.clone_from(value),
+                None => opts.push((*code, value.clone())),
+            }
+        }
+        for (code, value) in &opts {
+            option(&mut b, *code, value);
         }
     }
     b.push(255);
@@ -687,6 +858,7 @@ mod tests {
                 Ipv4Addr::new(10, 0, 0, 254),
             )],
             dhcp: true,
+            extra: ExtraOptions::default(),
         }
     }
 
@@ -778,6 +950,57 @@ mod tests {
         let reply = answer(&other, &port(), [2; 6]).unwrap();
         assert_eq!(options(&reply)[&53], vec![NAK]);
         assert_eq!(&reply[0..6], &[0xff; 6], "a NAK is broadcast");
+    }
+
+    #[test]
+    fn a_ports_extra_options_are_sent_and_replace_the_subnets() {
+        let opt = |name: &str, value: &str, ip_version: u8| shoal_state::records::ExtraDhcpOpt {
+            opt_name: name.into(),
+            opt_value: value.into(),
+            ip_version,
+        };
+        let (extra, skipped) = ExtraOptions::compile(&[
+            opt("bootfile-name", "pxelinux.0", 4),
+            opt("66", "10.0.0.9", 4),
+            opt("server-ip-address", "10.0.0.10", 4),
+            opt("dns-server", "{10.0.0.2, 10.0.0.3}", 4),
+            opt("domain-search", "a.example,b.example", 4),
+            opt("mtu", "9000", 4),
+            opt("T2", "not a number", 4),
+            opt("tag:ipxe,bootfile-name", "x", 4),
+            opt("bootfile-name", "v6.efi", 6),
+        ]);
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        let mut p = port();
+        p.extra = extra;
+        let req = parse(&request(DISCOVER, MAC, None)).unwrap();
+        let reply = answer(&req, &p, [2; 6]).unwrap();
+        let o = options(&reply);
+        assert_eq!(o[&67], b"pxelinux.0".to_vec());
+        assert_eq!(o[&66], b"10.0.0.9".to_vec());
+        assert_eq!(
+            o[&6],
+            vec![10, 0, 0, 2, 10, 0, 0, 3],
+            "the port's DNS replaces the subnet's"
+        );
+        assert_eq!(o[&26], 9000u16.to_be_bytes().to_vec());
+        assert_eq!(
+            o[&119],
+            b"\x01a\x07example\x00\x01b\x07example\x00".to_vec()
+        );
+        assert_eq!(
+            o[&59],
+            (LEASE_SECS / 8 * 7).to_be_bytes().to_vec(),
+            "a bad value changes nothing"
+        );
+        assert_eq!(
+            ip_at(&reply[42..], 20),
+            Ipv4Addr::new(10, 0, 0, 10),
+            "siaddr"
+        );
+        // Neutron's switch: no answer at all.
+        p.extra = ExtraOptions::compile(&[opt("dhcp_disabled", "true", 4)]).0;
+        assert!(answer(&req, &p, [2; 6]).is_none());
     }
 
     #[test]

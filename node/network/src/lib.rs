@@ -37,7 +37,7 @@ pub use config::{NetworkConfig, NetworkConfigError};
 pub use error::{ErrorClass, NetResult, NetworkError, Resource};
 pub use floating_ips::{FloatingIpCreate, FloatingIpUpdate};
 pub use networks::{NetworkCreate, NetworkUpdate};
-pub use ports::{AddressPairRequest, FixedIpRequest, PortCreate, PortUpdate};
+pub use ports::{AddressPairRequest, ExtraDhcpOptRequest, FixedIpRequest, PortCreate, PortUpdate};
 pub use quotas::{QuotaUsage, COUNTED, DEFAULT_QUOTAS};
 pub use routers::{
     GatewayRequest, InterfaceInfo, InterfaceRequest, RouterCreate, RouterUpdate, FLOATING_IP_OWNER,

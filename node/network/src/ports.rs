@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::Deserialize;
-use shoal_state::records::{AddressPair, FixedIp, PortRecord};
+use shoal_state::records::{AddressPair, ExtraDhcpOpt, FixedIp, PortRecord};
 use shoal_state::{tables, Expect, Txn};
 
 use crate::ip::{eui64, family_of, ip_string, parse_ip, shown, Addr, Cidr};
@@ -71,7 +71,17 @@ pub struct PortCreate {
     pub qos_policy_id: Option<serde_json::Value>,
     pub dns_name: Option<serde_json::Value>,
     pub dns_domain: Option<serde_json::Value>,
-    pub extra_dhcp_opts: Option<serde_json::Value>,
+    pub extra_dhcp_opts: Option<Vec<ExtraDhcpOptRequest>>,
+}
+
+/// One of `extra_dhcp_opts` as a request gives it; a `null` value (on update) removes the
+/// option of that name and family.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraDhcpOptRequest {
+    pub opt_name: String,
+    pub opt_value: Option<String>,
+    pub ip_version: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -97,8 +107,81 @@ pub struct PortUpdate {
     pub qos_policy_id: Option<serde_json::Value>,
     pub dns_name: Option<serde_json::Value>,
     pub dns_domain: Option<serde_json::Value>,
-    pub extra_dhcp_opts: Option<serde_json::Value>,
+    pub extra_dhcp_opts: Option<Vec<ExtraDhcpOptRequest>>,
 }
+
+/// Neutron's `extra_dhcp_opts` merge: each requested option replaces the port's option of the
+/// same name and family, is added when there is none, and a `null` value removes it. Names
+/// are not checked against what the DHCP server sends (ML2/OVN logs and skips those too).
+fn merge_dhcp_opts(
+    current: &[ExtraDhcpOpt],
+    req: &[ExtraDhcpOptRequest],
+    create: bool,
+) -> NetResult<Vec<ExtraDhcpOpt>> {
+    let bad =
+        |m: String| NetworkError::bad(format!("Invalid input for extra_dhcp_opts. Reason: {m}."));
+    let mut out = current.to_vec();
+    for o in req {
+        let name = o.opt_name.trim();
+        if name.is_empty() {
+            return Err(bad("opt_name must not be empty".into()));
+        }
+        check_text("extra_dhcp_opts:opt_name", name)?;
+        let version = match &o.ip_version {
+            None | Some(serde_json::Value::Null) => 4,
+            Some(v) => match v
+                .as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            {
+                Some(4) => 4,
+                Some(6) => 6,
+                _ => return Err(bad(format!("ip_version {v} is not in [4, 6]"))),
+            },
+        };
+        let at = out
+            .iter()
+            .position(|x| x.opt_name == name && x.ip_version == version);
+        match (&o.opt_value, at) {
+            (Some(v), _) if v.trim().is_empty() => {
+                return Err(bad(format!("the value of {name} must not be empty")))
+            }
+            (Some(_), Some(i)) if create => {
+                return Err(bad(format!(
+                    "{name} (IPv{version}) is given twice: {:?}",
+                    out[i].opt_value
+                )));
+            }
+            (Some(v), Some(i)) => {
+                check_text("extra_dhcp_opts:opt_value", v)?;
+                out[i].opt_value = v.clone();
+            }
+            (Some(v), None) => {
+                check_text("extra_dhcp_opts:opt_value", v)?;
+                out.push(ExtraDhcpOpt {
+                    opt_name: name.to_owned(),
+                    opt_value: v.clone(),
+                    ip_version: version,
+                });
+            }
+            (None, _) if create => {
+                return Err(bad(format!("{name} has no value")));
+            }
+            (None, Some(i)) => {
+                out.remove(i);
+            }
+            (None, None) => {}
+        }
+    }
+    if out.len() > MAX_DHCP_OPTS {
+        return Err(bad(format!(
+            "a port carries at most {MAX_DHCP_OPTS} options"
+        )));
+    }
+    Ok(out)
+}
+
+/// A bound on a port's `extra_dhcp_opts` (every option is sent in one reply).
+const MAX_DHCP_OPTS: usize = 32;
 
 /// The attributes of a create or update that policy and support are checked on.
 struct Asks<'a> {
@@ -110,7 +193,7 @@ struct Asks<'a> {
     device_id: Option<&'a str>,
     binding_host_id: Option<&'a str>,
     binding_vnic_type: Option<&'a String>,
-    unsupported: [(Option<&'a serde_json::Value>, &'static str); 5],
+    unsupported: [(Option<&'a serde_json::Value>, &'static str); 4],
 }
 
 impl Asks<'_> {
@@ -172,7 +255,6 @@ macro_rules! asks {
                         (self.qos_policy_id.as_ref(), "qos_policy_id"),
                         (self.dns_name.as_ref(), "dns_name"),
                         (self.dns_domain.as_ref(), "dns_domain"),
-                        (self.extra_dhcp_opts.as_ref(), "extra_dhcp_opts"),
                     ],
                 }
             }
@@ -751,6 +833,11 @@ impl NetworkService {
             created_at: now,
             updated_at: now,
             revision_number: 1,
+            extra_dhcp_opts: merge_dhcp_opts(
+                &[],
+                req.extra_dhcp_opts.as_deref().unwrap_or_default(),
+                true,
+            )?,
         };
         let new = NewPort {
             rec,
@@ -798,6 +885,7 @@ impl NetworkService {
             created_at: now,
             updated_at: now,
             revision_number: 1,
+            extra_dhcp_opts: Vec::new(),
         };
         let new = NewPort {
             rec,
@@ -1057,6 +1145,9 @@ impl NetworkService {
             }
             if let Some(pairs) = &req.allowed_address_pairs {
                 p.allowed_address_pairs = check_pairs(pairs, &p.mac_address)?;
+            }
+            if let Some(opts) = &req.extra_dhcp_opts {
+                p.extra_dhcp_opts = merge_dhcp_opts(&p.extra_dhcp_opts, opts, false)?;
             }
             if !p.port_security_enabled && !p.allowed_address_pairs.is_empty() {
                 return Err(NetworkError::conflict(

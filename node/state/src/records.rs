@@ -25,6 +25,16 @@ pub struct AddressPair {
     pub mac_address: String,
 }
 
+/// A DHCP option the port's VM gets beyond what its subnet gives (Neutron's
+/// `extra_dhcp_opts`): an option name as Neutron's DHCP backends know it (`tftp-server`,
+/// `bootfile-name`, ...), its value as text, and the family it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraDhcpOpt {
+    pub opt_name: String,
+    pub opt_value: String,
+    pub ip_version: u8,
+}
+
 /// A Neutron port, keyed by its id in table `ports`.
 ///
 /// Who writes what:
@@ -73,6 +83,8 @@ pub struct PortRecord {
     pub updated_at: u64,
     /// Neutron's `revision_number`: 1 at creation, one more at every change.
     pub revision_number: u64,
+    #[serde(default)]
+    pub extra_dhcp_opts: Vec<ExtraDhcpOpt>,
 }
 
 /// The host-side device of a VM's port: `tap` + the port id cut to 14 characters, as Nova and
@@ -123,6 +135,7 @@ mod tests {
             admin_state_up: true,
             status: "DOWN".into(),
             tags: vec![],
+            extra_dhcp_opts: vec![],
             created_at: 1,
             updated_at: 1,
             revision_number: 1,

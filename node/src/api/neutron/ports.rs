@@ -43,7 +43,7 @@ fn view(p: &PortRecord, admin: bool) -> Value {
         "port_security_enabled": p.port_security_enabled,
         "allowed_address_pairs": p.allowed_address_pairs,
         "binding:vnic_type": p.binding_vnic_type,
-        "extra_dhcp_opts": [],
+        "extra_dhcp_opts": p.extra_dhcp_opts,
         "tags": p.tags,
         "created_at": timestamp(p.created_at),
         "updated_at": timestamp(p.updated_at),
