@@ -39,6 +39,10 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{PREFIX}/"), get(resources))
         .route(&format!("{PREFIX}/extensions"), get(extensions))
         .route(&format!("{PREFIX}/extensions/{{alias}}"), get(extension))
+        .route(
+            &format!("{PREFIX}/service-providers"),
+            get(service_providers),
+        )
         .merge(agents::routes())
         .merge(networks::routes())
         .merge(subnets::routes())
@@ -492,7 +496,7 @@ async fn resources(State(state): State<AppState>) -> Response {
 }
 
 /// The extensions that really work here; the client checks some before it calls.
-const EXTENSIONS: [(&str, &str, &str); 28] = [
+const EXTENSIONS: [(&str, &str, &str); 30] = [
     ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
     ("default-subnetpools", "Default Subnetpools", "Provides ability to mark and use a subnetpool as the default."),
     ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
@@ -511,17 +515,31 @@ const EXTENSIONS: [(&str, &str, &str); 28] = [
     ("quota_details", "Quota details management support", "Expose functions for quotas usage statistics per project"),
     ("quotas", "Quota management support", "Expose functions for quotas management per project"),
     ("router", "Neutron L3 Router", "Router abstraction for basic L3 forwarding between L2 Neutron networks and access to external networks via a NAT gateway."),
+    ("service-type", "Neutron Service Type Management", "API for retrieving service providers for Neutron advanced services"),
     ("security-group", "security-group", "The security groups extension."),
     ("sorting", "Sorting support", "Extension that indicates that sorting is enabled."),
     ("standard-attr-description", "standard-attr-description", "Extension to add descriptions to standard attributes"),
     ("standard-attr-revisions", "Resource revision numbers", "This extension will display the revision number of neutron resources."),
     ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, trunk, network_segment_range, router, network, policy, subnetpool, port, security_group, floatingip", "Enables to set tag on resources with standard attribute."),
+    ("tag", "Tag support", "Enables to set tag on resources."),
     ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes."),
     ("stateful-security-group", "Stateful security group", "Indicates if the security group is stateful or not"),
     ("subnet_allocation", "Subnet Allocation", "Enables allocation of subnets from a subnet pool"),
     ("subnetpool-prefix-ops", "Subnet Pool Prefix Operations", "Provides support for adjusting the prefix list of subnet pools"),
     ("subnet-external-network", "Subnet External Network", "Informs if the subnet is associated with a router:external network"),
 ];
+
+/// `GET /v2.0/service-providers`: the one provider of each service Shoal serves. Routers
+/// (`L3_ROUTER_NAT`) are Shoal's own distributed routers (docs/network.md).
+async fn service_providers(
+    State(state): State<AppState>,
+    _auth: Auth,
+    q: Params,
+) -> ApiResult<Response> {
+    let providers =
+        vec![json!({"service_type": "L3_ROUTER_NAT", "name": "shoal", "default": true})];
+    listing("service_providers", providers, &q.0, &state.base_url)
+}
 
 fn extension_json((alias, name, description): (&str, &str, &str)) -> Value {
     json!({
