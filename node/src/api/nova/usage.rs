@@ -71,7 +71,12 @@ fn window(q: &HashMap<String, String>) -> ApiResult<(i64, i64, bool)> {
             "Invalid start time. The start time cannot occur after the end time.",
         ));
     }
-    Ok((start, stop, q.get("detailed").is_some_and(|d| d == "1")))
+    // Nova takes only `1`; openstacksdk (`openstack usage list`) sends `True`, which Nova
+    // reads as not detailed and the client then shows no server count. Both mean detailed here.
+    let detailed = q
+        .get("detailed")
+        .is_some_and(|d| d == "1" || d.eq_ignore_ascii_case("true"));
+    Ok((start, stop, detailed))
 }
 
 /// Every project's usage over `[start, stop)` from the live servers and the tombstones,
@@ -394,6 +399,8 @@ mod tests {
         assert_eq!(e - s, 86_400);
         assert!(d);
         assert!(!window(&q(&[("start", "2026-12-05T10:00:00")])).unwrap().2);
+        assert!(window(&q(&[("detailed", "True")])).unwrap().2);
+        assert!(!window(&q(&[("detailed", "0")])).unwrap().2);
         for wrong in [
             "2026-12-05",
             "2026/12/05T10:00:00",
