@@ -1317,7 +1317,7 @@ fn deleted_servers_usage_and_external_events() {
             .map(|s| s["ID"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(ids_of(&osc.json(2, &["server", "list"])), [keep.clone()]);
+    assert_eq!(ids_of(&osc.json(2, &["server", "list"])), [keep.as_str()]);
     let limits = osc.json(0, &["limits", "show", "--absolute"]);
     assert!(
         limits
@@ -1330,7 +1330,7 @@ fn deleted_servers_usage_and_external_events() {
 
     // Admins list it with --deleted, through any node: DELETED, with its termination time.
     let deleted = osc.json(1, &["server", "list", "--deleted", "--long"]);
-    assert_eq!(ids_of(&deleted), [gone.clone()], "{deleted}");
+    assert_eq!(ids_of(&deleted), [gone.as_str()], "{deleted}");
     assert_eq!(deleted[0]["Status"], "DELETED", "{deleted}");
     let (status, detail) = c.api(
         2,
@@ -1368,7 +1368,7 @@ fn deleted_servers_usage_and_external_events() {
     assert_eq!(status_of(&keep).as_deref(), Some("ACTIVE"));
     assert_eq!(status_of(&gone).as_deref(), Some("DELETED"));
     let listed = osc.json(0, &["server", "list", "--changes-since", &t0]);
-    assert_eq!(ids_of(&listed), [keep.clone()], "{listed}");
+    assert_eq!(ids_of(&listed), [keep.as_str()], "{listed}");
 
     // A member of the project sees neither --deleted nor status=DELETED.
     osc.user_with_role(0, "alice", "pw-alice", "admin", "member");
@@ -1376,7 +1376,7 @@ fn deleted_servers_usage_and_external_events() {
     let own = osc
         .json_as(0, &alice, &["server", "list", "--deleted"])
         .json();
-    assert_eq!(ids_of(&own), [keep.clone()], "{own}");
+    assert_eq!(ids_of(&own), [keep.as_str()], "{own}");
     let (status, _) = c.api(
         0,
         "GET",
