@@ -415,4 +415,41 @@ mod tests {
         // A window before every launch is empty.
         assert!(tenant_usages(&servers, start - 86_400 * 30, start - 86_400 * 20, now).is_empty());
     }
+
+    /// On a real one-node cluster: a server buried leaves only its tombstone; the purge
+    /// deletes the tombstones past their retention and leaves the others, and finds nothing
+    /// more to do the second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_deletes_only_expired_tombstones() {
+        use crate::host_view::tests::{options, tokio_util_stop};
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cluster::init(options(dir.path())).await.unwrap();
+        let stop = tokio_util_stop();
+        tokio::spawn(c.clone().run(stop.1));
+        c.read_barrier().await.unwrap();
+        let mut old = record();
+        old.id = "old".into();
+        let fresh = record();
+        let value = serde_json::to_vec(&fresh).unwrap();
+        let txn = Txn::new().put(tables::SERVERS, &fresh.id, value);
+        assert!(c.write(txn).await.unwrap().succeeded);
+        let now = shoal_state::time::now_rfc3339();
+        let txn = bury(Txn::new(), &fresh, &now);
+        assert!(c.write(txn).await.unwrap().succeeded);
+        let long_ago = shoal_state::time::rfc3339(now_secs() - 10 * 86_400);
+        let txn = bury(Txn::new(), &old, &long_ago);
+        assert!(c.write(txn).await.unwrap().succeeded);
+        assert!(c.get(tables::SERVERS, &fresh.id).await.unwrap().is_none());
+
+        let retention = Duration::from_secs(DEFAULT_RETENTION_SECS);
+        assert_eq!(purge(&c, retention).await.unwrap(), 1);
+        let left = c
+            .list(tables::DELETED_SERVERS, "", usize::MAX)
+            .await
+            .unwrap();
+        let keys: Vec<&str> = left.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, [fresh.id.as_str()]);
+        assert_eq!(purge(&c, retention).await.unwrap(), 0);
+        drop(stop.0);
+    }
 }
