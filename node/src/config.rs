@@ -117,6 +117,10 @@ pub struct ComputeSection {
     /// `shelved_offload_time`): 0 (the default) offloads at once, -1 never.
     #[serde(default)]
     pub shelved_offload_time: i64,
+    /// Seconds a deleted server is still listed (`deleted=true`, `changes-since`) and counted
+    /// by `os-simple-tenant-usage` before its tombstone is purged.
+    #[serde(default = "default_deleted_server_retention")]
+    pub deleted_server_retention_secs: u64,
 }
 
 fn default_libvirt_uri() -> String {
@@ -145,6 +149,9 @@ fn default_image_cache_interval() -> u64 {
 }
 fn default_remove_unused_age() -> u64 {
     86_400
+}
+fn default_deleted_server_retention() -> u64 {
+    shoal_compute::usage::DEFAULT_RETENTION_SECS
 }
 fn default_initial_cpu_ratio() -> f64 {
     4.0
@@ -176,6 +183,7 @@ impl Default for ComputeSection {
             initial_ram_allocation_ratio: default_initial_ratio(),
             initial_disk_allocation_ratio: default_initial_ratio(),
             shelved_offload_time: 0,
+            deleted_server_retention_secs: default_deleted_server_retention(),
         }
     }
 }
@@ -205,6 +213,12 @@ impl ComputeSection {
             self.sync_power_state_interval_secs,
             1,
             86_400,
+        )?;
+        range(
+            "compute.deleted_server_retention_secs",
+            self.deleted_server_retention_secs,
+            0,
+            366 * 86_400,
         )?;
         range(
             "compute.orphan_grace_secs",

@@ -347,6 +347,7 @@ async fn serve(
             .with_context(|| format!("cannot open the image store in {}", dir.display()))?,
         instances_path: instances_path.clone(),
         hosts: shoal_compute::host_view::HostView::new(cluster.clone()),
+        deleted_server_retention: Duration::from_secs(cfg.compute.deleted_server_retention_secs),
     };
     let mut host_spec = host_spec(&dir, &cfg)?;
     let agent = compute_agent(&cfg, &cluster, &state, &instances_path, &mut host_spec).await?;
@@ -376,6 +377,14 @@ async fn serve(
         tasks.spawn(async move {
             images.run_maintenance(stop.cancelled_owned()).await;
             ("image maintenance", Ok(()))
+        });
+    }
+    {
+        let (cluster, stop) = (cluster.clone(), stop.clone());
+        let retention = state.deleted_server_retention;
+        tasks.spawn(async move {
+            shoal_compute::usage::run_purge(cluster, retention, stop.cancelled_owned()).await;
+            ("deleted-server purge", Ok(()))
         });
     }
     {
@@ -536,6 +545,42 @@ impl shoal_compute::agent::ImageSource for AgentImages {
             crate::api::glance::images::delete_for_service(&self.0, image_id)
                 .await
                 .map_err(|e| e.message)
+        })
+    }
+
+    fn rotate_backups<'a>(
+        &'a self,
+        server: &'a str,
+        backup_type: &'a str,
+        rotation: u64,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let mut backups: Vec<shoal_images::record::ImageRecord> = self
+                .0
+                .state
+                .table::<shoal_images::record::ImageRecord>(shoal_state::tables::IMAGES)
+                .list("")
+                .await
+                .map_err(|e| e.to_string())?
+                .into_values()
+                .filter(|img| {
+                    let p = |k: &str| img.properties.get(k).map(String::as_str);
+                    p("image_type") == Some("backup")
+                        && p("backup_type") == Some(backup_type)
+                        && p("instance_uuid") == Some(server)
+                })
+                .collect();
+            // Newest first, as Nova's `_rotate_backups` sorts them; the excess is the oldest.
+            backups.sort_by_key(|img| std::cmp::Reverse(img.created_at));
+            let keep = usize::try_from(rotation).unwrap_or(usize::MAX);
+            let mut gone = Vec::new();
+            for img in backups.into_iter().skip(keep) {
+                crate::api::glance::images::delete_for_service(&self.0, &img.id)
+                    .await
+                    .map_err(|e| e.message)?;
+                gone.push(img.id);
+            }
+            Ok(gone)
         })
     }
 

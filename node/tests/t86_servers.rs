@@ -1272,3 +1272,241 @@ fn compute_reservations_and_ratios_reach_the_host() {
         .join("disk.config");
     assert!(isoinfo(&iso, &["-d"]).contains("Volume id: config-2"));
 }
+
+/// A deleted server's history, as Nova keeps it: listed to admins with `--deleted` and to
+/// `--changes-since` as DELETED with its termination time, never shown by id, not counted in
+/// quota; counted by `usage list`/`usage show` with the live one; and the external events the
+/// network service sends land in the server's action log.
+#[test]
+fn deleted_servers_usage_and_external_events() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    let project = osc.json(0, &["token", "issue"])["project_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let t0 = shoal_state::time::rfc3339(shoal_state::time::now_secs() - 5);
+
+    let mut ids = Vec::new();
+    for name in ["keep", "gone"] {
+        let vm = osc.json(
+            0,
+            &[
+                "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", name,
+            ],
+        );
+        ids.push(vm["id"].as_str().unwrap().to_owned());
+    }
+    let (keep, gone) = (ids[0].clone(), ids[1].clone());
+    let out = osc.run(1, &["server", "delete", "--wait", &gone]);
+    assert!(out.ok, "{}", out.stderr);
+
+    // Not shown by id, not in the normal list, not counted in quota.
+    let out = osc.run(2, &["server", "show", &gone]);
+    assert!(
+        !out.ok && out.stderr.contains("No Server found"),
+        "{}",
+        out.stderr
+    );
+    let ids_of = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["ID"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids_of(&osc.json(2, &["server", "list"])), [keep.as_str()]);
+    let limits = osc.json(0, &["limits", "show", "--absolute"]);
+    assert!(
+        limits
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["Name"] == "instances_used" && l["Value"] == 1),
+        "{limits}"
+    );
+
+    // Admins list it with --deleted, through any node: DELETED, with its termination time.
+    let deleted = osc.json(1, &["server", "list", "--deleted", "--long"]);
+    assert_eq!(ids_of(&deleted), [gone.as_str()], "{deleted}");
+    assert_eq!(deleted[0]["Status"], "DELETED", "{deleted}");
+    let (status, detail) = c.api(
+        2,
+        "GET",
+        "/compute/v2.1/servers/detail?deleted=true",
+        &c.token(2),
+        None,
+    );
+    assert_eq!(status, 200);
+    let s = &detail["servers"][0];
+    assert_eq!(s["id"], gone.as_str(), "{detail}");
+    assert_eq!(s["OS-EXT-STS:vm_state"], "deleted", "{s}");
+    assert!(s["OS-SRV-USG:terminated_at"].is_string(), "{s}");
+    assert!(s["OS-SRV-USG:launched_at"].is_string(), "{s}");
+    assert_eq!(s["addresses"], json!({}), "{s}");
+
+    // changes-since shows both, the deleted one as DELETED. (The client always sends
+    // `deleted=False`, which Nova honours for admins, so it is asked directly.)
+    let (status, changed) = c.api(
+        0,
+        "GET",
+        &format!("/compute/v2.1/servers/detail?changes-since={t0}"),
+        &c.token(0),
+        None,
+    );
+    assert_eq!(status, 200, "{changed}");
+    let changed = changed["servers"].as_array().unwrap().clone();
+    let status_of = |id: &str| {
+        changed
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert_eq!(status_of(&keep).as_deref(), Some("ACTIVE"));
+    assert_eq!(status_of(&gone).as_deref(), Some("DELETED"));
+    let listed = osc.json(0, &["server", "list", "--changes-since", &t0]);
+    assert_eq!(ids_of(&listed), [keep.as_str()], "{listed}");
+
+    // A member of the project sees neither --deleted nor status=DELETED.
+    osc.user_with_role(0, "alice", "pw-alice", "admin", "member");
+    let alice = common::osc::login("alice", "pw-alice", "admin");
+    let own = osc
+        .json_as(0, &alice, &["server", "list", "--deleted"])
+        .json();
+    assert_eq!(ids_of(&own), [keep.as_str()], "{own}");
+    let (status, _) = c.api(
+        0,
+        "GET",
+        "/compute/v2.1/servers?status=DELETED",
+        &token_of(&c, "alice", "pw-alice"),
+        None,
+    );
+    assert_eq!(status, 403);
+
+    // Usage counts the live and the deleted server, for the project and for all.
+    let shown = osc.json(0, &["usage", "show", "--project", &project]);
+    let servers = shown["Servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{shown}");
+    assert!(
+        servers
+            .iter()
+            .any(|s| s["instance_id"] == gone.as_str() && s["state"] == "terminated"),
+        "{shown}"
+    );
+    let listed = osc.json(1, &["usage", "list"]);
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["Project"] == "admin" || u["Project"] == project.as_str())
+        .unwrap_or_else(|| panic!("{listed}"))
+        .clone();
+    let count = row["Servers"]
+        .as_array()
+        .map_or(row["Servers"].clone(), |a| json!(a.len()));
+    assert_eq!(count, 2, "{listed}");
+    let (status, usage) = c.api(
+        2,
+        "GET",
+        &format!(
+            "/compute/v2.1/os-simple-tenant-usage/{project}?start={}",
+            t0.trim_end_matches('Z')
+        ),
+        &c.token(2),
+        None,
+    );
+    assert_eq!(status, 200, "{usage}");
+    let servers = usage["tenant_usage"]["server_usages"].as_array().unwrap();
+    let dead = servers
+        .iter()
+        .find(|s| s["instance_id"] == gone.as_str())
+        .unwrap();
+    assert_eq!(dead["state"], "terminated", "{dead}");
+    assert!(dead["ended_at"].is_string(), "{dead}");
+    let live = servers
+        .iter()
+        .find(|s| s["instance_id"] == keep.as_str())
+        .unwrap();
+    assert_eq!(live["state"], "active", "{live}");
+    assert_eq!(
+        (live["vcpus"].clone(), live["memory_mb"].clone()),
+        (json!(1), json!(256))
+    );
+    assert_eq!(live["local_gb"], 1);
+    // Members may not list every project's usage; a start after the end is a 400.
+    let out = osc.json_as(0, &alice, &["usage", "list"]);
+    out.failed_with(403);
+    let (status, _) = c.api(
+        0,
+        "GET",
+        "/compute/v2.1/os-simple-tenant-usage?start=2030-01-02T00:00:00&end=2030-01-01T00:00:00",
+        &c.token(0),
+        None,
+    );
+    assert_eq!(status, 400);
+
+    // External events: 200 for the live server (in its action log), 404 for the deleted one
+    // (207 overall); only for admins and the service role.
+    let body = json!({"events": [
+        {"name": "network-changed", "server_uuid": keep, "tag": "port-x"},
+        {"name": "network-vif-plugged", "server_uuid": gone},
+    ]});
+    let (status, answer) = c.api(
+        1,
+        "POST",
+        "/compute/v2.1/os-server-external-events",
+        &c.token(1),
+        Some(body.clone()),
+    );
+    assert_eq!(status, 207, "{answer}");
+    assert_eq!(answer["events"][0]["code"], 200, "{answer}");
+    assert_eq!(answer["events"][0]["status"], "completed", "{answer}");
+    assert_eq!(answer["events"][0]["tag"], "port-x", "{answer}");
+    assert_eq!(answer["events"][1]["code"], 404, "{answer}");
+    let log = osc.json(2, &["server", "event", "list", &keep]);
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["Action"] == "network-changed"),
+        "{log}"
+    );
+    let (status, _) = c.api(
+        0,
+        "POST",
+        "/compute/v2.1/os-server-external-events",
+        &c.token(0),
+        Some(json!({"events": [{"name": "network-changed", "server_uuid": gone}]})),
+    );
+    assert_eq!(status, 404);
+    let (status, _) = c.api(
+        0,
+        "POST",
+        "/compute/v2.1/os-server-external-events",
+        &token_of(&c, "alice", "pw-alice"),
+        Some(body),
+    );
+    assert_eq!(status, 403);
+}
+
+/// A project-scoped token of `user` on project `admin`.
+fn token_of(c: &Cluster, user: &str, password: &str) -> String {
+    let body = json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}});
+    let resp = c
+        .http
+        .post(format!("{}/identity/v3/auth/tokens", c.nodes[0].base()))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    resp.headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}

@@ -472,3 +472,134 @@ fn unshelve_keeps_the_server_group_policy() {
     );
     assert_eq!(members, 2, "{g}");
 }
+
+/// `server backup create` (Nova's `createBackup`): each backup is a snapshot marked as a backup
+/// of its type, and the rotation keeps only the newest of that server and type; rotation 0
+/// removes them all. Bad input is Nova's 400 naming the field.
+#[test]
+fn backups_rotate_per_server_and_type() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "vm1",
+        ],
+    );
+    let id = vm["id"].as_str().unwrap().to_owned();
+    // The backups of vm1 of `kind`, oldest first, by name.
+    let backups = |kind: &str| -> Vec<String> {
+        let list = osc.json(
+            1,
+            &[
+                "image",
+                "list",
+                "--property",
+                "image_type=backup",
+                "--property",
+                &format!("backup_type={kind}"),
+                "--property",
+                &format!("instance_uuid={id}"),
+                "--sort",
+                "created_at:asc",
+            ],
+        );
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["Name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let backup = |node: usize, name: &str, kind: &str, rotate: &str| {
+        let out = osc.run(
+            node,
+            &[
+                "server", "backup", "create", "--name", name, "--type", kind, "--rotate", rotate,
+                "--wait", &id,
+            ],
+        );
+        assert!(out.ok, "backup {name}: {}", out.stderr);
+        wait_status(&osc, 0, &id, "ACTIVE");
+    };
+
+    backup(0, "b1", "daily", "2");
+    let img = osc.json(2, &["image", "show", "b1"]);
+    assert_eq!(img["status"], "active", "{img}");
+    assert_eq!(img["properties"]["image_type"], "backup", "{img}");
+    assert_eq!(img["properties"]["backup_type"], "daily", "{img}");
+    assert_eq!(img["properties"]["instance_uuid"], id.as_str(), "{img}");
+    let ev = events(&c, 1, &id, "createBackup");
+    assert_eq!(ev[0]["event"], "compute_backup_instance", "{ev:?}");
+    assert_eq!(ev[0]["result"], "Success", "{ev:?}");
+    // Seconds apart, so that creation times order them.
+    std::thread::sleep(Duration::from_millis(1100));
+    backup(1, "b2", "daily", "2");
+    std::thread::sleep(Duration::from_millis(1100));
+    backup(2, "w1", "weekly", "1");
+    assert_eq!(backups("daily"), ["b1", "b2"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    backup(0, "b3", "daily", "2");
+    // The oldest daily backup went; the weekly one is another type and stays.
+    let daily = wait_until("the rotation", Duration::from_secs(30), || {
+        let d = backups("daily");
+        (d.len() == 2).then_some(d)
+    });
+    assert_eq!(daily, ["b2", "b3"]);
+    assert_eq!(backups("weekly"), ["w1"]);
+    let out = osc.run(0, &["image", "show", "b1"]);
+    assert!(
+        !out.ok && out.stderr.contains("No Image found"),
+        "{}",
+        out.stderr
+    );
+
+    // Rotation 0 removes every daily backup, the new one too, as Nova does.
+    let (status, _) = c.api(
+        0,
+        "POST",
+        &format!("/compute/v2.1/servers/{id}/action"),
+        &c.token(0),
+        Some(json!({"createBackup": {"name": "b4", "backup_type": "daily", "rotation": 0}})),
+    );
+    assert_eq!(status, 202);
+    wait_until("rotation 0", Duration::from_secs(60), || {
+        backups("daily").is_empty().then_some(())
+    });
+    wait_status(&osc, 0, &id, "ACTIVE");
+    assert_eq!(backups("weekly"), ["w1"]);
+
+    // Bad input: Nova's 400, naming the field.
+    for (arg, field) in [
+        (
+            json!({"name": "x", "backup_type": "daily", "rotation": -1}),
+            "rotation",
+        ),
+        (
+            json!({"name": "x", "backup_type": "daily", "rotation": "two"}),
+            "rotation",
+        ),
+        (
+            json!({"name": "x", "backup_type": 7, "rotation": 1}),
+            "backup_type",
+        ),
+        (json!({"name": "x", "rotation": 1}), "backup_type"),
+        (json!({"backup_type": "daily", "rotation": 1}), "name"),
+        (
+            json!({"name": "x", "backup_type": "daily", "rotation": 1, "extra": 1}),
+            "extra",
+        ),
+    ] {
+        let (status, body) = c.api(
+            1,
+            "POST",
+            &format!("/compute/v2.1/servers/{id}/action"),
+            &c.token(1),
+            Some(json!({ "createBackup": arg })),
+        );
+        assert_eq!(status, 400, "{arg}: {body}");
+        let msg = body["badRequest"]["message"].as_str().unwrap();
+        assert!(msg.contains(field), "{arg}: {msg}");
+    }
+}

@@ -65,6 +65,15 @@ pub trait ImageSource: Send + Sync + 'static {
     /// Deletes image `image_id` on the cloud's behalf: a snapshot that failed, a shelved
     /// server's image once it is no longer needed. An image already gone is no error.
     fn delete<'a>(&'a self, image_id: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Nova's `_rotate_backups`: of the images with `image_type` `backup`, this `backup_type`
+    /// and `instance_uuid` `server`, keeps the newest `rotation` and deletes the others;
+    /// returns the ids deleted.
+    fn rotate_backups<'a>(
+        &'a self,
+        server: &'a str,
+        backup_type: &'a str,
+        rotation: u64,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>>;
 }
 
 #[derive(Debug, Clone)]
@@ -408,7 +417,9 @@ impl Agent {
                     .await
             }
             (_, Some(TaskState::Rebuilding)) => self.rebuild(&row, &started).await,
-            (_, Some(TaskState::ImageSnapshot)) => self.snapshot(&row, &started).await,
+            (_, Some(task @ (TaskState::ImageSnapshot | TaskState::ImageBackup))) => {
+                self.snapshot(&row, task, &started).await
+            }
             (_, Some(TaskState::Shelving)) => self.shelve(&row, &started).await,
             (
                 _,
@@ -630,10 +641,12 @@ impl Agent {
     /// flattened, `image_uploading`, the upload, then no task; the server stays as it was
     /// (ACTIVE, SHUTOFF, PAUSED or SUSPENDED). A failure deletes the image and records the
     /// error in the action's event; a domain that could not be restored puts the server in
-    /// ERROR.
+    /// ERROR. `createBackup` (`task` `image_backup`, Nova's `backup_instance`) is the same
+    /// snapshot, then the rotation the row names.
     async fn snapshot(
         &self,
         row: &Versioned<ServerRecord>,
+        task: TaskState,
         started: &str,
     ) -> Result<(), AgentError> {
         let id = row.value.id.clone();
@@ -651,7 +664,23 @@ impl Agent {
             .capture(&mut row, TaskState::ImageUploading, &image)
             .await;
         match &outcome {
-            Ok(true) => tracing::info!(server = %id, %image, "snapshot uploaded"),
+            Ok(true) => {
+                tracing::info!(server = %id, %image, "snapshot uploaded");
+                if let (TaskState::ImageBackup, Some(b)) = (task, &row.value.backup) {
+                    match self
+                        .inner
+                        .images
+                        .rotate_backups(&id, &b.backup_type, b.rotation)
+                        .await
+                    {
+                        Ok(gone) if !gone.is_empty() => {
+                            tracing::info!(server = %id, ?gone, "rotated backups")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(server = %id, error = %e, "cannot rotate backups"),
+                    }
+                }
+            }
             Ok(false) => {
                 self.drop_image(&id, &image).await;
                 return Ok(());
@@ -663,15 +692,11 @@ impl Agent {
         }
         self.finish(&row, |r| {
             r.snapshot_image = None;
+            r.backup = None;
             if let Err(CaptureError::DomainLost(why)) = &outcome {
                 fail(r, why);
             }
-            r.record_outcome(
-                TaskState::ImageSnapshot,
-                started,
-                &now_rfc3339(),
-                outcome.is_ok(),
-            );
+            r.record_outcome(task, started, &now_rfc3339(), outcome.is_ok());
         })
         .await
     }
@@ -896,6 +921,7 @@ impl Agent {
             .advance(row, |r| {
                 r.task_state = None;
                 r.snapshot_image = None;
+                r.backup = None;
                 if shelving {
                     r.vm_state = VmState::Stopped;
                     r.power_state = power::SHUTDOWN;
@@ -1344,15 +1370,16 @@ impl Agent {
         }
     }
 
-    /// Destroys the domain, removes the instance directory, then releases the claim and
-    /// deletes the row in one transaction.
+    /// Destroys the domain, removes the instance directory, then releases the claim, deletes
+    /// the row and writes its tombstone (`crate::usage`) in one transaction.
     async fn delete(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
         let s = &row.value;
         self.inner.hv.destroy(&s.id).await?;
         self.remove_instance_dir(&s.id).await;
+        let now = now_rfc3339();
         // Unconditional: a delete, once asked for, is not undone by a later write of the row.
         placement::release(&self.inner.cluster, &s.id, |txn| {
-            txn.delete(tables::SERVERS, &s.id)
+            crate::usage::bury(txn, s, &now)
         })
         .await
         .map_err(|e| AgentError::State(StateError::Unavailable(e.to_string())))?;

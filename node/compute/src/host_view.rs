@@ -375,7 +375,7 @@ impl HostView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use shoal_consensus::cluster::ClusterOptions;
@@ -450,7 +450,7 @@ mod tests {
         s.local_addr().unwrap()
     }
 
-    fn options(dir: &Path) -> ClusterOptions {
+    pub(crate) fn options(dir: &Path) -> ClusterOptions {
         ClusterOptions {
             data_dir: dir.to_owned(),
             name: "n1".into(),
@@ -605,7 +605,7 @@ mod tests {
         c.shutdown().await;
     }
 
-    fn tokio_util_stop() -> (
+    pub(crate) fn tokio_util_stop() -> (
         tokio::sync::oneshot::Sender<()>,
         impl std::future::Future<Output = ()> + Send + 'static,
     ) {

@@ -17,6 +17,9 @@
 //! - `host_view`: the scheduler's view of the hosts, kept current by watches;
 //! - `server`: the server record (Nova's instance, `servers`), its states and the transitions
 //!   the API may ask for;
+//! - `usage`: deleted servers' tombstones (`deleted_servers`), their purge, and the usage
+//!   report Nova's `os-simple-tenant-usage` gives;
+//! - `events`: external events (`os-server-external-events`) and what each one does;
 //! - `snapshot`: what a server snapshot's image inherits, and the flattened root disk;
 //! - `configdrive`: the config drive, an ISO 9660 image of the metadata documents;
 //! - `nics`: a server's NICs as its port, network and subnet rows say now, the one lookup
@@ -39,6 +42,7 @@ pub mod configdrive;
 pub mod disks;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod flavor;
 pub mod host_view;
 pub mod hypervisor;
@@ -52,3 +56,4 @@ pub mod server;
 pub mod server_group;
 pub mod service;
 pub mod snapshot;
+pub mod usage;

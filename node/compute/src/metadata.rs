@@ -643,6 +643,7 @@ pub(crate) mod tests {
             actions: Vec::new(),
             snapshot_image: None,
             shelved: None,
+            backup: None,
         }
     }
 

@@ -63,6 +63,8 @@ pub enum TaskState {
     Deleting,
     /// `createImage`: the API created the image; the agent has not taken the task up yet.
     ImageSnapshot,
+    /// `createBackup`: as `ImageSnapshot`, then the server's older backups are rotated.
+    ImageBackup,
     /// The agent is flattening the root disk into a standalone image.
     ImagePendingUpload,
     /// The flattened image is going into the Image API's upload path.
@@ -94,6 +96,7 @@ impl TaskState {
             TaskState::Rebuilding => "rebuilding",
             TaskState::Deleting => "deleting",
             TaskState::ImageSnapshot => "image_snapshot",
+            TaskState::ImageBackup => "image_backup",
             TaskState::ImagePendingUpload => "image_pending_upload",
             TaskState::ImageUploading => "image_uploading",
             TaskState::Shelving => "shelving",
@@ -243,6 +246,18 @@ pub struct ServerRecord {
     /// metadata; gone again once the server is unshelved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shelved: Option<Shelved>,
+    /// The rotation a `createBackup` in progress asks for (Nova passes it in the cast); gone
+    /// once the backup is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<Backup>,
+}
+
+/// A `createBackup`'s type and rotation: once the backup is uploaded, only the newest
+/// `rotation` backups of this server and type are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    pub backup_type: String,
+    pub rotation: u64,
 }
 
 /// A shelved server's image and when it was shelved.
@@ -308,6 +323,8 @@ pub enum Action {
     Delete,
     /// `createImage`: the root disk saved as a new image.
     CreateImage,
+    /// `createBackup`: a snapshot kept as a backup, older backups rotated.
+    CreateBackup,
     Shelve,
     ShelveOffload,
     Unshelve,
@@ -327,6 +344,7 @@ impl Action {
             Action::Rebuild => "rebuild",
             Action::Delete => "delete",
             Action::CreateImage => "createImage",
+            Action::CreateBackup => "createBackup",
             Action::Shelve => "shelve",
             Action::ShelveOffload => "shelveOffload",
             Action::Unshelve => "unshelve",
@@ -349,7 +367,7 @@ impl Action {
             Action::Rebuild => matches!(vm, Active | Stopped | Error),
             Action::Delete => true,
             // Nova's `snapshot` and `shelve`: the states whose root disk is on this host.
-            Action::CreateImage | Action::Shelve => {
+            Action::CreateImage | Action::CreateBackup | Action::Shelve => {
                 matches!(vm, Active | Stopped | Paused | Suspended)
             }
             Action::ShelveOffload => vm == Shelved,
@@ -370,6 +388,7 @@ impl Action {
             Action::Rebuild => TaskState::Rebuilding,
             Action::Delete => TaskState::Deleting,
             Action::CreateImage => TaskState::ImageSnapshot,
+            Action::CreateBackup => TaskState::ImageBackup,
             Action::Shelve => TaskState::Shelving,
             Action::ShelveOffload => TaskState::ShelvingOffloading,
             Action::Unshelve => TaskState::Unshelving,
@@ -477,6 +496,7 @@ impl TaskState {
             TaskState::ImageSnapshot
             | TaskState::ImagePendingUpload
             | TaskState::ImageUploading => "createImage",
+            TaskState::ImageBackup => "createBackup",
             TaskState::Shelving
             | TaskState::ShelvingImagePendingUpload
             | TaskState::ShelvingImageUploading => "shelve",
@@ -501,6 +521,7 @@ impl TaskState {
             TaskState::ImageSnapshot
             | TaskState::ImagePendingUpload
             | TaskState::ImageUploading => "compute_snapshot_instance",
+            TaskState::ImageBackup => "compute_backup_instance",
             TaskState::Shelving
             | TaskState::ShelvingImagePendingUpload
             | TaskState::ShelvingImageUploading => "compute_shelve_instance",
@@ -594,6 +615,7 @@ pub(crate) mod tests {
             actions: Vec::new(),
             snapshot_image: None,
             shelved: None,
+            backup: None,
         }
     }
 

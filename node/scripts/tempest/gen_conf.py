@@ -167,6 +167,15 @@ def ensure_image(api, name=IMAGE_NAME):
     return made["id"]
 
 
+def ensure_role(api, name):
+    """The role `name` exists, as devstack creates `service` (Tempest's service users, e.g. for
+    `os-server-external-events`, get it)."""
+    identity = api.rc["OS_AUTH_URL"].rstrip("/")
+    _, have = api.call("GET", identity + f"/roles?name={name}")
+    if not any(r["name"] == name for r in have["roles"]):
+        api.call("POST", identity + "/roles", {"role": {"name": name}})
+
+
 # The external network Tempest's router and floating IP tests take their gateways and floating
 # addresses from (devstack's `public`).
 PUBLIC_NETWORK = "public"
@@ -339,6 +348,7 @@ def main():
     flavors = ensure_flavors(api)
     images = [ensure_image(api), ensure_image(api, IMAGE_NAME + "-alt")]
     public_net = ensure_public_network(api)
+    ensure_role(api, "service")
     ws = os.path.dirname(os.path.dirname(os.path.abspath(args.out)))
     text = conf_text(
         rc,

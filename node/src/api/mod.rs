@@ -96,6 +96,9 @@ pub struct AppState {
     pub network: shoal_network::NetworkService,
     /// The scheduler's host view, kept current by watches (`shoal_compute::host_view`).
     pub hosts: shoal_compute::host_view::HostView,
+    /// How long a deleted server's tombstone is shown (`[compute]
+    /// deleted_server_retention_secs`).
+    pub deleted_server_retention: std::time::Duration,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -7,7 +7,9 @@
 //! - `images.rs`: the image proxy (`/images`), over the Image API's rows;
 //! - `networks.rs`: the network proxies (`/os-networks`, `/os-tenant-networks`), over the
 //!   Network API;
-//! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses.
+//! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses;
+//! - `usage.rs`: `os-simple-tenant-usage` (live and deleted servers) and
+//!   `os-server-external-events`.
 
 pub mod admin;
 pub mod aggregates;
@@ -17,6 +19,7 @@ pub mod keypairs;
 pub mod networks;
 pub mod server_meta;
 pub mod servers;
+pub mod usage;
 
 use axum::Router;
 
@@ -32,4 +35,5 @@ pub fn routes() -> Router<AppState> {
         .merge(networks::routes())
         .merge(servers::routes())
         .merge(server_meta::routes())
+        .merge(usage::routes())
 }

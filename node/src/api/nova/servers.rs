@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shoal_compute::placement::{self, PlaceError};
 use shoal_compute::server::{
-    power, Action, FlavorSnapshot, ImageSnapshot, ServerRecord, TaskState, VmState,
+    power, Action, Backup, FlavorSnapshot, ImageSnapshot, ServerRecord, TaskState, VmState,
 };
 use shoal_scheduler::{GroupPolicy, Request, ScheduleError, SchedulerHints, ServerGroup};
 use shoal_state::time::now_rfc3339;
@@ -458,6 +458,7 @@ async fn create(
             actions: Vec::new(),
             snapshot_image: None,
             shelved: None,
+            backup: None,
         })
         .collect();
 
@@ -1247,7 +1248,9 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
         "config_drive": if r.config_drive { "True" } else { "" },
         "key_name": r.key_name,
         "OS-SRV-USG:launched_at": r.launched_at.as_deref().map(|t| t.trim_end_matches('Z').to_owned() + ".000000"),
-        "OS-SRV-USG:terminated_at": null,
+        // A deleted server (a tombstone) was terminated when its row went: `updated`.
+        "OS-SRV-USG:terminated_at": (r.vm_state == VmState::Deleted)
+            .then(|| r.updated.trim_end_matches('Z').to_owned() + ".000000"),
         "OS-EXT-STS:task_state": r.task_state.map(|t| t.as_str()),
         "OS-EXT-STS:vm_state": r.vm_state.as_str(),
         "OS-EXT-STS:power_state": r.power_state,
@@ -1433,12 +1436,43 @@ async fn filtered(
     } else {
         None
     };
+    // Deleted servers (tombstones, `shoal_compute::usage`), as Nova 2.1 lists them: only with
+    // `deleted=true` (admins; ignored for others, as Nova drops the option), with
+    // `status=DELETED` (admins; others 403), and among the changes a `changes-since` asks for.
+    let wants_deleted = q
+        .get("status")
+        .is_some_and(|s| s.eq_ignore_ascii_case("DELETED"));
+    if wants_deleted && !admin {
+        return Err(ApiError::forbidden("Only administrators may list deleted instances").nova());
+    }
+    let deleted = admin
+        && (wants_deleted
+            || q.get("deleted").is_some_and(|v| {
+                matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "1" | "t" | "true" | "on" | "y" | "yes"
+                )
+            }));
+    let with_deleted = deleted || (since.is_some() && !(admin && q.contains_key("deleted")));
+    let live = if deleted {
+        Vec::new()
+    } else {
+        servers(state)
+            .list("")
+            .await
+            .map_err(nova_err)?
+            .into_values()
+            .collect()
+    };
+    let tombstones = if with_deleted {
+        deleted_servers(state).await?
+    } else {
+        Vec::new()
+    };
     let own = auth.0.project_id.clone();
-    let mut rows: Vec<ServerRecord> = servers(state)
-        .list("")
-        .await
-        .map_err(nova_err)?
-        .into_values()
+    let mut rows: Vec<ServerRecord> = live
+        .into_iter()
+        .chain(tombstones.iter().map(|t| t.as_record()))
         .filter(|r| {
             if all_tenants {
                 project_filter.as_ref().is_none_or(|p| &r.project_id == p)
@@ -1483,6 +1517,22 @@ async fn filtered(
         }
     }
     Ok((rows, next))
+}
+
+/// The tombstones of deleted servers still within their retention, in key order.
+pub(super) async fn deleted_servers(
+    state: &AppState,
+) -> ApiResult<Vec<shoal_compute::usage::DeletedServer>> {
+    let now = shoal_state::time::now_secs();
+    Ok(state
+        .state
+        .table::<shoal_compute::usage::DeletedServer>(tables::DELETED_SERVERS)
+        .list("")
+        .await
+        .map_err(nova_err)?
+        .into_values()
+        .filter(|t| !t.expired(now, state.deleted_server_retention))
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1594,10 +1644,17 @@ async fn delete(
             // Never placed (NoValidHost) or shelved and offloaded: nothing runs anywhere; the
             // row goes now.
             release_ports(&state, std::slice::from_ref(&r)).await;
-            if !servers(&state)
-                .delete_at(&id, v.revision)
+            let txn = shoal_compute::usage::bury(
+                Txn::new().when(tables::SERVERS, &id, Expect::Revision(v.revision)),
+                &r,
+                &now_rfc3339(),
+            );
+            if !state
+                .state
+                .write(tables::SERVERS, txn)
                 .await
                 .map_err(nova_err)?
+                .succeeded
             {
                 state.cluster.read_barrier().await.map_err(nova_err)?;
                 continue;
@@ -1676,6 +1733,7 @@ async fn action(
         }
         "rebuild" => return rebuild(&state, &auth, &rid, &id, &arg).await,
         "createImage" => return create_image(&state, &auth, &rid, &id, &arg).await,
+        "createBackup" => return create_backup(&state, &auth, &rid, &id, &arg).await,
         "shelve" => return shelve(&state, &auth, &rid, &id, &arg).await,
         "unshelve" => return unshelve(&state, &auth, &rid, &id, &arg).await,
         "shelveOffload" => {
@@ -1892,6 +1950,7 @@ async fn snapshot_record(
     user_id: &str,
     name: &str,
     metadata: &BTreeMap<String, String>,
+    backup: Option<&Backup>,
 ) -> ApiResult<shoal_images::record::ImageRecord> {
     use shoal_compute::snapshot::{snapshot_meta, SourceImage};
     use shoal_images::record::{Caller, ImageRecord, Visibility};
@@ -1921,6 +1980,13 @@ async fn snapshot_record(
     img.min_ram = meta.min_ram;
     img.min_disk = meta.min_disk;
     img.properties = meta.properties;
+    if let Some(b) = backup {
+        // Nova's `backup`: `image_type` backup and the backup's type, which rotation selects by.
+        img.properties
+            .insert("image_type".to_owned(), "backup".to_owned());
+        img.properties
+            .insert("backup_type".to_owned(), b.backup_type.clone());
+    }
     let txn = Txn::new()
         .when(tables::IMAGES, &img.id, Expect::Absent)
         .put(
@@ -1943,6 +2009,7 @@ async fn start_snapshot(
     id: &str,
     action: Action,
     image: &str,
+    backup: Option<Backup>,
 ) -> ApiResult<()> {
     let admin = is_admin(auth);
     let started = modify(state, auth, id, |r| {
@@ -1960,6 +2027,7 @@ async fn start_snapshot(
         r.request(action)
             .map_err(|c| ApiError::conflict(c.to_string()).nova())?;
         r.snapshot_image = Some(image.to_owned());
+        r.backup = backup.clone();
         r.record_action(action.name(), &rid.0, &auth.0.user_id, &now_rfc3339());
         Ok(())
     })
@@ -1976,7 +2044,8 @@ async fn start_snapshot(
 /// Refuses `action` early when the server's state forbids it (before an image is created for
 /// it); the compare-and-set in [`start_snapshot`] decides for good.
 fn precheck(auth: &Auth, r: &ServerRecord, action: Action) -> ApiResult<()> {
-    if action != Action::CreateImage && r.locked && !is_admin(auth) {
+    if !matches!(action, Action::CreateImage | Action::CreateBackup) && r.locked && !is_admin(auth)
+    {
         return Err(locked(&r.id));
     }
     let mut probe = r.clone();
@@ -2006,11 +2075,7 @@ fn no_argument(action: &str, arg: &Value) -> ApiResult<()> {
     }
 }
 
-/// `createImage`: a snapshot of the server's root disk as a new image (Nova's
-/// `_action_create_image`). The image is created `queued` with Nova's snapshot properties and
-/// the server's task set to `image_snapshot`; its host's agent flattens the disk and uploads
-/// it. Answers 202 with the image's URL in `Location` (the body of 2.45 and later is not
-/// served: Shoal serves 2.1).
+/// `createImage`: a snapshot of the server's root disk as a new image ([`snapshot_action`]).
 async fn create_image(
     state: &AppState,
     auth: &Auth,
@@ -2018,28 +2083,78 @@ async fn create_image(
     id: &str,
     arg: &Value,
 ) -> ApiResult<axum::response::Response> {
-    use axum::response::IntoResponse;
+    let (name, metadata) = image_request(arg, "createImage", &[])?;
+    snapshot_action(state, auth, rid, id, &name, &metadata, None).await
+}
+
+/// `createBackup` (Nova's `_create_backup`): a snapshot as `createImage` takes it, its image
+/// marked `image_type` backup with the `backup_type`; once it is uploaded, the host's agent
+/// deletes this server's backups of that type beyond the newest `rotation` (0: all of them,
+/// the new one too). Answers 202, with the image in `Location` unless `rotation` is 0.
+async fn create_backup(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    let (name, metadata) = image_request(arg, "createBackup", &["backup_type", "rotation"])?;
+    let backup_type = match &arg["backup_type"] {
+        Value::String(t) => t.clone(),
+        v => {
+            return Err(bad(format!(
+                "Invalid input for field/attribute backup_type. Value: {v}. {v} is not of type 'string'"
+            )))
+        }
+    };
+    let rotation = match &arg["rotation"] {
+        Value::Number(n) if n.is_u64() => n.as_u64(),
+        Value::String(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+            t.parse::<u64>().ok()
+        }
+        _ => None,
+    };
+    let Some(rotation) = rotation else {
+        let v = &arg["rotation"];
+        return Err(bad(format!(
+            "Invalid input for field/attribute rotation. Value: {v}. {v} is not a non-negative integer"
+        )));
+    };
+    let backup = Backup {
+        backup_type,
+        rotation,
+    };
+    snapshot_action(state, auth, rid, id, &name, &metadata, Some(backup)).await
+}
+
+/// The `name` and `metadata` of a `createImage` or `createBackup`, checked as Nova's schema
+/// checks them; `more` are the other properties the action requires.
+fn image_request(
+    arg: &Value,
+    action: &str,
+    more: &[&str],
+) -> ApiResult<(String, BTreeMap<String, String>)> {
     let Some(arg) = arg.as_object() else {
-        return Err(bad(
-            "Invalid input for field/attribute createImage. Value: it must be an object",
-        ));
+        return Err(bad(format!(
+            "Invalid input for field/attribute {action}. Value: it must be an object"
+        )));
     };
     if let Some(k) = arg
         .keys()
-        .find(|k| !matches!(k.as_str(), "name" | "metadata"))
+        .find(|k| !matches!(k.as_str(), "name" | "metadata") && !more.contains(&k.as_str()))
     {
         return Err(bad(format!(
-            "Invalid input for field/attribute createImage. Additional properties are not allowed ('{k}' was unexpected)"
+            "Invalid input for field/attribute {action}. Additional properties are not allowed ('{k}' was unexpected)"
         )));
     }
-    let name = match arg.get("name") {
-        Some(Value::String(n)) => n.clone(),
-        None => {
-            return Err(bad(
-                "Invalid input for field/attribute createImage. 'name' is a required property",
-            ))
-        }
-        Some(v) => {
+    if let Some(k) = ["name"].iter().chain(more).find(|k| !arg.contains_key(**k)) {
+        return Err(bad(format!(
+            "Invalid input for field/attribute {action}. '{k}' is a required property"
+        )));
+    }
+    let name = match &arg["name"] {
+        Value::String(n) => n.clone(),
+        v => {
             return Err(bad(format!(
                 "Invalid input for field/attribute name. Value: {v}. It is not a string"
             )))
@@ -2061,13 +2176,46 @@ async fn create_image(
     if metadata.len() > shoal_images::record::MAX_PROPERTIES {
         return Err(ApiError::forbidden("Image metadata limit exceeded").nova());
     }
+    Ok((name, metadata))
+}
+
+/// `createImage` (Nova's `_action_create_image`), and `createBackup` with `backup`: the image
+/// is created `queued` with Nova's snapshot properties and the server's task set to
+/// `image_snapshot` (`image_backup`); its host's agent flattens the disk and uploads it.
+/// Answers 202 with the image's URL in `Location` (the body of 2.45 and later is not served:
+/// Shoal serves 2.1); a backup with rotation 0 has no `Location`, as in Nova.
+async fn snapshot_action(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    id: &str,
+    name: &str,
+    metadata: &BTreeMap<String, String>,
+    backup: Option<Backup>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let action = match backup {
+        Some(_) => Action::CreateBackup,
+        None => Action::CreateImage,
+    };
     let v = load(state, auth, id).await?;
-    precheck(auth, &v.value, Action::CreateImage)?;
-    let img = snapshot_record(state, &v.value, &auth.0.user_id, &name, &metadata).await?;
-    start_snapshot(state, auth, rid, id, Action::CreateImage, &img.id).await?;
+    precheck(auth, &v.value, action)?;
+    let img = snapshot_record(
+        state,
+        &v.value,
+        &auth.0.user_id,
+        name,
+        metadata,
+        backup.as_ref(),
+    )
+    .await?;
+    let located = backup.as_ref().is_none_or(|b| b.rotation > 0);
+    start_snapshot(state, auth, rid, id, action, &img.id, backup).await?;
     let mut resp = StatusCode::ACCEPTED.into_response();
-    if let Ok(loc) = format!("{}/image/v2/images/{}", state.base_url, img.id).parse() {
-        resp.headers_mut().insert(axum::http::header::LOCATION, loc);
+    if located {
+        if let Ok(loc) = format!("{}/image/v2/images/{}", state.base_url, img.id).parse() {
+            resp.headers_mut().insert(axum::http::header::LOCATION, loc);
+        }
     }
     Ok(resp)
 }
@@ -2086,8 +2234,16 @@ async fn shelve(
     let v = load(state, auth, id).await?;
     precheck(auth, &v.value, Action::Shelve)?;
     let name = shoal_compute::snapshot::shelved_name(&v.value);
-    let img = snapshot_record(state, &v.value, &auth.0.user_id, &name, &BTreeMap::new()).await?;
-    start_snapshot(state, auth, rid, id, Action::Shelve, &img.id).await?;
+    let img = snapshot_record(
+        state,
+        &v.value,
+        &auth.0.user_id,
+        &name,
+        &BTreeMap::new(),
+        None,
+    )
+    .await?;
+    start_snapshot(state, auth, rid, id, Action::Shelve, &img.id, None).await?;
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
