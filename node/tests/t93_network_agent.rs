@@ -1088,15 +1088,17 @@ fn hairpin_through_floating_ips_with_the_ebpf_driver() {
     hairpin_through_floating_ips("ebpf", "hpe");
 }
 
-/// Guests: A (node1, no floating IP), B (node1, floating IP), C (node2, floating IP); node1 is
-/// the router's gateway node. TCP 7001 is open to anyone in the default group, 7002 is not.
+/// Guests: A (node1, no floating IP), B (node1, floating IP), C (node2, floating IP), E
+/// (node2, no floating IP); node1 is the router's gateway node. TCP 7001 is open to anyone in the default group, 7002 is not.
 /// A connects to B's floating IP on the same node: it talks to the floating address and B sees
 /// the router's gateway address (Neutron's hairpin SNAT; a VM without a floating IP has no
 /// other public address). B connects to C's floating IP on node2 and C to B's: each sees the
-/// other's floating IP. B connects to its own floating IP. Port 7002, listened on but not
+/// other's floating IP. E connects to C's floating IP on node2, which is not the gateway node:
+/// C sees the floating address itself. D, behind a second router, reaches B's and C's from
+/// its router's gateway address. B connects to its own floating IP. Port 7002, listened on but not
 /// open in B's group, is refused through its floating IP from A and from C.
 fn hairpin_through_floating_ips(driver: &str, prefix: &str) {
-    let ns = NorthSouth::new(driver, prefix, &[0, 0, 1]);
+    let ns = NorthSouth::new(driver, prefix, &[0, 0, 1, 1]);
     let (c, token) = (&ns.c, ns.token.as_str());
     created(
         c,
@@ -1106,7 +1108,7 @@ fn hairpin_through_floating_ips(driver: &str, prefix: &str) {
             "protocol": "tcp", "port_range_min": 7001, "port_range_max": 7001,
             "remote_ip_prefix": "0.0.0.0/0"}}),
     );
-    let (a, b, vc) = (&ns.guests[0], &ns.guests[1], &ns.guests[2]);
+    let (a, b, vc, e) = (&ns.guests[0], &ns.guests[1], &ns.guests[2], &ns.guests[3]);
     let (_, fip_b) = ns.associate(&ns.ports[1].id);
     let (_, fip_c) = ns.associate(&ns.ports[2].id);
     let _servers = [
@@ -1120,6 +1122,13 @@ fn hairpin_through_floating_ips(driver: &str, prefix: &str) {
         tcp_ask_until(a, &fip_b, 7001),
         Ok((fip_b.clone(), ns.gateway.clone())),
         "A to B's floating IP on the same node"
+    );
+    // Same node, not the gateway node, from a guest without a floating IP: from the floating
+    // address it was sent to (the router holds no other public address there).
+    assert_eq!(
+        tcp_ask_until(e, &fip_c, 7001),
+        Ok((fip_c.clone(), fip_c.clone())),
+        "E to C's floating IP on node2"
     );
     // Across nodes, both ways: each leaves from its own floating IP.
     assert_eq!(
