@@ -369,19 +369,17 @@ pub(crate) fn want_external(r: &model::Router) -> Option<ExtDev> {
         nat,
         "add table ip {TABLE_NAT}\ndelete table ip {TABLE_NAT}\ntable ip {TABLE_NAT} {{"
     );
-    // Inbound: a floating address becomes its fixed one (only from outside: no hairpin).
+    // Inbound: a floating address becomes its fixed one, from outside and from the router's
+    // own side too (hairpin: a VM reaching a floating IP served here).
     let _ = writeln!(
         nat,
         "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;"
     );
     for f in &r.floating_ips {
-        let _ = writeln!(
-            nat,
-            "    iifname \"{name}\" ip daddr {} dnat to {}",
-            f.floating, f.fixed
-        );
+        let _ = writeln!(nat, "    ip daddr {} dnat to {}", f.floating, f.fixed);
     }
     let _ = writeln!(nat, "  }}");
+    let subnets: Vec<String> = r.interfaces.iter().map(|i| i.subnet.to_string()).collect();
     // Outbound: a port with a floating IP leaves from it, every other one from the gateway
     // address (SNAT), on the node that holds it. Only a connection's first packet gets here.
     let _ = writeln!(
@@ -399,6 +397,36 @@ pub(crate) fn want_external(r: &model::Router) -> Option<ExtDev> {
         // Also what other nodes' routers send here (transit), see the forward chain.
         let _ = writeln!(nat, "    oifname \"{name}\" snat to {}", g.ip);
     }
+    // Hairpin: a connection from the router's subnets DNATed to a fixed address and going
+    // back to the router's side must leave from an address of this namespace, or the
+    // destination would answer the VM directly and the VM would see the fixed address. As
+    // Neutron: from the source's own floating IP when it has one here, else from the gateway
+    // address where this node holds it, else from the floating address it was sent to.
+    if !subnets.is_empty() {
+        for f in &r.floating_ips {
+            let _ = writeln!(
+                nat,
+                "    oifname != \"{name}\" ct status dnat ip saddr {} snat to {}",
+                f.fixed, f.floating
+            );
+        }
+        let set = subnets.join(", ");
+        if g.holds_address {
+            let _ = writeln!(
+                nat,
+                "    oifname != \"{name}\" ct status dnat ip saddr {{ {set} }} snat to {}",
+                g.ip
+            );
+        } else {
+            for f in &r.floating_ips {
+                let _ = writeln!(
+                    nat,
+                    "    oifname != \"{name}\" ct status dnat ip saddr {{ {set} }} ip daddr {} snat to {}",
+                    f.fixed, f.floating
+                );
+            }
+        }
+    }
     let _ = writeln!(nat, "  }}");
     // With SNAT on, nothing enters from outside but replies and floating IP traffic, and on a
     // node without the gateway address nothing leaves untranslated.
@@ -406,7 +434,6 @@ pub(crate) fn want_external(r: &model::Router) -> Option<ExtDev> {
         nat,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
     );
-    let subnets: Vec<String> = r.interfaces.iter().map(|i| i.subnet.to_string()).collect();
     if g.enable_snat {
         let _ = writeln!(
             nat,

@@ -679,35 +679,152 @@ fn floating_ips_and_snat_through_the_api_with_the_ebpf_driver() {
     floating_ips_and_snat_through_the_api("ebpf", "fipe");
 }
 
-/// `prefix` names this run's namespaces, unique per driver so both tests may run at once.
-fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
-    let pid = std::process::id();
-    let underlay = Underlay::new(prefix, 2);
-    let nodes = &underlay.nodes;
-    // Router namespaces are named after the node's namespace's inode and live under
-    // /run/netns: removed on drop, also when the test fails.
-    struct RouterNamespaces(Vec<String>);
-    impl Drop for RouterNamespaces {
-        fn drop(&mut self) {
-            use std::os::unix::fs::MetadataExt;
-            for node in &self.0 {
-                let Ok(ino) = std::fs::metadata(node).map(|m| m.ino()) else {
-                    continue;
-                };
-                let prefix = format!("shoalr{ino}-");
-                for e in std::fs::read_dir("/run/netns")
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with(&prefix) {
-                        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-                    }
+/// Router namespaces are named after the node's namespace's inode and live under /run/netns:
+/// removed on drop, also when the test fails.
+struct RouterNamespaces(Vec<String>);
+
+impl Drop for RouterNamespaces {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        for node in &self.0 {
+            let Ok(ino) = std::fs::metadata(node).map(|m| m.ino()) else {
+                continue;
+            };
+            let prefix = format!("shoalr{ino}-");
+            for e in std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).output();
                 }
             }
         }
     }
+}
+
+/// Two nodes on an external network (see `floating_ips_and_snat_through_the_api_with_the_
+/// kernel_driver`): a router with its gateway on it and an interface on 10.8.0.0/24, the
+/// default group open to ICMP from anywhere, and an ACTIVE guest on each node of `on` (0:
+/// node1, 1: node2). Fields drop in order: guests, cluster, external host, namespaces.
+struct NorthSouth {
+    guests: Vec<Netns>,
+    ports: Vec<Port>,
+    c: Cluster,
+    token: String,
+    public: String,
+    gateway: String,
+    group: String,
+    /// Flavor and image of the servers.
+    ids: (String, String),
+    nodes: Vec<String>,
+    ext: Netns,
+    _routers: RouterNamespaces,
+    _underlay: Underlay,
+}
+
+impl NorthSouth {
+    /// `prefix` names this run's namespaces, unique per test and driver so all may run at once.
+    fn new(driver: &str, prefix: &str, on: &[usize]) -> NorthSouth {
+        north_south(driver, prefix, on)
+    }
+
+    /// Associates a floating IP with `port` and waits for it to go ACTIVE: (id, address).
+    fn associate(&self, port: &str) -> (String, String) {
+        let (c, token) = (&self.c, self.token.as_str());
+        let fip = created(
+            c,
+            token,
+            "/network/v2.0/floatingips",
+            json!({"floatingip": {"floating_network_id": self.public, "port_id": port}}),
+        )["floatingip"]
+            .clone();
+        let (id, addr) = (
+            fip["id"].as_str().unwrap().to_owned(),
+            fip["floating_ip_address"].as_str().unwrap().to_owned(),
+        );
+        wait_until(
+            &format!("floating IP {addr} ACTIVE"),
+            Duration::from_secs(30),
+            || (floating_status(c, token, &id) == "ACTIVE").then_some(()),
+        );
+        (id, addr)
+    }
+}
+
+impl NorthSouth {
+    /// A second router with its gateway on the same external network and an interface on
+    /// `cidr` (a /24 whose .1 is the router), and an ACTIVE guest `name` on node `n` behind it.
+    fn guest_behind_another_router(&self, name: String, n: usize, cidr: &str) -> (Netns, Port) {
+        let (c, token) = (&self.c, self.token.as_str());
+        let net = created(
+            c,
+            token,
+            "/network/v2.0/networks",
+            json!({"network": {"name": "inside2"}}),
+        )["network"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let subnet = created(
+            c,
+            token,
+            "/network/v2.0/subnets",
+            json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}}),
+        )["subnet"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let router = created(
+            c,
+            token,
+            "/network/v2.0/routers",
+            json!({"router": {"name": "second",
+                "external_gateway_info": {"network_id": self.public}}}),
+        )["router"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (status, v) = api(
+            c,
+            token,
+            "PUT",
+            &format!("/network/v2.0/routers/{router}/add_router_interface"),
+            Some(json!({"subnet_id": subnet})),
+        );
+        assert_eq!(status, 200, "{v}");
+        let p = port(c, token, &net);
+        let node = Netns(self.nodes[n].clone());
+        let vm = guest(name, &node, &tap(&p.id), &p.mac, &p.ip);
+        // Not ours to delete: the fixture's underlay owns the node's namespace.
+        std::mem::forget(node);
+        let gw = cidr.replace("0/24", "1");
+        ip(&["-n", &vm.0, "route", "add", "default", "via", &gw]);
+        created(
+            c,
+            token,
+            "/compute/v2.1/servers",
+            json!({"server": {
+                "name": "behind-second", "flavorRef": self.ids.0, "imageRef": self.ids.1,
+                "networks": [{"port": p.id}],
+                "availability_zone": format!("nova:node{}", n + 1),
+            }}),
+        );
+        wait_until(
+            &format!("port {} ACTIVE", p.id),
+            Duration::from_secs(60),
+            || (port_status(c, token, &p.id) == "ACTIVE").then_some(()),
+        );
+        (vm, p)
+    }
+}
+
+fn north_south(driver: &str, prefix: &str, on: &[usize]) -> NorthSouth {
+    let pid = std::process::id();
+    let underlay = Underlay::new(prefix, 2);
+    let nodes = &underlay.nodes;
     let _routers = RouterNamespaces(
         nodes
             .iter()
@@ -831,7 +948,8 @@ fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
     );
     let mut guests = Vec::new();
     let mut ports = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
+    for (i, &n) in on.iter().enumerate() {
+        let node = &nodes[n];
         let p = port(&c, &token, &net);
         let vm = guest(
             format!("{prefix}-vm{i}-{pid}"),
@@ -848,7 +966,7 @@ fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
             json!({"server": {
                 "name": format!("fip{i}"), "flavorRef": ids.0, "imageRef": ids.1,
                 "networks": [{"port": p.id}],
-                "availability_zone": format!("nova:node{}", i + 1),
+                "availability_zone": format!("nova:node{}", n + 1),
             }}),
         );
         guests.push(vm);
@@ -861,26 +979,28 @@ fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
             || (port_status(&c, &token, &p.id) == "ACTIVE").then_some(()),
         );
     }
-    let associate = |port: &str| {
-        let fip = created(
-            &c,
-            &token,
-            "/network/v2.0/floatingips",
-            json!({"floatingip": {"floating_network_id": public, "port_id": port}}),
-        )["floatingip"]
-            .clone();
-        let (id, addr) = (
-            fip["id"].as_str().unwrap().to_owned(),
-            fip["floating_ip_address"].as_str().unwrap().to_owned(),
-        );
-        wait_until(
-            &format!("floating IP {addr} ACTIVE"),
-            Duration::from_secs(30),
-            || (floating_status(&c, &token, &id) == "ACTIVE").then_some(()),
-        );
-        (id, addr)
-    };
-    let (fip_id, fip_addr) = associate(&ports[0].id);
+    NorthSouth {
+        guests,
+        ports,
+        c,
+        token,
+        public,
+        gateway,
+        group,
+        ids,
+        nodes: nodes.iter().map(|n| n.0.clone()).collect(),
+        ext,
+        _routers,
+        _underlay: underlay,
+    }
+}
+
+/// The north-south body of both drivers (see above).
+fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
+    let ns = NorthSouth::new(driver, prefix, &[0, 1]);
+    let (c, token, guests, ext, gateway) =
+        (&ns.c, ns.token.as_str(), &ns.guests, &ns.ext, &ns.gateway);
+    let (fip_id, fip_addr) = ns.associate(&ns.ports[0].id);
     // The guest learns its floating IP from the metadata service (EC2's `public-ipv4`); the
     // kernel-path driver serves no metadata yet (docs/network.md, "Still to come").
     if driver == "ebpf" {
@@ -895,7 +1015,7 @@ fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
     // external host's own address.
     let before = count_from(&guests[0], "203.0.113.100");
     assert!(
-        ping_becomes(&ext, &fip_addr, true),
+        ping_becomes(ext, &fip_addr, true),
         "the external host pings the floating IP"
     );
     assert!(
@@ -904,13 +1024,13 @@ fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
     );
     // Outbound: guest 0 leaves from its floating IP; guest 1, on node2 without one, from the
     // gateway address, translated by node1 (the gateway node).
-    let (from_fip, from_gw) = (count_from(&ext, &fip_addr), count_from(&ext, &gateway));
+    let (from_fip, from_gw) = (count_from(ext, &fip_addr), count_from(ext, gateway));
     assert!(
         ping_becomes(&guests[0], "203.0.113.100", true),
         "guest 0 out"
     );
     assert!(
-        count_from(&ext, &fip_addr) > from_fip,
+        count_from(ext, &fip_addr) > from_fip,
         "from its floating IP"
     );
     assert!(
@@ -918,34 +1038,151 @@ fn floating_ips_and_snat_through_the_api(driver: &str, prefix: &str) {
         "guest 1 out"
     );
     assert!(
-        count_from(&ext, &gateway) > from_gw,
+        count_from(ext, gateway) > from_gw,
         "guest 1 on node2 through SNAT on node1, from {gateway}"
     );
     // A floating IP of the guest on node2 is programmed (and reported) by node2.
-    let (_, fip2_addr) = associate(&ports[1].id);
+    let (_, fip2_addr) = ns.associate(&ns.ports[1].id);
     let before = count_from(&guests[1], "203.0.113.100");
     assert!(
-        ping_becomes(&ext, &fip2_addr, true),
+        ping_becomes(ext, &fip2_addr, true),
         "the external host pings the floating IP on node2"
     );
     assert!(count_from(&guests[1], "203.0.113.100") > before);
 
     // Disassociated: DOWN, and nothing comes in through it any more.
     let (status, v) = api(
-        &c,
-        &token,
+        c,
+        token,
         "PUT",
         &format!("/network/v2.0/floatingips/{fip_id}"),
         Some(json!({"floatingip": {"port_id": null}})),
     );
     assert_eq!(status, 200, "{v}");
     wait_until("the floating IP DOWN", Duration::from_secs(30), || {
-        (floating_status(&c, &token, &fip_id) == "DOWN").then_some(())
+        (floating_status(c, token, &fip_id) == "DOWN").then_some(())
     });
     assert!(
-        ping_becomes(&ext, &fip_addr, false),
+        ping_becomes(ext, &fip_addr, false),
         "a disassociated floating IP lets nothing in"
     );
-    drop(guests);
-    drop(c);
+}
+
+/// Hairpin NAT (issue 13) with the kernel driver: a guest reaches another guest's floating IP
+/// from inside the cloud, on the same node and across nodes, and the connection is translated
+/// both ways (see `hairpin_through_floating_ips`).
+#[test]
+fn hairpin_through_floating_ips_with_the_kernel_driver() {
+    if !is_root("the hairpin NAT network agent test") {
+        return;
+    }
+    hairpin_through_floating_ips("kernel", "hpk");
+}
+
+/// The same with the eBPF driver (the hairpin goes through the router's namespace by its leg).
+#[test]
+fn hairpin_through_floating_ips_with_the_ebpf_driver() {
+    if !is_root("the hairpin NAT network agent test") {
+        return;
+    }
+    hairpin_through_floating_ips("ebpf", "hpe");
+}
+
+/// Guests: A (node1, no floating IP), B (node1, floating IP), C (node2, floating IP), E
+/// (node2, no floating IP); node1 is the router's gateway node. TCP 7001 is open to anyone in the default group, 7002 is not.
+/// A connects to B's floating IP on the same node: it talks to the floating address and B sees
+/// the router's gateway address (Neutron's hairpin SNAT; a VM without a floating IP has no
+/// other public address). B connects to C's floating IP on node2 and C to B's: each sees the
+/// other's floating IP. E connects to C's floating IP on node2, which is not the gateway node:
+/// C sees the floating address itself. D, behind a second router, reaches B's and C's from
+/// its router's gateway address. B connects to its own floating IP. Port 7002, listened on but not
+/// open in B's group, is refused through its floating IP from A and from C.
+fn hairpin_through_floating_ips(driver: &str, prefix: &str) {
+    let ns = NorthSouth::new(driver, prefix, &[0, 0, 1, 1]);
+    let (c, token) = (&ns.c, ns.token.as_str());
+    created(
+        c,
+        token,
+        "/network/v2.0/security-group-rules",
+        json!({"security_group_rule": {"security_group_id": ns.group, "direction": "ingress",
+            "protocol": "tcp", "port_range_min": 7001, "port_range_max": 7001,
+            "remote_ip_prefix": "0.0.0.0/0"}}),
+    );
+    let (a, b, vc, e) = (&ns.guests[0], &ns.guests[1], &ns.guests[2], &ns.guests[3]);
+    let (_, fip_b) = ns.associate(&ns.ports[1].id);
+    let (_, fip_c) = ns.associate(&ns.ports[2].id);
+    let _servers = [
+        PeerEcho::new(b, 7001),
+        PeerEcho::new(vc, 7001),
+        PeerEcho::new(b, 7002),
+    ];
+
+    // Same node, from a guest without a floating IP: SNAT to the gateway address.
+    assert_eq!(
+        tcp_ask_until(a, &fip_b, 7001),
+        Ok((fip_b.clone(), ns.gateway.clone())),
+        "A to B's floating IP on the same node"
+    );
+    // Same node, not the gateway node, from a guest without a floating IP: from the floating
+    // address it was sent to (the router holds no other public address there).
+    assert_eq!(
+        tcp_ask_until(e, &fip_c, 7001),
+        Ok((fip_c.clone(), fip_c.clone())),
+        "E to C's floating IP on node2"
+    );
+    // Across nodes, both ways: each leaves from its own floating IP.
+    assert_eq!(
+        tcp_ask_until(b, &fip_c, 7001),
+        Ok((fip_c.clone(), fip_b.clone())),
+        "B on node1 to C's floating IP on node2"
+    );
+    assert_eq!(
+        tcp_ask_until(vc, &fip_b, 7001),
+        Ok((fip_b.clone(), fip_c.clone())),
+        "C on node2 to B's floating IP on node1"
+    );
+    // Behind another router on the same external network, on node1 (its router's gateway
+    // node too, so without a floating IP it leaves from that router's gateway address): to B
+    // on the same node and to C across nodes; B's group sees that address.
+    let (d, _) = ns.guest_behind_another_router(
+        format!("{prefix}-vmd-{}", std::process::id()),
+        0,
+        "10.9.0.0/24",
+    );
+    let (from_b, from_c) = (
+        tcp_ask_until(&d, &fip_b, 7001),
+        tcp_ask_until(&d, &fip_c, 7001),
+    );
+    let (to_b, seen_b) = from_b.expect("D behind another router to B's floating IP");
+    let (to_c, seen_c) = from_c.expect("D behind another router to C's floating IP");
+    assert_eq!(
+        (to_b.as_str(), to_c.as_str()),
+        (fip_b.as_str(), fip_c.as_str())
+    );
+    assert_eq!(seen_b, seen_c, "D leaves from one address");
+    assert!(
+        seen_b.starts_with("203.0.113.") && ![&fip_b, &fip_c, &ns.gateway].contains(&&seen_b),
+        "D leaves from its own router's gateway address, not {seen_b}"
+    );
+    // Its own floating IP.
+    assert_eq!(
+        tcp_ask_until(b, &fip_b, 7001),
+        Ok((fip_b.clone(), fip_b.clone())),
+        "B to its own floating IP"
+    );
+    // The fixed address still answers directly, from the fixed address (no NAT east-west).
+    assert_eq!(
+        tcp_ask_until(a, &ns.ports[1].ip, 7001),
+        Ok((ns.ports[1].ip.clone(), ns.ports[0].ip.clone())),
+        "A to B's fixed address"
+    );
+    // B's group does not open 7002 to translated sources: dropped (not refused by B, which
+    // listens there: the connection times out).
+    for (from, name) in [(a, "A"), (vc, "C")] {
+        let r = tcp_ask(from, &fip_b, 7002);
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("timed out")),
+            "{name} to B's floating IP on a port its group does not open: {r:?}"
+        );
+    }
 }

@@ -160,6 +160,94 @@ pub fn wget_text(vm: &Netns, path: &str) -> String {
     String::from_utf8(wget(vm, path).unwrap_or_else(|e| panic!("{path}: {e}"))).unwrap()
 }
 
+/// Runs `f` on a thread of its own inside `ns` (`setns` changes only the calling thread's
+/// namespace) and returns its result.
+pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(ns.path()).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd only changes this thread's namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A TCP server in a guest: every connection to `port` is answered with the address it came
+/// from (as the server sees it) and closed. Stops on drop.
+pub struct PeerEcho {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerEcho {
+    pub fn new(vm: &Netns, port: u16) -> PeerEcho {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let listener = in_netns(vm, move || {
+            std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind in the guest")
+        });
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(peer.ip().to_string().as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        PeerEcho {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP connection from `vm` to `addr:port` (3 s to connect and to read): the address the
+/// connection went to, as the guest sees it, and what a `PeerEcho` there answered (the
+/// address it saw the guest come from); `Err` when it did not connect.
+pub fn tcp_ask(vm: &Netns, addr: &str, port: u16) -> Result<(String, String), String> {
+    use std::io::Read;
+    let to: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
+    in_netns(vm, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut seen = String::new();
+        s.read_to_string(&mut seen).map_err(|e| e.to_string())?;
+        Ok((s.peer_addr().unwrap().ip().to_string(), seen))
+    })
+}
+
+/// `tcp_ask` until it connects (up to 10 s: the agent applies changes within milliseconds,
+/// but the test must not depend on how many).
+pub fn tcp_ask_until(vm: &Netns, addr: &str, port: u16) -> Result<(String, String), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tcp_ask(vm, addr, port) {
+            Ok(r) => return Ok(r),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// One API call; returns the status and the JSON body (or `null`).
 pub fn api(
     c: &Cluster,
