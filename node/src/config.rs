@@ -117,6 +117,13 @@ pub struct ComputeSection {
     /// `shelved_offload_time`): 0 (the default) offloads at once, -1 never.
     #[serde(default)]
     pub shelved_offload_time: i64,
+    /// A resize may pick the server's own host (Nova's `allow_resize_to_same_host`).
+    #[serde(default)]
+    pub allow_resize_to_same_host: bool,
+    /// Seconds after which a resized server is confirmed on its own (Nova's
+    /// `resize_confirm_window`); 0 never.
+    #[serde(default)]
+    pub resize_confirm_window: u64,
 }
 
 fn default_libvirt_uri() -> String {
@@ -176,6 +183,8 @@ impl Default for ComputeSection {
             initial_ram_allocation_ratio: default_initial_ratio(),
             initial_disk_allocation_ratio: default_initial_ratio(),
             shelved_offload_time: 0,
+            allow_resize_to_same_host: false,
+            resize_confirm_window: 0,
         }
     }
 }

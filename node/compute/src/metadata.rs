@@ -643,6 +643,9 @@ pub(crate) mod tests {
             actions: Vec::new(),
             snapshot_image: None,
             shelved: None,
+            rescue: None,
+            migration: None,
+            past_migrations: Vec::new(),
         }
     }
 

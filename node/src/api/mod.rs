@@ -96,6 +96,8 @@ pub struct AppState {
     pub network: shoal_network::NetworkService,
     /// The scheduler's host view, kept current by watches (`shoal_compute::host_view`).
     pub hosts: shoal_compute::host_view::HostView,
+    /// `[compute] allow_resize_to_same_host`: the scheduler may keep a resized server's host.
+    pub allow_resize_to_same_host: bool,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -7,13 +7,15 @@
 //! - `images.rs`: the image proxy (`/images`), over the Image API's rows;
 //! - `networks.rs`: the network proxies (`/os-networks`, `/os-tenant-networks`), over the
 //!   Network API;
-//! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses.
+//! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses;
+//! - `migrations.rs`: rescue, resize, cold migration and `os-migrations`.
 
 pub mod admin;
 pub mod aggregates;
 pub mod flavors;
 pub mod images;
 pub mod keypairs;
+pub mod migrations;
 pub mod networks;
 pub mod server_meta;
 pub mod servers;
@@ -31,5 +33,6 @@ pub fn routes() -> Router<AppState> {
         .merge(images::routes())
         .merge(networks::routes())
         .merge(servers::routes())
+        .merge(migrations::routes())
         .merge(server_meta::routes())
 }
