@@ -12,18 +12,18 @@ use common::servers::{events, qemu_img, vcpus_used, wait_status};
 use common::Cluster;
 use serde_json::{json, Value};
 
-/// Flavors `m1.tiny` (1 vCPU, 1 GB), `m1.small` (2 vCPUs, 2 GB), `m1.medium` (3 vCPUs,
-/// 3 GB) and a 1 MiB raw image `tiny`; its id.
+/// Flavors `m1.tiny` (1 vCPU, 256 MB, 1 GB), `m1.small` (2 vCPUs, 256 MB, 2 GB),
+/// `m1.medium` (2 vCPUs, 512 MB, 3 GB) and a 1 MiB raw image `tiny`; its id.
 fn setup(osc: &Osc<'_>, dir: &std::path::Path) -> String {
-    for (name, vcpus, disk) in [
-        ("m1.tiny", "1", "1"),
-        ("m1.small", "2", "2"),
-        ("m1.medium", "3", "3"),
+    for (name, vcpus, ram, disk) in [
+        ("m1.tiny", "1", "256", "1"),
+        ("m1.small", "2", "256", "2"),
+        ("m1.medium", "2", "512", "3"),
     ] {
         osc.json(
             0,
             &[
-                "flavor", "create", "--vcpus", vcpus, "--ram", "256", "--disk", disk, name,
+                "flavor", "create", "--vcpus", vcpus, "--ram", ram, "--disk", disk, name,
             ],
         );
     }
@@ -157,7 +157,7 @@ fn rescue_and_unrescue() {
 /// made with the move and the source's kept until the confirm, which removes what the source
 /// set aside. A revert brings the server back to the host and flavor it had and releases the
 /// target. A cold migration keeps the flavor. Bad input is Nova's 400, a wrong state 409, a
-/// resize past the cores quota 403; `os-migrations` lists every move.
+/// resize past the RAM quota 403; `os-migrations` lists every move.
 #[test]
 fn resize_confirm_revert_and_migrate() {
     let Some(bin) = openstack_bin() else { return };
@@ -261,7 +261,7 @@ fn resize_confirm_revert_and_migrate() {
         || (!resize_dir(&c, &a, &id).exists()).then_some(()),
     );
 
-    // A smaller disk is Nova's 400; past the cores quota, 403.
+    // A smaller disk is Nova's 400; past the RAM quota, 403.
     let (s, body) = act(&c, 0, &id, json!({"resize": {"flavorRef": tiny_id}}));
     assert_eq!(s, 400, "{body}");
     assert!(body.to_string().contains("resize disk down"), "{body}");
@@ -269,11 +269,11 @@ fn resize_confirm_revert_and_migrate() {
         .as_str()
         .unwrap()
         .to_owned();
-    let out = osc.run(0, &["quota", "set", "--cores", "2", &project]);
+    let out = osc.run(0, &["quota", "set", "--ram", "300", &project]);
     assert!(out.ok, "{}", out.stderr);
     let (s, body) = act(&c, 0, &id, json!({"resize": {"flavorRef": medium_id}}));
     assert_eq!(s, 403, "{body}");
-    let out = osc.run(0, &["quota", "set", "--cores", "20", &project]);
+    let out = osc.run(0, &["quota", "set", "--ram", "51200", &project]);
     assert!(out.ok, "{}", out.stderr);
 
     // Revert: back on b with m1.small, the target's claim released and its copy gone.
@@ -284,7 +284,7 @@ fn resize_confirm_revert_and_migrate() {
     let v = wait_status(&osc, 0, &id, "VERIFY_RESIZE");
     let t = v["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
     assert_ne!(t, b);
-    assert_eq!(vcpus_used(&c, 0, &t), 3);
+    assert_eq!(vcpus_used(&c, 0, &t), 2);
     let out = osc.run(0, &["server", "resize", "revert", &id]);
     assert!(out.ok, "{}", out.stderr);
     let v = wait_status(&osc, 1, &id, "ACTIVE");
