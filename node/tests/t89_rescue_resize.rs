@@ -305,7 +305,7 @@ fn resize_confirm_revert_and_migrate() {
     let m = v["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
     assert_ne!(m, b);
     assert_eq!(v["OS-EXT-STS:power_state"], 4);
-    assert_eq!(act(&c, 1, &id, json!({"confirmResize": null})).0, 202);
+    assert_eq!(act(&c, 1, &id, json!({"confirmResize": null})).0, 204);
     let v = wait_status(&osc, 0, &id, "SHUTOFF");
     assert_eq!(v["OS-EXT-SRV-ATTR:host"], m.as_str());
     assert_eq!(vcpus_used(&c, 0, &m), 2);

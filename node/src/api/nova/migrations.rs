@@ -120,6 +120,7 @@ fn precheck(auth: &Auth, r: &ServerRecord, action: Action) -> ApiResult<()> {
 }
 
 /// `unrescue`, `confirmResize` and `revertResize`: a task on the row, nothing else to decide.
+/// Confirm answers 204 as Nova's does, the others 202.
 pub(super) async fn simple(
     state: &AppState,
     auth: &Auth,
@@ -147,7 +148,13 @@ pub(super) async fn simple(
         Ok(())
     })
     .await?;
-    Ok(StatusCode::ACCEPTED.into_response())
+    // Nova answers a confirm with 204 and the others with 202.
+    Ok(if action == Action::ConfirmResize {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::ACCEPTED
+    }
+    .into_response())
 }
 
 /// `resize` (`flavorRef`) and the admin's `migrate` (the same flavor, another host): the
