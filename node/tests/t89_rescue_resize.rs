@@ -29,8 +29,9 @@ fn setup(osc: &Osc<'_>, dir: &std::path::Path) -> String {
     }
     let disk = dir.join("tiny.raw");
     std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    // Through the last node: the others pull it from their peers.
     osc.json(
-        1,
+        osc.cluster.nodes.len() - 1,
         &[
             "image",
             "create",
@@ -339,4 +340,84 @@ fn resize_confirm_revert_and_migrate() {
     let out = osc.run(0, &["server", "delete", "--wait", &id]);
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(vcpus_used(&c, 0, &m), 0);
+}
+
+/// With `allow_resize_to_same_host` a one-host cloud resizes in place (the copy is local,
+/// both claims on that host until the confirm), and with `resize_confirm_window` the resize
+/// confirms itself: the server comes back ACTIVE with the new flavor and the old claim gone.
+#[test]
+fn a_resize_on_one_host_confirms_itself_after_the_window() {
+    let Some(bin) = openstack_bin() else { return };
+    let mut c = Cluster::start(1, &[]);
+    c.nodes[0].kill9();
+    let file = c.nodes[0].dir.join("node.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text
+        .replacen(
+            "allow_resize_to_same_host = false\n",
+            "allow_resize_to_same_host = true\n",
+            1,
+        )
+        .replacen(
+            "resize_confirm_window = 0\n",
+            "resize_confirm_window = 2\n",
+            1,
+        )
+        .replacen(
+            "sync_power_state_interval_secs = 10\n",
+            "sync_power_state_interval_secs = 1\n",
+            1,
+        );
+    for line in [
+        "allow_resize_to_same_host = true",
+        "resize_confirm_window = 2",
+        "sync_power_state_interval_secs = 1",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
+    std::fs::write(&file, text).unwrap();
+    c.restart(0);
+    common::wait_until(
+        "node1 to serve again",
+        std::time::Duration::from_secs(60),
+        || c.try_token(0).ok(),
+    );
+    let osc = Osc { bin, cluster: &c };
+    setup(&osc, c.tmp.path());
+    let vm = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "w1",
+        ],
+    );
+    let id = vm["id"].as_str().unwrap().to_owned();
+    assert_eq!(vm["OS-EXT-SRV-ATTR:host"], "node1");
+    let small_id = osc.json(0, &["flavor", "show", "m1.small"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        act(&c, 0, &id, json!({"resize": {"flavorRef": small_id}})).0,
+        202
+    );
+    // No confirm is sent: the window does it.
+    let v = wait_status(&osc, 0, &id, "ACTIVE");
+    assert_eq!(v["OS-EXT-SRV-ATTR:host"], "node1");
+    assert!(v["flavor"].to_string().contains(&small_id), "{v}");
+    assert_eq!(vcpus_used(&c, 0, "node1"), 2);
+    let disk = instance_dir(&c, "node1", &id).join("disk");
+    let info: Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output",
+        "json",
+        disk.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(info["virtual-size"], 2u64 << 30, "{info}");
+    assert!(!resize_dir(&c, "node1", &id).exists());
+    let ev = events(&c, 0, &id, "resize");
+    assert!(
+        ev.iter().any(|e| e["event"] == "compute_finish_resize"),
+        "{ev:?}"
+    );
 }
