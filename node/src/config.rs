@@ -121,6 +121,13 @@ pub struct ComputeSection {
     /// by `os-simple-tenant-usage` before its tombstone is purged.
     #[serde(default = "default_deleted_server_retention")]
     pub deleted_server_retention_secs: u64,
+    /// A resize may pick the server's own host (Nova's `allow_resize_to_same_host`).
+    #[serde(default)]
+    pub allow_resize_to_same_host: bool,
+    /// Seconds after which a resized server is confirmed on its own (Nova's
+    /// `resize_confirm_window`); 0 never.
+    #[serde(default)]
+    pub resize_confirm_window: u64,
 }
 
 fn default_libvirt_uri() -> String {
@@ -184,6 +191,8 @@ impl Default for ComputeSection {
             initial_disk_allocation_ratio: default_initial_ratio(),
             shelved_offload_time: 0,
             deleted_server_retention_secs: default_deleted_server_retention(),
+            allow_resize_to_same_host: false,
+            resize_confirm_window: 0,
         }
     }
 }

@@ -305,6 +305,8 @@ async fn compute_agent(
             shelved_offload_time: u64::try_from(c.shelved_offload_time)
                 .ok()
                 .map(Duration::from_secs),
+            resize_confirm_window: (c.resize_confirm_window > 0)
+                .then(|| Duration::from_secs(c.resize_confirm_window)),
         },
     )
     .with_context(|| format!("cannot create {}", instances_path.display()))?;
@@ -348,6 +350,7 @@ async fn serve(
         instances_path: instances_path.clone(),
         hosts: shoal_compute::host_view::HostView::new(cluster.clone()),
         deleted_server_retention: Duration::from_secs(cfg.compute.deleted_server_retention_secs),
+        allow_resize_to_same_host: cfg.compute.allow_resize_to_same_host,
     };
     let mut host_spec = host_spec(&dir, &cfg)?;
     let agent = compute_agent(&cfg, &cluster, &state, &instances_path, &mut host_spec).await?;
@@ -581,6 +584,21 @@ impl shoal_compute::agent::ImageSource for AgentImages {
                 gone.push(img.id);
             }
             Ok(gone)
+        })
+    }
+
+    fn pull_migration_file<'a>(
+        &'a self,
+        node: &'a str,
+        server: &'a str,
+        index: u8,
+        out: &'a std::path::Path,
+    ) -> futures::future::BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let id = uuid::Uuid::parse_str(server).map_err(|e| e.to_string())?;
+            shoal_images::peer::pull_migration_file(&self.0.cluster, node, &id, index, out)
+                .await
+                .map_err(|e| shoal_images::chain(&e))
         })
     }
 

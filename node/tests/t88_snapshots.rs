@@ -9,20 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::osc::{openstack_bin, Osc};
+use common::servers::{events, qemu_img, wait_status};
 use common::{wait_until, Cluster};
 use serde_json::{json, Value};
-
-/// Waits until server `id` has `status` and no task; returns its `server show` JSON.
-fn wait_status(osc: &Osc<'_>, node: usize, id: &str, status: &str) -> Value {
-    wait_until(
-        &format!("server {id} to be {status}"),
-        Duration::from_secs(60),
-        || {
-            let v = osc.json(node, &["server", "show", id]);
-            (v["status"] == status && v["OS-EXT-STS:task_state"].is_null()).then_some(v)
-        },
-    )
-}
 
 /// A flavor `m1.tiny` (1 GB root disk) and a 1 MiB raw image `tiny` of bytes 7, with a
 /// property a snapshot inherits and one it must not; the image's id.
@@ -56,52 +45,6 @@ fn setup(osc: &Osc<'_>, dir: &std::path::Path) -> String {
         ],
     );
     image["id"].as_str().unwrap().to_owned()
-}
-
-/// `qemu-img` with `args`, its standard output (the test fails if it fails).
-fn qemu_img(args: &[&str]) -> String {
-    let out = std::process::Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs (node/scripts/install-deps.sh installs qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The events of the server's action `action` (the newest such action), from
-/// `os-instance-actions`.
-fn events(c: &Cluster, node: usize, id: &str, action: &str) -> Vec<Value> {
-    let token = c.token(node);
-    let (status, list) = c.api(
-        node,
-        "GET",
-        &format!("/compute/v2.1/servers/{id}/os-instance-actions"),
-        &token,
-        None,
-    );
-    assert_eq!(status, 200, "{list}");
-    let req = list["instanceActions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["action"] == action)
-        .unwrap_or_else(|| panic!("no {action} in {list}"))["request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (status, one) = c.api(
-        node,
-        "GET",
-        &format!("/compute/v2.1/servers/{id}/os-instance-actions/{req}"),
-        &token,
-        None,
-    );
-    assert_eq!(status, 200, "{one}");
-    one["instanceAction"]["events"].as_array().unwrap().clone()
 }
 
 #[test]

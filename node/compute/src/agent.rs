@@ -74,6 +74,26 @@ pub trait ImageSource: Send + Sync + 'static {
         backup_type: &'a str,
         rotation: u64,
     ) -> BoxFuture<'a, Result<Vec<String>, String>>;
+    /// Copies file `index` of [`MIGRATION_FILES`] that a resize of `server` set aside on node
+    /// `node` (its `<uuid>_resize` directory) to `out`, over the members' data transport.
+    /// `Ok(false)`: the node has no such file.
+    fn pull_migration_file<'a>(
+        &'a self,
+        node: &'a str,
+        server: &'a str,
+        index: u8,
+        out: &'a Path,
+    ) -> BoxFuture<'a, Result<bool, String>>;
+}
+
+/// The files of an instance directory a resize moves to its target, by index (the peer
+/// transport names them by index: `shoal_images::peer::MIGRATION_FILES` is the same list).
+pub const MIGRATION_FILES: [&str; 2] = ["disk", "disk.config"];
+
+/// Where a resize sets the source's instance directory aside until it is confirmed or
+/// reverted (Nova's `<uuid>_resize`).
+pub fn resize_dir(instances: &Path, id: &str) -> PathBuf {
+    instances.join(format!("{id}_resize"))
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +123,9 @@ pub struct AgentConfig {
     /// How long a shelved server keeps its host before it is offloaded (Nova's
     /// `shelved_offload_time`): zero offloads at once, `None` (Nova's -1) never.
     pub shelved_offload_time: Option<Duration>,
+    /// How long a resized server waits for `confirmResize` before it is confirmed on its own
+    /// (Nova's `resize_confirm_window`); `None` never.
+    pub resize_confirm_window: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +235,7 @@ impl Agent {
             };
             let mut seen = HashSet::new();
             for (id, row) in listing.rows {
-                if row.value.host.as_deref() == Some(self.inner.cfg.host.as_str()) {
+                if self.involves(&row.value) {
                     seen.insert(id.clone());
                     self.dispatch(&mut workers, id, Some(row));
                 }
@@ -248,7 +271,7 @@ impl Agent {
                         Some(Ok(ev)) => match ev.kind {
                             EventKind::Put(row) => {
                                 match self.inner.servers.decode(&ev.key, &row) {
-                                    Ok(v) if v.value.host.as_deref() == Some(self.inner.cfg.host.as_str()) => {
+                                    Ok(v) if self.involves(&v.value) => {
                                         self.dispatch(&mut workers, ev.key, Some(v));
                                     }
                                     // Placed elsewhere now (offloaded, or unshelved on
@@ -332,6 +355,16 @@ impl Agent {
         }
     }
 
+    /// Whether this node has work for the row: the server is placed here, or a resize in
+    /// progress moves it from or to here.
+    fn involves(&self, s: &ServerRecord) -> bool {
+        let me = self.inner.cfg.host.as_str();
+        s.host.as_deref() == Some(me)
+            || s.migration
+                .as_ref()
+                .is_some_and(|m| m.source_host == me || m.dest_host == me)
+    }
+
     fn image_ids(&self, s: &ServerRecord) -> Vec<String> {
         let mut ids = vec![s.image.id.clone()];
         ids.extend(s.image.kernel_id.clone());
@@ -348,8 +381,27 @@ impl Agent {
         let s = &row.value;
         let started = now_rfc3339();
         let hv = &self.inner.hv;
+        if s.host.as_deref() != Some(self.inner.cfg.host.as_str()) {
+            // The other end of a resize: only its own steps are done here.
+            return self.migration_step(&row, &started).await;
+        }
         match (s.vm_state, s.task_state) {
             (_, Some(TaskState::Deleting)) => self.delete(&row).await,
+            (_, Some(TaskState::Rescuing)) => self.rescue(&row, &started).await,
+            (_, Some(TaskState::Unrescuing)) => self.unrescue(&row, &started).await,
+            // Its rescue domain is what runs; nothing to reconcile until the unrescue.
+            (VmState::Rescued, None) => Ok(()),
+            (_, Some(TaskState::ResizePrep)) => self.resize_prep(&row, &started).await,
+            // The source set the disks aside earlier and this node restarted part way, or the
+            // target (this node too, for a resize to the same host) takes over.
+            (_, Some(TaskState::ResizeMigrating)) => self.resize_prep(&row, &started).await,
+            (_, Some(TaskState::ResizeMigrated | TaskState::ResizeFinish)) => {
+                self.migration_step(&row, &started).await
+            }
+            (_, Some(TaskState::ResizeReverting | TaskState::ResizeConfirming)) => {
+                self.migration_step(&row, &started).await
+            }
+            (VmState::Resized, None) => self.confirm_when_due(&row).await,
             (VmState::Building, _) | (_, Some(TaskState::Spawning)) => {
                 let outcome = self.spawn(s, row.revision).await;
                 let forced = self.inner.cfg.force_config_drive;
@@ -1103,7 +1155,20 @@ impl Agent {
     /// Ensures the images, writes the overlay, renders and starts the domain. Returns the
     /// domain's name.
     async fn spawn(&self, s: &ServerRecord, revision: u64) -> Result<String, String> {
+        self.spawn_as(s, revision, None).await
+    }
+
+    /// [`Self::spawn`], or with `rescue` the rescue domain: an overlay `disk.rescue` on the
+    /// rescue image is the first disk and the server's own disk the second, as Nova's libvirt
+    /// driver boots a rescue.
+    async fn spawn_as(
+        &self,
+        s: &ServerRecord,
+        revision: u64,
+        rescue: Option<&crate::server::ImageSnapshot>,
+    ) -> Result<String, String> {
         let images = &self.inner.images;
+        let boot = rescue.unwrap_or(&s.image);
         let dir = self.dir(&s.id);
         let disk = dir.join("disk");
         // A disk that is there needs no base: a domain rebuilt from its disk keeps what the
@@ -1116,7 +1181,7 @@ impl Agent {
                     format!("image {} is not available on this host: {e}", s.image.id)
                 })?)
             };
-        let kernel = match &s.image.kernel_id {
+        let kernel = match &boot.kernel_id {
             Some(k) => Some(
                 images
                     .fetch(k)
@@ -1125,7 +1190,7 @@ impl Agent {
             ),
             None => None,
         };
-        let initrd = match &s.image.ramdisk_id {
+        let initrd = match &boot.ramdisk_id {
             Some(r) => Some(
                 images
                     .fetch(r)
@@ -1160,6 +1225,34 @@ impl Agent {
             })
             .await
             .map_err(|_| "the overlay task was cancelled".to_owned())??
+        };
+        let (disk, extra_disks) = match rescue {
+            None => (disk, extra_disks),
+            Some(img) => {
+                let base = images
+                    .fetch(&img.id)
+                    .await
+                    .map_err(|e| format!("rescue image {}: {e}", img.id))?;
+                let format = match img.disk_format.as_str() {
+                    "qcow2" => BackingFormat::Qcow2,
+                    _ => BackingFormat::Raw,
+                };
+                let rescue_disk = dir.join(RESCUE_DISK);
+                let out = rescue_disk.clone();
+                tokio::task::spawn_blocking(move || {
+                    let size = backing_size(&base, format)
+                        .map_err(|e| format!("reading the rescue image: {e}"))?;
+                    let _ = std::fs::remove_file(&out);
+                    create_overlay(&out, &OverlaySpec::new(&base, format, size))
+                        .map(|_| ())
+                        .map_err(|e| format!("writing the rescue overlay: {e}"))
+                })
+                .await
+                .map_err(|_| "the rescue overlay task was cancelled".to_owned())??;
+                let mut extra = vec![disk];
+                extra.extend(extra_disks);
+                (rescue_disk, extra)
+            }
         };
         let config_drive = if s.config_drive || self.inner.cfg.force_config_drive {
             Some(self.config_drive(s, &dir).await?)
@@ -1200,7 +1293,7 @@ impl Agent {
             config_drive,
             kernel,
             initrd,
-            cmdline: s.image.kernel_cmdline.clone(),
+            cmdline: boot.kernel_cmdline.clone(),
             interfaces: s
                 .ports
                 .iter()
@@ -1376,6 +1469,15 @@ impl Agent {
         let s = &row.value;
         self.inner.hv.destroy(&s.id).await?;
         self.remove_instance_dir(&s.id).await;
+        if s.migration.is_some() {
+            // Deleted mid-resize: the other end's claim goes too (and this node's copy set
+            // aside, when it is the source; a remote source removes its own).
+            self.remove_resize_dir(&s.id).await;
+            let key = crate::server::Migration::claim_key(&s.id);
+            placement::release(&self.inner.cluster, &key, |txn| txn)
+                .await
+                .map_err(|e| AgentError::State(StateError::Unavailable(e.to_string())))?;
+        }
         let now = now_rfc3339();
         // Unconditional: a delete, once asked for, is not undone by a later write of the row.
         placement::release(&self.inner.cluster, &s.id, |txn| {
@@ -1621,4 +1723,562 @@ fn supports_direct_io(dir: &Path) -> bool {
         .is_ok();
     let _ = std::fs::remove_file(&probe);
     ok
+}
+
+/// The rescue domain's first disk, in the instance directory (Nova's `disk.rescue`).
+pub const RESCUE_DISK: &str = "disk.rescue";
+
+/// Rescue, resize and cold migration (Nova's `rescue_instance`, `prep_resize`,
+/// `resize_instance`, `finish_resize`, `confirm_resize`, `revert_resize` and
+/// `finish_revert_resize`), each step done by the node whose turn it is: the row says whose.
+impl Agent {
+    fn me(&self) -> &str {
+        self.inner.cfg.host.as_str()
+    }
+
+    /// `rescue`: the domain goes, and the same domain (name, uuid, NICs) is defined again
+    /// booting an overlay on the rescue image with the server's own disk second.
+    async fn rescue(&self, row: &Versioned<ServerRecord>, started: &str) -> Result<(), AgentError> {
+        let s = &row.value;
+        let image = s.rescue.clone().unwrap_or_else(|| s.image.clone());
+        let outcome = async {
+            self.inner
+                .hv
+                .destroy(&s.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.spawn_as(s, row.revision, Some(&image)).await
+        }
+        .await;
+        self.finish_task(row, started, |r| match &outcome {
+            Ok(name) => {
+                r.vm_state = VmState::Rescued;
+                r.power_state = power::RUNNING;
+                r.instance_name = Some(name.clone());
+                r.rescue = Some(image.clone());
+                r.fault = None;
+            }
+            Err(e) => fail(r, &format!("the rescue failed: {e}")),
+        })
+        .await
+    }
+
+    /// `unrescue`: the rescue domain and its overlay go and the server's own domain is defined
+    /// and started again from its disk.
+    async fn unrescue(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let outcome = async {
+            self.inner
+                .hv
+                .destroy(&s.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tokio::fs::remove_file(self.dir(&s.id).join(RESCUE_DISK)).await;
+            self.spawn(s, row.revision).await
+        }
+        .await;
+        self.finish_task(row, started, |r| match &outcome {
+            Ok(name) => {
+                r.vm_state = VmState::Active;
+                r.power_state = power::RUNNING;
+                r.instance_name = Some(name.clone());
+                r.rescue = None;
+                r.fault = None;
+            }
+            Err(e) => fail(r, &format!("the unrescue failed: {e}")),
+        })
+        .await
+    }
+
+    /// The steps of a resize that belong to this node when the row is not (or not only)
+    /// placed here: the target's finish and the first half of a revert, the source's confirm,
+    /// the second half of a revert, and its copy's removal when the server is deleted.
+    async fn migration_step(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let Some(m) = &s.migration else {
+            return Ok(());
+        };
+        let me = self.me();
+        let here = s.host.as_deref() == Some(me);
+        match s.task_state {
+            Some(TaskState::ResizeMigrated | TaskState::ResizeFinish) if m.dest_host == me => {
+                self.finish_resize(row, started).await
+            }
+            Some(TaskState::ResizeConfirming) if m.source_host == me => {
+                self.confirm_resize(row, started).await
+            }
+            Some(TaskState::ResizeReverting) if m.dest_host == me && !m.dest_released => {
+                self.revert_on_target(row).await
+            }
+            Some(TaskState::ResizeReverting) if m.source_host == me && m.dest_released && here => {
+                self.revert_on_source(row, started).await
+            }
+            Some(TaskState::Deleting) if m.source_host == me && !here => {
+                self.remove_resize_dir(&s.id).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn remove_resize_dir(&self, id: &str) {
+        let dir = resize_dir(&self.inner.cfg.instances_path, id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(server = %id, error = %e, "cannot remove the resize directory");
+            }
+        }
+    }
+
+    /// On the source (Nova's `resize_instance`): task `resize_migrating`, the domain powered
+    /// off cleanly and undefined, the instance directory set aside as `<uuid>_resize` (what
+    /// the target pulls and a revert restores), then `resize_migrated` for the target.
+    async fn resize_prep(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let Some(row) = self
+            .advance(row, |r| {
+                r.task_state = Some(TaskState::ResizeMigrating);
+                r.record_outcome(TaskState::ResizePrep, started, &now_rfc3339(), true);
+                if let Some(m) = &mut r.migration {
+                    m.status = "migrating".into();
+                    m.updated = now_rfc3339();
+                }
+            })
+            .await?
+        else {
+            return Ok(());
+        };
+        let hv = &self.inner.hv;
+        let moved = async {
+            hv.stop(&s.id, self.inner.cfg.stop_grace)
+                .await
+                .map_err(|e| e.to_string())?;
+            hv.destroy(&s.id).await.map_err(|e| e.to_string())?;
+            let (dir, aside) = (
+                self.dir(&s.id),
+                resize_dir(&self.inner.cfg.instances_path, &s.id),
+            );
+            tokio::task::spawn_blocking(move || {
+                // A step that ran before (this node restarted part way) moved it already.
+                if !dir.exists() && aside.exists() {
+                    return Ok(());
+                }
+                match std::fs::remove_dir_all(&aside) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(format!("removing {}: {e}", aside.display()))
+                    }
+                    _ => {}
+                }
+                std::fs::rename(&dir, &aside)
+                    .map_err(|e| format!("setting {} aside: {e}", dir.display()))
+            })
+            .await
+            .map_err(|_| "the resize task was cancelled".to_owned())?
+        }
+        .await;
+        let now = now_rfc3339();
+        match moved {
+            Ok(()) => {
+                self.advance(&row, |r| {
+                    r.task_state = Some(TaskState::ResizeMigrated);
+                    r.power_state = power::SHUTDOWN;
+                    r.record_outcome(TaskState::ResizeMigrating, started, &now, true);
+                    if let Some(m) = &mut r.migration {
+                        m.status = "post-migrating".into();
+                        m.updated = now.clone();
+                    }
+                })
+                .await?;
+                tracing::info!(server = %s.id, "resize: disks set aside for the target");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(server = %s.id, error = %e, "resize: the source step failed");
+                // The target's claim goes back; the server stays here, in ERROR.
+                self.abandon_migration(&row, &format!("the resize failed: {e}"))
+                    .await
+            }
+        }
+    }
+
+    /// Ends a migration that failed before the target started the server: its claim is
+    /// released with the row, which stays on the source in ERROR.
+    async fn abandon_migration(
+        &self,
+        row: &Versioned<ServerRecord>,
+        why: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let mut r = s.clone();
+        let Some(mut m) = r.migration.take() else {
+            return Ok(());
+        };
+        m.status = "error".into();
+        m.updated = now_rfc3339();
+        push_past(&mut r, m);
+        fail(&mut r, why);
+        r.task_state = None;
+        r.updated = now_rfc3339();
+        let value = serde_json::to_vec(&r).expect("server records serialise");
+        let rev = row.revision;
+        let key = crate::server::Migration::claim_key(&s.id);
+        if let Err(e) = placement::release(&self.inner.cluster, &key, |txn| {
+            txn.when(tables::SERVERS, &s.id, shoal_types::Expect::Revision(rev))
+                .put(tables::SERVERS, &s.id, value.clone())
+        })
+        .await
+        {
+            tracing::info!(server = %s.id, error = %e, "the failed resize was not recorded");
+        }
+        Ok(())
+    }
+
+    /// On the target (Nova's `finish_resize`): task `resize_finish`; the disks pulled from the
+    /// source's `<uuid>_resize` (over the members' data transport, or copied when the source is
+    /// this node), the root overlay put on this node's copy of its base image (pulled through
+    /// the image cache) and grown to the new flavor's size; the domain defined with the new
+    /// flavor and started (left off when the server was stopped). Then the row names this
+    /// host, the new flavor and vm_state `resized`. A failure hands the server back to the
+    /// source as a revert does.
+    async fn finish_resize(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let Some(row) = self
+            .advance(row, |r| r.task_state = Some(TaskState::ResizeFinish))
+            .await?
+        else {
+            return Ok(());
+        };
+        let s = &row.value;
+        let m = s.migration.clone().expect("a resize row has its migration");
+        let mut target = s.clone();
+        target.flavor = m.new_flavor.clone();
+        target.host = Some(self.me().to_owned());
+        let stopped = m.old_vm_state == VmState::Stopped;
+        let outcome = async {
+            self.receive_disks(s, &m).await?;
+            let name = self.spawn(&target, row.revision).await?;
+            if stopped {
+                self.inner
+                    .hv
+                    .stop(&s.id, Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(name)
+        }
+        .await;
+        let now = now_rfc3339();
+        match outcome {
+            Ok(name) => {
+                let done = self
+                    .advance(&row, |r| {
+                        r.host = Some(m.dest_host.clone());
+                        r.flavor = m.new_flavor.clone();
+                        r.instance_name = Some(name.clone());
+                        r.vm_state = VmState::Resized;
+                        r.power_state = if stopped {
+                            power::SHUTDOWN
+                        } else {
+                            power::RUNNING
+                        };
+                        r.task_state = None;
+                        r.fault = None;
+                        r.record_outcome(TaskState::ResizeFinish, started, &now, true);
+                        if let Some(m) = &mut r.migration {
+                            m.status = "finished".into();
+                            m.updated = now.clone();
+                        }
+                    })
+                    .await?;
+                if done.is_some() {
+                    tracing::info!(server = %s.id, host = %m.dest_host, "resize finished");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(server = %s.id, error = %e, "resize: the target step failed; reverting");
+                let _ = self.inner.hv.destroy(&s.id).await;
+                if m.source_host != self.me() {
+                    self.remove_instance_dir(&s.id).await;
+                }
+                let next = self
+                    .advance(&row, |r| {
+                        r.task_state = Some(TaskState::ResizeReverting);
+                        r.record_outcome(TaskState::ResizeFinish, started, &now, false);
+                        r.fault = Some(Fault {
+                            code: 500,
+                            message: format!("the resize failed on {}: {e}", m.dest_host),
+                            created: now.clone(),
+                        });
+                        if let Some(m) = &mut r.migration {
+                            m.status = "error".into();
+                            m.updated = now.clone();
+                        }
+                    })
+                    .await?;
+                match next {
+                    Some(next) => self.revert_on_target(&next).await,
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Pulls the files the source set aside into this node's instance directory, puts the root
+    /// overlay on this node's base image and grows it to the new flavor's root disk.
+    async fn receive_disks(
+        &self,
+        s: &ServerRecord,
+        m: &crate::server::Migration,
+    ) -> Result<(), String> {
+        let dir = self.dir(&s.id);
+        let local = m.source_host == self.me();
+        let aside = resize_dir(&self.inner.cfg.instances_path, &s.id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        for (index, file) in MIGRATION_FILES.iter().enumerate() {
+            let part = dir.join(format!("{file}.part"));
+            let got = if local {
+                match tokio::fs::copy(aside.join(file), &part).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => return Err(format!("copying {file}: {e}")),
+                }
+            } else {
+                self.inner
+                    .images
+                    .pull_migration_file(&m.source_host, &s.id, index as u8, &part)
+                    .await
+                    .map_err(|e| format!("pulling {file} from {}: {e}", m.source_host))?
+            };
+            if got {
+                tokio::fs::rename(&part, dir.join(file))
+                    .await
+                    .map_err(|e| format!("placing {file}: {e}"))?;
+            } else if index == 0 {
+                return Err(format!("{} has no disk for the server", m.source_host));
+            }
+        }
+        let disk = dir.join("disk");
+        let backing = crate::migrate::backing_file(&disk)?;
+        let base = match backing {
+            // A standalone disk (an unshelved server's) has no base to find.
+            None => None,
+            Some(_) => Some(
+                self.inner
+                    .images
+                    .fetch(&s.image.id)
+                    .await
+                    .map_err(|e| format!("image {}: {e}", s.image.id))?,
+            ),
+        };
+        let format = s.image.disk_format.clone();
+        let size = m.new_flavor.disk_gb << 30;
+        tokio::task::spawn_blocking(move || {
+            if let Some(base) = base {
+                let fmt = if format == "qcow2" { "qcow2" } else { "raw" };
+                crate::migrate::rebase(&disk, &base, fmt)?;
+            }
+            crate::migrate::grow(&disk, size)
+        })
+        .await
+        .map_err(|_| "the disk task was cancelled".to_owned())?
+    }
+
+    /// First half of a revert, on the target (Nova's `revert_resize`): the domain and the
+    /// target's copy go, and the target's claim is released with the row, which names the
+    /// source and the old flavor again.
+    async fn revert_on_target(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let s = &row.value;
+        let Some(m) = s.migration.clone() else {
+            return Ok(());
+        };
+        if s.host.as_deref() == Some(self.me()) {
+            self.inner.hv.destroy(&s.id).await?;
+        }
+        // On the same host the source's copy is `<uuid>_resize`, which stays.
+        self.remove_instance_dir(&s.id).await;
+        let mut r = s.clone();
+        r.host = Some(m.source_host.clone());
+        r.flavor = m.old_flavor.clone();
+        r.updated = now_rfc3339();
+        if let Some(m) = &mut r.migration {
+            m.dest_released = true;
+            m.updated = now_rfc3339();
+        }
+        let value = serde_json::to_vec(&r).expect("server records serialise");
+        let rev = row.revision;
+        let key = crate::server::Migration::claim_key(&s.id);
+        let released = placement::release(&self.inner.cluster, &key, |txn| {
+            txn.when(tables::SERVERS, &s.id, shoal_types::Expect::Revision(rev))
+                .put(tables::SERVERS, &s.id, value.clone())
+        })
+        .await;
+        match released {
+            // The source (this node too, for a resize on one host) sees the row next.
+            Ok(()) => {
+                tracing::info!(server = %s.id, "revert: the target's copy and claim are gone")
+            }
+            Err(e) => tracing::info!(server = %s.id, error = %e, "revert step not recorded"),
+        }
+        Ok(())
+    }
+
+    /// Second half of a revert, on the source (Nova's `finish_revert_resize`): the directory
+    /// set aside comes back and the server's domain is defined and started from it, with the old
+    /// flavor; the server is what it was before the resize.
+    async fn revert_on_source(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        let Some(m) = s.migration.clone() else {
+            return Ok(());
+        };
+        let stopped = m.old_vm_state == VmState::Stopped;
+        let outcome = async {
+            let (dir, aside) = (
+                self.dir(&s.id),
+                resize_dir(&self.inner.cfg.instances_path, &s.id),
+            );
+            tokio::task::spawn_blocking(move || {
+                if aside.exists() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::rename(&aside, &dir)
+                        .map_err(|e| format!("restoring {}: {e}", dir.display()))?;
+                }
+                Ok::<_, String>(())
+            })
+            .await
+            .map_err(|_| "the revert task was cancelled".to_owned())??;
+            let name = self.spawn(s, row.revision).await?;
+            if stopped {
+                self.inner
+                    .hv
+                    .stop(&s.id, Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(name)
+        }
+        .await;
+        let now = now_rfc3339();
+        self.finish(row, |r| {
+            r.record_outcome(TaskState::ResizeReverting, started, &now, outcome.is_ok());
+            if let Some(mut m) = r.migration.take() {
+                if m.status != "error" {
+                    m.status = "reverted".into();
+                }
+                m.updated = now.clone();
+                push_past(r, m);
+            }
+            match &outcome {
+                Ok(name) => {
+                    r.instance_name = Some(name.clone());
+                    r.vm_state = m.old_vm_state;
+                    r.power_state = if stopped {
+                        power::SHUTDOWN
+                    } else {
+                        power::RUNNING
+                    };
+                }
+                Err(e) => fail(r, &format!("the revert failed: {e}")),
+            }
+        })
+        .await?;
+        tracing::info!(server = %s.id, "revert finished");
+        Ok(())
+    }
+
+    /// On the source (Nova's `confirm_resize`): the directory set aside goes, and the source's
+    /// claim is released while the target's becomes the server's own, with the row (vm_state
+    /// back to what it was, no migration in progress) in one transaction.
+    async fn confirm_resize(
+        &self,
+        row: &Versioned<ServerRecord>,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let s = &row.value;
+        self.remove_resize_dir(&s.id).await;
+        let now = now_rfc3339();
+        let mut r = s.clone();
+        let Some(mut m) = r.migration.take() else {
+            return Ok(());
+        };
+        r.vm_state = if r.power_state == power::RUNNING {
+            VmState::Active
+        } else {
+            VmState::Stopped
+        };
+        r.record_outcome(TaskState::ResizeConfirming, started, &now, true);
+        r.task_state = None;
+        r.updated = now.clone();
+        m.status = "confirmed".into();
+        m.updated = now;
+        push_past(&mut r, m);
+        let value = serde_json::to_vec(&r).expect("server records serialise");
+        let rev = row.revision;
+        let key = crate::server::Migration::claim_key(&s.id);
+        match placement::confirm_migration(&self.inner.cluster, &s.id, &key, |txn| {
+            txn.when(tables::SERVERS, &s.id, shoal_types::Expect::Revision(rev))
+                .put(tables::SERVERS, &s.id, value.clone())
+        })
+        .await
+        {
+            Ok(()) => tracing::info!(server = %s.id, "resize confirmed"),
+            Err(e) => tracing::info!(server = %s.id, error = %e, "confirm not recorded"),
+        }
+        Ok(())
+    }
+
+    /// A resized server left unconfirmed for `resize_confirm_window` is confirmed (Nova's
+    /// `_poll_unconfirmed_resizes`), on the power-state sync.
+    async fn confirm_when_due(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let (Some(window), Some(m)) = (self.inner.cfg.resize_confirm_window, &row.value.migration)
+        else {
+            return Ok(());
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let cutoff = shoal_state::time::rfc3339(now.saturating_sub(window.as_secs()));
+        if m.updated.as_str() <= cutoff.as_str() {
+            tracing::info!(server = %row.value.id, "the resize confirm window passed; confirming");
+            self.advance(row, |r| {
+                r.task_state = Some(TaskState::ResizeConfirming);
+                if let Some(m) = &mut r.migration {
+                    m.status = "confirming".into();
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Keeps a finished migration in the row's history (the newest [`MAX_MIGRATIONS`]).
+fn push_past(r: &mut ServerRecord, m: crate::server::Migration) {
+    r.past_migrations.push(m);
+    if r.past_migrations.len() > crate::server::MAX_MIGRATIONS {
+        let extra = r.past_migrations.len() - crate::server::MAX_MIGRATIONS;
+        r.past_migrations.drain(..extra);
+    }
 }

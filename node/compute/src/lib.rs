@@ -49,6 +49,7 @@ pub mod hypervisor;
 pub mod imagecache;
 pub mod keypair;
 pub mod metadata;
+pub mod migrate;
 pub mod nics;
 pub mod placement;
 pub mod quota;

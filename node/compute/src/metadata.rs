@@ -644,6 +644,9 @@ pub(crate) mod tests {
             snapshot_image: None,
             shelved: None,
             backup: None,
+            rescue: None,
+            migration: None,
+            past_migrations: Vec::new(),
         }
     }
 

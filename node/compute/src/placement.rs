@@ -769,20 +769,7 @@ pub async fn release(
         );
         if cluster.get(HOSTS, &claim.host).await?.is_some() {
             // Unbounded and unconditioned: giving resources back never conflicts with claims.
-            let fields = USAGE_FIELDS
-                .iter()
-                .zip([
-                    i64::from(claim.vcpus),
-                    claim.ram_mb as i64,
-                    claim.disk_mb as i64,
-                ])
-                .map(|(field, used)| AddField {
-                    name: (*field).to_owned(),
-                    delta: -used,
-                    max: None,
-                })
-                .collect();
-            txn = txn.add(HOSTS, &claim.host, fields);
+            txn = txn.add(HOSTS, &claim.host, give_back(&claim));
         }
         let resp = cluster
             .write(extra(txn.delete(INSTANCES, instance_id)))
@@ -792,6 +779,67 @@ pub async fn release(
         }
     }
     Err(PlaceError::Contended(MAX_ATTEMPTS * 3))
+}
+
+/// Confirms a resize or migration of `instance_id`: the source's claim (`instance_id`) is
+/// given back, and the target's claim (`claim_key`, made when the migration was placed) becomes
+/// the instance's own, in one transaction with whatever `extra` adds (the server row). Without a
+/// target claim (confirmed already) only the source's is released.
+pub async fn confirm_migration(
+    cluster: &Cluster,
+    instance_id: &str,
+    claim_key: &str,
+    extra: impl Fn(Txn) -> Txn,
+) -> Result<(), PlaceError> {
+    for attempt in 0..MAX_ATTEMPTS * 3 {
+        if attempt > 0 {
+            let ms = rand::rng().random_range(1..=(4u64 << attempt.min(5)));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            cluster.read_barrier().await?;
+        }
+        let Some(target_row) = cluster.get(INSTANCES, claim_key).await? else {
+            return release(cluster, instance_id, &extra).await;
+        };
+        let mut txn = Txn::new().when(
+            INSTANCES,
+            claim_key,
+            Expect::Revision(target_row.mod_revision),
+        );
+        if let Some(own) = cluster.get(INSTANCES, instance_id).await? {
+            let claim: InstanceRecord = serde_json::from_slice(&own.value)
+                .map_err(|e| HostError::Corrupt(format!("instances/{instance_id}"), e))?;
+            txn = txn.when(INSTANCES, instance_id, Expect::Revision(own.mod_revision));
+            if cluster.get(HOSTS, &claim.host).await?.is_some() {
+                txn = txn.add(HOSTS, &claim.host, give_back(&claim));
+            }
+        } else {
+            txn = txn.when(INSTANCES, instance_id, Expect::Absent);
+        }
+        let txn =
+            txn.delete(INSTANCES, claim_key)
+                .put(INSTANCES, instance_id, target_row.value.clone());
+        if cluster.write(extra(txn)).await?.succeeded {
+            return Ok(());
+        }
+    }
+    Err(PlaceError::Contended(MAX_ATTEMPTS * 3))
+}
+
+/// The unbounded subtraction of a claim from its host's usage.
+fn give_back(claim: &InstanceRecord) -> Vec<AddField> {
+    USAGE_FIELDS
+        .iter()
+        .zip([
+            i64::from(claim.vcpus),
+            claim.ram_mb as i64,
+            claim.disk_mb as i64,
+        ])
+        .map(|(field, used)| AddField {
+            name: (*field).to_owned(),
+            delta: -used,
+            max: None,
+        })
+        .collect()
 }
 
 /// Registers this machine as a compute host once the cluster can take writes, retrying until

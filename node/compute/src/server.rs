@@ -26,6 +26,10 @@ pub enum VmState {
     /// Shelved and gone from its host: no domain, no claim, no host (`shelveOffload`).
     #[serde(rename = "shelved_offloaded")]
     ShelvedOffloaded,
+    /// Booted from a rescue image with its own disk attached second (`rescue`).
+    Rescued,
+    /// Resized or migrated to its new host, waiting for `confirmResize` or `revertResize`.
+    Resized,
 }
 
 impl VmState {
@@ -40,6 +44,8 @@ impl VmState {
             VmState::Deleted => "deleted",
             VmState::Shelved => "shelved",
             VmState::ShelvedOffloaded => "shelved_offloaded",
+            VmState::Rescued => "rescued",
+            VmState::Resized => "resized",
         }
     }
 }
@@ -77,6 +83,29 @@ pub enum TaskState {
     ShelvingOffloading,
     /// `unshelve`: placed again (or still on its host), spawned from the shelve image.
     Unshelving,
+    /// `rescue`: the domain is booted again from the rescue image, its disk second.
+    Rescuing,
+    /// `unrescue`: the rescue domain goes and the server's own domain comes back.
+    Unrescuing,
+    /// `resize`/`migrate`: the API placed the target and claimed the new flavor there; the
+    /// source host has not taken the task up yet.
+    #[serde(rename = "resize_prep")]
+    ResizePrep,
+    /// The source host powers the domain off and sets its disks aside.
+    #[serde(rename = "resize_migrating")]
+    ResizeMigrating,
+    /// The disks are ready to be pulled by the target host.
+    #[serde(rename = "resize_migrated")]
+    ResizeMigrated,
+    /// The target host pulls the disks, grows the root disk and starts the domain.
+    #[serde(rename = "resize_finish")]
+    ResizeFinish,
+    /// `revertResize`: the target host drops its copy, then the source starts the original.
+    #[serde(rename = "resize_reverting")]
+    ResizeReverting,
+    /// `confirmResize` (or the confirm window passed): the source drops its copy and claim.
+    #[serde(rename = "resize_confirming")]
+    ResizeConfirming,
 }
 
 impl TaskState {
@@ -104,7 +133,26 @@ impl TaskState {
             TaskState::ShelvingImageUploading => "shelving_image_uploading",
             TaskState::ShelvingOffloading => "shelving_offloading",
             TaskState::Unshelving => "unshelving",
+            TaskState::Rescuing => "rescuing",
+            TaskState::Unrescuing => "unrescuing",
+            TaskState::ResizePrep => "resize_prep",
+            TaskState::ResizeMigrating => "resize_migrating",
+            TaskState::ResizeMigrated => "resize_migrated",
+            TaskState::ResizeFinish => "resize_finish",
+            TaskState::ResizeReverting => "resize_reverting",
+            TaskState::ResizeConfirming => "resize_confirming",
         }
+    }
+
+    /// The tasks of a resize or migration on its way to the target (status RESIZE).
+    pub fn is_resizing(self) -> bool {
+        matches!(
+            self,
+            TaskState::ResizePrep
+                | TaskState::ResizeMigrating
+                | TaskState::ResizeMigrated
+                | TaskState::ResizeFinish
+        )
     }
 }
 
@@ -250,6 +298,17 @@ pub struct ServerRecord {
     /// once the backup is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<Backup>,
+    /// A rescue in progress or in place: the image the rescue domain boots from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescue: Option<ImageSnapshot>,
+    /// The resize or cold migration in progress (from `resize`/`migrate` until it is confirmed
+    /// or reverted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+    /// Finished migrations (confirmed, reverted or failed), newest last, at most
+    /// [`MAX_MIGRATIONS`]: what `os-migrations` lists besides the ones in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub past_migrations: Vec<Migration>,
 }
 
 /// A `createBackup`'s type and rotation: once the backup is uploaded, only the newest
@@ -258,6 +317,42 @@ pub struct ServerRecord {
 pub struct Backup {
     pub backup_type: String,
     pub rotation: u64,
+}
+
+/// How many finished migrations a server's row keeps.
+pub const MAX_MIGRATIONS: usize = 20;
+
+/// A resize or cold migration, as Nova's `migrations` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Nova's integer id: the Raft revision of the server's row when it was asked for.
+    pub id: u64,
+    /// `resize` or `migration` (Nova's `migration_type`).
+    pub kind: String,
+    pub source_host: String,
+    pub dest_host: String,
+    pub old_flavor: FlavorSnapshot,
+    pub new_flavor: FlavorSnapshot,
+    /// Nova's statuses: pre-migrating, migrating, post-migrating, finished, confirming,
+    /// confirmed, reverting, reverted, error.
+    pub status: String,
+    /// What the server was before (`active` or `stopped`): a revert and a confirm go back to it.
+    pub old_vm_state: VmState,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub updated: String,
+    /// A revert's first half is done: the target dropped its copy and its claim, and the row
+    /// names the source again.
+    #[serde(default)]
+    pub dest_released: bool,
+}
+
+impl Migration {
+    /// The key of the target's claim in the `instances` table (the server's own claim, on
+    /// the source, is keyed by its uuid until the resize is confirmed).
+    pub fn claim_key(server: &str) -> String {
+        format!("{server}.migration")
+    }
 }
 
 /// A shelved server's image and when it was shelved.
@@ -282,6 +377,11 @@ impl ServerRecord {
         {
             return "REBUILD";
         }
+        if matches!(self.vm_state, VmState::Active | VmState::Stopped)
+            && self.task_state.is_some_and(TaskState::is_resizing)
+        {
+            return "RESIZE";
+        }
         match self.vm_state {
             VmState::Building => "BUILD",
             VmState::Error => "ERROR",
@@ -291,6 +391,11 @@ impl ServerRecord {
             VmState::Suspended => "SUSPENDED",
             VmState::Shelved => "SHELVED",
             VmState::ShelvedOffloaded => "SHELVED_OFFLOADED",
+            VmState::Rescued => "RESCUE",
+            VmState::Resized => match self.task_state {
+                Some(TaskState::ResizeReverting) => "REVERT_RESIZE",
+                _ => "VERIFY_RESIZE",
+            },
             VmState::Active => match self.task_state {
                 Some(TaskState::Rebooting) => "REBOOT",
                 Some(TaskState::RebootingHard) => "HARD_REBOOT",
@@ -328,6 +433,13 @@ pub enum Action {
     Shelve,
     ShelveOffload,
     Unshelve,
+    Rescue,
+    Unrescue,
+    /// `resize` (a new flavor) and `migrate` (the same flavor, another host).
+    Resize,
+    Migrate,
+    ConfirmResize,
+    RevertResize,
 }
 
 impl Action {
@@ -348,6 +460,12 @@ impl Action {
             Action::Shelve => "shelve",
             Action::ShelveOffload => "shelveOffload",
             Action::Unshelve => "unshelve",
+            Action::Rescue => "rescue",
+            Action::Unrescue => "unrescue",
+            Action::Resize => "resize",
+            Action::Migrate => "migrate",
+            Action::ConfirmResize => "confirmResize",
+            Action::RevertResize => "revertResize",
         }
     }
 
@@ -372,6 +490,10 @@ impl Action {
             }
             Action::ShelveOffload => vm == Shelved,
             Action::Unshelve => matches!(vm, Shelved | ShelvedOffloaded),
+            Action::Rescue => matches!(vm, Active | Stopped | Error),
+            Action::Unrescue => vm == Rescued,
+            Action::Resize | Action::Migrate => matches!(vm, Active | Stopped),
+            Action::ConfirmResize | Action::RevertResize => vm == Resized,
         }
     }
 
@@ -392,6 +514,11 @@ impl Action {
             Action::Shelve => TaskState::Shelving,
             Action::ShelveOffload => TaskState::ShelvingOffloading,
             Action::Unshelve => TaskState::Unshelving,
+            Action::Rescue => TaskState::Rescuing,
+            Action::Unrescue => TaskState::Unrescuing,
+            Action::Resize | Action::Migrate => TaskState::ResizePrep,
+            Action::ConfirmResize => TaskState::ResizeConfirming,
+            Action::RevertResize => TaskState::ResizeReverting,
         }
     }
 }
@@ -467,11 +594,16 @@ impl ServerRecord {
         let Some(action) = self.actions.last_mut() else {
             return;
         };
-        if !action.events.is_empty() || action.action != task.action_name() {
+        // A resize records one event per step (prep, resize, finish); a migrate is a resize
+        // to the same flavor.
+        let started_it = action.action == task.action_name()
+            || (task.is_resizing() && action.action == "migrate");
+        let name = task.event_name();
+        if !started_it || action.events.iter().any(|e| e.event == name) {
             return;
         }
         action.events.push(ActionEvent {
-            event: task.event_name().to_owned(),
+            event: name.to_owned(),
             start_time: started.to_owned(),
             finish_time: Some(finished.to_owned()),
             result: Some(if failed { "Error" } else { "Success" }.to_owned()),
@@ -502,6 +634,15 @@ impl TaskState {
             | TaskState::ShelvingImageUploading => "shelve",
             TaskState::ShelvingOffloading => "shelveOffload",
             TaskState::Unshelving => "unshelve",
+            TaskState::Rescuing => "rescue",
+            TaskState::Unrescuing => "unrescue",
+            // A migrate records its own name; the API passes it (see `record_outcome`).
+            TaskState::ResizePrep
+            | TaskState::ResizeMigrating
+            | TaskState::ResizeMigrated
+            | TaskState::ResizeFinish => "resize",
+            TaskState::ResizeReverting => "revertResize",
+            TaskState::ResizeConfirming => "confirmResize",
         }
     }
 
@@ -527,6 +668,13 @@ impl TaskState {
             | TaskState::ShelvingImageUploading => "compute_shelve_instance",
             TaskState::ShelvingOffloading => "compute_shelve_offload_instance",
             TaskState::Unshelving => "compute_unshelve_instance",
+            TaskState::Rescuing => "compute_rescue_instance",
+            TaskState::Unrescuing => "compute_unrescue_instance",
+            TaskState::ResizePrep => "compute_prep_resize",
+            TaskState::ResizeMigrating | TaskState::ResizeMigrated => "compute_resize_instance",
+            TaskState::ResizeFinish => "compute_finish_resize",
+            TaskState::ResizeReverting => "compute_revert_resize",
+            TaskState::ResizeConfirming => "compute_confirm_resize",
         }
     }
 }
@@ -616,6 +764,9 @@ pub(crate) mod tests {
             snapshot_image: None,
             shelved: None,
             backup: None,
+            rescue: None,
+            migration: None,
+            past_migrations: Vec::new(),
         }
     }
 
@@ -764,6 +915,118 @@ pub(crate) mod tests {
         assert_eq!(ev.event, "compute_snapshot_instance");
         assert_eq!(ev.result.as_deref(), Some("Error"));
         assert_eq!(r.vm_state, VmState::Active);
+    }
+
+    #[test]
+    fn rescue_follows_novas_state_rules() {
+        use VmState::*;
+        for vm in [Active, Stopped, Error] {
+            let mut r = record();
+            r.vm_state = vm;
+            r.request(Action::Rescue).unwrap();
+            assert_eq!(r.task_state.unwrap().as_str(), "rescuing");
+        }
+        for vm in [Paused, Suspended, Shelved, Rescued, Resized] {
+            let mut r = record();
+            r.vm_state = vm;
+            assert_eq!(r.request(Action::Rescue).unwrap_err().what, "vm_state");
+        }
+        let mut r = record();
+        r.vm_state = Rescued;
+        assert_eq!(r.status(), "RESCUE");
+        // Rescued: no reboot, stop, resize or snapshot; unrescue and delete are fine.
+        for refused in [
+            Action::Reboot { hard: false },
+            Action::Reboot { hard: true },
+            Action::Stop,
+            Action::Resize,
+            Action::CreateImage,
+        ] {
+            assert_eq!(r.clone().request(refused).unwrap_err().state, "rescued");
+        }
+        r.clone().request(Action::Delete).unwrap();
+        r.request(Action::Unrescue).unwrap();
+        assert_eq!(r.task_state, Some(TaskState::Unrescuing));
+        assert_eq!(r.status(), "RESCUE");
+        assert_eq!(serde_json::to_string(&Rescued).unwrap(), "\"rescued\"");
+    }
+
+    #[test]
+    fn resize_walks_novas_states_and_records_each_step() {
+        use VmState::*;
+        for vm in [Active, Stopped] {
+            let mut r = record();
+            r.vm_state = vm;
+            r.record_action("resize", "req-1", "u", "t0");
+            r.request(Action::Resize).unwrap();
+            for (task, event) in [
+                (TaskState::ResizePrep, "compute_prep_resize"),
+                (TaskState::ResizeMigrating, "compute_resize_instance"),
+                (TaskState::ResizeMigrated, "compute_resize_instance"),
+                (TaskState::ResizeFinish, "compute_finish_resize"),
+            ] {
+                r.task_state = Some(task);
+                assert_eq!(r.status(), "RESIZE", "{task:?}");
+                assert_eq!(task.event_name(), event);
+                r.record_outcome(task, "t1", "t2", true);
+                // Another task is refused while one runs.
+                assert_eq!(
+                    r.clone().request(Action::Stop).unwrap_err().what,
+                    "task_state"
+                );
+            }
+            let events: Vec<&str> = r.actions[0]
+                .events
+                .iter()
+                .map(|e| e.event.as_str())
+                .collect();
+            assert_eq!(
+                events,
+                [
+                    "compute_prep_resize",
+                    "compute_resize_instance",
+                    "compute_finish_resize"
+                ]
+            );
+            r.task_state = None;
+            r.vm_state = Resized;
+            assert_eq!(r.status(), "VERIFY_RESIZE");
+            for refused in [
+                Action::Resize,
+                Action::Migrate,
+                Action::Stop,
+                Action::Rescue,
+            ] {
+                assert_eq!(r.clone().request(refused).unwrap_err().state, "resized");
+            }
+            let mut revert = r.clone();
+            revert.request(Action::RevertResize).unwrap();
+            assert_eq!(revert.status(), "REVERT_RESIZE");
+            assert_eq!(revert.task_state.unwrap().as_str(), "resize_reverting");
+            r.request(Action::ConfirmResize).unwrap();
+            assert_eq!(r.status(), "VERIFY_RESIZE");
+            assert_eq!(r.task_state.unwrap().as_str(), "resize_confirming");
+        }
+        // Confirm and revert only from resized; resize and migrate only from active or stopped.
+        for vm in [Active, Stopped, Paused, Error] {
+            let mut r = record();
+            r.vm_state = vm;
+            assert!(r.clone().request(Action::ConfirmResize).is_err());
+            assert!(r.clone().request(Action::RevertResize).is_err());
+            let ok = matches!(vm, Active | Stopped);
+            assert_eq!(r.clone().request(Action::Migrate).is_ok(), ok, "{vm:?}");
+            assert_eq!(r.request(Action::Resize).is_ok(), ok, "{vm:?}");
+        }
+        // A migrate's steps land on the `migrate` action.
+        let mut r = record();
+        r.record_action("migrate", "req-m", "u", "t0");
+        r.record_outcome(TaskState::ResizePrep, "t1", "t2", true);
+        assert_eq!(r.actions[0].events[0].event, "compute_prep_resize");
+        assert_eq!(
+            serde_json::to_string(&TaskState::ResizeMigrated).unwrap(),
+            "\"resize_migrated\""
+        );
+        assert_eq!(Migration::claim_key("x"), "x.migration");
     }
 
     #[test]

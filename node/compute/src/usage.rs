@@ -123,6 +123,9 @@ impl DeletedServer {
             snapshot_image: None,
             shelved: None,
             backup: None,
+            rescue: None,
+            migration: None,
+            past_migrations: Vec::new(),
         }
     }
 }

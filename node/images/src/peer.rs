@@ -58,6 +58,20 @@ const OP_PUT: u8 = 2;
 const OP_CONSOLE: u8 = 3;
 /// The most of a console log a peer sends (its tail).
 pub const MAX_CONSOLE: u64 = 1 << 20;
+/// A piece of a disk a resize or cold migration set aside on its source host
+/// (`<uuid>_resize/<file>`): the 32 bytes after the op are the server's uuid (16 bytes), the
+/// file's index in [`MIGRATION_FILES`] (1 byte), the offset (8 bytes, big-endian) and 7 zero
+/// bytes. The answer carries at most [`DISK_PIECE`] bytes from the offset; fewer (or none)
+/// means the end of the file. The target's compute agent pulls a disk with it piece by piece.
+const OP_DISK: u8 = 4;
+/// The most of a disk one [`OP_DISK`] answer carries.
+pub const DISK_PIECE: usize = 4 << 20;
+/// The files of an instance directory a migration moves, by index.
+pub const MIGRATION_FILES: [&str; 2] = ["disk", "disk.config"];
+/// The directory a resize sets the source's disks aside in (Nova's `<uuid>_resize`).
+pub fn resize_dir(instances: &std::path::Path, id: &str) -> std::path::PathBuf {
+    instances.join(format!("{id}_resize"))
+}
 
 const OK: u8 = 0;
 const NOT_FOUND: u8 = 1;
@@ -222,6 +236,31 @@ async fn serve_stream(
                 }
             }
         }
+        OP_DISK => {
+            let mut uuid = [0u8; 16];
+            uuid.copy_from_slice(&head[1..17]);
+            let id = uuid::Uuid::from_bytes(uuid).to_string();
+            let Some(file) = MIGRATION_FILES.get(usize::from(head[17])) else {
+                return refuse(&mut send, &mut recv);
+            };
+            let offset = u64::from_be_bytes(head[18..26].try_into().expect("8 bytes"));
+            let path = resize_dir(&instances, &id).join(file);
+            match read_piece(&path, offset).await {
+                Ok(Some(bytes)) => {
+                    let mut out = Vec::with_capacity(5 + bytes.len());
+                    out.push(OK);
+                    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&bytes);
+                    let _ = tokio::time::timeout(CHUNK_TIMEOUT, send.write_all(&out)).await;
+                    let _ = send.finish();
+                }
+                Ok(None) => answer(&mut send, NOT_FOUND, "no such migration disk here").await,
+                Err(e) => {
+                    tracing::warn!(%peer, server = %id, error = %e, "cannot read a migration disk");
+                    answer(&mut send, INTERNAL, "cannot read the disk").await
+                }
+            }
+        }
         op => {
             tracing::warn!(%peer, op, "unknown chunk request");
             refuse(&mut send, &mut recv);
@@ -355,6 +394,79 @@ pub async fn read_console(
     let mut out = Vec::with_capacity(len.min(MAX_CONSOLE) as usize);
     f.take(MAX_CONSOLE).read_to_end(&mut out).await?;
     Ok(Some(out))
+}
+
+/// At most [`DISK_PIECE`] bytes of `path` from `offset`, or `None` when there is no such file.
+async fn read_piece(path: &std::path::Path, offset: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncSeekExt;
+    let mut f = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    f.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut out = Vec::with_capacity(DISK_PIECE);
+    f.take(DISK_PIECE as u64).read_to_end(&mut out).await?;
+    Ok(Some(out))
+}
+
+/// Copies file `index` of [`MIGRATION_FILES`] that a migration of `server_id` set aside on
+/// `node` into `out`, piece by piece. `Ok(false)`: `node` has no such file.
+pub async fn pull_migration_file(
+    cluster: &Cluster,
+    node: &str,
+    server_id: &uuid::Uuid,
+    index: u8,
+    out: &std::path::Path,
+) -> Result<bool, TransferError> {
+    use tokio::io::AsyncWriteExt;
+    let none = Digest([0u8; 32]);
+    let io = |e: std::io::Error| stream_err(node, format!("writing {}: {e}", out.display()));
+    let mut file: Option<tokio::fs::File> = None;
+    let mut offset = 0u64;
+    loop {
+        let mut req = [0u8; 33];
+        req[0] = OP_DISK;
+        req[1..17].copy_from_slice(server_id.as_bytes());
+        req[17] = index;
+        req[18..26].copy_from_slice(&offset.to_be_bytes());
+        let piece = timed(node, none, async {
+            let (conn, mut recv) = send_request(cluster, node, &req, None).await?;
+            let len = read_status(node, none, &conn, &mut recv).await?;
+            if len as usize > DISK_PIECE {
+                return Err(TransferError::BadLength {
+                    node: node.to_owned(),
+                    digest: none,
+                    len: len.into(),
+                    expected: DISK_PIECE as u64,
+                });
+            }
+            Answer {
+                node: node.to_owned(),
+                conn,
+                recv,
+                len,
+            }
+            .body()
+            .await
+        })
+        .await;
+        let piece = match piece {
+            Ok(p) => p,
+            Err(TransferError::NotFound { .. }) if offset == 0 => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let f = match &mut file {
+            Some(f) => f,
+            None => file.insert(tokio::fs::File::create(out).await.map_err(io)?),
+        };
+        f.write_all(&piece).await.map_err(io)?;
+        offset += piece.len() as u64;
+        if piece.len() < DISK_PIECE {
+            f.sync_all().await.map_err(io)?;
+            return Ok(true);
+        }
+    }
 }
 
 /// The tail of server `server_id`'s console log from `node`, where it runs.

@@ -273,11 +273,16 @@ def conf_text(rc, flavors, images, lock_path, log_file, network_exts, public_net
             "scheduler_enabled_filters": ",".join(SCHEDULER_FILTERS),
             "snapshot": b(True),
             "shelve": b(True),
+            # Resize and cold migration move the disk between nodes; rescue boots the rescue
+            # image with the server's disk second (docs/compute.md).
+            "resize": b(True),
+            "cold_migration": b(True),
+            "rescue": b(True),
         } | {
             k: b(False)
             for k in (
-                "disk_config change_password console_output resize "
-                "cold_migration live_migration metadata_service rescue "
+                "disk_config change_password console_output "
+                "live_migration metadata_service "
                 "interface_attach personality "
                 "attach_encrypted_volume config_drive swap_volume volume_multiattach "
                 "ide_bus vnc_console spice_console serial_console unified_limits"

@@ -99,6 +99,8 @@ pub struct AppState {
     /// How long a deleted server's tombstone is shown (`[compute]
     /// deleted_server_retention_secs`).
     pub deleted_server_retention: std::time::Duration,
+    /// `[compute] allow_resize_to_same_host`: the scheduler may keep a resized server's host.
+    pub allow_resize_to_same_host: bool,
 }
 
 pub fn router(state: AppState) -> Router {

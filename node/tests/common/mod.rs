@@ -6,6 +6,7 @@
 pub mod guest;
 pub mod nft;
 pub mod osc;
+pub mod servers;
 pub mod vmnet;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};

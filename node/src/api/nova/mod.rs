@@ -10,12 +10,14 @@
 //! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses;
 //! - `usage.rs`: `os-simple-tenant-usage` (live and deleted servers) and
 //!   `os-server-external-events`.
+//! - `migrations.rs`: rescue, resize, cold migration and `os-migrations`.
 
 pub mod admin;
 pub mod aggregates;
 pub mod flavors;
 pub mod images;
 pub mod keypairs;
+pub mod migrations;
 pub mod networks;
 pub mod server_meta;
 pub mod servers;
@@ -34,6 +36,7 @@ pub fn routes() -> Router<AppState> {
         .merge(images::routes())
         .merge(networks::routes())
         .merge(servers::routes())
+        .merge(migrations::routes())
         .merge(server_meta::routes())
         .merge(usage::routes())
 }

@@ -294,7 +294,7 @@ fn action_json(server: &ServerRecord, a: &InstanceAction) -> Value {
 }
 
 /// `2026-12-06T06:30:00Z` as Nova before 2.58 writes action times: `2026-12-06T06:30:00.000000`.
-fn nova_time(rfc3339: &str) -> String {
+pub(super) fn nova_time(rfc3339: &str) -> String {
     format!("{}.000000", rfc3339.trim_end_matches('Z'))
 }
 

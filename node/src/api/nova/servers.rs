@@ -57,7 +57,7 @@ pub(super) fn servers(state: &AppState) -> Table<ServerRecord> {
     state.state.table(tables::SERVERS)
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
+pub(super) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::bad_request(msg).nova()
 }
 
@@ -459,6 +459,9 @@ async fn create(
             snapshot_image: None,
             shelved: None,
             backup: None,
+            rescue: None,
+            migration: None,
+            past_migrations: Vec::new(),
         })
         .collect();
 
@@ -585,7 +588,7 @@ async fn create(
 
 /// The image fields the agent needs, after checking the caller may use it and the flavor
 /// (its RAM in MB and root disk in GB) fits it.
-async fn snapshot_image(
+pub(super) async fn snapshot_image(
     state: &AppState,
     auth: &Auth,
     image_id: &str,
@@ -1735,6 +1738,21 @@ async fn action(
         "createImage" => return create_image(&state, &auth, &rid, &id, &arg).await,
         "createBackup" => return create_backup(&state, &auth, &rid, &id, &arg).await,
         "shelve" => return shelve(&state, &auth, &rid, &id, &arg).await,
+        "rescue" => return super::migrations::rescue(&state, &auth, &rid, &id, &arg).await,
+        "unrescue" => {
+            return super::migrations::simple(&state, &auth, &rid, &id, &arg, Action::Unrescue)
+                .await
+        }
+        "confirmResize" => {
+            return super::migrations::simple(&state, &auth, &rid, &id, &arg, Action::ConfirmResize)
+                .await
+        }
+        "revertResize" => {
+            return super::migrations::simple(&state, &auth, &rid, &id, &arg, Action::RevertResize)
+                .await
+        }
+        "resize" => return super::migrations::resize(&state, &auth, &rid, &id, &arg, false).await,
+        "migrate" => return super::migrations::resize(&state, &auth, &rid, &id, &arg, true).await,
         "unshelve" => return unshelve(&state, &auth, &rid, &id, &arg).await,
         "shelveOffload" => {
             // Admin only, as Nova's default policy.
@@ -2065,7 +2083,7 @@ fn precheck(auth: &Auth, r: &ServerRecord, action: Action) -> ApiResult<()> {
 
 /// An action that takes no argument: `null`, or an empty object as Tempest and older clients
 /// send.
-fn no_argument(action: &str, arg: &Value) -> ApiResult<()> {
+pub(super) fn no_argument(action: &str, arg: &Value) -> ApiResult<()> {
     match arg {
         Value::Null => Ok(()),
         Value::Object(o) if o.is_empty() => Ok(()),
