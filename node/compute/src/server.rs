@@ -228,6 +228,10 @@ pub struct ServerRecord {
     /// Locked (the `lock` action): only an admin may act on it until `unlock`.
     #[serde(default)]
     pub locked: bool,
+    /// Nova's `display_description` (shown from microversion 2.19): the name when the server
+    /// was created below 2.19, as Nova sets it; `None` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// Nova's `config_drive`: the guest gets a config drive (asked for on create, or set by
     /// the agent of a host with `[compute] force_config_drive`).
     #[serde(default)]
@@ -590,6 +594,7 @@ pub(crate) mod tests {
             access_ipv4: String::new(),
             access_ipv6: String::new(),
             locked: false,
+            description: None,
             config_drive: false,
             actions: Vec::new(),
             snapshot_image: None,

@@ -15,7 +15,7 @@ use shoal_compute::server::{InstanceAction, ServerRecord};
 use super::servers::{is_admin, load, locked, modify, need, plain_addresses};
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::flavors::microversion;
+use crate::api::nova::version::microversion;
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
