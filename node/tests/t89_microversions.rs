@@ -12,7 +12,7 @@ use common::{wait_until, Cluster};
 use serde_json::Value;
 
 /// The highest version Shoal claims; the version document must say the same.
-const MAX: &str = "2.16";
+const MAX: &str = "2.20";
 
 const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f me@host";
@@ -234,12 +234,14 @@ fn versioned_views_through_the_openstack_client() {
             "tiny",
         ],
     );
-    let vm = osc.json(
-        0,
+    // (The client asks for the highest version both sides know unless told otherwise.)
+    let vm = json_at(
+        "2.1",
         &[
             "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "Web_01",
         ],
-    );
+    )
+    .json();
     let id = vm["id"].as_str().unwrap().to_owned();
     let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
 
@@ -275,6 +277,121 @@ fn versioned_views_through_the_openstack_client() {
     let v216 = json_at("2.16", &["server", "show", &id]).json();
     assert_eq!(v216["host_status"], "UP", "{v216}");
     assert_eq!(v216["locked"], false);
+
+    // 2.19: a server created below 2.19 has its name as description; one created at 2.19 has
+    // the one it was given, which update and rebuild change.
+    let v219 = json_at("2.19", &["server", "show", &id]).json();
+    assert_eq!(v219["description"], "Web_01", "{v219}");
+    let described = json_at(
+        "2.19",
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--description",
+            "the db",
+            "--wait",
+            "db",
+        ],
+    )
+    .json();
+    let db = described["id"].as_str().unwrap().to_owned();
+    assert_eq!(described["description"], "the db", "{described}");
+    assert!(
+        run_at(
+            "2.19",
+            &["server", "set", "--description", "still the db", &db]
+        )
+        .ok
+    );
+    let shown = json_at("2.19", &["server", "show", &db]).json();
+    assert_eq!(shown["description"], "still the db", "{shown}");
+    assert!(
+        run_at(
+            "2.19",
+            &[
+                "server",
+                "rebuild",
+                "--image",
+                "tiny",
+                "--description",
+                "rebuilt",
+                "--wait",
+                &db
+            ]
+        )
+        .ok
+    );
+    let shown = json_at("2.19", &["server", "show", &db]).json();
+    assert_eq!(shown["description"], "rebuilt", "{shown}");
+    // Below 2.19 a description is an unexpected field.
+    let (s18, b18) = {
+        let r = c
+            .http
+            .put(format!("{}/compute/v2.1/servers/{db}", c.nodes[0].base()))
+            .header("X-Auth-Token", &token)
+            .header("X-OpenStack-Nova-API-Version", "2.18")
+            .json(&serde_json::json!({"server": {"description": "x"}}))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    assert_eq!(s18, 400, "{b18}");
+
+    // 2.17: trigger_crash_dump injects an NMI through the host's libvirt; the action log
+    // records it with the agent's event. Below 2.17 there is no such action.
+    assert!(run_at("2.17", &["server", "dump", "create", &id]).ok);
+    let event = wait_until("the crash dump event", Duration::from_secs(30), || {
+        let (_, _, actions) = get(
+            &c,
+            &token,
+            &format!("/compute/v2.1/servers/{id}/os-instance-actions"),
+            &[],
+        );
+        let req = actions["instanceActions"]
+            .as_array()?
+            .iter()
+            .find(|a| a["action"] == "trigger_crash_dump")?["request_id"]
+            .as_str()?
+            .to_owned();
+        let (_, _, shown) = get(
+            &c,
+            &token,
+            &format!("/compute/v2.1/servers/{id}/os-instance-actions/{req}"),
+            &[],
+        );
+        let ev = shown["instanceAction"]["events"].get(0)?.clone();
+        Some(ev)
+    });
+    assert_eq!(event["event"], "compute_trigger_crash_dump", "{event}");
+    assert_eq!(event["result"], "Success", "{event}");
+    let crash = |v: &str| {
+        c.http
+            .post(format!(
+                "{}/compute/v2.1/servers/{id}/action",
+                c.nodes[0].base()
+            ))
+            .header("X-Auth-Token", &token)
+            .header("X-OpenStack-Nova-API-Version", v)
+            .json(&serde_json::json!({"trigger_crash_dump": null}))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(crash("2.16"), 404);
+    assert!(osc.run(0, &["server", "stop", &id]).ok);
+    wait_until("the server to stop", Duration::from_secs(30), || {
+        (osc.json(0, &["server", "show", &id])["status"] == "SHUTOFF").then_some(())
+    });
+    assert_eq!(crash("2.17"), 409);
+    assert!(osc.run(0, &["server", "start", &id]).ok);
+    wait_until("the server to start", Duration::from_secs(30), || {
+        (osc.json(0, &["server", "show", &id])["status"] == "ACTIVE").then_some(())
+    });
 
     // 2.11: a forced-down service reads down, its servers' host is DOWN, and it takes no new
     // servers; 2.1 lists no forced_down.

@@ -640,6 +640,7 @@ pub(crate) mod tests {
             access_ipv6: String::new(),
             locked: false,
             description: None,
+            crash_dump: None,
             config_drive: false,
             actions: Vec::new(),
             snapshot_image: None,

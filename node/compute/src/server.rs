@@ -232,6 +232,11 @@ pub struct ServerRecord {
     /// was created below 2.19, as Nova sets it; `None` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// A `trigger_crash_dump` (microversion 2.17) the host's agent has yet to carry out: the
+    /// request id of its action. The agent injects an NMI, records the action's event and
+    /// clears it; like Nova's, the request sets no task state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_dump: Option<String>,
     /// Nova's `config_drive`: the guest gets a config drive (asked for on create, or set by
     /// the agent of a host with `[compute] force_config_drive`).
     #[serde(default)]
@@ -445,6 +450,32 @@ impl ServerRecord {
         self.record_outcome(task, started, finished, !failed);
     }
 
+    /// Records the compute agent's event for the action `action` started by `request_id`
+    /// (one that sets no task state), if that action is still in the log without one.
+    pub fn record_request_event(
+        &mut self,
+        action: &str,
+        request_id: &str,
+        event: &str,
+        started: &str,
+        finished: &str,
+        ok: bool,
+    ) {
+        if let Some(a) = self
+            .actions
+            .iter_mut()
+            .rev()
+            .find(|a| a.request_id == request_id && a.action == action && a.events.is_empty())
+        {
+            a.events.push(ActionEvent {
+                event: event.to_owned(),
+                start_time: started.to_owned(),
+                finish_time: Some(finished.to_owned()),
+                result: Some(if ok { "Success" } else { "Error" }.to_owned()),
+            });
+        }
+    }
+
     /// [`Self::record_event`] with the result given: a snapshot that failed leaves the server
     /// as it was, not in ERROR, and its event still says `Error`.
     pub fn record_outcome(&mut self, task: TaskState, started: &str, finished: &str, ok: bool) {
@@ -595,6 +626,7 @@ pub(crate) mod tests {
             access_ipv6: String::new(),
             locked: false,
             description: None,
+            crash_dump: None,
             config_drive: false,
             actions: Vec::new(),
             snapshot_image: None,

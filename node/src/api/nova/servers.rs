@@ -30,7 +30,7 @@ use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::nova::flavors::nova_err;
 use crate::api::nova::version::{
-    microversion, unexpected, Microversion, V2_16, V2_19, V2_3, V2_5, V2_9,
+    microversion, unexpected, Microversion, V2_16, V2_17, V2_19, V2_3, V2_5, V2_9,
 };
 use crate::api::{AppState, Auth, RequestId};
 use shoal_compute::flavor::Flavor;
@@ -494,6 +494,7 @@ async fn create(
             access_ipv6: access_ipv6.clone(),
             locked: false,
             description: description.clone(),
+            crash_dump: None,
             config_drive,
             actions: Vec::new(),
             snapshot_image: None,
@@ -1872,6 +1873,9 @@ async fn action(
             let output = console_output(&state, &v.value, length).await?;
             return Ok(Json(json!({ "output": output })).into_response());
         }
+        "trigger_crash_dump" => {
+            return trigger_crash_dump(&state, &auth, &rid, mv, &id, &arg).await;
+        }
         "lock" | "unlock" => {
             let locked = name == "lock";
             modify(&state, &auth, &id, |r| {
@@ -2033,6 +2037,65 @@ async fn rebuild(
     let mut server = server_json_basic(state, &r, mv);
     server["adminPass"] = json!(admin_pass);
     Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))).into_response())
+}
+
+/// `trigger_crash_dump` (microversion 2.17; below it Nova has no such action for this
+/// version: 404): for a placed server, ACTIVE, PAUSED or ERROR with no task, not locked
+/// against the caller. The host's agent injects the NMI; the answer is 202 at once.
+async fn trigger_crash_dump(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    mv: Microversion,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    if mv < V2_17 {
+        return Err(ApiError::not_found(format!(
+            "The action trigger_crash_dump needs microversion {V2_17} or later"
+        ))
+        .nova());
+    }
+    if !arg.is_null() {
+        return Err(bad(format!(
+            "Invalid input for field/attribute trigger_crash_dump. Value: {arg}. {arg} is not \
+             of type 'null'"
+        )));
+    }
+    let admin = is_admin(auth);
+    modify(state, auth, id, |r| {
+        if r.locked && !admin {
+            return Err(locked(id));
+        }
+        if r.host.is_none() {
+            return Err(ApiError::conflict(format!("Instance {id} is not ready")).nova());
+        }
+        let state_ok = matches!(
+            r.vm_state,
+            VmState::Active | VmState::Paused | VmState::Error
+        );
+        if !state_ok || r.task_state.is_some() {
+            let (what, value) = match r.task_state {
+                Some(t) if state_ok => ("task_state", t.as_str()),
+                _ => ("vm_state", r.vm_state.as_str()),
+            };
+            return Err(ApiError::conflict(format!(
+                "Cannot 'trigger_crash_dump' instance {id} while it is in {what} {value}"
+            ))
+            .nova());
+        }
+        r.crash_dump = Some(rid.0.clone());
+        r.record_action(
+            "trigger_crash_dump",
+            &rid.0,
+            &auth.0.user_id,
+            &now_rfc3339(),
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// The image a snapshot of `r` (by `user_id`) is written to: Glance's record, `queued`, owned
@@ -2496,4 +2559,56 @@ async fn console_output(
         }
         _ => text,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_compute::service::ServiceState;
+
+    use super::*;
+    use crate::api::nova::version::V2_18;
+
+    #[test]
+    fn host_status_follows_nova() {
+        let up = ServiceState::default();
+        assert_eq!(host_status_of(&up, true), "UP");
+        assert_eq!(host_status_of(&up, false), "UNKNOWN");
+        let disabled = ServiceState {
+            disabled: true,
+            ..Default::default()
+        };
+        assert_eq!(host_status_of(&disabled, true), "MAINTENANCE");
+        let forced = ServiceState {
+            disabled: true,
+            forced_down: true,
+            ..Default::default()
+        };
+        // Forced down wins over disabled, and over a healthy heartbeat.
+        assert_eq!(host_status_of(&forced, true), "DOWN");
+    }
+
+    #[test]
+    fn description_needs_2_19_and_nova_schema() {
+        let d = json!("a web server");
+        assert_eq!(description_arg(None, V2_18).unwrap(), None);
+        let e = description_arg(Some(&d), V2_18).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains("'description' was unexpected"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            description_arg(Some(&d), V2_19).unwrap(),
+            Some(Some("a web server".to_owned()))
+        );
+        assert_eq!(
+            description_arg(Some(&Value::Null), V2_19).unwrap(),
+            Some(None)
+        );
+        for bad in [json!("x".repeat(256)), json!("line\nbreak"), json!(5)] {
+            assert!(description_arg(Some(&bad), V2_19).is_err(), "{bad}");
+        }
+        assert!(description_arg(Some(&json!("é".repeat(255))), V2_19).is_ok());
+    }
 }

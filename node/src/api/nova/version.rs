@@ -65,13 +65,16 @@ pub const V2_11: Microversion = Microversion::new(2, 11);
 pub const V2_13: Microversion = Microversion::new(2, 13);
 pub const V2_15: Microversion = Microversion::new(2, 15);
 pub const V2_16: Microversion = Microversion::new(2, 16);
+pub const V2_17: Microversion = Microversion::new(2, 17);
+pub const V2_18: Microversion = Microversion::new(2, 18);
 pub const V2_19: Microversion = Microversion::new(2, 19);
+pub const V2_20: Microversion = Microversion::new(2, 20);
 
 /// The lowest version Shoal serves, and the one a request without a version header gets.
 pub const MIN: Microversion = V2_1;
 /// The highest version Shoal serves: every change up to it is implemented (or concerns an API
 /// Shoal does not serve at all); docs/api-coverage.md lists them version by version.
-pub const MAX: Microversion = V2_16;
+pub const MAX: Microversion = V2_20;
 
 /// The version string a request names, from `OpenStack-API-Version` (the `compute` entry of
 /// its comma-separated `service version` pairs) or else the legacy header.
