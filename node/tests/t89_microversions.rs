@@ -12,7 +12,7 @@ use common::{wait_until, Cluster};
 use serde_json::Value;
 
 /// The highest version Shoal claims; the version document must say the same.
-const MAX: &str = "2.20";
+const MAX: &str = "2.25";
 
 const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f me@host";
@@ -340,6 +340,38 @@ fn versioned_views_through_the_openstack_client() {
         (r.status().as_u16(), r.json::<Value>().unwrap())
     };
     assert_eq!(s18, 400, "{b18}");
+
+    // 2.21: the actions of a deleted server stay readable; below 2.21 it is gone.
+    assert!(osc.run(0, &["server", "delete", "--wait", &db]).ok);
+    let (s21, _, gone) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{db}/os-instance-actions"),
+        &[("X-OpenStack-Nova-API-Version", "2.21")],
+    );
+    assert_eq!(s21, 200, "{gone}");
+    let mut names: Vec<&str> = gone["instanceActions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["create", "delete", "rebuild"], "{gone}");
+    let (s20, _, _) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{db}/os-instance-actions"),
+        &[("X-OpenStack-Nova-API-Version", "2.20")],
+    );
+    assert_eq!(s20, 404);
+    let (s21, _, _) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{db}"),
+        &[("X-OpenStack-Nova-API-Version", "2.21")],
+    );
+    assert_eq!(s21, 404);
 
     // 2.17: trigger_crash_dump injects an NMI through the host's libvirt; the action log
     // records it with the agent's event. Below 2.17 there is no such action.

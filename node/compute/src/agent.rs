@@ -1382,8 +1382,11 @@ impl Agent {
         self.inner.hv.destroy(&s.id).await?;
         self.remove_instance_dir(&s.id).await;
         // Unconditional: a delete, once asked for, is not undone by a later write of the row.
+        // What remains is the record Nova keeps of a deleted instance (its action log).
+        let gone = self.inner.servers.encode(&s.deleted(&now_rfc3339()));
         placement::release(&self.inner.cluster, &s.id, |txn| {
             txn.delete(tables::SERVERS, &s.id)
+                .put(tables::DELETED_SERVERS, &s.id, gone.clone())
         })
         .await
         .map_err(|e| AgentError::State(StateError::Unavailable(e.to_string())))?;

@@ -425,6 +425,18 @@ impl ServerRecord {
         Ok(())
     }
 
+    /// The record kept of the server once its row is deleted (`tables::DELETED_SERVERS`): no
+    /// task, `vm_state` deleted, nothing pending.
+    pub fn deleted(&self, now: &str) -> ServerRecord {
+        let mut gone = self.clone();
+        gone.vm_state = VmState::Deleted;
+        gone.task_state = None;
+        gone.crash_dump = None;
+        gone.snapshot_image = None;
+        gone.updated = now.to_owned();
+        gone
+    }
+
     /// Adds a user's request to the server's action log (`os-instance-actions`), dropping the
     /// oldest entries past [`MAX_ACTIONS`].
     pub fn record_action(&mut self, action: &str, request_id: &str, user_id: &str, now: &str) {
@@ -658,6 +670,20 @@ pub(crate) mod tests {
         assert_eq!(r.request(Action::Stop).unwrap_err().what, "task_state");
         r.request(Action::Delete).unwrap();
         assert_eq!(r.task_state, Some(TaskState::Deleting));
+    }
+
+    #[test]
+    fn a_deleted_server_keeps_its_actions_and_nothing_pending() {
+        let mut r = record();
+        r.record_action("create", "req-1", "u", "2026-01-01T00:00:00Z");
+        r.task_state = Some(TaskState::Deleting);
+        r.crash_dump = Some("req-2".into());
+        let gone = r.deleted("2026-01-02T00:00:00Z");
+        assert_eq!(gone.vm_state, VmState::Deleted);
+        assert_eq!(gone.task_state, None);
+        assert_eq!(gone.crash_dump, None);
+        assert_eq!(gone.actions, r.actions);
+        assert_eq!(gone.updated, "2026-01-02T00:00:00Z");
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub const IMAGE_MEMBERS: &str = "image_members";
 // servers
 /// Key: server uuid; value: the compute service's `ServerRecord`.
 pub const SERVERS: &str = "servers";
+/// Key: server uuid; value: the last `ServerRecord` of a deleted server (`vm_state` deleted),
+/// written by the transaction that deletes its row: Nova's soft-deleted instance, read by
+/// `os-instance-actions` from microversion 2.21.
+pub const DELETED_SERVERS: &str = "deleted_servers";
 
 // placement
 /// Key: host name.

@@ -15,7 +15,7 @@ use shoal_compute::server::{InstanceAction, ServerRecord};
 use super::servers::{is_admin, load, locked, modify, need, plain_addresses};
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::version::microversion;
+use crate::api::nova::version::{microversion, Microversion, V2_21};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -299,12 +299,37 @@ fn nova_time(rfc3339: &str) -> String {
 }
 
 /// `GET /servers/{id}/os-instance-actions`: newest first, as Nova lists them.
+/// The server whose actions a request reads: its row, or from microversion 2.21 the record of
+/// a deleted server (as Nova reads deleted instances there), with the same visibility.
+async fn load_for_actions(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    mv: Microversion,
+) -> ApiResult<ServerRecord> {
+    match load(state, auth, id).await {
+        Err(e) if e.status == StatusCode::NOT_FOUND && mv >= V2_21 => {
+            let gone = state
+                .state
+                .table::<ServerRecord>(shoal_state::tables::DELETED_SERVERS)
+                .get(id)
+                .await
+                .map_err(super::flavors::nova_err)?
+                .map(|v| v.value)
+                .filter(|r| is_admin(auth) || auth.0.project_id.as_deref() == Some(&r.project_id));
+            gone.ok_or(e)
+        }
+        other => other.map(|v| v.value),
+    }
+}
+
 async fn list_actions(
     State(state): State<AppState>,
     auth: Auth,
+    mv: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let r = load(&state, &auth, &id).await?.value;
+    let r = load_for_actions(&state, &auth, &id, mv).await?;
     let actions: Vec<Value> = r.actions.iter().rev().map(|a| action_json(&r, a)).collect();
     Ok(Json(json!({ "instanceActions": actions })))
 }
@@ -314,9 +339,10 @@ async fn list_actions(
 async fn show_action(
     State(state): State<AppState>,
     auth: Auth,
+    mv: Microversion,
     Path((id, request_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let r = load(&state, &auth, &id).await?.value;
+    let r = load_for_actions(&state, &auth, &id, mv).await?;
     let a = r
         .actions
         .iter()

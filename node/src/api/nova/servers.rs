@@ -1410,11 +1410,15 @@ pub(super) async fn load(
     id: &str,
 ) -> ApiResult<Versioned<ServerRecord>> {
     need(auth, "reader")?;
-    let v = servers(state)
-        .get(id)
-        .await
-        .map_err(nova_err)?
-        .ok_or_else(|| not_found(id))?;
+    let mut found = servers(state).get(id).await.map_err(nova_err)?;
+    if found.is_none() {
+        // This node's replica may not have applied a create that another request just
+        // committed (through the leader): read after a barrier before saying 404, so a client
+        // finds the server its create answered with, as on Nova.
+        state.cluster.read_barrier().await.map_err(nova_err)?;
+        found = servers(state).get(id).await.map_err(nova_err)?;
+    }
+    let v = found.ok_or_else(|| not_found(id))?;
     if !is_admin(auth) && auth.0.project_id.as_deref() != Some(v.value.project_id.as_str()) {
         return Err(not_found(id));
     }
@@ -1739,13 +1743,16 @@ async fn delete(
         let mut r = v.value;
         if r.host.is_none() {
             // Never placed (NoValidHost) or shelved and offloaded: nothing runs anywhere; the
-            // row goes now.
+            // row goes now, leaving the record of a deleted server with the delete logged.
             release_ports(&state, std::slice::from_ref(&r)).await;
-            if !servers(&state)
-                .delete_at(&id, v.revision)
-                .await
-                .map_err(nova_err)?
-            {
+            let now = now_rfc3339();
+            let mut gone = r.deleted(&now);
+            gone.record_action("delete", &rid.0, &auth.0.user_id, &now);
+            let txn = Txn::new()
+                .when(tables::SERVERS, &id, Expect::Revision(v.revision))
+                .delete(tables::SERVERS, &id)
+                .put(tables::DELETED_SERVERS, &id, servers(&state).encode(&gone));
+            if !state.cluster.write(txn).await.map_err(nova_err)?.succeeded {
                 state.cluster.read_barrier().await.map_err(nova_err)?;
                 continue;
             }
