@@ -385,6 +385,9 @@ impl Agent {
             // The other end of a resize: only its own steps are done here.
             return self.migration_step(&row, &started).await;
         }
+        if let (Some(request), None) = (&s.crash_dump, s.task_state) {
+            return self.crash_dump(&row, request, &started).await;
+        }
         match (s.vm_state, s.task_state) {
             (_, Some(TaskState::Deleting)) => self.delete(&row).await,
             (_, Some(TaskState::Rescuing)) => self.rescue(&row, &started).await,
@@ -533,6 +536,34 @@ impl Agent {
                 r.power_state = power;
             }
             Err(e) => fail(r, &e.to_string()),
+        })
+        .await
+    }
+
+    /// `trigger_crash_dump`: an NMI into the domain, and the outcome as the action's
+    /// `compute_trigger_crash_dump` event; the server's states do not change (Nova's neither:
+    /// what the NMI does is the guest's business).
+    async fn crash_dump(
+        &self,
+        row: &Versioned<ServerRecord>,
+        request: &str,
+        started: &str,
+    ) -> Result<(), AgentError> {
+        let outcome = self.inner.hv.inject_nmi(&row.value.id).await;
+        if let Err(e) = &outcome {
+            tracing::warn!(server = %row.value.id, error = %e, "trigger_crash_dump failed");
+        }
+        let request = request.to_owned();
+        self.finish(row, |r| {
+            r.crash_dump = None;
+            r.record_request_event(
+                "trigger_crash_dump",
+                &request,
+                "compute_trigger_crash_dump",
+                started,
+                &now_rfc3339(),
+                outcome.is_ok(),
+            );
         })
         .await
     }
@@ -1480,6 +1511,8 @@ impl Agent {
         }
         let now = now_rfc3339();
         // Unconditional: a delete, once asked for, is not undone by a later write of the row.
+        // What remains is the tombstone (with the action log Nova keeps of a deleted
+        // instance).
         placement::release(&self.inner.cluster, &s.id, |txn| {
             crate::usage::bury(txn, s, &now)
         })

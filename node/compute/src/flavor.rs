@@ -381,18 +381,21 @@ impl Flavors {
         .await
     }
 
-    /// Gives (`add`) or takes back project `project`'s access to a non-public flavor.
+    /// Gives (`add`) or takes back project `project`'s access to a flavor. From microversion
+    /// 2.7 Nova refuses to add access to a public flavor (`refuse_public`, a 409); below it the
+    /// project is listed although a public flavor is open to all anyway.
     pub async fn set_access(
         &self,
         id: &str,
         project: &str,
         add: bool,
+        refuse_public: bool,
     ) -> Result<Flavor, ComputeError> {
         self.modify(id, |f| {
-            if f.is_public {
-                return Err(ComputeError::Conflict(format!(
-                    "flavor {id} is public: access lists are for non-public flavors"
-                )));
+            if add && refuse_public && f.is_public {
+                return Err(ComputeError::Conflict(
+                    "Can not add access to a public flavor.".into(),
+                ));
             }
             match (add, f.projects.iter().position(|p| p == project)) {
                 (true, Some(_)) => Err(ComputeError::Conflict(format!(
@@ -548,9 +551,9 @@ mod tests {
             flavors.create(&flavor("1", 1, true, &[])).await,
             Err(ComputeError::Conflict(m)) if m.contains("id")
         ));
-        let f = flavors.set_access("1", "p", true).await.unwrap();
+        let f = flavors.set_access("1", "p", true, true).await.unwrap();
         assert_eq!(f.projects, ["p"]);
-        assert!(flavors.set_access("1", "p", true).await.is_err());
+        assert!(flavors.set_access("1", "p", true, true).await.is_err());
         assert!(flavors.visible("1", false, Some("p")).await.is_ok());
         assert!(matches!(
             flavors.visible("1", false, Some("q")).await,

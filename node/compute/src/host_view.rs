@@ -238,7 +238,7 @@ impl Inner {
             .services
             .rows
             .iter()
-            .filter(|(_, s)| s.disabled)
+            .filter(|(_, s)| s.excluded())
             .map(|(k, _)| k.clone())
             .collect();
         let (hosts, aggregates) = compose(&stored, self.aggregates.rows.values(), &disabled);

@@ -2,7 +2,7 @@
 //!
 //! Owns the `keypairs` table (key: `{user_id}/{name}`). The `openstack` client generates a key
 //! pair itself when given no public key (Nova stopped generating them in 2.92), so only public
-//! keys are stored and checked. The fingerprint is OpenSSH's `SHA256:` form; Nova prints an MD5
+//! keys are stored and checked: OpenSSH lines, and from microversion 2.2 X.509 certificates. The fingerprint is OpenSSH's `SHA256:` form; Nova prints an MD5
 //! one, which ring does not offer. A user's key pairs count against its project's `key_pairs`
 //! quota, race-free through `shoal_state::quota`.
 
@@ -27,6 +27,59 @@ pub struct Keypair {
     pub fingerprint: String,
     /// When it was created, in seconds since the epoch.
     pub created: u64,
+    /// Nova's key pair `type` (microversion 2.2): rows from before it are `ssh`.
+    #[serde(default)]
+    pub key_type: KeyType,
+}
+
+/// What a key pair holds: an OpenSSH public key or (from microversion 2.2) an X.509
+/// certificate in PEM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    #[default]
+    Ssh,
+    X509,
+}
+
+impl KeyType {
+    /// Nova's name for the type (`ssh`, `x509`), or what is allowed.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "ssh" => Ok(Self::Ssh),
+            "x509" => Ok(Self::X509),
+            other => Err(format!(
+                "Invalid input for field/attribute type. Value: {}. '{}' is not one of ['ssh', 'x509']",
+                other.chars().take(64).collect::<String>(),
+                other.chars().take(64).collect::<String>()
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ssh => "ssh",
+            Self::X509 => "x509",
+        }
+    }
+}
+
+/// Checks a PEM X.509 certificate and returns Nova's fingerprint of it: the SHA-1 of its DER,
+/// as lowercase hex pairs joined by `:`.
+pub fn x509_fingerprint(pem: &str) -> Result<String, String> {
+    let invalid = || "Keypair data is invalid: failed to generate fingerprint".to_owned();
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| invalid())?;
+    if block.label != "CERTIFICATE" {
+        return Err(invalid());
+    }
+    block.parse_x509().map_err(|_| invalid())?;
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &block.contents);
+    Ok(digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":"))
 }
 
 /// The key types a public key may have.
@@ -89,6 +142,7 @@ impl Keypair {
         name: String,
         user_id: &str,
         public_key: Option<String>,
+        key_type: KeyType,
     ) -> Result<Self, ComputeError> {
         check_name(&name).map_err(ComputeError::BadRequest)?;
         let public_key = public_key.ok_or_else(|| {
@@ -98,13 +152,18 @@ impl Keypair {
             )
         })?;
         let public_key = public_key.trim().to_owned();
-        let fingerprint = fingerprint(&public_key).map_err(ComputeError::BadRequest)?;
+        let fingerprint = match key_type {
+            KeyType::Ssh => fingerprint(&public_key),
+            KeyType::X509 => x509_fingerprint(&public_key),
+        }
+        .map_err(ComputeError::BadRequest)?;
         Ok(Self {
             name,
             user_id: user_id.to_owned(),
             public_key,
             fingerprint,
             created: now_secs(),
+            key_type,
         })
     }
 }
@@ -240,10 +299,43 @@ mod tests {
 
     #[test]
     fn a_key_pair_needs_a_public_key() {
-        let err = Keypair::new("k".into(), "u", None).unwrap_err();
+        let err = Keypair::new("k".into(), "u", None, KeyType::Ssh).unwrap_err();
         assert!(matches!(err, ComputeError::BadRequest(m) if m.contains("public_key is required")));
-        let kp = Keypair::new("k".into(), "u", Some(format!("  {ED25519}\n"))).unwrap();
+        let kp = Keypair::new(
+            "k".into(),
+            "u",
+            Some(format!("  {ED25519}\n")),
+            KeyType::Ssh,
+        )
+        .unwrap();
         assert_eq!(kp.public_key, ED25519);
+    }
+
+    #[test]
+    fn x509_certificates_are_checked_and_fingerprinted_as_nova_does() {
+        let cert = rcgen::generate_simple_self_signed(vec!["k".to_owned()]).unwrap();
+        let pem = cert.cert.pem();
+        let kp = Keypair::new("k".into(), "u", Some(pem.clone()), KeyType::X509).unwrap();
+        let der = cert.cert.der();
+        let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der);
+        let hex: Vec<String> = sha1.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(kp.fingerprint, hex.join(":"));
+        assert_eq!(kp.fingerprint.len(), 59);
+        assert_eq!(kp.key_type, KeyType::X509);
+        // An SSH key is not a certificate, nor is a certificate an SSH key.
+        assert!(Keypair::new("k".into(), "u", Some(ED25519.into()), KeyType::X509).is_err());
+        assert!(Keypair::new("k".into(), "u", Some(pem), KeyType::Ssh).is_err());
+        assert_eq!(KeyType::parse("x509"), Ok(KeyType::X509));
+        assert!(KeyType::parse("rsa")
+            .unwrap_err()
+            .contains("['ssh', 'x509']"));
+    }
+
+    #[test]
+    fn rows_from_before_types_are_ssh() {
+        let row = r#"{"name":"k","user_id":"u","public_key":"x","fingerprint":"f","created":1}"#;
+        let kp: Keypair = serde_json::from_str(row).unwrap();
+        assert_eq!(kp.key_type, KeyType::Ssh);
     }
 
     #[tokio::test]
@@ -255,7 +347,7 @@ mod tests {
             .await
             .unwrap();
         let kp = |name: &str, user: &str| {
-            Keypair::new(name.into(), user, Some(ED25519.to_owned())).unwrap()
+            Keypair::new(name.into(), user, Some(ED25519.to_owned()), KeyType::Ssh).unwrap()
         };
         keys.create(&kp("a", "u"), Some("p")).await.unwrap();
         assert!(matches!(

@@ -639,6 +639,8 @@ pub(crate) mod tests {
             access_ipv4: String::new(),
             access_ipv6: String::new(),
             locked: false,
+            description: None,
+            crash_dump: None,
             config_drive: false,
             actions: Vec::new(),
             snapshot_image: None,

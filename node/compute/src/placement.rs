@@ -422,6 +422,16 @@ pub(crate) struct AggregateRow {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub(crate) struct ServiceRow {
     pub(crate) disabled: bool,
+    /// Forced down by an admin (microversion 2.11): Nova's ComputeFilter passes no such host.
+    #[serde(default)]
+    pub(crate) forced_down: bool,
+}
+
+impl ServiceRow {
+    /// Whether placement leaves the host out: its service is disabled or forced down.
+    pub(crate) fn excluded(&self) -> bool {
+        self.disabled || self.forced_down
+    }
 }
 
 pub(crate) fn decode_aggregate(key: &str, row: &Row) -> Result<AggregateRow, HostError> {
@@ -452,7 +462,7 @@ pub async fn host_view(
         .collect::<Result<Vec<_>, _>>()?;
     let mut disabled = BTreeSet::new();
     for (key, row) in cluster.list(COMPUTE_SERVICES, "", usize::MAX).await? {
-        if decode_service(&key, &row)?.disabled {
+        if decode_service(&key, &row)?.excluded() {
             disabled.insert(key);
         }
     }

@@ -279,6 +279,15 @@ pub struct ServerRecord {
     /// Locked (the `lock` action): only an admin may act on it until `unlock`.
     #[serde(default)]
     pub locked: bool,
+    /// Nova's `display_description` (shown from microversion 2.19): the name when the server
+    /// was created below 2.19, as Nova sets it; `None` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A `trigger_crash_dump` (microversion 2.17) the host's agent has yet to carry out: the
+    /// request id of its action. The agent injects an NMI, records the action's event and
+    /// clears it; like Nova's, the request sets no task state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_dump: Option<String>,
     /// Nova's `config_drive`: the guest gets a config drive (asked for on create, or set by
     /// the agent of a host with `[compute] force_config_drive`).
     #[serde(default)]
@@ -587,6 +596,32 @@ impl ServerRecord {
         self.record_outcome(task, started, finished, !failed);
     }
 
+    /// Records the compute agent's event for the action `action` started by `request_id`
+    /// (one that sets no task state), if that action is still in the log without one.
+    pub fn record_request_event(
+        &mut self,
+        action: &str,
+        request_id: &str,
+        event: &str,
+        started: &str,
+        finished: &str,
+        ok: bool,
+    ) {
+        if let Some(a) = self
+            .actions
+            .iter_mut()
+            .rev()
+            .find(|a| a.request_id == request_id && a.action == action && a.events.is_empty())
+        {
+            a.events.push(ActionEvent {
+                event: event.to_owned(),
+                start_time: started.to_owned(),
+                finish_time: Some(finished.to_owned()),
+                result: Some(if ok { "Success" } else { "Error" }.to_owned()),
+            });
+        }
+    }
+
     /// [`Self::record_event`] with the result given: a snapshot that failed leaves the server
     /// as it was, not in ERROR, and its event still says `Error`.
     pub fn record_outcome(&mut self, task: TaskState, started: &str, finished: &str, ok: bool) {
@@ -759,6 +794,8 @@ pub(crate) mod tests {
             access_ipv4: String::new(),
             access_ipv6: String::new(),
             locked: false,
+            description: None,
+            crash_dump: None,
             config_drive: false,
             actions: Vec::new(),
             snapshot_image: None,
@@ -794,6 +831,23 @@ pub(crate) mod tests {
         assert_eq!(r.request(Action::Stop).unwrap_err().what, "task_state");
         r.request(Action::Delete).unwrap();
         assert_eq!(r.task_state, Some(TaskState::Deleting));
+    }
+
+    #[test]
+    fn a_deleted_server_keeps_its_actions_and_nothing_pending() {
+        let mut r = record();
+        r.record_action("create", "req-1", "u", "2026-01-01T00:00:00Z");
+        r.task_state = Some(TaskState::Deleting);
+        r.crash_dump = Some("req-2".into());
+        r.description = Some("web".into());
+        let tomb = crate::usage::DeletedServer::of(&r, "2026-01-02T00:00:00Z");
+        assert_eq!(tomb.actions, r.actions);
+        let gone = tomb.as_record();
+        assert_eq!(gone.vm_state, VmState::Deleted);
+        assert_eq!(gone.task_state, None);
+        assert_eq!(gone.crash_dump, None);
+        assert_eq!(gone.description.as_deref(), Some("web"));
+        assert_eq!(gone.updated, "2026-01-02T00:00:00Z");
     }
 
     #[test]

@@ -23,9 +23,19 @@ pub struct ServiceState {
     pub disabled: bool,
     #[serde(default)]
     pub disabled_reason: Option<String>,
+    /// Nova's `forced_down` (microversion 2.11): an admin declared the service down, so it
+    /// reads as down and takes no new servers whatever its heartbeat says.
+    #[serde(default)]
+    pub forced_down: bool,
 }
 
 impl ServiceState {
+    /// Whether the service is up, as Nova's servicegroup answers: its host is healthy and no
+    /// admin forced it down.
+    pub fn is_up(&self, healthy: bool) -> bool {
+        healthy && !self.forced_down
+    }
+
     /// Nova's `status`: `enabled` or `disabled`.
     pub fn status(&self) -> &'static str {
         if self.disabled {
@@ -155,12 +165,44 @@ impl Services {
             )));
         }
         self.known(host)?;
-        let service = ServiceState {
-            disabled,
-            disabled_reason: if disabled { reason } else { None },
-        };
-        self.table.put(host, &service).await?;
-        Ok(service)
+        self.change(host, |s| {
+            s.disabled = disabled;
+            s.disabled_reason = if disabled { reason.clone() } else { None };
+        })
+        .await
+    }
+
+    /// `PUT /os-services/force-down` (microversion 2.11): sets `host`'s `forced_down`.
+    pub async fn force_down(
+        &self,
+        host: &str,
+        binary: &str,
+        forced_down: bool,
+    ) -> Result<ServiceState, ComputeError> {
+        if binary != BINARY {
+            return Err(ComputeError::NotFound(format!(
+                "no {binary} service on host {host}"
+            )));
+        }
+        self.known(host)?;
+        self.change(host, |s| s.forced_down = forced_down).await
+    }
+
+    /// Edits `host`'s row with a compare-and-set, so an enable and a force-down do not undo
+    /// each other.
+    async fn change(
+        &self,
+        host: &str,
+        edit: impl Fn(&mut ServiceState),
+    ) -> Result<ServiceState, ComputeError> {
+        let written = self
+            .table
+            .upsert(host, ServiceState::default, |s| {
+                edit(s);
+                Ok::<_, ComputeError>(())
+            })
+            .await?;
+        Ok(written.value)
     }
 
     /// `os-hosts/{host}` with `status` and/or `maintenance_mode` (`enable` or `disable`):
@@ -191,12 +233,12 @@ impl Services {
                 "maintenance mode is not supported by the libvirt hosts Shoal runs".into(),
             ));
         }
-        let service = ServiceState {
-            disabled: status == Some("disable"),
-            disabled_reason: None,
-        };
-        self.table.put(host, &service).await?;
-        Ok(service)
+        let disabled = status == Some("disable");
+        self.change(host, |s| {
+            s.disabled = disabled;
+            s.disabled_reason = None;
+        })
+        .await
     }
 
     /// `os-hosts/{host}/{reboot|shutdown|startup}`: the error it ends in. Shoal does not power

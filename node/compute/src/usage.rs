@@ -49,6 +49,13 @@ pub struct DeletedServer {
     pub launched_at: Option<String>,
     /// When the server's row went: Nova's `terminated_at` and `deleted_at`.
     pub terminated_at: String,
+    /// The server's action log, the delete last: `os-instance-actions` of a deleted server
+    /// (microversion 2.21).
+    #[serde(default)]
+    pub actions: Vec<crate::server::InstanceAction>,
+    /// Shown from microversion 2.19, for a deleted server too.
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 impl DeletedServer {
@@ -71,6 +78,8 @@ impl DeletedServer {
             created: r.created.clone(),
             launched_at: r.launched_at.clone(),
             terminated_at: now.to_owned(),
+            actions: r.actions.clone(),
+            description: r.description.clone(),
         }
     }
 
@@ -126,6 +135,8 @@ impl DeletedServer {
             rescue: None,
             migration: None,
             past_migrations: Vec::new(),
+            description: self.description.clone(),
+            crash_dump: None,
         }
     }
 }

@@ -50,8 +50,9 @@ pub const IMAGE_MEMBERS: &str = "image_members";
 // servers
 /// Key: server uuid; value: the compute service's `ServerRecord`.
 pub const SERVERS: &str = "servers";
-/// Key: server uuid; value: `shoal_compute::usage::DeletedServer`, a deleted server's tombstone,
-/// kept for `[compute] deleted_server_retention_secs`.
+/// Key: server uuid; value: `shoal_compute::usage::DeletedServer`, a deleted server's tombstone
+/// (with its action log, which `os-instance-actions` reads from microversion 2.21), written by
+/// the transaction that deletes its row and kept for `[compute] deleted_server_retention_secs`.
 pub const DELETED_SERVERS: &str = "deleted_servers";
 
 // placement

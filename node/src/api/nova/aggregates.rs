@@ -22,7 +22,7 @@ use shoal_state::time::iso8601;
 
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::flavors::microversion;
+use crate::api::nova::version::{microversion, Microversion, V2_13, V2_15};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -211,14 +211,19 @@ async fn list_zones(State(state): State<AppState>, auth: Auth) -> ApiResult<Json
 
 async fn list_zones_detail(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
-    let healthy: BTreeMap<String, bool> = state
-        .cluster
-        .cluster_status()
-        .await
-        .members
-        .into_iter()
-        .map(|m| (m.name, m.healthy))
-        .collect();
+    // Nova's view of each host's service: available while up (not forced down), active while
+    // enabled.
+    let members = state.cluster.cluster_status().await.members;
+    let service: BTreeMap<String, (bool, bool)> =
+        shoal_compute::service::Services::new(&state.state, members)
+            .list()
+            .await?
+            .into_iter()
+            .map(|h| {
+                let up = h.service.is_up(h.member.healthy);
+                (h.member.name, (up, !h.service.disabled))
+            })
+            .collect();
     let items: Vec<Value> = zones(&state)
         .await?
         .into_iter()
@@ -226,8 +231,8 @@ async fn list_zones_detail(State(state): State<AppState>, auth: Auth) -> ApiResu
             let hosts: serde_json::Map<String, Value> = hosts
                 .into_iter()
                 .map(|h| {
-                    let up = healthy.get(&h).copied().unwrap_or(false);
-                    let v = json!({"nova-compute": {"available": up, "active": true, "updated_at": null}});
+                    let (up, active) = service.get(&h).copied().unwrap_or((false, true));
+                    let v = json!({"nova-compute": {"available": up, "active": active, "updated_at": null}});
                     (h, v)
                 })
                 .collect();
@@ -241,10 +246,15 @@ fn server_groups(state: &AppState) -> ServerGroups {
     ServerGroups::new(&state.state)
 }
 
-/// Nova 2.1's view of a server group: the owner's ids are shown from 2.13 on.
-fn group_json(g: &ServerGroup) -> Value {
-    json!({"id": g.id, "name": g.name, "policies": [g.policy], "members": g.members,
-        "metadata": {}})
+/// Nova's view of a server group: the owner's ids are shown from microversion 2.13 on.
+fn group_json(g: &ServerGroup, v: Microversion) -> Value {
+    let mut out = json!({"id": g.id, "name": g.name, "policies": [g.policy],
+        "members": g.members, "metadata": {}});
+    if v >= V2_13 {
+        out["project_id"] = json!(g.project_id);
+        out["user_id"] = json!(g.user_id);
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -270,25 +280,41 @@ fn project_of(auth: &Auth) -> ApiResult<String> {
 async fn create_server_group(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     auth.require("member").map_err(ApiError::nova)?;
     let project = project_of(&auth)?;
     let b: CreateGroupBody = parse(&body)?;
     let g = b.server_group;
+    // The soft policies came with microversion 2.15; below it Nova's schema knows two.
+    if v < V2_15 {
+        if let Some(p) = g.policies.iter().find(|p| p.starts_with("soft-")) {
+            let shown: String = p.chars().take(64).collect();
+            return Err(ApiError::bad_request(format!(
+                "Invalid input for field/attribute 0. Value: {shown}. '{shown}' is not one of \
+                 ['anti-affinity', 'affinity']"
+            ))
+            .nova());
+        }
+    }
     let sg = ServerGroup::new(g.name, &g.policies, &project, &auth.0.user_id)?;
     server_groups(&state).create(&sg).await?;
-    Ok(Json(json!({ "server_group": group_json(&sg) })))
+    Ok(Json(json!({ "server_group": group_json(&sg, v) })))
 }
 
-async fn list_server_groups(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+async fn list_server_groups(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+) -> ApiResult<Json<Value>> {
     auth.require("reader").map_err(ApiError::nova)?;
     let project = project_of(&auth)?;
     let groups = server_groups(&state);
     let mut items = Vec::new();
     for mut g in groups.of_project(&project).await? {
         groups.live_members(&mut g).await?;
-        items.push(group_json(&g));
+        items.push(group_json(&g, v));
     }
     Ok(Json(json!({ "server_groups": items })))
 }
@@ -304,12 +330,13 @@ async fn find_group(state: &AppState, auth: &Auth, id: &str) -> ApiResult<Server
 async fn show_server_group(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     auth.require("reader").map_err(ApiError::nova)?;
     let mut g = find_group(&state, &auth, &id).await?;
     server_groups(&state).live_members(&mut g).await?;
-    Ok(Json(json!({ "server_group": group_json(&g) })))
+    Ok(Json(json!({ "server_group": group_json(&g, v) })))
 }
 
 async fn delete_server_group(

@@ -1,16 +1,15 @@
 //! Compute v2.1 (Nova) under `/compute/v2.1`: version discovery and flavors with their extra
 //! specs, as `openstack flavor ...` uses them.
 //!
-//! Shoal serves microversion 2.1 only. A request naming another version is refused with 406,
-//! as Nova refuses versions outside its range; every answer carries the version headers.
-//! Request bodies are checked against the fields Nova 2.1 accepts: an unknown field is a 400.
+//! Microversions are negotiated by `version.rs`; the version documents name its range.
+//! Request bodies are checked against the fields Nova accepts: an unknown field is a 400.
 
 use std::collections::{BTreeMap, HashMap};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,10 +21,9 @@ use shoal_compute::flavor::{check_spec, spec_value, Flavor, FlavorCreateBody, Fl
 
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
+use crate::api::nova::version::{microversion, Microversion, MAX, MIN, V2_7};
 use crate::api::{AppState, Auth};
 use shoal_identity::has_role;
-
-const MICROVERSION: &str = "2.1";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -64,61 +62,9 @@ pub fn routes() -> Router<AppState> {
         .layer(middleware::from_fn(microversion))
 }
 
-/// The version a request asks for, from either header Nova reads; `None` when it names none.
-fn requested_version(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers
-        .get("openstack-api-version")
-        .and_then(|v| v.to_str().ok())
-    {
-        let mut parts = v.split_whitespace();
-        if parts
-            .next()
-            .is_some_and(|s| s.eq_ignore_ascii_case("compute"))
-        {
-            return parts.next().map(str::to_owned);
-        }
-    }
-    headers
-        .get("x-openstack-nova-api-version")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_owned())
-}
-
-/// Whether Shoal serves the requested microversion.
-fn version_supported(v: &str) -> bool {
-    matches!(v, "2.1" | "latest")
-}
-
-pub(super) async fn microversion(req: Request, next: Next) -> Response {
-    let asked = requested_version(req.headers());
-    let mut resp = match asked {
-        Some(v) if !version_supported(&v) => ApiError::new(
-            StatusCode::NOT_ACCEPTABLE,
-            format!("version {v} is not supported by the API; Shoal serves compute {MICROVERSION}"),
-        )
-        .nova()
-        .into_response(),
-        _ => next.run(req).await,
-    };
-    let h = resp.headers_mut();
-    h.insert(
-        "OpenStack-API-Version",
-        HeaderValue::from_static("compute 2.1"),
-    );
-    h.insert(
-        "X-OpenStack-Nova-API-Version",
-        HeaderValue::from_static(MICROVERSION),
-    );
-    h.insert(
-        "Vary",
-        HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
-    );
-    resp
-}
-
 fn v21_entry(state: &AppState) -> Value {
     json!({
-        "id": "v2.1", "status": "CURRENT", "version": MICROVERSION, "min_version": MICROVERSION,
+        "id": "v2.1", "status": "CURRENT", "version": MAX.to_string(), "min_version": MIN.to_string(),
         "updated": "2013-07-23T11:33:21Z",
         "links": [{"rel": "self", "href": format!("{}/compute/v2.1/", state.base_url)}],
         "media-types": [{"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2.1"}],
@@ -405,6 +351,7 @@ enum FlavorAction {
 async fn flavor_action(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
@@ -429,7 +376,9 @@ async fn flavor_action(
         ))
         .nova());
     }
-    let f = flavors(&state).set_access(&id, &project, add).await?;
+    let f = flavors(&state)
+        .set_access(&id, &project, add, v >= V2_7)
+        .await?;
     Ok(Json(access_json(&f)))
 }
 
@@ -541,28 +490,4 @@ async fn delete_extra_spec(
     })
     .await?;
     Ok(StatusCode::OK)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn microversion_headers() {
-        let mut h = HeaderMap::new();
-        assert_eq!(requested_version(&h), None);
-        h.insert(
-            "X-OpenStack-Nova-API-Version",
-            HeaderValue::from_static("2.1"),
-        );
-        assert_eq!(requested_version(&h).as_deref(), Some("2.1"));
-        h.insert(
-            "OpenStack-API-Version",
-            HeaderValue::from_static("compute 2.60"),
-        );
-        assert_eq!(requested_version(&h).as_deref(), Some("2.60"));
-        assert!(!version_supported("2.60"));
-        assert!(version_supported("2.1"));
-        assert!(version_supported("latest"));
-    }
 }

@@ -20,7 +20,7 @@ use super::servers::need;
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::glance::images::{delete_image, listed_images, load_visible, modify};
-use crate::api::nova::flavors::microversion;
+use crate::api::nova::version::microversion;
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {

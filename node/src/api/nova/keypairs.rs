@@ -1,23 +1,25 @@
 //! Compute v2.1 key pairs: the HTTP edge of `shoal_compute::keypair`.
 //!
 //! Translates the requests into `Keypairs` calls, decides whose key pairs a request addresses
-//! (`?user_id=` is for admins) and renders Nova's views; the records, the public key checks and
-//! the quota-bounded create are the compute service's.
+//! (`?user_id=` and a create's `user_id` are for admins, from microversion 2.10) and renders
+//! Nova's views (the key `type`, 201 on create and 204 on delete from 2.2); the records, the
+//! public key checks and the quota-bounded create are the compute service's.
 
 use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use shoal_compute::keypair::{Keypair, Keypairs};
+use shoal_compute::keypair::{KeyType, Keypair, Keypairs};
 use shoal_state::time::iso8601;
 
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::flavors::microversion;
+use crate::api::nova::version::{microversion, unexpected, Microversion, V2_10, V2_2};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -49,37 +51,66 @@ struct CreateKeypair {
     name: String,
     #[serde(default)]
     public_key: Option<String>,
+    #[serde(default, rename = "type")]
+    key_type: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
 }
 
-fn key_json(k: &Keypair, full: bool) -> Value {
-    let mut v = json!({"name": k.name, "public_key": k.public_key, "fingerprint": k.fingerprint});
-    if full {
-        v["user_id"] = json!(k.user_id);
-        v["created_at"] = json!(iso8601(k.created));
-        v["deleted"] = json!(false);
-        v["deleted_at"] = Value::Null;
-        v["updated_at"] = Value::Null;
-        v["id"] = json!(0);
+fn key_json(k: &Keypair, full: bool, v: Microversion) -> Value {
+    let mut out = json!({"name": k.name, "public_key": k.public_key, "fingerprint": k.fingerprint});
+    if v >= V2_2 {
+        out["type"] = json!(k.key_type.as_str());
     }
-    v
+    if full {
+        out["user_id"] = json!(k.user_id);
+        out["created_at"] = json!(iso8601(k.created));
+        out["deleted"] = json!(false);
+        out["deleted_at"] = Value::Null;
+        out["updated_at"] = Value::Null;
+        out["id"] = json!(0);
+    }
+    out
 }
 
 async fn create_keypair(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     body: Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth.require("member").map_err(ApiError::nova)?;
     let b: CreateBody = crate::api::body::parse(&body)?;
-    let kp = Keypair::new(b.keypair.name, &auth.0.user_id, b.keypair.public_key)?;
+    let key_type = match b.keypair.key_type {
+        None => KeyType::Ssh,
+        Some(_) if v < V2_2 => return Err(unexpected("type", V2_2)),
+        Some(t) => KeyType::parse(&t).map_err(|m| ApiError::bad_request(m).nova())?,
+    };
+    let user = match b.keypair.user_id {
+        None => auth.0.user_id.clone(),
+        Some(_) if v < V2_10 => return Err(unexpected("user_id", V2_10)),
+        Some(u) if u == auth.0.user_id => u,
+        Some(u) => {
+            auth.require_admin().map_err(ApiError::nova)?;
+            u
+        }
+    };
+    let kp = Keypair::new(b.keypair.name, &user, b.keypair.public_key, key_type)?;
     keypairs(&state)
         .create(&kp, auth.0.project_id.as_deref())
         .await?;
-    // Nova's create answer is exactly these fields (its 2.1 response schema forbids more).
-    Ok(Json(json!({ "keypair": {
+    // Nova's create answer is exactly these fields (its response schema forbids more).
+    let mut out = json!({
         "name": kp.name, "public_key": kp.public_key, "fingerprint": kp.fingerprint,
         "user_id": kp.user_id,
-    }})))
+    });
+    let status = if v >= V2_2 {
+        out["type"] = json!(kp.key_type.as_str());
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "keypair": out }))).into_response())
 }
 
 /// The public key of `user_id`'s key pair `name`, if it exists (for a server's `key_name`).
@@ -87,9 +118,10 @@ pub async fn public_key(state: &AppState, user_id: &str, name: &str) -> ApiResul
     Ok(keypairs(state).public_key(user_id, name).await?)
 }
 
-/// The user whose key pairs a request addresses: `?user_id=` is for admins only.
-fn owner(auth: &Auth, q: &HashMap<String, String>) -> ApiResult<String> {
-    match q.get("user_id") {
+/// The user whose key pairs a request addresses: `?user_id=` is read from microversion 2.10
+/// (Nova ignores it below) and is for admins only.
+fn owner(auth: &Auth, q: &HashMap<String, String>, v: Microversion) -> ApiResult<String> {
+    match q.get("user_id").filter(|_| v >= V2_10) {
         Some(u) if *u != auth.0.user_id => {
             auth.require_admin().map_err(ApiError::nova)?;
             Ok(u.clone())
@@ -101,14 +133,15 @@ fn owner(auth: &Auth, q: &HashMap<String, String>) -> ApiResult<String> {
 async fn list_keypairs(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let user = owner(&auth, &q)?;
+    let user = owner(&auth, &q, v)?;
     let items: Vec<Value> = keypairs(&state)
         .of_user(&user)
         .await?
         .iter()
-        .map(|k| json!({ "keypair": key_json(k, false) }))
+        .map(|k| json!({ "keypair": key_json(k, false, v) }))
         .collect();
     Ok(Json(json!({ "keypairs": items })))
 }
@@ -116,21 +149,27 @@ async fn list_keypairs(
 async fn show_keypair(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let user = owner(&auth, &q)?;
+    let user = owner(&auth, &q, v)?;
     let k = keypairs(&state).get(&user, &name).await?;
-    Ok(Json(json!({ "keypair": key_json(&k, true) })))
+    Ok(Json(json!({ "keypair": key_json(&k, true, v) })))
 }
 
 async fn delete_keypair(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<StatusCode> {
-    let user = owner(&auth, &q)?;
+    let user = owner(&auth, &q, v)?;
     keypairs(&state).delete(&user, &name).await?;
-    Ok(StatusCode::ACCEPTED)
+    Ok(if v >= V2_2 {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::ACCEPTED
+    })
 }

@@ -15,11 +15,12 @@ use shoal_scheduler::{Request, ScheduleError, SchedulerHints};
 use shoal_state::time::now_rfc3339;
 use shoal_state::{tables, Expect};
 
-use super::flavors::{microversion, nova_err};
+use super::flavors::nova_err;
 use super::server_meta::nova_time;
 use super::servers::{
     bad, is_admin, load, locked, modify, need, no_argument, servers, snapshot_image,
 };
+use super::version::microversion;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::{AppState, Auth, RequestId};
 

@@ -16,7 +16,7 @@ use shoal_state::time::rfc3339;
 
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::neutron::{caller, net_err};
-use crate::api::nova::flavors::microversion;
+use crate::api::nova::version::microversion;
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {

@@ -15,7 +15,7 @@ use shoal_compute::server::{InstanceAction, ServerRecord};
 use super::servers::{is_admin, load, locked, modify, need, plain_addresses};
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::flavors::microversion;
+use crate::api::nova::version::{microversion, Microversion, V2_21};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -281,10 +281,10 @@ async fn clear_password(
 
 /// An action as Nova 2.1 shows it: times without an offset, `message` null (Shoal keeps the
 /// reason of a failure in the server's `fault`).
-fn action_json(server: &ServerRecord, a: &InstanceAction) -> Value {
+fn action_json(server: &str, a: &InstanceAction) -> Value {
     json!({
         "action": a.action,
-        "instance_uuid": server.id,
+        "instance_uuid": server,
         "message": null,
         "project_id": a.project_id,
         "request_id": a.request_id,
@@ -299,13 +299,41 @@ pub(super) fn nova_time(rfc3339: &str) -> String {
 }
 
 /// `GET /servers/{id}/os-instance-actions`: newest first, as Nova lists them.
+/// The action log a request reads: the server's, or from microversion 2.21 the one its
+/// tombstone kept (as Nova reads deleted instances there, while the tombstone is kept), with
+/// the same visibility.
+async fn load_for_actions(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    mv: Microversion,
+) -> ApiResult<Vec<InstanceAction>> {
+    match load(state, auth, id).await {
+        Err(e) if e.status == StatusCode::NOT_FOUND && mv >= V2_21 => {
+            let now = shoal_state::time::now_secs();
+            let gone = state
+                .state
+                .table::<shoal_compute::usage::DeletedServer>(shoal_state::tables::DELETED_SERVERS)
+                .get(id)
+                .await
+                .map_err(super::flavors::nova_err)?
+                .map(|v| v.value)
+                .filter(|t| !t.expired(now, state.deleted_server_retention))
+                .filter(|t| is_admin(auth) || auth.0.project_id.as_deref() == Some(&t.project_id));
+            gone.map(|t| t.actions).ok_or(e)
+        }
+        other => other.map(|v| v.value.actions),
+    }
+}
+
 async fn list_actions(
     State(state): State<AppState>,
     auth: Auth,
+    mv: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let r = load(&state, &auth, &id).await?.value;
-    let actions: Vec<Value> = r.actions.iter().rev().map(|a| action_json(&r, a)).collect();
+    let actions = load_for_actions(&state, &auth, &id, mv).await?;
+    let actions: Vec<Value> = actions.iter().rev().map(|a| action_json(&id, a)).collect();
     Ok(Json(json!({ "instanceActions": actions })))
 }
 
@@ -314,11 +342,11 @@ async fn list_actions(
 async fn show_action(
     State(state): State<AppState>,
     auth: Auth,
+    mv: Microversion,
     Path((id, request_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let r = load(&state, &auth, &id).await?.value;
-    let a = r
-        .actions
+    let actions = load_for_actions(&state, &auth, &id, mv).await?;
+    let a = actions
         .iter()
         .rev()
         .find(|a| a.request_id == request_id)
@@ -328,7 +356,7 @@ async fn show_action(
             ))
             .nova()
         })?;
-    let mut body = action_json(&r, a);
+    let mut body = action_json(&id, a);
     if is_admin(&auth) {
         body["events"] = a
             .events

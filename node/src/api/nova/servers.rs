@@ -28,7 +28,10 @@ use shoal_state::{retry, tables, Expect, Table, Txn, Versioned, DEFAULT_ATTEMPTS
 
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::flavors::{microversion, nova_err};
+use crate::api::nova::flavors::nova_err;
+use crate::api::nova::version::{
+    microversion, unexpected, Microversion, V2_16, V2_17, V2_19, V2_3, V2_5, V2_9,
+};
 use crate::api::{AppState, Auth, RequestId};
 use shoal_compute::flavor::Flavor;
 
@@ -133,6 +136,34 @@ struct CreateServer {
     access_ipv4: Option<String>,
     #[serde(default, rename = "accessIPv6")]
     access_ipv6: Option<String>,
+    /// From microversion 2.19.
+    #[serde(default)]
+    description: Option<Value>,
+}
+
+/// A `description` as Nova's schema takes it (microversion 2.19): `null` or a string of at most
+/// 255 characters without control characters. `None` when the body has none, `Some(None)`
+/// when it clears it.
+fn description_arg(given: Option<&Value>, v: Microversion) -> ApiResult<Option<Option<String>>> {
+    let Some(given) = given else {
+        return Ok(None);
+    };
+    if v < V2_19 {
+        return Err(unexpected("description", V2_19));
+    }
+    match given {
+        Value::Null => Ok(Some(None)),
+        Value::String(d) if d.chars().count() <= 255 && !d.chars().any(char::is_control) => {
+            Ok(Some(Some(d.clone())))
+        }
+        Value::String(_) => Err(bad(
+            "Invalid input for field/attribute description. Value must be at most 255 \
+             printable characters",
+        )),
+        _ => Err(bad(
+            "Invalid input for field/attribute description. It must be a string or null",
+        )),
+    }
 }
 
 /// `accessIPv4`/`accessIPv6`: empty, or an address of that family.
@@ -251,6 +282,7 @@ async fn create(
     State(state): State<AppState>,
     auth: Auth,
     rid: RequestId,
+    v: Microversion,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     need(&auth, "member")?;
@@ -265,6 +297,13 @@ async fn create(
             "Invalid input for field/attribute name. Value must be 1 to 255 characters",
         ));
     }
+    // Below 2.19 Nova sets the description to the name; from 2.19 it is what the body says.
+    let description = if v >= V2_19 {
+        description_arg(s.description.as_ref(), v)?.flatten()
+    } else {
+        description_arg(s.description.as_ref(), v)?;
+        Some(name.clone())
+    };
     let access_ipv4 = access_ip(s.access_ipv4.as_deref(), false)?.unwrap_or_default();
     let access_ipv6 = access_ip(s.access_ipv6.as_deref(), true)?.unwrap_or_default();
     let return_reservation_id = match &s.return_reservation_id {
@@ -454,6 +493,8 @@ async fn create(
             access_ipv4: access_ipv4.clone(),
             access_ipv6: access_ipv6.clone(),
             locked: false,
+            description: description.clone(),
+            crash_dump: None,
             config_drive,
             actions: Vec::new(),
             snapshot_image: None,
@@ -1225,8 +1266,66 @@ fn host_id(project: &str, host: Option<&str>) -> String {
     }
 }
 
-/// A server as Nova 2.1 shows it; the `OS-EXT-SRV-ATTR` fields only to admins.
-fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
+/// Who looks at servers, at which microversion: what the views show.
+pub(super) struct View {
+    admin: bool,
+    v: Microversion,
+    /// Nova's `host_status` of each host (admins, from 2.16; empty otherwise).
+    host_status: HashMap<String, &'static str>,
+}
+
+impl View {
+    /// The view of `auth` at `v`; for an admin at 2.16 or later it reads the hosts' services.
+    pub(super) async fn new(state: &AppState, auth: &Auth, v: Microversion) -> ApiResult<Self> {
+        let admin = is_admin(auth);
+        let mut host_status = HashMap::new();
+        if admin && v >= V2_16 {
+            let members = state.cluster.cluster_status().await.members;
+            for h in shoal_compute::service::Services::new(&state.state, members)
+                .list()
+                .await?
+            {
+                host_status.insert(
+                    h.member.name.clone(),
+                    host_status_of(&h.service, h.member.healthy),
+                );
+            }
+        }
+        Ok(Self {
+            admin,
+            v,
+            host_status,
+        })
+    }
+
+    /// A view that shows no admin fields (the update and rebuild answers).
+    fn plain(v: Microversion) -> Self {
+        Self {
+            admin: false,
+            v,
+            host_status: HashMap::new(),
+        }
+    }
+}
+
+/// Nova's `host_status` of a host's service: `DOWN` when forced down, `MAINTENANCE` when
+/// disabled, else `UP` while it is up and `UNKNOWN` when it is not heard from.
+fn host_status_of(svc: &shoal_compute::service::ServiceState, healthy: bool) -> &'static str {
+    if svc.forced_down {
+        "DOWN"
+    } else if svc.disabled {
+        "MAINTENANCE"
+    } else if svc.is_up(healthy) {
+        "UP"
+    } else {
+        "UNKNOWN"
+    }
+}
+
+/// A server as Nova shows it at the view's microversion; the `OS-EXT-SRV-ATTR` fields and
+/// `host_status` only to admins.
+fn server_json(state: &AppState, r: &ServerRecord, view: &View) -> Value {
+    let admin = view.admin;
     let mut v = json!({
         "id": r.id,
         "name": r.name,
@@ -1263,6 +1362,29 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
         v["OS-EXT-SRV-ATTR:host"] = json!(r.host);
         v["OS-EXT-SRV-ATTR:hypervisor_hostname"] = json!(r.host);
         v["OS-EXT-SRV-ATTR:instance_name"] = json!(r.instance_name.clone().unwrap_or_default());
+        if view.v >= V2_3 {
+            // Shoal boots whole-disk images (no kernel or ramdisk of their own), from vda.
+            v["OS-EXT-SRV-ATTR:reservation_id"] = json!(r.reservation_id);
+            v["OS-EXT-SRV-ATTR:launch_index"] = json!(r.launch_index);
+            v["OS-EXT-SRV-ATTR:hostname"] = json!(shoal_compute::metadata::hostname(r));
+            v["OS-EXT-SRV-ATTR:kernel_id"] = json!("");
+            v["OS-EXT-SRV-ATTR:ramdisk_id"] = json!("");
+            v["OS-EXT-SRV-ATTR:root_device_name"] = json!(r.host.as_ref().map(|_| "/dev/vda"));
+            v["OS-EXT-SRV-ATTR:user_data"] = json!(r.user_data);
+        }
+        if view.v >= V2_16 {
+            v["host_status"] = json!(r.host.as_deref().map_or("", |h| view
+                .host_status
+                .get(h)
+                .copied()
+                .unwrap_or("UNKNOWN")));
+        }
+    }
+    if view.v >= V2_9 {
+        v["locked"] = json!(r.locked);
+    }
+    if view.v >= V2_19 {
+        v["description"] = json!(r.description);
     }
     // Nova lists the groups of the server's ports, and no key at all when there are none.
     if !r.security_groups.is_empty() {
@@ -1284,8 +1406,8 @@ fn server_json(state: &AppState, r: &ServerRecord, admin: bool) -> Value {
 
 /// Nova's update answer: the server without the extension attributes (no zone, task and
 /// power states, usage times, key, groups or volumes) and addresses without type and MAC.
-fn server_json_basic(state: &AppState, r: &ServerRecord) -> Value {
-    let mut v = server_json(state, r, false);
+fn server_json_basic(state: &AppState, r: &ServerRecord, v: Microversion) -> Value {
+    let mut v = server_json(state, r, &View::plain(v));
     if let Some(o) = v.as_object_mut() {
         o.retain(|k, _| {
             !k.starts_with("OS-EXT-")
@@ -1315,11 +1437,15 @@ pub(super) async fn load(
     id: &str,
 ) -> ApiResult<Versioned<ServerRecord>> {
     need(auth, "reader")?;
-    let v = servers(state)
-        .get(id)
-        .await
-        .map_err(nova_err)?
-        .ok_or_else(|| not_found(id))?;
+    let mut found = servers(state).get(id).await.map_err(nova_err)?;
+    if found.is_none() {
+        // This node's replica may not have applied a create that another request just
+        // committed (through the leader): read after a barrier before saying 404, so a client
+        // finds the server its create answered with, as on Nova.
+        state.cluster.read_barrier().await.map_err(nova_err)?;
+        found = servers(state).get(id).await.map_err(nova_err)?;
+    }
+    let v = found.ok_or_else(|| not_found(id))?;
     if !is_admin(auth) && auth.0.project_id.as_deref() != Some(v.value.project_id.as_str()) {
         return Err(not_found(id));
     }
@@ -1329,20 +1455,23 @@ pub(super) async fn load(
 async fn show(
     State(state): State<AppState>,
     auth: Auth,
+    mv: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let v = load(&state, &auth, &id).await?;
+    let view = View::new(&state, &auth, mv).await?;
     Ok(Json(
-        json!({ "server": server_json(&state, &v.value, is_admin(&auth)) }),
+        json!({ "server": server_json(&state, &v.value, &view) }),
     ))
 }
 
 async fn list(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let (rows, next) = filtered(&state, &auth, &q).await?;
+    let (rows, next) = filtered(&state, &auth, &q, v).await?;
     let items: Vec<Value> = rows
         .iter()
         .map(|r| json!({"id": r.id, "name": r.name, "links": links(&state, &r.id)}))
@@ -1359,11 +1488,12 @@ async fn list(
 async fn list_detail(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let admin = is_admin(&auth);
-    let (rows, next) = filtered(&state, &auth, &q).await?;
-    let items: Vec<Value> = rows.iter().map(|r| server_json(&state, r, admin)).collect();
+    let (rows, next) = filtered(&state, &auth, &q, v).await?;
+    let view = View::new(&state, &auth, v).await?;
+    let items: Vec<Value> = rows.iter().map(|r| server_json(&state, r, &view)).collect();
     Ok(Json(with_next(
         json!({ "servers": items }),
         &state,
@@ -1395,6 +1525,7 @@ async fn filtered(
     state: &AppState,
     auth: &Auth,
     q: &HashMap<String, String>,
+    v: Microversion,
 ) -> ApiResult<(Vec<ServerRecord>, Option<String>)> {
     need(auth, "reader")?;
     let since = match q.get("changes-since") {
@@ -1424,6 +1555,22 @@ async fn filtered(
             Some(regex::Regex::new(n).map_err(|e| bad(format!("Invalid name filter {n:?}: {e}")))?)
         }
         None => None,
+    };
+    // `ip` and `ip6` match a fixed address from its start (Python's `re.match`, as Nova).
+    // Below 2.5 Nova drops `ip6` from a non-admin's filters.
+    let ip_re = |key: &str| -> ApiResult<Option<regex::Regex>> {
+        q.get(key)
+            .map(|p| {
+                regex::Regex::new(&format!("^(?:{p})"))
+                    .map_err(|e| bad(format!("Invalid {key} filter {p:?}: {e}")))
+            })
+            .transpose()
+    };
+    let ip4 = ip_re("ip")?;
+    let ip6 = if admin || v >= V2_5 {
+        ip_re("ip6")?
+    } else {
+        None
     };
     let limit = match q.get("limit") {
         Some(l) => Some(
@@ -1487,6 +1634,16 @@ async fn filtered(
         .filter(|r| {
             q.get("status")
                 .is_none_or(|s| s.eq_ignore_ascii_case(r.status()))
+        })
+        .filter(|r| {
+            let has = |re: &regex::Regex, v6: bool| {
+                r.ports
+                    .iter()
+                    .flat_map(|p| &p.ips)
+                    .any(|ip| ip.contains(':') == v6 && re.is_match(ip))
+            };
+            ip4.as_ref().is_none_or(|re| has(re, false))
+                && ip6.as_ref().is_none_or(|re| has(re, true))
         })
         .filter(|r| q.get("image").is_none_or(|i| *i == r.image.id))
         .filter(|r| q.get("flavor").is_none_or(|f| *f == r.flavor.id))
@@ -1556,16 +1713,26 @@ struct UpdateServer {
     access_v6: Option<String>,
     #[serde(default, rename = "OS-DCF:diskConfig")]
     _disk_config: Option<String>,
+    /// From microversion 2.19; `null` clears it, so the field is kept as JSON.
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Value>,
+}
+
+/// A field that may be `null`: `Some(Value::Null)` when given as null, `None` when absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 async fn update(
     State(state): State<AppState>,
     auth: Auth,
+    mv: Microversion,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     need(&auth, "member")?;
     let body: UpdateBody = parse(&body)?;
+    let description = description_arg(body.server.description.as_ref(), mv)?;
     let access_v4 = access_ip(body.server.access_v4.as_deref(), false)?;
     let access_v6 = access_ip(body.server.access_v6.as_deref(), true)?;
     let v = load(&state, &auth, &id).await?;
@@ -1584,9 +1751,14 @@ async fn update(
     if let Some(a) = access_v6 {
         r.access_ipv6 = a;
     }
+    if let Some(d) = description {
+        r.description = d;
+    }
     r.updated = now_rfc3339();
     let new = change(&state, &id, v.revision, &r).await?;
-    Ok(Json(json!({ "server": server_json_basic(&state, &new) })))
+    Ok(Json(
+        json!({ "server": server_json_basic(&state, &new, mv) }),
+    ))
 }
 
 /// Writes `r` if the row is still at `revision`; a concurrent change is a 409 to retry.
@@ -1645,12 +1817,14 @@ async fn delete(
         let mut r = v.value;
         if r.host.is_none() {
             // Never placed (NoValidHost) or shelved and offloaded: nothing runs anywhere; the
-            // row goes now.
+            // row goes now, leaving the record of a deleted server with the delete logged.
             release_ports(&state, std::slice::from_ref(&r)).await;
+            let now = now_rfc3339();
+            r.record_action("delete", &rid.0, &auth.0.user_id, &now);
             let txn = shoal_compute::usage::bury(
                 Txn::new().when(tables::SERVERS, &id, Expect::Revision(v.revision)),
                 &r,
-                &now_rfc3339(),
+                &now,
             );
             if !state
                 .state
@@ -1706,6 +1880,7 @@ async fn action(
     State(state): State<AppState>,
     auth: Auth,
     rid: RequestId,
+    mv: Microversion,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::response::Response> {
@@ -1734,7 +1909,7 @@ async fn action(
                 _ => return Err(bad(format!("Invalid input for field/attribute type. Value: {kind}. '{kind}' is not one of ['HARD', 'Hard', 'SOFT', 'Soft']"))),
             }
         }
-        "rebuild" => return rebuild(&state, &auth, &rid, &id, &arg).await,
+        "rebuild" => return rebuild(&state, &auth, &rid, mv, &id, &arg).await,
         "createImage" => return create_image(&state, &auth, &rid, &id, &arg).await,
         "createBackup" => return create_backup(&state, &auth, &rid, &id, &arg).await,
         "shelve" => return shelve(&state, &auth, &rid, &id, &arg).await,
@@ -1801,6 +1976,9 @@ async fn action(
             let output = console_output(&state, &v.value, length).await?;
             return Ok(Json(json!({ "output": output })).into_response());
         }
+        "trigger_crash_dump" => {
+            return trigger_crash_dump(&state, &auth, &rid, mv, &id, &arg).await;
+        }
         "lock" | "unlock" => {
             let locked = name == "lock";
             modify(&state, &auth, &id, |r| {
@@ -1864,6 +2042,7 @@ async fn rebuild(
     state: &AppState,
     auth: &Auth,
     rid: &RequestId,
+    mv: Microversion,
     id: &str,
     arg: &Value,
 ) -> ApiResult<axum::response::Response> {
@@ -1871,6 +2050,7 @@ async fn rebuild(
     let Some(arg) = arg.as_object() else {
         return Err(bad("rebuild takes an object"));
     };
+    let description = description_arg(arg.get("description"), mv)?;
     let text = |field: &str| -> ApiResult<Option<String>> {
         match arg.get(field) {
             None | Some(Value::Null) => Ok(None),
@@ -1949,14 +2129,76 @@ async fn rebuild(
         if let Some(ip) = &access_ipv6 {
             r.access_ipv6 = ip.clone();
         }
+        if let Some(d) = &description {
+            r.description = d.clone();
+        }
         r.record_action("rebuild", &rid.0, &auth.0.user_id, &now_rfc3339());
         Ok(())
     })
     .await?;
     // The answer is the server as the update answer shows it (Nova's rebuild view).
-    let mut server = server_json_basic(state, &r);
+    let mut server = server_json_basic(state, &r, mv);
     server["adminPass"] = json!(admin_pass);
     Ok((StatusCode::ACCEPTED, Json(json!({ "server": server }))).into_response())
+}
+
+/// `trigger_crash_dump` (microversion 2.17; below it Nova has no such action for this
+/// version: 404): for a placed server, ACTIVE, PAUSED or ERROR with no task, not locked
+/// against the caller. The host's agent injects the NMI; the answer is 202 at once.
+async fn trigger_crash_dump(
+    state: &AppState,
+    auth: &Auth,
+    rid: &RequestId,
+    mv: Microversion,
+    id: &str,
+    arg: &Value,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    if mv < V2_17 {
+        return Err(ApiError::not_found(format!(
+            "The action trigger_crash_dump needs microversion {V2_17} or later"
+        ))
+        .nova());
+    }
+    if !arg.is_null() {
+        return Err(bad(format!(
+            "Invalid input for field/attribute trigger_crash_dump. Value: {arg}. {arg} is not \
+             of type 'null'"
+        )));
+    }
+    let admin = is_admin(auth);
+    modify(state, auth, id, |r| {
+        if r.locked && !admin {
+            return Err(locked(id));
+        }
+        if r.host.is_none() {
+            return Err(ApiError::conflict(format!("Instance {id} is not ready")).nova());
+        }
+        let state_ok = matches!(
+            r.vm_state,
+            VmState::Active | VmState::Paused | VmState::Error
+        );
+        if !state_ok || r.task_state.is_some() {
+            let (what, value) = match r.task_state {
+                Some(t) if state_ok => ("task_state", t.as_str()),
+                _ => ("vm_state", r.vm_state.as_str()),
+            };
+            return Err(ApiError::conflict(format!(
+                "Cannot 'trigger_crash_dump' instance {id} while it is in {what} {value}"
+            ))
+            .nova());
+        }
+        r.crash_dump = Some(rid.0.clone());
+        r.record_action(
+            "trigger_crash_dump",
+            &rid.0,
+            &auth.0.user_id,
+            &now_rfc3339(),
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// The image a snapshot of `r` (by `user_id`) is written to: Glance's record, `queued`, owned
@@ -2527,4 +2769,56 @@ async fn console_output(
         }
         _ => text,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_compute::service::ServiceState;
+
+    use super::*;
+    use crate::api::nova::version::V2_18;
+
+    #[test]
+    fn host_status_follows_nova() {
+        let up = ServiceState::default();
+        assert_eq!(host_status_of(&up, true), "UP");
+        assert_eq!(host_status_of(&up, false), "UNKNOWN");
+        let disabled = ServiceState {
+            disabled: true,
+            ..Default::default()
+        };
+        assert_eq!(host_status_of(&disabled, true), "MAINTENANCE");
+        let forced = ServiceState {
+            disabled: true,
+            forced_down: true,
+            ..Default::default()
+        };
+        // Forced down wins over disabled, and over a healthy heartbeat.
+        assert_eq!(host_status_of(&forced, true), "DOWN");
+    }
+
+    #[test]
+    fn description_needs_2_19_and_nova_schema() {
+        let d = json!("a web server");
+        assert_eq!(description_arg(None, V2_18).unwrap(), None);
+        let e = description_arg(Some(&d), V2_18).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains("'description' was unexpected"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            description_arg(Some(&d), V2_19).unwrap(),
+            Some(Some("a web server".to_owned()))
+        );
+        assert_eq!(
+            description_arg(Some(&Value::Null), V2_19).unwrap(),
+            Some(None)
+        );
+        for bad in [json!("x".repeat(256)), json!("line\nbreak"), json!(5)] {
+            assert!(description_arg(Some(&bad), V2_19).is_err(), "{bad}");
+        }
+        assert!(description_arg(Some(&json!("é".repeat(255))), V2_19).is_ok());
+    }
 }

@@ -21,8 +21,9 @@ use shoal_state::{tables, StateError};
 
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::flavors::{microversion, nova_err};
+use crate::api::nova::flavors::nova_err;
 use crate::api::nova::servers::{deleted_servers, is_admin, need, servers};
+use crate::api::nova::version::microversion;
 use crate::api::{AppState, Auth, RequestId};
 
 pub fn routes() -> Router<AppState> {

@@ -1,0 +1,569 @@
+//! Compute API microversions above 2.1, as a user of `openstack --os-compute-api-version 2.x`
+//! and of raw HTTP sees them on a three-node cluster whose agents drive libvirt's test
+//! hypervisor: the negotiation and version documents, then key pairs, servers, server groups
+//! and compute services at several versions, with 2.1 (no header) unchanged.
+
+mod common;
+
+use std::time::Duration;
+
+use common::osc::{openstack_bin, Osc};
+use common::{wait_until, Cluster};
+use serde_json::Value;
+
+/// The highest version Shoal claims; the version document must say the same.
+const MAX: &str = "2.25";
+
+const ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f me@host";
+
+/// `GET path` with `headers`; the status, the response headers and the JSON body.
+fn get(
+    c: &Cluster,
+    token: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = c
+        .http
+        .get(format!("{}{path}", c.nodes[0].base()))
+        .header("X-Auth-Token", token);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    let body = serde_json::from_str(&resp.text().unwrap()).unwrap_or(Value::Null);
+    (status, h, body)
+}
+
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Negotiation as Nova: the default is 2.1, `latest` is the maximum, both headers are read and
+/// answered, a version outside the range is a 406 and a malformed one a 400.
+#[test]
+fn negotiation_follows_nova() {
+    let c = Cluster::start(1, &[]);
+    let token = c.token(0);
+
+    let (s, h, doc) = get(&c, &token, "/compute/v2.1/", &[]);
+    assert_eq!(s, 200);
+    assert_eq!(doc["version"]["version"], MAX, "{doc}");
+    assert_eq!(doc["version"]["min_version"], "2.1");
+    assert_eq!(header(&h, "openstack-api-version"), Some("compute 2.1"));
+    assert_eq!(header(&h, "x-openstack-nova-api-version"), Some("2.1"));
+    let vary = header(&h, "vary").unwrap_or_default();
+    assert!(
+        vary.contains("OpenStack-API-Version") && vary.contains("X-OpenStack-Nova-API-Version")
+    );
+    let (_, _, all) = get(&c, &token, "/compute/", &[]);
+    assert_eq!(all["versions"][1]["version"], MAX, "{all}");
+
+    for (name, value, want) in [
+        ("OpenStack-API-Version", "compute latest".to_owned(), MAX),
+        ("X-OpenStack-Nova-API-Version", "latest".to_owned(), MAX),
+        ("OpenStack-API-Version", "compute 2.9".to_owned(), "2.9"),
+        ("X-OpenStack-Nova-API-Version", "2.3".to_owned(), "2.3"),
+    ] {
+        let (s, h, _) = get(&c, &token, "/compute/v2.1/flavors", &[(name, &value)]);
+        assert_eq!(s, 200, "{value}");
+        assert_eq!(
+            header(&h, "x-openstack-nova-api-version"),
+            Some(want),
+            "{value}"
+        );
+        assert_eq!(
+            header(&h, "openstack-api-version"),
+            Some(format!("compute {want}").as_str())
+        );
+    }
+    let (minor, _) = MAX.split_once('.').map(|(a, b)| (b, a)).unwrap();
+    let above = format!("2.{}", minor.parse::<u32>().unwrap() + 1);
+    for v in [above.as_str(), "2.0", "3.0"] {
+        let (s, h, body) = get(
+            &c,
+            &token,
+            "/compute/v2.1/flavors",
+            &[("X-OpenStack-Nova-API-Version", v)],
+        );
+        assert_eq!(s, 406, "{v}: {body}");
+        let msg = body["computeFault"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(&format!("maximum is {MAX}")), "{body}");
+        assert_eq!(header(&h, "x-openstack-nova-api-version"), None);
+    }
+    for v in ["2.01", "2", "two"] {
+        let (s, _, body) = get(
+            &c,
+            &token,
+            "/compute/v2.1/flavors",
+            &[("OpenStack-API-Version", &format!("compute {v}"))],
+        );
+        assert_eq!(s, 400, "{v}: {body}");
+        assert!(body["badRequest"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid format"));
+    }
+}
+
+/// Key pairs, servers, server groups and services at 2.1 and above, through the real client.
+#[test]
+fn versioned_views_through_the_openstack_client() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let at = |v: &str| [("OS_COMPUTE_API_VERSION", v.to_owned())];
+    let json_at = |v: &str, args: &[&str]| {
+        let env = at(v);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        osc.json_as(0, &env, args)
+    };
+    let run_at = |v: &str, args: &[&str]| {
+        let env = at(v);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        osc.run_as(0, &env, args)
+    };
+
+    // The client refuses a version above the server's maximum itself.
+    let (minor, _) = MAX.split_once('.').map(|(a, b)| (b, a)).unwrap();
+    let above = format!("2.{}", minor.parse::<u32>().unwrap() + 1);
+    assert!(!run_at(&above, &["server", "list"]).ok);
+
+    // 2.2: key pair types; 2.1 shows none.
+    let dir = c.tmp.path();
+    let ssh = dir.join("k.pub");
+    std::fs::write(&ssh, ED25519).unwrap();
+    let kp = json_at(
+        "2.2",
+        &[
+            "keypair",
+            "create",
+            "--public-key",
+            ssh.to_str().unwrap(),
+            "--type",
+            "ssh",
+            "k1",
+        ],
+    )
+    .json();
+    assert_eq!(kp["type"], "ssh", "{kp}");
+    let cert = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).unwrap();
+    // The client drops `--type` (it names it `key_type`), so the certificate goes over HTTP.
+    let token = c.token(0);
+    let body = serde_json::json!({"keypair": {
+        "name": "k2", "type": "x509", "public_key": cert.cert.pem()}});
+    let post = |v: &str| {
+        c.http
+            .post(format!("{}/compute/v2.1/os-keypairs", c.nodes[0].base()))
+            .header("X-Auth-Token", &token)
+            .header("OpenStack-API-Version", format!("compute {v}"))
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(post("2.1").status().as_u16(), 400);
+    let created = post("2.2");
+    assert_eq!(created.status().as_u16(), 201);
+    let x: Value = created.json().unwrap();
+    assert_eq!(x["keypair"]["type"], "x509", "{x}");
+    assert_eq!(
+        x["keypair"]["fingerprint"].as_str().unwrap().len(),
+        59,
+        "{x}"
+    );
+    let listed = json_at("2.2", &["keypair", "list"]).json();
+    let types: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["Type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(types, ["ssh", "x509"], "{listed}");
+    // At 2.1 (no header) the answer has no type. (The client fills in a default of its own, so
+    // the bare answer is read over HTTP.)
+    let (_, _, shown) = get(&c, &token, "/compute/v2.1/os-keypairs/k1", &[]);
+    assert!(shown["keypair"].get("type").is_none(), "{shown}");
+    assert_eq!(shown["keypair"]["name"], "k1", "{shown}");
+    // 2.10: an admin manages another user's key pairs.
+    osc.json(0, &["user", "create", "--password", "bob-pw-1", "bob"]);
+    let bob = osc.json(0, &["user", "show", "bob"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let theirs = json_at(
+        "2.10",
+        &[
+            "keypair",
+            "create",
+            "--public-key",
+            ssh.to_str().unwrap(),
+            "--user",
+            "bob",
+            "bk",
+        ],
+    )
+    .json();
+    assert_eq!(theirs["user_id"], bob, "{theirs}");
+    let bobs = json_at("2.10", &["keypair", "list", "--user", "bob"]).json();
+    assert_eq!(bobs.as_array().unwrap().len(), 1, "{bobs}");
+    assert!(run_at("2.10", &["keypair", "delete", "--user", "bob", "bk"]).ok);
+
+    // Servers: a flavor, an image and one server built at 2.1.
+    osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", "256", "--disk", "1", "m1.tiny",
+        ],
+    );
+    let disk = dir.join("tiny.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    osc.json(
+        0,
+        &[
+            "image",
+            "create",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--file",
+            disk.to_str().unwrap(),
+            "tiny",
+        ],
+    );
+    // (The client asks for the highest version both sides know unless told otherwise.)
+    let vm = json_at(
+        "2.1",
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "--wait", "Web_01",
+        ],
+    )
+    .json();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let host = vm["OS-EXT-SRV-ATTR:host"].as_str().unwrap().to_owned();
+
+    // 2.1: none of the later fields.
+    let (_, _, v21) = get(&c, &token, &format!("/compute/v2.1/servers/{id}"), &[]);
+    let v21 = &v21["server"];
+    assert_eq!(v21["id"], id.as_str(), "{v21}");
+    for later in [
+        "locked",
+        "host_status",
+        "description",
+        "OS-EXT-SRV-ATTR:hostname",
+        "OS-EXT-SRV-ATTR:reservation_id",
+    ] {
+        assert!(v21.get(later).is_none(), "{later} at 2.1: {v21}");
+    }
+    // 2.3: the extended attributes, for an admin.
+    let v23 = json_at("2.3", &["server", "show", &id]).json();
+    assert_eq!(v23["OS-EXT-SRV-ATTR:hostname"], "web-01", "{v23}");
+    assert_eq!(v23["OS-EXT-SRV-ATTR:launch_index"], 0);
+    assert_eq!(v23["OS-EXT-SRV-ATTR:root_device_name"], "/dev/vda");
+    assert!(v23["OS-EXT-SRV-ATTR:reservation_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("r-"));
+    assert!(v23["locked"].is_null(), "{v23}");
+    // 2.9: locked.
+    assert!(run_at("2.9", &["server", "lock", &id]).ok);
+    let v29 = json_at("2.9", &["server", "show", &id]).json();
+    assert_eq!(v29["locked"], true, "{v29}");
+    assert!(run_at("2.9", &["server", "unlock", &id]).ok);
+    // 2.16: host_status, UP while the host's service is up and enabled.
+    let v216 = json_at("2.16", &["server", "show", &id]).json();
+    assert_eq!(v216["host_status"], "UP", "{v216}");
+    assert_eq!(v216["locked"], false);
+
+    // 2.19: a server created below 2.19 has its name as description; one created at 2.19 has
+    // the one it was given, which update and rebuild change.
+    let v219 = json_at("2.19", &["server", "show", &id]).json();
+    assert_eq!(v219["description"], "Web_01", "{v219}");
+    let described = json_at(
+        "2.19",
+        &[
+            "server",
+            "create",
+            "--flavor",
+            "m1.tiny",
+            "--image",
+            "tiny",
+            "--description",
+            "the db",
+            "--wait",
+            "db",
+        ],
+    )
+    .json();
+    let db = described["id"].as_str().unwrap().to_owned();
+    assert_eq!(described["description"], "the db", "{described}");
+    assert!(
+        run_at(
+            "2.19",
+            &["server", "set", "--description", "still the db", &db]
+        )
+        .ok
+    );
+    let shown = json_at("2.19", &["server", "show", &db]).json();
+    assert_eq!(shown["description"], "still the db", "{shown}");
+    assert!(
+        run_at(
+            "2.19",
+            &[
+                "server",
+                "rebuild",
+                "--image",
+                "tiny",
+                "--description",
+                "rebuilt",
+                "--wait",
+                &db
+            ]
+        )
+        .ok
+    );
+    let shown = json_at("2.19", &["server", "show", &db]).json();
+    assert_eq!(shown["description"], "rebuilt", "{shown}");
+    // Below 2.19 a description is an unexpected field.
+    let (s18, b18) = {
+        let r = c
+            .http
+            .put(format!("{}/compute/v2.1/servers/{db}", c.nodes[0].base()))
+            .header("X-Auth-Token", &token)
+            .header("X-OpenStack-Nova-API-Version", "2.18")
+            .json(&serde_json::json!({"server": {"description": "x"}}))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    assert_eq!(s18, 400, "{b18}");
+
+    // 2.21: the actions of a deleted server stay readable; below 2.21 it is gone.
+    assert!(osc.run(0, &["server", "delete", "--wait", &db]).ok);
+    let (s21, _, gone) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{db}/os-instance-actions"),
+        &[("X-OpenStack-Nova-API-Version", "2.21")],
+    );
+    assert_eq!(s21, 200, "{gone}");
+    let mut names: Vec<&str> = gone["instanceActions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["create", "delete", "rebuild"], "{gone}");
+    let (s20, _, _) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{db}/os-instance-actions"),
+        &[("X-OpenStack-Nova-API-Version", "2.20")],
+    );
+    assert_eq!(s20, 404);
+    let (s21, _, _) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{db}"),
+        &[("X-OpenStack-Nova-API-Version", "2.21")],
+    );
+    assert_eq!(s21, 404);
+
+    // 2.17: trigger_crash_dump injects an NMI through the host's libvirt; the action log
+    // records it with the agent's event. Below 2.17 there is no such action.
+    assert!(run_at("2.17", &["server", "dump", "create", &id]).ok);
+    let event = wait_until("the crash dump event", Duration::from_secs(30), || {
+        let (_, _, actions) = get(
+            &c,
+            &token,
+            &format!("/compute/v2.1/servers/{id}/os-instance-actions"),
+            &[],
+        );
+        let req = actions["instanceActions"]
+            .as_array()?
+            .iter()
+            .find(|a| a["action"] == "trigger_crash_dump")?["request_id"]
+            .as_str()?
+            .to_owned();
+        let (_, _, shown) = get(
+            &c,
+            &token,
+            &format!("/compute/v2.1/servers/{id}/os-instance-actions/{req}"),
+            &[],
+        );
+        let ev = shown["instanceAction"]["events"].get(0)?.clone();
+        Some(ev)
+    });
+    assert_eq!(event["event"], "compute_trigger_crash_dump", "{event}");
+    assert_eq!(event["result"], "Success", "{event}");
+    let crash = |v: &str| {
+        c.http
+            .post(format!(
+                "{}/compute/v2.1/servers/{id}/action",
+                c.nodes[0].base()
+            ))
+            .header("X-Auth-Token", &token)
+            .header("X-OpenStack-Nova-API-Version", v)
+            .json(&serde_json::json!({"trigger_crash_dump": null}))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(crash("2.16"), 404);
+    assert!(osc.run(0, &["server", "stop", &id]).ok);
+    wait_until("the server to stop", Duration::from_secs(30), || {
+        (osc.json(0, &["server", "show", &id])["status"] == "SHUTOFF").then_some(())
+    });
+    assert_eq!(crash("2.17"), 409);
+    assert!(osc.run(0, &["server", "start", &id]).ok);
+    wait_until("the server to start", Duration::from_secs(30), || {
+        (osc.json(0, &["server", "show", &id])["status"] == "ACTIVE").then_some(())
+    });
+
+    // 2.11: a forced-down service reads down, its servers' host is DOWN, and it takes no new
+    // servers; 2.1 lists no forced_down.
+    assert!(
+        run_at(
+            "2.11",
+            &["compute", "service", "set", "--down", &host, "nova-compute"]
+        )
+        .ok
+    );
+    let services = json_at("2.11", &["compute", "service", "list", "--long"]).json();
+    let row = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Host"] == host.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["Forced Down"], true, "{services}");
+    assert_eq!(row["State"], "down", "{services}");
+    let v216 = json_at("2.16", &["server", "show", &id]).json();
+    assert_eq!(v216["host_status"], "DOWN", "{v216}");
+    let (_, _, plain) = get(&c, &token, "/compute/v2.1/os-services", &[]);
+    assert!(plain["services"][0].get("forced_down").is_none(), "{plain}");
+    assert!(plain["services"][0].get("state").is_some(), "{plain}");
+    // With every service forced down, nothing fits: NoValidHost.
+    for h in ["node1", "node2", "node3"] {
+        assert!(
+            run_at(
+                "2.11",
+                &["compute", "service", "set", "--down", h, "nova-compute"]
+            )
+            .ok
+        );
+    }
+    let none = osc.json(
+        0,
+        &[
+            "server", "create", "--flavor", "m1.tiny", "--image", "tiny", "nowhere",
+        ],
+    );
+    let none = wait_until("the server to settle", Duration::from_secs(60), || {
+        let v = osc.json(0, &["server", "show", none["id"].as_str().unwrap()]);
+        (v["status"] != "BUILD").then_some(v)
+    });
+    assert_eq!(none["status"], "ERROR", "{none}");
+    for h in ["node1", "node2", "node3"] {
+        assert!(
+            run_at(
+                "2.11",
+                &["compute", "service", "set", "--up", h, "nova-compute"]
+            )
+            .ok
+        );
+    }
+    let v216 = json_at("2.16", &["server", "show", &id]).json();
+    assert_eq!(v216["host_status"], "UP", "{v216}");
+    // Disabled: MAINTENANCE.
+    assert!(
+        osc.run(
+            0,
+            &[
+                "compute",
+                "service",
+                "set",
+                "--disable",
+                &host,
+                "nova-compute"
+            ]
+        )
+        .ok
+    );
+    let v216 = json_at("2.16", &["server", "show", &id]).json();
+    assert_eq!(v216["host_status"], "MAINTENANCE", "{v216}");
+    assert!(
+        osc.run(
+            0,
+            &[
+                "compute",
+                "service",
+                "set",
+                "--enable",
+                &host,
+                "nova-compute"
+            ]
+        )
+        .ok
+    );
+
+    // 2.13 and 2.15: server groups show their owners, and soft policies need 2.15.
+    // (The client itself refuses a soft policy below 2.15, so the server's refusal is read
+    // over HTTP.)
+    let group = |v: &str| {
+        c.http
+            .post(format!(
+                "{}/compute/v2.1/os-server-groups",
+                c.nodes[0].base()
+            ))
+            .header("X-Auth-Token", &token)
+            .header("X-OpenStack-Nova-API-Version", v)
+            .json(&serde_json::json!({"server_group": {
+                "name": "g0", "policies": ["soft-affinity"]}}))
+            .send()
+            .unwrap()
+    };
+    let refused = group("2.14");
+    assert_eq!(refused.status().as_u16(), 400);
+    let refused: Value = refused.json().unwrap();
+    assert!(
+        refused["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'soft-affinity' is not one of"),
+        "{refused}"
+    );
+    assert_eq!(group("2.15").status().as_u16(), 200);
+    let g = json_at(
+        "2.15",
+        &[
+            "server",
+            "group",
+            "create",
+            "--policy",
+            "soft-anti-affinity",
+            "g1",
+        ],
+    )
+    .json();
+    assert_eq!(g["policies"][0], "soft-anti-affinity", "{g}");
+    assert!(
+        g["project_id"].as_str().is_some_and(|p| !p.is_empty()),
+        "{g}"
+    );
+    let gid = g["id"].as_str().unwrap();
+    let (_, _, g21) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/os-server-groups/{gid}"),
+        &[],
+    );
+    assert!(g21["server_group"].get("project_id").is_none(), "{g21}");
+    assert_eq!(g21["server_group"]["id"], gid, "{g21}");
+}
