@@ -877,11 +877,15 @@ impl View {
                 .values()
                 .filter(|p| p.device_owner == ROUTER_INTERFACE && p.device_id == r.id)
             {
-                let routable = self.router_interface(p).filter(|_| r.admin_state_up);
+                // As ML2/OVN reports a router port: up while the port is up and attached,
+                // whatever the router's own admin state (which only stops its forwarding).
+                let routable = self.router_interface(p);
                 let want = if routable.is_some() { "ACTIVE" } else { "DOWN" };
                 plan.router_interfaces
                     .push((p.id.clone(), p.status.clone(), want));
-                interfaces.extend(routable.map(|i| (p, i)));
+                if r.admin_state_up {
+                    interfaces.extend(routable.map(|i| (p, i)));
+                }
             }
             if !interfaces
                 .iter()
@@ -1900,8 +1904,12 @@ mod tests {
         v.routers.get_mut("r").unwrap().admin_state_up = false;
         let plan = v.plan("n1");
         assert!(plan.desired.routers.is_empty());
+        // Its interface ports stay up (as ML2/OVN reports them); it just does not forward.
         assert_eq!(plan.router_interfaces.len(), 2);
-        assert!(plan.router_interfaces.iter().all(|(_, _, w)| *w == "DOWN"));
+        assert!(plan
+            .router_interfaces
+            .iter()
+            .all(|(_, _, w)| *w == "ACTIVE"));
         assert!(plan.desired.remote_ports.iter().all(|p| p.vni == 7));
 
         let mut v = routed_view();
