@@ -728,6 +728,7 @@ impl Cluster {
                                     "a forwarded write that failed before was acknowledged"
                                 );
                             }
+                            self.catch_up_to(resp.revision, deadline).await;
                             return Ok(resp);
                         }
                         Err(ForwardError::NotLeader(e)) => {
@@ -856,6 +857,23 @@ impl Cluster {
                 "a new leader",
             )
             .await;
+    }
+
+    /// Waits, until `deadline` at most, for this replica to apply `index`: a client that wrote
+    /// through this node then reads through it sees its write (the leader answers a forwarded
+    /// write once it applied it; this follower learns the commit a moment later). Past the
+    /// deadline the write stands all the same, as acknowledged; the local read may lag.
+    async fn catch_up_to(&self, index: u64, deadline: Instant) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let caught_up = self
+            .inner
+            .raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "a forwarded write applied here")
+            .await;
+        if let Err(e) = caught_up {
+            tracing::warn!(index, error = %e, "this replica did not apply a forwarded write in time");
+        }
     }
 
     /// After this returns, local reads see every write acknowledged before it was called.
