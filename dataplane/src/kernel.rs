@@ -65,7 +65,14 @@ pub enum KernelDriverError {
 
 const TABLE_BRIDGE: &str = "shoal_br";
 const TABLE_INET: &str = "shoal";
-const COUNTERS_BRIDGE: [&str; 3] = ["drop_spoof_mac", "drop_spoof_ip", "drop_unsupported"];
+const COUNTERS_BRIDGE: [&str; 4] = [
+    "drop_spoof_mac",
+    "drop_spoof_ip",
+    "drop_unsupported",
+    "drop_host",
+];
+/// Where guests find the metadata service (served on each network's bridge, node/src/metadata.rs).
+const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const COUNTERS_INET: [&str; 2] = ["drop_sg_egress", "drop_sg_ingress"];
 
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), KernelDriverError> {
@@ -1078,6 +1085,7 @@ impl KernelDataplane {
             );
         }
         let _ = writeln!(s, "  }}");
+        Self::render_input(&mut s, state, &by_vni);
         for (i, p) in state.ports.iter().enumerate() {
             let ips: Vec<String> = p.ips.iter().map(|ip| ip.to_string()).collect();
             let ips = ips.join(", ");
@@ -1186,6 +1194,59 @@ impl KernelDataplane {
     }
 
     /// `nft` lines that add (`add`) or delete (`delete`) `ips` in set `m_<n>`.
+    /// What reaches the node's own stack through a network's bridge: from a local port, only
+    /// its ARP for and its TCP to the metadata address on port 80, with the port's own MAC and
+    /// addresses (the metadata service names the port by the source address); from the VXLAN
+    /// device and router ends, nothing (another node's guests ask their own node).
+    fn render_input(s: &mut String, state: &DesiredState, by_vni: &BTreeMap<u32, Vec<String>>) {
+        let _ = writeln!(
+            s,
+            "  chain input {{\n    type filter hook input priority filter; policy accept;"
+        );
+        for p in &state.ports {
+            let ips: Vec<String> = p.ips.iter().map(|ip| ip.to_string()).collect();
+            let (dev, mac, ips) = (&p.device, p.mac, ips.join(", "));
+            let _ = writeln!(
+                s,
+                "    iifname \"{dev}\" ether saddr != {mac} counter name drop_spoof_mac drop"
+            );
+            if !ips.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "    iifname \"{dev}\" arp operation request arp saddr ether {mac} arp saddr ip {{ {ips} }} arp daddr ip {METADATA_ADDR} accept"
+                );
+                let _ = writeln!(
+                    s,
+                    "    iifname \"{dev}\" ip saddr {{ {ips} }} ip daddr {METADATA_ADDR} tcp dport 80 accept"
+                );
+            }
+            let _ = writeln!(s, "    iifname \"{dev}\" counter name drop_host drop");
+        }
+        let others: Vec<String> = by_vni
+            .iter()
+            .flat_map(|(vni, devices)| {
+                devices
+                    .iter()
+                    .filter(|d| {
+                        !state
+                            .ports
+                            .iter()
+                            .any(|p| format!("\"{}\"", p.device) == **d)
+                    })
+                    .cloned()
+                    .chain([format!("\"{}\"", vxlan_name(*vni))])
+            })
+            .collect();
+        if !others.is_empty() {
+            let _ = writeln!(
+                s,
+                "    iifname {{ {} }} counter name drop_host drop",
+                others.join(", ")
+            );
+        }
+        let _ = writeln!(s, "  }}");
+    }
+
     fn elements(s: &mut String, verb: &str, n: usize, ips: &BTreeSet<Ipv4Addr>) {
         if ips.is_empty() {
             return;

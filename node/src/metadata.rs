@@ -7,6 +7,15 @@
 //! server, network and subnet rows through `shoal_state`, so renames, key and address changes
 //! show at once. The documents themselves are built by `shoal_compute::metadata` (pure).
 //!
+//! On the kernel-path driver a tap is a port of its network's bridge (`sbr<vni>`), so the
+//! node's IP stack sees the VM's packets on the bridge, never on the tap. There the service
+//! serves the bridge: one listener bound to it for all of its served ports, and the port named
+//! by the request's source address among the ports served on that bridge (addresses are unique
+//! within a network). That the source address and MAC are the tap's own is enforced before the
+//! stack sees the frame, by the driver's bridge `input` chain (dataplane/src/kernel.rs); the
+//! bridge carries 169.254.169.254/32 itself, so it answers ARP for it even where `arp_ignore`
+//! is set.
+//!
 //! Reply path without routes (tenant CIDRs overlap across networks, so no route to a VM can be
 //! installed): a socket bound to a device makes the kernel route its packets out of that device
 //! and assume the destination on-link when no route matches; a permanent neighbour entry (the
@@ -84,10 +93,25 @@ pub enum MetadataError {
     Worker,
 }
 
-/// One served device.
+/// One served device: a listener of its own (a tap the stack sees), or one port among those of
+/// the bridge it is a port of (kernel-path driver).
 #[derive(Debug)]
-struct Served {
-    ip: Ipv4Addr,
+enum Served {
+    Own {
+        ip: Ipv4Addr,
+        stop: CancellationToken,
+        task: JoinHandle<()>,
+    },
+    Bridged {
+        ip: Ipv4Addr,
+        bridge: String,
+    },
+}
+
+/// A bridge's listener and the ports served through it, by source address.
+#[derive(Debug)]
+struct BridgeListener {
+    ports: Arc<Mutex<HashMap<Ipv4Addr, String>>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -104,6 +128,7 @@ struct Inner {
     state: State,
     netns: Option<PathBuf>,
     served: Mutex<HashMap<String, Served>>,
+    bridges: Mutex<HashMap<String, BridgeListener>>,
     stop: CancellationToken,
 }
 
@@ -112,7 +137,16 @@ struct Inner {
 struct Listener {
     state: State,
     device: String,
-    port_id: String,
+    source: Source,
+}
+
+/// Which port a listener's requests are about.
+#[derive(Debug)]
+enum Source {
+    /// Every request: the listener's device is this port's tap.
+    Port(String),
+    /// The port served on the listener's bridge with the request's source address.
+    Bridge(Arc<Mutex<HashMap<Ipv4Addr, String>>>),
 }
 
 impl MetadataService {
@@ -140,6 +174,7 @@ impl MetadataService {
                 state,
                 netns,
                 served: Mutex::new(HashMap::new()),
+                bridges: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
             }),
         })
@@ -147,7 +182,9 @@ impl MetadataService {
 
     /// Serves the VM behind `device` (port `port_id`, address `ip`, MAC `mac`): a listener on
     /// 169.254.169.254:80 bound to the device, a permanent neighbour entry for the VM and
-    /// `rp_filter=0` on the device. Serving a device again replaces its listener.
+    /// `rp_filter=0` on the device. Serving a device again replaces its listener. When the
+    /// device is a port of a bridge (kernel-path driver), all of that is done on the bridge,
+    /// whose one listener serves each of its ports by source address.
     pub async fn serve(
         &self,
         device: &str,
@@ -159,8 +196,10 @@ impl MetadataService {
         check_mac(mac)?;
         self.stop_serving(device).await;
         let (dev, mac) = (device.to_owned(), mac.to_owned());
-        let std_listener = in_netns(self.inner.netns.clone(), move || {
-            write_sysctl(&format!("{CONF}/{dev}/rp_filter"), 0)?;
+        let (bridge, std_listener) = in_netns(self.inner.netns.clone(), move || {
+            let bridge = master_of(&dev)?;
+            let on = bridge.as_deref().unwrap_or(&dev);
+            write_sysctl(&format!("{CONF}/{on}/rp_filter"), 0)?;
             run_ip(&[
                 "neigh",
                 "replace",
@@ -168,50 +207,159 @@ impl MetadataService {
                 "lladdr",
                 &mac,
                 "dev",
-                &dev,
+                on,
                 "nud",
                 "permanent",
             ])?;
-            listen_on(&dev)
+            match bridge {
+                Some(bridge) => {
+                    run_ip(&[
+                        "addr",
+                        "replace",
+                        &format!("{METADATA_ADDR}/32"),
+                        "dev",
+                        &bridge,
+                    ])?;
+                    Ok((Some(bridge), None))
+                }
+                None => Ok((None, Some(listen_on(&dev)?))),
+            }
         })
         .await?;
+        let served = match (bridge, std_listener) {
+            (Some(bridge), _) => {
+                self.serve_on_bridge(&bridge, port_id, ip).await?;
+                tracing::info!(%device, %bridge, port = %port_id, %ip, "serving metadata");
+                Served::Bridged { ip, bridge }
+            }
+            (None, Some(std_listener)) => {
+                let stop = self.inner.stop.child_token();
+                let task = self.spawn_listener(
+                    std_listener,
+                    device,
+                    Source::Port(port_id.to_owned()),
+                    stop.clone(),
+                )?;
+                tracing::info!(%device, port = %port_id, %ip, "serving metadata");
+                Served::Own { ip, stop, task }
+            }
+            (None, None) => unreachable!("a device without a bridge gets a listener"),
+        };
+        let old = self
+            .inner
+            .served
+            .lock()
+            .expect("lock")
+            .insert(device.to_owned(), served);
+        // Two `serve` calls for one device raced; the later one wins.
+        if let Some(old) = old {
+            self.finish_served(old).await;
+        }
+        Ok(())
+    }
+
+    /// Adds `ip` → `port_id` to `bridge`'s listener, starting the listener with its first port.
+    async fn serve_on_bridge(
+        &self,
+        bridge: &str,
+        port_id: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(), MetadataError> {
+        if let Some(b) = self.inner.bridges.lock().expect("lock").get(bridge) {
+            b.ports.lock().expect("lock").insert(ip, port_id.to_owned());
+            return Ok(());
+        }
+        let on = bridge.to_owned();
+        let std_listener = in_netns(self.inner.netns.clone(), move || listen_on(&on)).await?;
+        let ports = Arc::new(Mutex::new(HashMap::from([(ip, port_id.to_owned())])));
+        let stop = self.inner.stop.child_token();
+        let task = self.spawn_listener(
+            std_listener,
+            bridge,
+            Source::Bridge(ports.clone()),
+            stop.clone(),
+        )?;
+        let raced = {
+            let mut bridges = self.inner.bridges.lock().expect("lock");
+            match bridges.get(bridge) {
+                // Another call started this bridge's listener meanwhile: join it.
+                Some(b) => {
+                    b.ports.lock().expect("lock").insert(ip, port_id.to_owned());
+                    Some((stop, task))
+                }
+                None => {
+                    bridges.insert(bridge.to_owned(), BridgeListener { ports, stop, task });
+                    None
+                }
+            }
+        };
+        if let Some((stop, task)) = raced {
+            finish(stop, task).await;
+        }
+        Ok(())
+    }
+
+    fn spawn_listener(
+        &self,
+        std_listener: std::net::TcpListener,
+        device: &str,
+        source: Source,
+        stop: CancellationToken,
+    ) -> Result<JoinHandle<()>, MetadataError> {
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
             MetadataError::Listen {
                 device: device.to_owned(),
                 source,
             }
         })?;
-        let stop = self.inner.stop.child_token();
         let ctx = Arc::new(Listener {
             state: self.inner.state.clone(),
             device: device.to_owned(),
-            port_id: port_id.to_owned(),
+            source,
         });
         let app = Router::new().fallback(handle).with_state(ctx);
-        let (dev, until) = (device.to_owned(), stop.clone());
-        let task = tokio::spawn(async move {
+        let dev = device.to_owned();
+        Ok(tokio::spawn(async move {
             let served = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
-            .with_graceful_shutdown(until.cancelled_owned())
+            .with_graceful_shutdown(stop.cancelled_owned())
             .await;
             if let Err(e) = served {
                 tracing::warn!(device = %dev, error = %e, "metadata listener stopped");
             }
-        });
-        tracing::info!(%device, port = %port_id, %ip, "serving metadata");
-        let old = self
-            .inner
-            .served
-            .lock()
-            .expect("lock")
-            .insert(device.to_owned(), Served { ip, stop, task });
-        // Two `serve` calls for one device raced; the later one wins.
-        if let Some(old) = old {
-            finish(old).await;
+        }))
+    }
+
+    /// Stops what `served` runs: its own listener, or its entry in its bridge's listener (and
+    /// that listener with its last port). Returns the device its neighbour entry is on.
+    async fn finish_served(&self, served: Served) -> (Ipv4Addr, Option<String>) {
+        match served {
+            Served::Own { ip, stop, task } => {
+                finish(stop, task).await;
+                (ip, None)
+            }
+            Served::Bridged { ip, bridge } => {
+                let last = {
+                    let mut bridges = self.inner.bridges.lock().expect("lock");
+                    let empty = bridges.get(&bridge).is_some_and(|b| {
+                        let mut ports = b.ports.lock().expect("lock");
+                        ports.remove(&ip);
+                        ports.is_empty()
+                    });
+                    if empty {
+                        bridges.remove(&bridge)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(b) = last {
+                    finish(b.stop, b.task).await;
+                }
+                (ip, Some(bridge))
+            }
         }
-        Ok(())
     }
 
     /// Stops serving `device` and removes its neighbour entry (the device may be gone
@@ -220,9 +368,8 @@ impl MetadataService {
         let Some(served) = self.inner.served.lock().expect("lock").remove(device) else {
             return;
         };
-        let ip = served.ip;
-        finish(served).await;
-        let dev = device.to_owned();
+        let (ip, bridge) = self.finish_served(served).await;
+        let dev = bridge.unwrap_or_else(|| device.to_owned());
         let removed = in_netns(self.inner.netns.clone(), move || {
             run_ip(&["neigh", "del", &ip.to_string(), "dev", &dev])
         })
@@ -265,9 +412,8 @@ impl MetadataService {
 }
 
 /// Cancels a listener and waits for it, at most `STOP_GRACE`, then drops it.
-async fn finish(served: Served) {
-    served.stop.cancel();
-    let mut task = served.task;
+async fn finish(stop: CancellationToken, mut task: JoinHandle<()>) {
+    stop.cancel();
     if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
         task.abort();
         let _ = task.await;
@@ -414,6 +560,32 @@ fn run_ip(args: &[&str]) -> Result<(), MetadataError> {
     }
 }
 
+/// The bridge `device` is a port of, if any (`ip -o link show`, in the calling thread's
+/// namespace: sysfs would show the namespace it was mounted in).
+fn master_of(device: &str) -> Result<Option<String>, MetadataError> {
+    let args = ["-o", "link", "show", "dev", device];
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| MetadataError::Spawn {
+            args: args.join(" "),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(MetadataError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    Ok(words
+        .by_ref()
+        .find(|w| *w == "master")
+        .and_then(|_| words.next())
+        .map(str::to_owned))
+}
+
 /// A listening socket on 169.254.169.254:80 that only sees what arrives on `device`.
 fn listen_on(device: &str) -> Result<std::net::TcpListener, MetadataError> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -516,15 +688,24 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 async fn answer(ctx: &Listener, peer: IpAddr, path: &str) -> Result<Document, AnswerError> {
-    let ports = ctx.state.table::<PortRecord>(tables::PORTS);
-    let port = ports
-        .get(&ctx.port_id)
-        .await?
-        .ok_or_else(|| AnswerError::NotFound(format!("port {} is gone", ctx.port_id)))?
-        .value;
     let IpAddr::V4(peer) = peer else {
         return Err(AnswerError::NotFound("not IPv4".into()));
     };
+    let port_id = match &ctx.source {
+        Source::Port(id) => id.clone(),
+        Source::Bridge(ports) => ports
+            .lock()
+            .expect("lock")
+            .get(&peer)
+            .cloned()
+            .ok_or_else(|| AnswerError::NotFound(format!("no port served here has {peer}")))?,
+    };
+    let ports = ctx.state.table::<PortRecord>(tables::PORTS);
+    let port = ports
+        .get(&port_id)
+        .await?
+        .ok_or_else(|| AnswerError::NotFound(format!("port {port_id} is gone")))?
+        .value;
     if !port
         .fixed_ips
         .iter()
@@ -631,7 +812,7 @@ mod tests {
         let ctx = Arc::new(Listener {
             state: State::in_memory(),
             device: "tapx".into(),
-            port_id: "no-such-port".into(),
+            source: Source::Port("no-such-port".into()),
         });
         let peer = ConnectInfo(SocketAddr::from(([10, 0, 0, 5], 40000)));
         let uri: Uri = "/openstack/latest/meta_data.json".parse().unwrap();

@@ -6,10 +6,11 @@
 //! "#!" user data as cloud-init does).
 //!
 //! The same with the kernel-path driver (vxlan, bridge, nftables), on the core path: a TCG guest
-//! on node2 takes its address by DHCP, a guest namespace bound to a port on node1 pings it over
-//! VXLAN, removing its group's ingress rule stops the pings and adding it back restores them.
-//! The kernel path does not serve 169.254.169.254 yet (docs/network.md), so that guest gets no
-//! metadata and no user data; one TCG boot instead of two also keeps CI shorter.
+//! on node2 takes its address by DHCP and reads its own `meta_data.json` (served on the
+//! network's bridge), a guest namespace bound to a port on node1 pings it over VXLAN, removing
+//! its group's ingress rule stops the pings and adding it back restores them; that namespace
+//! reaches node1's metadata service from its own address and not from another one. One TCG
+//! boot instead of two keeps CI shorter.
 //!
 //! Needs root (libvirtd, qemu, namespaces). Outside CI it skips with a message; with CI=true
 //! it runs.
@@ -22,7 +23,9 @@ use std::time::Duration;
 
 use common::guest::{self, Domains};
 use common::osc::{openstack_bin, Osc};
-use common::vmnet::{api, created, guest as ns_guest, is_root, port, Netns, Underlay};
+use common::vmnet::{
+    api, created, guest as ns_guest, is_root, port, readdress, wget, Netns, Underlay,
+};
 use common::{wait_until, Cluster};
 use serde_json::json;
 
@@ -249,6 +252,12 @@ fn a_guest_on_the_kernel_driver_gets_dhcp_and_its_group_decides_who_pings_it() {
         b_log.contains(&format!("SHOAL-GUEST-IP {b_ip}")),
         "gk got its port's address by DHCP from node2's kernel-path agent: {b_log}"
     );
+    let meta = b_log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("SHOAL-GUEST-METADATA "))
+        .unwrap_or_else(|| panic!("gk read no metadata on the kernel path: {b_log}"));
+    let meta: serde_json::Value = serde_json::from_str(meta).expect("meta_data.json");
+    assert_eq!(meta["uuid"], b_id.as_str(), "gk read its own metadata");
 
     // A guest namespace on node1 behind a port of the same network and default group, bound
     // to node1 the way the compute agent binds a port.
@@ -327,6 +336,21 @@ fn a_guest_on_the_kernel_driver_gets_dhcp_and_its_group_decides_who_pings_it() {
     assert!(
         ping_becomes(&vm, &b_ip, true),
         "the rule added back lets the pings in again"
+    );
+
+    // The namespace's port belongs to no server: node1's metadata service answers it with
+    // Nova's 404. From an address that is not its port's, the bridge lets nothing through to
+    // the node (the service would answer that with a 404 too, so silence is the proof).
+    let asked = wget(&vm, "/openstack/latest/meta_data.json");
+    assert!(
+        asked.as_ref().is_err_and(|e| e.contains("404")),
+        "node1 answers its own port on the kernel path: {asked:?}"
+    );
+    readdress(&vm, "10.7.0.250");
+    let spoofed = wget(&vm, "/openstack/latest/meta_data.json");
+    assert!(
+        spoofed.as_ref().is_err_and(|e| !e.contains("404")),
+        "a request from an address not the port's gets no answer: {spoofed:?}"
     );
 
     let out = osc.run(0, &["server", "delete", "--wait", &b_id]);
