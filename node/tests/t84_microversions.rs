@@ -38,6 +38,17 @@ fn get(
     (status, h, body)
 }
 
+/// `POST /os-keypairs` with `body` at version `v`.
+fn post_keypair(c: &Cluster, token: &str, v: &str, body: &Value) -> reqwest::blocking::Response {
+    c.http
+        .post(format!("{}/compute/v2.1/os-keypairs", c.nodes[0].base()))
+        .header("X-Auth-Token", token)
+        .header("OpenStack-API-Version", format!("compute {v}"))
+        .json(body)
+        .send()
+        .unwrap()
+}
+
 fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
@@ -155,15 +166,7 @@ fn versioned_views_through_the_openstack_client() {
     let token = c.token(0);
     let body = serde_json::json!({"keypair": {
         "name": "k2", "type": "x509", "public_key": cert.cert.pem()}});
-    let post = |v: &str| {
-        c.http
-            .post(format!("{}/compute/v2.1/os-keypairs", c.nodes[0].base()))
-            .header("X-Auth-Token", &token)
-            .header("OpenStack-API-Version", format!("compute {v}"))
-            .json(&body)
-            .send()
-            .unwrap()
-    };
+    let post = |v: &str| post_keypair(&c, &token, v, &body);
     assert_eq!(post("2.1").status().as_u16(), 400);
     let created = post("2.2");
     assert_eq!(created.status().as_u16(), 201);
@@ -566,4 +569,97 @@ fn versioned_views_through_the_openstack_client() {
     );
     assert!(g21["server_group"].get("project_id").is_none(), "{g21}");
     assert_eq!(g21["server_group"]["id"], gid, "{g21}");
+}
+
+/// A key pair created without a public key is generated as Nova generates it, through
+/// openstacksdk (what `openstack keypair create` uses; python-openstackclient 10.5.0 generates
+/// the pair itself, so the library call is the real client of this path): the private key is
+/// answered once, `ssh-keygen -y` derives the stored public key from it, and the fingerprint
+/// is what `ssh-keygen -l -E md5` prints. From 2.2 `type: x509` generates a certificate.
+#[test]
+fn generated_key_pairs_as_nova() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(1, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let python = osc.bin.with_file_name("python3");
+    let script = "import json, sys, openstack\n\
+                  k = openstack.connect().compute.create_keypair(name=sys.argv[1])\n\
+                  print(json.dumps({'private_key': k.private_key, 'public_key': k.public_key,\n\
+                  'fingerprint': k.fingerprint, 'type': k.type}))\n";
+    let out = std::process::Command::new(&python)
+        .envs(c.openrc_env(0))
+        .args(["-c", script, "gen1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["type"], "ssh", "{made}");
+    let private = c.tmp.path().join("gen1.pem");
+    std::fs::write(&private, made["private_key"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let derived = std::process::Command::new("ssh-keygen")
+        .args(["-y", "-f", private.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        derived.status.success(),
+        "{}",
+        String::from_utf8_lossy(&derived.stderr)
+    );
+    let derived = String::from_utf8(derived.stdout).unwrap();
+    // The stored key is the derived one, with Nova's comment.
+    let stored = osc.run(0, &["keypair", "show", "--public-key", "gen1"]);
+    assert!(stored.ok, "{}", stored.stderr);
+    assert_eq!(
+        stored.stdout.trim(),
+        format!("{} Generated-by-Nova", derived.trim())
+    );
+    let public = c.tmp.path().join("gen1.pub");
+    std::fs::write(&public, &stored.stdout).unwrap();
+    let md5 = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-E", "md5", "-f", public.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let md5 = String::from_utf8(md5.stdout).unwrap();
+    let shown = osc.json(0, &["keypair", "show", "gen1"]);
+    assert_eq!(shown["fingerprint"], made["fingerprint"], "{shown}");
+    assert!(
+        md5.contains(&format!("MD5:{} ", made["fingerprint"].as_str().unwrap())),
+        "{md5} vs {made}"
+    );
+    // The private key is never shown again.
+    let token = c.token(0);
+    let (_, _, again) = get(&c, &token, "/compute/v2.1/os-keypairs/gen1", &[]);
+    assert!(again["keypair"].get("private_key").is_none(), "{again}");
+
+    // 2.2: an x509 pair, a self-signed certificate fingerprinted with SHA-1.
+    let x509 = serde_json::json!({"keypair": {"name": "gen2", "type": "x509"}});
+    assert_eq!(
+        post_keypair(&c, &token, "2.1", &x509).status().as_u16(),
+        400
+    );
+    let created = post_keypair(&c, &token, "2.2", &x509);
+    assert_eq!(created.status().as_u16(), 201);
+    let x: Value = created.json().unwrap();
+    let kp = &x["keypair"];
+    assert_eq!(kp["type"], "x509", "{x}");
+    let pem = kp["public_key"].as_str().unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{x}");
+    assert!(kp["private_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN PRIVATE KEY-----"));
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+    let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
+    let hex: Vec<String> = sha1.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(kp["fingerprint"], hex.join(":"), "{x}");
 }
