@@ -12,7 +12,7 @@ use common::{wait_until, Cluster};
 use serde_json::Value;
 
 /// The highest version Shoal claims; the version document must say the same.
-const MAX: &str = "2.25";
+const MAX: &str = "2.26";
 
 const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f me@host";
@@ -569,6 +569,125 @@ fn versioned_views_through_the_openstack_client() {
     );
     assert!(g21["server_group"].get("project_id").is_none(), "{g21}");
     assert_eq!(g21["server_group"]["id"], gid, "{g21}");
+
+    // 2.26: server tags, set and filtered through the client, bounded as Nova bounds them.
+    assert!(
+        run_at(
+            "2.26",
+            &["server", "set", "--tag", "web", "--tag", "db", &id]
+        )
+        .ok
+    );
+    let shown = json_at("2.26", &["server", "show", &id]).json();
+    assert_eq!(shown["tags"], serde_json::json!(["db", "web"]), "{shown}");
+    let listed = |filter: &str| {
+        let out = json_at("2.26", &["server", "list", filter, "web,db"]).json();
+        out.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["ID"] == id.as_str())
+    };
+    assert!(listed("--tags"));
+    assert!(!listed("--not-tags"));
+    assert!(run_at("2.26", &["server", "unset", "--tag", "web", &id]).ok);
+    let ids = |query: &str| -> Vec<String> {
+        let (_, _, l) = get(
+            &c,
+            &token,
+            &format!("/compute/v2.1/servers?{query}"),
+            &[("OpenStack-API-Version", "compute 2.26")],
+        );
+        l["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(ids("tags-any=x,db&not-tags-any=y").contains(&id));
+    assert!(!ids("not-tags-any=x,db").contains(&id));
+    // Below 2.26 the filters are dropped, as Nova drops them.
+    let (_, _, l225) = get(
+        &c,
+        &token,
+        "/compute/v2.1/servers?tags=nothing",
+        &[("OpenStack-API-Version", "compute 2.25")],
+    );
+    assert!(!l225["servers"].as_array().unwrap().is_empty(), "{l225}");
+    let tags_url = format!("{}/compute/v2.1/servers/{id}/tags", c.nodes[0].base());
+    let call = |method: reqwest::Method, path: &str, v: &str, body: Option<Value>| {
+        let mut req = c
+            .http
+            .request(method, format!("{tags_url}{path}"))
+            .header("X-Auth-Token", &token)
+            .header("OpenStack-API-Version", format!("compute {v}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().unwrap()
+    };
+    use reqwest::Method;
+    assert_eq!(call(Method::GET, "", "2.25", None).status().as_u16(), 404);
+    let all: Value = call(Method::GET, "", "2.26", None).json().unwrap();
+    assert_eq!(all["tags"], serde_json::json!(["db"]), "{all}");
+    let added = call(Method::PUT, "/new", "2.26", None);
+    assert_eq!(added.status().as_u16(), 201);
+    assert!(header(added.headers(), "location").is_some_and(|l| l.ends_with("/tags/new")));
+    assert_eq!(
+        call(Method::PUT, "/new", "2.26", None).status().as_u16(),
+        204
+    );
+    assert_eq!(
+        call(Method::GET, "/new", "2.26", None).status().as_u16(),
+        204
+    );
+    assert_eq!(
+        call(Method::GET, "/old", "2.26", None).status().as_u16(),
+        404
+    );
+    assert_eq!(
+        call(Method::PUT, "/a,b", "2.26", None).status().as_u16(),
+        400
+    );
+    let many: Vec<String> = (0..51).map(|i| format!("t{i}")).collect();
+    let too_many = serde_json::json!({ "tags": many });
+    assert_eq!(
+        call(Method::PUT, "", "2.26", Some(too_many))
+            .status()
+            .as_u16(),
+        400
+    );
+    let fifty = serde_json::json!({ "tags": many[..50] });
+    let put: Value = call(Method::PUT, "", "2.26", Some(fifty)).json().unwrap();
+    assert_eq!(put["tags"].as_array().unwrap().len(), 50, "{put}");
+    let over = call(Method::PUT, "/one-more", "2.26", None);
+    assert_eq!(over.status().as_u16(), 400);
+    assert_eq!(
+        call(Method::DELETE, "/t0", "2.26", None).status().as_u16(),
+        204
+    );
+    assert_eq!(
+        call(Method::DELETE, "/t0", "2.26", None).status().as_u16(),
+        404
+    );
+    assert_eq!(
+        call(Method::DELETE, "", "2.26", None).status().as_u16(),
+        204
+    );
+    let (_, _, v226) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{id}"),
+        &[("OpenStack-API-Version", "compute 2.26")],
+    );
+    assert_eq!(v226["server"]["tags"], serde_json::json!([]), "{v226}");
+    let (_, _, v225) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{id}"),
+        &[("OpenStack-API-Version", "compute 2.25")],
+    );
+    assert!(v225["server"].get("tags").is_none(), "{v225}");
 }
 
 /// A key pair created without a public key is generated as Nova generates it, through
