@@ -12,7 +12,7 @@ use common::{wait_until, Cluster};
 use serde_json::Value;
 
 /// The highest version Shoal claims; the version document must say the same.
-const MAX: &str = "2.25";
+const MAX: &str = "2.26";
 
 const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f me@host";
@@ -36,6 +36,17 @@ fn get(
     let h = resp.headers().clone();
     let body = serde_json::from_str(&resp.text().unwrap()).unwrap_or(Value::Null);
     (status, h, body)
+}
+
+/// `POST /os-keypairs` with `body` at version `v`.
+fn post_keypair(c: &Cluster, token: &str, v: &str, body: &Value) -> reqwest::blocking::Response {
+    c.http
+        .post(format!("{}/compute/v2.1/os-keypairs", c.nodes[0].base()))
+        .header("X-Auth-Token", token)
+        .header("OpenStack-API-Version", format!("compute {v}"))
+        .json(body)
+        .send()
+        .unwrap()
 }
 
 fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
@@ -155,15 +166,7 @@ fn versioned_views_through_the_openstack_client() {
     let token = c.token(0);
     let body = serde_json::json!({"keypair": {
         "name": "k2", "type": "x509", "public_key": cert.cert.pem()}});
-    let post = |v: &str| {
-        c.http
-            .post(format!("{}/compute/v2.1/os-keypairs", c.nodes[0].base()))
-            .header("X-Auth-Token", &token)
-            .header("OpenStack-API-Version", format!("compute {v}"))
-            .json(&body)
-            .send()
-            .unwrap()
-    };
+    let post = |v: &str| post_keypair(&c, &token, v, &body);
     assert_eq!(post("2.1").status().as_u16(), 400);
     let created = post("2.2");
     assert_eq!(created.status().as_u16(), 201);
@@ -566,4 +569,216 @@ fn versioned_views_through_the_openstack_client() {
     );
     assert!(g21["server_group"].get("project_id").is_none(), "{g21}");
     assert_eq!(g21["server_group"]["id"], gid, "{g21}");
+
+    // 2.26: server tags, set and filtered through the client, bounded as Nova bounds them.
+    assert!(
+        run_at(
+            "2.26",
+            &["server", "set", "--tag", "web", "--tag", "db", &id]
+        )
+        .ok
+    );
+    let shown = json_at("2.26", &["server", "show", &id]).json();
+    assert_eq!(shown["tags"], serde_json::json!(["db", "web"]), "{shown}");
+    let listed = |filter: &str| {
+        let out = json_at("2.26", &["server", "list", filter, "web,db"]).json();
+        out.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["ID"] == id.as_str())
+    };
+    assert!(listed("--tags"));
+    assert!(!listed("--not-tags"));
+    assert!(run_at("2.26", &["server", "unset", "--tag", "web", &id]).ok);
+    let ids = |query: &str| -> Vec<String> {
+        let (_, _, l) = get(
+            &c,
+            &token,
+            &format!("/compute/v2.1/servers?{query}"),
+            &[("OpenStack-API-Version", "compute 2.26")],
+        );
+        l["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(ids("tags-any=x,db&not-tags-any=y").contains(&id));
+    assert!(!ids("not-tags-any=x,db").contains(&id));
+    // Below 2.26 the filters are dropped, as Nova drops them.
+    let (_, _, l225) = get(
+        &c,
+        &token,
+        "/compute/v2.1/servers?tags=nothing",
+        &[("OpenStack-API-Version", "compute 2.25")],
+    );
+    assert!(!l225["servers"].as_array().unwrap().is_empty(), "{l225}");
+    let tags_url = format!("{}/compute/v2.1/servers/{id}/tags", c.nodes[0].base());
+    let call = |method: reqwest::Method, path: &str, v: &str, body: Option<Value>| {
+        let mut req = c
+            .http
+            .request(method, format!("{tags_url}{path}"))
+            .header("X-Auth-Token", &token)
+            .header("OpenStack-API-Version", format!("compute {v}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().unwrap()
+    };
+    use reqwest::Method;
+    assert_eq!(call(Method::GET, "", "2.25", None).status().as_u16(), 404);
+    let all: Value = call(Method::GET, "", "2.26", None).json().unwrap();
+    assert_eq!(all["tags"], serde_json::json!(["db"]), "{all}");
+    let added = call(Method::PUT, "/new", "2.26", None);
+    assert_eq!(added.status().as_u16(), 201);
+    assert!(header(added.headers(), "location").is_some_and(|l| l.ends_with("/tags/new")));
+    assert_eq!(
+        call(Method::PUT, "/new", "2.26", None).status().as_u16(),
+        204
+    );
+    assert_eq!(
+        call(Method::GET, "/new", "2.26", None).status().as_u16(),
+        204
+    );
+    assert_eq!(
+        call(Method::GET, "/old", "2.26", None).status().as_u16(),
+        404
+    );
+    assert_eq!(
+        call(Method::PUT, "/a,b", "2.26", None).status().as_u16(),
+        400
+    );
+    let many: Vec<String> = (0..51).map(|i| format!("t{i}")).collect();
+    let too_many = serde_json::json!({ "tags": many });
+    assert_eq!(
+        call(Method::PUT, "", "2.26", Some(too_many))
+            .status()
+            .as_u16(),
+        400
+    );
+    let fifty = serde_json::json!({ "tags": many[..50] });
+    let put: Value = call(Method::PUT, "", "2.26", Some(fifty)).json().unwrap();
+    assert_eq!(put["tags"].as_array().unwrap().len(), 50, "{put}");
+    let over = call(Method::PUT, "/one-more", "2.26", None);
+    assert_eq!(over.status().as_u16(), 400);
+    assert_eq!(
+        call(Method::DELETE, "/t0", "2.26", None).status().as_u16(),
+        204
+    );
+    assert_eq!(
+        call(Method::DELETE, "/t0", "2.26", None).status().as_u16(),
+        404
+    );
+    assert_eq!(
+        call(Method::DELETE, "", "2.26", None).status().as_u16(),
+        204
+    );
+    let (_, _, v226) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{id}"),
+        &[("OpenStack-API-Version", "compute 2.26")],
+    );
+    assert_eq!(v226["server"]["tags"], serde_json::json!([]), "{v226}");
+    let (_, _, v225) = get(
+        &c,
+        &token,
+        &format!("/compute/v2.1/servers/{id}"),
+        &[("OpenStack-API-Version", "compute 2.25")],
+    );
+    assert!(v225["server"].get("tags").is_none(), "{v225}");
+}
+
+/// A key pair created without a public key is generated as Nova generates it, through
+/// openstacksdk (what `openstack keypair create` uses; python-openstackclient 10.5.0 generates
+/// the pair itself, so the library call is the real client of this path): the private key is
+/// answered once, `ssh-keygen -y` derives the stored public key from it, and the fingerprint
+/// is what `ssh-keygen -l -E md5` prints. From 2.2 `type: x509` generates a certificate.
+#[test]
+fn generated_key_pairs_as_nova() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(1, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let python = osc.bin.with_file_name("python3");
+    let script = "import json, sys, openstack\n\
+                  k = openstack.connect().compute.create_keypair(name=sys.argv[1])\n\
+                  print(json.dumps({'private_key': k.private_key, 'public_key': k.public_key,\n\
+                  'fingerprint': k.fingerprint, 'type': k.type}))\n";
+    let out = std::process::Command::new(&python)
+        .envs(c.openrc_env(0))
+        .args(["-c", script, "gen1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(made["type"], "ssh", "{made}");
+    let private = c.tmp.path().join("gen1.pem");
+    std::fs::write(&private, made["private_key"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let derived = std::process::Command::new("ssh-keygen")
+        .args(["-y", "-f", private.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        derived.status.success(),
+        "{}",
+        String::from_utf8_lossy(&derived.stderr)
+    );
+    let derived = String::from_utf8(derived.stdout).unwrap();
+    // The stored key is the derived one, with Nova's comment.
+    let stored = osc.run(0, &["keypair", "show", "--public-key", "gen1"]);
+    assert!(stored.ok, "{}", stored.stderr);
+    assert_eq!(
+        stored.stdout.trim(),
+        format!("{} Generated-by-Nova", derived.trim())
+    );
+    let public = c.tmp.path().join("gen1.pub");
+    std::fs::write(&public, &stored.stdout).unwrap();
+    let md5 = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-E", "md5", "-f", public.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let md5 = String::from_utf8(md5.stdout).unwrap();
+    let shown = osc.json(0, &["keypair", "show", "gen1"]);
+    assert_eq!(shown["fingerprint"], made["fingerprint"], "{shown}");
+    assert!(
+        md5.contains(&format!("MD5:{} ", made["fingerprint"].as_str().unwrap())),
+        "{md5} vs {made}"
+    );
+    // The private key is never shown again.
+    let token = c.token(0);
+    let (_, _, again) = get(&c, &token, "/compute/v2.1/os-keypairs/gen1", &[]);
+    assert!(again["keypair"].get("private_key").is_none(), "{again}");
+
+    // 2.2: an x509 pair, a self-signed certificate fingerprinted with SHA-1.
+    let x509 = serde_json::json!({"keypair": {"name": "gen2", "type": "x509"}});
+    assert_eq!(
+        post_keypair(&c, &token, "2.1", &x509).status().as_u16(),
+        400
+    );
+    let created = post_keypair(&c, &token, "2.2", &x509);
+    assert_eq!(created.status().as_u16(), 201);
+    let x: Value = created.json().unwrap();
+    let kp = &x["keypair"];
+    assert_eq!(kp["type"], "x509", "{x}");
+    let pem = kp["public_key"].as_str().unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{x}");
+    assert!(kp["private_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN PRIVATE KEY-----"));
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+    let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
+    let hex: Vec<String> = sha1.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(kp["fingerprint"], hex.join(":"), "{x}");
 }

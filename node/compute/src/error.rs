@@ -21,6 +21,10 @@ pub enum ComputeError {
     /// not either).
     #[error("{0}")]
     NotImplemented(String),
+    /// Something inside the service failed (key generation); the edge logs it and answers a
+    /// bare 500.
+    #[error("{0}")]
+    Internal(String),
     /// Reading or writing the replicated state failed.
     #[error(transparent)]
     State(#[from] StateError),

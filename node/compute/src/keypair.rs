@@ -1,13 +1,20 @@
 //! Key pairs: a user's named SSH public keys, as Nova keeps them.
 //!
-//! Owns the `keypairs` table (key: `{user_id}/{name}`). The `openstack` client generates a key
-//! pair itself when given no public key (Nova stopped generating them in 2.92), so only public
-//! keys are stored and checked: OpenSSH lines, and from microversion 2.2 X.509 certificates. The fingerprint is OpenSSH's `SHA256:` form; Nova prints an MD5
-//! one, which ring does not offer. A user's key pairs count against its project's `key_pairs`
-//! quota, race-free through `shoal_state::quota`.
+//! Owns the `keypairs` table (key: `{user_id}/{name}`). A create with a public key stores it
+//! after checking it: an OpenSSH line, or from microversion 2.2 an X.509 certificate. A create
+//! without one generates the pair as Nova does (`generate`): a 2048-bit RSA key in OpenSSH form,
+//! or a self-signed X.509 certificate; the private key is answered once and never stored.
+//! Fingerprints are Nova's: the MD5 of an OpenSSH key's blob, the SHA-1 of a certificate's DER,
+//! both as lowercase hex pairs joined by `:`. A user's key pairs count against its project's
+//! `key_pairs` quota, race-free through `shoal_state::quota`.
 
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use md5::{Digest, Md5};
+use rsa::pkcs1::{EncodeRsaPrivateKey, LineEnding};
+use rsa::pkcs8::EncodePrivateKey;
+use rsa::traits::PublicKeyParts;
+use rsa::RsaPrivateKey;
 use serde::{Deserialize, Serialize};
 use shoal_state::quota::{commit_within_quota, QuotaOutcome};
 use shoal_state::time::now_secs;
@@ -74,12 +81,16 @@ pub fn x509_fingerprint(pem: &str) -> Result<String, String> {
     }
     block.parse_x509().map_err(|_| invalid())?;
     let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &block.contents);
-    Ok(digest
-        .as_ref()
+    Ok(hex_pairs(digest.as_ref()))
+}
+
+/// Bytes as lowercase hex pairs joined by `:`, the way Nova prints both fingerprints.
+fn hex_pairs(bytes: &[u8]) -> String {
+    bytes
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
-        .join(":"))
+        .join(":")
 }
 
 /// The key types a public key may have.
@@ -91,8 +102,8 @@ pub const KEY_TYPES: [&str; 5] = [
     "ecdsa-sha2-nistp521",
 ];
 
-/// Checks an OpenSSH public key line (`type base64-blob [comment]`) and returns its
-/// `SHA256:` fingerprint. The blob must start with the same key type it is labelled with.
+/// Checks an OpenSSH public key line (`type base64-blob [comment]`) and returns Nova's
+/// fingerprint of it: the MD5 of the blob as hex pairs (what `ssh-keygen -l -E md5` prints). The blob must start with the same key type it is labelled with.
 pub fn fingerprint(line: &str) -> Result<String, String> {
     let mut parts = line.split_whitespace();
     let (Some(kind), Some(b64)) = (parts.next(), parts.next()) else {
@@ -114,11 +125,65 @@ pub fn fingerprint(line: &str) -> Result<String, String> {
     if inner != Some(kind.as_bytes()) {
         return Err(format!("the public key's data is not a {kind} key"));
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, &blob);
-    Ok(format!(
-        "SHA256:{}",
-        STANDARD_NO_PAD.encode(digest.as_ref())
-    ))
+    Ok(hex_pairs(&Md5::digest(&blob)))
+}
+
+/// The size of the RSA keys Nova generates.
+const GENERATED_RSA_BITS: usize = 2048;
+
+/// An RSA public key as an OpenSSH line: `ssh-rsa`, the base64 of its blob (the name, then `e`
+/// and `n` as SSH mpints) and `comment`.
+fn openssh_rsa_line(key: &rsa::RsaPublicKey, comment: &str) -> String {
+    fn string(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    fn mpint(out: &mut Vec<u8>, magnitude: &[u8]) {
+        // Positive, minimal, with a zero byte before a leading high bit.
+        let trimmed: Vec<u8> = magnitude.iter().copied().skip_while(|b| *b == 0).collect();
+        let mut bytes = Vec::with_capacity(trimmed.len() + 1);
+        if trimmed.first().is_some_and(|b| b & 0x80 != 0) {
+            bytes.push(0);
+        }
+        bytes.extend_from_slice(&trimmed);
+        string(out, &bytes);
+    }
+    let mut blob = Vec::new();
+    string(&mut blob, b"ssh-rsa");
+    mpint(&mut blob, &key.e().to_bytes_be());
+    mpint(&mut blob, &key.n().to_bytes_be());
+    format!("ssh-rsa {} {comment}", STANDARD.encode(blob))
+}
+
+/// A self-signed certificate for `user_id` over `key`, as Nova's `generate_winrm_x509_cert`
+/// makes it: subject `CN=<user_id>`, valid for 3650 days, client authentication, and the UPN
+/// `<user_id>@localhost` as a subject alternative name. Returns the certificate's PEM.
+fn winrm_certificate(user_id: &str, key: &RsaPrivateKey) -> Result<String, String> {
+    let failed = |e: &dyn std::fmt::Display| format!("generating the certificate failed: {e}");
+    let pkcs8 = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| failed(&e))?;
+    let signer = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| failed(&e))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, user_id);
+    let now =
+        time::OffsetDateTime::from_unix_timestamp(now_secs() as i64).map_err(|e| failed(&e))?;
+    params.not_before = now;
+    params.not_after = now + time::Duration::days(3650);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    // 1.3.6.1.4.1.311.20.2.3: Microsoft's user principal name.
+    params.subject_alt_names = vec![rcgen::SanType::OtherName((
+        vec![1, 3, 6, 1, 4, 1, 311, 20, 2, 3],
+        rcgen::OtherNameValue::Utf8String(format!("{user_id}@localhost")),
+    ))];
+    let mut serial = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let cert = params.self_signed(&signer).map_err(|e| failed(&e))?;
+    Ok(cert.pem())
 }
 
 /// A key pair name as Nova's schema allows it.
@@ -135,28 +200,71 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A key pair Shoal generated: the record to store and its private key, which is answered once
+/// and kept nowhere.
+#[derive(Debug)]
+pub struct Generated {
+    pub keypair: Keypair,
+    /// `ssh`: the RSA key in PEM (`BEGIN RSA PRIVATE KEY`, which `ssh-keygen -y` reads);
+    /// `x509`: the certificate's RSA key in PKCS#8 PEM.
+    pub private_key: String,
+}
+
 impl Keypair {
-    /// The key pair `name` of `user_id` holding `public_key`, or what is wrong with them: the
-    /// name, then the key (required, an OpenSSH line of a supported type).
-    pub fn new(
+    /// Generates the key pair `name` of `user_id` as Nova does: `ssh` a 2048-bit RSA key whose
+    /// public half is an OpenSSH line commented `Generated-by-Nova`, `x509` a self-signed
+    /// certificate over a 2048-bit RSA key. Runs off the async runtime (RSA key generation takes
+    /// a while).
+    pub async fn generate(
         name: String,
         user_id: &str,
-        public_key: Option<String>,
         key_type: KeyType,
-    ) -> Result<Self, ComputeError> {
+    ) -> Result<Generated, ComputeError> {
         check_name(&name).map_err(ComputeError::BadRequest)?;
-        let public_key = public_key.ok_or_else(|| {
-            ComputeError::BadRequest(
-                "public_key is required: Shoal does not generate key pairs (the openstack client does)"
-                    .into(),
-            )
-        })?;
-        let public_key = public_key.trim().to_owned();
+        let user = user_id.to_owned();
+        let made = tokio::task::spawn_blocking(move || -> Result<(String, String), String> {
+            let key = RsaPrivateKey::new(&mut rsa::rand_core::OsRng, GENERATED_RSA_BITS)
+                .map_err(|e| format!("generating the key failed: {e}"))?;
+            match key_type {
+                KeyType::Ssh => {
+                    let private = key
+                        .to_pkcs1_pem(LineEnding::LF)
+                        .map_err(|e| format!("encoding the key failed: {e}"))?;
+                    let public = openssh_rsa_line(&key.to_public_key(), "Generated-by-Nova");
+                    Ok((public, private.to_string()))
+                }
+                KeyType::X509 => {
+                    let cert = winrm_certificate(&user, &key)?;
+                    let private = key
+                        .to_pkcs8_pem(LineEnding::LF)
+                        .map_err(|e| format!("encoding the key failed: {e}"))?;
+                    Ok((cert, private.to_string()))
+                }
+            }
+        })
+        .await
+        .map_err(|e| ComputeError::Internal(format!("key generation stopped: {e}")))?
+        .map_err(ComputeError::Internal)?;
+        let (public_key, private_key) = made;
+        let keypair =
+            Self::checked(name, user_id, public_key, key_type).map_err(ComputeError::Internal)?;
+        Ok(Generated {
+            keypair,
+            private_key,
+        })
+    }
+
+    /// The record of `public_key`, fingerprinted for its type, or why the key is not one.
+    fn checked(
+        name: String,
+        user_id: &str,
+        public_key: String,
+        key_type: KeyType,
+    ) -> Result<Self, String> {
         let fingerprint = match key_type {
             KeyType::Ssh => fingerprint(&public_key),
             KeyType::X509 => x509_fingerprint(&public_key),
-        }
-        .map_err(ComputeError::BadRequest)?;
+        }?;
         Ok(Self {
             name,
             user_id: user_id.to_owned(),
@@ -165,6 +273,19 @@ impl Keypair {
             created: now_secs(),
             key_type,
         })
+    }
+
+    /// The key pair `name` of `user_id` holding `public_key`, or what is wrong with them: the
+    /// name, then the key (an OpenSSH line of a supported type, or a PEM certificate).
+    pub fn new(
+        name: String,
+        user_id: &str,
+        public_key: String,
+        key_type: KeyType,
+    ) -> Result<Self, ComputeError> {
+        check_name(&name).map_err(ComputeError::BadRequest)?;
+        Self::checked(name, user_id, public_key.trim().to_owned(), key_type)
+            .map_err(ComputeError::BadRequest)
     }
 }
 
@@ -277,9 +398,10 @@ mod tests {
 
     #[test]
     fn openssh_keys_are_checked() {
+        // What `ssh-keygen -l -E md5` prints for this key, without its `MD5:` prefix.
         let fp = fingerprint(ED25519).unwrap();
-        assert!(fp.starts_with("SHA256:"), "{fp}");
-        assert_eq!(fp.len(), "SHA256:".len() + 43);
+        assert_eq!(fp.len(), 47, "{fp}");
+        assert!(fp.split(':').all(|p| p.len() == 2), "{fp}");
         // Labelled as RSA but holding an ed25519 blob.
         let relabelled = ED25519.replacen("ssh-ed25519", "ssh-rsa", 1);
         assert!(fingerprint(&relabelled)
@@ -298,24 +420,64 @@ mod tests {
     }
 
     #[test]
-    fn a_key_pair_needs_a_public_key() {
-        let err = Keypair::new("k".into(), "u", None, KeyType::Ssh).unwrap_err();
-        assert!(matches!(err, ComputeError::BadRequest(m) if m.contains("public_key is required")));
-        let kp = Keypair::new(
-            "k".into(),
-            "u",
-            Some(format!("  {ED25519}\n")),
-            KeyType::Ssh,
-        )
-        .unwrap();
+    fn public_keys_are_trimmed() {
+        let kp = Keypair::new("k".into(), "u", format!("  {ED25519}\n"), KeyType::Ssh).unwrap();
         assert_eq!(kp.public_key, ED25519);
+    }
+
+    #[tokio::test]
+    async fn generated_ssh_pairs_are_rsa_with_nova_s_comment_and_fingerprint() {
+        let g = Keypair::generate("k".into(), "u", KeyType::Ssh)
+            .await
+            .unwrap();
+        assert!(g
+            .private_key
+            .starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+        let parts: Vec<&str> = g.keypair.public_key.split(' ').collect();
+        assert_eq!((parts[0], parts[2]), ("ssh-rsa", "Generated-by-Nova"));
+        // The public line is what the private key holds: both carry the same modulus.
+        let key =
+            <RsaPrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_pem(&g.private_key)
+                .unwrap();
+        assert_eq!(key.size() * 8, 2048);
+        assert_eq!(
+            openssh_rsa_line(&key.to_public_key(), "Generated-by-Nova"),
+            g.keypair.public_key
+        );
+        assert_eq!(
+            g.keypair.fingerprint,
+            fingerprint(&g.keypair.public_key).unwrap()
+        );
+        assert!(Keypair::generate("a/b".into(), "u", KeyType::Ssh)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn generated_x509_pairs_are_self_signed_certificates_for_the_user() {
+        let g = Keypair::generate("k".into(), "alice", KeyType::X509)
+            .await
+            .unwrap();
+        assert!(g.private_key.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let (_, block) = x509_parser::pem::parse_x509_pem(g.keypair.public_key.as_bytes()).unwrap();
+        let cert = block.parse_x509().unwrap();
+        assert_eq!(cert.subject().to_string(), "CN=alice");
+        assert_eq!(cert.issuer(), cert.subject());
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+            / 86_400;
+        assert_eq!(days, 3650);
+        assert_eq!(
+            g.keypair.fingerprint,
+            x509_fingerprint(&g.keypair.public_key).unwrap()
+        );
+        assert_eq!(g.keypair.key_type, KeyType::X509);
     }
 
     #[test]
     fn x509_certificates_are_checked_and_fingerprinted_as_nova_does() {
         let cert = rcgen::generate_simple_self_signed(vec!["k".to_owned()]).unwrap();
         let pem = cert.cert.pem();
-        let kp = Keypair::new("k".into(), "u", Some(pem.clone()), KeyType::X509).unwrap();
+        let kp = Keypair::new("k".into(), "u", pem.clone(), KeyType::X509).unwrap();
         let der = cert.cert.der();
         let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der);
         let hex: Vec<String> = sha1.as_ref().iter().map(|b| format!("{b:02x}")).collect();
@@ -323,8 +485,8 @@ mod tests {
         assert_eq!(kp.fingerprint.len(), 59);
         assert_eq!(kp.key_type, KeyType::X509);
         // An SSH key is not a certificate, nor is a certificate an SSH key.
-        assert!(Keypair::new("k".into(), "u", Some(ED25519.into()), KeyType::X509).is_err());
-        assert!(Keypair::new("k".into(), "u", Some(pem), KeyType::Ssh).is_err());
+        assert!(Keypair::new("k".into(), "u", ED25519.into(), KeyType::X509).is_err());
+        assert!(Keypair::new("k".into(), "u", pem, KeyType::Ssh).is_err());
         assert_eq!(KeyType::parse("x509"), Ok(KeyType::X509));
         assert!(KeyType::parse("rsa")
             .unwrap_err()
@@ -347,7 +509,7 @@ mod tests {
             .await
             .unwrap();
         let kp = |name: &str, user: &str| {
-            Keypair::new(name.into(), user, Some(ED25519.to_owned()), KeyType::Ssh).unwrap()
+            Keypair::new(name.into(), user, ED25519.to_owned(), KeyType::Ssh).unwrap()
         };
         keys.create(&kp("a", "u"), Some("p")).await.unwrap();
         assert!(matches!(

@@ -649,6 +649,7 @@ pub(crate) mod tests {
             rescue: None,
             migration: None,
             past_migrations: Vec::new(),
+            tags: Default::default(),
         }
     }
 

@@ -6,9 +6,11 @@
 //! work, and writes the outcome with the task cleared. The row is the only message: there is no
 //! queue, and a node that restarts finds every pending task in the rows themselves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::ComputeError;
 
 /// Nova's `vm_state`: what the server is, as far as the cloud knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +320,65 @@ pub struct ServerRecord {
     /// [`MAX_MIGRATIONS`]: what `os-migrations` lists besides the ones in progress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub past_migrations: Vec<Migration>,
+    /// Nova's server tags (microversion 2.26), in tag order as Nova's table keys them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub tags: BTreeSet<String>,
+}
+
+/// Checks a list of tags as Nova's `tags` schema does: at most [`MAX_TAGS`], each a valid tag.
+pub fn check_tag_list(tags: &[String]) -> Result<(), ComputeError> {
+    let field = |e: String| {
+        ComputeError::BadRequest(format!("Invalid input for field/attribute tags. {e}"))
+    };
+    if tags.len() > MAX_TAGS {
+        return Err(field(format!(
+            "The list has {} tags, more than {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for t in tags {
+        check_tag(t).map_err(field)?;
+    }
+    Ok(())
+}
+
+/// Nova's per-server tag limit (`objects.instance.MAX_TAG_COUNT`).
+pub const MAX_TAGS: usize = 50;
+
+/// Checks a tag as Nova's schema does: 1 to 60 characters, none of them `,` or `/`. The error
+/// is what is wrong, for the caller to put in its own message.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let len = tag.chars().count();
+    if len == 0 {
+        Err(format!("'{tag}' is too short"))
+    } else if len > 60 {
+        Err(format!("'{tag}' is too long"))
+    } else if tag.contains([',', '/']) {
+        Err(format!("'{tag}' does not match '^[^,/]*$'"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The tag filters of a server list (2.26), each a set of tags: `tags` (all of them),
+/// `tags-any` (one of them), `not-tags` (not all of them) and `not-tags-any` (none of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagFilter {
+    pub all: Vec<String>,
+    pub any: Vec<String>,
+    pub not_all: Vec<String>,
+    pub not_any: Vec<String>,
+}
+
+impl TagFilter {
+    /// Whether a server tagged `tags` passes every filter given (an empty one is not given).
+    pub fn matches(&self, tags: &BTreeSet<String>) -> bool {
+        let has = |t: &String| tags.contains(t);
+        self.all.iter().all(has)
+            && (self.any.is_empty() || self.any.iter().any(has))
+            && (self.not_all.is_empty() || !self.not_all.iter().all(has))
+            && !self.not_any.iter().any(has)
+    }
 }
 
 /// A `createBackup`'s type and rotation: once the backup is uploaded, only the newest
@@ -376,6 +437,68 @@ pub struct Shelved {
 }
 
 impl ServerRecord {
+    /// Refuses a tag change (`action`, in Nova's words) unless the server is active, paused,
+    /// suspended or stopped, as Nova does (409).
+    pub fn check_tags_editable(&self, action: &str) -> Result<(), ComputeError> {
+        if matches!(
+            self.vm_state,
+            VmState::Active | VmState::Paused | VmState::Suspended | VmState::Stopped
+        ) {
+            Ok(())
+        } else {
+            Err(ComputeError::Conflict(format!(
+                "Cannot '{action}' instance {} while it is in vm_state {}",
+                self.id,
+                self.vm_state.as_str()
+            )))
+        }
+    }
+
+    /// Adds `tag`; whether it was new. Beyond [`MAX_TAGS`] it is a 400 as in Nova.
+    pub fn add_tag(&mut self, tag: &str) -> Result<bool, ComputeError> {
+        self.check_tags_editable("update tag")?;
+        check_tag(tag).map_err(|e| {
+            ComputeError::BadRequest(format!(
+                "Tag '{tag}' is invalid. It must be a non empty string without characters '/' \
+                 and ','. Validation error message: {e}"
+            ))
+        })?;
+        if self.tags.len() >= MAX_TAGS {
+            return Err(ComputeError::BadRequest(format!(
+                "The number of tags exceeded the per-server limit {MAX_TAGS}"
+            )));
+        }
+        Ok(self.tags.insert(tag.to_owned()))
+    }
+
+    /// Replaces the tags with `tags` (duplicates collapse, as in Nova's table).
+    pub fn set_tags(&mut self, tags: &[String]) -> Result<(), ComputeError> {
+        self.check_tags_editable("update tags")?;
+        check_tag_list(tags)?;
+        self.tags = tags.iter().cloned().collect();
+        Ok(())
+    }
+
+    /// Removes `tag`; 404 when the server does not have it.
+    pub fn remove_tag(&mut self, tag: &str) -> Result<(), ComputeError> {
+        self.check_tags_editable("delete tag")?;
+        if self.tags.remove(tag) {
+            Ok(())
+        } else {
+            Err(ComputeError::NotFound(format!(
+                "Instance {} has no tag '{tag}'",
+                self.id
+            )))
+        }
+    }
+
+    /// Removes every tag.
+    pub fn clear_tags(&mut self) -> Result<(), ComputeError> {
+        self.check_tags_editable("delete tags")?;
+        self.tags.clear();
+        Ok(())
+    }
+
     /// Nova's `status`, derived from `vm_state` and `task_state` as Nova's API derives it.
     pub fn status(&self) -> &'static str {
         if self.task_state == Some(TaskState::Rebuilding)
@@ -804,7 +927,65 @@ pub(crate) mod tests {
             rescue: None,
             migration: None,
             past_migrations: Vec::new(),
+            tags: BTreeSet::new(),
         }
+    }
+
+    /// Tags follow Nova's rules: 1 to 60 characters without ',' or '/', at most 50 per
+    /// server, changed only in active, paused, suspended or stopped servers.
+    #[test]
+    fn tags_as_nova_bounds_them() {
+        let mut r = record();
+        r.vm_state = VmState::Active;
+        assert!(r.add_tag("web").unwrap());
+        assert!(!r.add_tag("web").unwrap());
+        for bad in ["", "a,b", "a/b", &"x".repeat(61)] {
+            assert!(
+                matches!(r.add_tag(bad), Err(ComputeError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+        let fifty: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+        r.set_tags(&fifty).unwrap();
+        assert!(
+            matches!(r.add_tag("one-more"), Err(ComputeError::BadRequest(m)) if m.contains("limit 50"))
+        );
+        let mut many = fifty.clone();
+        many.push("t50".into());
+        assert!(r.set_tags(&many).is_err());
+        r.set_tags(&["b".into(), "a".into(), "b".into()]).unwrap();
+        assert_eq!(r.tags.iter().collect::<Vec<_>>(), ["a", "b"]);
+        r.remove_tag("a").unwrap();
+        assert!(matches!(r.remove_tag("a"), Err(ComputeError::NotFound(_))));
+        r.vm_state = VmState::Building;
+        assert!(
+            matches!(r.clear_tags(), Err(ComputeError::Conflict(m)) if m.contains("vm_state building"))
+        );
+        r.vm_state = VmState::Stopped;
+        r.clear_tags().unwrap();
+        assert!(r.tags.is_empty());
+    }
+
+    /// The four list filters, as Nova's `tags`, `tags-any`, `not-tags`, `not-tags-any`.
+    #[test]
+    fn tag_filters() {
+        let tags: BTreeSet<String> = ["a", "b"].iter().map(|t| t.to_string()).collect();
+        let v = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        let f = |all: &[&str], any: &[&str], not_all: &[&str], not_any: &[&str]| TagFilter {
+            all: v(all),
+            any: v(any),
+            not_all: v(not_all),
+            not_any: v(not_any),
+        };
+        assert!(f(&[], &[], &[], &[]).matches(&tags));
+        assert!(f(&["a", "b"], &[], &[], &[]).matches(&tags));
+        assert!(!f(&["a", "c"], &[], &[], &[]).matches(&tags));
+        assert!(f(&[], &["c", "b"], &[], &[]).matches(&tags));
+        assert!(!f(&[], &["c"], &[], &[]).matches(&tags));
+        assert!(f(&[], &[], &["a", "c"], &[]).matches(&tags));
+        assert!(!f(&[], &[], &["a", "b"], &[]).matches(&tags));
+        assert!(!f(&[], &[], &[], &["c", "a"]).matches(&tags));
+        assert!(f(&[], &[], &[], &["c"]).matches(&tags));
     }
 
     #[test]

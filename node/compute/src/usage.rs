@@ -135,6 +135,7 @@ impl DeletedServer {
             rescue: None,
             migration: None,
             past_migrations: Vec::new(),
+            tags: Default::default(),
             description: self.description.clone(),
             crash_dump: None,
         }

@@ -287,6 +287,7 @@ impl From<shoal_compute::error::ComputeError> for ApiError {
             E::Conflict(m) => ApiError::conflict(m),
             E::OverQuota(m) => ApiError::forbidden(m),
             E::NotImplemented(m) => ApiError::new(StatusCode::NOT_IMPLEMENTED, m),
+            E::Internal(m) => ApiError::internal(m),
             E::State(e) => e.into(),
         }
         .nova()

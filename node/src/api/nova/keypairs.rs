@@ -2,8 +2,9 @@
 //!
 //! Translates the requests into `Keypairs` calls, decides whose key pairs a request addresses
 //! (`?user_id=` and a create's `user_id` are for admins, from microversion 2.10) and renders
-//! Nova's views (the key `type`, 201 on create and 204 on delete from 2.2); the records, the
-//! public key checks and the quota-bounded create are the compute service's.
+//! Nova's views (the key `type`, 201 on create and 204 on delete from 2.2; a generated pair's
+//! `private_key` in the create answer only); the records, the public key checks, the key
+//! generation and the quota-bounded create are the compute service's.
 
 use std::collections::HashMap;
 
@@ -95,7 +96,17 @@ async fn create_keypair(
             u
         }
     };
-    let kp = Keypair::new(b.keypair.name, &user, b.keypair.public_key, key_type)?;
+    // Without a public key the pair is generated and its private key answered this once.
+    let (kp, private_key) = match b.keypair.public_key {
+        Some(public_key) => (
+            Keypair::new(b.keypair.name, &user, public_key, key_type)?,
+            None,
+        ),
+        None => {
+            let g = Keypair::generate(b.keypair.name, &user, key_type).await?;
+            (g.keypair, Some(g.private_key))
+        }
+    };
     keypairs(&state)
         .create(&kp, auth.0.project_id.as_deref())
         .await?;
@@ -104,6 +115,9 @@ async fn create_keypair(
         "name": kp.name, "public_key": kp.public_key, "fingerprint": kp.fingerprint,
         "user_id": kp.user_id,
     });
+    if let Some(private_key) = private_key {
+        out["private_key"] = json!(private_key);
+    }
     let status = if v >= V2_2 {
         out["type"] = json!(kp.key_type.as_str());
         StatusCode::CREATED

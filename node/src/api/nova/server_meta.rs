@@ -1,5 +1,6 @@
 //! What hangs off a server besides its actions: its metadata (`/servers/{id}/metadata`), its
-//! addresses by network (`/servers/{id}/ips`), its password (`os-server-password`) and its
+//! tags (`/servers/{id}/tags`, 2.26; the rules are the compute record's), its addresses by
+//! network (`/servers/{id}/ips`), its password (`os-server-password`) and its
 //! action log (`os-instance-actions`), all read from and written to the server's row.
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use shoal_compute::server::{InstanceAction, ServerRecord};
 use super::servers::{is_admin, load, locked, modify, need, plain_addresses};
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::version::{microversion, Microversion, V2_21};
+use crate::api::nova::version::{microversion, Microversion, V2_21, V2_26};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -29,6 +30,14 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/compute/v2.1/servers/{id}/metadata/{key}",
             get(show_item).put(set_item).delete(delete_item),
+        )
+        .route(
+            "/compute/v2.1/servers/{id}/tags",
+            get(list_tags).put(replace_tags).delete(clear_tags),
+        )
+        .route(
+            "/compute/v2.1/servers/{id}/tags/{tag}",
+            get(show_tag).put(add_tag).delete(remove_tag),
         )
         .route("/compute/v2.1/servers/{id}/ips", get(list_ips))
         .route("/compute/v2.1/servers/{id}/ips/{network}", get(show_ips))
@@ -122,6 +131,119 @@ async fn edit_metadata(
         Ok(())
     })
     .await
+}
+
+/// Tags are a 2.26 API: below it they are not there (Nova's 404).
+fn tags_api(v: Microversion) -> ApiResult<()> {
+    if v >= V2_26 {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("The resource could not be found.").nova())
+    }
+}
+
+async fn list_tags(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    tags_api(v)?;
+    let r = load(&state, &auth, &id).await?.value;
+    Ok(Json(json!({ "tags": r.tags })))
+}
+
+/// `PUT .../tags` with `{"tags": [...]}`: they become the server's tags; answers them.
+async fn replace_tags(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tags {
+        tags: Vec<String>,
+    }
+    let b: Tags = parse(&body)?;
+    let r = edit_tags(&state, &auth, v, &id, |r| r.set_tags(&b.tags)).await?;
+    Ok(Json(json!({ "tags": r.tags })))
+}
+
+/// Applies a tag change of the compute record (which holds the rules) with a compare-and-set.
+async fn edit_tags(
+    state: &AppState,
+    auth: &Auth,
+    v: Microversion,
+    id: &str,
+    edit: impl Fn(&mut ServerRecord) -> Result<(), shoal_compute::error::ComputeError>,
+) -> ApiResult<ServerRecord> {
+    tags_api(v)?;
+    need(auth, "member")?;
+    modify(state, auth, id, |r| Ok(edit(r)?)).await
+}
+
+async fn clear_tags(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    edit_tags(&state, &auth, v, &id, ServerRecord::clear_tags).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET .../tags/{tag}`: 204 when the server has the tag, else 404.
+async fn show_tag(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    tags_api(v)?;
+    let r = load(&state, &auth, &id).await?.value;
+    if r.tags.contains(&tag) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("Server {id} has no tag '{tag}'")).nova())
+    }
+}
+
+/// `PUT .../tags/{tag}`: 201 with the tag's `Location` when it is new, 204 when it was there.
+async fn add_tag(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let added = std::sync::atomic::AtomicBool::new(false);
+    edit_tags(&state, &auth, v, &id, |r| {
+        added.store(r.add_tag(&tag)?, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    })
+    .await?;
+    if added.into_inner() {
+        let location = format!("{}/compute/v2.1/servers/{id}/tags/{tag}", state.base_url);
+        Ok((
+            StatusCode::CREATED,
+            [(axum::http::header::LOCATION, location)],
+        )
+            .into_response())
+    } else {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    }
+}
+
+async fn remove_tag(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    edit_tags(&state, &auth, v, &id, |r| r.remove_tag(&tag)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_metadata(

@@ -30,7 +30,7 @@ use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::nova::flavors::nova_err;
 use crate::api::nova::version::{
-    microversion, unexpected, Microversion, V2_16, V2_17, V2_19, V2_3, V2_5, V2_9,
+    microversion, unexpected, Microversion, V2_16, V2_17, V2_19, V2_26, V2_3, V2_5, V2_9,
 };
 use crate::api::{AppState, Auth, RequestId};
 use shoal_compute::flavor::Flavor;
@@ -503,6 +503,7 @@ async fn create(
             rescue: None,
             migration: None,
             past_migrations: Vec::new(),
+            tags: Default::default(),
         })
         .collect();
 
@@ -1386,6 +1387,9 @@ fn server_json(state: &AppState, r: &ServerRecord, view: &View) -> Value {
     if view.v >= V2_19 {
         v["description"] = json!(r.description);
     }
+    if view.v >= V2_26 {
+        v["tags"] = json!(r.tags);
+    }
     // Nova lists the groups of the server's ports, and no key at all when there are none.
     if !r.security_groups.is_empty() {
         v["security_groups"] = json!(r
@@ -1537,6 +1541,19 @@ async fn filtered(
             ))
         })?),
     };
+    // 2.26: comma-separated tag lists (below it Nova drops the parameters).
+    let tag_list = |name: &str| -> Vec<String> {
+        q.get(name)
+            .filter(|_| v >= V2_26)
+            .map(|t| t.split(',').map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let tag_filter = shoal_compute::server::TagFilter {
+        all: tag_list("tags"),
+        any: tag_list("tags-any"),
+        not_all: tag_list("not-tags"),
+        not_any: tag_list("not-tags-any"),
+    };
     let admin = is_admin(auth);
     let all_tenants = q
         .get("all_tenants")
@@ -1655,6 +1672,7 @@ async fn filtered(
             q.get("reservation_id")
                 .is_none_or(|v| *v == r.reservation_id)
         })
+        .filter(|r| tag_filter.matches(&r.tags))
         .filter(|r| {
             since.is_none_or(|t| {
                 shoal_state::time::parse_iso8601(&r.updated).is_some_and(|u| u >= t)

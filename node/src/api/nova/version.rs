@@ -71,12 +71,13 @@ pub const V2_19: Microversion = Microversion::new(2, 19);
 pub const V2_20: Microversion = Microversion::new(2, 20);
 pub const V2_21: Microversion = Microversion::new(2, 21);
 pub const V2_25: Microversion = Microversion::new(2, 25);
+pub const V2_26: Microversion = Microversion::new(2, 26);
 
 /// The lowest version Shoal serves, and the one a request without a version header gets.
 pub const MIN: Microversion = V2_1;
 /// The highest version Shoal serves: every change up to it is implemented (or concerns an API
 /// Shoal does not serve at all); docs/api-coverage.md lists them version by version.
-pub const MAX: Microversion = V2_25;
+pub const MAX: Microversion = V2_26;
 
 /// The version string a request names, from `OpenStack-API-Version` (the `compute` entry of
 /// its comma-separated `service version` pairs) or else the legacy header.
