@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Instant as _;
@@ -35,6 +36,7 @@ use crate::net::tls::{self, ClusterCa, NodeIdentity, NodeKey};
 use crate::net::{
     BoxFuture, DataHandler, DataSlot, ForwardError, JoinRequest, JoinResponse, NetOptions,
     PeerClient, PeerError, PeerHandler, PeerRole, PeerServer, PeerStatus, QuicNetwork,
+    WriteOutcome,
 };
 use crate::raft_types::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::read_index::{ReadBatcher, Round};
@@ -1706,6 +1708,67 @@ impl PeerHandler for Handler {
                 }
                 Err(e) => Err(raft_err(e)),
             }
+        })
+    }
+
+    /// Proposes a follower's batch in one call to openraft (one message to its core, one
+    /// append), then answers each command as `client_write` would. A fresh leader's refusals
+    /// (its lease not yet acknowledged) are retried one by one, as `client_write` retries them.
+    fn client_write_batch(&self, cmds: Vec<Command>) -> BoxFuture<'_, Vec<WriteOutcome>> {
+        Box::pin(async move {
+            let n = cmds.len();
+            let Some(c) = self.0.get() else {
+                return vec![WriteOutcome::Failed(starting()); n];
+            };
+            let deadline = Instant::now() + Duration::from_millis(c.inner.opts.election_timeout_ms);
+            let mut stream = match c.inner.raft.client_write_many(cmds.clone()).await {
+                Ok(stream) => stream,
+                Err(e) => return vec![WriteOutcome::Failed(raft_err(e)); n],
+            };
+            let me = c.inner.id;
+            let mut outcomes = Vec::with_capacity(n);
+            let mut again = Vec::new();
+            for (i, cmd) in cmds.into_iter().enumerate() {
+                let outcome = match stream.next().await {
+                    Some(Ok(Ok(resp))) => WriteOutcome::Applied(resp.response),
+                    Some(Ok(Err(ClientWriteError::ForwardToLeader(f))))
+                        if f.leader_id.is_none_or(|l| l == me) =>
+                    {
+                        again.push((i, cmd));
+                        WriteOutcome::Failed(forward(c))
+                    }
+                    Some(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
+                        WriteOutcome::Failed(forward(c))
+                    }
+                    Some(Ok(Err(e @ ClientWriteError::LogEntryDiscarded(_)))) => {
+                        WriteOutcome::Failed(PeerError::CommitUnknown(e.to_string()))
+                    }
+                    Some(Ok(Err(e))) => WriteOutcome::Failed(raft_err(e)),
+                    Some(Err(e)) => WriteOutcome::Failed(raft_err(e)),
+                    None => WriteOutcome::Failed(PeerError::Fatal(
+                        "Raft stopped before answering a forwarded write".into(),
+                    )),
+                };
+                outcomes.push(outcome);
+            }
+            let retried = futures::future::join_all(again.into_iter().map(|(i, cmd)| async move {
+                let outcome = match c.propose_here(cmd, deadline).await {
+                    Ok(resp) => WriteOutcome::Applied(resp.data),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                        WriteOutcome::Failed(forward(c))
+                    }
+                    Err(RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_))) => {
+                        WriteOutcome::Failed(PeerError::CommitUnknown(e.to_string()))
+                    }
+                    Err(e) => WriteOutcome::Failed(raft_err(e)),
+                };
+                (i, outcome)
+            }))
+            .await;
+            for (i, outcome) in retried {
+                outcomes[i] = outcome;
+            }
+            outcomes
         })
     }
 

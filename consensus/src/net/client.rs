@@ -51,12 +51,13 @@ pub fn client_endpoint(bind: SocketAddr) -> Result<Endpoint, NetError> {
     Endpoint::client(bind).map_err(NetError::Bind)
 }
 
-fn response_name(resp: &PeerResponse) -> &'static str {
+pub(super) fn response_name(resp: &PeerResponse) -> &'static str {
     match resp {
         PeerResponse::AppendEntries(_) => "append_entries",
         PeerResponse::Vote(_) => "vote",
         PeerResponse::Snapshot(_) => "snapshot",
         PeerResponse::ClientWrite(_) => "client_write",
+        PeerResponse::ClientWriteBatch(_) => "client_write_batch",
         PeerResponse::ReadIndex(_) => "read_index",
         PeerResponse::Status(_) => "status",
         PeerResponse::Join(_) => "join",
@@ -249,17 +250,19 @@ async fn attempt(
 /// Cached peer connections and the app RPCs. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct PeerClient {
-    inner: Arc<ClientInner>,
+    pub(super) inner: Arc<ClientInner>,
 }
 
-struct ClientInner {
+pub(super) struct ClientInner {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
-    opts: NetOptions,
+    pub(super) opts: NetOptions,
     /// One slot per peer address; the async lock makes concurrent callers share one connect.
     conns: Mutex<HashMap<String, Arc<Slot>>>,
     observer: Option<RpcObserver>,
     on_connect: OnceLock<ConnectObserver>,
+    /// The forwarded-write batchers, one per leader address (`forward.rs`).
+    pub(super) forwarders: super::forward::Forwarders,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -304,6 +307,7 @@ impl PeerClient {
                 conns: Mutex::new(HashMap::new()),
                 observer,
                 on_connect: OnceLock::new(),
+                forwarders: Default::default(),
             }),
         })
     }
@@ -388,7 +392,7 @@ impl PeerClient {
         }
     }
 
-    fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {
+    pub(super) fn observe(&self, addr: &str, rpc: &'static str, started: Instant, ok: bool) {
         if let Some(observer) = &self.inner.observer {
             observer(addr, rpc, started.elapsed(), ok);
         }
@@ -396,7 +400,7 @@ impl PeerClient {
 
     /// The connection to `addr`, within `timeout` (or the connect timeout if shorter). Failing
     /// to connect, in time or at all, means the peer is unreachable.
-    async fn connection_within(
+    pub(super) async fn connection_within(
         &self,
         addr: &str,
         timeout: Duration,
@@ -439,77 +443,6 @@ impl PeerClient {
             PeerResponse::ClientWrite(r) => Ok(r),
             other => Err(unexpected("client_write", other)),
         }
-    }
-
-    /// Forwards a write to the leader at `addr`, telling apart a write that cannot have reached
-    /// it from one whose fate is unknown. Gives up when `timeout` passes or `abandon` resolves
-    /// (the caller learnt of another leader), whichever comes first.
-    pub async fn forward_write(
-        &self,
-        addr: &str,
-        cmd: Command,
-        timeout: Duration,
-        abandon: impl Future<Output = ()>,
-    ) -> Result<TxnResponse, ForwardError> {
-        let started = Instant::now();
-        tokio::pin!(abandon);
-        let max_frame = self.inner.opts.max_frame;
-        let frame = encode_frame(&PeerRequest::ClientWrite(cmd), max_frame)
-            .map_err(|e| ForwardError::NotSent(e.into()))?;
-        // Until the whole frame is in the stream's send buffer the leader cannot have a
-        // complete request, so nothing it could append.
-        let send = async {
-            let conn = self.connection_within(addr, timeout).await?;
-            let (mut send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| NetError::Connection(addr.to_owned(), e))?;
-            write_frame(&mut send, &frame).await?;
-            let _ = send.finish();
-            Ok::<_, NetError>((conn, recv))
-        };
-        // Biased: a frame handed over in the same poll as `abandon` fired counts as sent.
-        let (conn, mut recv) = tokio::select! {
-            biased;
-            r = tokio::time::timeout(timeout, send) => match r {
-                Ok(Ok(sent)) => sent,
-                Ok(Err(e)) => return Err(self.forward_failed(addr, started, ForwardError::NotSent(e))),
-                Err(_) => {
-                    let e = NetError::Timeout(timeout);
-                    return Err(self.forward_failed(addr, started, ForwardError::NotSent(e)));
-                }
-            },
-            _ = &mut abandon => {
-                return Err(self.forward_failed(addr, started, ForwardError::NotSent(NetError::Abandoned)));
-            }
-        };
-        let remaining = timeout.saturating_sub(started.elapsed());
-        let answer = tokio::select! {
-            biased;
-            r = read_frame::<PeerResponse, _>(&mut recv, max_frame, remaining) => r,
-            _ = &mut abandon => {
-                return Err(self.forward_failed(addr, started, ForwardError::Unknown(NetError::Abandoned)));
-            }
-        };
-        let result = match answer {
-            Ok(PeerResponse::ClientWrite(r)) => Ok(r),
-            Ok(PeerResponse::Error(e @ PeerError::ForwardToLeader { .. })) => {
-                Err(ForwardError::NotLeader(e))
-            }
-            Ok(other) => Err(ForwardError::Unknown(unexpected("client_write", other))),
-            Err(FrameError::Timeout(d)) => Err(ForwardError::Unknown(NetError::Timeout(d))),
-            Err(e) => Err(ForwardError::Unknown(match conn.close_reason() {
-                Some(reason) => NetError::Connection(addr.to_owned(), reason),
-                None => NetError::Frame(e),
-            })),
-        };
-        self.observe(addr, "client_write", started, result.is_ok());
-        result
-    }
-
-    fn forward_failed(&self, addr: &str, started: Instant, e: ForwardError) -> ForwardError {
-        self.observe(addr, "client_write", started, false);
-        e
     }
 
     /// Asks the leader at `addr` for a read index, giving up when `abandon` resolves.

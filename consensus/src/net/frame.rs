@@ -176,6 +176,9 @@ pub enum PeerRequest {
     },
     /// A write a follower forwards to the leader.
     ClientWrite(Command),
+    /// Several writes a follower forwards together (at most [`MAX_FORWARD_BATCH`]); the leader
+    /// proposes them in one call and answers one [`WriteOutcome`] per command, in order.
+    ClientWriteBatch(Vec<Command>),
     /// Asks the leader for a read index: the log index a linearizable read must wait for.
     LinearizableRead,
     Status,
@@ -194,6 +197,7 @@ impl PeerRequest {
             PeerRequest::PreVote(_) => "pre_vote",
             PeerRequest::SnapshotBegin { .. } => "install_snapshot",
             PeerRequest::ClientWrite(_) => "client_write",
+            PeerRequest::ClientWriteBatch(_) => "client_write_batch",
             PeerRequest::LinearizableRead => "linearizable_read",
             PeerRequest::Status => "status",
             PeerRequest::Join(_) => "join",
@@ -209,11 +213,22 @@ pub enum PeerResponse {
     Vote(WVoteResponse),
     Snapshot(WSnapshotResponse),
     ClientWrite(TxnResponse),
+    ClientWriteBatch(Vec<WriteOutcome>),
     ReadIndex(u64),
     Status(PeerStatus),
     Join(JoinResponse),
     Error(PeerError),
     TransferLeader(WTransferLeaderResponse),
+}
+
+/// Most commands one [`PeerRequest::ClientWriteBatch`] may carry.
+pub const MAX_FORWARD_BATCH: usize = 256;
+
+/// What became of one command of a [`PeerRequest::ClientWriteBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WriteOutcome {
+    Applied(TxnResponse),
+    Failed(PeerError),
 }
 
 /// Why a peer refused or could not serve a request. The handler returns these; they travel

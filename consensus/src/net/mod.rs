@@ -14,12 +14,13 @@
 use std::time::Duration;
 
 pub mod client;
+mod forward;
 pub mod frame;
 pub mod server;
 pub mod tls;
 
 pub use client::{ForwardError, PeerClient, QuicNetwork, RpcObserver};
-pub use frame::{JoinRequest, JoinResponse, PeerError, PeerRole, PeerStatus};
+pub use frame::{JoinRequest, JoinResponse, PeerError, PeerRole, PeerStatus, WriteOutcome};
 pub use server::{BoxFuture, DataHandler, DataSlot, PeerHandler, PeerServer};
 pub use tls::{ClusterCa, NodeIdentity, NodeKey, TlsError};
 
@@ -89,12 +90,18 @@ pub enum NetError {
     SnapshotSize,
     #[error("the caller stopped waiting: another node leads now")]
     Abandoned,
+    /// One failure reported to every write of a forwarded batch.
+    #[error(transparent)]
+    Shared(std::sync::Arc<NetError>),
 }
 
 impl NetError {
     /// Whether the peer could not be reached at all (so openraft should back off), as opposed
     /// to an RPC that failed on a working connection.
     pub fn is_unreachable(&self) -> bool {
+        if let NetError::Shared(e) = self {
+            return e.is_unreachable();
+        }
         matches!(
             self,
             NetError::Resolve(_)

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::frame::{
     encode_frame, read_frame, read_next_frame, write_frame, JoinRequest, JoinResponse, PeerError,
-    PeerRequest, PeerResponse, PeerStatus, SNAPSHOT_TRAILER_LEN,
+    PeerRequest, PeerResponse, PeerStatus, WriteOutcome, MAX_FORWARD_BATCH, SNAPSHOT_TRAILER_LEN,
 };
 use super::tls::{self, NodeIdentity, ALPN_DATA, ALPN_JOIN, ALPN_PEER};
 use super::{codes, NetError, NetOptions};
@@ -77,6 +77,20 @@ pub trait PeerHandler: Send + Sync + 'static {
 
     /// A write forwarded by a follower; only the leader accepts it.
     fn client_write(&self, cmd: Command) -> BoxFuture<'_, Result<TxnResponse, PeerError>>;
+
+    /// Writes a follower forwarded together: one outcome per command, in order. The default
+    /// proposes them one by one, concurrently; a Raft node proposes them in one call.
+    fn client_write_batch(&self, cmds: Vec<Command>) -> BoxFuture<'_, Vec<WriteOutcome>> {
+        Box::pin(async move {
+            futures::future::join_all(cmds.into_iter().map(|cmd| async move {
+                match self.client_write(cmd).await {
+                    Ok(r) => WriteOutcome::Applied(r),
+                    Err(e) => WriteOutcome::Failed(e),
+                }
+            }))
+            .await
+        })
+    }
 
     /// The read index for a linearizable read (leader only).
     fn linearizable_read(&self) -> BoxFuture<'_, Result<u64, PeerError>>;
@@ -626,6 +640,25 @@ async fn dispatch(
             Ok(r) => PeerResponse::ClientWrite(r),
             Err(e) => PeerResponse::Error(e),
         },
+        PeerRequest::ClientWriteBatch(cmds) => {
+            if cmds.is_empty() || cmds.len() > MAX_FORWARD_BATCH {
+                bad_request(format!(
+                    "a forwarded batch holds 1 to {MAX_FORWARD_BATCH} writes, not {}",
+                    cmds.len()
+                ))
+            } else {
+                let n = cmds.len();
+                let outcomes = h.client_write_batch(cmds).await;
+                if outcomes.len() == n {
+                    PeerResponse::ClientWriteBatch(outcomes)
+                } else {
+                    PeerResponse::Error(PeerError::Fatal(format!(
+                        "{} outcomes for {n} forwarded writes",
+                        outcomes.len()
+                    )))
+                }
+            }
+        }
         PeerRequest::LinearizableRead => match h.linearizable_read().await {
             Ok(index) => PeerResponse::ReadIndex(index),
             Err(e) => PeerResponse::Error(e),
