@@ -134,10 +134,6 @@ const FOLLOWED: [&str; 8] = [
     tables::NETWORK_AGENTS,
 ];
 
-/// How often the agent looks again without a change: taps appear after their port is bound,
-/// and disappear with their VM, without any row changing.
-const RESYNC: Duration = Duration::from_secs(1);
-
 /// How long a pass waits after the first change it sees, to take a burst (a server create
 /// writes several rows) in one pass.
 const COALESCE: Duration = Duration::from_millis(2);
@@ -247,7 +243,9 @@ impl NetworkAgent {
         // The node's own namespace (where libvirt makes taps), from this task's threads, which
         // never leave it.
         let mut host_devices = DeviceCache::new();
-        let mut tick = tokio::time::interval(RESYNC);
+        // How often the agent looks again without a change: taps appear after their port is
+        // bound, and disappear with their VM, without any row changing.
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.resync_ms));
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
