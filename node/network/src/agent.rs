@@ -3,9 +3,11 @@
 //! It follows the `ports`, `floating_ips`, `routers`, `networks`, `subnets`,
 //! `security_groups`, `security_group_rules` and `network_agents` tables: each is listed once
 //! (again after a watch gap) and then kept up to date in memory from its watch, so a pass reads
-//! nothing. A pass caused only by other nodes' ports (off any router's network) updates just
-//! their remote entries in the last [`DesiredState`]; anything else, a snapshot, or the slow
-//! tick (taps appear after their port was bound) plans the whole state again from the rows. The
+//! nothing. A pass caused only by VMs' ports (off any router's network) updates just their
+//! entries (remote, or local with their status, served device and groups) in the last
+//! [`DesiredState`]; anything else, a change of the local ports' networks, a snapshot, or the
+//! slow tick (taps appear after their port was bound) plans the whole state again from the
+//! rows. Device lookups are remembered until a link changes ([`DeviceCache`]). The
 //! state goes to the datapath driver, which runs on its own thread inside the node's network
 //! namespace (drivers are blocking) and changes only what differs. After each apply it writes the ports it
 //! serves `ACTIVE` and the ports bound here whose device is gone `DOWN`, and tells the
