@@ -215,6 +215,8 @@ pub struct EbpfDataplane {
     /// Router namespaces found at start (a previous instance's): removed by the first apply
     /// unless wanted.
     found_nat: BTreeSet<String>,
+    /// The ports' devices' indexes and MACs, kept while no link of the namespace changes.
+    devices: netdev::DeviceCache,
 }
 
 impl EbpfDataplane {
@@ -436,6 +438,7 @@ impl EbpfDataplane {
             leg_mtu: 1450,
             nat: HashMap::new(),
             found_nat: BTreeSet::new(),
+            devices: netdev::DeviceCache::new(),
         })
     }
 
@@ -853,10 +856,9 @@ where
     Ok((result.return_value, out))
 }
 
-impl Dataplane for EbpfDataplane {
-    type Error = EbpfDriverError;
-
-    fn apply(&mut self, desired: &DesiredState) -> Result<(), EbpfDriverError> {
+impl EbpfDataplane {
+    /// [`Dataplane::apply`]'s work, with device lookups from the cache.
+    fn apply_desired(&mut self, desired: &DesiredState) -> Result<(), EbpfDriverError> {
         model::check_addresses(desired)?;
         let entries = model::compile_sg(desired)?;
 
@@ -866,7 +868,10 @@ impl Dataplane for EbpfDataplane {
         let mut want_eps: HashMap<EpKey, Endpoint> = HashMap::new();
         let mut ids = Vec::with_capacity(desired.ports.len());
         for p in &desired.ports {
-            let ifindex = netdev::ifindex(&p.device).map_err(iface_err(&p.device))?;
+            let ifindex = self
+                .devices
+                .ifindex(&p.device)
+                .map_err(iface_err(&p.device))?;
             let port_id = self.port_id(&p.id, ifindex);
             ids.push(port_id);
             want_devices.insert(p.device.clone(), ifindex);
@@ -877,7 +882,7 @@ impl Dataplane for EbpfDataplane {
                     vni: p.vni,
                     mac: p.mac.0,
                     // The device's own MAC: the VM reaches the node's metadata service there.
-                    host_mac: netdev::mac(&p.device).map_err(iface_err(&p.device))?.0,
+                    host_mac: self.devices.mac(&p.device).map_err(iface_err(&p.device))?.0,
                     leg_router_id: 0,
                 },
             );
@@ -1187,6 +1192,20 @@ impl Dataplane for EbpfDataplane {
         self.endpoints = want_eps;
         self.sg = want_sg;
         Ok(())
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    type Error = EbpfDriverError;
+
+    fn apply(&mut self, desired: &DesiredState) -> Result<(), EbpfDriverError> {
+        self.devices.refresh();
+        let r = self.apply_desired(desired);
+        if r.is_err() {
+            // A device may have gone (or come back) under a remembered index.
+            self.devices.forget();
+        }
+        r
     }
 
     fn counters(&self) -> Result<Counters, EbpfDriverError> {

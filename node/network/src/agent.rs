@@ -3,9 +3,11 @@
 //! It follows the `ports`, `floating_ips`, `routers`, `networks`, `subnets`,
 //! `security_groups`, `security_group_rules` and `network_agents` tables: each is listed once
 //! (again after a watch gap) and then kept up to date in memory from its watch, so a pass reads
-//! nothing. A pass caused only by other nodes' ports (off any router's network) updates just
-//! their remote entries in the last [`DesiredState`]; anything else, a snapshot, or the slow
-//! tick (taps appear after their port was bound) plans the whole state again from the rows. The
+//! nothing. A pass caused only by VMs' ports (off any router's network) updates just their
+//! entries (remote, or local with their status, served device and groups) in the last
+//! [`DesiredState`]; anything else, a change of the local ports' networks, a snapshot, or the
+//! slow tick (taps appear after their port was bound) plans the whole state again from the
+//! rows. Device lookups are remembered until a link changes ([`DeviceCache`]). The
 //! state goes to the datapath driver, which runs on its own thread inside the node's network
 //! namespace (drivers are blocking) and changes only what differs. After each apply it writes the ports it
 //! serves `ACTIVE` and the ports bound here whose device is gone `DOWN`, and tells the
@@ -40,9 +42,9 @@ use futures::{future::BoxFuture, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_consensus::cluster::{Cluster, WatchError};
 use shoal_dataplane::{
-    ebpf::EbpfDataplane, kernel::KernelDataplane, model, Dataplane, DesiredState, Direction,
-    EtherType, ExternalGateway, FloatingIp, Ipv4Cidr, LocalPort, Mac, Remote, RemotePort, Router,
-    RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
+    ebpf::EbpfDataplane, kernel::KernelDataplane, model, netdev::DeviceCache, Dataplane,
+    DesiredState, Direction, EtherType, ExternalGateway, FloatingIp, Ipv4Cidr, LocalPort, Mac,
+    Remote, RemotePort, Router, RouterInterface, RouterRoute, SecurityGroup, SgRule, Underlay,
 };
 use shoal_state::{
     records::{tap_device, PortRecord},
@@ -133,10 +135,6 @@ const FOLLOWED: [&str; 8] = [
     tables::SECURITY_GROUP_RULES,
     tables::NETWORK_AGENTS,
 ];
-
-/// How often the agent looks again without a change: taps appear after their port is bound,
-/// and disappear with their VM, without any row changing.
-const RESYNC: Duration = Duration::from_secs(1);
 
 /// How long a pass waits after the first change it sees, to take a burst (a server create
 /// writes several rows) in one pass.
@@ -244,7 +242,12 @@ impl NetworkAgent {
         let mut dirty = Dirty::Full;
         let mut plan: Option<Plan> = None;
         let mut served: BTreeMap<String, ServedPort> = BTreeMap::new();
-        let mut tick = tokio::time::interval(RESYNC);
+        // The node's own namespace (where libvirt makes taps), from this task's threads, which
+        // never leave it.
+        let mut host_devices = DeviceCache::new();
+        // How often the agent looks again without a change: taps appear after their port is
+        // bound, and disappear with their VM, without any row changing.
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.resync_ms));
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
@@ -263,17 +266,19 @@ impl NetworkAgent {
             }
             let pass = std::mem::take(&mut dirty);
             let started = std::time::Instant::now();
-            let (p, how) = match (plan.take(), pass) {
-                (Some(mut p), Dirty::Ports(ids)) => {
-                    let n = ids.len();
-                    view.update_remote_ports(&self.host, &mut p, &ids);
-                    (p, format!("{n} remote ports"))
-                }
-                _ => (view.plan(&self.host), "full".to_string()),
+            // A pass of a few VMs' ports updates their entries in the last plan; anything
+            // else (or a change of the local ports' networks) plans the whole state.
+            let incremental = match (plan.take(), pass) {
+                (Some(mut p), Dirty::Ports(ids)) => view
+                    .update_ports(&self.host, &mut p, &ids)
+                    .then(|| (p, format!("{} ports", ids.len()))),
+                _ => None,
             };
+            let (p, how) =
+                incremental.unwrap_or_else(|| (view.plan(&self.host), "full".to_string()));
             let planned = started.elapsed();
             let p = self
-                .converge(&datapath, p, &mut served, &how, planned)
+                .converge(&datapath, p, &mut served, &mut host_devices, &how, planned)
                 .await;
             plan = Some(p);
         };
@@ -295,12 +300,18 @@ impl NetworkAgent {
         datapath: &DatapathThread,
         mut plan: Plan,
         served: &mut BTreeMap<String, ServedPort>,
+        host_devices: &mut DeviceCache,
         how: &str,
         planned: Duration,
     ) -> Plan {
         let started = std::time::Instant::now();
         if let Some(ns) = &self.cfg.netns {
-            adopt_taps(ns, plan.desired.ports.iter().map(|p| p.device.as_str())).await;
+            adopt_taps(
+                ns,
+                plan.desired.ports.iter().map(|p| p.device.as_str()),
+                host_devices,
+            )
+            .await;
         }
         let present = datapath.apply(plan.desired.clone()).await;
         let applied = started.elapsed();
@@ -510,10 +521,15 @@ fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<(), String> {
 /// datapath is. libvirt creates a VM's tap where libvirtd runs; with the datapath in a
 /// namespace of its own (several nodes on one machine), the tap must follow it, again after
 /// every restart of the VM, which recreates it. A tap in use keeps working across the move.
-async fn adopt_taps<'a>(netns: &str, devices: impl Iterator<Item = &'a str>) {
+async fn adopt_taps<'a>(
+    netns: &str,
+    devices: impl Iterator<Item = &'a str>,
+    known: &mut DeviceCache,
+) {
+    known.refresh();
     for device in devices {
         // Looked up from this (tokio) thread: the node's own namespace, not the datapath's.
-        if shoal_dataplane::netdev::ifindex(device).is_err() {
+        if known.ifindex(device).is_err() {
             continue;
         }
         let moved = tokio::process::Command::new("ip")
@@ -553,7 +569,13 @@ fn mappings(cfg: &NetworkConfig) -> BTreeMap<String, String> {
 struct Plan {
     desired: DesiredState,
     /// Ports bound to this node, with their status as read.
-    bound: Vec<(String, String)>,
+    bound: BTreeMap<String, String>,
+    /// `desired.ports` by port id, with their network.
+    local: BTreeMap<String, (String, LocalPort)>,
+    /// The networks of `local`: with the routers on them, what this node carries.
+    local_networks: BTreeSet<String>,
+    /// The groups `local` names (their rules and remote groups are in `desired`).
+    groups_used: BTreeSet<String>,
     /// The local ports put in `desired`, by device.
     served: BTreeMap<String, ServedPort>,
     /// Every router's interface ports: status as read, and the status they should have
@@ -647,8 +669,8 @@ enum Dirty {
     /// Nothing changed.
     #[default]
     Clean,
-    /// Only these ports changed, and each of them was and is a remote port of no router's
-    /// network: the last plan stands but for their remote entries.
+    /// Only these ports changed, each a VM's port of no router's network, not named by a
+    /// floating IP when bound here: the last plan stands but for their own entries.
     Ports(BTreeSet<String>),
     /// Anything else: a whole plan from the rows.
     Full,
@@ -774,12 +796,20 @@ impl View {
                     *dirty = Dirty::Full;
                     return;
                 };
-                let only_remote = [old.as_ref(), new].into_iter().flatten().all(|p| {
-                    p.binding_host_id != host
-                        && !p.device_owner.starts_with("network:")
-                        && !self.routed.contains(&p.network_id)
-                });
-                if only_remote {
+                // A VM's port, off any router's network: only its own entries change (a floating
+                // IP naming a port of this node also changes that router's NAT).
+                let local = [old.as_ref(), new]
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p.binding_host_id == host);
+                let own_entries = [old.as_ref(), new].into_iter().flatten().all(|p| {
+                    !p.device_owner.starts_with("network:") && !self.routed.contains(&p.network_id)
+                }) && !(local
+                    && self
+                        .floating_ips
+                        .values()
+                        .any(|f| f.port_id.as_deref() == Some(id.as_str())));
+                if own_entries {
                     dirty.port(&id);
                 } else {
                     *dirty = Dirty::Full;
@@ -821,16 +851,33 @@ impl View {
         }
     }
 
-    /// Brings `plan`'s remote ports up to date for the ports `ids` only (each of them was and
-    /// is a port of another node, on no router's network: see [`View::absorb`]). Nothing else
-    /// in the plan depends on them.
-    fn update_remote_ports(&self, host: &str, plan: &mut Plan, ids: &BTreeSet<String>) {
+    /// Brings `plan` up to date for the changed ports `ids` only (none of them a router's or
+    /// a gateway's port, on a router's network or named by a floating IP: see
+    /// [`View::absorb`]): their remote entries, and for those bound here (before or now) their
+    /// local entry, status, served entry and the groups the local ports use. Returns `false`,
+    /// leaving `plan` to be replaced by a whole plan, when the networks of the local ports
+    /// changed (what this node carries, and the routers it programs, depend on them).
+    fn update_ports(&self, host: &str, plan: &mut Plan, ids: &BTreeSet<String>) -> bool {
+        let mut local_changed = false;
         for id in ids {
-            match self
-                .ports
-                .get(id)
-                .and_then(|p| self.remote_port(host, p, &plan.carried))
-            {
+            let p = self.ports.get(id);
+            if plan.bound.remove(id).is_some() {
+                local_changed = true;
+            }
+            if let Some((_, old)) = plan.local.remove(id) {
+                plan.served.remove(&old.device);
+            }
+            if let Some(p) = p.filter(|p| p.binding_host_id == host) {
+                local_changed = true;
+                plan.bound.insert(id.clone(), p.status.clone());
+                if let Some((network, port, served)) = self.local_port(p) {
+                    if let Some(s) = served {
+                        plan.served.insert(port.device.clone(), s);
+                    }
+                    plan.local.insert(id.clone(), (network, port));
+                }
+            }
+            match p.and_then(|p| self.remote_port(host, p, &plan.carried)) {
                 Some(r) => {
                     plan.remote.insert(id.clone(), r);
                 }
@@ -839,7 +886,24 @@ impl View {
                 }
             }
         }
+        if local_changed {
+            let networks: BTreeSet<String> = plan.local.values().map(|(n, _)| n.clone()).collect();
+            if networks != plan.local_networks {
+                return false;
+            }
+            let groups: BTreeSet<String> = plan
+                .local
+                .values()
+                .flat_map(|(_, p)| p.security_groups.iter().cloned())
+                .collect();
+            if groups != plan.groups_used {
+                plan.desired.security_groups = self.security_groups(&groups);
+                plan.groups_used = groups;
+            }
+            plan.desired.ports = plan.local.values().map(|(_, p)| p.clone()).collect();
+        }
         plan.desired.remote_ports = plan.remote.values().cloned().collect();
+        true
     }
 
     /// A router interface port in the datapath's terms: on a carried network, up, with an
@@ -1061,43 +1125,57 @@ impl View {
             .collect()
     }
 
+    /// Port `p`, bound here, as a local port of the datapath (up, on a VXLAN network, with a
+    /// usable MAC and an IPv4 address), with its network and what its node-local services
+    /// need (when its subnet is known).
+    fn local_port(&self, p: &PortRecord) -> Option<(String, LocalPort, Option<ServedPort>)> {
+        let (Some(vni), true) = (self.vni(&p.network_id), p.admin_state_up) else {
+            return None;
+        };
+        let Ok(mac) = parse_mac(&p.mac_address) else {
+            tracing::warn!(port = %p.id, mac = %p.mac_address, "port MAC unusable");
+            return None;
+        };
+        let ips = ipv4s(p);
+        let &(ip, ref subnet_id) = ips.first()?;
+        let device = tap_device(&p.id);
+        let served = self
+            .subnets
+            .get(subnet_id)
+            .map(|s| served_port(p, device.clone(), ip, s, self.networks.get(&p.network_id)));
+        let port = LocalPort {
+            id: p.id.clone(),
+            device,
+            mac,
+            ips: ips.iter().map(|(ip, _)| *ip).collect(),
+            vni,
+            security_groups: port_groups(p),
+        };
+        Some((p.network_id.clone(), port, served))
+    }
+
     /// The whole plan from the rows.
     fn plan(&self, host: &str) -> Plan {
         let mut plan = Plan::default();
-        let mut groups_used: BTreeSet<String> = BTreeSet::new();
-        let mut local_networks: BTreeSet<&str> = BTreeSet::new();
         for p in self.ports.values().filter(|p| p.binding_host_id == host) {
-            plan.bound.push((p.id.clone(), p.status.clone()));
-            let (Some(vni), true) = (self.vni(&p.network_id), p.admin_state_up) else {
+            plan.bound.insert(p.id.clone(), p.status.clone());
+            let Some((network, port, served)) = self.local_port(p) else {
                 continue;
             };
-            let Ok(mac) = parse_mac(&p.mac_address) else {
-                tracing::warn!(port = %p.id, mac = %p.mac_address, "port MAC unusable");
-                continue;
-            };
-            let ips = ipv4s(p);
-            let Some(&(ip, ref subnet_id)) = ips.first() else {
-                continue;
-            };
-            let device = tap_device(&p.id);
-            let groups = port_groups(p);
-            groups_used.extend(groups.iter().cloned());
-            local_networks.insert(&p.network_id);
-            plan.desired.ports.push(LocalPort {
-                id: p.id.clone(),
-                device: device.clone(),
-                mac,
-                ips: ips.iter().map(|(ip, _)| *ip).collect(),
-                vni,
-                security_groups: groups,
-            });
-            if let Some(s) = self.subnets.get(subnet_id) {
-                plan.served.insert(
-                    device.clone(),
-                    served_port(p, device, ip, s, self.networks.get(&p.network_id)),
-                );
+            if let Some(s) = served {
+                plan.served.insert(port.device.clone(), s);
             }
+            plan.local.insert(p.id.clone(), (network, port));
         }
+        plan.desired.ports = plan.local.values().map(|(_, p)| p.clone()).collect();
+        plan.local_networks = plan.local.values().map(|(n, _)| n.clone()).collect();
+        plan.groups_used = plan
+            .local
+            .values()
+            .flat_map(|(_, p)| p.security_groups.iter().cloned())
+            .collect();
+        let networks = plan.local_networks.clone();
+        let local_networks: BTreeSet<&str> = networks.iter().map(String::as_str).collect();
         let mut carried = local_networks.clone();
         self.plan_routers(host, &local_networks, &mut carried, &mut plan);
         for f in self.floating_ips.values() {
@@ -1120,10 +1198,17 @@ impl View {
             }
         }
         plan.desired.remote_ports = plan.remote.values().cloned().collect();
-        // Groups the local ports name, and the groups their rules name as remotes.
-        let mut wanted = groups_used.clone();
+        plan.desired.security_groups = self.security_groups(&plan.groups_used);
+        plan
+    }
+
+    /// The groups `used` (by local ports) and the groups their rules name as remotes, with
+    /// their rules.
+    fn security_groups(&self, used: &BTreeSet<String>) -> Vec<SecurityGroup> {
+        let mut out = Vec::new();
+        let mut wanted = used.clone();
         for r in self.rules.values() {
-            if groups_used.contains(&r.security_group_id) {
+            if used.contains(&r.security_group_id) {
                 if let Some(g) = &r.remote_group_id {
                     wanted.insert(g.clone());
                 }
@@ -1137,7 +1222,7 @@ impl View {
                     .filter(|r| r.security_group_id == g.id)
                     .filter_map(sg_rule)
                     .collect();
-                plan.desired.security_groups.push(SecurityGroup {
+                out.push(SecurityGroup {
                     id: g.id.clone(),
                     rules,
                 });
@@ -1145,7 +1230,7 @@ impl View {
         }
         // A group named but deleted meanwhile allows nothing (never everything).
         for id in wanted {
-            if !plan.desired.security_groups.iter().any(|g| g.id == id) {
+            if !out.iter().any(|g| g.id == id) {
                 let rules = if id == OPEN_GROUP {
                     [Direction::Ingress, Direction::Egress]
                         .into_iter()
@@ -1160,12 +1245,10 @@ impl View {
                 } else {
                     Vec::new()
                 };
-                plan.desired
-                    .security_groups
-                    .push(SecurityGroup { id, rules });
+                out.push(SecurityGroup { id, rules });
             }
         }
-        plan
+        out
     }
 }
 
@@ -1335,8 +1418,11 @@ impl DatapathThread {
                 };
                 // Warnings said once per thread (each pass would repeat them every second).
                 let mut warned = BTreeSet::new();
+                // Opened here, in the datapath's namespace: its link events are the ones that
+                // matter.
+                let mut devices = DeviceCache::new();
                 while let Ok((desired, reply)) = rx.recv() {
-                    let _ = reply.send(apply_present(&mut dp, desired, &mut warned));
+                    let _ = reply.send(apply_present(&mut dp, desired, &mut devices, &mut warned));
                 }
             })
             .map_err(|e| AgentError::Datapath {
@@ -1366,19 +1452,20 @@ impl DatapathThread {
 fn apply_present(
     dp: &mut AnyDatapath,
     mut desired: DesiredState,
+    devices: &mut DeviceCache,
     warned: &mut BTreeSet<String>,
 ) -> Result<Applied, String> {
     // A tap appears a moment after its port is bound and goes with its VM: program what exists.
-    desired
-        .ports
-        .retain(|p| shoal_dataplane::netdev::ifindex(&p.device).is_ok());
+    // Remembered between passes until a link changes (a node may have many bound ports).
+    devices.refresh();
+    desired.ports.retain(|p| devices.ifindex(&p.device).is_ok());
     let ports: BTreeSet<String> = desired.ports.iter().map(|p| p.id.clone()).collect();
     for r in &mut desired.routers {
         r.floating_ips.retain(|f| ports.contains(&f.port_id));
         // A mapping to an interface this node does not have leaves the router without its
         // external side (floating IPs DOWN) instead of failing the whole datapath.
         if let Some(g) = &r.gateway {
-            if shoal_dataplane::netdev::ifindex(&g.device).is_err() {
+            if devices.ifindex(&g.device).is_err() {
                 if warned.insert(format!("device {}", g.device)) {
                     tracing::warn!(router = %r.id, device = %g.device,
                         "the external network's interface does not exist here");
@@ -1391,7 +1478,11 @@ fn apply_present(
     if let Err(e) = model::check_addresses(&desired) {
         return Err(e.to_string());
     }
-    dp.apply(&desired)?;
+    if let Err(e) = dp.apply(&desired) {
+        // Perhaps a device changed under a remembered answer: look again next time.
+        devices.forget();
+        return Err(e);
+    }
     Ok(Applied {
         floating_ips: desired
             .routers
@@ -1939,7 +2030,7 @@ mod tests {
         assert_eq!(served.prefix_len, 24);
         assert_eq!(served.gateway, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(served.dns, vec![Ipv4Addr::new(10, 0, 0, 53)]);
-        assert_eq!(plan.bound, vec![("a".to_string(), "DOWN".to_string())]);
+        assert_eq!(plan.bound, [("a".to_string(), "DOWN".to_string())].into());
     }
 
     fn row<T: Serialize>(v: &T) -> Option<Row> {
@@ -1996,9 +2087,8 @@ mod tests {
         let Dirty::Ports(ids) = std::mem::take(&mut dirty) else {
             unreachable!()
         };
-        v.update_remote_ports("n1", &mut plan, &ids);
-        let whole = v.plan("n1");
-        assert_eq!(plan.desired, whole.desired);
+        assert!(v.update_ports("n1", &mut plan, &ids));
+        assert_same(&plan, &v.plan("n1"));
         assert_eq!(plan.desired.remote_ports.len(), 2);
         let mut unbound = new.clone();
         unbound.binding_host_id = String::new();
@@ -2011,25 +2101,19 @@ mod tests {
         let Dirty::Ports(ids) = std::mem::take(&mut dirty) else {
             panic!("an unbound port is no one's local port")
         };
-        v.update_remote_ports("n1", &mut plan, &ids);
-        assert_eq!(plan.desired, v.plan("n1").desired);
+        assert!(v.update_ports("n1", &mut plan, &ids));
+        assert_same(&plan, &v.plan("n1"));
         assert_eq!(plan.desired.remote_ports.len(), 1);
 
-        // This node's own port, and a port that moves here: whole plans.
+        // A floating IP naming a port of this node: that port's changes take a whole plan.
+        v.floating_ips.push(FloatingIpRecord {
+            port_id: Some("a".into()),
+            ..fip("f1")
+        });
         let mut local = v.ports["a"].clone();
         local.admin_state_up = false;
         v.absorb(
             change(tables::PORTS, "a", row(&local)),
-            "n1",
-            &mut dirty,
-            &mut snaps,
-        );
-        assert_eq!(dirty, Dirty::Full);
-        let mut dirty = Dirty::Clean;
-        let mut here = v.ports["bb"].clone();
-        here.binding_host_id = "n1".into();
-        v.absorb(
-            change(tables::PORTS, "bb", row(&here)),
             "n1",
             &mut dirty,
             &mut snaps,
@@ -2045,6 +2129,143 @@ mod tests {
             &mut snaps,
         );
         assert_eq!(dirty, Dirty::Full);
+    }
+
+    /// Everything a pass uses of a plan.
+    fn assert_same(plan: &Plan, whole: &Plan) {
+        assert_eq!(plan.desired, whole.desired);
+        assert_eq!(plan.bound, whole.bound);
+        assert_eq!(plan.served, whole.served);
+        assert_eq!(plan.local, whole.local);
+        assert_eq!(plan.local_networks, whole.local_networks);
+        assert_eq!(plan.groups_used, whole.groups_used);
+        assert_eq!(plan.carried, whole.carried);
+        assert_eq!(plan.remote, whole.remote);
+        assert_eq!(plan.floating_ips, whole.floating_ips);
+        assert_eq!(plan.router_interfaces, whole.router_interfaces);
+    }
+
+    fn fip(id: &str) -> FloatingIpRecord {
+        FloatingIpRecord {
+            id: id.into(),
+            project_id: "p".into(),
+            floating_network_id: "ext".into(),
+            floating_ip_address: "203.0.113.20".into(),
+            floating_port_id: "fp".into(),
+            fixed_ip_address: None,
+            port_id: None,
+            router_id: None,
+            status: "DOWN".into(),
+            description: String::new(),
+            tags: vec![],
+            created_at: 0,
+            updated_at: 0,
+            revision_number: 1,
+        }
+    }
+
+    /// Takes `p` in as a changed row (`None`: deleted) and runs the pass the agent would:
+    /// incremental when the change allows it. Returns whether it was incremental.
+    fn pass(v: &mut View, plan: &mut Plan, id: &str, p: Option<&PortRecord>) -> bool {
+        let mut dirty = Dirty::Clean;
+        let mut snaps = BTreeSet::new();
+        v.absorb(
+            change(tables::PORTS, id, p.and_then(row)),
+            "n1",
+            &mut dirty,
+            &mut snaps,
+        );
+        let incremental = match std::mem::take(&mut dirty) {
+            Dirty::Ports(ids) => v.update_ports("n1", plan, &ids),
+            _ => false,
+        };
+        if !incremental {
+            *plan = v.plan("n1");
+        }
+        incremental
+    }
+
+    /// Changes of this node's own ports (a new one, its groups changed, port security off,
+    /// down, deleted, one moving here and away) update the last plan incrementally and end
+    /// where a whole plan from the same rows ends, served entries, statuses and groups
+    /// included; a local port on a network no local port was on takes a whole plan (it
+    /// changes what the node carries).
+    #[test]
+    fn local_port_changes_update_the_plan_as_a_whole_plan_would() {
+        let mut v = view();
+        let mut g2 = v.groups["g"].clone();
+        g2.id = "g2".into();
+        v.groups.push(g2);
+        let mut r3 = v.rules["r1"].clone();
+        r3.id = "r3".into();
+        r3.security_group_id = "g2".into();
+        r3.direction = "ingress".into();
+        r3.protocol = Some("tcp".into());
+        r3.port_range_min = Some(22);
+        v.rules.push(r3);
+        let mut plan = v.plan("n1");
+        let check = |v: &mut View, plan: &mut Plan, id: &str, p: Option<PortRecord>| {
+            assert!(pass(v, plan, id, p.as_ref()), "{id}: incremental");
+            assert_same(plan, &v.plan("n1"));
+        };
+
+        let new = port("ffffff", "n1", "10.0.0.11", &["g"]);
+        check(&mut v, &mut plan, "ffffff", Some(new.clone()));
+        assert_eq!(plan.desired.ports.len(), 2);
+        assert!(plan.served.contains_key(&tap_device("ffffff")));
+
+        // Into a group no other local port uses: its rules (and only then) are planned.
+        let mut moved = new.clone();
+        moved.security_groups = vec!["g2".into()];
+        check(&mut v, &mut plan, "ffffff", Some(moved.clone()));
+        assert!(plan.desired.security_groups.iter().any(|g| g.id == "g2"));
+        let mut open = moved.clone();
+        open.port_security_enabled = false;
+        check(&mut v, &mut plan, "ffffff", Some(open));
+        assert!(plan
+            .desired
+            .security_groups
+            .iter()
+            .any(|g| g.id == OPEN_GROUP));
+        assert!(!plan.desired.security_groups.iter().any(|g| g.id == "g2"));
+        check(&mut v, &mut plan, "ffffff", Some(moved.clone()));
+
+        // A new address, then down: not served, still bound (its status is reported).
+        let mut readdressed = moved.clone();
+        readdressed.fixed_ips[0].ip_address = "10.0.0.12".into();
+        check(&mut v, &mut plan, "ffffff", Some(readdressed.clone()));
+        let mut down = readdressed;
+        down.admin_state_up = false;
+        check(&mut v, &mut plan, "ffffff", Some(down));
+        assert!(plan.bound.contains_key("ffffff"));
+        assert!(!plan.served.contains_key(&tap_device("ffffff")));
+        check(&mut v, &mut plan, "ffffff", Some(moved));
+        check(&mut v, &mut plan, "ffffff", None);
+        assert!(!plan.bound.contains_key("ffffff"));
+        assert!(!plan.desired.security_groups.iter().any(|g| g.id == "g2"));
+
+        // A remote port moving here and back.
+        let mut here = v.ports["bb"].clone();
+        here.binding_host_id = "n1".into();
+        check(&mut v, &mut plan, "bb", Some(here.clone()));
+        assert!(!plan.remote.contains_key("bb"));
+        here.binding_host_id = "n2".into();
+        check(&mut v, &mut plan, "bb", Some(here));
+        assert!(plan.remote.contains_key("bb"));
+
+        // The only local port leaves network n1: what the node carries changes.
+        let mut n2 = v.networks["n1"].clone();
+        n2.id = "n2".into();
+        n2.segmentation_id = Some(8);
+        v.networks.insert("n2".into(), n2);
+        let mut elsewhere = v.ports["a"].clone();
+        elsewhere.network_id = "n2".into();
+        assert!(
+            !pass(&mut v, &mut plan, "a", Some(&elsewhere)),
+            "a whole plan"
+        );
+        assert!(plan.remote.is_empty(), "n1 is no longer carried");
+        assert_same(&plan, &v.plan("n1"));
     }
 
     /// A port on a router's network may move the router's gateway host: a whole plan. The

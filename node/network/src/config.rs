@@ -40,6 +40,9 @@ pub struct NetworkConfig {
     /// Neutron's `physical_interface_mappings`): a router's gateway and floating IPs on a
     /// flat network of `physnet` go out through that host interface (in `netns`, if set).
     pub physical_interface_mappings: Vec<String>,
+    /// How often (milliseconds) the agent plans the whole state without a change: taps appear
+    /// and vanish with their VMs without any row changing. 100 to 3,600,000.
+    pub resync_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +66,7 @@ impl Default for NetworkConfig {
             netns: None,
             pin_dir: None,
             physical_interface_mappings: Vec::new(),
+            resync_ms: 1000,
         }
     }
 }
@@ -83,6 +87,8 @@ pub enum NetworkConfigError {
     BadMapping(String),
     #[error("network.physical_interface_mappings maps physical network {0:?} twice")]
     DuplicateMapping(String),
+    #[error("network.resync_ms {0} must be 100 to 3600000")]
+    Resync(u64),
 }
 
 fn valid_device(v: &str) -> bool {
@@ -110,6 +116,9 @@ impl NetworkConfig {
             if !ok {
                 return Err(NetworkConfigError::FlatNetwork(name.clone()));
             }
+        }
+        if !(100..=3_600_000).contains(&self.resync_ms) {
+            return Err(NetworkConfigError::Resync(self.resync_ms));
         }
         if self.underlay_device.is_some() != self.vtep.is_some() {
             return Err(NetworkConfigError::HalfUnderlay);
@@ -198,6 +207,14 @@ mod tests {
         }
         .validate()
         .is_err());
+        assert_eq!(
+            NetworkConfig {
+                resync_ms: 5,
+                ..c.clone()
+            }
+            .validate(),
+            Err(NetworkConfigError::Resync(5))
+        );
         assert!(NetworkConfig {
             flat_networks: vec!["a b".into()],
             ..c.clone()
