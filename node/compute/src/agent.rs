@@ -269,6 +269,12 @@ impl Agent {
                 tokio::select! {
                     ev = stream.next() => match ev {
                         Some(Ok(ev)) => match ev.kind {
+                            // Most rows are other nodes' servers: a peek at the hosts
+                            // skips decoding those whole (every node sees every row).
+                            EventKind::Put(row)
+                                if !workers.contains_key(&ev.key)
+                                    && Hosts::of(&row.value)
+                                        .is_some_and(|h| !h.involve(&self.inner.cfg.host)) => {}
                             EventKind::Put(row) => {
                                 match self.inner.servers.decode(&ev.key, &row) {
                                     Ok(v) if self.involves(&v.value) => {
@@ -1682,6 +1688,39 @@ impl Inner {
     }
 }
 
+/// The hosts a server row names, read without decoding the rest of the row.
+#[derive(serde::Deserialize)]
+struct Hosts<'a> {
+    #[serde(default, borrow)]
+    host: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    migration: Option<MigrationHosts<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct MigrationHosts<'a> {
+    #[serde(borrow)]
+    source_host: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    dest_host: std::borrow::Cow<'a, str>,
+}
+
+impl<'a> Hosts<'a> {
+    /// `None` when the bytes are not a row (the full decode then reports it).
+    fn of(value: &'a [u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+
+    /// [`Agent::involves`] on these fields.
+    fn involve(&self, me: &str) -> bool {
+        self.host.as_deref() == Some(me)
+            || self
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.source_host == me || m.dest_host == me)
+    }
+}
+
 /// Where snapshots are written under the instances path before they are uploaded (Nova's
 /// `snapshots_directory`).
 pub const SNAPSHOTS_DIR: &str = "snapshots";
@@ -2313,5 +2352,34 @@ fn push_past(r: &mut ServerRecord, m: crate::server::Migration) {
     if r.past_migrations.len() > crate::server::MAX_MIGRATIONS {
         let extra = r.past_migrations.len() - crate::server::MAX_MIGRATIONS;
         r.past_migrations.drain(..extra);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The peek at a row's hosts says what [`Agent::involves`] says of the decoded row, for an
+    /// unplaced row, a placed one and one migrating between two hosts.
+    #[test]
+    fn the_hosts_peek_agrees_with_the_decoded_row() {
+        let mut r = crate::server::tests::record();
+        r.host = None;
+        let bytes = serde_json::to_vec(&r).unwrap();
+        let h = Hosts::of(&bytes).unwrap();
+        assert!(!h.involve("n1"));
+        r.host = Some("n1".into());
+        let bytes = serde_json::to_vec(&r).unwrap();
+        let h = Hosts::of(&bytes).unwrap();
+        assert!(h.involve("n1") && !h.involve("n2"));
+        // A resize from n1 to n3 (the other fields of the migration are skipped).
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["host"] = serde_json::Value::Null;
+        v["migration"] = serde_json::json!({"id": 1, "kind": "resize", "source_host": "n1",
+            "dest_host": "n3", "status": "migrating"});
+        let bytes = serde_json::to_vec(&v).unwrap();
+        let h = Hosts::of(&bytes).unwrap();
+        assert!(h.involve("n1") && h.involve("n3") && !h.involve("n2"));
+        assert!(Hosts::of(b"not json").is_none());
     }
 }

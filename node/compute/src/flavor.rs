@@ -312,7 +312,25 @@ impl Flavors {
         admin: bool,
         project: Option<&str>,
     ) -> Result<Flavor, ComputeError> {
-        let f = self.get(id).await?.value;
+        self.state.read_barrier().await?;
+        self.visible_local(id, admin, project).await
+    }
+
+    /// [`Self::visible`] from the local replica, without a read barrier of its own: for a
+    /// caller that passed one after its request arrived (a server create shares the one its
+    /// quota read passed), so the read still sees every flavor acknowledged before.
+    pub async fn visible_local(
+        &self,
+        id: &str,
+        admin: bool,
+        project: Option<&str>,
+    ) -> Result<Flavor, ComputeError> {
+        let f = self
+            .table
+            .get(id)
+            .await?
+            .ok_or_else(|| ComputeError::NotFound(format!("flavor {id} could not be found")))?
+            .value;
         if f.visible_to(admin, project) {
             Ok(f)
         } else {

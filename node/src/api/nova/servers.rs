@@ -354,7 +354,8 @@ async fn create(
     }
     let metadata = s.metadata.clone().unwrap_or_default();
     super::server_meta::check_items(&metadata)?;
-    // The project's quotas, read once for the whole create.
+    // The project's quotas, read once for the whole create, after the read barrier every
+    // read below relies on (flavor, image, security groups): one barrier per create.
     let quotas = shoal_compute::quota::Quotas::new(&state.state)
         .of(&project)
         .await?;
@@ -373,10 +374,9 @@ async fn create(
         }
     }
 
-    // The flavor and image as this project may see them (the flavor read passes a read
-    // barrier first, which the image read after it relies on too).
+    // The flavor and image as this project may see them (after the quota read's barrier).
     let flavor: Flavor = match shoal_compute::flavor::Flavors::new(&state.state)
-        .visible(&s.flavor_ref, is_admin(&auth), auth.0.project_id.as_deref())
+        .visible_local(&s.flavor_ref, is_admin(&auth), auth.0.project_id.as_deref())
         .await
     {
         Ok(f) => f,
@@ -416,12 +416,23 @@ async fn create(
         Some(g) if !g.is_empty() => g.iter().map(|n| n.name.clone()).collect(),
         _ => vec!["default".to_owned()],
     };
-    let visible = visible_groups(&state, &auth).await?;
     let mut groups = Vec::with_capacity(requested.len());
-    for name in &requested {
-        let g = find_group(&visible, &auth, name)?;
-        if !groups.iter().any(|(id, _): &(String, String)| *id == g.0) {
-            groups.push(g);
+    if requested == ["default"] {
+        // The project's own `default` group (no other group may take that name), without
+        // listing every group the caller sees.
+        let id = state
+            .network
+            .ensure_default_group(&project)
+            .await
+            .map_err(nova_err_net)?;
+        groups.push((id, "default".to_owned()));
+    } else {
+        let visible = visible_groups(&state, &auth).await?;
+        for name in &requested {
+            let g = find_group(&visible, &auth, name)?;
+            if !groups.iter().any(|(id, _): &(String, String)| *id == g.0) {
+                groups.push(g);
+            }
         }
     }
     let security_groups: Vec<String> = groups.iter().map(|(_, n)| n.clone()).collect();
