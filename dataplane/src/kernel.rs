@@ -1222,20 +1222,17 @@ impl KernelDataplane {
             }
             let _ = writeln!(s, "    iifname \"{dev}\" counter name drop_host drop");
         }
+        // The networks' VXLAN devices and the routers' bridge ends.
         let others: Vec<String> = by_vni
-            .iter()
-            .flat_map(|(vni, devices)| {
-                devices
+            .keys()
+            .map(|vni| vxlan_name(*vni))
+            .chain(
+                state
+                    .routers
                     .iter()
-                    .filter(|d| {
-                        !state
-                            .ports
-                            .iter()
-                            .any(|p| format!("\"{}\"", p.device) == **d)
-                    })
-                    .cloned()
-                    .chain([format!("\"{}\"", vxlan_name(*vni))])
-            })
+                    .flat_map(|r| r.interfaces.iter().map(|i| rif_names(&r.id, &i.port_id).0)),
+            )
+            .map(|d| format!("\"{d}\""))
             .collect();
         if !others.is_empty() {
             let _ = writeln!(

@@ -108,6 +108,14 @@ enum Served {
     },
 }
 
+/// Where a served device's packets reach this node's stack.
+enum Attached {
+    /// A port of this bridge (kernel-path driver): the bridge's listener serves it.
+    Bridge(String),
+    /// The device itself, with this listener bound to it.
+    Own(std::net::TcpListener),
+}
+
 /// A bridge's listener and the ports served through it, by source address.
 #[derive(Debug)]
 struct BridgeListener {
@@ -160,13 +168,7 @@ impl MetadataService {
         in_netns(netns.clone(), || {
             lower_rp_filter_floor()?;
             run_ip(&["link", "set", "lo", "up"])?;
-            run_ip(&[
-                "addr",
-                "replace",
-                &format!("{METADATA_ADDR}/32"),
-                "dev",
-                "lo",
-            ])
+            add_metadata_addr("lo")
         })
         .await?;
         Ok(MetadataService {
@@ -196,10 +198,9 @@ impl MetadataService {
         check_mac(mac)?;
         self.stop_serving(device).await;
         let (dev, mac) = (device.to_owned(), mac.to_owned());
-        let (bridge, std_listener) = in_netns(self.inner.netns.clone(), move || {
+        let attached = in_netns(self.inner.netns.clone(), move || {
             let bridge = master_of(&dev)?;
             let on = bridge.as_deref().unwrap_or(&dev);
-            write_sysctl(&format!("{CONF}/{on}/rp_filter"), 0)?;
             run_ip(&[
                 "neigh",
                 "replace",
@@ -212,27 +213,21 @@ impl MetadataService {
                 "permanent",
             ])?;
             match bridge {
-                Some(bridge) => {
-                    run_ip(&[
-                        "addr",
-                        "replace",
-                        &format!("{METADATA_ADDR}/32"),
-                        "dev",
-                        &bridge,
-                    ])?;
-                    Ok((Some(bridge), None))
+                Some(bridge) => Ok(Attached::Bridge(bridge)),
+                None => {
+                    write_sysctl(&format!("{CONF}/{dev}/rp_filter"), 0)?;
+                    Ok(Attached::Own(listen_on(&dev)?))
                 }
-                None => Ok((None, Some(listen_on(&dev)?))),
             }
         })
         .await?;
-        let served = match (bridge, std_listener) {
-            (Some(bridge), _) => {
+        let served = match attached {
+            Attached::Bridge(bridge) => {
                 self.serve_on_bridge(&bridge, port_id, ip).await?;
                 tracing::info!(%device, %bridge, port = %port_id, %ip, "serving metadata");
                 Served::Bridged { ip, bridge }
             }
-            (None, Some(std_listener)) => {
+            Attached::Own(std_listener) => {
                 let stop = self.inner.stop.child_token();
                 let task = self.spawn_listener(
                     std_listener,
@@ -243,7 +238,6 @@ impl MetadataService {
                 tracing::info!(%device, port = %port_id, %ip, "serving metadata");
                 Served::Own { ip, stop, task }
             }
-            (None, None) => unreachable!("a device without a bridge gets a listener"),
         };
         let old = self
             .inner
@@ -269,8 +263,14 @@ impl MetadataService {
             b.ports.lock().expect("lock").insert(ip, port_id.to_owned());
             return Ok(());
         }
+        // Once per bridge: it accepts VM sources and answers ARP for the address itself.
         let on = bridge.to_owned();
-        let std_listener = in_netns(self.inner.netns.clone(), move || listen_on(&on)).await?;
+        let std_listener = in_netns(self.inner.netns.clone(), move || {
+            write_sysctl(&format!("{CONF}/{on}/rp_filter"), 0)?;
+            add_metadata_addr(&on)?;
+            listen_on(&on)
+        })
+        .await?;
         let ports = Arc::new(Mutex::new(HashMap::from([(ip, port_id.to_owned())])));
         let stop = self.inner.stop.child_token();
         let task = self.spawn_listener(
@@ -558,6 +558,17 @@ fn run_ip(args: &[&str]) -> Result<(), MetadataError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// Configures 169.254.169.254/32 on `device` (in the calling thread's namespace).
+fn add_metadata_addr(device: &str) -> Result<(), MetadataError> {
+    run_ip(&[
+        "addr",
+        "replace",
+        &format!("{METADATA_ADDR}/32"),
+        "dev",
+        device,
+    ])
 }
 
 /// The bridge `device` is a port of, if any (`ip -o link show`, in the calling thread's
