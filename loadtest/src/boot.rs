@@ -204,6 +204,9 @@ async fn bench(
     if !resp.status().is_success() {
         bail!("image upload: {} {}", resp.status(), resp.text().await?);
     }
+    // What the hosts report as used before any server exists: Nova counts a host's reserved
+    // RAM (and disk) as used, so the double-booking check compares growth, not totals.
+    let before = hypervisor_usage(&http, b0, &token).await?;
     eprintln!(
         "[boot] {} servers through {} clients over {} nodes",
         args.servers, args.clients, args.nodes
@@ -341,25 +344,17 @@ async fn bench(
             error += 1;
         }
     }
-    // No double booking: each host's claims are exactly its ACTIVE servers.
-    let hyper = api(
-        &http,
-        Method::GET,
-        format!("{b0}/compute/v2.1/os-hypervisors/detail"),
-        &token,
-        None,
-    )
-    .await?;
+    // No double booking: what each host's claims grew by is exactly its ACTIVE servers.
     let mut hosts_checked = 0;
-    for h in hyper["hypervisors"].as_array().into_iter().flatten() {
-        let name = h["hypervisor_hostname"].as_str().unwrap_or_default();
-        let (vcpus, ram) = per_host.get(name).copied().unwrap_or((0, 0));
+    for (name, (used_vcpus, used_ram)) in hypervisor_usage(&http, b0, &token).await? {
+        let (vcpus, ram) = per_host.get(&name).copied().unwrap_or((0, 0));
+        let (base_vcpus, base_ram) = before.get(&name).copied().unwrap_or((0, 0));
         let (claimed_vcpus, claimed_ram) = (
-            h["vcpus_used"].as_u64().unwrap_or(u64::MAX),
-            h["memory_mb_used"].as_u64().unwrap_or(u64::MAX),
+            used_vcpus.saturating_sub(base_vcpus),
+            used_ram.saturating_sub(base_ram),
         );
         if error == 0 && (claimed_vcpus, claimed_ram) != (vcpus, ram) {
-            bail!("host {name} claims {claimed_vcpus} vCPUs / {claimed_ram} MB but runs {vcpus} / {ram}");
+            bail!("host {name} claims {claimed_vcpus} vCPUs / {claimed_ram} MB more than before the run but runs {vcpus} / {ram}");
         }
         hosts_checked += 1;
     }
@@ -478,6 +473,36 @@ fn virsh(args: &[&str]) -> Result<String> {
         bail!("virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Each hypervisor's `vcpus_used` and `memory_mb_used` as `os-hypervisors/detail` reports them.
+async fn hypervisor_usage(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+) -> Result<BTreeMap<String, (u64, u64)>> {
+    let hyper = api(
+        http,
+        reqwest::Method::GET,
+        format!("{base}/compute/v2.1/os-hypervisors/detail"),
+        token,
+        None,
+    )
+    .await?;
+    let mut usage = BTreeMap::new();
+    for h in hyper["hypervisors"].as_array().into_iter().flatten() {
+        let name = h["hypervisor_hostname"].as_str().unwrap_or_default();
+        let used = (
+            h["vcpus_used"]
+                .as_u64()
+                .context("hypervisor without vcpus_used")?,
+            h["memory_mb_used"]
+                .as_u64()
+                .context("hypervisor without memory_mb_used")?,
+        );
+        usage.insert(name.to_owned(), used);
+    }
+    Ok(usage)
 }
 
 async fn upload(
