@@ -204,7 +204,15 @@ pub(super) async fn evacuate(
         // Nova answers this with 400 (`ComputeServiceInUse` in its evacuate API).
         return Err(bad(format!("Compute service of {source} is still in use.")));
     }
-    place(state, auth, rid, found, &source, &body).await?;
+    // Nova's ComputeFilter passes only hosts whose service is up; placement here leaves out
+    // the forced-down and disabled ones, and the query the ones not heard from. This node is
+    // up (it is answering), so the list is never empty.
+    let up: Vec<String> = services
+        .iter()
+        .filter(|s| s.service.is_up(s.member.healthy))
+        .map(|s| s.member.name.clone())
+        .collect();
+    place(state, auth, rid, found, &source, &body, &up).await?;
     Ok(match body.password {
         Some(p) => (StatusCode::OK, Json(json!({ "adminPass": p }))).into_response(),
         None => StatusCode::OK.into_response(),
@@ -221,6 +229,7 @@ async fn place(
     found: Versioned<ServerRecord>,
     source: &str,
     body: &Body,
+    up: &[String],
 ) -> ApiResult<()> {
     let id = found.value.id.clone();
     let now = now_rfc3339();
@@ -272,12 +281,7 @@ async fn place(
             availability_zone: zone,
             is_admin: true,
             hints: SchedulerHints {
-                // Nova's requested destination (2.29, not forced): every filter runs, on
-                // that host alone.
-                query: match (&body.host, body.forced) {
-                    (Some(h), false) => Some(json!(["=", "$host", h]).to_string()),
-                    _ => None,
-                },
+                query: Some(host_query(body, up)),
                 group: group.as_ref().map(|(g, policy)| ServerGroup {
                     policy: *policy,
                     members: g.value.members.clone(),
@@ -368,6 +372,19 @@ async fn place(
     }
 }
 
+/// The JSON filter query of an evacuation: a host whose service is up and, for Nova's
+/// requested destination (a host from 2.29 without `force`), that host alone, every other
+/// filter running too. (A forced host skips the filters, this one included, as in Nova.)
+fn host_query(body: &Body, up: &[String]) -> String {
+    let mut live = vec![json!("in"), json!("$host")];
+    live.extend(up.iter().map(|h| json!(h)));
+    match (&body.host, body.forced) {
+        (Some(h), false) => json!(["and", ["=", "$host", h], live]),
+        _ => Value::Array(live),
+    }
+    .to_string()
+}
+
 fn internal(id: &str, e: &dyn std::fmt::Display) -> ApiError {
     tracing::warn!(server = %id, error = %e, "evacuate placement failed");
     ApiError::internal("the cluster could not commit the evacuation").nova()
@@ -424,5 +441,23 @@ mod tests {
         );
         assert!(parse_body(&json!({"force": true}), V2_29).is_err());
         assert!(parse_body(&json!({"force": "sure", "host": "a"}), V2_29).is_err());
+    }
+
+    /// The query keeps the hosts that are up and, for a requested destination, that one; it
+    /// parses as the scheduler's JSON filter.
+    #[test]
+    fn the_host_query_keeps_live_hosts_and_the_requested_one() {
+        let up = vec!["node1".to_owned(), "node2".to_owned()];
+        let any = parse_body(&json!({}), V2_29).unwrap();
+        assert_eq!(host_query(&any, &up), r#"["in","$host","node1","node2"]"#);
+        let asked = parse_body(&json!({"host": "node2"}), V2_29).unwrap();
+        let q = host_query(&asked, &up);
+        assert_eq!(
+            q,
+            r#"["and",["=","$host","node2"],["in","$host","node1","node2"]]"#
+        );
+        for q in [host_query(&any, &up), q] {
+            assert!(shoal_scheduler::json_query::parse(&q).is_ok(), "{q}");
+        }
     }
 }
