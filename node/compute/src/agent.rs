@@ -361,14 +361,16 @@ impl Agent {
         }
     }
 
-    /// Whether this node has work for the row: the server is placed here, or a resize in
-    /// progress moves it from or to here.
+    /// Whether this node has work for the row: the server is placed here, a resize in
+    /// progress moves it from or to here, or it was evacuated from here and this node's copy
+    /// is still to be removed.
     fn involves(&self, s: &ServerRecord) -> bool {
         let me = self.inner.cfg.host.as_str();
         s.host.as_deref() == Some(me)
             || s.migration
                 .as_ref()
                 .is_some_and(|m| m.source_host == me || m.dest_host == me)
+            || s.evacuated_from(me)
     }
 
     fn image_ids(&self, s: &ServerRecord) -> Vec<String> {
@@ -607,20 +609,35 @@ impl Agent {
             Ok::<_, String>(name)
         }
         .await;
-        self.finish_task(row, started, |r| match &outcome {
-            Ok(name) => {
-                r.instance_name = Some(name.clone());
-                r.fault = None;
-                if was_stopped {
-                    r.vm_state = VmState::Stopped;
-                    r.power_state = power::SHUTDOWN;
-                } else {
-                    r.vm_state = VmState::Active;
-                    r.power_state = power::RUNNING;
-                    r.launched_at = Some(now_rfc3339());
-                }
+        // An evacuation rebuilds here what another host lost (Nova's `rebuild_instance` with
+        // `recreate`); its migration is `done` or `failed` with the outcome.
+        let evacuation = s
+            .migration
+            .as_ref()
+            .filter(|m| m.kind == crate::server::EVACUATION && m.dest_host == self.me())
+            .cloned();
+        self.finish_task(row, started, |r| {
+            if let Some(mut m) = evacuation {
+                m.status = if outcome.is_ok() { "done" } else { "failed" }.into();
+                m.updated = now_rfc3339();
+                r.migration = None;
+                r.keep_past_migration(m);
             }
-            Err(e) => fail(r, &format!("the rebuild failed: {e}")),
+            match &outcome {
+                Ok(name) => {
+                    r.instance_name = Some(name.clone());
+                    r.fault = None;
+                    if was_stopped {
+                        r.vm_state = VmState::Stopped;
+                        r.power_state = power::SHUTDOWN;
+                    } else {
+                        r.vm_state = VmState::Active;
+                        r.power_state = power::RUNNING;
+                        r.launched_at = Some(now_rfc3339());
+                    }
+                }
+                Err(e) => fail(r, &format!("the rebuild failed: {e}")),
+            }
         })
         .await
     }
@@ -1695,6 +1712,8 @@ struct Hosts<'a> {
     host: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     migration: Option<MigrationHosts<'a>>,
+    #[serde(default, borrow)]
+    past_migrations: Vec<MigrationHosts<'a>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1703,6 +1722,19 @@ struct MigrationHosts<'a> {
     source_host: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     dest_host: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    status: std::borrow::Cow<'a, str>,
+}
+
+impl MigrationHosts<'_> {
+    /// [`crate::server::Migration::evacuated_from`] on these fields.
+    fn evacuated_from(&self, me: &str) -> bool {
+        self.kind == crate::server::EVACUATION
+            && self.source_host == me
+            && matches!(&*self.status, "accepted" | "pre-migrating" | "done")
+    }
 }
 
 impl<'a> Hosts<'a> {
@@ -1711,13 +1743,15 @@ impl<'a> Hosts<'a> {
         serde_json::from_slice(value).ok()
     }
 
-    /// [`Agent::involves`] on these fields.
+    /// [`Agent::involves`] on these fields (or more: an evacuation from here is looked at
+    /// whatever else the row says).
     fn involve(&self, me: &str) -> bool {
         self.host.as_deref() == Some(me)
             || self
                 .migration
                 .as_ref()
                 .is_some_and(|m| m.source_host == me || m.dest_host == me)
+            || self.past_migrations.iter().any(|m| m.evacuated_from(me))
     }
 }
 
@@ -1875,10 +1909,13 @@ impl Agent {
         started: &str,
     ) -> Result<(), AgentError> {
         let s = &row.value;
+        let me = self.me();
+        if s.evacuated_from(me) {
+            return self.destroy_evacuated(row).await;
+        }
         let Some(m) = &s.migration else {
             return Ok(());
         };
-        let me = self.me();
         let here = s.host.as_deref() == Some(me);
         match s.task_state {
             Some(TaskState::ResizeMigrated | TaskState::ResizeFinish) if m.dest_host == me => {
@@ -1899,6 +1936,41 @@ impl Agent {
             }
             _ => Ok(()),
         }
+    }
+
+    /// On the host a server was evacuated from, once it runs again (Nova's
+    /// `_destroy_evacuated_instances`): the domain and the instance directory it left go; the
+    /// row is not touched but for the migration, which is `completed` once the target has
+    /// rebuilt the server (`done`). Until then the next row brings the worker back here.
+    async fn destroy_evacuated(&self, row: &Versioned<ServerRecord>) -> Result<(), AgentError> {
+        let s = &row.value;
+        let me = self.me();
+        self.inner.hv.destroy(&s.id).await?;
+        if tokio::fs::try_exists(self.dir(&s.id))
+            .await
+            .unwrap_or(false)
+        {
+            tracing::info!(server = %s.id, "removing the copy of a server evacuated from here");
+            self.remove_instance_dir(&s.id).await;
+        }
+        if !s.past_migrations.iter().any(|m| m.evacuated_from(me)) {
+            return Ok(());
+        }
+        let now = now_rfc3339();
+        let mut r = s.clone();
+        for m in r
+            .past_migrations
+            .iter_mut()
+            .filter(|m| m.evacuated_from(me))
+        {
+            m.status = "completed".into();
+            m.updated = now.clone();
+        }
+        r.updated = now;
+        if self.write_row(&r, row.revision).await?.is_none() {
+            tracing::debug!(server = %r.id, "row changed while completing its evacuation");
+        }
+        Ok(())
     }
 
     async fn remove_resize_dir(&self, id: &str) {
@@ -2348,11 +2420,7 @@ impl Agent {
 
 /// Keeps a finished migration in the row's history (the newest [`MAX_MIGRATIONS`]).
 fn push_past(r: &mut ServerRecord, m: crate::server::Migration) {
-    r.past_migrations.push(m);
-    if r.past_migrations.len() > crate::server::MAX_MIGRATIONS {
-        let extra = r.past_migrations.len() - crate::server::MAX_MIGRATIONS;
-        r.past_migrations.drain(..extra);
-    }
+    r.keep_past_migration(m);
 }
 
 #[cfg(test)]
@@ -2381,5 +2449,54 @@ mod tests {
         let h = Hosts::of(&bytes).unwrap();
         assert!(h.involve("n1") && h.involve("n3") && !h.involve("n2"));
         assert!(Hosts::of(b"not json").is_none());
+    }
+
+    /// A server evacuated from n1 to n2 involves n1 until n1 has removed its copy (the
+    /// migration `completed`), in the peek and in the decoded row alike; a failed evacuation
+    /// leaves n1's copy alone, and a server back on n1 is n1's own again.
+    #[test]
+    fn an_evacuation_involves_its_source_until_completed() {
+        let mut r = crate::server::tests::record();
+        r.host = Some("n2".into());
+        let m = crate::server::Migration {
+            id: 1,
+            kind: crate::server::EVACUATION.into(),
+            source_host: "n1".into(),
+            dest_host: "n2".into(),
+            old_flavor: r.flavor.clone(),
+            new_flavor: r.flavor.clone(),
+            status: "done".into(),
+            old_vm_state: VmState::Active,
+            created: String::new(),
+            updated: String::new(),
+            dest_released: false,
+        };
+        let peek = |r: &ServerRecord, me: &str| {
+            let bytes = serde_json::to_vec(r).unwrap();
+            Hosts::of(&bytes).unwrap().involve(me)
+        };
+        r.keep_past_migration(m.clone());
+        assert!(r.evacuated_from("n1") && peek(&r, "n1"));
+        assert!(!r.evacuated_from("n3") && !peek(&r, "n3"));
+        assert!(
+            !r.evacuated_from("n2"),
+            "the target holds the server itself"
+        );
+        r.past_migrations[0].status = "completed".into();
+        assert!(!r.evacuated_from("n1") && !peek(&r, "n1"));
+        r.past_migrations[0].status = "failed".into();
+        assert!(!r.evacuated_from("n1") && !peek(&r, "n1"));
+        // In progress: the source drops its copy already.
+        r.past_migrations.clear();
+        r.migration = Some(crate::server::Migration {
+            status: "accepted".into(),
+            ..m.clone()
+        });
+        assert!(r.evacuated_from("n1") && peek(&r, "n1"));
+        // Back on n1 (a later move): nothing of it is removed.
+        r.migration = None;
+        r.keep_past_migration(m);
+        r.host = Some("n1".into());
+        assert!(!r.evacuated_from("n1"));
     }
 }

@@ -835,6 +835,68 @@ pub async fn confirm_migration(
     Err(PlaceError::Contended(MAX_ATTEMPTS * 3))
 }
 
+/// An instance's claim as it stands (see [`claim_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentClaim {
+    /// The revision of its `instances` row.
+    pub revision: u64,
+    pub record: InstanceRecord,
+    /// Whether its host still has a `hosts` row to give the resources back to.
+    pub host_known: bool,
+}
+
+/// An instance's claim as it stands now in the local replica, if it has one.
+pub async fn claim_of(
+    cluster: &Cluster,
+    instance_id: &str,
+) -> Result<Option<CurrentClaim>, PlaceError> {
+    let Some(row) = cluster.get(INSTANCES, instance_id).await? else {
+        return Ok(None);
+    };
+    let record: InstanceRecord = serde_json::from_slice(&row.value)
+        .map_err(|e| HostError::Corrupt(format!("{INSTANCES}/{instance_id}"), e))?;
+    let host_known = cluster.get(HOSTS, &record.host).await?.is_some();
+    Ok(Some(CurrentClaim {
+        revision: row.mod_revision,
+        record,
+        host_known,
+    }))
+}
+
+/// Turns the claim transaction [`place_with`] built for `placeholder` (a name the scheduler
+/// placed, absent from the `instances` table) into a move of `instance_id`'s claim to the
+/// chosen host: the new claim is written under `instance_id`, conditioned on the claim it
+/// replaces (`current`, as [`claim_of`] read it; absent if it had none), whose resources go
+/// back to its host in the same transaction. An evacuation moves a server's claim this way.
+pub fn move_claim(
+    mut txn: Txn,
+    placeholder: &str,
+    instance_id: &str,
+    current: Option<&CurrentClaim>,
+) -> Txn {
+    for p in &mut txn.preconditions {
+        if p.table == INSTANCES && p.key == placeholder {
+            p.key = instance_id.to_owned();
+            p.expect = match current {
+                Some(c) => Expect::Revision(c.revision),
+                None => Expect::Absent,
+            };
+        }
+    }
+    for op in &mut txn.ops {
+        if let shoal_types::Op::Put { table, key, .. } = op {
+            if table == INSTANCES && key == placeholder {
+                *key = instance_id.to_owned();
+            }
+        }
+    }
+    match current {
+        // Unbounded and unconditioned, as a release gives back.
+        Some(c) if c.host_known => txn.add(HOSTS, &c.record.host, give_back(&c.record)),
+        _ => txn,
+    }
+}
+
 /// The unbounded subtraction of a claim from its host's usage.
 fn give_back(claim: &InstanceRecord) -> Vec<AddField> {
     USAGE_FIELDS
@@ -1005,6 +1067,50 @@ mod tests {
             claims_txn(&hosts, &[], &[claim("z", 1, "i1")]),
             Err(PlaceError::View(_))
         ));
+    }
+
+    /// A moved claim is the placed one under the instance's own key, conditioned on the claim
+    /// it replaces, and the old host gets its resources back unbounded; with no claim before,
+    /// the key must be absent and nothing is given back.
+    #[test]
+    fn move_claim_rekeys_the_placed_claim_and_gives_the_old_back() {
+        let hosts = vec![host("a", 7), host("b", 9)];
+        let placed = claims_txn(&hosts, &[], &[claim("b", 9, "s.evacuation")]).unwrap();
+        let old = CurrentClaim {
+            revision: 42,
+            record: InstanceRecord {
+                host: "a".into(),
+                vcpus: 1,
+                ram_mb: 512,
+                disk_mb: 1024,
+            },
+            host_known: true,
+        };
+        let txn = move_claim(placed.clone(), "s.evacuation", "s", Some(&old));
+        assert_eq!(txn.preconditions.len(), 1);
+        assert_eq!(txn.preconditions[0].key, "s");
+        assert_eq!(txn.preconditions[0].expect, Expect::Revision(42));
+        let puts: Vec<&str> = txn
+            .ops
+            .iter()
+            .filter(|op| op.table() == INSTANCES)
+            .map(|op| op.key())
+            .collect();
+        assert_eq!(puts, vec!["s"]);
+        let [cpu, ram, disk] = capacity_limits(&hosts[1], &[]);
+        assert_eq!(
+            adds(&txn),
+            vec![
+                ("b".to_owned(), vec![(1, cpu), (512, ram), (1024, disk)]),
+                (
+                    "a".to_owned(),
+                    vec![(-1, None), (-512, None), (-1024, None)]
+                ),
+            ]
+        );
+        let fresh = move_claim(placed, "s.evacuation", "s", None);
+        assert_eq!(fresh.preconditions[0].expect, Expect::Absent);
+        assert_eq!(adds(&fresh).len(), 1);
     }
 
     /// The bound is what the filters check: `(total - reserved) × ratio`, with an aggregate's

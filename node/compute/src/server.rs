@@ -397,14 +397,16 @@ pub const MAX_MIGRATIONS: usize = 20;
 pub struct Migration {
     /// Nova's integer id: the Raft revision of the server's row when it was asked for.
     pub id: u64,
-    /// `resize` or `migration` (Nova's `migration_type`).
+    /// `resize`, `migration` or `evacuation` (Nova's `migration_type`).
     pub kind: String,
     pub source_host: String,
     pub dest_host: String,
     pub old_flavor: FlavorSnapshot,
     pub new_flavor: FlavorSnapshot,
     /// Nova's statuses: pre-migrating, migrating, post-migrating, finished, confirming,
-    /// confirmed, reverting, reverted, error.
+    /// confirmed, reverting, reverted, error; an evacuation's: accepted (placed, the target
+    /// rebuilding), done or failed (the target's outcome), completed (the source removed its
+    /// copy), error (no host fit).
     pub status: String,
     /// What the server was before (`active` or `stopped`): a revert and a confirm go back to it.
     pub old_vm_state: VmState,
@@ -417,7 +419,19 @@ pub struct Migration {
     pub dest_released: bool,
 }
 
+/// The `migration_type` of an evacuation.
+pub const EVACUATION: &str = "evacuation";
+
 impl Migration {
+    /// Whether this is an evacuation from `host` whose copy there is still to be removed
+    /// (Nova's `_destroy_evacuated_instances` looks for `accepted`, `pre-migrating` and `done`
+    /// ones; a `failed` rebuild leaves the source's copy, an `error` one was never placed).
+    pub fn evacuated_from(&self, host: &str) -> bool {
+        self.kind == EVACUATION
+            && self.source_host == host
+            && matches!(self.status.as_str(), "accepted" | "pre-migrating" | "done")
+    }
+
     /// The key of the target's claim in the `instances` table (the server's own claim, on
     /// the source, is keyed by its uuid until the resize is confirmed).
     pub fn claim_key(server: &str) -> String {
@@ -437,6 +451,28 @@ pub struct Shelved {
 }
 
 impl ServerRecord {
+    /// Keeps a finished migration in the row's history (the newest [`MAX_MIGRATIONS`]).
+    pub fn keep_past_migration(&mut self, m: Migration) {
+        self.past_migrations.push(m);
+        if self.past_migrations.len() > MAX_MIGRATIONS {
+            let extra = self.past_migrations.len() - MAX_MIGRATIONS;
+            self.past_migrations.drain(..extra);
+        }
+    }
+
+    /// Whether `host` holds a copy of this server that an evacuation left behind and is to
+    /// remove: the server is placed elsewhere, no resize involves it, and an evacuation from
+    /// `host` is still to be completed.
+    pub fn evacuated_from(&self, host: &str) -> bool {
+        self.host.as_deref() != Some(host)
+            && self.migration.as_ref().is_none_or(|m| m.kind == EVACUATION)
+            && self
+                .migration
+                .iter()
+                .chain(&self.past_migrations)
+                .any(|m| m.evacuated_from(host))
+    }
+
     /// Refuses a tag change (`action`, in Nova's words) unless the server is active, paused,
     /// suspended or stopped, as Nova does (409).
     pub fn check_tags_editable(&self, action: &str) -> Result<(), ComputeError> {
@@ -572,6 +608,8 @@ pub enum Action {
     Migrate,
     ConfirmResize,
     RevertResize,
+    /// `evacuate` (admins): rebuilt on another host from its image, its own host being down.
+    Evacuate,
 }
 
 impl Action {
@@ -598,6 +636,7 @@ impl Action {
             Action::Migrate => "migrate",
             Action::ConfirmResize => "confirmResize",
             Action::RevertResize => "revertResize",
+            Action::Evacuate => "evacuate",
         }
     }
 
@@ -626,6 +665,8 @@ impl Action {
             Action::Unrescue => vm == Rescued,
             Action::Resize | Action::Migrate => matches!(vm, Active | Stopped),
             Action::ConfirmResize | Action::RevertResize => vm == Resized,
+            // Nova's `evacuate`: the states a rebuild starts from.
+            Action::Evacuate => matches!(vm, Active | Stopped | Error),
         }
     }
 
@@ -639,7 +680,7 @@ impl Action {
             Action::Unpause => TaskState::Unpausing,
             Action::Suspend => TaskState::Suspending,
             Action::Resume => TaskState::Resuming,
-            Action::Rebuild => TaskState::Rebuilding,
+            Action::Rebuild | Action::Evacuate => TaskState::Rebuilding,
             Action::Delete => TaskState::Deleting,
             Action::CreateImage => TaskState::ImageSnapshot,
             Action::CreateBackup => TaskState::ImageBackup,
@@ -755,7 +796,8 @@ impl ServerRecord {
         // A resize records one event per step (prep, resize, finish); a migrate is a resize
         // to the same flavor.
         let started_it = action.action == task.action_name()
-            || (task.is_resizing() && action.action == "migrate");
+            || (task.is_resizing() && action.action == "migrate")
+            || (task == TaskState::Rebuilding && action.action == "evacuate");
         let name = task.event_name();
         if !started_it || action.events.iter().any(|e| e.event == name) {
             return;

@@ -12,9 +12,11 @@
 //! - `usage.rs`: `os-simple-tenant-usage` (live and deleted servers) and
 //!   `os-server-external-events`.
 //! - `migrations.rs`: rescue, resize, cold migration and `os-migrations`.
+//! - `evacuate.rs`: `evacuate`, a server rebuilt elsewhere when its host is down.
 
 pub mod admin;
 pub mod aggregates;
+pub mod evacuate;
 pub mod flavors;
 pub mod images;
 pub mod keypairs;

@@ -816,7 +816,7 @@ fn group_key(project: &str, id: &str) -> String {
     format!("{project}/{id}")
 }
 
-async fn load_group(
+pub(super) async fn load_group(
     state: &AppState,
     id: &str,
     project: &str,
@@ -841,7 +841,7 @@ async fn load_group(
 
 /// The id of the server group `r` is a member of, if any (a server joins at most one, at
 /// create).
-async fn group_of(state: &AppState, r: &ServerRecord) -> ApiResult<Option<String>> {
+pub(super) async fn group_of(state: &AppState, r: &ServerRecord) -> ApiResult<Option<String>> {
     let groups = state
         .state
         .table::<GroupRow>(tables::SERVER_GROUPS)
@@ -1958,6 +1958,7 @@ async fn action(
         "resize" => return super::migrations::resize(&state, &auth, &rid, &id, &arg, false).await,
         "migrate" => return super::migrations::resize(&state, &auth, &rid, &id, &arg, true).await,
         "unshelve" => return unshelve(&state, &auth, &rid, &id, &arg).await,
+        "evacuate" => return super::evacuate::evacuate(&state, &auth, &rid, mv, &id, &arg).await,
         "shelveOffload" => {
             // Admin only, as Nova's default policy.
             need(&auth, "admin")?;
