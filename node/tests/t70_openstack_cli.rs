@@ -318,7 +318,7 @@ fn refusals_through_the_client() {
         .or(body["notAcceptable"]["message"].as_str())
         .unwrap_or_default()
         .to_owned();
-    assert!(msg.contains("Minimum is 2.1 and maximum is 2.26"), "{body}");
+    assert!(msg.contains("Minimum is 2.1 and maximum is 2.36"), "{body}");
 }
 
 /// Flavors through the compute API: an admin creates one with properties on one node, every

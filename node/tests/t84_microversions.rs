@@ -12,7 +12,7 @@ use common::{wait_until, Cluster};
 use serde_json::Value;
 
 /// The highest version Shoal claims; the version document must say the same.
-const MAX: &str = "2.26";
+const MAX: &str = "2.36";
 
 const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f me@host";
@@ -688,6 +688,385 @@ fn versioned_views_through_the_openstack_client() {
         &[("OpenStack-API-Version", "compute 2.25")],
     );
     assert!(v225["server"].get("tags").is_none(), "{v225}");
+}
+
+/// `method path` with an optional JSON body at version `v`; the status and the JSON body.
+fn call_at(
+    c: &Cluster,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    v: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = c
+        .http
+        .request(method, format!("{}{path}", c.nodes[0].base()))
+        .header("X-Auth-Token", token)
+        .header("OpenStack-API-Version", format!("compute {v}"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&resp.text().unwrap()).unwrap_or(Value::Null),
+    )
+}
+
+/// 2.27 to 2.36, each at its version and the one below, through the client where it shows
+/// the change: the `cpu_info` object (2.28), device tags refused as Nova refuses them on a
+/// driver without device tagging (2.32), hypervisor (2.33) and key pair (2.35) paging, and the
+/// proxy APIs and network quotas gone at 2.36.
+#[test]
+fn versions_up_to_2_36() {
+    let Some(bin) = openstack_bin() else { return };
+    let c = Cluster::start(3, &[]);
+    let osc = Osc { bin, cluster: &c };
+    let token = c.token(0);
+    let json_at = |v: &str, args: &[&str]| {
+        let env = [("OS_COMPUTE_API_VERSION", v)];
+        osc.json_as(0, &env, args)
+    };
+    use reqwest::Method;
+    let at = |v: &str, method: Method, path: &str, body: Option<Value>| {
+        call_at(&c, &token, method, path, v, body)
+    };
+
+    // 2.27: the new header alone names the version (and the legacy one is still read).
+    let (s, h, _) = get(
+        &c,
+        &token,
+        "/compute/v2.1/flavors",
+        &[("OpenStack-API-Version", "compute 2.27")],
+    );
+    assert_eq!(s, 200);
+    assert_eq!(header(&h, "openstack-api-version"), Some("compute 2.27"));
+
+    // 2.28: cpu_info is an object, below it the same object as a JSON string.
+    // (node1's own hypervisor: the client reads the uptime, which only the node itself knows.)
+    let hv = osc.json(0, &["hypervisor", "list"]);
+    let first = hv
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["Hypervisor Hostname"] == "node1")
+        .map(|h| h["ID"].to_string())
+        .unwrap();
+    let (_, h27) = at(
+        "2.27",
+        Method::GET,
+        &format!("/compute/v2.1/os-hypervisors/{first}"),
+        None,
+    );
+    let text = h27["hypervisor"]["cpu_info"]
+        .as_str()
+        .expect("a string below 2.28");
+    let (_, h28) = at(
+        "2.28",
+        Method::GET,
+        &format!("/compute/v2.1/os-hypervisors/{first}"),
+        None,
+    );
+    assert!(h28["hypervisor"]["cpu_info"].is_object(), "{h28}");
+    assert_eq!(
+        serde_json::from_str::<Value>(text).unwrap(),
+        h28["hypervisor"]["cpu_info"]
+    );
+    let shown = json_at("2.28", &["hypervisor", "show", &first]).json();
+    assert!(shown["cpu_info"].is_object(), "{shown}");
+
+    // 2.33: hypervisor paging by id; the client walks the pages.
+    let (_, all32) = at(
+        "2.32",
+        Method::GET,
+        "/compute/v2.1/os-hypervisors?limit=1",
+        None,
+    );
+    assert_eq!(all32["hypervisors"].as_array().unwrap().len(), 3, "{all32}");
+    assert!(all32.get("hypervisors_links").is_none());
+    let (_, p1) = at(
+        "2.33",
+        Method::GET,
+        "/compute/v2.1/os-hypervisors/detail?limit=2",
+        None,
+    );
+    let page: Vec<i64> = p1["hypervisors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(page.len(), 2, "{p1}");
+    let next = p1["hypervisors_links"][0]["href"].as_str().unwrap();
+    assert!(
+        next.contains("/os-hypervisors/detail?") && next.contains(&format!("marker={}", page[1])),
+        "{next}"
+    );
+    let (_, p2) = at(
+        "2.33",
+        Method::GET,
+        &format!("/compute/v2.1/os-hypervisors?limit=2&marker={}", page[1]),
+        None,
+    );
+    assert_eq!(p2["hypervisors"].as_array().unwrap().len(), 1, "{p2}");
+    assert!(p2.get("hypervisors_links").is_none(), "{p2}");
+    let (s, bad) = at(
+        "2.33",
+        Method::GET,
+        "/compute/v2.1/os-hypervisors?marker=999",
+        None,
+    );
+    assert_eq!(s, 400, "{bad}");
+    assert_eq!(
+        at(
+            "2.33",
+            Method::GET,
+            "/compute/v2.1/os-hypervisors?limit=-1",
+            None
+        )
+        .0,
+        400
+    );
+    let listed = json_at("2.33", &["hypervisor", "list", "--limit", "1"]).json();
+    assert!(!listed.as_array().unwrap().is_empty(), "{listed}");
+
+    // 2.35: key pair paging by name.
+    let dir = c.tmp.path();
+    let ssh = dir.join("k.pub");
+    std::fs::write(&ssh, ED25519).unwrap();
+    for name in ["kc", "ka", "kb"] {
+        json_at(
+            "2.35",
+            &[
+                "keypair",
+                "create",
+                "--public-key",
+                ssh.to_str().unwrap(),
+                name,
+            ],
+        );
+    }
+    let (_, k34) = at(
+        "2.34",
+        Method::GET,
+        "/compute/v2.1/os-keypairs?limit=1",
+        None,
+    );
+    assert_eq!(k34["keypairs"].as_array().unwrap().len(), 3, "{k34}");
+    let (_, k35) = at(
+        "2.35",
+        Method::GET,
+        "/compute/v2.1/os-keypairs?limit=2&marker=ka",
+        None,
+    );
+    let names: Vec<&str> = k35["keypairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["keypair"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kb", "kc"], "{k35}");
+    assert!(k35["keypairs_links"][0]["href"]
+        .as_str()
+        .unwrap()
+        .contains("marker=kc"));
+    let (s, bad) = at(
+        "2.35",
+        Method::GET,
+        "/compute/v2.1/os-keypairs?marker=nope",
+        None,
+    );
+    assert_eq!(s, 400, "{bad}");
+    let first_page = json_at("2.35", &["keypair", "list", "--limit", "1"]).json();
+    let first_names: Vec<&str> = first_page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(first_names.first(), Some(&"ka"), "{first_page}");
+    let after = json_at("2.35", &["keypair", "list", "--marker", "kb"]).json();
+    assert_eq!(after.as_array().unwrap().len(), 1, "{after}");
+    assert_eq!(after[0]["Name"], "kc", "{after}");
+
+    // 2.32: device tags. Shoal's driver exposes no device metadata, so a tagged build is
+    // aborted as Nova aborts it on such a driver; below 2.32 (and for block devices above it)
+    // the field is refused.
+    osc.json(0, &["network", "create", "tagnet"]);
+    osc.json(
+        0,
+        &[
+            "subnet",
+            "create",
+            "--network",
+            "tagnet",
+            "--subnet-range",
+            "10.32.0.0/24",
+            "tagsub",
+        ],
+    );
+    osc.json(
+        0,
+        &[
+            "flavor", "create", "--vcpus", "1", "--ram", "256", "--disk", "1", "m1.tiny",
+        ],
+    );
+    let disk = dir.join("tiny.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let image = osc.json(
+        0,
+        &[
+            "image",
+            "create",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--file",
+            disk.to_str().unwrap(),
+            "tiny",
+        ],
+    );
+    let net = osc.json(0, &["network", "show", "tagnet"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let flavor = osc.json(0, &["flavor", "show", "m1.tiny"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let create = |v: &str, nic_tag: Option<&str>, bdm_tag: Option<&str>| {
+        let mut nic = serde_json::json!({"uuid": net});
+        if let Some(t) = nic_tag {
+            nic["tag"] = t.into();
+        }
+        let mut server = serde_json::json!({
+            "name": "tagged", "flavorRef": flavor, "imageRef": image["id"], "networks": [nic],
+        });
+        if let Some(t) = bdm_tag {
+            server["block_device_mapping_v2"] = serde_json::json!([{
+                "uuid": image["id"], "source_type": "image", "destination_type": "local",
+                "boot_index": 0, "tag": t,
+            }]);
+        }
+        at(
+            v,
+            Method::POST,
+            "/compute/v2.1/servers",
+            Some(serde_json::json!({ "server": server })),
+        )
+    };
+    assert_eq!(create("2.31", Some("nic1"), None).0, 400);
+    assert_eq!(create("2.33", None, Some("disk1")).0, 400);
+    assert_eq!(create("2.32", Some("a/b"), None).0, 400);
+    for (v, nic, bdm) in [("2.32", None, Some("disk1")), ("2.36", Some("nic1"), None)] {
+        let (s, made) = create(v, nic, bdm);
+        assert_eq!(s, 202, "{v}: {made}");
+        let id = made["server"]["id"].as_str().unwrap().to_owned();
+        let shown = wait_until("the tagged build to end", Duration::from_secs(60), || {
+            let v = osc.json(0, &["server", "show", &id]);
+            (v["status"] != "BUILD").then_some(v)
+        });
+        assert_eq!(shown["status"], "ERROR", "{shown}");
+        let fault = shown["fault"]["message"].as_str().unwrap_or_default();
+        assert!(fault.contains("does not support tagging"), "{shown}");
+        assert!(fault.contains(&id), "{shown}");
+    }
+
+    // 2.36: the proxies are gone, and so are the network quotas and limits.
+    for path in [
+        "/compute/v2.1/images",
+        "/compute/v2.1/os-networks",
+        "/compute/v2.1/os-tenant-networks",
+    ] {
+        assert_eq!(at("2.35", Method::GET, path, None).0, 200, "{path}");
+        assert_eq!(at("2.36", Method::GET, path, None).0, 404, "{path}");
+    }
+    let image_id = image["id"].as_str().unwrap();
+    assert_eq!(
+        at(
+            "2.36",
+            Method::GET,
+            &format!("/compute/v2.1/images/{image_id}"),
+            None
+        )
+        .0,
+        404
+    );
+    // The image metadata proxy stays until 2.38.
+    assert_eq!(
+        at(
+            "2.36",
+            Method::GET,
+            &format!("/compute/v2.1/images/{image_id}/metadata"),
+            None
+        )
+        .0,
+        200
+    );
+    let (_, l35) = at("2.35", Method::GET, "/compute/v2.1/limits", None);
+    let (_, l36) = at("2.36", Method::GET, "/compute/v2.1/limits", None);
+    for k in [
+        "maxTotalFloatingIps",
+        "maxSecurityGroups",
+        "maxSecurityGroupRules",
+        "totalFloatingIpsUsed",
+        "totalSecurityGroupsUsed",
+    ] {
+        assert!(l35["limits"]["absolute"].get(k).is_some(), "{k}: {l35}");
+        assert!(l36["limits"]["absolute"].get(k).is_none(), "{k}: {l36}");
+    }
+    assert!(
+        l36["limits"]["absolute"].get("maxImageMeta").is_some(),
+        "{l36}"
+    );
+    let project = osc.json(0, &["project", "show", "admin"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let qs = format!("/compute/v2.1/os-quota-sets/{project}");
+    for path in [qs.clone(), format!("{qs}/defaults"), format!("{qs}/detail")] {
+        let (_, q35) = at("2.35", Method::GET, &path, None);
+        let (_, q36) = at("2.36", Method::GET, &path, None);
+        assert!(
+            q35["quota_set"].get("floating_ips").is_some(),
+            "{path}: {q35}"
+        );
+        for k in [
+            "fixed_ips",
+            "floating_ips",
+            "security_groups",
+            "security_group_rules",
+        ] {
+            assert!(q36["quota_set"].get(k).is_none(), "{path} {k}: {q36}");
+        }
+        assert!(q36["quota_set"].get("instances").is_some(), "{q36}");
+    }
+    let update = |v: &str, body: Value| {
+        at(
+            v,
+            Method::PUT,
+            &qs,
+            Some(serde_json::json!({ "quota_set": body })),
+        )
+    };
+    assert_eq!(
+        update("2.35", serde_json::json!({"security_groups": 5})).0,
+        200
+    );
+    assert_eq!(
+        update("2.36", serde_json::json!({"security_groups": 5})).0,
+        400
+    );
+    let (s, updated) = update("2.36", serde_json::json!({"cores": 30, "force": true}));
+    assert_eq!(s, 200, "{updated}");
+    assert_eq!(updated["quota_set"]["cores"], 30, "{updated}");
+    assert!(
+        updated["quota_set"].get("security_groups").is_none(),
+        "{updated}"
+    );
 }
 
 /// A key pair created without a public key is generated as Nova generates it, through

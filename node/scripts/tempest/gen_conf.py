@@ -27,7 +27,7 @@ CONTAINER_FORMATS = ["bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compr
 # The Compute microversions Shoal serves (node/src/api/nova/version.rs MIN and MAX,
 # docs/api-coverage.md): Tempest runs the classes whose range meets them and skips the rest.
 COMPUTE_MIN_MICROVERSION = "2.1"
-COMPUTE_MAX_MICROVERSION = "2.26"
+COMPUTE_MAX_MICROVERSION = "2.36"
 
 # (name, ram MiB, vcpus, disk GiB): small enough to fit any test host once servers land.
 FLAVORS = [("tempest.small", 128, 1, 1), ("tempest.alt", 192, 1, 1)]

@@ -20,7 +20,10 @@ use serde_json::{json, Value};
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::nova::flavors::nova_err;
-use crate::api::nova::version::{microversion, Microversion, V2_11};
+use crate::api::nova::paging::Page;
+use crate::api::nova::version::{
+    microversion, Microversion, MIN, V2_11, V2_28, V2_33, V2_36, V2_39,
+};
 use crate::api::{AppState, Auth};
 use shoal_compute::quota::Quotas;
 use shoal_compute::service::{HostService, Services, BINARY};
@@ -96,6 +99,19 @@ fn parse_quota_update(body: &Bytes, name: &str) -> ApiResult<BTreeMap<String, i6
     shoal_compute::quota::parse_update(body, name).map_err(|m| {
         ApiError::bad_request(format!("invalid input for the request body: {m}")).nova()
     })
+}
+
+/// The quotas of the proxy APIs, which Nova's quota sets stop showing (and accepting) at 2.36.
+const NETWORK_QUOTAS: [&str; 4] = [
+    "fixed_ips",
+    "floating_ips",
+    "security_group_rules",
+    "security_groups",
+];
+
+/// Whether quota `name` is part of a quota set at version `v`.
+fn shown_quota(name: &str, v: Microversion) -> bool {
+    v < V2_36 || !NETWORK_QUOTAS.contains(&name)
 }
 
 /// Whether the caller may read project `project`'s quotas: admins any, others their own.
@@ -209,6 +225,7 @@ async fn known_project(state: &AppState, project: &str) -> ApiResult<()> {
 async fn show_quotas(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(project): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
@@ -218,7 +235,8 @@ async fn show_quotas(
         );
     }
     known_project(&state, &project).await?;
-    let q = quotas(&state).of(&project).await?;
+    let mut q = quotas(&state).of(&project).await?;
+    q.retain(|k, _| shown_quota(k, v));
     let mut body = if flag(&params, "usage") {
         detail(&state, &project, &q).await?
     } else {
@@ -231,6 +249,7 @@ async fn show_quotas(
 async fn detail_quotas(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(project): Path<String>,
 ) -> ApiResult<Json<Value>> {
     if !can_read_quotas(&auth, &project) {
@@ -239,7 +258,8 @@ async fn detail_quotas(
         );
     }
     known_project(&state, &project).await?;
-    let q = quotas(&state).of(&project).await?;
+    let mut q = quotas(&state).of(&project).await?;
+    q.retain(|k, _| shown_quota(k, v));
     let mut body = detail(&state, &project, &q).await?;
     body.insert("id".into(), json!(project));
     Ok(Json(json!({ "quota_set": body })))
@@ -248,6 +268,7 @@ async fn detail_quotas(
 async fn default_quotas(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(project): Path<String>,
 ) -> ApiResult<Json<Value>> {
     auth.require("reader").map_err(ApiError::nova)?;
@@ -256,7 +277,8 @@ async fn default_quotas(
         .class_defaults()
         .await?
         .into_iter()
-        .map(|(k, v)| (k, json!(v)))
+        .filter(|(k, _)| shown_quota(k, v))
+        .map(|(k, n)| (k, json!(n)))
         .collect();
     body.insert("id".into(), json!(project));
     Ok(Json(json!({ "quota_set": body })))
@@ -265,16 +287,25 @@ async fn default_quotas(
 async fn update_quotas(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(project): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
     let update = parse_quota_update(&body, "quota_set")?;
+    if let Some(k) = update.keys().find(|k| !shown_quota(k, v)) {
+        return Err(ApiError::bad_request(format!(
+            "Invalid input for field/attribute quota_set. Additional properties are not allowed \
+             ('{k}' was unexpected: network quotas are the Network API's from microversion 2.36)"
+        ))
+        .nova());
+    }
     known_project(&state, &project).await?;
     // Merge into the stored overrides with a compare-and-set, so concurrent updates of
     // different quotas both take effect.
     quotas(&state).update_project(&project, &update).await?;
-    let q = quotas(&state).of(&project).await?;
+    let mut q = quotas(&state).of(&project).await?;
+    q.retain(|k, _| shown_quota(k, v));
     Ok(Json(json!({ "quota_set": q })))
 }
 
@@ -289,7 +320,13 @@ async fn revert_quotas(
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn limits(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+/// `GET /limits`: the project's quotas and usage. From 2.36 the network limits (floating IPs,
+/// security groups and their rules) are gone, from 2.39 `maxImageMeta`, as in Nova.
+async fn limits(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+) -> ApiResult<Json<Value>> {
     let project = auth
         .0
         .project_id
@@ -298,20 +335,28 @@ async fn limits(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Val
     let q = quotas(&state).of(&project).await?;
     let get = |k: &str| q.get(k).copied().unwrap_or(0);
     let (instances, cores, ram) = crate::api::nova::servers::usage(&state, &project).await?;
-    Ok(Json(json!({"limits": {"rate": [], "absolute": {
+    let mut absolute = json!({
         "maxTotalInstances": get("instances"), "maxTotalCores": get("cores"),
         "maxTotalRAMSize": get("ram"), "maxTotalKeypairs": get("key_pairs"),
-        "maxServerMeta": get("metadata_items"), "maxImageMeta": get("metadata_items"),
+        "maxServerMeta": get("metadata_items"),
         "maxPersonality": get("injected_files"),
         "maxPersonalitySize": get("injected_file_content_bytes"),
         "maxServerGroups": get("server_groups"),
         "maxServerGroupMembers": get("server_group_members"),
-        "maxTotalFloatingIps": get("floating_ips"),
-        "maxSecurityGroups": get("security_groups"),
-        "maxSecurityGroupRules": get("security_group_rules"),
         "totalInstancesUsed": instances, "totalCoresUsed": cores, "totalRAMUsed": ram,
-        "totalServerGroupsUsed": 0, "totalFloatingIpsUsed": 0, "totalSecurityGroupsUsed": 0,
-    }}})))
+        "totalServerGroupsUsed": 0,
+    });
+    if v < V2_36 {
+        absolute["maxTotalFloatingIps"] = json!(get("floating_ips"));
+        absolute["maxSecurityGroups"] = json!(get("security_groups"));
+        absolute["maxSecurityGroupRules"] = json!(get("security_group_rules"));
+        absolute["totalFloatingIpsUsed"] = json!(0);
+        absolute["totalSecurityGroupsUsed"] = json!(0);
+    }
+    if v < V2_39 {
+        absolute["maxImageMeta"] = json!(get("metadata_items"));
+    }
+    Ok(Json(json!({"limits": {"rate": [], "absolute": absolute}})))
 }
 
 fn state_word(healthy: bool) -> &'static str {
@@ -342,16 +387,63 @@ fn hypervisor_json(h: &HostService) -> Value {
     })
 }
 
-async fn list_hypervisors(State(state): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+/// The hypervisors a list shows: all of them below 2.33; from 2.33 the page `limit` and
+/// `marker` (a hypervisor id) name, with `hypervisors_links` when it is full.
+async fn hypervisor_page(
+    state: &AppState,
+    v: Microversion,
+    q: &HashMap<String, String>,
+) -> ApiResult<(Vec<HostService>, Option<Page>)> {
+    let members = services(state).await.list().await?;
+    if v < V2_33 {
+        return Ok((members, None));
+    }
+    let page = Page::from_query(q)?;
+    let members = page
+        .apply(members, |h| h.member.id.to_string())
+        .ok_or_else(|| {
+            let marker = page.marker.as_deref().unwrap_or_default();
+            ApiError::bad_request(format!("marker [{marker}] not found")).nova()
+        })?;
+    Ok((members, Some(page)))
+}
+
+fn hypervisor_list_body(
+    state: &AppState,
+    q: &HashMap<String, String>,
+    collection: &str,
+    members: &[HostService],
+    page: Option<Page>,
+    items: Vec<Value>,
+) -> Value {
+    let mut body = json!({ "hypervisors": items });
+    let links = page.and_then(|p| {
+        let last = members.last().map(|h| h.member.id.to_string());
+        p.links(&state.base_url, collection, q, members.len(), last)
+    });
+    if let Some(links) = links {
+        body["hypervisors_links"] = links;
+    }
+    body
+}
+
+async fn list_hypervisors(
+    State(state): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
-    let items: Vec<Value> = services(&state)
-        .await
-        .list()
-        .await?
-        .iter()
-        .map(hypervisor_json)
-        .collect();
-    Ok(Json(json!({ "hypervisors": items })))
+    let (members, page) = hypervisor_page(&state, v, &q).await?;
+    let items: Vec<Value> = members.iter().map(hypervisor_json).collect();
+    Ok(Json(hypervisor_list_body(
+        &state,
+        &q,
+        "os-hypervisors",
+        &members,
+        page,
+        items,
+    )))
 }
 
 /// What each host registered in `hosts` (its libvirt driver, version and capacity), by name.
@@ -365,9 +457,14 @@ async fn host_rows(state: &AppState) -> ApiResult<HashMap<String, shoal_schedule
     Ok(hosts.into_iter().map(|h| (h.name.clone(), h)).collect())
 }
 
-/// Nova 2.1's detailed hypervisor view of a member; a member that has not registered in
-/// `hosts` yet shows Nova's defaults and zero capacity.
-fn hypervisor_detail(hs: &HostService, host: Option<&shoal_scheduler::Host>) -> Value {
+/// Nova's detailed hypervisor view of a member; a member that has not registered in `hosts`
+/// yet shows Nova's defaults and zero capacity. `cpu_info` is a JSON string below 2.28 and
+/// the object it encodes from 2.28 on.
+fn hypervisor_detail(
+    hs: &HostService,
+    host: Option<&shoal_scheduler::Host>,
+    v: Microversion,
+) -> Value {
     let (m, svc) = (&hs.member, &hs.service);
     let (hv_type, hv_version) = host
         .filter(|h| !h.hypervisor_type.is_empty())
@@ -388,6 +485,7 @@ fn hypervisor_detail(hs: &HostService, host: Option<&shoal_scheduler::Host>) -> 
                 h.architecture.as_str(),
             )
         });
+    let cpu_info = json!({ "arch": arch });
     json!({
         "id": m.id, "hypervisor_hostname": m.name, "hypervisor_type": hv_type,
         "hypervisor_version": hv_version, "host_ip": host_ip(&m.api),
@@ -401,34 +499,44 @@ fn hypervisor_detail(hs: &HostService, host: Option<&shoal_scheduler::Host>) -> 
         "free_disk_gb": disk_gb as i64 - disk_used_gb as i64,
         "disk_available_least": disk_gb as i64 - disk_used_gb as i64,
         "running_vms": vms, "current_workload": 0,
-        "cpu_info": json!({"arch": arch}).to_string(),
+        "cpu_info": if v >= V2_28 { cpu_info } else { json!(cpu_info.to_string()) },
     })
 }
 
 async fn list_hypervisors_detail(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
-    let members = services(&state).await.list().await?;
+    let (members, page) = hypervisor_page(&state, v, &q).await?;
     let hosts = host_rows(&state).await?;
     let items: Vec<Value> = members
         .iter()
-        .map(|h| hypervisor_detail(h, hosts.get(&h.member.name)))
+        .map(|h| hypervisor_detail(h, hosts.get(&h.member.name), v))
         .collect();
-    Ok(Json(json!({ "hypervisors": items })))
+    Ok(Json(hypervisor_list_body(
+        &state,
+        &q,
+        "os-hypervisors/detail",
+        &members,
+        page,
+        items,
+    )))
 }
 
 async fn show_hypervisor(
     State(state): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
     let h = services(&state).await.hypervisor(&id).await?;
     let hosts = host_rows(&state).await?;
     Ok(Json(
-        json!({ "hypervisor": hypervisor_detail(&h, hosts.get(&h.member.name)) }),
+        json!({ "hypervisor": hypervisor_detail(&h, hosts.get(&h.member.name), v) }),
     ))
 }
 
@@ -488,7 +596,7 @@ async fn hypervisor_statistics(
     ];
     let mut sums: BTreeMap<&str, i64> = keys.iter().map(|k| (*k, 0)).collect();
     for h in &members {
-        let d = hypervisor_detail(h, hosts.get(&h.member.name));
+        let d = hypervisor_detail(h, hosts.get(&h.member.name), MIN);
         for k in keys {
             *sums.get_mut(k).expect("every key is summed") += d[k].as_i64().unwrap_or(0);
         }

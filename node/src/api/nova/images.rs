@@ -1,4 +1,4 @@
-//! Nova's image proxy (`/compute/v2.1/images`, deprecated by Nova at 2.36 but served at 2.1):
+//! Nova's image proxy (`/compute/v2.1/images`, up to 2.35; its `metadata` calls up to 2.38):
 //! the Image API's images seen through the Compute API's shapes. Nothing is stored here: every
 //! call reads or changes the image rows through the Image API's own functions
 //! (`api::glance::images`), with its visibility and ownership rules, and answers in Nova's
@@ -20,14 +20,18 @@ use super::servers::need;
 use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::glance::images::{delete_image, listed_images, load_visible, modify};
-use crate::api::nova::version::microversion;
+use crate::api::nova::version::{image_metadata_routes, microversion, proxy_routes};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    // The image proxy ends at 2.35, its metadata calls at 2.38 (Nova's
+    // `MAX_IMAGE_META_PROXY_API_VERSION`); Nova answers 404 after.
+    let images = Router::new()
         .route("/compute/v2.1/images", get(list))
         .route("/compute/v2.1/images/detail", get(list_detail))
         .route("/compute/v2.1/images/{id}", get(show).delete(delete))
+        .layer(axum::middleware::from_fn(proxy_routes));
+    let metadata = Router::new()
         .route(
             "/compute/v2.1/images/{id}/metadata",
             get(show_metadata)
@@ -38,6 +42,9 @@ pub fn routes() -> Router<AppState> {
             "/compute/v2.1/images/{id}/metadata/{key}",
             get(show_item).put(set_item).delete(delete_item),
         )
+        .layer(axum::middleware::from_fn(image_metadata_routes));
+    images
+        .merge(metadata)
         .layer(axum::middleware::from_fn(microversion))
 }
 

@@ -3,7 +3,7 @@
 //! Translates the requests into `Keypairs` calls, decides whose key pairs a request addresses
 //! (`?user_id=` and a create's `user_id` are for admins, from microversion 2.10) and renders
 //! Nova's views (the key `type`, 201 on create and 204 on delete from 2.2; a generated pair's
-//! `private_key` in the create answer only); the records, the public key checks, the key
+//! `private_key` in the create answer only; `limit`/`marker` paging from 2.35); the records, the public key checks, the key
 //! generation and the quota-bounded create are the compute service's.
 
 use std::collections::HashMap;
@@ -20,7 +20,8 @@ use shoal_compute::keypair::{KeyType, Keypair, Keypairs};
 use shoal_state::time::iso8601;
 
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::nova::version::{microversion, unexpected, Microversion, V2_10, V2_2};
+use crate::api::nova::paging::Page;
+use crate::api::nova::version::{microversion, unexpected, Microversion, V2_10, V2_2, V2_35};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -144,6 +145,8 @@ fn owner(auth: &Auth, q: &HashMap<String, String>, v: Microversion) -> ApiResult
     }
 }
 
+/// `GET /os-keypairs`: the user's key pairs in name order; from 2.35 the page `limit` and
+/// `marker` (a key pair name) name, with `keypairs_links` when it is full.
 async fn list_keypairs(
     State(state): State<AppState>,
     auth: Auth,
@@ -151,13 +154,29 @@ async fn list_keypairs(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let user = owner(&auth, &q, v)?;
-    let items: Vec<Value> = keypairs(&state)
-        .of_user(&user)
-        .await?
+    let mut all = keypairs(&state).of_user(&user).await?;
+    let page = if v >= V2_35 {
+        let page = Page::from_query(&q)?;
+        all = page.apply(all, |k| k.name.clone()).ok_or_else(|| {
+            let marker = page.marker.as_deref().unwrap_or_default();
+            ApiError::bad_request(format!("Marker {marker} could not be found.")).nova()
+        })?;
+        Some(page)
+    } else {
+        None
+    };
+    let items: Vec<Value> = all
         .iter()
         .map(|k| json!({ "keypair": key_json(k, false, v) }))
         .collect();
-    Ok(Json(json!({ "keypairs": items })))
+    let mut body = json!({ "keypairs": items });
+    let last = all.last().map(|k| k.name.clone());
+    if let Some(links) =
+        page.and_then(|p| p.links(&state.base_url, "os-keypairs", &q, all.len(), last))
+    {
+        body["keypairs_links"] = links;
+    }
+    Ok(Json(body))
 }
 
 async fn show_keypair(

@@ -7,6 +7,7 @@
 //! - `images.rs`: the image proxy (`/images`), over the Image API's rows;
 //! - `networks.rs`: the network proxies (`/os-networks`, `/os-tenant-networks`), over the
 //!   Network API;
+//! - `paging.rs`: `limit`/`marker` paging of the lists that gained it with a microversion;
 //! - `version.rs`: microversion negotiation and the `Microversion` extractor;
 //! - `servers.rs` and `server_meta.rs`: servers, their actions, metadata and addresses;
 //! - `usage.rs`: `os-simple-tenant-usage` (live and deleted servers) and
@@ -22,6 +23,7 @@ pub mod images;
 pub mod keypairs;
 pub mod migrations;
 pub mod networks;
+pub mod paging;
 pub mod server_meta;
 pub mod servers;
 pub mod usage;

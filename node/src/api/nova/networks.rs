@@ -1,5 +1,5 @@
-//! Nova's network proxies (`/os-networks` and `/os-tenant-networks`, deprecated by Nova at
-//! 2.36 but served at 2.1): the Network API's networks seen through the Compute API's shapes.
+//! Nova's network proxies (`/os-networks` and `/os-tenant-networks`, served up to 2.35; from
+//! 2.36 their reads are 404 as in Nova): the Network API's networks seen through the Compute API's shapes.
 //! Nothing is stored here: every call reads through `shoal-network` with its visibility rules
 //! (a project sees its own, shared and external networks; an admin sees all). The calls that
 //! only nova-network served (create, delete, associate) answer 410 Gone, as Nova does since
@@ -16,7 +16,7 @@ use shoal_state::time::rfc3339;
 
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::neutron::{caller, net_err};
-use crate::api::nova::version::microversion;
+use crate::api::nova::version::{microversion, proxy_api, Microversion};
 use crate::api::{AppState, Auth};
 
 pub fn routes() -> Router<AppState> {
@@ -120,7 +120,8 @@ async fn one(s: &AppState, auth: &Auth, id: &str) -> ApiResult<(NetworkRecord, V
     Ok((n, subnets))
 }
 
-async fn list(State(s): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+async fn list(State(s): State<AppState>, auth: Auth, v: Microversion) -> ApiResult<Json<Value>> {
+    proxy_api(v)?;
     let admin = caller(&auth).admin;
     let (nets, subnets) = networks_and_subnets(&s, &auth).await?;
     let list: Vec<Value> = nets
@@ -133,8 +134,10 @@ async fn list(State(s): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
 async fn show(
     State(s): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    proxy_api(v)?;
     let admin = caller(&auth).admin;
     let (n, subnets) = one(&s, &auth, &id).await?;
     Ok(Json(
@@ -142,7 +145,12 @@ async fn show(
     ))
 }
 
-async fn list_tenant(State(s): State<AppState>, auth: Auth) -> ApiResult<Json<Value>> {
+async fn list_tenant(
+    State(s): State<AppState>,
+    auth: Auth,
+    v: Microversion,
+) -> ApiResult<Json<Value>> {
+    proxy_api(v)?;
     let (nets, subnets) = networks_and_subnets(&s, &auth).await?;
     let list: Vec<Value> = nets.iter().map(|n| tenant_view(n, &subnets)).collect();
     Ok(Json(json!({ "networks": list })))
@@ -151,8 +159,10 @@ async fn list_tenant(State(s): State<AppState>, auth: Auth) -> ApiResult<Json<Va
 async fn show_tenant(
     State(s): State<AppState>,
     auth: Auth,
+    v: Microversion,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    proxy_api(v)?;
     let (n, subnets) = one(&s, &auth, &id).await?;
     Ok(Json(json!({ "network": tenant_view(&n, &subnets) })))
 }

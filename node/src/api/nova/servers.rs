@@ -30,7 +30,8 @@ use crate::api::body::parse;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::nova::flavors::nova_err;
 use crate::api::nova::version::{
-    microversion, unexpected, Microversion, V2_16, V2_17, V2_19, V2_26, V2_3, V2_5, V2_9,
+    microversion, unexpected, Microversion, V2_16, V2_17, V2_19, V2_26, V2_3, V2_32, V2_36, V2_42,
+    V2_5, V2_9,
 };
 use crate::api::{AppState, Auth, RequestId};
 use shoal_compute::flavor::Flavor;
@@ -291,6 +292,7 @@ async fn create(
     let s = body.server;
     let hints = body.hints.or(body.hints_old).unwrap_or_default();
 
+    let tagged = device_tags(&s, v)?;
     let name = s.name.trim().to_owned();
     if name.is_empty() || s.name.chars().count() > 255 {
         return Err(bad(
@@ -573,16 +575,22 @@ async fn create(
             different_host: different_host.clone(),
         },
     };
-    let outcome = place_servers(
-        &state,
-        &records,
-        &revisions,
-        group_id.as_deref(),
-        &project,
-        TaskState::Spawning,
-        request,
-    )
-    .await;
+    // A tagged device cannot be built here: Nova's compute manager aborts such a build on a
+    // virt driver without `supports_device_tagging`, before it allocates anything on the host.
+    let outcome = if tagged {
+        Err(PlaceFailure::Fault(500, TAGGING_UNSUPPORTED.to_owned()))
+    } else {
+        place_servers(
+            &state,
+            &records,
+            &revisions,
+            group_id.as_deref(),
+            &project,
+            TaskState::Spawning,
+            request,
+        )
+        .await
+    };
     match outcome {
         Ok(()) => {}
         Err(PlaceFailure::Exists) => {
@@ -596,9 +604,14 @@ async fn create(
                 let mut r = r.clone();
                 r.vm_state = VmState::Error;
                 r.task_state = None;
+                let message = if tagged {
+                    format!("Build of instance {} aborted: {message}", r.id)
+                } else {
+                    message.clone()
+                };
                 r.fault = Some(shoal_compute::server::Fault {
                     code,
-                    message: message.clone(),
+                    message,
                     created: now_rfc3339(),
                 });
                 r.updated = now_rfc3339();
@@ -1018,6 +1031,53 @@ fn service_caller() -> shoal_network::Caller {
         admin: true,
         member: true,
     }
+}
+
+/// Why a build with tagged devices is aborted: Shoal's libvirt driver does not expose device
+/// metadata (`devices` in the metadata service is always empty), so it is a virt driver without
+/// `supports_device_tagging`, and Nova's compute manager aborts the build with this reason.
+const TAGGING_UNSUPPORTED: &str =
+    "Attempt to boot guest with tagged devices on host that does not support tagging.";
+
+/// The device `tag`s of a create (2.32): whether any `networks` or `block_device_mapping_v2`
+/// entry carries one. Nova's schemas accept a network's tag at 2.32-2.36 and from 2.42, a block
+/// device's at 2.32 and from 2.42 (the gaps are the bug 2.42 fixed); elsewhere it is an
+/// unexpected property, a 400. A tag is 1 to 60 characters without `,` or `/`.
+fn device_tags(s: &CreateServer, v: Microversion) -> ApiResult<bool> {
+    let network_ok = (V2_32..=V2_36).contains(&v) || v >= V2_42;
+    let bdm_ok = v == V2_32 || v >= V2_42;
+    let mut tagged = false;
+    let mut check = |entries: Option<&Value>, field: &str, ok: bool| -> ApiResult<()> {
+        for entry in entries.and_then(Value::as_array).into_iter().flatten() {
+            let Some(tag) = entry.get("tag") else {
+                continue;
+            };
+            if !ok {
+                return Err(bad(format!(
+                    "Invalid input for field/attribute {field}. Additional properties are not \
+                     allowed ('tag' was unexpected at microversion {v})"
+                )));
+            }
+            let good = tag
+                .as_str()
+                .is_some_and(|t| (1..=60).contains(&t.chars().count()) && !t.contains([',', '/']));
+            if !good {
+                return Err(bad(format!(
+                    "Invalid input for field/attribute tag. Value: {tag}. A tag is 1 to 60 \
+                     characters without ',' or '/'"
+                )));
+            }
+            tagged = true;
+        }
+        Ok(())
+    };
+    check(s.networks.as_ref(), "networks", network_ok)?;
+    check(
+        s.block_device_mapping_v2.as_ref(),
+        "block_device_mapping_v2",
+        bdm_ok,
+    )?;
+    Ok(tagged)
 }
 
 /// Resolves `networks` as Nova 2.1 does: absent, `[]` or `auto` takes the project's one visible

@@ -72,12 +72,19 @@ pub const V2_20: Microversion = Microversion::new(2, 20);
 pub const V2_21: Microversion = Microversion::new(2, 21);
 pub const V2_25: Microversion = Microversion::new(2, 25);
 pub const V2_26: Microversion = Microversion::new(2, 26);
+pub const V2_28: Microversion = Microversion::new(2, 28);
+pub const V2_32: Microversion = Microversion::new(2, 32);
+pub const V2_33: Microversion = Microversion::new(2, 33);
+pub const V2_35: Microversion = Microversion::new(2, 35);
+pub const V2_36: Microversion = Microversion::new(2, 36);
+pub const V2_39: Microversion = Microversion::new(2, 39);
+pub const V2_42: Microversion = Microversion::new(2, 42);
 
 /// The lowest version Shoal serves, and the one a request without a version header gets.
 pub const MIN: Microversion = V2_1;
 /// The highest version Shoal serves: every change up to it is implemented (or concerns an API
 /// Shoal does not serve at all); docs/api-coverage.md lists them version by version.
-pub const MAX: Microversion = V2_26;
+pub const MAX: Microversion = V2_36;
 
 /// The version string a request names, from `OpenStack-API-Version` (the `compute` entry of
 /// its comma-separated `service version` pairs) or else the legacy header.
@@ -148,6 +155,46 @@ pub async fn microversion(mut req: Request, next: Next) -> Response {
         HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
     );
     resp
+}
+
+/// The proxy APIs (to the Image and Network APIs) end at 2.35: from 2.36 Nova answers them
+/// 404, as it does any call the requested version does not have.
+pub fn proxy_api(v: Microversion) -> Result<(), ApiError> {
+    if v >= V2_36 {
+        Err(ApiError::not_found("The resource could not be found.").nova())
+    } else {
+        Ok(())
+    }
+}
+
+/// [`proxy_api`] as a layer, for a router whose every call is a proxy; it goes inside the
+/// [`microversion`] layer, which negotiates first.
+pub async fn proxy_routes(req: Request, next: Next) -> Response {
+    let v = req
+        .extensions()
+        .get::<Microversion>()
+        .copied()
+        .unwrap_or(MIN);
+    match proxy_api(v) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The image metadata proxy ends at 2.38 (the rest of the image proxy at 2.35): a layer that
+/// answers 404 from 2.39, inside the [`microversion`] layer.
+pub async fn image_metadata_routes(req: Request, next: Next) -> Response {
+    let v = req
+        .extensions()
+        .get::<Microversion>()
+        .copied()
+        .unwrap_or(MIN);
+    if v >= V2_39 {
+        return ApiError::not_found("The resource could not be found.")
+            .nova()
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// Nova's schema refusal of a body field that the requested version does not have yet: a 400,
