@@ -497,6 +497,17 @@ fn compute_admin_commands_work_against_every_node() {
         names(&hv, "Hypervisor Hostname"),
         ["node1", "node2", "node3"]
     );
+    // Another node's hypervisor: its uptime is asked of that node, and the client parses the
+    // `uptime(1)` line into its fields.
+    let shown = osc.json(0, &["hypervisor", "show", "node2"]);
+    assert_eq!(shown["hypervisor_hostname"], "node2", "{shown}");
+    assert!(
+        shown["load_average"]
+            .as_str()
+            .is_some_and(|l| l.split(", ").count() == 3),
+        "{shown}"
+    );
+    assert!(shown["users"].is_string(), "{shown}");
     let svcs = osc.json(0, &["compute", "service", "list"]);
     assert_eq!(names(&svcs, "Host"), ["node1", "node2", "node3"]);
     assert!(svcs

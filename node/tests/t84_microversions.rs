@@ -745,7 +745,6 @@ fn versions_up_to_2_36() {
     assert_eq!(header(&h, "openstack-api-version"), Some("compute 2.27"));
 
     // 2.28: cpu_info is an object, below it the same object as a JSON string.
-    // (node1's own hypervisor: the client reads the uptime, which only the node itself knows.)
     let hv = osc.json(0, &["hypervisor", "list"]);
     let first = hv
         .as_array()

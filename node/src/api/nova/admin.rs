@@ -540,9 +540,10 @@ async fn show_hypervisor(
     ))
 }
 
-/// `GET /os-hypervisors/{id}/uptime`: the host's `uptime(1)` line. Only this node's own
-/// uptime is at hand; for another member Nova's answer for a host it cannot reach is given
-/// (`uptime: null`).
+/// `GET /os-hypervisors/{id}/uptime`: the host's `uptime(1)` line, as Nova's libvirt driver
+/// answers it. Another member is asked over the members' data transport; a member that does
+/// not answer gets Nova's answer for a compute service that is down (400 "Compute service of
+/// <host> is unavailable at this time.").
 async fn hypervisor_uptime(
     State(state): State<AppState>,
     auth: Auth,
@@ -550,24 +551,22 @@ async fn hypervisor_uptime(
 ) -> ApiResult<Json<Value>> {
     auth.require_admin().map_err(ApiError::nova)?;
     let h = services(&state).await.hypervisor(&id).await?;
-    let uptime = if h.member.name == state.cluster.cluster_status().await.node {
-        std::fs::read_to_string("/proc/uptime")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|secs| {
-                let secs = secs as u64;
-                let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-                let l: Vec<&str> = load.split_whitespace().take(3).collect();
-                format!(
-                    " up {} days, {:02}:{:02}, load average: {}",
-                    secs / 86_400,
-                    secs % 86_400 / 3600,
-                    secs % 3600 / 60,
-                    l.join(", ")
-                )
-            })
+    let host = h.member.name.clone();
+    let uptime = if host == state.cluster.cluster_status().await.node {
+        tokio::task::spawn_blocking(shoal_images::peer::uptime_line)
+            .await
+            .map_err(|e| ApiError::internal_logged(&e).nova())?
+            .map_err(|e| ApiError::internal_logged(&e).nova())?
     } else {
-        None
+        shoal_images::peer::uptime(&state.cluster, &host)
+            .await
+            .map_err(|e| {
+                tracing::info!(%host, error = %e, "no uptime from the host");
+                ApiError::bad_request(format!(
+                    "Compute service of {host} is unavailable at this time."
+                ))
+                .nova()
+            })?
     };
     let mut v = hypervisor_json(&h);
     v["uptime"] = json!(uptime);
