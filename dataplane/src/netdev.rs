@@ -52,6 +52,37 @@ pub fn mac(name: &str) -> io::Result<Mac> {
     Ok(Mac(m))
 }
 
+/// The MTU of interface `name` (SIOCGIFMTU on a socket of the current network namespace).
+pub fn mtu(name: &str) -> io::Result<u32> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    // SAFETY: plain socket(2) call; the returned fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: `fd` is an open socket and `req` a valid ifreq the kernel fills in.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` was opened above and is not used afterwards.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    // SAFETY: after a successful SIOCGIFMTU the union holds `ifru_mtu`.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    Ok(mtu as u32)
+}
+
 /// Interface lookups remembered between passes of a driver, forgotten whenever a link of the
 /// namespace changes.
 ///
@@ -277,7 +308,13 @@ mod tests {
             c.ifindex(name).unwrap();
             c.mac(name).unwrap();
             assert_eq!(c.misses(), misses);
+            // The MTU as `ip link` sets it (what the network agent compares with a tap's
+            // network before it takes the tap from libvirt).
+            assert_eq!(mtu(name).unwrap(), 1500);
+            ip(&["link", "set", "dev", name, "mtu", "1450"]);
+            assert_eq!(mtu(name).unwrap(), 1450);
             ip(&["link", "del", name]);
+            assert!(mtu(name).is_err(), "no MTU for a device that is gone");
             c.refresh();
             assert!(c.ifindex(name).is_err(), "gone after the delete's event");
         })

@@ -81,6 +81,43 @@ fn call_err(op: &'static str) -> impl FnOnce(virt::error::Error) -> HypervisorEr
     }
 }
 
+/// How often a start that lost its tap is tried again (`start_domain`).
+const TAP_RACE_ATTEMPTS: u32 = 4;
+
+/// Whether a failed start is libvirt finding the tap it had just created gone: "Cannot set
+/// interface MTU on 'tapXXX': No such device" and the like. With the datapath in a namespace
+/// of its own (`shoal dev --netns`, several nodes on one machine) the network agent moves each
+/// VM tap out of libvirtd's namespace as soon as it sees it, and a move that lands between
+/// libvirt's creating the tap and its setting the tap's MAC, state or MTU fails the start.
+/// libvirt then closes the tap (so it vanishes) and leaves the domain as it was, managed-save
+/// image included: the start can simply be made again.
+fn lost_its_tap(code: ErrorNumber, message: &str) -> bool {
+    code == ErrorNumber::SystemError
+        && message.contains("'tap")
+        && message.contains("No such device")
+}
+
+/// Starts (or restores from its managed-save image) a domain that is not running, again when
+/// the network agent took its tap from under libvirt (`lost_its_tap`): the window is the few
+/// calls libvirt makes on a new tap, so a second attempt meets it only by bad luck.
+fn start_domain(dom: &Domain) -> Result<(), HypervisorError> {
+    let mut attempt = 1;
+    loop {
+        match dom.create() {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < TAP_RACE_ATTEMPTS && lost_its_tap(e.code(), e.message()) => {
+                tracing::info!(attempt, error = %e.message(), "the domain's tap was moved while libvirt set it up; starting again");
+                std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+                attempt += 1;
+                if dom.is_active().map_err(call_err("is_active"))? {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(call_err("start")(e)),
+        }
+    }
+}
+
 impl Libvirt {
     /// Opens `uri` (for example `qemu:///system` or `test:///default`).
     pub async fn connect(uri: &str) -> Result<Libvirt, HypervisorError> {
@@ -140,7 +177,7 @@ impl Libvirt {
         self.with(move |c| {
             let dom = Domain::define_xml(c, &xml).map_err(call_err("define"))?;
             if !dom.is_active().map_err(call_err("is_active"))? {
-                dom.create().map_err(call_err("start"))?;
+                start_domain(&dom)?;
             }
             Ok(())
         })
@@ -177,7 +214,7 @@ impl Libvirt {
                 message: format!("no domain with uuid {uuid}"),
             })?;
             if !dom.is_active().map_err(call_err("is_active"))? {
-                dom.create().map_err(call_err("start"))?;
+                start_domain(&dom)?;
             }
             Ok(())
         })
@@ -459,6 +496,41 @@ mod tests {
             matches!(err, HypervisorError::Call { op: "pause", .. }),
             "{err}"
         );
+    }
+
+    /// Only a tap that vanished under libvirt makes a start worth trying again; any other
+    /// failure (a missing disk, a tap libvirt could not create) is the answer.
+    #[test]
+    fn only_a_lost_tap_is_started_again() {
+        for (code, message, again) in [
+            (
+                ErrorNumber::SystemError,
+                "Cannot set interface MTU on 'tape8184c2e-cb': No such device",
+                true,
+            ),
+            (
+                ErrorNumber::SystemError,
+                "Cannot set interface MAC on 'tape8184c2e-cb': No such device",
+                true,
+            ),
+            (
+                ErrorNumber::SystemError,
+                "Unable to create tap device tape8184c2e-cb: Device or resource busy",
+                false,
+            ),
+            (
+                ErrorNumber::SystemError,
+                "Cannot access storage file '/x/disk': No such file or directory",
+                false,
+            ),
+            (
+                ErrorNumber::InternalError,
+                "process exited while connecting to monitor: 'tap0': No such device",
+                false,
+            ),
+        ] {
+            assert_eq!(lost_its_tap(code, message), again, "{message}");
+        }
     }
 
     #[tokio::test]

@@ -244,7 +244,10 @@ impl NetworkAgent {
         let mut served: BTreeMap<String, ServedPort> = BTreeMap::new();
         // The node's own namespace (where libvirt makes taps), from this task's threads, which
         // never leave it.
-        let mut host_devices = DeviceCache::new();
+        let mut host_devices = HostTaps {
+            devices: DeviceCache::new(),
+            waiting: HashMap::new(),
+        };
         // How often the agent looks again without a change: taps appear after their port is
         // bound, and disappear with their VM, without any row changing.
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.resync_ms));
@@ -274,8 +277,18 @@ impl NetworkAgent {
                     .then(|| (p, format!("{} ports", ids.len()))),
                 _ => None,
             };
-            let (p, how) =
+            let (mut p, how) =
                 incremental.unwrap_or_else(|| (view.plan(&self.host), "full".to_string()));
+            if self.cfg.netns.is_some() {
+                p.device_mtus = p
+                    .local
+                    .values()
+                    .filter_map(|(net, port)| {
+                        let mtu = view.networks.get(net)?.mtu;
+                        Some((port.device.clone(), mtu))
+                    })
+                    .collect();
+            }
             let planned = started.elapsed();
             let p = self
                 .converge(&datapath, p, &mut served, &mut host_devices, &how, planned)
@@ -300,7 +313,7 @@ impl NetworkAgent {
         datapath: &DatapathThread,
         mut plan: Plan,
         served: &mut BTreeMap<String, ServedPort>,
-        host_devices: &mut DeviceCache,
+        host_devices: &mut HostTaps,
         how: &str,
         planned: Duration,
     ) -> Plan {
@@ -309,6 +322,7 @@ impl NetworkAgent {
             adopt_taps(
                 ns,
                 plan.desired.ports.iter().map(|p| p.device.as_str()),
+                &plan.device_mtus,
                 host_devices,
             )
             .await;
@@ -517,21 +531,54 @@ fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The node's own namespace, where libvirt makes taps, as `adopt_taps` sees it.
+struct HostTaps {
+    devices: DeviceCache,
+    /// Taps seen before libvirt had given them their network's MTU: since when.
+    waiting: HashMap<String, std::time::Instant>,
+}
+
+/// How long a tap whose MTU is not its network's waits before it is moved all the same (a
+/// network whose MTU changed after the server booted, a domain defined without `<mtu>`).
+const TAP_SETTLE: Duration = Duration::from_secs(2);
+
 /// Moves the taps of local ports from the node's own namespace into `netns`, where the
 /// datapath is. libvirt creates a VM's tap where libvirtd runs; with the datapath in a
 /// namespace of its own (several nodes on one machine), the tap must follow it, again after
-/// every restart of the VM, which recreates it. A tap in use keeps working across the move.
+/// every restart of the VM, which recreates it. A tap in use keeps working across the move,
+/// but not one libvirt is still setting up: its last step on a new tap is the MTU the domain
+/// names (the network's, `mtus` by device), and a tap moved before it fails the domain's start.
+/// So a tap is moved once its MTU is its network's, or after `TAP_SETTLE` (the compute agent
+/// starts a domain again when the race is lost all the same).
 async fn adopt_taps<'a>(
     netns: &str,
     devices: impl Iterator<Item = &'a str>,
-    known: &mut DeviceCache,
+    mtus: &BTreeMap<String, u32>,
+    host: &mut HostTaps,
 ) {
+    let known = &mut host.devices;
     known.refresh();
+    let mut seen = BTreeSet::new();
     for device in devices {
         // Looked up from this (tokio) thread: the node's own namespace, not the datapath's.
         if known.ifindex(device).is_err() {
             continue;
         }
+        seen.insert(device);
+        let set_up = match (mtus.get(device), shoal_dataplane::netdev::mtu(device)) {
+            (Some(want), Ok(have)) => *want == have,
+            _ => true,
+        };
+        if !set_up {
+            let since = *host
+                .waiting
+                .entry(device.to_string())
+                .or_insert_with(std::time::Instant::now);
+            if since.elapsed() < TAP_SETTLE {
+                continue;
+            }
+        }
+        host.waiting.remove(device);
         let moved = tokio::process::Command::new("ip")
             .args(["link", "set", "dev", device, "netns", netns])
             .output()
@@ -553,6 +600,8 @@ async fn adopt_taps<'a>(
             ),
         }
     }
+    host.waiting
+        .retain(|device, _| seen.contains(device.as_str()));
 }
 
 /// The `[network] physical_interface_mappings` of `cfg` (validated at start).
@@ -588,6 +637,9 @@ struct Plan {
     carried: BTreeSet<String>,
     /// `desired.remote_ports` by port id.
     remote: BTreeMap<String, RemotePort>,
+    /// The MTU of each local port's network, by device (only with the datapath in a
+    /// namespace of its own: `adopt_taps`).
+    device_mtus: BTreeMap<String, u32>,
 }
 
 /// What a table's follower hands the agent.
@@ -2370,5 +2422,98 @@ mod tests {
         r.ethertype = "IPv6".into();
         r.remote_ip_prefix = Some("2001:db8::/32".into());
         assert!(sg_rule(&r).is_none());
+    }
+}
+
+/// Root only: taps in a namespace of the test's own (a thread that left the machine's), moved
+/// into a named namespace the test makes and removes.
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+
+    /// Deletes the named namespace, also when the test fails.
+    struct NetnsGuard(String);
+
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
+    fn ip(args: &[&str]) {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip {args:?}");
+    }
+
+    fn in_netns(netns: &str, device: &str) -> bool {
+        std::process::Command::new("ip")
+            .args(["-n", netns, "link", "show", "dev", device])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    /// A tap libvirt has not yet given its network's MTU stays where libvirt works on it;
+    /// once it has that MTU it moves, and so does one that waited `TAP_SETTLE` with another.
+    #[test]
+    fn a_tap_moves_once_libvirt_has_set_it_up() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true needs root for this test"
+            );
+            eprintln!("not root: skipped");
+            return;
+        }
+        let netns = format!("sat{}", std::process::id());
+        std::thread::spawn(move || {
+            // SAFETY: unshare only moves this thread, which nothing else uses, into a new
+            // network namespace; the processes it starts inherit it.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            ip(&["netns", "add", &netns]);
+            let _guard = NetnsGuard(netns.clone());
+            let (a, b) = ("tapsat0000a", "tapsat0000b");
+            ip(&["tuntap", "add", "dev", a, "mode", "tap"]);
+            ip(&["tuntap", "add", "dev", b, "mode", "tap"]);
+            let mtus: BTreeMap<String, u32> = [(a.to_string(), 1450), (b.to_string(), 1450)].into();
+            let mut host = HostTaps {
+                devices: DeviceCache::new(),
+                waiting: HashMap::new(),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let adopt = |host: &mut HostTaps| {
+                rt.block_on(adopt_taps(&netns, [a, b].into_iter(), &mtus, host))
+            };
+            adopt(&mut host);
+            assert!(
+                !in_netns(&netns, a) && !in_netns(&netns, b),
+                "MTU not set yet"
+            );
+            ip(&["link", "set", "dev", a, "mtu", "1450"]);
+            adopt(&mut host);
+            assert!(in_netns(&netns, a), "its network's MTU: moved");
+            assert!(!in_netns(&netns, b));
+            host.waiting
+                .insert(b.to_string(), std::time::Instant::now() - TAP_SETTLE);
+            adopt(&mut host);
+            assert!(
+                in_netns(&netns, b),
+                "waited long enough: moved all the same"
+            );
+            assert!(host.waiting.is_empty());
+        })
+        .join()
+        .unwrap();
     }
 }

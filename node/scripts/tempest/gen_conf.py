@@ -230,9 +230,11 @@ def conf_text(rc, flavors, images, lock_path, log_file, network_exts, public_net
             "admin_password": rc["OS_PASSWORD"],
             "admin_project_name": rc["OS_PROJECT_NAME"],
             "admin_domain_name": rc.get("OS_USER_DOMAIN_NAME", "Default"),
-            # Tempest would give each test project a network, subnet and router; the compute
-            # tests in the list need no network, and routers do not route yet.
-            "create_isolated_networks": "false",
+            # Tempest's default, as an outside conformance run uses it: each test project gets
+            # a network, a subnet (a /28 of [network] project_network_cidr, 10.100.0.0/16)
+            # and a router with its gateway on `public` and an interface on the subnet; the
+            # compute tests boot their servers with a port on that network.
+            "create_isolated_networks": "true",
         },
         "identity": {
             "uri_v3": rc["OS_AUTH_URL"],
