@@ -194,6 +194,16 @@ async fn answer(send: &mut SendStream, status: u8, message: &str) {
     let _ = send.finish();
 }
 
+/// Answers `OK` with `payload`, which has `limit` to cross.
+async fn answer_ok(send: &mut SendStream, payload: &[u8], limit: Duration) {
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.push(OK);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    let _ = tokio::time::timeout(limit, send.write_all(&out)).await;
+    let _ = send.finish();
+}
+
 async fn serve_stream(
     store: ChunkStore,
     instances: Arc<std::path::Path>,
@@ -226,14 +236,7 @@ async fn serve_stream(
             uuid.copy_from_slice(&head[1..17]);
             let id = uuid::Uuid::from_bytes(uuid).to_string();
             match read_console(&instances, &id).await {
-                Ok(Some(bytes)) => {
-                    let mut out = Vec::with_capacity(5 + bytes.len());
-                    out.push(OK);
-                    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-                    out.extend_from_slice(&bytes);
-                    let _ = tokio::time::timeout(CHUNK_TIMEOUT, send.write_all(&out)).await;
-                    let _ = send.finish();
-                }
+                Ok(Some(bytes)) => answer_ok(&mut send, &bytes, CHUNK_TIMEOUT).await,
                 Ok(None) => answer(&mut send, NOT_FOUND, "no console log on this node").await,
                 Err(e) => {
                     tracing::warn!(%peer, server = %id, error = %e, "cannot read a console log");
@@ -251,14 +254,7 @@ async fn serve_stream(
             let offset = u64::from_be_bytes(head[18..26].try_into().expect("8 bytes"));
             let path = resize_dir(&instances, &id).join(file);
             match read_piece(&path, offset).await {
-                Ok(Some(bytes)) => {
-                    let mut out = Vec::with_capacity(5 + bytes.len());
-                    out.push(OK);
-                    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-                    out.extend_from_slice(&bytes);
-                    let _ = tokio::time::timeout(CHUNK_TIMEOUT, send.write_all(&out)).await;
-                    let _ = send.finish();
-                }
+                Ok(Some(bytes)) => answer_ok(&mut send, &bytes, CHUNK_TIMEOUT).await,
                 Ok(None) => answer(&mut send, NOT_FOUND, "no such migration disk here").await,
                 Err(e) => {
                     tracing::warn!(%peer, server = %id, error = %e, "cannot read a migration disk");
@@ -267,14 +263,7 @@ async fn serve_stream(
             }
         }
         OP_UPTIME => match tokio::task::spawn_blocking(uptime_line).await {
-            Ok(Ok(line)) => {
-                let mut out = Vec::with_capacity(5 + line.len());
-                out.push(OK);
-                out.extend_from_slice(&(line.len() as u32).to_be_bytes());
-                out.extend_from_slice(line.as_bytes());
-                let _ = tokio::time::timeout(HEADER_TIMEOUT, send.write_all(&out)).await;
-                let _ = send.finish();
-            }
+            Ok(Ok(line)) => answer_ok(&mut send, line.as_bytes(), HEADER_TIMEOUT).await,
             Ok(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "cannot read this host's uptime");
                 answer(&mut send, INTERNAL, "cannot read the uptime").await
