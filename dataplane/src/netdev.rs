@@ -16,9 +16,9 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
     Ok(index)
 }
 
-/// The hardware address of interface `name` (SIOCGIFHWADDR on a socket of the current
-/// network namespace).
-pub fn mac(name: &str) -> io::Result<Mac> {
+/// Runs the interface ioctl `request` for `name` on a socket of the current network namespace
+/// and returns the `ifreq` the kernel filled in.
+fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> io::Result<libc::ifreq> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -36,13 +36,20 @@ pub fn mac(name: &str) -> io::Result<Mac> {
         *dst = src as libc::c_char;
     }
     // SAFETY: `fd` is an open socket and `req` a valid ifreq the kernel fills in.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let rc = unsafe { libc::ioctl(fd, request, &mut req) };
     let err = io::Error::last_os_error();
     // SAFETY: `fd` was opened above and is not used afterwards.
     unsafe { libc::close(fd) };
     if rc < 0 {
         return Err(err);
     }
+    Ok(req)
+}
+
+/// The hardware address of interface `name` (SIOCGIFHWADDR on a socket of the current
+/// network namespace).
+pub fn mac(name: &str) -> io::Result<Mac> {
+    let req = ifreq_ioctl(name, libc::SIOCGIFHWADDR)?;
     // SAFETY: after a successful SIOCGIFHWADDR the union holds `ifru_hwaddr`.
     let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
     let mut m = [0u8; 6];
@@ -54,30 +61,7 @@ pub fn mac(name: &str) -> io::Result<Mac> {
 
 /// The MTU of interface `name` (SIOCGIFMTU on a socket of the current network namespace).
 pub fn mtu(name: &str) -> io::Result<u32> {
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    // SAFETY: plain socket(2) call; the returned fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: `fd` is an open socket and `req` a valid ifreq the kernel fills in.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU, &mut req) };
-    let err = io::Error::last_os_error();
-    // SAFETY: `fd` was opened above and is not used afterwards.
-    unsafe { libc::close(fd) };
-    if rc < 0 {
-        return Err(err);
-    }
+    let req = ifreq_ioctl(name, libc::SIOCGIFMTU)?;
     // SAFETY: after a successful SIOCGIFMTU the union holds `ifru_mtu`.
     let mtu = unsafe { req.ifr_ifru.ifru_mtu };
     Ok(mtu as u32)
